@@ -1,0 +1,297 @@
+//! The documents keygate signs and the client protocol's bodies.
+//!
+//! Times are RFC 3339 UTC; keys inside payloads are base64url raw keys.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Version of the payload formats below (`v`).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The license models of the specification, one per item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Model {
+    PerDevice,
+    PerActiveDevice,
+    ConcurrentDevice,
+    ConcurrentInstance,
+    PerUsage,
+    Standalone,
+    Tokens,
+}
+
+impl Model {
+    pub const ALL: [Model; 7] = [
+        Model::PerDevice,
+        Model::PerActiveDevice,
+        Model::ConcurrentDevice,
+        Model::ConcurrentInstance,
+        Model::PerUsage,
+        Model::Standalone,
+        Model::Tokens,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Model::PerDevice => "per_device",
+            Model::PerActiveDevice => "per_active_device",
+            Model::ConcurrentDevice => "concurrent_device",
+            Model::ConcurrentInstance => "concurrent_instance",
+            Model::PerUsage => "per_usage",
+            Model::Standalone => "standalone",
+            Model::Tokens => "tokens",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Model> {
+        Model::ALL.into_iter().find(|m| m.as_str() == text)
+    }
+
+    pub fn is_concurrent(self) -> bool {
+        matches!(self, Model::ConcurrentDevice | Model::ConcurrentInstance)
+    }
+}
+
+impl std::fmt::Display for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `typ: keygate-activation`: the appliance introduces itself to the vendor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivationRequest {
+    pub v: u32,
+    pub installation_id: String,
+    pub public_key: String,
+    pub hostname: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// Which appliance a license is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplianceBinding {
+    pub installation_id: String,
+    pub public_key: String,
+}
+
+/// `typ: keygate-license`: what the vendor grants one appliance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct License {
+    pub v: u32,
+    pub license_id: String,
+    pub version: u32,
+    pub vendor: String,
+    pub organization_id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    pub appliance: ApplianceBinding,
+    pub items: Vec<LicenseItem>,
+}
+
+/// One item of a license: a product under one model with its quota and validity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LicenseItem {
+    pub item_id: String,
+    pub product: String,
+    pub model: Model,
+    pub quota: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub starts_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    pub offline_days: u32,
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// per_usage: the counter this item meters, e.g. "scans".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<String>,
+    /// Concurrent models: windows over quota allowed before the item stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_exceptions: Option<u32>,
+    /// Tokens: days the balance may stay negative (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_days: Option<u32>,
+    /// Tokens: what one daily pass costs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_pass: Option<i64>,
+}
+
+/// Default of `grace_days` for tokens items.
+pub const DEFAULT_GRACE_DAYS: u32 = 10;
+
+/// The `state` of an authorization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthorizationState {
+    /// Within quota.
+    Ok,
+    /// Over 100 % of quota, inside the model's tolerance.
+    Tolerance,
+    /// Tokens: the balance is negative, inside the grace period.
+    Grace,
+}
+
+/// One item an authorization grants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantedItem {
+    pub item_id: String,
+    pub model: Model,
+    pub features: Vec<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+/// `typ: keygate-authorization`: the appliance lets one device use one product until
+/// `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authorization {
+    pub v: u32,
+    pub lease_id: String,
+    pub installation_id: String,
+    pub organization_id: String,
+    pub handshake_code: String,
+    pub product: String,
+    pub device_uuid: String,
+    pub instance: Option<String>,
+    pub user: Option<String>,
+    pub items: Vec<GrantedItem>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    pub nonce: String,
+    pub state: AuthorizationState,
+}
+
+/// `GET /api/v1/appliance`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplianceInfo {
+    pub installation_id: String,
+    pub public_key: String,
+    pub version: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+}
+
+/// The body of every error answer: `{"error": {"code": ..., "message": ...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// The error codes of the client protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    BadRequest,
+    HandshakeRequired,
+    HandshakeNotFound,
+    NoLicense,
+    LeaseNotFound,
+    SessionPasswordMismatch,
+    ValidationFailed,
+    LicenseNotStarted,
+    LicenseExpired,
+    QuotaExceeded,
+    DeviceBlocked,
+    LeaseRevoked,
+    PayloadTooLarge,
+    RateLimited,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 15] = [
+        ErrorCode::BadRequest,
+        ErrorCode::HandshakeRequired,
+        ErrorCode::HandshakeNotFound,
+        ErrorCode::NoLicense,
+        ErrorCode::LeaseNotFound,
+        ErrorCode::SessionPasswordMismatch,
+        ErrorCode::ValidationFailed,
+        ErrorCode::LicenseNotStarted,
+        ErrorCode::LicenseExpired,
+        ErrorCode::QuotaExceeded,
+        ErrorCode::DeviceBlocked,
+        ErrorCode::LeaseRevoked,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::Internal,
+    ];
+
+    /// The HTTP status that carries this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::HandshakeRequired => 400,
+            ErrorCode::HandshakeNotFound | ErrorCode::NoLicense | ErrorCode::LeaseNotFound => 404,
+            ErrorCode::SessionPasswordMismatch
+            | ErrorCode::ValidationFailed
+            | ErrorCode::LicenseNotStarted
+            | ErrorCode::LicenseExpired
+            | ErrorCode::QuotaExceeded
+            | ErrorCode::DeviceBlocked
+            | ErrorCode::LeaseRevoked => 403,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::Internal => 500,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "BAD_REQUEST",
+            ErrorCode::HandshakeRequired => "HANDSHAKE_REQUIRED",
+            ErrorCode::HandshakeNotFound => "HANDSHAKE_NOT_FOUND",
+            ErrorCode::NoLicense => "NO_LICENSE",
+            ErrorCode::LeaseNotFound => "LEASE_NOT_FOUND",
+            ErrorCode::SessionPasswordMismatch => "SESSION_PASSWORD_MISMATCH",
+            ErrorCode::ValidationFailed => "VALIDATION_FAILED",
+            ErrorCode::LicenseNotStarted => "LICENSE_NOT_STARTED",
+            ErrorCode::LicenseExpired => "LICENSE_EXPIRED",
+            ErrorCode::QuotaExceeded => "QUOTA_EXCEEDED",
+            ErrorCode::DeviceBlocked => "DEVICE_BLOCKED",
+            ErrorCode::LeaseRevoked => "LEASE_REVOKED",
+            ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::Internal => "INTERNAL",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_serialize_as_the_spec_spells_them() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+        }
+    }
+
+    #[test]
+    fn models_serialize_as_the_spec_spells_them() {
+        for model in Model::ALL {
+            let json = serde_json::to_string(&model).unwrap();
+            assert_eq!(json, format!("\"{}\"", model.as_str()));
+            assert_eq!(Model::parse(model.as_str()), Some(model));
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The appliance's identity: its Ed25519 key, created on first start in the data directory,
+//! and the installation id derived from it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use keygate_sdk::jws::{self, Typ};
+use keygate_sdk::keys;
+use keygate_sdk::wire::{ActivationRequest, FORMAT_VERSION};
+use keygate_sdk::{SigningKey, VerifyingKey};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplianceError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read or write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("appliance key {path} is damaged: {source}")]
+    BadKey {
+        path: PathBuf,
+        source: keys::KeyError,
+    },
+}
+
+/// The appliance key pair and what is derived from it.
+pub struct Appliance {
+    key: SigningKey,
+    public: VerifyingKey,
+    installation_id: String,
+    public_b64: String,
+}
+
+impl std::fmt::Debug for Appliance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Appliance")
+            .field("installation_id", &self.installation_id)
+            .finish_non_exhaustive()
+    }
+}
+
+pub const KEY_FILE: &str = "appliance.key";
+
+impl Appliance {
+    /// Loads the appliance key from `data_dir`, creating the directory and the key on first
+    /// start. The key file is PKCS#8 PEM, mode 0600, and never leaves the data directory.
+    pub fn load_or_create(data_dir: &Path) -> Result<Appliance, ApplianceError> {
+        create_private_dir(data_dir)?;
+        let path = data_dir.join(KEY_FILE);
+        let key = match std::fs::read_to_string(&path) {
+            Ok(pem) => keys::signing_key_from_pem(&pem)
+                .map_err(|source| ApplianceError::BadKey { path, source })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = keys::generate_signing_key();
+                write_secret_file(&path, keys::signing_key_to_pem(&key).as_bytes())
+                    .map_err(|source| ApplianceError::Io { path, source })?;
+                key
+            }
+            Err(source) => return Err(ApplianceError::Io { path, source }),
+        };
+        Ok(Appliance::from_key(key))
+    }
+
+    pub fn from_key(key: SigningKey) -> Appliance {
+        let public = key.verifying_key();
+        Appliance {
+            installation_id: keys::installation_id(&public),
+            public_b64: keys::public_key_b64(&public),
+            key,
+            public,
+        }
+    }
+
+    pub fn installation_id(&self) -> &str {
+        &self.installation_id
+    }
+
+    pub fn public_key(&self) -> &VerifyingKey {
+        &self.public
+    }
+
+    /// The public key as base64url, as payloads carry it.
+    pub fn public_key_b64(&self) -> &str {
+        &self.public_b64
+    }
+
+    pub fn sign<T: Serialize>(&self, typ: Typ, payload: &T) -> String {
+        jws::sign(typ, payload, &self.key)
+    }
+
+    /// The activation request IT carries to the vendor: self-signed by the appliance key.
+    pub fn activation_request(&self, hostname: &str, now: OffsetDateTime) -> String {
+        self.sign(
+            Typ::Activation,
+            &ActivationRequest {
+                v: FORMAT_VERSION,
+                installation_id: self.installation_id.clone(),
+                public_key: self.public_b64.clone(),
+                hostname: hostname.to_string(),
+                created_at: now.replace_nanosecond(0).expect("0 is a valid nanosecond"),
+            },
+        )
+    }
+}
+
+/// The host name, as best the system knows it.
+pub fn hostname() -> String {
+    hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Creates `dir` (and parents) readable by the owner only, if it does not exist.
+pub fn create_private_dir(dir: &Path) -> Result<(), ApplianceError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .map_err(|source| ApplianceError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Writes a new file readable by the owner only (0600 on Unix), durably, refusing to
+/// overwrite an existing one.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_created_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let first = Appliance::load_or_create(&data).unwrap();
+        let again = Appliance::load_or_create(&data).unwrap();
+        assert_eq!(first.installation_id(), again.installation_id());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(data.join(KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+            let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+        }
+    }
+
+    #[test]
+    fn activation_request_is_self_signed() {
+        let appliance = Appliance::from_key(keys::generate_signing_key());
+        let request = appliance.activation_request("host-1", OffsetDateTime::UNIX_EPOCH);
+        let (_, payload): (_, ActivationRequest) =
+            jws::verify(&request, Typ::Activation, [appliance.public_key()]).unwrap();
+        assert_eq!(payload.installation_id, appliance.installation_id());
+        assert_eq!(payload.public_key, appliance.public_key_b64());
+        assert_eq!(payload.hostname, "host-1");
+    }
+}

@@ -1,0 +1,379 @@
+//! The command line: `keygate <command>`. Each command is a thin layer over the library.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use keygate_sdk::{VerifyingKey, keys};
+use rusqlite::TransactionBehavior;
+
+use crate::appliance::{self, Appliance};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, LogFormat, Overrides};
+use crate::licensing::{self, from_unix, import, rfc3339};
+use crate::store::{self, licenses::TrustedKey};
+use crate::vendor;
+
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about = "On-premises license appliance", long_about = None)]
+pub struct Cli {
+    /// Configuration file (TOML). Without one, built-in defaults apply.
+    #[arg(long, global = true, env = "KEYGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory (database, appliance key, certificate, backups).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log output format.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the appliance: HTTPS for devices and the admin portal.
+    Serve {
+        /// Address and port to listen on (default 0.0.0.0:8443).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Print this appliance's activation request, for the vendor.
+    ActivationRequest {
+        /// Write it to FILE instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Trust a vendor public key (SPKI PEM) for license files.
+    Trust {
+        /// The vendor's public key file.
+        key: PathBuf,
+        /// A name to show for it (default: the file name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Import a license file (also while the appliance runs; it takes effect at once).
+    Import {
+        /// The license file (.lic).
+        file: PathBuf,
+    },
+    /// List licenses and their items.
+    Licenses,
+    /// Summarise this appliance: identity, data, licenses.
+    Status,
+    /// Configuration commands.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// The vendor's side: signing keys and license files.
+    #[command(subcommand)]
+    Vendor(VendorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration (file, environment and flags applied).
+    Dump,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VendorCommand {
+    /// Make a vendor signing key pair: PREFIX.key (private) and PREFIX.pub (public).
+    Keygen {
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+    /// Issue a license file for the appliance that made an activation request.
+    Issue(IssueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IssueArgs {
+    /// The vendor's private key (PKCS#8 PEM).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// The appliance's activation request.
+    #[arg(long, value_name = "FILE")]
+    request: PathBuf,
+    /// The items to grant (TOML).
+    #[arg(long, value_name = "FILE")]
+    items: PathBuf,
+    #[arg(long)]
+    license_id: Option<String>,
+    /// License version; a renewal or top-up carries a higher one.
+    #[arg(long)]
+    version: Option<u32>,
+    #[arg(long, value_name = "ID")]
+    organization: Option<String>,
+    /// The vendor name shown to the customer.
+    #[arg(long)]
+    vendor: Option<String>,
+    /// Write the license file here instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+impl Cli {
+    /// The effective configuration for this invocation.
+    pub fn config(&self) -> Result<Config> {
+        let listen = match &self.command {
+            Command::Serve { listen } => *listen,
+            _ => None,
+        };
+        let overrides = Overrides {
+            data_dir: self.data_dir.clone(),
+            listen,
+            log_format: self.log_format,
+        };
+        Ok(Config::load(
+            self.config.as_deref(),
+            std::env::vars(),
+            &overrides,
+        )?)
+    }
+}
+
+/// Runs a command other than `serve`.
+pub fn run(command: Command, config: Config) -> Result<()> {
+    let clock = SystemClock;
+    match command {
+        Command::Serve { .. } => unreachable!("serve is run by main"),
+        Command::ActivationRequest { out } => {
+            let appliance = Appliance::load_or_create(&config.data_dir)?;
+            let host = appliance::hostname();
+            let text = format!(
+                "# keygate activation request: installation {} on host {host}\n{}\n",
+                appliance.installation_id(),
+                appliance.activation_request(&host, clock.now())
+            );
+            write_output(out.as_deref(), &text)
+        }
+        Command::Trust { key, name } => trust(&config, &key, name, &clock),
+        Command::Import { file } => import_file(&config, &file, &clock),
+        Command::Licenses => licenses(&config),
+        Command::Status => status(&config),
+        Command::Config(ConfigCommand::Dump) => {
+            print!("{}", config.to_toml());
+            Ok(())
+        }
+        Command::Vendor(VendorCommand::Keygen { out }) => {
+            let (private, public) = vendor::keygen(&out)?;
+            println!(
+                "wrote {} (keep it secret) and {} (give it to appliances and embed it in the SDK)",
+                private.display(),
+                public.display()
+            );
+            Ok(())
+        }
+        Command::Vendor(VendorCommand::Issue(args)) => issue(args, &clock),
+    }
+}
+
+fn write_output(out: Option<&Path>, text: &str) -> Result<()> {
+    match out {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+        }
+        None => {
+            std::io::stdout().write_all(text.as_bytes())?;
+            Ok(())
+        }
+    }
+}
+
+/// The vendor keys this appliance trusts: those added with `keygate trust` and those the
+/// configuration names.
+pub fn trusted_keys(config: &Config, conn: &rusqlite::Connection) -> Result<Vec<VerifyingKey>> {
+    let mut trusted: Vec<VerifyingKey> = store::licenses::trusted_keys(conn)?
+        .iter()
+        .filter_map(|k| VerifyingKey::from_bytes(&k.public_key).ok())
+        .collect();
+    for path in &config.trusted_vendor_keys {
+        let pem = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read trusted vendor key {}", path.display()))?;
+        trusted.push(
+            keys::public_key_from_pem(&pem)
+                .with_context(|| format!("trusted vendor key {}", path.display()))?,
+        );
+    }
+    Ok(trusted)
+}
+
+fn open_store(config: &Config) -> Result<rusqlite::Connection> {
+    appliance::create_private_dir(&config.data_dir)?;
+    Ok(store::open(&config.database_path())?)
+}
+
+fn trust(config: &Config, path: &Path, name: Option<String>, clock: &dyn Clock) -> Result<()> {
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let key = keys::public_key_from_pem(&pem).with_context(|| path.display().to_string())?;
+    let name = name.unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    let conn = open_store(config)?;
+    let kid = keys::kid(&key);
+    let added = store::licenses::insert_trusted_key(
+        &conn,
+        &TrustedKey {
+            kid: kid.clone(),
+            public_key: key.to_bytes(),
+            name: name.clone(),
+            added_at: licensing::unix(clock.now()),
+        },
+    )?;
+    if added {
+        println!("trusted vendor key {kid} ({name})");
+    } else {
+        println!("vendor key {kid} was already trusted; nothing changed");
+    }
+    Ok(())
+}
+
+fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let appliance = Appliance::load_or_create(&config.data_dir)?;
+    let mut conn = open_store(config)?;
+    let trusted = trusted_keys(config, &conn)?;
+    let verified = import::verify(&text, &trusted, appliance.public_key())?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let outcome = import::apply(&tx, &verified, clock.now())?;
+    tx.commit()?;
+    println!("{outcome}");
+    Ok(())
+}
+
+fn licenses(config: &Config) -> Result<()> {
+    let conn = open_store(config)?;
+    let items = store::licenses::item_summaries(&conn)?;
+    if items.is_empty() {
+        println!("no licenses imported");
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:>3} {:<10} {:<20} {:<18} {:<19} {:>10} {:<10} {:<10} {:<24}",
+        "LICENSE",
+        "VER",
+        "ORG",
+        "ITEM",
+        "PRODUCT",
+        "MODEL",
+        "QUOTA",
+        "STARTS",
+        "EXPIRES",
+        "HANDSHAKE"
+    );
+    let date = |t: i64| rfc3339(from_unix(t))[..10].to_string();
+    for i in items {
+        println!(
+            "{:<16} {:>3} {:<10} {:<20} {:<18} {:<19} {:>10} {:<10} {:<10} {:<24}{}",
+            i.license_id,
+            i.license_version,
+            i.organization_id,
+            i.item_id,
+            i.product,
+            i.model,
+            i.quota,
+            date(i.starts_at),
+            date(i.expires_at),
+            i.handshake_code,
+            if i.withdrawn { " (withdrawn)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn status(config: &Config) -> Result<()> {
+    let appliance = Appliance::load_or_create(&config.data_dir)?;
+    let conn = open_store(config)?;
+    let counts = store::licenses::counts(&conn)?;
+    let trusted = trusted_keys(config, &conn)?;
+    println!("keygate {}", env!("CARGO_PKG_VERSION"));
+    println!("installation id:  {}", appliance.installation_id());
+    println!("data directory:   {}", config.data_dir.display());
+    println!(
+        "database:         {} (schema {})",
+        config.database_path().display(),
+        store::schema_version()
+    );
+    println!("listen:           https://{}", config.listen);
+    println!("trusted vendors:  {}", trusted.len());
+    println!(
+        "licenses:         {} ({} active items, {} organizations, {} handshake codes)",
+        counts.licenses, counts.items, counts.organizations, counts.handshake_codes
+    );
+    Ok(())
+}
+
+fn issue(args: IssueArgs, clock: &dyn Clock) -> Result<()> {
+    let pem = std::fs::read_to_string(&args.key)
+        .with_context(|| format!("cannot read {}", args.key.display()))?;
+    let key = keys::signing_key_from_pem(&pem).with_context(|| args.key.display().to_string())?;
+    let request_text = std::fs::read_to_string(&args.request)
+        .with_context(|| format!("cannot read {}", args.request.display()))?;
+    let request = vendor::read_activation_request(&request_text)?;
+    let items = vendor::read_items(&args.items)?;
+    let text = vendor::issue(
+        &key,
+        &request,
+        items,
+        vendor::IssueOptions {
+            license_id: args.license_id,
+            version: args.version,
+            vendor: args.vendor,
+            organization_id: args.organization,
+        },
+        clock.now(),
+    )?;
+    if args.out.is_some() && text.is_empty() {
+        bail!("nothing to write");
+    }
+    write_output(args.out.as_deref(), &text)
+}
+
+/// Starts the server with the configuration and waits for Ctrl-C or SIGTERM.
+pub fn serve(config: Config) -> Result<()> {
+    let listen = config.listen;
+    let state = crate::AppState::open(config, Arc::new(SystemClock))?;
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let local = listener.local_addr()?;
+    println!(
+        "keygate {} listening on https://{local}",
+        env!("CARGO_PKG_VERSION")
+    );
+    println!("installation id: {}", state.appliance.installation_id());
+    println!("data directory:  {}", state.config.data_dir.display());
+    println!(
+        "certificate:     {}{}",
+        state.cert_source.cert.display(),
+        if state.cert_source.self_signed {
+            " (self-signed)"
+        } else {
+            ""
+        }
+    );
+    tracing::info!(%local, installation_id = state.appliance.installation_id(), "serving");
+    actix_web::rt::System::new().block_on(crate::serve(state, listener, shutdown_signal()))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,295 @@
+//! Typed configuration: defaults, then the TOML file, then `KEYGATE_*` environment variables,
+//! then command-line flags. Unknown keys and unknown `KEYGATE_*` variables are errors, so a
+//! typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {name} is invalid: {message}")]
+    Env { name: String, message: String },
+    #[error("unknown environment variable {0} (known: {known})", known = ENV_VARS.join(", "))]
+    UnknownEnv(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the database, the appliance key, the certificate and backups live.
+    pub data_dir: PathBuf,
+    /// Address and port of the HTTPS listener (devices and portal).
+    pub listen: SocketAddr,
+    /// Vendor public keys (SPKI PEM files) trusted in addition to those added with
+    /// `keygate trust`.
+    pub trusted_vendor_keys: Vec<PathBuf>,
+    pub tls: TlsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// A PEM certificate chain replacing the self-signed certificate (needs `key`).
+    pub cert: Option<PathBuf>,
+    /// The PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// Extra DNS names or addresses for the self-signed certificate made on first start.
+    pub extra_names: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `keygate=debug,actix_web=warn`, ...
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./keygate-data"),
+            listen: "0.0.0.0:8443".parse().expect("a valid default address"),
+            trusted_vendor_keys: Vec::new(),
+            tls: TlsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Every environment variable keygate reads.
+pub const ENV_VARS: &[&str] = &[
+    "KEYGATE_CONFIG",
+    "KEYGATE_DATA_DIR",
+    "KEYGATE_LISTEN",
+    "KEYGATE_TRUSTED_VENDOR_KEYS",
+    "KEYGATE_TLS_CERT",
+    "KEYGATE_TLS_KEY",
+    "KEYGATE_LOG_LEVEL",
+    "KEYGATE_LOG_FORMAT",
+];
+
+/// Overrides given on the command line, applied last.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Builds the effective configuration from an optional file, an environment and flags.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        if let Some(dir) = &overrides.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(listen) = overrides.listen {
+            config.listen = listen;
+        }
+        if let Some(format) = overrides.log_format {
+            config.log.format = format;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })
+    }
+
+    fn apply_env(
+        &mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (name, value) in env {
+            if !name.starts_with("KEYGATE_") {
+                continue;
+            }
+            let bad = |message: String| ConfigError::Env {
+                name: name.clone(),
+                message,
+            };
+            match name.as_str() {
+                "KEYGATE_CONFIG" => {} // read by the command line, before this
+                "KEYGATE_DATA_DIR" => self.data_dir = value.into(),
+                "KEYGATE_LISTEN" => self.listen = value.parse().map_err(|e| bad(format!("{e}")))?,
+                "KEYGATE_TRUSTED_VENDOR_KEYS" => {
+                    self.trusted_vendor_keys = std::env::split_paths(&value).collect()
+                }
+                "KEYGATE_TLS_CERT" => self.tls.cert = Some(value.into()),
+                "KEYGATE_TLS_KEY" => self.tls.key = Some(value.into()),
+                "KEYGATE_LOG_LEVEL" => self.log.level = value,
+                "KEYGATE_LOG_FORMAT" => {
+                    self.log.format = match value.as_str() {
+                        "text" => LogFormat::Text,
+                        "json" => LogFormat::Json,
+                        _ => return Err(bad("expected \"text\" or \"json\"".into())),
+                    }
+                }
+                _ => return Err(ConfigError::UnknownEnv(name)),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls.cert and tls.key go together: set both or neither".into(),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid("data_dir is empty".into()));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::Invalid(format!("log.level {:?}: {e}", self.log.level)))?;
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (`keygate config dump`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config always serializes")
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("keygate.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let config = Config::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("./keygate-data"));
+        assert_eq!(config.listen.to_string(), "0.0.0.0:8443");
+        assert_eq!(
+            config.database_path(),
+            PathBuf::from("./keygate-data/keygate.db")
+        );
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:1000\"\n[log]\nlevel = \"debug\"\n",
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(&path),
+            env(&[("KEYGATE_LISTEN", "127.0.0.1:2000"), ("PATH", "/bin")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(config.listen.port(), 2000);
+        assert_eq!(config.log.level, "debug");
+
+        let flags = Overrides {
+            listen: Some("127.0.0.1:3000".parse().unwrap()),
+            ..Overrides::default()
+        };
+        let config = Config::load(
+            Some(&path),
+            env(&[("KEYGATE_LISTEN", "127.0.0.1:2000")]),
+            &flags,
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 3000);
+    }
+
+    #[test]
+    fn unknown_keys_and_variables_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.toml");
+        std::fs::write(&path, "data_dri = \"/typo\"\n").unwrap();
+        let err = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("data_dri"), "{err}");
+
+        let err =
+            Config::load(None, env(&[("KEYGATE_LISTNE", "x")]), &Overrides::default()).unwrap_err();
+        assert!(matches!(err, ConfigError::UnknownEnv(ref n) if n == "KEYGATE_LISTNE"));
+
+        let err = Config::load(
+            None,
+            env(&[("KEYGATE_LISTEN", "nope")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("KEYGATE_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn half_a_certificate_is_refused() {
+        let err = Config::load(
+            None,
+            env(&[("KEYGATE_TLS_CERT", "/etc/cert.pem")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("tls.cert and tls.key"), "{err}");
+    }
+
+    #[test]
+    fn dump_round_trips() {
+        let config = Config::default();
+        let again: Config = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(again, config);
+    }
+}

@@ -1,0 +1,19 @@
+//! keygate: an on-premises license appliance. Devices in a LAN without internet authorize
+//! against license files the vendor signed for this appliance.
+//!
+//! The binary is a thin shell over this library; tests start the real server through
+//! [`server::serve`] on port 0 with a clock they control.
+
+pub mod appliance;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod licensing;
+pub mod protocol;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod vendor;
+
+pub use server::{AppState, serve};

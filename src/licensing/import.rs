@@ -1,0 +1,449 @@
+//! Importing a vendor-signed license file: verify the signature against the trusted vendor
+//! keys, check the appliance binding and every item's terms, then store license, items,
+//! organization and its default handshake code in one transaction.
+
+use keygate_sdk::VerifyingKey;
+use keygate_sdk::jws::{JwsError, Token, Typ};
+use keygate_sdk::keys;
+use keygate_sdk::wire::{FORMAT_VERSION, License, LicenseItem, Model};
+use rusqlite::Connection;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use super::{is_identifier, unix};
+use crate::store::{self, StoreError, licenses::ItemTerms};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("the file holds no license: expected one signed line after the '#' comment lines")]
+    Empty,
+    #[error("the file holds more than one signed line; a license file holds exactly one")]
+    SeveralTokens,
+    #[error("the file is not a signed license: {0}")]
+    Malformed(JwsError),
+    #[error("the file is a {0:?} document, not a license (keygate-license)")]
+    WrongType(String),
+    #[error(
+        "the license is signed by vendor key {0}, which this appliance does not trust \
+         (add the vendor's public key with `keygate trust VENDOR.pub`)"
+    )]
+    UnknownVendor(String),
+    #[error(
+        "the license signature does not verify against vendor key {0}: the file was altered \
+         or damaged"
+    )]
+    BadSignature(String),
+    #[error(
+        "license {license_id} is bound to another appliance ({found}), not to this one \
+         ({ours}); ask the vendor for a license issued for this appliance's activation request"
+    )]
+    OtherAppliance {
+        license_id: String,
+        found: String,
+        ours: String,
+    },
+    #[error("the license is invalid: {0}")]
+    Invalid(String),
+    #[error(
+        "license {license_id} version {version} is older than the imported version {current}; \
+         a renewal must carry a higher version"
+    )]
+    Downgrade {
+        license_id: String,
+        version: u32,
+        current: u32,
+    },
+    #[error(
+        "license {license_id} version {version} is already imported with different content; \
+         a changed license must carry a higher version"
+    )]
+    Conflict { license_id: String, version: u32 },
+    #[error("item {item_id} already belongs to license {other}")]
+    ItemTaken { item_id: String, other: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for ImportError {
+    fn from(e: rusqlite::Error) -> Self {
+        ImportError::Store(e.into())
+    }
+}
+
+/// A license whose signature, binding and terms have been checked.
+#[derive(Debug, Clone)]
+pub struct VerifiedLicense {
+    pub license: License,
+    pub jws: String,
+    pub kid: String,
+    pub sha256: String,
+}
+
+/// The single signed line of a license file: `#` comment lines and blank lines are skipped.
+pub fn token_line(file: &str) -> Result<&str, ImportError> {
+    let mut lines = file
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let token = lines.next().ok_or(ImportError::Empty)?;
+    if lines.next().is_some() {
+        return Err(ImportError::SeveralTokens);
+    }
+    Ok(token)
+}
+
+/// Checks a license file against the trusted vendor keys and this appliance's key.
+pub fn verify(
+    file: &str,
+    trusted: &[VerifyingKey],
+    appliance: &VerifyingKey,
+) -> Result<VerifiedLicense, ImportError> {
+    let compact = token_line(file)?;
+    let token = Token::decode(compact).map_err(ImportError::Malformed)?;
+    token.expect_typ(Typ::License).map_err(|e| match e {
+        JwsError::Type { found, .. } => ImportError::WrongType(found),
+        other => ImportError::Malformed(other),
+    })?;
+    let kid = token.kid().map_err(ImportError::Malformed)?.to_string();
+    let vendor = trusted
+        .iter()
+        .find(|k| keys::kid(k) == kid)
+        .ok_or_else(|| ImportError::UnknownVendor(kid.clone()))?;
+    token.verify(vendor).map_err(|e| match e {
+        JwsError::BadSignature => ImportError::BadSignature(kid.clone()),
+        other => ImportError::Malformed(other),
+    })?;
+    let license = parse_payload(&token.payload)?;
+    let ours = keys::installation_id(appliance);
+    if license.appliance.public_key != keys::public_key_b64(appliance)
+        || license.appliance.installation_id != ours
+    {
+        return Err(ImportError::OtherAppliance {
+            license_id: license.license_id,
+            found: license.appliance.installation_id,
+            ours,
+        });
+    }
+    validate(&license)?;
+    Ok(VerifiedLicense {
+        license,
+        jws: compact.to_string(),
+        kid,
+        sha256: data_encoding::HEXLOWER.encode(&Sha256::digest(compact.as_bytes())),
+    })
+}
+
+/// Parses the payload, naming an unknown model plainly rather than through serde's message.
+fn parse_payload(payload: &[u8]) -> Result<License, ImportError> {
+    let value: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| ImportError::Invalid(format!("the payload is not JSON ({e})")))?;
+    if let Some(items) = value.get("items").and_then(|v| v.as_array()) {
+        for item in items {
+            if let Some(model) = item.get("model").and_then(|m| m.as_str())
+                && Model::parse(model).is_none()
+            {
+                let id = item.get("item_id").and_then(|v| v.as_str()).unwrap_or("?");
+                let known: Vec<&str> = Model::ALL.iter().map(|m| m.as_str()).collect();
+                return Err(ImportError::Invalid(format!(
+                    "item {id} has unknown model {model:?} (known: {})",
+                    known.join(", ")
+                )));
+            }
+        }
+    }
+    serde_json::from_value(value).map_err(|e| ImportError::Invalid(e.to_string()))
+}
+
+/// Every rule a license's terms must meet, vendor side and appliance side alike.
+pub fn validate(license: &License) -> Result<(), ImportError> {
+    let invalid = |message: String| Err(ImportError::Invalid(message));
+    if license.v != FORMAT_VERSION {
+        return invalid(format!(
+            "format version {} is not supported (this keygate reads version {FORMAT_VERSION})",
+            license.v
+        ));
+    }
+    if !is_identifier(&license.license_id) {
+        return invalid(format!(
+            "license_id {:?} must be 1 to 64 letters, digits, '.', '_' or '-'",
+            license.license_id
+        ));
+    }
+    if !is_identifier(&license.organization_id) {
+        return invalid(format!(
+            "organization_id {:?} must be 1 to 64 letters, digits, '.', '_' or '-'",
+            license.organization_id
+        ));
+    }
+    if license.version == 0 {
+        return invalid("version must be 1 or higher".into());
+    }
+    if license.items.is_empty() {
+        return invalid("the license has no items".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for item in &license.items {
+        if !seen.insert(item.item_id.as_str()) {
+            return invalid(format!("item {} appears twice", item.item_id));
+        }
+        validate_item(item)
+            .map_err(|m| ImportError::Invalid(format!("item {}: {m}", item.item_id)))?;
+    }
+    Ok(())
+}
+
+fn validate_item(item: &LicenseItem) -> Result<(), String> {
+    if !is_identifier(&item.item_id) {
+        return Err("item_id must be 1 to 64 letters, digits, '.', '_' or '-'".into());
+    }
+    if item.product.trim().is_empty() || item.product.len() > 128 {
+        return Err("product must be 1 to 128 characters".into());
+    }
+    if item.quota <= 0 {
+        return Err(format!(
+            "quota must be greater than 0 (it is {})",
+            item.quota
+        ));
+    }
+    if item.expires_at <= item.starts_at {
+        return Err(format!(
+            "expires_at ({}) must be after starts_at ({})",
+            super::rfc3339(item.expires_at),
+            super::rfc3339(item.starts_at)
+        ));
+    }
+    if item.offline_days == 0 || item.offline_days > 3650 {
+        return Err("offline_days must be between 1 and 3650".into());
+    }
+    let model = item.model;
+    let only_for = |field: &str, present: bool, applies: bool, models: &str| {
+        if present && !applies {
+            Err(format!(
+                "{field} applies only to {models} items, not {model}"
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    only_for(
+        "counter",
+        item.counter.is_some(),
+        model == Model::PerUsage,
+        "per_usage",
+    )?;
+    only_for(
+        "max_exceptions",
+        item.max_exceptions.is_some(),
+        model.is_concurrent(),
+        "concurrent",
+    )?;
+    only_for(
+        "grace_days",
+        item.grace_days.is_some(),
+        model == Model::Tokens,
+        "tokens",
+    )?;
+    only_for(
+        "tokens_per_pass",
+        item.tokens_per_pass.is_some(),
+        model == Model::Tokens,
+        "tokens",
+    )?;
+    match model {
+        Model::PerUsage if item.counter.as_deref().is_none_or(|c| c.trim().is_empty()) => {
+            Err("a per_usage item needs the counter it meters (\"counter\")".into())
+        }
+        Model::ConcurrentDevice | Model::ConcurrentInstance
+            if item.max_exceptions.is_none_or(|m| m == 0) =>
+        {
+            Err(format!("a {model} item needs max_exceptions of 1 or more"))
+        }
+        Model::Tokens if item.tokens_per_pass.is_none_or(|t| t <= 0) => {
+            Err("a tokens item needs tokens_per_pass of 1 or more".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportOutcome {
+    /// A license new to this appliance. `default_code` is set when its organization was new
+    /// and got its default handshake code.
+    Imported {
+        license_id: String,
+        version: u32,
+        items: usize,
+        default_code: Option<String>,
+    },
+    /// A higher version replaced the current one.
+    Superseded {
+        license_id: String,
+        from: u32,
+        to: u32,
+        items: usize,
+    },
+    /// The same file was imported before: nothing changed.
+    Unchanged { license_id: String, version: u32 },
+}
+
+impl std::fmt::Display for ImportOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImportOutcome::Imported {
+                license_id,
+                version,
+                items,
+                default_code,
+            } => {
+                write!(
+                    f,
+                    "imported license {license_id} version {version} with {items} item(s)"
+                )?;
+                if let Some(code) = default_code {
+                    write!(f, "; the organization's default handshake code is {code}")?;
+                }
+                Ok(())
+            }
+            ImportOutcome::Superseded {
+                license_id,
+                from,
+                to,
+                items,
+            } => write!(
+                f,
+                "license {license_id} version {to} supersedes version {from} ({items} item(s))"
+            ),
+            ImportOutcome::Unchanged {
+                license_id,
+                version,
+            } => write!(
+                f,
+                "license {license_id} version {version} is already imported; nothing changed"
+            ),
+        }
+    }
+}
+
+/// Stores a verified license. Run it inside a transaction: on error the caller rolls back and
+/// the database is as it was.
+pub fn apply(
+    conn: &Connection,
+    verified: &VerifiedLicense,
+    now: OffsetDateTime,
+) -> Result<ImportOutcome, ImportError> {
+    let license = &verified.license;
+    let current = store::licenses::current_version(conn, &license.license_id)?;
+    match &current {
+        Some((version, sha)) if *version == license.version => {
+            return if *sha == verified.sha256 {
+                Ok(ImportOutcome::Unchanged {
+                    license_id: license.license_id.clone(),
+                    version: *version,
+                })
+            } else {
+                Err(ImportError::Conflict {
+                    license_id: license.license_id.clone(),
+                    version: license.version,
+                })
+            };
+        }
+        Some((version, _)) if *version > license.version => {
+            return Err(ImportError::Downgrade {
+                license_id: license.license_id.clone(),
+                version: license.version,
+                current: *version,
+            });
+        }
+        _ => {}
+    }
+    for item in &license.items {
+        if let Some(other) = store::licenses::item_license(conn, &item.item_id)?
+            && other != license.license_id
+        {
+            return Err(ImportError::ItemTaken {
+                item_id: item.item_id.clone(),
+                other,
+            });
+        }
+    }
+
+    let now = unix(now);
+    let org = &license.organization_id;
+    store::licenses::ensure_organization(conn, org, &license.vendor, now)?;
+    let (handshake, default_code) = match store::licenses::default_handshake(conn, org)? {
+        Some(code) => (code.id, None),
+        None => {
+            let code = new_handshake_code(org);
+            let id = store::licenses::insert_handshake(conn, &code, org, "default", true, now)?;
+            (id, Some(code))
+        }
+    };
+    store::licenses::insert_license(
+        conn,
+        &store::licenses::NewLicense {
+            license_id: &license.license_id,
+            version: license.version,
+            vendor: &license.vendor,
+            organization_id: org,
+            issued_at: unix(license.issued_at),
+            kid: &verified.kid,
+            jws: &verified.jws,
+            sha256: &verified.sha256,
+            imported_at: now,
+        },
+    )?;
+    for item in &license.items {
+        let features = serde_json::to_string(&item.features).expect("strings serialize");
+        store::licenses::upsert_item(
+            conn,
+            &ItemTerms {
+                item_id: &item.item_id,
+                license_id: &license.license_id,
+                license_version: license.version,
+                organization_id: org,
+                product: &item.product,
+                model: item.model.as_str(),
+                quota: item.quota,
+                starts_at: unix(item.starts_at),
+                expires_at: unix(item.expires_at),
+                offline_days: item.offline_days,
+                features_json: &features,
+                counter: item.counter.as_deref(),
+                max_exceptions: item.max_exceptions,
+                grace_days: item.grace_days,
+                tokens_per_pass: item.tokens_per_pass,
+            },
+            handshake,
+        )?;
+    }
+    store::licenses::withdraw_items_not_in(conn, &license.license_id, license.version)?;
+
+    let items = license.items.len();
+    Ok(match current {
+        Some((from, _)) => ImportOutcome::Superseded {
+            license_id: license.license_id.clone(),
+            from,
+            to: license.version,
+            items,
+        },
+        None => ImportOutcome::Imported {
+            license_id: license.license_id.clone(),
+            version: license.version,
+            items,
+            default_code,
+        },
+    })
+}
+
+/// A fresh handshake code for an organization: `<organization_id>-<8 random characters>`.
+pub fn new_handshake_code(organization_id: &str) -> String {
+    let mut random = [0u8; 5];
+    getrandom::fill(&mut random).expect("the operating system's random source is available");
+    format!(
+        "{organization_id}-{}",
+        data_encoding::BASE32_NOPAD
+            .encode(&random)
+            .to_ascii_lowercase()
+    )
+}

@@ -1,0 +1,32 @@
+//! The domain: license files and their items, license models and quota rules, handshake
+//! resolution. Rules are pure functions over plain data; operations run one transaction each.
+
+pub mod import;
+
+use time::OffsetDateTime;
+
+/// Unix seconds, the form times take in the database.
+pub fn unix(t: OffsetDateTime) -> i64 {
+    t.unix_timestamp()
+}
+
+/// A Unix-seconds time back as a UTC date-time.
+pub fn from_unix(secs: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// RFC 3339, as the protocol and the command line show times.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// Whether an identifier (license id, organization id, item id, handshake code) is made of
+/// the characters that are safe everywhere it appears: letters, digits, `.`, `_`, `-`.
+pub fn is_identifier(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}

@@ -1,0 +1,331 @@
+//! Trusted vendor keys, organizations, handshake codes, licenses and their items.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::StoreError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedKey {
+    pub kid: String,
+    pub public_key: [u8; 32],
+    pub name: String,
+    pub added_at: i64,
+}
+
+pub fn trusted_keys(conn: &Connection) -> Result<Vec<TrustedKey>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT kid, public_key, name, added_at FROM trusted_keys ORDER BY added_at, kid",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(TrustedKey {
+            kid: r.get(0)?,
+            public_key: r.get(1)?,
+            name: r.get(2)?,
+            added_at: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Adds a trusted key; returns false when it was already trusted.
+pub fn insert_trusted_key(conn: &Connection, key: &TrustedKey) -> Result<bool, StoreError> {
+    let added = conn
+        .prepare_cached(
+            "INSERT INTO trusted_keys (kid, public_key, name, added_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (kid) DO NOTHING",
+        )?
+        .execute(params![key.kid, key.public_key, key.name, key.added_at])?;
+    Ok(added == 1)
+}
+
+/// Creates the organization if it is new; returns whether it was created.
+pub fn ensure_organization(
+    conn: &Connection,
+    organization_id: &str,
+    vendor: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let added = conn
+        .prepare_cached(
+            "INSERT INTO organizations (organization_id, vendor, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (organization_id) DO NOTHING",
+        )?
+        .execute(params![organization_id, vendor, now])?;
+    Ok(added == 1)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeCode {
+    pub id: i64,
+    pub code: String,
+    pub organization_id: String,
+    pub name: String,
+    pub is_default: bool,
+    pub password_hash: Option<String>,
+    pub allowed_domains: Vec<String>,
+    pub allowed_processes: Vec<String>,
+}
+
+const HANDSHAKE_COLUMNS: &str = "id, code, organization_id, name, is_default, password_hash, \
+                                 allowed_domains, allowed_processes";
+
+fn handshake_from_row(r: &Row<'_>) -> rusqlite::Result<HandshakeCode> {
+    let lines = |text: String| -> Vec<String> { text.lines().map(str::to_string).collect() };
+    Ok(HandshakeCode {
+        id: r.get(0)?,
+        code: r.get(1)?,
+        organization_id: r.get(2)?,
+        name: r.get(3)?,
+        is_default: r.get(4)?,
+        password_hash: r.get(5)?,
+        allowed_domains: lines(r.get(6)?),
+        allowed_processes: lines(r.get(7)?),
+    })
+}
+
+pub fn default_handshake(
+    conn: &Connection,
+    organization_id: &str,
+) -> Result<Option<HandshakeCode>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {HANDSHAKE_COLUMNS} FROM handshake_codes \
+             WHERE organization_id = ?1 AND is_default = 1"
+        ))?
+        .query_row([organization_id], handshake_from_row)
+        .optional()?)
+}
+
+pub fn handshake_by_code(
+    conn: &Connection,
+    code: &str,
+) -> Result<Option<HandshakeCode>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {HANDSHAKE_COLUMNS} FROM handshake_codes WHERE code = ?1"
+        ))?
+        .query_row([code], handshake_from_row)
+        .optional()?)
+}
+
+pub fn handshake_codes(conn: &Connection) -> Result<Vec<HandshakeCode>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {HANDSHAKE_COLUMNS} FROM handshake_codes ORDER BY organization_id, code"
+    ))?;
+    let rows = stmt.query_map([], handshake_from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn insert_handshake(
+    conn: &Connection,
+    code: &str,
+    organization_id: &str,
+    name: &str,
+    is_default: bool,
+    now: i64,
+) -> Result<i64, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO handshake_codes (code, organization_id, name, is_default, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![code, organization_id, name, is_default, now])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// The newest imported version of a license and its file digest.
+pub fn current_version(
+    conn: &Connection,
+    license_id: &str,
+) -> Result<Option<(u32, String)>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT version, sha256 FROM licenses WHERE license_id = ?1
+             ORDER BY version DESC LIMIT 1",
+        )?
+        .query_row([license_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
+#[derive(Debug, Clone)]
+pub struct NewLicense<'a> {
+    pub license_id: &'a str,
+    pub version: u32,
+    pub vendor: &'a str,
+    pub organization_id: &'a str,
+    pub issued_at: i64,
+    pub kid: &'a str,
+    pub jws: &'a str,
+    pub sha256: &'a str,
+    pub imported_at: i64,
+}
+
+pub fn insert_license(conn: &Connection, l: &NewLicense<'_>) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO licenses (license_id, version, vendor, organization_id, issued_at, kid,
+                               jws, sha256, imported_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        l.license_id,
+        l.version,
+        l.vendor,
+        l.organization_id,
+        l.issued_at,
+        l.kid,
+        l.jws,
+        l.sha256,
+        l.imported_at
+    ])?;
+    Ok(())
+}
+
+/// The license an item already belongs to, if the item exists.
+pub fn item_license(conn: &Connection, item_id: &str) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT license_id FROM items WHERE item_id = ?1")?
+        .query_row([item_id], |r| r.get(0))
+        .optional()?)
+}
+
+/// An item's terms as the license grants them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemTerms<'a> {
+    pub item_id: &'a str,
+    pub license_id: &'a str,
+    pub license_version: u32,
+    pub organization_id: &'a str,
+    pub product: &'a str,
+    pub model: &'a str,
+    pub quota: i64,
+    pub starts_at: i64,
+    pub expires_at: i64,
+    pub offline_days: u32,
+    pub features_json: &'a str,
+    pub counter: Option<&'a str>,
+    pub max_exceptions: Option<u32>,
+    pub grace_days: Option<u32>,
+    pub tokens_per_pass: Option<i64>,
+}
+
+/// Inserts a new item on `handshake_id`, or updates the terms of an existing one (which
+/// keeps its handshake code and its usage).
+pub fn upsert_item(
+    conn: &Connection,
+    item: &ItemTerms<'_>,
+    handshake_id: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO items (item_id, license_id, license_version, organization_id, handshake_id,
+                            product, model, quota, starts_at, expires_at, offline_days, features,
+                            counter, max_exceptions, grace_days, tokens_per_pass)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+         ON CONFLICT (item_id) DO UPDATE SET
+            license_version = excluded.license_version, product = excluded.product,
+            model = excluded.model, quota = excluded.quota, starts_at = excluded.starts_at,
+            expires_at = excluded.expires_at, offline_days = excluded.offline_days,
+            features = excluded.features, counter = excluded.counter,
+            max_exceptions = excluded.max_exceptions, grace_days = excluded.grace_days,
+            tokens_per_pass = excluded.tokens_per_pass, withdrawn = 0",
+    )?
+    .execute(params![
+        item.item_id,
+        item.license_id,
+        item.license_version,
+        item.organization_id,
+        handshake_id,
+        item.product,
+        item.model,
+        item.quota,
+        item.starts_at,
+        item.expires_at,
+        item.offline_days,
+        item.features_json,
+        item.counter,
+        item.max_exceptions,
+        item.grace_days,
+        item.tokens_per_pass
+    ])?;
+    Ok(())
+}
+
+/// Marks withdrawn the items of `license_id` that its version `version` no longer lists.
+pub fn withdraw_items_not_in(
+    conn: &Connection,
+    license_id: &str,
+    version: u32,
+) -> Result<usize, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE items SET withdrawn = 1
+             WHERE license_id = ?1 AND license_version < ?2 AND withdrawn = 0",
+        )?
+        .execute(params![license_id, version])?)
+}
+
+/// A line of `keygate licenses`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemSummary {
+    pub license_id: String,
+    pub license_version: u32,
+    pub organization_id: String,
+    pub item_id: String,
+    pub product: String,
+    pub model: String,
+    pub quota: i64,
+    pub starts_at: i64,
+    pub expires_at: i64,
+    pub handshake_code: String,
+    pub withdrawn: bool,
+}
+
+pub fn item_summaries(conn: &Connection) -> Result<Vec<ItemSummary>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT i.license_id, i.license_version, i.organization_id, i.item_id, i.product,
+                i.model, i.quota, i.starts_at, i.expires_at, h.code, i.withdrawn
+         FROM items i JOIN handshake_codes h ON h.id = i.handshake_id
+         ORDER BY i.license_id, i.item_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(ItemSummary {
+            license_id: r.get(0)?,
+            license_version: r.get(1)?,
+            organization_id: r.get(2)?,
+            item_id: r.get(3)?,
+            product: r.get(4)?,
+            model: r.get(5)?,
+            quota: r.get(6)?,
+            starts_at: r.get(7)?,
+            expires_at: r.get(8)?,
+            handshake_code: r.get(9)?,
+            withdrawn: r.get(10)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Counts for `keygate status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub licenses: i64,
+    pub items: i64,
+    pub organizations: i64,
+    pub handshake_codes: i64,
+}
+
+pub fn counts(conn: &Connection) -> Result<Counts, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT (SELECT COUNT(DISTINCT license_id) FROM licenses),
+                    (SELECT COUNT(*) FROM items WHERE withdrawn = 0),
+                    (SELECT COUNT(*) FROM organizations),
+                    (SELECT COUNT(*) FROM handshake_codes)",
+        )?
+        .query_row([], |r| {
+            Ok(Counts {
+                licenses: r.get(0)?,
+                items: r.get(1)?,
+                organizations: r.get(2)?,
+                handshake_codes: r.get(3)?,
+            })
+        })?)
+}

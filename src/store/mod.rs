@@ -1,0 +1,337 @@
+//! All SQL lives here. One SQLite file in WAL mode; numbered migrations tracked with
+//! `PRAGMA user_version`; a single writer thread that commits many requests in one
+//! transaction (group commit) and a small pool of read connections.
+//!
+//! Query functions take a `&Connection` so the same code runs inside the writer's batch, on
+//! a read connection, or in a one-shot command-line transaction.
+
+pub mod licenses;
+pub mod settings;
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use tokio::sync::oneshot;
+
+/// The schema, one migration per entry, applied in order; entry N brings the database to
+/// `user_version` N + 1.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+
+/// How many requests one transaction commits at most.
+const MAX_BATCH: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "the database has schema version {found}, newer than this keygate knows ({known}): \
+         it was written by a newer release; downgrading is not supported, restore a backup \
+         made by this release or install the newer one"
+    )]
+    TooNew { found: i64, known: i64 },
+    #[error("the database writer has stopped")]
+    WriterGone,
+    #[error("a database task panicked")]
+    Panicked,
+    #[error("the database transaction failed to commit: {0}")]
+    Commit(Arc<rusqlite::Error>),
+}
+
+/// Opens a connection with keygate's pragmas and brings the schema up to date.
+pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    let mut conn = Connection::open(path)?;
+    configure(&conn)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a commit is on disk (fsync of the WAL) before it returns. Throughput comes from
+    // committing many requests per transaction, not from weaker syncing.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// The schema version this build brings databases to.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let known = schema_version();
+    loop {
+        // IMMEDIATE: two processes starting at once migrate one after the other.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if current > known {
+            return Err(StoreError::TooNew {
+                found: current,
+                known,
+            });
+        }
+        if current == known {
+            return Ok(());
+        }
+        tx.execute_batch(MIGRATIONS[current as usize])?;
+        tx.pragma_update(None, "user_version", current + 1)?;
+        tx.commit()?;
+        tracing::info!(version = current + 1, "applied database migration");
+    }
+}
+
+/// Handle to the database for the server: cheap to clone, shared by all workers.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    jobs: mpsc::Sender<Box<dyn Job>>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl Store {
+    /// Opens (and migrates) the database and starts the writer thread.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = open(path)?;
+        let (jobs, queue) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("keygate-db-writer".into())
+            .spawn(move || writer(conn, queue))
+            .expect("the writer thread starts");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                jobs,
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Runs `f` on the writer, inside a transaction shared with other requests. `f`'s changes
+    /// are rolled back on its own if it returns an error; the result is delivered only once
+    /// the transaction is durably committed.
+    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Box::new(WriteJob {
+            f: Some(f),
+            out: None,
+            reply,
+        });
+        self.inner
+            .jobs
+            .send(job)
+            .map_err(|_| E::from(StoreError::WriterGone))?;
+        answer.await.map_err(|_| E::from(StoreError::WriterGone))?
+    }
+
+    /// Runs `f` on a read-only connection from the pool, off the async threads.
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = inner.take_reader()?;
+            let result = f(&conn);
+            inner.readers.lock().expect("reader pool lock").push(conn);
+            result
+        })
+        .await
+        .map_err(|_| E::from(StoreError::Panicked))?
+    }
+}
+
+impl Inner {
+    fn take_reader(&self) -> Result<Connection, StoreError> {
+        if let Some(conn) = self.readers.lock().expect("reader pool lock").pop() {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(conn)
+    }
+}
+
+/// A request queued for the writer, with its result type erased.
+trait Job: Send {
+    /// Runs inside the batch's transaction, under a savepoint of its own.
+    fn run(&mut self, conn: &Connection);
+    /// Delivers the result once the batch is committed (`Ok`) or failed.
+    fn finish(self: Box<Self>, committed: Result<(), StoreError>);
+}
+
+struct WriteJob<F, T, E> {
+    f: Option<F>,
+    out: Option<Result<T, E>>,
+    reply: oneshot::Sender<Result<T, E>>,
+}
+
+impl<F, T, E> Job for WriteJob<F, T, E>
+where
+    F: FnOnce(&Connection) -> Result<T, E> + Send,
+    T: Send,
+    E: From<StoreError> + Send,
+{
+    fn run(&mut self, conn: &Connection) {
+        let f = self.f.take().expect("a job runs once");
+        let out = match conn.execute_batch("SAVEPOINT job") {
+            Err(e) => Err(E::from(e.into())),
+            Ok(()) => {
+                let out = std::panic::catch_unwind(AssertUnwindSafe(|| f(conn)))
+                    .unwrap_or_else(|_| Err(E::from(StoreError::Panicked)));
+                let end = if out.is_ok() {
+                    "RELEASE job"
+                } else {
+                    "ROLLBACK TO job; RELEASE job"
+                };
+                match conn.execute_batch(end) {
+                    Ok(()) => out,
+                    Err(e) => Err(E::from(e.into())),
+                }
+            }
+        };
+        self.out = Some(out);
+    }
+
+    fn finish(self: Box<Self>, committed: Result<(), StoreError>) {
+        let out = match committed {
+            Ok(()) => self
+                .out
+                .unwrap_or_else(|| Err(E::from(StoreError::WriterGone))),
+            Err(e) => Err(E::from(e)),
+        };
+        // The requester may have gone away (client disconnected): nothing to tell then.
+        let _ = self.reply.send(out);
+    }
+}
+
+fn writer(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let committed = match conn.execute_batch("BEGIN IMMEDIATE") {
+            Err(e) => Err(StoreError::Commit(Arc::new(e))),
+            Ok(()) => {
+                for job in batch.iter_mut() {
+                    job.run(&conn);
+                }
+                conn.execute_batch("COMMIT").map_err(|e| {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    StoreError::Commit(Arc::new(e))
+                })
+            }
+        };
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, jobs = batch.len(), "database batch failed");
+        }
+        for job in batch {
+            let committed = match &committed {
+                Ok(()) => Ok(()),
+                Err(StoreError::Commit(e)) => Err(StoreError::Commit(e.clone())),
+                Err(_) => Err(StoreError::WriterGone),
+            };
+            job.finish(committed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_once_and_refuse_downgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        drop(open(&path).unwrap());
+        let conn = open(&path).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, schema_version());
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+
+        conn.pragma_update(None, "user_version", schema_version() + 1)
+            .unwrap();
+        drop(conn);
+        let err = open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::TooNew { .. }));
+        assert!(err.to_string().contains("downgrading is not supported"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_job_rolls_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        let set = |key: &'static str, fail: bool| {
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |conn| {
+                        settings::set(conn, key, "1")?;
+                        if fail {
+                            return Err(StoreError::Panicked);
+                        }
+                        Ok(())
+                    })
+                    .await
+            }
+        };
+        let (a, b, c) = tokio::join!(set("a", false), set("b", true), set("c", false));
+        assert!(a.is_ok() && b.is_err() && c.is_ok());
+        let got: Vec<Option<String>> = store
+            .read(|conn| {
+                Ok::<_, StoreError>(vec![
+                    settings::get(conn, "a")?,
+                    settings::get(conn, "b")?,
+                    settings::get(conn, "c")?,
+                ])
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, vec![Some("1".into()), None, Some("1".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_does_not_stop_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        let err = store
+            .write(|_conn| -> Result<(), StoreError> { panic!("boom") })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Panicked));
+        store
+            .write(|conn| settings::set(conn, "after", "ok"))
+            .await
+            .unwrap();
+    }
+}

@@ -1,0 +1,197 @@
+//! HTTPS only: rustls (ring provider, TLS 1.2 and 1.3) with either the operator's certificate
+//! or a self-signed one made with rcgen on first start and kept in the data directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::crypto::{CryptoProvider, ring};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use time::OffsetDateTime;
+
+use crate::appliance::{create_private_dir, write_secret_file};
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the certificate file holds no certificate")]
+    NoCertificate,
+    #[error("the certificate and the private key do not belong together or are unusable: {0}")]
+    Mismatch(String),
+    #[error("cannot make the self-signed certificate: {0}")]
+    Generate(String),
+}
+
+pub const CERT_FILE: &str = "cert.pem";
+pub const KEY_FILE: &str = "key.pem";
+
+/// Where the certificate in use comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSource {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub self_signed: bool,
+}
+
+/// The certificate and key files to use: the configured ones, or the self-signed pair in
+/// `<data-dir>/tls/`, created if missing.
+pub fn ensure_certificate(config: &Config, now: OffsetDateTime) -> Result<CertSource, TlsError> {
+    if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
+        return Ok(CertSource {
+            cert: cert.clone(),
+            key: key.clone(),
+            self_signed: false,
+        });
+    }
+    let dir = config.data_dir.join("tls");
+    let source = CertSource {
+        cert: dir.join(CERT_FILE),
+        key: dir.join(KEY_FILE),
+        self_signed: true,
+    };
+    if !source.cert.exists() {
+        create_private_dir(&dir).map_err(|e| TlsError::Generate(e.to_string()))?;
+        let (cert_pem, key_pem) = self_signed(&host_names(&config.tls.extra_names), now)?;
+        let write = |path: &Path, data: &str| {
+            write_secret_file(path, data.as_bytes()).map_err(|source| TlsError::Write {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        // Key first: a crash in between leaves no certificate, so the next start makes both.
+        let _ = std::fs::remove_file(&source.key);
+        write(&source.key, &key_pem)?;
+        write(&source.cert, &cert_pem)?;
+    }
+    Ok(source)
+}
+
+/// The names a self-signed certificate covers: the host name, `localhost`, every address of
+/// the host's interfaces, and any configured extras.
+fn host_names(extra: &[String]) -> Vec<String> {
+    let mut names = vec![crate::appliance::hostname(), "localhost".to_string()];
+    if let Ok(interfaces) = if_addrs::get_if_addrs() {
+        names.extend(interfaces.into_iter().map(|i| i.ip().to_string()));
+    }
+    names.extend(["127.0.0.1".to_string(), "::1".to_string()]);
+    names.extend(extra.iter().cloned());
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    names
+}
+
+/// A self-signed ECDSA P-256 certificate (what every browser accepts) valid for 10 years.
+fn self_signed(names: &[String], now: OffsetDateTime) -> Result<(String, String), TlsError> {
+    let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generate)?;
+    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(generate)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("keygate {}", names[0]));
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(3650);
+    let cert = params.self_signed(&key).map_err(generate)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Parses a PEM chain and key and checks that they belong together.
+pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Mismatch(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate);
+    }
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Mismatch(e.to_string()))?;
+    CertifiedKey::from_der(chain, key, &provider()).map_err(|e| TlsError::Mismatch(e.to_string()))
+}
+
+pub fn load(source: &CertSource) -> Result<CertifiedKey, TlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| TlsError::Read {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    };
+    certified_key(&read(&source.cert)?, &read(&source.key)?)
+}
+
+fn provider() -> CryptoProvider {
+    ring::default_provider()
+}
+
+/// Serves the current certificate; an admin can swap it without a restart.
+#[derive(Debug)]
+pub struct CertResolver(RwLock<Arc<CertifiedKey>>);
+
+impl CertResolver {
+    pub fn new(key: CertifiedKey) -> Self {
+        CertResolver(RwLock::new(Arc::new(key)))
+    }
+
+    pub fn replace(&self, key: CertifiedKey) {
+        *self.0.write().expect("certificate lock") = Arc::new(key);
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().expect("certificate lock").clone())
+    }
+}
+
+/// The server's TLS configuration: TLS 1.3 and 1.2 only, HTTP/1.1.
+pub fn server_config(resolver: Arc<CertResolver>) -> rustls::ServerConfig {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("the ring provider supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_certificate_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let now = OffsetDateTime::now_utc();
+        let source = ensure_certificate(&config, now).unwrap();
+        assert!(source.self_signed);
+        let first = std::fs::read(&source.cert).unwrap();
+        load(&source).unwrap();
+        ensure_certificate(&config, now).unwrap();
+        assert_eq!(std::fs::read(&source.cert).unwrap(), first);
+    }
+
+    #[test]
+    fn mismatched_key_is_refused() {
+        let names = vec!["localhost".to_string()];
+        let now = OffsetDateTime::now_utc();
+        let (cert_a, _) = self_signed(&names, now).unwrap();
+        let (_, key_b) = self_signed(&names, now).unwrap();
+        let err = certified_key(cert_a.as_bytes(), key_b.as_bytes()).unwrap_err();
+        assert!(matches!(err, TlsError::Mismatch(_)), "{err}");
+        assert!(matches!(
+            certified_key(b"", key_b.as_bytes()),
+            Err(TlsError::NoCertificate)
+        ));
+    }
+}

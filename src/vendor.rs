@@ -1,0 +1,252 @@
+//! The vendor's side of the trust chain: `keygate vendor keygen` and `keygate vendor issue`.
+
+use std::path::{Path, PathBuf};
+
+use keygate_sdk::SigningKey;
+use keygate_sdk::jws::{self, Typ};
+use keygate_sdk::keys;
+use keygate_sdk::wire::{
+    ActivationRequest, ApplianceBinding, FORMAT_VERSION, License, LicenseItem, Model,
+};
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use crate::licensing::{import, rfc3339};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VendorError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("the activation request is not valid: {0}")]
+    Request(String),
+    #[error("{path} is not a valid items file: {message}")]
+    Items { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Writes `PREFIX.key` (PKCS#8 PEM, 0600) and `PREFIX.pub` (SPKI PEM). Refuses to overwrite.
+pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), VendorError> {
+    let private = with_suffix(prefix, "key");
+    let public = with_suffix(prefix, "pub");
+    for path in [&private, &public] {
+        if path.exists() {
+            return Err(VendorError::File {
+                path: path.clone(),
+                message: "already exists; refusing to overwrite a key".into(),
+            });
+        }
+    }
+    let key = keys::generate_signing_key();
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: std::io::Error| VendorError::File {
+            path,
+            message: e.to_string(),
+        }
+    };
+    crate::appliance::write_secret_file(&private, keys::signing_key_to_pem(&key).as_bytes())
+        .map_err(io(&private))?;
+    std::fs::write(&public, keys::public_key_to_pem(&key.verifying_key())).map_err(io(&public))?;
+    Ok((private, public))
+}
+
+fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
+    let mut name = prefix.as_os_str().to_owned();
+    name.push(".");
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// The items file a vendor writes for `keygate vendor issue`. Top-level fields may instead
+/// come from flags, which win.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemsFile {
+    pub license_id: Option<String>,
+    pub version: Option<u32>,
+    pub vendor: Option<String>,
+    pub organization_id: Option<String>,
+    pub items: Vec<ItemSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemSpec {
+    /// Default: `<license_id>-<position from 1>`.
+    pub item_id: Option<String>,
+    pub product: String,
+    pub model: Model,
+    pub quota: i64,
+    /// Default: the time of issue.
+    pub starts_at: Option<toml::value::Datetime>,
+    pub expires_at: toml::value::Datetime,
+    pub offline_days: u32,
+    #[serde(default)]
+    pub features: Vec<String>,
+    pub counter: Option<String>,
+    pub max_exceptions: Option<u32>,
+    pub grace_days: Option<u32>,
+    pub tokens_per_pass: Option<i64>,
+}
+
+/// What `vendor issue` takes besides the key.
+#[derive(Debug, Default)]
+pub struct IssueOptions {
+    pub license_id: Option<String>,
+    pub version: Option<u32>,
+    pub vendor: Option<String>,
+    pub organization_id: Option<String>,
+}
+
+pub fn read_items(path: &Path) -> Result<ItemsFile, VendorError> {
+    let text = std::fs::read_to_string(path).map_err(|e| VendorError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| VendorError::Items {
+        path: path.to_path_buf(),
+        message: e.message().to_string(),
+    })
+}
+
+/// Checks an activation request: well-formed, self-signed by the key it carries, and
+/// carrying the installation id that key gives.
+pub fn read_activation_request(text: &str) -> Result<ActivationRequest, VendorError> {
+    let bad = |m: String| VendorError::Request(m);
+    let compact = import::token_line(text).map_err(|e| bad(e.to_string()))?;
+    let token = jws::Token::decode(compact).map_err(|e| bad(e.to_string()))?;
+    token
+        .expect_typ(Typ::Activation)
+        .map_err(|e| bad(e.to_string()))?;
+    let request: ActivationRequest = token.payload_as().map_err(|e| bad(e.to_string()))?;
+    let key = keys::public_key_from_b64(&request.public_key).map_err(|e| bad(e.to_string()))?;
+    token
+        .verify(&key)
+        .map_err(|_| bad("it is not signed by the appliance key it names".into()))?;
+    if keys::installation_id(&key) != request.installation_id {
+        return Err(bad(
+            "its installation id does not match its public key".into()
+        ));
+    }
+    Ok(request)
+}
+
+fn to_time(dt: &toml::value::Datetime, field: &str) -> Result<OffsetDateTime, VendorError> {
+    let text = dt.to_string();
+    let text = if dt.time.is_some() && dt.offset.is_none() {
+        format!("{text}Z")
+    } else if dt.time.is_none() {
+        format!("{text}T00:00:00Z")
+    } else {
+        text
+    };
+    OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.to_offset(time::UtcOffset::UTC))
+        .map_err(|e| VendorError::Invalid(format!("{field} {dt}: {e}")))
+}
+
+/// Builds, checks and signs a license for the appliance that made `request`; returns the
+/// license file's text (comment lines, then the signed line).
+pub fn issue(
+    key: &SigningKey,
+    request: &ActivationRequest,
+    items: ItemsFile,
+    options: IssueOptions,
+    now: OffsetDateTime,
+) -> Result<String, VendorError> {
+    let missing = |what: &str, flag: &str| {
+        VendorError::Invalid(format!(
+            "{what} is missing: give {flag} or set it in the items file"
+        ))
+    };
+    let license_id = options
+        .license_id
+        .or(items.license_id)
+        .ok_or_else(|| missing("the license id", "--license-id"))?;
+    let organization_id = options
+        .organization_id
+        .or(items.organization_id)
+        .ok_or_else(|| missing("the organization id", "--organization"))?;
+    let vendor = options
+        .vendor
+        .or(items.vendor)
+        .ok_or_else(|| missing("the vendor name", "--vendor"))?;
+    let now = now.replace_nanosecond(0).expect("0 is a valid nanosecond");
+    let file_version = items.version;
+    let items = items
+        .items
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            Ok(LicenseItem {
+                item_id: spec
+                    .item_id
+                    .unwrap_or_else(|| format!("{license_id}-{}", i + 1)),
+                product: spec.product,
+                model: spec.model,
+                quota: spec.quota,
+                starts_at: match &spec.starts_at {
+                    Some(t) => to_time(t, "starts_at")?,
+                    None => now,
+                },
+                expires_at: to_time(&spec.expires_at, "expires_at")?,
+                offline_days: spec.offline_days,
+                features: spec.features,
+                counter: spec.counter,
+                max_exceptions: spec.max_exceptions,
+                grace_days: spec.grace_days,
+                tokens_per_pass: spec.tokens_per_pass,
+            })
+        })
+        .collect::<Result<Vec<_>, VendorError>>()?;
+    let license = License {
+        v: FORMAT_VERSION,
+        license_id,
+        version: options.version.or(file_version).unwrap_or(1),
+        vendor,
+        organization_id,
+        issued_at: now,
+        appliance: ApplianceBinding {
+            installation_id: request.installation_id.clone(),
+            public_key: request.public_key.clone(),
+        },
+        items,
+    };
+    import::validate(&license).map_err(|e| VendorError::Invalid(e.to_string()))?;
+    let token = jws::sign(Typ::License, &license, key);
+    Ok(format!("{}{token}\n", summary(&license, &request.hostname)))
+}
+
+/// The human-readable `#` lines at the top of a license file.
+fn summary(license: &License, hostname: &str) -> String {
+    // Every value goes on one comment line: control characters would end it.
+    let clean = |s: &str| {
+        s.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect::<String>()
+    };
+    let mut out = format!(
+        "# keygate license {} version {}\n# vendor: {}; organization: {}\n\
+         # appliance: {} (host {})\n# issued: {}\n",
+        clean(&license.license_id),
+        license.version,
+        clean(&license.vendor),
+        clean(&license.organization_id),
+        license.appliance.installation_id,
+        clean(hostname),
+        rfc3339(license.issued_at),
+    );
+    for item in &license.items {
+        out.push_str(&format!(
+            "# item {}: {} {} quota {}, {} to {}\n",
+            clean(&item.item_id),
+            clean(&item.product),
+            item.model,
+            item.quota,
+            rfc3339(item.starts_at),
+            rfc3339(item.expires_at),
+        ));
+    }
+    out
+}
