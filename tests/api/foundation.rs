@@ -1,0 +1,454 @@
+//! Issue 2: vendor keys, activation request, license files, import and its refusals, TLS
+//! serving and restart, cross-implementation JOSE vectors.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn installation_id(data_dir: &Path) -> String {
+    let run = keygate(data_dir, &["activation-request"]);
+    assert!(run.ok, "{}", run.stderr);
+    keygate::vendor::read_activation_request(&run.stdout)
+        .unwrap()
+        .installation_id
+}
+
+/// An appliance in a fresh directory that trusts `vendor`.
+fn appliance_trusting(vendor: &Vendor) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = keygate(&data, &["trust", vendor.pub_path().to_str().unwrap()]);
+    assert!(run.ok, "trust: {}", run.stderr);
+    (dir, data)
+}
+
+fn import(data: &Path, file: &Path) -> Run {
+    keygate(data, &["import", file.to_str().unwrap()])
+}
+
+#[test]
+fn vendor_to_appliance_to_https() {
+    let vendor = Vendor::new();
+    let (_dir, data) = appliance_trusting(&vendor);
+    let id = installation_id(&data);
+    let license = vendor.issue_file(&data, SIMPLE_ITEMS, &[], "lic.lic");
+    let text = std::fs::read_to_string(&license).unwrap();
+    assert!(
+        text.starts_with("# keygate license LIC-0042 version 1\n"),
+        "{text}"
+    );
+
+    let run = import(&data, &license);
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .contains("imported license LIC-0042 version 1 with 1 item(s)")
+    );
+    assert!(
+        run.stdout.contains("default handshake code is 200001-"),
+        "{}",
+        run.stdout
+    );
+
+    let run = keygate(&data, &["licenses"]);
+    assert!(run.ok);
+    assert!(run.stdout.contains("LIC-0042-1") && run.stdout.contains("per_device"));
+    assert!(run.stdout.contains("barcode-reader") && run.stdout.contains("2036-01-01"));
+
+    let served = Served::start(&data);
+    let agent = pinned_agent(&appliance_cert(&data));
+    let (status, body) = get_json(&agent, &served.url("/api/v1/appliance"));
+    assert_eq!(status, 200);
+    assert_eq!(body["installation_id"], id.as_str());
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+    let (status, _) = get_json(&agent, &served.url("/healthz"));
+    assert_eq!(status, 200);
+    let (status, body) = get_json(&agent, &served.url("/readyz"));
+    assert_eq!((status, body["status"].as_str()), (200, Some("ready")));
+
+    let run = keygate(&data, &["status"]);
+    assert!(run.ok);
+    assert!(
+        run.stdout.contains(&id) && run.stdout.contains("1 active items"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn restart_keeps_installation_id_and_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = Served::start(&data);
+    let cert = appliance_cert(&data);
+    let agent = pinned_agent(&cert);
+    let (_, before) = get_json(&agent, &first.url("/api/v1/appliance"));
+    first.kill();
+
+    let second = Served::start(&data);
+    assert_eq!(appliance_cert(&data), cert, "the certificate file is kept");
+    // The old pin still verifies: the server presents the same certificate.
+    let (status, after) = get_json(&agent, &second.url("/api/v1/appliance"));
+    assert_eq!(status, 200);
+    assert_eq!(after["installation_id"], before["installation_id"]);
+    assert_eq!(after["public_key"], before["public_key"]);
+}
+
+#[test]
+fn plain_http_gets_no_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = Served::start(&dir.path().join("data"));
+    let plain = ureq::get(&format!("http://{}/healthz", served.addr)).call();
+    assert!(plain.is_err(), "plain HTTP must not be served");
+}
+
+#[test]
+fn reimport_changes_nothing_and_a_higher_version_supersedes() {
+    let vendor = Vendor::new();
+    let (_dir, data) = appliance_trusting(&vendor);
+    let v1 = vendor.issue_file(&data, SIMPLE_ITEMS, &[], "v1.lic");
+    assert!(import(&data, &v1).ok);
+    let digest = db_digest(&data.join("keygate.db"));
+    let run = import(&data, &v1);
+    assert!(run.ok, "{}", run.stderr);
+    assert!(run.stdout.contains("already imported; nothing changed"));
+    assert_eq!(db_digest(&data.join("keygate.db")), digest);
+
+    let renewed = SIMPLE_ITEMS.replace("quota = 100", "quota = 250");
+    let v2 = vendor.issue_file(&data, &renewed, &["--version", "2"], "v2.lic");
+    let run = import(&data, &v2);
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("version 2 supersedes version 1"),
+        "{}",
+        run.stdout
+    );
+    let run = keygate(&data, &["licenses"]);
+    assert!(run.stdout.contains(" 250 "), "{}", run.stdout);
+    assert_eq!(run.stdout.matches("LIC-0042-1").count(), 1);
+}
+
+#[test]
+fn every_refusal_names_its_reason_and_changes_nothing() {
+    let vendor = Vendor::new();
+    let (dir, data) = appliance_trusting(&vendor);
+    let v2 = vendor.issue_file(&data, SIMPLE_ITEMS, &["--version", "2"], "v2.lic");
+    assert!(import(&data, &v2).ok);
+    let db = data.join("keygate.db");
+    let digest = db_digest(&db);
+
+    let request = keygate(&data, &["activation-request"]).stdout;
+    let binding = keygate::vendor::read_activation_request(&request).unwrap();
+    let payload = |items: serde_json::Value| {
+        json!({
+            "v": 1, "license_id": "LIC-RAW", "version": 1, "vendor": "Acme Imaging",
+            "organization_id": "200001", "issued_at": "2026-01-01T00:00:00Z",
+            "appliance": {"installation_id": binding.installation_id, "public_key": binding.public_key},
+            "items": items
+        })
+    };
+    let item = |changes: serde_json::Value| {
+        let mut item = json!({
+            "item_id": "LIC-RAW-1", "product": "barcode-reader", "model": "per_device",
+            "quota": 10, "starts_at": "2026-01-01T00:00:00Z",
+            "expires_at": "2027-01-01T00:00:00Z", "offline_days": 7, "features": []
+        });
+        for (k, v) in changes.as_object().unwrap() {
+            if v.is_null() {
+                item.as_object_mut().unwrap().remove(k);
+            } else {
+                item[k] = v.clone();
+            }
+        }
+        json!([item])
+    };
+
+    let stranger = Vendor::new();
+    let other = tempfile::tempdir().unwrap();
+    let other_data = other.path().join("data");
+    let good_raw = vendor.sign_raw_license(&payload(item(json!({}))));
+    let (head, _) = good_raw.trim().rsplit_once('.').unwrap();
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("tampered", tamper(&good_raw), "signature does not verify"),
+        (
+            "forged signature",
+            format!("{head}.{}", "A".repeat(86)),
+            "signature does not verify",
+        ),
+        (
+            "untrusted vendor",
+            std::fs::read_to_string(stranger.issue_file(&data, SIMPLE_ITEMS, &[], "s.lic"))
+                .unwrap(),
+            "does not trust",
+        ),
+        (
+            "another appliance",
+            std::fs::read_to_string(vendor.issue_file(
+                &other_data,
+                SIMPLE_ITEMS,
+                &["--license-id", "LIC-OTHER"],
+                "o.lic",
+            ))
+            .unwrap(),
+            "bound to another appliance",
+        ),
+        (
+            "lower version",
+            std::fs::read_to_string(vendor.issue_file(
+                &data,
+                SIMPLE_ITEMS,
+                &["--version", "1"],
+                "v1.lic",
+            ))
+            .unwrap(),
+            "older than the imported version 2",
+        ),
+        (
+            "same version, other content",
+            std::fs::read_to_string(vendor.issue_file(
+                &data,
+                &SIMPLE_ITEMS.replace("quota = 100", "quota = 99"),
+                &["--version", "2"],
+                "v2b.lic",
+            ))
+            .unwrap(),
+            "already imported with different content",
+        ),
+        (
+            "unknown model",
+            vendor.sign_raw_license(&payload(item(json!({"model": "per_seat"})))),
+            "unknown model \"per_seat\"",
+        ),
+        (
+            "missing field",
+            vendor.sign_raw_license(&payload(item(json!({"quota": null})))),
+            "missing field `quota`",
+        ),
+        (
+            "zero quota",
+            vendor.sign_raw_license(&payload(item(json!({"quota": 0})))),
+            "quota must be greater than 0",
+        ),
+        (
+            "negative quota",
+            vendor.sign_raw_license(&payload(item(json!({"quota": -5})))),
+            "quota must be greater than 0",
+        ),
+        (
+            "expires before starts",
+            vendor.sign_raw_license(&payload(item(
+                json!({"expires_at": "2025-01-01T00:00:00Z"}),
+            ))),
+            "must be after starts_at",
+        ),
+        (
+            "no items",
+            vendor.sign_raw_license(&payload(json!([]))),
+            "has no items",
+        ),
+        (
+            "per_usage without counter",
+            vendor.sign_raw_license(&payload(item(json!({"model": "per_usage"})))),
+            "needs the counter",
+        ),
+        (
+            "garbage",
+            "this is not a license\n".into(),
+            "not a signed license",
+        ),
+        ("empty", "# only a comment\n".into(), "holds no license"),
+        (
+            "two tokens",
+            format!("{good_raw}{good_raw}"),
+            "more than one signed line",
+        ),
+        (
+            "activation request instead",
+            request.clone(),
+            "not a license",
+        ),
+    ];
+    for (name, text, reason) in cases {
+        let path = dir.path().join("bad.lic");
+        std::fs::write(&path, &text).unwrap();
+        let run = import(&data, &path);
+        assert!(!run.ok, "{name}: accepted");
+        assert!(
+            run.stderr.contains(reason),
+            "{name}: {:?} lacks {reason:?}",
+            run.stderr
+        );
+        assert_eq!(
+            run.stderr.trim().lines().count(),
+            1,
+            "{name}: one sentence: {}",
+            run.stderr
+        );
+        assert_eq!(db_digest(&db), digest, "{name}: the database changed");
+    }
+    // The untouched raw license is accepted: the cases above fail for their own reason.
+    let path = dir.path().join("good.lic");
+    std::fs::write(&path, &good_raw).unwrap();
+    assert!(import(&data, &path).ok);
+}
+
+/// Flips one character in the payload part of the signed line.
+fn tamper(license: &str) -> String {
+    let mut parts: Vec<String> = license.trim().split('.').map(String::from).collect();
+    let payload = &mut parts[1];
+    let i = payload.len() / 2;
+    let c = payload.as_bytes()[i];
+    payload.replace_range(i..i + 1, if c == b'A' { "B" } else { "A" });
+    parts.join(".") + "\n"
+}
+
+#[test]
+fn a_second_appliance_refuses_the_first_ones_license() {
+    let vendor = Vendor::new();
+    let (_a, first) = appliance_trusting(&vendor);
+    let (_b, second) = appliance_trusting(&vendor);
+    let license = vendor.issue_file(&first, SIMPLE_ITEMS, &[], "first.lic");
+    let digest = db_digest(&second.join("keygate.db"));
+    let run = import(&second, &license);
+    assert!(!run.ok);
+    assert!(
+        run.stderr.contains("bound to another appliance"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains(&installation_id(&first)));
+    assert_eq!(db_digest(&second.join("keygate.db")), digest);
+    assert!(import(&first, &license).ok);
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jose")
+}
+
+/// A license made with Python's jwcrypto (tests/fixtures/jose/gen.py) imports.
+#[test]
+fn a_license_signed_by_another_jose_implementation_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::copy(fixtures().join("appliance.key"), data.join("appliance.key")).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("appliance.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        installation_id(&data),
+        expected["installation_id"].as_str().unwrap()
+    );
+
+    let run = keygate(
+        &data,
+        &["trust", fixtures().join("vendor.pub").to_str().unwrap()],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .contains(expected["vendor_kid"].as_str().unwrap())
+    );
+
+    let run = import(&data, &fixtures().join("other-appliance.lic"));
+    assert!(
+        !run.ok && run.stderr.contains("bound to another appliance"),
+        "{}",
+        run.stderr
+    );
+
+    let run = import(&data, &fixtures().join("license.lic"));
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .contains("imported license LIC-EXT-1 version 1 with 2 item(s)")
+    );
+    let run = keygate(&data, &["licenses"]);
+    assert!(run.stdout.contains("LIC-EXT-1-2") && run.stdout.contains("per_usage"));
+}
+
+/// The Python interpreter with jwcrypto that the test command prepared.
+fn python() -> PathBuf {
+    let path = std::env::var_os("KEYGATE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python"));
+    assert!(
+        path.exists(),
+        "{} is missing: run the README's test command (scripts/test), which creates it",
+        path.display()
+    );
+    path
+}
+
+/// A keygate license verifies with a standard JOSE library (jwcrypto).
+#[test]
+fn a_keygate_license_verifies_with_another_jose_implementation() {
+    let vendor = Vendor::new();
+    let (_dir, data) = appliance_trusting(&vendor);
+    let license = vendor.issue_file(&data, SIMPLE_ITEMS, &[], "lic.lic");
+    let verify = |key: &Path| {
+        std::process::Command::new(python())
+            .arg(fixtures().join("verify.py"))
+            .arg(&license)
+            .arg(key)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&vendor.pub_path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let payload: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(payload["license_id"], "LIC-0042");
+    assert_eq!(
+        payload["appliance"]["installation_id"],
+        installation_id(&data).as_str()
+    );
+    // And the same library refuses it under another key.
+    let out = verify(&Vendor::new().pub_path());
+    assert!(!out.status.success());
+}
+
+#[test]
+fn configuration_layers_and_refuses_typos() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keygate.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:9000\"\n[log]\nlevel = \"debug\"\n",
+    )
+    .unwrap();
+    let run: Run = command()
+        .args(["--config", config.to_str().unwrap(), "config", "dump"])
+        .env("KEYGATE_DATA_DIR", "/srv/keygate")
+        .output()
+        .unwrap()
+        .into();
+    assert!(run.ok, "{}", run.stderr);
+    assert!(run.stdout.contains("listen = \"127.0.0.1:9000\""));
+    assert!(run.stdout.contains("data_dir = \"/srv/keygate\""));
+
+    std::fs::write(&config, "lisen = \"127.0.0.1:9000\"\n").unwrap();
+    let run: Run = command()
+        .args(["--config", config.to_str().unwrap(), "config", "dump"])
+        .output()
+        .unwrap()
+        .into();
+    assert!(!run.ok && run.stderr.contains("lisen"), "{}", run.stderr);
+
+    let run: Run = command()
+        .args(["config", "dump"])
+        .env("KEYGATE_LISTNE", "x")
+        .output()
+        .unwrap()
+        .into();
+    assert!(
+        !run.ok && run.stderr.contains("KEYGATE_LISTNE"),
+        "{}",
+        run.stderr
+    );
+}

@@ -1,0 +1,328 @@
+//! Shared test helpers: running the binary, HTTPS clients pinned to the appliance's own
+//! certificate, database content digests, in-process servers with a controlled clock.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+
+use keygate::AppState;
+use keygate::clock::ManualClock;
+use keygate::config::Config;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+
+/// The outcome of one `keygate` invocation.
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            ok: o.status.success(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// A `keygate` command with no `KEYGATE_*` variables from the outer environment.
+pub fn command() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("KEYGATE_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("KEYGATE_LOG_LEVEL", "warn");
+    cmd
+}
+
+/// Runs `keygate --data-dir DIR ARGS...`.
+pub fn keygate(data_dir: &Path, args: &[&str]) -> Run {
+    command()
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .output()
+        .expect("keygate runs")
+        .into()
+}
+
+/// Runs `keygate ARGS...` in `cwd` (vendor commands need no data directory).
+pub fn keygate_in(cwd: &Path, args: &[&str]) -> Run {
+    command()
+        .current_dir(cwd)
+        .args(args)
+        .output()
+        .expect("keygate runs")
+        .into()
+}
+
+/// An HTTPS client that trusts exactly the given certificate (the appliance's own).
+pub fn pinned_agent(cert_pem: &[u8]) -> ureq::Agent {
+    let cert = ureq::tls::Certificate::from_pem(cert_pem)
+        .expect("a PEM certificate")
+        .to_owned();
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![cert])))
+        .build();
+    ureq::Agent::config_builder()
+        .tls_config(tls)
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+/// The self-signed certificate an appliance made in its data directory.
+pub fn appliance_cert(data_dir: &Path) -> Vec<u8> {
+    std::fs::read(data_dir.join("tls/cert.pem")).expect("the appliance made its certificate")
+}
+
+/// GETs a JSON document.
+pub fn get_json(agent: &ureq::Agent, url: &str) -> (u16, serde_json::Value) {
+    let mut response = agent.get(url).call().expect("the request is answered");
+    let status = response.status().as_u16();
+    (
+        status,
+        response.body_mut().read_json().expect("a JSON body"),
+    )
+}
+
+/// A digest of every row of every table: equal digests mean equal database content.
+pub fn db_digest(path: &Path) -> String {
+    let conn = rusqlite::Connection::open(path).expect("the database opens");
+    let mut tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    tables.sort();
+    let mut hasher = Sha256::new();
+    for table in tables {
+        hasher.update(table.as_bytes());
+        let mut stmt = conn
+            .prepare(&format!("SELECT * FROM \"{table}\" ORDER BY 1, 2"))
+            .unwrap();
+        let columns = stmt.column_count();
+        let mut rows = stmt.query([]).unwrap();
+        while let Some(row) = rows.next().unwrap() {
+            for i in 0..columns {
+                let value: rusqlite::types::Value = row.get(i).unwrap();
+                hasher.update(format!("{value:?}|").as_bytes());
+            }
+            hasher.update(b"\n");
+        }
+    }
+    data_encoding::HEXLOWER.encode(&hasher.finalize())
+}
+
+/// A vendor with a key pair made by `keygate vendor keygen`, in its own directory.
+pub struct Vendor {
+    pub dir: tempfile::TempDir,
+}
+
+impl Vendor {
+    pub fn new() -> Vendor {
+        let dir = tempfile::tempdir().unwrap();
+        let run = keygate_in(dir.path(), &["vendor", "keygen", "--out", "vendor"]);
+        assert!(run.ok, "keygen: {}", run.stderr);
+        Vendor { dir }
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.path().join("vendor.key")
+    }
+
+    pub fn pub_path(&self) -> PathBuf {
+        self.dir.path().join("vendor.pub")
+    }
+
+    pub fn signing_key(&self) -> keygate_sdk::SigningKey {
+        keygate_sdk::keys::signing_key_from_pem(&std::fs::read_to_string(self.key_path()).unwrap())
+            .unwrap()
+    }
+
+    /// Issues a license with `keygate vendor issue` for the appliance in `data_dir`.
+    pub fn issue(&self, data_dir: &Path, items_toml: &str, extra: &[&str]) -> Run {
+        let request = self.dir.path().join("request.txt");
+        let run = keygate(
+            data_dir,
+            &["activation-request", "--out", request.to_str().unwrap()],
+        );
+        assert!(run.ok, "activation-request: {}", run.stderr);
+        let items = self.dir.path().join("items.toml");
+        std::fs::write(&items, items_toml).unwrap();
+        let mut args = vec![
+            "vendor",
+            "issue",
+            "--key",
+            self.key_path().to_str().unwrap(),
+            "--request",
+            request.to_str().unwrap(),
+            "--items",
+            items.to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        keygate_in(self.dir.path(), &args)
+    }
+
+    /// Issues a license and writes it to `name` in the vendor's directory.
+    pub fn issue_file(
+        &self,
+        data_dir: &Path,
+        items_toml: &str,
+        extra: &[&str],
+        name: &str,
+    ) -> PathBuf {
+        let run = self.issue(data_dir, items_toml, extra);
+        assert!(run.ok, "vendor issue: {}", run.stderr);
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, run.stdout).unwrap();
+        path
+    }
+
+    /// Signs an arbitrary payload as a license, bypassing `vendor issue`'s own checks, to
+    /// test what the appliance refuses.
+    pub fn sign_raw_license(&self, payload: &serde_json::Value) -> String {
+        keygate_sdk::jws::sign(keygate_sdk::jws::Typ::License, payload, &self.signing_key()) + "\n"
+    }
+}
+
+/// One per_device item for a customer, in the items-file format.
+pub const SIMPLE_ITEMS: &str = r#"
+license_id = "LIC-0042"
+vendor = "Acme Imaging"
+organization_id = "200001"
+
+[[items]]
+product = "barcode-reader"
+model = "per_device"
+quota = 100
+starts_at = 2026-01-01T00:00:00Z
+expires_at = 2036-01-01T00:00:00Z
+offline_days = 7
+features = ["qr", "pdf417"]
+"#;
+
+/// The real binary serving on a port the system chose.
+pub struct Served {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Served {
+    pub fn start(data_dir: &Path) -> Served {
+        let mut child = command()
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("keygate serve starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("serve prints where it listens before exiting")
+                .unwrap();
+            if let Some(rest) = line.split("listening on https://").nth(1) {
+                break rest.trim().parse().expect("an address");
+            }
+        };
+        // Keep reading so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Served { child, addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The server in this process, on port 0, with a clock the test controls.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub clock: ManualClock,
+    pub data_dir: PathBuf,
+    pub agent: ureq::Agent,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The default start of a test's clock.
+pub fn test_epoch() -> OffsetDateTime {
+    time::macros::datetime!(2026-06-01 12:00:00 UTC)
+}
+
+impl TestApp {
+    pub fn spawn(data_dir: &Path) -> TestApp {
+        let clock = ManualClock::new(test_epoch());
+        let config = Config {
+            data_dir: data_dir.to_path_buf(),
+            ..Config::default()
+        };
+        let state = AppState::open(config, Arc::new(clock.clone())).expect("the appliance opens");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new()
+                .block_on(keygate::serve(state, listener, async {
+                    let _ = stopped.await;
+                }))
+                .expect("the server runs");
+        });
+        TestApp {
+            addr,
+            clock,
+            agent: pinned_agent(&appliance_cert(data_dir)),
+            data_dir: data_dir.to_path_buf(),
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
