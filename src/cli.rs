@@ -64,12 +64,68 @@ pub enum Command {
     Licenses,
     /// Summarise this appliance: identity, data, licenses.
     Status,
+    /// Handshake codes: list, create, session password, validation fields, items.
+    #[command(subcommand)]
+    Handshake(HandshakeCommand),
+    /// Devices: block, unblock, remove.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Turn the public trial on or off (7-day authorizations without a handshake code).
+    Trial {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCommand),
     /// The vendor's side: signing keys and license files.
     #[command(subcommand)]
     Vendor(VendorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HandshakeCommand {
+    /// List handshake codes with their organization, password and validation fields.
+    List,
+    /// Create a handshake code for an organization.
+    Create {
+        code: String,
+        #[arg(long, value_name = "ID")]
+        organization: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Set the session password, read as one line from standard input.
+    SetPassword { code: String },
+    /// Remove the session password.
+    ClearPassword { code: String },
+    /// Replace the validation fields (none given: any domain and process are allowed).
+    SetValidation {
+        code: String,
+        /// An allowed domain, exact or `*.suffix` (repeatable).
+        #[arg(long = "domain")]
+        domains: Vec<String>,
+        /// An allowed process name (repeatable).
+        #[arg(long = "process")]
+        processes: Vec<String>,
+    },
+    /// Configure an item to a handshake code of its organization.
+    Assign { item: String, code: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Refuse the device's authorizations and renewals.
+    Block {
+        uuid: String,
+    },
+    Unblock {
+        uuid: String,
+    },
+    /// Free the device's seats and revoke its leases.
+    Remove {
+        uuid: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,6 +210,14 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         Command::Import { file } => import_file(&config, &file, &clock),
         Command::Licenses => licenses(&config),
         Command::Status => status(&config),
+        Command::Handshake(command) => handshake(&config, command, &clock),
+        Command::Device(command) => device(&config, command),
+        Command::Trial { state } => {
+            let conn = open_store(&config)?;
+            store::settings::set(&conn, licensing::authorize::PUBLIC_TRIAL, &state)?;
+            println!("public trial {state}");
+            Ok(())
+        }
         Command::Config(ConfigCommand::Dump) => {
             print!("{}", config.to_toml());
             Ok(())
@@ -248,6 +312,137 @@ fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {
     Ok(())
 }
 
+fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> Result<()> {
+    use crate::licensing::handshake::hash_password;
+    use crate::store::licenses as l;
+    let conn = open_store(config)?;
+    let found = |changed: bool, code: &str| {
+        if changed {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!("no handshake code {code:?}"))
+        }
+    };
+    match command {
+        HandshakeCommand::List => {
+            println!(
+                "{:<28} {:<12} {:<10} {:<8} {:<30} PROCESSES",
+                "CODE", "ORG", "NAME", "PASSWORD", "DOMAINS"
+            );
+            for h in l::handshake_codes(&conn)? {
+                println!(
+                    "{:<28} {:<12} {:<10} {:<8} {:<30} {}",
+                    h.code + if h.is_default { " (default)" } else { "" },
+                    h.organization_id,
+                    h.name,
+                    if h.password_hash.is_some() {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                    h.allowed_domains.join(","),
+                    h.allowed_processes.join(",")
+                );
+            }
+        }
+        HandshakeCommand::Create {
+            code,
+            organization,
+            name,
+        } => {
+            if !licensing::is_identifier(&code) {
+                bail!("a handshake code is 1 to 64 letters, digits, '.', '_' or '-'");
+            }
+            if l::default_handshake(&conn, &organization)?.is_none() {
+                bail!("organization {organization} has no license on this appliance");
+            }
+            if l::handshake_by_code(&conn, &code)?.is_some() {
+                bail!("handshake code {code} already exists");
+            }
+            l::insert_handshake(
+                &conn,
+                &code,
+                &organization,
+                &name,
+                false,
+                licensing::unix(clock.now()),
+            )?;
+            println!("created handshake code {code} for organization {organization}");
+        }
+        HandshakeCommand::SetPassword { code } => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                bail!("the password is empty (give it on standard input)");
+            }
+            found(
+                l::set_handshake_password(&conn, &code, Some(&hash_password(password)))?,
+                &code,
+            )?;
+            println!("session password set for {code}");
+        }
+        HandshakeCommand::ClearPassword { code } => {
+            found(l::set_handshake_password(&conn, &code, None)?, &code)?;
+            println!("session password removed from {code}");
+        }
+        HandshakeCommand::SetValidation {
+            code,
+            domains,
+            processes,
+        } => {
+            found(
+                l::set_handshake_validation(&conn, &code, &domains, &processes)?,
+                &code,
+            )?;
+            println!(
+                "validation fields of {code}: domains [{}], processes [{}]",
+                domains.join(", "),
+                processes.join(", ")
+            );
+        }
+        HandshakeCommand::Assign { item, code } => {
+            let h = l::handshake_by_code(&conn, &code)?
+                .ok_or_else(|| anyhow::anyhow!("no handshake code {code:?}"))?;
+            if !l::assign_item(&conn, &item, h.id)? {
+                bail!("no item {item:?} of organization {}", h.organization_id);
+            }
+            println!("item {item} now served by {code}");
+        }
+    }
+    Ok(())
+}
+
+fn device(config: &Config, command: DeviceCommand) -> Result<()> {
+    use crate::licensing::types;
+    use crate::store::devices as d;
+    let mut conn = open_store(config)?;
+    let canonical = |uuid: &str| types::uuid("uuid", uuid).map_err(|e| anyhow::anyhow!("{e}"));
+    match command {
+        DeviceCommand::Block { uuid } => {
+            if !d::set_blocked(&conn, &canonical(&uuid)?, true)? {
+                bail!("no device {uuid}");
+            }
+            println!("device {uuid} blocked");
+        }
+        DeviceCommand::Unblock { uuid } => {
+            if !d::set_blocked(&conn, &canonical(&uuid)?, false)? {
+                bail!("no device {uuid}");
+            }
+            println!("device {uuid} unblocked");
+        }
+        DeviceCommand::Remove { uuid } => {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let device = d::device_by_uuid(&tx, &canonical(&uuid)?)?
+                .ok_or_else(|| anyhow::anyhow!("no device {uuid}"))?;
+            let freed = d::remove_device(&tx, device.id)?;
+            tx.commit()?;
+            println!("device {uuid} removed: {freed} seat(s) freed, its leases revoked");
+        }
+    }
+    Ok(())
+}
+
 fn licenses(config: &Config) -> Result<()> {
     let conn = open_store(config)?;
     let items = store::licenses::item_summaries(&conn)?;
@@ -271,7 +466,7 @@ fn licenses(config: &Config) -> Result<()> {
     let date = |t: i64| rfc3339(from_unix(t))[..10].to_string();
     for i in items {
         println!(
-            "{:<16} {:>3} {:<10} {:<20} {:<18} {:<19} {:>10} {:<10} {:<10} {:<24}{}",
+            "{:<16} {:>3} {:<10} {:<20} {:<18} {:<19} {:>10} {:>12} {:<10} {:<10} {:<24}{}",
             i.license_id,
             i.license_version,
             i.organization_id,
@@ -279,6 +474,7 @@ fn licenses(config: &Config) -> Result<()> {
             i.product,
             i.model,
             i.quota,
+            i.used,
             date(i.starts_at),
             date(i.expires_at),
             i.handshake_code,

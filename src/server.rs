@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 use crate::appliance::{Appliance, ApplianceError};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::licensing::handshake::PasswordCache;
 use crate::protocol;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, CertResolver, CertSource, TlsError};
@@ -32,6 +33,10 @@ pub struct AppState {
     pub certificate: Arc<CertResolver>,
     pub cert_source: CertSource,
     pub started_at: OffsetDateTime,
+    /// Session passwords already verified (Argon2 runs once per code and password).
+    pub passwords: PasswordCache,
+    /// Bounds concurrent Argon2 verifications (each takes tens of milliseconds of CPU).
+    pub password_checks: tokio::sync::Semaphore,
 }
 
 impl AppState {
@@ -51,6 +56,8 @@ impl AppState {
             certificate,
             cert_source,
             started_at: now,
+            passwords: PasswordCache::default(),
+            password_checks: tokio::sync::Semaphore::new(2),
         })
     }
 }

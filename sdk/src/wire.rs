@@ -273,6 +273,104 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
+/// How often devices report usage, and the renewal cadence the appliance suggests.
+pub const REPORT_INTERVAL_S: u64 = 180;
+
+/// `POST /api/v1/authorize`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorizeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_password: Option<String>,
+    pub product: String,
+    pub device: DeviceInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<Validation>,
+    /// 16 to 64 base64url characters chosen by the device, echoed in the authorization.
+    pub nonce: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub uuid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// What the device says about where it runs, checked against a handshake code's
+/// validation fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Validation {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorizeResponse {
+    /// The signed authorization (`typ: keygate-authorization`).
+    pub authorization: String,
+    /// The license file's signed line that grants the authorization's items.
+    pub license: String,
+    pub refresh_after_s: u64,
+}
+
+/// `POST /api/v1/usage`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRequest {
+    pub lease_id: String,
+    pub device_uuid: String,
+    /// A UUID the device picks when it creates its local usage store.
+    pub stream: String,
+    #[serde(default)]
+    pub reports: Vec<UsageReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// 1, 2, 3, ... within the stream.
+    pub seq: u64,
+    pub item_id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub from: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub to: OffsetDateTime,
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageResponse {
+    pub accepted: u64,
+    pub duplicates: u64,
+    /// The highest `seq` of the stream the appliance has stored.
+    pub acked_seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_error: Option<ErrorDetail>,
+}
+
+/// `POST /api/v1/release`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub lease_id: String,
+    pub device_uuid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseResponse {
+    pub released: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

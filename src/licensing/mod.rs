@@ -1,7 +1,12 @@
 //! The domain: license files and their items, license models and quota rules, handshake
 //! resolution. Rules are pure functions over plain data; operations run one transaction each.
 
+pub mod authorize;
+pub mod handshake;
 pub mod import;
+pub mod models;
+pub mod types;
+pub mod usage;
 
 use time::OffsetDateTime;
 

@@ -1,12 +1,86 @@
-//! The device-facing client protocol under `/api/v1`.
+//! The device-facing client protocol under `/api/v1`: parse each request into typed values,
+//! run one domain operation on the database writer, sign, answer. Every failure is the
+//! specification's JSON error and changes nothing.
 
+use std::sync::Arc;
+
+use actix_web::error::JsonPayloadError;
 use actix_web::{HttpResponse, web};
-use keygate_sdk::wire::ApplianceInfo;
+use keygate_sdk::jws::Typ;
+use keygate_sdk::wire::{
+    ApplianceInfo, AuthorizeRequest, AuthorizeResponse, ErrorCode, REPORT_INTERVAL_S,
+    ReleaseRequest, ReleaseResponse, UsageRequest, UsageResponse,
+};
 
+use crate::error::ApiError;
+use crate::licensing::authorize::{self, AuthorizeError};
+use crate::licensing::handshake::verify_password;
+use crate::licensing::types::{self, Authorize, Usage};
+use crate::licensing::usage;
 use crate::server::AppState;
 
+/// Every route of the client protocol: (method, path). The OpenAPI document is checked
+/// against this list.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/api/v1/appliance"),
+    ("post", "/api/v1/authorize"),
+    ("post", "/api/v1/usage"),
+    ("post", "/api/v1/release"),
+];
+
+/// Body limits: an authorization request is small; a usage request carries a backlog of at
+/// most `types::MAX_REPORTS` reports.
+const AUTHORIZE_LIMIT: usize = 16 * 1024;
+const USAGE_LIMIT: usize = 2 * 1024 * 1024;
+const RELEASE_LIMIT: usize = 4 * 1024;
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::scope("/api/v1").route("/appliance", web::get().to(appliance)));
+    cfg.service(
+        web::scope("/api/v1")
+            .route("/appliance", web::get().to(appliance))
+            .service(
+                web::resource("/authorize")
+                    .app_data(json_config(AUTHORIZE_LIMIT))
+                    .route(web::post().to(authorize)),
+            )
+            .service(
+                web::resource("/usage")
+                    .app_data(json_config(USAGE_LIMIT))
+                    .route(web::post().to(usage)),
+            )
+            .service(
+                web::resource("/release")
+                    .app_data(json_config(RELEASE_LIMIT))
+                    .route(web::post().to(release)),
+            ),
+    );
+}
+
+/// Malformed or oversized bodies answer the specification's errors, not actix's defaults.
+fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(limit)
+        .error_handler(move |err, _req| {
+            match &err {
+                JsonPayloadError::Overflow { .. }
+                | JsonPayloadError::OverflowKnownLength { .. } => ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("the request body is larger than {limit} bytes"),
+                ),
+                JsonPayloadError::ContentType => {
+                    ApiError::bad_request("send a JSON body with Content-Type: application/json")
+                }
+                JsonPayloadError::Deserialize(e) => {
+                    ApiError::bad_request(format!("invalid request: {e}"))
+                }
+                other => ApiError::bad_request(format!("unreadable request body: {other}")),
+            }
+            .into()
+        })
+}
+
+fn bad(e: types::FieldError) -> ApiError {
+    ApiError::bad_request(e.to_string())
 }
 
 /// `GET /api/v1/appliance`: who this appliance is and what time it has.
@@ -17,4 +91,116 @@ async fn appliance(state: web::Data<AppState>) -> HttpResponse {
         version: env!("CARGO_PKG_VERSION").to_string(),
         time: state.clock.now(),
     })
+}
+
+/// `POST /api/v1/authorize`
+async fn authorize(
+    state: web::Data<AppState>,
+    body: web::Json<AuthorizeRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let req = Arc::new(Authorize::parse(body.into_inner()).map_err(bad)?);
+    let now = state.clock.now().unix_timestamp();
+    // At most twice: the second run finds the password verified in the cache.
+    for _ in 0..2 {
+        let (job_req, job_state) = (req.clone(), state.clone());
+        let result = state
+            .store
+            .write(move |conn| {
+                authorize::authorize(
+                    conn,
+                    &job_req,
+                    now,
+                    job_state.appliance.installation_id(),
+                    &job_state.passwords,
+                )
+            })
+            .await;
+        match result {
+            Ok(grant) => {
+                return Ok(HttpResponse::Ok().json(AuthorizeResponse {
+                    authorization: state
+                        .appliance
+                        .sign(Typ::Authorization, &grant.authorization),
+                    license: grant.license_jws,
+                    refresh_after_s: REPORT_INTERVAL_S,
+                }));
+            }
+            Err(AuthorizeError::Refused(e)) => return Err(e),
+            Err(AuthorizeError::CheckPassword { handshake_id, hash }) => {
+                let password = req.session_password.clone().unwrap_or_default();
+                if !check_password(&state, hash.clone(), password.clone()).await? {
+                    return Err(ApiError::new(
+                        ErrorCode::SessionPasswordMismatch,
+                        "the session password is wrong",
+                    ));
+                }
+                state.passwords.remember(handshake_id, &hash, &password);
+            }
+        }
+    }
+    tracing::warn!("session password changed twice during one authorization");
+    Err(ApiError::internal())
+}
+
+/// Argon2 on the blocking pool, a bounded number at once, never on the writer thread.
+async fn check_password(
+    state: &AppState,
+    hash: String,
+    password: String,
+) -> Result<bool, ApiError> {
+    let _permit = state
+        .password_checks
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal())?;
+    web::block(move || verify_password(&hash, &password))
+        .await
+        .map_err(|_| ApiError::internal())
+}
+
+/// `POST /api/v1/usage`
+async fn usage(
+    state: web::Data<AppState>,
+    body: web::Json<UsageRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let req = Usage::parse(body.into_inner()).map_err(bad)?;
+    let now = state.clock.now().unix_timestamp();
+    let job_state = state.clone();
+    let recorded = state
+        .store
+        .write(move |conn| usage::record(conn, &req, now, job_state.appliance.installation_id()))
+        .await?;
+    let (authorization, renewal_error) = match recorded.renewal {
+        Ok(auth) => (Some(state.appliance.sign(Typ::Authorization, &auth)), None),
+        Err(e) => (
+            None,
+            Some(keygate_sdk::wire::ErrorDetail {
+                code: e.code,
+                message: e.message,
+            }),
+        ),
+    };
+    Ok(HttpResponse::Ok().json(UsageResponse {
+        accepted: recorded.accepted,
+        duplicates: recorded.duplicates,
+        acked_seq: recorded.acked_seq,
+        authorization,
+        renewal_error,
+    }))
+}
+
+/// `POST /api/v1/release`
+async fn release(
+    state: web::Data<AppState>,
+    body: web::Json<ReleaseRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let lease_id = types::uuid("lease_id", &body.lease_id).map_err(bad)?;
+    let device_uuid = types::uuid("device_uuid", &body.device_uuid).map_err(bad)?;
+    let now = state.clock.now().unix_timestamp();
+    state
+        .store
+        .write(move |conn| usage::release(conn, &lease_id, &device_uuid, now))
+        .await?;
+    Ok(HttpResponse::Ok().json(ReleaseResponse { released: true }))
 }

@@ -108,6 +108,15 @@ pub fn handshake_by_code(
         .optional()?)
 }
 
+pub fn handshake_by_id(conn: &Connection, id: i64) -> Result<Option<HandshakeCode>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {HANDSHAKE_COLUMNS} FROM handshake_codes WHERE id = ?1"
+        ))?
+        .query_row([id], handshake_from_row)
+        .optional()?)
+}
+
 pub fn handshake_codes(conn: &Connection) -> Result<Vec<HandshakeCode>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {HANDSHAKE_COLUMNS} FROM handshake_codes ORDER BY organization_id, code"
@@ -272,6 +281,9 @@ pub struct ItemSummary {
     pub product: String,
     pub model: String,
     pub quota: i64,
+    /// What counts against the quota: seats, the metered total, exceptions (concurrent
+    /// models, of max_exceptions) or tokens spent.
+    pub used: i64,
     pub starts_at: i64,
     pub expires_at: i64,
     pub handshake_code: String,
@@ -281,7 +293,10 @@ pub struct ItemSummary {
 pub fn item_summaries(conn: &Connection) -> Result<Vec<ItemSummary>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT i.license_id, i.license_version, i.organization_id, i.item_id, i.product,
-                i.model, i.quota, i.starts_at, i.expires_at, h.code, i.withdrawn
+                i.model, i.quota, i.starts_at, i.expires_at, h.code, i.withdrawn,
+                CASE i.model WHEN 'per_usage' THEN i.usage_total WHEN 'tokens' THEN i.tokens_used
+                    WHEN 'concurrent_device' THEN i.exceptions
+                    WHEN 'concurrent_instance' THEN i.exceptions ELSE i.seats_used END
          FROM items i JOIN handshake_codes h ON h.id = i.handshake_id
          ORDER BY i.license_id, i.item_id",
     )?;
@@ -298,6 +313,7 @@ pub fn item_summaries(conn: &Connection) -> Result<Vec<ItemSummary>, StoreError>
             expires_at: r.get(8)?,
             handshake_code: r.get(9)?,
             withdrawn: r.get(10)?,
+            used: r.get(11)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -328,4 +344,166 @@ pub fn counts(conn: &Connection) -> Result<Counts, StoreError> {
                 handshake_codes: r.get(3)?,
             })
         })?)
+}
+
+/// An item with its terms and live consumption, as the protocol needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemRow {
+    pub item_id: String,
+    pub license_id: String,
+    pub license_version: u32,
+    pub organization_id: String,
+    pub handshake_id: i64,
+    pub product: String,
+    pub terms: crate::licensing::models::Terms,
+    pub used: crate::licensing::models::Consumption,
+    pub offline_days: i64,
+    pub features: Vec<String>,
+    pub counter: Option<String>,
+    pub withdrawn: bool,
+}
+
+const ITEM_COLUMNS: &str = "item_id, license_id, license_version, organization_id, handshake_id, \
+     product, model, quota, starts_at, expires_at, offline_days, features, counter, \
+     max_exceptions, grace_days, tokens_per_pass, withdrawn, seats_used, usage_total, \
+     exceptions, tokens_used, grace_started_at";
+
+fn item_from_row(r: &Row<'_>) -> rusqlite::Result<ItemRow> {
+    use crate::licensing::models::{Consumption, Terms};
+    use keygate_sdk::wire::{DEFAULT_GRACE_DAYS, Model};
+    let corrupt = |i: usize, what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("stored {what} is not valid").into(),
+        )
+    };
+    let model: String = r.get(6)?;
+    let model = Model::parse(&model).ok_or_else(|| corrupt(6, "model"))?;
+    let features: String = r.get(11)?;
+    let features = serde_json::from_str(&features).map_err(|_| corrupt(11, "features"))?;
+    Ok(ItemRow {
+        item_id: r.get(0)?,
+        license_id: r.get(1)?,
+        license_version: r.get(2)?,
+        organization_id: r.get(3)?,
+        handshake_id: r.get(4)?,
+        product: r.get(5)?,
+        terms: Terms {
+            model,
+            quota: r.get(7)?,
+            starts_at: r.get(8)?,
+            expires_at: r.get(9)?,
+            max_exceptions: r.get::<_, Option<i64>>(13)?.unwrap_or(0),
+            grace_days: r
+                .get::<_, Option<i64>>(14)?
+                .unwrap_or(DEFAULT_GRACE_DAYS.into()),
+            tokens_per_pass: r.get::<_, Option<i64>>(15)?.unwrap_or(0),
+        },
+        offline_days: r.get(10)?,
+        features,
+        counter: r.get(12)?,
+        withdrawn: r.get(16)?,
+        used: Consumption {
+            seats_used: r.get(17)?,
+            usage_total: r.get(18)?,
+            exceptions: r.get(19)?,
+            window_active: 0,
+            tokens_used: r.get(20)?,
+            grace_started_at: r.get(21)?,
+        },
+    })
+}
+
+/// The items a handshake code serves for a product, soonest expiry first.
+pub fn items_for(
+    conn: &Connection,
+    handshake_id: i64,
+    product: &str,
+) -> Result<Vec<ItemRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ITEM_COLUMNS} FROM items
+         WHERE handshake_id = ?1 AND product = ?2 AND withdrawn = 0
+         ORDER BY expires_at, item_id"
+    ))?;
+    let rows = stmt.query_map(params![handshake_id, product], item_from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn item(conn: &Connection, item_id: &str) -> Result<Option<ItemRow>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE item_id = ?1"
+        ))?
+        .query_row([item_id], item_from_row)
+        .optional()?)
+}
+
+/// Every current item (for `keygate licenses` and the portal).
+pub fn all_items(conn: &Connection) -> Result<Vec<ItemRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ITEM_COLUMNS} FROM items ORDER BY license_id, item_id"
+    ))?;
+    let rows = stmt.query_map([], item_from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The signed line of one license version.
+pub fn license_jws(
+    conn: &Connection,
+    license_id: &str,
+    version: u32,
+) -> Result<String, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT jws FROM licenses WHERE license_id = ?1 AND version = ?2")?
+        .query_row(params![license_id, version], |r| r.get(0))?)
+}
+
+/// The newest imported license (the public trial's proof that this appliance is licensed).
+pub fn newest_license_jws(conn: &Connection) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT jws FROM licenses ORDER BY imported_at DESC, rowid DESC LIMIT 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?)
+}
+
+pub fn set_handshake_password(
+    conn: &Connection,
+    code: &str,
+    hash: Option<&str>,
+) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("UPDATE handshake_codes SET password_hash = ?2 WHERE code = ?1")?
+        .execute(params![code, hash])?
+        == 1)
+}
+
+pub fn set_handshake_validation(
+    conn: &Connection,
+    code: &str,
+    domains: &[String],
+    processes: &[String],
+) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE handshake_codes SET allowed_domains = ?2, allowed_processes = ?3
+             WHERE code = ?1",
+        )?
+        .execute(params![code, domains.join("\n"), processes.join("\n")])?
+        == 1)
+}
+
+/// Configures an item to a handshake code of the same organization.
+pub fn assign_item(
+    conn: &Connection,
+    item_id: &str,
+    handshake_id: i64,
+) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE items SET handshake_id = ?2 WHERE item_id = ?1 AND organization_id =
+                (SELECT organization_id FROM handshake_codes WHERE id = ?2)",
+        )?
+        .execute(params![item_id, handshake_id])?
+        == 1)
 }

@@ -5,6 +5,7 @@
 //! Query functions take a `&Connection` so the same code runs inside the writer's batch, on
 //! a read connection, or in a one-shot command-line transaction.
 
+pub mod devices;
 pub mod licenses;
 pub mod settings;
 
@@ -17,7 +18,10 @@ use tokio::sync::oneshot;
 
 /// The schema, one migration per entry, applied in order; entry N brings the database to
 /// `user_version` N + 1.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_protocol.sql"),
+];
 
 /// How many requests one transaction commits at most.
 const MAX_BATCH: usize = 1024;

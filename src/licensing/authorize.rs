@@ -1,0 +1,521 @@
+//! `authorize`: resolve the handshake, check password and validation fields, pick the item
+//! and seat under the item's model, and record the lease. One transaction; a refusal
+//! changes nothing (the writer rolls the request's savepoint back).
+
+use keygate_sdk::wire::{
+    Authorization, AuthorizationState, ErrorCode, FORMAT_VERSION, GrantedItem, Model,
+};
+use rusqlite::Connection;
+
+use super::handshake::{PasswordCache, domain_allowed, process_allowed};
+use super::models::{self, DAY, PASS_SECS, Refusal, TRIAL_DAYS, availability, has_room, window_of};
+use super::types::Authorize;
+use super::{from_unix, rfc3339};
+use crate::error::ApiError;
+use crate::store::devices::{self, Lease};
+use crate::store::licenses::{self, HandshakeCode, ItemRow};
+use crate::store::{StoreError, settings};
+
+/// The setting that turns the public trial on.
+pub const PUBLIC_TRIAL: &str = "public_trial";
+
+#[derive(Debug)]
+pub enum AuthorizeError {
+    Refused(ApiError),
+    /// The handshake code has a session password not yet verified against this hash: the
+    /// caller verifies it off the writer thread, remembers it, and asks again.
+    CheckPassword {
+        handshake_id: i64,
+        hash: String,
+    },
+}
+
+impl From<StoreError> for AuthorizeError {
+    fn from(e: StoreError) -> Self {
+        AuthorizeError::Refused(e.into())
+    }
+}
+
+impl From<ApiError> for AuthorizeError {
+    fn from(e: ApiError) -> Self {
+        AuthorizeError::Refused(e)
+    }
+}
+
+/// What the appliance signs and returns.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub authorization: Authorization,
+    pub license_jws: String,
+}
+
+pub fn refusal(r: Refusal, item: &ItemRow) -> ApiError {
+    match r {
+        Refusal::NotStarted => ApiError::new(
+            ErrorCode::LicenseNotStarted,
+            format!(
+                "item {} starts at {}",
+                item.item_id,
+                rfc3339(from_unix(item.terms.starts_at))
+            ),
+        ),
+        Refusal::Expired => ApiError::new(
+            ErrorCode::LicenseExpired,
+            format!(
+                "item {} expired at {}",
+                item.item_id,
+                rfc3339(from_unix(item.terms.expires_at))
+            ),
+        ),
+        Refusal::QuotaExceeded => ApiError::new(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "item {} ({}) has no room for this device",
+                item.item_id, item.terms.model
+            ),
+        ),
+    }
+}
+
+pub fn authorize(
+    conn: &Connection,
+    req: &Authorize,
+    now: i64,
+    installation_id: &str,
+    passwords: &PasswordCache,
+) -> Result<Grant, AuthorizeError> {
+    let device = devices::device_by_uuid(conn, &req.device_uuid)?;
+    if device.as_ref().is_some_and(|d| d.blocked) {
+        return Err(ApiError::new(
+            ErrorCode::DeviceBlocked,
+            "an administrator blocked this device",
+        )
+        .into());
+    }
+    let handshake = match (&req.organization_id, &req.handshake_code) {
+        (None, None) => return trial(conn, req, device.is_some(), now, installation_id),
+        (Some(org), None) => licenses::default_handshake(conn, org)?.ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::HandshakeNotFound,
+                format!("organization {org} has no license on this appliance"),
+            )
+        })?,
+        (org, Some(code)) => licenses::handshake_by_code(conn, code)?
+            .filter(|h| org.as_ref().is_none_or(|o| *o == h.organization_id))
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::HandshakeNotFound,
+                    match org {
+                        Some(org) => {
+                            format!("handshake code {code} does not exist for organization {org}")
+                        }
+                        None => format!("handshake code {code} does not exist"),
+                    },
+                )
+            })?,
+    };
+    check_handshake(&handshake, req, passwords)?;
+
+    let items = licenses::items_for(conn, handshake.id, &req.product)?;
+    if items.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::NoLicense,
+            format!(
+                "no license for product {:?} on handshake code {}",
+                req.product, handshake.code
+            ),
+        )
+        .into());
+    }
+    let token_user = req.user.clone().unwrap_or_else(|| req.device_uuid.clone());
+    let seat = SeatKey {
+        product: &req.product,
+        instance: req.instance.as_deref().unwrap_or(""),
+        token_user: &token_user,
+    };
+
+    let mut refusals = Vec::new();
+    let mut chosen = None;
+    // A known device keeps the seat (or the pass) it has, while its item serves.
+    if let Some(device) = &device {
+        for item in &items {
+            if holds(conn, item, device.id, &seat, now)? {
+                match availability(&item.terms, &item.used, now) {
+                    Ok(()) => {
+                        chosen = Some(item);
+                        break;
+                    }
+                    Err(r) => refusals.push((r, item)),
+                }
+            }
+        }
+    }
+    // A new one takes a seat in the item that expires first and still has room.
+    if chosen.is_none() {
+        for item in &items {
+            if let Err(r) = availability(&item.terms, &item.used, now) {
+                refusals.push((r, item));
+                continue;
+            }
+            let mut used = item.used;
+            used.seats_used -= free_lapsed(conn, item, now)? as i64;
+            if has_room(&item.terms, &used) {
+                chosen = Some(item);
+                break;
+            }
+            refusals.push((Refusal::QuotaExceeded, item));
+        }
+    }
+    // Tokens: with no balance left anywhere, the first serving item goes into grace.
+    if chosen.is_none() {
+        chosen = items.iter().find(|i| {
+            i.terms.model == Model::Tokens && availability(&i.terms, &i.used, now).is_ok()
+        });
+    }
+    let Some(item) = chosen else {
+        let reason = models::most_relevant(refusals.iter().map(|(r, _)| *r))
+            .expect("every item was refused for a reason");
+        let (_, item) = refusals
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .expect("present");
+        return Err(refusal(reason, item).into());
+    };
+
+    let device_id = match &device {
+        Some(d) => {
+            devices::touch_device(conn, d.id, req.name.as_deref(), req.user.as_deref(), now)?;
+            d.id
+        }
+        None => devices::insert_device(
+            conn,
+            &req.device_uuid,
+            req.name.as_deref().unwrap_or(""),
+            req.user.as_deref().unwrap_or(""),
+            now,
+        )?,
+    };
+    occupy(conn, item, device_id, &seat, now).map_err(|e| match e {
+        Occupy::Refused(r) => AuthorizeError::Refused(refusal(r, item)),
+        Occupy::Store(e) => e.into(),
+    })?;
+
+    let lease_id = devices::lease_for(
+        conn,
+        device_id,
+        &req.product,
+        seat.instance,
+        req.user.as_deref().unwrap_or(""),
+    )?
+    .map(|l| l.lease_id)
+    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let (item, state) = current(conn, &item.item_id, now)?;
+    let expires_at = expiry(&item, now);
+    devices::upsert_lease(
+        conn,
+        &Lease {
+            lease_id: lease_id.clone(),
+            device_id,
+            product: req.product.clone(),
+            instance: seat.instance.to_string(),
+            user: req.user.clone().unwrap_or_default(),
+            handshake_id: Some(handshake.id),
+            item_id: Some(item.item_id.clone()),
+            nonce: req.nonce.clone(),
+            issued_at: now,
+            expires_at,
+            released: false,
+            revoked: false,
+        },
+    )?;
+    Ok(Grant {
+        license_jws: licenses::license_jws(conn, &item.license_id, item.license_version)?,
+        authorization: Authorization {
+            v: FORMAT_VERSION,
+            lease_id,
+            installation_id: installation_id.to_string(),
+            organization_id: handshake.organization_id.clone(),
+            handshake_code: handshake.code.clone(),
+            product: req.product.clone(),
+            device_uuid: req.device_uuid.clone(),
+            instance: req.instance.clone(),
+            user: req.user.clone(),
+            items: vec![granted(&item)],
+            issued_at: from_unix(now),
+            expires_at: from_unix(expires_at),
+            nonce: req.nonce.clone(),
+            state,
+        },
+    })
+}
+
+fn check_handshake(
+    handshake: &HandshakeCode,
+    req: &Authorize,
+    passwords: &PasswordCache,
+) -> Result<(), AuthorizeError> {
+    if let Some(hash) = &handshake.password_hash {
+        let Some(password) = &req.session_password else {
+            return Err(ApiError::new(
+                ErrorCode::SessionPasswordMismatch,
+                format!(
+                    "handshake code {} needs its session password",
+                    handshake.code
+                ),
+            )
+            .into());
+        };
+        if !passwords.is_verified(handshake.id, hash, password) {
+            return Err(AuthorizeError::CheckPassword {
+                handshake_id: handshake.id,
+                hash: hash.clone(),
+            });
+        }
+    }
+    if !domain_allowed(&handshake.allowed_domains, req.domain.as_deref()) {
+        return Err(ApiError::new(
+            ErrorCode::ValidationFailed,
+            "this device's domain is not allowed for this handshake code",
+        )
+        .into());
+    }
+    if !process_allowed(&handshake.allowed_processes, req.process.as_deref()) {
+        return Err(ApiError::new(
+            ErrorCode::ValidationFailed,
+            "this process is not allowed for this handshake code",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The public trial: a 7-day authorization with no items for a device that never
+/// authorized, when the admin turned it on. The newest license travels with it as proof
+/// that the vendor licensed this appliance's key.
+fn trial(
+    conn: &Connection,
+    req: &Authorize,
+    known_device: bool,
+    now: i64,
+    installation_id: &str,
+) -> Result<Grant, AuthorizeError> {
+    let enabled = settings::get(conn, PUBLIC_TRIAL)?.as_deref() == Some("on");
+    if !enabled || known_device {
+        return Err(ApiError::new(
+            ErrorCode::HandshakeRequired,
+            "give a handshake code or an organization id",
+        )
+        .into());
+    }
+    let license_jws = licenses::newest_license_jws(conn)?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NoLicense,
+            "no license is imported on this appliance",
+        )
+    })?;
+    let device_id = devices::insert_device(
+        conn,
+        &req.device_uuid,
+        req.name.as_deref().unwrap_or(""),
+        req.user.as_deref().unwrap_or(""),
+        now,
+    )?;
+    let lease_id = uuid::Uuid::new_v4().to_string();
+    let expires_at = now + TRIAL_DAYS * DAY;
+    devices::upsert_lease(
+        conn,
+        &Lease {
+            lease_id: lease_id.clone(),
+            device_id,
+            product: req.product.clone(),
+            instance: req.instance.clone().unwrap_or_default(),
+            user: req.user.clone().unwrap_or_default(),
+            handshake_id: None,
+            item_id: None,
+            nonce: req.nonce.clone(),
+            issued_at: now,
+            expires_at,
+            released: false,
+            revoked: false,
+        },
+    )?;
+    Ok(Grant {
+        license_jws,
+        authorization: Authorization {
+            v: FORMAT_VERSION,
+            lease_id,
+            installation_id: installation_id.to_string(),
+            organization_id: String::new(),
+            handshake_code: String::new(),
+            product: req.product.clone(),
+            device_uuid: req.device_uuid.clone(),
+            instance: req.instance.clone(),
+            user: req.user.clone(),
+            items: vec![],
+            issued_at: from_unix(now),
+            expires_at: from_unix(expires_at),
+            nonce: req.nonce.clone(),
+            state: AuthorizationState::Ok,
+        },
+    })
+}
+
+/// What identifies a device's place in an item besides the device.
+pub struct SeatKey<'a> {
+    pub product: &'a str,
+    /// The device's instance; it counts separately only for concurrent_instance.
+    pub instance: &'a str,
+    /// Tokens: whose pass (the user, or the device when no user is given).
+    pub token_user: &'a str,
+}
+
+impl SeatKey<'_> {
+    fn pass(&self, device_id: i64) -> devices::PassKey<'_> {
+        devices::PassKey {
+            product: self.product,
+            device_id,
+            user: self.token_user,
+        }
+    }
+
+    fn instance_for(&self, model: Model) -> &str {
+        if model == Model::ConcurrentInstance {
+            self.instance
+        } else {
+            ""
+        }
+    }
+}
+
+/// Whether the device holds a live seat (tokens: a valid pass) in the item.
+fn holds(
+    conn: &Connection,
+    item: &ItemRow,
+    device_id: i64,
+    key: &SeatKey<'_>,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let model = item.terms.model;
+    if model == Model::Tokens {
+        return Ok(devices::pass(conn, key.pass(device_id))?
+            .is_some_and(|p| p.item_id == item.item_id && p.expires_at > now));
+    }
+    Ok(
+        devices::seat(conn, &item.item_id, device_id, key.instance_for(model))?
+            .is_some_and(|s| !models::seat_lapsed(model, s.first_auth_at, s.last_used_at, now)),
+    )
+}
+
+/// Frees the item's lapsed seats (per_device unused 365 days, per_active_device past 90
+/// days) through their index, so room is counted exactly. Returns how many.
+pub fn free_lapsed(conn: &Connection, item: &ItemRow, now: i64) -> Result<usize, StoreError> {
+    match item.terms.model {
+        Model::PerDevice => devices::free_seats_unused_since(
+            conn,
+            &item.item_id,
+            now - models::INACTIVE_SEAT_DAYS * DAY,
+        ),
+        Model::PerActiveDevice => devices::free_seats_authorized_before(
+            conn,
+            &item.item_id,
+            now - models::ACTIVE_SEAT_DAYS * DAY,
+        ),
+        _ => Ok(0),
+    }
+}
+
+pub enum Occupy {
+    Refused(Refusal),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Occupy {
+    fn from(e: StoreError) -> Self {
+        Occupy::Store(e)
+    }
+}
+
+/// Makes sure the device holds its place in the item now: keeps a live seat or takes a new
+/// one if there is room, buys a token pass when it has none, and counts it in the current
+/// window of a concurrent item.
+pub fn occupy(
+    conn: &Connection,
+    item: &ItemRow,
+    device_id: i64,
+    key: &SeatKey<'_>,
+    now: i64,
+) -> Result<(), Occupy> {
+    let model = item.terms.model;
+    availability(&item.terms, &item.used, now).map_err(Occupy::Refused)?;
+    let instance = key.instance_for(model);
+    let live_seat = devices::seat(conn, &item.item_id, device_id, instance)?
+        .filter(|s| !models::seat_lapsed(model, s.first_auth_at, s.last_used_at, now));
+    match (model, live_seat) {
+        (Model::Tokens, seat) => {
+            if seat.is_none() {
+                devices::insert_seat(conn, &item.item_id, device_id, "", now)?;
+            }
+            let pass = devices::pass(conn, key.pass(device_id))?;
+            if !pass.is_some_and(|p| p.item_id == item.item_id && p.expires_at > now) {
+                // Inside grace (availability passed) a pass may overdraw the balance.
+                devices::buy_pass(
+                    conn,
+                    key.pass(device_id),
+                    &item.item_id,
+                    item.terms.tokens_per_pass,
+                    now,
+                    now + PASS_SECS,
+                )?;
+            }
+        }
+        (_, Some(_)) => devices::touch_seat(conn, &item.item_id, device_id, instance, now)?,
+        (_, None) => {
+            let mut used = item.used;
+            used.seats_used -= free_lapsed(conn, item, now)? as i64;
+            if !has_room(&item.terms, &used) {
+                return Err(Occupy::Refused(Refusal::QuotaExceeded));
+            }
+            devices::insert_seat(conn, &item.item_id, device_id, instance, now)?;
+        }
+    }
+    if model.is_concurrent() {
+        devices::mark_window(
+            conn,
+            &item.item_id,
+            device_id,
+            instance,
+            window_of(now),
+            item.terms.quota,
+        )?;
+    }
+    Ok(())
+}
+
+/// The item as it is now, with the state an authorization reports.
+pub fn current(
+    conn: &Connection,
+    item_id: &str,
+    now: i64,
+) -> Result<(ItemRow, AuthorizationState), StoreError> {
+    let mut item = licenses::item(conn, item_id)?
+        .ok_or(StoreError::Sqlite(rusqlite::Error::QueryReturnedNoRows))?;
+    if item.terms.model.is_concurrent() {
+        item.used.window_active = devices::window_active(conn, item_id, window_of(now))?;
+    }
+    let state = models::state(&item.terms, &item.used);
+    Ok((item, state))
+}
+
+/// An authorization lasts the item's offline allowance, never past the item's expiry.
+pub fn expiry(item: &ItemRow, now: i64) -> i64 {
+    (now + item.offline_days * DAY).min(item.terms.expires_at)
+}
+
+pub fn granted(item: &ItemRow) -> GrantedItem {
+    GrantedItem {
+        item_id: item.item_id.clone(),
+        model: item.terms.model,
+        features: item.features.clone(),
+        expires_at: from_unix(item.terms.expires_at),
+    }
+}

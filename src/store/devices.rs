@@ -1,0 +1,548 @@
+//! Devices, their seats and leases, usage totals, concurrency windows and token passes: the
+//! tables the client protocol writes.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::StoreError;
+
+// ---- devices ----
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub id: i64,
+    pub uuid: String,
+    pub name: String,
+    pub last_user: String,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub blocked: bool,
+}
+
+fn device_from_row(r: &Row<'_>) -> rusqlite::Result<Device> {
+    Ok(Device {
+        id: r.get(0)?,
+        uuid: r.get(1)?,
+        name: r.get(2)?,
+        last_user: r.get(3)?,
+        first_seen: r.get(4)?,
+        last_seen: r.get(5)?,
+        blocked: r.get(6)?,
+    })
+}
+
+pub fn device_by_uuid(conn: &Connection, uuid: &str) -> Result<Option<Device>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT id, uuid, name, last_user, first_seen, last_seen, blocked
+             FROM devices WHERE uuid = ?1",
+        )?
+        .query_row([uuid], device_from_row)
+        .optional()?)
+}
+
+pub fn device_by_id(conn: &Connection, id: i64) -> Result<Option<Device>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT id, uuid, name, last_user, first_seen, last_seen, blocked
+             FROM devices WHERE id = ?1",
+        )?
+        .query_row([id], device_from_row)
+        .optional()?)
+}
+
+pub fn insert_device(
+    conn: &Connection,
+    uuid: &str,
+    name: &str,
+    user: &str,
+    now: i64,
+) -> Result<i64, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO devices (uuid, name, last_user, first_seen, last_seen)
+         VALUES (?1, ?2, ?3, ?4, ?4)",
+    )?
+    .execute(params![uuid, name, user, now])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Records that a device was seen; `name` and `user` replace the stored ones when given.
+pub fn touch_device(
+    conn: &Connection,
+    id: i64,
+    name: Option<&str>,
+    user: Option<&str>,
+    now: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE devices SET last_seen = max(last_seen, ?2),
+                name = coalesce(?3, name), last_user = coalesce(?4, last_user)
+         WHERE id = ?1",
+    )?
+    .execute(params![id, now, name, user])?;
+    Ok(())
+}
+
+pub fn set_blocked(conn: &Connection, uuid: &str, blocked: bool) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("UPDATE devices SET blocked = ?2 WHERE uuid = ?1")?
+        .execute(params![uuid, blocked])?
+        == 1)
+}
+
+// ---- seats ----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seat {
+    pub first_auth_at: i64,
+    pub last_used_at: i64,
+    pub last_window: i64,
+}
+
+pub fn seat(
+    conn: &Connection,
+    item_id: &str,
+    device_id: i64,
+    instance: &str,
+) -> Result<Option<Seat>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT first_auth_at, last_used_at, last_window FROM seats
+             WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3",
+        )?
+        .query_row(params![item_id, device_id, instance], |r| {
+            Ok(Seat {
+                first_auth_at: r.get(0)?,
+                last_used_at: r.get(1)?,
+                last_window: r.get(2)?,
+            })
+        })
+        .optional()?)
+}
+
+/// Gives a device a seat in an item and counts it.
+pub fn insert_seat(
+    conn: &Connection,
+    item_id: &str,
+    device_id: i64,
+    instance: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO seats (item_id, device_id, instance, first_auth_at, last_used_at)
+         VALUES (?1, ?2, ?3, ?4, ?4)",
+    )?
+    .execute(params![item_id, device_id, instance, now])?;
+    add_seats(conn, item_id, 1)
+}
+
+/// Frees a device's seat; returns whether it had one.
+pub fn delete_seat(
+    conn: &Connection,
+    item_id: &str,
+    device_id: i64,
+    instance: &str,
+) -> Result<bool, StoreError> {
+    let deleted = conn
+        .prepare_cached(
+            "DELETE FROM seats WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3",
+        )?
+        .execute(params![item_id, device_id, instance])?;
+    if deleted == 1 {
+        add_seats(conn, item_id, -1)?;
+    }
+    Ok(deleted == 1)
+}
+
+fn add_seats(conn: &Connection, item_id: &str, delta: i64) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE items SET seats_used = seats_used + ?2 WHERE item_id = ?1")?
+        .execute(params![item_id, delta])?;
+    Ok(())
+}
+
+/// Records use of a seat, at most once an hour (the 365-day rule needs no finer time).
+pub fn touch_seat(
+    conn: &Connection,
+    item_id: &str,
+    device_id: i64,
+    instance: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE seats SET last_used_at = ?4
+         WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3 AND last_used_at <= ?4 - 3600",
+    )?
+    .execute(params![item_id, device_id, instance, now])?;
+    Ok(())
+}
+
+/// Frees the seats of an item unused since `cutoff` (per_device: 365 days) and returns how
+/// many. Uses the (item, last_used_at) index: no scan.
+pub fn free_seats_unused_since(
+    conn: &Connection,
+    item_id: &str,
+    cutoff: i64,
+) -> Result<usize, StoreError> {
+    let freed = conn
+        .prepare_cached("DELETE FROM seats WHERE item_id = ?1 AND last_used_at <= ?2")?
+        .execute(params![item_id, cutoff])?;
+    if freed > 0 {
+        add_seats(conn, item_id, -(freed as i64))?;
+    }
+    Ok(freed)
+}
+
+/// Frees the seats of an item first authorized at or before `cutoff` (per_active_device:
+/// 90 days) and returns how many.
+pub fn free_seats_authorized_before(
+    conn: &Connection,
+    item_id: &str,
+    cutoff: i64,
+) -> Result<usize, StoreError> {
+    let freed = conn
+        .prepare_cached("DELETE FROM seats WHERE item_id = ?1 AND first_auth_at <= ?2")?
+        .execute(params![item_id, cutoff])?;
+    if freed > 0 {
+        add_seats(conn, item_id, -(freed as i64))?;
+    }
+    Ok(freed)
+}
+
+// ---- concurrency windows ----
+
+/// Counts a seat as active in `window` unless it already is. Returns the number of active
+/// seats in the window and whether this call made the window an exception (over `quota`).
+pub fn mark_window(
+    conn: &Connection,
+    item_id: &str,
+    device_id: i64,
+    instance: &str,
+    window: i64,
+    quota: i64,
+) -> Result<(i64, bool), StoreError> {
+    let moved = conn
+        .prepare_cached(
+            "UPDATE seats SET last_window = ?4
+             WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3 AND last_window <> ?4",
+        )?
+        .execute(params![item_id, device_id, instance, window])?;
+    if moved == 0 {
+        return Ok((window_active(conn, item_id, window)?, false));
+    }
+    let active: i64 = conn
+        .prepare_cached(
+            "INSERT INTO concurrency_windows (item_id, window, active, peak) VALUES (?1, ?2, 1, 1)
+             ON CONFLICT (item_id, window) DO UPDATE SET
+                active = active + 1, peak = max(peak, active + 1)
+             RETURNING active",
+        )?
+        .query_row(params![item_id, window], |r| r.get(0))?;
+    let mut exception = false;
+    if active > quota {
+        exception = conn
+            .prepare_cached(
+                "UPDATE concurrency_windows SET exception = 1
+                 WHERE item_id = ?1 AND window = ?2 AND exception = 0",
+            )?
+            .execute(params![item_id, window])?
+            == 1;
+        if exception {
+            conn.prepare_cached("UPDATE items SET exceptions = exceptions + 1 WHERE item_id = ?1")?
+                .execute([item_id])?;
+        }
+    }
+    Ok((active, exception))
+}
+
+/// Takes a released seat out of the current window at once.
+pub fn unmark_window(
+    conn: &Connection,
+    item_id: &str,
+    device_id: i64,
+    instance: &str,
+    window: i64,
+) -> Result<(), StoreError> {
+    let moved = conn
+        .prepare_cached(
+            "UPDATE seats SET last_window = -1
+             WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3 AND last_window = ?4",
+        )?
+        .execute(params![item_id, device_id, instance, window])?;
+    if moved == 1 {
+        conn.prepare_cached(
+            "UPDATE concurrency_windows SET active = active - 1
+             WHERE item_id = ?1 AND window = ?2",
+        )?
+        .execute(params![item_id, window])?;
+    }
+    Ok(())
+}
+
+pub fn window_active(conn: &Connection, item_id: &str, window: i64) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT active FROM concurrency_windows WHERE item_id = ?1 AND window = ?2",
+        )?
+        .query_row(params![item_id, window], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+// ---- token passes ----
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pass {
+    pub item_id: String,
+    pub expires_at: i64,
+}
+
+/// Whose pass: one per (product, device, user).
+#[derive(Debug, Clone, Copy)]
+pub struct PassKey<'a> {
+    pub product: &'a str,
+    pub device_id: i64,
+    pub user: &'a str,
+}
+
+pub fn pass(conn: &Connection, key: PassKey<'_>) -> Result<Option<Pass>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT item_id, expires_at FROM token_passes
+             WHERE product = ?1 AND device_id = ?2 AND user = ?3",
+        )?
+        .query_row(params![key.product, key.device_id, key.user], |r| {
+            Ok(Pass {
+                item_id: r.get(0)?,
+                expires_at: r.get(1)?,
+            })
+        })
+        .optional()?)
+}
+
+/// Sells a pass: charges the item and records the pass until `expires_at`. Starts the
+/// item's grace period when its balance goes below zero.
+pub fn buy_pass(
+    conn: &Connection,
+    key: PassKey<'_>,
+    item_id: &str,
+    cost: i64,
+    now: i64,
+    expires_at: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO token_passes (product, device_id, user, item_id, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (product, device_id, user) DO UPDATE SET
+            item_id = excluded.item_id, expires_at = excluded.expires_at",
+    )?
+    .execute(params![
+        key.product,
+        key.device_id,
+        key.user,
+        item_id,
+        expires_at
+    ])?;
+    conn.prepare_cached(
+        "UPDATE items SET tokens_used = tokens_used + ?2,
+                grace_started_at = CASE
+                    WHEN quota - tokens_used - ?2 < 0 THEN coalesce(grace_started_at, ?3)
+                    ELSE grace_started_at END
+         WHERE item_id = ?1",
+    )?
+    .execute(params![item_id, cost, now])?;
+    Ok(())
+}
+
+// ---- leases ----
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub lease_id: String,
+    pub device_id: i64,
+    pub product: String,
+    pub instance: String,
+    pub user: String,
+    pub handshake_id: Option<i64>,
+    pub item_id: Option<String>,
+    pub nonce: String,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    pub released: bool,
+    pub revoked: bool,
+}
+
+const LEASE_COLUMNS: &str = "lease_id, device_id, product, instance, user, handshake_id, \
+                             item_id, nonce, issued_at, expires_at, released, revoked";
+
+fn lease_from_row(r: &Row<'_>) -> rusqlite::Result<Lease> {
+    Ok(Lease {
+        lease_id: r.get(0)?,
+        device_id: r.get(1)?,
+        product: r.get(2)?,
+        instance: r.get(3)?,
+        user: r.get(4)?,
+        handshake_id: r.get(5)?,
+        item_id: r.get(6)?,
+        nonce: r.get(7)?,
+        issued_at: r.get(8)?,
+        expires_at: r.get(9)?,
+        released: r.get(10)?,
+        revoked: r.get(11)?,
+    })
+}
+
+pub fn lease(conn: &Connection, lease_id: &str) -> Result<Option<Lease>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {LEASE_COLUMNS} FROM leases WHERE lease_id = ?1"
+        ))?
+        .query_row([lease_id], lease_from_row)
+        .optional()?)
+}
+
+/// The lease of a (device, product, instance, user), if it ever authorized.
+pub fn lease_for(
+    conn: &Connection,
+    device_id: i64,
+    product: &str,
+    instance: &str,
+    user: &str,
+) -> Result<Option<Lease>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {LEASE_COLUMNS} FROM leases
+             WHERE device_id = ?1 AND product = ?2 AND instance = ?3 AND user = ?4"
+        ))?
+        .query_row(params![device_id, product, instance, user], lease_from_row)
+        .optional()?)
+}
+
+/// Stores a lease: a new one, or the renewal of an existing one (same `lease_id`).
+pub fn upsert_lease(conn: &Connection, l: &Lease) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO leases (lease_id, device_id, product, instance, user, handshake_id, item_id,
+                             nonce, issued_at, expires_at, released, revoked)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+         ON CONFLICT (lease_id) DO UPDATE SET
+            handshake_id = excluded.handshake_id, item_id = excluded.item_id,
+            nonce = excluded.nonce, issued_at = excluded.issued_at,
+            expires_at = excluded.expires_at, released = excluded.released,
+            revoked = excluded.revoked",
+    )?
+    .execute(params![
+        l.lease_id,
+        l.device_id,
+        l.product,
+        l.instance,
+        l.user,
+        l.handshake_id,
+        l.item_id,
+        l.nonce,
+        l.issued_at,
+        l.expires_at,
+        l.released,
+        l.revoked
+    ])?;
+    Ok(())
+}
+
+pub fn renew_lease(
+    conn: &Connection,
+    lease_id: &str,
+    issued_at: i64,
+    expires_at: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE leases SET issued_at = ?2, expires_at = ?3 WHERE lease_id = ?1")?
+        .execute(params![lease_id, issued_at, expires_at])?;
+    Ok(())
+}
+
+pub fn release_lease(conn: &Connection, lease_id: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE leases SET released = 1 WHERE lease_id = ?1")?
+        .execute([lease_id])?;
+    Ok(())
+}
+
+/// An admin removed the device: its seats are freed and its leases revoked; the device
+/// record stays, so its next contact is answered `LEASE_REVOKED`.
+pub fn remove_device(conn: &Connection, device_id: i64) -> Result<usize, StoreError> {
+    let items: Vec<String> = conn
+        .prepare_cached("SELECT item_id FROM seats WHERE device_id = ?1")?
+        .query_map([device_id], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for item in &items {
+        add_seats(conn, item, -1)?;
+    }
+    conn.prepare_cached("DELETE FROM seats WHERE device_id = ?1")?
+        .execute([device_id])?;
+    conn.prepare_cached("DELETE FROM token_passes WHERE device_id = ?1")?
+        .execute([device_id])?;
+    conn.prepare_cached("UPDATE leases SET revoked = 1 WHERE device_id = ?1")?
+        .execute([device_id])?;
+    Ok(items.len())
+}
+
+// ---- usage ----
+
+/// The highest seq stored for a stream, and the device it belongs to.
+pub fn stream(conn: &Connection, stream: &str) -> Result<Option<(i64, u64)>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT device_id, high_seq FROM usage_streams WHERE stream = ?1")?
+        .query_row([stream], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+        .optional()?)
+}
+
+pub fn set_stream_high(
+    conn: &Connection,
+    stream: &str,
+    device_id: i64,
+    high_seq: u64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO usage_streams (stream, device_id, high_seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT (stream) DO UPDATE SET high_seq = max(high_seq, excluded.high_seq)",
+    )?
+    .execute(params![stream, device_id, high_seq as i64])?;
+    Ok(())
+}
+
+/// Adds `amount` of `counter` to the item's day total and the device's total.
+pub fn add_usage(
+    conn: &Connection,
+    item_id: &str,
+    device_id: i64,
+    day: i64,
+    counter: &str,
+    amount: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO usage_daily (item_id, day, counter, total) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (item_id, day, counter) DO UPDATE SET total = total + excluded.total",
+    )?
+    .execute(params![item_id, day, counter, amount])?;
+    conn.prepare_cached(
+        "INSERT INTO device_usage (device_id, item_id, counter, total) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (device_id, item_id, counter) DO UPDATE SET total = total + excluded.total",
+    )?
+    .execute(params![device_id, item_id, counter, amount])?;
+    Ok(())
+}
+
+/// Adds to a per_usage item's metered total.
+pub fn add_usage_total(conn: &Connection, item_id: &str, amount: i64) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE items SET usage_total = usage_total + ?2 WHERE item_id = ?1")?
+        .execute(params![item_id, amount])?;
+    Ok(())
+}
+
+/// A device's usage totals per item and counter.
+pub fn device_usage(
+    conn: &Connection,
+    device_id: i64,
+) -> Result<Vec<(String, String, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT item_id, counter, total FROM device_usage WHERE device_id = ?1
+         ORDER BY item_id, counter",
+    )?;
+    let rows = stmt.query_map([device_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
