@@ -470,8 +470,9 @@ pub fn occupy(
         }
         (_, Some(_)) => devices::touch_seat(conn, &item.item_id, device_id, instance, now)?,
         (_, None) => {
-            let mut used = item.used;
-            used.seats_used -= free_lapsed(conn, item, now)? as i64;
+            free_lapsed(conn, item, now)?;
+            // Counted again: freeing lapsed seats (here or just before) changed it.
+            let used = licenses::item(conn, &item.item_id)?.map_or(item.used, |i| i.used);
             if !has_room(&item.terms, &used) {
                 return Err(Occupy::Refused(Refusal::QuotaExceeded));
             }

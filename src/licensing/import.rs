@@ -418,6 +418,7 @@ pub fn apply(
         )?;
     }
     store::licenses::withdraw_items_not_in(conn, &license.license_id, license.version)?;
+    settle_token_debts(conn, org)?;
 
     let items = license.items.len();
     Ok(match current {
@@ -434,6 +435,35 @@ pub fn apply(
             default_code,
         },
     })
+}
+
+/// Tokens: a top-up settles the debt first. The negative balance of an organization's
+/// tokens items is paid from the positive balances of its other items for the same product,
+/// soonest expiry first; an item whose balance is no longer negative leaves grace.
+fn settle_token_debts(conn: &Connection, organization_id: &str) -> Result<(), ImportError> {
+    let mut items: Vec<_> = store::licenses::all_items(conn)?
+        .into_iter()
+        .filter(|i| {
+            i.organization_id == organization_id && i.terms.model == Model::Tokens && !i.withdrawn
+        })
+        .collect();
+    items.sort_by_key(|i| (i.terms.expires_at, i.item_id.clone()));
+    for debtor in 0..items.len() {
+        for payer in 0..items.len() {
+            let debt = items[debtor].used.tokens_used - items[debtor].terms.quota;
+            let credit = items[payer].terms.quota - items[payer].used.tokens_used;
+            if debt <= 0 || credit <= 0 || items[payer].product != items[debtor].product {
+                continue;
+            }
+            let moved = debt.min(credit);
+            items[debtor].used.tokens_used -= moved;
+            items[payer].used.tokens_used += moved;
+        }
+    }
+    for item in &items {
+        store::licenses::set_tokens_used(conn, &item.item_id, item.used.tokens_used)?;
+    }
+    Ok(())
 }
 
 /// A fresh handshake code for an organization: `<organization_id>-<8 random characters>`.

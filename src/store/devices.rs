@@ -344,8 +344,7 @@ pub fn buy_pass(
     conn.prepare_cached(
         "UPDATE items SET tokens_used = tokens_used + ?2,
                 grace_started_at = CASE
-                    WHEN quota - tokens_used - ?2 < 0 THEN coalesce(grace_started_at, ?3)
-                    ELSE grace_started_at END
+                    WHEN quota - tokens_used - ?2 < 0 THEN coalesce(grace_started_at, ?3) END
          WHERE item_id = ?1",
     )?
     .execute(params![item_id, cost, now])?;

@@ -507,3 +507,18 @@ pub fn assign_item(
         .execute(params![item_id, handshake_id])?
         == 1)
 }
+
+/// Sets a tokens item's spent tokens; a balance no longer negative ends its grace.
+pub fn set_tokens_used(
+    conn: &Connection,
+    item_id: &str,
+    tokens_used: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE items SET tokens_used = ?2,
+                grace_started_at = CASE WHEN quota - ?2 < 0 THEN grace_started_at END
+         WHERE item_id = ?1",
+    )?
+    .execute(params![item_id, tokens_used])?;
+    Ok(())
+}

@@ -326,3 +326,210 @@ impl Drop for TestApp {
         }
     }
 }
+
+/// POSTs JSON and returns the status and JSON body.
+pub fn post_json(
+    agent: &ureq::Agent,
+    url: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut response = agent
+        .post(url)
+        .send_json(body)
+        .expect("the request is answered");
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(64 * 1024 * 1024)
+        .read_json()
+        .unwrap_or(serde_json::Value::Null);
+    (status, body)
+}
+
+/// The n-th test device's UUID.
+pub fn device_uuid(n: u32) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
+
+pub const NONCE: &str = "nonce-0123456789abcdef";
+
+/// An appliance serving in this process with one license imported through the CLI.
+pub struct Fixture {
+    pub app: TestApp,
+    pub vendor: Vendor,
+    /// The organization's default handshake code.
+    pub code: String,
+    pub data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// An items file for organization 200001; `items` holds the `[[items]]` tables.
+pub fn items_file(license_id: &str, items: &str) -> String {
+    format!(
+        "license_id = \"{license_id}\"\nvendor = \"Acme Imaging\"\norganization_id = \"200001\"\n{items}"
+    )
+}
+
+/// One `[[items]]` table starting 2026-01-01 and expiring 2036-01-01 unless `extra`
+/// overrides the dates.
+pub fn item(product: &str, model: &str, quota: i64, extra: &str) -> String {
+    let dates = if extra.contains("starts_at") || extra.contains("expires_at") {
+        String::new()
+    } else {
+        "starts_at = 2026-01-01T00:00:00Z\nexpires_at = 2036-01-01T00:00:00Z\n".to_string()
+    };
+    format!(
+        "[[items]]\nproduct = \"{product}\"\nmodel = \"{model}\"\nquota = {quota}\noffline_days = 7\n{dates}{extra}\n"
+    )
+}
+
+impl Fixture {
+    pub fn new(items: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let vendor = Vendor::new();
+        let run = keygate(&data, &["trust", vendor.pub_path().to_str().unwrap()]);
+        assert!(run.ok, "{}", run.stderr);
+        let license = vendor.issue_file(&data, &items_file("LIC-T", items), &[], "lic.lic");
+        let app = TestApp::spawn(&data);
+        // Imported while the server runs: it must take effect without a restart.
+        let run = keygate(&data, &["import", license.to_str().unwrap()]);
+        assert!(run.ok, "{}", run.stderr);
+        let code = run
+            .stdout
+            .split("default handshake code is ")
+            .nth(1)
+            .expect("a new organization gets a default code")
+            .trim()
+            .to_string();
+        Fixture {
+            app,
+            vendor,
+            code,
+            data,
+            _dir: dir,
+        }
+    }
+
+    /// An authorize request for device `n` on the default handshake code.
+    pub fn request(&self, product: &str, n: u32) -> serde_json::Value {
+        serde_json::json!({
+            "handshake_code": self.code,
+            "product": product,
+            "device": {"uuid": device_uuid(n)},
+            "nonce": NONCE,
+        })
+    }
+
+    pub fn authorize(&self, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        post_json(&self.app.agent, &self.app.url("/api/v1/authorize"), body)
+    }
+
+    /// Authorizes device `n` for `product` and returns the verified authorization.
+    pub fn authorized(&self, product: &str, n: u32) -> keygate_sdk::wire::Authorization {
+        let (status, body) = self.authorize(&self.request(product, n));
+        assert_eq!(status, 200, "device {n}: {body}");
+        self.verify(&body, n)
+    }
+
+    /// The error code of a refused authorization of device `n`.
+    pub fn refused(&self, product: &str, n: u32) -> String {
+        let (status, body) = self.authorize(&self.request(product, n));
+        assert_ne!(status, 200, "device {n} was authorized: {body}");
+        body["error"]["code"].as_str().unwrap_or("").to_string()
+    }
+
+    /// Checks the whole chain as a device would, with only the vendor's public key.
+    pub fn verify(&self, body: &serde_json::Value, n: u32) -> keygate_sdk::wire::Authorization {
+        let vendor = keygate_sdk::keys::public_key_from_pem(
+            &std::fs::read_to_string(self.vendor.pub_path()).unwrap(),
+        )
+        .unwrap();
+        let (auth, _) = keygate_sdk::chain::verify_authorization(
+            body["authorization"].as_str().expect("an authorization"),
+            body["license"].as_str().expect("a license"),
+            [&vendor],
+            keygate_sdk::chain::Expectation {
+                device_uuid: &device_uuid(n),
+                nonce: Some(NONCE),
+                now: self.app.clock_now(),
+            },
+        )
+        .expect("the chain verifies");
+        auth
+    }
+
+    pub fn usage(&self, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        post_json(&self.app.agent, &self.app.url("/api/v1/usage"), body)
+    }
+
+    pub fn release(&self, lease_id: &str, n: u32) -> (u16, serde_json::Value) {
+        post_json(
+            &self.app.agent,
+            &self.app.url("/api/v1/release"),
+            &serde_json::json!({"lease_id": lease_id, "device_uuid": device_uuid(n)}),
+        )
+    }
+
+    /// A usage request of device `n` with reports `(seq, item, counter, amount)`.
+    pub fn reports(
+        &self,
+        lease_id: &str,
+        n: u32,
+        stream: &str,
+        reports: &[(u64, &str, &str, u64)],
+    ) -> serde_json::Value {
+        let now = self.app.clock_now();
+        let reports: Vec<_> = reports
+            .iter()
+            .map(|(seq, item, counter, amount)| {
+                serde_json::json!({
+                    "seq": seq, "item_id": item,
+                    "from": keygate::licensing::rfc3339(now - time::Duration::minutes(3)),
+                    "to": keygate::licensing::rfc3339(now),
+                    "counters": {*counter: amount},
+                })
+            })
+            .collect();
+        serde_json::json!({"lease_id": lease_id, "device_uuid": device_uuid(n), "stream": stream, "reports": reports})
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.data.join("keygate.db")).unwrap()
+    }
+
+    /// An item's counter column, read from the database.
+    pub fn item_value(&self, item_id: &str, column: &str) -> i64 {
+        self.db()
+            .query_row(
+                &format!("SELECT {column} FROM items WHERE item_id = ?1"),
+                [item_id],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+}
+
+impl TestApp {
+    pub fn clock_now(&self) -> OffsetDateTime {
+        use keygate::clock::Clock;
+        self.clock.now()
+    }
+}
+
+/// `keygate handshake set-password CODE`, the password on standard input.
+pub fn set_password(data_dir: &Path, code: &str, password: &str) -> Run {
+    use std::io::Write;
+    let mut child = command()
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["handshake", "set-password", code])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    child.wait_with_output().unwrap().into()
+}

@@ -1,0 +1,401 @@
+//! Issue 3: the client protocol against the real server, every model's edges over HTTP.
+
+use keygate_sdk::wire::AuthorizationState;
+use serde_json::json;
+use time::Duration;
+
+use crate::helpers::*;
+
+const DAY: Duration = Duration::days(1);
+
+#[test]
+fn handshake_resolution_follows_the_table() {
+    let f = Fixture::new(&item("reader", "per_device", 100, ""));
+    let code = |body: serde_json::Value| {
+        let (status, body) = f.authorize(&body);
+        (
+            status,
+            body["error"]["code"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let base =
+        |n: u32| json!({"product": "reader", "device": {"uuid": device_uuid(n)}, "nonce": NONCE});
+    let with = |n: u32, fields: serde_json::Value| {
+        let mut b = base(n);
+        for (k, v) in fields.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    // organization given, code empty: the organization's default code.
+    assert_eq!(code(with(1, json!({"organization_id": "200001"}))).0, 200);
+    assert_eq!(
+        code(with(2, json!({"organization_id": "999999"}))),
+        (404, "HANDSHAKE_NOT_FOUND".into())
+    );
+    // both given: the code must belong to the organization.
+    assert_eq!(
+        code(with(
+            3,
+            json!({"organization_id": "200001", "handshake_code": f.code})
+        ))
+        .0,
+        200
+    );
+    assert_eq!(
+        code(with(
+            4,
+            json!({"organization_id": "999999", "handshake_code": f.code})
+        )),
+        (404, "HANDSHAKE_NOT_FOUND".into())
+    );
+    // code only.
+    assert_eq!(code(with(5, json!({"handshake_code": f.code}))).0, 200);
+    assert_eq!(
+        code(with(6, json!({"handshake_code": "no-such-code"}))),
+        (404, "HANDSHAKE_NOT_FOUND".into())
+    );
+    // neither: the public trial, only when enabled and only for a device never seen.
+    assert_eq!(code(base(7)), (400, "HANDSHAKE_REQUIRED".into()));
+    assert!(keygate(&f.data, &["trial", "on"]).ok);
+    let (status, body) = f.authorize(&base(7));
+    assert_eq!(status, 200, "{body}");
+    let trial = f.verify(&body, 7);
+    assert!(trial.items.is_empty());
+    assert_eq!(trial.expires_at - trial.issued_at, 7 * DAY);
+    assert_eq!(
+        code(base(7)),
+        (400, "HANDSHAKE_REQUIRED".into()),
+        "one trial per device"
+    );
+    assert_eq!(
+        code(base(1)),
+        (400, "HANDSHAKE_REQUIRED".into()),
+        "known devices get no trial"
+    );
+    assert!(keygate(&f.data, &["trial", "off"]).ok);
+    assert_eq!(code(base(8)), (400, "HANDSHAKE_REQUIRED".into()));
+}
+
+#[test]
+fn per_device_admits_110_percent_and_known_devices_keep_working() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let first = f.authorized("reader", 1);
+    assert_eq!(first.state, AuthorizationState::Ok);
+    assert_eq!(first.items[0].features, Vec::<String>::new());
+    for n in 2..=10 {
+        assert_eq!(
+            f.authorized("reader", n).state,
+            AuthorizationState::Ok,
+            "device {n}"
+        );
+    }
+    assert_eq!(
+        f.authorized("reader", 11).state,
+        AuthorizationState::Tolerance
+    );
+    assert_eq!(f.refused("reader", 12), "QUOTA_EXCEEDED");
+    // Known devices keep their seat, and their lease.
+    let again = f.authorized("reader", 1);
+    assert_eq!(again.lease_id, first.lease_id);
+    assert_eq!(again.state, AuthorizationState::Tolerance);
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 11);
+    // Offline allowance: 7 days.
+    assert_eq!(again.expires_at - again.issued_at, 7 * DAY);
+}
+
+#[test]
+fn per_device_seat_frees_after_365_days_unused() {
+    let f = Fixture::new(&item("reader", "per_device", 1, ""));
+    f.authorized("reader", 1);
+    f.app.clock.advance(364 * DAY);
+    assert_eq!(f.refused("reader", 2), "QUOTA_EXCEEDED");
+    f.app.clock.advance(DAY);
+    f.authorized("reader", 2);
+    assert_eq!(
+        f.refused("reader", 1),
+        "QUOTA_EXCEEDED",
+        "device 1 lost its seat"
+    );
+}
+
+#[test]
+fn per_active_device_seat_frees_90_days_after_first_authorization() {
+    let f = Fixture::new(&item("reader", "per_active_device", 1, ""));
+    f.authorized("reader", 1);
+    f.app.clock.advance(89 * DAY);
+    f.authorized("reader", 1); // used every day: still its first 90 days
+    assert_eq!(f.refused("reader", 2), "QUOTA_EXCEEDED");
+    f.app.clock.advance(DAY);
+    f.authorized("reader", 2);
+    assert_eq!(f.refused("reader", 1), "QUOTA_EXCEEDED");
+}
+
+#[test]
+fn concurrent_device_records_one_exception_per_window_and_stops_at_max() {
+    let f = Fixture::new(&item(
+        "viewer",
+        "concurrent_device",
+        1,
+        "max_exceptions = 2",
+    ));
+    assert_eq!(f.authorized("viewer", 1).state, AuthorizationState::Ok);
+    assert_eq!(
+        f.authorized("viewer", 2).state,
+        AuthorizationState::Tolerance
+    );
+    f.authorized("viewer", 3); // the same window: still one exception
+    assert_eq!(f.item_value("LIC-T-1", "exceptions"), 1);
+    f.app.clock.advance(Duration::minutes(3));
+    assert_eq!(f.authorized("viewer", 1).state, AuthorizationState::Ok);
+    assert_eq!(
+        f.authorized("viewer", 2).state,
+        AuthorizationState::Tolerance
+    );
+    assert_eq!(f.item_value("LIC-T-1", "exceptions"), 2);
+    // max_exceptions reached: the item stops for every device.
+    assert_eq!(f.refused("viewer", 1), "QUOTA_EXCEEDED");
+    assert_eq!(f.refused("viewer", 4), "QUOTA_EXCEEDED");
+}
+
+#[test]
+fn release_frees_a_concurrent_seat_at_once() {
+    let f = Fixture::new(&item(
+        "viewer",
+        "concurrent_device",
+        1,
+        "max_exceptions = 5",
+    ));
+    let a = f.authorized("viewer", 1);
+    let (status, body) = f.release(&a.lease_id, 1);
+    assert_eq!((status, body["released"].as_bool()), (200, Some(true)));
+    assert_eq!(f.release(&a.lease_id, 1).0, 200, "release is idempotent");
+    assert_eq!(f.authorized("viewer", 2).state, AuthorizationState::Ok);
+    assert_eq!(f.item_value("LIC-T-1", "exceptions"), 0);
+    let (status, body) = f.release(&a.lease_id, 2);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("LEASE_NOT_FOUND")),
+        "another device's lease"
+    );
+}
+
+#[test]
+fn concurrent_instance_counts_instances() {
+    let f = Fixture::new(&item(
+        "viewer",
+        "concurrent_instance",
+        1,
+        "max_exceptions = 9",
+    ));
+    let mut request = f.request("viewer", 1);
+    request["device"]["instance"] = json!("window-a");
+    let (_, body) = f.authorize(&request);
+    assert_eq!(f.verify(&body, 1).state, AuthorizationState::Ok);
+    request["device"]["instance"] = json!("window-b");
+    let (_, body) = f.authorize(&request);
+    assert_eq!(f.verify(&body, 1).state, AuthorizationState::Tolerance);
+    assert_eq!(f.item_value("LIC-T-1", "exceptions"), 1);
+}
+
+#[test]
+fn per_usage_stops_past_105_percent_but_records_usage() {
+    let f = Fixture::new(&item("scanner", "per_usage", 100, "counter = \"scans\""));
+    let a = f.authorized("scanner", 1);
+    let stream = "11111111-1111-4111-8111-111111111111";
+    let (status, body) =
+        f.usage(&f.reports(&a.lease_id, 1, stream, &[(1, "LIC-T-1", "scans", 100)]));
+    assert_eq!(status, 200, "{body}");
+    assert!(body["authorization"].is_string());
+    let (_, body) = f.usage(&f.reports(&a.lease_id, 1, stream, &[(2, "LIC-T-1", "scans", 5)]));
+    assert!(body["authorization"].is_string(), "exactly 105 %: {body}");
+    assert_eq!(
+        f.authorized("scanner", 2).state,
+        AuthorizationState::Tolerance
+    );
+    let (status, body) = f.usage(&f.reports(&a.lease_id, 1, stream, &[(3, "LIC-T-1", "scans", 1)]));
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["accepted"], 1,
+        "usage past the cutoff is still recorded"
+    );
+    assert_eq!(body["renewal_error"]["code"], "QUOTA_EXCEEDED");
+    assert!(body.get("authorization").is_none());
+    assert_eq!(f.item_value("LIC-T-1", "usage_total"), 106);
+    assert_eq!(f.refused("scanner", 1), "QUOTA_EXCEEDED");
+    assert_eq!(f.refused("scanner", 3), "QUOTA_EXCEEDED");
+}
+
+#[test]
+fn standalone_is_a_hard_limit_and_release_frees_the_seat() {
+    let f = Fixture::new(&item("cad", "standalone", 2, ""));
+    let a = f.authorized("cad", 1);
+    f.authorized("cad", 2);
+    assert_eq!(f.refused("cad", 3), "QUOTA_EXCEEDED");
+    assert_eq!(f.release(&a.lease_id, 1).0, 200);
+    f.authorized("cad", 3);
+    assert_eq!(f.refused("cad", 1), "QUOTA_EXCEEDED");
+}
+
+#[test]
+fn tokens_daily_passes_grace_and_top_up() {
+    let f = Fixture::new(&item(
+        "ocr",
+        "tokens",
+        10,
+        "tokens_per_pass = 5\ngrace_days = 2",
+    ));
+    let used = |f: &Fixture| f.item_value("LIC-T-1", "tokens_used");
+    assert_eq!(f.authorized("ocr", 1).state, AuthorizationState::Ok);
+    assert_eq!(used(&f), 5);
+    f.authorized("ocr", 1);
+    assert_eq!(used(&f), 5, "the same pass for 24 hours");
+    let mut other_user = f.request("ocr", 1);
+    other_user["device"]["user"] = json!("alice");
+    assert_eq!(f.authorize(&other_user).0, 200);
+    assert_eq!(used(&f), 10, "another user on the same device pays");
+    // The balance is 0: the next pass overdraws into grace.
+    assert_eq!(f.authorized("ocr", 2).state, AuthorizationState::Grace);
+    assert_eq!(used(&f), 15);
+    f.app.clock.advance(DAY);
+    assert_eq!(
+        f.authorized("ocr", 1).state,
+        AuthorizationState::Grace,
+        "a new day, a new pass"
+    );
+    assert_eq!(used(&f), 20);
+    f.app.clock.advance(DAY);
+    assert_eq!(
+        f.refused("ocr", 1),
+        "QUOTA_EXCEEDED",
+        "grace is over for every device"
+    );
+    assert_eq!(f.refused("ocr", 3), "QUOTA_EXCEEDED");
+
+    // A top-up pays the debt (10) first: 20 - 10 leaves 10, two passes.
+    let top_up = items_file(
+        "LIC-TOPUP",
+        &item("ocr", "tokens", 20, "tokens_per_pass = 5"),
+    );
+    let file = f.vendor.issue_file(&f.data, &top_up, &[], "topup.lic");
+    assert!(keygate(&f.data, &["import", file.to_str().unwrap()]).ok);
+    assert_eq!(used(&f), 10, "the debtor item is settled");
+    assert_eq!(f.item_value("LIC-TOPUP-1", "tokens_used"), 10);
+    assert_eq!(f.authorized("ocr", 1).state, AuthorizationState::Ok);
+    f.authorized("ocr", 3);
+    assert_eq!(f.item_value("LIC-TOPUP-1", "tokens_used"), 20);
+}
+
+#[test]
+fn dates_stop_every_model_and_cap_the_authorization() {
+    let items = [
+        item(
+            "early",
+            "per_device",
+            5,
+            "starts_at = 2026-07-01T00:00:00Z\nexpires_at = 2027-01-01T00:00:00Z",
+        ),
+        item(
+            "late",
+            "per_device",
+            5,
+            "starts_at = 2025-01-01T00:00:00Z\nexpires_at = 2026-05-01T00:00:00Z",
+        ),
+        item(
+            "soon",
+            "per_device",
+            5,
+            "starts_at = 2026-01-01T00:00:00Z\nexpires_at = 2026-06-03T00:00:00Z",
+        ),
+    ]
+    .concat();
+    let f = Fixture::new(&items);
+    assert_eq!(f.refused("early", 1), "LICENSE_NOT_STARTED");
+    assert_eq!(f.refused("late", 1), "LICENSE_EXPIRED");
+    let soon = f.authorized("soon", 1);
+    assert_eq!(
+        soon.expires_at,
+        time::macros::datetime!(2026-06-03 00:00:00 UTC),
+        "capped by the item"
+    );
+    assert_eq!(f.refused("unknown-product", 1), "NO_LICENSE");
+}
+
+#[test]
+fn a_new_device_takes_the_item_that_expires_first_with_room() {
+    let items = [
+        item(
+            "reader",
+            "standalone",
+            1,
+            "starts_at = 2026-01-01T00:00:00Z\nexpires_at = 2026-12-01T00:00:00Z",
+        ),
+        item(
+            "reader",
+            "standalone",
+            1,
+            "starts_at = 2026-01-01T00:00:00Z\nexpires_at = 2027-12-01T00:00:00Z",
+        ),
+    ]
+    .concat();
+    let f = Fixture::new(&items);
+    assert_eq!(f.authorized("reader", 1).items[0].item_id, "LIC-T-1");
+    assert_eq!(f.authorized("reader", 2).items[0].item_id, "LIC-T-2");
+    assert_eq!(
+        f.authorized("reader", 1).items[0].item_id,
+        "LIC-T-1",
+        "keeps its seat"
+    );
+    assert_eq!(f.refused("reader", 3), "QUOTA_EXCEEDED");
+}
+
+#[test]
+fn session_password_validation_fields_and_blocked_devices() {
+    let f = Fixture::new(&item("reader", "per_device", 100, ""));
+    let mut set = set_password(&f.data, &f.code, "open sesame");
+    assert!(set.ok, "{}", set.stderr);
+    let code_of = |body: serde_json::Value| {
+        f.authorize(&body).1["error"]["code"]
+            .as_str()
+            .unwrap_or("ok")
+            .to_string()
+    };
+    assert_eq!(code_of(f.request("reader", 1)), "SESSION_PASSWORD_MISMATCH");
+    let mut with_password = f.request("reader", 1);
+    with_password["session_password"] = json!("wrong");
+    assert_eq!(code_of(with_password.clone()), "SESSION_PASSWORD_MISMATCH");
+    with_password["session_password"] = json!("open sesame");
+    assert_eq!(code_of(with_password.clone()), "ok");
+    assert_eq!(
+        code_of(with_password.clone()),
+        "ok",
+        "verified from the cache"
+    );
+
+    set = keygate(
+        &f.data,
+        &[
+            "handshake",
+            "set-validation",
+            &f.code,
+            "--domain",
+            "*.plant.local",
+            "--process",
+            "reader.exe",
+        ],
+    );
+    assert!(set.ok, "{}", set.stderr);
+    assert_eq!(code_of(with_password.clone()), "VALIDATION_FAILED");
+    with_password["validation"] = json!({"domain": "line1.plant.local", "process": "reader.exe"});
+    assert_eq!(code_of(with_password.clone()), "ok");
+    with_password["validation"] = json!({"domain": "line1.other.local", "process": "reader.exe"});
+    assert_eq!(code_of(with_password.clone()), "VALIDATION_FAILED");
+    with_password["validation"] = json!({"domain": "line1.plant.local", "process": "other.exe"});
+    assert_eq!(code_of(with_password.clone()), "VALIDATION_FAILED");
+    with_password["validation"] = json!({"domain": "line1.plant.local", "process": "reader.exe"});
+
+    assert!(keygate(&f.data, &["device", "block", &device_uuid(1)]).ok);
+    assert_eq!(code_of(with_password.clone()), "DEVICE_BLOCKED");
+    assert!(keygate(&f.data, &["device", "unblock", &device_uuid(1)]).ok);
+    assert_eq!(code_of(with_password), "ok");
+}
