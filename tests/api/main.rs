@@ -5,3 +5,4 @@ mod foundation;
 #[allow(dead_code)] // each test module uses a part of the helpers
 mod helpers;
 mod protocol;
+mod usage;

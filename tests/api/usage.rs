@@ -1,0 +1,442 @@
+//! Issue 3: usage reports (idempotency, backlog, renewal), error codes, the seat race,
+//! durability across kill -9.
+
+use serde_json::json;
+use time::Duration;
+
+use crate::helpers::*;
+
+const STREAM: &str = "11111111-1111-4111-8111-111111111111";
+
+fn scanner() -> Fixture {
+    Fixture::new(&item(
+        "scanner",
+        "per_usage",
+        1_000_000,
+        "counter = \"scans\"",
+    ))
+}
+
+fn total(f: &Fixture) -> i64 {
+    f.item_value("LIC-T-1", "usage_total")
+}
+
+#[test]
+fn duplicates_and_replays_count_once() {
+    let f = scanner();
+    let lease = f.authorized("scanner", 1).lease_id;
+    let batch = |seqs: std::ops::RangeInclusive<u64>| {
+        let reports: Vec<_> = seqs.map(|s| (s, "LIC-T-1", "scans", 10)).collect();
+        f.usage(&f.reports(&lease, 1, STREAM, &reports))
+    };
+    let (status, body) = batch(1..=3);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            body["accepted"].as_u64(),
+            body["duplicates"].as_u64(),
+            body["acked_seq"].as_u64()
+        ),
+        (Some(3), Some(0), Some(3))
+    );
+    let (_, body) = batch(1..=3);
+    assert_eq!(
+        (
+            body["accepted"].as_u64(),
+            body["duplicates"].as_u64(),
+            body["acked_seq"].as_u64()
+        ),
+        (Some(0), Some(3), Some(3))
+    );
+    let (_, body) = batch(2..=5);
+    assert_eq!(
+        (
+            body["accepted"].as_u64(),
+            body["duplicates"].as_u64(),
+            body["acked_seq"].as_u64()
+        ),
+        (Some(2), Some(2), Some(5))
+    );
+    assert_eq!(total(&f), 50);
+    let device_total: i64 = f
+        .db()
+        .query_row(
+            "SELECT total FROM device_usage WHERE item_id = 'LIC-T-1' AND counter = 'scans'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(device_total, 50);
+    // Another stream of the same device is counted on its own.
+    let (_, body) = f.usage(&f.reports(
+        &lease,
+        1,
+        "22222222-2222-4222-8222-222222222222",
+        &[(1, "LIC-T-1", "scans", 7)],
+    ));
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(total(&f), 57);
+}
+
+#[test]
+fn a_device_back_after_six_days_offline_sends_its_backlog_once() {
+    let f = scanner();
+    let auth = f.authorized("scanner", 1);
+    let start = f.app.clock_now();
+    f.app.clock.advance(Duration::days(6));
+    // One report every 3 minutes for 6 days: 2880 reports, each 2 scans.
+    let reports: Vec<_> = (1..=2880u64)
+        .map(|seq| {
+            let to = start + Duration::minutes(3 * seq as i64);
+            json!({"seq": seq, "item_id": "LIC-T-1",
+                   "from": keygate::licensing::rfc3339(to - Duration::minutes(3)),
+                   "to": keygate::licensing::rfc3339(to), "counters": {"scans": 2}})
+        })
+        .collect();
+    let body = json!({"lease_id": auth.lease_id, "device_uuid": device_uuid(1), "stream": STREAM, "reports": reports});
+    let (status, answer) = f.usage(&body);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["accepted"], 2880);
+    assert_eq!(answer["acked_seq"], 2880);
+    assert!(
+        answer["authorization"].is_string(),
+        "still inside its 7 offline days: renewed"
+    );
+    let (_, again) = f.usage(&body);
+    assert_eq!(
+        (again["accepted"].as_u64(), again["duplicates"].as_u64()),
+        (Some(0), Some(2880))
+    );
+    assert_eq!(total(&f), 5760);
+    let days: Vec<(i64, i64)> = f
+        .db()
+        .prepare("SELECT day, total FROM usage_daily WHERE item_id = 'LIC-T-1' ORDER BY day")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(days.iter().map(|(_, t)| t).sum::<i64>(), 5760);
+    assert_eq!(
+        days.len(),
+        7,
+        "kept per day (the 6 days span 7 calendar days from noon)"
+    );
+    // Reports count on the day they end: from 12:00, the first day holds those ending
+    // 12:03 to 23:57 (239); the one ending at midnight opens the next day.
+    assert_eq!(days[0].1, 2 * 239);
+    assert_eq!(days[1].1, 2 * 480);
+}
+
+#[test]
+fn usage_renews_the_authorization_and_marks_the_device_active() {
+    let f = Fixture::new(&item(
+        "viewer",
+        "concurrent_device",
+        1,
+        "max_exceptions = 9",
+    ));
+    let first = f.authorized("viewer", 1);
+    f.app.clock.advance(Duration::minutes(3));
+    let heartbeat = json!({"lease_id": first.lease_id, "device_uuid": device_uuid(1), "stream": STREAM, "reports": []});
+    let (status, body) = f.usage(&heartbeat);
+    assert_eq!(status, 200, "{body}");
+    let vendor = keygate_sdk::keys::public_key_from_pem(
+        &std::fs::read_to_string(f.vendor.pub_path()).unwrap(),
+    )
+    .unwrap();
+    let license = f.authorize(&f.request("viewer", 1)).1["license"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (renewed, _) = keygate_sdk::chain::verify_authorization(
+        body["authorization"].as_str().unwrap(),
+        &license,
+        [&vendor],
+        keygate_sdk::chain::Expectation {
+            device_uuid: &device_uuid(1),
+            nonce: Some(NONCE),
+            now: f.app.clock_now(),
+        },
+    )
+    .expect("the renewal verifies through the chain");
+    assert_eq!(renewed.lease_id, first.lease_id);
+    assert!(renewed.expires_at > first.expires_at);
+    // The heartbeat put device 1 in this window: device 2 makes it two, over quota.
+    assert_eq!(
+        f.authorized("viewer", 2).state,
+        keygate_sdk::wire::AuthorizationState::Tolerance
+    );
+}
+
+#[test]
+fn failed_usage_requests_record_nothing() {
+    let f = scanner();
+    let lease = f.authorized("scanner", 1).lease_id;
+    let db = f.data.join("keygate.db");
+    let digest = db_digest(&db);
+    let unknown = "99999999-9999-4999-8999-999999999999";
+    let cases = [
+        (
+            f.reports(unknown, 1, STREAM, &[(1, "LIC-T-1", "scans", 1)]),
+            404,
+            "LEASE_NOT_FOUND",
+        ),
+        (
+            f.reports(&lease, 2, STREAM, &[(1, "LIC-T-1", "scans", 1)]),
+            404,
+            "LEASE_NOT_FOUND",
+        ),
+        (
+            f.reports(&lease, 1, STREAM, &[(1, "OTHER-ITEM", "scans", 1)]),
+            400,
+            "BAD_REQUEST",
+        ),
+        (
+            f.reports(
+                &lease,
+                1,
+                STREAM,
+                &[(1, "LIC-T-1", "scans", 1), (2, "OTHER-ITEM", "scans", 1)],
+            ),
+            400,
+            "BAD_REQUEST",
+        ),
+        (
+            f.reports(
+                &lease,
+                1,
+                STREAM,
+                &[(2, "LIC-T-1", "scans", 1), (1, "LIC-T-1", "scans", 1)],
+            ),
+            400,
+            "BAD_REQUEST",
+        ),
+        (
+            json!({"lease_id": lease, "device_uuid": device_uuid(1), "stream": "not-a-uuid", "reports": []}),
+            400,
+            "BAD_REQUEST",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (got, answer) = f.usage(&body);
+        assert_eq!(
+            (got, answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
+        assert_eq!(db_digest(&db), digest, "{code}: changed the database");
+    }
+    let mut negative = f.reports(&lease, 1, STREAM, &[(1, "LIC-T-1", "scans", 1)]);
+    negative["reports"][0]["counters"]["scans"] = json!(-5);
+    assert_eq!(f.usage(&negative).1["error"]["code"], "BAD_REQUEST");
+    assert_eq!(db_digest(&db), digest);
+}
+
+#[test]
+fn a_removed_device_still_has_its_usage_recorded_and_is_told_its_lease_is_revoked() {
+    let f = Fixture::new(&item("scanner", "per_device", 1, ""));
+    let lease = f.authorized("scanner", 1).lease_id;
+    assert!(keygate(&f.data, &["device", "remove", &device_uuid(1)]).ok);
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 0);
+    let (status, body) = f.usage(&f.reports(&lease, 1, STREAM, &[(1, "LIC-T-1", "pages", 4)]));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(body["renewal_error"]["code"], "LEASE_REVOKED");
+    f.authorized("scanner", 2); // the seat was freed
+    assert_eq!(f.refused("scanner", 1), "QUOTA_EXCEEDED");
+}
+
+#[test]
+fn bad_requests_get_the_spec_error_and_change_nothing() {
+    let f = scanner();
+    let db = f.data.join("keygate.db");
+    let digest = db_digest(&db);
+    let url = f.app.url("/api/v1/authorize");
+    let raw = |content_type: &str, body: Vec<u8>| {
+        let mut response = f
+            .app
+            .agent
+            .post(&url)
+            .header("content-type", content_type)
+            .send(&body[..])
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response
+            .body_mut()
+            .read_json()
+            .unwrap_or(serde_json::Value::Null);
+        (
+            status,
+            body["error"]["code"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    assert_eq!(
+        raw("application/json", b"{not json".to_vec()),
+        (400, "BAD_REQUEST".into())
+    );
+    assert_eq!(
+        raw("text/plain", b"{}".to_vec()),
+        (400, "BAD_REQUEST".into())
+    );
+    let mut big = serde_json::to_vec(&f.request("scanner", 1)).unwrap();
+    big.truncate(big.len() - 1);
+    big.extend(format!(",\"pad\":\"{}\"}}", "x".repeat(20_000)).bytes());
+    assert_eq!(
+        raw("application/json", big),
+        (413, "PAYLOAD_TOO_LARGE".into())
+    );
+
+    let cases = [
+        (
+            "device.uuid",
+            json!({"handshake_code": f.code, "product": "scanner", "device": {"uuid": "nope"}, "nonce": NONCE}),
+        ),
+        (
+            "nonce",
+            json!({"handshake_code": f.code, "product": "scanner", "device": {"uuid": device_uuid(1)}, "nonce": "short"}),
+        ),
+        (
+            "product",
+            json!({"handshake_code": f.code, "product": "", "device": {"uuid": device_uuid(1)}, "nonce": NONCE}),
+        ),
+        (
+            "product",
+            json!({"handshake_code": f.code, "device": {"uuid": device_uuid(1)}, "nonce": NONCE}),
+        ),
+        (
+            "handshake_code",
+            json!({"handshake_code": "<script>", "product": "scanner", "device": {"uuid": device_uuid(1)}, "nonce": NONCE}),
+        ),
+        (
+            "device.name",
+            json!({"handshake_code": f.code, "product": "scanner", "device": {"uuid": device_uuid(1), "name": "a\u{0}b"}, "nonce": NONCE}),
+        ),
+    ];
+    for (field, body) in cases {
+        let (status, answer) = f.authorize(&body);
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (400, Some("BAD_REQUEST")),
+            "{body}"
+        );
+        assert!(
+            answer["error"]["message"].as_str().unwrap().contains(field),
+            "{answer}"
+        );
+    }
+    // Refusals of a valid request change nothing either.
+    assert_eq!(f.refused("other-product", 1), "NO_LICENSE");
+    assert_eq!(db_digest(&db), digest);
+}
+
+#[test]
+fn two_hundred_devices_racing_for_100_seats_get_exactly_110() {
+    let f = Fixture::new(&item("reader", "per_device", 100, ""));
+    let url = f.app.url("/api/v1/authorize");
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..=200u32)
+            .map(|n| {
+                let (agent, url, body) = (f.app.agent.clone(), url.clone(), f.request("reader", n));
+                scope.spawn(move || post_json(&agent, &url, &body).0)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 110);
+    assert_eq!(statuses.iter().filter(|s| **s == 403).count(), 90);
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 110);
+    let rows: i64 = f
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM seats WHERE item_id = 'LIC-T-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 110, "no seat handed out twice, no count drift");
+}
+
+#[test]
+fn acknowledged_usage_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let vendor = Vendor::new();
+    assert!(keygate(&data, &["trust", vendor.pub_path().to_str().unwrap()]).ok);
+    let items = items_file(
+        "LIC-K",
+        &item("scanner", "per_usage", 1_000_000, "counter = \"scans\""),
+    );
+    let license = vendor.issue_file(&data, &items, &["--license-id", "LIC-K"], "k.lic");
+    let run = keygate(&data, &["import", license.to_str().unwrap()]);
+    let code = run
+        .stdout
+        .split("default handshake code is ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+
+    let served = Served::start(&data);
+    let agent = pinned_agent(&appliance_cert(&data));
+    let (status, body) = post_json(
+        &agent,
+        &served.url("/api/v1/authorize"),
+        &json!({"handshake_code": code, "product": "scanner", "device": {"uuid": device_uuid(1)}, "nonce": NONCE}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let auth: serde_json::Value = serde_json::from_slice(
+        &data_encoding::BASE64URL_NOPAD
+            .decode(
+                body["authorization"]
+                    .as_str()
+                    .unwrap()
+                    .split('.')
+                    .nth(1)
+                    .unwrap()
+                    .as_bytes(),
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    let lease = auth["lease_id"].as_str().unwrap();
+    // Many acknowledged requests, sent concurrently so they share group commits.
+    let acked: u64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8u64)
+            .map(|t| {
+                let (agent, url) = (agent.clone(), served.url("/api/v1/usage"));
+                scope.spawn(move || {
+                    let stream = format!("00000000-0000-4000-9000-{t:012}");
+                    (1..=25u64)
+                        .map(|seq| {
+                            let now = keygate::licensing::rfc3339(time::OffsetDateTime::now_utc());
+                            let body = json!({"lease_id": lease, "device_uuid": device_uuid(1), "stream": stream,
+                                "reports": [{"seq": seq, "item_id": "LIC-K-1", "from": now, "to": now, "counters": {"scans": 3}}]});
+                            let (status, answer) = post_json(&agent, &url, &body);
+                            assert_eq!(status, 200, "{answer}");
+                            answer["accepted"].as_u64().unwrap() * 3
+                        })
+                        .sum::<u64>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    served.kill();
+    assert_eq!(acked, 8 * 25 * 3);
+
+    let served = Served::start(&data);
+    let conn = rusqlite::Connection::open(data.join("keygate.db")).unwrap();
+    let stored: i64 = conn
+        .query_row(
+            "SELECT usage_total FROM items WHERE item_id = 'LIC-K-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        stored as u64, acked,
+        "every acknowledged report survived kill -9"
+    );
+    drop(served);
+}
