@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod licensing;
 pub mod protocol;
+pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -11,6 +11,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::licensing::handshake::PasswordCache;
 use crate::protocol;
+use crate::ratelimit::FailureLimiter;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, CertResolver, CertSource, TlsError};
 
@@ -37,6 +38,8 @@ pub struct AppState {
     pub passwords: PasswordCache,
     /// Bounds concurrent Argon2 verifications (each takes tens of milliseconds of CPU).
     pub password_checks: tokio::sync::Semaphore,
+    /// Wrong session passwords per client address: 10 a minute, then `RATE_LIMITED`.
+    pub password_failures: FailureLimiter,
 }
 
 impl AppState {
@@ -58,6 +61,7 @@ impl AppState {
             started_at: now,
             passwords: PasswordCache::default(),
             password_checks: tokio::sync::Semaphore::new(2),
+            password_failures: FailureLimiter::new(10, 60),
         })
     }
 }

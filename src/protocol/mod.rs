@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use actix_web::error::JsonPayloadError;
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use keygate_sdk::jws::Typ;
 use keygate_sdk::wire::{
     ApplianceInfo, AuthorizeRequest, AuthorizeResponse, ErrorCode, REPORT_INTERVAL_S,
@@ -96,10 +96,15 @@ async fn appliance(state: web::Data<AppState>) -> HttpResponse {
 /// `POST /api/v1/authorize`
 async fn authorize(
     state: web::Data<AppState>,
+    http: HttpRequest,
     body: web::Json<AuthorizeRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let req = Arc::new(Authorize::parse(body.into_inner()).map_err(bad)?);
     let now = state.clock.now().unix_timestamp();
+    let client = http
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
     // At most twice: the second run finds the password verified in the cache.
     for _ in 0..2 {
         let (job_req, job_state) = (req.clone(), state.clone());
@@ -125,10 +130,22 @@ async fn authorize(
                     refresh_after_s: REPORT_INTERVAL_S,
                 }));
             }
-            Err(AuthorizeError::Refused(e)) => return Err(e),
+            Err(AuthorizeError::Refused(e)) => {
+                if e.code == ErrorCode::SessionPasswordMismatch {
+                    state.password_failures.record_failure(&client, now);
+                }
+                return Err(e);
+            }
             Err(AuthorizeError::CheckPassword { handshake_id, hash }) => {
+                if state.password_failures.is_limited(&client, now) {
+                    return Err(ApiError::new(
+                        ErrorCode::RateLimited,
+                        "too many wrong session passwords from this address; wait a minute",
+                    ));
+                }
                 let password = req.session_password.clone().unwrap_or_default();
                 if !check_password(&state, hash.clone(), password.clone()).await? {
+                    state.password_failures.record_failure(&client, now);
                     return Err(ApiError::new(
                         ErrorCode::SessionPasswordMismatch,
                         "the session password is wrong",

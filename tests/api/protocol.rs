@@ -399,3 +399,32 @@ fn session_password_validation_fields_and_blocked_devices() {
     assert!(keygate(&f.data, &["device", "unblock", &device_uuid(1)]).ok);
     assert_eq!(code_of(with_password), "ok");
 }
+
+#[test]
+fn wrong_session_passwords_are_rate_limited_per_address() {
+    let f = Fixture::new(&item("reader", "per_device", 100, ""));
+    assert!(set_password(&f.data, &f.code, "right").ok);
+    let mut request = f.request("reader", 1);
+    request["session_password"] = json!("wrong");
+    for attempt in 1..=10 {
+        let (status, body) = f.authorize(&request);
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (403, Some("SESSION_PASSWORD_MISMATCH")),
+            "attempt {attempt}"
+        );
+    }
+    let (status, body) = f.authorize(&request);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("RATE_LIMITED"))
+    );
+    request["session_password"] = json!("right");
+    assert_eq!(
+        f.authorize(&request).0,
+        429,
+        "no guessing, even the right one, until the minute ends"
+    );
+    f.app.clock.advance(Duration::minutes(1));
+    assert_eq!(f.authorize(&request).0, 200);
+}
