@@ -100,3 +100,323 @@ pub fn verify_authorization<'k>(
     }
     Ok((auth, license))
 }
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::SigningKey;
+    use time::Duration;
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::keys::generate_signing_key;
+    use crate::wire::{
+        ApplianceBinding, AuthorizationState, FORMAT_VERSION, GrantedItem, LicenseItem, Model,
+    };
+
+    const NOW: OffsetDateTime = datetime!(2030-06-01 12:00 UTC);
+    const DEVICE: &str = "6f1c2a4e-8b9d-4c3e-a1f2-0123456789ab";
+    const NONCE: &str = "bm9uY2Utb2YtdGhlLWRldmljZQ";
+
+    /// A vendor, an appliance, and a license the vendor issued for that appliance.
+    struct Fixture {
+        vendor: SigningKey,
+        appliance: SigningKey,
+        license: License,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let vendor = generate_signing_key();
+            let appliance = generate_signing_key();
+            let public = appliance.verifying_key();
+            let license = License {
+                v: FORMAT_VERSION,
+                license_id: "LIC-0042".into(),
+                version: 3,
+                vendor: "Acme Imaging".into(),
+                organization_id: "200001".into(),
+                issued_at: NOW - Duration::days(30),
+                appliance: ApplianceBinding {
+                    installation_id: keys::installation_id(&public),
+                    public_key: keys::public_key_b64(&public),
+                },
+                items: vec![LicenseItem {
+                    item_id: "LIC-0042-1".into(),
+                    product: "barcode-reader".into(),
+                    model: Model::PerDevice,
+                    quota: 100,
+                    starts_at: NOW - Duration::days(30),
+                    expires_at: NOW + Duration::days(335),
+                    offline_days: 7,
+                    features: vec!["qr".into(), "pdf417".into()],
+                    counter: None,
+                    max_exceptions: None,
+                    grace_days: None,
+                    tokens_per_pass: None,
+                }],
+            };
+            Fixture {
+                vendor,
+                appliance,
+                license,
+            }
+        }
+
+        /// What the appliance would sign for `DEVICE` in answer to `NONCE`.
+        fn authorization(&self) -> Authorization {
+            Authorization {
+                v: FORMAT_VERSION,
+                lease_id: "lease-1".into(),
+                installation_id: self.license.appliance.installation_id.clone(),
+                organization_id: "200001".into(),
+                handshake_code: "default".into(),
+                product: "barcode-reader".into(),
+                device_uuid: DEVICE.into(),
+                instance: None,
+                user: None,
+                items: vec![GrantedItem {
+                    item_id: "LIC-0042-1".into(),
+                    model: Model::PerDevice,
+                    features: vec!["qr".into()],
+                    expires_at: NOW + Duration::days(335),
+                }],
+                issued_at: NOW - Duration::hours(1),
+                expires_at: NOW + Duration::days(7) - Duration::hours(1),
+                nonce: NONCE.into(),
+                state: AuthorizationState::Ok,
+            }
+        }
+
+        fn license_jws(&self) -> String {
+            jws::sign(Typ::License, &self.license, &self.vendor)
+        }
+
+        fn authorization_jws(&self, auth: &Authorization) -> String {
+            jws::sign(Typ::Authorization, auth, &self.appliance)
+        }
+
+        /// Runs the device's check of `auth` (signed by the appliance) with `expect`.
+        fn check(
+            &self,
+            auth: &Authorization,
+            expect: Expectation<'_>,
+        ) -> Result<(Authorization, License), ChainError> {
+            let vendor = self.vendor.verifying_key();
+            verify_authorization(
+                &self.authorization_jws(auth),
+                &self.license_jws(),
+                [&vendor],
+                expect,
+            )
+        }
+    }
+
+    fn expect_fresh() -> Expectation<'static> {
+        Expectation {
+            device_uuid: DEVICE,
+            nonce: Some(NONCE),
+            now: NOW,
+        }
+    }
+
+    #[test]
+    fn a_good_chain_verifies_with_and_without_the_nonce() {
+        let fx = Fixture::new();
+        let auth = fx.authorization();
+        let (verified, license) = fx.check(&auth, expect_fresh()).unwrap();
+        assert_eq!(verified, auth);
+        assert_eq!(license, fx.license);
+
+        // A stored authorization is re-checked offline without a nonce.
+        let stored = Expectation {
+            nonce: None,
+            ..expect_fresh()
+        };
+        assert_eq!(fx.check(&auth, stored).unwrap().0, auth);
+
+        // The device UUID is compared case-insensitively (UUIDs have no case).
+        let upper = DEVICE.to_ascii_uppercase();
+        let shouting = Expectation {
+            device_uuid: &upper,
+            ..expect_fresh()
+        };
+        assert!(fx.check(&auth, shouting).is_ok());
+
+        // The license line as read from a file, with its trailing newline.
+        let vendor = fx.vendor.verifying_key();
+        let (license, appliance) = verify_license(&format!("{}\n", fx.license_jws()), [&vendor])
+            .expect("a trailing newline is tolerated");
+        assert_eq!(license, fx.license);
+        assert_eq!(appliance, fx.appliance.verifying_key());
+    }
+
+    #[test]
+    fn a_license_signed_by_an_unknown_vendor_is_refused() {
+        let fx = Fixture::new();
+        let stranger = generate_signing_key();
+        let license_jws = jws::sign(Typ::License, &fx.license, &stranger);
+        let vendor = fx.vendor.verifying_key();
+        let err = verify_authorization(
+            &fx.authorization_jws(&fx.authorization()),
+            &license_jws,
+            [&vendor],
+            expect_fresh(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ChainError::License(JwsError::UnknownKey(ref kid)) if *kid == keys::kid(&stranger.verifying_key())),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_license_with_a_tampered_payload_is_refused() {
+        let fx = Fixture::new();
+        let genuine = fx.license_jws();
+        let mut richer = fx.license.clone();
+        richer.items[0].quota = 100_000;
+        let forged_payload = jws::sign(Typ::License, &richer, &fx.vendor);
+        // Genuine header and signature around another payload.
+        let parts: Vec<&str> = genuine.split('.').collect();
+        let payload = forged_payload.split('.').nth(1).unwrap();
+        let forged = format!("{}.{}.{}", parts[0], payload, parts[2]);
+        let vendor = fx.vendor.verifying_key();
+        assert!(matches!(
+            verify_license(&forged, [&vendor]),
+            Err(ChainError::License(JwsError::BadSignature))
+        ));
+    }
+
+    #[test]
+    fn an_authorization_signed_by_another_key_is_refused() {
+        let fx = Fixture::new();
+        let auth = fx.authorization();
+        let vendor = fx.vendor.verifying_key();
+        // A forger without the appliance key signs with its own key...
+        let forger = generate_signing_key();
+        let forged = jws::sign(Typ::Authorization, &auth, &forger);
+        let err = verify_authorization(&forged, &fx.license_jws(), [&vendor], expect_fresh())
+            .unwrap_err();
+        assert!(
+            matches!(err, ChainError::Authorization(JwsError::UnknownKey(_))),
+            "{err:?}"
+        );
+        // ...or copies the appliance's kid into its header: the signature still fails.
+        let header = jws::Header {
+            alg: "EdDSA".into(),
+            typ: Some(Typ::Authorization.as_str().into()),
+            kid: Some(keys::kid(&fx.appliance.verifying_key())),
+        };
+        let forged = jws::sign_raw(&header, &serde_json::to_vec(&auth).unwrap(), &forger);
+        let err = verify_authorization(&forged, &fx.license_jws(), [&vendor], expect_fresh())
+            .unwrap_err();
+        assert!(
+            matches!(err, ChainError::Authorization(JwsError::BadSignature)),
+            "{err:?}"
+        );
+        // The vendor key itself does not sign authorizations either.
+        let by_vendor = jws::sign(Typ::Authorization, &auth, &fx.vendor);
+        assert!(matches!(
+            verify_authorization(&by_vendor, &fx.license_jws(), [&vendor], expect_fresh()),
+            Err(ChainError::Authorization(_))
+        ));
+        // Nor does a license pass for an authorization (typ is checked).
+        assert!(matches!(
+            verify_authorization(
+                &fx.license_jws(),
+                &fx.license_jws(),
+                [&vendor],
+                expect_fresh()
+            ),
+            Err(ChainError::Authorization(JwsError::Type { .. }))
+        ));
+    }
+
+    #[test]
+    fn an_expired_authorization_is_refused() {
+        let fx = Fixture::new();
+        let mut auth = fx.authorization();
+        auth.expires_at = NOW - Duration::seconds(1);
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::Expired(at)) if at == auth.expires_at
+        ));
+        // Expiry is exclusive: at the instant itself the authorization is over.
+        auth.expires_at = NOW;
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::Expired(_))
+        ));
+    }
+
+    #[test]
+    fn an_authorization_for_another_device_is_refused() {
+        let fx = Fixture::new();
+        let mut auth = fx.authorization();
+        auth.device_uuid = "00000000-0000-4000-8000-000000000000".into();
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::WrongDevice { expected, found })
+                if expected == DEVICE && found == auth.device_uuid
+        ));
+    }
+
+    #[test]
+    fn an_authorization_answering_another_nonce_is_refused() {
+        let fx = Fixture::new();
+        let mut auth = fx.authorization();
+        auth.nonce = "c29tZW9uZS1lbHNlcy1ub25jZQ".into();
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::WrongNonce)
+        ));
+    }
+
+    #[test]
+    fn an_authorization_granting_an_item_outside_the_license_is_refused() {
+        let fx = Fixture::new();
+        let mut auth = fx.authorization();
+        auth.items.push(GrantedItem {
+            item_id: "LIC-9999-1".into(),
+            model: Model::Standalone,
+            features: vec![],
+            expires_at: NOW + Duration::days(1),
+        });
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::ForeignItem(item)) if item == "LIC-9999-1"
+        ));
+    }
+
+    #[test]
+    fn an_authorization_claiming_another_appliance_is_refused() {
+        let fx = Fixture::new();
+        let mut auth = fx.authorization();
+        auth.installation_id = keys::installation_id(&generate_signing_key().verifying_key());
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::WrongAppliance { expected, found })
+                if expected == fx.license.appliance.installation_id && found == auth.installation_id
+        ));
+    }
+
+    #[test]
+    fn a_license_whose_installation_id_does_not_match_its_key_is_refused() {
+        let mut fx = Fixture::new();
+        // The vendor signed it, but the binding is inconsistent: the id names another key.
+        fx.license.appliance.installation_id =
+            keys::installation_id(&generate_signing_key().verifying_key());
+        let err = fx.check(&fx.authorization(), expect_fresh()).unwrap_err();
+        assert!(
+            matches!(err, ChainError::Binding { ref license_id } if license_id == "LIC-0042"),
+            "{err:?}"
+        );
+        // A public key that is not a valid key at all is a binding error too.
+        let mut fx = Fixture::new();
+        fx.license.appliance.public_key = "not-a-key".into();
+        assert!(matches!(
+            fx.check(&fx.authorization(), expect_fresh()),
+            Err(ChainError::Binding { .. })
+        ));
+    }
+}

@@ -9,6 +9,8 @@
 //! The appliance uses these types directly, so the two sides cannot drift apart.
 
 pub mod chain;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod jws;
 pub mod keys;
 pub mod wire;

@@ -1,0 +1,1996 @@
+//! The device client: what a vendor's product embeds to authorize against a keygate appliance,
+//! keep working offline, and report usage.
+//!
+//! A [`Client`] is blocking (ureq over rustls) and keeps its state in a directory of its own
+//! ([`ClientConfig::state_dir`]), so a device that restarts, or comes back after days offline,
+//! carries on where it stopped:
+//!
+//! - [`Client::authorize`] asks the appliance for an authorization and verifies the whole trust
+//!   chain (vendor key -> license -> authorization) before storing it.
+//! - [`Client::check`] re-verifies the stored chain offline, at the local time. This is the call
+//!   a product makes to decide whether it may run: it fails once the authorization expired, and
+//!   when the device clock was set back to stretch the offline allowance.
+//! - [`Client::record`] counts usage into the open period; [`Client::flush`] closes the period
+//!   into a numbered report and sends every unacknowledged report. The appliance counts each
+//!   report once however often it is sent, so nothing is lost or double-counted across crashes,
+//!   restarts, lost answers or days offline. Every answer also renews the authorization.
+//! - [`Client::tick`] flushes when the report interval (3 minutes) has elapsed: call it from the
+//!   product's own loop.
+//! - [`Client::release`] gives the seat back.
+//!
+//! ```no_run
+//! use keygate_sdk::client::{Client, ClientConfig, TlsTrust};
+//! use keygate_sdk::keys;
+//! use keygate_sdk::wire::DeviceInfo;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let vendor_key = keys::public_key_from_pem(&std::fs::read_to_string("vendor.pub")?)?;
+//! let device = DeviceInfo {
+//!     uuid: "6f1c2a4e-8b9d-4c3e-a1f2-0123456789ab".into(),
+//!     ..DeviceInfo::default()
+//! };
+//! let mut config = ClientConfig::new(
+//!     ["https://10.0.0.5:8443"],
+//!     vec![vendor_key],
+//!     "barcode-reader",
+//!     device,
+//!     "/var/lib/acme/keygate",
+//!     TlsTrust::Pinned(std::fs::read("appliance.pem")?),
+//! );
+//! config.handshake_code = Some("ACME-LAB".into());
+//! let mut client = Client::new(config)?;
+//!
+//! let grant = match client.check() {
+//!     Ok(grant) => grant,
+//!     Err(_) => client.authorize()?,
+//! };
+//! if grant.has_feature("qr") {
+//!     client.record(&grant.authorization.items[0].item_id, "scans", 1)?;
+//! }
+//! loop {
+//!     client.check()?; // stop working when this fails
+//!     if let Some(Err(e)) = client.tick() {
+//!         eprintln!("usage stays buffered: {e}");
+//!     }
+//!     # break;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Files
+//! The state directory holds `state.json` (the authorization and license, the lease, the usage
+//! stream and its next sequence number, the open period's counters, the newest time seen),
+//! `backlog.json` (closed reports the appliance has not acknowledged yet) and `lock`. Both JSON
+//! files are replaced atomically (temporary file, fsync, rename), so a crash or power loss leaves
+//! either the old or the new version. The backlog has a file of its own so that
+//! [`Client::record`], which is durable, rewrites only the small state file even when days of
+//! offline reports are waiting. One process at a time owns a state directory.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::{self, File, TryLockError};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use data_encoding::BASE64URL_NOPAD;
+use ed25519_dalek::VerifyingKey;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::chain::{self, ChainError, Expectation};
+use crate::jws;
+use crate::wire::{
+    ApplianceInfo, Authorization, AuthorizationState, AuthorizeRequest, AuthorizeResponse,
+    DeviceInfo, ErrorBody, ErrorCode, ErrorDetail, GrantedItem, License, LicenseItem,
+    REPORT_INTERVAL_S, ReleaseRequest, ReleaseResponse, UsageReport, UsageRequest, UsageResponse,
+    Validation,
+};
+
+/// How long one request may take, connection included, before the next URL is tried.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most reports one usage request carries; a longer backlog goes in several requests.
+pub const MAX_REPORTS_PER_REQUEST: usize = 1000;
+
+/// How far the local clock may lag behind the newest time the client has seen before
+/// [`Client::check`] reports [`ClientError::ClockRolledBack`]: covers ordinary drift between
+/// the device and the appliance, and clock corrections.
+pub const CLOCK_TOLERANCE: time::Duration = time::Duration::minutes(5);
+
+const STATE_FILE: &str = "state.json";
+const BACKLOG_FILE: &str = "backlog.json";
+const LOCK_FILE: &str = "lock";
+const STATE_VERSION: u32 = 1;
+/// Answers larger than this are not read (an authorization and its license take a few KiB).
+const MAX_RESPONSE_BYTES: u64 = 4 << 20;
+/// [`Client::check`] persists the advance of the newest time seen once it has moved this far,
+/// rather than writing the state file on every check.
+const NEWEST_PERSIST_STEP: time::Duration = time::Duration::minutes(1);
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+
+/// Which TLS certificates the client trusts when it connects to the appliance.
+#[derive(Clone)]
+pub enum TlsTrust {
+    /// Trust exactly these PEM certificate(s) and nothing else (not the system's roots): the
+    /// appliance's self-signed certificate, or the CA that IT used to issue the appliance's
+    /// certificate. The certificate must name the host or IP address of the URLs.
+    Pinned(Vec<u8>),
+    /// Accept any certificate, for labs and first steps only.
+    ///
+    /// Authorizations stay safe: the client verifies their signatures up to the vendor key,
+    /// so a man in the middle cannot forge or alter one. But whoever sits in the middle reads
+    /// everything the device sends, in particular the session password, and can answer in the
+    /// appliance's place (refuse authorizations, acknowledge usage reports that then never
+    /// reach the appliance).
+    AcceptAnyCertificate,
+}
+
+impl fmt::Debug for TlsTrust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsTrust::Pinned(pem) => write!(f, "Pinned(<{} bytes of PEM>)", pem.len()),
+            TlsTrust::AcceptAnyCertificate => f.write_str("AcceptAnyCertificate"),
+        }
+    }
+}
+
+/// The source of "now" for the client. The system clock unless a test substitutes its own.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> OffsetDateTime + Send + Sync>);
+
+impl Clock {
+    /// The system's UTC clock.
+    pub fn system() -> Self {
+        Clock(Arc::new(OffsetDateTime::now_utc))
+    }
+
+    /// A clock that asks `now` (for tests that move the device clock).
+    pub fn from_fn(now: impl Fn() -> OffsetDateTime + Send + Sync + 'static) -> Self {
+        Clock(Arc::new(now))
+    }
+
+    pub fn now(&self) -> OffsetDateTime {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::system()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
+/// Everything a [`Client`] needs to know. Build it with [`ClientConfig::new`], then set the
+/// optional fields directly.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// Base URLs of the appliance, e.g. `https://10.0.0.5:8443`, tried in order: when one
+    /// cannot be reached (connection, TLS or timeout failure) the next is tried. An HTTP answer
+    /// is final, whatever its status.
+    pub urls: Vec<String>,
+    /// The vendor public keys the product trusts (usually one, compiled into the product).
+    pub vendor_keys: Vec<VerifyingKey>,
+    pub organization_id: Option<String>,
+    pub handshake_code: Option<String>,
+    /// Sent with [`Client::authorize`] only, never stored. Redacted in `Debug`.
+    pub session_password: Option<String>,
+    pub validation: Option<Validation>,
+    /// The product to authorize, as named in the license items.
+    pub product: String,
+    /// The device: `uuid` is required; `instance`, `user` and `name` as the models need them.
+    pub device: DeviceInfo,
+    /// Where the client keeps its state (created if needed). One process at a time.
+    pub state_dir: PathBuf,
+    /// How often [`Client::tick`] reports usage (default 180 s, as the appliance expects).
+    pub report_interval: Duration,
+    /// Time limit of one request to one URL (default [`DEFAULT_TIMEOUT`]).
+    pub timeout: Duration,
+    pub tls: TlsTrust,
+    /// The device clock (default: the system clock).
+    pub clock: Clock,
+}
+
+impl ClientConfig {
+    /// A configuration with the required fields, no handshake code, organization, password or
+    /// validation, the 3-minute report interval and the default timeout.
+    pub fn new(
+        urls: impl IntoIterator<Item = impl Into<String>>,
+        vendor_keys: Vec<VerifyingKey>,
+        product: impl Into<String>,
+        device: DeviceInfo,
+        state_dir: impl Into<PathBuf>,
+        tls: TlsTrust,
+    ) -> Self {
+        ClientConfig {
+            urls: urls.into_iter().map(Into::into).collect(),
+            vendor_keys,
+            organization_id: None,
+            handshake_code: None,
+            session_password: None,
+            validation: None,
+            product: product.into(),
+            device,
+            state_dir: state_dir.into(),
+            report_interval: Duration::from_secs(REPORT_INTERVAL_S),
+            timeout: DEFAULT_TIMEOUT,
+            tls,
+            clock: Clock::system(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ClientError> {
+        let invalid = |why: &str| Err(ClientError::Config(why.to_string()));
+        if self.urls.is_empty() {
+            return invalid("at least one appliance URL is required");
+        }
+        if let Some(url) = self.urls.iter().find(|u| !u.starts_with("https://")) {
+            return Err(ClientError::Config(format!(
+                "appliance URL {url:?} must start with https:// (the appliance speaks HTTPS only)"
+            )));
+        }
+        if self.vendor_keys.is_empty() {
+            return invalid("at least one vendor public key is required");
+        }
+        if self.product.trim().is_empty() {
+            return invalid("the product name is empty");
+        }
+        if self.device.uuid.trim().is_empty() {
+            return invalid("the device UUID is empty");
+        }
+        if self.report_interval.is_zero() || self.timeout.is_zero() {
+            return invalid("the report interval and the timeout must be positive");
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("urls", &self.urls)
+            .field(
+                "vendor_keys",
+                &self
+                    .vendor_keys
+                    .iter()
+                    .map(crate::keys::kid)
+                    .collect::<Vec<_>>(),
+            )
+            .field("organization_id", &self.organization_id)
+            .field("handshake_code", &self.handshake_code)
+            .field(
+                "session_password",
+                &self.session_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("validation", &self.validation)
+            .field("product", &self.product)
+            .field("device", &self.device)
+            .field("state_dir", &self.state_dir)
+            .field("report_interval", &self.report_interval)
+            .field("timeout", &self.timeout)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results and errors
+
+/// A verified authorization with the license that grants it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub authorization: Authorization,
+    pub license: License,
+}
+
+impl Grant {
+    /// Until when the device may work without reaching the appliance.
+    pub fn expires_at(&self) -> OffsetDateTime {
+        self.authorization.expires_at
+    }
+
+    /// `ok`, `tolerance` (over quota, inside the tolerance) or `grace` (tokens).
+    pub fn state(&self) -> AuthorizationState {
+        self.authorization.state
+    }
+
+    /// Whether any granted item carries `feature`.
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.authorization
+            .items
+            .iter()
+            .any(|item| item.features.iter().any(|f| f == feature))
+    }
+
+    pub fn item(&self, item_id: &str) -> Option<&GrantedItem> {
+        self.authorization
+            .items
+            .iter()
+            .find(|item| item.item_id == item_id)
+    }
+
+    /// The license's terms of a granted item (quota, model fields, validity).
+    pub fn license_item(&self, item_id: &str) -> Option<&LicenseItem> {
+        self.license
+            .items
+            .iter()
+            .find(|item| item.item_id == item_id)
+    }
+}
+
+/// What one [`Client::flush`] achieved.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FlushOutcome {
+    /// Reports sent (each at most once per flush).
+    pub sent: usize,
+    /// Reports the appliance counted now.
+    pub accepted: u64,
+    /// Reports it had counted before (a retry after a lost answer): counted once.
+    pub duplicates: u64,
+    /// The highest sequence number of this device's stream the appliance has stored.
+    pub acked_seq: u64,
+    /// Reports still waiting (0 unless the appliance became unreachable midway).
+    pub pending: usize,
+    /// The newest authorization stored during this flush (verified first).
+    pub renewed: Option<Grant>,
+    /// Why the appliance's last answer did not renew the authorization (quota past its cutoff,
+    /// lease revoked, item expired). The reports were counted all the same, and the stored
+    /// authorization stays: the device keeps working offline until it expires. A backlog sent in
+    /// several requests can have both: renewed by an early answer, refused by the last one.
+    pub renewal_error: Option<ErrorDetail>,
+    /// The appliance did not know the lease any more (its data was restored, or the lease
+    /// was purged) and the client authorized again before sending the reports.
+    pub reauthorized: bool,
+}
+
+/// The client's local bookkeeping, for display and diagnostics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    /// The usage stream id (a UUID chosen once, when the state directory was created).
+    pub stream: String,
+    /// The sequence number the next report will get.
+    pub next_seq: u64,
+    /// Closed reports the appliance has not acknowledged yet.
+    pub pending_reports: usize,
+    /// When the open period started (its first recorded usage), if it has counters.
+    pub open_since: Option<OffsetDateTime>,
+    /// The open period's counters, per item id, per counter name.
+    pub open_counters: BTreeMap<String, BTreeMap<String, u64>>,
+    pub lease_id: Option<String>,
+    /// Expiry of the stored authorization (not re-verified here: see [`Client::check`]).
+    pub authorized_until: Option<OffsetDateTime>,
+    /// The newest time seen from the appliance or the local clock.
+    pub newest_time_seen: Option<OffsetDateTime>,
+    /// The last time the appliance answered (any status).
+    pub last_contact: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid client configuration: {0}")]
+    Config(String),
+    #[error("the state directory {} is in use by another process", .path.display())]
+    StateLocked { path: PathBuf },
+    #[error("cannot {action} {}: {source}", .path.display())]
+    StateIo {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the client state in {} is unusable ({reason}); removing the directory resets the \
+         device (its unsent usage is lost)",
+        .path.display()
+    )]
+    StateCorrupt { path: PathBuf, reason: String },
+    #[error("no appliance could be reached: {}", .attempts.join("; "))]
+    Unreachable {
+        /// One line per URL tried: the URL and why it failed.
+        attempts: Vec<String>,
+    },
+    #[error("the appliance answered {code}: {message} (HTTP {status})")]
+    Api {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("unexpected answer from the appliance (HTTP {status}): {detail}")]
+    UnexpectedResponse { status: u16, detail: String },
+    #[error("the appliance's answer does not verify: {0}")]
+    Chain(#[source] ChainError),
+    #[error("the authorization is for product {found:?}, not {expected:?}")]
+    WrongProduct { expected: String, found: String },
+    #[error("this device holds no authorization: authorize while the appliance is reachable")]
+    NotAuthorized,
+    #[error(
+        "the authorization expired at {}: connect to the appliance to renew it",
+        rfc3339(.expires_at)
+    )]
+    Expired { expires_at: OffsetDateTime },
+    #[error(
+        "the device clock ({}) is behind the newest time already seen ({}) by more than {} \
+         minutes: set the clock right",
+        rfc3339(.local),
+        rfc3339(.newest_seen),
+        CLOCK_TOLERANCE.whole_minutes()
+    )]
+    ClockRolledBack {
+        local: OffsetDateTime,
+        newest_seen: OffsetDateTime,
+    },
+    #[error("item {item_id} is not granted by this device's authorization")]
+    UnknownItem { item_id: String },
+}
+
+impl ClientError {
+    /// The protocol error code, for errors the appliance answered.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether no appliance URL could be reached (the device is offline).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Unreachable { .. })
+    }
+}
+
+fn rfc3339(t: &OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persisted state
+
+/// `state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct State {
+    v: u32,
+    /// The usage stream: a UUID v4 chosen when the state was created, kept forever.
+    stream: String,
+    next_seq: u64,
+    authorization: Option<String>,
+    license: Option<String>,
+    lease_id: Option<String>,
+    #[serde(default)]
+    open: OpenPeriod,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    newest_time_seen: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    last_contact: Option<OffsetDateTime>,
+}
+
+impl State {
+    fn new() -> Self {
+        State {
+            v: STATE_VERSION,
+            stream: uuid::Uuid::new_v4().to_string(),
+            next_seq: 1,
+            authorization: None,
+            license: None,
+            lease_id: None,
+            open: OpenPeriod::default(),
+            newest_time_seen: None,
+            last_contact: None,
+        }
+    }
+}
+
+/// The usage counted since the last report was closed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct OpenPeriod {
+    /// When the first usage of this period was recorded.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    from: Option<OffsetDateTime>,
+    /// item id -> counter name -> amount.
+    #[serde(default)]
+    counters: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+impl OpenPeriod {
+    fn add(&mut self, item_id: &str, counter: &str, amount: u64, now: OffsetDateTime) {
+        self.from.get_or_insert(now);
+        let total = self
+            .counters
+            .entry(item_id.to_string())
+            .or_default()
+            .entry(counter.to_string())
+            .or_default();
+        *total = total.saturating_add(amount);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.counters.values().all(BTreeMap::is_empty)
+    }
+}
+
+/// `backlog.json`: closed reports not acknowledged yet, in `seq` order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Backlog {
+    stream: String,
+    reports: Vec<UsageReport>,
+}
+
+/// Closes the open period: one report per item that has counters, numbered from `next_seq`,
+/// covering `[from, now]`. An empty period makes no report.
+fn close_period(
+    open: &mut OpenPeriod,
+    next_seq: &mut u64,
+    now: OffsetDateTime,
+) -> Vec<UsageReport> {
+    let period = std::mem::take(open);
+    let from = period.from.unwrap_or(now);
+    // A clock set back while the period was open must not make a report end before it starts.
+    let to = now.max(from);
+    let mut reports = Vec::new();
+    for (item_id, counters) in period.counters {
+        if counters.is_empty() {
+            continue;
+        }
+        reports.push(UsageReport {
+            seq: *next_seq,
+            item_id,
+            from,
+            to,
+            counters,
+        });
+        *next_seq = next_seq.saturating_add(1);
+    }
+    reports
+}
+
+/// The next request's reports: the oldest `max` of the backlog (an empty slice is a heartbeat).
+fn next_chunk(backlog: &[UsageReport], max: usize) -> &[UsageReport] {
+    &backlog[..backlog.len().min(max)]
+}
+
+/// Drops the reports the appliance has stored (`seq <= acked_seq`); returns how many.
+fn trim_acked(backlog: &mut Vec<UsageReport>, acked_seq: u64) -> usize {
+    let before = backlog.len();
+    backlog.retain(|report| report.seq > acked_seq);
+    before - backlog.len()
+}
+
+/// Repairs what a crash between the two files' writes leaves behind. Closing a period writes
+/// the backlog first, then the state: if the backlog already holds reports numbered from the
+/// state's `next_seq`, the open period was closed into them and must not be counted again.
+fn reconcile(state: &mut State, backlog: &mut Backlog) {
+    backlog.reports.sort_by_key(|report| report.seq);
+    backlog.reports.dedup_by_key(|report| report.seq);
+    if let Some(last) = backlog.reports.last()
+        && last.seq >= state.next_seq
+    {
+        state.next_seq = last.seq.saturating_add(1);
+        state.open = OpenPeriod::default();
+    }
+}
+
+/// Fails when the local clock is behind the newest time seen by more than [`CLOCK_TOLERANCE`].
+fn detect_rollback(
+    local: OffsetDateTime,
+    newest_seen: Option<OffsetDateTime>,
+) -> Result<(), ClientError> {
+    match newest_seen {
+        Some(newest_seen) if local + CLOCK_TOLERANCE < newest_seen => {
+            Err(ClientError::ClockRolledBack { local, newest_seen })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn advance(newest: &mut Option<OffsetDateTime>, seen: OffsetDateTime) {
+    if newest.is_none_or(|n| seen > n) {
+        *newest = Some(seen);
+    }
+}
+
+/// Whether [`Client::tick`] should flush: at once the first time, then every `interval`.
+fn flush_due(last_attempt: Option<Instant>, now: Instant, interval: Duration) -> bool {
+    last_attempt.is_none_or(|last| now.saturating_duration_since(last) >= interval)
+}
+
+/// 32 random bytes, base64url: 43 characters, inside the protocol's 16 to 64.
+fn new_nonce() -> Result<String, ClientError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        ClientError::Config(format!("the system's random source is unavailable: {e}"))
+    })?;
+    Ok(BASE64URL_NOPAD.encode(&bytes))
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the new content:
+/// write a temporary file next to it, fsync it, rename it over `path`, fsync the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    #[cfg(unix)]
+    if let Some(dir) = path.parent() {
+        File::open(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })?
+        .sync_all()?;
+    }
+    Ok(())
+}
+
+/// Reads and parses a JSON file; `None` when it does not exist.
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ClientError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ClientError::StateIo {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| ClientError::StateCorrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ClientError> {
+    let bytes = serde_json::to_vec_pretty(value).expect("the client state always serializes");
+    write_atomic(path, &bytes).map_err(|source| ClientError::StateIo {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The state directory: its two files and the lock that keeps other processes out.
+struct Store {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl Store {
+    fn open(dir: &Path) -> Result<Store, ClientError> {
+        let io_error = |action, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ClientError::StateIo {
+                action,
+                path,
+                source,
+            }
+        };
+        fs::create_dir_all(dir).map_err(io_error("create", dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error("open", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(ClientError::StateLocked {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err(TryLockError::Error(source)) => {
+                return Err(ClientError::StateIo {
+                    action: "lock",
+                    path: lock_path,
+                    source,
+                });
+            }
+        }
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    /// Loads the state, or creates it (with a new stream) in a new directory.
+    fn load(&self) -> Result<(State, Backlog), ClientError> {
+        let state_path = self.dir.join(STATE_FILE);
+        let backlog_path = self.dir.join(BACKLOG_FILE);
+        let stored: Option<State> = read_json(&state_path)?;
+        let fresh = stored.is_none();
+        let mut state = stored.unwrap_or_else(State::new);
+        if state.v > STATE_VERSION {
+            return Err(ClientError::StateCorrupt {
+                path: state_path,
+                reason: format!("written by a newer SDK (format {})", state.v),
+            });
+        }
+        let mut backlog = match read_json::<Backlog>(&backlog_path)? {
+            Some(backlog) if backlog.stream == state.stream => backlog,
+            Some(backlog) if !backlog.reports.is_empty() => {
+                return Err(ClientError::StateCorrupt {
+                    path: backlog_path,
+                    reason: format!(
+                        "its reports belong to stream {}, the state's stream is {}",
+                        backlog.stream, state.stream
+                    ),
+                });
+            }
+            _ => Backlog {
+                stream: state.stream.clone(),
+                reports: Vec::new(),
+            },
+        };
+        reconcile(&mut state, &mut backlog);
+        if fresh {
+            self.save_backlog(&backlog)?;
+            self.save_state(&state)?;
+        }
+        Ok((state, backlog))
+    }
+
+    fn save_state(&self, state: &State) -> Result<(), ClientError> {
+        write_json(&self.dir.join(STATE_FILE), state)
+    }
+
+    fn save_backlog(&self, backlog: &Backlog) -> Result<(), ClientError> {
+        write_json(&self.dir.join(BACKLOG_FILE), backlog)
+    }
+}
+
+/// Reads a stored authorization's payload without verifying it (for bookkeeping only: it was
+/// verified before it was stored, and [`Client::check`] verifies it again).
+fn decode_authorization(jws: &str) -> Option<Authorization> {
+    jws::Token::decode(jws).ok()?.payload_as().ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+
+fn build_agent(config: &ClientConfig) -> Result<ureq::Agent, ClientError> {
+    use ureq::tls::{PemItem, RootCerts, TlsConfig};
+    let tls = match &config.tls {
+        TlsTrust::Pinned(pem) => {
+            let mut certs = Vec::new();
+            for item in ureq::tls::parse_pem(pem) {
+                match item {
+                    Ok(PemItem::Certificate(cert)) => certs.push(cert),
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(ClientError::Config(format!(
+                            "the pinned certificate is not valid PEM: {e}"
+                        )));
+                    }
+                }
+            }
+            if certs.is_empty() {
+                return Err(ClientError::Config(
+                    "the pinned PEM holds no certificate".into(),
+                ));
+            }
+            TlsConfig::builder()
+                .root_certs(RootCerts::new_with_certs(&certs))
+                .build()
+        }
+        TlsTrust::AcceptAnyCertificate => TlsConfig::builder().disable_verification(true).build(),
+    };
+    Ok(ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .https_only(true)
+        .max_redirects(0)
+        .timeout_global(Some(config.timeout))
+        .user_agent(format!("keygate-sdk/{}", env!("CARGO_PKG_VERSION")))
+        .tls_config(tls)
+        .build()
+        .new_agent())
+}
+
+/// Turns an HTTP answer into the expected body or the protocol's error.
+fn interpret<T: DeserializeOwned>(status: u16, body: &[u8]) -> Result<T, ClientError> {
+    let excerpt = || {
+        let text = String::from_utf8_lossy(body);
+        let mut excerpt: String = text.chars().take(200).collect();
+        if text.chars().count() > 200 {
+            excerpt.push('…');
+        }
+        excerpt
+    };
+    if (200..300).contains(&status) {
+        return serde_json::from_slice(body).map_err(|e| ClientError::UnexpectedResponse {
+            status,
+            detail: format!("{e}: {}", excerpt()),
+        });
+    }
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(ErrorBody { error }) => Err(ClientError::Api {
+            status,
+            code: error.code,
+            message: error.message,
+        }),
+        Err(_) => Err(ClientError::UnexpectedResponse {
+            status,
+            detail: excerpt(),
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client
+
+/// A device's connection to its keygate appliance, with its offline state. See the module
+/// documentation.
+pub struct Client {
+    config: ClientConfig,
+    agent: ureq::Agent,
+    store: Store,
+    state: State,
+    backlog: Backlog,
+    /// The stored authorization's payload.
+    current: Option<Authorization>,
+    /// The URL that answered last: tried first next time.
+    preferred_url: usize,
+    last_flush_attempt: Option<Instant>,
+    /// `state.newest_time_seen` as last written to disk.
+    persisted_newest: Option<OffsetDateTime>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("config", &self.config)
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Checks the configuration, creates the state directory if needed, takes its lock and
+    /// loads the state (a new directory gets a new usage stream). No network traffic.
+    pub fn new(config: ClientConfig) -> Result<Client, ClientError> {
+        config.validate()?;
+        let agent = build_agent(&config)?;
+        let store = Store::open(&config.state_dir)?;
+        let (state, backlog) = store.load()?;
+        let current = state
+            .authorization
+            .as_deref()
+            .and_then(decode_authorization);
+        Ok(Client {
+            persisted_newest: state.newest_time_seen,
+            config,
+            agent,
+            store,
+            state,
+            backlog,
+            current,
+            preferred_url: 0,
+            last_flush_attempt: None,
+        })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// The local bookkeeping: stream, sequence numbers, backlog, open period, lease.
+    pub fn status(&self) -> Status {
+        Status {
+            stream: self.state.stream.clone(),
+            next_seq: self.state.next_seq,
+            pending_reports: self.backlog.reports.len(),
+            open_since: self.state.open.from,
+            open_counters: self.state.open.counters.clone(),
+            lease_id: self.state.lease_id.clone(),
+            authorized_until: self.current.as_ref().map(|auth| auth.expires_at),
+            newest_time_seen: self.state.newest_time_seen,
+            last_contact: self.state.last_contact,
+        }
+    }
+
+    /// Asks the appliance for an authorization (`POST /api/v1/authorize`) with a fresh nonce,
+    /// verifies the chain (vendor key, license, appliance signature, this device, the nonce,
+    /// not expired at the local time, this product), stores it and returns it.
+    ///
+    /// Authorizing again from the same device reuses its seat. On an error nothing stored
+    /// changes: a previous authorization stays usable offline until it expires.
+    pub fn authorize(&mut self) -> Result<Grant, ClientError> {
+        let nonce = new_nonce()?;
+        let request = AuthorizeRequest {
+            organization_id: self.config.organization_id.clone(),
+            handshake_code: self.config.handshake_code.clone(),
+            session_password: self.config.session_password.clone(),
+            product: self.config.product.clone(),
+            device: self.config.device.clone(),
+            validation: self.config.validation.clone(),
+            nonce: nonce.clone(),
+        };
+        let response: AuthorizeResponse = self.post("/api/v1/authorize", &request)?;
+        let now = self.now();
+        self.state.last_contact = Some(now);
+        let grant = self.verify(
+            &response.authorization,
+            &response.license,
+            Some(&nonce),
+            now,
+        )?;
+        // The appliance has just vouched for the time (the nonce proves the authorization is
+        // fresh), so the mark restarts from it: a device clock that was once set too far ahead
+        // and then corrected recovers here instead of failing every check.
+        self.state.newest_time_seen = Some(grant.authorization.issued_at.max(now));
+        self.store_authorization(response.authorization, Some(response.license), &grant);
+        self.save_state()?;
+        Ok(grant)
+    }
+
+    /// Re-verifies the stored authorization offline at the local time: the product may run
+    /// while this succeeds.
+    ///
+    /// Fails with [`ClientError::NotAuthorized`] when there is none,
+    /// [`ClientError::Expired`] once it expired (renewals come with every usage report, so a
+    /// device in reach of the appliance does not get there), and
+    /// [`ClientError::ClockRolledBack`] when the local clock is more than [`CLOCK_TOLERANCE`]
+    /// behind the newest time seen (the appliance's, or this client's own earlier clock
+    /// readings): a clock set back to stretch the offline allowance. Each success advances the
+    /// newest time seen. A device whose clock lags the appliance's by more than the tolerance
+    /// fails here even right after [`Client::authorize`] (its offline allowance would be
+    /// stretched by the lag): its clock must be set right. A clock that was once set too far
+    /// ahead and then corrected recovers at the next authorization, which restarts the mark
+    /// from the appliance's time.
+    pub fn check(&mut self) -> Result<Grant, ClientError> {
+        let (Some(authorization), Some(license)) = (
+            self.state.authorization.as_deref(),
+            self.state.license.as_deref(),
+        ) else {
+            return Err(ClientError::NotAuthorized);
+        };
+        let now = self.now();
+        detect_rollback(now, self.state.newest_time_seen)?;
+        let grant = self.verify(authorization, license, None, now)?;
+        advance(&mut self.state.newest_time_seen, now);
+        let persisted_recently = self
+            .persisted_newest
+            .is_some_and(|persisted| now - persisted < NEWEST_PERSIST_STEP);
+        if !persisted_recently {
+            self.save_state()?;
+        }
+        Ok(grant)
+    }
+
+    /// Adds `amount` to `counter` of `item_id` in the open period, durably (the state file is
+    /// rewritten and synced: record business events, or batch very frequent ones).
+    ///
+    /// The item must be granted by the stored authorization (the appliance refuses reports for
+    /// items outside the lease). The period becomes a report at the next [`Client::flush`].
+    pub fn record(&mut self, item_id: &str, counter: &str, amount: u64) -> Result<(), ClientError> {
+        let Some(current) = &self.current else {
+            return Err(ClientError::NotAuthorized);
+        };
+        if !current.items.iter().any(|item| item.item_id == item_id) {
+            return Err(ClientError::UnknownItem {
+                item_id: item_id.to_string(),
+            });
+        }
+        if counter.is_empty() {
+            return Err(ClientError::Config("the counter name is empty".into()));
+        }
+        if amount == 0 {
+            return Ok(());
+        }
+        let now = self.now();
+        self.state.open.add(item_id, counter, amount, now);
+        advance(&mut self.state.newest_time_seen, now);
+        self.save_state()
+    }
+
+    /// Closes the open period into reports (if it has counters) and sends every unacknowledged
+    /// report to `POST /api/v1/usage`, oldest first, at most [`MAX_REPORTS_PER_REQUEST`] per
+    /// request; with nothing to send it sends a heartbeat. Each answer trims the acknowledged
+    /// reports and may renew the authorization (verified before it is stored).
+    ///
+    /// When the appliance cannot be reached the reports stay for the next flush and the error
+    /// is returned. When it no longer knows the lease (`LEASE_NOT_FOUND`) the client authorizes
+    /// again once and resends: the stream and sequence numbers stay the same, so each report
+    /// counts once.
+    pub fn flush(&mut self) -> Result<FlushOutcome, ClientError> {
+        self.flush_with(true)
+    }
+
+    /// Flushes when [`ClientConfig::report_interval`] has elapsed since the last flush attempt
+    /// (and on the first call): call it from the product's loop as often as convenient; it
+    /// returns `None` when it is not time yet. An error (typically the appliance being out of
+    /// reach) leaves the reports buffered; the next attempt comes one interval later.
+    pub fn tick(&mut self) -> Option<Result<FlushOutcome, ClientError>> {
+        if flush_due(
+            self.last_flush_attempt,
+            Instant::now(),
+            self.config.report_interval,
+        ) {
+            Some(self.flush())
+        } else {
+            None
+        }
+    }
+
+    /// How long until [`Client::tick`] flushes (zero when it would flush now).
+    pub fn next_tick_in(&self) -> Duration {
+        match self.last_flush_attempt {
+            None => Duration::ZERO,
+            Some(last) => self.config.report_interval.saturating_sub(last.elapsed()),
+        }
+    }
+
+    /// Ends the lease (`POST /api/v1/release`), which frees a concurrent or standalone seat at
+    /// once, after a best-effort flush of the usage. Then forgets the authorization; the usage
+    /// stream, its numbering and any unsent reports stay (they go out after the next
+    /// authorization). Releasing without an authorization does nothing.
+    pub fn release(&mut self) -> Result<(), ClientError> {
+        if self.state.lease_id.is_none() {
+            return Ok(());
+        }
+        // Best effort: the reports stay in the backlog if this fails, and re-authorizing here
+        // would only take a seat to give it back.
+        let _ = self.flush_with(false);
+        let Some(lease_id) = self.state.lease_id.clone() else {
+            return Ok(());
+        };
+        let request = ReleaseRequest {
+            lease_id,
+            device_uuid: self.config.device.uuid.clone(),
+        };
+        match self.post::<_, ReleaseResponse>("/api/v1/release", &request) {
+            // The appliance does not know the lease: it is as released as it gets.
+            Ok(_)
+            | Err(ClientError::Api {
+                code: ErrorCode::LeaseNotFound,
+                ..
+            }) => {}
+            Err(e) => return Err(e),
+        }
+        self.state.last_contact = Some(self.now());
+        self.state.authorization = None;
+        self.state.license = None;
+        self.state.lease_id = None;
+        self.current = None;
+        self.save_state()
+    }
+
+    /// `GET /api/v1/appliance`: the appliance's identity, version and time. Its time advances
+    /// the newest time seen (see [`Client::check`]).
+    pub fn appliance_info(&mut self) -> Result<ApplianceInfo, ClientError> {
+        let info: ApplianceInfo = self.call("/api/v1/appliance", None)?;
+        let now = self.now();
+        self.state.last_contact = Some(now);
+        advance(&mut self.state.newest_time_seen, info.time);
+        advance(&mut self.state.newest_time_seen, now);
+        self.save_state()?;
+        Ok(info)
+    }
+
+    fn flush_with(&mut self, reauthorize: bool) -> Result<FlushOutcome, ClientError> {
+        self.last_flush_attempt = Some(Instant::now());
+        let now = self.now();
+        advance(&mut self.state.newest_time_seen, now);
+        if !self.state.open.is_empty() {
+            let reports = close_period(&mut self.state.open, &mut self.state.next_seq, now);
+            self.backlog.reports.extend(reports);
+            // Backlog first: see `reconcile` for a crash between the two writes.
+            self.store.save_backlog(&self.backlog)?;
+        }
+        self.save_state()?;
+
+        let mut outcome = FlushOutcome::default();
+        let mut chunk_size = MAX_REPORTS_PER_REQUEST;
+        loop {
+            let Some(lease_id) = self.state.lease_id.clone() else {
+                return Err(ClientError::NotAuthorized);
+            };
+            let reports = next_chunk(&self.backlog.reports, chunk_size).to_vec();
+            let last_sent = reports.last().map(|report| report.seq);
+            let count = reports.len();
+            let request = UsageRequest {
+                lease_id,
+                device_uuid: self.config.device.uuid.clone(),
+                stream: self.state.stream.clone(),
+                reports,
+            };
+            let response: UsageResponse = match self.post("/api/v1/usage", &request) {
+                Ok(response) => response,
+                Err(ClientError::Api {
+                    code: ErrorCode::LeaseNotFound,
+                    ..
+                }) if reauthorize && !outcome.reauthorized => {
+                    outcome.reauthorized = true;
+                    self.authorize()?;
+                    continue;
+                }
+                Err(ClientError::Api {
+                    code: ErrorCode::PayloadTooLarge,
+                    ..
+                }) if count > 1 => {
+                    chunk_size = count / 2;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let now = self.now();
+            self.state.last_contact = Some(now);
+            outcome.sent += count;
+            outcome.accepted = outcome.accepted.saturating_add(response.accepted);
+            outcome.duplicates = outcome.duplicates.saturating_add(response.duplicates);
+            outcome.acked_seq = response.acked_seq;
+            if trim_acked(&mut self.backlog.reports, response.acked_seq) > 0 {
+                self.store.save_backlog(&self.backlog)?;
+            }
+            // The appliance has stored reports this client has not numbered yet (this state
+            // directory was restored from an old copy): numbering goes on above them, or the
+            // next reports would be taken for duplicates.
+            if response.acked_seq >= self.state.next_seq {
+                self.state.next_seq = response.acked_seq.saturating_add(1);
+            }
+            outcome.renewal_error = response.renewal_error;
+            if let Some(renewal) = response.authorization {
+                match self.accept_renewal(renewal, now) {
+                    Ok(Some(grant)) => outcome.renewed = Some(grant),
+                    Ok(None) => {}
+                    // The renewal names items of a license this device does not hold yet (the
+                    // vendor's new version was imported): authorizing again fetches it.
+                    Err(ClientError::Chain(ChainError::ForeignItem(_)))
+                        if reauthorize && !outcome.reauthorized =>
+                    {
+                        outcome.reauthorized = true;
+                        outcome.renewed = Some(self.authorize()?);
+                    }
+                    Err(e) => {
+                        self.save_state()?;
+                        return Err(e);
+                    }
+                }
+            }
+            self.save_state()?;
+            let progressed = last_sent.is_some_and(|seq| response.acked_seq >= seq);
+            if self.backlog.reports.is_empty() || !progressed {
+                break;
+            }
+        }
+        outcome.pending = self.backlog.reports.len();
+        Ok(outcome)
+    }
+
+    /// Verifies a renewal that came with a usage answer against the stored license and stores
+    /// it, unless the stored authorization is newer. Returns the stored grant.
+    fn accept_renewal(
+        &mut self,
+        renewal: String,
+        now: OffsetDateTime,
+    ) -> Result<Option<Grant>, ClientError> {
+        let Some(license) = self.state.license.clone() else {
+            return Err(ClientError::NotAuthorized);
+        };
+        let grant = self.verify(&renewal, &license, None, now)?;
+        // No nonce binds a renewal to this request: it only moves the time mark forward, and an
+        // older authorization replayed in its place changes nothing.
+        advance(
+            &mut self.state.newest_time_seen,
+            grant.authorization.issued_at,
+        );
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|current| current.issued_at > grant.authorization.issued_at)
+        {
+            return Ok(None);
+        }
+        self.store_authorization(renewal, None, &grant);
+        Ok(Some(grant))
+    }
+
+    fn store_authorization(&mut self, jws: String, license: Option<String>, grant: &Grant) {
+        self.state.authorization = Some(jws);
+        if let Some(license) = license {
+            self.state.license = Some(license);
+        }
+        self.state.lease_id = Some(grant.authorization.lease_id.clone());
+        self.current = Some(grant.authorization.clone());
+    }
+
+    fn verify(
+        &self,
+        authorization: &str,
+        license: &str,
+        nonce: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<Grant, ClientError> {
+        let expect = Expectation {
+            device_uuid: &self.config.device.uuid,
+            nonce,
+            now,
+        };
+        let (authorization, license) =
+            chain::verify_authorization(authorization, license, &self.config.vendor_keys, expect)
+                .map_err(|e| match e {
+                ChainError::Expired(expires_at) => ClientError::Expired { expires_at },
+                e => ClientError::Chain(e),
+            })?;
+        if authorization.product != self.config.product {
+            return Err(ClientError::WrongProduct {
+                expected: self.config.product.clone(),
+                found: authorization.product,
+            });
+        }
+        Ok(Grant {
+            authorization,
+            license,
+        })
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        self.config.clock.now()
+    }
+
+    fn save_state(&mut self) -> Result<(), ClientError> {
+        self.store.save_state(&self.state)?;
+        self.persisted_newest = self.state.newest_time_seen;
+        Ok(())
+    }
+
+    fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp, ClientError> {
+        let body = serde_json::to_vec(body).expect("a request body always serializes");
+        self.call(path, Some(body))
+    }
+
+    /// Sends one request to the first URL that answers, starting with the one that answered
+    /// last. `body` makes it a JSON POST, else a GET.
+    fn call<Resp: DeserializeOwned>(
+        &mut self,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Resp, ClientError> {
+        let count = self.config.urls.len();
+        let mut attempts = Vec::new();
+        for offset in 0..count {
+            let index = (self.preferred_url + offset) % count;
+            let url = format!("{}{path}", self.config.urls[index].trim_end_matches('/'));
+            let sent = match &body {
+                Some(body) => self
+                    .agent
+                    .post(url.as_str())
+                    .content_type("application/json")
+                    .send(&body[..]),
+                None => self.agent.get(url.as_str()).call(),
+            };
+            let mut response = match sent {
+                Ok(response) => response,
+                Err(e) => {
+                    attempts.push(format!("{url}: {e}"));
+                    continue;
+                }
+            };
+            let status = response.status().as_u16();
+            let bytes = match response
+                .body_mut()
+                .with_config()
+                .limit(MAX_RESPONSE_BYTES)
+                .read_to_vec()
+            {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    attempts.push(format!("{url}: reading the answer: {e}"));
+                    continue;
+                }
+            };
+            self.preferred_url = index;
+            return interpret(status, &bytes);
+        }
+        Err(ClientError::Unreachable { attempts })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+
+    use ed25519_dalek::SigningKey;
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::jws::Typ;
+    use crate::keys::{self, generate_signing_key};
+    use crate::wire::{ApplianceBinding, FORMAT_VERSION, Model};
+
+    const T0: OffsetDateTime = datetime!(2030-06-01 12:00 UTC);
+    const DEVICE: &str = "6f1c2a4e-8b9d-4c3e-a1f2-0123456789ab";
+    const ITEM: &str = "LIC-0042-1";
+
+    /// A directory under the system's temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("keygate-sdk-{}", uuid::Uuid::new_v4()));
+            fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A device clock the test moves.
+    #[derive(Clone)]
+    struct TestClock(Arc<Mutex<OffsetDateTime>>);
+
+    impl TestClock {
+        fn new(now: OffsetDateTime) -> Self {
+            TestClock(Arc::new(Mutex::new(now)))
+        }
+
+        fn set(&self, now: OffsetDateTime) {
+            *self.0.lock().unwrap() = now;
+        }
+
+        fn clock(&self) -> Clock {
+            let inner = self.0.clone();
+            Clock::from_fn(move || *inner.lock().unwrap())
+        }
+    }
+
+    /// A vendor, an appliance, a license and an authorization for `DEVICE`, issued at `T0`
+    /// for 7 days.
+    struct Chain {
+        vendor: SigningKey,
+        license_jws: String,
+        authorization: Authorization,
+        appliance: SigningKey,
+    }
+
+    impl Chain {
+        fn new() -> Self {
+            let vendor = generate_signing_key();
+            let appliance = generate_signing_key();
+            let public = appliance.verifying_key();
+            let license = License {
+                v: FORMAT_VERSION,
+                license_id: "LIC-0042".into(),
+                version: 1,
+                vendor: "Acme Imaging".into(),
+                organization_id: "200001".into(),
+                issued_at: T0 - time::Duration::days(10),
+                appliance: ApplianceBinding {
+                    installation_id: keys::installation_id(&public),
+                    public_key: keys::public_key_b64(&public),
+                },
+                items: vec![LicenseItem {
+                    item_id: ITEM.into(),
+                    product: "barcode-reader".into(),
+                    model: Model::PerUsage,
+                    quota: 1000,
+                    starts_at: T0 - time::Duration::days(10),
+                    expires_at: T0 + time::Duration::days(365),
+                    offline_days: 7,
+                    features: vec!["qr".into()],
+                    counter: Some("scans".into()),
+                    max_exceptions: None,
+                    grace_days: None,
+                    tokens_per_pass: None,
+                }],
+            };
+            let authorization = Authorization {
+                v: FORMAT_VERSION,
+                lease_id: "lease-1".into(),
+                installation_id: keys::installation_id(&public),
+                organization_id: "200001".into(),
+                handshake_code: "default".into(),
+                product: "barcode-reader".into(),
+                device_uuid: DEVICE.into(),
+                instance: None,
+                user: None,
+                items: vec![GrantedItem {
+                    item_id: ITEM.into(),
+                    model: Model::PerUsage,
+                    features: vec!["qr".into()],
+                    expires_at: T0 + time::Duration::days(365),
+                }],
+                issued_at: T0,
+                expires_at: T0 + time::Duration::days(7),
+                nonce: "bm9uY2Utb2YtdGhlLWRldmljZQ".into(),
+                state: AuthorizationState::Ok,
+            };
+            Chain {
+                license_jws: jws::sign(Typ::License, &license, &vendor),
+                vendor,
+                authorization,
+                appliance,
+            }
+        }
+
+        fn authorization_jws(&self) -> String {
+            jws::sign(Typ::Authorization, &self.authorization, &self.appliance)
+        }
+    }
+
+    /// An appliance URL nobody listens on: connections are refused at once.
+    fn dead_url() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        format!("https://127.0.0.1:{port}")
+    }
+
+    fn config(dir: &Path, chain: &Chain, clock: &TestClock) -> ClientConfig {
+        let mut config = ClientConfig::new(
+            [dead_url(), dead_url()],
+            vec![chain.vendor.verifying_key()],
+            "barcode-reader",
+            DeviceInfo {
+                uuid: DEVICE.into(),
+                ..DeviceInfo::default()
+            },
+            dir,
+            TlsTrust::AcceptAnyCertificate,
+        );
+        config.timeout = Duration::from_secs(3);
+        config.clock = clock.clock();
+        config
+    }
+
+    /// What `authorize` would have left on disk: the chain's authorization, seen at `T0`.
+    fn store_authorization(dir: &Path, chain: &Chain) {
+        let store = Store::open(dir).unwrap();
+        let (mut state, _) = store.load().unwrap();
+        state.authorization = Some(chain.authorization_jws());
+        state.license = Some(chain.license_jws.clone());
+        state.lease_id = Some(chain.authorization.lease_id.clone());
+        state.newest_time_seen = Some(T0);
+        store.save_state(&state).unwrap();
+    }
+
+    fn authorized_client(dir: &TempDir) -> (Client, Chain, TestClock) {
+        let chain = Chain::new();
+        store_authorization(dir.path(), &chain);
+        let clock = TestClock::new(T0 + time::Duration::minutes(1));
+        let client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
+        (client, chain, clock)
+    }
+
+    fn report(seq: u64) -> UsageReport {
+        UsageReport {
+            seq,
+            item_id: ITEM.into(),
+            from: T0,
+            to: T0 + time::Duration::minutes(3),
+            counters: BTreeMap::from([("scans".to_string(), seq)]),
+        }
+    }
+
+    // --- persistence ------------------------------------------------------------------------
+
+    #[test]
+    fn a_new_state_directory_gets_a_stream_that_is_kept_forever() {
+        let dir = TempDir::new();
+        let chain = Chain::new();
+        let clock = TestClock::new(T0);
+        let nested = dir.path().join("a/b");
+        let first = Client::new(config(&nested, &chain, &clock)).unwrap();
+        let status = first.status();
+        assert_eq!(
+            uuid::Uuid::parse_str(&status.stream)
+                .unwrap()
+                .get_version_num(),
+            4
+        );
+        assert_eq!(status.next_seq, 1);
+        assert_eq!(status.pending_reports, 0);
+        assert!(nested.join(STATE_FILE).is_file());
+        assert!(nested.join(BACKLOG_FILE).is_file());
+        drop(first);
+
+        let again = Client::new(config(&nested, &chain, &clock)).unwrap();
+        assert_eq!(again.status().stream, status.stream);
+    }
+
+    #[test]
+    fn state_round_trips_through_its_files() {
+        let dir = TempDir::new();
+        let store = Store::open(dir.path()).unwrap();
+        let (mut state, mut backlog) = store.load().unwrap();
+        state.next_seq = 43;
+        state.authorization = Some("a.b.c".into());
+        state.license = Some("d.e.f".into());
+        state.lease_id = Some("lease-7".into());
+        state.open.add(ITEM, "scans", 5, T0);
+        state
+            .open
+            .add(ITEM, "pages", 2, T0 + time::Duration::seconds(30));
+        state.newest_time_seen = Some(T0 + time::Duration::hours(1));
+        state.last_contact = Some(T0);
+        backlog.reports = vec![report(41), report(42)];
+        store.save_backlog(&backlog).unwrap();
+        store.save_state(&state).unwrap();
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        let (loaded_state, loaded_backlog) = store.load().unwrap();
+        assert_eq!(loaded_state, state);
+        assert_eq!(loaded_backlog, backlog);
+        // The open period starts with its first usage.
+        assert_eq!(loaded_state.open.from, Some(T0));
+        assert_eq!(loaded_state.open.counters[ITEM]["scans"], 5);
+    }
+
+    #[test]
+    fn files_are_replaced_atomically() {
+        let dir = TempDir::new();
+        let path = dir.path().join("file.json");
+        write_atomic(&path, b"first version, rather long").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("file.json")]);
+
+        // A write interrupted before its rename leaves a temporary file and the old content:
+        // the state loads as it was, and the next write goes through.
+        let store = Store::open(dir.path()).unwrap();
+        let (state, _) = store.load().unwrap();
+        fs::write(dir.path().join("state.json.tmp"), b"{\"v\": 1, \"strea").unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let (reloaded, _) = store.load().unwrap();
+        assert_eq!(reloaded, state);
+        store.save_state(&reloaded).unwrap();
+        assert!(!dir.path().join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_reported_and_left_alone() {
+        let dir = TempDir::new();
+        let path = dir.path().join(STATE_FILE);
+        fs::write(&path, b"{ not json").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(matches!(
+            store.load(),
+            Err(ClientError::StateCorrupt { path: p, .. }) if p == path
+        ));
+        assert_eq!(fs::read(&path).unwrap(), b"{ not json");
+
+        // A backlog from another stream is not sent under this one.
+        fs::remove_file(&path).unwrap();
+        let backlog = Backlog {
+            stream: uuid::Uuid::new_v4().to_string(),
+            reports: vec![report(1)],
+        };
+        write_json(&dir.path().join(BACKLOG_FILE), &backlog).unwrap();
+        assert!(matches!(
+            store.load(),
+            Err(ClientError::StateCorrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn one_process_at_a_time_owns_a_state_directory() {
+        let dir = TempDir::new();
+        let chain = Chain::new();
+        let clock = TestClock::new(T0);
+        let first = Client::new(config(dir.path(), &chain, &clock)).unwrap();
+        assert!(matches!(
+            Client::new(config(dir.path(), &chain, &clock)),
+            Err(ClientError::StateLocked { .. })
+        ));
+        drop(first);
+        Client::new(config(dir.path(), &chain, &clock)).unwrap();
+    }
+
+    #[test]
+    fn a_crash_between_the_backlog_and_the_state_write_counts_the_period_once() {
+        // The period (scans 5 on ITEM) was closed into report 7 and the backlog written, but
+        // the state still says next_seq 7 with the period open.
+        let mut state = State::new();
+        state.next_seq = 7;
+        state.open.add(ITEM, "scans", 5, T0);
+        let mut backlog = Backlog {
+            stream: state.stream.clone(),
+            reports: vec![report(6), report(7)],
+        };
+        reconcile(&mut state, &mut backlog);
+        assert_eq!(state.next_seq, 8);
+        assert!(state.open.is_empty());
+
+        // The normal case (state written too) is left as it is.
+        let mut state = State::new();
+        state.next_seq = 8;
+        state.open.add(ITEM, "scans", 1, T0);
+        let before = state.clone();
+        reconcile(&mut state, &mut backlog);
+        assert_eq!(state, before);
+    }
+
+    // --- periods, chunks, acknowledgements --------------------------------------------------
+
+    #[test]
+    fn an_empty_period_makes_no_report() {
+        let mut open = OpenPeriod::default();
+        let mut next_seq = 5;
+        assert!(close_period(&mut open, &mut next_seq, T0).is_empty());
+        assert_eq!(next_seq, 5);
+
+        // An item whose counters map is empty does not count either.
+        open.counters.insert(ITEM.into(), BTreeMap::new());
+        assert!(open.is_empty());
+        assert!(close_period(&mut open, &mut next_seq, T0).is_empty());
+        assert_eq!(next_seq, 5);
+    }
+
+    #[test]
+    fn closing_a_period_numbers_one_report_per_item() {
+        let mut open = OpenPeriod::default();
+        open.add("LIC-2-1", "scans", 3, T0);
+        open.add(ITEM, "scans", 2, T0 + time::Duration::seconds(10));
+        open.add(ITEM, "scans", 4, T0 + time::Duration::seconds(20));
+        open.add(ITEM, "pages", u64::MAX, T0 + time::Duration::seconds(30));
+        open.add(ITEM, "pages", 1, T0 + time::Duration::seconds(40));
+        let mut next_seq = 10;
+        let now = T0 + time::Duration::minutes(3);
+        let reports = close_period(&mut open, &mut next_seq, now);
+        assert_eq!(next_seq, 12);
+        assert!(open.is_empty() && open.from.is_none());
+        assert_eq!(reports.len(), 2);
+        assert_eq!(
+            reports[0],
+            UsageReport {
+                seq: 10,
+                item_id: ITEM.into(),
+                from: T0,
+                to: now,
+                counters: BTreeMap::from([
+                    ("pages".to_string(), u64::MAX),
+                    ("scans".to_string(), 6)
+                ]),
+            }
+        );
+        assert_eq!(reports[1].seq, 11);
+        assert_eq!(reports[1].item_id, "LIC-2-1");
+        assert_eq!(reports[1].counters["scans"], 3);
+
+        // A clock set back while the period was open does not produce `to < from`.
+        open.add(ITEM, "scans", 1, T0);
+        let reports = close_period(&mut open, &mut next_seq, T0 - time::Duration::hours(1));
+        assert_eq!((reports[0].from, reports[0].to), (T0, T0));
+        assert_eq!(reports[0].seq, 12);
+    }
+
+    #[test]
+    fn a_backlog_goes_out_in_chunks_and_acknowledgements_trim_it() {
+        let mut backlog: Vec<UsageReport> = (1..=2500).map(report).collect();
+        // What flush does against an appliance that stores everything it is sent.
+        let mut sizes = Vec::new();
+        while !backlog.is_empty() {
+            let chunk = next_chunk(&backlog, MAX_REPORTS_PER_REQUEST);
+            assert!(chunk.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+            assert_eq!(chunk[0].seq, 1 + sizes.iter().sum::<usize>() as u64);
+            let (len, last) = (chunk.len(), chunk[chunk.len() - 1].seq);
+            sizes.push(len);
+            assert_eq!(trim_acked(&mut backlog, last), len);
+        }
+        assert_eq!(sizes, vec![1000, 1000, 500]);
+
+        // An empty backlog sends a heartbeat (an empty list).
+        assert!(next_chunk(&[], MAX_REPORTS_PER_REQUEST).is_empty());
+
+        // Only what the appliance acknowledged goes; an ack below the backlog drops nothing;
+        // an ack above it (reports stored from an earlier copy of the state) drops everything.
+        let mut backlog: Vec<UsageReport> = (5..=9).map(report).collect();
+        assert_eq!(trim_acked(&mut backlog, 3), 0);
+        assert_eq!(trim_acked(&mut backlog, 6), 2);
+        assert_eq!(
+            backlog.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![7, 8, 9]
+        );
+        assert_eq!(trim_acked(&mut backlog, 100), 3);
+        assert!(backlog.is_empty());
+    }
+
+    #[test]
+    fn tick_flushes_first_at_once_then_every_interval() {
+        let interval = Duration::from_secs(180);
+        let start = Instant::now();
+        assert!(flush_due(None, start, interval));
+        assert!(!flush_due(Some(start), start, interval));
+        assert!(!flush_due(
+            Some(start),
+            start + Duration::from_secs(179),
+            interval
+        ));
+        assert!(flush_due(
+            Some(start),
+            start + Duration::from_secs(180),
+            interval
+        ));
+    }
+
+    // --- clock ------------------------------------------------------------------------------
+
+    #[test]
+    fn a_clock_set_back_beyond_the_tolerance_is_detected() {
+        assert!(detect_rollback(T0, None).is_ok());
+        assert!(detect_rollback(T0, Some(T0)).is_ok());
+        assert!(detect_rollback(T0 + time::Duration::days(3), Some(T0)).is_ok());
+        assert!(detect_rollback(T0 - CLOCK_TOLERANCE, Some(T0)).is_ok());
+        let local = T0 - CLOCK_TOLERANCE - time::Duration::seconds(1);
+        assert!(matches!(
+            detect_rollback(local, Some(T0)),
+            Err(ClientError::ClockRolledBack { local: l, newest_seen }) if l == local && newest_seen == T0
+        ));
+
+        let mut newest = None;
+        advance(&mut newest, T0);
+        advance(&mut newest, T0 - time::Duration::hours(1));
+        assert_eq!(newest, Some(T0));
+        advance(&mut newest, T0 + time::Duration::hours(1));
+        assert_eq!(newest, Some(T0 + time::Duration::hours(1)));
+    }
+
+    #[test]
+    fn check_verifies_the_stored_chain_offline() {
+        let dir = TempDir::new();
+        let (mut client, chain, clock) = authorized_client(&dir);
+        let grant = client.check().unwrap();
+        assert_eq!(grant.authorization, chain.authorization);
+        assert_eq!(grant.expires_at(), T0 + time::Duration::days(7));
+        assert!(grant.has_feature("qr") && !grant.has_feature("pdf417"));
+        assert_eq!(grant.license_item(ITEM).unwrap().offline_days, 7);
+        assert_eq!(grant.item(ITEM).unwrap().model, Model::PerUsage);
+
+        // Every check moves the mark forward; a clock set back beyond it is refused...
+        let later = T0 + time::Duration::days(2);
+        clock.set(later);
+        client.check().unwrap();
+        assert_eq!(client.status().newest_time_seen, Some(later));
+        clock.set(later - time::Duration::minutes(4));
+        client.check().expect("small corrections are tolerated");
+        clock.set(T0 + time::Duration::hours(1));
+        assert!(matches!(
+            client.check(),
+            Err(ClientError::ClockRolledBack { newest_seen, .. }) if newest_seen == later
+        ));
+        // ...across restarts too.
+        drop(client);
+        let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
+        assert!(matches!(
+            client.check(),
+            Err(ClientError::ClockRolledBack { .. })
+        ));
+
+        // Past expires_at the device stops.
+        clock.set(T0 + time::Duration::days(7));
+        assert!(matches!(
+            client.check(),
+            Err(ClientError::Expired { expires_at }) if expires_at == T0 + time::Duration::days(7)
+        ));
+    }
+
+    #[test]
+    fn check_refuses_what_it_cannot_trust() {
+        let dir = TempDir::new();
+        let chain = Chain::new();
+        let clock = TestClock::new(T0);
+        let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
+        assert!(matches!(client.check(), Err(ClientError::NotAuthorized)));
+        assert!(matches!(
+            client.record(ITEM, "scans", 1),
+            Err(ClientError::NotAuthorized)
+        ));
+        drop(client);
+
+        // Stored for another product.
+        store_authorization(dir.path(), &chain);
+        let mut other = config(dir.path(), &chain, &clock);
+        other.product = "label-printer".into();
+        let mut client = Client::new(other).unwrap();
+        assert!(matches!(
+            client.check(),
+            Err(ClientError::WrongProduct { found, .. }) if found == "barcode-reader"
+        ));
+        drop(client);
+
+        // A product that trusts another vendor.
+        let mut stranger = config(dir.path(), &chain, &clock);
+        stranger.vendor_keys = vec![generate_signing_key().verifying_key()];
+        let mut client = Client::new(stranger).unwrap();
+        assert!(matches!(
+            client.check(),
+            Err(ClientError::Chain(ChainError::License(_)))
+        ));
+    }
+
+    // --- usage offline ----------------------------------------------------------------------
+
+    #[test]
+    fn usage_recorded_offline_is_kept_until_acknowledged() {
+        let dir = TempDir::new();
+        let (mut client, chain, clock) = authorized_client(&dir);
+        assert!(matches!(
+            client.record("LIC-9999-1", "scans", 1),
+            Err(ClientError::UnknownItem { item_id }) if item_id == "LIC-9999-1"
+        ));
+        client.record(ITEM, "scans", 2).unwrap();
+        client.record(ITEM, "scans", 0).unwrap();
+        client.record(ITEM, "scans", 3).unwrap();
+        assert_eq!(client.status().open_counters[ITEM]["scans"], 5);
+
+        // The appliance is out of reach: every URL is tried, the period becomes report 1 and
+        // stays in the backlog.
+        let err = client.flush().unwrap_err();
+        match &err {
+            ClientError::Unreachable { attempts } => assert_eq!(attempts.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert!(err.is_unreachable() && err.code().is_none());
+        let status = client.status();
+        assert_eq!((status.pending_reports, status.next_seq), (1, 2));
+        assert!(status.open_counters.is_empty());
+        assert!(
+            client.tick().is_none(),
+            "the next attempt waits an interval"
+        );
+        assert!(client.next_tick_in() > Duration::ZERO);
+
+        // A restart keeps the backlog; a flush without new usage makes no new report.
+        client.record(ITEM, "scans", 1).unwrap();
+        drop(client);
+        let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
+        assert_eq!(client.status().open_counters[ITEM]["scans"], 1);
+        assert!(
+            client.tick().is_some(),
+            "a new process flushes at its first tick"
+        );
+        assert!(client.flush().unwrap_err().is_unreachable());
+        let status = client.status();
+        assert_eq!((status.pending_reports, status.next_seq), (2, 3));
+        let backlog: Backlog = read_json(&dir.path().join(BACKLOG_FILE)).unwrap().unwrap();
+        assert_eq!(
+            backlog
+                .reports
+                .iter()
+                .map(|r| (r.seq, r.counters["scans"]))
+                .collect::<Vec<_>>(),
+            vec![(1, 5), (2, 1)]
+        );
+
+        // Releasing needs the appliance: the authorization stays when it cannot be reached.
+        assert!(client.release().unwrap_err().is_unreachable());
+        assert!(client.check().is_ok());
+    }
+
+    // --- configuration and answers ----------------------------------------------------------
+
+    #[test]
+    fn bad_configurations_are_refused_before_anything_happens() {
+        let dir = TempDir::new();
+        let chain = Chain::new();
+        let clock = TestClock::new(T0);
+        let base = || config(&dir.path().join("state"), &chain, &clock);
+        let refused =
+            |config: ClientConfig| matches!(Client::new(config), Err(ClientError::Config(_)));
+
+        assert!(refused(ClientConfig {
+            urls: vec![],
+            ..base()
+        }));
+        assert!(refused(ClientConfig {
+            urls: vec!["http://10.0.0.5:8443".into()],
+            ..base()
+        }));
+        assert!(refused(ClientConfig {
+            vendor_keys: vec![],
+            ..base()
+        }));
+        assert!(refused(ClientConfig {
+            product: " ".into(),
+            ..base()
+        }));
+        assert!(refused(ClientConfig {
+            device: DeviceInfo::default(),
+            ..base()
+        }));
+        assert!(refused(ClientConfig {
+            tls: TlsTrust::Pinned(b"not a certificate".to_vec()),
+            ..base()
+        }));
+        assert!(!dir.path().join("state").exists());
+    }
+
+    #[test]
+    fn the_session_password_does_not_show_in_debug_output() {
+        let chain = Chain::new();
+        let clock = TestClock::new(T0);
+        let mut config = config(Path::new("/nonexistent"), &chain, &clock);
+        config.session_password = Some("hunter2-secret".into());
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2-secret"), "{debug}");
+        assert!(debug.contains("<redacted>"));
+    }
+
+    #[test]
+    fn answers_are_read_as_the_protocol_defines_them() {
+        let ok: ReleaseResponse = interpret(200, br#"{"released": true}"#).unwrap();
+        assert!(ok.released);
+
+        let err = interpret::<ReleaseResponse>(
+            403,
+            br#"{"error": {"code": "QUOTA_EXCEEDED", "message": "all 100 seats are taken"}}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            &err,
+            ClientError::Api { status: 403, code: ErrorCode::QuotaExceeded, message }
+                if message == "all 100 seats are taken"
+        ));
+        assert_eq!(err.code(), Some(ErrorCode::QuotaExceeded));
+        assert!(err.to_string().contains("QUOTA_EXCEEDED"));
+
+        for (status, body) in [
+            (200, &b"<html>proxy login</html>"[..]),
+            (200, br#"{"released": "yes"}"#),
+            (502, b"Bad Gateway"),
+            (
+                403,
+                br#"{"error": {"code": "SOMETHING_NEW", "message": "?"}}"#,
+            ),
+        ] {
+            assert!(
+                matches!(
+                    interpret::<ReleaseResponse>(status, body),
+                    Err(ClientError::UnexpectedResponse { status: s, .. }) if s == status
+                ),
+                "{status} {body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn nonces_are_fresh_base64url_within_the_protocols_bounds() {
+        let a = new_nonce().unwrap();
+        let b = new_nonce().unwrap();
+        assert_ne!(a, b);
+        assert!((16..=64).contains(&a.len()));
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
+    }
+}
