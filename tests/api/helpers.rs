@@ -226,10 +226,15 @@ pub struct Served {
 
 impl Served {
     pub fn start(data_dir: &Path) -> Served {
+        Served::start_on(data_dir, "127.0.0.1:0")
+    }
+
+    /// Serves on a given address (a restart on the port devices already know).
+    pub fn start_on(data_dir: &Path, listen: &str) -> Served {
         let mut child = command()
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

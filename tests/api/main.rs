@@ -5,4 +5,5 @@ mod foundation;
 #[allow(dead_code)] // each test module uses a part of the helpers
 mod helpers;
 mod protocol;
+mod sdk;
 mod usage;

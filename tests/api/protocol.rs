@@ -428,3 +428,23 @@ fn wrong_session_passwords_are_rate_limited_per_address() {
     f.app.clock.advance(Duration::minutes(1));
     assert_eq!(f.authorize(&request).0, 200);
 }
+
+#[test]
+fn a_license_imported_while_serving_takes_effect_without_restart() {
+    let f = Fixture::new(&item("reader", "per_device", 1, ""));
+    assert_eq!(f.refused("writer", 1), "NO_LICENSE");
+    let more = items_file("LIC-MORE", &item("writer", "per_device", 5, ""));
+    let file = f.vendor.issue_file(&f.data, &more, &[], "more.lic");
+    let run = keygate(&f.data, &["import", file.to_str().unwrap()]);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(f.authorized("writer", 1).items[0].item_id, "LIC-MORE-1");
+    // A renewal raising the quota is seen at once too.
+    f.authorized("reader", 1);
+    assert_eq!(f.refused("reader", 2), "QUOTA_EXCEEDED");
+    let renewal = items_file("LIC-T", &item("reader", "per_device", 2, ""));
+    let file = f
+        .vendor
+        .issue_file(&f.data, &renewal, &["--version", "2"], "renewal.lic");
+    assert!(keygate(&f.data, &["import", file.to_str().unwrap()]).ok);
+    f.authorized("reader", 2);
+}

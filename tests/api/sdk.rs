@@ -1,0 +1,283 @@
+//! Issue 3: the device SDK against the real appliance binary, stopped and restarted.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use keygate_sdk::client::{Client, ClientConfig, ClientError, Clock, TlsTrust};
+use keygate_sdk::wire::DeviceInfo;
+use time::{Duration, OffsetDateTime};
+
+use crate::helpers::*;
+
+/// An appliance with a per_usage license, served by the real binary.
+struct Appliance {
+    _dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    vendor: Vendor,
+    code: String,
+}
+
+fn appliance(items: &str) -> Appliance {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let vendor = Vendor::new();
+    assert!(keygate(&data, &["trust", vendor.pub_path().to_str().unwrap()]).ok);
+    let license = vendor.issue_file(&data, &items_file("LIC-S", items), &[], "s.lic");
+    let run = keygate(&data, &["import", license.to_str().unwrap()]);
+    assert!(run.ok, "{}", run.stderr);
+    let code = run
+        .stdout
+        .split("default handshake code is ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    Appliance {
+        _dir: dir,
+        data,
+        vendor,
+        code,
+    }
+}
+
+/// A device clock the test moves.
+fn device_clock() -> (Clock, Arc<Mutex<OffsetDateTime>>) {
+    let now = Arc::new(Mutex::new(OffsetDateTime::now_utc()));
+    let handle = now.clone();
+    (Clock::from_fn(move || *handle.lock().unwrap()), now)
+}
+
+fn client(a: &Appliance, urls: Vec<String>, state: &Path, clock: Clock) -> Client {
+    let vendor = keygate_sdk::keys::public_key_from_pem(
+        &std::fs::read_to_string(a.vendor.pub_path()).unwrap(),
+    )
+    .unwrap();
+    let mut config = ClientConfig::new(
+        urls,
+        vec![vendor],
+        "scanner",
+        DeviceInfo {
+            uuid: device_uuid(1),
+            ..DeviceInfo::default()
+        },
+        state,
+        TlsTrust::Pinned(appliance_cert(&a.data)),
+    );
+    config.handshake_code = Some(a.code.clone());
+    config.clock = clock;
+    config.timeout = std::time::Duration::from_secs(5);
+    Client::new(config).unwrap()
+}
+
+fn usage_total(a: &Appliance) -> i64 {
+    rusqlite::Connection::open(a.data.join("keygate.db"))
+        .unwrap()
+        .query_row(
+            "SELECT usage_total FROM items WHERE item_id = 'LIC-S-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[test]
+fn works_offline_until_expiry_and_sends_the_backlog_once_back() {
+    let a = appliance(&item(
+        "scanner",
+        "per_usage",
+        1_000_000,
+        "counter = \"scans\"",
+    ));
+    let served = Served::start(&a.data);
+    let url = served.url("");
+    let state = tempfile::tempdir().unwrap();
+    let (clock, now) = device_clock();
+    let mut device = client(&a, vec![url.clone()], state.path(), clock.clone());
+    let grant = device.authorize().unwrap();
+    assert_eq!(grant.authorization.items[0].item_id, "LIC-S-1");
+    device.record("LIC-S-1", "scans", 5).unwrap();
+    let sent = device.flush().unwrap();
+    assert_eq!(sent.accepted, 1);
+    assert_eq!(usage_total(&a), 5);
+
+    // The appliance goes away. The device keeps working and keeps counting.
+    let addr = served.addr.to_string();
+    served.kill();
+    for day in 1..=6 {
+        *now.lock().unwrap() += Duration::days(1);
+        device
+            .check()
+            .unwrap_or_else(|e| panic!("day {day} offline: {e}"));
+        device.record("LIC-S-1", "scans", 10).unwrap();
+        let err = device.flush().unwrap_err();
+        assert!(err.is_unreachable(), "{err}");
+    }
+    drop(device);
+    // A restarted product process picks up its stored state and backlog.
+    let mut device = client(&a, vec![url.clone()], state.path(), clock.clone());
+    assert_eq!(device.status().pending_reports, 6);
+
+    // The appliance is back on the same address: the backlog counts once.
+    let served = Served::start_on(&a.data, &addr);
+    let sent = device.flush().unwrap();
+    assert_eq!((sent.accepted, sent.pending), (6, 0));
+    assert!(
+        sent.renewed.is_some(),
+        "the flush renewed the authorization"
+    );
+    assert_eq!(usage_total(&a), 65);
+    let again = device.flush().unwrap();
+    assert_eq!(again.accepted, 0);
+    assert_eq!(usage_total(&a), 65);
+    drop(served);
+
+    // Offline past the allowance (7 days from the last renewal), the device stops.
+    *now.lock().unwrap() += Duration::days(7);
+    assert!(
+        matches!(device.check(), Err(ClientError::Expired { .. })),
+        "{:?}",
+        device.check()
+    );
+}
+
+#[test]
+fn a_clock_set_backwards_is_detected() {
+    let a = appliance(&item(
+        "scanner",
+        "per_usage",
+        1_000_000,
+        "counter = \"scans\"",
+    ));
+    let served = Served::start(&a.data);
+    let state = tempfile::tempdir().unwrap();
+    let (clock, now) = device_clock();
+    let mut device = client(&a, vec![served.url("")], state.path(), clock);
+    device.authorize().unwrap();
+    *now.lock().unwrap() += Duration::days(2);
+    device.check().unwrap();
+    *now.lock().unwrap() -= Duration::days(1);
+    assert!(
+        matches!(device.check(), Err(ClientError::ClockRolledBack { .. })),
+        "{:?}",
+        device.check()
+    );
+}
+
+#[test]
+fn the_next_url_is_tried_when_one_cannot_be_reached() {
+    let a = appliance(&item(
+        "scanner",
+        "per_usage",
+        1_000_000,
+        "counter = \"scans\"",
+    ));
+    let served = Served::start(&a.data);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("https://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let state = tempfile::tempdir().unwrap();
+    let mut device = client(
+        &a,
+        vec![dead_url, served.url("")],
+        state.path(),
+        Clock::system(),
+    );
+    device.authorize().unwrap();
+    device.release().unwrap();
+}
+
+#[test]
+fn the_sdk_refuses_what_its_vendor_did_not_sign_for_this_appliance() {
+    let a = appliance(&item(
+        "scanner",
+        "per_usage",
+        1_000_000,
+        "counter = \"scans\"",
+    ));
+    let served = Served::start(&a.data);
+    let state = tempfile::tempdir().unwrap();
+    // A product of another vendor: the appliance's license is not signed by its key.
+    let other_vendor = Vendor::new();
+    let mut device = client(&a, vec![served.url("")], state.path(), Clock::system());
+    device.authorize().unwrap();
+    drop(device);
+    let key = keygate_sdk::keys::public_key_from_pem(
+        &std::fs::read_to_string(other_vendor.pub_path()).unwrap(),
+    )
+    .unwrap();
+    let mut config = ClientConfig::new(
+        vec![served.url("")],
+        vec![key],
+        "scanner",
+        DeviceInfo {
+            uuid: device_uuid(2),
+            ..DeviceInfo::default()
+        },
+        tempfile::tempdir().unwrap().path(),
+        TlsTrust::Pinned(appliance_cert(&a.data)),
+    );
+    config.handshake_code = Some(a.code.clone());
+    let err = Client::new(config).unwrap().authorize().unwrap_err();
+    assert!(matches!(err, ClientError::Chain(_)), "{err}");
+
+    // An authorization from another appliance, presented with this appliance's license.
+    let b = appliance(&item(
+        "scanner",
+        "per_usage",
+        1_000_000,
+        "counter = \"scans\"",
+    ));
+    let served_b = Served::start(&b.data);
+    let agent_a = pinned_agent(&appliance_cert(&a.data));
+    let agent_b = pinned_agent(&appliance_cert(&b.data));
+    let request = |code: &str| serde_json::json!({"handshake_code": code, "product": "scanner", "device": {"uuid": device_uuid(3)}, "nonce": NONCE});
+    let (_, from_a) = post_json(
+        &agent_a,
+        &served.url("/api/v1/authorize"),
+        &request(&a.code),
+    );
+    let (_, from_b) = post_json(
+        &agent_b,
+        &served_b.url("/api/v1/authorize"),
+        &request(&b.code),
+    );
+    let vendor_a = keygate_sdk::keys::public_key_from_pem(
+        &std::fs::read_to_string(a.vendor.pub_path()).unwrap(),
+    )
+    .unwrap();
+    let expect = keygate_sdk::chain::Expectation {
+        device_uuid: &device_uuid(3),
+        nonce: Some(NONCE),
+        now: OffsetDateTime::now_utc(),
+    };
+    keygate_sdk::chain::verify_authorization(
+        from_a["authorization"].as_str().unwrap(),
+        from_a["license"].as_str().unwrap(),
+        [&vendor_a],
+        expect,
+    )
+    .unwrap();
+    assert!(
+        keygate_sdk::chain::verify_authorization(
+            from_b["authorization"].as_str().unwrap(),
+            from_a["license"].as_str().unwrap(),
+            [&vendor_a],
+            expect
+        )
+        .is_err()
+    );
+    // An expired one: verified a week and a day later.
+    let late = keygate_sdk::chain::Expectation {
+        now: OffsetDateTime::now_utc() + Duration::days(8),
+        ..expect
+    };
+    assert!(matches!(
+        keygate_sdk::chain::verify_authorization(
+            from_a["authorization"].as_str().unwrap(),
+            from_a["license"].as_str().unwrap(),
+            [&vendor_a],
+            late
+        ),
+        Err(keygate_sdk::chain::ChainError::Expired(_))
+    ));
+}
