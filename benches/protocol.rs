@@ -1,8 +1,8 @@
 //! Hot-path benchmark: the real `keygate` binary (release) over HTTPS keep-alive, driven by
 //! client threads in this process (which share the machine's cores with the server).
 //!
-//! `cargo bench --bench protocol` — set KEYGATE_BENCH_DEVICES (default 20000) and
-//! KEYGATE_BENCH_CLIENTS (default 64) to change the load. Prints a Markdown table.
+//! `cargo bench --bench protocol` — set BENCH_DEVICES (default 20000) and
+//! BENCH_CLIENTS (default 64) to change the load. Prints a Markdown table.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -58,6 +58,23 @@ struct Phase {
     requests: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// CPU time the server process used during the phase.
+    server_cpu: Duration,
+}
+
+/// User plus system CPU time of a process, from /proc (Linux).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map_or(0, |f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum());
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
 }
 
 impl Phase {
@@ -68,13 +85,14 @@ impl Phase {
             self.latencies[i].as_secs_f64() * 1000.0
         };
         format!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} |",
             self.name,
             self.requests,
             self.requests as f64 / self.elapsed.as_secs_f64(),
             pct(0.50),
             pct(0.99),
-            pct(1.0) - 0.0,
+            pct(1.0),
+            self.server_cpu.as_secs_f64() * 1e6 / self.requests as f64,
         )
     }
 }
@@ -83,12 +101,14 @@ impl Phase {
 /// must be 200.
 fn run(
     name: &'static str,
+    server: u32,
     agents: &[ureq::Agent],
     url: &str,
     bodies: &[Value],
     rate: Option<f64>,
 ) -> (Phase, Vec<Value>) {
     let clients = agents.len();
+    let cpu_before = cpu_time(server);
     let start = Instant::now();
     let results: Vec<Vec<(usize, Duration, Value)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = agents
@@ -120,6 +140,7 @@ fn run(
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let elapsed = start.elapsed();
+    let server_cpu = cpu_time(server).saturating_sub(cpu_before);
     let mut answers = vec![Value::Null; bodies.len()];
     let mut latencies = Vec::with_capacity(bodies.len());
     for (i, latency, body) in results.into_iter().flatten() {
@@ -132,6 +153,7 @@ fn run(
             requests: bodies.len(),
             elapsed,
             latencies,
+            server_cpu,
         },
         answers,
     )
@@ -152,8 +174,8 @@ fn lease_of(answer: &Value) -> String {
 }
 
 fn main() {
-    let devices = env_or("KEYGATE_BENCH_DEVICES", 20_000);
-    let clients = env_or("KEYGATE_BENCH_CLIENTS", 64);
+    let devices = env_or("BENCH_DEVICES", 20_000);
+    let clients = env_or("BENCH_CLIENTS", 64);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let vendor = dir.path().join("vendor");
@@ -217,6 +239,7 @@ fn main() {
         }
     };
     std::thread::spawn(move || for _ in lines {});
+    let pid = server.id();
     let cert = std::fs::read(data.join("tls/cert.pem")).unwrap();
     let agents: Vec<_> = (0..clients).map(|_| agent(&cert)).collect();
     let url = |path: &str| format!("https://{addr}/api/v1/{path}");
@@ -227,6 +250,7 @@ fn main() {
     let mut rows = Vec::new();
     let (mut phase, answers) = run(
         "authorize (new devices)",
+        pid,
         &agents,
         &url("authorize"),
         &authorize,
@@ -236,6 +260,7 @@ fn main() {
     let leases: Vec<String> = answers.iter().map(lease_of).collect();
     let (mut phase, _) = run(
         "authorize (known devices)",
+        pid,
         &agents,
         &url("authorize"),
         &authorize,
@@ -249,6 +274,7 @@ fn main() {
         .collect();
     let (mut phase, _) = run(
         "usage (heartbeat)",
+        pid,
         &agents,
         &url("usage"),
         &heartbeats,
@@ -260,7 +286,14 @@ fn main() {
         .map(|n| json!({"lease_id": leases[n], "device_uuid": device(n), "stream": stream(n),
             "reports": [{"seq": 1, "item_id": "BENCH-1", "from": now, "to": now, "counters": {"scans": 3}}]}))
         .collect();
-    let (mut phase, _) = run("usage (one report)", &agents, &url("usage"), &reports, None);
+    let (mut phase, _) = run(
+        "usage (one report)",
+        pid,
+        &agents,
+        &url("usage"),
+        &reports,
+        None,
+    );
     rows.push(phase.row());
     // One million devices every 3 minutes: 5,556 usage calls a second.
     let paced: Vec<Value> = (0..(5556 * 10).min(devices * 3))
@@ -268,6 +301,7 @@ fn main() {
         .collect();
     let (mut phase, _) = run(
         "usage at 5,556/s (1M devices)",
+        pid,
         &agents,
         &url("usage"),
         &paced,
@@ -278,7 +312,7 @@ fn main() {
     let releases: Vec<Value> = (0..devices)
         .map(|n| json!({"lease_id": leases[n], "device_uuid": device(n)}))
         .collect();
-    let (mut phase, _) = run("release", &agents, &url("release"), &releases, None);
+    let (mut phase, _) = run("release", pid, &agents, &url("release"), &releases, None);
     rows.push(phase.row());
 
     let _ = server.kill();
@@ -287,8 +321,10 @@ fn main() {
         "\n{devices} devices, {clients} keep-alive TLS connections, {} cores\n",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("| phase | requests | per second | p50 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| phase | requests | per second | p50 ms | p99 ms | max ms | server CPU µs/request |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for row in rows {
         println!("{row}");
     }

@@ -198,17 +198,17 @@ where
 {
     fn run(&mut self, conn: &Connection) {
         let f = self.f.take().expect("a job runs once");
-        let out = match conn.execute_batch("SAVEPOINT job") {
+        let out = match exec(conn, "SAVEPOINT job") {
             Err(e) => Err(E::from(e.into())),
             Ok(()) => {
                 let out = std::panic::catch_unwind(AssertUnwindSafe(|| f(conn)))
                     .unwrap_or_else(|_| Err(E::from(StoreError::Panicked)));
                 let end = if out.is_ok() {
-                    "RELEASE job"
+                    exec(conn, "RELEASE job")
                 } else {
-                    "ROLLBACK TO job; RELEASE job"
+                    exec(conn, "ROLLBACK TO job").and_then(|()| exec(conn, "RELEASE job"))
                 };
-                match conn.execute_batch(end) {
+                match end {
                     Ok(()) => out,
                     Err(e) => Err(E::from(e.into())),
                 }
@@ -229,6 +229,12 @@ where
     }
 }
 
+/// Runs a statement without parameters through the statement cache (the writer runs these
+/// for every request; parsing them each time costs more than the request's own queries).
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 fn writer(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
@@ -238,14 +244,14 @@ fn writer(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
                 Err(_) => break,
             }
         }
-        let committed = match conn.execute_batch("BEGIN IMMEDIATE") {
+        let committed = match exec(&conn, "BEGIN IMMEDIATE") {
             Err(e) => Err(StoreError::Commit(Arc::new(e))),
             Ok(()) => {
                 for job in batch.iter_mut() {
                     job.run(&conn);
                 }
-                conn.execute_batch("COMMIT").map_err(|e| {
-                    let _ = conn.execute_batch("ROLLBACK");
+                exec(&conn, "COMMIT").map_err(|e| {
+                    let _ = exec(&conn, "ROLLBACK");
                     StoreError::Commit(Arc::new(e))
                 })
             }

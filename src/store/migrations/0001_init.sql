@@ -31,8 +31,10 @@ CREATE TABLE handshake_codes (
     allowed_processes TEXT NOT NULL DEFAULT '',   -- newline-separated, empty: any
     created_at        INTEGER NOT NULL
 ) STRICT;
-CREATE UNIQUE INDEX handshake_codes_one_default
-    ON handshake_codes(organization_id) WHERE is_default = 1;
+-- One default per organization is kept by the import transaction that creates it. (No
+-- partial index here: SQLite re-prepares every query on a table with partial indexes when a
+-- bound parameter meets the index's condition, which costs the hot path dearly.)
+CREATE INDEX handshake_codes_by_organization ON handshake_codes(organization_id);
 
 -- Every imported version of every license, kept for history; the highest version is current.
 CREATE TABLE licenses (

@@ -18,8 +18,9 @@ CREATE TABLE devices (
     last_seen  INTEGER NOT NULL,
     blocked    INTEGER NOT NULL DEFAULT 0
 ) STRICT;
-CREATE INDEX devices_by_name ON devices(name) WHERE name <> '';
-CREATE INDEX devices_by_user ON devices(last_user) WHERE last_user <> '';
+-- Plain indexes, not partial ones: see handshake_codes in 0001.
+CREATE INDEX devices_by_name ON devices(name);
+CREATE INDEX devices_by_user ON devices(last_user);
 
 -- A device's place in an item. `instance` is '' except for concurrent_instance.
 CREATE TABLE seats (
