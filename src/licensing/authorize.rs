@@ -8,7 +8,9 @@ use keygate_sdk::wire::{
 use rusqlite::Connection;
 
 use super::handshake::{PasswordCache, domain_allowed, process_allowed};
-use super::models::{self, DAY, PASS_SECS, Refusal, TRIAL_DAYS, availability, has_room, window_of};
+use super::models::{
+    self, Consumption, DAY, PASS_SECS, Refusal, TRIAL_DAYS, availability, has_room, window_of,
+};
 use super::types::Authorize;
 use super::{from_unix, rfc3339};
 use crate::error::ApiError;
@@ -50,29 +52,39 @@ pub struct Grant {
 }
 
 pub fn refusal(r: Refusal, item: &ItemRow) -> ApiError {
+    let id = &item.item_id;
     match r {
         Refusal::NotStarted => ApiError::new(
             ErrorCode::LicenseNotStarted,
             format!(
-                "item {} starts at {}",
-                item.item_id,
+                "item {id} starts at {}",
                 rfc3339(from_unix(item.terms.starts_at))
             ),
         ),
         Refusal::Expired => ApiError::new(
             ErrorCode::LicenseExpired,
             format!(
-                "item {} expired at {}",
-                item.item_id,
+                "item {id} expired at {}",
                 rfc3339(from_unix(item.terms.expires_at))
             ),
         ),
         Refusal::QuotaExceeded => ApiError::new(
             ErrorCode::QuotaExceeded,
-            format!(
-                "item {} ({}) has no room for this device",
-                item.item_id, item.terms.model
-            ),
+            match item.terms.model {
+                Model::PerUsage => format!(
+                    "item {id} has used more than 105 % of its quota of {}; usage is still recorded",
+                    item.terms.quota
+                ),
+                Model::ConcurrentDevice | Model::ConcurrentInstance => format!(
+                    "item {id} reached its {} allowed windows over quota and has stopped",
+                    item.terms.max_exceptions
+                ),
+                Model::Tokens => format!("item {id} is out of tokens and its grace period is over"),
+                Model::PerDevice | Model::PerActiveDevice | Model::Standalone => format!(
+                    "item {id} has no room for another device ({} of {} seats in use)",
+                    item.used.seats_used, item.terms.quota
+                ),
+            },
         ),
     }
 }
@@ -195,10 +207,11 @@ pub fn authorize(
             now,
         )?,
     };
-    occupy(conn, item, device_id, &seat, now).map_err(|e| match e {
+    let used = occupy(conn, item, device_id, &seat, now).map_err(|e| match e {
         Occupy::Refused(r) => AuthorizeError::Refused(refusal(r, item)),
         Occupy::Store(e) => e.into(),
     })?;
+    let state = models::state(&item.terms, &used);
 
     let lease_id = devices::lease_for(
         conn,
@@ -209,8 +222,7 @@ pub fn authorize(
     )?
     .map(|l| l.lease_id)
     .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let (item, state) = current(conn, &item.item_id, now)?;
-    let expires_at = expiry(&item, now);
+    let expires_at = expiry(item, now);
     devices::upsert_lease(
         conn,
         &Lease {
@@ -240,7 +252,7 @@ pub fn authorize(
             device_uuid: req.device_uuid.clone(),
             instance: req.instance.clone(),
             user: req.user.clone(),
-            items: vec![granted(&item)],
+            items: vec![granted(item)],
             issued_at: from_unix(now),
             expires_at: from_unix(expires_at),
             nonce: req.nonce.clone(),
@@ -437,23 +449,25 @@ impl From<StoreError> for Occupy {
 
 /// Makes sure the device holds its place in the item now: keeps a live seat or takes a new
 /// one if there is room, buys a token pass when it has none, and counts it in the current
-/// window of a concurrent item.
+/// window of a concurrent item. Returns the item's consumption afterwards.
 pub fn occupy(
     conn: &Connection,
     item: &ItemRow,
     device_id: i64,
     key: &SeatKey<'_>,
     now: i64,
-) -> Result<(), Occupy> {
+) -> Result<Consumption, Occupy> {
     let model = item.terms.model;
     availability(&item.terms, &item.used, now).map_err(Occupy::Refused)?;
     let instance = key.instance_for(model);
+    let mut used = item.used;
     let live_seat = devices::seat(conn, &item.item_id, device_id, instance)?
         .filter(|s| !models::seat_lapsed(model, s.first_auth_at, s.last_used_at, now));
     match (model, live_seat) {
         (Model::Tokens, seat) => {
             if seat.is_none() {
                 devices::insert_seat(conn, &item.item_id, device_id, "", now)?;
+                used.seats_used += 1;
             }
             let pass = devices::pass(conn, key.pass(device_id))?;
             if !pass.is_some_and(|p| p.item_id == item.item_id && p.expires_at > now) {
@@ -466,21 +480,23 @@ pub fn occupy(
                     now,
                     now + PASS_SECS,
                 )?;
+                used.tokens_used += item.terms.tokens_per_pass;
             }
         }
         (_, Some(_)) => devices::touch_seat(conn, &item.item_id, device_id, instance, now)?,
         (_, None) => {
             free_lapsed(conn, item, now)?;
             // Counted again: freeing lapsed seats (here or just before) changed it.
-            let used = licenses::item(conn, &item.item_id)?.map_or(item.used, |i| i.used);
+            used = licenses::item(conn, &item.item_id)?.map_or(item.used, |i| i.used);
             if !has_room(&item.terms, &used) {
                 return Err(Occupy::Refused(Refusal::QuotaExceeded));
             }
             devices::insert_seat(conn, &item.item_id, device_id, instance, now)?;
+            used.seats_used += 1;
         }
     }
     if model.is_concurrent() {
-        devices::mark_window(
+        let (active, exception) = devices::mark_window(
             conn,
             &item.item_id,
             device_id,
@@ -488,23 +504,10 @@ pub fn occupy(
             window_of(now),
             item.terms.quota,
         )?;
+        used.window_active = active;
+        used.exceptions += i64::from(exception);
     }
-    Ok(())
-}
-
-/// The item as it is now, with the state an authorization reports.
-pub fn current(
-    conn: &Connection,
-    item_id: &str,
-    now: i64,
-) -> Result<(ItemRow, AuthorizationState), StoreError> {
-    let mut item = licenses::item(conn, item_id)?
-        .ok_or(StoreError::Sqlite(rusqlite::Error::QueryReturnedNoRows))?;
-    if item.terms.model.is_concurrent() {
-        item.used.window_active = devices::window_active(conn, item_id, window_of(now))?;
-    }
-    let state = models::state(&item.terms, &item.used);
-    Ok((item, state))
+    Ok(used)
 }
 
 /// An authorization lasts the item's offline allowance, never past the item's expiry.

@@ -139,7 +139,7 @@ impl Usage {
         let mut last_seq = 0;
         for report in r.reports {
             if report.seq == 0 || report.seq > i64::MAX as u64 {
-                return err("reports.seq", "must be 1 or more");
+                return err("reports.seq", format!("must be between 1 and {}", i64::MAX));
             }
             if report.seq <= last_seq {
                 return err("reports.seq", "must increase within a request");
@@ -155,9 +155,9 @@ impl Usage {
                 })?;
             let mut counters = Vec::with_capacity(report.counters.len());
             for (name, amount) in report.counters {
-                if identifier("reports.counters", Some(&name))?.is_none() {
+                let Some(name) = identifier("reports.counters", Some(&name))? else {
                     return err("reports.counters", "a counter needs a name");
-                }
+                };
                 let amount =
                     i64::try_from(amount).or(err("reports.counters", "value too large"))?;
                 counters.push((name, amount));

@@ -5,13 +5,13 @@
 use keygate_sdk::wire::{Authorization, AuthorizationState, ErrorCode, FORMAT_VERSION, Model};
 use rusqlite::Connection;
 
-use super::authorize::{Occupy, SeatKey, current, expiry, granted, occupy, refusal};
+use super::authorize::{Occupy, SeatKey, expiry, granted, occupy, refusal};
 use super::from_unix;
-use super::models::day_of;
+use super::models::{self, day_of, window_of};
 use super::types::Usage;
 use crate::error::ApiError;
 use crate::store::devices::{self, Device, Lease};
-use crate::store::licenses;
+use crate::store::licenses::{self, ItemRow};
 
 #[derive(Debug)]
 pub struct Recorded {
@@ -40,16 +40,11 @@ pub fn record(
     if device.uuid != req.device_uuid {
         return Err(lease_not_found());
     }
-    if let Some(report) = req
-        .reports
-        .iter()
-        .find(|r| Some(&r.item_id) != lease.item_id.as_ref())
-    {
-        return Err(ApiError::bad_request(format!(
-            "item {} does not belong to lease {}",
-            report.item_id, lease.lease_id
-        )));
-    }
+    let mut item = match &lease.item_id {
+        Some(id) => licenses::item(conn, id)?,
+        None => None,
+    };
+    let metered = metered_counters(conn, &lease, item.as_ref(), req)?;
     let high = match devices::stream(conn, &req.stream)? {
         Some((owner, _)) if owner != device.id => {
             return Err(ApiError::bad_request("stream belongs to another device"));
@@ -58,10 +53,6 @@ pub fn record(
         None => 0,
     };
 
-    let metered = match &lease.item_id {
-        Some(item_id) => licenses::item(conn, item_id)?.and_then(|i| i.counter),
-        None => None,
-    };
     let (mut accepted, mut duplicates, mut acked) = (0, 0, high);
     for report in &req.reports {
         if report.seq <= high {
@@ -72,10 +63,18 @@ pub fn record(
         acked = report.seq;
         // Usage counts on the day it ended, never on a day after today.
         let day = day_of(report.to.min(now));
+        let meter = metered
+            .iter()
+            .find(|(id, _)| *id == report.item_id)
+            .and_then(|(_, c)| c.as_deref());
         for (counter, amount) in report.counters.iter().filter(|(_, n)| *n > 0) {
             devices::add_usage(conn, &report.item_id, device.id, day, counter, *amount)?;
-            if metered.as_deref() == Some(counter.as_str()) {
+            if meter == Some(counter.as_str()) {
                 devices::add_usage_total(conn, &report.item_id, *amount)?;
+                // The renewal below judges the item with this usage included.
+                if let Some(i) = item.as_mut().filter(|i| i.item_id == report.item_id) {
+                    i.used.usage_total += amount;
+                }
             }
         }
     }
@@ -83,7 +82,10 @@ pub fn record(
         devices::set_stream_high(conn, &req.stream, device.id, acked)?;
     }
     devices::touch_device(conn, device.id, None, None, now)?;
-    let renewal = renew(conn, &lease, &device, now, installation_id)?;
+    let renewal = match item {
+        Some(item) => renew(conn, &lease, &device, item, now, installation_id)?,
+        None => renew_trial(&lease, &device, now, installation_id),
+    };
     Ok(Recorded {
         accepted,
         duplicates,
@@ -92,74 +94,156 @@ pub fn record(
     })
 }
 
-/// Renews a lease's authorization if it is still valid. The outer error is a storage
-/// failure; the inner one is why the renewal was refused.
-fn renew(
+/// The items the reports name, each with the counter it meters (per_usage). A report may
+/// name any item that serves the lease's product for the lease's organization: the lease's
+/// current item, or one it held before a renewal moved it (a backlog stays deliverable).
+fn metered_counters(
     conn: &Connection,
     lease: &Lease,
+    item: Option<&ItemRow>,
+    req: &Usage,
+) -> Result<Vec<(String, Option<String>)>, ApiError> {
+    let mut known: Vec<(String, Option<String>)> = Vec::new();
+    for report in &req.reports {
+        if known.iter().any(|(id, _)| *id == report.item_id) {
+            continue;
+        }
+        let belongs = |other: &ItemRow| {
+            item.is_some_and(|i| {
+                other.product == lease.product && other.organization_id == i.organization_id
+            })
+        };
+        let found = match item {
+            Some(i) if i.item_id == report.item_id => Some(i.counter.clone()),
+            _ => licenses::item(conn, &report.item_id)?
+                .filter(|other| belongs(other))
+                .map(|other| other.counter),
+        };
+        let Some(counter) = found else {
+            return Err(ApiError::bad_request(format!(
+                "item {} does not belong to lease {}",
+                report.item_id, lease.lease_id
+            )));
+        };
+        known.push((report.item_id.clone(), counter));
+    }
+    Ok(known)
+}
+
+/// The authorization a lease would get now, for the payload fields renewals share.
+fn payload(
+    lease: &Lease,
     device: &Device,
-    now: i64,
+    handshake: (String, String),
     installation_id: &str,
-) -> Result<Result<Authorization, ApiError>, ApiError> {
-    let refuse = |code, message: &str| Ok(Err(ApiError::new(code, message)));
-    if device.blocked {
-        return refuse(
-            ErrorCode::DeviceBlocked,
-            "an administrator blocked this device",
-        );
-    }
-    if lease.revoked {
-        return refuse(
-            ErrorCode::LeaseRevoked,
-            "an administrator removed this device's seat",
-        );
-    }
-    if lease.released {
-        return refuse(
-            ErrorCode::LeaseNotFound,
-            "the lease was released: authorize again",
-        );
-    }
-    let (organization_id, handshake_code) = match lease.handshake_id {
-        Some(id) => licenses::handshake_by_id(conn, id)?
-            .map(|h| (h.organization_id, h.code))
-            .unwrap_or_default(),
-        None => Default::default(),
-    };
-    let authorization = |items, expires_at, state| Authorization {
+    now: i64,
+) -> Authorization {
+    Authorization {
         v: FORMAT_VERSION,
         lease_id: lease.lease_id.clone(),
         installation_id: installation_id.to_string(),
-        organization_id: organization_id.clone(),
-        handshake_code: handshake_code.clone(),
+        organization_id: handshake.0,
+        handshake_code: handshake.1,
         product: lease.product.clone(),
         device_uuid: device.uuid.clone(),
         instance: Some(lease.instance.clone()).filter(|i| !i.is_empty()),
         user: Some(lease.user.clone()).filter(|u| !u.is_empty()),
-        items,
+        items: vec![],
         issued_at: from_unix(now),
-        expires_at: from_unix(expires_at),
+        expires_at: from_unix(lease.expires_at),
         nonce: lease.nonce.clone(),
-        state,
+        state: AuthorizationState::Ok,
+    }
+}
+
+/// The public trial keeps its 7 days: re-signed, never extended.
+fn renew_trial(
+    lease: &Lease,
+    device: &Device,
+    now: i64,
+    installation_id: &str,
+) -> Result<Authorization, ApiError> {
+    if let Some(refused) = lease_refusal(lease, device) {
+        return Err(refused);
+    }
+    if now >= lease.expires_at {
+        return Err(ApiError::new(
+            ErrorCode::LicenseExpired,
+            "the trial has ended",
+        ));
+    }
+    Ok(payload(
+        lease,
+        device,
+        Default::default(),
+        installation_id,
+        now,
+    ))
+}
+
+/// Why a lease cannot be renewed whatever its item says.
+fn lease_refusal(lease: &Lease, device: &Device) -> Option<ApiError> {
+    if device.blocked {
+        Some(ApiError::new(
+            ErrorCode::DeviceBlocked,
+            "an administrator blocked this device",
+        ))
+    } else if lease.revoked {
+        Some(ApiError::new(
+            ErrorCode::LeaseRevoked,
+            "an administrator removed this device's seat",
+        ))
+    } else if lease.released {
+        Some(ApiError::new(
+            ErrorCode::LeaseNotFound,
+            "the lease was released: authorize again",
+        ))
+    } else {
+        None
+    }
+}
+
+/// Marks the device active in its item (the call proves it runs), then renews the lease's
+/// authorization if it is still valid. The outer error is a storage failure; the inner one
+/// is why the renewal was refused.
+fn renew(
+    conn: &Connection,
+    lease: &Lease,
+    device: &Device,
+    item: ItemRow,
+    now: i64,
+    installation_id: &str,
+) -> Result<Result<Authorization, ApiError>, ApiError> {
+    let model = item.terms.model;
+    let instance = if model == Model::ConcurrentInstance {
+        lease.instance.as_str()
+    } else {
+        ""
     };
-    let Some(item_id) = &lease.item_id else {
-        // The public trial keeps its 7 days: re-signed, never extended.
-        return if now < lease.expires_at {
-            Ok(Ok(authorization(
-                vec![],
-                lease.expires_at,
-                AuthorizationState::Ok,
-            )))
-        } else {
-            refuse(ErrorCode::LicenseExpired, "the trial has ended")
-        };
-    };
-    let Some(item) = licenses::item(conn, item_id)?.filter(|i| !i.withdrawn) else {
-        return refuse(
+    if let Some(seat) = devices::seat(conn, &item.item_id, device.id, instance)?
+        && !models::seat_lapsed(model, seat.first_auth_at, seat.last_used_at, now)
+    {
+        devices::touch_seat(conn, &item.item_id, device.id, instance, now)?;
+        if model.is_concurrent() {
+            devices::mark_window(
+                conn,
+                &item.item_id,
+                device.id,
+                instance,
+                window_of(now),
+                item.terms.quota,
+            )?;
+        }
+    }
+    if let Some(refused) = lease_refusal(lease, device) {
+        return Ok(Err(refused));
+    }
+    if item.withdrawn {
+        return Ok(Err(ApiError::new(
             ErrorCode::LeaseRevoked,
             "the license no longer grants this item",
-        );
-    };
+        )));
+    }
     let token_user = if lease.user.is_empty() {
         device.uuid.as_str()
     } else {
@@ -170,15 +254,24 @@ fn renew(
         instance: &lease.instance,
         token_user,
     };
-    match occupy(conn, &item, device.id, &key, now) {
-        Ok(()) => {}
+    let used = match occupy(conn, &item, device.id, &key, now) {
+        Ok(used) => used,
         Err(Occupy::Refused(r)) => return Ok(Err(refusal(r, &item))),
         Err(Occupy::Store(e)) => return Err(e.into()),
-    }
-    let (item, state) = current(conn, item_id, now)?;
+    };
     let expires_at = expiry(&item, now);
     devices::renew_lease(conn, &lease.lease_id, now, expires_at)?;
-    Ok(Ok(authorization(vec![granted(&item)], expires_at, state)))
+    let handshake = match lease.handshake_id {
+        Some(id) => licenses::handshake_by_id(conn, id)?
+            .map(|h| (h.organization_id, h.code))
+            .unwrap_or_default(),
+        None => Default::default(),
+    };
+    let mut authorization = payload(lease, device, handshake, installation_id, now);
+    authorization.items = vec![granted(&item)];
+    authorization.expires_at = from_unix(expires_at);
+    authorization.state = models::state(&item.terms, &used);
+    Ok(Ok(authorization))
 }
 
 /// `release`: ends the lease; frees a concurrent seat from the current window and a
@@ -199,27 +292,19 @@ pub fn release(
         return Ok(());
     }
     devices::release_lease(conn, lease_id)?;
-    if let Some(item) = &lease
-        .item_id
-        .as_deref()
-        .map(|id| licenses::item(conn, id))
-        .transpose()?
-        .flatten()
-    {
+    let item = match &lease.item_id {
+        Some(id) => licenses::item(conn, id)?,
+        None => None,
+    };
+    if let Some(item) = item {
         let model = item.terms.model;
-        let instance = if model == Model::ConcurrentInstance {
-            lease.instance.as_str()
-        } else {
-            ""
-        };
         if model.is_concurrent() {
-            devices::unmark_window(
-                conn,
-                &item.item_id,
-                device.id,
-                instance,
-                super::models::window_of(now),
-            )?;
+            let instance = if model == Model::ConcurrentInstance {
+                lease.instance.as_str()
+            } else {
+                ""
+            };
+            devices::unmark_window(conn, &item.item_id, device.id, instance, window_of(now))?;
         } else if model == Model::Standalone {
             devices::delete_seat(conn, &item.item_id, device.id, "")?;
         }

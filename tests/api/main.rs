@@ -4,6 +4,7 @@
 mod foundation;
 #[allow(dead_code)] // each test module uses a part of the helpers
 mod helpers;
+mod openapi;
 mod protocol;
 mod sdk;
 mod usage;

@@ -440,3 +440,40 @@ fn acknowledged_usage_survives_kill_9() {
     );
     drop(served);
 }
+
+#[test]
+fn a_backlog_for_the_previous_item_is_still_accepted_after_the_lease_moves() {
+    let items = [
+        item("scanner", "per_usage", 1000, "counter = \"scans\"\nstarts_at = 2026-01-01T00:00:00Z\nexpires_at = 2026-06-02T00:00:00Z"),
+        item("scanner", "per_usage", 1000, "counter = \"scans\"\nstarts_at = 2026-01-01T00:00:00Z\nexpires_at = 2027-01-01T00:00:00Z"),
+        item("viewer", "per_usage", 1000, "counter = \"views\""),
+    ]
+    .concat();
+    let f = Fixture::new(&items);
+    let first = f.authorized("scanner", 1);
+    assert_eq!(first.items[0].item_id, "LIC-T-1");
+    f.app.clock.advance(Duration::days(1)); // LIC-T-1 has expired
+    let second = f.authorized("scanner", 1);
+    assert_eq!(
+        (second.items[0].item_id.as_str(), &second.lease_id),
+        ("LIC-T-2", &first.lease_id)
+    );
+    // The backlog from before, for LIC-T-1, still counts (with a name sent untrimmed).
+    let (status, body) = f.usage(&f.reports(
+        &first.lease_id,
+        1,
+        STREAM,
+        &[(1, "LIC-T-1", " scans", 7), (2, "LIC-T-2", "scans", 1)],
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 2);
+    assert_eq!(f.item_value("LIC-T-1", "usage_total"), 7);
+    assert_eq!(f.item_value("LIC-T-2", "usage_total"), 1);
+    // An item of another product does not belong to the lease.
+    let (status, body) =
+        f.usage(&f.reports(&first.lease_id, 1, STREAM, &[(3, "LIC-T-3", "views", 1)]));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("BAD_REQUEST"))
+    );
+}
