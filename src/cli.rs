@@ -10,6 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use keygate_sdk::{VerifyingKey, keys};
 use rusqlite::TransactionBehavior;
 
+use tokio::sync::mpsc::UnboundedReceiver;
+use tracing_subscriber::Layer;
+
+use crate::alerts::notices::{ErrorCapture, ErrorEvent};
 use crate::appliance::{self, Appliance};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, LogFormat, Overrides};
@@ -70,6 +74,17 @@ pub enum Command {
     /// Devices: block, unblock, remove.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Take a backup of the database now (also while the appliance runs).
+    Backup,
+    /// Replace the database with a backup (stop the service first); the current database is
+    /// kept aside.
+    Restore {
+        /// The backup file (`<data-dir>/backups/keygate-*.db`).
+        file: PathBuf,
+    },
+    /// Alert emails: recipients, SMTP server, a test message.
+    #[command(subcommand)]
+    Alerts(AlertsCommand),
     /// Turn the public trial on or off (7-day authorizations without a handshake code).
     Trial {
         #[arg(value_parser = ["on", "off"])]
@@ -111,6 +126,32 @@ pub enum HandshakeCommand {
     },
     /// Configure an item to a handshake code of its organization.
     Assign { item: String, code: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertsCommand {
+    /// Set the recipients: a `;`-separated list of addresses.
+    Recipients { list: String },
+    /// Set the SMTP server (the password, if any, is read from standard input).
+    Smtp {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        port: Option<u16>,
+        /// starttls, tls (implicit) or none (a trusted LAN relay).
+        #[arg(long, default_value = "starttls", value_parser = ["starttls", "tls", "none"])]
+        tls: String,
+        #[arg(long)]
+        user: Option<String>,
+        /// Read the password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        /// The sender address.
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Send a test email to the recipients now and print the server's answer.
+    Test,
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +253,30 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         Command::Status => status(&config),
         Command::Handshake(command) => handshake(&config, command, &clock),
         Command::Device(command) => device(&config, command),
+        Command::Backup => {
+            open_store(&config)?;
+            let file = store::backup::take(
+                &config.database_path(),
+                &config.data_dir.join(store::backup::BACKUP_DIR),
+                clock.now(),
+            )?;
+            println!(
+                "backup written: {} ({} bytes, integrity checked)",
+                file.path.display(),
+                file.size
+            );
+            Ok(())
+        }
+        Command::Restore { file } => {
+            let aside = store::backup::restore(&config.database_path(), &file, clock.now())?;
+            println!(
+                "restored {}; the previous database is kept as {}",
+                file.display(),
+                aside.display()
+            );
+            Ok(())
+        }
+        Command::Alerts(command) => alerts(&config, command),
         Command::Trial { state } => {
             let conn = open_store(&config)?;
             store::settings::set(&conn, licensing::authorize::PUBLIC_TRIAL, &state)?;
@@ -413,6 +478,82 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
     Ok(())
 }
 
+fn alerts(config: &Config, command: AlertsCommand) -> Result<()> {
+    use crate::alerts::mail;
+    let conn = open_store(config)?;
+    match command {
+        AlertsCommand::Recipients { list } => {
+            let parsed = mail::parse_recipients(&list)?;
+            let list = parsed
+                .iter()
+                .map(|m| m.to_string())
+                .collect::<Vec<_>>()
+                .join(";");
+            store::settings::set(&conn, mail::RECIPIENTS, &list)?;
+            println!(
+                "alert recipients: {}",
+                if list.is_empty() { "(none)" } else { &list }
+            );
+        }
+        AlertsCommand::Smtp {
+            host,
+            port,
+            tls,
+            user,
+            password_stdin,
+            from,
+        } => {
+            let password = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                Some(line.trim_end_matches(['\r', '\n']).to_string())
+            } else {
+                None
+            };
+            let tls = mail::TlsMode::parse(&tls).expect("clap checked it");
+            let settings = mail::SmtpSettings {
+                port: port.unwrap_or(match tls {
+                    mail::TlsMode::Tls => 465,
+                    mail::TlsMode::StartTls => 587,
+                    mail::TlsMode::None => 25,
+                }),
+                host,
+                tls,
+                user,
+                password,
+                from: from.unwrap_or_else(|| format!("keygate@{}", appliance::hostname())),
+            };
+            mail::save_settings(&conn, &settings)?;
+            println!(
+                "SMTP server: {}:{} ({})",
+                settings.host,
+                settings.port,
+                tls.as_str()
+            );
+        }
+        AlertsCommand::Test => {
+            let settings = mail::load_settings(&conn)?.ok_or(mail::MailError::NotConfigured)?;
+            let to = mail::parse_recipients(
+                &store::settings::get(&conn, mail::RECIPIENTS)?.unwrap_or_default(),
+            )?;
+            if to.is_empty() {
+                bail!("no alert recipients are set (keygate alerts recipients ...)");
+            }
+            let email = mail::Email {
+                subject: "keygate: test email".into(),
+                text: "This is a test email from keygate. Alerts will reach you.".into(),
+                html: "<p>This is a test email from keygate. Alerts will reach you.</p>".into(),
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let answer = runtime.block_on(mail::send(&settings, &to, &email))?;
+            println!("the SMTP server accepted the test email: {answer}");
+        }
+    }
+    Ok(())
+}
+
 fn device(config: &Config, command: DeviceCommand) -> Result<()> {
     use crate::licensing::types;
     use crate::store::devices as d;
@@ -533,9 +674,31 @@ fn issue(args: IssueArgs, clock: &dyn Clock) -> Result<()> {
 }
 
 /// Starts the server with the configuration and waits for Ctrl-C or SIGTERM.
-pub fn serve(config: Config) -> Result<()> {
+/// Logs to standard error as text or JSON, and forwards every ERROR event to the returned
+/// channel (which `serve` turns into emails to the alert recipients).
+pub fn init_tracing(config: &Config) -> UnboundedReceiver<ErrorEvent> {
+    use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (events, errors) = tokio::sync::mpsc::unbounded_channel();
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let fmt = match config.log.format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new(&config.log.level))
+        .with(fmt)
+        .with(ErrorCapture(events))
+        .init();
+    errors
+}
+
+pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()> {
     let listen = config.listen;
-    let state = crate::AppState::open(config, Arc::new(SystemClock))?;
+    let state = crate::AppState::open(config, Arc::new(SystemClock))?.with_error_events(errors);
     let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
@@ -555,7 +718,23 @@ pub fn serve(config: Config) -> Result<()> {
         }
     );
     tracing::info!(%local, installation_id = state.appliance.installation_id(), "serving");
-    actix_web::rt::System::new().block_on(crate::serve(state, listener, shutdown_signal()))?;
+    // The listener is bound: tell the service manager (systemd's Type=notify, Windows' SCM).
+    #[cfg(unix)]
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+    #[cfg(windows)]
+    crate::windows::report_running();
+    let shutdown = async {
+        shutdown_signal().await;
+        #[cfg(unix)]
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    };
+    // The Windows service's Stop control shuts down the same way as Ctrl-C.
+    #[cfg(windows)]
+    let shutdown = crate::windows::until_stopped(shutdown);
+    let state = actix_web::web::Data::new(state);
+    actix_web::rt::System::new().block_on(crate::serve(state, listener, shutdown))?;
     tracing::info!("stopped");
     Ok(())
 }

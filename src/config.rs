@@ -34,8 +34,36 @@ pub struct Config {
     /// Vendor public keys (SPKI PEM files) trusted in addition to those added with
     /// `keygate trust`.
     pub trusted_vendor_keys: Vec<PathBuf>,
+    /// Base URL of the portal in email links (default `https://HOSTNAME:PORT`).
+    pub public_url: Option<String>,
     pub tls: TlsConfig,
     pub log: LogConfig,
+    pub jobs: JobsConfig,
+}
+
+/// Scheduled work: how often each job runs and how many backups are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    pub alerts_every_s: u64,
+    pub backup_every_s: u64,
+    pub housekeeping_every_s: u64,
+    /// Backups kept: the newest `backup_keep_last`, and the newest of each of the last
+    /// `backup_keep_days` days.
+    pub backup_keep_last: usize,
+    pub backup_keep_days: i64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            alerts_every_s: 600,
+            backup_every_s: 720,
+            housekeeping_every_s: 86_400,
+            backup_keep_last: 10,
+            backup_keep_days: 14,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -70,8 +98,10 @@ impl Default for Config {
             data_dir: PathBuf::from("./keygate-data"),
             listen: "0.0.0.0:8443".parse().expect("a valid default address"),
             trusted_vendor_keys: Vec::new(),
+            public_url: None,
             tls: TlsConfig::default(),
             log: LogConfig::default(),
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -91,6 +121,7 @@ pub const ENV_VARS: &[&str] = &[
     "KEYGATE_DATA_DIR",
     "KEYGATE_LISTEN",
     "KEYGATE_TRUSTED_VENDOR_KEYS",
+    "KEYGATE_PUBLIC_URL",
     "KEYGATE_TLS_CERT",
     "KEYGATE_TLS_KEY",
     "KEYGATE_LOG_LEVEL",
@@ -160,6 +191,7 @@ impl Config {
                 "KEYGATE_TRUSTED_VENDOR_KEYS" => {
                     self.trusted_vendor_keys = std::env::split_paths(&value).collect()
                 }
+                "KEYGATE_PUBLIC_URL" => self.public_url = Some(value),
                 "KEYGATE_TLS_CERT" => self.tls.cert = Some(value.into()),
                 "KEYGATE_TLS_KEY" => self.tls.key = Some(value.into()),
                 "KEYGATE_LOG_LEVEL" => self.log.level = value,

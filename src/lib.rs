@@ -4,11 +4,13 @@
 //! The binary is a thin shell over this library; tests start the real server through
 //! [`server::serve`] on port 0 with a clock they control.
 
+pub mod alerts;
 pub mod appliance;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod jobs;
 pub mod licensing;
 pub mod protocol;
 pub mod ratelimit;
@@ -16,5 +18,7 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod vendor;
+#[cfg(windows)]
+pub mod windows;
 
 pub use server::{AppState, serve};

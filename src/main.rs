@@ -1,12 +1,18 @@
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use keygate::cli::{self, Cli, Command};
-use keygate::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Started by the Windows service manager (see src/windows.rs and packaging/wix/main.wxs).
+    #[cfg(windows)]
+    if let Some(args) = keygate::windows::service_args() {
+        return keygate::windows::run(move || start(Cli::parse_from(args)));
+    }
+    start(Cli::parse())
+}
+
+fn start(cli: Cli) -> ExitCode {
     let config = match cli.config() {
         Ok(config) => config,
         Err(e) => {
@@ -14,9 +20,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_tracing(&config);
+    let errors = cli::init_tracing(&config);
     let result = match cli.command {
-        Command::Serve { .. } => cli::serve(config),
+        Command::Serve { .. } => cli::serve(config, errors),
         command => cli::run(command, config),
     };
     match result {
@@ -25,17 +31,5 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

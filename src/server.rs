@@ -8,10 +8,15 @@ use time::OffsetDateTime;
 
 use crate::appliance::{Appliance, ApplianceError};
 use crate::clock::Clock;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::alerts::notices::ErrorEvent;
 use crate::config::Config;
+use crate::jobs;
 use crate::licensing::handshake::PasswordCache;
 use crate::protocol;
 use crate::ratelimit::FailureLimiter;
+use crate::store::backup;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, CertResolver, CertSource, TlsError};
 
@@ -23,6 +28,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Lock(#[from] backup::BackupError),
 }
 
 /// Everything a request handler may need, shared by all workers.
@@ -40,6 +47,10 @@ pub struct AppState {
     pub password_checks: tokio::sync::Semaphore,
     /// Wrong session passwords per client address: 10 a minute, then `RATE_LIMITED`.
     pub password_failures: FailureLimiter,
+    /// ERROR events to email (taken by the notifier when serving starts).
+    error_events: std::sync::Mutex<Option<UnboundedReceiver<ErrorEvent>>>,
+    /// Held while this appliance runs: `keygate restore` refuses to run under it.
+    _lock: std::fs::File,
 }
 
 impl AppState {
@@ -47,6 +58,7 @@ impl AppState {
     /// database (migrated), certificate. Creates what is missing on first start.
     pub fn open(config: Config, clock: Arc<dyn Clock>) -> Result<AppState, StartError> {
         let appliance = Appliance::load_or_create(&config.data_dir)?;
+        let lock = backup::lock_file(&config.data_dir)?;
         let store = Store::open(&config.database_path())?;
         let now = clock.now();
         let cert_source = tls::ensure_certificate(&config, now)?;
@@ -62,19 +74,32 @@ impl AppState {
             passwords: PasswordCache::default(),
             password_checks: tokio::sync::Semaphore::new(2),
             password_failures: FailureLimiter::new(10, 60),
+            error_events: std::sync::Mutex::new(None),
+            _lock: lock,
         })
+    }
+}
+
+impl AppState {
+    /// Emails these ERROR events to the alert recipients while serving.
+    pub fn with_error_events(self, events: UnboundedReceiver<ErrorEvent>) -> Self {
+        *self.error_events.lock().expect("error events lock") = Some(events);
+        self
     }
 }
 
 /// Serves HTTPS on an already-bound listener until `shutdown` completes, then stops
 /// gracefully (in-flight requests finish).
 pub async fn serve(
-    state: AppState,
+    state: web::Data<AppState>,
     listener: std::net::TcpListener,
     shutdown: impl Future<Output = ()> + 'static,
 ) -> std::io::Result<()> {
     let tls = tls::server_config(state.certificate.clone());
-    let state = web::Data::new(state);
+    let errors = state.error_events.lock().expect("error events lock").take();
+    let _scheduler = jobs::start(state.clone(), errors)
+        .await
+        .map_err(|e| std::io::Error::other(format!("cannot start the scheduler: {e}")))?;
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
             .app_data(state.clone())

@@ -41,7 +41,7 @@ struct Cli {
     #[arg(long, value_name = "ID")]
     organization: Option<String>,
     /// Session password of the handshake code.
-    #[arg(long, env = "KEYGATE_SESSION_PASSWORD", hide_env_values = true)]
+    #[arg(long, env = "DEVICE_SESSION_PASSWORD", hide_env_values = true)]
     password: Option<String>,
     /// Product name, as in the license items.
     #[arg(long)]

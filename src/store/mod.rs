@@ -5,8 +5,10 @@
 //! Query functions take a `&Connection` so the same code runs inside the writer's batch, on
 //! a read connection, or in a one-shot command-line transaction.
 
+pub mod backup;
 pub mod devices;
 pub mod licenses;
+pub mod ops;
 pub mod settings;
 
 use std::panic::AssertUnwindSafe;
@@ -21,6 +23,7 @@ use tokio::sync::oneshot;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_protocol.sql"),
+    include_str!("migrations/0003_operations.sql"),
 ];
 
 /// How many requests one transaction commits at most.

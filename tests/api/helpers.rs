@@ -279,6 +279,10 @@ pub struct TestApp {
     pub clock: ManualClock,
     pub data_dir: PathBuf,
     pub agent: ureq::Agent,
+    /// The server's own state, for running its jobs directly.
+    pub state: actix_web::web::Data<AppState>,
+    /// Where test errors enter the error notifier.
+    pub errors: tokio::sync::mpsc::UnboundedSender<keygate::alerts::notices::ErrorEvent>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -295,13 +299,19 @@ impl TestApp {
             data_dir: data_dir.to_path_buf(),
             ..Config::default()
         };
-        let state = AppState::open(config, Arc::new(clock.clone())).expect("the appliance opens");
+        let (errors, events) = tokio::sync::mpsc::unbounded_channel();
+        let state = actix_web::web::Data::new(
+            AppState::open(config, Arc::new(clock.clone()))
+                .expect("the appliance opens")
+                .with_error_events(events),
+        );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = state.clone();
         let thread = std::thread::spawn(move || {
             actix_web::rt::System::new()
-                .block_on(keygate::serve(state, listener, async {
+                .block_on(keygate::serve(served, listener, async {
                     let _ = stopped.await;
                 }))
                 .expect("the server runs");
@@ -311,6 +321,8 @@ impl TestApp {
             clock,
             agent: pinned_agent(&appliance_cert(data_dir)),
             data_dir: data_dir.to_path_buf(),
+            state,
+            errors,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -318,6 +330,15 @@ impl TestApp {
 
     pub fn url(&self, path: &str) -> String {
         format!("https://{}{path}", self.addr)
+    }
+
+    /// Runs a scheduled job now, as the scheduler would.
+    pub fn run_job(&self, name: &str) -> Result<String, keygate::jobs::JobError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(keygate::jobs::run(&self.state, name))
     }
 }
 
@@ -500,6 +521,15 @@ impl Fixture {
         serde_json::json!({"lease_id": lease_id, "device_uuid": device_uuid(n), "stream": stream, "reports": reports})
     }
 
+    /// Stops the server and hands back its data directory (kept on disk).
+    pub fn stop(self) -> (tempfile::TempDir, PathBuf) {
+        let Fixture {
+            app, data, _dir, ..
+        } = self;
+        drop(app);
+        (_dir, data)
+    }
+
     pub fn db(&self) -> rusqlite::Connection {
         rusqlite::Connection::open(self.data.join("keygate.db")).unwrap()
     }
@@ -537,4 +567,121 @@ pub fn set_password(data_dir: &Path, code: &str, password: &str) -> Run {
         .unwrap();
     writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
     child.wait_with_output().unwrap().into()
+}
+
+/// A real SMTP server (aiosmtpd) on a free local port, keeping each message as a file.
+pub struct SmtpSink {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl SmtpSink {
+    pub fn start() -> SmtpSink {
+        SmtpSink::start_on(0, tempfile::tempdir().unwrap())
+    }
+
+    /// On a given port (a server coming back), into the same directory.
+    pub fn start_on(port: u16, dir: tempfile::TempDir) -> SmtpSink {
+        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python");
+        let mut child = Command::new(&python)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/smtp_sink.py"))
+            .arg(dir.path())
+            .env("SMTP_PORT", port.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (run scripts/test, which creates it)",
+                    python.display()
+                )
+            });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .expect("the sink prints its port")
+            .parse()
+            .unwrap();
+        SmtpSink { child, port, dir }
+    }
+
+    /// Stops the server, keeping what it received.
+    pub fn stop(mut self) -> (u16, tempfile::TempDir) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (self.port, dir)
+    }
+
+    /// The messages received so far, oldest first.
+    pub fn messages(&self) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect()
+    }
+
+    /// Waits (polling, bounded) until `n` messages have arrived.
+    pub fn wait_for(&self, n: usize, limit: std::time::Duration) -> Vec<String> {
+        let start = std::time::Instant::now();
+        loop {
+            let messages = self.messages();
+            if messages.len() >= n || start.elapsed() > limit {
+                return messages;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Points the appliance in `data_dir` at this server, with two recipients.
+    pub fn configure(&self, data_dir: &Path) {
+        let port = self.port.to_string();
+        let run = keygate(
+            data_dir,
+            &[
+                "alerts",
+                "smtp",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--tls",
+                "none",
+                "--from",
+                "keygate@plant.test",
+            ],
+        );
+        assert!(run.ok, "{}", run.stderr);
+        let run = keygate(
+            data_dir,
+            &["alerts", "recipients", "it@plant.test; boss@plant.test"],
+        );
+        assert!(run.ok, "{}", run.stderr);
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The plain-text part of a received message (quoted-printable soft breaks undone).
+pub fn text_of(message: &str) -> String {
+    message
+        .replace("=\r\n", "")
+        .replace("=\n", "")
+        .replace("=3D", "=")
+        .replace("=20", " ")
 }

@@ -4,6 +4,7 @@
 mod foundation;
 #[allow(dead_code)] // each test module uses a part of the helpers
 mod helpers;
+mod jobs;
 mod openapi;
 mod protocol;
 mod sdk;

@@ -1,0 +1,174 @@
+//! Email delivery over SMTP (lettre): STARTTLS, implicit TLS, or plain on a trusted LAN
+//! relay, with optional authentication. Settings live in the database (set from the CLI or
+//! the portal); the password is never logged or shown.
+
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use rusqlite::Connection;
+
+use crate::store::{StoreError, settings};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    StartTls,
+    Tls,
+    None,
+}
+
+impl TlsMode {
+    pub fn parse(text: &str) -> Option<TlsMode> {
+        match text {
+            "starttls" => Some(TlsMode::StartTls),
+            "tls" => Some(TlsMode::Tls),
+            "none" => Some(TlsMode::None),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::StartTls => "starttls",
+            TlsMode::Tls => "tls",
+            TlsMode::None => "none",
+        }
+    }
+}
+
+/// Where and how alert emails are sent.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub from: String,
+}
+
+impl std::fmt::Debug for SmtpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("from", &self.from)
+            .finish()
+    }
+}
+
+pub const RECIPIENTS: &str = "alert_recipients";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MailError {
+    #[error("no SMTP server is configured")]
+    NotConfigured,
+    #[error("{0:?} is not a valid email address")]
+    BadAddress(String),
+    #[error("the message could not be built: {0}")]
+    Build(String),
+    #[error("the SMTP server did not accept the message: {0}")]
+    Smtp(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Parses a `;`-separated recipient list, naming the first invalid address.
+pub fn parse_recipients(text: &str) -> Result<Vec<Mailbox>, MailError> {
+    text.split(';')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.parse::<Mailbox>()
+                .map_err(|_| MailError::BadAddress(a.to_string()))
+        })
+        .collect()
+}
+
+pub fn load_settings(conn: &Connection) -> Result<Option<SmtpSettings>, StoreError> {
+    let get = |k: &str| settings::get(conn, k);
+    let Some(host) = get("smtp_host")?.filter(|h| !h.is_empty()) else {
+        return Ok(None);
+    };
+    let tls = get("smtp_tls")?
+        .as_deref()
+        .and_then(TlsMode::parse)
+        .unwrap_or(TlsMode::StartTls);
+    Ok(Some(SmtpSettings {
+        port: get("smtp_port")?
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(match tls {
+                TlsMode::Tls => 465,
+                TlsMode::StartTls => 587,
+                TlsMode::None => 25,
+            }),
+        host,
+        tls,
+        user: get("smtp_user")?.filter(|u| !u.is_empty()),
+        password: get("smtp_password")?.filter(|p| !p.is_empty()),
+        from: get("smtp_from")?
+            .unwrap_or_else(|| format!("keygate@{}", crate::appliance::hostname())),
+    }))
+}
+
+pub fn save_settings(conn: &Connection, s: &SmtpSettings) -> Result<(), MailError> {
+    s.from
+        .parse::<Mailbox>()
+        .map_err(|_| MailError::BadAddress(s.from.clone()))?;
+    settings::set(conn, "smtp_host", &s.host)?;
+    settings::set(conn, "smtp_port", &s.port.to_string())?;
+    settings::set(conn, "smtp_tls", s.tls.as_str())?;
+    settings::set(conn, "smtp_user", s.user.as_deref().unwrap_or(""))?;
+    settings::set(conn, "smtp_password", s.password.as_deref().unwrap_or(""))?;
+    settings::set(conn, "smtp_from", &s.from)?;
+    Ok(())
+}
+
+/// A message with a text and an HTML part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Email {
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+}
+
+/// Sends one message to all recipients; returns the server's answer.
+pub async fn send(
+    settings: &SmtpSettings,
+    to: &[Mailbox],
+    email: &Email,
+) -> Result<String, MailError> {
+    let from: Mailbox = settings
+        .from
+        .parse()
+        .map_err(|_| MailError::BadAddress(settings.from.clone()))?;
+    let mut builder = Message::builder().from(from).subject(&email.subject);
+    for mailbox in to {
+        builder = builder.to(mailbox.clone());
+    }
+    let message = builder
+        .multipart(MultiPart::alternative_plain_html(
+            email.text.clone(),
+            email.html.clone(),
+        ))
+        .map_err(|e| MailError::Build(e.to_string()))?;
+    let smtp = |e: lettre::transport::smtp::Error| MailError::Smtp(e.to_string());
+    let mut transport = match settings.tls {
+        TlsMode::Tls => {
+            AsyncSmtpTransport::<Tokio1Executor>::relay(&settings.host).map_err(smtp)?
+        }
+        TlsMode::StartTls => {
+            AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&settings.host).map_err(smtp)?
+        }
+        TlsMode::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&settings.host),
+    }
+    .port(settings.port)
+    .timeout(Some(std::time::Duration::from_secs(20)));
+    if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
+        transport = transport.credentials(Credentials::new(user.clone(), password.clone()));
+    }
+    let response = transport.build().send(message).await.map_err(smtp)?;
+    Ok(response.message().collect::<Vec<_>>().join(" "))
+}

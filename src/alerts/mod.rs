@@ -1,0 +1,283 @@
+//! Usage alerts: which thresholds an item has crossed (pure), and the emails that tell the
+//! admins. Each threshold is sent once per item until a renewal (a new license version) or
+//! a drop below it (a top-up, seats freed) resets it.
+
+pub mod mail;
+pub mod notices;
+
+use keygate_sdk::wire::Model;
+
+use crate::licensing::models::DAY;
+use crate::store::licenses::ItemRow;
+
+/// One threshold an item has crossed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crossing {
+    /// Stable key of the threshold: `consumption:75`, `expiry:30`, ...
+    pub key: String,
+    pub item_id: String,
+    pub license_id: String,
+    pub product: String,
+    pub model: Model,
+    /// What the threshold is about, in a sentence fragment.
+    pub what: String,
+    /// The figure now and what it is measured against.
+    pub figure: i64,
+    pub of: i64,
+    /// What happens next, for the admin.
+    pub next: String,
+}
+
+/// Consumption thresholds (percent) per model.
+pub fn consumption_thresholds(model: Model) -> &'static [i64] {
+    match model {
+        Model::PerDevice | Model::PerActiveDevice => &[75, 90, 95, 100, 110],
+        Model::PerUsage => &[75, 90, 95, 100, 105],
+        Model::ConcurrentDevice | Model::ConcurrentInstance => &[50, 75, 90, 100],
+        Model::Tokens | Model::Standalone => &[75, 90, 95, 100],
+    }
+}
+
+/// Expiry warnings (days ahead) per model.
+pub fn expiry_thresholds(model: Model) -> &'static [i64] {
+    match model {
+        Model::Tokens | Model::Standalone => &[30, 7, 1],
+        _ => &[],
+    }
+}
+
+/// The figure a model's consumption thresholds measure, and what it is measured against.
+fn consumption(item: &ItemRow) -> (i64, i64, &'static str) {
+    let (t, u) = (&item.terms, &item.used);
+    match t.model {
+        Model::PerDevice | Model::PerActiveDevice | Model::Standalone => {
+            (u.seats_used, t.quota, "devices")
+        }
+        Model::PerUsage => (u.usage_total, t.quota, "usage"),
+        Model::ConcurrentDevice | Model::ConcurrentInstance => {
+            (u.exceptions, t.max_exceptions, "windows over quota")
+        }
+        Model::Tokens => (u.tokens_used, t.quota, "tokens consumed"),
+    }
+}
+
+fn what_next(item: &ItemRow) -> String {
+    let t = &item.terms;
+    match t.model {
+        Model::PerDevice | Model::PerActiveDevice => format!(
+            "Above {} devices new devices run in tolerance; at {} (110 %) new devices are refused, known devices keep working.",
+            t.quota,
+            crate::licensing::models::seat_limit(t)
+        ),
+        Model::PerUsage => format!(
+            "Past {} (105 %) every device of this item is refused; usage is still recorded.",
+            t.quota * 105 / 100
+        ),
+        Model::ConcurrentDevice | Model::ConcurrentInstance => format!(
+            "Each 3-minute window with more than {} devices is an exception; at {} exceptions the item stops for every device.",
+            t.quota, t.max_exceptions
+        ),
+        Model::Tokens => format!(
+            "When the balance runs out, passes overdraw for a grace of {} days; after it every device is refused.",
+            t.grace_days
+        ),
+        Model::Standalone => format!("At {} devices new devices are refused.", t.quota),
+    }
+}
+
+/// Every threshold the item has crossed at `now`.
+pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
+    let mut out = Vec::new();
+    let crossing = |key: String, what: String, figure, of, next: String| Crossing {
+        key,
+        item_id: item.item_id.clone(),
+        license_id: item.license_id.clone(),
+        product: item.product.clone(),
+        model: item.terms.model,
+        what,
+        figure,
+        of,
+        next,
+    };
+    let (figure, base, unit) = consumption(item);
+    if base > 0 {
+        for pct in consumption_thresholds(item.terms.model) {
+            if figure * 100 >= pct * base {
+                out.push(crossing(
+                    format!("consumption:{pct}"),
+                    format!("{unit} reached {pct} %"),
+                    figure,
+                    base,
+                    what_next(item),
+                ));
+            }
+        }
+    }
+    let left = item.terms.expires_at - now;
+    for days in expiry_thresholds(item.terms.model) {
+        if left <= days * DAY {
+            out.push(crossing(
+                format!("expiry:{days}"),
+                format!("expires in {} day(s) or less", days),
+                left.max(0) / DAY,
+                *days,
+                format!(
+                    "On {} every device of this item is refused (LICENSE_EXPIRED) unless a renewal is imported.",
+                    crate::licensing::rfc3339(crate::licensing::from_unix(item.terms.expires_at))
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// Decides, from the thresholds crossed now and the marks already sent (threshold, license
+/// version), which crossings to send and which marks to clear.
+pub fn plan(
+    item: &ItemRow,
+    crossed: &[Crossing],
+    marks: &[(String, u32)],
+) -> (Vec<Crossing>, Vec<String>) {
+    let current = |key: &str| {
+        marks
+            .iter()
+            .any(|(k, v)| k == key && *v == item.license_version)
+    };
+    let send = crossed
+        .iter()
+        .filter(|c| !current(&c.key))
+        .cloned()
+        .collect();
+    let clear = marks
+        .iter()
+        .filter(|(k, v)| *v != item.license_version || !crossed.iter().any(|c| &c.key == k))
+        .map(|(k, _)| k.clone())
+        .collect();
+    (send, clear)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::licensing::models::{Consumption, Terms};
+
+    fn item(model: Model, quota: i64, used: Consumption) -> ItemRow {
+        ItemRow {
+            item_id: "I-1".into(),
+            license_id: "L".into(),
+            license_version: 1,
+            organization_id: "o".into(),
+            handshake_id: 1,
+            product: "p".into(),
+            terms: Terms {
+                model,
+                quota,
+                starts_at: 0,
+                expires_at: 1000 * DAY,
+                max_exceptions: 10,
+                grace_days: 10,
+                tokens_per_pass: 1,
+            },
+            used,
+            offline_days: 7,
+            features: vec![],
+            counter: None,
+            withdrawn: false,
+        }
+    }
+
+    fn keys(c: &[Crossing]) -> Vec<&str> {
+        c.iter().map(|c| c.key.as_str()).collect()
+    }
+
+    #[test]
+    fn device_thresholds_at_their_exact_percentages() {
+        let seats = |n| Consumption {
+            seats_used: n,
+            ..Consumption::default()
+        };
+        assert!(crossed(&item(Model::PerDevice, 100, seats(74)), 0).is_empty());
+        assert_eq!(
+            keys(&crossed(&item(Model::PerDevice, 100, seats(75)), 0)),
+            ["consumption:75"]
+        );
+        assert_eq!(
+            keys(&crossed(&item(Model::PerDevice, 100, seats(110)), 0)),
+            [
+                "consumption:75",
+                "consumption:90",
+                "consumption:95",
+                "consumption:100",
+                "consumption:110"
+            ]
+        );
+        assert_eq!(
+            keys(&crossed(&item(Model::Standalone, 4, seats(3)), 0)),
+            ["consumption:75"]
+        );
+    }
+
+    #[test]
+    fn concurrent_thresholds_are_of_max_exceptions() {
+        let exceptions = |n| Consumption {
+            exceptions: n,
+            ..Consumption::default()
+        };
+        assert!(crossed(&item(Model::ConcurrentDevice, 5, exceptions(4)), 0).is_empty());
+        assert_eq!(
+            keys(&crossed(
+                &item(Model::ConcurrentDevice, 5, exceptions(5)),
+                0
+            )),
+            ["consumption:50"]
+        );
+    }
+
+    #[test]
+    fn expiry_warnings_30_7_1_days_ahead() {
+        let i = item(Model::Tokens, 100, Consumption::default());
+        assert!(crossed(&i, 1000 * DAY - 31 * DAY).is_empty());
+        assert_eq!(keys(&crossed(&i, 1000 * DAY - 30 * DAY)), ["expiry:30"]);
+        assert_eq!(
+            keys(&crossed(&i, 1000 * DAY - DAY)),
+            ["expiry:30", "expiry:7", "expiry:1"]
+        );
+        assert!(
+            crossed(
+                &item(Model::PerDevice, 100, Consumption::default()),
+                999 * DAY
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn plan_sends_once_and_resets_on_renewal_or_drop() {
+        let seats = |n| Consumption {
+            seats_used: n,
+            ..Consumption::default()
+        };
+        let mut i = item(Model::PerDevice, 100, seats(91));
+        let now = crossed(&i, 0);
+        let (send, clear) = plan(&i, &now, &[]);
+        assert_eq!(keys(&send), ["consumption:75", "consumption:90"]);
+        assert!(clear.is_empty());
+        let marks = vec![
+            ("consumption:75".to_string(), 1),
+            ("consumption:90".to_string(), 1),
+        ];
+        assert!(plan(&i, &now, &marks).0.is_empty(), "no repeat");
+        i.license_version = 2;
+        let (send, clear) = plan(&i, &now, &marks);
+        assert_eq!((send.len(), clear.len()), (2, 2), "a renewal resets");
+        i.license_version = 1;
+        i.used = seats(80);
+        let (send, clear) = plan(&i, &crossed(&i, 0), &marks);
+        assert!(send.is_empty());
+        assert_eq!(
+            clear,
+            ["consumption:90"],
+            "dropped below: sent again on the next crossing"
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! Server error notices: every ERROR event (an internal error, a failed job) reaches the
+//! alert recipients within 30 seconds, at most one email per kind of error per 10 minutes,
+//! with the count of those held back in between.
+
+use std::collections::HashMap;
+
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
+
+/// At most one email per kind of error in this many seconds.
+pub const WINDOW_SECS: i64 = 600;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorEvent {
+    /// What kind of error: the event's `kind` field, else where it was logged.
+    pub kind: String,
+    pub message: String,
+}
+
+/// One email's worth: the newest message of a kind and how many errors of that kind
+/// happened since the previous email.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub kind: String,
+    pub message: String,
+    pub count: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct ErrorNotices {
+    last_sent: HashMap<String, i64>,
+    pending: HashMap<String, (String, u64)>,
+}
+
+impl ErrorNotices {
+    pub fn record(&mut self, event: ErrorEvent) {
+        let entry = self.pending.entry(event.kind).or_insert((String::new(), 0));
+        entry.0 = event.message;
+        entry.1 += 1;
+    }
+
+    /// The notices to send now: every kind with errors waiting whose last email is at least
+    /// `WINDOW_SECS` old.
+    pub fn due(&mut self, now: i64) -> Vec<Notice> {
+        let ready: Vec<String> = self
+            .pending
+            .keys()
+            .filter(|k| {
+                self.last_sent
+                    .get(*k)
+                    .is_none_or(|t| now - t >= WINDOW_SECS)
+            })
+            .cloned()
+            .collect();
+        let mut notices: Vec<Notice> = ready
+            .into_iter()
+            .map(|kind| {
+                let (message, count) = self.pending.remove(&kind).expect("listed above");
+                self.last_sent.insert(kind.clone(), now);
+                Notice {
+                    kind,
+                    message,
+                    count,
+                }
+            })
+            .collect();
+        notices.sort_by(|a, b| a.kind.cmp(&b.kind));
+        notices
+    }
+
+    /// A notice that could not be sent waits for the next attempt.
+    pub fn put_back(&mut self, notice: Notice) {
+        self.last_sent.remove(&notice.kind);
+        let entry = self
+            .pending
+            .entry(notice.kind)
+            .or_insert((notice.message, 0));
+        entry.1 += notice.count;
+    }
+}
+
+/// A tracing layer that forwards ERROR events to the notifier.
+pub struct ErrorCapture(pub UnboundedSender<ErrorEvent>);
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    kind: Option<String>,
+    rest: Vec<String>,
+}
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "message" => self.message = format!("{value:?}"),
+            "kind" => self.kind = Some(format!("{value:?}").trim_matches('"').to_string()),
+            name => self.rest.push(format!("{name}={value:?}")),
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "message" => self.message = value.to_string(),
+            "kind" => self.kind = Some(value.to_string()),
+            name => self.rest.push(format!("{name}={value}")),
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for ErrorCapture {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        if *event.metadata().level() != Level::ERROR {
+            return;
+        }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let mut message = fields.message;
+        if !fields.rest.is_empty() {
+            message = format!("{message} ({})", fields.rest.join(", "));
+        }
+        let _ = self.0.send(ErrorEvent {
+            kind: fields
+                .kind
+                .unwrap_or_else(|| event.metadata().target().to_string()),
+            message,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str, message: &str) -> ErrorEvent {
+        ErrorEvent {
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn one_notice_per_kind_per_window_with_the_count_held_back() {
+        let mut n = ErrorNotices::default();
+        n.record(event("db", "disk full"));
+        let first = n.due(1000);
+        assert_eq!(
+            first,
+            vec![Notice {
+                kind: "db".into(),
+                message: "disk full".into(),
+                count: 1
+            }]
+        );
+        n.record(event("db", "disk full again"));
+        n.record(event("db", "still full"));
+        n.record(event("job", "backup failed"));
+        let next = n.due(1000 + 30);
+        assert_eq!(next.len(), 1, "another kind is not held back");
+        assert_eq!(next[0].kind, "job");
+        assert!(
+            n.due(1000 + WINDOW_SECS - 1).is_empty(),
+            "db waits for its window"
+        );
+        let later = n.due(1000 + WINDOW_SECS);
+        assert_eq!(
+            later,
+            vec![Notice {
+                kind: "db".into(),
+                message: "still full".into(),
+                count: 2
+            }]
+        );
+        assert!(n.due(1000 + 2 * WINDOW_SECS).is_empty(), "nothing new");
+    }
+
+    #[test]
+    fn a_failed_send_is_retried() {
+        let mut n = ErrorNotices::default();
+        n.record(event("db", "x"));
+        let notice = n.due(0).remove(0);
+        n.put_back(notice);
+        assert_eq!(n.due(5).len(), 1);
+    }
+}

@@ -1,0 +1,409 @@
+//! Scheduled work: the one list of jobs, each a plain async function that tests call
+//! directly. Every run is recorded (start, duration, outcome); a failed run is logged at
+//! ERROR (which also emails the recipients) and the scheduler goes on.
+
+use std::time::Duration;
+
+use actix_web::web;
+use askama::Template;
+use keygate_sdk::wire::Model;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_cron_scheduler::{Job, JobScheduler};
+
+use crate::alerts::notices::{ErrorEvent, ErrorNotices, Notice};
+use crate::alerts::{self, Crossing, mail};
+use crate::licensing::models::{self, DAY, WINDOW_SECS};
+use crate::server::AppState;
+use crate::store::{self, StoreError, backup, ops, settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Mail(#[from] mail::MailError),
+    #[error(transparent)]
+    Backup(#[from] backup::BackupError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The jobs, their reasons, and how often they run.
+pub fn schedule(config: &crate::config::JobsConfig) -> [(&'static str, &'static str, u64); 3] {
+    [
+        (
+            "alerts",
+            "email the recipients when a license item crosses a usage or expiry threshold",
+            config.alerts_every_s,
+        ),
+        (
+            "backup",
+            "an online backup of the database, checked, with retention",
+            config.backup_every_s,
+        ),
+        (
+            "housekeeping",
+            "free lapsed seats, summarise old concurrency windows, drop expired passes",
+            config.housekeeping_every_s,
+        ),
+    ]
+}
+
+/// Starts the scheduler and the error notifier; they run until the process ends.
+pub async fn start(
+    state: web::Data<AppState>,
+    errors: Option<UnboundedReceiver<ErrorEvent>>,
+) -> Result<JobScheduler, JobError> {
+    let scheduler = JobScheduler::new()
+        .await
+        .map_err(|e| JobError::Other(e.to_string()))?;
+    for (name, reason, every) in schedule(&state.config.jobs) {
+        let state = state.clone();
+        let job = Job::new_repeated_async(Duration::from_secs(every.max(1)), move |_, _| {
+            let state = state.clone();
+            Box::pin(async move {
+                let _ = run(&state, name).await;
+            })
+        })
+        .map_err(|e| JobError::Other(e.to_string()))?;
+        scheduler
+            .add(job)
+            .await
+            .map_err(|e| JobError::Other(e.to_string()))?;
+        tracing::info!(job = name, every_s = every, reason, "scheduled");
+    }
+    scheduler
+        .start()
+        .await
+        .map_err(|e| JobError::Other(e.to_string()))?;
+    if let Some(errors) = errors {
+        actix_web::rt::spawn(notify_errors(state, errors));
+    }
+    Ok(scheduler)
+}
+
+/// Runs one job now and records the run.
+pub async fn run(state: &AppState, name: &str) -> Result<String, JobError> {
+    let started = state.clock.now();
+    let clock = std::time::Instant::now();
+    let result = match name {
+        "alerts" => send_alerts(state).await,
+        "backup" => take_backup(state).await,
+        "housekeeping" => housekeeping(state).await,
+        other => Err(JobError::Other(format!("no job named {other}"))),
+    };
+    let (ok, detail) = match &result {
+        Ok(detail) => (true, detail.clone()),
+        Err(e) => {
+            tracing::error!(kind = "job", job = name, error = %e, "scheduled job failed");
+            (false, e.to_string())
+        }
+    };
+    let (job, ms) = (name.to_string(), clock.elapsed().as_millis() as i64);
+    let at = started.unix_timestamp();
+    if let Err(e) = state
+        .store
+        .write(move |conn| ops::record_job_run(conn, &job, at, ms, ok, &detail))
+        .await
+    {
+        tracing::warn!(error = %e, "could not record a job run");
+    }
+    result
+}
+
+/// Where email links point: the configured public URL, else this host's HTTPS address.
+fn portal_url(state: &AppState) -> String {
+    state.config.public_url.clone().unwrap_or_else(|| {
+        format!(
+            "https://{}:{}",
+            crate::appliance::hostname(),
+            state.config.listen.port()
+        )
+    })
+}
+
+#[derive(Template)]
+#[template(path = "email/alert.txt")]
+struct AlertText<'a> {
+    appliance: &'a str,
+    installation_id: &'a str,
+    portal: &'a str,
+    crossings: &'a [Crossing],
+}
+
+#[derive(Template)]
+#[template(path = "email/alert.html")]
+struct AlertHtml<'a> {
+    appliance: &'a str,
+    installation_id: &'a str,
+    portal: &'a str,
+    crossings: &'a [Crossing],
+}
+
+/// Sends with a few quick retries; a delivery still failing is retried by the next run.
+async fn deliver(
+    settings: &mail::SmtpSettings,
+    to: &[lettre::message::Mailbox],
+    email: &mail::Email,
+) -> Result<String, mail::MailError> {
+    let mut wait = Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        match mail::send(settings, to, email).await {
+            Ok(answer) => return Ok(answer),
+            Err(e) if attempt < 3 => {
+                tracing::warn!(attempt, error = %e, "email delivery failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 4;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The alerts job: every threshold newly crossed, in one email to the recipients; marked
+/// sent only once the SMTP server accepted it.
+pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
+    let now = state.clock.now().unix_timestamp();
+    let (sends, clears, smtp, recipients) = state
+        .store
+        .read(move |conn| {
+            let mut sends: Vec<(Crossing, u32)> = Vec::new();
+            let mut clears = Vec::new();
+            for item in store::licenses::all_items(conn)?
+                .into_iter()
+                .filter(|i| !i.withdrawn)
+            {
+                let crossed = alerts::crossed(&item, now);
+                let marks = ops::alert_marks(conn, &item.item_id)?;
+                let (send, clear) = alerts::plan(&item, &crossed, &marks);
+                sends.extend(send.into_iter().map(|c| (c, item.license_version)));
+                clears.extend(clear.into_iter().map(|k| (item.item_id.clone(), k)));
+            }
+            let smtp = mail::load_settings(conn)?;
+            let recipients = settings::get(conn, mail::RECIPIENTS)?.unwrap_or_default();
+            Ok::<_, JobError>((sends, clears, smtp, recipients))
+        })
+        .await?;
+    if !clears.is_empty() {
+        state
+            .store
+            .write(move |conn| {
+                for (item, key) in &clears {
+                    ops::clear_alert_mark(conn, item, key)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await?;
+    }
+    if sends.is_empty() {
+        return Ok("no new threshold crossed".into());
+    }
+    let to = mail::parse_recipients(&recipients)?;
+    let Some(smtp) = smtp.filter(|_| !to.is_empty()) else {
+        return Ok(format!(
+            "{} threshold(s) crossed; no recipients or SMTP server configured",
+            sends.len()
+        ));
+    };
+    let crossings: Vec<Crossing> = sends.iter().map(|(c, _)| c.clone()).collect();
+    let host = crate::appliance::hostname();
+    let portal = portal_url(state);
+    let id = state.appliance.installation_id();
+    let render = |e: askama::Error| JobError::Other(format!("email template: {e}"));
+    let email = mail::Email {
+        subject: format!(
+            "keygate: {} license threshold(s) crossed on {host}",
+            crossings.len()
+        ),
+        text: AlertText {
+            appliance: &host,
+            installation_id: id,
+            portal: &portal,
+            crossings: &crossings,
+        }
+        .render()
+        .map_err(render)?,
+        html: AlertHtml {
+            appliance: &host,
+            installation_id: id,
+            portal: &portal,
+            crossings: &crossings,
+        }
+        .render()
+        .map_err(render)?,
+    };
+    let answer = deliver(&smtp, &to, &email).await?;
+    let count = sends.len();
+    state
+        .store
+        .write(move |conn| {
+            for (c, version) in &sends {
+                ops::set_alert_mark(conn, &c.item_id, &c.key, *version, now)?;
+            }
+            Ok::<_, StoreError>(())
+        })
+        .await?;
+    Ok(format!(
+        "sent {count} threshold(s) to {} recipient(s): {answer}",
+        to.len()
+    ))
+}
+
+pub const LAST_BACKUP: &str = "last_backup";
+
+/// The backup job: a checked online backup, then retention.
+pub async fn take_backup(state: &AppState) -> Result<String, JobError> {
+    let now = state.clock.now();
+    let db = state.config.database_path();
+    let dir = state.config.data_dir.join(backup::BACKUP_DIR);
+    let (keep_last, keep_days) = (
+        state.config.jobs.backup_keep_last,
+        state.config.jobs.backup_keep_days,
+    );
+    let (file, pruned) = web::block(move || {
+        let file = backup::take(&db, &dir, now)?;
+        let pruned = backup::prune(&dir, keep_last, keep_days, now)?;
+        Ok::<_, backup::BackupError>((file, pruned))
+    })
+    .await
+    .map_err(|e| JobError::Other(e.to_string()))??;
+    let at = now.unix_timestamp().to_string();
+    state
+        .store
+        .write(move |conn| settings::set(conn, LAST_BACKUP, &at))
+        .await?;
+    Ok(format!(
+        "{} ({} bytes); {pruned} old backup(s) removed",
+        file.path.display(),
+        file.size
+    ))
+}
+
+/// Concurrency windows are kept in full for this long, then summarised per day.
+pub const WINDOW_HORIZON_DAYS: i64 = 35;
+
+/// The daily housekeeping: frees lapsed seats (each in the audit log), summarises old
+/// concurrency windows, removes expired token passes.
+pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
+    let now = state.clock.now().unix_timestamp();
+    let summary = state
+        .store
+        .write(move |conn| {
+            let mut freed = 0;
+            for item in store::licenses::all_items(conn)? {
+                let lapsed = match item.terms.model {
+                    Model::PerDevice => ops::lapsed_seats(conn, &item.item_id, now - models::INACTIVE_SEAT_DAYS * DAY, false)?,
+                    Model::PerActiveDevice => ops::lapsed_seats(conn, &item.item_id, now - models::ACTIVE_SEAT_DAYS * DAY, true)?,
+                    _ => continue,
+                };
+                for seat in lapsed {
+                    store::devices::delete_seat(conn, &seat.item_id, seat.device_id, &seat.instance)?;
+                    let why = if item.terms.model == Model::PerDevice {
+                        "unused for 365 days"
+                    } else {
+                        "90 days after its first authorization"
+                    };
+                    ops::audit(conn, now, "system", "seat freed", &format!("{} on {}", seat.device_uuid, seat.item_id), why)?;
+                    freed += 1;
+                }
+            }
+            let windows = ops::summarise_windows(conn, models::window_of(now - WINDOW_HORIZON_DAYS * DAY), WINDOW_SECS)?;
+            let passes = ops::delete_expired_passes(conn, now)?;
+            Ok::<_, StoreError>(format!(
+                "freed {freed} seat(s), summarised {windows} concurrency window(s), removed {passes} expired pass(es)"
+            ))
+        })
+        .await?;
+    Ok(summary)
+}
+
+#[derive(Template)]
+#[template(path = "email/error.txt")]
+struct ErrorText<'a> {
+    appliance: &'a str,
+    installation_id: &'a str,
+    portal: &'a str,
+    notices: &'a [Notice],
+}
+
+#[derive(Template)]
+#[template(path = "email/error.html")]
+struct ErrorHtml<'a> {
+    appliance: &'a str,
+    installation_id: &'a str,
+    portal: &'a str,
+    notices: &'a [Notice],
+}
+
+/// How often waiting error notices are sent (well inside the promised 30 seconds).
+pub const NOTICE_TICK: Duration = Duration::from_secs(5);
+
+/// Emails server errors to the alert recipients as they come, rate limited per kind.
+pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedReceiver<ErrorEvent>) {
+    let mut notices = ErrorNotices::default();
+    let mut tick = tokio::time::interval(NOTICE_TICK);
+    loop {
+        tokio::select! {
+            event = errors.recv() => match event {
+                Some(event) => notices.record(event),
+                None => return,
+            },
+            _ = tick.tick() => {
+                let due = notices.due(state.clock.now().unix_timestamp());
+                if due.is_empty() {
+                    continue;
+                }
+                if let Err(e) = send_notices(&state, &due).await {
+                    // WARN, not ERROR: a failing notice must not notify about itself.
+                    tracing::warn!(error = %e, "could not email the error notice; will retry");
+                    for notice in due {
+                        notices.put_back(notice);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send_notices(state: &AppState, notices: &[Notice]) -> Result<(), JobError> {
+    let (smtp, recipients) = state
+        .store
+        .read(|conn| {
+            Ok::<_, StoreError>((
+                mail::load_settings(conn)?,
+                settings::get(conn, mail::RECIPIENTS)?,
+            ))
+        })
+        .await?;
+    let to = mail::parse_recipients(&recipients.unwrap_or_default())?;
+    let Some(smtp) = smtp.filter(|_| !to.is_empty()) else {
+        return Ok(()); // nobody to tell
+    };
+    let host = crate::appliance::hostname();
+    let portal = portal_url(state);
+    let id = state.appliance.installation_id();
+    let render = |e: askama::Error| JobError::Other(format!("email template: {e}"));
+    let email = mail::Email {
+        subject: format!("keygate: server error on {host}"),
+        text: ErrorText {
+            appliance: &host,
+            installation_id: id,
+            portal: &portal,
+            notices,
+        }
+        .render()
+        .map_err(render)?,
+        html: ErrorHtml {
+            appliance: &host,
+            installation_id: id,
+            portal: &portal,
+            notices,
+        }
+        .render()
+        .map_err(render)?,
+    };
+    mail::send(&smtp, &to, &email).await?;
+    Ok(())
+}

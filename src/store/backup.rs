@@ -1,0 +1,262 @@
+//! Online backups with SQLite's backup API, retention, and restore.
+//!
+//! A backup is written to a temporary file, checked with `PRAGMA integrity_check`, fsynced,
+//! then renamed into `<data-dir>/backups/keygate-YYYYMMDDTHHMMSSZ.db`. It copies one
+//! consistent snapshot (WAL readers never block the writer), so it holds every transaction
+//! committed before it began.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags};
+use time::OffsetDateTime;
+use time::macros::format_description;
+
+use super::StoreError;
+
+pub const BACKUP_DIR: &str = "backups";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0} is not a sound keygate database: {1}")]
+    Unsound(PathBuf, String),
+    #[error("keygate is running on this data directory: stop the service first")]
+    Running,
+}
+
+impl From<rusqlite::Error> for BackupError {
+    fn from(e: rusqlite::Error) -> Self {
+        BackupError::Store(e.into())
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
+    move |source| BackupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A backup file and when it was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupFile {
+    pub path: PathBuf,
+    pub taken_at: OffsetDateTime,
+    pub size: u64,
+}
+
+const NAME: &[time::format_description::BorrowedFormatItem<'static>] =
+    format_description!("keygate-[year][month][day]T[hour][minute][second]Z.db");
+
+/// Takes a backup of `db` into `dir` now.
+pub fn take(db: &Path, dir: &Path, now: OffsetDateTime) -> Result<BackupFile, BackupError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let name = now.format(NAME).expect("the name format is valid");
+    let path = dir.join(&name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let src = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        src.busy_timeout(std::time::Duration::from_secs(10))?;
+        let mut dst = Connection::open(&tmp)?;
+        // One step of all pages: the whole database from one read snapshot.
+        let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
+        loop {
+            match backup.step(-1)? {
+                rusqlite::backup::StepResult::Done => break,
+                rusqlite::backup::StepResult::More => {}
+                _ => std::thread::sleep(std::time::Duration::from_millis(50)), // busy or locked
+            }
+        }
+        drop(backup);
+        check(&dst, &tmp)?;
+    }
+    let file = std::fs::File::open(&tmp).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    sync_dir(dir)?;
+    let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+    Ok(BackupFile {
+        path,
+        taken_at: now,
+        size,
+    })
+}
+
+fn sync_dir(dir: &Path) -> Result<(), BackupError> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
+}
+
+/// `PRAGMA integrity_check` and a schema this keygate knows.
+fn check(conn: &Connection, path: &Path) -> Result<(), BackupError> {
+    let unsound = |why: String| BackupError::Unsound(path.to_path_buf(), why);
+    let result: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(|e| unsound(e.to_string()))?;
+    if result != "ok" {
+        return Err(unsound(result));
+    }
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| unsound(e.to_string()))?;
+    if version == 0 || version > super::schema_version() {
+        return Err(unsound(format!(
+            "schema version {version} is not one this keygate reads"
+        )));
+    }
+    Ok(())
+}
+
+/// The backups in `dir`, newest first.
+pub fn list(dir: &Path) -> Result<Vec<BackupFile>, BackupError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(taken) = time::PrimitiveDateTime::parse(&name, NAME) else {
+            continue;
+        };
+        files.push(BackupFile {
+            path: entry.path(),
+            taken_at: taken.assume_utc(),
+            size: entry.metadata().map_err(io(dir))?.len(),
+        });
+    }
+    files.sort_by_key(|f| std::cmp::Reverse(f.taken_at));
+    Ok(files)
+}
+
+/// Which backups retention keeps: the newest `keep_last`, and the newest of each of the last
+/// `keep_days` days. Returns the others (to delete).
+pub fn to_prune(
+    files: &[BackupFile],
+    keep_last: usize,
+    keep_days: i64,
+    now: OffsetDateTime,
+) -> Vec<BackupFile> {
+    let mut days_kept = std::collections::HashSet::new();
+    let horizon = now - time::Duration::days(keep_days);
+    files
+        .iter()
+        .enumerate()
+        .filter(|(i, f)| {
+            let newest_of_day = f.taken_at > horizon && days_kept.insert(f.taken_at.date());
+            !(*i < keep_last || newest_of_day)
+        })
+        .map(|(_, f)| f.clone())
+        .collect()
+}
+
+/// Deletes what retention does not keep; returns how many.
+pub fn prune(
+    dir: &Path,
+    keep_last: usize,
+    keep_days: i64,
+    now: OffsetDateTime,
+) -> Result<usize, BackupError> {
+    let doomed = to_prune(&list(dir)?, keep_last, keep_days, now);
+    for f in &doomed {
+        std::fs::remove_file(&f.path).map_err(io(&f.path))?;
+    }
+    Ok(doomed.len())
+}
+
+/// The lock `serve` holds on its data directory for as long as it runs.
+pub fn lock_file(data_dir: &Path) -> Result<std::fs::File, BackupError> {
+    let path = data_dir.join("keygate.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(BackupError::Running),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
+    }
+}
+
+/// Replaces the database with a backup (the service must be stopped). The current database
+/// is kept aside as `keygate.db.before-restore-<time>`; returns that path.
+pub fn restore(db: &Path, backup: &Path, now: OffsetDateTime) -> Result<PathBuf, BackupError> {
+    let data_dir = db.parent().unwrap_or(Path::new("."));
+    let _lock = lock_file(data_dir)?;
+    {
+        let conn = Connection::open_with_flags(backup, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        check(&conn, backup)?;
+    }
+    let stamp = now
+        .format(format_description!(
+            "[year][month][day]T[hour][minute][second]Z"
+        ))
+        .expect("valid");
+    let aside = db.with_file_name(format!("keygate.db.before-restore-{stamp}"));
+    if db.exists() {
+        // Fold the WAL into the file first so the copy kept aside is complete.
+        Connection::open(db)?.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
+        std::fs::rename(db, &aside).map_err(io(db))?;
+    }
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", db.display()));
+        let _ = std::fs::remove_file(side);
+    }
+    let tmp = db.with_file_name("keygate.db.restoring");
+    std::fs::copy(backup, &tmp).map_err(io(&tmp))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&tmp))?;
+    std::fs::rename(&tmp, db).map_err(io(db))?;
+    sync_dir(data_dir)?;
+    Ok(aside)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn file(t: OffsetDateTime) -> BackupFile {
+        BackupFile {
+            path: PathBuf::from(format!("{t}")),
+            taken_at: t,
+            size: 1,
+        }
+    }
+
+    #[test]
+    fn retention_keeps_the_last_ten_and_one_a_day_for_fourteen_days() {
+        let now = datetime!(2026-06-30 12:00 UTC);
+        // One backup every 12 minutes for 20 days, newest first.
+        let files: Vec<_> = (0..20 * 120)
+            .map(|i| file(now - time::Duration::minutes(12 * i)))
+            .collect();
+        let doomed = to_prune(&files, 10, 14, now);
+        let kept: Vec<_> = files.iter().filter(|f| !doomed.contains(f)).collect();
+        assert_eq!(
+            kept.len(),
+            10 + 14,
+            "the newest 10 (today) and one for each earlier day"
+        );
+        assert!(
+            kept.iter()
+                .all(|f| f.taken_at > now - time::Duration::days(14))
+        );
+        assert!(kept[..10].iter().all(|f| f.taken_at >= files[9].taken_at));
+    }
+}

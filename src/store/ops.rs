@@ -1,0 +1,198 @@
+//! Scheduled work's tables: job runs, alert marks, the audit log, housekeeping queries.
+
+use rusqlite::{Connection, params};
+
+use super::StoreError;
+
+/// Job runs kept per job.
+const RUNS_KEPT: i64 = 100;
+
+pub fn record_job_run(
+    conn: &Connection,
+    job: &str,
+    started_at: i64,
+    duration_ms: i64,
+    ok: bool,
+    detail: &str,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO job_runs (job, started_at, duration_ms, ok, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![job, started_at, duration_ms, ok, detail])?;
+    conn.prepare_cached(
+        "DELETE FROM job_runs WHERE job = ?1 AND id NOT IN
+            (SELECT id FROM job_runs WHERE job = ?1 ORDER BY started_at DESC, id DESC LIMIT ?2)",
+    )?
+    .execute(params![job, RUNS_KEPT])?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRun {
+    pub job: String,
+    pub started_at: i64,
+    pub duration_ms: i64,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The newest runs, newest first.
+pub fn job_runs(conn: &Connection, limit: i64) -> Result<Vec<JobRun>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT job, started_at, duration_ms, ok, detail FROM job_runs
+         ORDER BY started_at DESC, id DESC LIMIT ?1",
+    )?;
+    let rows = stmt.query_map([limit], |r| {
+        Ok(JobRun {
+            job: r.get(0)?,
+            started_at: r.get(1)?,
+            duration_ms: r.get(2)?,
+            ok: r.get(3)?,
+            detail: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The thresholds already alerted for an item, with the license version they were sent for.
+pub fn alert_marks(conn: &Connection, item_id: &str) -> Result<Vec<(String, u32)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT threshold, license_version FROM alert_marks WHERE item_id = ?1")?;
+    let rows = stmt.query_map([item_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn set_alert_mark(
+    conn: &Connection,
+    item_id: &str,
+    threshold: &str,
+    license_version: u32,
+    now: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO alert_marks (item_id, threshold, license_version, sent_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (item_id, threshold) DO UPDATE SET
+            license_version = excluded.license_version, sent_at = excluded.sent_at",
+    )?
+    .execute(params![item_id, threshold, license_version, now])?;
+    Ok(())
+}
+
+pub fn clear_alert_mark(
+    conn: &Connection,
+    item_id: &str,
+    threshold: &str,
+) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM alert_marks WHERE item_id = ?1 AND threshold = ?2")?
+        .execute(params![item_id, threshold])?;
+    Ok(())
+}
+
+pub fn audit(
+    conn: &Connection,
+    at: i64,
+    actor: &str,
+    action: &str,
+    target: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![at, actor, action, target, detail])?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// The newest audit entries of one action (all actions with `None`), newest first.
+pub fn audit_entries(
+    conn: &Connection,
+    action: Option<&str>,
+    limit: i64,
+) -> Result<Vec<AuditEntry>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT at, actor, action, target, detail FROM audit_log
+         WHERE ?1 IS NULL OR action = ?1 ORDER BY id DESC LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![action, limit], |r| {
+        Ok(AuditEntry {
+            at: r.get(0)?,
+            actor: r.get(1)?,
+            action: r.get(2)?,
+            target: r.get(3)?,
+            detail: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A seat the housekeeping frees, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LapsedSeat {
+    pub item_id: String,
+    pub device_id: i64,
+    pub device_uuid: String,
+    pub instance: String,
+}
+
+/// Seats of an item used last at or before `cutoff` (by_first_auth: first authorized at or
+/// before it instead).
+pub fn lapsed_seats(
+    conn: &Connection,
+    item_id: &str,
+    cutoff: i64,
+    by_first_auth: bool,
+) -> Result<Vec<LapsedSeat>, StoreError> {
+    let sql = if by_first_auth {
+        "SELECT s.item_id, s.device_id, d.uuid, s.instance FROM seats s JOIN devices d ON d.id = s.device_id
+         WHERE s.item_id = ?1 AND s.first_auth_at <= ?2"
+    } else {
+        "SELECT s.item_id, s.device_id, d.uuid, s.instance FROM seats s JOIN devices d ON d.id = s.device_id
+         WHERE s.item_id = ?1 AND s.last_used_at <= ?2"
+    };
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params![item_id, cutoff], |r| {
+        Ok(LapsedSeat {
+            item_id: r.get(0)?,
+            device_id: r.get(1)?,
+            device_uuid: r.get(2)?,
+            instance: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Folds concurrency windows before `cutoff_window` into per-day peaks and exception counts,
+/// then deletes them. Returns how many windows were summarised.
+pub fn summarise_windows(
+    conn: &Connection,
+    cutoff_window: i64,
+    window_secs: i64,
+) -> Result<usize, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO concurrency_daily (item_id, day, peak, exceptions)
+         SELECT item_id, (window * ?2) - ((window * ?2) % 86400), max(peak), sum(exception)
+         FROM concurrency_windows WHERE window < ?1 GROUP BY 1, 2
+         ON CONFLICT (item_id, day) DO UPDATE SET
+            peak = max(peak, excluded.peak), exceptions = exceptions + excluded.exceptions",
+    )?
+    .execute(params![cutoff_window, window_secs])?;
+    Ok(conn
+        .prepare_cached("DELETE FROM concurrency_windows WHERE window < ?1")?
+        .execute([cutoff_window])?)
+}
+
+/// Token passes past their 24 hours.
+pub fn delete_expired_passes(conn: &Connection, now: i64) -> Result<usize, StoreError> {
+    Ok(conn
+        .prepare_cached("DELETE FROM token_passes WHERE expires_at <= ?1")?
+        .execute([now])?)
+}

@@ -1,0 +1,357 @@
+//! Issue 5: usage alerts to a real SMTP server, error notices, backups and restore,
+//! housekeeping at the day boundaries.
+
+use std::time::Duration as StdDuration;
+
+use time::Duration;
+
+use crate::helpers::*;
+
+fn authorize_devices(f: &Fixture, product: &str, range: std::ops::RangeInclusive<u32>) {
+    for n in range {
+        f.authorized(product, n);
+    }
+}
+
+#[test]
+fn alerts_cross_exact_thresholds_once_in_one_email_and_reset_on_renewal() {
+    let f = Fixture::new(&item("reader", "per_device", 100, ""));
+    let sink = SmtpSink::start();
+    sink.configure(&f.data);
+    authorize_devices(&f, "reader", 1..=74);
+    assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
+    authorize_devices(&f, "reader", 75..=75);
+    f.app.run_job("alerts").unwrap();
+    let messages = sink.wait_for(1, StdDuration::from_secs(10));
+    assert_eq!(messages.len(), 1, "one email at 75 %");
+    let text = text_of(&messages[0]);
+    assert!(
+        text.contains("X-Rcpt-To: it@plant.test, boss@plant.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Subject: keygate: 1 license threshold(s) crossed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("License LIC-T, item LIC-T-1 (reader, per_device)"),
+        "{text}"
+    );
+    assert!(text.contains("devices reached 75 %: 75 of 100"), "{text}");
+    assert!(
+        text.contains("at 110 (110 %) new devices are refused"),
+        "{text}"
+    );
+    assert!(text.contains("/licenses/items/LIC-T-1"), "{text}");
+    assert!(text.contains("Content-Type: text/html"), "an HTML part too");
+
+    f.app.run_job("alerts").unwrap();
+    assert_eq!(
+        sink.wait_for(2, StdDuration::from_millis(500)).len(),
+        1,
+        "no repeat"
+    );
+
+    authorize_devices(&f, "reader", 76..=95);
+    f.app.run_job("alerts").unwrap();
+    let messages = sink.wait_for(2, StdDuration::from_secs(10));
+    assert_eq!(messages.len(), 2, "90 % and 95 % in one email");
+    let text = text_of(&messages[1]);
+    assert!(
+        text.contains("2 license threshold(s) crossed")
+            && text.contains("reached 90 %")
+            && text.contains("reached 95 %"),
+        "{text}"
+    );
+    assert!(!text.contains("reached 75 %"));
+
+    // A renewal (a new version with a larger quota) resets the thresholds.
+    let renewal = items_file("LIC-T", &item("reader", "per_device", 120, ""));
+    let file = f
+        .vendor
+        .issue_file(&f.data, &renewal, &["--version", "2"], "renewal.lic");
+    assert!(keygate(&f.data, &["import", file.to_str().unwrap()]).ok);
+    f.app.run_job("alerts").unwrap();
+    let messages = sink.wait_for(3, StdDuration::from_secs(10));
+    assert_eq!(messages.len(), 3);
+    let text = text_of(&messages[2]);
+    assert!(
+        text.contains("reached 75 %: 95 of 120"),
+        "sent again for the renewed license: {text}"
+    );
+}
+
+#[test]
+fn a_failed_delivery_is_retried_and_nothing_is_marked_sent_until_accepted() {
+    let f = Fixture::new(&item("cad", "standalone", 4, ""));
+    let sink = SmtpSink::start();
+    sink.configure(&f.data);
+    let (port, dir) = sink.stop();
+    authorize_devices(&f, "cad", 1..=3);
+    let err = f.app.run_job("alerts").unwrap_err();
+    assert!(err.to_string().contains("SMTP"), "{err}");
+    let failed: i64 = f
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM job_runs WHERE job = 'alerts' AND ok = 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(failed, 1, "the failed run is recorded");
+
+    let sink = SmtpSink::start_on(port, dir);
+    f.app.run_job("alerts").unwrap();
+    let messages = sink.wait_for(1, StdDuration::from_secs(10));
+    assert_eq!(messages.len(), 1);
+    assert!(text_of(&messages[0]).contains("devices reached 75 %: 3 of 4"));
+}
+
+#[test]
+fn expiry_warnings_for_tokens_items() {
+    let f = Fixture::new(&item(
+        "ocr",
+        "tokens",
+        100,
+        "tokens_per_pass = 1\nstarts_at = 2026-01-01T00:00:00Z\nexpires_at = 2026-07-15T12:00:00Z",
+    ));
+    let sink = SmtpSink::start();
+    sink.configure(&f.data);
+    assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
+    f.app.clock.advance(Duration::days(14)); // 2026-06-15 12:00: 30 days left
+    f.app.run_job("alerts").unwrap();
+    let messages = sink.wait_for(1, StdDuration::from_secs(10));
+    assert!(
+        text_of(&messages[0]).contains("expires in 30 day(s) or less"),
+        "{}",
+        messages[0]
+    );
+}
+
+#[test]
+fn server_errors_are_emailed_within_30_seconds_and_rate_limited() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let sink = SmtpSink::start();
+    sink.configure(&f.data);
+    let error = |message: &str| keygate::alerts::notices::ErrorEvent {
+        kind: "store".into(),
+        message: message.into(),
+    };
+    f.app.errors.send(error("disk I/O error")).unwrap();
+    let messages = sink.wait_for(1, StdDuration::from_secs(30));
+    assert_eq!(messages.len(), 1, "within 30 seconds");
+    let text = text_of(&messages[0]);
+    assert!(
+        text.contains("Subject: keygate: server error") && text.contains("store: disk I/O error"),
+        "{text}"
+    );
+
+    f.app.errors.send(error("disk I/O error again")).unwrap();
+    f.app.errors.send(error("and again")).unwrap();
+    assert_eq!(
+        sink.wait_for(2, StdDuration::from_secs(8)).len(),
+        1,
+        "rate limited: one per 10 minutes"
+    );
+    f.app.clock.advance(Duration::minutes(10));
+    let messages = sink.wait_for(2, StdDuration::from_secs(30));
+    assert_eq!(messages.len(), 2);
+    assert!(
+        text_of(&messages[1]).contains("and again (1 more of this kind since the last notice)"),
+        "{}",
+        messages[1]
+    );
+}
+
+#[test]
+fn a_failing_job_is_emailed_by_the_running_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(keygate(&data, &["status"]).ok);
+    let sink = SmtpSink::start();
+    sink.configure(&data);
+    std::fs::write(data.join("backups"), "not a directory").unwrap();
+    let config = dir.path().join("keygate.toml");
+    std::fs::write(&config, "[jobs]\nbackup_every_s = 1\n").unwrap();
+    let mut child = command()
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let messages = sink.wait_for(1, StdDuration::from_secs(30));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        messages.len(),
+        1,
+        "the failed backup job was emailed within 30 seconds"
+    );
+    assert!(
+        text_of(&messages[0]).contains("job: scheduled job failed"),
+        "{}",
+        messages[0]
+    );
+}
+
+#[test]
+fn a_backup_under_write_load_restores_every_acknowledged_report() {
+    let f = Fixture::new(&item(
+        "scanner",
+        "per_usage",
+        100_000_000,
+        "counter = \"scans\"",
+    ));
+    let lease = f.authorized("scanner", 1).lease_id;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let acked = std::sync::atomic::AtomicU64::new(0);
+    let (backup_result, acked_before) = std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            let (f, lease, stop, acked) = (&f, &lease, &stop, &acked);
+            scope.spawn(move || {
+                let stream = format!("00000000-0000-4000-9000-{t:012}");
+                let mut seq = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    seq += 1;
+                    let (status, body) =
+                        f.usage(&f.reports(lease, 1, &stream, &[(seq, "LIC-T-1", "scans", 1)]));
+                    assert_eq!(status, 200, "{body}");
+                    acked.fetch_add(
+                        body["accepted"].as_u64().unwrap(),
+                        std::sync::atomic::Ordering::SeqCst,
+                    );
+                }
+            });
+        }
+        std::thread::sleep(StdDuration::from_millis(300));
+        let acked_before = acked.load(std::sync::atomic::Ordering::SeqCst);
+        let result = f.app.run_job("backup");
+        std::thread::sleep(StdDuration::from_millis(200));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        (result, acked_before)
+    });
+    let summary = backup_result.unwrap();
+    assert!(acked_before > 0);
+    let backups = keygate::store::backup::list(&f.data.join("backups")).unwrap();
+    assert_eq!(backups.len(), 1, "{summary}");
+    let copy = rusqlite::Connection::open(&backups[0].path).unwrap();
+    let check: String = copy
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let in_backup: i64 = copy
+        .query_row(
+            "SELECT usage_total FROM items WHERE item_id = 'LIC-T-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        in_backup as u64 >= acked_before,
+        "{in_backup} < {acked_before} acknowledged before the backup began"
+    );
+    let total_now = f.item_value("LIC-T-1", "usage_total");
+    assert!(total_now >= in_backup);
+
+    // Restore refuses while the appliance runs, then brings the backup back.
+    let backup_file = backups[0].path.to_str().unwrap().to_string();
+    let run = keygate(&f.data, &["restore", &backup_file]);
+    assert!(
+        !run.ok && run.stderr.contains("stop the service first"),
+        "{}",
+        run.stderr
+    );
+    let (_dir, data) = f.stop();
+    let run = keygate(&data, &["restore", &backup_file]);
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("keygate.db.before-restore-"),
+        "{}",
+        run.stdout
+    );
+    let restored: i64 = rusqlite::Connection::open(data.join("keygate.db"))
+        .unwrap()
+        .query_row(
+            "SELECT usage_total FROM items WHERE item_id = 'LIC-T-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(restored, in_backup);
+    assert!(
+        Served::start(&data).addr.port() > 0,
+        "the restored appliance starts"
+    );
+}
+
+#[test]
+fn a_damaged_backup_is_refused_by_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(keygate(&data, &["backup"]).ok);
+    let bad = dir.path().join("bad.db");
+    std::fs::write(&bad, "not a database at all, just text").unwrap();
+    let before = db_digest(&data.join("keygate.db"));
+    let run = keygate(&data, &["restore", bad.to_str().unwrap()]);
+    assert!(!run.ok, "{}", run.stdout);
+    assert_eq!(db_digest(&data.join("keygate.db")), before);
+}
+
+#[test]
+fn housekeeping_frees_seats_at_exactly_365_and_90_days() {
+    let items = [
+        item("reader", "per_device", 10, ""),
+        item("viewer", "per_active_device", 10, ""),
+    ]
+    .concat();
+    let f = Fixture::new(&items);
+    // Devices 1, 2, 3 authorize one day apart; 11, 12, 13 likewise for the active model.
+    for (reader, viewer) in [(1, 11), (2, 12), (3, 13)] {
+        f.authorized("reader", reader);
+        f.authorized("viewer", viewer);
+        f.app.clock.advance(Duration::days(1));
+    }
+    // Day 91 after the first: 91, 90 and 89 days since the active devices' first use.
+    f.app.clock.advance(Duration::days(88));
+    let summary = f.app.run_job("housekeeping").unwrap();
+    assert!(summary.starts_with("freed 2 seat(s)"), "{summary}");
+    assert_eq!(
+        f.item_value("LIC-T-2", "seats_used"),
+        1,
+        "89 days: kept; 90 and 91: freed"
+    );
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 3);
+    // Day 366: 366, 365 and 364 days unused.
+    f.app.clock.advance(Duration::days(366 - 91));
+    let summary = f.app.run_job("housekeeping").unwrap();
+    assert!(summary.starts_with("freed 3 seat(s)"), "{summary}");
+    assert_eq!(
+        f.item_value("LIC-T-1", "seats_used"),
+        1,
+        "364 days: kept; 365 and 366: freed"
+    );
+    let audit: i64 = f
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM audit_log WHERE action = 'seat freed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(audit, 5, "each freed seat is in the audit log");
+    let runs: i64 = f
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM job_runs WHERE job = 'housekeeping' AND ok = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(runs, 2);
+}
