@@ -254,11 +254,17 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         Command::Handshake(command) => handshake(&config, command, &clock),
         Command::Device(command) => device(&config, command),
         Command::Backup => {
-            open_store(&config)?;
+            let conn = open_store(&config)?;
+            let now = clock.now();
             let file = store::backup::take(
                 &config.database_path(),
                 &config.data_dir.join(store::backup::BACKUP_DIR),
-                clock.now(),
+                now,
+            )?;
+            store::settings::set(
+                &conn,
+                crate::jobs::LAST_BACKUP,
+                &now.unix_timestamp().to_string(),
             )?;
             println!(
                 "backup written: {} ({} bytes, integrity checked)",
@@ -644,6 +650,31 @@ fn status(config: &Config) -> Result<()> {
         "licenses:         {} ({} active items, {} organizations, {} handshake codes)",
         counts.licenses, counts.items, counts.organizations, counts.handshake_codes
     );
+    let running = matches!(
+        store::backup::lock_file(&config.data_dir),
+        Err(store::backup::BackupError::Running)
+    );
+    println!(
+        "service:          {}",
+        if running { "running" } else { "not running" }
+    );
+    let time = |t: i64| rfc3339(from_unix(t));
+    match store::settings::get(&conn, crate::jobs::LAST_BACKUP)?.and_then(|t| t.parse().ok()) {
+        Some(t) => println!("last backup:      {}", time(t)),
+        None => println!("last backup:      none yet"),
+    }
+    let runs = store::ops::job_runs(&conn, 100)?;
+    for job in crate::metrics::JOBS {
+        if let Some(run) = runs.iter().find(|r| r.job == job) {
+            println!(
+                "job {job:<13} {} at {} ({} ms): {}",
+                if run.ok { "ok    " } else { "FAILED" },
+                time(run.started_at),
+                run.duration_ms,
+                run.detail
+            );
+        }
+    }
     Ok(())
 }
 

@@ -92,6 +92,7 @@ pub async fn run(state: &AppState, name: &str) -> Result<String, JobError> {
         "housekeeping" => housekeeping(state).await,
         other => Err(JobError::Other(format!("no job named {other}"))),
     };
+    state.metrics.job_ran(name, result.is_ok());
     let (ok, detail) = match &result {
         Ok(detail) => (true, detail.clone()),
         Err(e) => {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod jobs;
 pub mod licensing;
+pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;
 pub mod server;

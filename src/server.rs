@@ -47,6 +47,7 @@ pub struct AppState {
     pub password_checks: tokio::sync::Semaphore,
     /// Wrong session passwords per client address: 10 a minute, then `RATE_LIMITED`.
     pub password_failures: FailureLimiter,
+    pub metrics: crate::metrics::Metrics,
     /// ERROR events to email (taken by the notifier when serving starts).
     error_events: std::sync::Mutex<Option<UnboundedReceiver<ErrorEvent>>>,
     /// Held while this appliance runs: `keygate restore` refuses to run under it.
@@ -74,6 +75,7 @@ impl AppState {
             passwords: PasswordCache::default(),
             password_checks: tokio::sync::Semaphore::new(2),
             password_failures: FailureLimiter::new(10, 60),
+            metrics: Default::default(),
             error_events: std::sync::Mutex::new(None),
             _lock: lock,
         })
@@ -110,6 +112,7 @@ pub async fn serve(
             .configure(protocol::routes)
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics))
     })
     .disable_signals()
     .listen_rustls_0_23(listener, tls)?
@@ -141,6 +144,35 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
             HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "unavailable"}))
+        }
+    }
+}
+
+/// Prometheus metrics: the in-memory counters and the database's gauges.
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let gauges = state
+        .store
+        .read(|conn| {
+            let items = crate::store::licenses::all_items(conn)?;
+            let last_backup = crate::store::settings::get(conn, jobs::LAST_BACKUP)?;
+            Ok::<_, StoreError>((items, last_backup.and_then(|t| t.parse::<i64>().ok())))
+        })
+        .await;
+    match gauges {
+        Ok((items, last_backup)) => {
+            let now = state.clock.now().unix_timestamp();
+            let items: Vec<_> = items.into_iter().filter(|i| !i.withdrawn).collect();
+            HttpResponse::Ok()
+                .content_type("text/plain; version=0.0.4")
+                .body(state.metrics.render(
+                    &items,
+                    last_backup.map(|t| now - t),
+                    now - state.started_at.unix_timestamp(),
+                ))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read metrics");
+            HttpResponse::ServiceUnavailable().finish()
         }
     }
 }

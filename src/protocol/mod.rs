@@ -3,6 +3,7 @@
 //! specification's JSON error and changes nothing.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix_web::error::JsonPayloadError;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -17,6 +18,7 @@ use crate::licensing::authorize::{self, AuthorizeError};
 use crate::licensing::handshake::verify_password;
 use crate::licensing::types::{self, Authorize, Usage};
 use crate::licensing::usage;
+use crate::metrics::Endpoint;
 use crate::server::AppState;
 
 /// Every route of the client protocol: (method, path). The OpenAPI document is checked
@@ -41,17 +43,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .service(
                 web::resource("/authorize")
                     .app_data(json_config(AUTHORIZE_LIMIT))
-                    .route(web::post().to(authorize)),
+                    .route(web::post().to(measured_authorize)),
             )
             .service(
                 web::resource("/usage")
                     .app_data(json_config(USAGE_LIMIT))
-                    .route(web::post().to(usage)),
+                    .route(web::post().to(measured_usage)),
             )
             .service(
                 web::resource("/release")
                     .app_data(json_config(RELEASE_LIMIT))
-                    .route(web::post().to(release)),
+                    .route(web::post().to(measured_release)),
             ),
     );
 }
@@ -77,6 +79,47 @@ fn json_config(limit: usize) -> web::JsonConfig {
             }
             .into()
         })
+}
+
+/// Counts each answer by outcome and times it (body errors answered by `json_config` are
+/// not counted: they never reach a handler).
+fn measure(
+    state: &AppState,
+    endpoint: Endpoint,
+    started: Instant,
+    result: Result<HttpResponse, ApiError>,
+) -> Result<HttpResponse, ApiError> {
+    let error = result.as_ref().err().map(|e| e.code);
+    state.metrics.answered(endpoint, error, started.elapsed());
+    result
+}
+
+async fn measured_authorize(
+    state: web::Data<AppState>,
+    http: HttpRequest,
+    body: web::Json<AuthorizeRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let result = authorize(state.clone(), http, body).await;
+    measure(&state, Endpoint::Authorize, started, result)
+}
+
+async fn measured_usage(
+    state: web::Data<AppState>,
+    body: web::Json<UsageRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let result = usage(state.clone(), body).await;
+    measure(&state, Endpoint::Usage, started, result)
+}
+
+async fn measured_release(
+    state: web::Data<AppState>,
+    body: web::Json<ReleaseRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let result = release(state.clone(), body).await;
+    measure(&state, Endpoint::Release, started, result)
 }
 
 fn bad(e: types::FieldError) -> ApiError {
@@ -187,6 +230,11 @@ async fn usage(
         .store
         .write(move |conn| usage::record(conn, &req, now, job_state.appliance.installation_id()))
         .await?;
+    state.metrics.usage_recorded(
+        recorded.accepted,
+        recorded.duplicates,
+        recorded.renewal.is_err(),
+    );
     let (authorization, renewal_error) = match recorded.renewal {
         Ok(auth) => (Some(state.appliance.sign(Typ::Authorization, &auth)), None),
         Err(e) => (

@@ -6,6 +6,7 @@ mod foundation;
 mod helpers;
 mod jobs;
 mod openapi;
+mod operations;
 mod protocol;
 mod sdk;
 mod usage;
