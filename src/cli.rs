@@ -85,6 +85,9 @@ pub enum Command {
     /// Alert emails: recipients, SMTP server, a test message.
     #[command(subcommand)]
     Alerts(AlertsCommand),
+    /// Portal admins: create one, or reset a password (read from standard input).
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Turn the public trial on or off (7-day authorizations without a handshake code).
     Trial {
         #[arg(value_parser = ["on", "off"])]
@@ -126,6 +129,18 @@ pub enum HandshakeCommand {
     },
     /// Configure an item to a handshake code of its organization.
     Assign { item: String, code: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create an admin; the password is read from standard input.
+    Create {
+        name: String,
+        #[arg(long, default_value = "owner", value_parser = ["owner", "manager", "auditor"])]
+        role: String,
+    },
+    /// Set a new password (read from standard input) and sign the admin out everywhere.
+    ResetPassword { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -283,6 +298,7 @@ pub fn run(command: Command, config: Config) -> Result<()> {
             Ok(())
         }
         Command::Alerts(command) => alerts(&config, command),
+        Command::Admin(command) => admin(&config, command, &clock),
         Command::Trial { state } => {
             let conn = open_store(&config)?;
             store::settings::set(&conn, licensing::authorize::PUBLIC_TRIAL, &state)?;
@@ -479,6 +495,42 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
                 bail!("no item {item:?} of organization {}", h.organization_id);
             }
             println!("item {item} now served by {code}");
+        }
+    }
+    Ok(())
+}
+
+fn read_password() -> Result<String> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()> {
+    use crate::licensing::handshake::hash_password;
+    use crate::store::admins;
+    let conn = open_store(config)?;
+    let now = licensing::unix(clock.now());
+    match command {
+        AdminCommand::Create { name, role } => {
+            let password = read_password()?;
+            crate::portal::check_credentials(&name, &password).map_err(|e| anyhow::anyhow!(e))?;
+            if admins::admin_by_name(&conn, &name)?.is_some() {
+                bail!("an admin named {name} already exists");
+            }
+            admins::insert_admin(&conn, &name, &role, &hash_password(&password), now)?;
+            admins::delete_setup_tokens(&conn)?;
+            store::ops::audit(&conn, now, "cli", "admin created", &name, &role, "")?;
+            println!("admin {name} created ({role})");
+        }
+        AdminCommand::ResetPassword { name } => {
+            let password = read_password()?;
+            crate::portal::check_credentials(&name, &password).map_err(|e| anyhow::anyhow!(e))?;
+            if !admins::set_password(&conn, &name, &hash_password(&password))? {
+                bail!("no admin named {name}");
+            }
+            store::ops::audit(&conn, now, "cli", "password reset", &name, "", "")?;
+            println!("password of {name} reset; its sessions are signed out");
         }
     }
     Ok(())
@@ -748,6 +800,16 @@ pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()
             ""
         }
     );
+    let conn = store::open(&state.config.database_path())?;
+    if let Some(path) = crate::portal::auth::setup_link(&conn, state.clock.now().unix_timestamp())?
+    {
+        println!(
+            "first admin:     https://{}:{}{path}  (one-time link, valid 24 hours)",
+            appliance::hostname(),
+            local.port()
+        );
+    }
+    drop(conn);
     tracing::info!(%local, installation_id = state.appliance.installation_id(), "serving");
     // The listener is bound: tell the service manager (systemd's Type=notify, Windows' SCM).
     #[cfg(unix)]

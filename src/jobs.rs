@@ -306,12 +306,26 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
                     } else {
                         "90 days after its first authorization"
                     };
-                    ops::audit(conn, now, "system", "seat freed", &format!("{} on {}", seat.device_uuid, seat.item_id), why)?;
+                    ops::audit(
+                        conn,
+                        now,
+                        "system",
+                        "seat freed",
+                        &format!("{} on {}", seat.device_uuid, seat.item_id),
+                        why,
+                        "",
+                    )?;
                     freed += 1;
                 }
             }
             let windows = ops::summarise_windows(conn, models::window_of(now - WINDOW_HORIZON_DAYS * DAY), WINDOW_SECS)?;
             let passes = ops::delete_expired_passes(conn, now)?;
+            store::admins::delete_stale(
+                conn,
+                now - crate::portal::auth::IDLE_SECS,
+                now - crate::portal::auth::ABSOLUTE_SECS,
+                now,
+            )?;
             Ok::<_, StoreError>(format!(
                 "freed {freed} seat(s), summarised {windows} concurrency window(s), removed {passes} expired pass(es)"
             ))

@@ -13,6 +13,7 @@ pub mod error;
 pub mod jobs;
 pub mod licensing;
 pub mod metrics;
+pub mod portal;
 pub mod protocol;
 pub mod ratelimit;
 pub mod server;

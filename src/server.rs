@@ -47,6 +47,9 @@ pub struct AppState {
     pub password_checks: tokio::sync::Semaphore,
     /// Wrong session passwords per client address: 10 a minute, then `RATE_LIMITED`.
     pub password_failures: FailureLimiter,
+    /// Failed portal sign-ins: 5 a minute per account, 20 per address.
+    pub sign_in_by_account: FailureLimiter,
+    pub sign_in_by_address: FailureLimiter,
     pub metrics: crate::metrics::Metrics,
     /// ERROR events to email (taken by the notifier when serving starts).
     error_events: std::sync::Mutex<Option<UnboundedReceiver<ErrorEvent>>>,
@@ -75,6 +78,8 @@ impl AppState {
             passwords: PasswordCache::default(),
             password_checks: tokio::sync::Semaphore::new(2),
             password_failures: FailureLimiter::new(10, 60),
+            sign_in_by_account: FailureLimiter::new(5, 60),
+            sign_in_by_address: FailureLimiter::new(20, 60),
             metrics: Default::default(),
             error_events: std::sync::Mutex::new(None),
             _lock: lock,
@@ -109,7 +114,9 @@ pub async fn serve(
                 actix_web::middleware::Logger::new("%a \"%r\" %s %b %Dms")
                     .log_target("keygate::http"),
             )
+            .wrap(crate::portal::security_headers())
             .configure(protocol::routes)
+            .configure(crate::portal::routes)
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics))

@@ -545,3 +545,55 @@ pub fn device_usage(
     let rows = stmt.query_map([device_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
+
+/// A line of the portal's device list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceLine {
+    pub device: Device,
+    pub seats: i64,
+}
+
+/// Devices after `after_id` (keyset pagination, by id), at most `limit`: all of them, or
+/// those whose uuid is `q`, or whose name or user starts with `q` (index range scans).
+pub fn list_devices(
+    conn: &Connection,
+    q: Option<&str>,
+    blocked_only: bool,
+    after_id: i64,
+    limit: i64,
+) -> Result<Vec<DeviceLine>, StoreError> {
+    let columns = "d.id, d.uuid, d.name, d.last_user, d.first_seen, d.last_seen, d.blocked,
+                   (SELECT COUNT(*) FROM seats s WHERE s.device_id = d.id)";
+    let row = |r: &Row<'_>| {
+        Ok(DeviceLine {
+            device: device_from_row(r)?,
+            seats: r.get(7)?,
+        })
+    };
+    let filter = if blocked_only {
+        "AND d.blocked = 1"
+    } else {
+        ""
+    };
+    let rows: Vec<DeviceLine> = match q {
+        None => conn
+            .prepare_cached(&format!(
+                "SELECT {columns} FROM devices d WHERE d.id > ?1 {filter} ORDER BY d.id LIMIT ?2"
+            ))?
+            .query_map(params![after_id, limit], row)?
+            .collect::<Result<_, _>>()?,
+        Some(q) => {
+            let upper = format!("{q}\u{10FFFF}");
+            conn.prepare_cached(&format!(
+                "SELECT {columns} FROM devices d WHERE d.id IN (
+                    SELECT id FROM devices WHERE uuid = ?1
+                    UNION SELECT id FROM devices WHERE name >= ?1 AND name < ?2
+                    UNION SELECT id FROM devices WHERE last_user >= ?1 AND last_user < ?2)
+                 AND d.id > ?3 {filter} ORDER BY d.id LIMIT ?4"
+            ))?
+            .query_map(params![q, upper, after_id, limit], row)?
+            .collect::<Result<_, _>>()?
+        }
+    };
+    Ok(rows)
+}

@@ -5,6 +5,7 @@
 //! Query functions take a `&Connection` so the same code runs inside the writer's batch, on
 //! a read connection, or in a one-shot command-line transaction.
 
+pub mod admins;
 pub mod backup;
 pub mod devices;
 pub mod licenses;
@@ -24,6 +25,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_protocol.sql"),
     include_str!("migrations/0003_operations.sql"),
+    include_str!("migrations/0004_portal.sql"),
 ];
 
 /// How many requests one transaction commits at most.

@@ -95,12 +95,43 @@ pub fn audit(
     action: &str,
     target: &str,
     detail: &str,
+    address: &str,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO audit_log (at, actor, action, target, detail, address)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![at, actor, action, target, detail])?;
+    .execute(params![at, actor, action, target, detail, address])?;
     Ok(())
+}
+
+/// Usage per item per day since `since` (all counters added up), for the dashboard.
+pub fn usage_by_day(conn: &Connection, since: i64) -> Result<Vec<(String, i64, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT item_id, day, sum(total) FROM usage_daily WHERE day >= ?1 GROUP BY item_id, day",
+    )?;
+    let rows = stmt.query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Peak concurrency per item per day since `since` (windows and their daily summaries).
+pub fn peaks_by_day(
+    conn: &Connection,
+    since: i64,
+    window_secs: i64,
+) -> Result<Vec<(String, i64, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT item_id, day, max(peak) FROM (
+            SELECT item_id, (window * ?2) - ((window * ?2) % 86400) AS day, peak
+            FROM concurrency_windows WHERE window >= ?1 / ?2
+            UNION ALL
+            SELECT item_id, day, peak FROM concurrency_daily WHERE day >= ?1)
+         GROUP BY item_id, day",
+    )?;
+    let rows = stmt.query_map(params![since, window_secs], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

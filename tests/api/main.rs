@@ -7,6 +7,7 @@ mod helpers;
 mod jobs;
 mod openapi;
 mod operations;
+mod portal;
 mod protocol;
 mod sdk;
 mod usage;

@@ -1,0 +1,275 @@
+//! Portal access: sessions (cookie `keygate_session`: Secure, HttpOnly, SameSite=Strict;
+//! only a SHA-256 of its token is stored), roles, CSRF, sign-in with rate limits, and the
+//! first admin's one-time setup link.
+//!
+//! A handler states the role it needs in its signature: [`Viewer`] (any admin, auditors
+//! included), [`Manager`] or [`Owner`]. Every form is posted through [`Post`], which checks
+//! the session, the role and the form's CSRF token together.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+
+use actix_web::cookie::{Cookie, SameSite};
+use actix_web::dev::Payload;
+use actix_web::http::{StatusCode, header};
+use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
+use data_encoding::{BASE64URL_NOPAD, HEXLOWER};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::server::AppState;
+use crate::store::{StoreError, admins};
+
+pub const COOKIE: &str = "keygate_session";
+/// A session ends after 30 minutes without a request, and after 12 hours in any case.
+pub const IDLE_SECS: i64 = 30 * 60;
+pub const ABSOLUTE_SECS: i64 = 12 * 3600;
+/// The first admin's setup link is valid for 24 hours.
+pub const SETUP_SECS: i64 = 24 * 3600;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Auditor,
+    Manager,
+    Owner,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "auditor" => Some(Role::Auditor),
+            "manager" => Some(Role::Manager),
+            "owner" => Some(Role::Owner),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Auditor => "auditor",
+            Role::Manager => "manager",
+            Role::Owner => "owner",
+        }
+    }
+}
+
+/// Why the portal refuses a request.
+#[derive(Debug, thiserror::Error)]
+pub enum PortalError {
+    #[error("sign in first")]
+    SignIn,
+    #[error("your role ({0}) may not do this")]
+    Forbidden(&'static str),
+    #[error("the form is out of date (CSRF check failed): reload the page and try again")]
+    Csrf,
+    #[error("{0}")]
+    BadForm(String),
+    #[error("internal error; the appliance logged the cause")]
+    Internal,
+}
+
+impl From<StoreError> for PortalError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "storage failure in the portal");
+        PortalError::Internal
+    }
+}
+
+impl ResponseError for PortalError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            PortalError::SignIn => StatusCode::SEE_OTHER,
+            PortalError::Forbidden(_) | PortalError::Csrf => StatusCode::FORBIDDEN,
+            PortalError::BadForm(_) => StatusCode::BAD_REQUEST,
+            PortalError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let PortalError::SignIn = self {
+            return HttpResponse::SeeOther()
+                .insert_header((header::LOCATION, "/login"))
+                .finish();
+        }
+        super::message_page(self.status_code(), &self.to_string())
+    }
+}
+
+/// Random bytes as base64url.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the operating system's random source is available");
+    BASE64URL_NOPAD.encode(&bytes)
+}
+
+pub fn digest(token: &str) -> String {
+    HEXLOWER.encode(&Sha256::digest(token.as_bytes()))
+}
+
+/// A signed-in admin.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub admin_id: i64,
+    pub name: String,
+    pub role: Role,
+    pub csrf: String,
+}
+
+pub trait Requirement {
+    const ROLE: Role;
+}
+
+pub struct AnyRole;
+pub struct ManagerRole;
+pub struct OwnerRole;
+
+impl Requirement for AnyRole {
+    const ROLE: Role = Role::Auditor;
+}
+impl Requirement for ManagerRole {
+    const ROLE: Role = Role::Manager;
+}
+impl Requirement for OwnerRole {
+    const ROLE: Role = Role::Owner;
+}
+
+/// A signed-in admin with at least the role `R` requires.
+pub struct Signed<R>(pub Session, PhantomData<R>);
+pub type Viewer = Signed<AnyRole>;
+pub type Manager = Signed<ManagerRole>;
+pub type Owner = Signed<OwnerRole>;
+
+impl<R> std::ops::Deref for Signed<R> {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.0
+    }
+}
+
+/// Looks up the session of a request's cookie, expiring it when idle or too old.
+async fn session_of(req: &HttpRequest) -> Result<Session, PortalError> {
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .ok_or(PortalError::Internal)?
+        .clone();
+    let token = req
+        .cookie(COOKIE)
+        .ok_or(PortalError::SignIn)?
+        .value()
+        .to_string();
+    let hash = digest(&token);
+    let now = state.clock.now().unix_timestamp();
+    let found = state
+        .store
+        .read({
+            let hash = hash.clone();
+            move |conn| admins::session(conn, &hash)
+        })
+        .await?
+        .ok_or(PortalError::SignIn)?;
+    if now - found.last_seen >= IDLE_SECS || now - found.created_at >= ABSOLUTE_SECS {
+        state
+            .store
+            .write(move |conn| admins::delete_session(conn, &hash))
+            .await?;
+        return Err(PortalError::SignIn);
+    }
+    if now - found.last_seen >= 60 {
+        state
+            .store
+            .write(move |conn| admins::touch_session(conn, &hash, now))
+            .await?;
+    }
+    Ok(Session {
+        admin_id: found.admin.id,
+        role: Role::parse(&found.admin.role).ok_or(PortalError::Internal)?,
+        name: found.admin.name,
+        csrf: found.csrf,
+    })
+}
+
+impl<R: Requirement + 'static> FromRequest for Signed<R> {
+    type Error = PortalError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, PortalError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move {
+            let session = session_of(&req).await?;
+            if session.role < R::ROLE {
+                return Err(PortalError::Forbidden(session.role.as_str()));
+            }
+            Ok(Signed(session, PhantomData))
+        })
+    }
+}
+
+/// A form that carries the session's CSRF token.
+pub trait CsrfForm {
+    fn csrf(&self) -> &str;
+}
+
+/// A posted form: a signed-in admin with the role `R` requires, and a form `F` whose CSRF
+/// token matches the session's (compared in constant time).
+pub struct Post<R, F>(pub Signed<R>, pub F);
+
+impl<R: Requirement + 'static, F: CsrfForm + DeserializeOwned + 'static> FromRequest
+    for Post<R, F>
+{
+    type Error = actix_web::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, actix_web::Error>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let admin = Signed::<R>::from_request(req, &mut Payload::None);
+        let form = web::Form::<F>::from_request(req, payload);
+        Box::pin(async move {
+            let admin = admin.await?;
+            let form = form
+                .await
+                .map_err(|e| PortalError::BadForm(format!("the form could not be read: {e}")))?
+                .into_inner();
+            if !bool::from(admin.csrf.as_bytes().ct_eq(form.csrf().as_bytes())) {
+                return Err(PortalError::Csrf.into());
+            }
+            Ok(Post(admin, form))
+        })
+    }
+}
+
+/// The session cookie for a new session.
+pub fn session_cookie(token: &str) -> Cookie<'static> {
+    Cookie::build(COOKIE, token.to_string())
+        .path("/")
+        .secure(true)
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .finish()
+}
+
+/// Starts a session for an admin; returns the cookie to set.
+pub async fn sign_in(
+    state: &AppState,
+    admin_id: i64,
+    address: String,
+) -> Result<Cookie<'static>, PortalError> {
+    let token = random_token();
+    let (hash, csrf) = (digest(&token), random_token());
+    let now = state.clock.now().unix_timestamp();
+    state
+        .store
+        .write(move |conn| admins::insert_session(conn, &hash, admin_id, &csrf, now, &address))
+        .await?;
+    Ok(session_cookie(&token))
+}
+
+/// Makes a first-admin setup link if there is no admin yet; returns its path and token.
+pub fn setup_link(conn: &rusqlite::Connection, now: i64) -> Result<Option<String>, StoreError> {
+    if admins::admin_count(conn)? > 0 {
+        return Ok(None);
+    }
+    let token = random_token();
+    admins::insert_setup_token(conn, &digest(&token), now + SETUP_SECS)?;
+    Ok(Some(format!("/setup?token={token}")))
+}

@@ -1,0 +1,168 @@
+//! The dashboard: every license item with its model, quota, use, state and expiry, usage
+//! over the last 30 days as server-side SVG, and the appliance's identity and health.
+
+use actix_web::{HttpResponse, web};
+use askama::Template;
+use keygate_sdk::wire::{AuthorizationState, Model};
+
+use super::auth::{PortalError, Viewer};
+use super::{Page, render};
+use crate::licensing::models::{self, DAY, Refusal, WINDOW_SECS};
+use crate::licensing::{from_unix, rfc3339};
+use crate::server::AppState;
+use crate::store::{self, StoreError, ops, settings};
+
+/// One bar of a chart, its geometry computed here so the template only places it.
+pub struct Bar {
+    pub x: i64,
+    pub y: i64,
+    pub height: i64,
+    pub title: String,
+}
+
+pub struct Chart {
+    pub caption: String,
+    pub bars: Vec<Bar>,
+    pub max: i64,
+}
+
+const CHART_DAYS: i64 = 30;
+const BAR_WIDTH: i64 = 10;
+pub const CHART_HEIGHT: i64 = 60;
+
+/// A chart of one value per day for the last 30 days ending `today`.
+fn chart(caption: String, values: &[(i64, i64)], today: i64) -> Chart {
+    let max = values.iter().map(|(_, v)| *v).max().unwrap_or(0).max(1);
+    let bars = (0..CHART_DAYS)
+        .map(|i| {
+            let day = today - (CHART_DAYS - 1 - i) * DAY;
+            let value = values
+                .iter()
+                .find(|(d, _)| *d == day)
+                .map_or(0, |(_, v)| *v);
+            let height = value * CHART_HEIGHT / max;
+            Bar {
+                x: i * BAR_WIDTH,
+                y: CHART_HEIGHT - height,
+                height,
+                title: format!("{}: {value}", &rfc3339(from_unix(day))[..10]),
+            }
+        })
+        .collect();
+    Chart { caption, bars, max }
+}
+
+pub struct ItemView {
+    pub item_id: String,
+    pub license_id: String,
+    pub product: String,
+    pub model: Model,
+    pub quota: i64,
+    pub used: i64,
+    pub state: &'static str,
+    pub state_class: &'static str,
+    pub expires: String,
+    pub chart: Chart,
+}
+
+#[derive(Template)]
+#[template(path = "portal/dashboard.html")]
+struct Dashboard {
+    page: Page,
+    items: Vec<ItemView>,
+    installation_id: String,
+    version: &'static str,
+    uptime: String,
+    last_backup: String,
+    chart_width: i64,
+    chart_height: i64,
+}
+
+fn state_label(item: &store::licenses::ItemRow, now: i64) -> &'static str {
+    match models::availability(&item.terms, &item.used, now) {
+        Err(Refusal::NotStarted) => "not started",
+        Err(Refusal::Expired) => "expired",
+        Err(Refusal::QuotaExceeded) => "stopped",
+        Ok(()) => match models::state(&item.terms, &item.used) {
+            AuthorizationState::Ok => "ok",
+            AuthorizationState::Tolerance => "tolerance",
+            AuthorizationState::Grace => "grace",
+        },
+    }
+}
+
+pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpResponse, PortalError> {
+    let now = state.clock.now().unix_timestamp();
+    let today = models::day_of(now);
+    let since = today - (CHART_DAYS - 1) * DAY;
+    let (items, usage, peaks, last_backup) = state
+        .store
+        .read(move |conn| {
+            Ok::<_, StoreError>((
+                store::licenses::all_items(conn)?,
+                ops::usage_by_day(conn, since)?,
+                ops::peaks_by_day(conn, since, WINDOW_SECS)?,
+                settings::get(conn, crate::jobs::LAST_BACKUP)?.and_then(|t| t.parse::<i64>().ok()),
+            ))
+        })
+        .await?;
+    let series = |rows: &[(String, i64, i64)], item: &str| -> Vec<(i64, i64)> {
+        rows.iter()
+            .filter(|(i, _, _)| i == item)
+            .map(|(_, d, v)| (*d, *v))
+            .collect()
+    };
+    let items = items
+        .into_iter()
+        .filter(|i| !i.withdrawn)
+        .map(|item| {
+            let (caption, values) = if item.terms.model.is_concurrent() {
+                (
+                    "peak devices per day, last 30 days",
+                    series(&peaks, &item.item_id),
+                )
+            } else {
+                ("usage per day, last 30 days", series(&usage, &item.item_id))
+            };
+            let u = &item.used;
+            let used = match item.terms.model {
+                Model::PerUsage => u.usage_total,
+                Model::Tokens => u.tokens_used,
+                m if m.is_concurrent() => u.exceptions,
+                _ => u.seats_used,
+            };
+            let state = state_label(&item, now);
+            ItemView {
+                state,
+                state_class: if state == "not started" {
+                    "not-started"
+                } else {
+                    state
+                },
+                chart: chart(caption.to_string(), &values, today),
+                expires: rfc3339(from_unix(item.terms.expires_at))[..10].to_string(),
+                quota: if item.terms.model.is_concurrent() {
+                    item.terms.max_exceptions
+                } else {
+                    item.terms.quota
+                },
+                used,
+                model: item.terms.model,
+                product: item.product,
+                license_id: item.license_id,
+                item_id: item.item_id,
+            }
+        })
+        .collect();
+    let up = now - state.started_at.unix_timestamp();
+    Ok(render(&Dashboard {
+        page: Page::of(&admin),
+        items,
+        installation_id: state.appliance.installation_id().to_string(),
+        version: env!("CARGO_PKG_VERSION"),
+        uptime: format!("{}d {}h {}m", up / DAY, up % DAY / 3600, up % 3600 / 60),
+        last_backup: last_backup.map_or("none yet".into(), |t| rfc3339(from_unix(t))),
+        chart_width: CHART_DAYS * BAR_WIDTH,
+        chart_height: CHART_HEIGHT,
+    }))
+}

@@ -1,0 +1,156 @@
+//! Devices: search (uuid, name or user prefix), keyset pagination, block, unblock, remove.
+
+use actix_web::http::header;
+use actix_web::{HttpResponse, web};
+use askama::Template;
+use serde::Deserialize;
+
+use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Viewer};
+use super::{Page, render};
+use crate::licensing::{from_unix, rfc3339, types};
+use crate::server::AppState;
+use crate::store::{StoreError, devices, ops};
+
+pub const PAGE_SIZE: i64 = 50;
+
+pub struct Line {
+    pub uuid: String,
+    pub name: String,
+    pub user: String,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub blocked: bool,
+    pub seats: i64,
+}
+
+#[derive(Template)]
+#[template(path = "portal/devices.html")]
+struct DevicesPage {
+    page: Page,
+    q: String,
+    blocked: bool,
+    lines: Vec<Line>,
+    next: Option<i64>,
+    manage: bool,
+}
+
+#[derive(Deserialize)]
+pub struct Query {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    after: i64,
+    #[serde(default)]
+    blocked: Option<String>,
+}
+
+pub async fn list(
+    state: web::Data<AppState>,
+    admin: Viewer,
+    query: web::Query<Query>,
+) -> Result<HttpResponse, PortalError> {
+    let query = query.into_inner();
+    let q = query.q.trim().to_string();
+    // A UUID is searched in its canonical form; anything else as a name or user prefix.
+    let key = types::uuid("q", &q).unwrap_or_else(|_| q.clone());
+    let blocked = query.blocked.is_some();
+    let after = query.after;
+    let mut rows = state
+        .store
+        .read(move |conn| {
+            devices::list_devices(
+                conn,
+                Some(key.as_str()).filter(|k| !k.is_empty()),
+                blocked,
+                after,
+                PAGE_SIZE + 1,
+            )
+        })
+        .await?;
+    let next = (rows.len() as i64 > PAGE_SIZE).then(|| {
+        rows.truncate(PAGE_SIZE as usize);
+        rows.last().map_or(0, |l| l.device.id)
+    });
+    let time = |t: i64| {
+        rfc3339(from_unix(t))
+            .replace('T', " ")
+            .trim_end_matches('Z')
+            .to_string()
+    };
+    Ok(render(&DevicesPage {
+        manage: super::can_manage(&admin),
+        page: Page::of(&admin),
+        q,
+        blocked,
+        next,
+        lines: rows
+            .into_iter()
+            .map(|l| Line {
+                first_seen: time(l.device.first_seen),
+                last_seen: time(l.device.last_seen),
+                uuid: l.device.uuid,
+                name: l.device.name,
+                user: l.device.last_user,
+                blocked: l.device.blocked,
+                seats: l.seats,
+            })
+            .collect(),
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct ActionForm {
+    /// Missing is refused like a wrong one (403), not as an unreadable form.
+    #[serde(default)]
+    csrf: String,
+}
+
+impl CsrfForm for ActionForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+/// `POST /devices/{uuid}/{block|unblock|remove}` (managers and owners).
+pub async fn act(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    post: Post<ManagerRole, ActionForm>,
+) -> Result<HttpResponse, PortalError> {
+    let (uuid, action) = path.into_inner();
+    let uuid = types::uuid("uuid", &uuid).map_err(|e| PortalError::BadForm(e.to_string()))?;
+    let actor = post.0.name.clone();
+    let now = state.clock.now().unix_timestamp();
+    let done = state
+        .store
+        .write(move |conn| {
+            let Some(device) = devices::device_by_uuid(conn, &uuid)? else {
+                return Ok(None);
+            };
+            let what = match action.as_str() {
+                "block" => {
+                    devices::set_blocked(conn, &uuid, true)?;
+                    "device blocked"
+                }
+                "unblock" => {
+                    devices::set_blocked(conn, &uuid, false)?;
+                    "device unblocked"
+                }
+                "remove" => {
+                    devices::remove_device(conn, device.id)?;
+                    "device removed"
+                }
+                _ => return Ok(Some(false)),
+            };
+            ops::audit(conn, now, &actor, what, &uuid, "", "")?;
+            Ok::<_, StoreError>(Some(true))
+        })
+        .await?;
+    match done {
+        Some(true) => Ok(HttpResponse::SeeOther()
+            .insert_header((header::LOCATION, "/devices"))
+            .finish()),
+        Some(false) => Err(PortalError::BadForm("unknown action".into())),
+        None => Err(PortalError::BadForm("no such device".into())),
+    }
+}

@@ -1,0 +1,438 @@
+//! The admin portal: server-rendered pages (askama, auto-escaped), plain HTML forms, one
+//! stylesheet served under a content-hashed URL, no script. Every response carries strict
+//! security headers.
+
+pub mod auth;
+pub mod dashboard;
+pub mod devices;
+
+use std::sync::OnceLock;
+
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use askama::Template;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use self::auth::{CsrfForm, PortalError, Post, Session, Viewer};
+use crate::licensing::handshake::{hash_password, verify_password};
+use crate::server::AppState;
+use crate::store::{admins, ops};
+
+const CSS: &str = include_str!("../../static/keygate.css");
+
+/// `/static/keygate-<hash>.css`: a new stylesheet gets a new URL, so it can be cached forever.
+pub fn css_path() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let hash = data_encoding::HEXLOWER.encode(&Sha256::digest(CSS.as_bytes())[..6]);
+        format!("/static/keygate-{hash}.css")
+    })
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(dashboard::page))
+        .route("/login", web::get().to(login_page))
+        .route("/login", web::post().to(login))
+        .route("/logout", web::post().to(logout))
+        .route("/setup", web::get().to(setup_page))
+        .route("/setup", web::post().to(setup))
+        .route("/devices", web::get().to(devices::list))
+        .route("/devices/{uuid}/{action}", web::post().to(devices::act))
+        .route("/static/{file}", web::get().to(stylesheet));
+}
+
+/// Headers for every response of the appliance: no script, no framing, no referrer.
+pub fn security_headers() -> actix_web::middleware::DefaultHeaders {
+    actix_web::middleware::DefaultHeaders::new()
+        .add((
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; \
+             frame-ancestors 'none'; base-uri 'none'",
+        ))
+        .add((header::REFERRER_POLICY, "no-referrer"))
+        .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .add((header::X_FRAME_OPTIONS, "DENY"))
+        .add((header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"))
+}
+
+/// What every page's layout shows: who is signed in, and the form token.
+pub struct Page {
+    pub name: String,
+    pub role: &'static str,
+    pub csrf: String,
+    pub css: &'static str,
+}
+
+impl Page {
+    pub fn of(session: &Session) -> Page {
+        Page {
+            name: session.name.clone(),
+            role: session.role.as_str(),
+            csrf: session.csrf.clone(),
+            css: css_path(),
+        }
+    }
+}
+
+pub fn render(template: &impl Template) -> HttpResponse {
+    match template.render() {
+        Ok(html) => HttpResponse::Ok()
+            .content_type("text/html; charset=utf-8")
+            .body(html),
+        Err(e) => {
+            tracing::error!(error = %e, "template failed");
+            HttpResponse::InternalServerError().finish()
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "portal/message.html")]
+struct Message<'a> {
+    css: &'a str,
+    message: &'a str,
+}
+
+pub fn message_page(status: StatusCode, message: &str) -> HttpResponse {
+    let html = Message {
+        css: css_path(),
+        message,
+    }
+    .render()
+    .unwrap_or_default();
+    HttpResponse::build(status)
+        .content_type("text/html; charset=utf-8")
+        .body(html)
+}
+
+async fn stylesheet(file: web::Path<String>) -> HttpResponse {
+    if format!("/static/{file}") != css_path() {
+        return HttpResponse::NotFound().finish();
+    }
+    HttpResponse::Ok()
+        .content_type("text/css; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "public, max-age=31536000, immutable"))
+        .body(CSS)
+}
+
+fn client_address(req: &HttpRequest) -> String {
+    req.peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
+}
+
+/// The login and setup forms have no session yet: their CSRF token is a cookie of its own
+/// that the form must repeat (double submit).
+const FORM_COOKIE: &str = "keygate_form";
+
+fn form_cookie(token: &str) -> actix_web::cookie::Cookie<'static> {
+    actix_web::cookie::Cookie::build(FORM_COOKIE, token.to_string())
+        .path("/")
+        .secure(true)
+        .http_only(true)
+        .same_site(actix_web::cookie::SameSite::Strict)
+        .finish()
+}
+
+fn form_cookie_matches(req: &HttpRequest, csrf: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    req.cookie(FORM_COOKIE)
+        .is_some_and(|c| bool::from(c.value().as_bytes().ct_eq(csrf.as_bytes())))
+}
+
+#[derive(Template)]
+#[template(path = "portal/login.html")]
+struct LoginPage<'a> {
+    css: &'a str,
+    csrf: &'a str,
+    name: &'a str,
+    error: Option<&'a str>,
+}
+
+async fn login_page() -> HttpResponse {
+    let csrf = auth::random_token();
+    let mut response = render(&LoginPage {
+        css: css_path(),
+        csrf: &csrf,
+        name: "",
+        error: None,
+    });
+    let _ = response.add_cookie(&form_cookie(&csrf));
+    response
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    name: String,
+    password: String,
+    csrf: String,
+}
+
+async fn login(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    form: web::Form<LoginForm>,
+) -> HttpResponse {
+    let form = form.into_inner();
+    let address = client_address(&req);
+    let now = state.clock.now().unix_timestamp();
+    let again = |error: &str| {
+        let csrf = auth::random_token();
+        let mut response = render(&LoginPage {
+            css: css_path(),
+            csrf: &csrf,
+            name: &form.name,
+            error: Some(error),
+        });
+        *response.status_mut() = StatusCode::UNAUTHORIZED;
+        let _ = response.add_cookie(&form_cookie(&csrf));
+        response
+    };
+    if !form_cookie_matches(&req, &form.csrf) {
+        return again("The form was out of date; please sign in again.");
+    }
+    let account = format!("account:{}", form.name);
+    let by_address = format!("address:{address}");
+    if state.sign_in_by_account.is_limited(&account, now)
+        || state.sign_in_by_address.is_limited(&by_address, now)
+    {
+        let (actor, from) = (form.name.clone(), address.clone());
+        let _ = state
+            .store
+            .write(move |conn| {
+                ops::audit(
+                    conn,
+                    now,
+                    &actor,
+                    "sign-in refused (rate limited)",
+                    "",
+                    "",
+                    &from,
+                )
+            })
+            .await;
+        return again("Too many failed sign-ins; wait a minute and try again.");
+    }
+    let name = form.name.clone();
+    let admin = match state
+        .store
+        .read(move |conn| admins::admin_by_name(conn, &name))
+        .await
+    {
+        Ok(admin) => admin,
+        Err(e) => return PortalError::from(e).error_response(),
+    };
+    let password = form.password.clone();
+    let hash = admin.as_ref().map(|a| a.password_hash.clone());
+    // Argon2 runs even for an unknown name, so timing does not tell which names exist.
+    let verified = web::block(move || match hash {
+        Some(hash) => verify_password(&hash, &password),
+        None => {
+            let _ = verify_password(&hash_password("unknown"), &password);
+            false
+        }
+    })
+    .await
+    .unwrap_or(false);
+    let (actor, detail) = (form.name.clone(), address.clone());
+    let audit = |action: &'static str| {
+        let (actor, detail) = (actor.clone(), detail.clone());
+        move |conn: &rusqlite::Connection| ops::audit(conn, now, &actor, action, "", "", &detail)
+    };
+    let Some(admin) = admin.filter(|_| verified) else {
+        state.sign_in_by_account.record_failure(&account, now);
+        state.sign_in_by_address.record_failure(&by_address, now);
+        let _ = state.store.write(audit("sign-in failed")).await;
+        return again("Wrong name or password.");
+    };
+    state.sign_in_by_account.clear(&account);
+    let _ = state.store.write(audit("signed in")).await;
+    match auth::sign_in(&state, admin.id, address).await {
+        Ok(cookie) => HttpResponse::SeeOther()
+            .insert_header((header::LOCATION, "/"))
+            .cookie(cookie)
+            .finish(),
+        Err(e) => e.error_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct CsrfOnly {
+    /// Missing is refused like a wrong one (403), not as an unreadable form.
+    #[serde(default)]
+    csrf: String,
+}
+
+impl CsrfForm for CsrfOnly {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+async fn logout(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    post: Post<auth::AnyRole, CsrfOnly>,
+) -> HttpResponse {
+    if let Some(cookie) = req.cookie(auth::COOKIE) {
+        let hash = auth::digest(cookie.value());
+        let _ = state
+            .store
+            .write(move |conn| admins::delete_session(conn, &hash))
+            .await;
+    }
+    let now = state.clock.now().unix_timestamp();
+    let name = post.0.name.clone();
+    let _ = state
+        .store
+        .write(move |conn| ops::audit(conn, now, &name, "signed out", "", "", ""))
+        .await;
+    let mut gone = auth::session_cookie("");
+    gone.make_removal();
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, "/login"))
+        .cookie(gone)
+        .finish()
+}
+
+#[derive(Template)]
+#[template(path = "portal/setup.html")]
+struct SetupPage<'a> {
+    css: &'a str,
+    csrf: &'a str,
+    token: &'a str,
+    name: &'a str,
+    error: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct SetupQuery {
+    token: String,
+}
+
+async fn setup_page(state: web::Data<AppState>, query: web::Query<SetupQuery>) -> HttpResponse {
+    let token = query.into_inner().token;
+    let now = state.clock.now().unix_timestamp();
+    let hash = auth::digest(&token);
+    match state
+        .store
+        .read(move |conn| admins::setup_token_valid(conn, &hash, now))
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            return message_page(
+                StatusCode::NOT_FOUND,
+                "This setup link is not valid (used, expired or mistyped). Use `keygate admin create` at the console.",
+            );
+        }
+        Err(e) => return PortalError::from(e).error_response(),
+    }
+    let csrf = auth::random_token();
+    let mut response = render(&SetupPage {
+        css: css_path(),
+        csrf: &csrf,
+        token: &token,
+        name: "",
+        error: None,
+    });
+    let _ = response.add_cookie(&form_cookie(&csrf));
+    response
+}
+
+#[derive(Deserialize)]
+struct SetupForm {
+    token: String,
+    name: String,
+    password: String,
+    confirm: String,
+    csrf: String,
+}
+
+/// What makes an acceptable admin name and password.
+pub fn check_credentials(name: &str, password: &str) -> Result<(), &'static str> {
+    if name.is_empty()
+        || name.chars().count() > 64
+        || name.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err("The name must be 1 to 64 characters, without spaces.");
+    }
+    if password.chars().count() < 12 {
+        return Err("The password must be at least 12 characters.");
+    }
+    if password.chars().count() > 256 {
+        return Err("The password must be at most 256 characters.");
+    }
+    Ok(())
+}
+
+async fn setup(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    form: web::Form<SetupForm>,
+) -> HttpResponse {
+    let form = form.into_inner();
+    let again = |error: &str| {
+        let csrf = auth::random_token();
+        let mut response = render(&SetupPage {
+            css: css_path(),
+            csrf: &csrf,
+            token: &form.token,
+            name: &form.name,
+            error: Some(error),
+        });
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+        let _ = response.add_cookie(&form_cookie(&csrf));
+        response
+    };
+    if !form_cookie_matches(&req, &form.csrf) {
+        return again("The form was out of date; please try again.");
+    }
+    if let Err(problem) = check_credentials(&form.name, &form.password) {
+        return again(problem);
+    }
+    if form.password != form.confirm {
+        return again("The two passwords differ.");
+    }
+    let hash = web::block({
+        let password = form.password.clone();
+        move || hash_password(&password)
+    })
+    .await
+    .unwrap_or_default();
+    let now = state.clock.now().unix_timestamp();
+    let (token_hash, name) = (auth::digest(&form.token), form.name.clone());
+    let created = state
+        .store
+        .write(move |conn| {
+            if !admins::setup_token_valid(conn, &token_hash, now)? || admins::admin_count(conn)? > 0
+            {
+                return Ok(None);
+            }
+            let id = admins::insert_admin(conn, &name, "owner", &hash, now)?;
+            admins::delete_setup_tokens(conn)?;
+            ops::audit(conn, now, &name, "first admin created", &name, "owner", "")?;
+            Ok::<_, crate::store::StoreError>(Some(id))
+        })
+        .await;
+    match created {
+        Ok(Some(id)) => match auth::sign_in(&state, id, client_address(&req)).await {
+            Ok(cookie) => HttpResponse::SeeOther()
+                .insert_header((header::LOCATION, "/"))
+                .cookie(cookie)
+                .finish(),
+            Err(e) => e.error_response(),
+        },
+        Ok(None) => message_page(
+            StatusCode::NOT_FOUND,
+            "This setup link is not valid any more.",
+        ),
+        Err(e) => PortalError::from(e).error_response(),
+    }
+}
+
+/// Whether the signed-in admin may change things (for templates hiding forms).
+pub fn can_manage(admin: &Viewer) -> bool {
+    admin.role >= auth::Role::Manager
+}

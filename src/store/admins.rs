@@ -1,0 +1,166 @@
+//! Portal accounts, sessions and first-admin setup tokens. Tokens are stored only as
+//! SHA-256 digests: a copy of the database does not sign anyone in.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::StoreError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub id: i64,
+    pub name: String,
+    pub role: String,
+    pub password_hash: String,
+}
+
+fn admin_from_row(r: &Row<'_>) -> rusqlite::Result<Admin> {
+    Ok(Admin {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        role: r.get(2)?,
+        password_hash: r.get(3)?,
+    })
+}
+
+pub fn admin_count(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT COUNT(*) FROM admins")?
+        .query_row([], |r| r.get(0))?)
+}
+
+pub fn admin_by_name(conn: &Connection, name: &str) -> Result<Option<Admin>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT id, name, role, password_hash FROM admins WHERE name = ?1")?
+        .query_row([name], admin_from_row)
+        .optional()?)
+}
+
+pub fn insert_admin(
+    conn: &Connection,
+    name: &str,
+    role: &str,
+    password_hash: &str,
+    now: i64,
+) -> Result<i64, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO admins (name, role, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![name, role, password_hash, now])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Sets an admin's password and signs out all of its sessions.
+pub fn set_password(
+    conn: &Connection,
+    name: &str,
+    password_hash: &str,
+) -> Result<bool, StoreError> {
+    let changed = conn
+        .prepare_cached("UPDATE admins SET password_hash = ?2 WHERE name = ?1")?
+        .execute(params![name, password_hash])?;
+    conn.prepare_cached(
+        "DELETE FROM sessions WHERE admin_id = (SELECT id FROM admins WHERE name = ?1)",
+    )?
+    .execute([name])?;
+    Ok(changed == 1)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub admin: Admin,
+    pub csrf: String,
+    pub created_at: i64,
+    pub last_seen: i64,
+}
+
+pub fn insert_session(
+    conn: &Connection,
+    token_hash: &str,
+    admin_id: i64,
+    csrf: &str,
+    now: i64,
+    address: &str,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO sessions (token_hash, admin_id, csrf, created_at, last_seen, address)
+         VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+    )?
+    .execute(params![token_hash, admin_id, csrf, now, address])?;
+    Ok(())
+}
+
+pub fn session(conn: &Connection, token_hash: &str) -> Result<Option<Session>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT a.id, a.name, a.role, a.password_hash, s.csrf, s.created_at, s.last_seen
+             FROM sessions s JOIN admins a ON a.id = s.admin_id WHERE s.token_hash = ?1",
+        )?
+        .query_row([token_hash], |r| {
+            Ok(Session {
+                admin: admin_from_row(r)?,
+                csrf: r.get(4)?,
+                created_at: r.get(5)?,
+                last_seen: r.get(6)?,
+            })
+        })
+        .optional()?)
+}
+
+pub fn touch_session(conn: &Connection, token_hash: &str, now: i64) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE sessions SET last_seen = ?2 WHERE token_hash = ?1")?
+        .execute(params![token_hash, now])?;
+    Ok(())
+}
+
+pub fn delete_session(conn: &Connection, token_hash: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
+        .execute([token_hash])?;
+    Ok(())
+}
+
+/// Removes sessions idle since `idle_cutoff` or created before `absolute_cutoff`, and
+/// expired setup tokens. Returns how many rows went.
+pub fn delete_stale(
+    conn: &Connection,
+    idle_cutoff: i64,
+    absolute_cutoff: i64,
+    now: i64,
+) -> Result<usize, StoreError> {
+    let sessions = conn
+        .prepare_cached("DELETE FROM sessions WHERE last_seen <= ?1 OR created_at <= ?2")?
+        .execute(params![idle_cutoff, absolute_cutoff])?;
+    let tokens = conn
+        .prepare_cached("DELETE FROM setup_tokens WHERE expires_at <= ?1")?
+        .execute([now])?;
+    Ok(sessions + tokens)
+}
+
+pub fn insert_setup_token(
+    conn: &Connection,
+    token_hash: &str,
+    expires_at: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached("INSERT INTO setup_tokens (token_hash, expires_at) VALUES (?1, ?2)")?
+        .execute(params![token_hash, expires_at])?;
+    Ok(())
+}
+
+/// Whether a setup token is valid now (it stays until used or expired).
+pub fn setup_token_valid(
+    conn: &Connection,
+    token_hash: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM setup_tokens WHERE token_hash = ?1 AND expires_at > ?2")?
+        .query_row(params![token_hash, now], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Uses up every setup token (the first admin exists).
+pub fn delete_setup_tokens(conn: &Connection) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM setup_tokens")?
+        .execute([])?;
+    Ok(())
+}

@@ -1,0 +1,458 @@
+//! Issue 4 (foundation): setup, sign-in, sessions, CSRF, roles, rate limits, escaping,
+//! security headers, the dashboard and the devices page, over real HTTPS.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::json;
+use time::Duration;
+
+use crate::helpers::*;
+
+/// A minimal browser: keeps cookies, does not follow redirects.
+struct Browser {
+    agent: ureq::Agent,
+    base: String,
+    cookies: RefCell<BTreeMap<String, String>>,
+}
+
+struct Answer {
+    status: u16,
+    body: String,
+    location: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Browser {
+    fn new(app: &TestApp) -> Browser {
+        let cert = ureq::tls::Certificate::from_pem(&appliance_cert(&app.data_dir))
+            .unwrap()
+            .to_owned();
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![cert])))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .build()
+            .into();
+        Browser {
+            agent,
+            base: app.url(""),
+            cookies: RefCell::new(BTreeMap::new()),
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .borrow()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn keep(&self, mut response: ureq::http::Response<ureq::Body>) -> Answer {
+        let headers: Vec<(String, String)> = response
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        for (name, value) in &headers {
+            if name == "set-cookie" {
+                let pair = value.split(';').next().unwrap();
+                let (k, v) = pair.split_once('=').unwrap();
+                if v.is_empty() || value.contains("Max-Age=0") {
+                    self.cookies.borrow_mut().remove(k);
+                } else {
+                    self.cookies
+                        .borrow_mut()
+                        .insert(k.to_string(), v.to_string());
+                }
+            }
+        }
+        let location = headers
+            .iter()
+            .find(|(k, _)| k == "location")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        Answer {
+            status: response.status().as_u16(),
+            body: response.body_mut().read_to_string().unwrap_or_default(),
+            location,
+            headers,
+        }
+    }
+
+    fn get(&self, path: &str) -> Answer {
+        let response = self
+            .agent
+            .get(&format!("{}{path}", self.base))
+            .header("cookie", self.cookie_header())
+            .call()
+            .unwrap();
+        self.keep(response)
+    }
+
+    fn post(&self, path: &str, fields: &[(&str, &str)]) -> Answer {
+        let response = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .header("cookie", self.cookie_header())
+            .send_form(fields.iter().map(|(k, v)| (*k, *v)))
+            .unwrap();
+        self.keep(response)
+    }
+}
+
+/// The value of the first hidden `csrf` field of a page.
+fn csrf(body: &str) -> String {
+    let start = body
+        .find("name=\"csrf\" value=\"")
+        .expect("a form with a CSRF token")
+        + 19;
+    body[start..].split('"').next().unwrap().to_string()
+}
+
+fn setup_token(app: &TestApp) -> String {
+    let conn = keygate::store::open(&app.data_dir.join("keygate.db")).unwrap();
+    let path = keygate::portal::auth::setup_link(&conn, app.clock_now().unix_timestamp())
+        .unwrap()
+        .unwrap();
+    path.trim_start_matches("/setup?token=").to_string()
+}
+
+const PASSWORD: &str = "correct horse battery";
+
+/// A fixture whose first admin ("olivia", owner) is signed in.
+fn signed_in(items: &str) -> (Fixture, Browser) {
+    let f = Fixture::new(items);
+    let token = setup_token(&f.app);
+    let browser = Browser::new(&f.app);
+    let page = browser.get(&format!("/setup?token={token}"));
+    assert_eq!(page.status, 200);
+    let answer = browser.post(
+        "/setup",
+        &[
+            ("token", &token),
+            ("name", "olivia"),
+            ("password", PASSWORD),
+            ("confirm", PASSWORD),
+            ("csrf", &csrf(&page.body)),
+        ],
+    );
+    assert_eq!(
+        (answer.status, answer.location.as_str()),
+        (303, "/"),
+        "{}",
+        answer.body
+    );
+    (f, browser)
+}
+
+fn sign_in(f: &Fixture, name: &str, password: &str) -> (Browser, Answer) {
+    let browser = Browser::new(&f.app);
+    let page = browser.get("/login");
+    let answer = browser.post(
+        "/login",
+        &[
+            ("name", name),
+            ("password", password),
+            ("csrf", &csrf(&page.body)),
+        ],
+    );
+    (browser, answer)
+}
+
+#[test]
+fn first_admin_setup_then_dashboard() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    f.authorized("reader", 1);
+    let browser = Browser::new(&f.app);
+    assert_eq!(
+        browser.get("/").location,
+        "/login",
+        "signed out: sent to sign in"
+    );
+    assert_eq!(browser.get("/setup?token=wrong").status, 404);
+
+    let token = setup_token(&f.app);
+    let page = browser.get(&format!("/setup?token={token}"));
+    let form = csrf(&page.body);
+    let answer = browser.post(
+        "/setup",
+        &[
+            ("token", &token),
+            ("name", "olivia"),
+            ("password", PASSWORD),
+            ("confirm", "something else!!"),
+            ("csrf", &form),
+        ],
+    );
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.body.contains("The two passwords differ")
+            && answer.body.contains("value=\"olivia\""),
+        "input kept, reason shown"
+    );
+    let answer = browser.post(
+        "/setup",
+        &[
+            ("token", &token),
+            ("name", "olivia"),
+            ("password", "short"),
+            ("confirm", "short"),
+            ("csrf", &csrf(&answer.body)),
+        ],
+    );
+    assert!(answer.body.contains("at least 12 characters"));
+    let answer = browser.post(
+        "/setup",
+        &[
+            ("token", &token),
+            ("name", "olivia"),
+            ("password", PASSWORD),
+            ("confirm", PASSWORD),
+            ("csrf", &csrf(&answer.body)),
+        ],
+    );
+    assert_eq!((answer.status, answer.location.as_str()), (303, "/"));
+
+    let dashboard = browser.get("/");
+    assert_eq!(dashboard.status, 200);
+    assert!(dashboard.body.contains("LIC-T-1") && dashboard.body.contains("per_device"));
+    assert!(
+        dashboard
+            .body
+            .contains(f.app.state.appliance.installation_id())
+    );
+    assert!(dashboard.body.contains("<svg class=\"chart\""));
+    assert!(dashboard.body.contains("olivia (owner)"));
+    // The link is used up.
+    assert_eq!(
+        Browser::new(&f.app)
+            .get(&format!("/setup?token={token}"))
+            .status,
+        404
+    );
+    // Security headers on every page, the stylesheet under its hashed URL.
+    let header = |name: &str| {
+        dashboard
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert!(header("content-security-policy").contains("frame-ancestors 'none'"));
+    assert_eq!(header("referrer-policy"), "no-referrer");
+    assert!(header("strict-transport-security").starts_with("max-age="));
+    let css = keygate::portal::css_path();
+    assert!(dashboard.body.contains(css));
+    assert_eq!(browser.get(css).status, 200);
+}
+
+#[test]
+fn session_cookie_flags_and_sign_out_needs_csrf() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let (_, answer) = sign_in(&f, "olivia", PASSWORD);
+    let cookie = answer
+        .headers
+        .iter()
+        .find(|(k, v)| k == "set-cookie" && v.starts_with("keygate_session="))
+        .unwrap()
+        .1
+        .clone();
+    for flag in ["Secure", "HttpOnly", "SameSite=Strict"] {
+        assert!(cookie.contains(flag), "{cookie}");
+    }
+    assert_eq!(browser.post("/logout", &[]).status, 403, "no token");
+    assert_eq!(
+        browser.post("/logout", &[("csrf", "forged")]).status,
+        403,
+        "wrong token"
+    );
+    assert_eq!(browser.get("/").status, 200, "still signed in");
+    let token = csrf(&browser.get("/").body);
+    assert_eq!(
+        browser.post("/logout", &[("csrf", &token)]).location,
+        "/login"
+    );
+    assert_eq!(browser.get("/").location, "/login");
+}
+
+#[test]
+fn sessions_expire_when_idle_and_after_twelve_hours() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    f.app.clock.advance(Duration::minutes(29));
+    assert_eq!(browser.get("/").status, 200);
+    f.app.clock.advance(Duration::minutes(31));
+    assert_eq!(browser.get("/").location, "/login", "30 minutes idle");
+
+    let (browser, _) = sign_in(&f, "olivia", PASSWORD);
+    for _ in 0..(12 * 3) {
+        assert_eq!(browser.get("/").status, 200);
+        f.app.clock.advance(Duration::minutes(20));
+    }
+    assert_eq!(browser.get("/").location, "/login", "12 hours in all");
+}
+
+#[test]
+fn sign_in_is_rate_limited_and_audited() {
+    let (f, _) = signed_in(&item("reader", "per_device", 10, ""));
+    for attempt in 1..=5 {
+        let (_, answer) = sign_in(&f, "olivia", "wrong password!");
+        assert_eq!(answer.status, 401, "attempt {attempt}");
+        assert!(answer.body.contains("Wrong name or password"));
+    }
+    let (_, answer) = sign_in(&f, "olivia", PASSWORD);
+    assert!(
+        answer.body.contains("Too many failed sign-ins"),
+        "even the right password waits"
+    );
+    f.app.clock.advance(Duration::minutes(1));
+    assert_eq!(sign_in(&f, "olivia", PASSWORD).1.location, "/");
+    let count = |action: &str| -> i64 {
+        f.db()
+            .query_row(
+                "SELECT COUNT(*) FROM audit_log WHERE action = ?1",
+                [action],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(
+        (
+            count("sign-in failed"),
+            count("sign-in refused (rate limited)")
+        ),
+        (5, 1)
+    );
+}
+
+#[test]
+fn auditors_see_but_cannot_change() {
+    let (f, owner) = signed_in(&item("reader", "per_device", 10, ""));
+    f.authorized("reader", 1);
+    assert!(set_password_for_admin(&f, "audrey", "auditor").ok);
+    let (auditor, answer) = sign_in(&f, "audrey", PASSWORD);
+    assert_eq!(answer.location, "/");
+    let page = auditor.get("/devices");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains(&device_uuid(1)));
+    assert!(!page.body.contains("/block\""), "no forms for auditors");
+    let token = csrf(&page.body);
+    let answer = auditor.post(
+        &format!("/devices/{}/block", device_uuid(1)),
+        &[("csrf", &token)],
+    );
+    assert_eq!(answer.status, 403);
+    assert_eq!(f.authorize(&f.request("reader", 1)).0, 200, "not blocked");
+
+    let page = owner.get("/devices");
+    let answer = owner.post(
+        &format!("/devices/{}/block", device_uuid(1)),
+        &[("csrf", &csrf(&page.body))],
+    );
+    assert_eq!(answer.location, "/devices");
+    assert_eq!(f.refused("reader", 1), "DEVICE_BLOCKED");
+    let blocked: i64 = f
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM audit_log WHERE action = 'device blocked' AND actor = 'olivia'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(blocked, 1);
+}
+
+fn set_password_for_admin(f: &Fixture, name: &str, role: &str) -> Run {
+    use std::io::Write;
+    let mut child = command()
+        .arg("--data-dir")
+        .arg(&f.data)
+        .args(["admin", "create", name, "--role", role])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{PASSWORD}").unwrap();
+    child.wait_with_output().unwrap().into()
+}
+
+#[test]
+fn hostile_input_is_shown_escaped_and_long_input_refused() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let mut request = f.request("reader", 1);
+    request["device"]["name"] = json!("<script>alert('x')</script>\"quoted\"");
+    assert_eq!(f.authorize(&request).0, 200);
+    let page = browser.get("/devices?q=%3Cscript%3E");
+    assert!(
+        page.body
+            .contains("&#60;script&#62;alert(&#39;x&#39;)&#60;/script&#62;&#34;quoted&#34;"),
+        "{}",
+        page.body
+    );
+    assert!(!page.body.contains("<script>"));
+    let page = browser.get("/devices?q=%22%3E%3Cscript%3E");
+    assert!(
+        !page.body.contains("\"><script>"),
+        "the search box value is escaped"
+    );
+    let (_, answer) = sign_in(&f, &format!("<b>{}</b>", "x".repeat(5000)), "whatever");
+    assert_eq!(answer.status, 401);
+    assert!(!answer.body.contains("<b>x"));
+    request["device"]["name"] = json!("n".repeat(300));
+    assert_eq!(
+        f.authorize(&request).1["error"]["code"],
+        "BAD_REQUEST",
+        "names past 256 characters are refused"
+    );
+}
+
+#[test]
+fn devices_page_searches_and_pages_by_key() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 200, ""));
+    for n in 1..=60 {
+        let mut request = f.request("reader", n);
+        request["device"]["name"] = json!(format!("line-{n:02}"));
+        request["device"]["user"] = json!(if n % 2 == 0 { "alice" } else { "bob" });
+        assert_eq!(f.authorize(&request).0, 200);
+    }
+    let first = browser.get("/devices");
+    assert_eq!(first.body.matches("<code>").count(), 50);
+    let next = first
+        .body
+        .split("after=")
+        .nth(1)
+        .unwrap()
+        .split(['&', '"'])
+        .next()
+        .unwrap()
+        .to_string();
+    let second = browser.get(&format!("/devices?after={next}"));
+    assert_eq!(second.body.matches("<code>").count(), 10);
+    assert!(!second.body.contains("Next page"));
+    assert_eq!(
+        browser
+            .get("/devices?q=alice")
+            .body
+            .matches("<code>")
+            .count(),
+        30
+    );
+    assert_eq!(
+        browser
+            .get("/devices?q=line-1")
+            .body
+            .matches("<code>")
+            .count(),
+        10
+    );
+    let one = browser.get(&format!("/devices?q={}", device_uuid(7).to_uppercase()));
+    assert_eq!(one.body.matches("<code>").count(), 1);
+}
