@@ -334,22 +334,9 @@ fn write_output(out: Option<&Path>, text: &str) -> Result<()> {
     }
 }
 
-/// The vendor keys this appliance trusts: those added with `keygate trust` and those the
-/// configuration names.
+/// The vendor keys this appliance trusts.
 pub fn trusted_keys(config: &Config, conn: &rusqlite::Connection) -> Result<Vec<VerifyingKey>> {
-    let mut trusted: Vec<VerifyingKey> = store::licenses::trusted_keys(conn)?
-        .iter()
-        .filter_map(|k| VerifyingKey::from_bytes(&k.public_key).ok())
-        .collect();
-    for path in &config.trusted_vendor_keys {
-        let pem = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read trusted vendor key {}", path.display()))?;
-        trusted.push(
-            keys::public_key_from_pem(&pem)
-                .with_context(|| format!("trusted vendor key {}", path.display()))?,
-        );
-    }
-    Ok(trusted)
+    Ok(import::trusted_keys(conn, &config.trusted_vendor_keys)?)
 }
 
 fn open_store(config: &Config) -> Result<rusqlite::Connection> {

@@ -60,6 +60,11 @@ pub enum ImportError {
     Conflict { license_id: String, version: u32 },
     #[error("item {item_id} already belongs to license {other}")]
     ItemTaken { item_id: String, other: String },
+    #[error("trusted vendor key {path} cannot be used: {reason}")]
+    KeyFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -77,6 +82,29 @@ pub struct VerifiedLicense {
     pub jws: String,
     pub kid: String,
     pub sha256: String,
+}
+
+/// The vendor keys this appliance trusts: those added with `keygate trust` (or the portal)
+/// and the SPKI PEM files the configuration names.
+pub fn trusted_keys(
+    conn: &Connection,
+    config_files: &[std::path::PathBuf],
+) -> Result<Vec<VerifyingKey>, ImportError> {
+    let mut trusted: Vec<VerifyingKey> = store::licenses::trusted_keys(conn)?
+        .iter()
+        .filter_map(|k| VerifyingKey::from_bytes(&k.public_key).ok())
+        .collect();
+    for path in config_files {
+        let key = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| keys::public_key_from_pem(&pem).map_err(|e| e.to_string()))
+            .map_err(|reason| ImportError::KeyFile {
+                path: path.clone(),
+                reason,
+            })?;
+        trusted.push(key);
+    }
+    Ok(trusted)
 }
 
 /// The single signed line of a license file: `#` comment lines and blank lines are skipped.

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod dashboard;
 pub mod devices;
+pub mod licenses;
 
 use std::sync::OnceLock;
 
@@ -14,7 +15,7 @@ use askama::Template;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use self::auth::{CsrfForm, PortalError, Post, Session, Viewer};
+use self::auth::{CsrfForm, PortalError, Post, Session};
 use crate::licensing::handshake::{hash_password, verify_password};
 use crate::server::AppState;
 use crate::store::{admins, ops};
@@ -37,6 +38,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/logout", web::post().to(logout))
         .route("/setup", web::get().to(setup_page))
         .route("/setup", web::post().to(setup))
+        .route("/licenses", web::get().to(licenses::list))
+        .route("/licenses", web::post().to(licenses::upload))
+        .route("/licenses/keys", web::post().to(licenses::add_key))
+        .route(
+            "/licenses/activation-request",
+            web::get().to(licenses::activation_request),
+        )
+        .route("/licenses/items/{item_id}", web::get().to(licenses::item))
         .route("/devices", web::get().to(devices::list))
         .route("/devices/{uuid}/{action}", web::post().to(devices::act))
         .route("/static/{file}", web::get().to(stylesheet));
@@ -433,6 +442,6 @@ async fn setup(
 }
 
 /// Whether the signed-in admin may change things (for templates hiding forms).
-pub fn can_manage(admin: &Viewer) -> bool {
+pub fn can_manage(admin: &Session) -> bool {
     admin.role >= auth::Role::Manager
 }

@@ -525,3 +525,35 @@ pub fn set_tokens_used(
     .execute(params![item_id, tokens_used])?;
     Ok(())
 }
+
+/// A license version, for the portal's list and history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LicenseVersion {
+    pub license_id: String,
+    pub version: u32,
+    pub vendor: String,
+    pub organization_id: String,
+    pub issued_at: i64,
+    pub imported_at: i64,
+    pub kid: String,
+}
+
+/// Every imported version of every license, newest version of each license first.
+pub fn license_versions(conn: &Connection) -> Result<Vec<LicenseVersion>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT license_id, version, vendor, organization_id, issued_at, imported_at, kid
+         FROM licenses ORDER BY license_id, version DESC",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(LicenseVersion {
+            license_id: r.get(0)?,
+            version: r.get(1)?,
+            vendor: r.get(2)?,
+            organization_id: r.get(3)?,
+            issued_at: r.get(4)?,
+            imported_at: r.get(5)?,
+            kid: r.get(6)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}

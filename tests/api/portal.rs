@@ -456,3 +456,101 @@ fn devices_page_searches_and_pages_by_key() {
     let one = browser.get(&format!("/devices?q={}", device_uuid(7).to_uppercase()));
     assert_eq!(one.body.matches("<code>").count(), 1);
 }
+
+impl Browser {
+    /// Posts a multipart form with a CSRF token and one file.
+    fn upload(&self, path: &str, csrf: &str, file: &[u8]) -> Answer {
+        let boundary = "keygate-test-boundary-7d2f";
+        let mut body = Vec::new();
+        body.extend(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n"
+            )
+            .bytes(),
+        );
+        body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.lic\"\r\nContent-Type: application/octet-stream\r\n\r\n").bytes());
+        body.extend_from_slice(file);
+        body.extend(format!("\r\n--{boundary}--\r\n").bytes());
+        let response = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .header("cookie", self.cookie_header())
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .send(&body[..])
+            .unwrap();
+        self.keep(response)
+    }
+}
+
+#[test]
+fn licenses_are_uploaded_with_the_import_checks() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let page = browser.get("/licenses");
+    assert!(page.body.contains("LIC-T") && page.body.contains("current"));
+    let token = csrf(&page.body);
+
+    let renewal = items_file("LIC-T", &item("reader", "per_device", 50, ""));
+    let file = std::fs::read(
+        f.vendor
+            .issue_file(&f.data, &renewal, &["--version", "2"], "v2.lic"),
+    )
+    .unwrap();
+    let db = f.data.join("keygate.db");
+    let before = db_digest(&db);
+    let mut tampered = file.clone();
+    let at = tampered.len() - 30;
+    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+    let answer = browser.upload("/licenses", &token, &tampered);
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.body.contains("The license was not imported"),
+        "{}",
+        answer.body
+    );
+    assert_eq!(db_digest(&db), before, "a refused file changes nothing");
+    assert_eq!(
+        browser.upload("/licenses", "forged", &file).status,
+        403,
+        "CSRF"
+    );
+
+    let answer = browser.upload("/licenses", &token, &file);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(
+        answer
+            .body
+            .contains("license LIC-T version 2 supersedes version 1"),
+        "{}",
+        answer.body
+    );
+    assert!(
+        answer.body.contains("superseded"),
+        "the history shows version 1"
+    );
+    assert_eq!(f.item_value("LIC-T-1", "quota"), 50);
+
+    assert!(set_password_for_admin(&f, "audrey", "auditor").ok);
+    let (auditor, _) = sign_in(&f, "audrey", PASSWORD);
+    let page = auditor.get("/licenses");
+    assert!(
+        !page.body.contains("enctype=\"multipart/form-data\""),
+        "no upload form for auditors"
+    );
+    assert_eq!(
+        auditor.upload("/licenses", &csrf(&page.body), &file).status,
+        403
+    );
+
+    let request = browser.get("/licenses/activation-request");
+    let parsed = keygate::vendor::read_activation_request(&request.body).unwrap();
+    assert_eq!(
+        parsed.installation_id,
+        f.app.state.appliance.installation_id()
+    );
+    let item = browser.get("/licenses/items/LIC-T-1");
+    assert!(item.body.contains("per_device") && item.body.contains(&f.code));
+    assert_eq!(browser.get("/licenses/items/NOPE").status, 404);
+}

@@ -1,0 +1,339 @@
+//! Licenses: upload a license file (the checks and messages of `keygate import`), the list
+//! with each license's version history, item details, the activation request, trusted
+//! vendor keys.
+
+use actix_multipart::Multipart;
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpRequest, HttpResponse, web};
+use askama::Template;
+use futures_util::StreamExt;
+use keygate_sdk::keys;
+use subtle::ConstantTimeEq;
+
+use super::auth::{Manager, PortalError, Session, Viewer};
+use super::{Page, render};
+use crate::licensing::{from_unix, import, rfc3339};
+use crate::server::AppState;
+use crate::store::licenses::{self, ItemRow, LicenseVersion, TrustedKey};
+use crate::store::{StoreError, ops};
+
+/// License files and keys are small: anything larger is not one.
+const UPLOAD_LIMIT: usize = 256 * 1024;
+
+pub struct KeyView {
+    pub kid: String,
+    pub name: String,
+    pub added: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/licenses.html")]
+struct LicensesPage {
+    page: Page,
+    manage: bool,
+    versions: Vec<(LicenseVersion, String, String, bool)>,
+    items: Vec<ItemRow>,
+    keys: Vec<KeyView>,
+    notice: Option<String>,
+    error: Option<String>,
+}
+
+fn date(t: i64) -> String {
+    rfc3339(from_unix(t))
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_string()
+}
+
+async fn page(
+    state: &AppState,
+    admin: &Session,
+    notice: Option<String>,
+    error: Option<String>,
+) -> Result<HttpResponse, PortalError> {
+    let (versions, items, keys) = state
+        .store
+        .read(|conn| {
+            Ok::<_, StoreError>((
+                licenses::license_versions(conn)?,
+                licenses::all_items(conn)?,
+                licenses::trusted_keys(conn)?,
+            ))
+        })
+        .await?;
+    let mut current = std::collections::HashSet::new();
+    let versions = versions
+        .into_iter()
+        .map(|v| {
+            let newest = current.insert(v.license_id.clone());
+            let (issued, imported) = (date(v.issued_at), date(v.imported_at));
+            (v, issued, imported, newest)
+        })
+        .collect();
+    let failed = error.is_some();
+    let mut response = render(&LicensesPage {
+        manage: super::can_manage(admin),
+        page: Page::of(admin),
+        versions,
+        items,
+        keys: keys
+            .into_iter()
+            .map(|k| KeyView {
+                kid: k.kid,
+                name: k.name,
+                added: date(k.added_at),
+            })
+            .collect(),
+        notice,
+        error,
+    });
+    if failed {
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+    }
+    Ok(response)
+}
+
+pub async fn list(state: web::Data<AppState>, admin: Viewer) -> Result<HttpResponse, PortalError> {
+    page(&state, &admin, None, None).await
+}
+
+/// Reads a multipart form of a CSRF token and one file, refusing oversized files.
+async fn read_upload(mut form: Multipart, csrf: &str) -> Result<Vec<u8>, PortalError> {
+    let (mut token, mut file) = (String::new(), Vec::new());
+    while let Some(field) = form.next().await {
+        let mut field = field
+            .map_err(|e| PortalError::BadForm(format!("the upload could not be read: {e}")))?;
+        let name = field.name().unwrap_or("").to_string();
+        let mut data = Vec::new();
+        while let Some(chunk) = field.next().await {
+            let chunk = chunk
+                .map_err(|e| PortalError::BadForm(format!("the upload could not be read: {e}")))?;
+            if data.len() + chunk.len() > UPLOAD_LIMIT {
+                return Err(PortalError::BadForm(
+                    "the file is too large to be a license or a key".into(),
+                ));
+            }
+            data.extend_from_slice(&chunk);
+        }
+        match name.as_str() {
+            "csrf" => token = String::from_utf8_lossy(&data).into_owned(),
+            "file" => file = data,
+            _ => {}
+        }
+    }
+    if !bool::from(token.as_bytes().ct_eq(csrf.as_bytes())) {
+        return Err(PortalError::Csrf);
+    }
+    Ok(file)
+}
+
+fn address(req: &HttpRequest) -> String {
+    req.peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
+}
+
+/// `POST /licenses` (multipart: csrf, file): imports a license file.
+pub async fn upload(
+    state: web::Data<AppState>,
+    admin: Manager,
+    req: HttpRequest,
+    form: Multipart,
+) -> Result<HttpResponse, PortalError> {
+    let file = read_upload(form, &admin.csrf).await?;
+    let text = match String::from_utf8(file) {
+        Ok(text) if !text.trim().is_empty() => text,
+        _ => {
+            return page(
+                &state,
+                &admin,
+                None,
+                Some("Choose a license file (.lic) to upload.".into()),
+            )
+            .await;
+        }
+    };
+    let config_keys = state.config.trusted_vendor_keys.clone();
+    let trusted = match state
+        .store
+        .read(move |conn| import::trusted_keys(conn, &config_keys))
+        .await
+    {
+        Ok(trusted) => trusted,
+        Err(import::ImportError::Store(e)) => return Err(e.into()),
+        Err(e) => {
+            return page(
+                &state,
+                &admin,
+                None,
+                Some(format!("The license was not imported: {e}.")),
+            )
+            .await;
+        }
+    };
+    let verified = match import::verify(&text, &trusted, state.appliance.public_key()) {
+        Ok(verified) => verified,
+        Err(e) => {
+            return page(
+                &state,
+                &admin,
+                None,
+                Some(format!("The license was not imported: {e}.")),
+            )
+            .await;
+        }
+    };
+    let now = state.clock.now();
+    let (actor, from) = (admin.name.clone(), address(&req));
+    let outcome = state
+        .store
+        .write(move |conn| {
+            let outcome = import::apply(conn, &verified, now)?;
+            ops::audit(
+                conn,
+                now.unix_timestamp(),
+                &actor,
+                "license imported",
+                &verified.license.license_id,
+                &outcome.to_string(),
+                &from,
+            )?;
+            Ok::<_, import::ImportError>(outcome)
+        })
+        .await;
+    match outcome {
+        Ok(outcome) => page(&state, &admin, Some(format!("{outcome}.")), None).await,
+        Err(import::ImportError::Store(e)) => Err(e.into()),
+        Err(e) => {
+            page(
+                &state,
+                &admin,
+                None,
+                Some(format!("The license was not imported: {e}.")),
+            )
+            .await
+        }
+    }
+}
+
+/// `POST /licenses/keys` (multipart: csrf, file): trusts a vendor public key.
+pub async fn add_key(
+    state: web::Data<AppState>,
+    admin: Manager,
+    req: HttpRequest,
+    form: Multipart,
+) -> Result<HttpResponse, PortalError> {
+    let file = read_upload(form, &admin.csrf).await?;
+    let key = match std::str::from_utf8(&file)
+        .ok()
+        .map(keys::public_key_from_pem)
+    {
+        Some(Ok(key)) => key,
+        _ => {
+            return page(
+                &state,
+                &admin,
+                None,
+                Some(
+                    "That is not a vendor public key (SPKI PEM, -----BEGIN PUBLIC KEY-----)."
+                        .into(),
+                ),
+            )
+            .await;
+        }
+    };
+    let now = state.clock.now().unix_timestamp();
+    let kid = keys::kid(&key);
+    let (actor, from, k) = (admin.name.clone(), address(&req), kid.clone());
+    let added = state
+        .store
+        .write(move |conn| {
+            let added = licenses::insert_trusted_key(
+                conn,
+                &TrustedKey {
+                    kid: k.clone(),
+                    public_key: key.to_bytes(),
+                    name: k.clone(),
+                    added_at: now,
+                },
+            )?;
+            if added {
+                ops::audit(conn, now, &actor, "vendor key trusted", &k, "", &from)?;
+            }
+            Ok::<_, StoreError>(added)
+        })
+        .await?;
+    let notice = if added {
+        format!("Vendor key {kid} is now trusted.")
+    } else {
+        format!("Vendor key {kid} was already trusted.")
+    };
+    page(&state, &admin, Some(notice), None).await
+}
+
+/// `GET /licenses/activation-request`: the file IT sends to the vendor.
+pub async fn activation_request(state: web::Data<AppState>, _admin: Viewer) -> HttpResponse {
+    let host = crate::appliance::hostname();
+    let text = format!(
+        "# keygate activation request: installation {} on host {host}\n{}\n",
+        state.appliance.installation_id(),
+        state.appliance.activation_request(&host, state.clock.now())
+    );
+    HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .insert_header((
+            header::CONTENT_DISPOSITION,
+            format!(
+                "attachment; filename=\"keygate-{}.request\"",
+                state.appliance.installation_id()
+            ),
+        ))
+        .body(text)
+}
+
+#[derive(Template)]
+#[template(path = "portal/item.html")]
+struct ItemPage {
+    page: Page,
+    item: ItemRow,
+    handshake: String,
+    starts: String,
+    expires: String,
+    alerts: Vec<(String, u32)>,
+}
+
+/// `GET /licenses/items/{item_id}`: an item's terms and consumption (linked from alerts).
+pub async fn item(
+    state: web::Data<AppState>,
+    admin: Viewer,
+    path: web::Path<String>,
+) -> Result<HttpResponse, PortalError> {
+    let id = path.into_inner();
+    let found = state
+        .store
+        .read(move |conn| {
+            let Some(item) = licenses::item(conn, &id)? else {
+                return Ok(None);
+            };
+            let handshake = licenses::handshake_by_id(conn, item.handshake_id)?
+                .map(|h| h.code)
+                .unwrap_or_default();
+            let alerts = ops::alert_marks(conn, &item.item_id)?;
+            Ok::<_, StoreError>(Some((item, handshake, alerts)))
+        })
+        .await?;
+    let Some((item, handshake, alerts)) = found else {
+        return Ok(super::message_page(
+            StatusCode::NOT_FOUND,
+            "No such license item.",
+        ));
+    };
+    Ok(render(&ItemPage {
+        page: Page::of(&admin),
+        starts: date(item.terms.starts_at),
+        expires: date(item.terms.expires_at),
+        item,
+        handshake,
+        alerts,
+    }))
+}
