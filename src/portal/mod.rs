@@ -2,6 +2,7 @@
 //! stylesheet served under a content-hashed URL, no script. Every response carries strict
 //! security headers.
 
+pub mod alerts;
 pub mod auth;
 pub mod dashboard;
 pub mod devices;
@@ -46,6 +47,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::get().to(licenses::activation_request),
         )
         .route("/licenses/items/{item_id}", web::get().to(licenses::item))
+        .route("/alerts", web::get().to(alerts::page))
+        .route("/alerts/recipients", web::post().to(alerts::set_recipients))
+        .route("/alerts/smtp", web::post().to(alerts::smtp))
+        .route("/audit", web::get().to(alerts::audit))
         .route("/devices", web::get().to(devices::list))
         .route("/devices/{uuid}/{action}", web::post().to(devices::act))
         .route("/static/{file}", web::get().to(stylesheet));

@@ -141,6 +141,7 @@ pub struct AuditEntry {
     pub action: String,
     pub target: String,
     pub detail: String,
+    pub address: String,
 }
 
 /// The newest audit entries of one action (all actions with `None`), newest first.
@@ -150,7 +151,7 @@ pub fn audit_entries(
     limit: i64,
 ) -> Result<Vec<AuditEntry>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT at, actor, action, target, detail FROM audit_log
+        "SELECT at, actor, action, target, detail, address FROM audit_log
          WHERE ?1 IS NULL OR action = ?1 ORDER BY id DESC LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![action, limit], |r| {
@@ -160,6 +161,7 @@ pub fn audit_entries(
             action: r.get(2)?,
             target: r.get(3)?,
             detail: r.get(4)?,
+            address: r.get(5)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

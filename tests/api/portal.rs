@@ -554,3 +554,92 @@ fn licenses_are_uploaded_with_the_import_checks() {
     assert!(item.body.contains("per_device") && item.body.contains(&f.code));
     assert_eq!(browser.get("/licenses/items/NOPE").status, 404);
 }
+
+#[test]
+fn alert_settings_are_checked_and_a_test_email_reports_the_server_answer() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let sink = SmtpSink::start();
+    let page = browser.get("/alerts");
+    let token = csrf(&page.body);
+    let answer = browser.post(
+        "/alerts/recipients",
+        &[
+            ("csrf", &token),
+            ("recipients", "it@plant.test; not an address"),
+        ],
+    );
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer
+            .body
+            .contains("&#34;not an address&#34; is not a valid email address; nothing was saved"),
+        "{}",
+        answer.body
+    );
+    assert!(
+        answer
+            .body
+            .contains("value=\"it@plant.test; not an address\""),
+        "the input is kept"
+    );
+    assert_eq!(
+        keygate::store::settings::get(&f.db(), "alert_recipients").unwrap(),
+        None
+    );
+    let answer = browser.post(
+        "/alerts/recipients",
+        &[
+            ("csrf", &token),
+            ("recipients", "it@plant.test;boss@plant.test"),
+        ],
+    );
+    assert!(answer.body.contains("Alert recipients saved (2)"));
+
+    let port = sink.port.to_string();
+    let smtp = |port: &str, action: &str| {
+        browser.post(
+            "/alerts/smtp",
+            &[
+                ("csrf", &token),
+                ("host", "127.0.0.1"),
+                ("port", port),
+                ("tls", "none"),
+                ("user", ""),
+                ("password", ""),
+                ("from", "keygate@plant.test"),
+                ("action", action),
+            ],
+        )
+    };
+    let answer = smtp("99999", "save");
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer
+            .body
+            .contains("The port must be a number from 1 to 65535")
+    );
+    assert!(smtp(&port, "save").body.contains("SMTP server saved"));
+    let answer = smtp(&port, "test");
+    assert!(
+        answer
+            .body
+            .contains("The SMTP server accepted the test email: Message accepted for delivery"),
+        "{}",
+        answer.body
+    );
+    assert_eq!(
+        sink.wait_for(1, std::time::Duration::from_secs(10)).len(),
+        1
+    );
+
+    f.app.run_job("housekeeping").unwrap();
+    let page = browser.get("/alerts");
+    assert!(
+        page.body.contains("housekeeping") && page.body.contains("freed 0 seat(s)"),
+        "job runs are shown"
+    );
+    let audit = browser.get("/audit?action=SMTP+server+set");
+    assert!(audit.body.contains("127.0.0.1:") && audit.body.contains("olivia"));
+    assert!(!audit.body.contains("alert recipients set"), "filtered");
+    assert!(browser.get("/audit").body.contains("first admin created"));
+}

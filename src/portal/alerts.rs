@@ -1,0 +1,392 @@
+//! Alerts: recipients, the SMTP server, a test email, and the scheduled jobs' recent runs
+//! (failed deliveries show there). The audit log.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use askama::Template;
+use serde::Deserialize;
+
+use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Session, Viewer};
+use super::{Page, render};
+use crate::alerts::mail::{self, SmtpSettings, TlsMode};
+use crate::licensing::{from_unix, rfc3339};
+use crate::server::AppState;
+use crate::store::ops::{self, AuditEntry, JobRun};
+use crate::store::{StoreError, settings};
+
+fn time(t: i64) -> String {
+    rfc3339(from_unix(t))
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_string()
+}
+
+/// What the forms show: stored values, or what the admin typed when it was refused.
+#[derive(Default)]
+pub struct AlertsForm {
+    pub recipients: String,
+    pub host: String,
+    pub port: String,
+    pub tls: String,
+    pub user: String,
+    pub has_password: bool,
+    pub from: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/alerts.html")]
+struct AlertsPage {
+    page: Page,
+    manage: bool,
+    form: AlertsForm,
+    runs: Vec<(JobRun, String)>,
+    notice: Option<String>,
+    error: Option<String>,
+    error_field: &'static str,
+}
+
+async fn stored(state: &AppState) -> Result<(AlertsForm, Vec<JobRun>), PortalError> {
+    Ok(state
+        .store
+        .read(|conn| {
+            let smtp = mail::load_settings(conn)?;
+            let form = AlertsForm {
+                recipients: settings::get(conn, mail::RECIPIENTS)?.unwrap_or_default(),
+                host: smtp.as_ref().map(|s| s.host.clone()).unwrap_or_default(),
+                port: smtp
+                    .as_ref()
+                    .map(|s| s.port.to_string())
+                    .unwrap_or_default(),
+                tls: smtp
+                    .as_ref()
+                    .map_or("starttls", |s| s.tls.as_str())
+                    .to_string(),
+                user: smtp
+                    .as_ref()
+                    .and_then(|s| s.user.clone())
+                    .unwrap_or_default(),
+                has_password: smtp.as_ref().is_some_and(|s| s.password.is_some()),
+                from: smtp.map(|s| s.from).unwrap_or_default(),
+            };
+            Ok::<_, StoreError>((form, ops::job_runs(conn, 30)?))
+        })
+        .await?)
+}
+
+fn show(
+    admin: &Session,
+    form: AlertsForm,
+    runs: Vec<JobRun>,
+    notice: Option<String>,
+    error: Option<(&'static str, String)>,
+) -> HttpResponse {
+    let failed = error.is_some();
+    let (error_field, error) = error.map_or(("", None), |(f, e)| (f, Some(e)));
+    let mut response = render(&AlertsPage {
+        manage: super::can_manage(admin),
+        page: Page::of(admin),
+        form,
+        runs: runs
+            .into_iter()
+            .map(|r| {
+                let at = time(r.started_at);
+                (r, at)
+            })
+            .collect(),
+        notice,
+        error,
+        error_field,
+    });
+    if failed {
+        *response.status_mut() = actix_web::http::StatusCode::BAD_REQUEST;
+    }
+    response
+}
+
+pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpResponse, PortalError> {
+    let (form, runs) = stored(&state).await?;
+    Ok(show(&admin, form, runs, None, None))
+}
+
+#[derive(Deserialize)]
+pub struct RecipientsForm {
+    #[serde(default)]
+    csrf: String,
+    recipients: String,
+}
+
+impl CsrfForm for RecipientsForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+fn address(req: &HttpRequest) -> String {
+    req.peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
+}
+
+/// `POST /alerts/recipients`: a `;`-separated list, each address checked.
+pub async fn set_recipients(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    Post(admin, form): Post<ManagerRole, RecipientsForm>,
+) -> Result<HttpResponse, PortalError> {
+    let (mut shown, runs) = stored(&state).await?;
+    let parsed = match mail::parse_recipients(&form.recipients) {
+        Ok(list) => list,
+        Err(e) => {
+            shown.recipients = form.recipients;
+            return Ok(show(
+                &admin,
+                shown,
+                runs,
+                None,
+                Some(("recipients", format!("{e}; nothing was saved."))),
+            ));
+        }
+    };
+    let list = parsed
+        .iter()
+        .map(|m| m.to_string())
+        .collect::<Vec<_>>()
+        .join(";");
+    let now = state.clock.now().unix_timestamp();
+    let (actor, from, saved) = (admin.name.clone(), address(&req), list.clone());
+    state
+        .store
+        .write(move |conn| {
+            settings::set(conn, mail::RECIPIENTS, &saved)?;
+            ops::audit(conn, now, &actor, "alert recipients set", &saved, "", &from)
+        })
+        .await?;
+    let (shown, runs) = stored(&state).await?;
+    Ok(show(
+        &admin,
+        shown,
+        runs,
+        Some(format!("Alert recipients saved ({}).", parsed.len())),
+        None,
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct SmtpForm {
+    #[serde(default)]
+    csrf: String,
+    host: String,
+    #[serde(default)]
+    port: String,
+    tls: String,
+    #[serde(default)]
+    user: String,
+    /// Empty keeps the stored password.
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    from: String,
+    /// "save" or "test".
+    #[serde(default)]
+    action: String,
+}
+
+impl CsrfForm for SmtpForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+/// `POST /alerts/smtp`: saves the SMTP server, or sends a test email with the saved one.
+pub async fn smtp(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    Post(admin, form): Post<ManagerRole, SmtpForm>,
+) -> Result<HttpResponse, PortalError> {
+    let (stored_form, runs) = stored(&state).await?;
+    if form.action == "test" {
+        let (smtp, recipients) = state
+            .store
+            .read(|conn| {
+                Ok::<_, StoreError>((
+                    mail::load_settings(conn)?,
+                    settings::get(conn, mail::RECIPIENTS)?,
+                ))
+            })
+            .await?;
+        let result = async {
+            let smtp = smtp.ok_or(mail::MailError::NotConfigured)?;
+            let to = mail::parse_recipients(&recipients.unwrap_or_default())?;
+            if to.is_empty() {
+                return Err(mail::MailError::BadAddress("(no recipients set)".into()));
+            }
+            let email = mail::Email {
+                subject: "keygate: test email".into(),
+                text: "This is a test email from keygate. Alerts will reach you.".into(),
+                html: "<p>This is a test email from keygate. Alerts will reach you.</p>".into(),
+            };
+            mail::send(&smtp, &to, &email).await
+        }
+        .await;
+        return Ok(match result {
+            Ok(answer) => show(
+                &admin,
+                stored_form,
+                runs,
+                Some(format!("The SMTP server accepted the test email: {answer}")),
+                None,
+            ),
+            Err(e) => show(
+                &admin,
+                stored_form,
+                runs,
+                None,
+                Some(("smtp", format!("The test email was not sent: {e}"))),
+            ),
+        });
+    }
+    let shown = AlertsForm {
+        recipients: stored_form.recipients.clone(),
+        host: form.host.clone(),
+        port: form.port.clone(),
+        tls: form.tls.clone(),
+        user: form.user.clone(),
+        has_password: stored_form.has_password,
+        from: form.from.clone(),
+    };
+    let refuse = |field, message: &str| {
+        Ok(show(
+            &admin,
+            shown_clone(&shown),
+            runs.clone(),
+            None,
+            Some((field, format!("{message}; nothing was saved."))),
+        ))
+    };
+    let host = form.host.trim();
+    if host.is_empty()
+        || host.len() > 253
+        || host.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return refuse("host", "The SMTP host must be a host name or address");
+    }
+    let Some(tls) = TlsMode::parse(&form.tls) else {
+        return refuse("tls", "Choose STARTTLS, TLS or none");
+    };
+    let port = match form.port.trim() {
+        "" => match tls {
+            TlsMode::Tls => 465,
+            TlsMode::StartTls => 587,
+            TlsMode::None => 25,
+        },
+        p => match p.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return refuse("port", "The port must be a number from 1 to 65535"),
+        },
+    };
+    let from = if form.from.trim().is_empty() {
+        format!("keygate@{}", crate::appliance::hostname())
+    } else {
+        form.from.trim().to_string()
+    };
+    let password = if form.password.is_empty() {
+        state
+            .store
+            .read(|conn| Ok::<_, StoreError>(mail::load_settings(conn)?.and_then(|s| s.password)))
+            .await?
+    } else {
+        Some(form.password.clone())
+    };
+    let settings = SmtpSettings {
+        host: host.to_string(),
+        port,
+        tls,
+        user: Some(form.user.trim().to_string()).filter(|u| !u.is_empty()),
+        password,
+        from,
+    };
+    let now = state.clock.now().unix_timestamp();
+    let (actor, addr) = (admin.name.clone(), address(&req));
+    let saved = state
+        .store
+        .write(move |conn| {
+            mail::save_settings(conn, &settings)?;
+            ops::audit(
+                conn,
+                now,
+                &actor,
+                "SMTP server set",
+                &format!("{}:{}", settings.host, settings.port),
+                settings.tls.as_str(),
+                &addr,
+            )?;
+            Ok::<_, mail::MailError>(())
+        })
+        .await;
+    match saved {
+        Ok(()) => {
+            let (shown, runs) = stored(&state).await?;
+            Ok(show(
+                &admin,
+                shown,
+                runs,
+                Some("SMTP server saved.".into()),
+                None,
+            ))
+        }
+        Err(mail::MailError::Store(e)) => Err(e.into()),
+        Err(e) => refuse("from", &e.to_string()),
+    }
+}
+
+fn shown_clone(f: &AlertsForm) -> AlertsForm {
+    AlertsForm {
+        recipients: f.recipients.clone(),
+        host: f.host.clone(),
+        port: f.port.clone(),
+        tls: f.tls.clone(),
+        user: f.user.clone(),
+        has_password: f.has_password,
+        from: f.from.clone(),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "portal/audit.html")]
+struct AuditPage {
+    page: Page,
+    action: String,
+    entries: Vec<(AuditEntry, String)>,
+}
+
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    #[serde(default)]
+    action: String,
+}
+
+/// `GET /audit?action=...`: the newest 500 entries, optionally of one action.
+pub async fn audit(
+    state: web::Data<AppState>,
+    admin: Viewer,
+    query: web::Query<AuditQuery>,
+) -> Result<HttpResponse, PortalError> {
+    let action = query.into_inner().action;
+    let filter = action.clone();
+    let entries = state
+        .store
+        .read(move |conn| {
+            ops::audit_entries(conn, Some(filter.as_str()).filter(|a| !a.is_empty()), 500)
+        })
+        .await?;
+    Ok(render(&AuditPage {
+        page: Page::of(&admin),
+        action,
+        entries: entries
+            .into_iter()
+            .map(|e| {
+                let at = time(e.at);
+                (e, at)
+            })
+            .collect(),
+    }))
+}
