@@ -6,6 +6,7 @@ pub mod alerts;
 pub mod auth;
 pub mod dashboard;
 pub mod devices;
+pub mod handshakes;
 pub mod licenses;
 
 use std::sync::OnceLock;
@@ -51,6 +52,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/alerts/recipients", web::post().to(alerts::set_recipients))
         .route("/alerts/smtp", web::post().to(alerts::smtp))
         .route("/audit", web::get().to(alerts::audit))
+        .route("/handshakes", web::get().to(handshakes::page))
+        .route("/handshakes/{action}", web::post().to(handshakes::act))
         .route("/devices", web::get().to(devices::list))
         .route("/devices/{uuid}/{action}", web::post().to(devices::act))
         .route("/static/{file}", web::get().to(stylesheet));

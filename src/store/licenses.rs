@@ -557,3 +557,39 @@ pub fn license_versions(conn: &Connection) -> Result<Vec<LicenseVersion>, StoreE
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
+
+pub fn rename_handshake(conn: &Connection, code: &str, name: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("UPDATE handshake_codes SET name = ?2 WHERE code = ?1")?
+        .execute(params![code, name])?
+        == 1)
+}
+
+/// Deletes a handshake code that is not its organization's default and serves no item.
+/// Returns why not, if it could not.
+pub fn delete_handshake(
+    conn: &Connection,
+    code: &str,
+) -> Result<Result<(), &'static str>, StoreError> {
+    let Some(h) = handshake_by_code(conn, code)? else {
+        return Ok(Err("no such handshake code"));
+    };
+    if h.is_default {
+        return Ok(Err(
+            "the default handshake code of an organization cannot be deleted",
+        ));
+    }
+    let used: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM items WHERE handshake_id = ?1")?
+        .query_row([h.id], |r| r.get(0))?;
+    if used > 0 {
+        return Ok(Err(
+            "items are configured to this code: configure them to another code first",
+        ));
+    }
+    conn.prepare_cached("UPDATE leases SET handshake_id = NULL WHERE handshake_id = ?1")?
+        .execute([h.id])?;
+    conn.prepare_cached("DELETE FROM handshake_codes WHERE id = ?1")?
+        .execute([h.id])?;
+    Ok(Ok(()))
+}

@@ -643,3 +643,121 @@ fn alert_settings_are_checked_and_a_test_email_reports_the_server_answer() {
     assert!(!audit.body.contains("alert recipients set"), "filtered");
     assert!(browser.get("/audit").body.contains("first admin created"));
 }
+
+#[test]
+fn handshake_codes_are_managed_from_the_portal() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let token = csrf(&browser.get("/handshakes").body);
+    let post = |action: &str, fields: &[(&str, &str)]| {
+        let mut all = vec![("csrf", token.as_str())];
+        all.extend_from_slice(fields);
+        browser.post(&format!("/handshakes/{action}"), &all)
+    };
+    let answer = post(
+        "create",
+        &[
+            ("organization", "200001"),
+            ("code", "PLANT-B"),
+            ("name", "<i>Plant B</i>"),
+        ],
+    );
+    assert!(
+        answer.body.contains("Handshake code PLANT-B created"),
+        "{}",
+        answer.body
+    );
+    assert!(
+        answer.body.contains("&#60;i&#62;Plant B&#60;/i&#62;"),
+        "names are escaped"
+    );
+    assert_eq!(
+        post(
+            "create",
+            &[("organization", "200001"), ("code", "bad code!")]
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        post("password", &[("code", "PLANT-B"), ("password", "short")]).status,
+        400
+    );
+    assert!(
+        post(
+            "password",
+            &[("code", "PLANT-B"), ("password", "plant-b secret")]
+        )
+        .body
+        .contains("Session password of PLANT-B set")
+    );
+    let answer = post(
+        "validation",
+        &[
+            ("code", "PLANT-B"),
+            ("domains", "*.plant-b.local\nnot a domain!"),
+            ("processes", ""),
+        ],
+    );
+    assert!(answer.body.contains("is not a domain") && answer.status == 400);
+    assert!(
+        post(
+            "validation",
+            &[
+                ("code", "PLANT-B"),
+                ("domains", "*.plant-b.local"),
+                ("processes", "reader.exe")
+            ]
+        )
+        .status
+            == 200
+    );
+    assert!(
+        post("assign", &[("item", "LIC-T-1"), ("code", "PLANT-B")])
+            .body
+            .contains("Item LIC-T-1 is now served by PLANT-B")
+    );
+
+    // The device side sees it at once.
+    let mut request = f.request("reader", 1);
+    assert_eq!(
+        f.authorize(&request).1["error"]["code"],
+        "NO_LICENSE",
+        "the default code serves nothing now"
+    );
+    request["handshake_code"] = json!("PLANT-B");
+    request["session_password"] = json!("plant-b secret");
+    request["validation"] = json!({"domain": "line1.plant-b.local", "process": "reader.exe"});
+    assert_eq!(f.authorize(&request).0, 200);
+
+    assert!(
+        post("delete", &[("code", &f.code)])
+            .body
+            .contains("cannot be deleted")
+    );
+    assert!(
+        post("delete", &[("code", "PLANT-B")])
+            .body
+            .contains("items are configured to this code")
+    );
+    post("assign", &[("item", "LIC-T-1"), ("code", &f.code)]);
+    assert!(
+        post("delete", &[("code", "PLANT-B")])
+            .body
+            .contains("Handshake code PLANT-B deleted")
+    );
+
+    assert!(
+        post("trial", &[("trial", "on")])
+            .body
+            .contains("The public trial is on")
+    );
+    let trial = json!({"product": "reader", "device": {"uuid": device_uuid(9)}, "nonce": NONCE});
+    assert_eq!(f.authorize(&trial).0, 200);
+    assert_eq!(
+        browser
+            .post("/handshakes/trial", &[("trial", "off")])
+            .status,
+        403,
+        "no CSRF token"
+    );
+}

@@ -1,0 +1,302 @@
+//! Handshake codes: create, rename, delete; which items each serves; session password;
+//! validation fields; the public trial.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use askama::Template;
+use serde::Deserialize;
+
+use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Session, Viewer};
+use super::{Page, render};
+use crate::licensing::authorize::PUBLIC_TRIAL;
+use crate::licensing::handshake::hash_password;
+use crate::licensing::is_identifier;
+use crate::server::AppState;
+use crate::store::licenses::{self, HandshakeCode, ItemRow};
+use crate::store::{StoreError, ops, settings};
+
+#[derive(Template)]
+#[template(path = "portal/handshakes.html")]
+struct HandshakesPage {
+    page: Page,
+    manage: bool,
+    codes: Vec<(HandshakeCode, Vec<String>)>,
+    items: Vec<(ItemRow, String)>,
+    organizations: Vec<String>,
+    trial: bool,
+    notice: Option<String>,
+    error: Option<String>,
+}
+
+async fn show(
+    state: &AppState,
+    admin: &Session,
+    notice: Option<String>,
+    error: Option<String>,
+) -> Result<HttpResponse, PortalError> {
+    let (codes, items, trial) = state
+        .store
+        .read(|conn| {
+            Ok::<_, StoreError>((
+                licenses::handshake_codes(conn)?,
+                licenses::all_items(conn)?,
+                settings::get(conn, PUBLIC_TRIAL)?.as_deref() == Some("on"),
+            ))
+        })
+        .await?;
+    let code_of = |id: i64| {
+        codes
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| c.code.clone())
+            .unwrap_or_default()
+    };
+    let items: Vec<(ItemRow, String)> = items
+        .into_iter()
+        .filter(|i| !i.withdrawn)
+        .map(|i| {
+            let c = code_of(i.handshake_id);
+            (i, c)
+        })
+        .collect();
+    let mut organizations: Vec<String> = codes.iter().map(|c| c.organization_id.clone()).collect();
+    organizations.dedup();
+    let codes = codes
+        .into_iter()
+        .map(|c| {
+            let served = items
+                .iter()
+                .filter(|(i, _)| i.handshake_id == c.id)
+                .map(|(i, _)| i.item_id.clone())
+                .collect();
+            (c, served)
+        })
+        .collect();
+    let failed = error.is_some();
+    let mut response = render(&HandshakesPage {
+        manage: super::can_manage(admin),
+        page: Page::of(admin),
+        codes,
+        items,
+        organizations,
+        trial,
+        notice,
+        error,
+    });
+    if failed {
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+    }
+    Ok(response)
+}
+
+pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpResponse, PortalError> {
+    show(&state, &admin, None, None).await
+}
+
+#[derive(Deserialize)]
+pub struct Form {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    organization: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    domains: String,
+    #[serde(default)]
+    processes: String,
+    #[serde(default)]
+    item: String,
+    #[serde(default)]
+    trial: String,
+}
+
+impl CsrfForm for Form {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+fn lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Checks the validation fields: domains exact or `*.suffix`, processes plain names.
+fn check_validation(domains: &[String], processes: &[String]) -> Result<(), String> {
+    for d in domains {
+        let host = d.strip_prefix("*.").unwrap_or(d);
+        let ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            return Err(format!(
+                "{d:?} is not a domain (a name like plant.example.com, or *.example.com)"
+            ));
+        }
+    }
+    for p in processes {
+        if p.len() > 256 || p.chars().any(|c| c.is_control() || c == '/' || c == '\\') {
+            return Err(format!(
+                "{p:?} is not a process name (a file name like scanner.exe, no path)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `POST /handshakes/{action}`: create, rename, delete, password, clear-password,
+/// validation, assign, trial.
+pub async fn act(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    action: web::Path<String>,
+    Post(admin, form): Post<ManagerRole, Form>,
+) -> Result<HttpResponse, PortalError> {
+    let action = action.into_inner();
+    let refuse = |message: String| {
+        show(
+            &state,
+            &admin,
+            None,
+            Some(format!("{message}; nothing was changed.")),
+        )
+    };
+    let code = form.code.trim().to_string();
+    // Argon2 is slow on purpose: hash before taking the database writer.
+    let hash = if action == "password" {
+        if form.password.chars().count() < 8 || form.password.chars().count() > 256 {
+            return refuse("A session password is 8 to 256 characters".into()).await;
+        }
+        let password = form.password.clone();
+        Some(
+            web::block(move || hash_password(&password))
+                .await
+                .map_err(|_| PortalError::Internal)?,
+        )
+    } else {
+        None
+    };
+    let (domains, processes) = (lines(&form.domains), lines(&form.processes));
+    if action == "validation"
+        && let Err(e) = check_validation(&domains, &processes)
+    {
+        return refuse(e).await;
+    }
+    if action == "create" && !is_identifier(&code) {
+        return refuse("A handshake code is 1 to 64 letters, digits, '.', '_' or '-'".into()).await;
+    }
+    if matches!(action.as_str(), "create" | "rename")
+        && (form.name.chars().count() > 100 || form.name.chars().any(char::is_control))
+    {
+        return refuse("A name is at most 100 characters".into()).await;
+    }
+    let now = state.clock.now().unix_timestamp();
+    let (actor, from) = (
+        admin.name.clone(),
+        req.peer_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default(),
+    );
+    let (org, name, item, trial) = (
+        form.organization.clone(),
+        form.name.clone(),
+        form.item.clone(),
+        form.trial.clone(),
+    );
+    let outcome = state
+        .store
+        .write(move |conn| {
+            let missing = || Ok(Err(format!("No handshake code {code:?}")));
+            let done: Result<String, String> = match action.as_str() {
+                "create" => {
+                    if licenses::default_handshake(conn, &org)?.is_none() {
+                        return Ok(Err(format!(
+                            "Organization {org:?} has no license on this appliance"
+                        )));
+                    }
+                    if licenses::handshake_by_code(conn, &code)?.is_some() {
+                        return Ok(Err(format!("Handshake code {code} already exists")));
+                    }
+                    licenses::insert_handshake(conn, &code, &org, &name, false, now)?;
+                    Ok(format!("Handshake code {code} created."))
+                }
+                "rename" => {
+                    if !licenses::rename_handshake(conn, &code, &name)? {
+                        return missing();
+                    }
+                    Ok(format!("Handshake code {code} renamed."))
+                }
+                "delete" => licenses::delete_handshake(conn, &code)?
+                    .map(|()| format!("Handshake code {code} deleted."))
+                    .map_err(|why| format!("Handshake code {code} was not deleted: {why}")),
+                "password" => {
+                    if !licenses::set_handshake_password(conn, &code, hash.as_deref())? {
+                        return missing();
+                    }
+                    Ok(format!("Session password of {code} set."))
+                }
+                "clear-password" => {
+                    if !licenses::set_handshake_password(conn, &code, None)? {
+                        return missing();
+                    }
+                    Ok(format!("Session password of {code} removed."))
+                }
+                "validation" => {
+                    if !licenses::set_handshake_validation(conn, &code, &domains, &processes)? {
+                        return missing();
+                    }
+                    Ok(format!("Validation fields of {code} saved."))
+                }
+                "assign" => {
+                    let Some(h) = licenses::handshake_by_code(conn, &code)? else {
+                        return missing();
+                    };
+                    if !licenses::assign_item(conn, &item, h.id)? {
+                        return Ok(Err(format!(
+                            "Item {item:?} does not belong to organization {}",
+                            h.organization_id
+                        )));
+                    }
+                    Ok(format!("Item {item} is now served by {code}."))
+                }
+                "trial" => {
+                    let on = trial == "on";
+                    settings::set(conn, PUBLIC_TRIAL, if on { "on" } else { "off" })?;
+                    Ok(format!(
+                        "The public trial is {}.",
+                        if on { "on" } else { "off" }
+                    ))
+                }
+                _ => Err("Unknown action".to_string()),
+            };
+            if let Ok(what) = &done {
+                ops::audit(
+                    conn,
+                    now,
+                    &actor,
+                    &format!("handshake {action}"),
+                    &code,
+                    what,
+                    &from,
+                )?;
+            }
+            Ok::<_, StoreError>(done)
+        })
+        .await?;
+    match outcome {
+        Ok(notice) => show(&state, &admin, Some(notice), None).await,
+        Err(e) => refuse(e).await,
+    }
+}
