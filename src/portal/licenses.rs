@@ -98,8 +98,17 @@ pub async fn list(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
 }
 
 /// Reads a multipart form of a CSRF token and one file, refusing oversized files.
-async fn read_upload(mut form: Multipart, csrf: &str) -> Result<Vec<u8>, PortalError> {
-    let (mut token, mut file) = (String::new(), Vec::new());
+async fn read_upload(form: Multipart, csrf: &str) -> Result<Vec<u8>, PortalError> {
+    let mut files = read_files(form, csrf).await?;
+    Ok(files.remove("file").unwrap_or_default())
+}
+
+/// Reads a multipart form of a CSRF token and files (by field name), refusing oversized ones.
+pub async fn read_files(
+    mut form: Multipart,
+    csrf: &str,
+) -> Result<std::collections::HashMap<String, Vec<u8>>, PortalError> {
+    let (mut token, mut files) = (String::new(), std::collections::HashMap::new());
     while let Some(field) = form.next().await {
         let mut field = field
             .map_err(|e| PortalError::BadForm(format!("the upload could not be read: {e}")))?;
@@ -115,16 +124,16 @@ async fn read_upload(mut form: Multipart, csrf: &str) -> Result<Vec<u8>, PortalE
             }
             data.extend_from_slice(&chunk);
         }
-        match name.as_str() {
-            "csrf" => token = String::from_utf8_lossy(&data).into_owned(),
-            "file" => file = data,
-            _ => {}
+        if name == "csrf" {
+            token = String::from_utf8_lossy(&data).into_owned();
+        } else {
+            files.insert(name, data);
         }
     }
     if !bool::from(token.as_bytes().ct_eq(csrf.as_bytes())) {
         return Err(PortalError::Csrf);
     }
-    Ok(file)
+    Ok(files)
 }
 
 fn address(req: &HttpRequest) -> String {

@@ -8,6 +8,7 @@ pub mod dashboard;
 pub mod devices;
 pub mod handshakes;
 pub mod licenses;
+pub mod settings;
 
 use std::sync::OnceLock;
 
@@ -54,6 +55,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/audit", web::get().to(alerts::audit))
         .route("/handshakes", web::get().to(handshakes::page))
         .route("/handshakes/{action}", web::post().to(handshakes::act))
+        .route("/settings", web::get().to(settings::page))
+        .route(
+            "/settings/certificate",
+            web::post().to(settings::certificate),
+        )
+        .route("/settings/backup", web::post().to(settings::backup_now))
+        .route(
+            "/settings/backups/{name}",
+            web::get().to(settings::download),
+        )
         .route("/devices", web::get().to(devices::list))
         .route("/devices/{uuid}/{action}", web::post().to(devices::act))
         .route("/static/{file}", web::get().to(stylesheet));

@@ -761,3 +761,138 @@ fn handshake_codes_are_managed_from_the_portal() {
         "no CSRF token"
     );
 }
+
+impl Browser {
+    /// Posts a multipart form with a CSRF token and several named files.
+    fn upload_files(&self, path: &str, csrf: &str, files: &[(&str, &[u8])]) -> Answer {
+        let boundary = "keygate-test-boundary-7d2f";
+        let mut body = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n"
+        )
+        .into_bytes();
+        for (name, data) in files {
+            body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}.pem\"\r\n\r\n").bytes());
+            body.extend_from_slice(data);
+            body.extend(b"\r\n");
+        }
+        body.extend(format!("--{boundary}--\r\n").bytes());
+        let response = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .header("cookie", self.cookie_header())
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .send(&body[..])
+            .unwrap();
+        self.keep(response)
+    }
+}
+
+fn certificate(name: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec![name.to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn the_certificate_is_replaced_only_by_a_matching_pair_and_without_restart() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let old = appliance_cert(&f.data);
+    let token = csrf(&browser.get("/settings").body);
+    let (cert_a, key_a) = certificate("keygate.plant.test");
+    let (_, key_b) = certificate("other.test");
+    let answer = browser.upload_files(
+        "/settings/certificate",
+        &token,
+        &[("cert", cert_a.as_bytes()), ("key", key_b.as_bytes())],
+    );
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.body.contains("The certificate was not installed")
+            && answer.body.contains("current one stays"),
+        "{}",
+        answer.body
+    );
+    assert_eq!(appliance_cert(&f.data), old);
+    assert_eq!(
+        get_json(&pinned_agent(&old), &f.app.url("/healthz")).0,
+        200,
+        "the old certificate is still served"
+    );
+
+    let answer = browser.upload_files(
+        "/settings/certificate",
+        &token,
+        &[("cert", cert_a.as_bytes()), ("key", key_a.as_bytes())],
+    );
+    assert!(
+        answer.body.contains("The new certificate is in use"),
+        "{}",
+        answer.body
+    );
+    assert_eq!(
+        get_json(&pinned_agent(cert_a.as_bytes()), &f.app.url("/healthz")).0,
+        200,
+        "served without a restart"
+    );
+    assert!(
+        pinned_agent(&old)
+            .get(&f.app.url("/healthz"))
+            .call()
+            .is_err(),
+        "the old one is gone"
+    );
+    assert_eq!(
+        appliance_cert(&f.data),
+        cert_a.as_bytes(),
+        "and kept for the next start"
+    );
+}
+
+#[test]
+fn backups_are_listed_and_only_owners_download_them() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let page = browser.get("/settings");
+    let answer = browser.post("/settings/backup", &[("csrf", &csrf(&page.body))]);
+    assert!(answer.body.contains("Backup taken"), "{}", answer.body);
+    let name = answer
+        .body
+        .split("/settings/backups/")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let download = browser.get(&format!("/settings/backups/{name}"));
+    assert_eq!(download.status, 200);
+    assert!(
+        download
+            .headers
+            .iter()
+            .any(|(k, v)| k == "content-disposition" && v.contains(&name))
+    );
+    let mut raw = browser
+        .agent
+        .get(&format!("{}/settings/backups/{name}", browser.base))
+        .header("cookie", browser.cookie_header())
+        .call()
+        .unwrap();
+    let bytes = raw.body_mut().read_to_vec().unwrap();
+    assert!(
+        bytes.starts_with(b"SQLite format 3\0"),
+        "a SQLite database file"
+    );
+    assert_eq!(browser.get("/settings/backups/..%2Fkeygate.db").status, 404);
+    assert!(set_password_for_admin(&f, "max", "manager").ok);
+    let (manager, _) = sign_in(&f, "max", PASSWORD);
+    assert_eq!(
+        manager.get(&format!("/settings/backups/{name}")).status,
+        403
+    );
+}

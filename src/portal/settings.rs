@@ -1,0 +1,255 @@
+//! Settings: the TLS certificate (checked before it replaces the one in use, no restart),
+//! backups (list, take one now, download for owners).
+
+use actix_multipart::Multipart;
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpRequest, HttpResponse, web};
+use askama::Template;
+use serde::Deserialize;
+
+use super::auth::{CsrfForm, Manager, ManagerRole, Owner, PortalError, Post, Session, Viewer};
+use super::{Page, render};
+use crate::appliance::write_secret_file;
+use crate::licensing::rfc3339;
+use crate::server::AppState;
+use crate::store::{backup, ops};
+use crate::tls;
+
+pub struct BackupView {
+    pub name: String,
+    pub taken: String,
+    pub size: u64,
+}
+
+#[derive(Template)]
+#[template(path = "portal/settings.html")]
+struct SettingsPage {
+    page: Page,
+    manage: bool,
+    owner: bool,
+    certificate: String,
+    configured: bool,
+    backups: Vec<BackupView>,
+    notice: Option<String>,
+    error: Option<String>,
+}
+
+fn backups_dir(state: &AppState) -> std::path::PathBuf {
+    state.config.data_dir.join(backup::BACKUP_DIR)
+}
+
+async fn show(
+    state: &AppState,
+    admin: &Session,
+    notice: Option<String>,
+    error: Option<String>,
+) -> Result<HttpResponse, PortalError> {
+    let dir = backups_dir(state);
+    let files = web::block(move || backup::list(&dir))
+        .await
+        .map_err(|_| PortalError::Internal)?
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot list backups");
+            PortalError::Internal
+        })?;
+    let failed = error.is_some();
+    let mut response = render(&SettingsPage {
+        manage: super::can_manage(admin),
+        owner: admin.role == super::auth::Role::Owner,
+        page: Page::of(admin),
+        certificate: format!(
+            "{}{}",
+            state.cert_source.cert.display(),
+            if state.cert_source.self_signed {
+                " (self-signed, made on first start)"
+            } else {
+                ""
+            }
+        ),
+        configured: !state.cert_source.self_signed,
+        backups: files
+            .into_iter()
+            .map(|f| BackupView {
+                name: f
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                taken: rfc3339(f.taken_at)
+                    .replace('T', " ")
+                    .trim_end_matches('Z')
+                    .to_string(),
+                size: f.size,
+            })
+            .collect(),
+        notice,
+        error,
+    });
+    if failed {
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+    }
+    Ok(response)
+}
+
+pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpResponse, PortalError> {
+    show(&state, &admin, None, None).await
+}
+
+fn address(req: &HttpRequest) -> String {
+    req.peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
+}
+
+/// `POST /settings/certificate` (multipart: csrf, cert, key): replaces the certificate.
+pub async fn certificate(
+    state: web::Data<AppState>,
+    admin: Manager,
+    req: HttpRequest,
+    form: Multipart,
+) -> Result<HttpResponse, PortalError> {
+    let mut files = super::licenses::read_files(form, &admin.csrf).await?;
+    if !state.cert_source.self_signed {
+        return show(&state, &admin, None, Some("The configuration file names the certificate (tls.cert, tls.key): replace those files and restart.".into())).await;
+    }
+    let (cert, key) = (
+        files.remove("cert").unwrap_or_default(),
+        files.remove("key").unwrap_or_default(),
+    );
+    let certified = match tls::certified_key(&cert, &key) {
+        Ok(certified) => certified,
+        Err(e) => {
+            return show(
+                &state,
+                &admin,
+                None,
+                Some(format!(
+                    "The certificate was not installed: {e}. The current one stays."
+                )),
+            )
+            .await;
+        }
+    };
+    let source = state.cert_source.clone();
+    let written = web::block(move || {
+        // New files beside the old ones, then renamed over them: never half a pair.
+        let (cert_tmp, key_tmp) = (
+            source.cert.with_extension("pem.new"),
+            source.key.with_extension("pem.new"),
+        );
+        let _ = std::fs::remove_file(&cert_tmp);
+        let _ = std::fs::remove_file(&key_tmp);
+        write_secret_file(&key_tmp, &key)?;
+        write_secret_file(&cert_tmp, &cert)?;
+        std::fs::rename(&key_tmp, &source.key)?;
+        std::fs::rename(&cert_tmp, &source.cert)
+    })
+    .await
+    .map_err(|_| PortalError::Internal)?;
+    if let Err(e) = written {
+        tracing::error!(error = %e, "cannot store the uploaded certificate");
+        return Err(PortalError::Internal);
+    }
+    state.certificate.replace(certified);
+    let (actor, from, now) = (
+        admin.name.clone(),
+        address(&req),
+        state.clock.now().unix_timestamp(),
+    );
+    state
+        .store
+        .write(move |conn| ops::audit(conn, now, &actor, "certificate replaced", "", "", &from))
+        .await?;
+    show(
+        &state,
+        &admin,
+        Some("The new certificate is in use (new connections get it now).".into()),
+        None,
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct CsrfField {
+    #[serde(default)]
+    csrf: String,
+}
+
+impl CsrfForm for CsrfField {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+/// `POST /settings/backup`: takes a backup now.
+pub async fn backup_now(
+    state: web::Data<AppState>,
+    Post(admin, _): Post<ManagerRole, CsrfField>,
+) -> Result<HttpResponse, PortalError> {
+    match crate::jobs::run(&state, "backup").await {
+        Ok(detail) => {
+            show(
+                &state,
+                &admin,
+                Some(format!("Backup taken: {detail}")),
+                None,
+            )
+            .await
+        }
+        Err(e) => {
+            show(
+                &state,
+                &admin,
+                None,
+                Some(format!("The backup failed: {e}")),
+            )
+            .await
+        }
+    }
+}
+
+/// `GET /settings/backups/{name}`: an owner downloads a backup.
+pub async fn download(
+    state: web::Data<AppState>,
+    admin: Owner,
+    req: HttpRequest,
+    name: web::Path<String>,
+) -> Result<HttpResponse, PortalError> {
+    let name = name.into_inner();
+    let dir = backups_dir(&state);
+    let wanted = name.clone();
+    let data = web::block(move || {
+        // Only a file the backup list knows: never a path from the request.
+        let file = backup::list(&dir).ok()?.into_iter().find(|f| {
+            f.path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy() == wanted)
+        })?;
+        std::fs::read(file.path).ok()
+    })
+    .await
+    .map_err(|_| PortalError::Internal)?;
+    let Some(data) = data else {
+        return Ok(super::message_page(
+            StatusCode::NOT_FOUND,
+            "No such backup.",
+        ));
+    };
+    let (actor, from, now, target) = (
+        admin.name.clone(),
+        address(&req),
+        state.clock.now().unix_timestamp(),
+        name.clone(),
+    );
+    state
+        .store
+        .write(move |conn| ops::audit(conn, now, &actor, "backup downloaded", &target, "", &from))
+        .await?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/vnd.sqlite3")
+        .insert_header((
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{name}\""),
+        ))
+        .body(data))
+}
