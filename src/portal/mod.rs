@@ -2,6 +2,7 @@
 //! stylesheet served under a content-hashed URL, no script. Every response carries strict
 //! security headers.
 
+pub mod admins;
 pub mod alerts;
 pub mod auth;
 pub mod dashboard;
@@ -21,7 +22,7 @@ use sha2::{Digest, Sha256};
 use self::auth::{CsrfForm, PortalError, Post, Session};
 use crate::licensing::handshake::{hash_password, verify_password};
 use crate::server::AppState;
-use crate::store::{admins, ops};
+use crate::store::{admins as accounts, ops};
 
 const CSS: &str = include_str!("../../static/keygate.css");
 
@@ -65,6 +66,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/settings/backups/{name}",
             web::get().to(settings::download),
         )
+        .route("/admins", web::get().to(admins::page))
+        .route("/admins/{action}", web::post().to(admins::act))
         .route("/devices", web::get().to(devices::list))
         .route("/devices/{uuid}/{action}", web::post().to(devices::act))
         .route("/static/{file}", web::get().to(stylesheet));
@@ -245,7 +248,7 @@ async fn login(
     let name = form.name.clone();
     let admin = match state
         .store
-        .read(move |conn| admins::admin_by_name(conn, &name))
+        .read(move |conn| accounts::admin_by_name(conn, &name))
         .await
     {
         Ok(admin) => admin,
@@ -307,7 +310,7 @@ async fn logout(
         let hash = auth::digest(cookie.value());
         let _ = state
             .store
-            .write(move |conn| admins::delete_session(conn, &hash))
+            .write(move |conn| accounts::delete_session(conn, &hash))
             .await;
     }
     let now = state.clock.now().unix_timestamp();
@@ -345,7 +348,7 @@ async fn setup_page(state: web::Data<AppState>, query: web::Query<SetupQuery>) -
     let hash = auth::digest(&token);
     match state
         .store
-        .read(move |conn| admins::setup_token_valid(conn, &hash, now))
+        .read(move |conn| accounts::setup_token_valid(conn, &hash, now))
         .await
     {
         Ok(true) => {}
@@ -434,12 +437,13 @@ async fn setup(
     let created = state
         .store
         .write(move |conn| {
-            if !admins::setup_token_valid(conn, &token_hash, now)? || admins::admin_count(conn)? > 0
+            if !accounts::setup_token_valid(conn, &token_hash, now)?
+                || accounts::admin_count(conn)? > 0
             {
                 return Ok(None);
             }
-            let id = admins::insert_admin(conn, &name, "owner", &hash, now)?;
-            admins::delete_setup_tokens(conn)?;
+            let id = accounts::insert_admin(conn, &name, "owner", &hash, now)?;
+            accounts::delete_setup_tokens(conn)?;
             ops::audit(conn, now, &name, "first admin created", &name, "owner", "")?;
             Ok::<_, crate::store::StoreError>(Some(id))
         })

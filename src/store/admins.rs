@@ -164,3 +164,31 @@ pub fn delete_setup_tokens(conn: &Connection) -> Result<(), StoreError> {
         .execute([])?;
     Ok(())
 }
+
+/// Every admin, by name.
+pub fn list_admins(conn: &Connection) -> Result<Vec<Admin>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT id, name, role, password_hash FROM admins ORDER BY name")?;
+    let rows = stmt.query_map([], admin_from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn set_role(conn: &Connection, name: &str, role: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("UPDATE admins SET role = ?2 WHERE name = ?1")?
+        .execute(params![name, role])?
+        == 1)
+}
+
+pub fn delete_admin(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("DELETE FROM admins WHERE name = ?1")?
+        .execute([name])?
+        == 1)
+}
+
+pub fn owner_count(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT COUNT(*) FROM admins WHERE role = 'owner'")?
+        .query_row([], |r| r.get(0))?)
+}

@@ -896,3 +896,67 @@ fn backups_are_listed_and_only_owners_download_them() {
         403
     );
 }
+
+#[test]
+fn owners_manage_admins_and_keep_at_least_one_owner() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let token = csrf(&browser.get("/admins").body);
+    let post = |action: &str, fields: &[(&str, &str)]| {
+        let mut all = vec![("csrf", token.as_str())];
+        all.extend_from_slice(fields);
+        browser.post(&format!("/admins/{action}"), &all)
+    };
+    assert!(
+        post(
+            "create",
+            &[("name", "max"), ("role", "manager"), ("password", PASSWORD)]
+        )
+        .body
+        .contains("Admin max created (manager)")
+    );
+    assert!(
+        post(
+            "create",
+            &[("name", "tiny"), ("role", "manager"), ("password", "short")]
+        )
+        .body
+        .contains("at least 12 characters")
+    );
+    assert!(
+        post("delete", &[("name", "olivia")])
+            .body
+            .contains("You cannot delete or change your own account")
+    );
+    let (manager, answer) = sign_in(&f, "max", PASSWORD);
+    assert_eq!(answer.location, "/");
+    assert_eq!(
+        manager.get("/admins").status,
+        403,
+        "managers do not manage admins"
+    );
+    assert!(!manager.get("/").body.contains("href=\"/admins\""));
+    assert!(
+        post(
+            "password",
+            &[("name", "max"), ("password", "another long password")]
+        )
+        .body
+        .contains("sessions are signed out")
+    );
+    assert_eq!(
+        manager.get("/").location,
+        "/login",
+        "signed out by the reset"
+    );
+    assert!(
+        post("role", &[("name", "max"), ("role", "owner")])
+            .body
+            .contains("max is now owner")
+    );
+    assert!(
+        post("delete", &[("name", "max")])
+            .body
+            .contains("Admin max deleted")
+    );
+    assert!(!browser.get("/admins").body.contains(">max<"));
+}

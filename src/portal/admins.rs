@@ -1,0 +1,167 @@
+//! Admins (owners only): create, change role, reset password, delete. An owner cannot
+//! delete or demote itself, and the last owner stays.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use askama::Template;
+use serde::Deserialize;
+
+use super::auth::{CsrfForm, Owner, OwnerRole, PortalError, Post, Role, Session};
+use super::{Page, check_credentials, render};
+use crate::licensing::handshake::hash_password;
+use crate::server::AppState;
+use crate::store::{StoreError, admins, ops};
+
+#[derive(Template)]
+#[template(path = "portal/admins.html")]
+struct AdminsPage {
+    page: Page,
+    admins: Vec<admins::Admin>,
+    notice: Option<String>,
+    error: Option<String>,
+}
+
+async fn show(
+    state: &AppState,
+    admin: &Session,
+    notice: Option<String>,
+    error: Option<String>,
+) -> Result<HttpResponse, PortalError> {
+    let list = state.store.read(admins::list_admins).await?;
+    let failed = error.is_some();
+    let mut response = render(&AdminsPage {
+        page: Page::of(admin),
+        admins: list,
+        notice,
+        error,
+    });
+    if failed {
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+    }
+    Ok(response)
+}
+
+pub async fn page(state: web::Data<AppState>, admin: Owner) -> Result<HttpResponse, PortalError> {
+    show(&state, &admin, None, None).await
+}
+
+#[derive(Deserialize)]
+pub struct Form {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    password: String,
+}
+
+impl CsrfForm for Form {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+/// `POST /admins/{create|role|password|delete}`
+pub async fn act(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    action: web::Path<String>,
+    Post(owner, form): Post<OwnerRole, Form>,
+) -> Result<HttpResponse, PortalError> {
+    let action = action.into_inner();
+    let refuse = |message: &str| {
+        show(
+            &state,
+            &owner,
+            None,
+            Some(format!("{message}; nothing was changed.")),
+        )
+    };
+    let name = form.name.trim().to_string();
+    if matches!(action.as_str(), "create" | "role") && Role::parse(&form.role).is_none() {
+        return refuse("Choose a role: owner, manager or auditor").await;
+    }
+    let hash = if matches!(action.as_str(), "create" | "password") {
+        if let Err(problem) = check_credentials(&name, &form.password) {
+            return refuse(problem.trim_end_matches('.')).await;
+        }
+        let password = form.password.clone();
+        Some(
+            web::block(move || hash_password(&password))
+                .await
+                .map_err(|_| PortalError::Internal)?,
+        )
+    } else {
+        None
+    };
+    if name == owner.name && matches!(action.as_str(), "delete" | "role") {
+        return refuse("You cannot delete or change your own account").await;
+    }
+    let now = state.clock.now().unix_timestamp();
+    let (actor, from, role) = (
+        owner.name.clone(),
+        req.peer_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default(),
+        form.role.clone(),
+    );
+    let outcome = state
+        .store
+        .write(move |conn| {
+            let target = admins::admin_by_name(conn, &name)?;
+            let last_owner = target.as_ref().is_some_and(|t| t.role == "owner")
+                && admins::owner_count(conn)? <= 1;
+            let done: Result<String, String> = match (action.as_str(), &target) {
+                ("create", Some(_)) => Err(format!("An admin named {name} already exists")),
+                ("create", None) => {
+                    admins::insert_admin(
+                        conn,
+                        &name,
+                        &role,
+                        hash.as_deref().unwrap_or_default(),
+                        now,
+                    )?;
+                    Ok(format!("Admin {name} created ({role})."))
+                }
+                (_, None) => Err(format!("No admin named {name}")),
+                ("role", Some(_)) if last_owner && role != "owner" => {
+                    Err("The last owner stays an owner".into())
+                }
+                ("role", Some(_)) => {
+                    admins::set_role(conn, &name, &role)?;
+                    Ok(format!("{name} is now {role}."))
+                }
+                ("password", Some(_)) => {
+                    admins::set_password(conn, &name, hash.as_deref().unwrap_or_default())?;
+                    Ok(format!(
+                        "Password of {name} reset; its sessions are signed out."
+                    ))
+                }
+                ("delete", Some(_)) if last_owner => Err("The last owner cannot be deleted".into()),
+                ("delete", Some(_)) => {
+                    admins::delete_admin(conn, &name)?;
+                    Ok(format!("Admin {name} deleted."))
+                }
+                _ => Err("Unknown action".into()),
+            };
+            if let Ok(what) = &done {
+                ops::audit(
+                    conn,
+                    now,
+                    &actor,
+                    &format!("admin {action}"),
+                    &name,
+                    what,
+                    &from,
+                )?;
+            }
+            Ok::<_, StoreError>(done)
+        })
+        .await?;
+    match outcome {
+        Ok(notice) => show(&state, &owner, Some(notice), None).await,
+        Err(e) => refuse(&e).await,
+    }
+}
