@@ -28,6 +28,9 @@ pub struct Line {
 struct DevicesPage {
     page: Page,
     q: String,
+    item: String,
+    items: Vec<String>,
+    notice: Option<String>,
     blocked: bool,
     lines: Vec<Line>,
     next: Option<i64>,
@@ -42,6 +45,10 @@ pub struct Query {
     after: i64,
     #[serde(default)]
     blocked: Option<String>,
+    #[serde(default)]
+    item: String,
+    #[serde(default)]
+    notice: Option<String>,
 }
 
 pub async fn list(
@@ -55,16 +62,24 @@ pub async fn list(
     let key = types::uuid("q", &q).unwrap_or_else(|_| q.clone());
     let blocked = query.blocked.is_some();
     let after = query.after;
-    let mut rows = state
+    let item = query.item.trim().to_string();
+    let filter_item = item.clone();
+    let (mut rows, items) = state
         .store
         .read(move |conn| {
-            devices::list_devices(
+            let rows = devices::list_devices(
                 conn,
                 Some(key.as_str()).filter(|k| !k.is_empty()),
+                Some(filter_item.as_str()).filter(|i| !i.is_empty()),
                 blocked,
                 after,
                 PAGE_SIZE + 1,
-            )
+            )?;
+            let items = crate::store::licenses::all_items(conn)?
+                .into_iter()
+                .map(|i| i.item_id)
+                .collect::<Vec<_>>();
+            Ok::<_, StoreError>((rows, items))
         })
         .await?;
     let next = (rows.len() as i64 > PAGE_SIZE).then(|| {
@@ -81,6 +96,9 @@ pub async fn list(
         manage: super::can_manage(&admin),
         page: Page::of(&admin),
         q,
+        item,
+        items,
+        notice: query.notice,
         blocked,
         next,
         lines: rows
@@ -153,4 +171,140 @@ pub async fn act(
         Some(false) => Err(PortalError::BadForm("unknown action".into())),
         None => Err(PortalError::BadForm("no such device".into())),
     }
+}
+
+pub struct SeatView {
+    pub item: String,
+    pub instance: String,
+    pub first: String,
+    pub last: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/device.html")]
+struct DevicePage {
+    page: Page,
+    manage: bool,
+    device: devices::Device,
+    first_seen: String,
+    last_seen: String,
+    seats: Vec<SeatView>,
+    leases: Vec<(devices::Lease, String)>,
+    usage: Vec<(String, String, i64)>,
+}
+
+/// `GET /devices/{uuid}`: first and last seen, seats, leases, usage totals.
+pub async fn detail(
+    state: web::Data<AppState>,
+    admin: Viewer,
+    path: web::Path<String>,
+) -> Result<HttpResponse, PortalError> {
+    let Ok(uuid) = types::uuid("uuid", &path.into_inner()) else {
+        return Ok(super::message_page(
+            actix_web::http::StatusCode::NOT_FOUND,
+            "No such device.",
+        ));
+    };
+    let found = state
+        .store
+        .read(move |conn| {
+            let Some(device) = devices::device_by_uuid(conn, &uuid)? else {
+                return Ok(None);
+            };
+            let seats = devices::seats_of(conn, device.id)?;
+            let leases = devices::leases_of(conn, device.id)?;
+            let usage = devices::device_usage(conn, device.id)?;
+            Ok::<_, StoreError>(Some((device, seats, leases, usage)))
+        })
+        .await?;
+    let Some((device, seats, leases, usage)) = found else {
+        return Ok(super::message_page(
+            actix_web::http::StatusCode::NOT_FOUND,
+            "No such device.",
+        ));
+    };
+    let time = |t: i64| {
+        rfc3339(from_unix(t))
+            .replace('T', " ")
+            .trim_end_matches('Z')
+            .to_string()
+    };
+    Ok(render(&DevicePage {
+        manage: super::can_manage(&admin),
+        page: Page::of(&admin),
+        first_seen: time(device.first_seen),
+        last_seen: time(device.last_seen),
+        seats: seats
+            .into_iter()
+            .map(|(item, instance, first, last)| SeatView {
+                item,
+                instance,
+                first: time(first),
+                last: time(last),
+            })
+            .collect(),
+        leases: leases
+            .into_iter()
+            .map(|l| {
+                let until = time(l.expires_at);
+                (l, until)
+            })
+            .collect(),
+        usage,
+        device,
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct UserForm {
+    #[serde(default)]
+    csrf: String,
+    user: String,
+}
+
+impl CsrfForm for UserForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+/// `POST /devices/remove-user`: removes every device whose last user is the given one
+/// (someone who left): their seats are freed and leases revoked.
+pub async fn remove_user(
+    state: web::Data<AppState>,
+    Post(admin, form): Post<ManagerRole, UserForm>,
+) -> Result<HttpResponse, PortalError> {
+    let user = form.user.trim().to_string();
+    if user.is_empty() {
+        return Err(PortalError::BadForm(
+            "name the user whose devices to remove".into(),
+        ));
+    }
+    let (actor, now) = (admin.name.clone(), state.clock.now().unix_timestamp());
+    let removed = state
+        .store
+        .write(move |conn| {
+            let ids = devices::devices_of_user(conn, &user)?;
+            for id in &ids {
+                devices::remove_device(conn, *id)?;
+            }
+            ops::audit(
+                conn,
+                now,
+                &actor,
+                "devices of a user removed",
+                &user,
+                &format!("{} device(s)", ids.len()),
+                "",
+            )?;
+            Ok::<_, StoreError>(ids.len())
+        })
+        .await?;
+    let notice = format!("{removed} device(s) removed");
+    Ok(HttpResponse::SeeOther()
+        .insert_header((
+            header::LOCATION,
+            format!("/devices?notice={}", notice.replace(' ', "+")),
+        ))
+        .finish())
 }

@@ -69,6 +69,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/admins", web::get().to(admins::page))
         .route("/admins/{action}", web::post().to(admins::act))
         .route("/devices", web::get().to(devices::list))
+        .route("/devices/remove-user", web::post().to(devices::remove_user))
+        .route("/devices/{uuid}", web::get().to(devices::detail))
         .route("/devices/{uuid}/{action}", web::post().to(devices::act))
         .route("/static/{file}", web::get().to(stylesheet));
 }

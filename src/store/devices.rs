@@ -558,6 +558,7 @@ pub struct DeviceLine {
 pub fn list_devices(
     conn: &Connection,
     q: Option<&str>,
+    item: Option<&str>,
     blocked_only: bool,
     after_id: i64,
     limit: i64,
@@ -570,30 +571,79 @@ pub fn list_devices(
             seats: r.get(7)?,
         })
     };
-    let filter = if blocked_only {
-        "AND d.blocked = 1"
-    } else {
-        ""
-    };
+    let mut filter = String::new();
+    if blocked_only {
+        filter.push_str(" AND d.blocked = 1");
+    }
+    if item.is_some() {
+        // The seats' primary key starts with the item: an index range, no scan.
+        filter.push_str(" AND d.id IN (SELECT device_id FROM seats WHERE item_id = :item)");
+    }
     let rows: Vec<DeviceLine> = match q {
-        None => conn
-            .prepare_cached(&format!(
-                "SELECT {columns} FROM devices d WHERE d.id > ?1 {filter} ORDER BY d.id LIMIT ?2"
-            ))?
-            .query_map(params![after_id, limit], row)?
-            .collect::<Result<_, _>>()?,
+        None => {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {columns} FROM devices d WHERE d.id > :after {filter} ORDER BY d.id LIMIT :limit"
+            ))?;
+            let mut args: Vec<(&str, &dyn rusqlite::ToSql)> =
+                vec![(":after", &after_id), (":limit", &limit)];
+            if let Some(item) = &item {
+                args.push((":item", item));
+            }
+            stmt.query_map(args.as_slice(), row)?
+                .collect::<Result<_, _>>()?
+        }
         Some(q) => {
             let upper = format!("{q}\u{10FFFF}");
-            conn.prepare_cached(&format!(
+            let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {columns} FROM devices d WHERE d.id IN (
-                    SELECT id FROM devices WHERE uuid = ?1
-                    UNION SELECT id FROM devices WHERE name >= ?1 AND name < ?2
-                    UNION SELECT id FROM devices WHERE last_user >= ?1 AND last_user < ?2)
-                 AND d.id > ?3 {filter} ORDER BY d.id LIMIT ?4"
-            ))?
-            .query_map(params![q, upper, after_id, limit], row)?
-            .collect::<Result<_, _>>()?
+                    SELECT id FROM devices WHERE uuid = :q
+                    UNION SELECT id FROM devices WHERE name >= :q AND name < :upper
+                    UNION SELECT id FROM devices WHERE last_user >= :q AND last_user < :upper)
+                 AND d.id > :after {filter} ORDER BY d.id LIMIT :limit"
+            ))?;
+            let mut args: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
+                (":q", &q),
+                (":upper", &upper),
+                (":after", &after_id),
+                (":limit", &limit),
+            ];
+            if let Some(item) = &item {
+                args.push((":item", item));
+            }
+            stmt.query_map(args.as_slice(), row)?
+                .collect::<Result<_, _>>()?
         }
     };
     Ok(rows)
+}
+
+/// The seats a device holds: (item, instance, first authorization, last use).
+pub fn seats_of(
+    conn: &Connection,
+    device_id: i64,
+) -> Result<Vec<(String, String, i64, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT item_id, instance, first_auth_at, last_used_at FROM seats WHERE device_id = ?1
+         ORDER BY item_id, instance",
+    )?;
+    let rows = stmt.query_map([device_id], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A device's leases.
+pub fn leases_of(conn: &Connection, device_id: i64) -> Result<Vec<Lease>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {LEASE_COLUMNS} FROM leases WHERE device_id = ?1 ORDER BY product, instance, user"
+    ))?;
+    let rows = stmt.query_map([device_id], lease_from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The devices whose last user is `user` (index lookup).
+pub fn devices_of_user(conn: &Connection, user: &str) -> Result<Vec<i64>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT id FROM devices WHERE last_user = ?1")?;
+    let rows = stmt.query_map([user], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }

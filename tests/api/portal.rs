@@ -960,3 +960,64 @@ fn owners_manage_admins_and_keep_at_least_one_owner() {
     );
     assert!(!browser.get("/admins").body.contains(">max<"));
 }
+
+#[test]
+fn device_detail_item_filter_and_removing_a_users_devices() {
+    let items = [
+        item("reader", "per_device", 10, ""),
+        item("scanner", "per_usage", 1000, "counter = \"scans\""),
+    ]
+    .concat();
+    let (f, browser) = signed_in(&items);
+    for n in 1..=4 {
+        let mut request = f.request(if n <= 2 { "reader" } else { "scanner" }, n);
+        request["device"]["user"] = json!(if n % 2 == 0 { "leaver" } else { "stayer" });
+        assert_eq!(f.authorize(&request).0, 200);
+    }
+    let lease = f.authorized("scanner", 3).lease_id;
+    f.usage(&f.reports(
+        &lease,
+        3,
+        "11111111-1111-4111-8111-111111111111",
+        &[(1, "LIC-T-2", "scans", 12)],
+    ));
+    assert_eq!(
+        browser
+            .get("/devices?item=LIC-T-1")
+            .body
+            .matches("<code>")
+            .count(),
+        2
+    );
+    let detail = browser.get(&format!("/devices/{}", device_uuid(3)));
+    assert!(
+        detail.body.contains("LIC-T-2")
+            && detail.body.contains("scans")
+            && detail.body.contains(">12<"),
+        "{}",
+        detail.body
+    );
+    assert_eq!(browser.get("/devices/not-a-uuid").status, 404);
+
+    let token = csrf(&browser.get("/devices").body);
+    let answer = browser.post(
+        "/devices/remove-user",
+        &[("csrf", &token), ("user", "leaver")],
+    );
+    assert!(
+        answer.location.starts_with("/devices?notice=2+device"),
+        "{}",
+        answer.location
+    );
+    assert_eq!(
+        f.item_value("LIC-T-1", "seats_used"),
+        1,
+        "the leaver's reader seat is freed"
+    );
+    assert!(
+        browser
+            .get("/audit")
+            .body
+            .contains("devices of a user removed")
+    );
+}
