@@ -30,27 +30,42 @@ const CHART_DAYS: i64 = 30;
 const BAR_WIDTH: i64 = 10;
 pub const CHART_HEIGHT: i64 = 60;
 
-/// A chart of one value per day for the last 30 days ending `today`.
-fn chart(caption: String, values: &[(i64, i64)], today: i64) -> Chart {
+/// A chart of `count` values, one per `step` seconds, the last one at `last`.
+fn chart(
+    caption: String,
+    values: &[(i64, i64)],
+    last: i64,
+    step: i64,
+    count: i64,
+    bar: i64,
+) -> Chart {
     let max = values.iter().map(|(_, v)| *v).max().unwrap_or(0).max(1);
-    let bars = (0..CHART_DAYS)
+    let bars = (0..count)
         .map(|i| {
-            let day = today - (CHART_DAYS - 1 - i) * DAY;
-            let value = values
-                .iter()
-                .find(|(d, _)| *d == day)
-                .map_or(0, |(_, v)| *v);
+            let at = last - (count - 1 - i) * step;
+            let value = values.iter().find(|(d, _)| *d == at).map_or(0, |(_, v)| *v);
             let height = value * CHART_HEIGHT / max;
+            let when = rfc3339(from_unix(at)).replace('T', " ");
             Bar {
-                x: i * BAR_WIDTH,
+                x: i * bar,
                 y: CHART_HEIGHT - height,
                 height,
-                title: format!("{}: {value}", &rfc3339(from_unix(day))[..10]),
+                title: format!(
+                    "{}: {value}",
+                    if step == DAY {
+                        &when[..10]
+                    } else {
+                        &when[..16]
+                    }
+                ),
             }
         })
         .collect();
     Chart { caption, bars, max }
 }
+
+/// Windows of concurrency shown: the last 4 hours.
+const WINDOWS_SHOWN: i64 = 80;
 
 pub struct ItemView {
     pub item_id: String,
@@ -63,6 +78,8 @@ pub struct ItemView {
     pub state_class: &'static str,
     pub expires: String,
     pub chart: Chart,
+    /// Concurrent models: devices per 3-minute window.
+    pub windows: Option<Chart>,
 }
 
 #[derive(Template)]
@@ -95,13 +112,15 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
     let now = state.clock.now().unix_timestamp();
     let today = models::day_of(now);
     let since = today - (CHART_DAYS - 1) * DAY;
-    let (items, usage, peaks, last_backup) = state
+    let current_window = models::window_of(now);
+    let (items, usage, peaks, windows, last_backup) = state
         .store
         .read(move |conn| {
             Ok::<_, StoreError>((
                 store::licenses::all_items(conn)?,
                 ops::usage_by_day(conn, since)?,
                 ops::peaks_by_day(conn, since, WINDOW_SECS)?,
+                ops::windows_since(conn, current_window - WINDOWS_SHOWN + 1)?,
                 settings::get(conn, crate::jobs::LAST_BACKUP)?.and_then(|t| t.parse::<i64>().ok()),
             ))
         })
@@ -115,7 +134,13 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
     let items = items
         .into_iter()
         .filter(|i| !i.withdrawn)
-        .map(|item| {
+        .map(|mut item| {
+            if item.terms.model.is_concurrent() {
+                item.used.window_active = windows
+                    .iter()
+                    .find(|(i, w, _)| *i == item.item_id && *w == current_window)
+                    .map_or(0, |(_, _, peak)| *peak);
+            }
             let (caption, values) = if item.terms.model.is_concurrent() {
                 (
                     "peak devices per day, last 30 days",
@@ -132,6 +157,20 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
                 _ => u.seats_used,
             };
             let state = state_label(&item, now);
+            let windows = item.terms.model.is_concurrent().then(|| {
+                let values: Vec<(i64, i64)> = series(&windows, &item.item_id)
+                    .into_iter()
+                    .map(|(w, v)| (w * WINDOW_SECS, v))
+                    .collect();
+                chart(
+                    "devices per 3-minute window, last 4 hours".into(),
+                    &values,
+                    current_window * WINDOW_SECS,
+                    WINDOW_SECS,
+                    WINDOWS_SHOWN,
+                    4,
+                )
+            });
             ItemView {
                 state,
                 state_class: if state == "not started" {
@@ -139,7 +178,15 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
                 } else {
                     state
                 },
-                chart: chart(caption.to_string(), &values, today),
+                chart: chart(
+                    caption.to_string(),
+                    &values,
+                    today,
+                    DAY,
+                    CHART_DAYS,
+                    BAR_WIDTH,
+                ),
+                windows,
                 expires: rfc3339(from_unix(item.terms.expires_at))[..10].to_string(),
                 quota: if item.terms.model.is_concurrent() {
                     item.terms.max_exceptions

@@ -229,3 +229,12 @@ pub fn delete_expired_passes(conn: &Connection, now: i64) -> Result<usize, Store
         .prepare_cached("DELETE FROM token_passes WHERE expires_at <= ?1")?
         .execute([now])?)
 }
+
+/// Peak concurrency per item per 3-minute window since window `since`.
+pub fn windows_since(conn: &Connection, since: i64) -> Result<Vec<(String, i64, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT item_id, window, peak FROM concurrency_windows WHERE window >= ?1",
+    )?;
+    let rows = stmt.query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}

@@ -1021,3 +1021,27 @@ fn device_detail_item_filter_and_removing_a_users_devices() {
             .contains("devices of a user removed")
     );
 }
+
+#[test]
+fn the_dashboard_draws_concurrency_per_window() {
+    let (f, browser) = signed_in(&item(
+        "viewer",
+        "concurrent_device",
+        2,
+        "max_exceptions = 5",
+    ));
+    for n in 1..=3 {
+        f.authorized("viewer", n);
+    }
+    let page = browser.get("/");
+    assert!(
+        page.body
+            .contains("devices per 3-minute window, last 4 hours, highest 3"),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body
+            .contains("<span class=\"state state-tolerance\">tolerance</span>")
+    );
+}
