@@ -584,11 +584,7 @@ fn alerts(config: &Config, command: AlertsCommand) -> Result<()> {
             if to.is_empty() {
                 bail!("no alert recipients are set (keygate alerts recipients ...)");
             }
-            let email = mail::Email {
-                subject: "keygate: test email".into(),
-                text: "This is a test email from keygate. Alerts will reach you.".into(),
-                html: "<p>This is a test email from keygate. Alerts will reach you.</p>".into(),
-            };
+            let email = mail::Email::test();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

@@ -134,6 +134,17 @@ pub struct Email {
     pub html: String,
 }
 
+impl Email {
+    /// What `keygate alerts test` and the portal's test button send.
+    pub fn test() -> Email {
+        Email {
+            subject: "keygate: test email".into(),
+            text: "This is a test email from keygate. Alerts will reach you.".into(),
+            html: "<p>This is a test email from keygate. Alerts will reach you.</p>".into(),
+        }
+    }
+}
+
 /// Sends one message to all recipients; returns the server's answer.
 pub async fn send(
     settings: &SmtpSettings,

@@ -1,13 +1,12 @@
 //! Admins (owners only): create, change role, reset password, delete. An owner cannot
 //! delete or demote itself, and the last owner stays.
 
-use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use askama::Template;
 use serde::Deserialize;
 
 use super::auth::{CsrfForm, Owner, OwnerRole, PortalError, Post, Role, Session};
-use super::{Page, check_credentials, render};
+use super::{Page, check_credentials, render_form};
 use crate::licensing::handshake::hash_password;
 use crate::server::AppState;
 use crate::store::{StoreError, admins, ops};
@@ -28,16 +27,16 @@ async fn show(
     error: Option<String>,
 ) -> Result<HttpResponse, PortalError> {
     let list = state.store.read(admins::list_admins).await?;
-    let failed = error.is_some();
-    let mut response = render(&AdminsPage {
-        page: Page::of(admin),
-        admins: list,
-        notice,
-        error,
-    });
-    if failed {
-        *response.status_mut() = StatusCode::BAD_REQUEST;
-    }
+    let refused = error.is_some();
+    let response = render_form(
+        &AdminsPage {
+            page: Page::of(admin),
+            admins: list,
+            notice,
+            error,
+        },
+        refused,
+    );
     Ok(response)
 }
 

@@ -6,7 +6,7 @@ use askama::Template;
 use serde::Deserialize;
 
 use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Session, Viewer};
-use super::{Page, render};
+use super::{Page, render, render_form};
 use crate::alerts::mail::{self, SmtpSettings, TlsMode};
 use crate::licensing::{from_unix, rfc3339};
 use crate::server::AppState;
@@ -79,27 +79,26 @@ fn show(
     notice: Option<String>,
     error: Option<(&'static str, String)>,
 ) -> HttpResponse {
-    let failed = error.is_some();
+    let refused = error.is_some();
     let (error_field, error) = error.map_or(("", None), |(f, e)| (f, Some(e)));
-    let mut response = render(&AlertsPage {
-        manage: super::can_manage(admin),
-        page: Page::of(admin),
-        form,
-        runs: runs
-            .into_iter()
-            .map(|r| {
-                let at = time(r.started_at);
-                (r, at)
-            })
-            .collect(),
-        notice,
-        error,
-        error_field,
-    });
-    if failed {
-        *response.status_mut() = actix_web::http::StatusCode::BAD_REQUEST;
-    }
-    response
+    render_form(
+        &AlertsPage {
+            manage: super::can_manage(admin),
+            page: Page::of(admin),
+            form,
+            runs: runs
+                .into_iter()
+                .map(|r| {
+                    let at = time(r.started_at);
+                    (r, at)
+                })
+                .collect(),
+            notice,
+            error,
+            error_field,
+        },
+        refused,
+    )
 }
 
 pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpResponse, PortalError> {
@@ -118,12 +117,6 @@ impl CsrfForm for RecipientsForm {
     fn csrf(&self) -> &str {
         &self.csrf
     }
-}
-
-fn address(req: &HttpRequest) -> String {
-    req.peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default()
 }
 
 /// `POST /alerts/recipients`: a `;`-separated list, each address checked.
@@ -152,7 +145,11 @@ pub async fn set_recipients(
         .collect::<Vec<_>>()
         .join(";");
     let now = state.clock.now().unix_timestamp();
-    let (actor, from, saved) = (admin.name.clone(), address(&req), list.clone());
+    let (actor, from, saved) = (
+        admin.name.clone(),
+        super::client_address(&req),
+        list.clone(),
+    );
     state
         .store
         .write(move |conn| {
@@ -219,11 +216,7 @@ pub async fn smtp(
             if to.is_empty() {
                 return Err(mail::MailError::BadAddress("(no recipients set)".into()));
             }
-            let email = mail::Email {
-                subject: "keygate: test email".into(),
-                text: "This is a test email from keygate. Alerts will reach you.".into(),
-                html: "<p>This is a test email from keygate. Alerts will reach you.</p>".into(),
-            };
+            let email = mail::Email::test();
             mail::send(&smtp, &to, &email).await
         }
         .await;
@@ -305,7 +298,7 @@ pub async fn smtp(
         from,
     };
     let now = state.clock.now().unix_timestamp();
-    let (actor, addr) = (admin.name.clone(), address(&req));
+    let (actor, addr) = (admin.name.clone(), super::client_address(&req));
     let saved = state
         .store
         .write(move |conn| {

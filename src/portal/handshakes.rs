@@ -1,13 +1,12 @@
 //! Handshake codes: create, rename, delete; which items each serves; session password;
 //! validation fields; the public trial.
 
-use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use askama::Template;
 use serde::Deserialize;
 
 use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Session, Viewer};
-use super::{Page, render};
+use super::{Page, render_form};
 use crate::licensing::authorize::PUBLIC_TRIAL;
 use crate::licensing::handshake::hash_password;
 use crate::licensing::is_identifier;
@@ -72,20 +71,20 @@ async fn show(
             (c, served)
         })
         .collect();
-    let failed = error.is_some();
-    let mut response = render(&HandshakesPage {
-        manage: super::can_manage(admin),
-        page: Page::of(admin),
-        codes,
-        items,
-        organizations,
-        trial,
-        notice,
-        error,
-    });
-    if failed {
-        *response.status_mut() = StatusCode::BAD_REQUEST;
-    }
+    let refused = error.is_some();
+    let response = render_form(
+        &HandshakesPage {
+            manage: super::can_manage(admin),
+            page: Page::of(admin),
+            codes,
+            items,
+            organizations,
+            trial,
+            notice,
+            error,
+        },
+        refused,
+    );
     Ok(response)
 }
 

@@ -11,7 +11,7 @@ use keygate_sdk::keys;
 use subtle::ConstantTimeEq;
 
 use super::auth::{Manager, PortalError, Session, Viewer};
-use super::{Page, render};
+use super::{Page, render, render_form};
 use crate::licensing::{from_unix, import, rfc3339};
 use crate::server::AppState;
 use crate::store::licenses::{self, ItemRow, LicenseVersion, TrustedKey};
@@ -70,26 +70,26 @@ async fn page(
             (v, issued, imported, newest)
         })
         .collect();
-    let failed = error.is_some();
-    let mut response = render(&LicensesPage {
-        manage: super::can_manage(admin),
-        page: Page::of(admin),
-        versions,
-        items,
-        keys: keys
-            .into_iter()
-            .map(|k| KeyView {
-                kid: k.kid,
-                name: k.name,
-                added: date(k.added_at),
-            })
-            .collect(),
-        notice,
-        error,
-    });
-    if failed {
-        *response.status_mut() = StatusCode::BAD_REQUEST;
-    }
+    let refused = error.is_some();
+    let response = render_form(
+        &LicensesPage {
+            manage: super::can_manage(admin),
+            page: Page::of(admin),
+            versions,
+            items,
+            keys: keys
+                .into_iter()
+                .map(|k| KeyView {
+                    kid: k.kid,
+                    name: k.name,
+                    added: date(k.added_at),
+                })
+                .collect(),
+            notice,
+            error,
+        },
+        refused,
+    );
     Ok(response)
 }
 
@@ -134,12 +134,6 @@ pub async fn read_files(
         return Err(PortalError::Csrf);
     }
     Ok(files)
-}
-
-fn address(req: &HttpRequest) -> String {
-    req.peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default()
 }
 
 /// `POST /licenses` (multipart: csrf, file): imports a license file.
@@ -193,7 +187,7 @@ pub async fn upload(
         }
     };
     let now = state.clock.now();
-    let (actor, from) = (admin.name.clone(), address(&req));
+    let (actor, from) = (admin.name.clone(), super::client_address(&req));
     let outcome = state
         .store
         .write(move |conn| {
@@ -253,7 +247,7 @@ pub async fn add_key(
     };
     let now = state.clock.now().unix_timestamp();
     let kid = keys::kid(&key);
-    let (actor, from, k) = (admin.name.clone(), address(&req), kid.clone());
+    let (actor, from, k) = (admin.name.clone(), super::client_address(&req), kid.clone());
     let added = state
         .store
         .write(move |conn| {

@@ -108,6 +108,15 @@ impl Page {
     }
 }
 
+/// A page shown again after a refused form answers 400, otherwise 200.
+pub fn render_form(template: &impl Template, refused: bool) -> HttpResponse {
+    let mut response = render(template);
+    if refused && response.status() == StatusCode::OK {
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+    }
+    response
+}
+
 pub fn render(template: &impl Template) -> HttpResponse {
     match template.render() {
         Ok(html) => HttpResponse::Ok()
@@ -149,7 +158,8 @@ async fn stylesheet(file: web::Path<String>) -> HttpResponse {
         .body(CSS)
 }
 
-fn client_address(req: &HttpRequest) -> String {
+/// The client's address, for the audit log and rate limits.
+pub fn client_address(req: &HttpRequest) -> String {
     req.peer_addr()
         .map(|a| a.ip().to_string())
         .unwrap_or_default()

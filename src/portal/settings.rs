@@ -8,7 +8,7 @@ use askama::Template;
 use serde::Deserialize;
 
 use super::auth::{CsrfForm, Manager, ManagerRole, Owner, PortalError, Post, Session, Viewer};
-use super::{Page, render};
+use super::{Page, render_form};
 use crate::appliance::write_secret_file;
 use crate::licensing::rfc3339;
 use crate::server::AppState;
@@ -52,53 +52,47 @@ async fn show(
             tracing::error!(error = %e, "cannot list backups");
             PortalError::Internal
         })?;
-    let failed = error.is_some();
-    let mut response = render(&SettingsPage {
-        manage: super::can_manage(admin),
-        owner: admin.role == super::auth::Role::Owner,
-        page: Page::of(admin),
-        certificate: format!(
-            "{}{}",
-            state.cert_source.cert.display(),
-            if state.cert_source.self_signed {
-                " (self-signed, made on first start)"
-            } else {
-                ""
-            }
-        ),
-        configured: !state.cert_source.self_signed,
-        backups: files
-            .into_iter()
-            .map(|f| BackupView {
-                name: f
-                    .path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                taken: rfc3339(f.taken_at)
-                    .replace('T', " ")
-                    .trim_end_matches('Z')
-                    .to_string(),
-                size: f.size,
-            })
-            .collect(),
-        notice,
-        error,
-    });
-    if failed {
-        *response.status_mut() = StatusCode::BAD_REQUEST;
-    }
+    let refused = error.is_some();
+    let response = render_form(
+        &SettingsPage {
+            manage: super::can_manage(admin),
+            owner: admin.role == super::auth::Role::Owner,
+            page: Page::of(admin),
+            certificate: format!(
+                "{}{}",
+                state.cert_source.cert.display(),
+                if state.cert_source.self_signed {
+                    " (self-signed, made on first start)"
+                } else {
+                    ""
+                }
+            ),
+            configured: !state.cert_source.self_signed,
+            backups: files
+                .into_iter()
+                .map(|f| BackupView {
+                    name: f
+                        .path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    taken: rfc3339(f.taken_at)
+                        .replace('T', " ")
+                        .trim_end_matches('Z')
+                        .to_string(),
+                    size: f.size,
+                })
+                .collect(),
+            notice,
+            error,
+        },
+        refused,
+    );
     Ok(response)
 }
 
 pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpResponse, PortalError> {
     show(&state, &admin, None, None).await
-}
-
-fn address(req: &HttpRequest) -> String {
-    req.peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default()
 }
 
 /// `POST /settings/certificate` (multipart: csrf, cert, key): replaces the certificate.
@@ -153,7 +147,7 @@ pub async fn certificate(
     state.certificate.replace(certified);
     let (actor, from, now) = (
         admin.name.clone(),
-        address(&req),
+        super::client_address(&req),
         state.clock.now().unix_timestamp(),
     );
     state
@@ -237,7 +231,7 @@ pub async fn download(
     };
     let (actor, from, now, target) = (
         admin.name.clone(),
-        address(&req),
+        super::client_address(&req),
         state.clock.now().unix_timestamp(),
         name.clone(),
     );
