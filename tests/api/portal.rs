@@ -1045,3 +1045,100 @@ fn the_dashboard_draws_concurrency_per_window() {
             .contains("<span class=\"state state-tolerance\">tolerance</span>")
     );
 }
+
+#[test]
+fn hostile_input_in_every_form_is_refused_or_shown_escaped() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let hostile = [
+        "<script>alert(1)</script>".to_string(),
+        "\"><img src=x onerror=alert(1)>".to_string(),
+        "' OR 1=1; --".to_string(),
+        "x".repeat(100_000),
+    ];
+    for value in &hostile {
+        let pages: Vec<(&str, Vec<(&str, &str)>)> = vec![
+            (
+                "/handshakes/create",
+                vec![("organization", "200001"), ("code", value), ("name", value)],
+            ),
+            (
+                "/handshakes/rename",
+                vec![("code", &f.code), ("name", value)],
+            ),
+            (
+                "/handshakes/validation",
+                vec![("code", &f.code), ("domains", value), ("processes", value)],
+            ),
+            (
+                "/handshakes/password",
+                vec![("code", value), ("password", value)],
+            ),
+            ("/alerts/recipients", vec![("recipients", value)]),
+            (
+                "/alerts/smtp",
+                vec![
+                    ("host", value),
+                    ("port", value),
+                    ("tls", value),
+                    ("user", value),
+                    ("from", value),
+                    ("action", "save"),
+                ],
+            ),
+            (
+                "/admins/create",
+                vec![("name", value), ("role", value), ("password", value)],
+            ),
+            ("/devices/remove-user", vec![("user", value)]),
+        ];
+        for (path, fields) in pages {
+            let token = csrf(&browser.get("/").body);
+            let mut all = vec![("csrf", token.as_str())];
+            all.extend(fields);
+            let answer = browser.post(path, &all);
+            assert!(
+                matches!(answer.status, 200 | 303 | 400),
+                "{path}: {}",
+                answer.status
+            );
+            assert!(
+                !answer.body.contains("<script>alert") && !answer.body.contains("<img src=x"),
+                "{path} shows it raw"
+            );
+        }
+        for path in [
+            "/",
+            "/handshakes",
+            "/alerts",
+            "/admins",
+            "/devices",
+            "/audit",
+            "/licenses",
+            "/settings",
+        ] {
+            let page = browser.get(path);
+            assert_eq!(page.status, 200, "{path}");
+            assert!(
+                !page.body.contains("<script>alert") && !page.body.contains("<img src=x"),
+                "{path} shows it raw"
+            );
+        }
+        let value: String = value.chars().take(2000).collect(); // URLs have limits of their own
+        let search = browser.get(&format!(
+            "/devices?q={}",
+            value
+                .replace('<', "%3C")
+                .replace('>', "%3E")
+                .replace('"', "%22")
+                .replace(' ', "+")
+                .replace('\'', "%27")
+                .replace(';', "%3B")
+                .replace('=', "%3D")
+        ));
+        assert!(
+            matches!(search.status, 200 | 400),
+            "search: {}",
+            search.status
+        );
+    }
+}
