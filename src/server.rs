@@ -114,6 +114,7 @@ pub async fn serve(
                 actix_web::middleware::Logger::new("%a \"%r\" %s %b %Dms")
                     .log_target("keygate::http"),
             )
+            .wrap(actix_web::middleware::from_fn(crate::portal::guard))
             .wrap(crate::portal::security_headers())
             .configure(protocol::routes)
             .configure(crate::portal::routes)

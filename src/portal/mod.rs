@@ -75,6 +75,36 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/static/{file}", web::get().to(stylesheet));
 }
 
+/// Paths that need no session: the client protocol, health and metrics, sign-in, setup,
+/// the stylesheet.
+fn is_public(path: &str) -> bool {
+    ["/api/", "/static/"].iter().any(|p| path.starts_with(p))
+        || [
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/login",
+            "/setup",
+            "/favicon.ico",
+        ]
+        .contains(&path)
+}
+
+/// The portal's guard, in front of the handlers' own role checks: a portal page asked for
+/// without a session cookie goes to sign-in before any handler runs.
+pub async fn guard(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    if is_public(req.path()) || req.cookie(auth::COOKIE).is_some() {
+        return next.call(req).await.map(|r| r.map_into_boxed_body());
+    }
+    let response = HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, "/login"))
+        .finish();
+    Ok(req.into_response(response))
+}
+
 /// Headers for every response of the appliance: no script, no framing, no referrer.
 pub fn security_headers() -> actix_web::middleware::DefaultHeaders {
     actix_web::middleware::DefaultHeaders::new()
@@ -178,6 +208,15 @@ fn form_cookie(token: &str) -> actix_web::cookie::Cookie<'static> {
         .finish()
 }
 
+/// The form token of this browser: the one it already has (another tab's sign-in or setup
+/// form must keep working), or a new one.
+fn form_token(req: &HttpRequest) -> String {
+    req.cookie(FORM_COOKIE)
+        .map(|c| c.value().to_string())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(auth::random_token)
+}
+
 fn form_cookie_matches(req: &HttpRequest, csrf: &str) -> bool {
     use subtle::ConstantTimeEq;
     req.cookie(FORM_COOKIE)
@@ -193,8 +232,8 @@ struct LoginPage<'a> {
     error: Option<&'a str>,
 }
 
-async fn login_page() -> HttpResponse {
-    let csrf = auth::random_token();
+async fn login_page(req: HttpRequest) -> HttpResponse {
+    let csrf = form_token(&req);
     let mut response = render(&LoginPage {
         css: css_path(),
         csrf: &csrf,
@@ -354,7 +393,11 @@ struct SetupQuery {
     token: String,
 }
 
-async fn setup_page(state: web::Data<AppState>, query: web::Query<SetupQuery>) -> HttpResponse {
+async fn setup_page(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    query: web::Query<SetupQuery>,
+) -> HttpResponse {
     let token = query.into_inner().token;
     let now = state.clock.now().unix_timestamp();
     let hash = auth::digest(&token);
@@ -372,7 +415,7 @@ async fn setup_page(state: web::Data<AppState>, query: web::Query<SetupQuery>) -
         }
         Err(e) => return PortalError::from(e).error_response(),
     }
-    let csrf = auth::random_token();
+    let csrf = form_token(&req);
     let mut response = render(&SetupPage {
         css: css_path(),
         csrf: &csrf,

@@ -1142,3 +1142,30 @@ fn hostile_input_in_every_form_is_refused_or_shown_escaped() {
         );
     }
 }
+
+#[test]
+fn the_portal_scope_is_guarded_before_any_handler() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let browser = Browser::new(&f.app);
+    for path in [
+        "/",
+        "/devices",
+        "/admins",
+        "/settings/backups/x",
+        "/no-such-page",
+    ] {
+        assert_eq!(browser.get(path).location, "/login", "{path}");
+    }
+    assert_eq!(
+        browser
+            .post("/devices/remove-user", &[("user", "x")])
+            .location,
+        "/login"
+    );
+    assert_eq!(browser.get("/login").status, 200);
+    assert_eq!(browser.get("/healthz").status, 200);
+    assert_eq!(
+        get_json(&f.app.agent, &f.app.url("/api/v1/appliance")).0,
+        200
+    );
+}
