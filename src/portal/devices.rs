@@ -132,12 +132,13 @@ impl CsrfForm for ActionForm {
 /// `POST /devices/{uuid}/{block|unblock|remove}` (managers and owners).
 pub async fn act(
     state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
     path: web::Path<(String, String)>,
     post: Post<ManagerRole, ActionForm>,
 ) -> Result<HttpResponse, PortalError> {
     let (uuid, action) = path.into_inner();
     let uuid = types::uuid("uuid", &uuid).map_err(|e| PortalError::BadForm(e.to_string()))?;
-    let actor = post.0.name.clone();
+    let (actor, from) = (post.0.name.clone(), super::client_address(&req));
     let now = state.clock.now().unix_timestamp();
     let done = state
         .store
@@ -160,7 +161,7 @@ pub async fn act(
                 }
                 _ => return Ok(Some(false)),
             };
-            ops::audit(conn, now, &actor, what, &uuid, "", "")?;
+            ops::audit(conn, now, &actor, what, &uuid, "", &from)?;
             Ok::<_, StoreError>(Some(true))
         })
         .await?;
@@ -272,6 +273,7 @@ impl CsrfForm for UserForm {
 /// (someone who left): their seats are freed and leases revoked.
 pub async fn remove_user(
     state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
     Post(admin, form): Post<ManagerRole, UserForm>,
 ) -> Result<HttpResponse, PortalError> {
     let user = form.user.trim().to_string();
@@ -280,7 +282,11 @@ pub async fn remove_user(
             "name the user whose devices to remove".into(),
         ));
     }
-    let (actor, now) = (admin.name.clone(), state.clock.now().unix_timestamp());
+    let (actor, now, from) = (
+        admin.name.clone(),
+        state.clock.now().unix_timestamp(),
+        super::client_address(&req),
+    );
     let removed = state
         .store
         .write(move |conn| {
@@ -295,7 +301,7 @@ pub async fn remove_user(
                 "devices of a user removed",
                 &user,
                 &format!("{} device(s)", ids.len()),
-                "",
+                &from,
             )?;
             Ok::<_, StoreError>(ids.len())
         })

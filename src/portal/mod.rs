@@ -488,7 +488,11 @@ async fn setup(
     .await
     .unwrap_or_default();
     let now = state.clock.now().unix_timestamp();
-    let (token_hash, name) = (auth::digest(&form.token), form.name.clone());
+    let (token_hash, name, from) = (
+        auth::digest(&form.token),
+        form.name.clone(),
+        client_address(&req),
+    );
     let created = state
         .store
         .write(move |conn| {
@@ -499,7 +503,15 @@ async fn setup(
             }
             let id = accounts::insert_admin(conn, &name, "owner", &hash, now)?;
             accounts::delete_setup_tokens(conn)?;
-            ops::audit(conn, now, &name, "first admin created", &name, "owner", "")?;
+            ops::audit(
+                conn,
+                now,
+                &name,
+                "first admin created",
+                &name,
+                "owner",
+                &from,
+            )?;
             Ok::<_, crate::store::StoreError>(Some(id))
         })
         .await;

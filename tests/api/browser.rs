@@ -411,6 +411,162 @@ async fn scenario(f: &Fixture, driver: &Chromedriver) {
         "the hostile name's script did not run"
     );
 
+    // A license renewal uploaded through the Licenses page's file input.
+    let renewal = items_file("LIC-T", &item("reader", "per_device", 25, ""));
+    let file = f
+        .vendor
+        .issue_file(&f.data, &renewal, &["--version", "2"], "renewal.lic");
+    c.goto(&f.app.url("/licenses")).await.unwrap();
+    wait_for(
+        &c,
+        Locator::Css("form[action='/licenses'] input[name='file']"),
+    )
+    .await
+    .send_keys(file.to_str().unwrap())
+    .await
+    .unwrap();
+    click_button(&c, "Import").await;
+    let notice = wait_for(&c, Locator::Css("p.notice"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        notice.contains("version 2 supersedes version 1"),
+        "{notice}"
+    );
+    assert_eq!(f.item_value("LIC-T-1", "quota"), 25);
+
+    // A handshake code with a session password and an allowed domain, serving the item.
+    c.goto(&f.app.url("/handshakes")).await.unwrap();
+    wait_for(
+        &c,
+        Locator::Css("form[action='/handshakes/create'] input[name='code']"),
+    )
+    .await
+    .send_keys("PLANT-B")
+    .await
+    .unwrap();
+    click_button(&c, "Create").await;
+    wait_for(
+        &c,
+        Locator::XPath("//p[@class='notice'][contains(., 'PLANT-B created')]"),
+    )
+    .await;
+    wait_for(
+        &c,
+        Locator::Css("#code-PLANT-B form[action='/handshakes/password'] input[name='password']"),
+    )
+    .await
+    .send_keys("plant-b secret")
+    .await
+    .unwrap();
+    wait_for(
+        &c,
+        Locator::Css("#code-PLANT-B form[action='/handshakes/password'] button"),
+    )
+    .await
+    .click()
+    .await
+    .unwrap();
+    wait_for(
+        &c,
+        Locator::XPath("//p[@class='notice'][contains(., 'Session password of PLANT-B set')]"),
+    )
+    .await;
+    wait_for(&c, Locator::Css("#code-PLANT-B textarea[name='domains']"))
+        .await
+        .send_keys("*.plant-b.local")
+        .await
+        .unwrap();
+    wait_for(
+        &c,
+        Locator::XPath(
+            "//section[@id='code-PLANT-B']//button[normalize-space()='Save validation fields']",
+        ),
+    )
+    .await
+    .click()
+    .await
+    .unwrap();
+    wait_for(
+        &c,
+        Locator::XPath("//p[@class='notice'][contains(., 'Validation fields of PLANT-B saved')]"),
+    )
+    .await;
+    wait_for(
+        &c,
+        Locator::XPath("//tr[td[normalize-space()='LIC-T-1']]//select[@name='code']"),
+    )
+    .await
+    .select_by_value("PLANT-B")
+    .await
+    .unwrap();
+    wait_for(
+        &c,
+        Locator::XPath(
+            "//tr[td[normalize-space()='LIC-T-1']]//button[normalize-space()='Configure']",
+        ),
+    )
+    .await
+    .click()
+    .await
+    .unwrap();
+    wait_for(
+        &c,
+        Locator::XPath("//p[@class='notice'][contains(., 'now served by PLANT-B')]"),
+    )
+    .await;
+    let mut request = f.request("reader", 5);
+    request["handshake_code"] = serde_json::json!("PLANT-B");
+    request["session_password"] = serde_json::json!("plant-b secret");
+    request["validation"] = serde_json::json!({"domain": "line2.plant-b.local"});
+    assert_eq!(
+        f.authorize(&request).0,
+        200,
+        "the device side sees the new code"
+    );
+    request["validation"] = serde_json::json!({"domain": "elsewhere.local"});
+    assert_eq!(
+        f.authorize(&request).1["error"]["code"],
+        "VALIDATION_FAILED"
+    );
+
+    // Alert recipients, then the audit log shows who did all this.
+    c.goto(&f.app.url("/alerts")).await.unwrap();
+    type_into(&c, "recipients", "it@plant.test; boss@plant.test").await;
+    click_button(&c, "Save recipients").await;
+    wait_for(
+        &c,
+        Locator::XPath("//p[@class='notice'][contains(., 'Alert recipients saved (2)')]"),
+    )
+    .await;
+    c.goto(&f.app.url("/audit")).await.unwrap();
+    let log = wait_for(&c, Locator::Css("table"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    for action in [
+        "license imported",
+        "handshake create",
+        "handshake password",
+        "alert recipients set",
+        "device removed",
+        "first admin created",
+    ] {
+        assert!(
+            log.contains(action),
+            "the audit log lacks {action:?}:\n{log}"
+        );
+    }
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("device removed"))
+            .all(|l| l.ends_with("127.0.0.1")),
+        "who, and from where:\n{log}"
+    );
+
     // Sign out: back on the sign-in page, and the portal is closed again.
     click_button(&c, "Sign out").await;
     wait_for(&c, Locator::XPath("//h2[normalize-space()='Sign in']")).await;
