@@ -172,16 +172,11 @@ pub enum AlertsCommand {
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
     /// Refuse the device's authorizations and renewals.
-    Block {
-        uuid: String,
-    },
-    Unblock {
-        uuid: String,
-    },
+    Block { uuid: String },
+    /// Let a blocked device authorize and renew again.
+    Unblock { uuid: String },
     /// Free the device's seats and revoke its leases.
-    Remove {
-        uuid: String,
-    },
+    Remove { uuid: String },
 }
 
 #[derive(Debug, Subcommand)]

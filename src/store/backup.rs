@@ -77,6 +77,7 @@ pub fn take(db: &Path, dir: &Path, now: OffsetDateTime) -> Result<BackupFile, Ba
         drop(backup);
         check(&dst, &tmp)?;
     }
+    owner_only(&tmp)?;
     let file = std::fs::File::open(&tmp).map_err(io(&tmp))?;
     file.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
@@ -89,11 +90,27 @@ pub fn take(db: &Path, dir: &Path, now: OffsetDateTime) -> Result<BackupFile, Ba
     })
 }
 
+/// Makes a rename in `dir` durable (directories cannot be opened for syncing on Windows).
+#[cfg(unix)]
 fn sync_dir(dir: &Path) -> Result<(), BackupError> {
-    #[cfg(unix)]
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
+        .map_err(io(dir))
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> Result<(), BackupError> {
+    Ok(())
+}
+
+/// Backups and restored databases hold the whole appliance state: owner only.
+fn owner_only(path: &Path) -> Result<(), BackupError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io(path))?;
+    }
+    let _ = path;
     Ok(())
 }
 
@@ -218,6 +235,7 @@ pub fn restore(db: &Path, backup: &Path, now: OffsetDateTime) -> Result<PathBuf,
     }
     let tmp = db.with_file_name("keygate.db.restoring");
     std::fs::copy(backup, &tmp).map_err(io(&tmp))?;
+    owner_only(&tmp)?;
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .map_err(io(&tmp))?;
