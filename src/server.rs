@@ -107,20 +107,28 @@ pub async fn serve(
     let _scheduler = jobs::start(state.clone(), errors)
         .await
         .map_err(|e| std::io::Error::other(format!("cannot start the scheduler: {e}")))?;
+    // The access log costs every request its formatting even when filtered out: it is only
+    // installed when its target is enabled (`keygate::http=info`).
+    let access_log = tracing::enabled!(target: "keygate::http", tracing::Level::INFO);
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
             .app_data(state.clone())
-            .wrap(
+            .wrap(actix_web::middleware::Condition::new(
+                access_log,
                 actix_web::middleware::Logger::new("%a \"%r\" %s %b %Dms")
                     .log_target("keygate::http"),
-            )
-            .wrap(actix_web::middleware::from_fn(crate::portal::guard))
-            .wrap(crate::portal::security_headers())
+            ))
             .configure(protocol::routes)
-            .configure(crate::portal::routes)
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics))
+            // The portal's guard and security headers cover the portal, not device traffic.
+            .service(
+                web::scope("")
+                    .wrap(actix_web::middleware::from_fn(crate::portal::guard))
+                    .wrap(crate::portal::security_headers())
+                    .configure(crate::portal::routes),
+            )
     })
     .disable_signals()
     .listen_rustls_0_23(listener, tls)?

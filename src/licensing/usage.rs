@@ -214,35 +214,38 @@ fn renew(
     now: i64,
     installation_id: &str,
 ) -> Result<Result<Authorization, ApiError>, ApiError> {
-    let model = item.terms.model;
-    let instance = if model == Model::ConcurrentInstance {
-        lease.instance.as_str()
-    } else {
-        ""
-    };
-    if let Some(seat) = devices::seat(conn, &item.item_id, device.id, instance)?
-        && !models::seat_lapsed(model, seat.first_auth_at, seat.last_used_at, now)
-    {
-        devices::touch_seat(conn, &item.item_id, device.id, instance, now)?;
-        if model.is_concurrent() {
-            devices::mark_window(
-                conn,
-                &item.item_id,
-                device.id,
-                instance,
-                window_of(now),
-                item.terms.quota,
-            )?;
+    let refused = lease_refusal(lease, device).or_else(|| {
+        item.withdrawn.then(|| {
+            ApiError::new(
+                ErrorCode::LeaseRevoked,
+                "the license no longer grants this item",
+            )
+        })
+    });
+    if let Some(refused) = refused {
+        // No renewal, but the call still proves the device runs: mark its seat active.
+        let model = item.terms.model;
+        let instance = if model == Model::ConcurrentInstance {
+            lease.instance.as_str()
+        } else {
+            ""
+        };
+        if let Some(seat) = devices::seat(conn, &item.item_id, device.id, instance)?
+            && !models::seat_lapsed(model, seat.first_auth_at, seat.last_used_at, now)
+        {
+            devices::touch_seat(conn, &item.item_id, device.id, instance, now)?;
+            if model.is_concurrent() {
+                devices::mark_window(
+                    conn,
+                    &item.item_id,
+                    device.id,
+                    instance,
+                    window_of(now),
+                    item.terms.quota,
+                )?;
+            }
         }
-    }
-    if let Some(refused) = lease_refusal(lease, device) {
         return Ok(Err(refused));
-    }
-    if item.withdrawn {
-        return Ok(Err(ApiError::new(
-            ErrorCode::LeaseRevoked,
-            "the license no longer grants this item",
-        )));
     }
     let token_user = if lease.user.is_empty() {
         device.uuid.as_str()
