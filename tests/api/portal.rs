@@ -1169,3 +1169,89 @@ fn the_portal_scope_is_guarded_before_any_handler() {
         200
     );
 }
+
+#[test]
+fn an_auditor_cannot_change_anything() {
+    let (f, _owner) = signed_in(&item("reader", "per_device", 10, ""));
+    f.authorized("reader", 1);
+    assert!(set_password_for_admin(&f, "audrey", "auditor").ok);
+    let (auditor, _) = sign_in(&f, "audrey", PASSWORD);
+    let token = csrf(&auditor.get("/").body);
+    let db = f.data.join("keygate.db");
+    let before = db_digest(&db);
+    let device = format!("/devices/{}", device_uuid(1));
+    let forms: Vec<(String, Vec<(&str, &str)>)> = vec![
+        (format!("{device}/block"), vec![]),
+        (format!("{device}/remove"), vec![]),
+        ("/devices/remove-user".into(), vec![("user", "x")]),
+        (
+            "/handshakes/create".into(),
+            vec![("organization", "200001"), ("code", "NEW")],
+        ),
+        (
+            "/handshakes/rename".into(),
+            vec![("code", &f.code), ("name", "x")],
+        ),
+        ("/handshakes/delete".into(), vec![("code", &f.code)]),
+        (
+            "/handshakes/password".into(),
+            vec![("code", &f.code), ("password", "long enough!")],
+        ),
+        ("/handshakes/clear-password".into(), vec![("code", &f.code)]),
+        (
+            "/handshakes/validation".into(),
+            vec![("code", &f.code), ("domains", "a.b")],
+        ),
+        (
+            "/handshakes/assign".into(),
+            vec![("item", "LIC-T-1"), ("code", &f.code)],
+        ),
+        ("/handshakes/trial".into(), vec![("trial", "on")]),
+        (
+            "/alerts/recipients".into(),
+            vec![("recipients", "a@b.test")],
+        ),
+        (
+            "/alerts/smtp".into(),
+            vec![("host", "h"), ("tls", "none"), ("action", "save")],
+        ),
+        (
+            "/alerts/smtp".into(),
+            vec![("host", "h"), ("tls", "none"), ("action", "test")],
+        ),
+        (
+            "/admins/create".into(),
+            vec![
+                ("name", "eve"),
+                ("role", "owner"),
+                ("password", "long enough password"),
+            ],
+        ),
+        (
+            "/admins/role".into(),
+            vec![("name", "audrey"), ("role", "owner")],
+        ),
+        ("/settings/backup".into(), vec![]),
+    ];
+    for (path, fields) in &forms {
+        let mut all = vec![("csrf", token.as_str())];
+        all.extend(fields.iter().copied());
+        assert_eq!(auditor.post(path, &all).status, 403, "{path}");
+    }
+    for path in ["/licenses", "/licenses/keys", "/settings/certificate"] {
+        assert_eq!(
+            auditor.upload(path, &token, b"anything").status,
+            403,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        db_digest(&db),
+        before,
+        "nothing changed, not even the audit log"
+    );
+    assert!(
+        std::fs::read_dir(f.data.join("backups")).map_or(true, |mut d| d.next().is_none()),
+        "no backup taken"
+    );
+}
