@@ -164,6 +164,9 @@ pub enum AlertsCommand {
         /// The sender address.
         #[arg(long)]
         from: Option<String>,
+        /// A PEM CA certificate to trust for the server (a relay with an internal CA).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
     },
     /// Send a test email to the recipients now and print the server's answer.
     Test,
@@ -542,6 +545,7 @@ fn alerts(config: &Config, command: AlertsCommand) -> Result<()> {
             user,
             password_stdin,
             from,
+            ca,
         } => {
             let password = if password_stdin {
                 let mut line = String::new();
@@ -562,6 +566,13 @@ fn alerts(config: &Config, command: AlertsCommand) -> Result<()> {
                 user,
                 password,
                 from: from.unwrap_or_else(|| format!("keygate@{}", appliance::hostname())),
+                ca: match &ca {
+                    Some(path) => Some(
+                        std::fs::read_to_string(path)
+                            .with_context(|| format!("cannot read {}", path.display()))?,
+                    ),
+                    None => None,
+                },
             };
             mail::save_settings(&conn, &settings)?;
             println!(

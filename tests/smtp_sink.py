@@ -2,12 +2,17 @@
 
 Usage: smtp_sink.py DIR  -- prints "PORT <n>" once listening on 127.0.0.1 (a free port).
 Each accepted message becomes DIR/<n>.eml (written to a temporary name, then renamed).
+
+Environment: SMTP_PORT (default 0: any free port); SMTP_TLS_CERT and SMTP_TLS_KEY (PEM files)
+turn on STARTTLS, required before anything else, or implicit TLS with SMTP_IMPLICIT=1;
+SMTP_USER and SMTP_PASS require AUTH with that user and password.
 """
 import asyncio
 import os
+import ssl
 import sys
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 
 class Sink:
@@ -29,7 +34,27 @@ async def main(directory):
     os.makedirs(directory, exist_ok=True)
     loop = asyncio.get_running_loop()
     handler = Sink(directory)
-    server = await loop.create_server(lambda: SMTP(handler), host="127.0.0.1", port=int(os.environ.get("SMTP_PORT", "0")))
+    options, context = {}, None
+    if os.environ.get("SMTP_TLS_CERT"):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(os.environ["SMTP_TLS_CERT"], os.environ["SMTP_TLS_KEY"])
+        if not os.environ.get("SMTP_IMPLICIT"):
+            options.update(tls_context=context, require_starttls=True)
+    if os.environ.get("SMTP_USER"):
+        user, password = os.environ["SMTP_USER"].encode(), os.environ["SMTP_PASS"].encode()
+
+        def authenticate(server, session, envelope, mechanism, auth_data):
+            ok = auth_data.login == user and auth_data.password == password
+            return AuthResult(success=ok)
+
+        # With implicit TLS the socket is encrypted before aiosmtpd sees it: it cannot tell, so
+        # it is told not to insist.
+        starttls = context is not None and not os.environ.get("SMTP_IMPLICIT")
+        options.update(authenticator=authenticate, auth_required=True, auth_require_tls=starttls)
+    implicit = context if os.environ.get("SMTP_IMPLICIT") else None
+    server = await loop.create_server(
+        lambda: SMTP(handler, **options), host="127.0.0.1", port=int(os.environ.get("SMTP_PORT", "0")), ssl=implicit
+    )
     print("PORT %d" % server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
 

@@ -3,7 +3,8 @@
 //! the portal); the password is never logged or shown.
 
 use lettre::message::{Mailbox, MultiPart};
-use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use rusqlite::Connection;
 
@@ -44,6 +45,9 @@ pub struct SmtpSettings {
     pub user: Option<String>,
     pub password: Option<String>,
     pub from: String,
+    /// A PEM CA certificate to trust for the server's TLS certificate (a LAN relay with a
+    /// certificate from an internal CA). Without one, the public web roots are trusted.
+    pub ca: Option<String>,
 }
 
 impl std::fmt::Debug for SmtpSettings {
@@ -55,6 +59,7 @@ impl std::fmt::Debug for SmtpSettings {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("from", &self.from)
+            .field("ca", &self.ca.as_ref().map(|_| "<PEM>"))
             .finish()
     }
 }
@@ -69,6 +74,8 @@ pub enum MailError {
     BadAddress(String),
     #[error("the message could not be built: {0}")]
     Build(String),
+    #[error("the SMTP CA certificate is not a PEM certificate: {0}")]
+    Ca(String),
     #[error("the SMTP server did not accept the message: {0}")]
     Smtp(String),
     #[error(transparent)]
@@ -110,6 +117,7 @@ pub fn load_settings(conn: &Connection) -> Result<Option<SmtpSettings>, StoreErr
         password: get("smtp_password")?.filter(|p| !p.is_empty()),
         from: get("smtp_from")?
             .unwrap_or_else(|| format!("keygate@{}", crate::appliance::hostname())),
+        ca: get("smtp_ca")?.filter(|c| !c.is_empty()),
     }))
 }
 
@@ -123,6 +131,7 @@ pub fn save_settings(conn: &Connection, s: &SmtpSettings) -> Result<(), MailErro
     settings::set(conn, "smtp_user", s.user.as_deref().unwrap_or(""))?;
     settings::set(conn, "smtp_password", s.password.as_deref().unwrap_or(""))?;
     settings::set(conn, "smtp_from", &s.from)?;
+    settings::set(conn, "smtp_ca", s.ca.as_deref().unwrap_or(""))?;
     Ok(())
 }
 
@@ -145,6 +154,9 @@ impl Email {
     }
 }
 
+/// The longest one delivery may take, whatever the server does.
+pub const SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Sends one message to all recipients; returns the server's answer.
 pub async fn send(
     settings: &SmtpSettings,
@@ -166,20 +178,39 @@ pub async fn send(
         ))
         .map_err(|e| MailError::Build(e.to_string()))?;
     let smtp = |e: lettre::transport::smtp::Error| MailError::Smtp(e.to_string());
+    let builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&settings.host);
     let mut transport = match settings.tls {
-        TlsMode::Tls => {
-            AsyncSmtpTransport::<Tokio1Executor>::relay(&settings.host).map_err(smtp)?
+        TlsMode::None => builder,
+        mode => {
+            let mut tls = TlsParameters::builder(settings.host.clone());
+            if let Some(ca) = &settings.ca {
+                tls = tls.add_root_certificate(
+                    Certificate::from_pem(ca.as_bytes())
+                        .map_err(|e| MailError::Ca(e.to_string()))?,
+                );
+            }
+            let tls = tls.build_rustls().map_err(smtp)?;
+            builder.tls(if mode == TlsMode::Tls {
+                Tls::Wrapper(tls)
+            } else {
+                Tls::Required(tls)
+            })
         }
-        TlsMode::StartTls => {
-            AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&settings.host).map_err(smtp)?
-        }
-        TlsMode::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&settings.host),
     }
     .port(settings.port)
     .timeout(Some(std::time::Duration::from_secs(20)));
     if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
-        transport = transport.credentials(Credentials::new(user.clone(), password.clone()));
+        // PLAIN only (inside TLS, or on a trusted relay): a refused password then fails at
+        // once instead of the client trying another mechanism the server may wait on.
+        transport = transport
+            .credentials(Credentials::new(user.clone(), password.clone()))
+            .authentication(vec![Mechanism::Plain]);
     }
-    let response = transport.build().send(message).await.map_err(smtp)?;
+    let transport = transport.build();
+    let sending = transport.send(message);
+    let response = tokio::time::timeout(SEND_LIMIT, sending)
+        .await
+        .map_err(|_| MailError::Smtp(format!("no answer within {} seconds", SEND_LIMIT.as_secs())))?
+        .map_err(smtp)?;
     Ok(response.message().collect::<Vec<_>>().join(" "))
 }

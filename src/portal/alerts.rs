@@ -30,6 +30,7 @@ pub struct AlertsForm {
     pub user: String,
     pub has_password: bool,
     pub from: String,
+    pub ca: String,
 }
 
 #[derive(Template)]
@@ -65,6 +66,7 @@ async fn stored(state: &AppState) -> Result<(AlertsForm, Vec<JobRun>), PortalErr
                     .and_then(|s| s.user.clone())
                     .unwrap_or_default(),
                 has_password: smtp.as_ref().is_some_and(|s| s.password.is_some()),
+                ca: smtp.as_ref().and_then(|s| s.ca.clone()).unwrap_or_default(),
                 from: smtp.map(|s| s.from).unwrap_or_default(),
             };
             Ok::<_, StoreError>((form, ops::job_runs(conn, 30)?))
@@ -182,6 +184,9 @@ pub struct SmtpForm {
     password: String,
     #[serde(default)]
     from: String,
+    /// A PEM CA certificate for the server's TLS certificate (empty: the public roots).
+    #[serde(default)]
+    ca: String,
     /// "save" or "test".
     #[serde(default)]
     action: String,
@@ -245,6 +250,7 @@ pub async fn smtp(
         user: form.user.clone(),
         has_password: stored_form.has_password,
         from: form.from.clone(),
+        ca: form.ca.clone(),
     };
     let refuse = |field, message: &str| {
         Ok(show(
@@ -296,7 +302,13 @@ pub async fn smtp(
         user: Some(form.user.trim().to_string()).filter(|u| !u.is_empty()),
         password,
         from,
+        ca: Some(form.ca.trim().to_string()).filter(|c| !c.is_empty()),
     };
+    if let Some(ca) = &settings.ca
+        && lettre::transport::smtp::client::Certificate::from_pem(ca.as_bytes()).is_err()
+    {
+        return refuse("ca", "The CA certificate is not a PEM certificate");
+    }
     let now = state.clock.now().unix_timestamp();
     let (actor, addr) = (admin.name.clone(), super::client_address(&req));
     let saved = state
@@ -340,6 +352,7 @@ fn shown_clone(f: &AlertsForm) -> AlertsForm {
         user: f.user.clone(),
         has_password: f.has_password,
         from: f.from.clone(),
+        ca: f.ca.clone(),
     }
 }
 

@@ -583,11 +583,17 @@ impl SmtpSink {
 
     /// On a given port (a server coming back), into the same directory.
     pub fn start_on(port: u16, dir: tempfile::TempDir) -> SmtpSink {
+        SmtpSink::start_with(port, dir, &[])
+    }
+
+    /// With the sink's environment settings (TLS, AUTH: see tests/smtp_sink.py).
+    pub fn start_with(port: u16, dir: tempfile::TempDir, env: &[(&str, &str)]) -> SmtpSink {
         let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python");
         let mut child = Command::new(&python)
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/smtp_sink.py"))
             .arg(dir.path())
             .env("SMTP_PORT", port.to_string())
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| {
