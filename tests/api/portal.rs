@@ -458,30 +458,9 @@ fn devices_page_searches_and_pages_by_key() {
 }
 
 impl Browser {
-    /// Posts a multipart form with a CSRF token and one file.
+    /// Posts a multipart form with a CSRF token and one file (field `file`).
     fn upload(&self, path: &str, csrf: &str, file: &[u8]) -> Answer {
-        let boundary = "keygate-test-boundary-7d2f";
-        let mut body = Vec::new();
-        body.extend(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n"
-            )
-            .bytes(),
-        );
-        body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.lic\"\r\nContent-Type: application/octet-stream\r\n\r\n").bytes());
-        body.extend_from_slice(file);
-        body.extend(format!("\r\n--{boundary}--\r\n").bytes());
-        let response = self
-            .agent
-            .post(&format!("{}{path}", self.base))
-            .header("cookie", self.cookie_header())
-            .header(
-                "content-type",
-                format!("multipart/form-data; boundary={boundary}"),
-            )
-            .send(&body[..])
-            .unwrap();
-        self.keep(response)
+        self.upload_files(path, csrf, &[("file", file)])
     }
 }
 
