@@ -222,43 +222,62 @@ pub fn authorize(
     )?
     .map(|l| l.lease_id)
     .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let expires_at = expiry(item, now);
-    devices::upsert_lease(
-        conn,
-        &Lease {
-            lease_id: lease_id.clone(),
-            device_id,
-            product: req.product.clone(),
-            instance: seat.instance.to_string(),
-            user: req.user.clone().unwrap_or_default(),
-            handshake_id: Some(handshake.id),
-            item_id: Some(item.item_id.clone()),
-            nonce: req.nonce.clone(),
-            issued_at: now,
-            expires_at,
-            released: false,
-            revoked: false,
-        },
-    )?;
+    let lease = Lease {
+        lease_id,
+        device_id,
+        product: req.product.clone(),
+        instance: seat.instance.to_string(),
+        user: req.user.clone().unwrap_or_default(),
+        handshake_id: Some(handshake.id),
+        item_id: Some(item.item_id.clone()),
+        nonce: req.nonce.clone(),
+        issued_at: now,
+        expires_at: expiry(item, now),
+        released: false,
+        revoked: false,
+    };
+    devices::upsert_lease(conn, &lease)?;
     Ok(Grant {
         license_jws: licenses::license_jws(conn, &item.license_id, item.license_version)?,
-        authorization: Authorization {
-            v: FORMAT_VERSION,
-            lease_id,
-            installation_id: installation_id.to_string(),
-            organization_id: handshake.organization_id.clone(),
-            handshake_code: handshake.code.clone(),
-            product: req.product.clone(),
-            device_uuid: req.device_uuid.clone(),
-            instance: req.instance.clone(),
-            user: req.user.clone(),
-            items: vec![granted(item)],
-            issued_at: from_unix(now),
-            expires_at: from_unix(expires_at),
-            nonce: req.nonce.clone(),
+        authorization: authorization_for(
+            &lease,
+            &req.device_uuid,
+            (handshake.organization_id.clone(), handshake.code.clone()),
+            installation_id,
+            now,
+            vec![granted(item)],
             state,
-        },
+        ),
     })
+}
+
+/// The authorization a lease gives at `now` (the caller signs it): authorize, the trial and
+/// every renewal build it here.
+pub fn authorization_for(
+    lease: &Lease,
+    device_uuid: &str,
+    (organization_id, handshake_code): (String, String),
+    installation_id: &str,
+    now: i64,
+    items: Vec<GrantedItem>,
+    state: AuthorizationState,
+) -> Authorization {
+    Authorization {
+        v: FORMAT_VERSION,
+        lease_id: lease.lease_id.clone(),
+        installation_id: installation_id.to_string(),
+        organization_id,
+        handshake_code,
+        product: lease.product.clone(),
+        device_uuid: device_uuid.to_string(),
+        instance: Some(lease.instance.clone()).filter(|i| !i.is_empty()),
+        user: Some(lease.user.clone()).filter(|u| !u.is_empty()),
+        items,
+        issued_at: from_unix(now),
+        expires_at: from_unix(lease.expires_at),
+        nonce: lease.nonce.clone(),
+        state,
+    }
 }
 
 fn check_handshake(
@@ -332,43 +351,32 @@ fn trial(
         req.user.as_deref().unwrap_or(""),
         now,
     )?;
-    let lease_id = uuid::Uuid::new_v4().to_string();
-    let expires_at = now + TRIAL_DAYS * DAY;
-    devices::upsert_lease(
-        conn,
-        &Lease {
-            lease_id: lease_id.clone(),
-            device_id,
-            product: req.product.clone(),
-            instance: req.instance.clone().unwrap_or_default(),
-            user: req.user.clone().unwrap_or_default(),
-            handshake_id: None,
-            item_id: None,
-            nonce: req.nonce.clone(),
-            issued_at: now,
-            expires_at,
-            released: false,
-            revoked: false,
-        },
-    )?;
+    let lease = Lease {
+        lease_id: uuid::Uuid::new_v4().to_string(),
+        device_id,
+        product: req.product.clone(),
+        instance: req.instance.clone().unwrap_or_default(),
+        user: req.user.clone().unwrap_or_default(),
+        handshake_id: None,
+        item_id: None,
+        nonce: req.nonce.clone(),
+        issued_at: now,
+        expires_at: now + TRIAL_DAYS * DAY,
+        released: false,
+        revoked: false,
+    };
+    devices::upsert_lease(conn, &lease)?;
     Ok(Grant {
         license_jws,
-        authorization: Authorization {
-            v: FORMAT_VERSION,
-            lease_id,
-            installation_id: installation_id.to_string(),
-            organization_id: String::new(),
-            handshake_code: String::new(),
-            product: req.product.clone(),
-            device_uuid: req.device_uuid.clone(),
-            instance: req.instance.clone(),
-            user: req.user.clone(),
-            items: vec![],
-            issued_at: from_unix(now),
-            expires_at: from_unix(expires_at),
-            nonce: req.nonce.clone(),
-            state: AuthorizationState::Ok,
-        },
+        authorization: authorization_for(
+            &lease,
+            &req.device_uuid,
+            Default::default(),
+            installation_id,
+            now,
+            vec![],
+            AuthorizationState::Ok,
+        ),
     })
 }
 

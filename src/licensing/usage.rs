@@ -2,11 +2,10 @@
 //! renew its authorization. Reports of a known lease are recorded even when the renewal is
 //! refused.
 
-use keygate_sdk::wire::{Authorization, AuthorizationState, ErrorCode, FORMAT_VERSION, Model};
+use keygate_sdk::wire::{Authorization, AuthorizationState, ErrorCode, Model};
 use rusqlite::Connection;
 
-use super::authorize::{Occupy, SeatKey, expiry, granted, occupy, refusal};
-use super::from_unix;
+use super::authorize::{Occupy, SeatKey, authorization_for, expiry, granted, occupy, refusal};
 use super::models::{self, day_of, window_of};
 use super::types::Usage;
 use crate::error::ApiError;
@@ -130,32 +129,6 @@ fn metered_counters(
     Ok(known)
 }
 
-/// The authorization a lease would get now, for the payload fields renewals share.
-fn payload(
-    lease: &Lease,
-    device: &Device,
-    handshake: (String, String),
-    installation_id: &str,
-    now: i64,
-) -> Authorization {
-    Authorization {
-        v: FORMAT_VERSION,
-        lease_id: lease.lease_id.clone(),
-        installation_id: installation_id.to_string(),
-        organization_id: handshake.0,
-        handshake_code: handshake.1,
-        product: lease.product.clone(),
-        device_uuid: device.uuid.clone(),
-        instance: Some(lease.instance.clone()).filter(|i| !i.is_empty()),
-        user: Some(lease.user.clone()).filter(|u| !u.is_empty()),
-        items: vec![],
-        issued_at: from_unix(now),
-        expires_at: from_unix(lease.expires_at),
-        nonce: lease.nonce.clone(),
-        state: AuthorizationState::Ok,
-    }
-}
-
 /// The public trial keeps its 7 days: re-signed, never extended.
 fn renew_trial(
     lease: &Lease,
@@ -172,12 +145,14 @@ fn renew_trial(
             "the trial has ended",
         ));
     }
-    Ok(payload(
+    Ok(authorization_for(
         lease,
-        device,
+        &device.uuid,
         Default::default(),
         installation_id,
         now,
+        vec![],
+        AuthorizationState::Ok,
     ))
 }
 
@@ -270,11 +245,20 @@ fn renew(
             .unwrap_or_default(),
         None => Default::default(),
     };
-    let mut authorization = payload(lease, device, handshake, installation_id, now);
-    authorization.items = vec![granted(&item)];
-    authorization.expires_at = from_unix(expires_at);
-    authorization.state = models::state(&item.terms, &used);
-    Ok(Ok(authorization))
+    let renewed = Lease {
+        issued_at: now,
+        expires_at,
+        ..lease.clone()
+    };
+    Ok(Ok(authorization_for(
+        &renewed,
+        &device.uuid,
+        handshake,
+        installation_id,
+        now,
+        vec![granted(&item)],
+        models::state(&item.terms, &used),
+    )))
 }
 
 /// `release`: ends the lease; frees a concurrent seat from the current window and a
