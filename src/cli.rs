@@ -299,7 +299,7 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         Command::Admin(command) => admin(&config, command, &clock),
         Command::Trial { state } => {
             let conn = open_store(&config)?;
-            store::settings::set(&conn, licensing::authorize::PUBLIC_TRIAL, &state)?;
+            store::settings::set(&conn, store::catalogue::PUBLIC_TRIAL, &state)?;
             println!("public trial {state}");
             Ok(())
         }

@@ -14,12 +14,10 @@ use super::models::{
 use super::types::Authorize;
 use super::{from_unix, rfc3339};
 use crate::error::ApiError;
+use crate::store::StoreError;
+use crate::store::catalogue::{self, Catalogue};
 use crate::store::devices::{self, Lease};
-use crate::store::licenses::{self, HandshakeCode, ItemRow};
-use crate::store::{StoreError, settings};
-
-/// The setting that turns the public trial on.
-pub const PUBLIC_TRIAL: &str = "public_trial";
+use crate::store::licenses::{HandshakeCode, ItemRow};
 
 #[derive(Debug)]
 pub enum AuthorizeError {
@@ -91,6 +89,7 @@ pub fn refusal(r: Refusal, item: &ItemRow) -> ApiError {
 
 pub fn authorize(
     conn: &Connection,
+    catalogue: &Catalogue,
     req: &Authorize,
     now: i64,
     installation_id: &str,
@@ -105,14 +104,17 @@ pub fn authorize(
         .into());
     }
     let handshake = match (&req.organization_id, &req.handshake_code) {
-        (None, None) => return trial(conn, req, device.is_some(), now, installation_id),
-        (Some(org), None) => licenses::default_handshake(conn, org)?.ok_or_else(|| {
+        (None, None) => {
+            return trial(conn, catalogue, req, device.is_some(), now, installation_id);
+        }
+        (Some(org), None) => catalogue.default_handshake(org).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::HandshakeNotFound,
                 format!("organization {org} has no license on this appliance"),
             )
         })?,
-        (org, Some(code)) => licenses::handshake_by_code(conn, code)?
+        (org, Some(code)) => catalogue
+            .handshake_by_code(code)
             .filter(|h| org.as_ref().is_none_or(|o| *o == h.organization_id))
             .ok_or_else(|| {
                 ApiError::new(
@@ -126,9 +128,12 @@ pub fn authorize(
                 )
             })?,
     };
-    check_handshake(&handshake, req, passwords)?;
+    check_handshake(handshake, req, passwords)?;
 
-    let items = licenses::items_for(conn, handshake.id, &req.product)?;
+    let items = catalogue
+        .items_for(handshake.id, &req.product)
+        .map(|item| catalogue::live(conn, item))
+        .collect::<Result<Vec<_>, _>>()?;
     if items.is_empty() {
         return Err(ApiError::new(
             ErrorCode::NoLicense,
@@ -238,7 +243,10 @@ pub fn authorize(
     };
     devices::upsert_lease(conn, &lease)?;
     Ok(Grant {
-        license_jws: licenses::license_jws(conn, &item.license_id, item.license_version)?,
+        license_jws: catalogue
+            .license_jws(item)
+            .ok_or(StoreError::Missing("the license of an item"))?
+            .to_string(),
         authorization: authorization_for(
             &lease,
             &req.device_uuid,
@@ -325,25 +333,28 @@ fn check_handshake(
 /// that the vendor licensed this appliance's key.
 fn trial(
     conn: &Connection,
+    catalogue: &Catalogue,
     req: &Authorize,
     known_device: bool,
     now: i64,
     installation_id: &str,
 ) -> Result<Grant, AuthorizeError> {
-    let enabled = settings::get(conn, PUBLIC_TRIAL)?.as_deref() == Some("on");
-    if !enabled || known_device {
+    if !catalogue.public_trial() || known_device {
         return Err(ApiError::new(
             ErrorCode::HandshakeRequired,
             "give a handshake code or an organization id",
         )
         .into());
     }
-    let license_jws = licenses::newest_license_jws(conn)?.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::NoLicense,
-            "no license is imported on this appliance",
-        )
-    })?;
+    let license_jws = catalogue
+        .newest_license_jws()
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NoLicense,
+                "no license is imported on this appliance",
+            )
+        })?
+        .to_string();
     let device_id = devices::insert_device(
         conn,
         &req.device_uuid,
@@ -495,7 +506,7 @@ pub fn occupy(
         (_, None) => {
             free_lapsed(conn, item, now)?;
             // Counted again: freeing lapsed seats (here or just before) changed it.
-            used = licenses::item(conn, &item.item_id)?.map_or(item.used, |i| i.used);
+            used = catalogue::consumption(conn, &item.item_id)?.unwrap_or(item.used);
             if !has_room(&item.terms, &used) {
                 return Err(Occupy::Refused(Refusal::QuotaExceeded));
             }

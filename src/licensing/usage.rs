@@ -9,8 +9,9 @@ use super::authorize::{Occupy, SeatKey, authorization_for, expiry, granted, occu
 use super::models::{self, day_of, window_of};
 use super::types::Usage;
 use crate::error::ApiError;
-use crate::store::devices::{self, Device, Lease};
-use crate::store::licenses::{self, ItemRow};
+use crate::store::catalogue::Catalogue;
+use crate::store::devices::{self, Device, Lease, LeaseContext};
+use crate::store::licenses::ItemRow;
 
 #[derive(Debug)]
 pub struct Recorded {
@@ -30,21 +31,30 @@ fn lease_not_found() -> ApiError {
 
 pub fn record(
     conn: &Connection,
+    catalogue: &Catalogue,
     req: &Usage,
     now: i64,
     installation_id: &str,
 ) -> Result<Recorded, ApiError> {
-    let lease = devices::lease(conn, &req.lease_id)?.ok_or_else(lease_not_found)?;
-    let device = devices::device_by_id(conn, lease.device_id)?.ok_or_else(lease_not_found)?;
+    let LeaseContext {
+        lease,
+        device,
+        used,
+        stream,
+    } = devices::lease_context(conn, &req.lease_id, &req.stream)?.ok_or_else(lease_not_found)?;
     if device.uuid != req.device_uuid {
         return Err(lease_not_found());
     }
-    let mut item = match &lease.item_id {
-        Some(id) => licenses::item(conn, id)?,
-        None => None,
-    };
-    let metered = metered_counters(conn, &lease, item.as_ref(), req)?;
-    let high = match devices::stream(conn, &req.stream)? {
+    let mut item = lease
+        .item_id
+        .as_deref()
+        .and_then(|id| catalogue.item(id))
+        .map(|terms| ItemRow {
+            used: used.unwrap_or_default(),
+            ..terms.clone()
+        });
+    let metered = metered_counters(catalogue, &lease, item.as_ref(), req)?;
+    let high = match stream {
         Some((owner, _)) if owner != device.id => {
             return Err(ApiError::bad_request("stream belongs to another device"));
         }
@@ -82,7 +92,7 @@ pub fn record(
     }
     devices::touch_device(conn, device.id, None, None, now)?;
     let renewal = match item {
-        Some(item) => renew(conn, &lease, &device, item, now, installation_id)?,
+        Some(item) => renew(conn, catalogue, &lease, &device, item, now, installation_id)?,
         None => renew_trial(&lease, &device, now, installation_id),
     };
     Ok(Recorded {
@@ -97,7 +107,7 @@ pub fn record(
 /// name any item that serves the lease's product for the lease's organization: the lease's
 /// current item, or one it held before a renewal moved it (a backlog stays deliverable).
 fn metered_counters(
-    conn: &Connection,
+    catalogue: &Catalogue,
     lease: &Lease,
     item: Option<&ItemRow>,
     req: &Usage,
@@ -112,19 +122,13 @@ fn metered_counters(
                 other.product == lease.product && other.organization_id == i.organization_id
             })
         };
-        let found = match item {
-            Some(i) if i.item_id == report.item_id => Some(i.counter.clone()),
-            _ => licenses::item(conn, &report.item_id)?
-                .filter(|other| belongs(other))
-                .map(|other| other.counter),
-        };
-        let Some(counter) = found else {
+        let Some(other) = catalogue.item(&report.item_id).filter(|o| belongs(o)) else {
             return Err(ApiError::bad_request(format!(
                 "item {} does not belong to lease {}",
                 report.item_id, lease.lease_id
             )));
         };
-        known.push((report.item_id.clone(), counter));
+        known.push((report.item_id.clone(), other.counter.clone()));
     }
     Ok(known)
 }
@@ -183,6 +187,7 @@ fn lease_refusal(lease: &Lease, device: &Device) -> Option<ApiError> {
 /// is why the renewal was refused.
 fn renew(
     conn: &Connection,
+    catalogue: &Catalogue,
     lease: &Lease,
     device: &Device,
     item: ItemRow,
@@ -239,12 +244,11 @@ fn renew(
     };
     let expires_at = expiry(&item, now);
     devices::renew_lease(conn, &lease.lease_id, now, expires_at)?;
-    let handshake = match lease.handshake_id {
-        Some(id) => licenses::handshake_by_id(conn, id)?
-            .map(|h| (h.organization_id, h.code))
-            .unwrap_or_default(),
-        None => Default::default(),
-    };
+    let handshake = lease
+        .handshake_id
+        .and_then(|id| catalogue.handshake(id))
+        .map(|h| (h.organization_id.clone(), h.code.clone()))
+        .unwrap_or_default();
     let renewed = Lease {
         issued_at: now,
         expires_at,
@@ -266,12 +270,13 @@ fn renew(
 /// removal or the inactivity rules free them). Releasing twice is the same as once.
 pub fn release(
     conn: &Connection,
+    catalogue: &Catalogue,
     lease_id: &str,
     device_uuid: &str,
     now: i64,
 ) -> Result<(), ApiError> {
-    let lease = devices::lease(conn, lease_id)?.ok_or_else(lease_not_found)?;
-    let device = devices::device_by_id(conn, lease.device_id)?.ok_or_else(lease_not_found)?;
+    let LeaseContext { lease, device, .. } =
+        devices::lease_context(conn, lease_id, "")?.ok_or_else(lease_not_found)?;
     if device.uuid != device_uuid {
         return Err(lease_not_found());
     }
@@ -279,11 +284,7 @@ pub fn release(
         return Ok(());
     }
     devices::release_lease(conn, lease_id)?;
-    let item = match &lease.item_id {
-        Some(id) => licenses::item(conn, id)?,
-        None => None,
-    };
-    if let Some(item) = item {
+    if let Some(item) = lease.item_id.as_deref().and_then(|id| catalogue.item(id)) {
         let model = item.terms.model;
         if model.is_concurrent() {
             let instance = if model == Model::ConcurrentInstance {

@@ -7,10 +7,10 @@ use serde::Deserialize;
 
 use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Session, Viewer};
 use super::{Page, render_form};
-use crate::licensing::authorize::PUBLIC_TRIAL;
 use crate::licensing::handshake::hash_password;
 use crate::licensing::is_identifier;
 use crate::server::AppState;
+use crate::store::catalogue::PUBLIC_TRIAL;
 use crate::store::licenses::{self, HandshakeCode, ItemRow};
 use crate::store::{StoreError, ops, settings};
 

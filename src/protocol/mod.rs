@@ -154,8 +154,10 @@ async fn authorize(
         let result = state
             .store
             .write(move |conn| {
+                let catalogue = job_state.store.catalogue().current(conn)?;
                 authorize::authorize(
                     conn,
+                    &catalogue,
                     &job_req,
                     now,
                     job_state.appliance.installation_id(),
@@ -228,7 +230,16 @@ async fn usage(
     let job_state = state.clone();
     let recorded = state
         .store
-        .write(move |conn| usage::record(conn, &req, now, job_state.appliance.installation_id()))
+        .write(move |conn| {
+            let catalogue = job_state.store.catalogue().current(conn)?;
+            usage::record(
+                conn,
+                &catalogue,
+                &req,
+                now,
+                job_state.appliance.installation_id(),
+            )
+        })
         .await?;
     state.metrics.usage_recorded(
         recorded.accepted,
@@ -263,9 +274,13 @@ async fn release(
     let lease_id = types::uuid("lease_id", &body.lease_id).map_err(bad)?;
     let device_uuid = types::uuid("device_uuid", &body.device_uuid).map_err(bad)?;
     let now = state.clock.now().unix_timestamp();
+    let job_state = state.clone();
     state
         .store
-        .write(move |conn| usage::release(conn, &lease_id, &device_uuid, now))
+        .write(move |conn| {
+            let catalogue = job_state.store.catalogue().current(conn)?;
+            usage::release(conn, &catalogue, &lease_id, &device_uuid, now)
+        })
         .await?;
     Ok(HttpResponse::Ok().json(ReleaseResponse { released: true }))
 }

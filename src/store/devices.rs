@@ -4,6 +4,7 @@
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::StoreError;
+use crate::licensing::models::Consumption;
 
 // ---- devices ----
 
@@ -19,14 +20,20 @@ pub struct Device {
 }
 
 fn device_from_row(r: &Row<'_>) -> rusqlite::Result<Device> {
+    device_at(r, 0)
+}
+
+/// A device from the seven columns of `id, uuid, name, last_user, first_seen, last_seen,
+/// blocked` starting at column `at`.
+fn device_at(r: &Row<'_>, at: usize) -> rusqlite::Result<Device> {
     Ok(Device {
-        id: r.get(0)?,
-        uuid: r.get(1)?,
-        name: r.get(2)?,
-        last_user: r.get(3)?,
-        first_seen: r.get(4)?,
-        last_seen: r.get(5)?,
-        blocked: r.get(6)?,
+        id: r.get(at)?,
+        uuid: r.get(at + 1)?,
+        name: r.get(at + 2)?,
+        last_user: r.get(at + 3)?,
+        first_seen: r.get(at + 4)?,
+        last_seen: r.get(at + 5)?,
+        blocked: r.get(at + 6)?,
     })
 }
 
@@ -37,16 +44,6 @@ pub fn device_by_uuid(conn: &Connection, uuid: &str) -> Result<Option<Device>, S
              FROM devices WHERE uuid = ?1",
         )?
         .query_row([uuid], device_from_row)
-        .optional()?)
-}
-
-pub fn device_by_id(conn: &Connection, id: i64) -> Result<Option<Device>, StoreError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT id, uuid, name, last_user, first_seen, last_seen, blocked
-             FROM devices WHERE id = ?1",
-        )?
-        .query_row([id], device_from_row)
         .optional()?)
 }
 
@@ -403,12 +400,58 @@ fn lease_from_row(r: &Row<'_>) -> rusqlite::Result<Lease> {
     })
 }
 
-pub fn lease(conn: &Connection, lease_id: &str) -> Result<Option<Lease>, StoreError> {
+/// A lease with everything `usage` and `release` start from, read in one statement.
+#[derive(Debug)]
+pub struct LeaseContext {
+    pub lease: Lease,
+    pub device: Device,
+    /// The live consumption of the lease's item (none for the public trial).
+    pub used: Option<Consumption>,
+    /// The usage stream the request names: (its device, its highest acknowledged seq).
+    pub stream: Option<(i64, u64)>,
+}
+
+const LEASE_CONTEXT: &str = "
+    SELECT l.lease_id, l.device_id, l.product, l.instance, l.user, l.handshake_id,
+           l.item_id, l.nonce, l.issued_at, l.expires_at, l.released, l.revoked,
+           d.id, d.uuid, d.name, d.last_user, d.first_seen, d.last_seen, d.blocked,
+           s.device_id, s.high_seq,
+           i.seats_used, i.usage_total, i.exceptions, i.tokens_used, i.grace_started_at
+    FROM leases l JOIN devices d ON d.id = l.device_id
+    LEFT JOIN items i ON i.item_id = l.item_id
+    LEFT JOIN usage_streams s ON s.stream = ?2
+    WHERE l.lease_id = ?1";
+
+pub fn lease_context(
+    conn: &Connection,
+    lease_id: &str,
+    stream: &str,
+) -> Result<Option<LeaseContext>, StoreError> {
     Ok(conn
-        .prepare_cached(&format!(
-            "SELECT {LEASE_COLUMNS} FROM leases WHERE lease_id = ?1"
-        ))?
-        .query_row([lease_id], lease_from_row)
+        .prepare_cached(LEASE_CONTEXT)?
+        .query_row(params![lease_id, stream], |r| {
+            let stream = match r.get::<_, Option<i64>>(19)? {
+                Some(owner) => Some((owner, r.get::<_, i64>(20)? as u64)),
+                None => None,
+            };
+            let used = match r.get::<_, Option<i64>>(21)? {
+                Some(seats_used) => Some(Consumption {
+                    seats_used,
+                    usage_total: r.get(22)?,
+                    exceptions: r.get(23)?,
+                    window_active: 0,
+                    tokens_used: r.get(24)?,
+                    grace_started_at: r.get(25)?,
+                }),
+                None => None,
+            };
+            Ok(LeaseContext {
+                lease: lease_from_row(r)?,
+                device: device_at(r, 12)?,
+                used,
+                stream,
+            })
+        })
         .optional()?)
 }
 
@@ -495,14 +538,6 @@ pub fn remove_device(conn: &Connection, device_id: i64) -> Result<usize, StoreEr
 }
 
 // ---- usage ----
-
-/// The highest seq stored for a stream, and the device it belongs to.
-pub fn stream(conn: &Connection, stream: &str) -> Result<Option<(i64, u64)>, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT device_id, high_seq FROM usage_streams WHERE stream = ?1")?
-        .query_row([stream], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
-        .optional()?)
-}
 
 pub fn set_stream_high(
     conn: &Connection,
@@ -660,4 +695,43 @@ pub fn devices_of_user(conn: &Connection, user: &str) -> Result<Vec<i64>, StoreE
     let mut stmt = conn.prepare_cached("SELECT id FROM devices WHERE last_user = ?1")?;
     let rows = stmt.query_map([user], |r| r.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_context_reads_everything_in_one_statement_planned_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::open(&dir.path().join("k.db")).unwrap();
+        let device = insert_device(&conn, "dev-1", "", "", 0).unwrap();
+        for n in 1..=3 {
+            conn.execute(
+                "INSERT INTO leases (lease_id, device_id, product, nonce, issued_at, expires_at)
+                 VALUES (?1, ?2, 'p' || ?3, 'n', 0, ?3)",
+                params![format!("lease-{n}"), device, n],
+            )
+            .unwrap();
+        }
+        set_stream_high(&conn, "stream-2", device, 7).unwrap();
+        for n in 1..=3 {
+            super::super::exec(&conn, "BEGIN IMMEDIATE").unwrap();
+            let found = lease_context(&conn, &format!("lease-{n}"), &format!("stream-{n}"))
+                .unwrap()
+                .unwrap();
+            super::super::exec(&conn, "COMMIT").unwrap();
+            assert_eq!((found.lease.expires_at, found.device.id), (n, device));
+            assert_eq!(found.stream, (n == 2).then_some((device, 7)));
+            assert_eq!(found.used, None, "a trial lease has no item");
+        }
+        assert!(lease_context(&conn, "nope", "").unwrap().is_none());
+        // Re-planning on each new binding costs more than the query (without the query
+        // planner stability guarantee SQLite re-plans joins for every new lease id).
+        let statement = conn.prepare_cached(LEASE_CONTEXT).unwrap();
+        assert_eq!(
+            statement.get_status(rusqlite::StatementStatus::RePrepare),
+            0
+        );
+    }
 }

@@ -415,24 +415,6 @@ fn item_from_row(r: &Row<'_>) -> rusqlite::Result<ItemRow> {
     })
 }
 
-/// The items a handshake code serves for a product, soonest expiry first.
-pub fn items_for(
-    conn: &Connection,
-    handshake_id: i64,
-    product: &str,
-) -> Result<Vec<ItemRow>, StoreError> {
-    // Sorted here, not by ORDER BY: with ORDER BY, SQLite re-plans this statement for every
-    // new binding (a full re-prepare on each authorization).
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {ITEM_COLUMNS} FROM items
-         WHERE handshake_id = ?1 AND product = ?2 AND withdrawn = 0"
-    ))?;
-    let rows = stmt.query_map(params![handshake_id, product], item_from_row)?;
-    let mut items: Vec<ItemRow> = rows.collect::<Result<_, _>>()?;
-    items.sort_by(|a, b| (a.terms.expires_at, &a.item_id).cmp(&(b.terms.expires_at, &b.item_id)));
-    Ok(items)
-}
-
 pub fn item(conn: &Connection, item_id: &str) -> Result<Option<ItemRow>, StoreError> {
     Ok(conn
         .prepare_cached(&format!(
