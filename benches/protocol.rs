@@ -2,7 +2,8 @@
 //! client threads in this process (which share the machine's cores with the server).
 //!
 //! `cargo bench --bench protocol` — set BENCH_DEVICES (default 20000) and
-//! BENCH_CLIENTS (default 64) to change the load. Prints a Markdown table.
+//! BENCH_CLIENTS (default 64) to change the load, BENCH_BIN to measure another keygate
+//! binary (e.g. a copy of the previous build, to compare). Prints a Markdown table.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -12,10 +13,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+/// The keygate binary under test: this build's, or `BENCH_BIN` (to compare two builds).
+fn bin() -> String {
+    std::env::var("BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_keygate").to_string())
+}
 
 fn keygate(data: &Path, args: &[&str]) -> String {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("--data-dir")
         .arg(data)
         .args(args)
@@ -179,7 +183,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let vendor = dir.path().join("vendor");
-    Command::new(BIN)
+    Command::new(bin())
         .args(["vendor", "keygen", "--out", vendor.to_str().unwrap()])
         .output()
         .unwrap();
@@ -198,7 +202,7 @@ fn main() {
     )
     .unwrap();
     let license = dir.path().join("bench.lic");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args([
             "vendor",
             "issue",
@@ -223,7 +227,7 @@ fn main() {
         .trim()
         .to_string();
 
-    let mut server = Command::new(BIN)
+    let mut server = Command::new(bin())
         .arg("--data-dir")
         .arg(&data)
         .args(["serve", "--listen", "127.0.0.1:0"])

@@ -68,6 +68,8 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // committing many requests per transaction, not from weaker syncing.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
+    // Savepoints (one per request in a batch) journal in memory, not in a temporary file.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     plan_once(conn)
 }
 
