@@ -1,8 +1,11 @@
 //! Hot-path benchmark: the real `keygate` binary (release) over HTTPS keep-alive, driven by
-//! client threads in this process (which share the machine's cores with the server).
+//! a load generator in this process that shares the machine's cores with the server: one
+//! thread (at most one core) multiplexing the client connections, each speaking just the
+//! HTTP/1.1 the protocol's POSTs need over rustls, so that the client costs the server as
+//! little CPU as it can.
 //!
 //! `cargo bench --bench protocol` — set BENCH_DEVICES (default 20000) and
-//! BENCH_CLIENTS (default 64) to change the load, BENCH_BIN to measure another keygate
+//! BENCH_CLIENTS (default 256) to change the load, BENCH_BIN to measure another keygate
 //! binary (e.g. a copy of the previous build, to compare). Prints a Markdown table.
 
 use std::io::{BufRead, BufReader};
@@ -12,6 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use rustls::pki_types::pem::PemObject;
 
 /// The keygate binary under test: this build's, or `BENCH_BIN` (to compare two builds).
 fn bin() -> String {
@@ -41,16 +50,81 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn agent(cert: &[u8]) -> ureq::Agent {
-    let cert = ureq::tls::Certificate::from_pem(cert).unwrap().to_owned();
-    let tls = ureq::tls::TlsConfig::builder()
-        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![cert])))
-        .build();
-    ureq::Agent::config_builder()
-        .tls_config(tls)
-        .http_status_as_error(false)
-        .build()
-        .into()
+/// One keep-alive TLS connection to the appliance.
+struct Connection {
+    tls: TlsStream<TcpStream>,
+    host: String,
+    buf: Vec<u8>,
+}
+
+impl Connection {
+    async fn open(addr: &str, cert: &[u8]) -> Connection {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(cert).unwrap())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let ip: std::net::IpAddr = addr.rsplit_once(':').unwrap().0.parse().unwrap();
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(rustls::pki_types::ServerName::from(ip), tcp)
+            .await
+            .unwrap();
+        Connection {
+            tls,
+            host: addr.to_string(),
+            buf: Vec::with_capacity(8192),
+        }
+    }
+
+    /// POSTs a JSON body and returns the status and the response body.
+    async fn post(&mut self, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        );
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body);
+        self.tls.write_all(&request).await.unwrap();
+        self.tls.flush().await.unwrap();
+        let (status, body_at, length) = loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end]).unwrap();
+                let status = head[9..12].parse().unwrap();
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse::<usize>().unwrap())
+                    })
+                    .expect("keygate answers with a Content-Length");
+                break (status, end + 4, length);
+            }
+            self.fill().await;
+        };
+        while self.buf.len() < body_at + length {
+            self.fill().await;
+        }
+        let body = self.buf[body_at..body_at + length].to_vec();
+        self.buf.drain(..body_at + length);
+        (status, body)
+    }
+
+    async fn fill(&mut self) {
+        let mut chunk = [0u8; 8192];
+        let n = self.tls.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the server closed the connection");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 fn device(n: usize) -> String {
@@ -64,6 +138,8 @@ struct Phase {
     latencies: Vec<Duration>,
     /// CPU time the server process used during the phase.
     server_cpu: Duration,
+    /// CPU time the load generator (this process) used during the phase.
+    client_cpu: Duration,
 }
 
 /// User plus system CPU time of a process, from /proc (Linux).
@@ -89,7 +165,7 @@ impl Phase {
             self.latencies[i].as_secs_f64() * 1000.0
         };
         format!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
             self.name,
             self.requests,
             self.requests as f64 / self.elapsed.as_secs_f64(),
@@ -97,59 +173,73 @@ impl Phase {
             pct(0.99),
             pct(1.0),
             self.server_cpu.as_secs_f64() * 1e6 / self.requests as f64,
+            self.client_cpu.as_secs_f64() * 1e6 / self.requests as f64,
         )
     }
 }
 
-/// Sends `bodies` to `path` from `clients` threads as fast as answers come; every answer
-/// must be 200.
+/// Sends `bodies` to `path` over the connections as fast as answers come, or at `rate`
+/// requests a second; every answer must be 200. At a fixed rate, latency counts from when a
+/// request was due if it went out late because its connection was still busy (no
+/// coordinated omission), and from when the timer woke it otherwise (the runtime's timer
+/// wakes up to a millisecond late: the client's lateness, not the server's).
 fn run(
     name: &'static str,
     server: u32,
-    agents: &[ureq::Agent],
-    url: &str,
-    bodies: &[Value],
+    runtime: &tokio::runtime::Runtime,
+    connections: &mut Vec<Connection>,
+    path: &str,
+    bodies: &[Vec<u8>],
     rate: Option<f64>,
-) -> (Phase, Vec<Value>) {
-    let clients = agents.len();
-    let cpu_before = cpu_time(server);
+) -> (Phase, Vec<Vec<u8>>) {
+    let clients = connections.len();
+    let bodies = Arc::new(bodies.to_vec());
+    let (cpu_before, client_before) = (cpu_time(server), cpu_time(std::process::id()));
     let start = Instant::now();
-    let results: Vec<Vec<(usize, Duration, Value)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = agents
-            .iter()
-            .enumerate()
-            .map(|(c, agent)| {
-                scope.spawn(move || {
-                    let mut out = Vec::new();
-                    for (k, i) in (c..bodies.len()).step_by(clients).enumerate() {
-                        // At a fixed rate, latency counts from when the request was due.
-                        let due = rate
-                            .map(|r| start + Duration::from_secs_f64((k * clients + c) as f64 / r));
-                        if let Some(wait) =
-                            due.and_then(|d| d.checked_duration_since(Instant::now()))
-                        {
-                            std::thread::sleep(wait);
+    let tasks: Vec<_> = connections
+        .drain(..)
+        .enumerate()
+        .map(|(c, mut conn)| {
+            let (bodies, path) = (bodies.clone(), path.to_string());
+            runtime.spawn(async move {
+                let mut out = Vec::new();
+                for (k, i) in (c..bodies.len()).step_by(clients).enumerate() {
+                    let due =
+                        rate.map(|r| start + Duration::from_secs_f64((k * clients + c) as f64 / r));
+                    let sent = match due {
+                        Some(due) if due > Instant::now() => {
+                            tokio::time::sleep_until(due.into()).await;
+                            Instant::now()
                         }
-                        let sent = due.unwrap_or_else(Instant::now);
-                        let mut response = agent.post(url).send_json(&bodies[i]).unwrap();
-                        let status = response.status().as_u16();
-                        let body: Value = response.body_mut().read_json().unwrap();
-                        assert_eq!(status, 200, "{name}: {body}");
-                        out.push((i, sent.elapsed(), body));
-                    }
-                    out
-                })
+                        Some(due) => due,
+                        None => Instant::now(),
+                    };
+                    let (status, body) = conn.post(&path, &bodies[i]).await;
+                    assert_eq!(status, 200, "{name}: {}", String::from_utf8_lossy(&body));
+                    out.push((i, sent.elapsed(), body));
+                }
+                (conn, out)
             })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+        .collect();
+    let results = runtime.block_on(async {
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await.unwrap());
+        }
+        results
     });
     let elapsed = start.elapsed();
     let server_cpu = cpu_time(server).saturating_sub(cpu_before);
-    let mut answers = vec![Value::Null; bodies.len()];
+    let client_cpu = cpu_time(std::process::id()).saturating_sub(client_before);
+    let mut answers = vec![Vec::new(); bodies.len()];
     let mut latencies = Vec::with_capacity(bodies.len());
-    for (i, latency, body) in results.into_iter().flatten() {
-        latencies.push(latency);
-        answers[i] = body;
+    for (conn, out) in results {
+        connections.push(conn);
+        for (i, latency, body) in out {
+            latencies.push(latency);
+            answers[i] = body;
+        }
     }
     (
         Phase {
@@ -158,12 +248,14 @@ fn run(
             elapsed,
             latencies,
             server_cpu,
+            client_cpu,
         },
         answers,
     )
 }
 
-fn lease_of(answer: &Value) -> String {
+fn lease_of(answer: &[u8]) -> String {
+    let answer: Value = serde_json::from_slice(answer).unwrap();
     let payload = answer["authorization"]
         .as_str()
         .unwrap()
@@ -179,7 +271,7 @@ fn lease_of(answer: &Value) -> String {
 
 fn main() {
     let devices = env_or("BENCH_DEVICES", 20_000);
-    let clients = env_or("BENCH_CLIENTS", 64);
+    let clients = env_or("BENCH_CLIENTS", 256);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let vendor = dir.path().join("vendor");
@@ -245,78 +337,125 @@ fn main() {
     std::thread::spawn(move || for _ in lines {});
     let pid = server.id();
     let cert = std::fs::read(data.join("tls/cert.pem")).unwrap();
-    let agents: Vec<_> = (0..clients).map(|_| agent(&cert)).collect();
-    let url = |path: &str| format!("https://{addr}/api/v1/{path}");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut connections: Vec<Connection> = runtime.block_on(async {
+        let mut all = Vec::new();
+        for _ in 0..clients {
+            all.push(Connection::open(&addr, &cert).await);
+        }
+        all
+    });
+    let url = |path: &str| format!("/api/v1/{path}");
+    let json = |values: Vec<Value>| -> Vec<Vec<u8>> {
+        values
+            .iter()
+            .map(|v| serde_json::to_vec(v).unwrap())
+            .collect()
+    };
 
-    let authorize: Vec<Value> = (0..devices)
+    let authorize = json(
+        (0..devices)
         .map(|n| json!({"handshake_code": code, "product": "bench", "device": {"uuid": device(n)}, "nonce": "bench-nonce-0123456789"}))
-        .collect();
+            .collect(),
+    );
     let mut rows = Vec::new();
     let (mut phase, answers) = run(
         "authorize (new devices)",
         pid,
-        &agents,
+        &runtime,
+        &mut connections,
         &url("authorize"),
         &authorize,
         None,
     );
     rows.push(phase.row());
-    let leases: Vec<String> = answers.iter().map(lease_of).collect();
+    let leases: Vec<String> = answers.iter().map(|a| lease_of(a)).collect();
+    // Known devices come back in no particular order, as in a real LAN (the rows they
+    // update are spread over the tables, not neighbours): a fixed permutation of 0..devices.
+    assert!(!devices.is_multiple_of(7919));
+    let shuffled = |list: &[Vec<u8>]| -> Vec<Vec<u8>> {
+        (0..list.len())
+            .map(|k| list[(k * 7919 + 12345) % list.len()].clone())
+            .collect()
+    };
     let (mut phase, _) = run(
         "authorize (known devices)",
         pid,
-        &agents,
+        &runtime,
+        &mut connections,
         &url("authorize"),
-        &authorize,
+        &shuffled(&authorize),
         None,
     );
     rows.push(phase.row());
 
     let stream = |n: usize| format!("00000000-0000-4000-9000-{n:012}");
-    let heartbeats: Vec<Value> = (0..devices)
+    let heartbeats = json(
+        (0..devices)
         .map(|n| json!({"lease_id": leases[n], "device_uuid": device(n), "stream": stream(n), "reports": []}))
-        .collect();
+            .collect(),
+    );
+    let heartbeats = shuffled(&heartbeats);
     let (mut phase, _) = run(
         "usage (heartbeat)",
         pid,
-        &agents,
+        &runtime,
+        &mut connections,
         &url("usage"),
         &heartbeats,
         None,
     );
     rows.push(phase.row());
     let now = "2026-01-01T00:00:00Z";
-    let reports: Vec<Value> = (0..devices)
+    let reports = json(
+        (0..devices)
         .map(|n| json!({"lease_id": leases[n], "device_uuid": device(n), "stream": stream(n),
             "reports": [{"seq": 1, "item_id": "BENCH-1", "from": now, "to": now, "counters": {"scans": 3}}]}))
-        .collect();
+            .collect(),
+    );
+    let reports = shuffled(&reports);
     let (mut phase, _) = run(
         "usage (one report)",
         pid,
-        &agents,
+        &runtime,
+        &mut connections,
         &url("usage"),
         &reports,
         None,
     );
     rows.push(phase.row());
     // One million devices every 3 minutes: 5,556 usage calls a second.
-    let paced: Vec<Value> = (0..(5556 * 10).min(devices * 3))
+    let paced: Vec<Vec<u8>> = (0..(5556 * 10).min(devices * 3))
         .map(|i| heartbeats[i % devices].clone())
         .collect();
     let (mut phase, _) = run(
         "usage at 5,556/s (1M devices)",
         pid,
-        &agents,
+        &runtime,
+        &mut connections,
         &url("usage"),
         &paced,
         Some(5556.0),
     );
-    phase.name = "usage at 5,556/s (1M devices)";
     rows.push(phase.row());
-    let releases: Vec<Value> = (0..devices)
-        .map(|n| json!({"lease_id": leases[n], "device_uuid": device(n)}))
-        .collect();
-    let (mut phase, _) = run("release", pid, &agents, &url("release"), &releases, None);
+    let releases = json(
+        (0..devices)
+            .map(|n| json!({"lease_id": leases[n], "device_uuid": device(n)}))
+            .collect(),
+    );
+    let releases = shuffled(&releases);
+    let (mut phase, _) = run(
+        "release",
+        pid,
+        &runtime,
+        &mut connections,
+        &url("release"),
+        &releases,
+        None,
+    );
     rows.push(phase.row());
 
     let _ = server.kill();
@@ -326,9 +465,9 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "| phase | requests | per second | p50 ms | p99 ms | max ms | server CPU µs/request |"
+        "| phase | requests | per second | p50 ms | p99 ms | max ms | server CPU µs/request | client CPU µs/request |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for row in rows {
         println!("{row}");
     }

@@ -37,12 +37,17 @@ fn device_at(r: &Row<'_>, at: usize) -> rusqlite::Result<Device> {
     })
 }
 
+/// A device's columns, its last-seen time included: the later of the device's own and its
+/// leases' last renewal (a heartbeat renews the lease and writes only that row).
+const DEVICE_COLUMNS: &str = "d.id, d.uuid, d.name, d.last_user, d.first_seen,
+    max(d.last_seen, coalesce((SELECT max(issued_at) FROM leases WHERE device_id = d.id), 0)),
+    d.blocked";
+
 pub fn device_by_uuid(conn: &Connection, uuid: &str) -> Result<Option<Device>, StoreError> {
     Ok(conn
-        .prepare_cached(
-            "SELECT id, uuid, name, last_user, first_seen, last_seen, blocked
-             FROM devices WHERE uuid = ?1",
-        )?
+        .prepare_cached(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.uuid = ?1"
+        ))?
         .query_row([uuid], device_from_row)
         .optional()?)
 }
@@ -612,8 +617,8 @@ pub fn list_devices(
     after_id: i64,
     limit: i64,
 ) -> Result<Vec<DeviceLine>, StoreError> {
-    let columns = "d.id, d.uuid, d.name, d.last_user, d.first_seen, d.last_seen, d.blocked,
-                   (SELECT COUNT(*) FROM seats s WHERE s.device_id = d.id)";
+    let columns =
+        format!("{DEVICE_COLUMNS}, (SELECT COUNT(*) FROM seats s WHERE s.device_id = d.id)");
     let row = |r: &Row<'_>| {
         Ok(DeviceLine {
             device: device_from_row(r)?,

@@ -162,6 +162,12 @@ fn usage_renews_the_authorization_and_marks_the_device_active() {
     .expect("the renewal verifies through the chain");
     assert_eq!(renewed.lease_id, first.lease_id);
     assert!(renewed.expires_at > first.expires_at);
+    // The heartbeat is the device's last seen time (portal and CLI read it like this).
+    let seen = keygate::store::devices::device_by_uuid(&f.db(), &device_uuid(1))
+        .unwrap()
+        .unwrap()
+        .last_seen;
+    assert_eq!(seen, f.app.clock_now().unix_timestamp());
     // The heartbeat put device 1 in this window: device 2 makes it two, over quota.
     assert_eq!(
         f.authorized("viewer", 2).state,
