@@ -201,7 +201,12 @@ pub fn authorize(
 
     let device_id = match &device {
         Some(d) => {
-            devices::touch_device(conn, d.id, req.name.as_deref(), req.user.as_deref(), now)?;
+            // The lease written below records the time; the device row changes only when
+            // the device reports a new name or user.
+            let changed = |new: Option<&str>, old: &str| new.is_some_and(|n| n != old);
+            if changed(req.name.as_deref(), &d.name) || changed(req.user.as_deref(), &d.last_user) {
+                devices::touch_device(conn, d.id, req.name.as_deref(), req.user.as_deref(), now)?;
+            }
             d.id
         }
         None => devices::insert_device(
