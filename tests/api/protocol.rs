@@ -448,3 +448,38 @@ fn a_license_imported_while_serving_takes_effect_without_restart() {
     assert!(keygate(&f.data, &["import", file.to_str().unwrap()]).ok);
     f.authorized("reader", 2);
 }
+
+#[test]
+fn a_device_keeps_its_name_and_user_until_it_reports_new_ones_and_is_seen_at_each_call() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let seen = || {
+        keygate::store::devices::device_by_uuid(&f.db(), &device_uuid(1))
+            .unwrap()
+            .unwrap()
+    };
+    let mut request = f.request("reader", 1);
+    request["device"]["name"] = json!("line-1 scanner");
+    request["device"]["user"] = json!("alice");
+    assert_eq!(f.authorize(&request).0, 200);
+    let first = seen();
+    assert_eq!(
+        (first.name.as_str(), first.last_user.as_str()),
+        ("line-1 scanner", "alice")
+    );
+
+    f.app.clock.advance(Duration::minutes(10));
+    f.authorized("reader", 1); // no name, no user: both kept
+    let again = seen();
+    assert_eq!(
+        (again.name.as_str(), again.last_user.as_str()),
+        ("line-1 scanner", "alice")
+    );
+    assert_eq!(again.last_seen, f.app.clock_now().unix_timestamp());
+
+    f.app.clock.advance(Duration::minutes(10));
+    request["device"]["name"] = json!("line-2 scanner");
+    assert_eq!(f.authorize(&request).0, 200);
+    let renamed = seen();
+    assert_eq!(renamed.name, "line-2 scanner");
+    assert_eq!(renamed.last_seen, f.app.clock_now().unix_timestamp());
+}
