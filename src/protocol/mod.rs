@@ -153,11 +153,10 @@ async fn authorize(
         let (job_req, job_state) = (req.clone(), state.clone());
         let result = state
             .store
-            .write(move |conn| {
-                let catalogue = job_state.store.catalogue().current(conn)?;
+            .write_with_catalogue(move |conn, catalogue| {
                 authorize::authorize(
                     conn,
-                    &catalogue,
+                    catalogue,
                     &job_req,
                     now,
                     job_state.appliance.installation_id(),
@@ -230,11 +229,10 @@ async fn usage(
     let job_state = state.clone();
     let recorded = state
         .store
-        .write(move |conn| {
-            let catalogue = job_state.store.catalogue().current(conn)?;
+        .write_with_catalogue(move |conn, catalogue| {
             usage::record(
                 conn,
-                &catalogue,
+                catalogue,
                 &req,
                 now,
                 job_state.appliance.installation_id(),
@@ -274,12 +272,10 @@ async fn release(
     let lease_id = types::uuid("lease_id", &body.lease_id).map_err(bad)?;
     let device_uuid = types::uuid("device_uuid", &body.device_uuid).map_err(bad)?;
     let now = state.clock.now().unix_timestamp();
-    let job_state = state.clone();
     state
         .store
-        .write(move |conn| {
-            let catalogue = job_state.store.catalogue().current(conn)?;
-            usage::release(conn, &catalogue, &lease_id, &device_uuid, now)
+        .write_with_catalogue(move |conn, catalogue| {
+            usage::release(conn, catalogue, &lease_id, &device_uuid, now)
         })
         .await?;
     Ok(HttpResponse::Ok().json(ReleaseResponse { released: true }))

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
-use super::licenses::{self, HandshakeCode, ItemRow};
+use super::licenses::{self, CONSUMPTION_COLUMNS, HandshakeCode, ItemRow, consumption_at};
 use crate::licensing::models::Consumption;
 
 /// The setting that turns the public trial on.
@@ -181,20 +181,10 @@ impl CatalogueCache {
 /// An item's live consumption, from its row.
 pub fn consumption(conn: &Connection, item_id: &str) -> Result<Option<Consumption>, StoreError> {
     Ok(conn
-        .prepare_cached(
-            "SELECT seats_used, usage_total, exceptions, tokens_used, grace_started_at
-             FROM items WHERE item_id = ?1",
-        )?
-        .query_row(params![item_id], |r| {
-            Ok(Consumption {
-                seats_used: r.get(0)?,
-                usage_total: r.get(1)?,
-                exceptions: r.get(2)?,
-                window_active: 0,
-                tokens_used: r.get(3)?,
-                grace_started_at: r.get(4)?,
-            })
-        })
+        .prepare_cached(&format!(
+            "SELECT {CONSUMPTION_COLUMNS} FROM items WHERE item_id = ?1"
+        ))?
+        .query_row(params![item_id], |r| consumption_at(r, 0))
         .optional()?)
 }
 

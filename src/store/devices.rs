@@ -439,15 +439,9 @@ pub fn lease_context(
                 Some(owner) => Some((owner, r.get::<_, i64>(20)? as u64)),
                 None => None,
             };
+            // NULL columns: a lease without an item (the public trial).
             let used = match r.get::<_, Option<i64>>(21)? {
-                Some(seats_used) => Some(Consumption {
-                    seats_used,
-                    usage_total: r.get(22)?,
-                    exceptions: r.get(23)?,
-                    window_active: 0,
-                    tokens_used: r.get(24)?,
-                    grace_started_at: r.get(25)?,
-                }),
+                Some(_) => Some(super::licenses::consumption_at(r, 21)?),
                 None => None,
             };
             Ok(LeaseContext {

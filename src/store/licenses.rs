@@ -369,7 +369,7 @@ const ITEM_COLUMNS: &str = "item_id, license_id, license_version, organization_i
      exceptions, tokens_used, grace_started_at";
 
 fn item_from_row(r: &Row<'_>) -> rusqlite::Result<ItemRow> {
-    use crate::licensing::models::{Consumption, Terms};
+    use crate::licensing::models::Terms;
     use keygate_sdk::wire::{DEFAULT_GRACE_DAYS, Model};
     let corrupt = |i: usize, what: &str| {
         rusqlite::Error::FromSqlConversionFailure(
@@ -404,14 +404,26 @@ fn item_from_row(r: &Row<'_>) -> rusqlite::Result<ItemRow> {
         features,
         counter: r.get(12)?,
         withdrawn: r.get(16)?,
-        used: Consumption {
-            seats_used: r.get(17)?,
-            usage_total: r.get(18)?,
-            exceptions: r.get(19)?,
-            window_active: 0,
-            tokens_used: r.get(20)?,
-            grace_started_at: r.get(21)?,
-        },
+        used: consumption_at(r, 17)?,
+    })
+}
+
+/// An item's consumption columns, in the order of [`CONSUMPTION_COLUMNS`].
+pub const CONSUMPTION_COLUMNS: &str =
+    "seats_used, usage_total, exceptions, tokens_used, grace_started_at";
+
+/// An item's consumption from the [`CONSUMPTION_COLUMNS`] starting at column `at`.
+pub fn consumption_at(
+    r: &Row<'_>,
+    at: usize,
+) -> rusqlite::Result<crate::licensing::models::Consumption> {
+    Ok(crate::licensing::models::Consumption {
+        seats_used: r.get(at)?,
+        usage_total: r.get(at + 1)?,
+        exceptions: r.get(at + 2)?,
+        window_active: 0,
+        tokens_used: r.get(at + 3)?,
+        grace_started_at: r.get(at + 4)?,
     })
 }
 

@@ -145,11 +145,6 @@ impl Store {
         })
     }
 
-    /// The catalogue held in memory (see [`catalogue`]).
-    pub fn catalogue(&self) -> &catalogue::CatalogueCache {
-        &self.inner.catalogue
-    }
-
     /// Runs `f` on the writer, inside a transaction shared with other requests. `f`'s changes
     /// are rolled back on its own if it returns an error; the result is delivered only once
     /// the transaction is durably committed.
@@ -170,6 +165,21 @@ impl Store {
             .send(job)
             .map_err(|_| E::from(StoreError::WriterGone))?;
         answer.await.map_err(|_| E::from(StoreError::WriterGone))?
+    }
+
+    /// [`Store::write`], with the catalogue as the transaction sees it.
+    pub async fn write_with_catalogue<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection, &catalogue::Catalogue) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        self.write(move |conn| {
+            let catalogue = inner.catalogue.current(conn)?;
+            f(conn, &catalogue)
+        })
+        .await
     }
 
     /// Runs `f` on a read-only connection from the pool, off the async threads.
