@@ -507,7 +507,9 @@ pub fn occupy(
                 used.tokens_used += item.terms.tokens_per_pass;
             }
         }
-        (_, Some(_)) => devices::touch_seat(conn, &item.item_id, device_id, instance, now)?,
+        (_, Some(seat)) => {
+            devices::touch_seat(conn, &item.item_id, device_id, instance, &seat, now)?;
+        }
         (_, None) => {
             free_lapsed(conn, item, now)?;
             // Counted again: freeing lapsed seats (here or just before) changed it.

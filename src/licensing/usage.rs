@@ -217,7 +217,7 @@ fn renew(
         if let Some(seat) = devices::seat(conn, &item.item_id, device.id, instance)?
             && !models::seat_lapsed(model, seat.first_auth_at, seat.last_used_at, now)
         {
-            devices::touch_seat(conn, &item.item_id, device.id, instance, now)?;
+            devices::touch_seat(conn, &item.item_id, device.id, instance, &seat, now)?;
             if model.is_concurrent() {
                 devices::mark_window(
                     conn,

@@ -161,17 +161,21 @@ fn add_seats(conn: &Connection, item_id: &str, delta: i64) -> Result<(), StoreEr
     Ok(())
 }
 
-/// Records use of a seat, at most once an hour (the 365-day rule needs no finer time).
+/// Records use of a held seat, at most once an hour (the 365-day rule needs no finer time):
+/// most calls write nothing.
 pub fn touch_seat(
     conn: &Connection,
     item_id: &str,
     device_id: i64,
     instance: &str,
+    seat: &Seat,
     now: i64,
 ) -> Result<(), StoreError> {
+    if now - seat.last_used_at < 3600 {
+        return Ok(());
+    }
     conn.prepare_cached(
-        "UPDATE seats SET last_used_at = ?4
-         WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3 AND last_used_at <= ?4 - 3600",
+        "UPDATE seats SET last_used_at = ?4 WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3",
     )?
     .execute(params![item_id, device_id, instance, now])?;
     Ok(())

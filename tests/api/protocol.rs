@@ -120,6 +120,34 @@ fn per_device_seat_frees_after_365_days_unused() {
 }
 
 #[test]
+fn a_per_device_seat_in_use_is_kept_and_its_use_is_recorded_hourly() {
+    let f = Fixture::new(&item("reader", "per_device", 1, ""));
+    let last_used = || -> i64 {
+        f.db()
+            .query_row("SELECT last_used_at FROM seats", [], |r| r.get(0))
+            .unwrap()
+    };
+    f.authorized("reader", 1);
+    let first = last_used();
+    f.app.clock.advance(Duration::minutes(59));
+    f.authorized("reader", 1);
+    assert_eq!(
+        last_used(),
+        first,
+        "used again within the hour: not written"
+    );
+    f.app.clock.advance(200 * DAY);
+    f.authorized("reader", 1);
+    assert_eq!(last_used(), f.app.clock_now().unix_timestamp());
+    f.app.clock.advance(200 * DAY);
+    assert_eq!(
+        f.refused("reader", 2),
+        "QUOTA_EXCEEDED",
+        "400 days after its first authorization, 200 after its last use: still held"
+    );
+}
+
+#[test]
 fn per_active_device_seat_frees_90_days_after_first_authorization() {
     let f = Fixture::new(&item("reader", "per_active_device", 1, ""));
     f.authorized("reader", 1);
