@@ -90,13 +90,14 @@ pub fn record(
     if acked > high {
         devices::set_stream_high(conn, &req.stream, device.id, acked)?;
     }
+    let writes_lease = item.is_some();
     let renewal = match item {
         Some(item) => renew(conn, catalogue, &lease, &device, item, now, installation_id)?,
         None => renew_trial(&lease, &device, now, installation_id),
     };
     // A renewal wrote the time on the lease, which counts as the device's last seen time;
     // otherwise it goes on the device (one row written per heartbeat, not two).
-    if lease.item_id.is_none() || renewal.is_err() {
+    if !writes_lease || renewal.is_err() {
         devices::touch_device(conn, device.id, None, None, now)?;
     }
     Ok(Recorded {
