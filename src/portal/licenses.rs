@@ -157,53 +157,34 @@ pub async fn upload(
         }
     };
     let config_keys = state.config.trusted_vendor_keys.clone();
-    let trusted = match state
-        .store
-        .read(move |conn| import::trusted_keys(conn, &config_keys))
-        .await
-    {
-        Ok(trusted) => trusted,
-        Err(import::ImportError::Store(e)) => return Err(e.into()),
-        Err(e) => {
-            return page(
-                &state,
-                &admin,
-                None,
-                Some(format!("The license was not imported: {e}.")),
-            )
-            .await;
-        }
-    };
-    let verified = match import::verify(&text, &trusted, state.appliance.public_key()) {
-        Ok(verified) => verified,
-        Err(e) => {
-            return page(
-                &state,
-                &admin,
-                None,
-                Some(format!("The license was not imported: {e}.")),
-            )
-            .await;
-        }
-    };
     let now = state.clock.now();
     let (actor, from) = (admin.name.clone(), super::client_address(&req));
-    let outcome = state
-        .store
-        .write(move |conn| {
-            let outcome = import::apply(conn, &verified, now)?;
-            ops::audit(
-                conn,
-                now.unix_timestamp(),
-                &actor,
-                "license imported",
-                &verified.license.license_id,
-                &outcome.to_string(),
-                &from,
-            )?;
-            Ok::<_, import::ImportError>(outcome)
-        })
-        .await;
+    // Trusted keys, signature and content checks, then the import: the first refusal is the
+    // page's message and nothing is changed.
+    let outcome = async {
+        let trusted = state
+            .store
+            .read(move |conn| import::trusted_keys(conn, &config_keys))
+            .await?;
+        let verified = import::verify(&text, &trusted, state.appliance.public_key())?;
+        state
+            .store
+            .write(move |conn| {
+                let outcome = import::apply(conn, &verified, now)?;
+                ops::audit(
+                    conn,
+                    now.unix_timestamp(),
+                    &actor,
+                    "license imported",
+                    &verified.license.license_id,
+                    &outcome.to_string(),
+                    &from,
+                )?;
+                Ok::<_, import::ImportError>(outcome)
+            })
+            .await
+    }
+    .await;
     match outcome {
         Ok(outcome) => page(&state, &admin, Some(format!("{outcome}.")), None).await,
         Err(import::ImportError::Store(e)) => Err(e.into()),
