@@ -276,6 +276,21 @@ impl std::fmt::Display for ErrorCode {
 /// How often devices report usage, and the renewal cadence the appliance suggests.
 pub const REPORT_INTERVAL_S: u64 = 180;
 
+/// The largest amount one counter may carry in one usage report (the appliance answers
+/// `BAD_REQUEST` above it), so that no total it keeps can overflow.
+pub const MAX_COUNT: u64 = 1_000_000_000_000;
+
+/// Whether an identifier (license id, organization id, item id, handshake code, counter
+/// name) is made of the characters that are safe everywhere it appears: 1 to 64 letters,
+/// digits, `.`, `_`, `-`.
+pub fn is_identifier(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// `POST /api/v1/authorize`
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthorizeRequest {

@@ -7,7 +7,7 @@ pub mod notices;
 
 use keygate_sdk::wire::Model;
 
-use crate::licensing::models::DAY;
+use crate::licensing::models::{self, DAY};
 use crate::store::licenses::ItemRow;
 
 /// One threshold an item has crossed.
@@ -67,11 +67,11 @@ fn what_next(item: &ItemRow) -> String {
         Model::PerDevice | Model::PerActiveDevice => format!(
             "Above {} devices new devices run in tolerance; at {} (110 %) new devices are refused, known devices keep working.",
             t.quota,
-            crate::licensing::models::seat_limit(t)
+            models::seat_limit(t)
         ),
         Model::PerUsage => format!(
             "Past {} (105 %) every device of this item is refused; usage is still recorded.",
-            t.quota * 105 / 100
+            models::percent_of(t.quota, 105)
         ),
         Model::ConcurrentDevice | Model::ConcurrentInstance => format!(
             "Each 3-minute window with more than {} devices is an exception; at {} exceptions the item stops for every device.",
@@ -102,7 +102,7 @@ pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
     let (figure, base, unit) = consumption(item);
     if base > 0 {
         for pct in consumption_thresholds(item.terms.model) {
-            if figure * 100 >= pct * base {
+            if models::reaches_percent(figure, base, *pct) {
                 out.push(crossing(
                     format!("consumption:{pct}"),
                     format!("{unit} reached {pct} %"),

@@ -278,9 +278,11 @@ fn validate_item(item: &LicenseItem) -> Result<(), String> {
         "tokens",
     )?;
     match model {
-        Model::PerUsage if item.counter.as_deref().is_none_or(|c| c.trim().is_empty()) => {
-            Err("a per_usage item needs the counter it meters (\"counter\")".into())
-        }
+        Model::PerUsage if item.counter.as_deref().is_none_or(|c| !is_identifier(c)) => Err(
+            "a per_usage item needs the counter it meters (\"counter\"): 1 to 64 letters, \
+             digits, '.', '_' or '-'"
+                .into(),
+        ),
         Model::ConcurrentDevice | Model::ConcurrentInstance
             if item.max_exceptions.is_none_or(|m| m == 0) =>
         {

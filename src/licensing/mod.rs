@@ -26,12 +26,4 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.to_string())
 }
 
-/// Whether an identifier (license id, organization id, item id, handshake code) is made of
-/// the characters that are safe everywhere it appears: letters, digits, `.`, `_`, `-`.
-pub fn is_identifier(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 64
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+pub use keygate_sdk::wire::is_identifier;

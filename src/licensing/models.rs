@@ -75,11 +75,27 @@ pub fn tolerance_percent(model: Model) -> i64 {
 
 /// The most seats a seat-counting model admits: the quota plus its tolerance, rounded down.
 pub fn seat_limit(terms: &Terms) -> i64 {
-    terms.quota * tolerance_percent(terms.model) / 100
+    percent_of(terms.quota, tolerance_percent(terms.model))
+}
+
+/// `percent` % of `quota`, rounded down, without overflow for any quota a license may carry.
+pub fn percent_of(quota: i64, percent: i64) -> i64 {
+    let share = i128::from(quota) * i128::from(percent) / 100;
+    i64::try_from(share).unwrap_or(i64::MAX)
+}
+
+/// Whether `figure` is at least `percent` % of `base`, compared exactly (no overflow).
+pub fn reaches_percent(figure: i64, base: i64, percent: i64) -> bool {
+    i128::from(figure) * 100 >= i128::from(base) * i128::from(percent)
+}
+
+/// Whether `figure` is more than `percent` % of `base`, compared exactly (no overflow).
+pub fn exceeds_percent(figure: i64, base: i64, percent: i64) -> bool {
+    i128::from(figure) * 100 > i128::from(base) * i128::from(percent)
 }
 
 pub fn tokens_balance(terms: &Terms, used: &Consumption) -> i64 {
-    terms.quota - used.tokens_used
+    terms.quota.saturating_sub(used.tokens_used)
 }
 
 /// When a tokens item's grace ends, if it is in grace.
@@ -101,7 +117,11 @@ pub fn availability(terms: &Terms, used: &Consumption, now: i64) -> Result<(), R
         return Err(Refusal::Expired);
     }
     let stopped = match terms.model {
-        Model::PerUsage => used.usage_total * 100 > terms.quota * tolerance_percent(terms.model),
+        Model::PerUsage => exceeds_percent(
+            used.usage_total,
+            terms.quota,
+            tolerance_percent(terms.model),
+        ),
         Model::ConcurrentDevice | Model::ConcurrentInstance => {
             used.exceptions >= terms.max_exceptions
         }
@@ -251,6 +271,25 @@ mod tests {
             has_room(&t, &usage(1051)),
             "no seat limit: the stop is availability"
         );
+    }
+
+    #[test]
+    fn percentages_never_overflow() {
+        let t = terms(Model::PerUsage, i64::MAX);
+        let usage = |n| Consumption {
+            usage_total: n,
+            ..Consumption::default()
+        };
+        assert_eq!(availability(&t, &usage(i64::MAX), NOW), Ok(()));
+        let t = terms(Model::PerUsage, 1000);
+        assert_eq!(
+            availability(&t, &usage(i64::MAX), NOW),
+            Err(Refusal::QuotaExceeded),
+            "a huge total stops the item instead of wrapping around"
+        );
+        assert_eq!(seat_limit(&terms(Model::PerDevice, i64::MAX)), i64::MAX);
+        assert!(reaches_percent(i64::MAX, i64::MAX, 100));
+        assert!(!exceeds_percent(i64::MAX, i64::MAX, 100));
     }
 
     #[test]

@@ -158,9 +158,13 @@ impl Usage {
                 let Some(name) = identifier("reports.counters", Some(&name))? else {
                     return err("reports.counters", "a counter needs a name");
                 };
-                let amount =
-                    i64::try_from(amount).or(err("reports.counters", "value too large"))?;
-                counters.push((name, amount));
+                if amount > wire::MAX_COUNT {
+                    return err(
+                        "reports.counters",
+                        format!("at most {} per counter in one report", wire::MAX_COUNT),
+                    );
+                }
+                counters.push((name, amount as i64));
             }
             reports.push(Report {
                 seq: report.seq,

@@ -53,7 +53,7 @@ pub fn record(
             used: used.unwrap_or_default(),
             ..terms.clone()
         });
-    let metered = metered_counters(catalogue, &lease, item.as_ref(), req)?;
+    let metered = metered_counters(conn, catalogue, &lease, req)?;
     let high = match stream {
         Some((owner, _)) if owner != device.id => {
             return Err(ApiError::bad_request("stream belongs to another device"));
@@ -82,7 +82,7 @@ pub fn record(
                 devices::add_usage_total(conn, &report.item_id, *amount)?;
                 // The renewal below judges the item with this usage included.
                 if let Some(i) = item.as_mut().filter(|i| i.item_id == report.item_id) {
-                    i.used.usage_total += amount;
+                    i.used.usage_total = i.used.usage_total.saturating_add(*amount);
                 }
             }
         }
@@ -109,12 +109,12 @@ pub fn record(
 }
 
 /// The items the reports name, each with the counter it meters (per_usage). A report may
-/// name any item that serves the lease's product for the lease's organization: the lease's
-/// current item, or one it held before a renewal moved it (a backlog stays deliverable).
+/// name the lease's item, or another item of the lease's product the device holds a seat in
+/// (the one it held before the lease moved to a new item: a backlog stays deliverable).
 fn metered_counters(
+    conn: &Connection,
     catalogue: &Catalogue,
     lease: &Lease,
-    item: Option<&ItemRow>,
     req: &Usage,
 ) -> Result<Vec<(String, Option<String>)>, ApiError> {
     let mut known: Vec<(String, Option<String>)> = Vec::new();
@@ -122,12 +122,15 @@ fn metered_counters(
         if known.iter().any(|(id, _)| *id == report.item_id) {
             continue;
         }
-        let belongs = |other: &ItemRow| {
-            item.is_some_and(|i| {
-                other.product == lease.product && other.organization_id == i.organization_id
-            })
-        };
-        let Some(other) = catalogue.item(&report.item_id).filter(|o| belongs(o)) else {
+        // The lease's item, or one the device holds a seat in (a backlog from before the
+        // lease moved to another item of the product).
+        let belongs = lease.item_id.as_deref() == Some(report.item_id.as_str())
+            || (lease.item_id.is_some()
+                && devices::has_seat(conn, &report.item_id, lease.device_id)?);
+        let Some(other) = catalogue
+            .item(&report.item_id)
+            .filter(|o| belongs && o.product == lease.product)
+        else {
             return Err(ApiError::bad_request(format!(
                 "item {} does not belong to lease {}",
                 report.item_id, lease.lease_id
@@ -215,7 +218,9 @@ fn renew(
         } else {
             ""
         };
-        if let Some(seat) = devices::seat(conn, &item.item_id, device.id, instance)?
+        // A released lease no longer holds it: a late call does not count it again.
+        if !lease.released
+            && let Some(seat) = devices::seat(conn, &item.item_id, device.id, instance)?
             && !models::seat_lapsed(model, seat.first_auth_at, seat.last_used_at, now)
         {
             devices::touch_seat(conn, &item.item_id, device.id, instance, &seat, now)?;
@@ -289,18 +294,24 @@ pub fn release(
         return Ok(());
     }
     devices::release_lease(conn, lease_id)?;
-    if let Some(item) = lease.item_id.as_deref().and_then(|id| catalogue.item(id)) {
-        let model = item.terms.model;
-        if model.is_concurrent() {
-            let instance = if model == Model::ConcurrentInstance {
-                lease.instance.as_str()
-            } else {
-                ""
-            };
-            devices::unmark_window(conn, &item.item_id, device.id, instance, window_of(now))?;
-        } else if model == Model::Standalone {
-            devices::delete_seat(conn, &item.item_id, device.id, "")?;
-        }
+    let Some(item) = lease.item_id.as_deref().and_then(|id| catalogue.item(id)) else {
+        return Ok(());
+    };
+    let model = item.terms.model;
+    if !(model.is_concurrent() || model == Model::Standalone) {
+        return Ok(());
+    }
+    // Leases are per (device, product, instance, user) but seats per device (per instance
+    // for concurrent_instance): another live lease of this device keeps the seat in use.
+    let instance = (model == Model::ConcurrentInstance).then_some(lease.instance.as_str());
+    if devices::other_live_lease(conn, device.id, lease_id, &item.item_id, instance, now)? {
+        return Ok(());
+    }
+    if model.is_concurrent() {
+        let instance = instance.unwrap_or("");
+        devices::unmark_window(conn, &item.item_id, device.id, instance, window_of(now))?;
+    } else {
+        devices::delete_seat(conn, &item.item_id, device.id, "")?;
     }
     Ok(())
 }

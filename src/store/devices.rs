@@ -521,6 +521,37 @@ pub fn release_lease(conn: &Connection, lease_id: &str) -> Result<(), StoreError
     Ok(())
 }
 
+/// Whether the device holds another live lease (not released, revoked or expired) on
+/// `item_id` besides `lease_id`, for `instance` when given: the seat is still in use.
+pub fn other_live_lease(
+    conn: &Connection,
+    device_id: i64,
+    lease_id: &str,
+    item_id: &str,
+    instance: Option<&str>,
+    now: i64,
+) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM leases
+             WHERE device_id = ?1 AND lease_id <> ?2 AND item_id = ?3
+               AND (?4 IS NULL OR instance = ?4)
+               AND released = 0 AND revoked = 0 AND expires_at > ?5)",
+        )?
+        .query_row(params![device_id, lease_id, item_id, instance, now], |r| {
+            r.get(0)
+        })?)
+}
+
+/// Whether the device has a seat (of any instance) in the item.
+pub fn has_seat(conn: &Connection, item_id: &str, device_id: i64) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM seats WHERE item_id = ?1 AND device_id = ?2)",
+        )?
+        .query_row(params![item_id, device_id], |r| r.get(0))?)
+}
+
 /// An admin removed the device: its seats are freed and its leases revoked; the device
 /// record stays, so its next contact is answered `LEASE_REVOKED`.
 pub fn remove_device(conn: &Connection, device_id: i64) -> Result<usize, StoreError> {
@@ -556,7 +587,9 @@ pub fn set_stream_high(
     Ok(())
 }
 
-/// Adds `amount` of `counter` to the item's day total and the device's total.
+/// Adds `amount` of `counter` to the item's day total and the device's total. Totals stop at
+/// `i64::MAX` rather than overflow (SQLite would turn the sum into a float, which the STRICT
+/// tables refuse).
 pub fn add_usage(
     conn: &Connection,
     item_id: &str,
@@ -567,21 +600,29 @@ pub fn add_usage(
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO usage_daily (item_id, day, counter, total) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (item_id, day, counter) DO UPDATE SET total = total + excluded.total",
+         ON CONFLICT (item_id, day, counter) DO UPDATE SET total =
+             CASE WHEN total > 9223372036854775807 - ?4 THEN 9223372036854775807
+                  ELSE total + ?4 END",
     )?
     .execute(params![item_id, day, counter, amount])?;
     conn.prepare_cached(
         "INSERT INTO device_usage (device_id, item_id, counter, total) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (device_id, item_id, counter) DO UPDATE SET total = total + excluded.total",
+         ON CONFLICT (device_id, item_id, counter) DO UPDATE SET total =
+             CASE WHEN total > 9223372036854775807 - ?4 THEN 9223372036854775807
+                  ELSE total + ?4 END",
     )?
     .execute(params![device_id, item_id, counter, amount])?;
     Ok(())
 }
 
-/// Adds to a per_usage item's metered total.
+/// Adds to a per_usage item's metered total (held at `i64::MAX` rather than overflow).
 pub fn add_usage_total(conn: &Connection, item_id: &str, amount: i64) -> Result<(), StoreError> {
-    conn.prepare_cached("UPDATE items SET usage_total = usage_total + ?2 WHERE item_id = ?1")?
-        .execute(params![item_id, amount])?;
+    conn.prepare_cached(
+        "UPDATE items SET usage_total = CASE WHEN usage_total > 9223372036854775807 - ?2
+             THEN 9223372036854775807 ELSE usage_total + ?2 END
+         WHERE item_id = ?1",
+    )?
+    .execute(params![item_id, amount])?;
     Ok(())
 }
 

@@ -266,6 +266,64 @@ fn standalone_is_a_hard_limit_and_release_frees_the_seat() {
 }
 
 #[test]
+fn releasing_one_lease_keeps_a_seat_another_lease_of_the_device_uses() {
+    let f = Fixture::new(
+        &[
+            item("cad", "standalone", 1, ""),
+            item("viewer", "concurrent_device", 1, "max_exceptions = 5"),
+        ]
+        .concat(),
+    );
+    for product in ["cad", "viewer"] {
+        // One device, two users: two leases, one seat.
+        let as_user = |user: &str| {
+            let mut request = f.request(product, 1);
+            request["device"]["user"] = json!(user);
+            let (status, body) = f.authorize(&request);
+            assert_eq!(status, 200, "{body}");
+            f.verify(&body, 1).lease_id
+        };
+        let (alice, bob) = (as_user("alice"), as_user("bob"));
+        assert_ne!(alice, bob);
+        assert_eq!(f.release(&alice, 1).0, 200);
+        let window_active = || -> i64 {
+            f.db()
+                .query_row(
+                    "SELECT coalesce(max(active), 0) FROM concurrency_windows WHERE item_id = 'LIC-T-2'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        if product == "cad" {
+            assert_eq!(
+                f.refused("cad", 2),
+                "QUOTA_EXCEEDED",
+                "bob still uses the seat"
+            );
+            assert_eq!(f.item_value("LIC-T-1", "seats_used"), 1);
+        } else {
+            assert_eq!(window_active(), 1, "bob still counts in the window");
+        }
+        assert_eq!(f.release(&bob, 1).0, 200);
+        if product == "cad" {
+            assert_eq!(f.item_value("LIC-T-1", "seats_used"), 0);
+        } else {
+            assert_eq!(window_active(), 0);
+            // A late heartbeat of the released lease is not counted again.
+            let (status, body) = f.usage(&json!({"lease_id": bob, "device_uuid": device_uuid(1),
+                "stream": "22222222-2222-4222-8222-222222222222", "reports": []}));
+            assert_eq!(
+                (status, body["renewal_error"]["code"].as_str()),
+                (200, Some("LEASE_NOT_FOUND"))
+            );
+            assert_eq!(window_active(), 0);
+        }
+    }
+    f.authorized("cad", 2);
+}
+
+#[test]
 fn tokens_daily_passes_grace_and_top_up() {
     let f = Fixture::new(&item(
         "ocr",

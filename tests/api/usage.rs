@@ -240,6 +240,86 @@ fn failed_usage_requests_record_nothing() {
 }
 
 #[test]
+fn huge_counts_are_refused_and_totals_stop_at_the_largest_integer() {
+    use keygate_sdk::wire::MAX_COUNT;
+    let f = scanner();
+    let lease = f.authorized("scanner", 1).lease_id;
+    let db = f.data.join("keygate.db");
+    let digest = db_digest(&db);
+    let (status, body) =
+        f.usage(&f.reports(&lease, 1, STREAM, &[(1, "LIC-T-1", "scans", MAX_COUNT + 1)]));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("BAD_REQUEST")),
+        "{body}"
+    );
+    assert_eq!(db_digest(&db), digest);
+
+    // Totals close to the largest integer stop there instead of failing the request (and
+    // with it every later report of every device of the item).
+    assert_eq!(
+        f.usage(&f.reports(&lease, 1, STREAM, &[(1, "LIC-T-1", "scans", 1)]))
+            .0,
+        200
+    );
+    f.db()
+        .execute_batch(
+            "UPDATE items SET usage_total = 9223372036854775000;
+             UPDATE usage_daily SET total = 9223372036854775000;
+             UPDATE device_usage SET total = 9223372036854775000;",
+        )
+        .unwrap();
+    for seq in 2..=3 {
+        let (status, body) =
+            f.usage(&f.reports(&lease, 1, STREAM, &[(seq, "LIC-T-1", "scans", MAX_COUNT)]));
+        assert_eq!(
+            (status, body["accepted"].as_u64()),
+            (200, Some(1)),
+            "{body}"
+        );
+        assert_eq!(
+            body["renewal_error"]["code"], "QUOTA_EXCEEDED",
+            "past 105 %"
+        );
+    }
+    let totals: (i64, i64) = f
+        .db()
+        .query_row(
+            "SELECT (SELECT total FROM usage_daily), (SELECT total FROM device_usage)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(totals, (i64::MAX, i64::MAX));
+    assert_eq!(total(&f), i64::MAX);
+}
+
+#[test]
+fn reports_may_name_only_items_the_lease_holds() {
+    // Two items of the product on one code: the device takes the one that expires first.
+    let f = Fixture::new(
+        &[
+            item("scanner", "per_usage", 1000, "counter = \"scans\"\nstarts_at = 2026-01-01T00:00:00Z\nexpires_at = 2030-01-01T00:00:00Z"),
+            item("scanner", "per_usage", 1000, "counter = \"scans\""),
+        ]
+        .concat(),
+    );
+    let lease = f.authorized("scanner", 1);
+    assert_eq!(lease.items[0].item_id, "LIC-T-1");
+    let db = f.data.join("keygate.db");
+    let digest = db_digest(&db);
+    let (status, body) =
+        f.usage(&f.reports(&lease.lease_id, 1, STREAM, &[(1, "LIC-T-2", "scans", 5)]));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("BAD_REQUEST")),
+        "{body}"
+    );
+    assert_eq!(db_digest(&db), digest);
+    assert_eq!(f.item_value("LIC-T-2", "usage_total"), 0);
+}
+
+#[test]
 fn a_removed_device_still_has_its_usage_recorded_and_is_told_its_lease_is_revoked() {
     let f = Fixture::new(&item("scanner", "per_device", 1, ""));
     let lease = f.authorized("scanner", 1).lease_id;
