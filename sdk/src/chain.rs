@@ -23,6 +23,10 @@ pub enum ChainError {
     WrongAppliance { expected: String, found: String },
     #[error("the authorization grants item {0}, which its license does not contain")]
     ForeignItem(String),
+    #[error(
+        "the authorization grants item {0} beyond its license's terms (another product, or past the item's expiry)"
+    )]
+    OutsideLicense(String),
     #[error("the authorization is for device {found}, not this device ({expected})")]
     WrongDevice { expected: String, found: String },
     #[error("the authorization answers another request (nonce mismatch)")]
@@ -79,14 +83,24 @@ pub fn verify_authorization<'k>(
             found: auth.installation_id,
         });
     }
-    if let Some(item) = auth
-        .items
-        .iter()
-        .find(|granted| !license.items.iter().any(|i| i.item_id == granted.item_id))
-    {
-        return Err(ChainError::ForeignItem(item.item_id.clone()));
+    // Each granted item is one of the license's, for this product, and the authorization
+    // does not outlive it: the vendor's terms bound what the appliance may sign.
+    for granted in &auth.items {
+        let Some(item) = license.items.iter().find(|i| i.item_id == granted.item_id) else {
+            return Err(ChainError::ForeignItem(granted.item_id.clone()));
+        };
+        if item.product != auth.product || auth.expires_at > item.expires_at {
+            return Err(ChainError::OutsideLicense(granted.item_id.clone()));
+        }
     }
-    if !auth.device_uuid.eq_ignore_ascii_case(expect.device_uuid) {
+    let same_device = match (
+        uuid::Uuid::parse_str(&auth.device_uuid),
+        uuid::Uuid::parse_str(expect.device_uuid),
+    ) {
+        (Ok(found), Ok(expected)) => found == expected,
+        _ => false,
+    };
+    if !same_device {
         return Err(ChainError::WrongDevice {
             expected: expect.device_uuid.to_string(),
             found: auth.device_uuid,
@@ -234,13 +248,19 @@ mod tests {
         };
         assert_eq!(fx.check(&auth, stored).unwrap().0, auth);
 
-        // The device UUID is compared case-insensitively (UUIDs have no case).
+        // The device UUID is compared as a UUID, whatever its spelling.
         let upper = DEVICE.to_ascii_uppercase();
         let shouting = Expectation {
             device_uuid: &upper,
             ..expect_fresh()
         };
         assert!(fx.check(&auth, shouting).is_ok());
+        let simple = DEVICE.replace('-', "");
+        let unhyphenated = Expectation {
+            device_uuid: &simple,
+            ..expect_fresh()
+        };
+        assert!(fx.check(&auth, unhyphenated).is_ok());
 
         // The license line as read from a file, with its trailing newline.
         let vendor = fx.vendor.verifying_key();
@@ -385,6 +405,29 @@ mod tests {
         assert!(matches!(
             fx.check(&auth, expect_fresh()),
             Err(ChainError::ForeignItem(item)) if item == "LIC-9999-1"
+        ));
+    }
+
+    #[test]
+    fn an_authorization_beyond_its_license_items_terms_is_refused() {
+        let fx = Fixture::new();
+        let item_expiry = fx.license.items[0].expires_at;
+        let mut auth = fx.authorization();
+        auth.expires_at = item_expiry;
+        assert!(
+            fx.check(&auth, expect_fresh()).is_ok(),
+            "up to the item's expiry"
+        );
+        auth.expires_at = item_expiry + Duration::seconds(1);
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::OutsideLicense(item)) if item == "LIC-0042-1"
+        ));
+        let mut auth = fx.authorization();
+        auth.product = "another-product".into();
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::OutsideLicense(_))
         ));
     }
 

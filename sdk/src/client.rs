@@ -86,9 +86,9 @@ use crate::chain::{self, ChainError, Expectation};
 use crate::jws;
 use crate::wire::{
     ApplianceInfo, Authorization, AuthorizationState, AuthorizeRequest, AuthorizeResponse,
-    DeviceInfo, ErrorBody, ErrorCode, ErrorDetail, GrantedItem, License, LicenseItem,
+    DeviceInfo, ErrorBody, ErrorCode, ErrorDetail, GrantedItem, License, LicenseItem, MAX_COUNT,
     REPORT_INTERVAL_S, ReleaseRequest, ReleaseResponse, UsageReport, UsageRequest, UsageResponse,
-    Validation,
+    Validation, is_identifier,
 };
 
 /// How long one request may take, connection included, before the next URL is tried.
@@ -247,8 +247,14 @@ impl ClientConfig {
         if self.product.trim().is_empty() {
             return invalid("the product name is empty");
         }
-        if self.device.uuid.trim().is_empty() {
-            return invalid("the device UUID is empty");
+        if uuid::Uuid::parse_str(self.device.uuid.trim()).is_ok_and(|u| u.is_nil()) {
+            return invalid("the device UUID is the nil UUID");
+        }
+        if uuid::Uuid::parse_str(self.device.uuid.trim()).is_err() {
+            return Err(ClientError::Config(format!(
+                "the device UUID {:?} is not a UUID",
+                self.device.uuid
+            )));
         }
         if self.report_interval.is_zero() || self.timeout.is_zero() {
             return invalid("the report interval and the timeout must be positive");
@@ -517,6 +523,14 @@ impl OpenPeriod {
 
     fn is_empty(&self) -> bool {
         self.counters.values().all(BTreeMap::is_empty)
+    }
+
+    fn amount(&self, item_id: &str, counter: &str) -> u64 {
+        self.counters
+            .get(item_id)
+            .and_then(|counters| counters.get(counter))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -867,8 +881,12 @@ impl fmt::Debug for Client {
 impl Client {
     /// Checks the configuration, creates the state directory if needed, takes its lock and
     /// loads the state (a new directory gets a new usage stream). No network traffic.
-    pub fn new(config: ClientConfig) -> Result<Client, ClientError> {
+    pub fn new(mut config: ClientConfig) -> Result<Client, ClientError> {
         config.validate()?;
+        // The appliance signs the canonical form (lowercase, hyphenated) of the UUID it got.
+        if let Ok(uuid) = uuid::Uuid::parse_str(config.device.uuid.trim()) {
+            config.device.uuid = uuid.hyphenated().to_string();
+        }
         let agent = build_agent(&config)?;
         let store = Store::open(&config.state_dir)?;
         let (state, backlog) = store.load()?;
@@ -991,11 +1009,19 @@ impl Client {
                 item_id: item_id.to_string(),
             });
         }
-        if counter.is_empty() {
-            return Err(ClientError::Config("the counter name is empty".into()));
+        if !is_identifier(counter) {
+            return Err(ClientError::Config(format!(
+                "the counter name {counter:?} must be 1 to 64 letters, digits, '.', '_' or '-'"
+            )));
         }
         if amount == 0 {
             return Ok(());
+        }
+        let open = self.state.open.amount(item_id, counter);
+        if open.saturating_add(amount) > MAX_COUNT {
+            return Err(ClientError::Config(format!(
+                "at most {MAX_COUNT} of one counter per report: flush before recording more"
+            )));
         }
         let now = self.now();
         self.state.open.add(item_id, counter, amount, now);
@@ -1149,15 +1175,28 @@ impl Client {
                 self.state.next_seq = response.acked_seq.saturating_add(1);
             }
             outcome.renewal_error = response.renewal_error;
+            // The lease was released (by another state directory sharing it, say): the
+            // reports are stored; a new authorization gives the device a lease again.
+            if outcome
+                .renewal_error
+                .as_ref()
+                .is_some_and(|e| e.code == ErrorCode::LeaseNotFound)
+                && reauthorize
+                && !outcome.reauthorized
+            {
+                outcome.reauthorized = true;
+                outcome.renewed = Some(self.authorize()?);
+                outcome.renewal_error = None;
+            }
             if let Some(renewal) = response.authorization {
                 match self.accept_renewal(renewal, now) {
                     Ok(Some(grant)) => outcome.renewed = Some(grant),
                     Ok(None) => {}
                     // The renewal names items of a license this device does not hold yet (the
                     // vendor's new version was imported): authorizing again fetches it.
-                    Err(ClientError::Chain(ChainError::ForeignItem(_)))
-                        if reauthorize && !outcome.reauthorized =>
-                    {
+                    Err(ClientError::Chain(
+                        ChainError::ForeignItem(_) | ChainError::OutsideLicense(_),
+                    )) if reauthorize && !outcome.reauthorized => {
                         outcome.reauthorized = true;
                         outcome.renewed = Some(self.authorize()?);
                     }

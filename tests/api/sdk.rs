@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use keygate_sdk::client::{Client, ClientConfig, ClientError, Clock, TlsTrust};
-use keygate_sdk::wire::DeviceInfo;
+use keygate_sdk::wire::{DeviceInfo, MAX_COUNT};
 use time::{Duration, OffsetDateTime};
 
 use crate::helpers::*;
@@ -48,6 +48,10 @@ fn device_clock() -> (Clock, Arc<Mutex<OffsetDateTime>>) {
 }
 
 fn client(a: &Appliance, urls: Vec<String>, state: &Path, clock: Clock) -> Client {
+    Client::new(config(a, urls, state, clock)).unwrap()
+}
+
+fn config(a: &Appliance, urls: Vec<String>, state: &Path, clock: Clock) -> ClientConfig {
     let vendor = keygate_sdk::keys::public_key_from_pem(
         &std::fs::read_to_string(a.vendor.pub_path()).unwrap(),
     )
@@ -66,7 +70,7 @@ fn client(a: &Appliance, urls: Vec<String>, state: &Path, clock: Clock) -> Clien
     config.handshake_code = Some(a.code.clone());
     config.clock = clock;
     config.timeout = std::time::Duration::from_secs(5);
-    Client::new(config).unwrap()
+    config
 }
 
 fn usage_total(a: &Appliance) -> i64 {
@@ -137,6 +141,67 @@ fn works_offline_until_expiry_and_sends_the_backlog_once_back() {
         matches!(device.check(), Err(ClientError::Expired { .. })),
         "{:?}",
         device.check()
+    );
+}
+
+#[test]
+fn the_sdk_records_only_what_the_appliance_accepts_and_follows_a_released_lease() {
+    let a = appliance(&item(
+        "scanner",
+        "per_usage",
+        10_000_000_000_000,
+        "counter = \"scans\"",
+    ));
+    let served = Served::start(&a.data);
+    let state = tempfile::tempdir().unwrap();
+    let (clock, _) = device_clock();
+    // Configured with the UUID in another spelling than the one the appliance signs.
+    let mut config = config(&a, vec![served.url("")], state.path(), clock);
+    config.device.uuid = device_uuid(1).replace('-', "").to_uppercase();
+    let mut device = Client::new(config).unwrap();
+    let grant = device.authorize().unwrap();
+    assert_eq!(grant.authorization.device_uuid, device_uuid(1));
+    device.check().unwrap();
+
+    // Names and amounts the appliance would refuse are refused here, before they could
+    // block the backlog.
+    for (counter, amount) in [("page scans", 1), ("", 1), ("scans", MAX_COUNT + 1)] {
+        assert!(
+            matches!(
+                device.record("LIC-S-1", counter, amount),
+                Err(ClientError::Config(_))
+            ),
+            "{counter:?} {amount}"
+        );
+    }
+    device.record("LIC-S-1", "scans", MAX_COUNT - 1).unwrap();
+    assert!(
+        device.record("LIC-S-1", "scans", 2).is_err(),
+        "the period holds at most MAX_COUNT"
+    );
+    device.record("LIC-S-1", "scans", 1).unwrap();
+    let first = device.flush().unwrap();
+    assert_eq!(first.accepted, 1);
+    assert_eq!(usage_total(&a), MAX_COUNT as i64);
+
+    // Something else released the lease: the reports still count, and the client takes a
+    // lease again instead of running out its authorization while the appliance is there.
+    let agent = pinned_agent(&appliance_cert(&a.data));
+    let (status, _) = post_json(
+        &agent,
+        &served.url("/api/v1/release"),
+        &serde_json::json!({"lease_id": grant.authorization.lease_id, "device_uuid": device_uuid(1)}),
+    );
+    assert_eq!(status, 200);
+    device.record("LIC-S-1", "scans", 2).unwrap();
+    let sent = device.flush().unwrap();
+    assert_eq!((sent.accepted, sent.reauthorized), (1, true), "{sent:?}");
+    assert!(sent.renewed.is_some());
+    assert_eq!(usage_total(&a), MAX_COUNT as i64 + 2);
+    let again = device.flush().unwrap();
+    assert!(
+        again.renewal_error.is_none() && again.renewed.is_some(),
+        "{again:?}"
     );
 }
 
