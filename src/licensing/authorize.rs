@@ -130,7 +130,7 @@ pub fn authorize(
     };
     check_handshake(handshake, req, passwords)?;
 
-    let items = catalogue
+    let mut items = catalogue
         .items_for(handshake.id, &req.product)
         .map(|item| catalogue::live(conn, item))
         .collect::<Result<Vec<_>, _>>()?;
@@ -151,52 +151,53 @@ pub fn authorize(
         token_user: &token_user,
     };
 
+    // The chosen item and the refusals of the others, as indexes into `items`.
     let mut refusals = Vec::new();
     let mut chosen = None;
     // A known device keeps the seat (or the pass) it has, while its item serves.
     if let Some(device) = &device {
-        for item in &items {
+        for (i, item) in items.iter().enumerate() {
             if holds(conn, item, device.id, &seat, now)? {
                 match availability(&item.terms, &item.used, now) {
                     Ok(()) => {
-                        chosen = Some(item);
+                        chosen = Some(i);
                         break;
                     }
-                    Err(r) => refusals.push((r, item)),
+                    Err(r) => refusals.push((r, i)),
                 }
             }
         }
     }
-    // A new one takes a seat in the item that expires first and still has room.
+    // A new one takes a seat in the item that expires first and still has room, once the
+    // item's lapsed seats are freed (its consumption is kept up to date for `occupy`).
     if chosen.is_none() {
-        for item in &items {
+        for (i, item) in items.iter_mut().enumerate() {
             if let Err(r) = availability(&item.terms, &item.used, now) {
-                refusals.push((r, item));
+                refusals.push((r, i));
                 continue;
             }
-            let mut used = item.used;
-            used.seats_used -= free_lapsed(conn, item, now)? as i64;
-            if has_room(&item.terms, &used) {
-                chosen = Some(item);
+            item.used.seats_used -= free_lapsed(conn, item, now)? as i64;
+            if has_room(&item.terms, &item.used) {
+                chosen = Some(i);
                 break;
             }
-            refusals.push((Refusal::QuotaExceeded, item));
+            refusals.push((Refusal::QuotaExceeded, i));
         }
     }
     // Tokens: with no balance left anywhere, the first serving item goes into grace.
     if chosen.is_none() {
-        chosen = items.iter().find(|i| {
+        chosen = items.iter().position(|i| {
             i.terms.model == Model::Tokens && availability(&i.terms, &i.used, now).is_ok()
         });
     }
-    let Some(item) = chosen else {
+    let Some(item) = chosen.map(|i| &items[i]) else {
         let reason = models::most_relevant(refusals.iter().map(|(r, _)| *r))
             .expect("every item was refused for a reason");
-        let (_, item) = refusals
+        let (_, i) = refusals
             .iter()
             .find(|(r, _)| *r == reason)
             .expect("present");
-        return Err(refusal(reason, item).into());
+        return Err(refusal(reason, &items[*i]).into());
     };
 
     let device_id = match &device {
@@ -511,9 +512,8 @@ pub fn occupy(
             devices::touch_seat(conn, &item.item_id, device_id, instance, &seat, now)?;
         }
         (_, None) => {
-            free_lapsed(conn, item, now)?;
-            // Counted again: freeing lapsed seats (here or just before) changed it.
-            used = catalogue::consumption(conn, &item.item_id)?.unwrap_or(item.used);
+            // `item.used` is this transaction's count; freeing lapsed seats lowers it.
+            used.seats_used -= free_lapsed(conn, item, now)? as i64;
             if !has_room(&item.terms, &used) {
                 return Err(Occupy::Refused(Refusal::QuotaExceeded));
             }
