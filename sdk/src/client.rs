@@ -608,6 +608,16 @@ fn detect_rollback(
     }
 }
 
+/// The newest time seen at `base`, carried forward by the monotonic time elapsed since:
+/// time that passed in this process, whatever the wall clock says, so that a clock held
+/// still is caught like a clock set back.
+fn carried_forward(
+    base: Option<(Instant, OffsetDateTime)>,
+    now: Instant,
+) -> Option<OffsetDateTime> {
+    base.map(|(at, newest)| newest + now.saturating_duration_since(at))
+}
+
 fn advance(newest: &mut Option<OffsetDateTime>, seen: OffsetDateTime) {
     if newest.is_none_or(|n| seen > n) {
         *newest = Some(seen);
@@ -867,6 +877,8 @@ pub struct Client {
     last_flush_attempt: Option<Instant>,
     /// `state.newest_time_seen` as last written to disk.
     persisted_newest: Option<OffsetDateTime>,
+    /// The newest time seen at the last check, and when that was on the monotonic clock.
+    monotonic_mark: Option<(Instant, OffsetDateTime)>,
 }
 
 impl fmt::Debug for Client {
@@ -904,6 +916,7 @@ impl Client {
             current,
             preferred_url: 0,
             last_flush_attempt: None,
+            monotonic_mark: None,
         })
     }
 
@@ -956,6 +969,7 @@ impl Client {
         // fresh), so the mark restarts from it: a device clock that was once set too far ahead
         // and then corrected recovers here instead of failing every check.
         self.state.newest_time_seen = Some(grant.authorization.issued_at.max(now));
+        self.monotonic_mark = None;
         self.store_authorization(response.authorization, Some(response.license), &grant);
         self.save_state()?;
         Ok(grant)
@@ -974,7 +988,9 @@ impl Client {
     /// fails here even right after [`Client::authorize`] (its offline allowance would be
     /// stretched by the lag): its clock must be set right. A clock that was once set too far
     /// ahead and then corrected recovers at the next authorization, which restarts the mark
-    /// from the appliance's time.
+    /// from the appliance's time. While the process runs, the mark also moves with the
+    /// monotonic clock, so a wall clock held still (or set back a little at a time) falls
+    /// behind it and is caught the same way.
     pub fn check(&mut self) -> Result<Grant, ClientError> {
         let (Some(authorization), Some(license)) = (
             self.state.authorization.as_deref(),
@@ -983,6 +999,11 @@ impl Client {
             return Err(ClientError::NotAuthorized);
         };
         let now = self.now();
+        let instant = Instant::now();
+        if let Some(carried) = carried_forward(self.monotonic_mark, instant) {
+            advance(&mut self.state.newest_time_seen, carried);
+        }
+        self.monotonic_mark = self.state.newest_time_seen.map(|newest| (instant, newest));
         detect_rollback(now, self.state.newest_time_seen)?;
         let grant = self.verify(authorization, license, None, now)?;
         advance(&mut self.state.newest_time_seen, now);
@@ -1795,6 +1816,14 @@ mod tests {
             Err(ClientError::ClockRolledBack { local: l, newest_seen }) if l == local && newest_seen == T0
         ));
 
+        let start = Instant::now();
+        let later = start + Duration::from_secs(600);
+        assert_eq!(carried_forward(None, later), None);
+        assert_eq!(
+            carried_forward(Some((start, T0)), later),
+            Some(T0 + time::Duration::minutes(10))
+        );
+
         let mut newest = None;
         advance(&mut newest, T0);
         advance(&mut newest, T0 - time::Duration::hours(1));
@@ -1824,8 +1853,19 @@ mod tests {
         clock.set(T0 + time::Duration::hours(1));
         assert!(matches!(
             client.check(),
-            Err(ClientError::ClockRolledBack { newest_seen, .. }) if newest_seen == later
+            Err(ClientError::ClockRolledBack { newest_seen, .. })
+                if newest_seen >= later && newest_seen - later < time::Duration::seconds(10)
         ));
+        // A clock held still falls behind the monotonic time that passes (here: as if ten
+        // minutes had passed on the monotonic clock since the last check).
+        clock.set(later);
+        client.check().unwrap();
+        client.monotonic_mark = Some((Instant::now(), later + time::Duration::minutes(10)));
+        assert!(matches!(
+            client.check(),
+            Err(ClientError::ClockRolledBack { local, .. }) if local == later
+        ));
+        clock.set(T0 + time::Duration::hours(1));
         // ...across restarts too.
         drop(client);
         let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
