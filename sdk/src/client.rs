@@ -87,8 +87,8 @@ use crate::jws;
 use crate::wire::{
     ApplianceInfo, Authorization, AuthorizationState, AuthorizeRequest, AuthorizeResponse,
     DeviceInfo, ErrorBody, ErrorCode, ErrorDetail, GrantedItem, License, LicenseItem, MAX_COUNT,
-    REPORT_INTERVAL_S, ReleaseRequest, ReleaseResponse, UsageReport, UsageRequest, UsageResponse,
-    Validation, is_identifier,
+    MAX_COUNTERS, REPORT_INTERVAL_S, ReleaseRequest, ReleaseResponse, UsageReport, UsageRequest,
+    UsageResponse, Validation, is_identifier,
 };
 
 /// How long one request may take, connection included, before the next URL is tried.
@@ -523,6 +523,10 @@ impl OpenPeriod {
 
     fn is_empty(&self) -> bool {
         self.counters.values().all(BTreeMap::is_empty)
+    }
+
+    fn counters_of(&self, item_id: &str) -> usize {
+        self.counters.get(item_id).map_or(0, BTreeMap::len)
     }
 
     fn amount(&self, item_id: &str, counter: &str) -> u64 {
@@ -1042,6 +1046,11 @@ impl Client {
         if open.saturating_add(amount) > MAX_COUNT {
             return Err(ClientError::Config(format!(
                 "at most {MAX_COUNT} of one counter per report: flush before recording more"
+            )));
+        }
+        if open == 0 && self.state.open.counters_of(item_id) >= MAX_COUNTERS {
+            return Err(ClientError::Config(format!(
+                "at most {MAX_COUNTERS} counters per report: flush before recording another"
             )));
         }
         let now = self.now();

@@ -280,6 +280,9 @@ pub const REPORT_INTERVAL_S: u64 = 180;
 /// `BAD_REQUEST` above it), so that no total it keeps can overflow.
 pub const MAX_COUNT: u64 = 1_000_000_000_000;
 
+/// The most counters one usage report may carry.
+pub const MAX_COUNTERS: usize = 64;
+
 /// Whether an identifier (license id, organization id, item id, handshake code, counter
 /// name) is made of the characters that are safe everywhere it appears: 1 to 64 letters,
 /// digits, `.`, `_`, `-`.

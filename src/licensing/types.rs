@@ -153,6 +153,12 @@ impl Usage {
                     field: "reports.item_id",
                     reason: "is required".into(),
                 })?;
+            if report.counters.len() > wire::MAX_COUNTERS {
+                return err(
+                    "reports.counters",
+                    format!("at most {} counters in one report", wire::MAX_COUNTERS),
+                );
+            }
             let mut counters = Vec::with_capacity(report.counters.len());
             for (name, amount) in report.counters {
                 let Some(name) = identifier("reports.counters", Some(&name))? else {

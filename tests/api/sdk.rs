@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use keygate_sdk::client::{Client, ClientConfig, ClientError, Clock, TlsTrust};
-use keygate_sdk::wire::{DeviceInfo, MAX_COUNT};
+use keygate_sdk::wire::{DeviceInfo, MAX_COUNT, MAX_COUNTERS};
 use time::{Duration, OffsetDateTime};
 
 use crate::helpers::*;
@@ -180,6 +180,11 @@ fn the_sdk_records_only_what_the_appliance_accepts_and_follows_a_released_lease(
         "the period holds at most MAX_COUNT"
     );
     device.record("LIC-S-1", "scans", 1).unwrap();
+    for n in 1..MAX_COUNTERS {
+        device.record("LIC-S-1", &format!("c{n}"), 1).unwrap();
+    }
+    assert!(device.record("LIC-S-1", "one-too-many", 1).is_err());
+    device.record("LIC-S-1", "c1", 1).unwrap();
     let first = device.flush().unwrap();
     assert_eq!(first.accepted, 1);
     assert_eq!(usage_total(&a), MAX_COUNT as i64);

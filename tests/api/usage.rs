@@ -253,6 +253,16 @@ fn huge_counts_are_refused_and_totals_stop_at_the_largest_integer() {
         (400, Some("BAD_REQUEST")),
         "{body}"
     );
+    let mut many = f.reports(&lease, 1, STREAM, &[(1, "LIC-T-1", "scans", 1)]);
+    for n in 0..64 {
+        many["reports"][0]["counters"][format!("c{n}")] = json!(1);
+    }
+    let (status, body) = f.usage(&many);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("BAD_REQUEST")),
+        "65 counters"
+    );
     assert_eq!(db_digest(&db), digest);
 
     // Totals close to the largest integer stop there instead of failing the request (and
