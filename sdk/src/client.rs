@@ -61,8 +61,9 @@
 //! # Files
 //! The state directory holds `state.json` (the authorization and license, the lease, the usage
 //! stream and its next sequence number, the open period's counters, the newest time seen),
-//! `backlog.json` (closed reports the appliance has not acknowledged yet) and `lock`. Both JSON
-//! files are replaced atomically (temporary file, fsync, rename), so a crash or power loss leaves
+//! `backlog.json` (closed reports the appliance has not acknowledged yet), `lock`, and, if the
+//! appliance ever refused a report as invalid, `rejected.json` (those reports and the reason,
+//! for support; see [`FlushOutcome::rejected`]). The JSON files are replaced atomically (temporary file, fsync, rename), so a crash or power loss leaves
 //! either the old or the new version. The backlog has a file of its own so that
 //! [`Client::record`], which is durable, rewrites only the small state file even when days of
 //! offline reports are waiting. One process at a time owns a state directory.
@@ -104,6 +105,8 @@ pub const CLOCK_TOLERANCE: time::Duration = time::Duration::minutes(5);
 
 const STATE_FILE: &str = "state.json";
 const BACKLOG_FILE: &str = "backlog.json";
+/// Reports the appliance refused as invalid, set aside (see [`FlushOutcome::rejected`]).
+const REJECTED_FILE: &str = "rejected.json";
 const LOCK_FILE: &str = "lock";
 const STATE_VERSION: u32 = 1;
 /// Answers larger than this are not read (an authorization and its license take a few KiB).
@@ -143,21 +146,48 @@ impl fmt::Debug for TlsTrust {
 
 /// The source of "now" for the client. The system clock unless a test substitutes its own.
 #[derive(Clone)]
-pub struct Clock(Arc<dyn Fn() -> OffsetDateTime + Send + Sync>);
+pub struct Clock {
+    wall: Arc<dyn Fn() -> OffsetDateTime + Send + Sync>,
+    /// The monotonic clock that runs beside it, if any (see [`Client::check`]).
+    monotonic: Option<Arc<dyn Fn() -> Instant + Send + Sync>>,
+}
 
 impl Clock {
-    /// The system's UTC clock.
+    /// The system's UTC clock, watched by the monotonic clock.
     pub fn system() -> Self {
-        Clock(Arc::new(OffsetDateTime::now_utc))
+        Clock {
+            wall: Arc::new(OffsetDateTime::now_utc),
+            monotonic: Some(Arc::new(Instant::now)),
+        }
     }
 
-    /// A clock that asks `now` (for tests that move the device clock).
+    /// A clock that asks `now` (for tests that move the device clock), with no monotonic
+    /// clock beside it.
     pub fn from_fn(now: impl Fn() -> OffsetDateTime + Send + Sync + 'static) -> Self {
-        Clock(Arc::new(now))
+        Clock {
+            wall: Arc::new(now),
+            monotonic: None,
+        }
+    }
+
+    /// A clock that asks `now`, beside a monotonic clock that asks `monotonic` (for tests
+    /// that move both).
+    pub fn from_fns(
+        now: impl Fn() -> OffsetDateTime + Send + Sync + 'static,
+        monotonic: impl Fn() -> Instant + Send + Sync + 'static,
+    ) -> Self {
+        Clock {
+            wall: Arc::new(now),
+            monotonic: Some(Arc::new(monotonic)),
+        }
     }
 
     pub fn now(&self) -> OffsetDateTime {
-        (self.0)()
+        (self.wall)()
+    }
+
+    fn monotonic(&self) -> Option<Instant> {
+        self.monotonic.as_ref().map(|now| now())
     }
 }
 
@@ -360,6 +390,11 @@ pub struct FlushOutcome {
     /// The appliance did not know the lease any more (its data was restored, or the lease
     /// was purged) and the client authorized again before sending the reports.
     pub reauthorized: bool,
+    /// Reports the appliance refused as invalid (`BAD_REQUEST`, e.g. for an item that no
+    /// longer belongs to the lease) while it accepted a heartbeat of the same lease: it will
+    /// never take them, so they were moved to `rejected.json` in the state directory instead
+    /// of blocking every later report.
+    pub rejected: usize,
 }
 
 /// The client's local bookkeeping, for display and diagnostics.
@@ -612,14 +647,14 @@ fn detect_rollback(
     }
 }
 
-/// The newest time seen at `base`, carried forward by the monotonic time elapsed since:
-/// time that passed in this process, whatever the wall clock says, so that a clock held
-/// still is caught like a clock set back.
+/// The appliance's time at the last contact, carried forward by the monotonic time elapsed
+/// since: what the local clock should read at least, whatever it says.
 fn carried_forward(
-    base: Option<(Instant, OffsetDateTime)>,
-    now: Instant,
+    contact: Option<(Instant, OffsetDateTime)>,
+    now: Option<Instant>,
 ) -> Option<OffsetDateTime> {
-    base.map(|(at, newest)| newest + now.saturating_duration_since(at))
+    let ((at, time), now) = (contact?, now?);
+    Some(time + now.saturating_duration_since(at))
 }
 
 fn advance(newest: &mut Option<OffsetDateTime>, seen: OffsetDateTime) {
@@ -785,6 +820,24 @@ impl Store {
     fn save_backlog(&self, backlog: &Backlog) -> Result<(), ClientError> {
         write_json(&self.dir.join(BACKLOG_FILE), backlog)
     }
+
+    /// Adds a report the appliance refused, with its reason, to `rejected.json`.
+    fn set_aside(&self, report: &UsageReport, reason: &str) -> Result<(), ClientError> {
+        let path = self.dir.join(REJECTED_FILE);
+        let mut rejected: Vec<RejectedReport> = read_json(&path)?.unwrap_or_default();
+        rejected.push(RejectedReport {
+            report: report.clone(),
+            reason: reason.to_string(),
+        });
+        write_json(&path, &rejected)
+    }
+}
+
+/// A report in `rejected.json`: kept for the vendor's support, never sent again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RejectedReport {
+    report: UsageReport,
+    reason: String,
 }
 
 /// Reads a stored authorization's payload without verifying it (for bookkeeping only: it was
@@ -881,8 +934,9 @@ pub struct Client {
     last_flush_attempt: Option<Instant>,
     /// `state.newest_time_seen` as last written to disk.
     persisted_newest: Option<OffsetDateTime>,
-    /// The newest time seen at the last check, and when that was on the monotonic clock.
-    monotonic_mark: Option<(Instant, OffsetDateTime)>,
+    /// The appliance's time in the newest authorization stored by this process, and when it
+    /// was stored on the monotonic clock.
+    contact_mark: Option<(Instant, OffsetDateTime)>,
 }
 
 impl fmt::Debug for Client {
@@ -920,7 +974,7 @@ impl Client {
             current,
             preferred_url: 0,
             last_flush_attempt: None,
-            monotonic_mark: None,
+            contact_mark: None,
         })
     }
 
@@ -973,7 +1027,6 @@ impl Client {
         // fresh), so the mark restarts from it: a device clock that was once set too far ahead
         // and then corrected recovers here instead of failing every check.
         self.state.newest_time_seen = Some(grant.authorization.issued_at.max(now));
-        self.monotonic_mark = None;
         self.store_authorization(response.authorization, Some(response.license), &grant);
         self.save_state()?;
         Ok(grant)
@@ -992,9 +1045,9 @@ impl Client {
     /// fails here even right after [`Client::authorize`] (its offline allowance would be
     /// stretched by the lag): its clock must be set right. A clock that was once set too far
     /// ahead and then corrected recovers at the next authorization, which restarts the mark
-    /// from the appliance's time. While the process runs, the mark also moves with the
-    /// monotonic clock, so a wall clock held still (or set back a little at a time) falls
-    /// behind it and is caught the same way.
+    /// from the appliance's time. While the process runs, the local clock is also held to the
+    /// appliance's time at the last authorization or renewal plus the monotonic time elapsed
+    /// since, with the same tolerance: a clock held still while offline falls behind it.
     pub fn check(&mut self) -> Result<Grant, ClientError> {
         let (Some(authorization), Some(license)) = (
             self.state.authorization.as_deref(),
@@ -1003,12 +1056,11 @@ impl Client {
             return Err(ClientError::NotAuthorized);
         };
         let now = self.now();
-        let instant = Instant::now();
-        if let Some(carried) = carried_forward(self.monotonic_mark, instant) {
-            advance(&mut self.state.newest_time_seen, carried);
-        }
-        self.monotonic_mark = self.state.newest_time_seen.map(|newest| (instant, newest));
         detect_rollback(now, self.state.newest_time_seen)?;
+        detect_rollback(
+            now,
+            carried_forward(self.contact_mark, self.config.clock.monotonic()),
+        )?;
         let grant = self.verify(authorization, license, None, now)?;
         advance(&mut self.state.newest_time_seen, now);
         let persisted_recently = self
@@ -1181,10 +1233,38 @@ impl Client {
                     continue;
                 }
                 Err(ClientError::Api {
-                    code: ErrorCode::PayloadTooLarge,
+                    code: ErrorCode::PayloadTooLarge | ErrorCode::BadRequest,
                     ..
                 }) if count > 1 => {
                     chunk_size = count / 2;
+                    continue;
+                }
+                // One report refused: if a heartbeat of the same lease goes through, the fault
+                // is the report's, and it is set aside rather than block the backlog forever.
+                Err(ClientError::Api {
+                    code: ErrorCode::BadRequest,
+                    message,
+                    ..
+                }) if count == 1 => {
+                    let heartbeat = UsageRequest {
+                        reports: Vec::new(),
+                        ..request
+                    };
+                    if self
+                        .post::<_, UsageResponse>("/api/v1/usage", &heartbeat)
+                        .is_err()
+                    {
+                        return Err(ClientError::Api {
+                            status: 400,
+                            code: ErrorCode::BadRequest,
+                            message,
+                        });
+                    }
+                    let report = self.backlog.reports.remove(0);
+                    self.store.set_aside(&report, &message)?;
+                    self.store.save_backlog(&self.backlog)?;
+                    outcome.rejected += 1;
+                    chunk_size = MAX_REPORTS_PER_REQUEST;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -1281,6 +1361,9 @@ impl Client {
         }
         self.state.lease_id = Some(grant.authorization.lease_id.clone());
         self.current = Some(grant.authorization.clone());
+        if let Some(instant) = self.config.clock.monotonic() {
+            self.contact_mark = Some((instant, grant.authorization.issued_at));
+        }
     }
 
     fn verify(
@@ -1827,9 +1910,10 @@ mod tests {
 
         let start = Instant::now();
         let later = start + Duration::from_secs(600);
-        assert_eq!(carried_forward(None, later), None);
+        assert_eq!(carried_forward(None, Some(later)), None);
+        assert_eq!(carried_forward(Some((start, T0)), None), None);
         assert_eq!(
-            carried_forward(Some((start, T0)), later),
+            carried_forward(Some((start, T0)), Some(later)),
             Some(T0 + time::Duration::minutes(10))
         );
 
@@ -1839,6 +1923,37 @@ mod tests {
         assert_eq!(newest, Some(T0));
         advance(&mut newest, T0 + time::Duration::hours(1));
         assert_eq!(newest, Some(T0 + time::Duration::hours(1)));
+    }
+
+    #[test]
+    fn a_clock_held_still_falls_behind_the_monotonic_clock() {
+        let dir = TempDir::new();
+        let chain = Chain::new();
+        store_authorization(dir.path(), &chain);
+        let wall = TestClock::new(T0 + time::Duration::minutes(1));
+        let start = Instant::now();
+        let elapsed = Arc::new(Mutex::new(Duration::ZERO));
+        let (w, e) = (wall.0.clone(), elapsed.clone());
+        let mut config = config(dir.path(), &chain, &wall);
+        config.clock = Clock::from_fns(
+            move || *w.lock().unwrap(),
+            move || start + *e.lock().unwrap(),
+        );
+        let mut client = Client::new(config).unwrap();
+        client.check().unwrap();
+        // The authorization was stored (by this process) when the appliance's time was T0.
+        client.contact_mark = Some((start, T0));
+        *elapsed.lock().unwrap() = Duration::from_secs(5 * 60);
+        client.check().expect("within the tolerance");
+        *elapsed.lock().unwrap() = Duration::from_secs(60 * 60);
+        assert!(matches!(
+            client.check(),
+            Err(ClientError::ClockRolledBack { local, newest_seen })
+                if local == T0 + time::Duration::minutes(1) && newest_seen == T0 + time::Duration::hours(1)
+        ));
+        // A clock that moves with the time that passed is fine.
+        wall.set(T0 + time::Duration::hours(1));
+        client.check().unwrap();
     }
 
     #[test]
@@ -1865,16 +1980,6 @@ mod tests {
             Err(ClientError::ClockRolledBack { newest_seen, .. })
                 if newest_seen >= later && newest_seen - later < time::Duration::seconds(10)
         ));
-        // A clock held still falls behind the monotonic time that passes (here: as if ten
-        // minutes had passed on the monotonic clock since the last check).
-        clock.set(later);
-        client.check().unwrap();
-        client.monotonic_mark = Some((Instant::now(), later + time::Duration::minutes(10)));
-        assert!(matches!(
-            client.check(),
-            Err(ClientError::ClockRolledBack { local, .. }) if local == later
-        ));
-        clock.set(T0 + time::Duration::hours(1));
         // ...across restarts too.
         drop(client);
         let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();

@@ -109,34 +109,38 @@ pub fn record(
 }
 
 /// The items the reports name, each with the counter it meters (per_usage). A report may
-/// name the lease's item, or another item of the lease's product the device holds a seat in
-/// (the one it held before the lease moved to a new item: a backlog stays deliverable).
+/// name the lease's item, or another item of the lease's product that the lease's handshake
+/// code serves or in which the device holds a seat: the item the lease held before it moved
+/// to a new one (expired, full, or its seat lapsed since), so a backlog stays deliverable.
 fn metered_counters(
     conn: &Connection,
     catalogue: &Catalogue,
     lease: &Lease,
     req: &Usage,
 ) -> Result<Vec<(String, Option<String>)>, ApiError> {
+    let belongs = |other: &ItemRow| -> Result<bool, ApiError> {
+        Ok(lease.item_id.as_deref() == Some(other.item_id.as_str())
+            || (lease.item_id.is_some()
+                && other.product == lease.product
+                && (lease.handshake_id == Some(other.handshake_id)
+                    || devices::has_seat(conn, &other.item_id, lease.device_id)?)))
+    };
     let mut known: Vec<(String, Option<String>)> = Vec::new();
     for report in &req.reports {
         if known.iter().any(|(id, _)| *id == report.item_id) {
             continue;
         }
-        // The lease's item, or one the device holds a seat in (a backlog from before the
-        // lease moved to another item of the product).
-        let belongs = lease.item_id.as_deref() == Some(report.item_id.as_str())
-            || (lease.item_id.is_some()
-                && devices::has_seat(conn, &report.item_id, lease.device_id)?);
-        let Some(other) = catalogue
-            .item(&report.item_id)
-            .filter(|o| belongs && o.product == lease.product)
-        else {
-            return Err(ApiError::bad_request(format!(
-                "item {} does not belong to lease {}",
-                report.item_id, lease.lease_id
-            )));
-        };
-        known.push((report.item_id.clone(), other.counter.clone()));
+        match catalogue.item(&report.item_id) {
+            Some(other) if belongs(other)? => {
+                known.push((report.item_id.clone(), other.counter.clone()));
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "item {} does not belong to lease {}",
+                    report.item_id, lease.lease_id
+                )));
+            }
+        }
     }
     Ok(known)
 }

@@ -44,7 +44,7 @@ fn chart(
         .map(|i| {
             let at = last - (count - 1 - i) * step;
             let value = values.iter().find(|(d, _)| *d == at).map_or(0, |(_, v)| *v);
-            let height = value * CHART_HEIGHT / max;
+            let height = (i128::from(value) * i128::from(CHART_HEIGHT) / i128::from(max)) as i64;
             let when = rfc3339(from_unix(at)).replace('T', " ");
             Bar {
                 x: i * bar,

@@ -105,10 +105,12 @@ pub fn audit(
     Ok(())
 }
 
-/// Usage per item per day since `since` (all counters added up), for the dashboard.
+/// Usage per item per day since `since` (all counters added up, held at `i64::MAX`: SQL's
+/// `sum` would fail on overflow), for the dashboard.
 pub fn usage_by_day(conn: &Connection, since: i64) -> Result<Vec<(String, i64, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT item_id, day, sum(total) FROM usage_daily WHERE day >= ?1 GROUP BY item_id, day",
+        "SELECT item_id, day, CAST(min(total(total), 9223372036854775807) AS INTEGER)
+         FROM usage_daily WHERE day >= ?1 GROUP BY item_id, day",
     )?;
     let rows = stmt.query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)

@@ -211,6 +211,52 @@ fn the_sdk_records_only_what_the_appliance_accepts_and_follows_a_released_lease(
 }
 
 #[test]
+fn a_report_the_appliance_refuses_is_set_aside_instead_of_blocking_the_backlog() {
+    let a = appliance(&item(
+        "scanner",
+        "per_usage",
+        1_000_000,
+        "counter = \"scans\"",
+    ));
+    let served = Served::start(&a.data);
+    let state = tempfile::tempdir().unwrap();
+    let (clock, _) = device_clock();
+    let mut device = client(&a, vec![served.url("")], state.path(), clock.clone());
+    device.authorize().unwrap();
+    drop(device);
+    // A backlog left by an older SDK, with a counter name the appliance refuses in the middle.
+    let path = state.path().join("backlog.json");
+    let mut backlog: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let now = keygate::licensing::rfc3339(OffsetDateTime::now_utc());
+    let report = |seq: u64, counter: &str| serde_json::json!({"seq": seq, "item_id": "LIC-S-1", "from": now, "to": now, "counters": {counter: 1}});
+    backlog["reports"] = serde_json::json!([
+        report(1, "scans"),
+        report(2, "page scans"),
+        report(3, "scans")
+    ]);
+    std::fs::write(&path, serde_json::to_vec(&backlog).unwrap()).unwrap();
+
+    let mut device = client(&a, vec![served.url("")], state.path(), clock);
+    let sent = device.flush().unwrap();
+    assert_eq!(
+        (sent.accepted, sent.rejected, sent.pending),
+        (2, 1, 0),
+        "{sent:?}"
+    );
+    assert!(sent.renewed.is_some());
+    assert_eq!(usage_total(&a), 2);
+    let rejected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.path().join("rejected.json")).unwrap())
+            .unwrap();
+    assert_eq!(rejected[0]["report"]["seq"], 2);
+    assert!(
+        rejected[0]["reason"].as_str().unwrap().contains("counters"),
+        "{rejected}"
+    );
+}
+
+#[test]
 fn a_clock_set_backwards_is_detected() {
     let a = appliance(&item(
         "scanner",

@@ -302,18 +302,30 @@ fn huge_counts_are_refused_and_totals_stop_at_the_largest_integer() {
         .unwrap();
     assert_eq!(totals, (i64::MAX, i64::MAX));
     assert_eq!(total(&f), i64::MAX);
+    // The dashboard adds the day's counters up: held at the largest integer too.
+    let (status, _) = f.usage(&f.reports(&lease, 1, STREAM, &[(4, "LIC-T-1", "pages", MAX_COUNT)]));
+    assert_eq!(status, 200);
+    let days = keygate::store::ops::usage_by_day(&f.db(), 0).unwrap();
+    assert_eq!(days.len(), 1);
+    assert_eq!(days[0].2, i64::MAX);
 }
 
 #[test]
-fn reports_may_name_only_items_the_lease_holds() {
-    // Two items of the product on one code: the device takes the one that expires first.
+fn reports_may_not_name_an_item_of_another_handshake_code() {
+    // Two items of the product, the second one moved to another department's code.
     let f = Fixture::new(
         &[
-            item("scanner", "per_usage", 1000, "counter = \"scans\"\nstarts_at = 2026-01-01T00:00:00Z\nexpires_at = 2030-01-01T00:00:00Z"),
+            item("scanner", "per_usage", 1000, "counter = \"scans\""),
             item("scanner", "per_usage", 1000, "counter = \"scans\""),
         ]
         .concat(),
     );
+    let run = keygate(
+        &f.data,
+        &["handshake", "create", "--organization", "200001", "LAB"],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    assert!(keygate(&f.data, &["handshake", "assign", "LIC-T-2", "LAB"]).ok);
     let lease = f.authorized("scanner", 1);
     assert_eq!(lease.items[0].item_id, "LIC-T-1");
     let db = f.data.join("keygate.db");
@@ -554,7 +566,11 @@ fn a_backlog_for_the_previous_item_is_still_accepted_after_the_lease_moves() {
         (second.items[0].item_id.as_str(), &second.lease_id),
         ("LIC-T-2", &first.lease_id)
     );
-    // The backlog from before, for LIC-T-1, still counts (with a name sent untrimmed).
+    // The backlog from before, for LIC-T-1, still counts (with a name sent untrimmed), also
+    // once the device's seat there is gone (lapsed, say).
+    f.db()
+        .execute("DELETE FROM seats WHERE item_id = 'LIC-T-1'", [])
+        .unwrap();
     let (status, body) = f.usage(&f.reports(
         &first.lease_id,
         1,
