@@ -49,6 +49,28 @@ impl FailureLimiter {
         entry.1 += 1;
     }
 
+    /// Counts an attempt of `key` before it is judged (so that attempts racing each other
+    /// cannot all pass the check): `Ok` if it may go on, `Err(first)` if the key is limited,
+    /// `first` telling whether this is the window's first refused attempt (worth recording).
+    /// A success should [`FailureLimiter::clear`] the key.
+    pub fn attempt(&self, key: &str, now: i64) -> Result<(), bool> {
+        let window = self.window(now);
+        let mut failures = self.failures.lock().expect("limiter lock");
+        if failures.len() >= PRUNE_AT {
+            failures.retain(|_, (w, _)| *w == window);
+        }
+        let entry = failures.entry(key.to_string()).or_insert((window, 0));
+        if entry.0 != window {
+            *entry = (window, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+        if entry.1 > self.limit {
+            Err(entry.1 == self.limit + 1)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Forgets `key`'s failures (after a success).
     pub fn clear(&self, key: &str) {
         self.failures.lock().expect("limiter lock").remove(key);
@@ -73,5 +95,22 @@ mod tests {
         assert!(!limiter.is_limited("10.0.0.1", 180));
         limiter.clear("10.0.0.1");
         assert!(!limiter.is_limited("10.0.0.1", 180));
+    }
+
+    #[test]
+    fn attempts_are_counted_before_they_are_judged() {
+        let limiter = FailureLimiter::new(2, 60);
+        assert_eq!(limiter.attempt("admin", 120), Ok(()));
+        assert_eq!(limiter.attempt("admin", 121), Ok(()));
+        assert_eq!(
+            limiter.attempt("admin", 122),
+            Err(true),
+            "the first refusal"
+        );
+        assert_eq!(limiter.attempt("admin", 123), Err(false));
+        assert_eq!(limiter.attempt("other", 123), Ok(()), "per key");
+        assert_eq!(limiter.attempt("admin", 180), Ok(()), "a new window");
+        limiter.clear("admin");
+        assert_eq!(limiter.attempt("admin", 181), Ok(()));
     }
 }

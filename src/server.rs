@@ -108,14 +108,15 @@ pub async fn serve(
         .await
         .map_err(|e| std::io::Error::other(format!("cannot start the scheduler: {e}")))?;
     // The access log costs every request its formatting even when filtered out: it is only
-    // installed when its target is enabled (`keygate::http=info`).
+    // installed when its target is enabled (`keygate::http=info`). It logs the path without
+    // the query, which may carry a secret (the setup link's token).
     let access_log = tracing::enabled!(target: "keygate::http", tracing::Level::INFO);
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
             .app_data(state.clone())
             .wrap(actix_web::middleware::Condition::new(
                 access_log,
-                actix_web::middleware::Logger::new("%a \"%r\" %s %b %Dms")
+                actix_web::middleware::Logger::new("%a \"%U\" %s %b %Dms")
                     .log_target("keygate::http"),
             ))
             .configure(protocol::routes)

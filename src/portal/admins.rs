@@ -87,11 +87,7 @@ pub async fn act(
             return refuse(problem.trim_end_matches('.')).await;
         }
         let password = form.password.clone();
-        Some(
-            web::block(move || hash_password(&password))
-                .await
-                .map_err(|_| PortalError::Internal)?,
-        )
+        Some(super::argon2(&state, move || hash_password(&password)).await?)
     } else {
         None
     };

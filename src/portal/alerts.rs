@@ -287,22 +287,38 @@ pub async fn smtp(
     } else {
         form.from.trim().to_string()
     };
+    let user = Some(form.user.trim().to_string()).filter(|u| !u.is_empty());
+    let ca = Some(form.ca.trim().to_string()).filter(|c| !c.is_empty());
+    // A stored password is kept only for the server it was given for: changing where mail
+    // goes (or how it is protected) without typing it again drops it, so nobody can send it
+    // to a server of their own choosing.
     let password = if form.password.is_empty() {
-        state
+        let stored = state
             .store
-            .read(|conn| Ok::<_, StoreError>(mail::load_settings(conn)?.and_then(|s| s.password)))
-            .await?
+            .read(mail::load_settings)
+            .await?;
+        stored
+            .filter(|s| {
+                s.host == host && s.port == port && s.tls == tls && s.user == user && s.ca == ca
+            })
+            .and_then(|s| s.password)
     } else {
         Some(form.password.clone())
     };
+    if password.is_some() && tls == TlsMode::None {
+        return refuse(
+            "tls",
+            "A password is only sent over STARTTLS or TLS; choose one, or remove the user",
+        );
+    }
     let settings = SmtpSettings {
         host: host.to_string(),
         port,
         tls,
-        user: Some(form.user.trim().to_string()).filter(|u| !u.is_empty()),
+        user,
         password,
         from,
-        ca: Some(form.ca.trim().to_string()).filter(|c| !c.is_empty()),
+        ca,
     };
     if let Some(ca) = &settings.ca
         && lettre::transport::smtp::client::Certificate::from_pem(ca.as_bytes()).is_err()

@@ -179,11 +179,7 @@ pub async fn act(
             return refuse("A session password is 8 to 256 characters".into()).await;
         }
         let password = form.password.clone();
-        Some(
-            web::block(move || hash_password(&password))
-                .await
-                .map_err(|_| PortalError::Internal)?,
-        )
+        Some(super::argon2(&state, move || hash_password(&password)).await?)
     } else {
         None
     };

@@ -274,26 +274,36 @@ async fn login(
     if !form_cookie_matches(&req, &form.csrf) {
         return again("The form was out of date; please sign in again.");
     }
+    // No admin has a longer name: refused before any work or record.
+    if form.name.chars().count() > 64 || form.password.chars().count() > 256 {
+        return again("Wrong name or password.");
+    }
+    // Each attempt is counted before Argon2 runs, so parallel attempts cannot all get past
+    // the limit; only the first refusal of a window is audited.
     let account = format!("account:{}", form.name);
     let by_address = format!("address:{address}");
-    if state.sign_in_by_account.is_limited(&account, now)
-        || state.sign_in_by_address.is_limited(&by_address, now)
-    {
-        let (actor, from) = (form.name.clone(), address.clone());
-        let _ = state
-            .store
-            .write(move |conn| {
-                ops::audit(
-                    conn,
-                    now,
-                    &actor,
-                    "sign-in refused (rate limited)",
-                    "",
-                    "",
-                    &from,
-                )
-            })
-            .await;
+    let limited = [
+        state.sign_in_by_address.attempt(&by_address, now),
+        state.sign_in_by_account.attempt(&account, now),
+    ];
+    if let Some(Err(first)) = limited.into_iter().find(Result::is_err) {
+        if first {
+            let (actor, from) = (form.name.clone(), address.clone());
+            let _ = state
+                .store
+                .write(move |conn| {
+                    ops::audit(
+                        conn,
+                        now,
+                        &actor,
+                        "sign-in refused (rate limited)",
+                        "",
+                        "",
+                        &from,
+                    )
+                })
+                .await;
+        }
         return again("Too many failed sign-ins; wait a minute and try again.");
     }
     let name = form.name.clone();
@@ -307,11 +317,13 @@ async fn login(
     };
     let password = form.password.clone();
     let hash = admin.as_ref().map(|a| a.password_hash.clone());
-    // Argon2 runs even for an unknown name, so timing does not tell which names exist.
-    let verified = web::block(move || match hash {
+    // Argon2 runs once even for an unknown name (against a hash made once), so timing does
+    // not tell which names exist.
+    let verified = argon2(&state, move || match hash {
         Some(hash) => verify_password(&hash, &password),
         None => {
-            let _ = verify_password(&hash_password("unknown"), &password);
+            static NOBODY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+            let _ = verify_password(NOBODY.get_or_init(|| hash_password("nobody")), &password);
             false
         }
     })
@@ -323,12 +335,11 @@ async fn login(
         move |conn: &rusqlite::Connection| ops::audit(conn, now, &actor, action, "", "", &detail)
     };
     let Some(admin) = admin.filter(|_| verified) else {
-        state.sign_in_by_account.record_failure(&account, now);
-        state.sign_in_by_address.record_failure(&by_address, now);
         let _ = state.store.write(audit("sign-in failed")).await;
         return again("Wrong name or password.");
     };
     state.sign_in_by_account.clear(&account);
+    state.sign_in_by_address.clear(&by_address);
     let _ = state.store.write(audit("signed in")).await;
     match auth::sign_in(&state, admin.id, address).await {
         Ok(cookie) => HttpResponse::SeeOther()
@@ -481,18 +492,39 @@ async fn setup(
     if form.password != form.confirm {
         return again("The two passwords differ.");
     }
-    let hash = web::block({
-        let password = form.password.clone();
-        move || hash_password(&password)
-    })
-    .await
-    .unwrap_or_default();
     let now = state.clock.now().unix_timestamp();
     let (token_hash, name, from) = (
         auth::digest(&form.token),
         form.name.clone(),
         client_address(&req),
     );
+    // The link is checked before Argon2 runs (and again below, in the write that uses it).
+    let link_valid = {
+        let token_hash = token_hash.clone();
+        state
+            .store
+            .read(move |conn| {
+                Ok::<_, crate::store::StoreError>(
+                    accounts::setup_token_valid(conn, &token_hash, now)?
+                        && accounts::admin_count(conn)? == 0,
+                )
+            })
+            .await
+    };
+    match link_valid {
+        Ok(true) => {}
+        Ok(false) => {
+            return message_page(
+                StatusCode::NOT_FOUND,
+                "This setup link is not valid any more.",
+            );
+        }
+        Err(e) => return PortalError::from(e).error_response(),
+    }
+    let password = form.password.clone();
+    let Ok(hash) = argon2(&state, move || hash_password(&password)).await else {
+        return PortalError::Internal.error_response();
+    };
     let created = state
         .store
         .write(move |conn| {
@@ -529,6 +561,21 @@ async fn setup(
         ),
         Err(e) => PortalError::from(e).error_response(),
     }
+}
+
+/// Runs Argon2 (hashing or verifying a password) on the blocking pool, at most two at once
+/// for the whole appliance (each takes about 19 MiB), so a flood of sign-ins queues instead
+/// of exhausting memory.
+pub async fn argon2<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, PortalError> {
+    let _permit = state
+        .password_checks
+        .acquire()
+        .await
+        .map_err(|_| PortalError::Internal)?;
+    web::block(work).await.map_err(|_| PortalError::Internal)
 }
 
 /// Whether the signed-in admin may change things (for templates hiding forms).

@@ -59,8 +59,9 @@ pub fn take(db: &Path, dir: &Path, now: OffsetDateTime) -> Result<BackupFile, Ba
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let name = now.format(NAME).expect("the name format is valid");
     let path = dir.join(&name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
+    // Unique: a backup taken from the portal in the same second as the scheduled one must
+    // not write into the same temporary file.
+    let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4()));
     {
         let src = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         src.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -224,21 +225,26 @@ pub fn restore(db: &Path, backup: &Path, now: OffsetDateTime) -> Result<PathBuf,
         ))
         .expect("valid");
     let aside = db.with_file_name(format!("keygate.db.before-restore-{stamp}"));
-    if db.exists() {
-        // Fold the WAL into the file first so the copy kept aside is complete.
-        Connection::open(db)?.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
-        std::fs::rename(db, &aside).map_err(io(db))?;
-    }
-    for suffix in ["-wal", "-shm"] {
-        let side = PathBuf::from(format!("{}{suffix}", db.display()));
-        let _ = std::fs::remove_file(side);
-    }
+    // The replacement is complete and on disk before anything else moves; then the live
+    // database is replaced by one rename, so a crash at any point leaves a whole database
+    // (the old one or the restored one) at `db`, never none.
     let tmp = db.with_file_name("keygate.db.restoring");
     std::fs::copy(backup, &tmp).map_err(io(&tmp))?;
     owner_only(&tmp)?;
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .map_err(io(&tmp))?;
+    if db.exists() {
+        // Fold the WAL into the file first so the copy kept aside is complete.
+        Connection::open(db)?.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
+        std::fs::hard_link(db, &aside)
+            .or_else(|_| std::fs::copy(db, &aside).map(|_| ()))
+            .map_err(io(&aside))?;
+    }
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", db.display()));
+        let _ = std::fs::remove_file(side);
+    }
     std::fs::rename(&tmp, db).map_err(io(db))?;
     sync_dir(data_dir)?;
     Ok(aside)

@@ -621,6 +621,53 @@ fn alert_settings_are_checked_and_a_test_email_reports_the_server_answer() {
     assert!(audit.body.contains("127.0.0.1:") && audit.body.contains("olivia"));
     assert!(!audit.body.contains("alert recipients set"), "filtered");
     assert!(browser.get("/audit").body.contains("first admin created"));
+
+    // A stored SMTP password goes only to the server it was given for.
+    let save = |host: &str, tls: &str, password: &str| {
+        browser.post(
+            "/alerts/smtp",
+            &[
+                ("csrf", &token),
+                ("host", host),
+                ("port", "587"),
+                ("tls", tls),
+                ("user", "alerts"),
+                ("password", password),
+                ("from", "keygate@plant.test"),
+                ("action", "save"),
+            ],
+        )
+    };
+    let stored = || {
+        keygate::alerts::mail::load_settings(&f.db())
+            .unwrap()
+            .unwrap()
+            .password
+    };
+    assert!(
+        save("mail.plant.test", "starttls", "mail-secret-1")
+            .body
+            .contains("SMTP server saved")
+    );
+    assert!(
+        save("mail.plant.test", "starttls", "")
+            .body
+            .contains("SMTP server saved")
+    );
+    assert_eq!(
+        stored().as_deref(),
+        Some("mail-secret-1"),
+        "kept for the same server"
+    );
+    let answer = save("mail.plant.test", "none", "mail-secret-1");
+    assert_eq!(answer.status, 400, "never in clear text");
+    assert_eq!(stored().as_deref(), Some("mail-secret-1"));
+    assert!(
+        save("elsewhere.example", "starttls", "")
+            .body
+            .contains("SMTP server saved")
+    );
+    assert_eq!(stored(), None, "dropped when the server changes");
 }
 
 #[test]
