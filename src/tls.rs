@@ -42,11 +42,51 @@ pub struct CertSource {
     pub self_signed: bool,
 }
 
+impl CertSource {
+    /// Where a replacement pair is written before it is renamed over the current one: the
+    /// key first, then the certificate (see [`CertSource::finish_replacement`]).
+    pub fn pending(&self) -> (PathBuf, PathBuf) {
+        (
+            self.cert.with_extension("pem.new"),
+            self.key.with_extension("pem.new"),
+        )
+    }
+
+    /// Finishes or undoes a replacement a crash interrupted, so the pair always matches: a
+    /// pending certificate without a pending key means the new key is already in place (the
+    /// renames come after both files are written), so the certificate follows it; anything
+    /// else pending never replaced a file and is dropped.
+    pub fn finish_replacement(&self) -> std::io::Result<()> {
+        let (cert_new, key_new) = self.pending();
+        match (cert_new.exists(), key_new.exists()) {
+            (true, false) => std::fs::rename(&cert_new, &self.cert),
+            (cert, key) => {
+                if cert {
+                    std::fs::remove_file(&cert_new)?;
+                }
+                if key {
+                    std::fs::remove_file(&key_new)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The certificate and key files to use: the configured ones, or the self-signed pair in
 /// `<data-dir>/tls/`, created if missing.
 pub fn ensure_certificate(config: &Config, now: OffsetDateTime) -> Result<CertSource, TlsError> {
+    let finished = |source: CertSource| {
+        source
+            .finish_replacement()
+            .map_err(|source_error| TlsError::Write {
+                path: source.cert.clone(),
+                source: source_error,
+            })?;
+        Ok(source)
+    };
     if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
-        return Ok(CertSource {
+        return finished(CertSource {
             cert: cert.clone(),
             key: key.clone(),
             self_signed: false,
@@ -72,7 +112,7 @@ pub fn ensure_certificate(config: &Config, now: OffsetDateTime) -> Result<CertSo
         write(&source.key, &key_pem)?;
         write(&source.cert, &cert_pem)?;
     }
-    Ok(source)
+    finished(source)
 }
 
 /// The names a self-signed certificate covers: the host name, `localhost`, every address of
@@ -164,6 +204,39 @@ pub fn server_config(resolver: Arc<CertResolver>) -> rustls::ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interrupted_replacement_is_finished_or_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = CertSource {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            self_signed: false,
+        };
+        let (cert_new, key_new) = source.pending();
+        let write = |path: &Path, text: &str| std::fs::write(path, text).unwrap();
+        let read = |path: &Path| std::fs::read_to_string(path).unwrap();
+        // Crashed between the two renames: the new key is in place, its certificate follows.
+        write(&source.cert, "old cert");
+        write(&source.key, "new key");
+        write(&cert_new, "new cert");
+        source.finish_replacement().unwrap();
+        assert_eq!(
+            (read(&source.cert), read(&source.key)),
+            ("new cert".into(), "new key".into())
+        );
+        assert!(!cert_new.exists());
+        // Crashed before the renames: the old pair stays, the pending files go.
+        write(&cert_new, "newer cert");
+        write(&key_new, "newer key");
+        source.finish_replacement().unwrap();
+        assert_eq!(
+            (read(&source.cert), read(&source.key)),
+            ("new cert".into(), "new key".into())
+        );
+        assert!(!cert_new.exists() && !key_new.exists());
+        source.finish_replacement().unwrap();
+    }
 
     #[test]
     fn self_signed_certificate_is_made_once_and_kept() {

@@ -293,10 +293,7 @@ pub async fn smtp(
     // goes (or how it is protected) without typing it again drops it, so nobody can send it
     // to a server of their own choosing.
     let password = if form.password.is_empty() {
-        let stored = state
-            .store
-            .read(mail::load_settings)
-            .await?;
+        let stored = state.store.read(mail::load_settings).await?;
         stored
             .filter(|s| {
                 s.host == host && s.port == port && s.tls == tls && s.user == user && s.ca == ca

@@ -126,11 +126,9 @@ pub async fn certificate(
     };
     let source = state.cert_source.clone();
     let written = web::block(move || {
-        // New files beside the old ones, then renamed over them: never half a pair.
-        let (cert_tmp, key_tmp) = (
-            source.cert.with_extension("pem.new"),
-            source.key.with_extension("pem.new"),
-        );
+        // New files beside the old ones, then renamed over them, key first; a crash in
+        // between is finished at the next start (`CertSource::finish_replacement`).
+        let (cert_tmp, key_tmp) = source.pending();
         let _ = std::fs::remove_file(&cert_tmp);
         let _ = std::fs::remove_file(&key_tmp);
         write_secret_file(&key_tmp, &key)?;
