@@ -49,11 +49,54 @@ pub fn schedule(config: &crate::config::JobsConfig) -> [(&'static str, &'static 
     ]
 }
 
-/// Starts the scheduler and the error notifier; they run until the process ends.
+/// The settings key holding when this appliance first started.
+const FIRST_START: &str = "jobs_first_start";
+
+/// Remembers when this appliance first started (once): the reference of a job that never
+/// ran, for [`overdue`].
+pub fn remember_first_start(conn: &rusqlite::Connection, now: i64) -> Result<(), StoreError> {
+    if settings::get(conn, FIRST_START)?.is_none() {
+        settings::set(conn, FIRST_START, &now.to_string())?;
+    }
+    Ok(())
+}
+
+/// The jobs whose last run (or, if they never ran, the appliance's first start) is at least
+/// their interval ago. The scheduler counts intervals from its own start, so an appliance
+/// restarted more often than a job's interval (a daily reboot, package upgrades) would
+/// otherwise never run it: these run at once instead.
+pub fn overdue(
+    conn: &rusqlite::Connection,
+    config: &crate::config::JobsConfig,
+    now: i64,
+) -> Result<Vec<&'static str>, StoreError> {
+    let first_start = settings::get(conn, FIRST_START)?
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(now);
+    let mut due = Vec::new();
+    for (name, _, every) in schedule(config) {
+        let last = ops::last_job_run(conn, name)?.unwrap_or(first_start);
+        if now - last >= every as i64 {
+            due.push(name);
+        }
+    }
+    Ok(due)
+}
+
+/// Starts the scheduler and the error notifier; they run until the process ends. Jobs that
+/// are overdue (see [`overdue`]) run at once.
 pub async fn start(
     state: web::Data<AppState>,
     errors: Option<UnboundedReceiver<ErrorEvent>>,
 ) -> Result<JobScheduler, JobError> {
+    let (jobs, now) = (
+        state.config.jobs.clone(),
+        state.clock.now().unix_timestamp(),
+    );
+    let due = state
+        .store
+        .read(move |conn| overdue(conn, &jobs, now))
+        .await?;
     let scheduler = JobScheduler::new()
         .await
         .map_err(|e| JobError::Other(e.to_string()))?;
@@ -76,6 +119,13 @@ pub async fn start(
         .start()
         .await
         .map_err(|e| JobError::Other(e.to_string()))?;
+    for name in due {
+        tracing::info!(job = name, "overdue: running it now");
+        let state = state.clone();
+        actix_web::rt::spawn(async move {
+            let _ = run(&state, name).await;
+        });
+    }
     if let Some(errors) = errors {
         actix_web::rt::spawn(notify_errors(state, errors));
     }

@@ -65,6 +65,10 @@ impl AppState {
         let lock = backup::lock_file(&config.data_dir)?;
         let store = Store::open(&config.database_path())?;
         let now = clock.now();
+        crate::jobs::remember_first_start(
+            &crate::store::open(&config.database_path())?,
+            now.unix_timestamp(),
+        )?;
         let cert_source = tls::ensure_certificate(&config, now)?;
         let certificate = Arc::new(CertResolver::new(tls::load(&cert_source)?));
         Ok(AppState {

@@ -37,6 +37,13 @@ pub struct JobRun {
 }
 
 /// The newest runs, newest first.
+/// When `job` last started, if it ever ran.
+pub fn last_job_run(conn: &Connection, job: &str) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT max(started_at) FROM job_runs WHERE job = ?1")?
+        .query_row([job], |r| r.get(0))?)
+}
+
 pub fn job_runs(conn: &Connection, limit: i64) -> Result<Vec<JobRun>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT job, started_at, duration_ms, ok, detail FROM job_runs

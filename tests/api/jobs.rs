@@ -451,3 +451,40 @@ fn mail_goes_over_starttls_or_implicit_tls_with_authentication_and_a_lan_ca() {
     assert!(run.ok, "implicit TLS with AUTH: {}", run.stderr);
     assert_eq!(sink.wait_for(1, StdDuration::from_secs(5)).len(), 1);
 }
+
+#[test]
+fn jobs_postponed_past_their_interval_by_restarts_run_at_start() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let runs = |f_db: &rusqlite::Connection| -> Vec<String> {
+        f_db.prepare("SELECT DISTINCT job FROM job_runs ORDER BY job")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert!(
+        runs(&f.db()).is_empty(),
+        "a new appliance runs its jobs on schedule"
+    );
+    let (dir, data) = f.stop();
+    // The appliance first started two days ago and was restarted every few hours since:
+    // no job ever reached its interval on the scheduler's own clock.
+    let two_days_ago = (test_epoch() - Duration::days(2)).unix_timestamp();
+    rusqlite::Connection::open(data.join("keygate.db"))
+        .unwrap()
+        .execute(
+            "UPDATE settings SET value = ?1 WHERE key = 'jobs_first_start'",
+            [two_days_ago.to_string()],
+        )
+        .unwrap();
+    let app = TestApp::spawn(&data);
+    let db = rusqlite::Connection::open(data.join("keygate.db")).unwrap();
+    let deadline = std::time::Instant::now() + StdDuration::from_secs(30);
+    while runs(&db).len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(StdDuration::from_millis(100));
+    }
+    assert_eq!(runs(&db), ["alerts", "backup", "housekeeping"]);
+    drop(app);
+    drop(dir);
+}
