@@ -237,12 +237,40 @@ impl Cli {
             listen,
             log_format: self.log_format,
         };
-        Ok(Config::load(
-            self.config.as_deref(),
-            std::env::vars(),
-            &overrides,
-        )?)
+        let config = Config::load(self.config.as_deref(), std::env::vars(), &overrides)?;
+        let chose_data_dir = self.config.is_some()
+            || self.data_dir.is_some()
+            || std::env::var_os("KEYGATE_DATA_DIR").is_some();
+        // The vendor's tools and `config` do not open a data directory.
+        let opens_data_dir = !matches!(self.command, Command::Vendor(_) | Command::Config(_));
+        if opens_data_dir && !chose_data_dir {
+            not_beside_an_installed_appliance(&config.data_dir, Path::new(INSTALLED_CONFIG))?;
+        }
+        Ok(config)
     }
+}
+
+/// Where the packages put the configuration of the installed appliance.
+#[cfg(unix)]
+const INSTALLED_CONFIG: &str = "/etc/keygate/keygate.toml";
+#[cfg(windows)]
+const INSTALLED_CONFIG: &str = r"C:\ProgramData\keygate\keygate.toml";
+
+/// On a machine with an installed appliance, a command run without `--config` would make a
+/// second appliance (a new key, a new database) in the working directory, and an activation
+/// request for it that the vendor would license by mistake: refused with the right command.
+fn not_beside_an_installed_appliance(data_dir: &Path, installed: &Path) -> Result<()> {
+    if installed.exists() && !data_dir.exists() {
+        bail!(
+            "this machine has an installed keygate (configured in {installed}); without \
+             --config this command would create another appliance in {data_dir}. Run it \
+             against the installed one, e.g. `runuser -u keygate -- keygate --config \
+             {installed} ...`, or pass --data-dir to use a data directory of your own",
+            installed = installed.display(),
+            data_dir = data_dir.display(),
+        );
+    }
+    Ok(())
 }
 
 /// Runs a command other than `serve`.
@@ -833,4 +861,25 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_second_appliance_beside_an_installed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let installed = dir.path().join("keygate.toml");
+        let data_dir = dir.path().join("keygate-data");
+        assert!(not_beside_an_installed_appliance(&data_dir, &installed).is_ok());
+        std::fs::write(&installed, "").unwrap();
+        let refused = not_beside_an_installed_appliance(&data_dir, &installed).unwrap_err();
+        assert!(refused.to_string().contains("--config"), "{refused}");
+        std::fs::create_dir(&data_dir).unwrap();
+        assert!(
+            not_beside_an_installed_appliance(&data_dir, &installed).is_ok(),
+            "an existing data directory is one the operator made"
+        );
+    }
 }
