@@ -210,18 +210,19 @@ pub async fn download(
     let name = name.into_inner();
     let dir = backups_dir(&state);
     let wanted = name.clone();
-    let data = web::block(move || {
+    let file = web::block(move || {
         // Only a file the backup list knows: never a path from the request.
         let file = backup::list(&dir).ok()?.into_iter().find(|f| {
             f.path
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy() == wanted)
         })?;
-        std::fs::read(file.path).ok()
+        let opened = std::fs::File::open(&file.path).ok()?;
+        Some((opened, file.size))
     })
     .await
     .map_err(|_| PortalError::Internal)?;
-    let Some(data) = data else {
+    let Some((file, size)) = file else {
         return Ok(super::message_page(
             StatusCode::NOT_FOUND,
             "No such backup.",
@@ -243,5 +244,28 @@ pub async fn download(
             header::CONTENT_DISPOSITION,
             format!("attachment; filename=\"{name}\""),
         ))
-        .body(data))
+        .no_chunking(size)
+        .streaming(file_chunks(file)))
+}
+
+/// A file read in 256 KiB chunks on the blocking pool: a backup of any size is sent without
+/// holding it in memory.
+fn file_chunks(
+    file: std::fs::File,
+) -> impl futures_util::Stream<Item = Result<web::Bytes, std::io::Error>> {
+    futures_util::stream::try_unfold(file, |mut file| async move {
+        let chunk = web::block(move || {
+            use std::io::Read;
+            let mut buf = vec![0; 256 * 1024];
+            let n = file.read(&mut buf)?;
+            buf.truncate(n);
+            Ok::<_, std::io::Error>((buf, file))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(match chunk {
+            (buf, _) if buf.is_empty() => None,
+            (buf, file) => Some((web::Bytes::from(buf), file)),
+        })
+    })
 }

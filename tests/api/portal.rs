@@ -914,6 +914,11 @@ fn backups_are_listed_and_only_owners_download_them() {
         bytes.starts_with(b"SQLite format 3\0"),
         "a SQLite database file"
     );
+    assert_eq!(
+        bytes,
+        std::fs::read(f.data.join("backups").join(&name)).unwrap(),
+        "the whole file, streamed"
+    );
     assert_eq!(browser.get("/settings/backups/..%2Fkeygate.db").status, 404);
     assert!(set_password_for_admin(&f, "max", "manager").ok);
     let (manager, _) = sign_in(&f, "max", PASSWORD);
