@@ -37,16 +37,7 @@ impl FailureLimiter {
 
     /// Counts a failure of `key`.
     pub fn record_failure(&self, key: &str, now: i64) {
-        let window = self.window(now);
-        let mut failures = self.failures.lock().expect("limiter lock");
-        if failures.len() >= PRUNE_AT {
-            failures.retain(|_, (w, _)| *w == window);
-        }
-        let entry = failures.entry(key.to_string()).or_insert((window, 0));
-        if entry.0 != window {
-            *entry = (window, 0);
-        }
-        entry.1 += 1;
+        self.count(key, now);
     }
 
     /// Counts an attempt of `key` before it is judged (so that attempts racing each other
@@ -54,6 +45,14 @@ impl FailureLimiter {
     /// `first` telling whether this is the window's first refused attempt (worth recording).
     /// A success should [`FailureLimiter::clear`] the key.
     pub fn attempt(&self, key: &str, now: i64) -> Result<(), bool> {
+        match self.count(key, now) {
+            n if n > self.limit => Err(n == self.limit + 1),
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds one to `key`'s count in the current window and returns it.
+    fn count(&self, key: &str, now: i64) -> u32 {
         let window = self.window(now);
         let mut failures = self.failures.lock().expect("limiter lock");
         if failures.len() >= PRUNE_AT {
@@ -64,11 +63,7 @@ impl FailureLimiter {
             *entry = (window, 0);
         }
         entry.1 = entry.1.saturating_add(1);
-        if entry.1 > self.limit {
-            Err(entry.1 == self.limit + 1)
-        } else {
-            Ok(())
-        }
+        entry.1
     }
 
     /// Forgets `key`'s failures (after a success).

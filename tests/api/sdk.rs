@@ -40,6 +40,11 @@ fn appliance(items: &str) -> Appliance {
     }
 }
 
+/// An appliance with one per_usage item of `quota` scans for the product "scanner".
+fn scanner(quota: i64) -> Appliance {
+    appliance(&item("scanner", "per_usage", quota, "counter = \"scans\""))
+}
+
 /// A device clock the test moves.
 fn device_clock() -> (Clock, Arc<Mutex<OffsetDateTime>>) {
     let now = Arc::new(Mutex::new(OffsetDateTime::now_utc()));
@@ -86,12 +91,7 @@ fn usage_total(a: &Appliance) -> i64 {
 
 #[test]
 fn works_offline_until_expiry_and_sends_the_backlog_once_back() {
-    let a = appliance(&item(
-        "scanner",
-        "per_usage",
-        1_000_000,
-        "counter = \"scans\"",
-    ));
+    let a = scanner(1_000_000);
     let served = Served::start(&a.data);
     let url = served.url("");
     let state = tempfile::tempdir().unwrap();
@@ -146,12 +146,7 @@ fn works_offline_until_expiry_and_sends_the_backlog_once_back() {
 
 #[test]
 fn the_sdk_records_only_what_the_appliance_accepts_and_follows_a_released_lease() {
-    let a = appliance(&item(
-        "scanner",
-        "per_usage",
-        10_000_000_000_000,
-        "counter = \"scans\"",
-    ));
+    let a = scanner(10_000_000_000_000);
     let served = Served::start(&a.data);
     let state = tempfile::tempdir().unwrap();
     let (clock, _) = device_clock();
@@ -212,12 +207,7 @@ fn the_sdk_records_only_what_the_appliance_accepts_and_follows_a_released_lease(
 
 #[test]
 fn a_report_the_appliance_refuses_is_set_aside_instead_of_blocking_the_backlog() {
-    let a = appliance(&item(
-        "scanner",
-        "per_usage",
-        1_000_000,
-        "counter = \"scans\"",
-    ));
+    let a = scanner(1_000_000);
     let served = Served::start(&a.data);
     let state = tempfile::tempdir().unwrap();
     let (clock, _) = device_clock();
@@ -258,12 +248,7 @@ fn a_report_the_appliance_refuses_is_set_aside_instead_of_blocking_the_backlog()
 
 #[test]
 fn a_clock_set_backwards_is_detected() {
-    let a = appliance(&item(
-        "scanner",
-        "per_usage",
-        1_000_000,
-        "counter = \"scans\"",
-    ));
+    let a = scanner(1_000_000);
     let served = Served::start(&a.data);
     let state = tempfile::tempdir().unwrap();
     let (clock, now) = device_clock();
@@ -281,12 +266,7 @@ fn a_clock_set_backwards_is_detected() {
 
 #[test]
 fn the_next_url_is_tried_when_one_cannot_be_reached() {
-    let a = appliance(&item(
-        "scanner",
-        "per_usage",
-        1_000_000,
-        "counter = \"scans\"",
-    ));
+    let a = scanner(1_000_000);
     let served = Served::start(&a.data);
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_url = format!("https://{}", dead.local_addr().unwrap());
@@ -304,12 +284,7 @@ fn the_next_url_is_tried_when_one_cannot_be_reached() {
 
 #[test]
 fn the_sdk_refuses_what_its_vendor_did_not_sign_for_this_appliance() {
-    let a = appliance(&item(
-        "scanner",
-        "per_usage",
-        1_000_000,
-        "counter = \"scans\"",
-    ));
+    let a = scanner(1_000_000);
     let served = Served::start(&a.data);
     let state = tempfile::tempdir().unwrap();
     // A product of another vendor: the appliance's license is not signed by its key.
@@ -337,12 +312,7 @@ fn the_sdk_refuses_what_its_vendor_did_not_sign_for_this_appliance() {
     assert!(matches!(err, ClientError::Chain(_)), "{err}");
 
     // An authorization from another appliance, presented with this appliance's license.
-    let b = appliance(&item(
-        "scanner",
-        "per_usage",
-        1_000_000,
-        "counter = \"scans\"",
-    ));
+    let b = scanner(1_000_000);
     let served_b = Served::start(&b.data);
     let agent_a = pinned_agent(&appliance_cert(&a.data));
     let agent_b = pinned_agent(&appliance_cert(&b.data));
