@@ -24,7 +24,7 @@ pub enum ChainError {
     #[error("the authorization grants item {0}, which its license does not contain")]
     ForeignItem(String),
     #[error(
-        "the authorization grants item {0} beyond its license's terms (another product, or past the item's expiry)"
+        "the authorization grants item {0} beyond its license's terms (another product, past the item's expiry, or longer than its offline allowance)"
     )]
     OutsideLicense(String),
     #[error("the authorization is for device {found}, not this device ({expected})")]
@@ -84,12 +84,17 @@ pub fn verify_authorization<'k>(
         });
     }
     // Each granted item is one of the license's, for this product, and the authorization
-    // does not outlive it: the vendor's terms bound what the appliance may sign.
+    // neither outlives it nor lasts longer than its offline allowance: the vendor's terms
+    // bound what the appliance may sign.
     for granted in &auth.items {
         let Some(item) = license.items.iter().find(|i| i.item_id == granted.item_id) else {
             return Err(ChainError::ForeignItem(granted.item_id.clone()));
         };
-        if item.product != auth.product || auth.expires_at > item.expires_at {
+        let allowance = time::Duration::days(i64::from(item.offline_days));
+        if item.product != auth.product
+            || auth.expires_at > item.expires_at
+            || auth.expires_at - auth.issued_at > allowance
+        {
             return Err(ChainError::OutsideLicense(granted.item_id.clone()));
         }
     }
@@ -413,6 +418,7 @@ mod tests {
         let fx = Fixture::new();
         let item_expiry = fx.license.items[0].expires_at;
         let mut auth = fx.authorization();
+        auth.issued_at = item_expiry - Duration::days(1);
         auth.expires_at = item_expiry;
         assert!(
             fx.check(&auth, expect_fresh()).is_ok(),
@@ -425,6 +431,15 @@ mod tests {
         ));
         let mut auth = fx.authorization();
         auth.product = "another-product".into();
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::OutsideLicense(_))
+        ));
+        // The item allows 7 days offline: exactly 7 days is fine, a second more is not.
+        let mut auth = fx.authorization();
+        auth.expires_at = auth.issued_at + Duration::days(7);
+        assert!(fx.check(&auth, expect_fresh()).is_ok());
+        auth.expires_at += Duration::seconds(1);
         assert!(matches!(
             fx.check(&auth, expect_fresh()),
             Err(ChainError::OutsideLicense(_))
