@@ -232,7 +232,7 @@ pub fn authorize(
         req.user.as_deref().unwrap_or(""),
     )?
     .map(|l| l.lease_id)
-    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let lease = Lease {
         lease_id,
         device_id,
@@ -369,7 +369,7 @@ fn trial(
         now,
     )?;
     let lease = Lease {
-        lease_id: uuid::Uuid::new_v4().to_string(),
+        lease_id: uuid::Uuid::now_v7().to_string(),
         device_id,
         product: req.product.clone(),
         instance: req.instance.clone().unwrap_or_default(),
