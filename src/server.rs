@@ -44,7 +44,7 @@ pub struct AppState {
     /// Session passwords already verified (Argon2 runs once per code and password).
     pub passwords: PasswordCache,
     /// Bounds concurrent Argon2 verifications (each takes tens of milliseconds of CPU).
-    pub password_checks: tokio::sync::Semaphore,
+    password_checks: tokio::sync::Semaphore,
     /// Wrong session passwords per client address: 10 a minute, then `RATE_LIMITED`.
     pub password_failures: FailureLimiter,
     /// Failed portal sign-ins: 5 a minute per account, 20 per address.
@@ -92,6 +92,18 @@ impl AppState {
 }
 
 impl AppState {
+    /// Runs Argon2 (hashing or verifying a password) on the blocking pool, never on the
+    /// database writer, at most two at once for the whole appliance (each takes about
+    /// 19 MiB): a flood of sign-ins or session passwords queues instead of exhausting memory.
+    /// `None` if the blocking pool failed.
+    pub async fn argon2<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let _permit = self.password_checks.acquire().await.ok()?;
+        web::block(work).await.ok()
+    }
+
     /// Emails these ERROR events to the alert recipients while serving.
     pub fn with_error_events(self, events: UnboundedReceiver<ErrorEvent>) -> Self {
         *self.error_events.lock().expect("error events lock") = Some(events);

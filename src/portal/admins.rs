@@ -87,7 +87,12 @@ pub async fn act(
             return refuse(problem.trim_end_matches('.')).await;
         }
         let password = form.password.clone();
-        Some(super::argon2(&state, move || hash_password(&password)).await?)
+        Some(
+            state
+                .argon2(move || hash_password(&password))
+                .await
+                .ok_or(PortalError::Internal)?,
+        )
     } else {
         None
     };

@@ -179,7 +179,12 @@ pub async fn act(
             return refuse("A session password is 8 to 256 characters".into()).await;
         }
         let password = form.password.clone();
-        Some(super::argon2(&state, move || hash_password(&password)).await?)
+        Some(
+            state
+                .argon2(move || hash_password(&password))
+                .await
+                .ok_or(PortalError::Internal)?,
+        )
     } else {
         None
     };

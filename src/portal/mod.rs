@@ -319,16 +319,17 @@ async fn login(
     let hash = admin.as_ref().map(|a| a.password_hash.clone());
     // Argon2 runs once even for an unknown name (against a hash made once), so timing does
     // not tell which names exist.
-    let verified = argon2(&state, move || match hash {
-        Some(hash) => verify_password(&hash, &password),
-        None => {
-            static NOBODY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-            let _ = verify_password(NOBODY.get_or_init(|| hash_password("nobody")), &password);
-            false
-        }
-    })
-    .await
-    .unwrap_or(false);
+    let verified = state
+        .argon2(move || match hash {
+            Some(hash) => verify_password(&hash, &password),
+            None => {
+                static NOBODY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+                let _ = verify_password(NOBODY.get_or_init(|| hash_password("nobody")), &password);
+                false
+            }
+        })
+        .await
+        .unwrap_or(false);
     let (actor, detail) = (form.name.clone(), address.clone());
     let audit = |action: &'static str| {
         let (actor, detail) = (actor.clone(), detail.clone());
@@ -522,7 +523,7 @@ async fn setup(
         Err(e) => return PortalError::from(e).error_response(),
     }
     let password = form.password.clone();
-    let Ok(hash) = argon2(&state, move || hash_password(&password)).await else {
+    let Some(hash) = state.argon2(move || hash_password(&password)).await else {
         return PortalError::Internal.error_response();
     };
     let created = state
@@ -561,21 +562,6 @@ async fn setup(
         ),
         Err(e) => PortalError::from(e).error_response(),
     }
-}
-
-/// Runs Argon2 (hashing or verifying a password) on the blocking pool, at most two at once
-/// for the whole appliance (each takes about 19 MiB), so a flood of sign-ins queues instead
-/// of exhausting memory.
-pub async fn argon2<T: Send + 'static>(
-    state: &AppState,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, PortalError> {
-    let _permit = state
-        .password_checks
-        .acquire()
-        .await
-        .map_err(|_| PortalError::Internal)?;
-    web::block(work).await.map_err(|_| PortalError::Internal)
 }
 
 /// Whether the signed-in admin may change things (for templates hiding forms).

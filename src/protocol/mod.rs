@@ -188,7 +188,13 @@ async fn authorize(
                     ));
                 }
                 let password = req.session_password.clone().unwrap_or_default();
-                if !check_password(&state, hash.clone(), password.clone()).await? {
+                let verified = {
+                    let (hash, password) = (hash.clone(), password.clone());
+                    state
+                        .argon2(move || verify_password(&hash, &password))
+                        .await
+                };
+                if !verified.ok_or_else(ApiError::internal)? {
                     state.password_failures.record_failure(&client, now);
                     return Err(ApiError::new(
                         ErrorCode::SessionPasswordMismatch,
@@ -201,22 +207,6 @@ async fn authorize(
     }
     tracing::warn!("session password changed twice during one authorization");
     Err(ApiError::internal())
-}
-
-/// Argon2 on the blocking pool, a bounded number at once, never on the writer thread.
-async fn check_password(
-    state: &AppState,
-    hash: String,
-    password: String,
-) -> Result<bool, ApiError> {
-    let _permit = state
-        .password_checks
-        .acquire()
-        .await
-        .map_err(|_| ApiError::internal())?;
-    web::block(move || verify_password(&hash, &password))
-        .await
-        .map_err(|_| ApiError::internal())
 }
 
 /// `POST /api/v1/usage`
