@@ -140,6 +140,18 @@ struct Phase {
     server_cpu: Duration,
     /// CPU time the load generator (this process) used during the phase.
     client_cpu: Duration,
+    /// Bytes the server wrote to storage during the phase (the WAL, checkpoints).
+    disk_bytes: u64,
+}
+
+/// Bytes a process caused to be written to storage, from /proc (Linux): unlike time, a
+/// figure the VM's noise does not move.
+fn disk_writes(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// User plus system CPU time of a process, from /proc (Linux).
@@ -165,7 +177,7 @@ impl Phase {
             self.latencies[i].as_secs_f64() * 1000.0
         };
         format!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1} |",
             self.name,
             self.requests,
             self.requests as f64 / self.elapsed.as_secs_f64(),
@@ -174,6 +186,7 @@ impl Phase {
             pct(1.0),
             self.server_cpu.as_secs_f64() * 1e6 / self.requests as f64,
             self.client_cpu.as_secs_f64() * 1e6 / self.requests as f64,
+            self.disk_bytes as f64 / 1024.0 / self.requests as f64,
         )
     }
 }
@@ -193,8 +206,10 @@ fn run(
     rate: Option<f64>,
 ) -> (Phase, Vec<Vec<u8>>) {
     let clients = connections.len();
+    eprintln!("phase: {name}");
     let bodies = Arc::new(bodies.to_vec());
     let (cpu_before, client_before) = (cpu_time(server), cpu_time(std::process::id()));
+    let disk_before = disk_writes(server);
     let start = Instant::now();
     let tasks: Vec<_> = connections
         .drain(..)
@@ -232,6 +247,7 @@ fn run(
     let elapsed = start.elapsed();
     let server_cpu = cpu_time(server).saturating_sub(cpu_before);
     let client_cpu = cpu_time(std::process::id()).saturating_sub(client_before);
+    let disk_bytes = disk_writes(server).saturating_sub(disk_before);
     let mut answers = vec![Vec::new(); bodies.len()];
     let mut latencies = Vec::with_capacity(bodies.len());
     for (conn, out) in results {
@@ -249,6 +265,7 @@ fn run(
             latencies,
             server_cpu,
             client_cpu,
+            disk_bytes,
         },
         answers,
     )
@@ -465,9 +482,9 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "| phase | requests | per second | p50 ms | p99 ms | max ms | server CPU µs/request | client CPU µs/request |"
+        "| phase | requests | per second | p50 ms | p99 ms | max ms | server CPU µs/request | client CPU µs/request | disk KiB/request |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         println!("{row}");
     }
