@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::jobs;
 use crate::licensing::handshake::PasswordCache;
 use crate::protocol;
-use crate::ratelimit::FailureLimiter;
+use crate::ratelimit::AttemptLimiter;
 use crate::store::backup;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, CertResolver, CertSource, TlsError};
@@ -45,11 +45,11 @@ pub struct AppState {
     pub passwords: PasswordCache,
     /// Bounds concurrent Argon2 verifications (each takes tens of milliseconds of CPU).
     password_checks: tokio::sync::Semaphore,
-    /// Wrong session passwords per client address: 10 a minute, then `RATE_LIMITED`.
-    pub password_failures: FailureLimiter,
+    /// Session password checks per client address: 10 a minute, then `RATE_LIMITED`.
+    pub password_attempts: AttemptLimiter,
     /// Failed portal sign-ins: 5 a minute per account, 20 per address.
-    pub sign_in_by_account: FailureLimiter,
-    pub sign_in_by_address: FailureLimiter,
+    pub sign_in_by_account: AttemptLimiter,
+    pub sign_in_by_address: AttemptLimiter,
     pub metrics: crate::metrics::Metrics,
     /// ERROR events to email (taken by the notifier when serving starts).
     error_events: std::sync::Mutex<Option<UnboundedReceiver<ErrorEvent>>>,
@@ -81,9 +81,9 @@ impl AppState {
             started_at: now,
             passwords: PasswordCache::default(),
             password_checks: tokio::sync::Semaphore::new(2),
-            password_failures: FailureLimiter::new(10, 60),
-            sign_in_by_account: FailureLimiter::new(5, 60),
-            sign_in_by_address: FailureLimiter::new(20, 60),
+            password_attempts: AttemptLimiter::new(10, 60),
+            sign_in_by_account: AttemptLimiter::new(5, 60),
+            sign_in_by_address: AttemptLimiter::new(20, 60),
             metrics: Default::default(),
             error_events: std::sync::Mutex::new(None),
             _lock: lock,

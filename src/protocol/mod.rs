@@ -174,17 +174,15 @@ async fn authorize(
                     refresh_after_s: REPORT_INTERVAL_S,
                 }));
             }
-            Err(AuthorizeError::Refused(e)) => {
-                if e.code == ErrorCode::SessionPasswordMismatch {
-                    state.password_failures.record_failure(&client, now);
-                }
-                return Err(e);
-            }
+            Err(AuthorizeError::Refused(e)) => return Err(e),
             Err(AuthorizeError::CheckPassword { handshake_id, hash }) => {
-                if state.password_failures.is_limited(&client, now) {
+                // Every Argon2 check counts, before it runs: guesses sent in parallel cannot
+                // all pass a limit judged after them. A right password is then cached, so
+                // a device that has it never comes here again.
+                if state.password_attempts.attempt(&client, now).is_err() {
                     return Err(ApiError::new(
                         ErrorCode::RateLimited,
-                        "too many wrong session passwords from this address; wait a minute",
+                        "too many session password checks from this address; wait a minute",
                     ));
                 }
                 let password = req.session_password.clone().unwrap_or_default();
@@ -195,7 +193,6 @@ async fn authorize(
                         .await
                 };
                 if !verified.ok_or_else(ApiError::internal)? {
-                    state.password_failures.record_failure(&client, now);
                     return Err(ApiError::new(
                         ErrorCode::SessionPasswordMismatch,
                         "the session password is wrong",

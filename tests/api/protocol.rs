@@ -516,6 +516,27 @@ fn wrong_session_passwords_are_rate_limited_per_address() {
 }
 
 #[test]
+fn parallel_password_guesses_get_no_more_than_the_limit() {
+    let f = Fixture::new(&item("reader", "per_device", 100, ""));
+    assert!(set_password(&f.data, &f.code, "right").ok);
+    let mut request = f.request("reader", 1);
+    request["session_password"] = json!("wrong");
+    // All sent at once: Argon2 runs two at a time, so most wait while none has failed yet.
+    let codes: Vec<String> = std::thread::scope(|s| {
+        let guesses: Vec<_> = (0..30)
+            .map(|_| s.spawn(|| f.authorize(&request).1["error"]["code"].to_string()))
+            .collect();
+        guesses.into_iter().map(|g| g.join().unwrap()).collect()
+    });
+    let checked = codes
+        .iter()
+        .filter(|c| *c == "\"SESSION_PASSWORD_MISMATCH\"")
+        .count();
+    let limited = codes.iter().filter(|c| *c == "\"RATE_LIMITED\"").count();
+    assert_eq!((checked, limited), (10, 20), "{codes:?}");
+}
+
+#[test]
 fn a_license_imported_while_serving_takes_effect_without_restart() {
     let f = Fixture::new(&item("reader", "per_device", 1, ""));
     assert_eq!(f.refused("writer", 1), "NO_LICENSE");
