@@ -45,7 +45,9 @@ async def main(directory):
 
         def authenticate(server, session, envelope, mechanism, auth_data):
             ok = auth_data.login == user and auth_data.password == password
-            return AuthResult(success=ok)
+            # handled=False: aiosmtpd answers a refusal itself (535); with its default it
+            # would send nothing and the client would wait for its timeout.
+            return AuthResult(success=ok, handled=False)
 
         # With implicit TLS the socket is encrypted before aiosmtpd sees it: it cannot tell, so
         # it is told not to insist.
