@@ -335,16 +335,8 @@ pub async fn take_backup(state: &AppState) -> Result<String, JobError> {
 /// Concurrency windows are kept in full for this long, then summarised per day.
 pub const WINDOW_HORIZON_DAYS: i64 = 35;
 
-/// Leases are kept this long after their authorization expired, then removed (a device that
-/// names instances or users freely would otherwise add rows without end).
-pub const LEASE_HORIZON_DAYS: i64 = 30;
-
-/// Leases looked at per write transaction when removing ended ones: a short scan each, so
-/// devices' requests are served between them.
-const LEASE_CHUNK: i64 = 20_000;
-
 /// The daily housekeeping: frees lapsed seats (each in the audit log), summarises old
-/// concurrency windows, removes expired token passes and leases that ended long ago.
+/// concurrency windows, removes expired token passes.
 pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
     let now = state.clock.now().unix_timestamp();
     let summary = state
@@ -389,16 +381,7 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
             ))
         })
         .await?;
-    let cutoff = now - LEASE_HORIZON_DAYS * DAY;
-    let last = state.store.write(ops::last_lease_rowid).await?;
-    let mut leases = 0;
-    for after in (0..last).step_by(LEASE_CHUNK as usize) {
-        leases += state
-            .store
-            .write(move |conn| ops::remove_ended_leases(conn, cutoff, after, LEASE_CHUNK))
-            .await?;
-    }
-    Ok(format!("{summary}, removed {leases} ended lease(s)"))
+    Ok(summary)
 }
 
 #[derive(Template)]

@@ -232,36 +232,6 @@ pub fn summarise_windows(
         .execute([cutoff_window])?)
 }
 
-/// Removes the leases with a rowid in `(after, after + chunk]` whose authorization expired
-/// at or before `cutoff` (released and revoked leases included), first carrying each one's
-/// last renewal over to its device's last seen time. A device that comes back with such a
-/// lease gets `LEASE_NOT_FOUND` and authorizes again. Returns how many were removed.
-pub fn remove_ended_leases(
-    conn: &Connection,
-    cutoff: i64,
-    after: i64,
-    chunk: i64,
-) -> Result<usize, StoreError> {
-    let range = params![after, after + chunk, cutoff];
-    conn.prepare_cached(
-        "UPDATE devices SET last_seen = max(last_seen, ended.seen)
-         FROM (SELECT device_id, max(issued_at) AS seen FROM leases
-               WHERE rowid > ?1 AND rowid <= ?2 AND expires_at <= ?3 GROUP BY device_id) AS ended
-         WHERE devices.id = ended.device_id",
-    )?
-    .execute(range)?;
-    Ok(conn
-        .prepare_cached("DELETE FROM leases WHERE rowid > ?1 AND rowid <= ?2 AND expires_at <= ?3")?
-        .execute(range)?)
-}
-
-/// The highest lease rowid (0 without leases).
-pub fn last_lease_rowid(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT coalesce(max(rowid), 0) FROM leases")?
-        .query_row([], |r| r.get(0))?)
-}
-
 /// Token passes past their 24 hours.
 pub fn delete_expired_passes(conn: &Connection, now: i64) -> Result<usize, StoreError> {
     Ok(conn

@@ -3,7 +3,6 @@
 
 use std::time::Duration as StdDuration;
 
-use serde_json::json;
 use time::Duration;
 
 use crate::helpers::*;
@@ -358,71 +357,6 @@ fn housekeeping_frees_seats_at_exactly_365_and_90_days() {
 }
 
 /// `keygate alerts smtp ...` with the password on standard input, then `keygate alerts test`.
-#[test]
-fn housekeeping_removes_leases_30_days_after_they_ended() {
-    let f = Fixture::new(&item("reader", "per_device", 10, ""));
-    let lease_of_user = |n: u32, user: &str| {
-        let mut request = f.request("reader", n);
-        request["device"]["user"] = json!(user);
-        let (status, body) = f.authorize(&request);
-        assert_eq!(status, 200, "{body}");
-        f.verify(&body, n).lease_id
-    };
-    let leases = || -> i64 {
-        f.db()
-            .query_row("SELECT COUNT(*) FROM leases", [], |r| r.get(0))
-            .unwrap()
-    };
-    let start = f.app.clock_now().unix_timestamp();
-    // Device 1 as alice, then 20 days later as bob; device 2 authorizes, then only renews
-    // (a heartbeat writes its last seen time on the lease alone).
-    let alice = lease_of_user(1, "alice");
-    let two = lease_of_user(2, "carol");
-    f.app.clock.advance(Duration::days(1));
-    let heartbeat = f.reports(&two, 2, "00000000-0000-4000-9000-000000000002", &[]);
-    assert_eq!(f.usage(&heartbeat).0, 200);
-    f.app.clock.advance(Duration::days(19));
-    lease_of_user(1, "bob");
-    assert_eq!(leases(), 3);
-
-    // alice's lease expired on day 7, device 2's on day 8: kept for 30 days after that.
-    f.app
-        .clock
-        .advance(Duration::days(17) - Duration::seconds(1));
-    let summary = f.app.run_job("housekeeping").unwrap();
-    assert!(summary.ends_with("removed 0 ended lease(s)"), "{summary}");
-    f.app.clock.advance(Duration::seconds(1));
-    let summary = f.app.run_job("housekeeping").unwrap();
-    assert!(summary.ends_with("removed 1 ended lease(s)"), "{summary}");
-    f.app.clock.advance(Duration::days(1));
-    let summary = f.app.run_job("housekeeping").unwrap();
-    assert!(summary.ends_with("removed 1 ended lease(s)"), "{summary}");
-    assert_eq!(leases(), 1, "bob's lease ends on day 27: kept");
-    let last_seen: i64 = f
-        .db()
-        .query_row(
-            "SELECT last_seen FROM devices WHERE uuid = ?1",
-            [device_uuid(2)],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(
-        last_seen,
-        start + 86_400,
-        "the lease's last renewal is kept"
-    );
-
-    // A device coming back with a removed lease authorizes again, in the seat it had.
-    let (status, body) =
-        f.usage(&f.reports(&alice, 1, "00000000-0000-4000-9000-000000000001", &[]));
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (404, Some("LEASE_NOT_FOUND"))
-    );
-    assert_ne!(lease_of_user(1, "alice"), alice);
-    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 2);
-}
-
 fn configure_and_test(data: &std::path::Path, args: &[&str], password: &str) -> Run {
     use std::io::Write;
     let mut child = command()
