@@ -224,15 +224,19 @@ pub fn authorize(
     })?;
     let state = models::state(&item.terms, &used);
 
-    let lease_id = devices::lease_for(
+    let lease_id = match devices::lease_for(
         conn,
         device_id,
         &req.product,
         seat.instance,
         req.user.as_deref().unwrap_or(""),
-    )?
-    .map(|l| l.lease_id)
-    .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    )? {
+        Some(lease) => lease.lease_id,
+        None => {
+            devices::make_room_for_lease(conn, device_id, &req.product, now)?;
+            uuid::Uuid::now_v7().to_string()
+        }
+    };
     let lease = Lease {
         lease_id,
         device_id,

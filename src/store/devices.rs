@@ -475,6 +475,31 @@ pub fn lease_for(
         .optional()?)
 }
 
+/// Leases a device keeps per product. A device names its instances and users as it likes,
+/// one lease each: past this many, a new one first removes the device's expired leases of
+/// the product, longest expired first.
+pub const LEASES_PER_PRODUCT: i64 = 32;
+
+/// Before a new lease of `device_id` for `product`: removes its expired leases of the
+/// product, longest expired first, until fewer than [`LEASES_PER_PRODUCT`] remain (or none
+/// has expired). Returns how many were removed.
+pub fn make_room_for_lease(
+    conn: &Connection,
+    device_id: i64,
+    product: &str,
+    now: i64,
+) -> Result<usize, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "DELETE FROM leases WHERE rowid IN (
+                SELECT rowid FROM leases
+                WHERE device_id = ?1 AND product = ?2 AND expires_at <= ?3
+                ORDER BY expires_at
+                LIMIT max(0, (SELECT count(*) FROM leases WHERE device_id = ?1 AND product = ?2) - ?4 + 1))",
+        )?
+        .execute(params![device_id, product, now, LEASES_PER_PRODUCT])?)
+}
+
 /// Stores a lease: a new one, or the renewal of an existing one (same `lease_id`).
 pub fn upsert_lease(conn: &Connection, l: &Lease) -> Result<(), StoreError> {
     conn.prepare_cached(

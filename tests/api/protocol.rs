@@ -537,6 +537,46 @@ fn parallel_password_guesses_get_no_more_than_the_limit() {
 }
 
 #[test]
+fn a_device_keeps_at_most_32_leases_per_product_dropping_expired_ones_first() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let as_user = |user: &str| {
+        let mut request = f.request("reader", 1);
+        request["device"]["user"] = json!(user);
+        let (status, body) = f.authorize(&request);
+        assert_eq!(status, 200, "{body}");
+        f.app.clock.advance(Duration::seconds(1));
+        f.verify(&body, 1).lease_id
+    };
+    let leases = || -> i64 {
+        f.db()
+            .query_row("SELECT COUNT(*) FROM leases", [], |r| r.get(0))
+            .unwrap()
+    };
+    let users: Vec<String> = (1..=33).map(|n| as_user(&format!("user-{n}"))).collect();
+    assert_eq!(leases(), 33, "none has expired: all are kept");
+    assert_eq!(as_user("user-1"), users[0], "a user's lease is reused");
+
+    // A week later every authorization has expired: a new user removes the two longest
+    // expired (user-2's, then user-3's; user-1 renewed last), leaving 32.
+    f.app.clock.advance(Duration::days(8));
+    as_user("user-34");
+    assert_eq!(leases(), 32);
+    let heartbeat = |lease: &str| {
+        let body = f.reports(lease, 1, "00000000-0000-4000-9000-000000000001", &[]);
+        let (status, body) = f.usage(&body);
+        (status, body["error"]["code"].as_str().map(String::from))
+    };
+    assert_eq!(heartbeat(&users[1]), (404, Some("LEASE_NOT_FOUND".into())));
+    assert_eq!(heartbeat(&users[2]), (404, Some("LEASE_NOT_FOUND".into())));
+    assert_eq!(heartbeat(&users[0]).0, 200, "user-1 expired last: kept");
+    assert_eq!(heartbeat(&users[3]).0, 200);
+    // user-2 comes back: a new lease, in the device's one seat.
+    assert_ne!(as_user("user-2"), users[1]);
+    assert_eq!(leases(), 32);
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 1);
+}
+
+#[test]
 fn a_license_imported_while_serving_takes_effect_without_restart() {
     let f = Fixture::new(&item("reader", "per_device", 1, ""));
     assert_eq!(f.refused("writer", 1), "NO_LICENSE");
