@@ -1,5 +1,5 @@
 //! Attempt limits: after `limit` attempts in a window, a key (an address, an account) is
-//! refused until the window ends. Memory stays bounded: stale entries are pruned.
+//! refused until the window ends. Memory stays bounded: entries of past windows are pruned.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -8,10 +8,19 @@ use std::sync::Mutex;
 pub struct AttemptLimiter {
     limit: u32,
     window_secs: i64,
-    attempts: Mutex<HashMap<String, (i64, u32)>>,
+    attempts: Mutex<Attempts>,
 }
 
-/// Entries kept before stale ones are pruned.
+#[derive(Debug, Default)]
+struct Attempts {
+    /// The window of the last pruning: at most one per window, so a flood of distinct keys
+    /// does not make every attempt scan the map.
+    pruned: i64,
+    /// Per key: its window and the attempts counted in it.
+    by_key: HashMap<String, (i64, u32)>,
+}
+
+/// Entries kept before those of past windows are pruned.
 const PRUNE_AT: usize = 10_000;
 
 impl AttemptLimiter {
@@ -19,7 +28,7 @@ impl AttemptLimiter {
         AttemptLimiter {
             limit,
             window_secs,
-            attempts: Mutex::new(HashMap::new()),
+            attempts: Mutex::new(Attempts::default()),
         }
     }
 
@@ -27,17 +36,30 @@ impl AttemptLimiter {
         now.div_euclid(self.window_secs)
     }
 
+    /// Whether `key` has used up its attempts in the current window (counts nothing): a
+    /// cheap refusal before any work.
+    pub fn is_limited(&self, key: &str, now: i64) -> bool {
+        let attempts = self.attempts.lock().expect("limiter lock");
+        attempts
+            .by_key
+            .get(key)
+            .is_some_and(|(window, count)| *window == self.window(now) && *count >= self.limit)
+    }
+
     /// Counts an attempt of `key` before it is judged (so that attempts racing each other
     /// cannot all pass the check): `Ok` if it may go on, `Err(first)` if the key is limited,
     /// `first` telling whether this is the window's first refused attempt (worth recording).
-    /// A success should [`AttemptLimiter::clear`] the key.
     pub fn attempt(&self, key: &str, now: i64) -> Result<(), bool> {
         let window = self.window(now);
         let mut attempts = self.attempts.lock().expect("limiter lock");
-        if attempts.len() >= PRUNE_AT {
-            attempts.retain(|_, (w, _)| *w == window);
+        if attempts.by_key.len() >= PRUNE_AT && attempts.pruned != window {
+            attempts.by_key.retain(|_, (w, _)| *w == window);
+            attempts.pruned = window;
         }
-        let entry = attempts.entry(key.to_string()).or_insert((window, 0));
+        let entry = attempts
+            .by_key
+            .entry(key.to_string())
+            .or_insert((window, 0));
         if entry.0 != window {
             *entry = (window, 0);
         }
@@ -50,7 +72,11 @@ impl AttemptLimiter {
 
     /// Forgets `key`'s attempts (after a success).
     pub fn clear(&self, key: &str) {
-        self.attempts.lock().expect("limiter lock").remove(key);
+        self.attempts
+            .lock()
+            .expect("limiter lock")
+            .by_key
+            .remove(key);
     }
 }
 
@@ -62,7 +88,9 @@ mod tests {
     fn attempts_are_counted_before_they_are_judged() {
         let limiter = AttemptLimiter::new(2, 60);
         assert_eq!(limiter.attempt("admin", 120), Ok(()));
+        assert!(!limiter.is_limited("admin", 120));
         assert_eq!(limiter.attempt("admin", 121), Ok(()));
+        assert!(limiter.is_limited("admin", 121), "both used");
         assert_eq!(
             limiter.attempt("admin", 122),
             Err(true),
@@ -70,8 +98,25 @@ mod tests {
         );
         assert_eq!(limiter.attempt("admin", 123), Err(false));
         assert_eq!(limiter.attempt("other", 123), Ok(()), "per key");
-        assert_eq!(limiter.attempt("admin", 180), Ok(()), "a new window");
+        assert!(!limiter.is_limited("admin", 180), "a new window");
+        assert_eq!(limiter.attempt("admin", 180), Ok(()));
         limiter.clear("admin");
         assert_eq!(limiter.attempt("admin", 181), Ok(()));
+    }
+
+    #[test]
+    fn past_windows_are_pruned_once_the_map_is_full() {
+        let limiter = AttemptLimiter::new(2, 60);
+        for n in 0..PRUNE_AT {
+            let _ = limiter.attempt(&format!("10.0.{}.{}", n / 256, n % 256), 0);
+        }
+        let _ = limiter.attempt("late", 60);
+        let attempts = limiter.attempts.lock().unwrap();
+        assert_eq!(
+            attempts.by_key.len(),
+            1,
+            "only the current window's key is kept"
+        );
+        assert_eq!(attempts.pruned, 1);
     }
 }

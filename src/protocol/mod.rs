@@ -176,29 +176,46 @@ async fn authorize(
             }
             Err(AuthorizeError::Refused(e)) => return Err(e),
             Err(AuthorizeError::CheckPassword { handshake_id, hash }) => {
-                // Every Argon2 check counts, before it runs: guesses sent in parallel cannot
-                // all pass a limit judged after them. A right password is then cached, so
-                // a device that has it never comes here again.
-                if state.password_attempts.attempt(&client, now).is_err() {
-                    return Err(ApiError::new(
+                let limited = || {
+                    ApiError::new(
                         ErrorCode::RateLimited,
                         "too many session password checks from this address; wait a minute",
-                    ));
-                }
-                let password = req.session_password.clone().unwrap_or_default();
-                let verified = {
-                    let (hash, password) = (hash.clone(), password.clone());
-                    state
-                        .argon2(move || verify_password(&hash, &password))
-                        .await
+                    )
                 };
-                if !verified.ok_or_else(ApiError::internal)? {
-                    return Err(ApiError::new(
-                        ErrorCode::SessionPasswordMismatch,
-                        "the session password is wrong",
-                    ));
+                // An address that used up its checks is refused before it queues for Argon2.
+                if state.password_attempts.is_limited(&client, now) {
+                    return Err(limited());
                 }
-                state.passwords.remember(handshake_id, &hash, &password);
+                // Judged with an Argon2 permit held (two at a time, appliance-wide): a request
+                // that waited finds a password verified meanwhile in the cache, and every
+                // check that runs is counted first, so guesses sent in parallel get no more
+                // than the limit while right ones arriving together cost one check.
+                let (check, client) = (state.clone(), client.clone());
+                let password = req.session_password.clone().unwrap_or_default();
+                let verified = state
+                    .argon2(move || {
+                        if check.passwords.is_verified(handshake_id, &hash, &password) {
+                            return Some(true);
+                        }
+                        check.password_attempts.attempt(&client, now).ok()?;
+                        let right = verify_password(&hash, &password);
+                        if right {
+                            check.passwords.remember(handshake_id, &hash, &password);
+                        }
+                        Some(right)
+                    })
+                    .await
+                    .ok_or_else(ApiError::internal)?;
+                match verified {
+                    None => return Err(limited()),
+                    Some(false) => {
+                        return Err(ApiError::new(
+                            ErrorCode::SessionPasswordMismatch,
+                            "the session password is wrong",
+                        ));
+                    }
+                    Some(true) => {} // the next run finds it in the cache
+                }
             }
         }
     }

@@ -537,6 +537,28 @@ fn parallel_password_guesses_get_no_more_than_the_limit() {
 }
 
 #[test]
+fn devices_arriving_together_with_the_right_password_are_not_limited() {
+    let f = Fixture::new(&item("reader", "per_device", 100, ""));
+    assert!(set_password(&f.data, &f.code, "right").ok);
+    // 30 devices behind one address (a NAT) start at once, the password not yet verified:
+    // one Argon2 check (two at most) verifies it, the others find it in the cache.
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let devices: Vec<_> = (1..=30)
+            .map(|n| {
+                let f = &f;
+                s.spawn(move || {
+                    let mut request = f.request("reader", n);
+                    request["session_password"] = json!("right");
+                    f.authorize(&request).0
+                })
+            })
+            .collect();
+        devices.into_iter().map(|d| d.join().unwrap()).collect()
+    });
+    assert_eq!(statuses, vec![200; 30]);
+}
+
+#[test]
 fn a_device_keeps_at_most_32_leases_per_product_dropping_expired_ones_first() {
     let f = Fixture::new(&item("reader", "per_device", 10, ""));
     let as_user = |user: &str| {
