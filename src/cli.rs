@@ -210,11 +210,13 @@ pub struct IssueArgs {
     /// The items to grant (TOML).
     #[arg(long, value_name = "FILE")]
     items: PathBuf,
+    /// The license id (or `license_id` in the items file).
     #[arg(long)]
     license_id: Option<String>,
     /// License version; a renewal or top-up carries a higher one.
     #[arg(long)]
     version: Option<u32>,
+    /// The customer's organization id (or `organization_id` in the items file).
     #[arg(long, value_name = "ID")]
     organization: Option<String>,
     /// The vendor name shown to the customer.
@@ -351,7 +353,10 @@ pub fn run(command: Command, config: Config) -> Result<()> {
 fn write_output(out: Option<&Path>, text: &str) -> Result<()> {
     match out {
         Some(path) => {
-            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+            std::fs::write(path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("wrote {}", path.display());
+            Ok(())
         }
         None => {
             std::io::stdout().write_all(text.as_bytes())?;
@@ -666,35 +671,51 @@ fn licenses(config: &Config) -> Result<()> {
         println!("no licenses imported");
         return Ok(());
     }
+    // One format for the header and the rows, so the columns cannot drift apart.
+    let line = |c: [&str; 11]| {
+        format!(
+            "{:<16} {:>3} {:<10} {:<20} {:<18} {:<19} {:>10} {:>12} {:<10} {:<10} {}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10]
+        )
+    };
     println!(
-        "{:<16} {:>3} {:<10} {:<20} {:<18} {:<19} {:>10} {:<10} {:<10} {:<24}",
-        "LICENSE",
-        "VER",
-        "ORG",
-        "ITEM",
-        "PRODUCT",
-        "MODEL",
-        "QUOTA",
-        "STARTS",
-        "EXPIRES",
-        "HANDSHAKE"
+        "{}",
+        line([
+            "LICENSE",
+            "VER",
+            "ORG",
+            "ITEM",
+            "PRODUCT",
+            "MODEL",
+            "QUOTA",
+            "USED",
+            "STARTS",
+            "EXPIRES",
+            "HANDSHAKE",
+        ])
     );
     let date = |t: i64| rfc3339(from_unix(t))[..10].to_string();
     for i in items {
+        let handshake = if i.withdrawn {
+            format!("{} (withdrawn)", i.handshake_code)
+        } else {
+            i.handshake_code.clone()
+        };
         println!(
-            "{:<16} {:>3} {:<10} {:<20} {:<18} {:<19} {:>10} {:>12} {:<10} {:<10} {:<24}{}",
-            i.license_id,
-            i.license_version,
-            i.organization_id,
-            i.item_id,
-            i.product,
-            i.model,
-            i.quota,
-            i.used,
-            date(i.starts_at),
-            date(i.expires_at),
-            i.handshake_code,
-            if i.withdrawn { " (withdrawn)" } else { "" }
+            "{}",
+            line([
+                &i.license_id,
+                &i.license_version.to_string(),
+                &i.organization_id,
+                &i.item_id,
+                &i.product,
+                &i.model.to_string(),
+                &i.quota.to_string(),
+                &i.used.to_string(),
+                &date(i.starts_at),
+                &date(i.expires_at),
+                &handshake,
+            ])
         );
     }
     Ok(())
@@ -800,7 +821,9 @@ pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()
     let listen = config.listen;
     let state = crate::AppState::open(config, Arc::new(SystemClock))?.with_error_events(errors);
     let listener = std::net::TcpListener::bind(listen)
-        .with_context(|| format!("cannot listen on {listen}"))?;
+        .with_context(|| {
+            format!("cannot listen on {listen} (choose another address with --listen or `listen` in the configuration)")
+        })?;
     let local = listener.local_addr()?;
     println!(
         "keygate {} listening on https://{local}",

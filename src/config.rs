@@ -111,7 +111,7 @@ impl Default for LogConfig {
         LogConfig {
             // The per-request access log (keygate::http) is off by default: a million
             // devices make 5,556 requests a second. `info,keygate::http=info` turns it on.
-            level: "info,keygate::http=warn".into(),
+            level: "info,keygate::http=warn,tokio_cron_scheduler=warn".into(),
             format: LogFormat::Text,
         }
     }

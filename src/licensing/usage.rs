@@ -29,6 +29,14 @@ fn lease_not_found() -> ApiError {
     )
 }
 
+/// Releasing a lease the appliance does not know: nothing held, nothing to free.
+fn unknown_release() -> ApiError {
+    ApiError::new(
+        ErrorCode::LeaseNotFound,
+        "unknown lease: nothing to release (treat it as released)",
+    )
+}
+
 pub fn record(
     conn: &Connection,
     catalogue: &Catalogue,
@@ -290,9 +298,9 @@ pub fn release(
     now: i64,
 ) -> Result<(), ApiError> {
     let LeaseContext { lease, device, .. } =
-        devices::lease_context(conn, lease_id, "")?.ok_or_else(lease_not_found)?;
+        devices::lease_context(conn, lease_id, "")?.ok_or_else(unknown_release)?;
     if device.uuid != device_uuid {
-        return Err(lease_not_found());
+        return Err(unknown_release());
     }
     if lease.released {
         return Ok(());

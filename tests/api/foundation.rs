@@ -56,6 +56,17 @@ fn vendor_to_appliance_to_https() {
     assert!(run.ok);
     assert!(run.stdout.contains("LIC-0042-1") && run.stdout.contains("per_device"));
     assert!(run.stdout.contains("barcode-reader") && run.stdout.contains("2036-01-01"));
+    // Each value sits under its heading.
+    let lines: Vec<Vec<&str>> = run
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let column = |name: &str| lines[0].iter().position(|h| *h == name).unwrap();
+    assert_eq!(lines[1].len(), lines[0].len(), "{}", run.stdout);
+    assert_eq!(lines[1][column("ITEM")], "LIC-0042-1");
+    assert_eq!(lines[1][column("USED")], "0");
+    assert_eq!(lines[1][column("EXPIRES")], "2036-01-01");
 
     let served = Served::start(&data);
     let agent = pinned_agent(&appliance_cert(&data));
