@@ -475,11 +475,23 @@ fn main() {
     );
     rows.push(phase.row());
 
+    // The server's peak memory (resident set) and the database's size on disk.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let peak_rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .map_or(String::new(), |v| v.trim().to_string());
     let _ = server.kill();
     let _ = server.wait();
+    let database: u64 = ["keygate.db", "keygate.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(data.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
     println!(
-        "\n{devices} devices, {clients} keep-alive TLS connections, {} cores\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "\n{devices} devices, {clients} keep-alive TLS connections, {} cores; server peak RSS {peak_rss}, database {} MiB\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        database / (1024 * 1024)
     );
     println!(
         "| phase | requests | per second | p50 ms | p99 ms | max ms | server CPU µs/request | client CPU µs/request | disk KiB/request |"
