@@ -191,7 +191,8 @@ impl Phase {
     }
 }
 
-/// Sends `bodies` to `path` over the connections as fast as answers come, or at `rate`
+/// Sends `bodies` to `path` over fresh connections (a phase's bodies can take longer to
+/// build than the server keeps an idle connection) as fast as answers come, or at `rate`
 /// requests a second; every answer must be 200. At a fixed rate, latency counts from when a
 /// request was due if it went out late because its connection was still busy (no
 /// coordinated omission), and from when the timer woke it otherwise (the runtime's timer
@@ -200,11 +201,12 @@ fn run(
     name: &'static str,
     server: u32,
     runtime: &tokio::runtime::Runtime,
-    connections: &mut Vec<Connection>,
+    connect: &dyn Fn() -> Vec<Connection>,
     path: &str,
     bodies: &[Vec<u8>],
     rate: Option<f64>,
 ) -> (Phase, Vec<Vec<u8>>) {
+    let connections = connect();
     let clients = connections.len();
     eprintln!("phase: {name}");
     let bodies = Arc::new(bodies.to_vec());
@@ -212,7 +214,7 @@ fn run(
     let disk_before = disk_writes(server);
     let start = Instant::now();
     let tasks: Vec<_> = connections
-        .drain(..)
+        .into_iter()
         .enumerate()
         .map(|(c, mut conn)| {
             let (bodies, path) = (bodies.clone(), path.to_string());
@@ -233,7 +235,7 @@ fn run(
                     assert_eq!(status, 200, "{name}: {}", String::from_utf8_lossy(&body));
                     out.push((i, sent.elapsed(), body));
                 }
-                (conn, out)
+                out
             })
         })
         .collect();
@@ -250,8 +252,7 @@ fn run(
     let disk_bytes = disk_writes(server).saturating_sub(disk_before);
     let mut answers = vec![Vec::new(); bodies.len()];
     let mut latencies = Vec::with_capacity(bodies.len());
-    for (conn, out) in results {
-        connections.push(conn);
+    for out in results {
         for (i, latency, body) in out {
             latencies.push(latency);
             answers[i] = body;
@@ -358,13 +359,15 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let mut connections: Vec<Connection> = runtime.block_on(async {
-        let mut all = Vec::new();
-        for _ in 0..clients {
-            all.push(Connection::open(&addr, &cert).await);
-        }
-        all
-    });
+    let connect = || -> Vec<Connection> {
+        runtime.block_on(async {
+            let mut all = Vec::new();
+            for _ in 0..clients {
+                all.push(Connection::open(&addr, &cert).await);
+            }
+            all
+        })
+    };
     let url = |path: &str| format!("/api/v1/{path}");
     let json = |values: Vec<Value>| -> Vec<Vec<u8>> {
         values
@@ -383,7 +386,7 @@ fn main() {
         "authorize (new devices)",
         pid,
         &runtime,
-        &mut connections,
+        &connect,
         &url("authorize"),
         &authorize,
         None,
@@ -402,7 +405,7 @@ fn main() {
         "authorize (known devices)",
         pid,
         &runtime,
-        &mut connections,
+        &connect,
         &url("authorize"),
         &shuffled(&authorize),
         None,
@@ -420,7 +423,7 @@ fn main() {
         "usage (heartbeat)",
         pid,
         &runtime,
-        &mut connections,
+        &connect,
         &url("usage"),
         &heartbeats,
         None,
@@ -438,7 +441,7 @@ fn main() {
         "usage (one report)",
         pid,
         &runtime,
-        &mut connections,
+        &connect,
         &url("usage"),
         &reports,
         None,
@@ -452,7 +455,7 @@ fn main() {
         "usage at 5,556/s (1M devices)",
         pid,
         &runtime,
-        &mut connections,
+        &connect,
         &url("usage"),
         &paced,
         Some(5556.0),
@@ -468,7 +471,7 @@ fn main() {
         "release",
         pid,
         &runtime,
-        &mut connections,
+        &connect,
         &url("release"),
         &releases,
         None,
