@@ -127,6 +127,17 @@ impl Connection {
     }
 }
 
+/// The server under test, stopped when the run ends, also when it fails (its temporary data
+/// directory goes with it).
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn device(n: usize) -> String {
     format!("00000000-0000-4000-8000-{n:012}")
 }
@@ -337,15 +348,17 @@ fn main() {
         .trim()
         .to_string();
 
-    let mut server = Command::new(bin())
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("KEYGATE_LOG_LEVEL", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let mut server = Server(
+        Command::new(bin())
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("KEYGATE_LOG_LEVEL", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
     let addr = loop {
         let line = lines.next().unwrap().unwrap();
         if let Some(a) = line.split("listening on https://").nth(1) {
@@ -353,7 +366,7 @@ fn main() {
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    let pid = server.id();
+    let pid = server.0.id();
     let cert = std::fs::read(data.join("tls/cert.pem")).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -484,8 +497,7 @@ fn main() {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .map_or(String::new(), |v| v.trim().to_string());
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let database: u64 = ["keygate.db", "keygate.db-wal"]
         .iter()
         .filter_map(|f| std::fs::metadata(data.join(f)).ok())

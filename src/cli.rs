@@ -844,8 +844,10 @@ pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()
     if let Some(path) = crate::portal::auth::setup_link(&conn, state.clock.now().unix_timestamp())?
     {
         println!(
-            "first admin:     https://{}:{}{path}  (one-time link, valid 24 hours)",
+            "first admin:     https://{}:{}{path}  (one-time link, valid 24 hours;\n                 \
+             on this machine: https://localhost:{}{path})",
             appliance::hostname(),
+            local.port(),
             local.port()
         );
     }
