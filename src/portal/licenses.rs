@@ -7,14 +7,13 @@ use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use askama::Template;
 use futures_util::StreamExt;
-use keygate_sdk::keys;
 use subtle::ConstantTimeEq;
 
 use super::auth::{Manager, PortalError, Session, Viewer};
 use super::{Page, render, render_form};
 use crate::licensing::{from_unix, import, rfc3339};
 use crate::server::AppState;
-use crate::store::licenses::{self, ItemRow, LicenseVersion, TrustedKey};
+use crate::store::licenses::{self, ItemRow, LicenseVersion};
 use crate::store::{StoreError, ops};
 
 /// License files and keys are small: anything larger is not one.
@@ -198,61 +197,6 @@ pub async fn upload(
             .await
         }
     }
-}
-
-/// `POST /licenses/keys` (multipart: csrf, file): trusts a vendor public key.
-pub async fn add_key(
-    state: web::Data<AppState>,
-    admin: Manager,
-    req: HttpRequest,
-    form: Multipart,
-) -> Result<HttpResponse, PortalError> {
-    let file = read_upload(form, &admin.csrf).await?;
-    let key = match std::str::from_utf8(&file)
-        .ok()
-        .map(keys::public_key_from_pem)
-    {
-        Some(Ok(key)) => key,
-        _ => {
-            return page(
-                &state,
-                &admin,
-                None,
-                Some(
-                    "That is not a vendor public key (SPKI PEM, -----BEGIN PUBLIC KEY-----)."
-                        .into(),
-                ),
-            )
-            .await;
-        }
-    };
-    let now = state.clock.now().unix_timestamp();
-    let kid = keys::kid(&key);
-    let (actor, from, k) = (admin.name.clone(), super::client_address(&req), kid.clone());
-    let added = state
-        .store
-        .write(move |conn| {
-            let added = licenses::insert_trusted_key(
-                conn,
-                &TrustedKey {
-                    kid: k.clone(),
-                    public_key: key.to_bytes(),
-                    name: k.clone(),
-                    added_at: now,
-                },
-            )?;
-            if added {
-                ops::audit(conn, now, &actor, "vendor key trusted", &k, "", &from)?;
-            }
-            Ok::<_, StoreError>(added)
-        })
-        .await?;
-    let notice = if added {
-        format!("Vendor key {kid} is now trusted.")
-    } else {
-        format!("Vendor key {kid} was already trusted.")
-    };
-    page(&state, &admin, Some(notice), None).await
 }
 
 /// `GET /licenses/activation-request`: the file IT sends to the vendor.

@@ -44,7 +44,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/setup", web::post().to(setup))
         .route("/licenses", web::get().to(licenses::list))
         .route("/licenses", web::post().to(licenses::upload))
-        .route("/licenses/keys", web::post().to(licenses::add_key))
         .route(
             "/licenses/activation-request",
             web::get().to(licenses::activation_request),

@@ -532,6 +532,20 @@ fn licenses_are_uploaded_with_the_import_checks() {
     let item = browser.get("/licenses/items/LIC-T-1");
     assert!(item.body.contains("per_device") && item.body.contains(&f.code));
     assert_eq!(browser.get("/licenses/items/NOPE").status, 404);
+
+    // Vendor keys are trusted at the console only (the specification: "config file or
+    // `keygate trust`, nothing else"): even the owner cannot add one from the portal.
+    let page = browser.get("/licenses");
+    assert!(page.body.contains("keygate trust VENDOR.pub"));
+    let other = Vendor::new();
+    let before = db_digest(&f.data.join("keygate.db"));
+    let answer = browser.upload(
+        "/licenses/keys",
+        &csrf(&page.body),
+        &std::fs::read(other.pub_path()).unwrap(),
+    );
+    assert_eq!(answer.status, 404);
+    assert_eq!(db_digest(&f.data.join("keygate.db")), before);
 }
 
 #[test]
@@ -1269,7 +1283,7 @@ fn an_auditor_cannot_change_anything() {
         all.extend(fields.iter().copied());
         assert_eq!(auditor.post(path, &all).status, 403, "{path}");
     }
-    for path in ["/licenses", "/licenses/keys", "/settings/certificate"] {
+    for path in ["/licenses", "/settings/certificate"] {
         assert_eq!(
             auditor.upload(path, &token, b"anything").status,
             403,
