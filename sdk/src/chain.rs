@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use crate::jws::{self, JwsError, Typ};
 use crate::keys;
-use crate::wire::{Authorization, License};
+use crate::wire::{Authorization, License, TRIAL_DAYS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
@@ -24,9 +24,11 @@ pub enum ChainError {
     #[error("the authorization grants item {0}, which its license does not contain")]
     ForeignItem(String),
     #[error(
-        "the authorization grants item {0} beyond its license's terms (another product, past the item's expiry, or longer than its offline allowance)"
+        "the authorization grants item {0} beyond its license's terms (another product, before the item's start or past its expiry, or longer than its offline allowance)"
     )]
     OutsideLicense(String),
+    #[error("the authorization grants no item and lasts longer than the {0}-day public trial")]
+    TrialTooLong(i64),
     #[error("the authorization is for device {found}, not this device ({expected})")]
     WrongDevice { expected: String, found: String },
     #[error("the authorization answers another request (nonce mismatch)")]
@@ -84,19 +86,25 @@ pub fn verify_authorization<'k>(
         });
     }
     // Each granted item is one of the license's, for this product, and the authorization
-    // neither outlives it nor lasts longer than its offline allowance: the vendor's terms
-    // bound what the appliance may sign.
+    // neither precedes nor outlives it nor lasts longer than its offline allowance: the
+    // vendor's terms bound what the appliance may sign. One with no item (the public trial)
+    // lasts the trial's days at most.
     for granted in &auth.items {
         let Some(item) = license.items.iter().find(|i| i.item_id == granted.item_id) else {
             return Err(ChainError::ForeignItem(granted.item_id.clone()));
         };
         let allowance = time::Duration::days(i64::from(item.offline_days));
         if item.product != auth.product
+            || auth.issued_at < item.starts_at
             || auth.expires_at > item.expires_at
             || auth.expires_at - auth.issued_at > allowance
         {
             return Err(ChainError::OutsideLicense(granted.item_id.clone()));
         }
+    }
+    if auth.items.is_empty() && auth.expires_at - auth.issued_at > time::Duration::days(TRIAL_DAYS)
+    {
+        return Err(ChainError::TrialTooLong(TRIAL_DAYS));
     }
     let same_device = match (
         uuid::Uuid::parse_str(&auth.device_uuid),
@@ -444,6 +452,32 @@ mod tests {
             fx.check(&auth, expect_fresh()),
             Err(ChainError::OutsideLicense(_))
         ));
+        // Issued before the item starts.
+        let mut auth = fx.authorization();
+        auth.issued_at = fx.license.items[0].starts_at - Duration::seconds(1);
+        auth.expires_at = auth.issued_at + Duration::days(1);
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::OutsideLicense(_))
+        ));
+    }
+
+    #[test]
+    fn an_authorization_without_items_lasts_the_trial_at_most() {
+        let fx = Fixture::new();
+        let mut auth = fx.authorization();
+        auth.items.clear();
+        auth.expires_at = auth.issued_at + Duration::days(TRIAL_DAYS);
+        assert!(fx.check(&auth, expect_fresh()).is_ok(), "the public trial");
+        auth.expires_at += Duration::seconds(1);
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::TrialTooLong(7))
+        ));
+        // The appliance key alone cannot grant a product for a century.
+        auth.product = "unlicensed-product".into();
+        auth.expires_at = auth.issued_at + Duration::days(36_500);
+        assert!(fx.check(&auth, expect_fresh()).is_err());
     }
 
     #[test]

@@ -1062,6 +1062,9 @@ impl Client {
             carried_forward(self.contact_mark, self.config.clock.monotonic()),
         )?;
         let grant = self.verify(authorization, license, None, now)?;
+        // The appliance's signed time of issue is a floor that no edit of the state file
+        // lowers.
+        detect_rollback(now, Some(grant.authorization.issued_at))?;
         advance(&mut self.state.newest_time_seen, now);
         let persisted_recently = self
             .persisted_newest
@@ -1923,6 +1926,27 @@ mod tests {
         assert_eq!(newest, Some(T0));
         advance(&mut newest, T0 + time::Duration::hours(1));
         assert_eq!(newest, Some(T0 + time::Duration::hours(1)));
+    }
+
+    #[test]
+    fn the_authorizations_time_of_issue_is_a_floor_for_the_clock() {
+        let dir = TempDir::new();
+        let chain = Chain::new();
+        store_authorization(dir.path(), &chain);
+        // The newest time seen removed from the state file: the signed issue time (T0) holds.
+        let store = Store::open(dir.path()).unwrap();
+        let (mut state, _) = store.load().unwrap();
+        state.newest_time_seen = None;
+        store.save_state(&state).unwrap();
+        drop(store);
+        let clock = TestClock::new(T0 - CLOCK_TOLERANCE - time::Duration::seconds(1));
+        let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
+        assert!(matches!(
+            client.check(),
+            Err(ClientError::ClockRolledBack { newest_seen, .. }) if newest_seen == T0
+        ));
+        clock.set(T0 - CLOCK_TOLERANCE);
+        client.check().expect("within the tolerance");
     }
 
     #[test]

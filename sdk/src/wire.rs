@@ -276,6 +276,9 @@ impl std::fmt::Display for ErrorCode {
 /// How often devices report usage, and the renewal cadence the appliance suggests.
 pub const REPORT_INTERVAL_S: u64 = 180;
 
+/// How long the public trial's authorization (one with no items) lasts, at most.
+pub const TRIAL_DAYS: i64 = 7;
+
 /// The largest amount one counter may carry in one usage report (the appliance answers
 /// `BAD_REQUEST` above it), so that no total it keeps can overflow.
 pub const MAX_COUNT: u64 = 1_000_000_000_000;
