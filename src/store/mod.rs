@@ -53,8 +53,22 @@ pub enum StoreError {
     Commit(Arc<rusqlite::Error>),
 }
 
-/// Opens a connection with keygate's pragmas and brings the schema up to date.
+/// Opens a connection with keygate's pragmas and brings the schema up to date. A new
+/// database file is created owner-only (it holds the SMTP password and session tokens), and
+/// SQLite gives its WAL the same mode.
 pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Creates the file if it is missing (an existing one is left as it is); if this fails,
+        // opening it below reports why.
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path);
+    }
     let mut conn = Connection::open(path)?;
     configure(&conn)?;
     migrate(&mut conn)?;
@@ -315,6 +329,23 @@ fn writer(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_database_and_its_wal_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let conn = open(&path).unwrap();
+        for file in ["k.db", "k.db-wal"] {
+            let mode = std::fs::metadata(dir.path().join(file))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+        drop(conn);
+    }
 
     #[test]
     fn migrations_apply_once_and_refuse_downgrade() {
