@@ -45,8 +45,12 @@ pub struct AppState {
     pub passwords: PasswordCache,
     /// Bounds concurrent Argon2 verifications (each takes tens of milliseconds of CPU).
     password_checks: tokio::sync::Semaphore,
-    /// Session password checks per client address: 10 a minute, then `RATE_LIMITED`.
+    /// Session password checks per client address (IPv6: per /64): 10 a minute, then
+    /// `RATE_LIMITED`.
     pub password_attempts: AttemptLimiter,
+    /// Session password checks per handshake code, whatever the address: 100 a minute, so
+    /// guesses spread over many addresses stay slow.
+    pub code_password_attempts: AttemptLimiter,
     /// Failed portal sign-ins: 5 a minute per account, 20 per address.
     pub sign_in_by_account: AttemptLimiter,
     pub sign_in_by_address: AttemptLimiter,
@@ -82,6 +86,7 @@ impl AppState {
             passwords: PasswordCache::default(),
             password_checks: tokio::sync::Semaphore::new(2),
             password_attempts: AttemptLimiter::new(10, 60),
+            code_password_attempts: AttemptLimiter::new(100, 60),
             sign_in_by_account: AttemptLimiter::new(5, 60),
             sign_in_by_address: AttemptLimiter::new(20, 60),
             metrics: Default::default(),

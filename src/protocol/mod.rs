@@ -2,6 +2,7 @@
 //! run one domain operation on the database writer, sign, answer. Every failure is the
 //! specification's JSON error and changes nothing.
 
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -146,7 +147,7 @@ async fn authorize(
     let now = state.clock.now().unix_timestamp();
     let client = http
         .peer_addr()
-        .map(|a| a.ip().to_string())
+        .map(|a| limit_key(a.ip()))
         .unwrap_or_default();
     // At most twice: the second run finds the password verified in the cache.
     for _ in 0..2 {
@@ -182,8 +183,12 @@ async fn authorize(
                         "too many session password checks from this address; wait a minute",
                     )
                 };
-                // An address that used up its checks is refused before it queues for Argon2.
-                if state.password_attempts.is_limited(&client, now) {
+                // An address (or a code) that used up its checks is refused before it queues
+                // for Argon2.
+                let code = handshake_id.to_string();
+                if state.password_attempts.is_limited(&client, now)
+                    || state.code_password_attempts.is_limited(&code, now)
+                {
                     return Err(limited());
                 }
                 // Judged with an Argon2 permit held (two at a time, appliance-wide): a request
@@ -198,6 +203,7 @@ async fn authorize(
                             return Some(true);
                         }
                         check.password_attempts.attempt(&client, now).ok()?;
+                        check.code_password_attempts.attempt(&code, now).ok()?;
                         let right = verify_password(&hash, &password);
                         if right {
                             check.passwords.remember(handshake_id, &hash, &password);
@@ -221,6 +227,18 @@ async fn authorize(
     }
     tracing::warn!("session password changed twice during one authorization");
     Err(ApiError::internal())
+}
+
+/// The key a client's password checks are counted under: its IPv4 address, or the /64 of
+/// its IPv6 address (one host usually has a whole /64 to pick addresses from).
+fn limit_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => format!("{}/64", Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
+        },
+    }
 }
 
 /// `POST /api/v1/usage`
@@ -283,4 +301,19 @@ async fn release(
         })
         .await?;
     Ok(HttpResponse::Ok().json(ReleaseResponse { released: true }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_checks_are_counted_per_ipv4_address_or_ipv6_64() {
+        let key = |ip: &str| limit_key(ip.parse().unwrap());
+        assert_eq!(key("10.0.0.7"), "10.0.0.7");
+        assert_eq!(key("::ffff:10.0.0.7"), "10.0.0.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff:1:2:3"), "2001:db8:1:2::/64");
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+    }
 }

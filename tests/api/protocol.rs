@@ -537,6 +537,47 @@ fn parallel_password_guesses_get_no_more_than_the_limit() {
 }
 
 #[test]
+fn a_handshake_code_gets_100_password_checks_a_minute_from_all_addresses() {
+    let f = Fixture::new(&item("reader", "per_device", 100, ""));
+    assert!(set_password(&f.data, &f.code, "right").ok);
+    let id: i64 = f
+        .db()
+        .query_row(
+            "SELECT id FROM handshake_codes WHERE code = ?1",
+            [&f.code],
+            |r| r.get(0),
+        )
+        .unwrap();
+    // 99 checks of this code from other addresses in this minute...
+    let now = f.app.clock_now().unix_timestamp();
+    for _ in 0..99 {
+        assert!(
+            f.app
+                .state
+                .code_password_attempts
+                .attempt(&id.to_string(), now)
+                .is_ok()
+        );
+    }
+    let mut request = f.request("reader", 1);
+    request["session_password"] = json!("wrong");
+    let code = |request: &serde_json::Value| {
+        let (status, body) = f.authorize(request);
+        (status, body["error"]["code"].as_str().map(String::from))
+    };
+    // ...leave one for this address, which has all of its own left.
+    assert_eq!(
+        code(&request),
+        (403, Some("SESSION_PASSWORD_MISMATCH".into()))
+    );
+    assert_eq!(code(&request), (429, Some("RATE_LIMITED".into())));
+    request["session_password"] = json!("right");
+    assert_eq!(code(&request).0, 429, "not even the right one this minute");
+    f.app.clock.advance(Duration::minutes(1));
+    assert_eq!(code(&request).0, 200);
+}
+
+#[test]
 fn devices_arriving_together_with_the_right_password_are_not_limited() {
     let f = Fixture::new(&item("reader", "per_device", 100, ""));
     assert!(set_password(&f.data, &f.code, "right").ok);
