@@ -102,13 +102,26 @@ async fn read_upload(form: Multipart, csrf: &str) -> Result<Vec<u8>, PortalError
     Ok(files.remove("file").unwrap_or_default())
 }
 
-/// Reads a multipart form of a CSRF token and files (by field name), refusing oversized ones.
+/// Fields an upload form may have: the CSRF token and at most two files (a certificate and
+/// its key).
+const UPLOAD_FIELDS: usize = 3;
+
+/// Reads a multipart form of a CSRF token and files (by field name), refusing oversized
+/// files and forms with more fields than any portal form has (so that memory stays bounded
+/// at `UPLOAD_FIELDS` × `UPLOAD_LIMIT` before the token is even checked).
 pub async fn read_files(
     mut form: Multipart,
     csrf: &str,
 ) -> Result<std::collections::HashMap<String, Vec<u8>>, PortalError> {
     let (mut token, mut files) = (String::new(), std::collections::HashMap::new());
+    let mut fields = 0;
     while let Some(field) = form.next().await {
+        fields += 1;
+        if fields > UPLOAD_FIELDS {
+            return Err(PortalError::BadForm(
+                "the form has more fields than expected".into(),
+            ));
+        }
         let mut field = field
             .map_err(|e| PortalError::BadForm(format!("the upload could not be read: {e}")))?;
         let name = field.name().unwrap_or("").to_string();

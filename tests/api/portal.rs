@@ -546,6 +546,19 @@ fn licenses_are_uploaded_with_the_import_checks() {
     );
     assert_eq!(answer.status, 404);
     assert_eq!(db_digest(&f.data.join("keygate.db")), before);
+
+    // A form with more fields than any upload form has is refused before it is kept.
+    let filler = vec![b'x'; 200 * 1024];
+    let fields: Vec<(String, &[u8])> = (0..8).map(|n| (format!("f{n}"), &filler[..])).collect();
+    let fields: Vec<(&str, &[u8])> = fields.iter().map(|(n, d)| (n.as_str(), *d)).collect();
+    let answer = browser.upload_files("/licenses", &csrf(&page.body), &fields);
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.body.contains("more fields than expected"),
+        "{}",
+        answer.body
+    );
+    assert_eq!(db_digest(&f.data.join("keygate.db")), before);
 }
 
 #[test]
