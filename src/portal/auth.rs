@@ -1,4 +1,4 @@
-//! Portal access: sessions (cookie `keygate_session`: Secure, HttpOnly, SameSite=Strict;
+//! Portal access: sessions (cookie `__Host-keygate_session`: Secure, HttpOnly, SameSite=Strict;
 //! only a SHA-256 of its token is stored), roles, CSRF, sign-in with rate limits, and the
 //! first admin's one-time setup link.
 //!
@@ -22,7 +22,9 @@ use subtle::ConstantTimeEq;
 use crate::server::AppState;
 use crate::store::{StoreError, admins};
 
-pub const COOKIE: &str = "keygate_session";
+/// `__Host-`: the browser keeps it only if Secure, for path `/` and this host alone, so no
+/// other host of the domain can set or shadow it.
+pub const COOKIE: &str = "__Host-keygate_session";
 /// A session ends after 30 minutes without a request, and after 12 hours in any case.
 pub const IDLE_SECS: i64 = 30 * 60;
 pub const ABSOLUTE_SECS: i64 = 12 * 3600;

@@ -196,7 +196,8 @@ pub fn client_address(req: &HttpRequest) -> String {
 
 /// The login and setup forms have no session yet: their CSRF token is a cookie of its own
 /// that the form must repeat (double submit).
-const FORM_COOKIE: &str = "keygate_form";
+/// `__Host-` like the session cookie: a related host cannot plant a form token (login CSRF).
+const FORM_COOKIE: &str = "__Host-keygate_form";
 
 fn form_cookie(token: &str) -> actix_web::cookie::Cookie<'static> {
     actix_web::cookie::Cookie::build(FORM_COOKIE, token.to_string())

@@ -261,11 +261,11 @@ fn session_cookie_flags_and_sign_out_needs_csrf() {
     let cookie = answer
         .headers
         .iter()
-        .find(|(k, v)| k == "set-cookie" && v.starts_with("keygate_session="))
+        .find(|(k, v)| k == "set-cookie" && v.starts_with("__Host-keygate_session="))
         .unwrap()
         .1
         .clone();
-    for flag in ["Secure", "HttpOnly", "SameSite=Strict"] {
+    for flag in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(cookie.contains(flag), "{cookie}");
     }
     assert_eq!(browser.post("/logout", &[]).status, 403, "no token");
