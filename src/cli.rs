@@ -841,15 +841,25 @@ pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()
         }
     );
     let conn = store::open(&state.config.database_path())?;
-    if let Some(path) = crate::portal::auth::setup_link(&conn, state.clock.now().unix_timestamp())?
-    {
-        println!(
-            "first admin:     https://{}:{}{path}  (one-time link, valid 24 hours;\n                 \
-             on this machine: https://localhost:{}{path})",
-            appliance::hostname(),
-            local.port(),
-            local.port()
-        );
+    // The one-time link is a secret: shown on a terminal only, never written to a log (a
+    // service's journal is readable by more than root).
+    if crate::store::admins::admin_count(&conn)? == 0 {
+        if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            println!(
+                "first admin:     none yet: `keygate admin create NAME --role owner` at the \
+                 console (or `keygate serve` in a terminal prints a one-time link)"
+            );
+        } else if let Some(path) =
+            crate::portal::auth::setup_link(&conn, state.clock.now().unix_timestamp())?
+        {
+            println!(
+                "first admin:     https://{}:{}{path}  (one-time link, valid 24 hours;\n                 \
+                 on this machine: https://localhost:{}{path})",
+                appliance::hostname(),
+                local.port(),
+                local.port()
+            );
+        }
     }
     drop(conn);
     tracing::info!(%local, installation_id = state.appliance.installation_id(), "serving");

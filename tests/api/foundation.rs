@@ -108,6 +108,41 @@ fn restart_keeps_installation_id_and_certificate() {
 }
 
 #[test]
+fn the_first_admin_link_is_never_written_to_a_log() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    // Standard output is a pipe here, as it is to a service's journal.
+    let mut child = command()
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut banner = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let last = line.starts_with("first admin:");
+        banner.push(line);
+        if last {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(banner[0].contains("listening on https://"), "{banner:?}");
+    assert!(
+        banner
+            .last()
+            .unwrap()
+            .contains("keygate admin create NAME --role owner"),
+        "{banner:?}"
+    );
+    assert!(banner.iter().all(|l| !l.contains("token=")), "{banner:?}");
+}
+
+#[test]
 fn plain_http_gets_no_answer() {
     let dir = tempfile::tempdir().unwrap();
     let served = Served::start(&dir.path().join("data"));
