@@ -58,6 +58,14 @@ pub enum ImportError {
          a changed license must carry a higher version"
     )]
     Conflict { license_id: String, version: u32 },
+    #[error(
+        "license {license_id} on this appliance is from vendor {current:?}; a license of vendor {other:?} with the same id cannot replace it"
+    )]
+    OtherVendor {
+        license_id: String,
+        current: String,
+        other: String,
+    },
     #[error("item {item_id} already belongs to license {other}")]
     ItemTaken { item_id: String, other: String },
     #[error("trusted vendor key {path} cannot be used: {reason}")]
@@ -365,7 +373,16 @@ pub fn apply(
     let license = &verified.license;
     let current = store::licenses::current_version(conn, &license.license_id)?;
     match &current {
-        Some((version, sha)) if *version == license.version => {
+        // Two trusted vendors may number their licenses alike: one never replaces the
+        // other's (a vendor that changes its signing key keeps its name).
+        Some((_, _, vendor)) if *vendor != license.vendor => {
+            return Err(ImportError::OtherVendor {
+                license_id: license.license_id.clone(),
+                current: vendor.clone(),
+                other: license.vendor.clone(),
+            });
+        }
+        Some((version, sha, _)) if *version == license.version => {
             return if *sha == verified.sha256 {
                 Ok(ImportOutcome::Unchanged {
                     license_id: license.license_id.clone(),
@@ -378,7 +395,7 @@ pub fn apply(
                 })
             };
         }
-        Some((version, _)) if *version > license.version => {
+        Some((version, _, _)) if *version > license.version => {
             return Err(ImportError::Downgrade {
                 license_id: license.license_id.clone(),
                 version: license.version,
@@ -452,7 +469,7 @@ pub fn apply(
 
     let items = license.items.len();
     Ok(match current {
-        Some((from, _)) => ImportOutcome::Superseded {
+        Some((from, _, _)) => ImportOutcome::Superseded {
             license_id: license.license_id.clone(),
             from,
             to: license.version,

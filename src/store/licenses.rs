@@ -142,16 +142,17 @@ pub fn insert_handshake(
 }
 
 /// The newest imported version of a license and its file digest.
+/// The current version of a license: its number, the SHA-256 of its file and its vendor.
 pub fn current_version(
     conn: &Connection,
     license_id: &str,
-) -> Result<Option<(u32, String)>, StoreError> {
+) -> Result<Option<(u32, String, String)>, StoreError> {
     Ok(conn
         .prepare_cached(
-            "SELECT version, sha256 FROM licenses WHERE license_id = ?1
+            "SELECT version, sha256, vendor FROM licenses WHERE license_id = ?1
              ORDER BY version DESC LIMIT 1",
         )?
-        .query_row([license_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row([license_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?)
 }
 

@@ -151,6 +151,39 @@ fn plain_http_gets_no_answer() {
 }
 
 #[test]
+fn another_vendors_license_with_the_same_id_replaces_nothing() {
+    let acme = Vendor::new();
+    let (_dir, data) = appliance_trusting(&acme);
+    let other = Vendor::new();
+    assert!(keygate(&data, &["trust", other.pub_path().to_str().unwrap()]).ok);
+    let v1 = acme.issue_file(&data, SIMPLE_ITEMS, &[], "v1.lic");
+    assert!(import(&data, &v1).ok);
+    let digest = db_digest(&data.join("keygate.db"));
+    // Another trusted vendor happens to number its license alike, with a higher version.
+    let theirs = SIMPLE_ITEMS.replace("Acme Imaging", "Other Corp");
+    let v2 = other.issue_file(&data, &theirs, &["--version", "2"], "theirs.lic");
+    let run = import(&data, &v2);
+    assert!(!run.ok);
+    assert!(
+        run.stderr.contains("is from vendor \"Acme Imaging\"")
+            && run.stderr.contains("\"Other Corp\""),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db_digest(&data.join("keygate.db")), digest);
+    // The same vendor under a new signing key (a key rotation) still renews it.
+    let rotated = Vendor::new();
+    assert!(keygate(&data, &["trust", rotated.pub_path().to_str().unwrap()]).ok);
+    let v2 = rotated.issue_file(&data, SIMPLE_ITEMS, &["--version", "2"], "v2.lic");
+    let run = import(&data, &v2);
+    assert!(
+        run.ok && run.stdout.contains("version 2 supersedes version 1"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn reimport_changes_nothing_and_a_higher_version_supersedes() {
     let vendor = Vendor::new();
     let (_dir, data) = appliance_trusting(&vendor);
