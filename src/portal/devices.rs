@@ -47,8 +47,10 @@ pub struct Query {
     blocked: Option<String>,
     #[serde(default)]
     item: String,
+    /// How many devices the last removal of a user's devices removed (a count, not a text:
+    /// a link cannot make the page say anything else).
     #[serde(default)]
-    notice: Option<String>,
+    removed: Option<usize>,
 }
 
 pub async fn list(
@@ -98,7 +100,7 @@ pub async fn list(
         q,
         item,
         items,
-        notice: query.notice,
+        notice: query.removed.map(|n| format!("{n} device(s) removed")),
         blocked,
         next,
         lines: rows
@@ -306,11 +308,7 @@ pub async fn remove_user(
             Ok::<_, StoreError>(ids.len())
         })
         .await?;
-    let notice = format!("{removed} device(s) removed");
     Ok(HttpResponse::SeeOther()
-        .insert_header((
-            header::LOCATION,
-            format!("/devices?notice={}", notice.replace(' ', "+")),
-        ))
+        .insert_header((header::LOCATION, format!("/devices?removed={removed}")))
         .finish())
 }
