@@ -282,11 +282,13 @@ async fn login(
     // the limit; only the first refusal of a window is audited.
     let account = format!("account:{}", form.name);
     let by_address = format!("address:{address}");
-    let limited = [
-        state.sign_in_by_address.attempt(&by_address, now),
-        state.sign_in_by_account.attempt(&account, now),
-    ];
-    if let Some(Err(first)) = limited.into_iter().find(Result::is_err) {
+    // The account is counted only once the address may go on: an address past its limit
+    // adds no entry for every name it tries.
+    let limited = state
+        .sign_in_by_address
+        .attempt(&by_address, now)
+        .and_then(|()| state.sign_in_by_account.attempt(&account, now));
+    if let Err(first) = limited {
         if first {
             let (actor, from) = (form.name.clone(), address.clone());
             let _ = state
