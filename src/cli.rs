@@ -842,14 +842,9 @@ pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()
     );
     let conn = store::open(&state.config.database_path())?;
     // The one-time link is a secret: shown on a terminal only, never written to a log (a
-    // service's journal is readable by more than root).
-    if crate::store::admins::admin_count(&conn)? == 0 {
-        if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-            println!(
-                "first admin:     none yet: `keygate admin create NAME --role owner` at the \
-                 console (or `keygate serve` in a terminal prints a one-time link)"
-            );
-        } else if let Some(path) =
+    // service's journal is readable by more than root). It exists until the first admin does.
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        if let Some(path) =
             crate::portal::auth::setup_link(&conn, state.clock.now().unix_timestamp())?
         {
             println!(
@@ -860,6 +855,11 @@ pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()
                 local.port()
             );
         }
+    } else if crate::store::admins::admin_count(&conn)? == 0 {
+        println!(
+            "first admin:     none yet: `keygate admin create NAME --role owner` at the \
+             console (or `keygate serve` in a terminal prints a one-time link)"
+        );
     }
     drop(conn);
     tracing::info!(%local, installation_id = state.appliance.installation_id(), "serving");

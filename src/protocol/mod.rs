@@ -145,10 +145,6 @@ async fn authorize(
 ) -> Result<HttpResponse, ApiError> {
     let req = Arc::new(Authorize::parse(body.into_inner()).map_err(bad)?);
     let now = state.clock.now().unix_timestamp();
-    let client = http
-        .peer_addr()
-        .map(|a| limit_key(a.ip()))
-        .unwrap_or_default();
     // At most twice: the second run finds the password verified in the cache.
     for _ in 0..2 {
         let (job_req, job_state) = (req.clone(), state.clone());
@@ -185,6 +181,11 @@ async fn authorize(
                 };
                 // An address (or a code) that used up its checks is refused before it queues
                 // for Argon2.
+                // Keyed only here: most authorizations need no password check.
+                let client = http
+                    .peer_addr()
+                    .map(|a| limit_key(a.ip()))
+                    .unwrap_or_default();
                 let code = handshake_id.to_string();
                 if state.password_attempts.is_limited(&client, now)
                     || state.code_password_attempts.is_limited(&code, now)
@@ -195,7 +196,7 @@ async fn authorize(
                 // that waited finds a password verified meanwhile in the cache, and every
                 // check that runs is counted first, so guesses sent in parallel get no more
                 // than the limit while right ones arriving together cost one check.
-                let (check, client) = (state.clone(), client.clone());
+                let check = state.clone();
                 let password = req.session_password.clone().unwrap_or_default();
                 let verified = state
                     .argon2(move || {

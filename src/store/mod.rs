@@ -57,18 +57,9 @@ pub enum StoreError {
 /// database file is created owner-only (it holds the SMTP password and session tokens), and
 /// SQLite gives its WAL the same mode.
 pub fn open(path: &Path) -> Result<Connection, StoreError> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        // Creates the file if it is missing (an existing one is left as it is); if this fails,
-        // opening it below reports why.
-        let _ = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path);
-    }
+    // An empty file is a new database to SQLite. An existing one is left as it is (the
+    // refusal is ignored); any other failure shows when SQLite opens the path below.
+    let _ = crate::appliance::write_secret_file(path, b"");
     let mut conn = Connection::open(path)?;
     configure(&conn)?;
     migrate(&mut conn)?;
