@@ -39,6 +39,16 @@ pub struct Config {
     pub tls: TlsConfig,
     pub log: LogConfig,
     pub jobs: JobsConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Who may read `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// A file holding a bearer token: with it, `/metrics` answers any address presenting
+    /// `Authorization: Bearer TOKEN`; without it, this machine (loopback) only.
+    pub token_file: Option<PathBuf>,
 }
 
 /// Scheduled work: how often each job runs and how many backups are kept.
@@ -102,6 +112,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             log: LogConfig::default(),
             jobs: JobsConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -128,6 +139,7 @@ pub const ENV_VARS: &[&str] = &[
     "KEYGATE_TLS_KEY",
     "KEYGATE_LOG_LEVEL",
     "KEYGATE_LOG_FORMAT",
+    "KEYGATE_METRICS_TOKEN_FILE",
 ];
 
 /// Overrides given on the command line, applied last.
@@ -197,6 +209,7 @@ impl Config {
                 "KEYGATE_TLS_CERT" => self.tls.cert = Some(value.into()),
                 "KEYGATE_TLS_KEY" => self.tls.key = Some(value.into()),
                 "KEYGATE_LOG_LEVEL" => self.log.level = value,
+                "KEYGATE_METRICS_TOKEN_FILE" => self.metrics.token_file = Some(value.into()),
                 "KEYGATE_LOG_FORMAT" => {
                     self.log.format = match value.as_str() {
                         "text" => LogFormat::Text,

@@ -30,6 +30,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Lock(#[from] backup::BackupError),
+    #[error("metrics.token_file {path}: {message}")]
+    MetricsToken { path: String, message: String },
 }
 
 /// Everything a request handler may need, shared by all workers.
@@ -55,6 +57,9 @@ pub struct AppState {
     pub sign_in_by_account: AttemptLimiter,
     pub sign_in_by_address: AttemptLimiter,
     pub metrics: crate::metrics::Metrics,
+    /// The bearer token `/metrics` asks for (`metrics.token_file`); without one it answers
+    /// loopback clients only.
+    metrics_token: Option<String>,
     /// ERROR events to email (taken by the notifier when serving starts).
     error_events: std::sync::Mutex<Option<UnboundedReceiver<ErrorEvent>>>,
     /// Held while this appliance runs: `keygate restore` refuses to run under it.
@@ -65,6 +70,12 @@ impl AppState {
     /// Prepares the appliance from its configuration: data directory, appliance key,
     /// database (migrated), certificate. Creates what is missing on first start.
     pub fn open(config: Config, clock: Arc<dyn Clock>) -> Result<AppState, StartError> {
+        let metrics_token = config
+            .metrics
+            .token_file
+            .as_deref()
+            .map(read_metrics_token)
+            .transpose()?;
         let appliance = Appliance::load_or_create(&config.data_dir)?;
         let lock = backup::lock_file(&config.data_dir)?;
         let store = Store::open(&config.database_path())?;
@@ -90,6 +101,7 @@ impl AppState {
             sign_in_by_account: AttemptLimiter::new(5, 60),
             sign_in_by_address: AttemptLimiter::new(20, 60),
             metrics: Default::default(),
+            metrics_token,
             error_events: std::sync::Mutex::new(None),
             _lock: lock,
         })
@@ -186,8 +198,71 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// The token of `metrics.token_file`: its text without surrounding white space, long
+/// enough not to be guessed.
+fn read_metrics_token(path: &std::path::Path) -> Result<String, StartError> {
+    let bad = |message: String| StartError::MetricsToken {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let token = text.trim();
+    if token.len() < 16 || !token.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(bad(
+            "the token must be at least 16 printable characters without spaces, e.g. the \
+             output of `head -c 24 /dev/urandom | base64`"
+                .into(),
+        ));
+    }
+    Ok(token.to_string())
+}
+
+/// The refusal of a `/metrics` request that may not read. With a token configured, a request
+/// reads if it presents it (compared in constant time); without one, if it comes from this
+/// machine.
+fn metrics_refusal(
+    token: Option<&str>,
+    peer: Option<std::net::IpAddr>,
+    authorization: Option<&str>,
+) -> Option<HttpResponse> {
+    match token {
+        Some(token) => {
+            let presented = authorization
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            if bool::from(subtle::ConstantTimeEq::ct_eq(
+                presented.as_bytes(),
+                token.as_bytes(),
+            )) {
+                None
+            } else {
+                Some(
+                    HttpResponse::Unauthorized()
+                        .insert_header(("WWW-Authenticate", "Bearer"))
+                        .body(
+                            "send the token of metrics.token_file: Authorization: Bearer TOKEN\n",
+                        ),
+                )
+            }
+        }
+        None if peer.is_some_and(|ip| ip.is_loopback()) => None,
+        None => Some(HttpResponse::Forbidden().body(
+            "/metrics answers this machine only; set metrics.token_file to scrape it from \
+             another (operations.md, Monitoring)\n",
+        )),
+    }
+}
+
 /// Prometheus metrics: the in-memory counters and the database's gauges.
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+async fn metrics(state: web::Data<AppState>, req: actix_web::HttpRequest) -> HttpResponse {
+    let authorization = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok());
+    let peer = req.peer_addr().map(|a| a.ip());
+    if let Some(refused) = metrics_refusal(state.metrics_token.as_deref(), peer, authorization) {
+        return refused;
+    }
     let gauges = state
         .store
         .read(|conn| {
@@ -212,5 +287,52 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             tracing::error!(error = %e, "cannot read metrics");
             HttpResponse::ServiceUnavailable().finish()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_need_the_token_or_this_machine() {
+        let here = Some("127.0.0.1".parse().unwrap());
+        let here6 = Some("::1".parse().unwrap());
+        let lan = Some("10.0.0.9".parse().unwrap());
+        let status = |r: Option<HttpResponse>| r.map_or(200, |e| e.status().as_u16());
+        // No token: loopback only.
+        assert_eq!(status(metrics_refusal(None, here, None)), 200);
+        assert_eq!(status(metrics_refusal(None, here6, None)), 200);
+        assert_eq!(status(metrics_refusal(None, lan, None)), 403);
+        assert_eq!(status(metrics_refusal(None, None, None)), 403);
+        // A token: whoever presents it, and nobody else, this machine included.
+        let token = Some("0123456789abcdef-token");
+        let right = Some("Bearer 0123456789abcdef-token");
+        assert_eq!(status(metrics_refusal(token, lan, right)), 200);
+        assert_eq!(status(metrics_refusal(token, here, None)), 401);
+        assert_eq!(
+            status(metrics_refusal(token, lan, Some("Bearer 0123456789abcdef"))),
+            401
+        );
+        assert_eq!(
+            status(metrics_refusal(token, lan, Some("0123456789abcdef-token"))),
+            401
+        );
+    }
+
+    #[test]
+    fn a_short_or_missing_metrics_token_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.token");
+        let err = read_metrics_token(&path).unwrap_err().to_string();
+        assert!(err.contains("metrics.token_file"), "{err}");
+        std::fs::write(&path, "short\n").unwrap();
+        let err = read_metrics_token(&path).unwrap_err().to_string();
+        assert!(err.contains("at least 16"), "{err}");
+        std::fs::write(&path, "  s3cret-0123456789abcdef\n").unwrap();
+        assert_eq!(
+            read_metrics_token(&path).unwrap(),
+            "s3cret-0123456789abcdef"
+        );
     }
 }

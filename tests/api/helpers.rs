@@ -231,7 +231,13 @@ impl Served {
 
     /// Serves on a given address (a restart on the port devices already know).
     pub fn start_on(data_dir: &Path, listen: &str) -> Served {
+        Served::start_with(data_dir, listen, &[])
+    }
+
+    /// Serves with `KEYGATE_*` settings from the environment.
+    pub fn start_with(data_dir: &Path, listen: &str, env: &[(&str, &Path)]) -> Served {
         let mut child = command()
+            .envs(env.iter().copied())
             .arg("--data-dir")
             .arg(data_dir)
             .args(["serve", "--listen", listen])

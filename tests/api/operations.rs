@@ -22,6 +22,52 @@ fn value(metrics: &str, series: &str) -> f64 {
         .unwrap()
 }
 
+/// With `metrics.token_file`, a scrape presents the token; a token too short to be safe
+/// stops the start with a message naming the setting.
+#[test]
+fn metrics_ask_for_the_configured_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, token_file) = (dir.path().join("data"), dir.path().join("metrics.token"));
+    std::fs::write(&token_file, "short\n").unwrap();
+    let out = command()
+        .env("KEYGATE_METRICS_TOKEN_FILE", &token_file)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("metrics.token_file") && stderr.contains("at least 16"),
+        "{stderr}"
+    );
+
+    std::fs::write(&token_file, "prometheus-0123456789abcdef\n").unwrap();
+    let served = Served::start_with(
+        &data,
+        "127.0.0.1:0",
+        &[("KEYGATE_METRICS_TOKEN_FILE", &token_file)],
+    );
+    let agent = pinned_agent(&appliance_cert(&data));
+    let scrape = |authorization: Option<&str>| {
+        let mut request = agent.get(&served.url("/metrics"));
+        if let Some(value) = authorization {
+            request = request.header("Authorization", value);
+        }
+        let mut response = request.call().unwrap();
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap())
+    };
+    let (status, body) = scrape(None);
+    assert_eq!(status, 401, "{body}");
+    assert!(!body.contains("keygate_uptime_seconds"));
+    assert_eq!(scrape(Some("Bearer prometheus-0123456789abcdeX")).0, 401);
+    let (status, body) = scrape(Some("Bearer prometheus-0123456789abcdef"));
+    assert_eq!(status, 200);
+    assert!(body.contains("keygate_uptime_seconds"), "{body}");
+}
+
 #[test]
 fn metrics_count_real_traffic() {
     let f = Fixture::new(&item("scanner", "per_device", 2, ""));
