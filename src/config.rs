@@ -333,6 +333,21 @@ mod tests {
         assert!(err.to_string().contains("tls.cert and tls.key"), "{err}");
     }
 
+    /// The README's configuration example names every key where it belongs.
+    #[test]
+    fn the_readme_example_is_a_valid_config() {
+        let readme = include_str!("../README.md");
+        let example = readme
+            .split("## Configuration")
+            .nth(1)
+            .and_then(|s| s.split("```toml\n").nth(1))
+            .and_then(|s| s.split("```").next())
+            .expect("README has a toml example under Configuration");
+        let config: Config = toml::from_str(example).unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.public_url.is_some() && config.metrics.token_file.is_some());
+        assert_eq!(config.jobs, JobsConfig::default());
+    }
+
     #[test]
     fn dump_round_trips() {
         let config = Config::default();
