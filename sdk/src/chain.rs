@@ -24,7 +24,7 @@ pub enum ChainError {
     #[error("the authorization grants item {0}, which its license does not contain")]
     ForeignItem(String),
     #[error(
-        "the authorization grants item {0} beyond its license's terms (another product, before the item's start or past its expiry, or longer than its offline allowance)"
+        "the authorization grants item {0} beyond its license's terms (another product or model, a feature the item lacks, before the item's start or past its expiry, or longer than its offline allowance)"
     )]
     OutsideLicense(String),
     #[error("the authorization grants no item and lasts longer than the {0}-day public trial")]
@@ -95,6 +95,9 @@ pub fn verify_authorization<'k>(
         };
         let allowance = time::Duration::days(i64::from(item.offline_days));
         if item.product != auth.product
+            || granted.model != item.model
+            || granted.expires_at > item.expires_at
+            || !granted.features.iter().all(|f| item.features.contains(f))
             || auth.issued_at < item.starts_at
             || auth.expires_at > item.expires_at
             || auth.expires_at - auth.issued_at > allowance
@@ -448,6 +451,31 @@ mod tests {
         auth.expires_at = auth.issued_at + Duration::days(7);
         assert!(fx.check(&auth, expect_fresh()).is_ok());
         auth.expires_at += Duration::seconds(1);
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::OutsideLicense(_))
+        ));
+        // A feature, model or expiry the item does not have (the appliance key alone cannot
+        // unlock what the vendor did not sell).
+        let mut auth = fx.authorization();
+        auth.items[0].features = vec!["qr".into(), "pdf417".into()];
+        assert!(
+            fx.check(&auth, expect_fresh()).is_ok(),
+            "the item's features"
+        );
+        auth.items[0].features.push("ocr".into());
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::OutsideLicense(_))
+        ));
+        let mut auth = fx.authorization();
+        auth.items[0].model = Model::Standalone;
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::OutsideLicense(_))
+        ));
+        let mut auth = fx.authorization();
+        auth.items[0].expires_at = item_expiry + Duration::days(1);
         assert!(matches!(
             fx.check(&auth, expect_fresh()),
             Err(ChainError::OutsideLicense(_))
