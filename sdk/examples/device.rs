@@ -21,7 +21,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use keygate_sdk::client::{Client, ClientConfig, ClientError, FlushOutcome, Grant, TlsTrust};
 use keygate_sdk::keys;
-use keygate_sdk::wire::{DeviceInfo, Validation};
+use keygate_sdk::wire::{DeviceInfo, ErrorCode, Validation};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -212,9 +212,16 @@ fn stored_device_uuid(state: &Path) -> Result<String, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("{}: {e}", path.display())),
     }
+    // Written whole or not at all (a torn file would make a new device of this one).
     let uuid = uuid::Uuid::new_v4().to_string();
+    let tmp = state.join("device-uuid.tmp");
     std::fs::create_dir_all(state)
-        .and_then(|()| std::fs::write(&path, format!("{uuid}\n")))
+        .and_then(|()| {
+            let mut file = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut file, format!("{uuid}\n").as_bytes())?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path))
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(uuid)
 }
@@ -252,18 +259,22 @@ fn run_loop(client: &mut Client, every: Duration, usage: &[(String, String, u64)
     loop {
         let valid = match client.check() {
             Ok(grant) => Some(grant),
-            Err(ClientError::NotAuthorized | ClientError::Expired { .. }) => {
-                match client.authorize() {
-                    Ok(grant) => {
-                        print_grant("authorized", &grant);
-                        Some(grant)
-                    }
-                    Err(e) => {
-                        println!("{}  not working: {}", stamp(), describe(e));
-                        None
-                    }
+            // A clock that was fast and got corrected recovers by authorizing again (the
+            // appliance vouches for the time); a clock set back stays refused.
+            Err(
+                ClientError::NotAuthorized
+                | ClientError::Expired { .. }
+                | ClientError::ClockRolledBack { .. },
+            ) => match client.authorize() {
+                Ok(grant) => {
+                    print_grant("authorized", &grant);
+                    Some(grant)
                 }
-            }
+                Err(e) => {
+                    println!("{}  not working: {}", stamp(), describe(e));
+                    None
+                }
+            },
             Err(e) => {
                 println!("{}  not working: {}", stamp(), describe(e));
                 None
@@ -347,10 +358,15 @@ fn print_flush(outcome: &FlushOutcome) {
         );
     }
     if let Some(error) = &outcome.renewal_error {
-        println!(
-            "  not renewed [{}]: {} (works offline until the current authorization expires)",
-            error.code, error.message
-        );
+        let then = if matches!(
+            error.code,
+            ErrorCode::DeviceBlocked | ErrorCode::LeaseRevoked
+        ) {
+            "the authorization is dropped: the product stops"
+        } else {
+            "works offline until the current authorization expires"
+        };
+        println!("  not renewed [{}]: {} ({then})", error.code, error.message);
     }
 }
 

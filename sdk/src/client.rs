@@ -386,9 +386,12 @@ pub struct FlushOutcome {
     /// The newest authorization stored during this flush (verified first).
     pub renewed: Option<Grant>,
     /// Why the appliance's last answer did not renew the authorization (quota past its cutoff,
-    /// lease revoked, item expired). The reports were counted all the same, and the stored
-    /// authorization stays: the device keeps working offline until it expires. A backlog sent in
-    /// several requests can have both: renewed by an early answer, refused by the last one.
+    /// item expired, device blocked or removed). The reports were counted all the same. The
+    /// stored authorization stays, so the device keeps working offline until it expires,
+    /// except after `DEVICE_BLOCKED` or `LEASE_REVOKED` (an admin blocked or removed the
+    /// device): then it is dropped and [`Client::check`] fails with
+    /// [`ClientError::NotAuthorized`] at once. A backlog sent in several requests can have
+    /// both: renewed by an early answer, refused by the last one.
     pub renewal_error: Option<ErrorDetail>,
     /// The appliance did not know the lease any more (its data was restored, or the lease
     /// was purged) and the client authorized again before sending the reports.
@@ -508,6 +511,10 @@ struct State {
     v: u32,
     /// The usage stream: a UUID v4 chosen when the state was created, kept forever.
     stream: String,
+    /// The device the stream belongs to (the appliance refuses it from any other). Absent
+    /// in files of earlier versions until the first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device_uuid: Option<String>,
     next_seq: u64,
     authorization: Option<String>,
     license: Option<String>,
@@ -525,6 +532,7 @@ impl State {
         State {
             v: STATE_VERSION,
             stream: uuid::Uuid::new_v4().to_string(),
+            device_uuid: None,
             next_seq: 1,
             authorization: None,
             license: None,
@@ -664,6 +672,12 @@ fn advance(newest: &mut Option<OffsetDateTime>, seen: OffsetDateTime) {
     if newest.is_none_or(|n| seen > n) {
         *newest = Some(seen);
     }
+}
+
+/// The appliance's refusals after which a device stops using its authorization at once: an
+/// admin blocked the device, or removed it (its leases revoked).
+fn stops_the_device(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::DeviceBlocked | ErrorCode::LeaseRevoked)
 }
 
 /// Whether [`Client::tick`] should flush: at once the first time, then every `interval`.
@@ -937,8 +951,8 @@ pub struct Client {
     last_flush_attempt: Option<Instant>,
     /// `state.newest_time_seen` as last written to disk.
     persisted_newest: Option<OffsetDateTime>,
-    /// The appliance's time in the newest authorization stored by this process, and when it
-    /// was stored on the monotonic clock.
+    /// The appliance's time in the newest authorization stored by this process (at start:
+    /// the newest time the state has seen), and when, on the monotonic clock.
     contact_mark: Option<(Instant, OffsetDateTime)>,
 }
 
@@ -959,11 +973,34 @@ impl Client {
         config.device.uuid = config.device_uuid()?;
         let agent = build_agent(&config)?;
         let store = Store::open(&config.state_dir)?;
-        let (state, backlog) = store.load()?;
+        let (mut state, backlog) = store.load()?;
+        match &state.device_uuid {
+            None => {
+                state.device_uuid = Some(config.device.uuid.clone());
+                store.save_state(&state)?;
+            }
+            Some(owner) if *owner != config.device.uuid => {
+                return Err(ClientError::Config(format!(
+                    "the state directory {} belongs to device {owner}, not {}: a usage \
+                     stream belongs to one device, give each device its own directory",
+                    config.state_dir.display(),
+                    config.device.uuid
+                )));
+            }
+            Some(_) => {}
+        }
         let current = state
             .authorization
             .as_deref()
             .and_then(decode_authorization);
+        // A process that starts offline holds the clock to the newest time its state has
+        // seen, carried forward by the monotonic clock, as one that stored an authorization
+        // does: a clock held still from the start falls behind it.
+        let contact_mark = config.clock.monotonic().zip(
+            state
+                .newest_time_seen
+                .max(current.as_ref().map(|auth| auth.issued_at)),
+        );
         Ok(Client {
             persisted_newest: state.newest_time_seen,
             config,
@@ -974,7 +1011,7 @@ impl Client {
             current,
             preferred_url: 0,
             last_flush_attempt: None,
-            contact_mark: None,
+            contact_mark,
         })
     }
 
@@ -1002,7 +1039,8 @@ impl Client {
     /// not expired at the local time, this product), stores it and returns it.
     ///
     /// Authorizing again from the same device reuses its seat. On an error nothing stored
-    /// changes: a previous authorization stays usable offline until it expires.
+    /// changes, a previous authorization stays usable offline until it expires, except after
+    /// `DEVICE_BLOCKED`: an admin blocked this device, and its authorization is dropped.
     pub fn authorize(&mut self) -> Result<Grant, ClientError> {
         let nonce = new_nonce()?;
         let request = AuthorizeRequest {
@@ -1014,7 +1052,13 @@ impl Client {
             validation: self.config.validation.clone(),
             nonce: nonce.clone(),
         };
-        let response: AuthorizeResponse = self.post("/api/v1/authorize", &request)?;
+        let response: AuthorizeResponse = match self.post("/api/v1/authorize", &request) {
+            Err(e) if e.code().is_some_and(stops_the_device) => {
+                self.forget_authorization()?;
+                return Err(e);
+            }
+            response => response?,
+        };
         let now = self.now();
         self.state.last_contact = Some(now);
         let grant = self.verify(
@@ -1108,10 +1152,15 @@ impl Client {
                 "at most {MAX_COUNTERS} counters per report: flush before recording another"
             )));
         }
+        // Counted only once on disk: a failed write leaves the period as it was, so a caller
+        // that retries counts the usage once.
+        let before = (self.state.open.clone(), self.state.newest_time_seen);
         let now = self.now();
         self.state.open.add(item_id, counter, amount, now);
         advance(&mut self.state.newest_time_seen, now);
-        self.save_state()
+        self.save_state().inspect_err(|_| {
+            (self.state.open, self.state.newest_time_seen) = before;
+        })
     }
 
     /// Closes the open period into reports (if it has counters) and sends every unacknowledged
@@ -1179,6 +1228,11 @@ impl Client {
             Err(e) => return Err(e),
         }
         self.state.last_contact = Some(self.now());
+        self.forget_authorization()
+    }
+
+    /// Drops the stored authorization (the usage stream and its reports stay).
+    fn forget_authorization(&mut self) -> Result<(), ClientError> {
         self.state.authorization = None;
         self.state.license = None;
         self.state.lease_id = None;
@@ -1203,10 +1257,17 @@ impl Client {
         let now = self.now();
         advance(&mut self.state.newest_time_seen, now);
         if !self.state.open.is_empty() {
+            let (open, next_seq) = (self.state.open.clone(), self.state.next_seq);
+            let pending = self.backlog.reports.len();
             let reports = close_period(&mut self.state.open, &mut self.state.next_seq, now);
             self.backlog.reports.extend(reports);
-            // Backlog first: see `reconcile` for a crash between the two writes.
-            self.store.save_backlog(&self.backlog)?;
+            // Backlog first: see `reconcile` for a crash between the two writes. If it cannot
+            // be written, the period stays open (closed only in memory, it would be lost).
+            if let Err(e) = self.store.save_backlog(&self.backlog) {
+                self.backlog.reports.truncate(pending);
+                (self.state.open, self.state.next_seq) = (open, next_seq);
+                return Err(e);
+            }
         }
         self.save_state()?;
 
@@ -1300,6 +1361,17 @@ impl Client {
                 outcome.reauthorized = true;
                 outcome.renewed = Some(self.authorize()?);
                 outcome.renewal_error = None;
+            }
+            // An admin blocked or removed the device: it stops now, not when the
+            // authorization it holds runs out. The reports of this answer are counted; the
+            // rest stay for a later authorization.
+            if outcome
+                .renewal_error
+                .as_ref()
+                .is_some_and(|e| stops_the_device(e.code))
+            {
+                self.forget_authorization()?;
+                break;
             }
             if let Some(renewal) = response.authorization {
                 match self.accept_renewal(renewal, now) {
@@ -1771,6 +1843,25 @@ mod tests {
     }
 
     #[test]
+    fn a_state_directory_belongs_to_one_device() {
+        let dir = TempDir::new();
+        let chain = Chain::new();
+        let clock = TestClock::new(T0);
+        // The UUID in another spelling is the same device.
+        let mut same = config(dir.path(), &chain, &clock);
+        same.device.uuid = DEVICE.to_uppercase();
+        drop(Client::new(same).unwrap());
+        let mut other = config(dir.path(), &chain, &clock);
+        other.device.uuid = "0f1c2a4e-8b9d-4c3e-a1f2-0123456789ab".into();
+        let err = Client::new(other).unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Config(why) if why.contains(&format!("belongs to device {DEVICE}"))),
+            "{err}"
+        );
+        Client::new(config(dir.path(), &chain, &clock)).unwrap();
+    }
+
+    #[test]
     fn a_crash_between_the_backlog_and_the_state_write_counts_the_period_once() {
         // The period (scans 5 on ITEM) was closed into report 7 and the backlog written, but
         // the state still says next_seq 7 with the period open.
@@ -1795,6 +1886,58 @@ mod tests {
     }
 
     // --- periods, chunks, acknowledgements --------------------------------------------------
+
+    /// A state file that cannot be written: its temporary file's name is taken by a
+    /// directory (root ignores file modes, this stops it too).
+    fn block_writes(dir: &Path, file: &str) -> PathBuf {
+        let blocker = dir.join(format!("{file}.tmp"));
+        fs::create_dir(&blocker).unwrap();
+        blocker
+    }
+
+    #[test]
+    fn usage_that_cannot_be_written_is_not_counted() {
+        let dir = TempDir::new();
+        let (mut client, _chain, _clock) = authorized_client(&dir);
+        client.record(ITEM, "scans", 5).unwrap();
+        let blocker = block_writes(dir.path(), STATE_FILE);
+        assert!(matches!(
+            client.record(ITEM, "scans", 3),
+            Err(ClientError::StateIo { .. })
+        ));
+        fs::remove_dir(&blocker).unwrap();
+        assert_eq!(client.status().open_counters[ITEM]["scans"], 5);
+        client.record(ITEM, "scans", 3).unwrap();
+        assert_eq!(client.status().open_counters[ITEM]["scans"], 8);
+
+        // Closing the period fails on the backlog's write: the period stays open, unnumbered.
+        let blocker = block_writes(dir.path(), BACKLOG_FILE);
+        assert!(matches!(client.flush(), Err(ClientError::StateIo { .. })));
+        fs::remove_dir(&blocker).unwrap();
+        let status = client.status();
+        assert_eq!(
+            (status.next_seq, status.pending_reports),
+            (1, 0),
+            "{status:?}"
+        );
+        assert_eq!(status.open_counters[ITEM]["scans"], 8);
+        // Once it can be written, the period becomes one report (the appliance is not
+        // reachable in this test: the report waits in the backlog).
+        assert!(client.flush().unwrap_err().is_unreachable());
+        let status = client.status();
+        assert_eq!((status.next_seq, status.pending_reports), (2, 1));
+        assert!(status.open_counters.is_empty());
+        let (state, backlog) = (
+            read_json::<State>(&dir.path().join(STATE_FILE))
+                .unwrap()
+                .unwrap(),
+            read_json::<Backlog>(&dir.path().join(BACKLOG_FILE))
+                .unwrap()
+                .unwrap(),
+        );
+        assert_eq!(backlog.reports[0].counters["scans"], 8);
+        assert!(state.open.is_empty());
+    }
 
     #[test]
     fn an_empty_period_makes_no_report() {
@@ -1963,10 +2106,9 @@ mod tests {
             move || *w.lock().unwrap(),
             move || start + *e.lock().unwrap(),
         );
+        // The process starts offline, its state having seen T0 (the authorization's issue).
         let mut client = Client::new(config).unwrap();
         client.check().unwrap();
-        // The authorization was stored (by this process) when the appliance's time was T0.
-        client.contact_mark = Some((start, T0));
         *elapsed.lock().unwrap() = Duration::from_secs(5 * 60);
         client.check().expect("within the tolerance");
         *elapsed.lock().unwrap() = Duration::from_secs(60 * 60);

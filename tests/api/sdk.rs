@@ -367,3 +367,56 @@ fn the_sdk_refuses_what_its_vendor_did_not_sign_for_this_appliance() {
         Err(keygate_sdk::chain::ChainError::Expired(_))
     ));
 }
+
+/// An admin blocks or removes a device: the SDK stops at its next contact instead of
+/// working on until the authorization it holds runs out; its reports still count.
+#[test]
+fn a_blocked_or_removed_device_stops_at_its_next_contact() {
+    let a = scanner(1_000_000);
+    let served = Served::start(&a.data);
+    let state = tempfile::tempdir().unwrap();
+    let (clock, _) = device_clock();
+    let mut device = client(&a, vec![served.url("")], state.path(), clock.clone());
+    device.authorize().unwrap();
+    let db = keygate::store::open(&a.data.join("keygate.db")).unwrap();
+
+    // Removed (seats freed, leases revoked): the next report counts, then the device stops.
+    let id: i64 = db
+        .query_row(
+            "SELECT id FROM devices WHERE uuid = ?1",
+            [device_uuid(1)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    keygate::store::devices::remove_device(&db, id).unwrap();
+    device.record("LIC-S-1", "scans", 4).unwrap();
+    let outcome = device.flush().unwrap();
+    assert_eq!(outcome.accepted, 1);
+    assert_eq!(usage_total(&a), 4);
+    assert_eq!(
+        outcome.renewal_error.map(|e| e.code.as_str()),
+        Some("LEASE_REVOKED")
+    );
+    assert!(matches!(device.check(), Err(ClientError::NotAuthorized)));
+    // A restart does not bring the old authorization back.
+    drop(device);
+    let mut device = client(&a, vec![served.url("")], state.path(), clock.clone());
+    assert!(matches!(device.check(), Err(ClientError::NotAuthorized)));
+
+    // Authorizing again takes a seat anew; then an admin blocks the device, which learns it
+    // from a usage answer or from an authorization refused.
+    device.authorize().unwrap();
+    keygate::store::devices::set_blocked(&db, &device_uuid(1), true).unwrap();
+    let outcome = device.flush().unwrap();
+    assert_eq!(
+        outcome.renewal_error.map(|e| e.code.as_str()),
+        Some("DEVICE_BLOCKED")
+    );
+    assert!(matches!(device.check(), Err(ClientError::NotAuthorized)));
+    keygate::store::devices::set_blocked(&db, &device_uuid(1), false).unwrap();
+    device.authorize().unwrap();
+    keygate::store::devices::set_blocked(&db, &device_uuid(1), true).unwrap();
+    let refused = device.authorize().unwrap_err();
+    assert_eq!(refused.code().map(|c| c.as_str()), Some("DEVICE_BLOCKED"));
+    assert!(matches!(device.check(), Err(ClientError::NotAuthorized)));
+}
