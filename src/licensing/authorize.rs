@@ -151,53 +151,9 @@ pub fn authorize(
         token_user: &token_user,
     };
 
-    // The chosen item and the refusals of the others, as indexes into `items`.
-    let mut refusals = Vec::new();
-    let mut chosen = None;
-    // A known device keeps the seat (or the pass) it has, while its item serves.
-    if let Some(device) = &device {
-        for (i, item) in items.iter().enumerate() {
-            if holds(conn, item, device.id, &seat, now)? {
-                match availability(&item.terms, &item.used, now) {
-                    Ok(()) => {
-                        chosen = Some(i);
-                        break;
-                    }
-                    Err(r) => refusals.push((r, i)),
-                }
-            }
-        }
-    }
-    // A new one takes a seat in the item that expires first and still has room, once the
-    // item's lapsed seats are freed (its consumption is kept up to date for `occupy`).
-    if chosen.is_none() {
-        for (i, item) in items.iter_mut().enumerate() {
-            if let Err(r) = availability(&item.terms, &item.used, now) {
-                refusals.push((r, i));
-                continue;
-            }
-            item.used.seats_used -= free_lapsed(conn, item, now)? as i64;
-            if has_room(&item.terms, &item.used) {
-                chosen = Some(i);
-                break;
-            }
-            refusals.push((Refusal::QuotaExceeded, i));
-        }
-    }
-    // Tokens: with no balance left anywhere, the first serving item goes into grace.
-    if chosen.is_none() {
-        chosen = items.iter().position(|i| {
-            i.terms.model == Model::Tokens && availability(&i.terms, &i.used, now).is_ok()
-        });
-    }
-    let Some(item) = chosen.map(|i| &items[i]) else {
-        let reason = models::most_relevant(refusals.iter().map(|(r, _)| *r))
-            .expect("every item was refused for a reason");
-        let (_, i) = refusals
-            .iter()
-            .find(|(r, _)| *r == reason)
-            .expect("present");
-        return Err(refusal(reason, &items[*i]).into());
+    let item = match choose(conn, &mut items, device.as_ref().map(|d| d.id), &seat, now)? {
+        Ok(i) => &items[i],
+        Err(refused) => return Err(refused.into()),
     };
 
     let device_id = match &device {
@@ -401,6 +357,54 @@ fn trial(
     })
 }
 
+/// Chooses the item (an index into `items`, those serving the product on the handshake
+/// code, soonest expiry first) for a device: a known device keeps the seat (or the pass) it
+/// has while its item serves; otherwise the first item with room, once its lapsed seats are
+/// freed (its consumption is kept up to date for `occupy`); for tokens with no balance left
+/// anywhere, the first serving item, into grace. Otherwise the most relevant refusal.
+pub fn choose(
+    conn: &Connection,
+    items: &mut [ItemRow],
+    device_id: Option<i64>,
+    seat: &SeatKey<'_>,
+    now: i64,
+) -> Result<Result<usize, ApiError>, StoreError> {
+    let mut refusals = Vec::new();
+    if let Some(device_id) = device_id {
+        for (i, item) in items.iter().enumerate() {
+            if holds(conn, item, device_id, seat, now)? {
+                match availability(&item.terms, &item.used, now) {
+                    Ok(()) => return Ok(Ok(i)),
+                    Err(r) => refusals.push((r, i)),
+                }
+            }
+        }
+    }
+    for (i, item) in items.iter_mut().enumerate() {
+        if let Err(r) = availability(&item.terms, &item.used, now) {
+            refusals.push((r, i));
+            continue;
+        }
+        item.used.seats_used -= free_lapsed(conn, item, now)? as i64;
+        if has_room(&item.terms, &item.used) {
+            return Ok(Ok(i));
+        }
+        refusals.push((Refusal::QuotaExceeded, i));
+    }
+    if let Some(i) = items.iter().position(|i| {
+        i.terms.model == Model::Tokens && availability(&i.terms, &i.used, now).is_ok()
+    }) {
+        return Ok(Ok(i));
+    }
+    let reason = models::most_relevant(refusals.iter().map(|(r, _)| *r))
+        .expect("every item was refused for a reason");
+    let (_, i) = refusals
+        .iter()
+        .find(|(r, _)| *r == reason)
+        .expect("present");
+    Ok(Err(refusal(reason, &items[*i])))
+}
+
 /// What identifies a device's place in an item besides the device.
 pub struct SeatKey<'a> {
     pub product: &'a str,
@@ -426,6 +430,17 @@ impl SeatKey<'_> {
             ""
         }
     }
+}
+
+/// Whether the device holds a valid token pass for the key's product and user, bought from
+/// any item.
+pub fn has_pass(
+    conn: &Connection,
+    device_id: i64,
+    key: &SeatKey<'_>,
+    now: i64,
+) -> Result<bool, StoreError> {
+    Ok(devices::pass(conn, key.pass(device_id))?.is_some_and(|p| p.expires_at > now))
 }
 
 /// Whether the device holds a live seat (tokens: a valid pass) in the item.
@@ -498,8 +513,9 @@ pub fn occupy(
                 devices::insert_seat(conn, &item.item_id, device_id, "", now)?;
                 used.seats_used += 1;
             }
-            let pass = devices::pass(conn, key.pass(device_id))?;
-            if !pass.is_some_and(|p| p.item_id == item.item_id && p.expires_at > now) {
+            // One pass per (product, device, user), whichever item it was bought from: two
+            // instances of one user on one device never buy one each.
+            if !has_pass(conn, device_id, key, now)? {
                 // Inside grace (availability passed) a pass may overdraw the balance.
                 devices::buy_pass(
                     conn,

@@ -5,11 +5,13 @@
 use keygate_sdk::wire::{Authorization, AuthorizationState, ErrorCode, Model};
 use rusqlite::Connection;
 
-use super::authorize::{Occupy, SeatKey, authorization_for, expiry, granted, occupy, refusal};
+use super::authorize::{
+    Occupy, SeatKey, authorization_for, choose, expiry, granted, has_pass, occupy, refusal,
+};
 use super::models::{self, day_of, window_of};
 use super::types::Usage;
 use crate::error::ApiError;
-use crate::store::catalogue::Catalogue;
+use crate::store::catalogue::{self, Catalogue};
 use crate::store::devices::{self, Device, Lease, LeaseContext};
 use crate::store::licenses::ItemRow;
 
@@ -259,19 +261,41 @@ fn renew(
         instance: &lease.instance,
         token_user,
     };
+    // Tokens: a new pass is bought as on authorize, from the item that has balance (a
+    // top-up), not always from the lease's item, which may be spent.
+    let item = match lease.handshake_id {
+        Some(code)
+            if item.terms.model == Model::Tokens && !has_pass(conn, device.id, &key, now)? =>
+        {
+            let mut items = catalogue
+                .items_for(code, &lease.product)
+                .map(|i| catalogue::live(conn, i))
+                .collect::<Result<Vec<_>, _>>()?;
+            if items.is_empty() {
+                item // no longer configured to the code: the lease's own item judges
+            } else {
+                match choose(conn, &mut items, Some(device.id), &key, now)? {
+                    Ok(i) => items.swap_remove(i),
+                    Err(refused) => return Ok(Err(refused)),
+                }
+            }
+        }
+        _ => item,
+    };
     let used = match occupy(conn, &item, device.id, &key, now) {
         Ok(used) => used,
         Err(Occupy::Refused(r)) => return Ok(Err(refusal(r, &item))),
         Err(Occupy::Store(e)) => return Err(e.into()),
     };
     let expires_at = expiry(&item, now);
-    devices::renew_lease(conn, &lease.lease_id, now, expires_at)?;
+    devices::renew_lease(conn, &lease.lease_id, &item.item_id, now, expires_at)?;
     let handshake = lease
         .handshake_id
         .and_then(|id| catalogue.handshake(id))
         .map(|h| (h.organization_id.clone(), h.code.clone()))
         .unwrap_or_default();
     let renewed = Lease {
+        item_id: Some(item.item_id.clone()),
         issued_at: now,
         expires_at,
         ..lease.clone()

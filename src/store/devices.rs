@@ -529,14 +529,19 @@ pub fn upsert_lease(conn: &Connection, l: &Lease) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A renewal: the lease's new term, on `item_id` (tokens may move it to the item a new pass
+/// was bought from).
 pub fn renew_lease(
     conn: &Connection,
     lease_id: &str,
+    item_id: &str,
     issued_at: i64,
     expires_at: i64,
 ) -> Result<(), StoreError> {
-    conn.prepare_cached("UPDATE leases SET issued_at = ?2, expires_at = ?3 WHERE lease_id = ?1")?
-        .execute(params![lease_id, issued_at, expires_at])?;
+    conn.prepare_cached(
+        "UPDATE leases SET item_id = ?2, issued_at = ?3, expires_at = ?4 WHERE lease_id = ?1",
+    )?
+    .execute(params![lease_id, item_id, issued_at, expires_at])?;
     Ok(())
 }
 

@@ -372,6 +372,77 @@ fn tokens_daily_passes_grace_and_top_up() {
     assert_eq!(f.item_value("LIC-TOPUP-1", "tokens_used"), 20);
 }
 
+/// Renewals (usage calls) buy passes as authorizations do: from a top-up that has balance,
+/// never one pass per instance of the same user on one device.
+#[test]
+fn tokens_renewals_buy_from_the_top_up_and_once_per_user_and_device() {
+    let f = Fixture::new(&item(
+        "ocr",
+        "tokens",
+        10,
+        "tokens_per_pass = 5\ngrace_days = 2",
+    ));
+    let (spent, topped) = ("LIC-T-1", "LIC-TOPUP-1");
+    let tokens = |item: &str| f.item_value(item, "tokens_used");
+    // Device 3 (instance i1) and device 4 spend the first item.
+    let mut i1 = f.request("ocr", 3);
+    i1["device"]["instance"] = json!("i1");
+    let (status, body) = f.authorize(&i1);
+    assert_eq!(status, 200, "{body}");
+    let i1_lease = f.verify(&body, 3).lease_id;
+    let d4_lease = f.authorized("ocr", 4).lease_id;
+    assert_eq!(tokens(spent), 10);
+    let top_up = items_file(
+        "LIC-TOPUP",
+        &item("ocr", "tokens", 100, "tokens_per_pass = 5"),
+    );
+    let file = f.vendor.issue_file(&f.data, &top_up, &[], "topup.lic");
+    assert!(keygate(&f.data, &["import", file.to_str().unwrap()]).ok);
+    assert_eq!(
+        (tokens(spent), tokens(topped)),
+        (10, 0),
+        "no debt to settle"
+    );
+
+    // A day later every pass has ended. Device 4's heartbeat buys its pass from the top-up,
+    // and its renewed authorization grants the top-up's item.
+    f.app.clock.advance(DAY);
+    let stream = |n: u32| format!("00000000-0000-4000-8000-00000000000{n}");
+    let heartbeat = |lease: &str, n: u32| {
+        let (status, body) = f.usage(&f.reports(lease, n, &stream(n), &[]));
+        assert_eq!(status, 200, "{body}");
+        assert!(body["renewal_error"].is_null(), "{body}");
+        let jws = body["authorization"].as_str().unwrap();
+        let token = keygate_sdk::jws::Token::decode(jws).unwrap();
+        let auth: serde_json::Value = serde_json::from_slice(&token.payload).unwrap();
+        (
+            auth["items"][0]["item_id"].as_str().unwrap().to_string(),
+            auth["state"].as_str().unwrap().to_string(),
+        )
+    };
+    assert_eq!(
+        heartbeat(&d4_lease, 4),
+        (topped.to_string(), "ok".to_string())
+    );
+    assert_eq!((tokens(spent), tokens(topped)), (10, 5));
+    assert_eq!(heartbeat(&d4_lease, 4).0, topped, "the same pass all day");
+    assert_eq!(tokens(topped), 5);
+
+    // Device 3's second instance authorizes (a pass from the top-up); its first instance's
+    // renewal uses that pass instead of buying another, and so on at every call.
+    let mut i2 = f.request("ocr", 3);
+    i2["device"]["instance"] = json!("i2");
+    let (status, body) = f.authorize(&i2);
+    assert_eq!(status, 200, "{body}");
+    let i2_lease = f.verify(&body, 3).lease_id;
+    assert_eq!(tokens(topped), 10);
+    for _ in 0..3 {
+        heartbeat(&i1_lease, 3);
+        heartbeat(&i2_lease, 3);
+    }
+    assert_eq!((tokens(spent), tokens(topped)), (10, 10));
+}
+
 #[test]
 fn dates_stop_every_model_and_cap_the_authorization() {
     let items = [
