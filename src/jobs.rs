@@ -335,22 +335,42 @@ pub async fn take_backup(state: &AppState) -> Result<String, JobError> {
 /// Concurrency windows are kept in full for this long, then summarised per day.
 pub const WINDOW_HORIZON_DAYS: i64 = 35;
 
+/// Rows the housekeeping handles per transaction: protocol requests queued on the writer
+/// meanwhile wait for one batch, not for the whole job.
+const HOUSEKEEPING_BATCH: i64 = 2_000;
+
 /// The daily housekeeping: frees lapsed seats (each in the audit log), summarises old
-/// concurrency windows, removes expired token passes.
+/// concurrency windows, removes expired token passes and devices unused for 365 days
+/// (each in the audit log).
 pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
     let now = state.clock.now().unix_timestamp();
-    let summary = state
+    let (freed, windows) = state
         .store
         .write(move |conn| {
             let mut freed = 0;
             for item in store::licenses::all_items(conn)? {
                 let lapsed = match item.terms.model {
-                    Model::PerDevice => ops::lapsed_seats(conn, &item.item_id, now - models::INACTIVE_SEAT_DAYS * DAY, false)?,
-                    Model::PerActiveDevice => ops::lapsed_seats(conn, &item.item_id, now - models::ACTIVE_SEAT_DAYS * DAY, true)?,
+                    Model::PerDevice => ops::lapsed_seats(
+                        conn,
+                        &item.item_id,
+                        now - models::INACTIVE_SEAT_DAYS * DAY,
+                        false,
+                    )?,
+                    Model::PerActiveDevice => ops::lapsed_seats(
+                        conn,
+                        &item.item_id,
+                        now - models::ACTIVE_SEAT_DAYS * DAY,
+                        true,
+                    )?,
                     _ => continue,
                 };
                 for seat in lapsed {
-                    store::devices::delete_seat(conn, &seat.item_id, seat.device_id, &seat.instance)?;
+                    store::devices::delete_seat(
+                        conn,
+                        &seat.item_id,
+                        seat.device_id,
+                        &seat.instance,
+                    )?;
                     let why = if item.terms.model == Model::PerDevice {
                         "unused for 365 days"
                     } else {
@@ -368,20 +388,67 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
                     freed += 1;
                 }
             }
-            let windows = ops::summarise_windows(conn, models::window_of(now - WINDOW_HORIZON_DAYS * DAY), WINDOW_SECS)?;
-            let passes = ops::delete_expired_passes(conn, now)?;
+            let windows = ops::summarise_windows(
+                conn,
+                models::window_of(now - WINDOW_HORIZON_DAYS * DAY),
+                WINDOW_SECS,
+            )?;
             store::admins::delete_stale(
                 conn,
                 now - crate::portal::auth::IDLE_SECS,
                 now - crate::portal::auth::ABSOLUTE_SECS,
                 now,
             )?;
-            Ok::<_, StoreError>(format!(
-                "freed {freed} seat(s), summarised {windows} concurrency window(s), removed {passes} expired pass(es)"
-            ))
+            Ok::<_, StoreError>((freed, windows))
         })
         .await?;
-    Ok(summary)
+
+    let mut passes = 0;
+    loop {
+        let removed = state
+            .store
+            .write(move |conn| ops::delete_expired_passes(conn, now, HOUSEKEEPING_BATCH))
+            .await?;
+        passes += removed;
+        if (removed as i64) < HOUSEKEEPING_BATCH {
+            break;
+        }
+    }
+
+    // Devices unused for 365 days (the per_device rule) are removed; nothing scans all
+    // devices at once: a batch of ids per transaction.
+    let cutoff = now - models::INACTIVE_SEAT_DAYS * DAY;
+    let (mut purged, mut after) = (0, 0);
+    loop {
+        let (removed, last) = state
+            .store
+            .write(move |conn| {
+                let batch =
+                    store::devices::unused_devices(conn, after, HOUSEKEEPING_BATCH, cutoff)?;
+                for (id, uuid) in &batch.devices {
+                    store::devices::purge_device(conn, *id)?;
+                    ops::audit(
+                        conn,
+                        now,
+                        "system",
+                        "device removed",
+                        uuid,
+                        "unused for 365 days",
+                        "",
+                    )?;
+                }
+                Ok::<_, StoreError>((batch.devices.len(), batch.last_id))
+            })
+            .await?;
+        purged += removed;
+        match last {
+            Some(last) => after = last,
+            None => break,
+        }
+    }
+    Ok(format!(
+        "freed {freed} seat(s), summarised {windows} concurrency window(s), removed {passes} expired pass(es) and {purged} device(s) unused for 365 days"
+    ))
 }
 
 #[derive(Template)]

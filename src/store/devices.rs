@@ -601,6 +601,56 @@ pub fn remove_device(conn: &Connection, device_id: i64) -> Result<usize, StoreEr
     Ok(items.len())
 }
 
+/// One batch of devices looked at by the inactive-device purge.
+pub struct UnusedBatch {
+    /// `(id, uuid)` of the unused devices in the batch.
+    pub devices: Vec<(i64, String)>,
+    /// The last id looked at; `None` past the last device.
+    pub last_id: Option<i64>,
+}
+
+/// Among the `limit` devices after id `after` (in id order), those unused since `cutoff`:
+/// no call after it. Blocked devices are kept (an admin's block outlives inactivity).
+pub fn unused_devices(
+    conn: &Connection,
+    after: i64,
+    limit: i64,
+    cutoff: i64,
+) -> Result<UnusedBatch, StoreError> {
+    let last: Option<i64> = conn
+        .prepare_cached(
+            "SELECT max(id) FROM (SELECT id FROM devices WHERE id > ?1 ORDER BY id LIMIT ?2)",
+        )?
+        .query_row(params![after, limit], |r| r.get(0))?;
+    let Some(last) = last else {
+        return Ok(UnusedBatch {
+            devices: Vec::new(),
+            last_id: None,
+        });
+    };
+    let devices = conn
+        .prepare_cached(
+            "SELECT d.id, d.uuid FROM devices d
+             WHERE d.id > ?1 AND d.id <= ?2 AND d.blocked = 0 AND d.last_seen <= ?3
+               AND NOT EXISTS (SELECT 1 FROM leases WHERE device_id = d.id AND issued_at > ?3)",
+        )?
+        .query_map(params![after, last, cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(UnusedBatch {
+        devices,
+        last_id: Some(last),
+    })
+}
+
+/// Removes a device and everything kept for it (seats, counted out of their items; leases,
+/// passes, its usage stream and totals). The items' per-day usage stays.
+pub fn purge_device(conn: &Connection, device_id: i64) -> Result<(), StoreError> {
+    remove_device(conn, device_id)?;
+    conn.prepare_cached("DELETE FROM devices WHERE id = ?1")?
+        .execute([device_id])?;
+    Ok(())
+}
+
 // ---- usage ----
 
 pub fn set_stream_high(
@@ -774,6 +824,34 @@ pub fn devices_of_user(conn: &Connection, user: &str) -> Result<Vec<i64>, StoreE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unused_devices_are_found_a_batch_of_ids_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::open(&dir.path().join("k.db")).unwrap();
+        // Seen last at 10, 20, ..., 70; device 5 renewed a lease at 100, device 6 is blocked.
+        let ids: Vec<i64> = (1..=7)
+            .map(|n| insert_device(&conn, &format!("dev-{n}"), "", "", n * 10).unwrap())
+            .collect();
+        conn.execute(
+            "INSERT INTO leases (lease_id, device_id, product, nonce, issued_at, expires_at)
+             VALUES ('l5', ?1, 'p', 'n', 100, 200)",
+            [ids[4]],
+        )
+        .unwrap();
+        assert!(set_blocked(&conn, "dev-6", true).unwrap());
+        let (mut found, mut after, mut batches) = (Vec::new(), 0, 0);
+        while let UnusedBatch {
+            devices,
+            last_id: Some(last),
+        } = unused_devices(&conn, after, 3, 60).unwrap()
+        {
+            found.extend(devices.into_iter().map(|(_, uuid)| uuid));
+            (after, batches) = (last, batches + 1);
+        }
+        assert_eq!(batches, 3, "7 devices, 3 ids a batch");
+        assert_eq!(found, ["dev-1", "dev-2", "dev-3", "dev-4"]);
+    }
 
     #[test]
     fn lease_context_reads_everything_in_one_statement_planned_once() {

@@ -28,6 +28,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_operations.sql"),
     include_str!("migrations/0004_portal.sql"),
     include_str!("migrations/0005_catalogue.sql"),
+    include_str!("migrations/0006_housekeeping.sql"),
 ];
 
 /// How many requests one transaction commits at most.

@@ -232,11 +232,14 @@ pub fn summarise_windows(
         .execute([cutoff_window])?)
 }
 
-/// Token passes past their 24 hours.
-pub fn delete_expired_passes(conn: &Connection, now: i64) -> Result<usize, StoreError> {
+/// At most `limit` token passes past their 24 hours (through their index on `expires_at`).
+pub fn delete_expired_passes(conn: &Connection, now: i64, limit: i64) -> Result<usize, StoreError> {
     Ok(conn
-        .prepare_cached("DELETE FROM token_passes WHERE expires_at <= ?1")?
-        .execute([now])?)
+        .prepare_cached(
+            "DELETE FROM token_passes WHERE (product, device_id, user) IN
+               (SELECT product, device_id, user FROM token_passes WHERE expires_at <= ?1 LIMIT ?2)",
+        )?
+        .execute(params![now, limit])?)
 }
 
 /// Peak concurrency per item per 3-minute window since window `since`.

@@ -356,6 +356,76 @@ fn housekeeping_frees_seats_at_exactly_365_and_90_days() {
     assert_eq!(runs, 2);
 }
 
+/// A device unused for 365 days is removed with everything kept for it (its seat counted
+/// out), unless an admin blocked it; a lease renewed meanwhile counts as use.
+#[test]
+fn housekeeping_removes_devices_unused_for_365_days() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let streams = [
+        "11111111-1111-4111-8111-111111111111",
+        "22222222-2222-4222-8222-222222222222",
+    ];
+    let mut leases = Vec::new();
+    for n in 1..=3 {
+        leases.push(f.authorized("reader", n).lease_id);
+    }
+    for n in 1..=2 {
+        let body = f.reports(
+            &leases[n - 1],
+            n as u32,
+            streams[n - 1],
+            &[(1, "LIC-T-1", "pages", 5)],
+        );
+        assert_eq!(f.usage(&body).0, 200);
+    }
+    keygate::store::devices::set_blocked(&f.db(), &device_uuid(3), true).unwrap();
+    f.app.clock.advance(Duration::days(200));
+    let heartbeat = f.reports(&leases[1], 2, streams[1], &[]);
+    assert_eq!(f.usage(&heartbeat).0, 200);
+    let count = |sql: &str| -> i64 { f.db().query_row(sql, [], |r| r.get(0)).unwrap() };
+    let pages = "SELECT COALESCE(SUM(total), 0) FROM usage_daily WHERE item_id = 'LIC-T-1'";
+    assert_eq!(count(pages), 10);
+
+    f.app.clock.advance(Duration::days(164));
+    let summary = f.app.run_job("housekeeping").unwrap();
+    assert!(
+        summary.ends_with("and 0 device(s) unused for 365 days"),
+        "{summary}"
+    );
+    f.app.clock.advance(Duration::days(1)); // exactly 365 days
+    let summary = f.app.run_job("housekeeping").unwrap();
+    assert!(summary.starts_with("freed 2 seat(s)"), "{summary}");
+    assert!(
+        summary.ends_with("and 1 device(s) unused for 365 days"),
+        "{summary}"
+    );
+    let uuids: Vec<String> = f
+        .db()
+        .prepare("SELECT uuid FROM devices ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        uuids,
+        [device_uuid(2), device_uuid(3)],
+        "device 1 removed, 3 blocked"
+    );
+    assert_eq!(count("SELECT COUNT(*) FROM usage_streams"), 1);
+    assert_eq!(count("SELECT COUNT(*) FROM device_usage"), 1);
+    assert_eq!(count("SELECT COUNT(*) FROM leases"), 2);
+    assert_eq!(count(pages), 10, "the item's daily usage stays");
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 1);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM audit_log WHERE action = 'device removed'"),
+        1
+    );
+    // Back after all: a new device with a new seat.
+    f.authorized("reader", 1);
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 2);
+}
+
 /// `keygate alerts smtp ...` with the password on standard input, then `keygate alerts test`.
 fn configure_and_test(data: &std::path::Path, args: &[&str], password: &str) -> Run {
     use std::io::Write;
