@@ -441,6 +441,16 @@ fn tokens_renewals_buy_from_the_top_up_and_once_per_user_and_device() {
         heartbeat(&i2_lease, 3);
     }
     assert_eq!((tokens(spent), tokens(topped)), (10, 10));
+
+    // The daily housekeeping removes the passes once they ended: two, one per device.
+    f.app.clock.advance(DAY);
+    let summary = f.app.run_job("housekeeping").unwrap();
+    assert!(summary.contains("removed 2 expired pass(es)"), "{summary}");
+    let passes: i64 = f
+        .db()
+        .query_row("SELECT COUNT(*) FROM token_passes", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(passes, 0);
 }
 
 #[test]
