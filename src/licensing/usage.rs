@@ -311,7 +311,8 @@ fn renew(
     )))
 }
 
-/// `release`: ends the lease; frees a concurrent seat from the current window and a
+/// `release`: ends the lease (it counts as expired from now on, so it is among the first a
+/// device's new leases replace); frees a concurrent seat from the current window and a
 /// standalone seat at once. per_device and per_active_device seats stay (only an admin's
 /// removal or the inactivity rules free them). Releasing twice is the same as once.
 pub fn release(
@@ -329,7 +330,7 @@ pub fn release(
     if lease.released {
         return Ok(());
     }
-    devices::release_lease(conn, lease_id)?;
+    devices::release_lease(conn, lease_id, now)?;
     let Some(item) = lease.item_id.as_deref().and_then(|id| catalogue.item(id)) else {
         return Ok(());
     };
@@ -343,11 +344,12 @@ pub fn release(
     if devices::other_live_lease(conn, device.id, lease_id, &item.item_id, instance, now)? {
         return Ok(());
     }
+    let instance = instance.unwrap_or("");
     if model.is_concurrent() {
-        let instance = instance.unwrap_or("");
         devices::unmark_window(conn, &item.item_id, device.id, instance, window_of(now))?;
-    } else {
-        devices::delete_seat(conn, &item.item_id, device.id, "")?;
     }
+    // The seat goes too: an instance id per process start would otherwise leave a seat
+    // behind at every exit.
+    devices::delete_seat(conn, &item.item_id, device.id, instance)?;
     Ok(())
 }

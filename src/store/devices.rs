@@ -545,9 +545,12 @@ pub fn renew_lease(
     Ok(())
 }
 
-pub fn release_lease(conn: &Connection, lease_id: &str) -> Result<(), StoreError> {
-    conn.prepare_cached("UPDATE leases SET released = 1 WHERE lease_id = ?1")?
-        .execute([lease_id])?;
+/// Ends a lease: released, and expired from `now` on.
+pub fn release_lease(conn: &Connection, lease_id: &str, now: i64) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE leases SET released = 1, expires_at = min(expires_at, ?2) WHERE lease_id = ?1",
+    )?
+    .execute(params![lease_id, now])?;
     Ok(())
 }
 

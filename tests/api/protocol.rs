@@ -720,6 +720,31 @@ fn a_device_keeps_at_most_32_leases_per_product_dropping_expired_ones_first() {
     assert_eq!(f.item_value("LIC-T-1", "seats_used"), 1);
 }
 
+/// A device that starts every process under a new instance id and releases at exit leaves
+/// no seats behind and at most 32 leases: a released lease counts as expired.
+#[test]
+fn released_instances_leave_no_seats_and_a_bounded_number_of_leases() {
+    let f = Fixture::new(&item(
+        "viewer",
+        "concurrent_instance",
+        5,
+        "max_exceptions = 3",
+    ));
+    let count = |sql: &str| -> i64 { f.db().query_row(sql, [], |r| r.get(0)).unwrap() };
+    for n in 1..=40 {
+        let mut request = f.request("viewer", 1);
+        request["device"]["instance"] = json!(format!("run-{n}"));
+        let (status, body) = f.authorize(&request);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(f.release(&f.verify(&body, 1).lease_id, 1).0, 200);
+        f.app.clock.advance(Duration::seconds(1));
+    }
+    assert_eq!(count("SELECT COUNT(*) FROM leases"), 32);
+    assert_eq!(count("SELECT COUNT(*) FROM seats"), 0);
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 0);
+    assert_eq!(f.item_value("LIC-T-1", "exceptions"), 0, "one at a time");
+}
+
 #[test]
 fn a_license_imported_while_serving_takes_effect_without_restart() {
     let f = Fixture::new(&item("reader", "per_device", 1, ""));
