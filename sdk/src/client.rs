@@ -954,6 +954,13 @@ pub struct Client {
     /// The appliance's time in the newest authorization stored by this process (at start:
     /// the newest time the state has seen), and when, on the monotonic clock.
     contact_mark: Option<(Instant, OffsetDateTime)>,
+    /// Whether this process has had a usage answer, which tells where the stream stands.
+    stream_confirmed: bool,
+    /// The first sequence number this process gave a report before that answer. Such
+    /// reports wait for it: if the appliance has stored more of the stream than this state
+    /// knew (the directory was restored from an old copy), they are numbered anew above it
+    /// instead of being taken for duplicates.
+    unconfirmed_from: Option<u64>,
 }
 
 impl fmt::Debug for Client {
@@ -1012,6 +1019,8 @@ impl Client {
             preferred_url: 0,
             last_flush_attempt: None,
             contact_mark,
+            stream_confirmed: false,
+            unconfirmed_from: None,
         })
     }
 
@@ -1268,6 +1277,9 @@ impl Client {
                 (self.state.open, self.state.next_seq) = (open, next_seq);
                 return Err(e);
             }
+            if !self.stream_confirmed {
+                self.unconfirmed_from.get_or_insert(next_seq);
+            }
         }
         self.save_state()?;
 
@@ -1277,7 +1289,13 @@ impl Client {
             let Some(lease_id) = self.state.lease_id.clone() else {
                 return Err(ClientError::NotAuthorized);
             };
-            let reports = next_chunk(&self.backlog.reports, chunk_size).to_vec();
+            // Until the stream is confirmed, only reports numbered before this process go
+            // (a heartbeat when there are none).
+            let sendable = match self.unconfirmed_from {
+                Some(from) => self.backlog.reports.partition_point(|r| r.seq < from),
+                None => self.backlog.reports.len(),
+            };
+            let reports = next_chunk(&self.backlog.reports[..sendable], chunk_size).to_vec();
             let last_sent = reports.last().map(|report| report.seq);
             let count = reports.len();
             let request = UsageRequest {
@@ -1335,6 +1353,19 @@ impl Client {
             };
             let now = self.now();
             self.state.last_contact = Some(now);
+            self.stream_confirmed = true;
+            // The reports held back can go now; numbered anew above what the appliance
+            // stored if this state was behind it (before trimming, which would drop them).
+            let released = self.unconfirmed_from.take();
+            if let Some(from) = released.filter(|from| response.acked_seq >= *from) {
+                let mut seq = response.acked_seq;
+                for report in self.backlog.reports.iter_mut().filter(|r| r.seq >= from) {
+                    seq += 1;
+                    report.seq = seq;
+                }
+                self.state.next_seq = seq + 1;
+                self.store.save_backlog(&self.backlog)?;
+            }
             outcome.sent += count;
             outcome.accepted = outcome.accepted.saturating_add(response.accepted);
             outcome.duplicates = outcome.duplicates.saturating_add(response.duplicates);
@@ -1362,17 +1393,6 @@ impl Client {
                 outcome.renewed = Some(self.authorize()?);
                 outcome.renewal_error = None;
             }
-            // An admin blocked or removed the device: it stops now, not when the
-            // authorization it holds runs out. The reports of this answer are counted; the
-            // rest stay for a later authorization.
-            if outcome
-                .renewal_error
-                .as_ref()
-                .is_some_and(|e| stops_the_device(e.code))
-            {
-                self.forget_authorization()?;
-                break;
-            }
             if let Some(renewal) = response.authorization {
                 match self.accept_renewal(renewal, now) {
                     Ok(Some(grant)) => outcome.renewed = Some(grant),
@@ -1393,7 +1413,19 @@ impl Client {
             }
             self.save_state()?;
             let progressed = last_sent.is_some_and(|seq| response.acked_seq >= seq);
-            if self.backlog.reports.is_empty() || !progressed {
+            let more = !self.backlog.reports.is_empty() && (progressed || released.is_some());
+            // An admin blocked or removed the device: it stops now, not when the
+            // authorization it holds runs out, once the appliance has the reports (it
+            // records them on the known lease all the same).
+            if !more
+                && outcome
+                    .renewal_error
+                    .as_ref()
+                    .is_some_and(|e| stops_the_device(e.code))
+            {
+                self.forget_authorization()?;
+            }
+            if !more {
                 break;
             }
         }

@@ -420,3 +420,46 @@ fn a_blocked_or_removed_device_stops_at_its_next_contact() {
     assert_eq!(refused.code().map(|c| c.as_str()), Some("DEVICE_BLOCKED"));
     assert!(matches!(device.check(), Err(ClientError::NotAuthorized)));
 }
+
+/// A device whose state directory is put back from an old copy (a VM snapshot, a restored
+/// image) numbers its new usage above what the appliance already stored, so it counts.
+#[test]
+fn usage_after_restoring_an_old_state_directory_still_counts() {
+    let a = scanner(1_000_000);
+    let served = Served::start(&a.data);
+    let (state, snapshot) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (clock, _) = device_clock();
+    let open = || client(&a, vec![served.url("")], state.path(), clock.clone());
+    let mut device = open();
+    device.authorize().unwrap();
+    device.record("LIC-S-1", "scans", 1).unwrap();
+    assert_eq!(device.flush().unwrap().accepted, 1);
+    drop(device);
+    let files = ["state.json", "backlog.json"];
+    for file in files {
+        std::fs::copy(state.path().join(file), snapshot.path().join(file)).unwrap();
+    }
+    let mut device = open();
+    for amount in [2, 3] {
+        device.record("LIC-S-1", "scans", amount).unwrap();
+        assert_eq!(device.flush().unwrap().accepted, 1);
+    }
+    assert_eq!(usage_total(&a), 6);
+    drop(device);
+
+    for file in files {
+        std::fs::copy(snapshot.path().join(file), state.path().join(file)).unwrap();
+    }
+    let mut device = open();
+    assert_eq!(device.status().next_seq, 2, "the old copy's numbering");
+    device.record("LIC-S-1", "scans", 10).unwrap();
+    let outcome = device.flush().unwrap();
+    assert_eq!(
+        (outcome.accepted, outcome.duplicates),
+        (1, 0),
+        "{outcome:?}"
+    );
+    assert_eq!(usage_total(&a), 16);
+    assert_eq!(device.status().next_seq, 5);
+    assert_eq!(device.status().pending_reports, 0);
+}
