@@ -59,14 +59,18 @@
 //! ```
 //!
 //! # Files
-//! The state directory holds `state.json` (the authorization and license, the lease, the usage
-//! stream and its next sequence number, the open period's counters, the newest time seen),
-//! `backlog.json` (closed reports the appliance has not acknowledged yet), `lock`, and, if the
-//! appliance ever refused a report as invalid, `rejected.json` (those reports and the reason,
-//! for support; see [`FlushOutcome::rejected`]). The JSON files are replaced atomically (temporary file, fsync, rename), so a crash or power loss leaves
-//! either the old or the new version. The backlog has a file of its own so that
+//! The state directory holds `state.json` (the authorization and license, the lease, the
+//! device UUID and its usage stream with the next sequence number, the open period's counters,
+//! the newest time seen), `backlog.json` (closed reports the appliance has not acknowledged
+//! yet), `lock`, and, if the appliance ever refused a report as invalid, `rejected.json`
+//! (those reports and the reason, for support; see [`FlushOutcome::rejected`]). The JSON
+//! files are replaced atomically (temporary file, fsync, rename), so a crash or power loss
+//! leaves either the old or the new version. The backlog has a file of its own so that
 //! [`Client::record`], which is durable, rewrites only the small state file even when days of
-//! offline reports are waiting. One process at a time owns a state directory.
+//! offline reports are waiting. One process at a time owns a state directory, and a state
+//! directory belongs to one device (the appliance refuses a stream from another device).
+//! A directory restored from an old copy is safe: each process numbers new reports only
+//! once the appliance has said how far the stream got.
 
 use std::collections::BTreeMap;
 use std::fmt;
