@@ -362,7 +362,7 @@ fn print_flush(outcome: &FlushOutcome) {
             error.code,
             ErrorCode::DeviceBlocked | ErrorCode::LeaseRevoked
         ) {
-            "the authorization is dropped: the product stops"
+            "the authorization is dropped: the product stops until authorized again"
         } else {
             "works offline until the current authorization expires"
         };

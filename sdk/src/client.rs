@@ -520,6 +520,13 @@ struct State {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     device_uuid: Option<String>,
     next_seq: u64,
+    /// The first sequence number given to a report before the appliance said how far the
+    /// stream got (no usage answer since the process started). Such reports wait for that
+    /// answer: if the appliance has stored more of the stream than this state knew (the
+    /// directory was restored from an old copy), they are numbered anew above it instead of
+    /// being taken for duplicates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unconfirmed_from: Option<u64>,
     authorization: Option<String>,
     license: Option<String>,
     lease_id: Option<String>,
@@ -532,12 +539,13 @@ struct State {
 }
 
 impl State {
-    fn new() -> Self {
+    fn new(device_uuid: &str) -> Self {
         State {
             v: STATE_VERSION,
             stream: uuid::Uuid::new_v4().to_string(),
-            device_uuid: None,
+            device_uuid: Some(device_uuid.to_string()),
             next_seq: 1,
+            unconfirmed_from: None,
             authorization: None,
             license: None,
             lease_id: None,
@@ -644,6 +652,9 @@ fn reconcile(state: &mut State, backlog: &mut Backlog) {
     if let Some(last) = backlog.reports.last()
         && last.seq >= state.next_seq
     {
+        // Never sent (the crash came before the state's write, which precedes sending):
+        // they wait for the stream to be confirmed, as any report of a new process does.
+        state.unconfirmed_from.get_or_insert(state.next_seq);
         state.next_seq = last.seq.saturating_add(1);
         state.open = OpenPeriod::default();
     }
@@ -797,13 +808,13 @@ impl Store {
         })
     }
 
-    /// Loads the state, or creates it (with a new stream) in a new directory.
-    fn load(&self) -> Result<(State, Backlog), ClientError> {
+    /// Loads the state, or creates it (with a new stream for this device) in a new directory.
+    fn load(&self, device_uuid: &str) -> Result<(State, Backlog), ClientError> {
         let state_path = self.dir.join(STATE_FILE);
         let backlog_path = self.dir.join(BACKLOG_FILE);
         let stored: Option<State> = read_json(&state_path)?;
         let fresh = stored.is_none();
-        let mut state = stored.unwrap_or_else(State::new);
+        let mut state = stored.unwrap_or_else(|| State::new(device_uuid));
         if state.v > STATE_VERSION {
             return Err(ClientError::StateCorrupt {
                 path: state_path,
@@ -958,13 +969,9 @@ pub struct Client {
     /// The appliance's time in the newest authorization stored by this process (at start:
     /// the newest time the state has seen), and when, on the monotonic clock.
     contact_mark: Option<(Instant, OffsetDateTime)>,
-    /// Whether this process has had a usage answer, which tells where the stream stands.
+    /// Whether this process has had a usage answer, which tells where the stream stands
+    /// (see `State::unconfirmed_from`).
     stream_confirmed: bool,
-    /// The first sequence number this process gave a report before that answer. Such
-    /// reports wait for it: if the appliance has stored more of the stream than this state
-    /// knew (the directory was restored from an old copy), they are numbered anew above it
-    /// instead of being taken for duplicates.
-    unconfirmed_from: Option<u64>,
 }
 
 impl fmt::Debug for Client {
@@ -984,9 +991,10 @@ impl Client {
         config.device.uuid = config.device_uuid()?;
         let agent = build_agent(&config)?;
         let store = Store::open(&config.state_dir)?;
-        let (mut state, backlog) = store.load()?;
+        let (mut state, mut backlog) = store.load(&config.device.uuid)?;
         match &state.device_uuid {
             None => {
+                // A state file of an earlier version: it is this device's from now on.
                 state.device_uuid = Some(config.device.uuid.clone());
                 store.save_state(&state)?;
             }
@@ -999,6 +1007,17 @@ impl Client {
                 )));
             }
             Some(_) => {}
+        }
+        // Usage an earlier process left open is closed under the numbering this state has:
+        // in a directory restored from an old copy, the appliance takes it for the duplicate
+        // it is. Only what this process records waits for the stream to be confirmed.
+        if !state.open.is_empty() {
+            let now = config.clock.now();
+            backlog
+                .reports
+                .extend(close_period(&mut state.open, &mut state.next_seq, now));
+            store.save_backlog(&backlog)?;
+            store.save_state(&state)?;
         }
         let current = state
             .authorization
@@ -1024,7 +1043,6 @@ impl Client {
             last_flush_attempt: None,
             contact_mark,
             stream_confirmed: false,
-            unconfirmed_from: None,
         })
     }
 
@@ -1103,8 +1121,9 @@ impl Client {
     /// stretched by the lag): its clock must be set right. A clock that was once set too far
     /// ahead and then corrected recovers at the next authorization, which restarts the mark
     /// from the appliance's time. While the process runs, the local clock is also held to the
-    /// appliance's time at the last authorization or renewal plus the monotonic time elapsed
-    /// since, with the same tolerance: a clock held still while offline falls behind it.
+    /// appliance's time at the last authorization or renewal (at start: the newest time seen)
+    /// plus the monotonic time elapsed since, with the same tolerance: a clock held still
+    /// while offline falls behind it.
     pub fn check(&mut self) -> Result<Grant, ClientError> {
         let (Some(authorization), Some(license)) = (
             self.state.authorization.as_deref(),
@@ -1282,7 +1301,7 @@ impl Client {
                 return Err(e);
             }
             if !self.stream_confirmed {
-                self.unconfirmed_from.get_or_insert(next_seq);
+                self.state.unconfirmed_from.get_or_insert(next_seq);
             }
         }
         self.save_state()?;
@@ -1295,7 +1314,7 @@ impl Client {
             };
             // Until the stream is confirmed, only reports numbered before this process go
             // (a heartbeat when there are none).
-            let sendable = match self.unconfirmed_from {
+            let sendable = match self.state.unconfirmed_from {
                 Some(from) => self.backlog.reports.partition_point(|r| r.seq < from),
                 None => self.backlog.reports.len(),
             };
@@ -1360,7 +1379,7 @@ impl Client {
             self.stream_confirmed = true;
             // The reports held back can go now; numbered anew above what the appliance
             // stored if this state was behind it (before trimming, which would drop them).
-            let released = self.unconfirmed_from.take();
+            let released = self.state.unconfirmed_from.take();
             if let Some(from) = released.filter(|from| response.acked_seq >= *from) {
                 let mut seq = response.acked_seq;
                 for report in self.backlog.reports.iter_mut().filter(|r| r.seq >= from) {
@@ -1428,6 +1447,7 @@ impl Client {
                     .is_some_and(|e| stops_the_device(e.code))
             {
                 self.forget_authorization()?;
+                outcome.renewed = None;
             }
             if !more {
                 break;
@@ -1732,7 +1752,7 @@ mod tests {
     /// What `authorize` would have left on disk: the chain's authorization, seen at `T0`.
     fn store_authorization(dir: &Path, chain: &Chain) {
         let store = Store::open(dir).unwrap();
-        let (mut state, _) = store.load().unwrap();
+        let (mut state, _) = store.load(DEVICE).unwrap();
         state.authorization = Some(chain.authorization_jws());
         state.license = Some(chain.license_jws.clone());
         state.lease_id = Some(chain.authorization.lease_id.clone());
@@ -1788,7 +1808,7 @@ mod tests {
     fn state_round_trips_through_its_files() {
         let dir = TempDir::new();
         let store = Store::open(dir.path()).unwrap();
-        let (mut state, mut backlog) = store.load().unwrap();
+        let (mut state, mut backlog) = store.load(DEVICE).unwrap();
         state.next_seq = 43;
         state.authorization = Some("a.b.c".into());
         state.license = Some("d.e.f".into());
@@ -1805,7 +1825,7 @@ mod tests {
         drop(store);
 
         let store = Store::open(dir.path()).unwrap();
-        let (loaded_state, loaded_backlog) = store.load().unwrap();
+        let (loaded_state, loaded_backlog) = store.load(DEVICE).unwrap();
         assert_eq!(loaded_state, state);
         assert_eq!(loaded_backlog, backlog);
         // The open period starts with its first usage.
@@ -1829,11 +1849,11 @@ mod tests {
         // A write interrupted before its rename leaves a temporary file and the old content:
         // the state loads as it was, and the next write goes through.
         let store = Store::open(dir.path()).unwrap();
-        let (state, _) = store.load().unwrap();
+        let (state, _) = store.load(DEVICE).unwrap();
         fs::write(dir.path().join("state.json.tmp"), b"{\"v\": 1, \"strea").unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
-        let (reloaded, _) = store.load().unwrap();
+        let (reloaded, _) = store.load(DEVICE).unwrap();
         assert_eq!(reloaded, state);
         store.save_state(&reloaded).unwrap();
         assert!(!dir.path().join("state.json.tmp").exists());
@@ -1846,7 +1866,7 @@ mod tests {
         fs::write(&path, b"{ not json").unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert!(matches!(
-            store.load(),
+            store.load(DEVICE),
             Err(ClientError::StateCorrupt { path: p, .. }) if p == path
         ));
         assert_eq!(fs::read(&path).unwrap(), b"{ not json");
@@ -1859,7 +1879,7 @@ mod tests {
         };
         write_json(&dir.path().join(BACKLOG_FILE), &backlog).unwrap();
         assert!(matches!(
-            store.load(),
+            store.load(DEVICE),
             Err(ClientError::StateCorrupt { .. })
         ));
     }
@@ -1901,7 +1921,7 @@ mod tests {
     fn a_crash_between_the_backlog_and_the_state_write_counts_the_period_once() {
         // The period (scans 5 on ITEM) was closed into report 7 and the backlog written, but
         // the state still says next_seq 7 with the period open.
-        let mut state = State::new();
+        let mut state = State::new(DEVICE);
         state.next_seq = 7;
         state.open.add(ITEM, "scans", 5, T0);
         let mut backlog = Backlog {
@@ -1913,7 +1933,7 @@ mod tests {
         assert!(state.open.is_empty());
 
         // The normal case (state written too) is left as it is.
-        let mut state = State::new();
+        let mut state = State::new(DEVICE);
         state.next_seq = 8;
         state.open.add(ITEM, "scans", 1, T0);
         let before = state.clone();
@@ -2114,7 +2134,7 @@ mod tests {
         store_authorization(dir.path(), &chain);
         // The newest time seen removed from the state file: the signed issue time (T0) holds.
         let store = Store::open(dir.path()).unwrap();
-        let (mut state, _) = store.load().unwrap();
+        let (mut state, _) = store.load(DEVICE).unwrap();
         state.newest_time_seen = None;
         store.save_state(&state).unwrap();
         drop(store);
@@ -2263,11 +2283,14 @@ mod tests {
         );
         assert!(client.next_tick_in() > Duration::ZERO);
 
-        // A restart keeps the backlog; a flush without new usage makes no new report.
+        // A restart keeps the backlog and closes the period the last process left open
+        // (report 2); a flush without new usage makes no new report.
         client.record(ITEM, "scans", 1).unwrap();
         drop(client);
         let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
-        assert_eq!(client.status().open_counters[ITEM]["scans"], 1);
+        let status = client.status();
+        assert!(status.open_counters.is_empty());
+        assert_eq!((status.pending_reports, status.next_seq), (2, 3));
         assert!(
             client.tick().is_some(),
             "a new process flushes at its first tick"

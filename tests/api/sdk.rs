@@ -422,44 +422,60 @@ fn a_blocked_or_removed_device_stops_at_its_next_contact() {
 }
 
 /// A device whose state directory is put back from an old copy (a VM snapshot, a restored
-/// image) numbers its new usage above what the appliance already stored, so it counts.
+/// image) numbers its new usage above what the appliance already stored, so it counts, even
+/// when the first process after the restore is offline; usage the copy held open, which the
+/// original process reported since, is not counted twice.
 #[test]
-fn usage_after_restoring_an_old_state_directory_still_counts() {
+fn usage_after_restoring_an_old_state_directory_counts_once() {
     let a = scanner(1_000_000);
     let served = Served::start(&a.data);
     let (state, snapshot) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (clock, _) = device_clock();
-    let open = || client(&a, vec![served.url("")], state.path(), clock.clone());
-    let mut device = open();
+    let open = |urls: Vec<String>| client(&a, urls, state.path(), clock.clone());
+    let online = || vec![served.url("")];
+    let mut device = open(online());
     device.authorize().unwrap();
     device.record("LIC-S-1", "scans", 1).unwrap();
     assert_eq!(device.flush().unwrap().accepted, 1);
+    device.record("LIC-S-1", "scans", 2).unwrap();
     drop(device);
+    // The copy: report 1 acknowledged, 2 scans still open.
     let files = ["state.json", "backlog.json"];
     for file in files {
         std::fs::copy(state.path().join(file), snapshot.path().join(file)).unwrap();
     }
-    let mut device = open();
-    for amount in [2, 3] {
-        device.record("LIC-S-1", "scans", amount).unwrap();
-        assert_eq!(device.flush().unwrap().accepted, 1);
-    }
+    let mut device = open(online());
+    device.record("LIC-S-1", "scans", 3).unwrap();
+    let outcome = device.flush().unwrap();
+    assert_eq!((outcome.accepted, outcome.pending), (2, 0), "{outcome:?}");
     assert_eq!(usage_total(&a), 6);
     drop(device);
 
     for file in files {
         std::fs::copy(snapshot.path().join(file), state.path().join(file)).unwrap();
     }
-    let mut device = open();
-    assert_eq!(device.status().next_seq, 2, "the old copy's numbering");
+    // Offline first: the new usage waits under a number the appliance has already stored.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("https://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let mut device = open(vec![dead_url]);
     device.record("LIC-S-1", "scans", 10).unwrap();
+    assert!(device.flush().unwrap_err().is_unreachable());
+    assert_eq!(device.status().next_seq, 4, "the old copy's numbering");
+    drop(device);
+
+    let mut device = open(online());
     let outcome = device.flush().unwrap();
     assert_eq!(
         (outcome.accepted, outcome.duplicates),
-        (1, 0),
+        (1, 1),
         "{outcome:?}"
     );
-    assert_eq!(usage_total(&a), 16);
+    assert_eq!(
+        usage_total(&a),
+        16,
+        "the 10 scans count, the 2 held open do not again"
+    );
     assert_eq!(device.status().next_seq, 5);
     assert_eq!(device.status().pending_reports, 0);
 }
