@@ -8,7 +8,7 @@ use rusqlite::Connection;
 use super::authorize::{
     Occupy, SeatKey, authorization_for, choose, expiry, granted, has_pass, occupy, refusal,
 };
-use super::models::{self, day_of, window_of};
+use super::models::{self, availability, day_of, window_of};
 use super::types::Usage;
 use crate::error::ApiError;
 use crate::store::catalogue::{self, Catalogue};
@@ -216,15 +216,7 @@ fn renew(
     now: i64,
     installation_id: &str,
 ) -> Result<Result<Authorization, ApiError>, ApiError> {
-    let refused = lease_refusal(lease, device).or_else(|| {
-        item.withdrawn.then(|| {
-            ApiError::new(
-                ErrorCode::LeaseRevoked,
-                "the license no longer grants this item",
-            )
-        })
-    });
-    if let Some(refused) = refused {
+    if let Some(refused) = lease_refusal(lease, device) {
         // No renewal, but the call still proves the device runs: mark its seat active.
         let model = item.terms.model;
         let instance = if model == Model::ConcurrentInstance {
@@ -261,18 +253,28 @@ fn renew(
         instance: &lease.instance,
         token_user,
     };
-    // Tokens: a new pass is bought as on authorize, from the item that has balance (a
-    // top-up), not always from the lease's item, which may be spent.
+    // The lease's item judges while it serves. One that no longer does (withdrawn by a newer
+    // license, expired, stopped) gives way to the code's items, chosen as an authorization
+    // would choose, so the device moves on to a renewal or a top-up; and so does a tokens
+    // item when a new pass is due: it is bought from the item that has balance.
+    let serves = !item.withdrawn && availability(&item.terms, &item.used, now).is_ok();
     let item = match lease.handshake_id {
         Some(code)
-            if item.terms.model == Model::Tokens && !has_pass(conn, device.id, &key, now)? =>
+            if !serves
+                || (item.terms.model == Model::Tokens
+                    && !has_pass(conn, device.id, &key, code, now)?) =>
         {
             let mut items = catalogue
                 .items_for(code, &lease.product)
                 .map(|i| catalogue::live(conn, i))
                 .collect::<Result<Vec<_>, _>>()?;
-            if items.is_empty() {
-                item // no longer configured to the code: the lease's own item judges
+            if items.is_empty() && !item.withdrawn {
+                item // nothing else serves: the lease's own item judges
+            } else if items.is_empty() {
+                return Ok(Err(ApiError::new(
+                    ErrorCode::LeaseRevoked,
+                    "the license no longer grants this item",
+                )));
             } else {
                 match choose(conn, &mut items, Some(device.id), &key, now)? {
                     Ok(i) => items.swap_remove(i),
@@ -288,7 +290,8 @@ fn renew(
         Err(Occupy::Store(e)) => return Err(e.into()),
     };
     let expires_at = expiry(&item, now);
-    devices::renew_lease(conn, &lease.lease_id, &item.item_id, now, expires_at)?;
+    let moved = (lease.item_id.as_deref() != Some(item.item_id.as_str())).then_some(&*item.item_id);
+    devices::renew_lease(conn, &lease.lease_id, moved, now, expires_at)?;
     let handshake = lease
         .handshake_id
         .and_then(|id| catalogue.handshake(id))

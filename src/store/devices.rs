@@ -313,6 +313,8 @@ pub fn window_active(conn: &Connection, item_id: &str, window: i64) -> Result<i6
 pub struct Pass {
     pub item_id: String,
     pub expires_at: i64,
+    /// The handshake code the pass's item is configured to.
+    pub handshake_id: i64,
 }
 
 /// Whose pass: one per (product, device, user).
@@ -326,13 +328,15 @@ pub struct PassKey<'a> {
 pub fn pass(conn: &Connection, key: PassKey<'_>) -> Result<Option<Pass>, StoreError> {
     Ok(conn
         .prepare_cached(
-            "SELECT item_id, expires_at FROM token_passes
-             WHERE product = ?1 AND device_id = ?2 AND user = ?3",
+            "SELECT p.item_id, p.expires_at, i.handshake_id
+             FROM token_passes p JOIN items i ON i.item_id = p.item_id
+             WHERE p.product = ?1 AND p.device_id = ?2 AND p.user = ?3",
         )?
         .query_row(params![key.product, key.device_id, key.user], |r| {
             Ok(Pass {
                 item_id: r.get(0)?,
                 expires_at: r.get(1)?,
+                handshake_id: r.get(2)?,
             })
         })
         .optional()?)
@@ -529,19 +533,28 @@ pub fn upsert_lease(conn: &Connection, l: &Lease) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A renewal: the lease's new term, on `item_id` (tokens may move it to the item a new pass
-/// was bought from).
+/// A renewal: the lease's new term, and its new item if it `moved` to another one (its own
+/// stopped serving, or a tokens pass came from a top-up).
 pub fn renew_lease(
     conn: &Connection,
     lease_id: &str,
-    item_id: &str,
+    moved: Option<&str>,
     issued_at: i64,
     expires_at: i64,
 ) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "UPDATE leases SET item_id = ?2, issued_at = ?3, expires_at = ?4 WHERE lease_id = ?1",
-    )?
-    .execute(params![lease_id, item_id, issued_at, expires_at])?;
+    match moved {
+        None => conn
+            .prepare_cached(
+                "UPDATE leases SET issued_at = ?2, expires_at = ?3 WHERE lease_id = ?1",
+            )?
+            .execute(params![lease_id, issued_at, expires_at])?,
+        Some(item_id) => conn
+            .prepare_cached(
+                "UPDATE leases SET item_id = ?2, issued_at = ?3, expires_at = ?4
+                 WHERE lease_id = ?1",
+            )?
+            .execute(params![lease_id, item_id, issued_at, expires_at])?,
+    };
     Ok(())
 }
 

@@ -453,6 +453,80 @@ fn tokens_renewals_buy_from_the_top_up_and_once_per_user_and_device() {
     assert_eq!(passes, 0);
 }
 
+/// A pass is bought per handshake code: the balance of one customer's code never pays for
+/// another's.
+#[test]
+fn a_token_pass_of_one_handshake_code_does_not_serve_another() {
+    let f = Fixture::new(
+        &[
+            item("ocr", "tokens", 100, "tokens_per_pass = 5"),
+            item("ocr", "tokens", 100, "tokens_per_pass = 5"),
+        ]
+        .concat(),
+    );
+    let run = keygate(
+        &f.data,
+        &["handshake", "create", "--organization", "200001", "LAB"],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    assert!(keygate(&f.data, &["handshake", "assign", "LIC-T-2", "LAB"]).ok);
+    assert_eq!(f.authorized("ocr", 1).items[0].item_id, "LIC-T-1");
+    let mut lab = f.request("ocr", 1);
+    lab["handshake_code"] = json!("LAB");
+    let (status, body) = f.authorize(&lab);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(f.verify(&body, 1).items[0].item_id, "LIC-T-2");
+    assert_eq!(f.item_value("LIC-T-1", "tokens_used"), 5);
+    assert_eq!(
+        f.item_value("LIC-T-2", "tokens_used"),
+        5,
+        "LAB pays its own pass"
+    );
+}
+
+/// When the lease's item stops serving (here: it expires while a renewal license runs on),
+/// the next usage call renews the device on the item that serves, as an authorization would.
+#[test]
+fn a_renewal_moves_on_to_the_item_that_serves_when_the_leases_item_ends() {
+    let f = Fixture::new(
+        &[
+            item(
+                "reader",
+                "per_device",
+                5,
+                "starts_at = 2026-01-01T00:00:00Z\nexpires_at = 2026-06-20T00:00:00Z",
+            ),
+            item("reader", "per_device", 5, ""),
+        ]
+        .concat(),
+    );
+    let lease = f.authorized("reader", 1);
+    assert_eq!(
+        lease.items[0].item_id, "LIC-T-1",
+        "the item that expires first"
+    );
+    let renewal = |f: &Fixture| {
+        let (status, body) = f.usage(&f.reports(
+            &lease.lease_id,
+            1,
+            "00000000-0000-4000-8000-0000000000aa",
+            &[],
+        ));
+        assert_eq!(status, 200, "{body}");
+        assert!(body["renewal_error"].is_null(), "{body}");
+        let token =
+            keygate_sdk::jws::Token::decode(body["authorization"].as_str().unwrap()).unwrap();
+        let auth: serde_json::Value = serde_json::from_slice(&token.payload).unwrap();
+        auth["items"][0]["item_id"].as_str().unwrap().to_string()
+    };
+    f.app.clock.advance(Duration::days(15));
+    assert_eq!(renewal(&f), "LIC-T-1");
+    f.app.clock.advance(Duration::days(5)); // past 2026-06-20
+    assert_eq!(renewal(&f), "LIC-T-2");
+    assert_eq!(f.item_value("LIC-T-2", "seats_used"), 1);
+    assert_eq!(renewal(&f), "LIC-T-2", "and stays there");
+}
+
 #[test]
 fn dates_stop_every_model_and_cap_the_authorization() {
     let items = [
