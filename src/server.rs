@@ -245,7 +245,8 @@ fn metrics_refusal(
                 )
             }
         }
-        None if peer.is_some_and(|ip| ip.is_loopback()) => None,
+        // `::ffff:127.0.0.1` too: a local client of a listener on `[::]`.
+        None if peer.is_some_and(|ip| ip.to_canonical().is_loopback()) => None,
         None => Some(HttpResponse::Forbidden().body(
             "/metrics answers this machine only; set metrics.token_file to scrape it from \
              another (operations.md, Monitoring)\n",
@@ -298,11 +299,13 @@ mod tests {
     fn metrics_need_the_token_or_this_machine() {
         let here = Some("127.0.0.1".parse().unwrap());
         let here6 = Some("::1".parse().unwrap());
+        let mapped = Some("::ffff:127.0.0.1".parse().unwrap());
         let lan = Some("10.0.0.9".parse().unwrap());
         let status = |r: Option<HttpResponse>| r.map_or(200, |e| e.status().as_u16());
         // No token: loopback only.
         assert_eq!(status(metrics_refusal(None, here, None)), 200);
         assert_eq!(status(metrics_refusal(None, here6, None)), 200);
+        assert_eq!(status(metrics_refusal(None, mapped, None)), 200);
         assert_eq!(status(metrics_refusal(None, lan, None)), 403);
         assert_eq!(status(metrics_refusal(None, None, None)), 403);
         // A token: whoever presents it, and nobody else, this machine included.

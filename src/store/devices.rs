@@ -601,6 +601,16 @@ pub fn has_seat(conn: &Connection, item_id: &str, device_id: i64) -> Result<bool
 /// An admin removed the device: its seats are freed and its leases revoked; the device
 /// record stays, so its next contact is answered `LEASE_REVOKED`.
 pub fn remove_device(conn: &Connection, device_id: i64) -> Result<usize, StoreError> {
+    let freed = free_all_seats(conn, device_id)?;
+    conn.prepare_cached("DELETE FROM token_passes WHERE device_id = ?1")?
+        .execute([device_id])?;
+    conn.prepare_cached("UPDATE leases SET revoked = 1 WHERE device_id = ?1")?
+        .execute([device_id])?;
+    Ok(freed)
+}
+
+/// Deletes the device's seats, each counted out of its item; returns how many.
+fn free_all_seats(conn: &Connection, device_id: i64) -> Result<usize, StoreError> {
     let items: Vec<String> = conn
         .prepare_cached("SELECT item_id FROM seats WHERE device_id = ?1")?
         .query_map([device_id], |r| r.get(0))?
@@ -609,10 +619,6 @@ pub fn remove_device(conn: &Connection, device_id: i64) -> Result<usize, StoreEr
         add_seats(conn, item, -1)?;
     }
     conn.prepare_cached("DELETE FROM seats WHERE device_id = ?1")?
-        .execute([device_id])?;
-    conn.prepare_cached("DELETE FROM token_passes WHERE device_id = ?1")?
-        .execute([device_id])?;
-    conn.prepare_cached("UPDATE leases SET revoked = 1 WHERE device_id = ?1")?
         .execute([device_id])?;
     Ok(items.len())
 }
@@ -661,7 +667,8 @@ pub fn unused_devices(
 /// Removes a device and everything kept for it (seats, counted out of their items; leases,
 /// passes, its usage stream and totals). The items' per-day usage stays.
 pub fn purge_device(conn: &Connection, device_id: i64) -> Result<(), StoreError> {
-    remove_device(conn, device_id)?;
+    free_all_seats(conn, device_id)?;
+    // The rest goes with the device (ON DELETE CASCADE).
     conn.prepare_cached("DELETE FROM devices WHERE id = ?1")?
         .execute([device_id])?;
     Ok(())

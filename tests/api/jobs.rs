@@ -360,7 +360,16 @@ fn housekeeping_frees_seats_at_exactly_365_and_90_days() {
 /// out), unless an admin blocked it; a lease renewed meanwhile counts as use.
 #[test]
 fn housekeeping_removes_devices_unused_for_365_days() {
-    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let f = Fixture::new(
+        &[
+            item("reader", "per_device", 10, ""),
+            item("viewer", "standalone", 10, ""),
+        ]
+        .concat(),
+    );
+    // Device 1 also holds a standalone seat, which only a release or a removal frees.
+    f.authorized("viewer", 1);
+    assert_eq!(f.item_value("LIC-T-2", "seats_used"), 1);
     let streams = [
         "11111111-1111-4111-8111-111111111111",
         "22222222-2222-4222-8222-222222222222",
@@ -417,6 +426,11 @@ fn housekeeping_removes_devices_unused_for_365_days() {
     assert_eq!(count("SELECT COUNT(*) FROM leases"), 2);
     assert_eq!(count(pages), 10, "the item's daily usage stays");
     assert_eq!(f.item_value("LIC-T-1", "seats_used"), 1);
+    assert_eq!(
+        f.item_value("LIC-T-2", "seats_used"),
+        0,
+        "counted out with its device"
+    );
     assert_eq!(
         count("SELECT COUNT(*) FROM audit_log WHERE action = 'device removed'"),
         1
