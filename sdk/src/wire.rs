@@ -207,6 +207,10 @@ pub enum ErrorCode {
     PayloadTooLarge,
     RateLimited,
     Internal,
+    /// A code this version does not know, from a newer appliance: its message says what
+    /// happened. Never sent by this version (not in [`ErrorCode::ALL`]).
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
@@ -242,7 +246,7 @@ impl ErrorCode {
             | ErrorCode::LeaseRevoked => 403,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RateLimited => 429,
-            ErrorCode::Internal => 500,
+            ErrorCode::Internal | ErrorCode::Unknown => 500,
         }
     }
 
@@ -263,6 +267,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::Unknown => "UNKNOWN",
         }
     }
 }
@@ -403,6 +408,19 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", code.as_str()));
             assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
         }
+    }
+
+    /// A newer appliance's new code does not make an answer unreadable (a usage answer with
+    /// it still acknowledges the reports).
+    #[test]
+    fn an_unknown_error_code_still_reads() {
+        let answer: UsageResponse = serde_json::from_str(
+            r#"{"accepted": 1, "duplicates": 0, "acked_seq": 7,
+                "renewal_error": {"code": "SOMETHING_NEW", "message": "why"}}"#,
+        )
+        .unwrap();
+        assert_eq!(answer.acked_seq, 7);
+        assert_eq!(answer.renewal_error.unwrap().code, ErrorCode::Unknown);
     }
 
     #[test]
