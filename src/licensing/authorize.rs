@@ -432,17 +432,15 @@ impl SeatKey<'_> {
     }
 }
 
-/// Whether the device holds a valid token pass for the key's product and user, bought from
-/// any item of the handshake code (another code is another customer's balance).
+/// Whether the device holds a valid token pass for the key's product and user, whichever
+/// item sold it: a pass is per (user, device, product), as the specification has it.
 pub fn has_pass(
     conn: &Connection,
     device_id: i64,
     key: &SeatKey<'_>,
-    handshake_id: i64,
     now: i64,
 ) -> Result<bool, StoreError> {
-    Ok(devices::pass(conn, key.pass(device_id))?
-        .is_some_and(|p| p.expires_at > now && p.handshake_id == handshake_id))
+    Ok(devices::pass(conn, key.pass(device_id))?.is_some_and(|p| p.expires_at > now))
 }
 
 /// Whether the device holds a live seat (tokens: a valid pass) in the item.
@@ -515,9 +513,9 @@ pub fn occupy(
                 devices::insert_seat(conn, &item.item_id, device_id, "", now)?;
                 used.seats_used += 1;
             }
-            // One pass per (product, device, user), whichever item of the code it was bought
-            // from: two instances of one user on one device never buy one each.
-            if !has_pass(conn, device_id, key, item.handshake_id, now)? {
+            // One pass per (product, device, user), whichever item it was bought from: two
+            // instances of one user on one device never buy one each.
+            if !has_pass(conn, device_id, key, now)? {
                 // Inside grace (availability passed) a pass may overdraw the balance.
                 devices::buy_pass(
                     conn,

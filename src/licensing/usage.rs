@@ -253,45 +253,70 @@ fn renew(
         instance: &lease.instance,
         token_user,
     };
-    // The lease's item judges while it serves. One that no longer does (withdrawn by a newer
-    // license, expired, stopped) gives way to the code's items, chosen as an authorization
-    // would choose, so the device moves on to a renewal or a top-up; and so does a tokens
-    // item when a new pass is due: it is bought from the item that has balance.
-    let serves = !item.withdrawn && availability(&item.terms, &item.used, now).is_ok();
-    let item = match lease.handshake_id {
-        Some(code)
-            if !serves
-                || (item.terms.model == Model::Tokens
-                    && !has_pass(conn, device.id, &key, code, now)?) =>
-        {
-            let mut items = catalogue
-                .items_for(code, &lease.product)
-                .map(|i| catalogue::live(conn, i))
-                .collect::<Result<Vec<_>, _>>()?;
-            if items.is_empty() && !item.withdrawn {
-                item // nothing else serves: the lease's own item judges
-            } else if items.is_empty() {
-                return Ok(Err(ApiError::new(
-                    ErrorCode::LeaseRevoked,
-                    "the license no longer grants this item",
-                )));
-            } else {
-                match choose(conn, &mut items, Some(device.id), &key, now)? {
+    // The lease's item judges while it serves and takes the device. When it does not
+    // (withdrawn by a newer license, expired, stopped, full for a seat that lapsed), or a
+    // tokens pass is due, the code's items are chosen from as an authorization would choose,
+    // so the device moves on to a renewal or a top-up. If none serves, the lease's own item
+    // says why.
+    let mut own_refusal = if item.withdrawn {
+        Some(ApiError::new(
+            ErrorCode::LeaseRevoked,
+            "the license no longer grants this item",
+        ))
+    } else {
+        availability(&item.terms, &item.used, now)
+            .err()
+            .map(|r| refusal(r, &item))
+    };
+    let pass_due = own_refusal.is_none()
+        && item.terms.model == Model::Tokens
+        && !has_pass(conn, device.id, &key, now)?;
+    let mut own_used = None;
+    if own_refusal.is_none() && !pass_due {
+        match occupy(conn, &item, device.id, &key, now) {
+            Ok(used) => own_used = Some(used),
+            Err(Occupy::Refused(r)) => own_refusal = Some(refusal(r, &item)),
+            Err(Occupy::Store(e)) => return Err(e.into()),
+        }
+    }
+    let (own_id, own_model) = (item.item_id.clone(), item.terms.model);
+    let (item, used) = match own_used {
+        Some(used) => (item, used),
+        None => {
+            let mut items = match lease.handshake_id {
+                Some(code) => catalogue
+                    .items_for(code, &lease.product)
+                    .map(|i| catalogue::live(conn, i))
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => Vec::new(),
+            };
+            let chosen = match (items.is_empty(), own_refusal) {
+                (true, Some(refused)) => return Ok(Err(refused)),
+                // A pass is due and no other item serves: the lease's own item sells it.
+                (true, None) => item,
+                (false, own_refusal) => match choose(conn, &mut items, Some(device.id), &key, now)?
+                {
                     Ok(i) => items.swap_remove(i),
-                    Err(refused) => return Ok(Err(refused)),
-                }
+                    Err(refused) => return Ok(Err(own_refusal.unwrap_or(refused))),
+                },
+            };
+            match occupy(conn, &chosen, device.id, &key, now) {
+                Ok(used) => (chosen, used),
+                Err(Occupy::Refused(r)) => return Ok(Err(refusal(r, &chosen))),
+                Err(Occupy::Store(e)) => return Err(e.into()),
             }
         }
-        _ => item,
-    };
-    let used = match occupy(conn, &item, device.id, &key, now) {
-        Ok(used) => used,
-        Err(Occupy::Refused(r)) => return Ok(Err(refusal(r, &item))),
-        Err(Occupy::Store(e)) => return Err(e.into()),
     };
     let expires_at = expiry(&item, now);
-    let moved = (lease.item_id.as_deref() != Some(item.item_id.as_str())).then_some(&*item.item_id);
+    let moved = (own_id != item.item_id).then_some(&*item.item_id);
     devices::renew_lease(conn, &lease.lease_id, moved, now, expires_at)?;
+    if moved.is_some() {
+        // The seat it leaves goes, unless another live lease of the device still uses it.
+        let instance = (own_model == Model::ConcurrentInstance).then_some(lease.instance.as_str());
+        if !devices::other_live_lease(conn, device.id, &lease.lease_id, &own_id, instance, now)? {
+            devices::delete_seat(conn, &own_id, device.id, instance.unwrap_or(""))?;
+        }
+    }
     let handshake = lease
         .handshake_id
         .and_then(|id| catalogue.handshake(id))

@@ -313,8 +313,6 @@ pub fn window_active(conn: &Connection, item_id: &str, window: i64) -> Result<i6
 pub struct Pass {
     pub item_id: String,
     pub expires_at: i64,
-    /// The handshake code the pass's item is configured to.
-    pub handshake_id: i64,
 }
 
 /// Whose pass: one per (product, device, user).
@@ -328,15 +326,13 @@ pub struct PassKey<'a> {
 pub fn pass(conn: &Connection, key: PassKey<'_>) -> Result<Option<Pass>, StoreError> {
     Ok(conn
         .prepare_cached(
-            "SELECT p.item_id, p.expires_at, i.handshake_id
-             FROM token_passes p JOIN items i ON i.item_id = p.item_id
-             WHERE p.product = ?1 AND p.device_id = ?2 AND p.user = ?3",
+            "SELECT item_id, expires_at FROM token_passes
+             WHERE product = ?1 AND device_id = ?2 AND user = ?3",
         )?
         .query_row(params![key.product, key.device_id, key.user], |r| {
             Ok(Pass {
                 item_id: r.get(0)?,
                 expires_at: r.get(1)?,
-                handshake_id: r.get(2)?,
             })
         })
         .optional()?)

@@ -453,10 +453,10 @@ fn tokens_renewals_buy_from_the_top_up_and_once_per_user_and_device() {
     assert_eq!(passes, 0);
 }
 
-/// A pass is bought per handshake code: the balance of one customer's code never pays for
-/// another's.
+/// A pass is per (user, device, product), as the specification has it: bought through one
+/// handshake code, it serves the same user on the same device through another for its day.
 #[test]
-fn a_token_pass_of_one_handshake_code_does_not_serve_another() {
+fn one_token_pass_serves_a_user_on_a_device_whichever_code_sold_it() {
     let f = Fixture::new(
         &[
             item("ocr", "tokens", 100, "tokens_per_pass = 5"),
@@ -476,16 +476,24 @@ fn a_token_pass_of_one_handshake_code_does_not_serve_another() {
     let (status, body) = f.authorize(&lab);
     assert_eq!(status, 200, "{body}");
     assert_eq!(f.verify(&body, 1).items[0].item_id, "LIC-T-2");
-    assert_eq!(f.item_value("LIC-T-1", "tokens_used"), 5);
-    assert_eq!(
-        f.item_value("LIC-T-2", "tokens_used"),
-        5,
-        "LAB pays its own pass"
-    );
+    let tokens = |item: &str| f.item_value(item, "tokens_used");
+    assert_eq!((tokens("LIC-T-1"), tokens("LIC-T-2")), (5, 0));
+    // Its two leases renew on that one pass all day (no pass bought back and forth).
+    for _ in 0..3 {
+        assert_eq!(f.authorize(&f.request("ocr", 1)).0, 200);
+        assert_eq!(f.authorize(&lab).0, 200);
+    }
+    assert_eq!((tokens("LIC-T-1"), tokens("LIC-T-2")), (5, 0));
+    // The next day, the pass is bought again, once.
+    f.app.clock.advance(DAY);
+    assert_eq!(f.authorize(&lab).0, 200);
+    assert_eq!(f.authorize(&f.request("ocr", 1)).0, 200);
+    assert_eq!((tokens("LIC-T-1"), tokens("LIC-T-2")), (5, 5));
 }
 
 /// When the lease's item stops serving (here: it expires while a renewal license runs on),
-/// the next usage call renews the device on the item that serves, as an authorization would.
+/// the next usage call renews the device on the item that serves, as an authorization would,
+/// and frees the seat it leaves; with no room there, the answer says why the old item ended.
 #[test]
 fn a_renewal_moves_on_to_the_item_that_serves_when_the_leases_item_ends() {
     let f = Fixture::new(
@@ -496,35 +504,41 @@ fn a_renewal_moves_on_to_the_item_that_serves_when_the_leases_item_ends() {
                 5,
                 "starts_at = 2026-01-01T00:00:00Z\nexpires_at = 2026-06-20T00:00:00Z",
             ),
-            item("reader", "per_device", 5, ""),
+            item("reader", "per_device", 1, ""),
         ]
         .concat(),
     );
-    let lease = f.authorized("reader", 1);
-    assert_eq!(
-        lease.items[0].item_id, "LIC-T-1",
+    let leases: Vec<_> = (1..=2).map(|n| f.authorized("reader", n)).collect();
+    assert!(
+        leases.iter().all(|l| l.items[0].item_id == "LIC-T-1"),
         "the item that expires first"
     );
-    let renewal = |f: &Fixture| {
-        let (status, body) = f.usage(&f.reports(
-            &lease.lease_id,
-            1,
-            "00000000-0000-4000-8000-0000000000aa",
-            &[],
-        ));
+    let renewal = |n: u32| {
+        let stream = format!("00000000-0000-4000-8000-00000000000{n}");
+        let (status, body) = f.usage(&f.reports(&leases[n as usize - 1].lease_id, n, &stream, &[]));
         assert_eq!(status, 200, "{body}");
-        assert!(body["renewal_error"].is_null(), "{body}");
-        let token =
-            keygate_sdk::jws::Token::decode(body["authorization"].as_str().unwrap()).unwrap();
-        let auth: serde_json::Value = serde_json::from_slice(&token.payload).unwrap();
-        auth["items"][0]["item_id"].as_str().unwrap().to_string()
+        match body["authorization"].as_str() {
+            Some(jws) => {
+                let token = keygate_sdk::jws::Token::decode(jws).unwrap();
+                let auth: serde_json::Value = serde_json::from_slice(&token.payload).unwrap();
+                auth["items"][0]["item_id"].as_str().unwrap().to_string()
+            }
+            None => body["renewal_error"]["code"].as_str().unwrap().to_string(),
+        }
     };
     f.app.clock.advance(Duration::days(15));
-    assert_eq!(renewal(&f), "LIC-T-1");
+    assert_eq!(renewal(1), "LIC-T-1");
     f.app.clock.advance(Duration::days(5)); // past 2026-06-20
-    assert_eq!(renewal(&f), "LIC-T-2");
+    assert_eq!(renewal(1), "LIC-T-2");
     assert_eq!(f.item_value("LIC-T-2", "seats_used"), 1);
-    assert_eq!(renewal(&f), "LIC-T-2", "and stays there");
+    assert_eq!(
+        f.item_value("LIC-T-1", "seats_used"),
+        1,
+        "device 1's old seat freed"
+    );
+    assert_eq!(renewal(1), "LIC-T-2", "and stays there");
+    // The renewal license has no room for device 2: told its item expired.
+    assert_eq!(renewal(2), "LICENSE_EXPIRED");
 }
 
 #[test]
