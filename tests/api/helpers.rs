@@ -540,6 +540,32 @@ impl Fixture {
         rusqlite::Connection::open(self.data.join("keygate.db")).unwrap()
     }
 
+    /// A new handshake code of organization 200001, with `item_id` configured to it.
+    pub fn assign_to_new_code(&self, item_id: &str, code: &str) {
+        let run = keygate(
+            &self.data,
+            &["handshake", "create", "--organization", "200001", code],
+        );
+        assert!(run.ok, "{}", run.stderr);
+        let run = keygate(&self.data, &["handshake", "assign", item_id, code]);
+        assert!(run.ok, "{}", run.stderr);
+    }
+
+    /// A heartbeat of device `n` on its lease: the renewed authorization's payload, or the
+    /// code of the `renewal_error`.
+    pub fn heartbeat(&self, lease_id: &str, n: u32) -> Result<serde_json::Value, String> {
+        let stream = format!("00000000-0000-4000-8000-{n:012}");
+        let (status, body) = self.usage(&self.reports(lease_id, n, &stream, &[]));
+        assert_eq!(status, 200, "{body}");
+        match body["authorization"].as_str() {
+            Some(jws) => {
+                let token = keygate_sdk::jws::Token::decode(jws).unwrap();
+                Ok(serde_json::from_slice(&token.payload).unwrap())
+            }
+            None => Err(body["renewal_error"]["code"].as_str().unwrap().to_string()),
+        }
+    }
+
     /// An item's counter column, read from the database.
     pub fn item_value(&self, item_id: &str, column: &str) -> i64 {
         self.db()

@@ -387,7 +387,7 @@ fn housekeeping_removes_devices_unused_for_365_days() {
         );
         assert_eq!(f.usage(&body).0, 200);
     }
-    keygate::store::devices::set_blocked(&f.db(), &device_uuid(3), true).unwrap();
+    assert!(keygate(&f.data, &["device", "block", &device_uuid(3)]).ok);
     f.app.clock.advance(Duration::days(200));
     let heartbeat = f.reports(&leases[1], 2, streams[1], &[]);
     assert_eq!(f.usage(&heartbeat).0, 200);

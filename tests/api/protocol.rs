@@ -407,14 +407,8 @@ fn tokens_renewals_buy_from_the_top_up_and_once_per_user_and_device() {
     // A day later every pass has ended. Device 4's heartbeat buys its pass from the top-up,
     // and its renewed authorization grants the top-up's item.
     f.app.clock.advance(DAY);
-    let stream = |n: u32| format!("00000000-0000-4000-8000-00000000000{n}");
     let heartbeat = |lease: &str, n: u32| {
-        let (status, body) = f.usage(&f.reports(lease, n, &stream(n), &[]));
-        assert_eq!(status, 200, "{body}");
-        assert!(body["renewal_error"].is_null(), "{body}");
-        let jws = body["authorization"].as_str().unwrap();
-        let token = keygate_sdk::jws::Token::decode(jws).unwrap();
-        let auth: serde_json::Value = serde_json::from_slice(&token.payload).unwrap();
+        let auth = f.heartbeat(lease, n).unwrap();
         (
             auth["items"][0]["item_id"].as_str().unwrap().to_string(),
             auth["state"].as_str().unwrap().to_string(),
@@ -464,12 +458,7 @@ fn one_token_pass_serves_a_user_on_a_device_whichever_code_sold_it() {
         ]
         .concat(),
     );
-    let run = keygate(
-        &f.data,
-        &["handshake", "create", "--organization", "200001", "LAB"],
-    );
-    assert!(run.ok, "{}", run.stderr);
-    assert!(keygate(&f.data, &["handshake", "assign", "LIC-T-2", "LAB"]).ok);
+    f.assign_to_new_code("LIC-T-2", "LAB");
     assert_eq!(f.authorized("ocr", 1).items[0].item_id, "LIC-T-1");
     let mut lab = f.request("ocr", 1);
     lab["handshake_code"] = json!("LAB");
@@ -513,18 +502,9 @@ fn a_renewal_moves_on_to_the_item_that_serves_when_the_leases_item_ends() {
         leases.iter().all(|l| l.items[0].item_id == "LIC-T-1"),
         "the item that expires first"
     );
-    let renewal = |n: u32| {
-        let stream = format!("00000000-0000-4000-8000-00000000000{n}");
-        let (status, body) = f.usage(&f.reports(&leases[n as usize - 1].lease_id, n, &stream, &[]));
-        assert_eq!(status, 200, "{body}");
-        match body["authorization"].as_str() {
-            Some(jws) => {
-                let token = keygate_sdk::jws::Token::decode(jws).unwrap();
-                let auth: serde_json::Value = serde_json::from_slice(&token.payload).unwrap();
-                auth["items"][0]["item_id"].as_str().unwrap().to_string()
-            }
-            None => body["renewal_error"]["code"].as_str().unwrap().to_string(),
-        }
+    let renewal = |n: u32| match f.heartbeat(&leases[n as usize - 1].lease_id, n) {
+        Ok(auth) => auth["items"][0]["item_id"].as_str().unwrap().to_string(),
+        Err(code) => code,
     };
     f.app.clock.advance(Duration::days(15));
     assert_eq!(renewal(1), "LIC-T-1");

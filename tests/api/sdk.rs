@@ -78,6 +78,12 @@ fn config(a: &Appliance, urls: Vec<String>, state: &Path, clock: Clock) -> Clien
     config
 }
 
+/// An HTTPS URL on which nothing listens.
+fn dead_url() -> String {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("https://{}", dead.local_addr().unwrap())
+}
+
 fn usage_total(a: &Appliance) -> i64 {
     rusqlite::Connection::open(a.data.join("keygate.db"))
         .unwrap()
@@ -268,13 +274,10 @@ fn a_clock_set_backwards_is_detected() {
 fn the_next_url_is_tried_when_one_cannot_be_reached() {
     let a = scanner(1_000_000);
     let served = Served::start(&a.data);
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_url = format!("https://{}", dead.local_addr().unwrap());
-    drop(dead);
     let state = tempfile::tempdir().unwrap();
     let mut device = client(
         &a,
-        vec![dead_url, served.url("")],
+        vec![dead_url(), served.url("")],
         state.path(),
         Clock::system(),
     );
@@ -378,17 +381,11 @@ fn a_blocked_or_removed_device_stops_at_its_next_contact() {
     let (clock, _) = device_clock();
     let mut device = client(&a, vec![served.url("")], state.path(), clock.clone());
     device.authorize().unwrap();
-    let db = keygate::store::open(&a.data.join("keygate.db")).unwrap();
+    // The admin's commands (`keygate device ...`, as the portal's buttons do).
+    let admin = |action: &str| assert!(keygate(&a.data, &["device", action, &device_uuid(1)]).ok);
 
     // Removed (seats freed, leases revoked): the next report counts, then the device stops.
-    let id: i64 = db
-        .query_row(
-            "SELECT id FROM devices WHERE uuid = ?1",
-            [device_uuid(1)],
-            |r| r.get(0),
-        )
-        .unwrap();
-    keygate::store::devices::remove_device(&db, id).unwrap();
+    admin("remove");
     device.record("LIC-S-1", "scans", 4).unwrap();
     let outcome = device.flush().unwrap();
     assert_eq!(outcome.accepted, 1);
@@ -406,16 +403,16 @@ fn a_blocked_or_removed_device_stops_at_its_next_contact() {
     // Authorizing again takes a seat anew; then an admin blocks the device, which learns it
     // from a usage answer or from an authorization refused.
     device.authorize().unwrap();
-    keygate::store::devices::set_blocked(&db, &device_uuid(1), true).unwrap();
+    admin("block");
     let outcome = device.flush().unwrap();
     assert_eq!(
         outcome.renewal_error.map(|e| e.code.as_str()),
         Some("DEVICE_BLOCKED")
     );
     assert!(matches!(device.check(), Err(ClientError::NotAuthorized)));
-    keygate::store::devices::set_blocked(&db, &device_uuid(1), false).unwrap();
+    admin("unblock");
     device.authorize().unwrap();
-    keygate::store::devices::set_blocked(&db, &device_uuid(1), true).unwrap();
+    admin("block");
     let refused = device.authorize().unwrap_err();
     assert_eq!(refused.code().map(|c| c.as_str()), Some("DEVICE_BLOCKED"));
     assert!(matches!(device.check(), Err(ClientError::NotAuthorized)));
@@ -455,10 +452,7 @@ fn usage_after_restoring_an_old_state_directory_counts_once() {
         std::fs::copy(snapshot.path().join(file), state.path().join(file)).unwrap();
     }
     // Offline first: the new usage waits under a number the appliance has already stored.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_url = format!("https://{}", dead.local_addr().unwrap());
-    drop(dead);
-    let mut device = open(vec![dead_url]);
+    let mut device = open(vec![dead_url()]);
     device.record("LIC-S-1", "scans", 10).unwrap();
     assert!(device.flush().unwrap_err().is_unreachable());
     assert_eq!(device.status().next_seq, 4, "the old copy's numbering");

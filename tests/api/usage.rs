@@ -320,12 +320,7 @@ fn reports_may_not_name_an_item_of_another_handshake_code() {
         ]
         .concat(),
     );
-    let run = keygate(
-        &f.data,
-        &["handshake", "create", "--organization", "200001", "LAB"],
-    );
-    assert!(run.ok, "{}", run.stderr);
-    assert!(keygate(&f.data, &["handshake", "assign", "LIC-T-2", "LAB"]).ok);
+    f.assign_to_new_code("LIC-T-2", "LAB");
     let lease = f.authorized("scanner", 1);
     assert_eq!(lease.items[0].item_id, "LIC-T-1");
     let db = f.data.join("keygate.db");
