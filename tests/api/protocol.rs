@@ -521,6 +521,46 @@ fn a_renewal_moves_on_to_the_item_that_serves_when_the_leases_item_ends() {
     assert_eq!(renewal(2), "LICENSE_EXPIRED");
 }
 
+/// A newer version of the license that no longer lists the lease's item: the renewal moves
+/// the device to the item that replaced it; once nothing serves the product, the device is
+/// told its lease is revoked (its reports still count).
+#[test]
+fn a_withdrawn_item_gives_way_to_its_replacement_then_revokes() {
+    let f = Fixture::new(&item("reader", "per_device", 5, ""));
+    let lease = f.authorized("reader", 1).lease_id;
+    let import = |version: &str, items: &str| {
+        let file = f.vendor.issue_file(
+            &f.data,
+            &items_file("LIC-T", items),
+            &["--version", version],
+            &format!("v{version}.lic"),
+        );
+        let run = keygate(&f.data, &["import", file.to_str().unwrap()]);
+        assert!(run.ok, "{}", run.stderr);
+    };
+    import(
+        "2",
+        &item("reader", "per_device", 5, "item_id = \"LIC-T-NEW\""),
+    );
+    let renewed = f.heartbeat(&lease, 1).unwrap();
+    assert_eq!(renewed["items"][0]["item_id"], "LIC-T-NEW");
+    assert_eq!(f.item_value("LIC-T-NEW", "seats_used"), 1);
+
+    import("3", &item("writer", "per_device", 5, ""));
+    assert_eq!(f.heartbeat(&lease, 1).unwrap_err(), "LEASE_REVOKED");
+    let (status, body) = f.usage(&f.reports(
+        &lease,
+        1,
+        "00000000-0000-4000-8000-000000000001",
+        &[(1, "LIC-T-NEW", "pages", 3)],
+    ));
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (200, Some(1)),
+        "{body}"
+    );
+}
+
 #[test]
 fn dates_stop_every_model_and_cap_the_authorization() {
     let items = [
