@@ -311,11 +311,7 @@ fn renew(
     let moved = (own_id != item.item_id).then_some(&*item.item_id);
     devices::renew_lease(conn, &lease.lease_id, moved, now, expires_at)?;
     if moved.is_some() {
-        // The seat it leaves goes, unless another live lease of the device still uses it.
-        let instance = (own_model == Model::ConcurrentInstance).then_some(lease.instance.as_str());
-        if !devices::other_live_lease(conn, device.id, &lease.lease_id, &own_id, instance, now)? {
-            devices::delete_seat(conn, &own_id, device.id, instance.unwrap_or(""))?;
-        }
+        leave_seat(conn, lease, &own_id, own_model, now)?;
     }
     let handshake = lease
         .handshake_id
@@ -363,21 +359,40 @@ pub fn release(
         return Ok(());
     };
     let model = item.terms.model;
-    if !(model.is_concurrent() || model == Model::Standalone) {
-        return Ok(());
+    if model.is_concurrent() || model == Model::Standalone {
+        // The seat goes too for concurrent items: an instance id per process start would
+        // otherwise leave a seat behind at every exit.
+        leave_seat(conn, &lease, &item.item_id, model, now)?;
     }
-    // Leases are per (device, product, instance, user) but seats per device (per instance
-    // for concurrent_instance): another live lease of this device keeps the seat in use.
+    Ok(())
+}
+
+/// The lease no longer uses its device's seat in `item_id` (released, or moved to another
+/// item): the seat is freed, out of the current window for concurrent items, unless another
+/// live lease of the device still uses it (leases are per device, product, instance and
+/// user; seats per device, or per instance for concurrent_instance).
+fn leave_seat(
+    conn: &Connection,
+    lease: &Lease,
+    item_id: &str,
+    model: Model,
+    now: i64,
+) -> Result<(), ApiError> {
     let instance = (model == Model::ConcurrentInstance).then_some(lease.instance.as_str());
-    if devices::other_live_lease(conn, device.id, lease_id, &item.item_id, instance, now)? {
+    if devices::other_live_lease(
+        conn,
+        lease.device_id,
+        &lease.lease_id,
+        item_id,
+        instance,
+        now,
+    )? {
         return Ok(());
     }
     let instance = instance.unwrap_or("");
     if model.is_concurrent() {
-        devices::unmark_window(conn, &item.item_id, device.id, instance, window_of(now))?;
+        devices::unmark_window(conn, item_id, lease.device_id, instance, window_of(now))?;
     }
-    // The seat goes too: an instance id per process start would otherwise leave a seat
-    // behind at every exit.
-    devices::delete_seat(conn, &item.item_id, device.id, instance)?;
+    devices::delete_seat(conn, item_id, lease.device_id, instance)?;
     Ok(())
 }

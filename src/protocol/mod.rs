@@ -233,12 +233,9 @@ async fn authorize(
 /// The key a client's password checks are counted under: its IPv4 address, or the /64 of
 /// its IPv6 address (one host usually has a whole /64 to pick addresses from).
 fn limit_key(ip: IpAddr) -> String {
-    match ip {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => format!("{}/64", Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
-        },
+        IpAddr::V6(v6) => format!("{}/64", Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
     }
 }
 

@@ -141,8 +141,8 @@ pub fn insert_handshake(
     Ok(conn.last_insert_rowid())
 }
 
-/// The newest imported version of a license and its file digest.
-/// The current version of a license: its number, the SHA-256 of its file and its vendor.
+/// The newest imported version of a license: its number, the SHA-256 of its file and its
+/// vendor.
 pub fn current_version(
     conn: &Connection,
     license_id: &str,
