@@ -993,31 +993,31 @@ impl Client {
         let agent = build_agent(&config)?;
         let store = Store::open(&config.state_dir)?;
         let (mut state, mut backlog) = store.load(&config.device.uuid)?;
-        match &state.device_uuid {
-            None => {
-                // A state file of an earlier version: it is this device's from now on.
-                state.device_uuid = Some(config.device.uuid.clone());
-                store.save_state(&state)?;
-            }
-            Some(owner) if *owner != config.device.uuid => {
-                return Err(ClientError::Config(format!(
-                    "the state directory {} belongs to device {owner}, not {}: a usage \
-                     stream belongs to one device, give each device its own directory",
-                    config.state_dir.display(),
-                    config.device.uuid
-                )));
-            }
-            Some(_) => {}
+        // A state file of an earlier version names no device: it is this one's from now on.
+        let adopted = state.device_uuid.is_none();
+        let owner = state
+            .device_uuid
+            .get_or_insert_with(|| config.device.uuid.clone());
+        if *owner != config.device.uuid {
+            return Err(ClientError::Config(format!(
+                "the state directory {} belongs to device {owner}, not {}: a usage stream \
+                 belongs to one device, give each device its own directory",
+                config.state_dir.display(),
+                config.device.uuid
+            )));
         }
         // Usage an earlier process left open is closed under the numbering this state has:
         // in a directory restored from an old copy, the appliance takes it for the duplicate
         // it is. Only what this process records waits for the stream to be confirmed.
-        if !state.open.is_empty() {
+        let closed = !state.open.is_empty();
+        if closed {
             let now = config.clock.now();
             backlog
                 .reports
                 .extend(close_period(&mut state.open, &mut state.next_seq, now));
             store.save_backlog(&backlog)?;
+        }
+        if adopted || closed {
             store.save_state(&state)?;
         }
         let current = state
