@@ -540,6 +540,17 @@ impl Fixture {
         rusqlite::Connection::open(self.data.join("keygate.db")).unwrap()
     }
 
+    /// The vendor issues license `license_id` with `items` (and `flags`, e.g. a version) for
+    /// this appliance, and IT imports it (while the server runs).
+    pub fn import(&self, license_id: &str, items: &str, flags: &[&str]) {
+        let name = format!("{license_id}-{}.lic", flags.join("-"));
+        let file = self
+            .vendor
+            .issue_file(&self.data, &items_file(license_id, items), flags, &name);
+        let run = keygate(&self.data, &["import", file.to_str().unwrap()]);
+        assert!(run.ok, "{}", run.stderr);
+    }
+
     /// A new handshake code of organization 200001, with `item_id` configured to it.
     pub fn assign_to_new_code(&self, item_id: &str, code: &str) {
         let run = keygate(

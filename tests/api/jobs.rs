@@ -66,11 +66,11 @@ fn alerts_cross_exact_thresholds_once_in_one_email_and_reset_on_renewal() {
     assert!(!text.contains("reached 75 %"));
 
     // A renewal (a new version with a larger quota) resets the thresholds.
-    let renewal = items_file("LIC-T", &item("reader", "per_device", 120, ""));
-    let file = f
-        .vendor
-        .issue_file(&f.data, &renewal, &["--version", "2"], "renewal.lic");
-    assert!(keygate(&f.data, &["import", file.to_str().unwrap()]).ok);
+    f.import(
+        "LIC-T",
+        &item("reader", "per_device", 120, ""),
+        &["--version", "2"],
+    );
     f.app.run_job("alerts").unwrap();
     let messages = sink.wait_for(3, StdDuration::from_secs(10));
     assert_eq!(messages.len(), 3);

@@ -359,12 +359,11 @@ fn tokens_daily_passes_grace_and_top_up() {
     assert_eq!(f.refused("ocr", 3), "QUOTA_EXCEEDED");
 
     // A top-up pays the debt (10) first: 20 - 10 leaves 10, two passes.
-    let top_up = items_file(
+    f.import(
         "LIC-TOPUP",
         &item("ocr", "tokens", 20, "tokens_per_pass = 5"),
+        &[],
     );
-    let file = f.vendor.issue_file(&f.data, &top_up, &[], "topup.lic");
-    assert!(keygate(&f.data, &["import", file.to_str().unwrap()]).ok);
     assert_eq!(used(&f), 10, "the debtor item is settled");
     assert_eq!(f.item_value("LIC-TOPUP-1", "tokens_used"), 10);
     assert_eq!(f.authorized("ocr", 1).state, AuthorizationState::Ok);
@@ -392,12 +391,11 @@ fn tokens_renewals_buy_from_the_top_up_and_once_per_user_and_device() {
     let i1_lease = f.verify(&body, 3).lease_id;
     let d4_lease = f.authorized("ocr", 4).lease_id;
     assert_eq!(tokens(spent), 10);
-    let top_up = items_file(
+    f.import(
         "LIC-TOPUP",
         &item("ocr", "tokens", 100, "tokens_per_pass = 5"),
+        &[],
     );
-    let file = f.vendor.issue_file(&f.data, &top_up, &[], "topup.lic");
-    assert!(keygate(&f.data, &["import", file.to_str().unwrap()]).ok);
     assert_eq!(
         (tokens(spent), tokens(topped)),
         (10, 0),
@@ -528,25 +526,20 @@ fn a_renewal_moves_on_to_the_item_that_serves_when_the_leases_item_ends() {
 fn a_withdrawn_item_gives_way_to_its_replacement_then_revokes() {
     let f = Fixture::new(&item("reader", "per_device", 5, ""));
     let lease = f.authorized("reader", 1).lease_id;
-    let import = |version: &str, items: &str| {
-        let file = f.vendor.issue_file(
-            &f.data,
-            &items_file("LIC-T", items),
-            &["--version", version],
-            &format!("v{version}.lic"),
-        );
-        let run = keygate(&f.data, &["import", file.to_str().unwrap()]);
-        assert!(run.ok, "{}", run.stderr);
-    };
-    import(
-        "2",
+    f.import(
+        "LIC-T",
         &item("reader", "per_device", 5, "item_id = \"LIC-T-NEW\""),
+        &["--version", "2"],
     );
     let renewed = f.heartbeat(&lease, 1).unwrap();
     assert_eq!(renewed["items"][0]["item_id"], "LIC-T-NEW");
     assert_eq!(f.item_value("LIC-T-NEW", "seats_used"), 1);
 
-    import("3", &item("writer", "per_device", 5, ""));
+    f.import(
+        "LIC-T",
+        &item("writer", "per_device", 5, ""),
+        &["--version", "3"],
+    );
     assert_eq!(f.heartbeat(&lease, 1).unwrap_err(), "LEASE_REVOKED");
     let (status, body) = f.usage(&f.reports(
         &lease,
@@ -857,19 +850,16 @@ fn released_instances_leave_no_seats_and_a_bounded_number_of_leases() {
 fn a_license_imported_while_serving_takes_effect_without_restart() {
     let f = Fixture::new(&item("reader", "per_device", 1, ""));
     assert_eq!(f.refused("writer", 1), "NO_LICENSE");
-    let more = items_file("LIC-MORE", &item("writer", "per_device", 5, ""));
-    let file = f.vendor.issue_file(&f.data, &more, &[], "more.lic");
-    let run = keygate(&f.data, &["import", file.to_str().unwrap()]);
-    assert!(run.ok, "{}", run.stderr);
+    f.import("LIC-MORE", &item("writer", "per_device", 5, ""), &[]);
     assert_eq!(f.authorized("writer", 1).items[0].item_id, "LIC-MORE-1");
     // A renewal raising the quota is seen at once too.
     f.authorized("reader", 1);
     assert_eq!(f.refused("reader", 2), "QUOTA_EXCEEDED");
-    let renewal = items_file("LIC-T", &item("reader", "per_device", 2, ""));
-    let file = f
-        .vendor
-        .issue_file(&f.data, &renewal, &["--version", "2"], "renewal.lic");
-    assert!(keygate(&f.data, &["import", file.to_str().unwrap()]).ok);
+    f.import(
+        "LIC-T",
+        &item("reader", "per_device", 2, ""),
+        &["--version", "2"],
+    );
     f.authorized("reader", 2);
 }
 
