@@ -15,10 +15,8 @@ pub mod settings;
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::oneshot;
 
@@ -35,15 +33,6 @@ const MIGRATIONS: &[&str] = &[
 
 /// How many requests one transaction commits at most.
 const MAX_BATCH: usize = 1024;
-
-/// WAL pages the checkpointer thread lets accumulate before it copies them into the
-/// database file (SQLite's own default copies every 1,000, inside the commit that crosses
-/// the mark). A page written many times in between is copied once.
-const CHECKPOINT_STEP: i32 = 4_000;
-
-/// WAL pages past which the writer finishes the checkpointer's work itself, so that its
-/// next transaction starts the WAL over (the WAL file stays under about 60 MiB).
-const WAL_RESTART: i32 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -148,12 +137,11 @@ struct Inner {
 impl Store {
     /// Opens (and migrates) the database and starts the writer thread.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let mut conn = open(path)?;
-        let checkpoints = Checkpoints::start(path, &mut conn)?;
+        let conn = open(path)?;
         let (jobs, queue) = mpsc::channel();
         std::thread::Builder::new()
             .name("keygate-db-writer".into())
-            .spawn(move || writer(conn, queue, checkpoints))
+            .spawn(move || writer(conn, queue))
             .expect("the writer thread starts");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -295,67 +283,7 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
-/// Checkpoints off the writer. SQLite's automatic checkpoint runs inside the commit that
-/// crosses its mark, so every request of that batch waits while pages are copied into the
-/// database file and synced. Here a thread with a connection of its own copies the WAL as
-/// it grows, without blocking the writer. Such a passive checkpoint never catches up with a
-/// writer that never pauses, and the WAL starts over only once all of it is copied; so when
-/// the WAL is past [`WAL_RESTART`] the writer, between two batches, copies the few pages
-/// written since the thread's last pass, and its next transaction restarts the WAL.
-struct Checkpoints {
-    /// Set by the checkpointer thread when the writer should finish its work.
-    finish: Arc<AtomicBool>,
-}
-
-impl Checkpoints {
-    fn start(path: &Path, writer: &mut Connection) -> Result<Checkpoints, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        let finish = Arc::new(AtomicBool::new(false));
-        let (wake, woken) = mpsc::sync_channel::<()>(1);
-        let flag = finish.clone();
-        std::thread::Builder::new()
-            .name("keygate-db-checkpoint".into())
-            .spawn(move || {
-                while woken.recv().is_ok() {
-                    match conn.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::PASSIVE) {
-                        Ok((wal, _)) if wal >= WAL_RESTART => flag.store(true, Ordering::Relaxed),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
-                    }
-                }
-            })
-            .expect("the checkpoint thread starts");
-        // Called after each commit with the WAL's length in pages; replaces SQLite's
-        // automatic checkpoint on this connection.
-        let mut woken_at = 0;
-        writer.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
-            if pages < woken_at {
-                woken_at = 0; // the WAL started over
-            }
-            if pages - woken_at >= CHECKPOINT_STEP {
-                woken_at = pages;
-                let _ = wake.try_send(()); // full: a pass is already due
-            }
-            Ok(())
-        }))?;
-        Ok(Checkpoints { finish })
-    }
-
-    /// Run by the writer between batches.
-    fn finish_if_due(&self, conn: &Connection) {
-        if self.finish.swap(false, Ordering::Relaxed) {
-            // Busy (the thread is in a pass): it asks again when that pass ends.
-            if let Err(e) = conn.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::PASSIVE)
-            {
-                tracing::debug!(error = %e, "WAL checkpoint deferred");
-            }
-        }
-    }
-}
-
-fn writer(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>, checkpoints: Checkpoints) {
+fn writer(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -387,7 +315,6 @@ fn writer(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>, checkpoints: Ch
             };
             job.finish(committed);
         }
-        checkpoints.finish_if_due(&conn);
     }
 }
 
@@ -433,50 +360,6 @@ mod tests {
         let err = open(&path).unwrap_err();
         assert!(matches!(err, StoreError::TooNew { .. }));
         assert!(err.to_string().contains("downgrading is not supported"));
-    }
-
-    /// SQLite's own checkpoints are off on the writer; the checkpointer thread and the
-    /// writer's finishing pass must still keep the WAL bounded while writes never pause.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_wal_stays_bounded_under_constant_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k.db");
-        let store = Store::open(&path).unwrap();
-        store
-            .write(|c| Ok::<_, StoreError>(c.execute_batch("CREATE TABLE filler(b BLOB)")?))
-            .await
-            .unwrap();
-        // 150 MiB through 8 writers that keep the queue full: 38,400 pages of WAL.
-        let writers = (0..8).map(|_| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                for _ in 0..75 {
-                    store
-                        .write(|c| {
-                            c.execute("INSERT INTO filler VALUES (zeroblob(262144))", [])?;
-                            Ok::<_, StoreError>(())
-                        })
-                        .await
-                        .unwrap();
-                }
-            })
-        });
-        for writer in writers {
-            writer.await.unwrap();
-        }
-        let rows: i64 = store
-            .read(|c| {
-                Ok::<_, StoreError>(c.query_row("SELECT count(*) FROM filler", [], |r| r.get(0))?)
-            })
-            .await
-            .unwrap();
-        assert_eq!(rows, 600);
-        // The WAL file keeps the size of the longest WAL it held.
-        let wal = std::fs::metadata(dir.path().join("k.db-wal"))
-            .unwrap()
-            .len();
-        let bound = (WAL_RESTART + 3 * CHECKPOINT_STEP) as u64 * 4096;
-        assert!(wal < bound, "WAL of {wal} bytes, bound {bound}");
     }
 
     #[tokio::test]
