@@ -100,9 +100,16 @@ pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
         next,
     };
     let (figure, base, unit) = consumption(item);
+    // A seat model admits its tolerance rounded down (110 % of 7 seats is 7), so its last
+    // threshold is reached when the item is full even if the exact percentage is not.
+    let tolerance = models::tolerance_percent(item.terms.model);
+    let full = matches!(
+        item.terms.model,
+        Model::PerDevice | Model::PerActiveDevice | Model::Standalone
+    ) && figure >= models::seat_limit(&item.terms);
     if base > 0 {
         for pct in consumption_thresholds(item.terms.model) {
-            if models::reaches_percent(figure, base, *pct) {
+            if models::reaches_percent(figure, base, *pct) || (*pct == tolerance && full) {
                 out.push(crossing(
                     format!("consumption:{pct}"),
                     format!("{unit} reached {pct} %"),
@@ -113,13 +120,15 @@ pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
             }
         }
     }
+    // Warnings are ahead of the expiry: an item already expired (imported late, or while
+    // the appliance was off) gets none.
     let left = item.terms.expires_at - now;
     for days in expiry_thresholds(item.terms.model) {
-        if left <= days * DAY {
+        if left > 0 && left <= days * DAY {
             out.push(crossing(
                 format!("expiry:{days}"),
                 format!("expires in {} day(s) or less", days),
-                left.max(0) / DAY,
+                left / DAY,
                 *days,
                 format!(
                     "On {} every device of this item is refused (LICENSE_EXPIRED) unless a renewal is imported.",
@@ -217,6 +226,28 @@ mod tests {
         );
     }
 
+    /// 110 % of 7 seats admits 7 devices and of 15 admits 16: the last alert comes when the
+    /// item is full, not at a percentage no seat count reaches.
+    #[test]
+    fn the_tolerance_alert_comes_when_the_rounded_limit_is_full() {
+        let seats = |n| Consumption {
+            seats_used: n,
+            ..Consumption::default()
+        };
+        for (quota, limit) in [(7, 7), (15, 16), (100, 110)] {
+            for model in [Model::PerDevice, Model::PerActiveDevice] {
+                let below = crossed(&item(model, quota, seats(limit - 1)), 0);
+                assert!(!keys(&below).contains(&"consumption:110"), "{quota}");
+                let full = crossed(&item(model, quota, seats(limit)), 0);
+                assert!(keys(&full).contains(&"consumption:110"), "{quota}");
+            }
+        }
+        assert_eq!(
+            keys(&crossed(&item(Model::PerDevice, 7, seats(6)), 0)),
+            ["consumption:75"]
+        );
+    }
+
     #[test]
     fn concurrent_thresholds_are_of_max_exceptions() {
         let exceptions = |n| Consumption {
@@ -249,6 +280,9 @@ mod tests {
             )
             .is_empty()
         );
+        // Expired already: no "expires in 1 day" for it.
+        assert!(crossed(&i, 1000 * DAY).is_empty());
+        assert!(crossed(&i, 1200 * DAY).is_empty());
     }
 
     #[test]
