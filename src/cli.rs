@@ -319,7 +319,8 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         Command::Restore { file } => {
             let aside = store::backup::restore(&config.database_path(), &file, clock.now())?;
             println!(
-                "restored {}; the previous database is kept as {}",
+                "restored {}; the previous database is kept as {} (with its -wal file, if it \
+                 had one: keep the two together)",
                 file.display(),
                 aside.display()
             );

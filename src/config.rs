@@ -234,6 +234,13 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level {:?}: {e}", self.log.level)))?;
+        if self.jobs.backup_keep_last == 0 || self.jobs.backup_keep_days < 0 {
+            // 0 would delete each backup as soon as it is taken (with keep_days 0).
+            return Err(ConfigError::Invalid(
+                "jobs.backup_keep_last must be at least 1 and jobs.backup_keep_days not negative"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -320,6 +327,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("KEYGATE_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn retention_that_keeps_no_backup_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.toml");
+        std::fs::write(
+            &path,
+            "[jobs]\nbackup_keep_last = 0\nbackup_keep_days = 0\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("backup_keep_last"), "{err}");
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum BackupError {
     Unsound(PathBuf, String),
     #[error("keygate is running on this data directory: stop the service first")]
     Running,
+    #[error(transparent)]
+    Dir(#[from] crate::appliance::ApplianceError),
 }
 
 impl From<rusqlite::Error> for BackupError {
@@ -54,33 +56,23 @@ pub struct BackupFile {
 const NAME: &[time::format_description::BorrowedFormatItem<'static>] =
     format_description!("keygate-[year][month][day]T[hour][minute][second]Z.db");
 
-/// Takes a backup of `db` into `dir` now.
+/// Takes a backup of `db` into `dir` now. A backup that fails leaves nothing behind.
 pub fn take(db: &Path, dir: &Path, now: OffsetDateTime) -> Result<BackupFile, BackupError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    crate::appliance::create_private_dir(dir)?;
     let name = now.format(NAME).expect("the name format is valid");
     let path = dir.join(&name);
     // Unique: a backup taken from the portal in the same second as the scheduled one must
-    // not write into the same temporary file.
+    // not write into the same temporary file. Owner-only from the start: it holds secrets.
     let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4()));
-    {
-        let src = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        src.busy_timeout(std::time::Duration::from_secs(10))?;
-        let mut dst = Connection::open(&tmp)?;
-        // One step of all pages: the whole database from one read snapshot.
-        let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
-        loop {
-            match backup.step(-1)? {
-                rusqlite::backup::StepResult::Done => break,
-                rusqlite::backup::StepResult::More => {}
-                _ => std::thread::sleep(std::time::Duration::from_millis(50)), // busy or locked
-            }
+    crate::appliance::write_secret_file(&tmp, b"").map_err(io(&tmp))?;
+    let written = copy_checked(db, &tmp).and_then(|()| sync_file(&tmp));
+    if let Err(e) = written {
+        // A damaged database or a full disk: no half-written copy is left to fill the disk.
+        for suffix in ["", "-journal"] {
+            let _ = std::fs::remove_file(side(&tmp, suffix));
         }
-        drop(backup);
-        check(&dst, &tmp)?;
+        return Err(e);
     }
-    owner_only(&tmp)?;
-    let file = std::fs::File::open(&tmp).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
     sync_dir(dir)?;
     let size = std::fs::metadata(&path).map_err(io(&path))?.len();
@@ -89,6 +81,33 @@ pub fn take(db: &Path, dir: &Path, now: OffsetDateTime) -> Result<BackupFile, Ba
         taken_at: now,
         size,
     })
+}
+
+/// Copies `db` into the empty database file `to` from one read snapshot, and checks the copy.
+fn copy_checked(db: &Path, to: &Path) -> Result<(), BackupError> {
+    let src = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    src.busy_timeout(std::time::Duration::from_secs(10))?;
+    let mut dst = Connection::open(to)?;
+    // One step of all pages: the whole database from one read snapshot.
+    let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
+    loop {
+        match backup.step(-1)? {
+            rusqlite::backup::StepResult::Done => break,
+            rusqlite::backup::StepResult::More => {}
+            _ => std::thread::sleep(std::time::Duration::from_millis(50)), // busy or locked
+        }
+    }
+    drop(backup);
+    check(&dst, to)
+}
+
+/// Puts a file's contents on disk (opened for writing: Windows flushes no read-only handle).
+fn sync_file(path: &Path) -> Result<(), BackupError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io(path))
 }
 
 /// Makes a rename in `dir` durable (directories cannot be opened for syncing on Windows).
@@ -231,23 +250,50 @@ pub fn restore(db: &Path, backup: &Path, now: OffsetDateTime) -> Result<PathBuf,
     let tmp = db.with_file_name("keygate.db.restoring");
     std::fs::copy(backup, &tmp).map_err(io(&tmp))?;
     owner_only(&tmp)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io(&tmp))?;
-    if db.exists() {
-        // Fold the WAL into the file first so the copy kept aside is complete.
-        Connection::open(db)?.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
-        std::fs::hard_link(db, &aside)
-            .or_else(|_| std::fs::copy(db, &aside).map(|_| ()))
-            .map_err(io(&aside))?;
+    // Run as root, the restored file must still be the service's to open.
+    same_owner(&tmp, if db.exists() { db } else { data_dir })?;
+    sync_file(&tmp)?;
+    // The database is kept aside as it is, with its WAL: no SQLite opens it, so a database
+    // too damaged to open (what a restore is often for) is kept too. Opened again, the pair
+    // is the database as it was.
+    for (from, to) in [
+        (db.to_path_buf(), aside.clone()),
+        (side(db, "-wal"), side(&aside, "-wal")),
+    ] {
+        if from.exists() {
+            std::fs::hard_link(&from, &to)
+                .or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
+                .map_err(io(&to))?;
+        }
     }
     for suffix in ["-wal", "-shm"] {
-        let side = PathBuf::from(format!("{}{suffix}", db.display()));
-        let _ = std::fs::remove_file(side);
+        let _ = std::fs::remove_file(side(db, suffix));
     }
     std::fs::rename(&tmp, db).map_err(io(db))?;
     sync_dir(data_dir)?;
     Ok(aside)
+}
+
+/// A database's side file (`-wal`, `-shm`).
+fn side(db: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", db.display()))
+}
+
+/// Gives `path` the owner and group of `like` when they differ (a restore run as root).
+#[cfg(unix)]
+fn same_owner(path: &Path, like: &Path) -> Result<(), BackupError> {
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(like).map_err(io(like))?;
+    let have = std::fs::metadata(path).map_err(io(path))?;
+    if (have.uid(), have.gid()) != (want.uid(), want.gid()) {
+        std::os::unix::fs::chown(path, Some(want.uid()), Some(want.gid())).map_err(io(path))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn same_owner(_path: &Path, _like: &Path) -> Result<(), BackupError> {
+    Ok(())
 }
 
 #[cfg(test)]
@@ -261,6 +307,62 @@ mod tests {
             taken_at: t,
             size: 1,
         }
+    }
+
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_failed_backup_leaves_nothing_and_a_good_one_is_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let backups = dir.path().join("backups");
+        let now = datetime!(2026-06-30 12:00 UTC);
+        let damaged = dir.path().join("damaged.db");
+        std::fs::write(&damaged, vec![7u8; 64 * 1024]).unwrap();
+        assert!(take(&damaged, &backups, now).is_err());
+        assert!(files_in(&backups).is_empty(), "{:?}", files_in(&backups));
+
+        let db = dir.path().join("keygate.db");
+        drop(super::super::open(&db).unwrap());
+        let file = take(&db, &backups, now).unwrap();
+        assert_eq!(files_in(&backups), ["keygate-20260630T120000Z.db"]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&file.path), 0o600);
+            assert_eq!(mode(&backups), 0o700);
+        }
+    }
+
+    #[test]
+    fn restore_replaces_a_database_too_damaged_to_open_and_keeps_it_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keygate.db");
+        drop(super::super::open(&db).unwrap());
+        let now = datetime!(2026-06-30 12:00 UTC);
+        let good = take(&db, &dir.path().join("backups"), now).unwrap();
+        std::fs::write(&db, b"garbage where the database was").unwrap();
+        let wal = dir.path().join("keygate.db-wal");
+        std::fs::write(&wal, b"and a WAL of garbage").unwrap();
+
+        let aside = restore(&db, &good.path, now).unwrap();
+        let conn = Connection::open(&db).unwrap();
+        check(&conn, &db).unwrap();
+        assert_eq!(
+            std::fs::read(&aside).unwrap(),
+            b"garbage where the database was"
+        );
+        assert_eq!(
+            std::fs::read(side(&aside, "-wal")).unwrap(),
+            b"and a WAL of garbage"
+        );
     }
 
     #[test]
