@@ -2,6 +2,7 @@
 
 Usage: smtp_sink.py DIR  -- prints "PORT <n>" once listening on 127.0.0.1 (a free port).
 Each accepted message becomes DIR/<n>.eml (written to a temporary name, then renamed).
+Recipients whose address starts with "refused" are refused (550), as for an unknown mailbox.
 
 Environment: SMTP_PORT (default 0: any free port); SMTP_TLS_CERT and SMTP_TLS_KEY (PEM files)
 turn on STARTTLS, required before anything else, or implicit TLS with SMTP_IMPLICIT=1;
@@ -19,6 +20,13 @@ class Sink:
     def __init__(self, directory):
         self.directory = directory
         self.count = 0
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        # As a LAN relay does for an unknown mailbox.
+        if address.startswith("refused"):
+            return "550 5.1.1 No such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         self.count += 1

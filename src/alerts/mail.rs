@@ -157,7 +157,8 @@ impl Email {
 /// The longest one delivery may take, whatever the server does.
 pub const SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Sends one message to all recipients; returns the server's answer.
+/// Sends one message to all recipients; returns the server's answer (and the recipients it
+/// refused, if it refused some but not all).
 pub async fn send(
     settings: &SmtpSettings,
     to: &[Mailbox],
@@ -207,10 +208,46 @@ pub async fn send(
             .authentication(vec![Mechanism::Plain]);
     }
     let transport = transport.build();
-    let sending = transport.send(message);
-    let response = tokio::time::timeout(SEND_LIMIT, sending)
+    let sending = async {
+        let answer = |r: lettre::transport::smtp::response::Response| {
+            r.message().collect::<Vec<_>>().join(" ")
+        };
+        match transport.send(message.clone()).await {
+            Ok(response) => Ok(answer(response)),
+            // A server refusing one address (550 no such user) refuses the whole message:
+            // then each recipient gets it on its own, so one bad address does not keep the
+            // others from their alerts.
+            Err(e) if e.is_permanent() && to.len() > 1 => {
+                let bytes = message.formatted();
+                let (mut accepted, mut refused) = (None, Vec::new());
+                for mailbox in to {
+                    let envelope = lettre::address::Envelope::new(
+                        message.envelope().from().cloned(),
+                        vec![mailbox.email.clone()],
+                    )
+                    .map_err(|e| MailError::Build(e.to_string()))?;
+                    match transport.send_raw(&envelope, &bytes).await {
+                        Ok(response) => accepted = Some(answer(response)),
+                        Err(e) => refused.push(format!("{} ({e})", mailbox.email)),
+                    }
+                }
+                let refused = refused.join(", ");
+                match accepted {
+                    Some(answer) => {
+                        tracing::warn!(%refused, "the SMTP server refused some recipients");
+                        Ok(format!("{answer}; refused: {refused}"))
+                    }
+                    None => Err(MailError::Smtp(format!(
+                        "every recipient refused: {refused}"
+                    ))),
+                }
+            }
+            Err(e) => Err(smtp(e)),
+        }
+    };
+    tokio::time::timeout(SEND_LIMIT, sending)
         .await
-        .map_err(|_| MailError::Smtp(format!("no answer within {} seconds", SEND_LIMIT.as_secs())))?
-        .map_err(smtp)?;
-    Ok(response.message().collect::<Vec<_>>().join(" "))
+        .map_err(|_| {
+            MailError::Smtp(format!("no answer within {} seconds", SEND_LIMIT.as_secs()))
+        })?
 }

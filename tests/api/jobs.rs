@@ -82,6 +82,32 @@ fn alerts_cross_exact_thresholds_once_in_one_email_and_reset_on_renewal() {
 }
 
 #[test]
+fn a_refused_recipient_does_not_keep_the_others_from_their_alerts() {
+    let f = Fixture::new(&item("cad", "standalone", 4, ""));
+    let sink = SmtpSink::start();
+    sink.configure(&f.data);
+    let run = keygate(
+        &f.data,
+        &[
+            "alerts",
+            "recipients",
+            "refused.left@plant.test; it@plant.test",
+        ],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    authorize_devices(&f, "cad", 1..=3);
+    let summary = f.app.run_job("alerts").unwrap();
+    assert!(summary.contains("refused.left@plant.test"), "{summary}");
+    let messages = sink.wait_for(1, StdDuration::from_secs(10));
+    assert_eq!(messages.len(), 1);
+    let text = text_of(&messages[0]);
+    assert!(text.contains("X-Rcpt-To: it@plant.test\r\n"), "{text}");
+    assert!(text.contains("devices reached 75 %: 3 of 4"), "{text}");
+    // Delivered: marked sent, not sent again.
+    assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
+}
+
+#[test]
 fn a_failed_delivery_is_retried_and_nothing_is_marked_sent_until_accepted() {
     let f = Fixture::new(&item("cad", "standalone", 4, ""));
     let sink = SmtpSink::start();
