@@ -56,11 +56,44 @@ pub struct BackupFile {
 const NAME: &[time::format_description::BorrowedFormatItem<'static>] =
     format_description!("keygate-[year][month][day]T[hour][minute][second]Z.db");
 
+const STAMP: &[time::format_description::BorrowedFormatItem<'static>] =
+    format_description!("[year][month][day]T[hour][minute][second]Z");
+
 /// Takes a backup of `db` into `dir` now. A backup that fails leaves nothing behind.
 pub fn take(db: &Path, dir: &Path, now: OffsetDateTime) -> Result<BackupFile, BackupError> {
+    take_as(
+        db,
+        dir,
+        &now.format(NAME).expect("the name format is valid"),
+        now,
+    )
+}
+
+/// Before `db` is migrated from schema `version`: a backup retention does not list (so never
+/// deletes), for going back to the release that wrote it.
+pub fn take_before_upgrade(
+    db: &Path,
+    version: i64,
+    now: OffsetDateTime,
+) -> Result<BackupFile, BackupError> {
+    let dir = db.parent().unwrap_or(Path::new(".")).join(BACKUP_DIR);
+    let stamp = now.format(STAMP).expect("the stamp format is valid");
+    take_as(
+        db,
+        &dir,
+        &format!("keygate-schema{version}-before-upgrade-{stamp}.db"),
+        now,
+    )
+}
+
+fn take_as(
+    db: &Path,
+    dir: &Path,
+    name: &str,
+    now: OffsetDateTime,
+) -> Result<BackupFile, BackupError> {
     crate::appliance::create_private_dir(dir)?;
-    let name = now.format(NAME).expect("the name format is valid");
-    let path = dir.join(&name);
+    let path = dir.join(name);
     // Unique: a backup taken from the portal in the same second as the scheduled one must
     // not write into the same temporary file. Owner-only from the start: it holds secrets.
     let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4()));
@@ -238,11 +271,7 @@ pub fn restore(db: &Path, backup: &Path, now: OffsetDateTime) -> Result<PathBuf,
         let conn = Connection::open_with_flags(backup, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         check(&conn, backup)?;
     }
-    let stamp = now
-        .format(format_description!(
-            "[year][month][day]T[hour][minute][second]Z"
-        ))
-        .expect("valid");
+    let stamp = now.format(STAMP).expect("the stamp format is valid");
     let aside = db.with_file_name(format!("keygate.db.before-restore-{stamp}"));
     // The replacement is complete and on disk before anything else moves; then the live
     // database is replaced by one rename, so a crash at any point leaves a whole database

@@ -52,6 +52,11 @@ pub enum StoreError {
     Missing(&'static str),
     #[error("the database transaction failed to commit: {0}")]
     Commit(Arc<rusqlite::Error>),
+    #[error(
+        "cannot back the database up before migrating it to this release's schema, so it \
+         is left as it is: {0}"
+    )]
+    BackupBeforeUpgrade(String),
 }
 
 /// Opens a connection with keygate's pragmas and brings the schema up to date. A new
@@ -63,6 +68,13 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     let _ = crate::appliance::write_secret_file(path, b"");
     let mut conn = Connection::open(path)?;
     configure(&conn)?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > 0 && version < schema_version() {
+        // An upgrade: the database as the older release left it, to go back to.
+        let file = backup::take_before_upgrade(path, version, time::OffsetDateTime::now_utc())
+            .map_err(|e| StoreError::BackupBeforeUpgrade(e.to_string()))?;
+        tracing::info!(backup = %file.path.display(), "backed up before migrating");
+    }
     migrate(&mut conn)?;
     Ok(conn)
 }
@@ -360,6 +372,45 @@ mod tests {
         let err = open(&path).unwrap_err();
         assert!(matches!(err, StoreError::TooNew { .. }));
         assert!(err.to_string().contains("downgrading is not supported"));
+    }
+
+    #[test]
+    fn an_upgrade_backs_the_older_schema_up_first_out_of_retentions_reach() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.db");
+        let older = schema_version() - 1;
+        {
+            let conn = Connection::open(&path).unwrap();
+            for migration in &MIGRATIONS[..older as usize] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.pragma_update(None, "user_version", older).unwrap();
+        }
+        let conn = open(&path).unwrap();
+        let version = |c: &Connection| -> i64 {
+            c.pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(version(&conn), schema_version());
+        let backups = dir.path().join(backup::BACKUP_DIR);
+        let names: Vec<String> = std::fs::read_dir(&backups)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        let prefix = format!("keygate-schema{older}-before-upgrade-");
+        assert!(names[0].starts_with(&prefix), "{names:?}");
+        let copy = Connection::open(backups.join(&names[0])).unwrap();
+        assert_eq!(version(&copy), older);
+        drop(copy);
+        assert!(
+            backup::list(&backups).unwrap().is_empty(),
+            "retention never sees it"
+        );
+
+        // Opened again at the current schema: no further backup.
+        drop(open(&path).unwrap());
+        assert_eq!(std::fs::read_dir(&backups).unwrap().count(), 1);
     }
 
     #[tokio::test]
