@@ -560,7 +560,8 @@ pub fn rename_handshake(conn: &Connection, code: &str, name: &str) -> Result<boo
         == 1)
 }
 
-/// Deletes a handshake code that is not its organization's default and serves no item.
+/// Deletes a handshake code that is not its organization's default and serves no item (one
+/// a newer license withdrew does not count).
 /// Returns why not, if it could not.
 pub fn delete_handshake(
     conn: &Connection,
@@ -575,13 +576,22 @@ pub fn delete_handshake(
         ));
     }
     let used: i64 = conn
-        .prepare_cached("SELECT COUNT(*) FROM items WHERE handshake_id = ?1")?
+        .prepare_cached("SELECT COUNT(*) FROM items WHERE handshake_id = ?1 AND withdrawn = 0")?
         .query_row([h.id], |r| r.get(0))?;
     if used > 0 {
         return Ok(Err(
             "items are configured to this code: configure them to another code first",
         ));
     }
+    // Items a newer license withdrew serve nobody and are not shown: they stay with the
+    // organization's default code, for their history.
+    conn.prepare_cached(
+        "UPDATE items SET handshake_id = (SELECT id FROM handshake_codes
+                                          WHERE organization_id = items.organization_id
+                                            AND is_default = 1)
+         WHERE handshake_id = ?1",
+    )?
+    .execute([h.id])?;
     conn.prepare_cached("UPDATE leases SET handshake_id = NULL WHERE handshake_id = ?1")?
         .execute([h.id])?;
     conn.prepare_cached("DELETE FROM handshake_codes WHERE id = ?1")?

@@ -843,6 +843,39 @@ impl Browser {
     }
 }
 
+/// The portal hides withdrawn items, so a code left with only those looks unused: it must
+/// be deletable from the portal.
+#[test]
+fn a_handshake_code_left_with_withdrawn_items_only_can_be_deleted() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    f.assign_to_new_code("LIC-T-1", "PLANT-B");
+    f.import(
+        "LIC-T",
+        &item("reader", "per_device", 10, "item_id = \"LIC-T-NEW\""),
+        &["--version", "2"],
+    );
+    let token = csrf(&browser.get("/handshakes").body);
+    let answer = browser.post(
+        "/handshakes/delete",
+        &[("csrf", token.as_str()), ("code", "PLANT-B")],
+    );
+    assert!(
+        answer.body.contains("Handshake code PLANT-B deleted"),
+        "{}",
+        answer.body
+    );
+    let code: String = f
+        .db()
+        .query_row(
+            "SELECT h.code FROM items i JOIN handshake_codes h ON h.id = i.handshake_id
+             WHERE i.item_id = 'LIC-T-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(code, f.code, "the withdrawn item went to the default code");
+}
+
 fn certificate(name: &str) -> (String, String) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let cert = rcgen::CertificateParams::new(vec![name.to_string(), "127.0.0.1".to_string()])
