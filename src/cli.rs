@@ -482,6 +482,7 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
             if password.is_empty() {
                 bail!("the password is empty (give it on standard input)");
             }
+            licensing::handshake::check_password(password).map_err(anyhow::Error::msg)?;
             found(
                 l::set_handshake_password(&conn, &code, Some(&hash_password(password)))?,
                 &code,
@@ -497,6 +498,8 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
             domains,
             processes,
         } => {
+            licensing::handshake::check_validation(&domains, &processes)
+                .map_err(anyhow::Error::msg)?;
             found(
                 l::set_handshake_validation(&conn, &code, &domains, &processes)?,
                 &code,

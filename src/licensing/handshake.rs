@@ -35,6 +35,41 @@ pub fn process_allowed(names: &[String], process: Option<&str>) -> bool {
     names.is_empty() || process.is_some_and(|p| names.iter().any(|n| n.eq_ignore_ascii_case(p)))
 }
 
+/// Checks the validation fields: domains exact or `*.suffix`, processes plain names.
+pub fn check_validation(domains: &[String], processes: &[String]) -> Result<(), String> {
+    for d in domains {
+        let host = d.strip_prefix("*.").unwrap_or(d);
+        let ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            return Err(format!(
+                "{d:?} is not a domain (a name like plant.example.com, or *.example.com)"
+            ));
+        }
+    }
+    for p in processes {
+        if p.len() > 256 || p.chars().any(|c| c.is_control() || c == '/' || c == '\\') {
+            return Err(format!(
+                "{p:?} is not a process name (a file name like scanner.exe, no path)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A session password's length, the same from the portal and the command line.
+pub fn check_password(password: &str) -> Result<(), &'static str> {
+    match password.chars().count() {
+        8..=256 => Ok(()),
+        _ => Err("A session password is 8 to 256 characters"),
+    }
+}
+
 /// An Argon2id hash (PHC string) of a session password.
 pub fn hash_password(password: &str) -> String {
     Argon2::default()

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Session, Viewer};
 use super::{Page, render_form};
-use crate::licensing::handshake::hash_password;
+use crate::licensing::handshake::{check_password, check_validation, hash_password};
 use crate::licensing::is_identifier;
 use crate::server::AppState;
 use crate::store::catalogue::PUBLIC_TRIAL;
@@ -128,33 +128,6 @@ fn lines(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Checks the validation fields: domains exact or `*.suffix`, processes plain names.
-fn check_validation(domains: &[String], processes: &[String]) -> Result<(), String> {
-    for d in domains {
-        let host = d.strip_prefix("*.").unwrap_or(d);
-        let ok = !host.is_empty()
-            && host.len() <= 253
-            && host.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
-        if !ok {
-            return Err(format!(
-                "{d:?} is not a domain (a name like plant.example.com, or *.example.com)"
-            ));
-        }
-    }
-    for p in processes {
-        if p.len() > 256 || p.chars().any(|c| c.is_control() || c == '/' || c == '\\') {
-            return Err(format!(
-                "{p:?} is not a process name (a file name like scanner.exe, no path)"
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// `POST /handshakes/{action}`: create, rename, delete, password, clear-password,
 /// validation, assign, trial.
 pub async fn act(
@@ -175,8 +148,8 @@ pub async fn act(
     let code = form.code.trim().to_string();
     // Argon2 is slow on purpose: hash before taking the database writer.
     let hash = if action == "password" {
-        if form.password.chars().count() < 8 || form.password.chars().count() > 256 {
-            return refuse("A session password is 8 to 256 characters".into()).await;
+        if let Err(e) = check_password(&form.password) {
+            return refuse(e.into()).await;
         }
         let password = form.password.clone();
         Some(

@@ -620,6 +620,29 @@ fn a_new_device_takes_the_item_that_expires_first_with_room() {
 #[test]
 fn session_password_validation_fields_and_blocked_devices() {
     let f = Fixture::new(&item("reader", "per_device", 100, ""));
+    // The command line refuses what the portal refuses, and changes nothing.
+    let short = set_password(&f.data, &f.code, "short");
+    assert!(
+        !short.ok && short.stderr.contains("8 to 256 characters"),
+        "{}",
+        short.stderr
+    );
+    let bad = keygate(
+        &f.data,
+        &[
+            "handshake",
+            "set-validation",
+            &f.code,
+            "--domain",
+            "not a domain!",
+        ],
+    );
+    assert!(
+        !bad.ok && bad.stderr.contains("is not a domain"),
+        "{}",
+        bad.stderr
+    );
+    assert_eq!(f.authorize(&f.request("reader", 9)).0, 200, "still open");
     let mut set = set_password(&f.data, &f.code, "open sesame");
     assert!(set.ok, "{}", set.stderr);
     let code_of = |body: serde_json::Value| {
@@ -671,7 +694,7 @@ fn session_password_validation_fields_and_blocked_devices() {
 #[test]
 fn wrong_session_passwords_are_rate_limited_per_address() {
     let f = Fixture::new(&item("reader", "per_device", 100, ""));
-    assert!(set_password(&f.data, &f.code, "right").ok);
+    assert!(set_password(&f.data, &f.code, "right-password").ok);
     let mut request = f.request("reader", 1);
     request["session_password"] = json!("wrong");
     for attempt in 1..=10 {
@@ -687,7 +710,7 @@ fn wrong_session_passwords_are_rate_limited_per_address() {
         (status, body["error"]["code"].as_str()),
         (429, Some("RATE_LIMITED"))
     );
-    request["session_password"] = json!("right");
+    request["session_password"] = json!("right-password");
     assert_eq!(
         f.authorize(&request).0,
         429,
@@ -700,7 +723,7 @@ fn wrong_session_passwords_are_rate_limited_per_address() {
 #[test]
 fn parallel_password_guesses_get_no_more_than_the_limit() {
     let f = Fixture::new(&item("reader", "per_device", 100, ""));
-    assert!(set_password(&f.data, &f.code, "right").ok);
+    assert!(set_password(&f.data, &f.code, "right-password").ok);
     let mut request = f.request("reader", 1);
     request["session_password"] = json!("wrong");
     // All sent at once: Argon2 runs two at a time, so most wait while none has failed yet.
@@ -721,7 +744,7 @@ fn parallel_password_guesses_get_no_more_than_the_limit() {
 #[test]
 fn a_handshake_code_gets_100_password_checks_a_minute_from_all_addresses() {
     let f = Fixture::new(&item("reader", "per_device", 100, ""));
-    assert!(set_password(&f.data, &f.code, "right").ok);
+    assert!(set_password(&f.data, &f.code, "right-password").ok);
     let id: i64 = f
         .db()
         .query_row(
@@ -753,7 +776,7 @@ fn a_handshake_code_gets_100_password_checks_a_minute_from_all_addresses() {
         (403, Some("SESSION_PASSWORD_MISMATCH".into()))
     );
     assert_eq!(code(&request), (429, Some("RATE_LIMITED".into())));
-    request["session_password"] = json!("right");
+    request["session_password"] = json!("right-password");
     assert_eq!(code(&request).0, 429, "not even the right one this minute");
     f.app.clock.advance(Duration::minutes(1));
     assert_eq!(code(&request).0, 200);
@@ -762,7 +785,7 @@ fn a_handshake_code_gets_100_password_checks_a_minute_from_all_addresses() {
 #[test]
 fn devices_arriving_together_with_the_right_password_are_not_limited() {
     let f = Fixture::new(&item("reader", "per_device", 100, ""));
-    assert!(set_password(&f.data, &f.code, "right").ok);
+    assert!(set_password(&f.data, &f.code, "right-password").ok);
     // 30 devices behind one address (a NAT) start at once, the password not yet verified:
     // one Argon2 check (two at most) verifies it, the others find it in the cache.
     let statuses: Vec<u16> = std::thread::scope(|s| {
@@ -771,7 +794,7 @@ fn devices_arriving_together_with_the_right_password_are_not_limited() {
                 let f = &f;
                 s.spawn(move || {
                     let mut request = f.request("reader", n);
-                    request["session_password"] = json!("right");
+                    request["session_password"] = json!("right-password");
                     f.authorize(&request).0
                 })
             })
