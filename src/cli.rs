@@ -591,6 +591,7 @@ fn alerts(config: &Config, command: AlertsCommand) -> Result<()> {
             } else {
                 None
             };
+            mail::check_host(&host).map_err(anyhow::Error::msg)?;
             let tls = mail::TlsMode::parse(&tls).expect("clap checked it");
             let settings = mail::SmtpSettings {
                 port: port.unwrap_or(match tls {

@@ -154,6 +154,15 @@ impl Email {
     }
 }
 
+/// An SMTP host as the settings take it: a host name or an IP address, no port or scheme.
+pub fn check_host(host: &str) -> Result<(), &'static str> {
+    if crate::licensing::handshake::is_host_name(host) || host.parse::<std::net::IpAddr>().is_ok() {
+        Ok(())
+    } else {
+        Err("The SMTP host must be a host name or an IP address (the port goes in its own field)")
+    }
+}
+
 /// The longest one delivery may take, whatever the server does.
 pub const SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 

@@ -38,15 +38,7 @@ pub fn process_allowed(names: &[String], process: Option<&str>) -> bool {
 /// Checks the validation fields: domains exact or `*.suffix`, processes plain names.
 pub fn check_validation(domains: &[String], processes: &[String]) -> Result<(), String> {
     for d in domains {
-        let host = d.strip_prefix("*.").unwrap_or(d);
-        let ok = !host.is_empty()
-            && host.len() <= 253
-            && host.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
-        if !ok {
+        if !is_host_name(d.strip_prefix("*.").unwrap_or(d)) {
             return Err(format!(
                 "{d:?} is not a domain (a name like plant.example.com, or *.example.com)"
             ));
@@ -60,6 +52,17 @@ pub fn check_validation(domains: &[String], processes: &[String]) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// A DNS host name: dot-separated labels of letters, digits and '-'.
+pub fn is_host_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// A session password's length, the same from the portal and the command line.

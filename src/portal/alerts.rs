@@ -262,11 +262,8 @@ pub async fn smtp(
         ))
     };
     let host = form.host.trim();
-    if host.is_empty()
-        || host.len() > 253
-        || host.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        return refuse("host", "The SMTP host must be a host name or address");
+    if let Err(e) = mail::check_host(host) {
+        return refuse("host", e);
     }
     let Some(tls) = TlsMode::parse(&form.tls) else {
         return refuse("tls", "Choose STARTTLS, TLS or none");
@@ -292,15 +289,18 @@ pub async fn smtp(
     // A stored password is kept only for the server it was given for: changing where mail
     // goes (or how it is protected) without typing it again drops it, so nobody can send it
     // to a server of their own choosing.
-    let password = if form.password.is_empty() {
+    let (password, dropped) = if form.password.is_empty() {
         let stored = state.store.read(mail::load_settings).await?;
-        stored
+        let had = stored.as_ref().is_some_and(|s| s.password.is_some());
+        let kept = stored
             .filter(|s| {
                 s.host == host && s.port == port && s.tls == tls && s.user == user && s.ca == ca
             })
-            .and_then(|s| s.password)
+            .and_then(|s| s.password);
+        let dropped = had && kept.is_none();
+        (kept, dropped)
     } else {
-        Some(form.password.clone())
+        (Some(form.password.clone()), false)
     };
     if password.is_some() && tls == TlsMode::None {
         return refuse(
@@ -347,7 +347,13 @@ pub async fn smtp(
                 &admin,
                 shown,
                 runs,
-                Some("SMTP server saved.".into()),
+                Some(if dropped {
+                    "SMTP server saved. The stored password was removed because the server \
+                     changed: type it again if this server needs one."
+                        .into()
+                } else {
+                    "SMTP server saved.".into()
+                }),
                 None,
             ))
         }

@@ -689,10 +689,14 @@ fn alert_settings_are_checked_and_a_test_email_reports_the_server_answer() {
     let answer = save("mail.plant.test", "none", "mail-secret-1");
     assert_eq!(answer.status, 400, "never in clear text");
     assert_eq!(stored().as_deref(), Some("mail-secret-1"));
+    let answer = save("mail.plant.test:587", "starttls", "");
+    assert_eq!(answer.status, 400, "a port in the host field");
+    assert!(answer.body.contains("the port goes in its own field"));
+    assert_eq!(stored().as_deref(), Some("mail-secret-1"));
     assert!(
         save("elsewhere.example", "starttls", "")
             .body
-            .contains("SMTP server saved")
+            .contains("The stored password was removed because the server changed")
     );
     assert_eq!(stored(), None, "dropped when the server changes");
 }
