@@ -136,6 +136,15 @@ pub fn create_private_dir(dir: &Path) -> Result<(), ApplianceError> {
         })
 }
 
+/// Whether a presented secret (a token, a CSRF value) is the expected one, compared in
+/// constant time so the answer's timing tells nothing about how much of it matched.
+pub fn same_secret(presented: &str, expected: &str) -> bool {
+    bool::from(subtle::ConstantTimeEq::ct_eq(
+        presented.as_bytes(),
+        expected.as_bytes(),
+    ))
+}
+
 /// Writes a new file readable by the owner only (0600 on Unix), durably, refusing to
 /// overwrite an existing one.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {

@@ -230,10 +230,7 @@ fn metrics_refusal(
             let presented = authorization
                 .and_then(|h| h.strip_prefix("Bearer "))
                 .unwrap_or_default();
-            if bool::from(subtle::ConstantTimeEq::ct_eq(
-                presented.as_bytes(),
-                token.as_bytes(),
-            )) {
+            if crate::appliance::same_secret(presented, token) {
                 None
             } else {
                 Some(

@@ -17,8 +17,8 @@ use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
 use data_encoding::{BASE64URL_NOPAD, HEXLOWER};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
+use crate::appliance::same_secret;
 use crate::server::AppState;
 use crate::store::{StoreError, admins};
 
@@ -232,7 +232,7 @@ impl<R: Requirement + 'static, F: CsrfForm + DeserializeOwned + 'static> FromReq
                 .await
                 .map_err(|e| PortalError::BadForm(format!("the form could not be read: {e}")))?
                 .into_inner();
-            if !bool::from(admin.csrf.as_bytes().ct_eq(form.csrf().as_bytes())) {
+            if !same_secret(form.csrf(), &admin.csrf) {
                 return Err(PortalError::Csrf.into());
             }
             Ok(Post(admin, form))

@@ -7,10 +7,10 @@ use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use askama::Template;
 use futures_util::StreamExt;
-use subtle::ConstantTimeEq;
 
 use super::auth::{Manager, PortalError, Session, Viewer};
 use super::{Page, render, render_form};
+use crate::appliance::same_secret;
 use crate::licensing::{from_unix, import, rfc3339};
 use crate::server::AppState;
 use crate::store::licenses::{self, ItemRow, LicenseVersion};
@@ -142,7 +142,7 @@ pub async fn read_files(
             files.insert(name, data);
         }
     }
-    if !bool::from(token.as_bytes().ct_eq(csrf.as_bytes())) {
+    if !same_secret(&token, csrf) {
         return Err(PortalError::Csrf);
     }
     Ok(files)

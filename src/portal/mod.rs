@@ -218,9 +218,8 @@ fn form_token(req: &HttpRequest) -> String {
 }
 
 fn form_cookie_matches(req: &HttpRequest, csrf: &str) -> bool {
-    use subtle::ConstantTimeEq;
     req.cookie(FORM_COOKIE)
-        .is_some_and(|c| bool::from(c.value().as_bytes().ct_eq(csrf.as_bytes())))
+        .is_some_and(|c| crate::appliance::same_secret(c.value(), csrf))
 }
 
 #[derive(Template)]
