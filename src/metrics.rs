@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use keygate_sdk::wire::ErrorCode;
 
+use crate::store::Commits;
 use crate::store::licenses::ItemRow;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -112,8 +113,14 @@ impl Metrics {
         }
     }
 
-    /// The exposition, with the database gauges given.
-    pub fn render(&self, items: &[ItemRow], backup_age_s: Option<i64>, uptime_s: i64) -> String {
+    /// The exposition, with the database's figures given.
+    pub fn render(
+        &self,
+        items: &[ItemRow],
+        commits: &Commits,
+        backup_age_s: Option<i64>,
+        uptime_s: i64,
+    ) -> String {
         let mut out = String::with_capacity(8192);
         out.push_str(
             "# HELP keygate_requests_total Client protocol answers by endpoint and outcome.\n",
@@ -168,6 +175,18 @@ impl Metrics {
             "keygate_renewals_refused_total",
             "Usage calls whose renewal was refused.",
             self.renewals_refused.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "keygate_db_batches_total",
+            "Database transactions the writer ran (group commit: each holds many requests).",
+            commits.committed(),
+        );
+        counter(
+            &mut out,
+            "keygate_db_wal_syncs_total",
+            "Syncs of the database's WAL to disk (each makes every batch before it durable).",
+            commits.syncs(),
         );
         out.push_str("# HELP keygate_job_runs_total Scheduled job runs by outcome.\n# TYPE keygate_job_runs_total counter\n");
         for (i, job) in JOBS.iter().enumerate() {

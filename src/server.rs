@@ -277,6 +277,7 @@ async fn metrics(state: web::Data<AppState>, req: actix_web::HttpRequest) -> Htt
                 .content_type("text/plain; version=0.0.4")
                 .body(state.metrics.render(
                     &items,
+                    state.store.commits(),
                     last_backup.map(|t| now - t),
                     now - state.started_at.unix_timestamp(),
                 ))

@@ -15,6 +15,7 @@ pub mod settings;
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
@@ -52,6 +53,8 @@ pub enum StoreError {
     Missing(&'static str),
     #[error("the database transaction failed to commit: {0}")]
     Commit(Arc<rusqlite::Error>),
+    #[error("cannot open the database's WAL file: {0}")]
+    Wal(String),
     #[error(
         "cannot back the database up before migrating it to this release's schema, so it \
          is left as it is: {0}"
@@ -144,25 +147,70 @@ struct Inner {
     jobs: mpsc::Sender<Box<dyn Job>>,
     readers: Mutex<Vec<Connection>>,
     catalogue: catalogue::CatalogueCache,
+    commits: Arc<Commits>,
+}
+
+/// How far group commit has got: batches are numbered from 1 as the writer ends them
+/// (committed, or failed and rolled back).
+#[derive(Debug, Default)]
+pub struct Commits {
+    committed: AtomicU64,
+    synced: AtomicU64,
+    syncs: AtomicU64,
+}
+
+impl Commits {
+    /// Batches the writer has ended (each one transaction of many requests).
+    pub fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// The newest batch known to be on disk: every batch up to it is.
+    pub fn synced(&self) -> u64 {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Syncs of the WAL made (each covers every batch committed before it).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Acquire)
+    }
 }
 
 impl Store {
-    /// Opens (and migrates) the database and starts the writer thread.
+    /// Opens (and migrates) the database and starts the writer and syncer threads.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = open(path)?;
+        let wal = open_wal(path)?;
+        // Commits no longer wait for the disk: the syncer thread syncs the WAL and only then
+        // answers the batches it covers (see `syncer`).
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let commits = Arc::new(Commits::default());
         let (jobs, queue) = mpsc::channel();
+        let (committed, to_sync) = mpsc::channel();
+        let writer_commits = commits.clone();
         std::thread::Builder::new()
             .name("keygate-db-writer".into())
-            .spawn(move || writer(conn, queue))
+            .spawn(move || writer(conn, queue, committed, &writer_commits))
             .expect("the writer thread starts");
+        let syncer_commits = commits.clone();
+        std::thread::Builder::new()
+            .name("keygate-db-syncer".into())
+            .spawn(move || syncer(wal, to_sync, &syncer_commits))
+            .expect("the syncer thread starts");
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 jobs,
                 readers: Mutex::new(Vec::new()),
                 catalogue: Default::default(),
+                commits,
             }),
         })
+    }
+
+    /// Group commit's progress (for `/metrics`).
+    pub fn commits(&self) -> &Commits {
+        &self.inner.commits
     }
 
     /// Runs `f` on the writer, inside a transaction shared with other requests. `f`'s changes
@@ -295,7 +343,30 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
-fn writer(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
+/// The WAL file the writer's connection appends to, opened for syncing it. SQLite keeps
+/// this file (the same inode: it is reset and truncated, never deleted) while any
+/// connection is open, and the writer's stays open for the life of the process. SQLite holds
+/// no lock on the WAL itself (WAL locks live in the `-shm` file), so this handle cannot
+/// disturb them.
+fn open_wal(path: &Path) -> Result<std::fs::File, StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    // Written through: Windows flushes only a handle opened for writing.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(PathBuf::from(name))
+        .map_err(|e| StoreError::Wal(e.to_string()))
+}
+
+/// A committed (or failed) batch on its way to the syncer, with its number.
+type Batch = (u64, Vec<Box<dyn Job>>, Result<(), StoreError>);
+
+fn writer(
+    conn: Connection,
+    queue: mpsc::Receiver<Box<dyn Job>>,
+    to_sync: mpsc::Sender<Batch>,
+    commits: &Commits,
+) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -319,13 +390,43 @@ fn writer(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
         if let Err(e) = &committed {
             tracing::error!(error = %e, jobs = batch.len(), "database batch failed");
         }
-        for job in batch {
-            let committed = match &committed {
-                Ok(()) => Ok(()),
-                Err(StoreError::Commit(e)) => Err(StoreError::Commit(e.clone())),
-                Err(_) => Err(StoreError::WriterGone),
-            };
-            job.finish(committed);
+        let number = commits.committed.fetch_add(1, Ordering::AcqRel) + 1;
+        if to_sync.send((number, batch, committed)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Group commit's second half: syncs the WAL once for every batch committed since the last
+/// sync, then answers their requests, so a request is answered only when its transaction is
+/// on disk. The writer commits the next batches meanwhile (`synchronous = NORMAL`: its
+/// commits write the WAL without waiting for the disk), so the cores work while the disk
+/// syncs, and one sync covers every batch that queued behind a slow one.
+fn syncer(wal: std::fs::File, committed: mpsc::Receiver<Batch>, commits: &Commits) {
+    while let Ok(first) = committed.recv() {
+        let mut batches = vec![first];
+        batches.extend(committed.try_iter());
+        // The WAL is append-only between checkpoints, which sync it themselves before they
+        // reuse it: syncing it now makes every frame written before this call durable.
+        if let Err(e) = wal.sync_data() {
+            // The outcome of these commits is unknown: nothing may be acknowledged, and
+            // going on could acknowledge later commits that depend on them. The service
+            // manager restarts keygate, and SQLite recovers what reached the disk.
+            tracing::error!(error = %e, "syncing the database's WAL failed; stopping");
+            std::process::exit(1);
+        }
+        let newest = batches.last().map_or(0, |(number, ..)| *number);
+        commits.synced.store(newest, Ordering::Release);
+        commits.syncs.fetch_add(1, Ordering::AcqRel);
+        for (_, batch, committed) in batches {
+            for job in batch {
+                let committed = match &committed {
+                    Ok(()) => Ok(()),
+                    Err(StoreError::Commit(e)) => Err(StoreError::Commit(e.clone())),
+                    Err(_) => Err(StoreError::WriterGone),
+                };
+                job.finish(committed);
+            }
         }
     }
 }
@@ -444,6 +545,48 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got, vec![Some("1".into()), None, Some("1".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_write_is_answered_only_once_its_batch_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let store = Store::open(&path).unwrap();
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..300 {
+            let store = store.clone();
+            writes.spawn(async move {
+                let commits = store.inner.commits.clone();
+                // Run inside batch `committed + 1`: the writer numbers a batch on commit.
+                let batch = store
+                    .write(move |conn| {
+                        settings::set(conn, &format!("key{i}"), "v")?;
+                        Ok::<_, StoreError>(commits.committed() + 1)
+                    })
+                    .await
+                    .unwrap();
+                let synced = store.commits().synced();
+                assert!(
+                    synced >= batch,
+                    "answered in batch {batch}, synced {synced}"
+                );
+            });
+        }
+        while let Some(write) = writes.join_next().await {
+            write.unwrap();
+        }
+        let commits = store.commits();
+        assert_eq!(commits.synced(), commits.committed());
+        assert!((1..=commits.committed()).contains(&commits.syncs()));
+        let keys: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM settings WHERE key LIKE 'key%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(keys, 300);
     }
 
     #[tokio::test]
