@@ -36,42 +36,50 @@ pub fn css_path() -> &'static str {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/", web::get().to(dashboard::page))
-        .route("/login", web::get().to(login_page))
-        .route("/login", web::post().to(login))
-        .route("/logout", web::post().to(logout))
-        .route("/setup", web::get().to(setup_page))
-        .route("/setup", web::post().to(setup))
-        .route("/licenses", web::get().to(licenses::list))
-        .route("/licenses", web::post().to(licenses::upload))
-        .route(
-            "/licenses/activation-request",
-            web::get().to(licenses::activation_request),
-        )
-        .route("/licenses/items/{item_id}", web::get().to(licenses::item))
-        .route("/alerts", web::get().to(alerts::page))
-        .route("/alerts/recipients", web::post().to(alerts::set_recipients))
-        .route("/alerts/smtp", web::post().to(alerts::smtp))
-        .route("/audit", web::get().to(alerts::audit))
-        .route("/handshakes", web::get().to(handshakes::page))
-        .route("/handshakes/{action}", web::post().to(handshakes::act))
-        .route("/settings", web::get().to(settings::page))
-        .route(
-            "/settings/certificate",
-            web::post().to(settings::certificate),
-        )
-        .route("/settings/backup", web::post().to(settings::backup_now))
-        .route(
-            "/settings/backups/{name}",
-            web::get().to(settings::download),
-        )
-        .route("/admins", web::get().to(admins::page))
-        .route("/admins/{action}", web::post().to(admins::act))
-        .route("/devices", web::get().to(devices::list))
-        .route("/devices/remove-user", web::post().to(devices::remove_user))
-        .route("/devices/{uuid}", web::get().to(devices::detail))
-        .route("/devices/{uuid}/{action}", web::post().to(devices::act))
-        .route("/static/{file}", web::get().to(stylesheet));
+    // A form posted without one of its fields, or not as a form, gets the portal's page with
+    // the reason, not a plain-text 400.
+    cfg.app_data(web::FormConfig::default().error_handler(|e, _req| {
+        PortalError::BadForm(format!(
+            "The form could not be read ({e}); reload the page and try again."
+        ))
+        .into()
+    }))
+    .route("/", web::get().to(dashboard::page))
+    .route("/login", web::get().to(login_page))
+    .route("/login", web::post().to(login))
+    .route("/logout", web::post().to(logout))
+    .route("/setup", web::get().to(setup_page))
+    .route("/setup", web::post().to(setup))
+    .route("/licenses", web::get().to(licenses::list))
+    .route("/licenses", web::post().to(licenses::upload))
+    .route(
+        "/licenses/activation-request",
+        web::get().to(licenses::activation_request),
+    )
+    .route("/licenses/items/{item_id}", web::get().to(licenses::item))
+    .route("/alerts", web::get().to(alerts::page))
+    .route("/alerts/recipients", web::post().to(alerts::set_recipients))
+    .route("/alerts/smtp", web::post().to(alerts::smtp))
+    .route("/audit", web::get().to(alerts::audit))
+    .route("/handshakes", web::get().to(handshakes::page))
+    .route("/handshakes/{action}", web::post().to(handshakes::act))
+    .route("/settings", web::get().to(settings::page))
+    .route(
+        "/settings/certificate",
+        web::post().to(settings::certificate),
+    )
+    .route("/settings/backup", web::post().to(settings::backup_now))
+    .route(
+        "/settings/backups/{name}",
+        web::get().to(settings::download),
+    )
+    .route("/admins", web::get().to(admins::page))
+    .route("/admins/{action}", web::post().to(admins::act))
+    .route("/devices", web::get().to(devices::list))
+    .route("/devices/remove-user", web::post().to(devices::remove_user))
+    .route("/devices/{uuid}", web::get().to(devices::detail))
+    .route("/devices/{uuid}/{action}", web::post().to(devices::act))
+    .route("/static/{file}", web::get().to(stylesheet));
 }
 
 /// Paths that need no session: the client protocol, health and metrics, sign-in, setup,

@@ -177,6 +177,19 @@ fn first_admin_setup_then_dashboard() {
         "signed out: sent to sign in"
     );
     assert_eq!(browser.get("/setup?token=wrong").status, 404);
+    // Forms posted without their fields (not possible from the pages) get a page saying so.
+    for (path, form) in [
+        ("/setup", &[("name", "olivia")]),
+        ("/login", &[("name", "olivia")]),
+    ] {
+        let answer = browser.post(path, form);
+        assert_eq!(answer.status, 400, "{path}");
+        assert!(
+            answer.body.contains("<html") && answer.body.contains("The form could not be read"),
+            "{path}: {}",
+            answer.body
+        );
+    }
 
     let token = setup_token(&f.app);
     let page = browser.get(&format!("/setup?token={token}"));
