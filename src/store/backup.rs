@@ -30,6 +30,40 @@ pub enum BackupError {
     Running,
     #[error(transparent)]
     Dir(#[from] crate::appliance::ApplianceError),
+    #[error(
+        "not enough free space for a backup in {dir}: it needs about {needed_mib} MiB and \
+         {HEADROOM_MIB} MiB more kept free for the database, and {available_mib} MiB is free; \
+         free some space or keep fewer backups (backup_keep_last, backup_keep_days)"
+    )]
+    NoSpace {
+        dir: PathBuf,
+        needed_mib: u64,
+        available_mib: u64,
+    },
+}
+
+/// Free space a backup leaves on the data directory's file system, for the database itself.
+const HEADROOM_MIB: u64 = 64;
+const MIB: u64 = 1024 * 1024;
+
+/// Refuses a backup of `needed` bytes that would leave less than the headroom free: a disk
+/// filled by a backup would fail the devices' requests until the backup gave up.
+fn check_space(dir: &Path, needed: u64, available: u64) -> Result<(), BackupError> {
+    if needed.saturating_add(HEADROOM_MIB * MIB) <= available {
+        return Ok(());
+    }
+    Err(BackupError::NoSpace {
+        dir: dir.to_path_buf(),
+        needed_mib: needed.div_ceil(MIB),
+        available_mib: available / MIB,
+    })
+}
+
+/// The most a copy of `db` can take: the database file and its WAL.
+fn copy_size(db: &Path) -> Result<u64, BackupError> {
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len());
+    let db_size = size(db).map_err(io(db))?;
+    Ok(db_size + size(&side(db, "-wal")).unwrap_or(0))
 }
 
 impl From<rusqlite::Error> for BackupError {
@@ -93,6 +127,8 @@ fn take_as(
     now: OffsetDateTime,
 ) -> Result<BackupFile, BackupError> {
     crate::appliance::create_private_dir(dir)?;
+    let available = fs4::available_space(dir).map_err(io(dir))?;
+    check_space(dir, copy_size(db)?, available)?;
     let path = dir.join(name);
     // Unique: a backup taken from the portal in the same second as the scheduled one must
     // not write into the same temporary file. Owner-only from the start: it holds secrets.
@@ -329,6 +365,21 @@ fn same_owner(_path: &Path, _like: &Path) -> Result<(), BackupError> {
 mod tests {
     use super::*;
     use time::macros::datetime;
+
+    #[test]
+    fn a_backup_must_leave_the_headroom_free() {
+        let dir = Path::new("/var/lib/keygate/backups");
+        let headroom = HEADROOM_MIB * MIB;
+        assert!(check_space(dir, 500 * MIB, 500 * MIB + headroom).is_ok());
+        let err = check_space(dir, 500 * MIB, 500 * MIB + headroom - 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "not enough free space for a backup in /var/lib/keygate/backups: it needs about \
+             500 MiB and 64 MiB more kept free for the database, and 563 MiB is free; free \
+             some space or keep fewer backups (backup_keep_last, backup_keep_days)"
+        );
+        assert!(check_space(dir, u64::MAX, u64::MAX - 1).is_err());
+    }
 
     fn file(t: OffsetDateTime) -> BackupFile {
         BackupFile {
