@@ -220,7 +220,7 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
     let (sends, clears, smtp, recipients) = state
         .store
         .read(move |conn| {
-            let mut sends: Vec<(Crossing, u32)> = Vec::new();
+            let mut sends: Vec<Crossing> = Vec::new();
             let mut clears = Vec::new();
             for item in store::licenses::all_items(conn)?
                 .into_iter()
@@ -228,8 +228,8 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
             {
                 let crossed = alerts::crossed(&item, now);
                 let marks = ops::alert_marks(conn, &item.item_id)?;
-                let (send, clear) = alerts::plan(&item, &crossed, &marks);
-                sends.extend(send.into_iter().map(|c| (c, item.license_version)));
+                let (send, clear) = alerts::plan(&crossed, &marks);
+                sends.extend(send);
                 clears.extend(clear.into_iter().map(|k| (item.item_id.clone(), k)));
             }
             let smtp = mail::load_settings(conn)?;
@@ -258,7 +258,6 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
             sends.len()
         ));
     };
-    let crossings: Vec<Crossing> = sends.iter().map(|(c, _)| c.clone()).collect();
     let host = crate::appliance::hostname();
     let portal = portal_url(state);
     let id = state.appliance.installation_id();
@@ -266,13 +265,13 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
     let email = mail::Email {
         subject: format!(
             "keygate: {} license threshold(s) crossed on {host}",
-            crossings.len()
+            sends.len()
         ),
         text: AlertText {
             appliance: &host,
             installation_id: id,
             portal: &portal,
-            crossings: &crossings,
+            crossings: &sends,
         }
         .render()
         .map_err(render)?,
@@ -280,7 +279,7 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
             appliance: &host,
             installation_id: id,
             portal: &portal,
-            crossings: &crossings,
+            crossings: &sends,
         }
         .render()
         .map_err(render)?,
@@ -290,8 +289,8 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
     state
         .store
         .write(move |conn| {
-            for (c, version) in &sends {
-                ops::set_alert_mark(conn, &c.item_id, &c.key, *version, now)?;
+            for c in &sends {
+                ops::set_alert_mark(conn, &c.item_id, &c.key, c.basis, now)?;
             }
             Ok::<_, StoreError>(())
         })

@@ -1,6 +1,6 @@
 //! Usage alerts: which thresholds an item has crossed (pure), and the emails that tell the
-//! admins. Each threshold is sent once per item until a renewal (a new license version) or
-//! a drop below it (a top-up, seats freed) resets it.
+//! admins. Each threshold is sent once per item until what it is measured against changes
+//! (a new quota or expiry) or the figure drops below it (a top-up, seats freed).
 
 pub mod mail;
 pub mod notices;
@@ -26,6 +26,9 @@ pub struct Crossing {
     pub of: i64,
     /// What happens next, for the admin.
     pub next: String,
+    /// What the threshold was crossed against: the quota (`max_exceptions` for the
+    /// concurrent models) or the expiry time. A mark sent against another basis is void.
+    pub basis: i64,
 }
 
 /// Consumption thresholds (percent) per model.
@@ -88,7 +91,7 @@ fn what_next(item: &ItemRow) -> String {
 /// Every threshold the item has crossed at `now`.
 pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
     let mut out = Vec::new();
-    let crossing = |key: String, what: String, figure, of, next: String| Crossing {
+    let crossing = |key: String, what: String, figure, of, next: String, basis| Crossing {
         key,
         item_id: item.item_id.clone(),
         license_id: item.license_id.clone(),
@@ -98,6 +101,7 @@ pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
         figure,
         of,
         next,
+        basis,
     };
     let (figure, base, unit) = consumption(item);
     // A seat model admits its tolerance rounded down (110 % of 7 seats is 7), so its last
@@ -116,6 +120,7 @@ pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
                     figure,
                     base,
                     what_next(item),
+                    base,
                 ));
             }
         }
@@ -134,32 +139,26 @@ pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
                     "On {} every device of this item is refused (LICENSE_EXPIRED) unless a renewal is imported.",
                     crate::licensing::rfc3339(crate::licensing::from_unix(item.terms.expires_at))
                 ),
+                item.terms.expires_at,
             ));
         }
     }
     out
 }
 
-/// Decides, from the thresholds crossed now and the marks already sent (threshold, license
-/// version), which crossings to send and which marks to clear.
-pub fn plan(
-    item: &ItemRow,
-    crossed: &[Crossing],
-    marks: &[(String, u32)],
-) -> (Vec<Crossing>, Vec<String>) {
-    let current = |key: &str| {
-        marks
-            .iter()
-            .any(|(k, v)| k == key && *v == item.license_version)
-    };
+/// Decides, from the thresholds crossed now and the marks already sent (threshold, basis),
+/// which crossings to send and which marks to clear: a renewal that keeps the quota and
+/// expiry sends nothing again.
+pub fn plan(crossed: &[Crossing], marks: &[(String, i64)]) -> (Vec<Crossing>, Vec<String>) {
+    let sent = |key: &str, basis: i64| marks.iter().any(|(k, b)| k == key && *b == basis);
     let send = crossed
         .iter()
-        .filter(|c| !current(&c.key))
+        .filter(|c| !sent(&c.key, c.basis))
         .cloned()
         .collect();
     let clear = marks
         .iter()
-        .filter(|(k, v)| *v != item.license_version || !crossed.iter().any(|c| &c.key == k))
+        .filter(|(k, b)| !crossed.iter().any(|c| &c.key == k && c.basis == *b))
         .map(|(k, _)| k.clone())
         .collect();
     (send, clear)
@@ -286,32 +285,52 @@ mod tests {
     }
 
     #[test]
-    fn plan_sends_once_and_resets_on_renewal_or_drop() {
+    fn plan_sends_once_and_again_only_for_a_new_quota_or_expiry_or_a_new_crossing() {
         let seats = |n| Consumption {
             seats_used: n,
             ..Consumption::default()
         };
         let mut i = item(Model::PerDevice, 100, seats(91));
         let now = crossed(&i, 0);
-        let (send, clear) = plan(&i, &now, &[]);
+        let (send, clear) = plan(&now, &[]);
         assert_eq!(keys(&send), ["consumption:75", "consumption:90"]);
         assert!(clear.is_empty());
-        let marks = vec![
-            ("consumption:75".to_string(), 1),
-            ("consumption:90".to_string(), 1),
-        ];
-        assert!(plan(&i, &now, &marks).0.is_empty(), "no repeat");
+        let marks: Vec<(String, i64)> = send.iter().map(|c| (c.key.clone(), c.basis)).collect();
+        assert_eq!(marks[0], ("consumption:75".to_string(), 100));
+        assert!(plan(&now, &marks).0.is_empty(), "no repeat");
+
+        // A renewal with the same quota sends nothing again; one with another quota that
+        // is still crossed does.
         i.license_version = 2;
-        let (send, clear) = plan(&i, &now, &marks);
-        assert_eq!((send.len(), clear.len()), (2, 2), "a renewal resets");
-        i.license_version = 1;
+        assert_eq!(plan(&crossed(&i, 0), &marks), (vec![], vec![]));
+        i.terms.quota = 120;
+        let (send, clear) = plan(&crossed(&i, 0), &marks);
+        assert_eq!(keys(&send), ["consumption:75"], "91 of 120");
+        assert_eq!(clear, ["consumption:75", "consumption:90"]);
+
+        i.terms.quota = 100;
         i.used = seats(80);
-        let (send, clear) = plan(&i, &crossed(&i, 0), &marks);
+        let (send, clear) = plan(&crossed(&i, 0), &marks);
         assert!(send.is_empty());
         assert_eq!(
             clear,
             ["consumption:90"],
             "dropped below: sent again on the next crossing"
         );
+    }
+
+    #[test]
+    fn expiry_warnings_come_again_only_for_a_new_expiry() {
+        let mut i = item(Model::Tokens, 100, Consumption::default());
+        let soon = i.terms.expires_at - 5 * DAY;
+        let warned = crossed(&i, soon);
+        assert_eq!(keys(&warned), ["expiry:30", "expiry:7"]);
+        let marks: Vec<(String, i64)> = warned.iter().map(|c| (c.key.clone(), c.basis)).collect();
+        i.license_version = 2;
+        assert!(plan(&crossed(&i, soon), &marks).0.is_empty(), "same expiry");
+        i.terms.expires_at += 20 * DAY;
+        let (send, clear) = plan(&crossed(&i, soon), &marks);
+        assert_eq!(keys(&send), ["expiry:30"], "renewed to 25 days ahead");
+        assert_eq!(clear, ["expiry:30", "expiry:7"]);
     }
 }

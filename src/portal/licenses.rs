@@ -240,7 +240,7 @@ struct ItemPage {
     handshake: String,
     starts: String,
     expires: String,
-    alerts: Vec<(String, u32)>,
+    alerts: Vec<(String, i64)>,
 }
 
 /// `GET /licenses/items/{item_id}`: an item's terms and consumption (linked from alerts).

@@ -30,6 +30,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_portal.sql"),
     include_str!("migrations/0005_catalogue.sql"),
     include_str!("migrations/0006_housekeeping.sql"),
+    include_str!("migrations/0007_alert_basis.sql"),
 ];
 
 /// How many requests one transaction commits at most.
@@ -512,6 +513,55 @@ mod tests {
         // Opened again at the current schema: no further backup.
         drop(open(&path).unwrap());
         assert_eq!(std::fs::read_dir(&backups).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn alert_marks_of_the_current_license_version_keep_counting_after_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for migration in &MIGRATIONS[..6] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 6).unwrap();
+            conn.execute_batch(
+                "INSERT INTO organizations VALUES ('o', 'v', 0);
+                 INSERT INTO handshake_codes (id, code, organization_id, name, created_at)
+                 VALUES (1, 'o-1', 'o', 'default', 0);
+                 INSERT INTO licenses VALUES ('L1', 3, 'v', 'o', 0, 'k', 'j', 's', 0),
+                                             ('L2', 1, 'v', 'o', 0, 'k', 'j', 's', 0);
+                 INSERT INTO items (item_id, license_id, license_version, organization_id,
+                     handshake_id, product, model, quota, starts_at, expires_at, offline_days,
+                     features, max_exceptions)
+                 VALUES ('SEATS', 'L1', 3, 'o', 1, 'p', 'per_device', 100, 0, 5000, 7, '[]', NULL),
+                        ('CONC', 'L2', 1, 'o', 1, 'p', 'concurrent_device', 10, 0, 6000, 7, '[]', 4);
+                 INSERT INTO alert_marks (item_id, threshold, license_version, sent_at)
+                 VALUES ('SEATS', 'consumption:75', 3, 0), ('SEATS', 'expiry:30', 3, 0),
+                        ('SEATS', 'consumption:90', 2, 0), ('CONC', 'consumption:50', 1, 0);",
+            )
+            .unwrap();
+        }
+        let conn = open(&path).unwrap();
+        let marks: Vec<(String, String, i64)> = conn
+            .prepare(
+                "SELECT item_id, threshold, basis FROM alert_marks ORDER BY item_id, threshold",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mark = |i: &str, t: &str, b| (i.to_string(), t.to_string(), b);
+        assert_eq!(
+            marks,
+            [
+                mark("CONC", "consumption:50", 4),
+                mark("SEATS", "consumption:75", 100),
+                mark("SEATS", "consumption:90", -1),
+                mark("SEATS", "expiry:30", 5000),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -61,10 +61,11 @@ pub fn job_runs(conn: &Connection, limit: i64) -> Result<Vec<JobRun>, StoreError
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// The thresholds already alerted for an item, with the license version they were sent for.
-pub fn alert_marks(conn: &Connection, item_id: &str) -> Result<Vec<(String, u32)>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT threshold, license_version FROM alert_marks WHERE item_id = ?1")?;
+/// The thresholds already alerted for an item, with the basis (quota or expiry) they were
+/// sent against.
+pub fn alert_marks(conn: &Connection, item_id: &str) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT threshold, basis FROM alert_marks WHERE item_id = ?1")?;
     let rows = stmt.query_map([item_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -73,15 +74,15 @@ pub fn set_alert_mark(
     conn: &Connection,
     item_id: &str,
     threshold: &str,
-    license_version: u32,
+    basis: i64,
     now: i64,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO alert_marks (item_id, threshold, license_version, sent_at) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO alert_marks (item_id, threshold, basis, sent_at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (item_id, threshold) DO UPDATE SET
-            license_version = excluded.license_version, sent_at = excluded.sent_at",
+            basis = excluded.basis, sent_at = excluded.sent_at",
     )?
-    .execute(params![item_id, threshold, license_version, now])?;
+    .execute(params![item_id, threshold, basis, now])?;
     Ok(())
 }
 
