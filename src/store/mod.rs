@@ -86,8 +86,9 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // FULL: a commit is on disk (fsync of the WAL) before it returns. Throughput comes from
-    // committing many requests per transaction, not from weaker syncing.
+    // FULL: a commit is on disk (fsync of the WAL) before it returns. The server's writer
+    // then syncs on a thread of its own instead (`Store::start`), with the same guarantee
+    // for every answer.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
     // Savepoints (one per request in a batch) journal in memory, not in a temporary file.
@@ -166,11 +167,6 @@ impl Commits {
         self.committed.load(Ordering::Acquire)
     }
 
-    /// The newest batch known to be on disk: every batch up to it is.
-    pub fn synced(&self) -> u64 {
-        self.synced.load(Ordering::Acquire)
-    }
-
     /// Syncs of the WAL made (each covers every batch committed before it).
     pub fn syncs(&self) -> u64 {
         self.syncs.load(Ordering::Acquire)
@@ -182,6 +178,15 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = open(path)?;
         let wal = open_wal(path)?;
+        Store::start(path, conn, move || wal.sync_data())
+    }
+
+    /// Starts the writer on `conn`, with `sync_wal` making the WAL's contents durable.
+    fn start(
+        path: &Path,
+        conn: Connection,
+        sync_wal: impl Fn() -> std::io::Result<()> + Send + 'static,
+    ) -> Result<Store, StoreError> {
         // Commits no longer wait for the disk: the syncer thread syncs the WAL and only then
         // answers the batches it covers (see `syncer`).
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -196,7 +201,7 @@ impl Store {
         let syncer_commits = commits.clone();
         std::thread::Builder::new()
             .name("keygate-db-syncer".into())
-            .spawn(move || syncer(wal, to_sync, &syncer_commits))
+            .spawn(move || syncer(sync_wal, to_sync, &syncer_commits))
             .expect("the syncer thread starts");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -344,19 +349,20 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
-/// The WAL file the writer's connection appends to, opened for syncing it. SQLite keeps
-/// this file (the same inode: it is reset and truncated, never deleted) while any
-/// connection is open, and the writer's stays open for the life of the process. SQLite holds
-/// no lock on the WAL itself (WAL locks live in the `-shm` file), so this handle cannot
-/// disturb them.
+/// The WAL file the writer's connection appends to, opened for syncing it. SQLite deletes
+/// it only when the last connection closes (which takes an exclusive lock no other
+/// connection lets it have) and otherwise keeps the same file, reset and truncated; the
+/// writer's connection stays open for the life of the process. SQLite holds no lock on the
+/// WAL itself (WAL locks live in the `-shm` file), so this handle cannot disturb them.
 fn open_wal(path: &Path) -> Result<std::fs::File, StoreError> {
     let mut name = path.as_os_str().to_owned();
     name.push("-wal");
+    let name = PathBuf::from(name);
     // Written through: Windows flushes only a handle opened for writing.
     std::fs::OpenOptions::new()
         .write(true)
-        .open(PathBuf::from(name))
-        .map_err(|e| StoreError::Wal(e.to_string()))
+        .open(&name)
+        .map_err(|e| StoreError::Wal(format!("{}: {e}", name.display())))
 }
 
 /// A committed (or failed) batch on its way to the syncer, with its number.
@@ -393,7 +399,10 @@ fn writer(
         }
         let number = commits.committed.fetch_add(1, Ordering::AcqRel) + 1;
         if to_sync.send((number, batch, committed)).is_err() {
-            return;
+            // Nothing could be answered any more, yet the service would look alive: stop,
+            // so that the service manager starts keygate again.
+            tracing::error!("the database syncer has stopped; stopping");
+            std::process::exit(1);
         }
     }
 }
@@ -403,13 +412,17 @@ fn writer(
 /// on disk. The writer commits the next batches meanwhile (`synchronous = NORMAL`: its
 /// commits write the WAL without waiting for the disk), so the cores work while the disk
 /// syncs, and one sync covers every batch that queued behind a slow one.
-fn syncer(wal: std::fs::File, committed: mpsc::Receiver<Batch>, commits: &Commits) {
+fn syncer(
+    sync_wal: impl Fn() -> std::io::Result<()>,
+    committed: mpsc::Receiver<Batch>,
+    commits: &Commits,
+) {
     while let Ok(first) = committed.recv() {
         let mut batches = vec![first];
         batches.extend(committed.try_iter());
         // The WAL is append-only between checkpoints, which sync it themselves before they
         // reuse it: syncing it now makes every frame written before this call durable.
-        if let Err(e) = wal.sync_data() {
+        if let Err(e) = sync_wal() {
             // The outcome of these commits is unknown: nothing may be acknowledged, and
             // going on could acknowledge later commits that depend on them. The service
             // manager restarts keygate, and SQLite recovers what reached the disk.
@@ -597,17 +610,36 @@ mod tests {
         assert_eq!(got, vec![Some("1".into()), None, Some("1".into())]);
     }
 
-    #[tokio::test]
-    async fn a_write_is_answered_only_once_its_batch_is_on_disk() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_is_answered_only_after_a_sync_begun_after_its_commit() {
+        use std::sync::atomic::AtomicBool;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.db");
-        let store = Store::open(&path).unwrap();
-        let mut writes = tokio::task::JoinSet::new();
-        for i in 0..300 {
-            let store = store.clone();
-            writes.spawn(async move {
+        let conn = open(&path).unwrap();
+        let wal = open_wal(&path).unwrap();
+        // The WAL's sync, observed: how many batches were committed when each sync began
+        // (then the real sync). The first sync waits until the test lets it go.
+        let commits_slot = Arc::new(std::sync::OnceLock::<Arc<Commits>>::new());
+        let began = Arc::new(Mutex::new(Vec::<u64>::new()));
+        let (release, held) = mpsc::channel::<()>();
+        let held = Mutex::new(Some(held));
+        let (slot, began_in_sync) = (commits_slot.clone(), began.clone());
+        let store = Store::start(&path, conn, move || {
+            let committed = slot.get().map_or(0, |c| c.committed());
+            began_in_sync.lock().unwrap().push(committed);
+            if let Some(held) = held.lock().unwrap().take() {
+                let _ = held.recv();
+            }
+            wal.sync_data()
+        })
+        .unwrap();
+        assert!(commits_slot.set(store.inner.commits.clone()).is_ok());
+
+        let write = |i: usize, answered: Arc<AtomicBool>| {
+            let (store, began) = (store.clone(), began.clone());
+            tokio::spawn(async move {
                 let commits = store.inner.commits.clone();
-                // Run inside batch `committed + 1`: the writer numbers a batch on commit.
+                // Runs inside batch `committed + 1`: the writer numbers a batch on commit.
                 let batch = store
                     .write(move |conn| {
                         settings::set(conn, &format!("key{i}"), "v")?;
@@ -615,19 +647,39 @@ mod tests {
                     })
                     .await
                     .unwrap();
-                let synced = store.commits().synced();
+                answered.store(true, Ordering::SeqCst);
+                let last_sync = *began.lock().unwrap().last().unwrap();
                 assert!(
-                    synced >= batch,
-                    "answered in batch {batch}, synced {synced}"
+                    last_sync >= batch,
+                    "batch {batch} answered after a sync begun at {last_sync}"
                 );
-            });
+            })
+        };
+        let first_answered = Arc::new(AtomicBool::new(false));
+        let first = write(0, first_answered.clone());
+        while began.lock().unwrap().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        while let Some(write) = writes.join_next().await {
-            write.unwrap();
+        // The first batch is committed and its sync held: more batches commit meanwhile.
+        let later: Vec<_> = (1..50)
+            .map(|i| write(i, Arc::new(AtomicBool::new(false))))
+            .collect();
+        while store.commits().committed() < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !first_answered.load(Ordering::SeqCst),
+            "answered before its sync returned"
+        );
+        release.send(()).unwrap();
+        first.await.unwrap();
+        for write in later {
+            write.await.unwrap();
         }
         let commits = store.commits();
-        assert_eq!(commits.synced(), commits.committed());
-        assert!((1..=commits.committed()).contains(&commits.syncs()));
+        assert_eq!(commits.synced.load(Ordering::SeqCst), commits.committed());
+        assert!((2..=commits.committed()).contains(&commits.syncs()));
         let keys: i64 = Connection::open(&path)
             .unwrap()
             .query_row(
@@ -636,7 +688,7 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(keys, 300);
+        assert_eq!(keys, 50);
     }
 
     #[tokio::test]
