@@ -189,7 +189,17 @@ pub fn authorize(
     )? {
         Some(lease) => lease.lease_id,
         None => {
-            devices::make_room_for_lease(conn, device_id, &req.product, now)?;
+            if !devices::make_room_for_lease(conn, device_id, &req.product, now)? {
+                return Err(AuthorizeError::Refused(ApiError::new(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "this device holds {} unexpired authorizations of {} (one per instance \
+                         and user it names); release some or wait until they expire",
+                        devices::LIVE_LEASES_PER_PRODUCT,
+                        req.product
+                    ),
+                )));
+            }
             uuid::Uuid::now_v7().to_string()
         }
     };

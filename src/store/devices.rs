@@ -480,24 +480,40 @@ pub fn lease_for(
 /// the product, longest expired first.
 pub const LEASES_PER_PRODUCT: i64 = 32;
 
+/// Unexpired leases a device may hold per product (one per instance and user it names): a
+/// terminal server's users fit, and a device naming new ones in a loop cannot fill the
+/// disk.
+pub const LIVE_LEASES_PER_PRODUCT: i64 = 4096;
+
 /// Before a new lease of `device_id` for `product`: removes its expired leases of the
 /// product, longest expired first, until fewer than [`LEASES_PER_PRODUCT`] remain (or none
-/// has expired). Returns how many were removed.
+/// has expired). False when [`LIVE_LEASES_PER_PRODUCT`] unexpired ones remain: no room.
 pub fn make_room_for_lease(
     conn: &Connection,
     device_id: i64,
     product: &str,
     now: i64,
-) -> Result<usize, StoreError> {
-    Ok(conn
+) -> Result<bool, StoreError> {
+    let held = || -> Result<i64, StoreError> {
+        Ok(conn
+            .prepare_cached("SELECT count(*) FROM leases WHERE device_id = ?1 AND product = ?2")?
+            .query_row(params![device_id, product], |r| r.get(0))?)
+    };
+    let count = held()?;
+    if count < LEASES_PER_PRODUCT {
+        return Ok(true);
+    }
+    let removed = conn
         .prepare_cached(
             "DELETE FROM leases WHERE rowid IN (
                 SELECT rowid FROM leases
                 WHERE device_id = ?1 AND product = ?2 AND expires_at <= ?3
                 ORDER BY expires_at
-                LIMIT max(0, (SELECT count(*) FROM leases WHERE device_id = ?1 AND product = ?2) - ?4 + 1))",
+                LIMIT max(0, ?4 - ?5 + 1))",
         )?
-        .execute(params![device_id, product, now, LEASES_PER_PRODUCT])?)
+        .execute(params![device_id, product, now, count, LEASES_PER_PRODUCT])?;
+    // Those left past the first 32 are all unexpired.
+    Ok(count - (removed as i64) < LIVE_LEASES_PER_PRODUCT)
 }
 
 /// Stores a lease: a new one, or the renewal of an existing one (same `lease_id`).

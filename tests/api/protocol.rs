@@ -844,6 +844,53 @@ fn a_device_keeps_at_most_32_leases_per_product_dropping_expired_ones_first() {
     assert_eq!(f.item_value("LIC-T-1", "seats_used"), 1);
 }
 
+#[test]
+fn a_device_naming_new_users_without_end_is_refused_past_4096_unexpired_leases() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let as_user = |user: &str| {
+        let mut request = f.request("reader", 1);
+        request["device"]["user"] = json!(user);
+        f.authorize(&request)
+    };
+    let (status, body) = as_user("user-0");
+    assert_eq!(status, 200, "{body}");
+    let count = |sql: &str| -> i64 { f.db().query_row(sql, [], |r| r.get(0)).unwrap() };
+    // 4,094 more users' leases, as the first one (unexpired), written directly.
+    f.db()
+        .execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 4094)
+             INSERT INTO leases (lease_id, device_id, product, instance, user, handshake_id,
+                                 item_id, nonce, issued_at, expires_at, released, revoked)
+             SELECT 'bulk-' || i, device_id, product, instance, 'bulk-' || i, handshake_id,
+                    item_id, nonce, issued_at, expires_at, 0, 0
+             FROM n, leases",
+        )
+        .unwrap();
+    assert_eq!(as_user("user-4095").0, 200, "the 4,096th");
+    let before = count("SELECT COUNT(*) FROM leases");
+    assert_eq!(before, 4096);
+    let (status, body) = as_user("user-4096");
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["code"], "QUOTA_EXCEEDED");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("4096 unexpired authorizations of reader"),
+        "{body}"
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM leases"),
+        before,
+        "nothing changed"
+    );
+    assert_eq!(as_user("user-0").0, 200, "a known user's lease is reused");
+    // Once they expire, new users get leases again (the expired are removed first).
+    f.app.clock.advance(Duration::days(8));
+    assert_eq!(as_user("user-4096").0, 200);
+    assert_eq!(count("SELECT COUNT(*) FROM leases"), 32);
+}
+
 /// A device that starts every process under a new instance id and releases at exit leaves
 /// no seats behind and at most 32 leases: a released lease counts as expired.
 #[test]
