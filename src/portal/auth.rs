@@ -228,10 +228,8 @@ impl<R: Requirement + 'static, F: CsrfForm + DeserializeOwned + 'static> FromReq
         let form = web::Form::<F>::from_request(req, payload);
         Box::pin(async move {
             let admin = admin.await?;
-            let form = form
-                .await
-                .map_err(|e| PortalError::BadForm(format!("the form could not be read: {e}")))?
-                .into_inner();
+            // An unreadable form is answered by the portal's `FormConfig` handler.
+            let form = form.await?.into_inner();
             if !same_secret(form.csrf(), &admin.csrf) {
                 return Err(PortalError::Csrf.into());
             }

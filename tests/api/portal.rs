@@ -605,6 +605,16 @@ fn alert_settings_are_checked_and_a_test_email_reports_the_server_answer() {
         keygate::store::settings::get(&f.db(), "alert_recipients").unwrap(),
         None
     );
+    // A signed-in form posted without its field: the portal's page, the reason said once.
+    let answer = browser.post("/alerts/recipients", &[("csrf", &token)]);
+    assert_eq!(answer.status, 400);
+    assert_eq!(
+        answer.body.matches("could not be read").count(),
+        1,
+        "{}",
+        answer.body
+    );
+    assert!(answer.body.contains("missing field"), "{}", answer.body);
     let answer = browser.post(
         "/alerts/recipients",
         &[
