@@ -33,7 +33,8 @@ pub enum BackupError {
     #[error(
         "not enough free space for a backup in {dir}: it needs about {needed_mib} MiB and \
          {HEADROOM_MIB} MiB more kept free for the database, and {available_mib} MiB is free; \
-         free some space or keep fewer backups (backup_keep_last, backup_keep_days)"
+         free some space (older backups there can be deleted) or keep fewer backups \
+         (backup_keep_last, backup_keep_days)"
     )]
     NoSpace {
         dir: PathBuf,
@@ -376,7 +377,8 @@ mod tests {
             err.to_string(),
             "not enough free space for a backup in /var/lib/keygate/backups: it needs about \
              500 MiB and 64 MiB more kept free for the database, and 563 MiB is free; free \
-             some space or keep fewer backups (backup_keep_last, backup_keep_days)"
+             some space (older backups there can be deleted) or keep fewer backups \
+             (backup_keep_last, backup_keep_days)"
         );
         assert!(check_space(dir, u64::MAX, u64::MAX - 1).is_err());
     }

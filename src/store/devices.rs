@@ -494,12 +494,9 @@ pub fn make_room_for_lease(
     product: &str,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let held = || -> Result<i64, StoreError> {
-        Ok(conn
-            .prepare_cached("SELECT count(*) FROM leases WHERE device_id = ?1 AND product = ?2")?
-            .query_row(params![device_id, product], |r| r.get(0))?)
-    };
-    let count = held()?;
+    let count: i64 = conn
+        .prepare_cached("SELECT count(*) FROM leases WHERE device_id = ?1 AND product = ?2")?
+        .query_row(params![device_id, product], |r| r.get(0))?;
     if count < LEASES_PER_PRODUCT {
         return Ok(true);
     }

@@ -617,16 +617,19 @@ mod tests {
         let path = dir.path().join("k.db");
         let conn = open(&path).unwrap();
         let wal = open_wal(&path).unwrap();
-        // The WAL's sync, observed: how many batches were committed when each sync began
-        // (then the real sync). The first sync waits until the test lets it go.
+        // The WAL's sync, observed: at each sync's start, how many batches were committed
+        // and how far the previous syncs answered (then the real sync). The first sync waits
+        // until the test lets it go.
         let commits_slot = Arc::new(std::sync::OnceLock::<Arc<Commits>>::new());
-        let began = Arc::new(Mutex::new(Vec::<u64>::new()));
+        let began = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
         let (release, held) = mpsc::channel::<()>();
         let held = Mutex::new(Some(held));
         let (slot, began_in_sync) = (commits_slot.clone(), began.clone());
         let store = Store::start(&path, conn, move || {
-            let committed = slot.get().map_or(0, |c| c.committed());
-            began_in_sync.lock().unwrap().push(committed);
+            let at = slot
+                .get()
+                .map_or((0, 0), |c| (c.committed(), c.synced.load(Ordering::SeqCst)));
+            began_in_sync.lock().unwrap().push(at);
             if let Some(held) = held.lock().unwrap().take() {
                 let _ = held.recv();
             }
@@ -636,23 +639,13 @@ mod tests {
         assert!(commits_slot.set(store.inner.commits.clone()).is_ok());
 
         let write = |i: usize, answered: Arc<AtomicBool>| {
-            let (store, began) = (store.clone(), began.clone());
+            let store = store.clone();
             tokio::spawn(async move {
-                let commits = store.inner.commits.clone();
-                // Runs inside batch `committed + 1`: the writer numbers a batch on commit.
-                let batch = store
-                    .write(move |conn| {
-                        settings::set(conn, &format!("key{i}"), "v")?;
-                        Ok::<_, StoreError>(commits.committed() + 1)
-                    })
+                store
+                    .write(move |conn| settings::set(conn, &format!("key{i}"), "v"))
                     .await
                     .unwrap();
                 answered.store(true, Ordering::SeqCst);
-                let last_sync = *began.lock().unwrap().last().unwrap();
-                assert!(
-                    last_sync >= batch,
-                    "batch {batch} answered after a sync begun at {last_sync}"
-                );
             })
         };
         let first_answered = Arc::new(AtomicBool::new(false));
@@ -678,8 +671,20 @@ mod tests {
             write.await.unwrap();
         }
         let commits = store.commits();
-        assert_eq!(commits.synced.load(Ordering::SeqCst), commits.committed());
+        let synced = commits.synced.load(Ordering::SeqCst);
+        assert_eq!(synced, commits.committed());
         assert!((2..=commits.committed()).contains(&commits.syncs()));
+        // Each sync answered only batches committed before it began: what the next sync
+        // (or the end) finds answered is at most what was committed when it began.
+        let mut syncs = began.lock().unwrap().clone();
+        syncs.push((u64::MAX, synced));
+        for pair in syncs.windows(2) {
+            let ((committed_at_start, _), (_, answered_after)) = (pair[0], pair[1]);
+            assert!(
+                answered_after <= committed_at_start,
+                "a sync begun at batch {committed_at_start} answered up to {answered_after}"
+            );
+        }
         let keys: i64 = Connection::open(&path)
             .unwrap()
             .query_row(

@@ -867,8 +867,19 @@ fn a_device_naming_new_users_without_end_is_refused_past_4096_unexpired_leases()
         )
         .unwrap();
     assert_eq!(as_user("user-4095").0, 200, "the 4,096th");
+    // Ten more, expired long ago: a new lease would remove them first.
+    f.db()
+        .execute_batch(
+            "INSERT INTO leases (lease_id, device_id, product, instance, user, handshake_id,
+                                 item_id, nonce, issued_at, expires_at, released, revoked)
+             SELECT 'old-' || user, device_id, product, instance, 'old-' || user, handshake_id,
+                    item_id, nonce, 0, 1, 0, 0
+             FROM leases WHERE user IN ('bulk-1', 'bulk-2', 'bulk-3', 'bulk-4', 'bulk-5',
+                                        'bulk-6', 'bulk-7', 'bulk-8', 'bulk-9', 'bulk-10')",
+        )
+        .unwrap();
     let before = count("SELECT COUNT(*) FROM leases");
-    assert_eq!(before, 4096);
+    assert_eq!(before, 4106);
     let (status, body) = as_user("user-4096");
     assert_eq!(status, 403);
     assert_eq!(body["error"]["code"], "QUOTA_EXCEEDED");
