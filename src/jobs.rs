@@ -468,12 +468,25 @@ struct ErrorHtml<'a> {
     notices: &'a [Notice],
 }
 
+/// Settings key: when each kind of error was last emailed (JSON object of Unix times).
+const ERROR_NOTICES_SENT: &str = "error_notices_sent";
+
 /// How often waiting error notices are sent (well inside the promised 30 seconds).
 pub const NOTICE_TICK: Duration = Duration::from_secs(5);
 
 /// Emails server errors to the alert recipients as they come, rate limited per kind.
 pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedReceiver<ErrorEvent>) {
-    let mut notices = ErrorNotices::default();
+    // The rate limit outlives the process: a service restarted again and again does not
+    // email each time.
+    let sent = state
+        .store
+        .read(|conn| settings::get(conn, ERROR_NOTICES_SENT))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|json| serde_json::from_str(&json).ok())
+        .unwrap_or_default();
+    let mut notices = ErrorNotices::resume(sent);
     let mut tick = tokio::time::interval(NOTICE_TICK);
     loop {
         tokio::select! {
@@ -492,6 +505,16 @@ pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedRece
                     for notice in due {
                         notices.put_back(notice);
                     }
+                    continue;
+                }
+                let sent = serde_json::to_string(&notices.recent(state.clock.now().unix_timestamp()))
+                    .expect("a map of strings to numbers serializes");
+                if let Err(e) = state
+                    .store
+                    .write(move |conn| settings::set(conn, ERROR_NOTICES_SENT, &sent))
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not record when error notices were sent");
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! Server error notices: every ERROR event (an internal error, a failed job) reaches the
-//! alert recipients within 30 seconds, at most one email per kind of error per 10 minutes,
-//! with the count of those held back in between.
+//! alert recipients within 30 seconds, at most one email per kind of error per 10 minutes
+//! (also across restarts), with the count of those held back in between.
 
 use std::collections::HashMap;
 
@@ -35,6 +35,23 @@ pub struct ErrorNotices {
 }
 
 impl ErrorNotices {
+    /// Resumes from when each kind was last emailed (as [`ErrorNotices::recent`] gave it).
+    pub fn resume(last_sent: HashMap<String, i64>) -> ErrorNotices {
+        ErrorNotices {
+            last_sent,
+            pending: HashMap::new(),
+        }
+    }
+
+    /// When each kind was last emailed, for the kinds still inside their window at `now`.
+    pub fn recent(&self, now: i64) -> HashMap<String, i64> {
+        self.last_sent
+            .iter()
+            .filter(|(_, t)| now - **t < WINDOW_SECS)
+            .map(|(k, t)| (k.clone(), *t))
+            .collect()
+    }
+
     pub fn record(&mut self, event: ErrorEvent) {
         let entry = self.pending.entry(event.kind).or_insert((String::new(), 0));
         entry.0 = event.message;

@@ -190,6 +190,42 @@ fn server_errors_are_emailed_within_30_seconds_and_rate_limited() {
 }
 
 #[test]
+fn the_error_notice_rate_limit_holds_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(keygate(&data, &["status"]).ok);
+    let sink = SmtpSink::start();
+    sink.configure(&data);
+    let error = |message: &str| keygate::alerts::notices::ErrorEvent {
+        kind: "store".into(),
+        message: message.into(),
+    };
+    let app = TestApp::spawn(&data);
+    app.errors.send(error("disk I/O error")).unwrap();
+    assert_eq!(sink.wait_for(1, StdDuration::from_secs(30)).len(), 1);
+    drop(app);
+
+    // Started again (its clock at the same time): the same kind waits for its window.
+    let app = TestApp::spawn(&data);
+    app.errors
+        .send(error("disk I/O error after the restart"))
+        .unwrap();
+    assert_eq!(
+        sink.wait_for(2, StdDuration::from_secs(8)).len(),
+        1,
+        "no second email within 10 minutes"
+    );
+    app.clock.advance(Duration::minutes(10));
+    let messages = sink.wait_for(2, StdDuration::from_secs(30));
+    assert_eq!(messages.len(), 2);
+    assert!(
+        text_of(&messages[1]).contains("disk I/O error after the restart"),
+        "{}",
+        messages[1]
+    );
+}
+
+#[test]
 fn a_failing_job_is_emailed_by_the_running_binary() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
