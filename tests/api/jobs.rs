@@ -203,6 +203,24 @@ fn the_error_notice_rate_limit_holds_across_a_restart() {
     let app = TestApp::spawn(&data);
     app.errors.send(error("disk I/O error")).unwrap();
     assert_eq!(sink.wait_for(1, StdDuration::from_secs(30)).len(), 1);
+    // Recorded once the server accepted the email.
+    let db = data.join("keygate.db");
+    let recorded = || {
+        keygate::store::settings::get(
+            &rusqlite::Connection::open(&db).unwrap(),
+            "error_notices_sent",
+        )
+        .unwrap()
+        .is_some()
+    };
+    let waited = std::time::Instant::now();
+    while !recorded() {
+        assert!(
+            waited.elapsed() < StdDuration::from_secs(10),
+            "never recorded"
+        );
+        std::thread::sleep(StdDuration::from_millis(20));
+    }
     drop(app);
 
     // Started again (its clock at the same time): the same kind waits for its window.
