@@ -540,6 +540,11 @@ pub fn occupy(
         }
         (_, Some(seat)) => {
             devices::touch_seat(conn, &item.item_id, device_id, instance, &seat, now)?;
+            // Over quota, the count may still hold seats that lapsed since the last daily
+            // housekeeping: freed now, so `state` says `tolerance` only when it is.
+            if used.seats_used > item.terms.quota {
+                used.seats_used -= free_lapsed(conn, item, now)? as i64;
+            }
         }
         (_, None) => {
             // `item.used` is this transaction's count; freeing lapsed seats lowers it.

@@ -160,6 +160,23 @@ fn per_active_device_seat_frees_90_days_after_first_authorization() {
 }
 
 #[test]
+fn a_known_devices_state_leaves_tolerance_when_the_seats_over_quota_lapse() {
+    let f = Fixture::new(&item("reader", "per_active_device", 10, ""));
+    for n in 1..=10 {
+        f.authorized("reader", n);
+    }
+    f.app.clock.advance(80 * DAY);
+    let late = f.authorized("reader", 11);
+    assert_eq!(late.state, AuthorizationState::Tolerance, "11 of 10");
+    // Day 91: the first ten seats lapsed, before any housekeeping has run.
+    f.app.clock.advance(11 * DAY);
+    let renewed = f.heartbeat(&late.lease_id, 11).unwrap();
+    assert_eq!(renewed["state"], "ok", "{renewed}");
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 1);
+    assert_eq!(f.authorized("reader", 11).state, AuthorizationState::Ok);
+}
+
+#[test]
 fn concurrent_device_records_one_exception_per_window_and_stops_at_max() {
     let f = Fixture::new(&item(
         "viewer",
