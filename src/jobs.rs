@@ -478,15 +478,23 @@ pub const NOTICE_TICK: Duration = Duration::from_secs(5);
 pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedReceiver<ErrorEvent>) {
     // The rate limit outlives the process: a service restarted again and again does not
     // email each time.
-    let sent = state
+    let stored = state
         .store
         .read(|conn| settings::get(conn, ERROR_NOTICES_SENT))
-        .await
-        .ok()
-        .flatten()
-        .and_then(|json| serde_json::from_str(&json).ok())
-        .unwrap_or_default();
-    let mut notices = ErrorNotices::resume(sent);
+        .await;
+    let sent = match stored.map(|json| json.map(|j| serde_json::from_str(&j))) {
+        Ok(None) => Default::default(),
+        Ok(Some(Ok(sent))) => sent,
+        Ok(Some(Err(e))) => {
+            tracing::warn!(error = %e, "unreadable record of sent error notices; starting afresh");
+            Default::default()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read when error notices were sent; starting afresh");
+            Default::default()
+        }
+    };
+    let mut notices = ErrorNotices::resume(sent, state.clock.now().unix_timestamp());
     let mut tick = tokio::time::interval(NOTICE_TICK);
     loop {
         tokio::select! {

@@ -35,21 +35,19 @@ pub struct ErrorNotices {
 }
 
 impl ErrorNotices {
-    /// Resumes from when each kind was last emailed (as [`ErrorNotices::recent`] gave it).
-    pub fn resume(last_sent: HashMap<String, i64>) -> ErrorNotices {
+    /// Resumes from when each kind was last emailed (as [`ErrorNotices::recent`] gave it),
+    /// keeping only the windows still open at `now`: a time ahead of `now` (a clock since
+    /// set back) must not hold a kind back until the clock gets there.
+    pub fn resume(last_sent: HashMap<String, i64>, now: i64) -> ErrorNotices {
         ErrorNotices {
-            last_sent,
+            last_sent: open_windows(last_sent.iter(), now),
             pending: HashMap::new(),
         }
     }
 
     /// When each kind was last emailed, for the kinds still inside their window at `now`.
     pub fn recent(&self, now: i64) -> HashMap<String, i64> {
-        self.last_sent
-            .iter()
-            .filter(|(_, t)| now - **t < WINDOW_SECS)
-            .map(|(k, t)| (k.clone(), *t))
-            .collect()
+        open_windows(self.last_sent.iter(), now)
     }
 
     pub fn record(&mut self, event: ErrorEvent) {
@@ -96,6 +94,15 @@ impl ErrorNotices {
             .or_insert((notice.message, 0));
         entry.1 += notice.count;
     }
+}
+
+fn open_windows<'a>(
+    sent: impl Iterator<Item = (&'a String, &'a i64)>,
+    now: i64,
+) -> HashMap<String, i64> {
+    sent.filter(|(_, t)| (0..WINDOW_SECS).contains(&(now - **t)))
+        .map(|(k, t)| (k.clone(), *t))
+        .collect()
 }
 
 /// A tracing layer that forwards ERROR events to the notifier.
@@ -190,6 +197,22 @@ mod tests {
             }]
         );
         assert!(n.due(1000 + 2 * WINDOW_SECS).is_empty(), "nothing new");
+    }
+
+    #[test]
+    fn resumed_windows_hold_only_while_open_and_never_from_the_future() {
+        let sent = HashMap::from([
+            ("db".to_string(), 1000),
+            ("job".to_string(), 1000 - WINDOW_SECS),
+            ("tls".to_string(), 1000 + 3600),
+        ]);
+        let mut n = ErrorNotices::resume(sent, 1000);
+        assert_eq!(n.recent(1000), HashMap::from([("db".to_string(), 1000)]));
+        for kind in ["db", "job", "tls"] {
+            n.record(event(kind, "x"));
+        }
+        let kinds: Vec<String> = n.due(1001).into_iter().map(|n| n.kind).collect();
+        assert_eq!(kinds, ["job", "tls"], "db's window is still open");
     }
 
     #[test]
