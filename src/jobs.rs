@@ -481,19 +481,17 @@ pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedRece
     let stored = state
         .store
         .read(|conn| settings::get(conn, ERROR_NOTICES_SENT))
-        .await;
-    let sent = match stored.map(|json| json.map(|j| serde_json::from_str(&j))) {
-        Ok(None) => Default::default(),
-        Ok(Some(Ok(sent))) => sent,
-        Ok(Some(Err(e))) => {
-            tracing::warn!(error = %e, "unreadable record of sent error notices; starting afresh");
-            Default::default()
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read when error notices were sent; starting afresh");
-            Default::default()
-        }
-    };
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|json| {
+            json.map_or(Ok(Default::default()), |j| {
+                serde_json::from_str(&j).map_err(|e| e.to_string())
+            })
+        });
+    let sent = stored.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read when error notices were sent; starting afresh");
+        Default::default()
+    });
     let mut notices = ErrorNotices::resume(sent, state.clock.now().unix_timestamp());
     let mut tick = tokio::time::interval(NOTICE_TICK);
     loop {

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OpenFlags};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
-use super::StoreError;
+use super::{StoreError, side_file};
 
 pub const BACKUP_DIR: &str = "backups";
 
@@ -64,7 +64,7 @@ fn check_space(dir: &Path, needed: u64, available: u64) -> Result<(), BackupErro
 fn copy_size(db: &Path) -> Result<u64, BackupError> {
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len());
     let db_size = size(db).map_err(io(db))?;
-    Ok(db_size + size(&side(db, "-wal")).unwrap_or(0))
+    Ok(db_size + size(&side_file(db, "-wal")).unwrap_or(0))
 }
 
 impl From<rusqlite::Error> for BackupError {
@@ -139,7 +139,7 @@ fn take_as(
     if let Err(e) = written {
         // A damaged database or a full disk: no half-written copy is left to fill the disk.
         for suffix in ["", "-journal"] {
-            let _ = std::fs::remove_file(side(&tmp, suffix));
+            let _ = std::fs::remove_file(side_file(&tmp, suffix));
         }
         return Err(e);
     }
@@ -324,7 +324,7 @@ pub fn restore(db: &Path, backup: &Path, now: OffsetDateTime) -> Result<PathBuf,
     // is the database as it was.
     for (from, to) in [
         (db.to_path_buf(), aside.clone()),
-        (side(db, "-wal"), side(&aside, "-wal")),
+        (side_file(db, "-wal"), side_file(&aside, "-wal")),
     ] {
         if from.exists() {
             std::fs::hard_link(&from, &to)
@@ -333,16 +333,11 @@ pub fn restore(db: &Path, backup: &Path, now: OffsetDateTime) -> Result<PathBuf,
         }
     }
     for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(side(db, suffix));
+        let _ = std::fs::remove_file(side_file(db, suffix));
     }
     std::fs::rename(&tmp, db).map_err(io(db))?;
     sync_dir(data_dir)?;
     Ok(aside)
-}
-
-/// A database's side file (`-wal`, `-shm`).
-fn side(db: &Path, suffix: &str) -> PathBuf {
-    PathBuf::from(format!("{}{suffix}", db.display()))
 }
 
 /// Gives `path` the owner and group of `like` when they differ (a restore run as root).
@@ -442,7 +437,7 @@ mod tests {
             b"garbage where the database was"
         );
         assert_eq!(
-            std::fs::read(side(&aside, "-wal")).unwrap(),
+            std::fs::read(side_file(&aside, "-wal")).unwrap(),
             b"and a WAL of garbage"
         );
     }

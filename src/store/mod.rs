@@ -349,15 +349,20 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
+/// A database's side file (`-wal`, `-shm`, `-journal`): its path with `suffix` appended.
+pub(crate) fn side_file(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 /// The WAL file the writer's connection appends to, opened for syncing it. SQLite deletes
 /// it only when the last connection closes (which takes an exclusive lock no other
 /// connection lets it have) and otherwise keeps the same file, reset and truncated; the
 /// writer's connection stays open for the life of the process. SQLite holds no lock on the
 /// WAL itself (WAL locks live in the `-shm` file), so this handle cannot disturb them.
 fn open_wal(path: &Path) -> Result<std::fs::File, StoreError> {
-    let mut name = path.as_os_str().to_owned();
-    name.push("-wal");
-    let name = PathBuf::from(name);
+    let name = side_file(path, "-wal");
     // Written through: Windows flushes only a handle opened for writing.
     std::fs::OpenOptions::new()
         .write(true)
