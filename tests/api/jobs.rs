@@ -154,16 +154,30 @@ fn expiry_warnings_for_tokens_items() {
     );
 }
 
+/// An error the tests send straight to the error notifier.
+fn store_error(message: &str) -> keygate::alerts::notices::ErrorEvent {
+    keygate::alerts::notices::ErrorEvent {
+        kind: "store".into(),
+        message: message.into(),
+    }
+}
+
+/// A data directory made by the real binary, with a real SMTP server configured.
+fn new_appliance_with_smtp() -> (tempfile::TempDir, std::path::PathBuf, SmtpSink) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(keygate(&data, &["status"]).ok);
+    let sink = SmtpSink::start();
+    sink.configure(&data);
+    (dir, data, sink)
+}
+
 #[test]
 fn server_errors_are_emailed_within_30_seconds_and_rate_limited() {
     let f = Fixture::new(&item("reader", "per_device", 10, ""));
     let sink = SmtpSink::start();
     sink.configure(&f.data);
-    let error = |message: &str| keygate::alerts::notices::ErrorEvent {
-        kind: "store".into(),
-        message: message.into(),
-    };
-    f.app.errors.send(error("disk I/O error")).unwrap();
+    f.app.errors.send(store_error("disk I/O error")).unwrap();
     let messages = sink.wait_for(1, StdDuration::from_secs(30));
     assert_eq!(messages.len(), 1, "within 30 seconds");
     let text = text_of(&messages[0]);
@@ -172,8 +186,11 @@ fn server_errors_are_emailed_within_30_seconds_and_rate_limited() {
         "{text}"
     );
 
-    f.app.errors.send(error("disk I/O error again")).unwrap();
-    f.app.errors.send(error("and again")).unwrap();
+    f.app
+        .errors
+        .send(store_error("disk I/O error again"))
+        .unwrap();
+    f.app.errors.send(store_error("and again")).unwrap();
     assert_eq!(
         sink.wait_for(2, StdDuration::from_secs(8)).len(),
         1,
@@ -191,17 +208,9 @@ fn server_errors_are_emailed_within_30_seconds_and_rate_limited() {
 
 #[test]
 fn the_error_notice_rate_limit_holds_across_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    assert!(keygate(&data, &["status"]).ok);
-    let sink = SmtpSink::start();
-    sink.configure(&data);
-    let error = |message: &str| keygate::alerts::notices::ErrorEvent {
-        kind: "store".into(),
-        message: message.into(),
-    };
+    let (_dir, data, sink) = new_appliance_with_smtp();
     let app = TestApp::spawn(&data);
-    app.errors.send(error("disk I/O error")).unwrap();
+    app.errors.send(store_error("disk I/O error")).unwrap();
     assert_eq!(sink.wait_for(1, StdDuration::from_secs(30)).len(), 1);
     // Recorded once the server accepted the email.
     let db = data.join("keygate.db");
@@ -226,7 +235,7 @@ fn the_error_notice_rate_limit_holds_across_a_restart() {
     // Started again (its clock at the same time): the same kind waits for its window.
     let app = TestApp::spawn(&data);
     app.errors
-        .send(error("disk I/O error after the restart"))
+        .send(store_error("disk I/O error after the restart"))
         .unwrap();
     assert_eq!(
         sink.wait_for(2, StdDuration::from_secs(8)).len(),
@@ -245,11 +254,7 @@ fn the_error_notice_rate_limit_holds_across_a_restart() {
 
 #[test]
 fn a_failing_job_is_emailed_by_the_running_binary() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    assert!(keygate(&data, &["status"]).ok);
-    let sink = SmtpSink::start();
-    sink.configure(&data);
+    let (dir, data, sink) = new_appliance_with_smtp();
     std::fs::write(data.join("backups"), "not a directory").unwrap();
     let config = dir.path().join("keygate.toml");
     std::fs::write(&config, "[jobs]\nbackup_every_s = 1\n").unwrap();
