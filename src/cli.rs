@@ -746,7 +746,7 @@ fn status(config: &Config) -> Result<()> {
         counts.licenses, counts.items, counts.organizations, counts.handshake_codes
     );
     let running = matches!(
-        store::backup::lock_file(&config.data_dir),
+        store::backup::lock_file(&config.data_dir, std::time::Duration::ZERO),
         Err(store::backup::BackupError::Running)
     );
     println!(

@@ -77,7 +77,7 @@ impl AppState {
             .map(read_metrics_token)
             .transpose()?;
         let appliance = Appliance::load_or_create(&config.data_dir)?;
-        let lock = backup::lock_file(&config.data_dir)?;
+        let lock = backup::lock_file(&config.data_dir, backup::LOCK_WAIT)?;
         let store = Store::open(&config.database_path())?;
         let now = clock.now();
         crate::jobs::remember_first_start(

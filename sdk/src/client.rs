@@ -67,7 +67,8 @@
 //! files are replaced atomically (temporary file, fsync, rename), so a crash or power loss
 //! leaves either the old or the new version. The backlog has a file of its own so that
 //! [`Client::record`], which is durable, rewrites only the small state file even when days of
-//! offline reports are waiting. One process at a time owns a state directory, and a state
+//! offline reports are waiting. One process at a time owns a state directory ([`Client::new`]
+//! waits up to 2 seconds for it, then fails with [`ClientError::StateLocked`]), and a state
 //! directory belongs to one device (the appliance refuses a stream from another device).
 //! In a directory restored from an old copy, usage recorded after the restore still counts:
 //! each process numbers new reports only once the appliance has said how far the stream got
@@ -113,6 +114,8 @@ const BACKLOG_FILE: &str = "backlog.json";
 /// Reports the appliance refused as invalid, set aside (see [`FlushOutcome::rejected`]).
 const REJECTED_FILE: &str = "rejected.json";
 const LOCK_FILE: &str = "lock";
+/// How long [`Client::new`] waits for a state directory another owner is letting go of.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 const STATE_VERSION: u32 = 1;
 /// Answers larger than this are not read (an authorization and its license take a few KiB).
 const MAX_RESPONSE_BYTES: u64 = 4 << 20;
@@ -788,19 +791,28 @@ impl Store {
             .write(true)
             .open(&lock_path)
             .map_err(io_error("open", &lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(ClientError::StateLocked {
-                    path: dir.to_path_buf(),
-                });
-            }
-            Err(TryLockError::Error(source)) => {
-                return Err(ClientError::StateIo {
-                    action: "lock",
-                    path: lock_path,
-                    source,
-                });
+        // A lock just released can stay held for a few milliseconds: a child process being
+        // started anywhere in this process holds a copy of the lock's descriptor until it
+        // runs its program. So a process waits a moment before it gives up.
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(ClientError::StateLocked {
+                        path: dir.to_path_buf(),
+                    });
+                }
+                Err(TryLockError::Error(source)) => {
+                    return Err(ClientError::StateIo {
+                        action: "lock",
+                        path: lock_path,
+                        source,
+                    });
+                }
             }
         }
         Ok(Store {
@@ -1895,8 +1907,17 @@ mod tests {
             Client::new(config(dir.path(), &chain, &clock)),
             Err(ClientError::StateLocked { .. })
         ));
+        // A copy of the lock's descriptor, as a child process being started anywhere in the
+        // process holds until it runs its program, keeps the lock a moment after its owner
+        // let go: the next owner waits for it.
+        let copy = first.store._lock.try_clone().unwrap();
         drop(first);
+        let starting_child = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(copy);
+        });
         Client::new(config(dir.path(), &chain, &clock)).unwrap();
+        starting_child.join().unwrap();
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! committed before it began.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 use time::OffsetDateTime;
@@ -283,8 +284,14 @@ pub fn prune(
     Ok(doomed.len())
 }
 
-/// The lock `serve` holds on its data directory for as long as it runs.
-pub fn lock_file(data_dir: &Path) -> Result<std::fs::File, BackupError> {
+/// How long `serve` and `restore` wait for the data directory's lock. A lock just released
+/// can stay held a few milliseconds: a child process being started by the process that held
+/// it keeps a copy of the lock's descriptor until it runs its program.
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// The lock `serve` holds on its data directory for as long as it runs, waiting up to `wait`
+/// for it.
+pub fn lock_file(data_dir: &Path, wait: Duration) -> Result<std::fs::File, BackupError> {
     let path = data_dir.join("keygate.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -292,10 +299,16 @@ pub fn lock_file(data_dir: &Path) -> Result<std::fs::File, BackupError> {
         .write(true)
         .open(&path)
         .map_err(io(&path))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(BackupError::Running),
-        Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
+    let deadline = Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(BackupError::Running),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+        }
     }
 }
 
@@ -303,7 +316,7 @@ pub fn lock_file(data_dir: &Path) -> Result<std::fs::File, BackupError> {
 /// is kept aside as `keygate.db.before-restore-<time>`; returns that path.
 pub fn restore(db: &Path, backup: &Path, now: OffsetDateTime) -> Result<PathBuf, BackupError> {
     let data_dir = db.parent().unwrap_or(Path::new("."));
-    let _lock = lock_file(data_dir)?;
+    let _lock = lock_file(data_dir, LOCK_WAIT)?;
     {
         let conn = Connection::open_with_flags(backup, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         check(&conn, backup)?;
@@ -416,6 +429,26 @@ mod tests {
             assert_eq!(mode(&file.path), 0o600);
             assert_eq!(mode(&backups), 0o700);
         }
+    }
+
+    #[test]
+    fn the_data_directory_lock_is_waited_for_a_moment_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_file(dir.path(), Duration::ZERO).unwrap();
+        assert!(matches!(
+            lock_file(dir.path(), Duration::from_millis(50)),
+            Err(BackupError::Running)
+        ));
+        // A copy of the descriptor, as a child process being started holds until it runs its
+        // program, keeps the lock a moment after the server let go of it.
+        let copy = held.try_clone().unwrap();
+        drop(held);
+        let starting_child = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(copy);
+        });
+        lock_file(dir.path(), LOCK_WAIT).unwrap();
+        starting_child.join().unwrap();
     }
 
     #[test]
