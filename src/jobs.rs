@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use actix_web::web;
 use askama::Template;
-use keygate_sdk::wire::Model;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_cron_scheduler::{Job, JobScheduler};
 
@@ -348,44 +347,7 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
         .write(move |conn| {
             let mut freed = 0;
             for item in store::licenses::all_items(conn)? {
-                let lapsed = match item.terms.model {
-                    Model::PerDevice => ops::lapsed_seats(
-                        conn,
-                        &item.item_id,
-                        now - models::INACTIVE_SEAT_DAYS * DAY,
-                        false,
-                    )?,
-                    Model::PerActiveDevice => ops::lapsed_seats(
-                        conn,
-                        &item.item_id,
-                        now - models::ACTIVE_SEAT_DAYS * DAY,
-                        true,
-                    )?,
-                    _ => continue,
-                };
-                for seat in lapsed {
-                    store::devices::delete_seat(
-                        conn,
-                        &seat.item_id,
-                        seat.device_id,
-                        &seat.instance,
-                    )?;
-                    let why = if item.terms.model == Model::PerDevice {
-                        "unused for 365 days"
-                    } else {
-                        "90 days after its first authorization"
-                    };
-                    ops::audit(
-                        conn,
-                        now,
-                        "system",
-                        "seat freed",
-                        &format!("{} on {}", seat.device_uuid, seat.item_id),
-                        why,
-                        "",
-                    )?;
-                    freed += 1;
-                }
+                freed += crate::licensing::authorize::free_lapsed(conn, &item, now)?;
             }
             let windows = ops::summarise_windows(
                 conn,

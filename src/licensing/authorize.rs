@@ -18,6 +18,7 @@ use crate::store::StoreError;
 use crate::store::catalogue::{self, Catalogue};
 use crate::store::devices::{self, Lease};
 use crate::store::licenses::{HandshakeCode, ItemRow};
+use crate::store::ops;
 
 #[derive(Debug)]
 pub enum AuthorizeError {
@@ -472,22 +473,31 @@ fn holds(
     )
 }
 
-/// Frees the item's lapsed seats (per_device unused 365 days, per_active_device past 90
-/// days) through their index, so room is counted exactly. Returns how many.
+/// Frees the item's lapsed seats (per_device unused 365 days, per_active_device 90 days after
+/// the first authorization), each in the audit log, and returns how many. Serves a new
+/// device needing room, a known device over quota and the daily housekeeping alike; the
+/// seats are found through their (item, time) index, so room is counted exactly.
 pub fn free_lapsed(conn: &Connection, item: &ItemRow, now: i64) -> Result<usize, StoreError> {
-    match item.terms.model {
-        Model::PerDevice => devices::free_seats_unused_since(
-            conn,
-            &item.item_id,
+    let (cutoff, by_first_auth, why) = match item.terms.model {
+        Model::PerDevice => (
             now - models::INACTIVE_SEAT_DAYS * DAY,
+            false,
+            "unused for 365 days",
         ),
-        Model::PerActiveDevice => devices::free_seats_authorized_before(
-            conn,
-            &item.item_id,
+        Model::PerActiveDevice => (
             now - models::ACTIVE_SEAT_DAYS * DAY,
+            true,
+            "90 days after its first authorization",
         ),
-        _ => Ok(0),
+        _ => return Ok(0),
+    };
+    let lapsed = ops::lapsed_seats(conn, &item.item_id, cutoff, by_first_auth)?;
+    for seat in &lapsed {
+        devices::delete_seat(conn, &seat.item_id, seat.device_id, &seat.instance)?;
+        let target = format!("{} on {}", seat.device_uuid, seat.item_id);
+        ops::audit(conn, now, "system", "seat freed", &target, why, "")?;
     }
+    Ok(lapsed.len())
 }
 
 pub enum Occupy {

@@ -181,52 +181,6 @@ pub fn touch_seat(
     Ok(())
 }
 
-/// Frees the seats of an item unused since `cutoff` (per_device: 365 days) and returns how
-/// many. Uses the (item, last_used_at) index: no scan.
-pub fn free_seats_unused_since(
-    conn: &Connection,
-    item_id: &str,
-    cutoff: i64,
-) -> Result<usize, StoreError> {
-    free_counted(
-        conn,
-        "DELETE FROM seats WHERE item_id = ?1 AND last_used_at <= ?2",
-        item_id,
-        cutoff,
-    )
-}
-
-/// Frees the seats of an item first authorized at or before `cutoff` (per_active_device:
-/// 90 days) and returns how many. Uses the (item, first_auth_at) index.
-pub fn free_seats_authorized_before(
-    conn: &Connection,
-    item_id: &str,
-    cutoff: i64,
-) -> Result<usize, StoreError> {
-    free_counted(
-        conn,
-        "DELETE FROM seats WHERE item_id = ?1 AND first_auth_at <= ?2",
-        item_id,
-        cutoff,
-    )
-}
-
-/// Runs a seat-deleting statement and takes what it freed off the item's count.
-fn free_counted(
-    conn: &Connection,
-    sql: &str,
-    item_id: &str,
-    cutoff: i64,
-) -> Result<usize, StoreError> {
-    let freed = conn
-        .prepare_cached(sql)?
-        .execute(params![item_id, cutoff])?;
-    if freed > 0 {
-        add_seats(conn, item_id, -(freed as i64))?;
-    }
-    Ok(freed)
-}
-
 // ---- concurrency windows ----
 
 /// Counts a seat as active in `window` unless it already is. Returns the number of active

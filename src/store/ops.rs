@@ -177,7 +177,7 @@ pub fn audit_entries(
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// A seat the housekeeping frees, for the audit log.
+/// A lapsed seat to free, named in the audit log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LapsedSeat {
     pub item_id: String,

@@ -540,6 +540,17 @@ impl Fixture {
         rusqlite::Connection::open(self.data.join("keygate.db")).unwrap()
     }
 
+    /// The audit log's `(action, target, detail)` entries with `action`, oldest first.
+    pub fn audited(&self, action: &str) -> Vec<(String, String, String)> {
+        self.db()
+            .prepare("SELECT action, target, detail FROM audit_log WHERE action = ?1 ORDER BY id")
+            .unwrap()
+            .query_map([action], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
     /// The vendor issues license `license_id` with `items` (and `flags`, e.g. a version) for
     /// this appliance, and IT imports it (while the server runs).
     pub fn import(&self, license_id: &str, items: &str, flags: &[&str]) {

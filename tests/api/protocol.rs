@@ -117,6 +117,15 @@ fn per_device_seat_frees_after_365_days_unused() {
         "QUOTA_EXCEEDED",
         "device 1 lost its seat"
     );
+    // Freed for the new device, before any housekeeping: in the audit log all the same.
+    assert_eq!(
+        f.audited("seat freed"),
+        [(
+            "seat freed".to_string(),
+            format!("{} on LIC-T-1", device_uuid(1)),
+            "unused for 365 days".to_string()
+        )]
+    );
 }
 
 #[test]
@@ -173,6 +182,13 @@ fn a_known_devices_state_leaves_tolerance_when_the_seats_over_quota_lapse() {
     let renewed = f.heartbeat(&late.lease_id, 11).unwrap();
     assert_eq!(renewed["state"], "ok", "{renewed}");
     assert_eq!(f.item_value("LIC-T-1", "seats_used"), 1);
+    let freed = f.audited("seat freed");
+    assert_eq!(freed.len(), 10, "{freed:?}");
+    assert!(
+        freed
+            .iter()
+            .all(|(_, _, why)| why == "90 days after its first authorization")
+    );
     assert_eq!(f.authorized("reader", 11).state, AuthorizationState::Ok);
 }
 
