@@ -181,14 +181,15 @@ pub fn authorize(
     })?;
     let state = models::state(&item.terms, &used);
 
-    let lease_id = match devices::lease_for(
+    let previous = devices::lease_for(
         conn,
         device_id,
         &req.product,
         seat.instance,
         req.user.as_deref().unwrap_or(""),
-    )? {
-        Some(lease) => lease.lease_id,
+    )?;
+    let lease_id = match &previous {
+        Some(lease) => lease.lease_id.clone(),
         None => {
             if !devices::make_room_for_lease(conn, device_id, &req.product, now)? {
                 return Err(AuthorizeError::Refused(ApiError::new(
@@ -219,6 +220,17 @@ pub fn authorize(
         revoked: false,
     };
     devices::upsert_lease(conn, &lease)?;
+    // The lease moved to another item (authorized through another handshake code, or its
+    // item stopped serving): the seat it held there is left, as a renewal that moves does.
+    if let Some(previous) = &previous
+        && let Some(old) = previous
+            .item_id
+            .as_deref()
+            .filter(|old| *old != item.item_id)
+        && let Some(terms) = catalogue.item(old)
+    {
+        leave_seat(conn, previous, old, terms.terms.model, now)?;
+    }
     Ok(Grant {
         license_jws: catalogue
             .license_jws(item)
@@ -471,6 +483,36 @@ fn holds(
         devices::seat(conn, &item.item_id, device_id, key.instance_for(model))?
             .is_some_and(|s| !models::seat_lapsed(model, s.first_auth_at, s.last_used_at, now)),
     )
+}
+
+/// The lease no longer uses its device's seat in `item_id` (released, or moved to another
+/// item): the seat is freed, out of the current window for concurrent items, unless another
+/// live lease of the device still uses it (leases are per device, product, instance and
+/// user; seats per device, or per instance for concurrent_instance).
+pub fn leave_seat(
+    conn: &Connection,
+    lease: &Lease,
+    item_id: &str,
+    model: Model,
+    now: i64,
+) -> Result<(), StoreError> {
+    let instance = (model == Model::ConcurrentInstance).then_some(lease.instance.as_str());
+    if devices::other_live_lease(
+        conn,
+        lease.device_id,
+        &lease.lease_id,
+        item_id,
+        instance,
+        now,
+    )? {
+        return Ok(());
+    }
+    let instance = instance.unwrap_or("");
+    if model.is_concurrent() {
+        devices::unmark_window(conn, item_id, lease.device_id, instance, window_of(now))?;
+    }
+    devices::delete_seat(conn, item_id, lease.device_id, instance)?;
+    Ok(())
 }
 
 /// Frees the item's lapsed seats (per_device unused 365 days, per_active_device 90 days after

@@ -6,7 +6,8 @@ use keygate_sdk::wire::{Authorization, AuthorizationState, ErrorCode, Model};
 use rusqlite::Connection;
 
 use super::authorize::{
-    Occupy, SeatKey, authorization_for, choose, expiry, granted, has_pass, occupy, refusal,
+    Occupy, SeatKey, authorization_for, choose, expiry, granted, has_pass, leave_seat, occupy,
+    refusal,
 };
 use super::models::{self, availability, day_of, window_of};
 use super::types::Usage;
@@ -364,35 +365,5 @@ pub fn release(
         // otherwise leave a seat behind at every exit.
         leave_seat(conn, &lease, &item.item_id, model, now)?;
     }
-    Ok(())
-}
-
-/// The lease no longer uses its device's seat in `item_id` (released, or moved to another
-/// item): the seat is freed, out of the current window for concurrent items, unless another
-/// live lease of the device still uses it (leases are per device, product, instance and
-/// user; seats per device, or per instance for concurrent_instance).
-fn leave_seat(
-    conn: &Connection,
-    lease: &Lease,
-    item_id: &str,
-    model: Model,
-    now: i64,
-) -> Result<(), ApiError> {
-    let instance = (model == Model::ConcurrentInstance).then_some(lease.instance.as_str());
-    if devices::other_live_lease(
-        conn,
-        lease.device_id,
-        &lease.lease_id,
-        item_id,
-        instance,
-        now,
-    )? {
-        return Ok(());
-    }
-    let instance = instance.unwrap_or("");
-    if model.is_concurrent() {
-        devices::unmark_window(conn, item_id, lease.device_id, instance, window_of(now))?;
-    }
-    devices::delete_seat(conn, item_id, lease.device_id, instance)?;
     Ok(())
 }

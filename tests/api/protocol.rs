@@ -298,6 +298,42 @@ fn standalone_is_a_hard_limit_and_release_frees_the_seat() {
     assert_eq!(f.refused("cad", 1), "QUOTA_EXCEEDED");
 }
 
+/// A device authorized again through another handshake code moves its lease to that code's
+/// item: the seat it held in the first item is left, not held twice.
+#[test]
+fn a_lease_moved_to_another_codes_item_leaves_its_old_seat() {
+    let f = Fixture::new(
+        &[
+            item("cad", "standalone", 1, ""),
+            item("cad", "standalone", 1, ""),
+        ]
+        .concat(),
+    );
+    f.assign_to_new_code("LIC-T-2", "LAB");
+    let first = f.authorized("cad", 1);
+    assert_eq!(first.items[0].item_id, "LIC-T-1");
+    let mut lab = f.request("cad", 1);
+    lab["handshake_code"] = json!("LAB");
+    let (status, body) = f.authorize(&lab);
+    assert_eq!(status, 200, "{body}");
+    let moved = f.verify(&body, 1);
+    assert_eq!(
+        (moved.lease_id.as_str(), moved.items[0].item_id.as_str()),
+        (first.lease_id.as_str(), "LIC-T-2")
+    );
+    assert_eq!(
+        (
+            f.item_value("LIC-T-1", "seats_used"),
+            f.item_value("LIC-T-2", "seats_used")
+        ),
+        (0, 1)
+    );
+    f.authorized("cad", 2);
+    // Its release frees the one seat it holds.
+    assert_eq!(f.release(&moved.lease_id, 1).0, 200);
+    assert_eq!(f.item_value("LIC-T-2", "seats_used"), 0);
+}
+
 #[test]
 fn releasing_one_lease_keeps_a_seat_another_lease_of_the_device_uses() {
     let f = Fixture::new(
