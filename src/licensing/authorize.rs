@@ -587,7 +587,7 @@ pub fn occupy(
                     now,
                     now + PASS_SECS,
                 )?;
-                used.tokens_used += item.terms.tokens_per_pass;
+                used.tokens_used = used.tokens_used.saturating_add(item.terms.tokens_per_pass);
             }
         }
         (_, Some(seat)) => {

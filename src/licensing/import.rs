@@ -465,7 +465,7 @@ pub fn apply(
         )?;
     }
     store::licenses::withdraw_items_not_in(conn, &license.license_id, license.version)?;
-    settle_token_debts(conn, org)?;
+    settle_token_debts(conn, org, now)?;
 
     let items = license.items.len();
     Ok(match current {
@@ -485,9 +485,14 @@ pub fn apply(
 }
 
 /// Tokens: a top-up settles the debt first. The negative balance of an organization's
-/// tokens items is paid from the positive balances of its other items for the same product,
-/// soonest expiry first; an item whose balance is no longer negative leaves grace.
-fn settle_token_debts(conn: &Connection, organization_id: &str) -> Result<(), ImportError> {
+/// tokens items is paid from the positive balances of its other unexpired items for the same
+/// product, soonest expiry first; an item whose balance is no longer negative leaves grace,
+/// and one a new version left negative (a lower quota) enters it.
+fn settle_token_debts(
+    conn: &Connection,
+    organization_id: &str,
+    now: i64,
+) -> Result<(), ImportError> {
     let mut items: Vec<_> = store::licenses::all_items(conn)?
         .into_iter()
         .filter(|i| {
@@ -499,7 +504,11 @@ fn settle_token_debts(conn: &Connection, organization_id: &str) -> Result<(), Im
         for payer in 0..items.len() {
             let debt = items[debtor].used.tokens_used - items[debtor].terms.quota;
             let credit = items[payer].terms.quota - items[payer].used.tokens_used;
-            if debt <= 0 || credit <= 0 || items[payer].product != items[debtor].product {
+            if debt <= 0
+                || credit <= 0
+                || items[payer].product != items[debtor].product
+                || items[payer].terms.expires_at <= now
+            {
                 continue;
             }
             let moved = debt.min(credit);
@@ -508,7 +517,7 @@ fn settle_token_debts(conn: &Connection, organization_id: &str) -> Result<(), Im
         }
     }
     for item in &items {
-        store::licenses::set_tokens_used(conn, &item.item_id, item.used.tokens_used)?;
+        store::licenses::set_tokens_used(conn, &item.item_id, item.used.tokens_used, now)?;
     }
     Ok(())
 }

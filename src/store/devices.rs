@@ -316,9 +316,11 @@ pub fn buy_pass(
         expires_at
     ])?;
     conn.prepare_cached(
-        "UPDATE items SET tokens_used = tokens_used + ?2,
+        "UPDATE items SET
+                tokens_used = CASE WHEN tokens_used > 9223372036854775807 - ?2
+                    THEN 9223372036854775807 ELSE tokens_used + ?2 END,
                 grace_started_at = CASE
-                    WHEN quota - tokens_used - ?2 < 0 THEN coalesce(grace_started_at, ?3) END
+                    WHEN quota - tokens_used < ?2 THEN coalesce(grace_started_at, ?3) END
          WHERE item_id = ?1",
     )?
     .execute(params![item_id, cost, now])?;

@@ -506,18 +506,20 @@ pub fn assign_item(
         == 1)
 }
 
-/// Sets a tokens item's spent tokens; a balance no longer negative ends its grace.
+/// Sets a tokens item's spent tokens: a balance no longer negative ends its grace, a
+/// negative one is in grace (from `now` if it was not yet).
 pub fn set_tokens_used(
     conn: &Connection,
     item_id: &str,
     tokens_used: i64,
+    now: i64,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
         "UPDATE items SET tokens_used = ?2,
-                grace_started_at = CASE WHEN quota - ?2 < 0 THEN grace_started_at END
+                grace_started_at = CASE WHEN quota < ?2 THEN coalesce(grace_started_at, ?3) END
          WHERE item_id = ?1",
     )?
-    .execute(params![item_id, tokens_used])?;
+    .execute(params![item_id, tokens_used, now])?;
     Ok(())
 }
 

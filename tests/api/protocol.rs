@@ -440,6 +440,90 @@ fn tokens_daily_passes_grace_and_top_up() {
     assert_eq!(f.item_value("LIC-TOPUP-1", "tokens_used"), 20);
 }
 
+/// Only an unexpired item's tokens pay a debt: an expired item's balance is gone, so a later
+/// import (here a small top-up) does not settle the debt from it.
+#[test]
+fn an_expired_items_tokens_do_not_pay_a_debt() {
+    let f = Fixture::new(
+        &[
+            item(
+                "ocr",
+                "tokens",
+                100,
+                "tokens_per_pass = 5\nstarts_at = 2026-01-01T00:00:00Z\nexpires_at = 2026-06-05T00:00:00Z",
+            ),
+            item("ocr", "tokens", 5, "tokens_per_pass = 5\ngrace_days = 30"),
+        ]
+        .concat(),
+    );
+    f.assign_to_new_code("LIC-T-2", "LAB");
+    let through_lab = |n: u32| {
+        let mut request = f.request("ocr", n);
+        request["handshake_code"] = json!("LAB");
+        let (status, body) = f.authorize(&request);
+        assert_eq!(status, 200, "{body}");
+        f.verify(&body, n).state
+    };
+    assert_eq!(through_lab(1), AuthorizationState::Ok);
+    assert_eq!(through_lab(2), AuthorizationState::Grace);
+    f.app.clock.advance(Duration::days(5)); // LIC-T-1 expired with 100 tokens unspent
+    f.import(
+        "LIC-TOPUP",
+        &item("ocr", "tokens", 3, "tokens_per_pass = 5"),
+        &[],
+    );
+    let tokens = |item: &str| f.item_value(item, "tokens_used");
+    assert_eq!(
+        (tokens("LIC-T-1"), tokens("LIC-T-2"), tokens("LIC-TOPUP-1")),
+        (0, 7, 3),
+        "the top-up pays 3 of the debt of 5; the expired item pays nothing"
+    );
+}
+
+/// A new version that lowers a tokens quota below what was spent puts the item in grace
+/// from then on, and grace ends `grace_days` later as if a pass had overdrawn it.
+#[test]
+fn a_lower_tokens_quota_starts_grace() {
+    let f = Fixture::new(&item(
+        "ocr",
+        "tokens",
+        10,
+        "tokens_per_pass = 5\ngrace_days = 2",
+    ));
+    f.authorized("ocr", 1);
+    f.authorized("ocr", 2);
+    f.import(
+        "LIC-T",
+        &item("ocr", "tokens", 5, "tokens_per_pass = 5\ngrace_days = 2"),
+        &["--version", "2"],
+    );
+    assert_eq!(f.authorized("ocr", 1).state, AuthorizationState::Grace);
+    // Grace started at the import (which ran on the machine's clock, not the test's).
+    let started = f.item_value("LIC-T-1", "grace_started_at");
+    let ends = time::OffsetDateTime::from_unix_timestamp(started).unwrap() + Duration::days(2);
+    f.app
+        .clock
+        .advance(ends - f.app.clock_now() - Duration::minutes(1));
+    assert_eq!(f.authorized("ocr", 1).state, AuthorizationState::Grace);
+    f.app.clock.advance(Duration::minutes(1));
+    assert_eq!(f.refused("ocr", 1), "QUOTA_EXCEEDED", "grace is over");
+}
+
+/// Spent tokens stop at the largest integer instead of failing every later pass.
+#[test]
+fn spent_tokens_stop_at_the_largest_integer() {
+    let f = Fixture::new(&item(
+        "ocr",
+        "tokens",
+        1 << 62,
+        "tokens_per_pass = 4611686018427387904",
+    ));
+    assert_eq!(f.authorized("ocr", 1).state, AuthorizationState::Ok);
+    assert_eq!(f.authorized("ocr", 2).state, AuthorizationState::Grace);
+    assert_eq!(f.authorized("ocr", 3).state, AuthorizationState::Grace);
+    assert_eq!(f.item_value("LIC-T-1", "tokens_used"), i64::MAX);
+}
+
 /// Renewals (usage calls) buy passes as authorizations do: from a top-up that has balance,
 /// never one pass per instance of the same user on one device.
 #[test]
