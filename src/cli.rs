@@ -661,7 +661,8 @@ fn device(config: &Config, command: DeviceCommand) -> Result<()> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let device = d::device_by_uuid(&tx, &canonical(&uuid)?)?
                 .ok_or_else(|| anyhow::anyhow!("no device {uuid}"))?;
-            let freed = d::remove_device(&tx, device.id)?;
+            let now = SystemClock.now().unix_timestamp();
+            let freed = d::remove_device(&tx, device.id, now)?;
             tx.commit()?;
             println!("device {uuid} removed: {freed} seat(s) freed, its leases revoked");
         }

@@ -158,7 +158,7 @@ pub async fn act(
                     "device unblocked"
                 }
                 "remove" => {
-                    devices::remove_device(conn, device.id)?;
+                    devices::remove_device(conn, device.id, now)?;
                     "device removed"
                 }
                 _ => return Ok(Some(false)),
@@ -294,7 +294,7 @@ pub async fn remove_user(
         .write(move |conn| {
             let ids = devices::devices_of_user(conn, &user)?;
             for id in &ids {
-                devices::remove_device(conn, *id)?;
+                devices::remove_device(conn, *id, now)?;
             }
             ops::audit(
                 conn,

@@ -4,7 +4,7 @@
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::StoreError;
-use crate::licensing::models::Consumption;
+use crate::licensing::models::{Consumption, window_of};
 
 // ---- devices ----
 
@@ -242,12 +242,17 @@ pub fn unmark_window(
         )?
         .execute(params![item_id, device_id, instance, window])?;
     if moved == 1 {
-        conn.prepare_cached(
-            "UPDATE concurrency_windows SET active = active - 1
-             WHERE item_id = ?1 AND window = ?2",
-        )?
-        .execute(params![item_id, window])?;
+        leave_window(conn, item_id, window)?;
     }
+    Ok(())
+}
+
+/// One seat fewer active in the item's `window`.
+fn leave_window(conn: &Connection, item_id: &str, window: i64) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE concurrency_windows SET active = active - 1 WHERE item_id = ?1 AND window = ?2",
+    )?
+    .execute(params![item_id, window])?;
     Ok(())
 }
 
@@ -456,17 +461,37 @@ pub fn make_room_for_lease(
     if count < LEASES_PER_PRODUCT {
         return Ok(true);
     }
-    let removed = conn
+    let removed: Vec<(Option<String>, String)> = conn
         .prepare_cached(
             "DELETE FROM leases WHERE rowid IN (
                 SELECT rowid FROM leases
                 WHERE device_id = ?1 AND product = ?2 AND expires_at <= ?3
                 ORDER BY expires_at
-                LIMIT max(0, ?4 - ?5 + 1))",
+                LIMIT max(0, ?4 - ?5 + 1))
+             RETURNING item_id, instance",
         )?
-        .execute(params![device_id, product, now, count, LEASES_PER_PRODUCT])?;
+        .query_map(
+            params![device_id, product, now, count, LEASES_PER_PRODUCT],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
+        .collect::<Result<_, _>>()?;
+    // A concurrent_instance seat is per instance: one that no lease names any more goes
+    // with its last lease, or instances that never come back would pile up.
+    for (item_id, instance) in &removed {
+        if let Some(item_id) = item_id.as_deref().filter(|_| !instance.is_empty()) {
+            let named: bool = conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM leases
+                     WHERE device_id = ?1 AND item_id = ?2 AND instance = ?3)",
+                )?
+                .query_row(params![device_id, item_id, instance], |r| r.get(0))?;
+            if !named {
+                delete_seat(conn, item_id, device_id, instance)?;
+            }
+        }
+    }
     // Those left past the first 32 are all unexpired.
-    Ok(count - (removed as i64) < LIVE_LEASES_PER_PRODUCT)
+    Ok(count - (removed.len() as i64) < LIVE_LEASES_PER_PRODUCT)
 }
 
 /// Stores a lease: a new one, or the renewal of an existing one (same `lease_id`).
@@ -563,10 +588,11 @@ pub fn has_seat(conn: &Connection, item_id: &str, device_id: i64) -> Result<bool
         .query_row(params![item_id, device_id], |r| r.get(0))?)
 }
 
-/// An admin removed the device: its seats are freed and its leases revoked; the device
-/// record stays, so its next contact is answered `LEASE_REVOKED`.
-pub fn remove_device(conn: &Connection, device_id: i64) -> Result<usize, StoreError> {
-    let freed = free_all_seats(conn, device_id)?;
+/// An admin removed the device: its seats are freed (and out of the current concurrency
+/// window, `now`'s) and its leases revoked; the device record stays, so its next contact is
+/// answered `LEASE_REVOKED`.
+pub fn remove_device(conn: &Connection, device_id: i64, now: i64) -> Result<usize, StoreError> {
+    let freed = free_all_seats(conn, device_id, Some(window_of(now)))?;
     conn.prepare_cached("DELETE FROM token_passes WHERE device_id = ?1")?
         .execute([device_id])?;
     conn.prepare_cached("UPDATE leases SET revoked = 1 WHERE device_id = ?1")?
@@ -574,18 +600,26 @@ pub fn remove_device(conn: &Connection, device_id: i64) -> Result<usize, StoreEr
     Ok(freed)
 }
 
-/// Deletes the device's seats, each counted out of its item; returns how many.
-fn free_all_seats(conn: &Connection, device_id: i64) -> Result<usize, StoreError> {
-    let items: Vec<String> = conn
-        .prepare_cached("SELECT item_id FROM seats WHERE device_id = ?1")?
-        .query_map([device_id], |r| r.get(0))?
+/// Deletes the device's seats, each counted out of its item and out of `window` if active
+/// in it (so the device counts once if it comes back in that window); returns how many.
+fn free_all_seats(
+    conn: &Connection,
+    device_id: i64,
+    window: Option<i64>,
+) -> Result<usize, StoreError> {
+    let seats: Vec<(String, i64)> = conn
+        .prepare_cached("SELECT item_id, last_window FROM seats WHERE device_id = ?1")?
+        .query_map([device_id], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
-    for item in &items {
+    for (item, last_window) in &seats {
         add_seats(conn, item, -1)?;
+        if window == Some(*last_window) {
+            leave_window(conn, item, *last_window)?;
+        }
     }
     conn.prepare_cached("DELETE FROM seats WHERE device_id = ?1")?
         .execute([device_id])?;
-    Ok(items.len())
+    Ok(seats.len())
 }
 
 /// One batch of devices looked at by the inactive-device purge.
@@ -632,7 +666,8 @@ pub fn unused_devices(
 /// Removes a device and everything kept for it (seats, counted out of their items; leases,
 /// passes, its usage stream and totals). The items' per-day usage stays.
 pub fn purge_device(conn: &Connection, device_id: i64) -> Result<(), StoreError> {
-    free_all_seats(conn, device_id)?;
+    // Unused for a year: active in no window that still counts.
+    free_all_seats(conn, device_id, None)?;
     // The rest goes with the device (ON DELETE CASCADE).
     conn.prepare_cached("DELETE FROM devices WHERE id = ?1")?
         .execute([device_id])?;

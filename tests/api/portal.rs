@@ -382,6 +382,31 @@ fn auditors_see_but_cannot_change() {
     assert_eq!(blocked, 1);
 }
 
+/// A device removed and authorized again within the same 3-minute window counts once in
+/// it: removing it took it out of the window, so no false exception is recorded.
+#[test]
+fn a_removed_device_back_in_the_same_window_counts_once() {
+    let (f, owner) = signed_in(&item(
+        "viewer",
+        "concurrent_device",
+        1,
+        "max_exceptions = 5",
+    ));
+    f.authorized("viewer", 1);
+    let page = owner.get("/devices");
+    let answer = owner.post(
+        &format!("/devices/{}/remove", device_uuid(1)),
+        &[("csrf", &csrf(&page.body))],
+    );
+    assert_eq!(answer.location, "/devices");
+    assert_eq!(
+        f.authorized("viewer", 1).state,
+        keygate_sdk::wire::AuthorizationState::Ok,
+        "one device active in the window, quota 1"
+    );
+    assert_eq!(f.item_value("LIC-T-1", "exceptions"), 0);
+}
+
 fn set_password_for_admin(f: &Fixture, name: &str, role: &str) -> Run {
     use std::io::Write;
     let mut child = command()

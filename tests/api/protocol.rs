@@ -997,6 +997,35 @@ fn a_device_keeps_at_most_32_leases_per_product_dropping_expired_ones_first() {
     assert_eq!(f.item_value("LIC-T-1", "seats_used"), 1);
 }
 
+/// A device that starts every process under a new instance id and never releases (killed,
+/// power lost): the concurrent_instance seats go with the expired leases removed for new
+/// ones, so they do not pile up either.
+#[test]
+fn instances_that_never_release_leave_no_more_seats_than_leases() {
+    let f = Fixture::new(&item(
+        "viewer",
+        "concurrent_instance",
+        100,
+        "max_exceptions = 5",
+    ));
+    let as_instance = |n: u32| {
+        let mut request = f.request("viewer", 1);
+        request["device"]["instance"] = json!(format!("process-{n}"));
+        let (status, body) = f.authorize(&request);
+        assert_eq!(status, 200, "{body}");
+    };
+    let count = |sql: &str| -> i64 { f.db().query_row(sql, [], |r| r.get(0)).unwrap() };
+    for n in 1..=40 {
+        as_instance(n);
+    }
+    assert_eq!(count("SELECT COUNT(*) FROM seats"), 40);
+    f.app.clock.advance(Duration::days(8));
+    as_instance(41);
+    assert_eq!(count("SELECT COUNT(*) FROM leases"), 32);
+    assert_eq!(count("SELECT COUNT(*) FROM seats"), 32);
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 32);
+}
+
 #[test]
 fn a_device_naming_new_users_without_end_is_refused_past_4096_unexpired_leases() {
     let f = Fixture::new(&item("reader", "per_device", 10, ""));
