@@ -35,6 +35,11 @@ pub enum ChainError {
     WrongNonce,
     #[error("the authorization expired at {0}")]
     Expired(OffsetDateTime),
+    #[error("the authorization expires ({expires_at}) before it was issued ({issued_at})")]
+    ExpiresBeforeIssued {
+        issued_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    },
 }
 
 /// Verifies a license file's JWS against the trusted vendor keys and its appliance binding.
@@ -83,6 +88,14 @@ pub fn verify_authorization<'k>(
         return Err(ChainError::WrongAppliance {
             expected: license.appliance.installation_id.clone(),
             found: auth.installation_id,
+        });
+    }
+    // An authorization issued after its expiry says nothing true about time, and would set
+    // the device's time mark ahead of the clock.
+    if auth.issued_at > auth.expires_at {
+        return Err(ChainError::ExpiresBeforeIssued {
+            issued_at: auth.issued_at,
+            expires_at: auth.expires_at,
         });
     }
     // Each granted item is one of the license's, for this product, and the authorization
@@ -382,6 +395,17 @@ mod tests {
         assert!(matches!(
             fx.check(&auth, expect_fresh()),
             Err(ChainError::Expired(_))
+        ));
+    }
+
+    #[test]
+    fn an_authorization_issued_after_its_expiry_is_refused() {
+        let fx = Fixture::new();
+        let mut auth = fx.authorization();
+        auth.issued_at = auth.expires_at + Duration::days(1);
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::ExpiresBeforeIssued { .. })
         ));
     }
 

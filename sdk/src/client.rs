@@ -467,6 +467,18 @@ pub enum ClientError {
     UnexpectedResponse { status: u16, detail: String },
     #[error("the appliance's answer does not verify: {0}")]
     Chain(#[source] ChainError),
+    /// The stored authorization was granted for another instance, user, handshake code or
+    /// organization than the configuration names (the product was started with other
+    /// settings on this state directory): [`Client::authorize`] again.
+    #[error(
+        "the authorization is for {setting} {found:?}, not the configured {configured:?}: \
+         authorize again"
+    )]
+    OtherSettings {
+        setting: &'static str,
+        configured: String,
+        found: String,
+    },
     #[error("the authorization is for product {found:?}, not {expected:?}")]
     WrongProduct { expected: String, found: String },
     #[error("this device holds no authorization: authorize while the appliance is reachable")]
@@ -764,6 +776,46 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ClientError> {
         action: "write",
         path: path.to_path_buf(),
         source,
+    })
+}
+
+/// The first setting of the configuration that `auth` was not granted for: the device's
+/// instance and user (a token pass is per user, a concurrent_instance seat per instance),
+/// and the handshake code and organization when the configuration names them. As
+/// `(setting, configured, found)`; an empty value is no value, as the appliance has it.
+fn other_settings<'a>(
+    config: &'a ClientConfig,
+    auth: &'a Authorization,
+) -> Option<(&'static str, &'a str, &'a str)> {
+    let label = |s: Option<&'a str>| s.unwrap_or("");
+    let named = |s: Option<&'a str>| s.map(str::trim).filter(|s| !s.is_empty());
+    [
+        (
+            "instance",
+            Some(label(config.device.instance.as_deref())),
+            label(auth.instance.as_deref()),
+        ),
+        (
+            "user",
+            Some(label(config.device.user.as_deref())),
+            label(auth.user.as_deref()),
+        ),
+        (
+            "handshake code",
+            named(config.handshake_code.as_deref()),
+            auth.handshake_code.as_str(),
+        ),
+        (
+            "organization",
+            named(config.organization_id.as_deref()),
+            auth.organization_id.as_str(),
+        ),
+    ]
+    .into_iter()
+    .find_map(|(setting, configured, found)| {
+        configured
+            .filter(|c| c != &found)
+            .map(|c| (setting, c, found))
     })
 }
 
@@ -1378,8 +1430,10 @@ impl Client {
                             message,
                         });
                     }
-                    let report = self.backlog.reports.remove(0);
-                    self.store.set_aside(&report, &message)?;
+                    // Set aside on disk before it leaves the backlog: a failed write
+                    // loses nothing.
+                    self.store.set_aside(&self.backlog.reports[0], &message)?;
+                    self.backlog.reports.remove(0);
                     self.store.save_backlog(&self.backlog)?;
                     outcome.rejected += 1;
                     chunk_size = MAX_REPORTS_PER_REQUEST;
@@ -1387,6 +1441,13 @@ impl Client {
                 }
                 Err(e) => return Err(e),
             };
+            if response.acked_seq > i64::MAX as u64 {
+                // No appliance stores a seq past the largest integer it keeps.
+                return Err(ClientError::UnexpectedResponse {
+                    status: 200,
+                    detail: format!("acked_seq {} is out of range", response.acked_seq),
+                });
+            }
             let now = self.now();
             self.state.last_contact = Some(now);
             self.stream_confirmed = true;
@@ -1481,6 +1542,15 @@ impl Client {
             return Err(ClientError::NotAuthorized);
         };
         let grant = self.verify(&renewal, &license, None, now)?;
+        if self.state.lease_id.as_deref() != Some(grant.authorization.lease_id.as_str()) {
+            return Err(ClientError::UnexpectedResponse {
+                status: 200,
+                detail: format!(
+                    "the renewal is for lease {}, not this device's",
+                    grant.authorization.lease_id
+                ),
+            });
+        }
         // No nonce binds a renewal to this request: it only moves the time mark forward, and an
         // older authorization replayed in its place changes nothing.
         advance(
@@ -1532,6 +1602,13 @@ impl Client {
             return Err(ClientError::WrongProduct {
                 expected: self.config.product.clone(),
                 found: authorization.product,
+            });
+        }
+        if let Some((setting, configured, found)) = other_settings(&self.config, &authorization) {
+            return Err(ClientError::OtherSettings {
+                setting,
+                configured: configured.to_string(),
+                found: found.to_string(),
             });
         }
         Ok(Grant {
@@ -2263,6 +2340,37 @@ mod tests {
         ));
         drop(client);
 
+        // Stored for another user, instance, handshake code or organization (the product
+        // started with other settings on this state directory): not this configuration's.
+        type Change = fn(&mut ClientConfig);
+        let others: [(&str, Change); 4] = [
+            ("user", |c| c.device.user = Some("bob".into())),
+            ("instance", |c| c.device.instance = Some("worker-2".into())),
+            ("handshake code", |c| c.handshake_code = Some("LAB".into())),
+            ("organization", |c| {
+                c.organization_id = Some("200002".into())
+            }),
+        ];
+        for (setting, change) in others {
+            let mut other = config(dir.path(), &chain, &clock);
+            change(&mut other);
+            let mut client = Client::new(other).unwrap();
+            assert!(
+                matches!(
+                    client.check(),
+                    Err(ClientError::OtherSettings { setting: s, .. }) if s == setting
+                ),
+                "{setting}: {:?}",
+                client.check()
+            );
+        }
+        // The same settings, spelled as the appliance keeps them, are the same.
+        let mut same = config(dir.path(), &chain, &clock);
+        same.device.user = Some(String::new());
+        same.handshake_code = Some(" default ".into());
+        same.organization_id = Some("200001".into());
+        Client::new(same).unwrap().check().unwrap();
+
         // A product that trusts another vendor.
         let mut stranger = config(dir.path(), &chain, &clock);
         stranger.vendor_keys = vec![generate_signing_key().verifying_key()];
@@ -2271,6 +2379,25 @@ mod tests {
             client.check(),
             Err(ClientError::Chain(ChainError::License(_)))
         ));
+    }
+
+    #[test]
+    fn a_renewal_is_taken_only_for_the_devices_own_lease() {
+        let dir = TempDir::new();
+        let (mut client, mut chain, clock) = authorized_client(&dir);
+        chain.authorization.issued_at = T0 + time::Duration::minutes(3);
+        chain.authorization.expires_at = T0 + time::Duration::days(7);
+        let now = clock.clock().now();
+        let own = chain.authorization_jws();
+        chain.authorization.lease_id = "lease-of-another-process".into();
+        let other = chain.authorization_jws();
+        assert!(matches!(
+            client.accept_renewal(other, now),
+            Err(ClientError::UnexpectedResponse { .. })
+        ));
+        assert_eq!(client.status().lease_id.as_deref(), Some("lease-1"));
+        let renewed = client.accept_renewal(own, now).unwrap().unwrap();
+        assert_eq!(renewed.authorization.lease_id, "lease-1");
     }
 
     // --- usage offline ----------------------------------------------------------------------
