@@ -2,6 +2,7 @@
 //! refused until the window ends. Memory stays bounded: entries of past windows are pruned.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 
 #[derive(Debug)]
@@ -80,6 +81,15 @@ impl AttemptLimiter {
     }
 }
 
+/// The key a client's attempts (session passwords, portal sign-ins) are counted under: its
+/// IPv4 address, or the /64 of its IPv6 address (one host usually has a whole /64 to pick addresses from).
+pub fn client_key(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("{}/64", Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +128,15 @@ mod tests {
             "only the current window's key is kept"
         );
         assert_eq!(attempts.pruned, 1);
+    }
+
+    #[test]
+    fn attempts_are_counted_per_ipv4_address_or_ipv6_64() {
+        let key = |ip: &str| client_key(ip.parse().unwrap());
+        assert_eq!(key("10.0.0.7"), "10.0.0.7");
+        assert_eq!(key("::ffff:10.0.0.7"), "10.0.0.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff:1:2:3"), "2001:db8:1:2::/64");
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
     }
 }

@@ -81,8 +81,12 @@ pub fn record(
         }
         accepted += 1;
         acked = report.seq;
-        // Usage counts on the day it ended, never on a day after today.
-        let day = day_of(report.to.min(now));
+        // Usage counts on the day it ended, never on a day after today nor before its item
+        // started (a device's clock, or a forged report, cannot spread rows over the ages).
+        let started = catalogue
+            .item(&report.item_id)
+            .map_or(now, |i| i.terms.starts_at);
+        let day = day_of(report.to.min(now).max(started.min(now)));
         let meter = metered
             .iter()
             .find(|(id, _)| *id == report.item_id)

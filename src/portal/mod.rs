@@ -288,7 +288,13 @@ async fn login(
     // Each attempt is counted before Argon2 runs, so parallel attempts cannot all get past
     // the limit; only the first refusal of a window is audited.
     let account = format!("account:{}", form.name);
-    let by_address = format!("address:{address}");
+    // Per IPv4 address or IPv6 /64: a host picking new addresses in its /64 is one client.
+    let by_address = format!(
+        "address:{}",
+        req.peer_addr()
+            .map(|a| crate::ratelimit::client_key(a.ip()))
+            .unwrap_or_default()
+    );
     // The account is counted only once the address may go on: an address past its limit
     // adds no entry for every name it tries.
     let limited = state

@@ -2,7 +2,6 @@
 //! run one domain operation on the database writer, sign, answer. Every failure is the
 //! specification's JSON error and changes nothing.
 
-use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -66,10 +65,13 @@ fn json_config(limit: usize) -> web::JsonConfig {
         .error_handler(move |err, _req| {
             match &err {
                 JsonPayloadError::Overflow { .. }
-                | JsonPayloadError::OverflowKnownLength { .. } => ApiError::new(
-                    ErrorCode::PayloadTooLarge,
-                    format!("the request body is larger than {limit} bytes"),
-                ),
+                | JsonPayloadError::OverflowKnownLength { .. }
+                | JsonPayloadError::Payload(actix_web::error::PayloadError::Overflow) => {
+                    ApiError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!("the request body is larger than {limit} bytes"),
+                    )
+                }
                 JsonPayloadError::ContentType => {
                     ApiError::bad_request("send a JSON body with Content-Type: application/json")
                 }
@@ -184,7 +186,7 @@ async fn authorize(
                 // Keyed only here: most authorizations need no password check.
                 let client = http
                     .peer_addr()
-                    .map(|a| limit_key(a.ip()))
+                    .map(|a| crate::ratelimit::client_key(a.ip()))
                     .unwrap_or_default();
                 let code = handshake_id.to_string();
                 if state.password_attempts.is_limited(&client, now)
@@ -226,17 +228,12 @@ async fn authorize(
             }
         }
     }
-    tracing::warn!("session password changed twice during one authorization");
-    Err(ApiError::internal())
-}
-
-/// The key a client's password checks are counted under: its IPv4 address, or the /64 of
-/// its IPv6 address (one host usually has a whole /64 to pick addresses from).
-fn limit_key(ip: IpAddr) -> String {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("{}/64", Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
-    }
+    // An admin set the password again while it was checked: the device's password was
+    // right for the old one; nothing broke, it asks again.
+    Err(ApiError::new(
+        ErrorCode::SessionPasswordMismatch,
+        "the session password was changed while it was checked: authorize again",
+    ))
 }
 
 /// `POST /api/v1/usage`
@@ -299,19 +296,4 @@ async fn release(
         })
         .await?;
     Ok(HttpResponse::Ok().json(ReleaseResponse { released: true }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn password_checks_are_counted_per_ipv4_address_or_ipv6_64() {
-        let key = |ip: &str| limit_key(ip.parse().unwrap());
-        assert_eq!(key("10.0.0.7"), "10.0.0.7");
-        assert_eq!(key("::ffff:10.0.0.7"), "10.0.0.7");
-        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
-        assert_eq!(key("2001:db8:1:2:ffff:1:2:3"), "2001:db8:1:2::/64");
-        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
-    }
 }

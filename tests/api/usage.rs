@@ -350,6 +350,39 @@ fn a_removed_device_still_has_its_usage_recorded_and_is_told_its_lease_is_revoke
     assert_eq!(f.refused("scanner", 1), "QUOTA_EXCEEDED");
 }
 
+/// A report dated before its item started (a device clock years behind, or a forged
+/// report) counts on the item's first day: the per-day rows stay within the item's life.
+#[test]
+fn usage_dated_before_its_item_started_counts_on_its_first_day() {
+    let f = scanner();
+    let auth = f.authorized("scanner", 1);
+    let reports: Vec<_> = [1, 2, 3]
+        .iter()
+        .map(|&seq| {
+            json!({"seq": seq, "item_id": "LIC-T-1",
+                   "from": format!("{}-01-01T00:00:00Z", 1970 + seq),
+                   "to": format!("{}-01-01T00:03:00Z", 1970 + seq), "counters": {"scans": 1}})
+        })
+        .collect();
+    let body = json!({"lease_id": auth.lease_id, "device_uuid": device_uuid(1), "stream": STREAM, "reports": reports});
+    let (status, answer) = f.usage(&body);
+    assert_eq!(
+        (status, answer["accepted"].as_u64()),
+        (200, Some(3)),
+        "{answer}"
+    );
+    let days: Vec<(i64, i64)> = f
+        .db()
+        .prepare("SELECT day, total FROM usage_daily WHERE item_id = 'LIC-T-1'")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let started = time::macros::datetime!(2026-01-01 00:00 UTC).unix_timestamp();
+    assert_eq!(days, [(started, 3)], "one row, on the item's first day");
+}
+
 #[test]
 fn bad_requests_get_the_spec_error_and_change_nothing() {
     let f = scanner();
@@ -389,6 +422,21 @@ fn bad_requests_get_the_spec_error_and_change_nothing() {
         raw("application/json", big),
         (413, "PAYLOAD_TOO_LARGE".into())
     );
+
+    // A compressed body is not inflated (a small one could inflate to gigabytes before any
+    // limit applies): it is not JSON, whatever it would decompress to.
+    let request = serde_json::to_vec(&f.request("scanner", 1)).unwrap();
+    let mut response = f
+        .app
+        .agent
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .send(&gzip_stored(&request)[..])
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let answer: serde_json::Value = response.body_mut().read_json().unwrap();
+    assert_eq!(answer["error"]["code"], "BAD_REQUEST", "{answer}");
 
     let cases = [
         (
@@ -583,4 +631,25 @@ fn a_backlog_for_the_previous_item_is_still_accepted_after_the_lease_moves() {
         (status, body["error"]["code"].as_str()),
         (400, Some("BAD_REQUEST"))
     );
+}
+
+/// `data` as a gzip stream of one stored (uncompressed) deflate block.
+fn gzip_stored(data: &[u8]) -> Vec<u8> {
+    let crc = !data.iter().fold(!0u32, |crc, &byte| {
+        (0..8).fold(crc ^ u32::from(byte), |c, _| {
+            if c & 1 == 1 {
+                (c >> 1) ^ 0xedb8_8320
+            } else {
+                c >> 1
+            }
+        })
+    });
+    let len = u16::try_from(data.len()).unwrap();
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff, 1];
+    out.extend(len.to_le_bytes());
+    out.extend((!len).to_le_bytes());
+    out.extend(data);
+    out.extend(crc.to_le_bytes());
+    out.extend(u32::try_from(data.len()).unwrap().to_le_bytes());
+    out
 }
