@@ -90,6 +90,13 @@ pub fn client_key(ip: IpAddr) -> String {
     }
 }
 
+/// [`client_key`] of the request's peer.
+pub fn request_key(req: &actix_web::HttpRequest) -> String {
+    req.peer_addr()
+        .map(|a| client_key(a.ip()))
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

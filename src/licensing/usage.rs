@@ -64,7 +64,7 @@ pub fn record(
             used: used.unwrap_or_default(),
             ..terms.clone()
         });
-    let metered = metered_counters(conn, catalogue, &lease, req)?;
+    let reported = reported_items(conn, catalogue, &lease, req)?;
     let high = match stream {
         Some((owner, _)) if owner != device.id => {
             return Err(ApiError::bad_request("stream belongs to another device"));
@@ -81,16 +81,14 @@ pub fn record(
         }
         accepted += 1;
         acked = report.seq;
+        let named = reported
+            .iter()
+            .find(|i| i.item_id == report.item_id)
+            .expect("every reported item was checked");
         // Usage counts on the day it ended, never on a day after today nor before its item
         // started (a device's clock, or a forged report, cannot spread rows over the ages).
-        let started = catalogue
-            .item(&report.item_id)
-            .map_or(now, |i| i.terms.starts_at);
-        let day = day_of(report.to.min(now).max(started.min(now)));
-        let meter = metered
-            .iter()
-            .find(|(id, _)| *id == report.item_id)
-            .and_then(|(_, c)| c.as_deref());
+        let day = day_of(report.to.min(now).max(named.terms.starts_at.min(now)));
+        let meter = named.counter.as_deref();
         for (counter, amount) in report.counters.iter().filter(|(_, n)| *n > 0) {
             devices::add_usage(conn, &report.item_id, device.id, day, counter, *amount)?;
             if meter == Some(counter.as_str()) {
@@ -123,16 +121,16 @@ pub fn record(
     })
 }
 
-/// The items the reports name, each with the counter it meters (per_usage). A report may
+/// The items the reports name (each with its terms and the counter it meters). A report may
 /// name the lease's item, or another item of the lease's product that the lease's handshake
 /// code serves or in which the device holds a seat: the item the lease held before it moved
 /// to a new one (expired, full, or its seat lapsed since), so a backlog stays deliverable.
-fn metered_counters(
+fn reported_items<'c>(
     conn: &Connection,
-    catalogue: &Catalogue,
+    catalogue: &'c Catalogue,
     lease: &Lease,
     req: &Usage,
-) -> Result<Vec<(String, Option<String>)>, ApiError> {
+) -> Result<Vec<&'c ItemRow>, ApiError> {
     let belongs = |other: &ItemRow| -> Result<bool, ApiError> {
         Ok(lease.item_id.as_deref() == Some(other.item_id.as_str())
             || (lease.item_id.is_some()
@@ -140,15 +138,13 @@ fn metered_counters(
                 && (lease.handshake_id == Some(other.handshake_id)
                     || devices::has_seat(conn, &other.item_id, lease.device_id)?)))
     };
-    let mut known: Vec<(String, Option<String>)> = Vec::new();
+    let mut known: Vec<&ItemRow> = Vec::new();
     for report in &req.reports {
-        if known.iter().any(|(id, _)| *id == report.item_id) {
+        if known.iter().any(|i| i.item_id == report.item_id) {
             continue;
         }
         match catalogue.item(&report.item_id) {
-            Some(other) if belongs(other)? => {
-                known.push((report.item_id.clone(), other.counter.clone()));
-            }
+            Some(other) if belongs(other)? => known.push(other),
             _ => {
                 return Err(ApiError::bad_request(format!(
                     "item {} does not belong to lease {}",

@@ -289,12 +289,7 @@ async fn login(
     // the limit; only the first refusal of a window is audited.
     let account = format!("account:{}", form.name);
     // Per IPv4 address or IPv6 /64: a host picking new addresses in its /64 is one client.
-    let by_address = format!(
-        "address:{}",
-        req.peer_addr()
-            .map(|a| crate::ratelimit::client_key(a.ip()))
-            .unwrap_or_default()
-    );
+    let by_address = format!("address:{}", crate::ratelimit::request_key(&req));
     // The account is counted only once the address may go on: an address past its limit
     // adds no entry for every name it tries.
     let limited = state

@@ -184,10 +184,7 @@ async fn authorize(
                 // An address (or a code) that used up its checks is refused before it queues
                 // for Argon2.
                 // Keyed only here: most authorizations need no password check.
-                let client = http
-                    .peer_addr()
-                    .map(|a| crate::ratelimit::client_key(a.ip()))
-                    .unwrap_or_default();
+                let client = crate::ratelimit::request_key(&http);
                 let code = handshake_id.to_string();
                 if state.password_attempts.is_limited(&client, now)
                     || state.code_password_attempts.is_limited(&code, now)

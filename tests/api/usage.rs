@@ -8,6 +8,17 @@ use crate::helpers::*;
 
 const STREAM: &str = "11111111-1111-4111-8111-111111111111";
 
+/// LIC-T-1's usage per day, `(day, total)` in day order.
+fn daily_totals(f: &Fixture) -> Vec<(i64, i64)> {
+    f.db()
+        .prepare("SELECT day, total FROM usage_daily WHERE item_id = 'LIC-T-1' ORDER BY day")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 fn scanner() -> Fixture {
     Fixture::new(&item(
         "scanner",
@@ -108,14 +119,7 @@ fn a_device_back_after_six_days_offline_sends_its_backlog_once() {
         (Some(0), Some(2880))
     );
     assert_eq!(total(&f), 5760);
-    let days: Vec<(i64, i64)> = f
-        .db()
-        .prepare("SELECT day, total FROM usage_daily WHERE item_id = 'LIC-T-1' ORDER BY day")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let days = daily_totals(&f);
     assert_eq!(days.iter().map(|(_, t)| t).sum::<i64>(), 5760);
     assert_eq!(
         days.len(),
@@ -371,14 +375,7 @@ fn usage_dated_before_its_item_started_counts_on_its_first_day() {
         (200, Some(3)),
         "{answer}"
     );
-    let days: Vec<(i64, i64)> = f
-        .db()
-        .prepare("SELECT day, total FROM usage_daily WHERE item_id = 'LIC-T-1'")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let days = daily_totals(&f);
     let started = time::macros::datetime!(2026-01-01 00:00 UTC).unix_timestamp();
     assert_eq!(days, [(started, 3)], "one row, on the item's first day");
 }
