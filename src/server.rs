@@ -165,6 +165,9 @@ pub async fn serve(
             )
     })
     .disable_signals()
+    // actix's 3 s closes the connection of a client whose handshake meets a busy appliance
+    // (or a slow link); a handshake that has not finished in 10 s is gone for good.
+    .tls_handshake_timeout(TLS_HANDSHAKE_TIMEOUT)
     .listen_rustls_0_23(listener, tls)?
     .run();
     let handle = server.handle();
@@ -174,6 +177,9 @@ pub async fn serve(
     });
     server.await
 }
+
+/// How long a client may take to finish its TLS handshake before its connection is closed.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The process is up.
 async fn healthz() -> HttpResponse {
