@@ -93,6 +93,10 @@ pub enum Command {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+    /// Accept this machine's clock as it is now when the appliance refuses to sign because
+    /// an earlier time was wrong (the clock had been set too far ahead). Stop the service
+    /// first; the reset is audited.
+    ResetClock,
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -334,6 +338,7 @@ pub fn run(command: Command, config: Config) -> Result<()> {
             println!("public trial {state}");
             Ok(())
         }
+        Command::ResetClock => reset_clock(&config, &clock),
         Command::Config(ConfigCommand::Dump) => {
             print!("{}", config.to_toml());
             Ok(())
@@ -727,6 +732,26 @@ fn licenses(config: &Config) -> Result<()> {
     Ok(())
 }
 
+fn reset_clock(config: &Config, clock: &dyn Clock) -> Result<()> {
+    // The running service keeps the newest time in memory and would save it again.
+    let _lock = store::backup::lock_file(&config.data_dir, std::time::Duration::ZERO)?;
+    let conn = open_store(config)?;
+    let now = clock.now().unix_timestamp();
+    let newest = crate::jobs::newest_time(&conn)?;
+    if now >= newest {
+        println!("the clock is not behind the newest time used; nothing changed");
+        return Ok(());
+    }
+    let (now_text, newest_text) = (rfc3339(from_unix(now)), rfc3339(from_unix(newest)));
+    let tx = conn.unchecked_transaction()?;
+    store::settings::set(&tx, crate::clock::NEWEST_TIME, &now.to_string())?;
+    let detail = format!("newest time used was {newest_text}; clock accepted at {now_text}");
+    store::ops::audit(&tx, now, "cli", "clock reset", "", &detail, "")?;
+    tx.commit()?;
+    println!("{detail}");
+    Ok(())
+}
+
 fn status(config: &Config) -> Result<()> {
     let appliance = Appliance::load_or_create(&config.data_dir)?;
     let conn = open_store(config)?;
@@ -755,6 +780,20 @@ fn status(config: &Config) -> Result<()> {
         if running { "running" } else { "not running" }
     );
     let time = |t: i64| rfc3339(from_unix(t));
+    let (now, newest) = (
+        SystemClock.now().unix_timestamp(),
+        crate::jobs::newest_time(&conn)?,
+    );
+    if now < newest.saturating_sub(crate::clock::CLOCK_SLACK_S) {
+        println!(
+            "clock:            BEHIND: {} is before the newest time used, {}; devices are \
+             refused until it is set right (or `keygate reset-clock` if that time was wrong)",
+            time(now),
+            time(newest)
+        );
+    } else {
+        println!("clock:            ok ({})", time(now));
+    }
     match store::settings::get(&conn, crate::jobs::LAST_BACKUP)?.and_then(|t| t.parse().ok()) {
         Some(t) => println!("last backup:      {}", time(t)),
         None => println!("last backup:      none yet"),

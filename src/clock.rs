@@ -41,3 +41,105 @@ impl Clock for ManualClock {
         *self.0.lock().expect("clock lock")
     }
 }
+
+/// How far the clock may step back behind the newest time the appliance has used before it
+/// stops signing: an NTP correction of a clock that ran fast, or a virtual machine resumed
+/// from a snapshot, stays well inside it. A clock set back further could stretch a license
+/// past its expiry; the gain is never more than this, however often it is set back.
+pub const CLOCK_SLACK_S: i64 = 3600;
+
+/// The newest time this appliance has used (FlexNet calls a clock set back behind it
+/// "clock windback"). Checked on every authorization and renewal; persisted in the settings
+/// by every job run and at shutdown, and read back at start.
+#[derive(Debug)]
+pub struct Watermark {
+    newest: std::sync::atomic::AtomicI64,
+    /// Whether the clock is behind now (logged once per episode, not per request).
+    behind: std::sync::atomic::AtomicBool,
+}
+
+/// The settings key of the persisted [`Watermark`].
+pub const NEWEST_TIME: &str = "clock_newest_time";
+
+/// The clock reads `now`, more than [`CLOCK_SLACK_S`] behind `newest`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the appliance's clock ({now}) is {behind} behind the newest time it has used \
+     ({newest}): it signs nothing until an administrator sets the clock right \
+     (operations.md, \"The appliance's clock\")",
+    now = rfc3339(*.now),
+    newest = rfc3339(*.newest),
+    behind = time::Duration::seconds(*.newest - *.now)
+)]
+pub struct ClockBehind {
+    pub now: i64,
+    pub newest: i64,
+}
+
+fn rfc3339(t: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
+impl Watermark {
+    pub fn new(newest: i64) -> Self {
+        Watermark {
+            newest: newest.into(),
+            behind: false.into(),
+        }
+    }
+
+    pub fn newest(&self) -> i64 {
+        self.newest.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Moves the mark up to `now`, or refuses a clock more than [`CLOCK_SLACK_S`] behind it.
+    pub fn check(&self, now: i64) -> Result<(), ClockBehind> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let newest = self.newest.fetch_max(now, Relaxed);
+        if now >= newest.saturating_sub(CLOCK_SLACK_S) {
+            if self.behind.load(Relaxed) && self.behind.swap(false, Relaxed) {
+                tracing::warn!(
+                    kind = "clock",
+                    "the appliance's clock caught up: signing again"
+                );
+            }
+            return Ok(());
+        }
+        let behind = ClockBehind { now, newest };
+        if !self.behind.swap(true, Relaxed) {
+            tracing::error!(kind = "clock", error = %behind, "clock set back");
+        }
+        Err(behind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watermark_refuses_a_clock_set_back_past_the_slack() {
+        let mark = Watermark::new(i64::MIN); // a new appliance: any time is fine
+        assert!(mark.check(1_000_000).is_ok());
+        assert_eq!(mark.newest(), 1_000_000);
+        // Back by the slack exactly: fine, and the mark stays where it was.
+        assert!(mark.check(1_000_000 - CLOCK_SLACK_S).is_ok());
+        assert_eq!(mark.newest(), 1_000_000);
+        let behind = mark.check(1_000_000 - CLOCK_SLACK_S - 1).unwrap_err();
+        assert_eq!(
+            (behind.now, behind.newest),
+            (1_000_000 - CLOCK_SLACK_S - 1, 1_000_000)
+        );
+        // Set back again and again: never more than the slack behind the newest time.
+        assert!(mark.check(999_999).is_ok());
+        assert!(mark.check(1_000_001).is_ok());
+        assert_eq!(mark.newest(), 1_000_001);
+        assert!(mark.check(1_000_001 - CLOCK_SLACK_S - 1).is_err());
+    }
+}

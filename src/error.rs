@@ -42,6 +42,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::clock::ClockBehind> for ApiError {
+    fn from(e: crate::clock::ClockBehind) -> Self {
+        ApiError::new(ErrorCode::Internal, e.to_string())
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)

@@ -11,6 +11,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::alerts::notices::{ErrorEvent, ErrorNotices, Notice};
 use crate::alerts::{self, Crossing, mail};
+use crate::clock::NEWEST_TIME;
 use crate::licensing::models::{self, DAY, WINDOW_SECS};
 use crate::server::AppState;
 use crate::store::{self, StoreError, backup, ops, settings};
@@ -82,6 +83,28 @@ pub fn overdue(
     Ok(due)
 }
 
+/// The newest time this appliance used, as saved by the last job run or shutdown (before a
+/// release that saved it: its newest job run).
+pub fn newest_time(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
+    match settings::get(conn, NEWEST_TIME)?.and_then(|t| t.parse::<i64>().ok()) {
+        Some(saved) => Ok(saved),
+        None => Ok(conn
+            .query_row("SELECT max(started_at) FROM job_runs", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })?
+            .unwrap_or(i64::MIN)),
+    }
+}
+
+/// Saves the newest time used, for the next start to check the clock against.
+pub async fn save_newest_time(state: &AppState) -> Result<(), StoreError> {
+    let newest = state.watermark.newest().to_string();
+    state
+        .store
+        .write(move |conn| settings::set(conn, NEWEST_TIME, &newest))
+        .await
+}
+
 /// Starts the scheduler and the error notifier; they run until the process ends. Jobs that
 /// are overdue (see [`overdue`]) run at once.
 pub async fn start(
@@ -134,6 +157,8 @@ pub async fn start(
 /// Runs one job now and records the run.
 pub async fn run(state: &AppState, name: &str) -> Result<String, JobError> {
     let started = state.clock.now();
+    // Jobs run whatever the clock; a clock set back is logged (and emailed) once.
+    let _ = state.watermark.check(started.unix_timestamp());
     let clock = std::time::Instant::now();
     let result = match name {
         "alerts" => send_alerts(state).await,
@@ -150,10 +175,16 @@ pub async fn run(state: &AppState, name: &str) -> Result<String, JobError> {
         }
     };
     let (job, ms) = (name.to_string(), clock.elapsed().as_millis() as i64);
-    let at = started.unix_timestamp();
+    let (at, newest) = (
+        started.unix_timestamp(),
+        state.watermark.newest().to_string(),
+    );
     if let Err(e) = state
         .store
-        .write(move |conn| ops::record_job_run(conn, &job, at, ms, ok, &detail))
+        .write(move |conn| {
+            ops::record_job_run(conn, &job, at, ms, ok, &detail)?;
+            settings::set(conn, NEWEST_TIME, &newest)
+        })
         .await
     {
         tracing::warn!(error = %e, "could not record a job run");

@@ -43,6 +43,9 @@ pub struct AppState {
     pub certificate: Arc<CertResolver>,
     pub cert_source: CertSource,
     pub started_at: OffsetDateTime,
+    /// The newest time this appliance has used: nothing is signed while the clock is set
+    /// back behind it.
+    pub watermark: crate::clock::Watermark,
     /// Session passwords already verified (Argon2 runs once per code and password).
     pub passwords: PasswordCache,
     /// Bounds concurrent Argon2 verifications (each takes tens of milliseconds of CPU).
@@ -80,10 +83,12 @@ impl AppState {
         let lock = backup::lock_file(&config.data_dir, backup::LOCK_WAIT)?;
         let store = Store::open(&config.database_path())?;
         let now = clock.now();
-        crate::jobs::remember_first_start(
-            &crate::store::open(&config.database_path())?,
-            now.unix_timestamp(),
-        )?;
+        let conn = crate::store::open(&config.database_path())?;
+        crate::jobs::remember_first_start(&conn, now.unix_timestamp())?;
+        let watermark = crate::clock::Watermark::new(crate::jobs::newest_time(&conn)?);
+        drop(conn);
+        // A clock set back while the appliance was off is told at once (and emailed).
+        let _ = watermark.check(now.unix_timestamp());
         let cert_source = tls::ensure_certificate(&config, now)?;
         let certificate = Arc::new(CertResolver::new(tls::load(&cert_source)?));
         Ok(AppState {
@@ -94,6 +99,7 @@ impl AppState {
             certificate,
             cert_source,
             started_at: now,
+            watermark,
             passwords: PasswordCache::default(),
             password_checks: tokio::sync::Semaphore::new(2),
             password_attempts: AttemptLimiter::new(10, 60),
@@ -136,6 +142,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + 'static,
 ) -> std::io::Result<()> {
     let tls = tls::server_config(state.certificate.clone());
+    let state_at_stop = state.clone();
     let errors = state.error_events.lock().expect("error events lock").take();
     let _scheduler = jobs::start(state.clone(), errors)
         .await
@@ -175,7 +182,11 @@ pub async fn serve(
         shutdown.await;
         handle.stop(true).await;
     });
-    server.await
+    server.await?;
+    if let Err(e) = jobs::save_newest_time(&state_at_stop).await {
+        tracing::warn!(error = %e, "could not save the newest time used");
+    }
+    Ok(())
 }
 
 /// How long a client may take to finish its TLS handshake before its connection is closed.

@@ -40,11 +40,15 @@ fn unknown_release() -> ApiError {
     )
 }
 
+/// Records a usage request's new reports and renews its lease. `clock` is the appliance's
+/// clock check: when it failed (set back) the reports are still recorded and the renewal is
+/// refused with its error.
 pub fn record(
     conn: &Connection,
     catalogue: &Catalogue,
     req: &Usage,
     now: i64,
+    clock: Result<(), ApiError>,
     installation_id: &str,
 ) -> Result<Recorded, ApiError> {
     let LeaseContext {
@@ -104,9 +108,12 @@ pub fn record(
         devices::set_stream_high(conn, &req.stream, device.id, acked)?;
     }
     let writes_lease = item.is_some();
-    let renewal = match item {
-        Some(item) => renew(conn, catalogue, &lease, &device, item, now, installation_id)?,
-        None => renew_trial(&lease, &device, now, installation_id),
+    let renewal = match (clock, item) {
+        (Err(behind), _) => Err(behind),
+        (Ok(()), Some(item)) => {
+            renew(conn, catalogue, &lease, &device, item, now, installation_id)?
+        }
+        (Ok(()), None) => renew_trial(&lease, &device, now, installation_id),
     };
     // A renewal wrote the time on the lease, which counts as the device's last seen time;
     // otherwise it goes on the device (one row written per heartbeat, not two).

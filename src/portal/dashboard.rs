@@ -93,6 +93,8 @@ struct Dashboard {
     last_backup: String,
     chart_width: i64,
     chart_height: i64,
+    /// The clock is set back behind the newest time used: devices are refused.
+    clock_behind: Option<String>,
 }
 
 fn state_label(item: &store::licenses::ItemRow, now: i64) -> &'static str {
@@ -211,5 +213,6 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
         last_backup: last_backup.map_or("none yet".into(), |t| rfc3339(from_unix(t))),
         chart_width: CHART_DAYS * BAR_WIDTH,
         chart_height: CHART_HEIGHT,
+        clock_behind: state.watermark.check(now).err().map(|e| e.to_string()),
     }))
 }

@@ -147,6 +147,7 @@ async fn authorize(
 ) -> Result<HttpResponse, ApiError> {
     let req = Arc::new(Authorize::parse(body.into_inner()).map_err(bad)?);
     let now = state.clock.now().unix_timestamp();
+    state.watermark.check(now)?;
     // At most twice: the second run finds the password verified in the cache.
     for _ in 0..2 {
         let (job_req, job_state) = (req.clone(), state.clone());
@@ -240,6 +241,8 @@ async fn usage(
 ) -> Result<HttpResponse, ApiError> {
     let req = Usage::parse(body.into_inner()).map_err(bad)?;
     let now = state.clock.now().unix_timestamp();
+    // Reports are recorded whatever the clock; only the renewal waits for it.
+    let clock = state.watermark.check(now).map_err(ApiError::from);
     let job_state = state.clone();
     let recorded = state
         .store
@@ -249,6 +252,7 @@ async fn usage(
                 catalogue,
                 &req,
                 now,
+                clock,
                 job_state.appliance.installation_id(),
             )
         })

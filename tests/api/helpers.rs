@@ -300,7 +300,12 @@ pub fn test_epoch() -> OffsetDateTime {
 
 impl TestApp {
     pub fn spawn(data_dir: &Path) -> TestApp {
-        let clock = ManualClock::new(test_epoch());
+        TestApp::spawn_at(data_dir, test_epoch())
+    }
+
+    /// Serves `data_dir` with the clock at `start`.
+    pub fn spawn_at(data_dir: &Path, start: OffsetDateTime) -> TestApp {
+        let clock = ManualClock::new(start);
         let config = Config {
             data_dir: data_dir.to_path_buf(),
             ..Config::default()
@@ -525,6 +530,25 @@ impl Fixture {
             })
             .collect();
         serde_json::json!({"lease_id": lease_id, "device_uuid": device_uuid(n), "stream": stream, "reports": reports})
+    }
+
+    /// Stops the server and starts it again on the same data directory, its clock at `start`.
+    pub fn restart_at(self, start: OffsetDateTime) -> Fixture {
+        let Fixture {
+            app,
+            vendor,
+            code,
+            data,
+            _dir,
+        } = self;
+        drop(app);
+        Fixture {
+            app: TestApp::spawn_at(&data, start),
+            vendor,
+            code,
+            data,
+            _dir,
+        }
     }
 
     /// Stops the server and hands back its data directory (kept on disk).

@@ -1407,3 +1407,96 @@ fn an_auditor_cannot_change_anything() {
         "no backup taken"
     );
 }
+
+/// The appliance's clock set back more than an hour behind the newest time it used signs
+/// nothing: authorizations answer `INTERNAL` saying why and change nothing, usage is still
+/// recorded but not renewed, the dashboard says so. The newest time outlives a restart;
+/// `keygate reset-clock` (service stopped, audited) accepts a clock whose earlier time was
+/// wrong.
+#[test]
+fn a_clock_set_back_signs_nothing_until_it_is_right() {
+    let (f, browser) = signed_in(&item("scan", "per_device", 10, ""));
+    let first = f.authorized("scan", 1);
+    // Inside the hour's slack (an NTP correction, a resumed VM): nothing changes.
+    f.app.clock.set(test_epoch() - Duration::minutes(59));
+    f.authorized("scan", 2);
+    assert!(!browser.get("/").body.contains("clock-behind"));
+
+    f.app.clock.set(test_epoch() - Duration::hours(2));
+    let before = db_digest(&f.data.join("keygate.db"));
+    let (status, body) = f.authorize(&f.request("scan", 3));
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "INTERNAL");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("clock (2026-06-01T10:00:00Z) is 2h behind the newest time it has used (2026-06-01T12:00:00Z)"),
+        "{message}"
+    );
+    assert_eq!(db_digest(&f.data.join("keygate.db")), before);
+    let stream = "00000000-0000-4000-8000-00000000c10c";
+    let (status, body) =
+        f.usage(&f.reports(&first.lease_id, 1, stream, &[(1, "LIC-T-1", "pages", 7)]));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["accepted"].as_u64(), body["acked_seq"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(body["authorization"].is_null(), "{body}");
+    assert_eq!(body["renewal_error"]["code"], "INTERNAL");
+    let recorded: i64 = f
+        .db()
+        .query_row(
+            "SELECT sum(total) FROM usage_daily WHERE counter = 'pages'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(recorded, 7, "usage is recorded whatever the clock");
+    let page = browser.get("/").body;
+    assert!(page.contains("id=\"clock-behind\""), "{page}");
+
+    // Right again: signing again.
+    f.app.clock.set(test_epoch());
+    f.authorized("scan", 3);
+    f.heartbeat(&first.lease_id, 1).unwrap();
+
+    // Stopped, clock set back, started: still refused.
+    drop(browser);
+    let f = f.restart_at(test_epoch() - Duration::hours(2));
+    assert_eq!(f.refused("scan", 4), "INTERNAL");
+    let run = keygate(&f.data, &["reset-clock"]);
+    assert!(
+        !run.ok && run.stderr.contains("stop the service first"),
+        "{}",
+        run.stderr
+    );
+
+    // The clock was once ahead by a day (the real one, for the real binary): status tells,
+    // reset-clock accepts the clock as it is, audited.
+    let (_dir, data) = f.stop();
+    let db = rusqlite::Connection::open(data.join("keygate.db")).unwrap();
+    let ahead = (time::OffsetDateTime::now_utc() + Duration::days(1)).unix_timestamp();
+    keygate::store::settings::set(&db, keygate::clock::NEWEST_TIME, &ahead.to_string()).unwrap();
+    let status = keygate(&data, &["status"]);
+    assert!(
+        status.stdout.contains("clock:            BEHIND"),
+        "{}",
+        status.stdout
+    );
+    let run = keygate(&data, &["reset-clock"]);
+    assert!(run.ok, "{}", run.stderr);
+    let audited: i64 = db
+        .query_row(
+            "SELECT count(*) FROM audit_log WHERE action = 'clock reset'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(audited, 1);
+    let status = keygate(&data, &["status"]);
+    assert!(
+        status.stdout.contains("clock:            ok"),
+        "{}",
+        status.stdout
+    );
+}
