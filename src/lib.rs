@@ -6,6 +6,7 @@
 
 pub mod alerts;
 pub mod appliance;
+pub mod body_rate;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -159,6 +159,7 @@ pub async fn serve(
                 actix_web::middleware::Logger::new("%a \"%U\" %s %b %Dms")
                     .log_target("keygate::http"),
             ))
+            .wrap(actix_web::middleware::from_fn(crate::body_rate::limit))
             .configure(protocol::routes)
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))

@@ -1411,10 +1411,12 @@ impl Client {
                 }
                 // One report refused: if a heartbeat of the same lease goes through, the fault
                 // is the report's, and it is set aside rather than block the backlog forever.
+                // Only the protocol's own refusal (HTTP 400) counts: anything else in between
+                // (a proxy, a timeout) is no verdict on the report.
                 Err(ClientError::Api {
+                    status: 400,
                     code: ErrorCode::BadRequest,
                     message,
-                    ..
                 }) if count == 1 => {
                     let heartbeat = UsageRequest {
                         reports: Vec::new(),

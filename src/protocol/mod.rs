@@ -72,6 +72,9 @@ fn json_config(limit: usize) -> web::JsonConfig {
                         format!("the request body is larger than {limit} bytes"),
                     )
                 }
+                JsonPayloadError::Payload(e) if crate::body_rate::too_slow(e) => {
+                    return crate::body_rate::timed_out();
+                }
                 JsonPayloadError::ContentType => {
                     ApiError::bad_request("send a JSON body with Content-Type: application/json")
                 }

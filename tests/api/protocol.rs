@@ -1,6 +1,8 @@
 //! Issue 3: the client protocol against the real server, every model's edges over HTTP.
 
 use keygate_sdk::wire::AuthorizationState;
+use std::sync::Arc;
+
 use serde_json::json;
 use time::Duration;
 
@@ -1159,4 +1161,65 @@ fn a_device_keeps_its_name_and_user_until_it_reports_new_ones_and_is_seen_at_eac
     let renamed = seen();
     assert_eq!(renamed.name, "line-2 scanner");
     assert_eq!(renamed.last_seen, f.app.clock_now().unix_timestamp());
+}
+
+/// A client trickling its body (a byte every 3 s) is cut off once the grace is over: `408`
+/// without a protocol error code, the connection closed, nothing recorded.
+#[test]
+fn a_trickled_body_is_cut_off_with_408_and_changes_nothing() {
+    use rustls::pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let f = Fixture::new(&item("scan", "per_device", 10, ""));
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(&appliance_cert(&f.data)).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = std::net::TcpStream::connect(f.app.addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    let server = rustls::pki_types::ServerName::from(f.app.addr.ip());
+    let client = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
+    let mut tls = rustls::StreamOwned::new(client, tcp);
+    let before = db_digest(&f.data.join("keygate.db"));
+
+    let body = serde_json::to_vec(&f.request("scan", 1)).unwrap();
+    write!(
+        tls,
+        "POST /api/v1/authorize HTTP/1.1\r\nHost: keygate\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    tls.write_all(&body[..5]).unwrap();
+    let (started, mut sent, mut answer) = (std::time::Instant::now(), 5, Vec::new());
+    loop {
+        let mut buf = [0u8; 4096];
+        match tls.read(&mut buf) {
+            Ok(0) => break, // closed by the server
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(answer.is_empty(), "the server waits, then answers at once");
+                assert!(started.elapsed().as_secs() < 30, "never cut off");
+                tls.write_all(&body[sent..sent + 1]).unwrap();
+                sent += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive in time"), "{answer}");
+    assert!(
+        !answer.contains("\"code\""),
+        "no protocol error code: {answer}"
+    );
+    assert!(started.elapsed().as_secs() >= 9, "the grace is 10 s");
+    assert_eq!(db_digest(&f.data.join("keygate.db")), before);
 }

@@ -1,0 +1,161 @@
+//! Request bodies must keep arriving. actix times out only the first request's head on a
+//! connection; a client trickling a body would otherwise hold its connection, and up to the
+//! body limit of memory, for as long as it likes. Here a body gets [`GRACE`], then must
+//! average [`MIN_BYTES_PER_S`] (as Kestrel's minimum data rate): a slow link sending a full
+//! 2 MiB backlog passes, a client sending a byte now and then does not. A body too slow
+//! answers `408` with no protocol error code (the device did nothing wrong to its reports:
+//! the SDK retries later) and closes the connection.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use actix_web::HttpResponse;
+use actix_web::body::MessageBody;
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::error::PayloadError;
+use actix_web::middleware::Next;
+use actix_web::web::Bytes;
+use futures_util::Stream;
+use tokio::time::{Instant, Sleep};
+
+/// How long any body may take before the rate counts.
+pub const GRACE: Duration = Duration::from_secs(10);
+/// The slowest average a body may arrive at once [`GRACE`] is over.
+pub const MIN_BYTES_PER_S: u64 = 1024;
+
+/// Middleware: every request body is read through [`Paced`].
+pub async fn limit(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    match req.parts_mut().1.take() {
+        Payload::None => {}
+        payload => req.set_payload(Payload::from(Box::pin(Paced::new(payload)) as BoxedBody)),
+    }
+    next.call(req).await
+}
+
+type BoxedBody = Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>>;
+
+/// Whether a body error is [`Paced`]'s: the body came too slowly.
+pub fn too_slow(e: &PayloadError) -> bool {
+    matches!(e, PayloadError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut)
+}
+
+/// The answer to a body that came too slowly.
+pub fn timed_out() -> actix_web::Error {
+    let mut response = HttpResponse::RequestTimeout();
+    response.force_close();
+    actix_web::error::InternalError::from_response(
+        "request body too slow",
+        response.body(format!(
+            "the request body did not arrive in time (after {} s, at least {MIN_BYTES_PER_S} \
+             bytes a second): send it again\n",
+            GRACE.as_secs()
+        )),
+    )
+    .into()
+}
+
+/// A body stream that fails with `TimedOut` once it falls behind its pace. The timer exists
+/// only while the reader waits: a body already received (nearly all) costs none.
+pub struct Paced {
+    inner: Payload,
+    started: Instant,
+    received: u64,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Paced {
+    pub fn new(inner: Payload) -> Self {
+        Paced {
+            inner,
+            started: Instant::now(),
+            received: 0,
+            timer: None,
+        }
+    }
+
+    /// When the bytes received so far stop being enough.
+    fn deadline(&self) -> Instant {
+        self.started + GRACE + Duration::from_millis(self.received * 1000 / MIN_BYTES_PER_S)
+    }
+}
+
+impl Stream for Paced {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.received += chunk.len() as u64;
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Pending => {
+                let deadline = this.deadline();
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(PayloadError::Io(
+                        std::io::ErrorKind::TimedOut.into(),
+                    )))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            done => done,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    /// A body of `total` bytes arriving `chunk` bytes every `every`.
+    fn trickled(chunk: usize, every: Duration, total: usize) -> Paced {
+        let body = futures_util::stream::unfold(0, move |sent| async move {
+            if sent >= total {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((Ok(Bytes::from(vec![b'x'; chunk])), sent + chunk))
+        });
+        Paced::new(Payload::from(Box::pin(body) as BoxedBody))
+    }
+
+    async fn read_all(mut body: Paced) -> Result<usize, PayloadError> {
+        let mut n = 0;
+        while let Some(chunk) = body.next().await {
+            n += chunk?.len();
+        }
+        Ok(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_at_the_minimum_rate_passes_and_a_trickle_does_not() {
+        // 2 KiB a second for a 1 MiB body: 512 s, above the minimum all along.
+        let fast = trickled(2048, Duration::from_secs(1), 1 << 20);
+        assert_eq!(read_all(fast).await.unwrap(), 1 << 20);
+        // The grace: a small body after 9 s passes.
+        let late = trickled(100, Duration::from_secs(9), 100);
+        assert_eq!(read_all(late).await.unwrap(), 100);
+        // A byte every 5 s: 2 bytes in 10 s, then behind.
+        let started = Instant::now();
+        let trickle = trickled(1, Duration::from_secs(5), 1000);
+        let e = read_all(trickle).await.unwrap_err();
+        assert!(too_slow(&e), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(11));
+        // 512 bytes a second: half the minimum, found out once the grace's credit is spent.
+        let started = Instant::now();
+        let slow = trickled(512, Duration::from_secs(1), 1 << 20);
+        assert!(too_slow(&read_all(slow).await.unwrap_err()));
+        assert!(started.elapsed() < Duration::from_secs(22));
+    }
+}
