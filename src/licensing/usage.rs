@@ -78,6 +78,8 @@ pub fn record(
     };
 
     let (mut accepted, mut duplicates, mut acked) = (0, 0, high);
+    // (item, counter) names already noted for this request: a backlog names the same few.
+    let mut noted: Vec<(&str, &str)> = Vec::new();
     for report in &req.reports {
         if report.seq <= high {
             duplicates += 1;
@@ -94,6 +96,18 @@ pub fn record(
         let day = day_of(report.to.min(now).max(named.terms.starts_at.min(now)));
         let meter = named.counter.as_deref();
         for (counter, amount) in report.counters.iter().filter(|(_, n)| *n > 0) {
+            let name = (report.item_id.as_str(), counter.as_str());
+            if !noted.contains(&name) {
+                if !devices::note_counter(conn, name.0, name.1)? {
+                    return Err(ApiError::bad_request(format!(
+                        "item {} already records {} counter names; a new one ({counter}) is \
+                         refused",
+                        report.item_id,
+                        devices::MAX_ITEM_COUNTERS
+                    )));
+                }
+                noted.push(name);
+            }
             devices::add_usage(conn, &report.item_id, device.id, day, counter, *amount)?;
             if meter == Some(counter.as_str()) {
                 devices::add_usage_total(conn, &report.item_id, *amount)?;

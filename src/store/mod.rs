@@ -31,6 +31,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_catalogue.sql"),
     include_str!("migrations/0006_housekeeping.sql"),
     include_str!("migrations/0007_alert_basis.sql"),
+    include_str!("migrations/0008_item_counters.sql"),
 ];
 
 /// How many requests one transaction commits at most.

@@ -650,3 +650,42 @@ fn gzip_stored(data: &[u8]) -> Vec<u8> {
     out.extend(u32::try_from(data.len()).unwrap().to_le_bytes());
     out
 }
+
+/// An item records at most 64 counter names over its life: a report naming a 65th is refused
+/// with `BAD_REQUEST` and changes nothing; the names it has keep counting.
+#[test]
+fn an_item_records_at_most_64_counter_names() {
+    let f = scanner();
+    let auth = f.authorized("scanner", 1);
+    let stream = "00000000-0000-4000-8000-0000000c0a75";
+    let report = |seq: u64, names: std::ops::Range<u32>| {
+        let mut body = f.reports(&auth.lease_id, 1, stream, &[(seq, "LIC-T-1", "scans", 1)]);
+        let counters = &mut body["reports"][0]["counters"];
+        for n in names {
+            counters[format!("c{n}")] = json!(1);
+        }
+        body
+    };
+    // "scans" and c1..c63: 64 names in all.
+    let (status, body) = f.usage(&report(1, 1..64));
+    assert_eq!(status, 200, "{body}");
+    let before = db_digest(&f.data.join("keygate.db"));
+    let (status, body) = f.usage(&report(2, 60..65));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "BAD_REQUEST");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already records 64 counter names; a new one (c64)"),
+        "{body}"
+    );
+    assert_eq!(db_digest(&f.data.join("keygate.db")), before);
+    let (status, body) = f.usage(&report(2, 1..64));
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (200, Some(1)),
+        "{body}"
+    );
+    assert_eq!(f.item_value("LIC-T-1", "usage_total"), 2);
+}
