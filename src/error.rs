@@ -7,7 +7,8 @@ use keygate_sdk::wire::{ErrorBody, ErrorCode, ErrorDetail};
 use crate::store::StoreError;
 
 /// An answer with one of the specification's error codes and a message for the device's
-/// developer. Internal causes are logged, never sent.
+/// developer. Internal causes (storage failures) are logged, never sent; a clock set back is
+/// the one `INTERNAL` whose reason is told (it is the admin's to fix, not a secret).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct ApiError {
