@@ -2,6 +2,8 @@
 //! renew its authorization. Reports of a known lease are recorded even when the renewal is
 //! refused.
 
+use std::collections::HashSet;
+
 use keygate_sdk::wire::{Authorization, AuthorizationState, ErrorCode, Model};
 use rusqlite::Connection;
 
@@ -78,8 +80,10 @@ pub fn record(
     };
 
     let (mut accepted, mut duplicates, mut acked) = (0, 0, high);
-    // (item, counter) names already noted for this request: a backlog names the same few.
-    let mut noted: Vec<(&str, &str)> = Vec::new();
+    // (item, counter) names noted for this request (a backlog names the same few), and the
+    // names past an item's limit, not recorded.
+    let mut noted: HashSet<(&str, &str)> = HashSet::new();
+    let mut refused: HashSet<(&str, &str)> = HashSet::new();
     for report in &req.reports {
         if report.seq <= high {
             duplicates += 1;
@@ -98,15 +102,13 @@ pub fn record(
         for (counter, amount) in report.counters.iter().filter(|(_, n)| *n > 0) {
             let name = (report.item_id.as_str(), counter.as_str());
             if !noted.contains(&name) {
-                if !devices::note_counter(conn, name.0, name.1)? {
-                    return Err(ApiError::bad_request(format!(
-                        "item {} already records {} counter names; a new one ({counter}) is \
-                         refused",
-                        report.item_id,
-                        devices::MAX_ITEM_COUNTERS
-                    )));
+                if refused.contains(&name)
+                    || !devices::note_counter(conn, name.0, name.1, meter == Some(name.1))?
+                {
+                    refused.insert(name);
+                    continue;
                 }
-                noted.push(name);
+                noted.insert(name);
             }
             devices::add_usage(conn, &report.item_id, device.id, day, counter, *amount)?;
             if meter == Some(counter.as_str()) {
@@ -117,6 +119,18 @@ pub fn record(
                 }
             }
         }
+    }
+    if !refused.is_empty() {
+        let names: Vec<_> = refused
+            .iter()
+            .map(|(item, name)| format!("{item}/{name}"))
+            .collect();
+        tracing::warn!(
+            device = %device.uuid,
+            counters = %names.join(", "),
+            limit = devices::MAX_ITEM_COUNTERS,
+            "usage of counter names past their item's limit not recorded"
+        );
     }
     if acked > high {
         devices::set_stream_high(conn, &req.stream, device.id, acked)?;

@@ -721,19 +721,31 @@ pub fn add_usage(
 /// How many counter names an item may record over its life.
 pub const MAX_ITEM_COUNTERS: i64 = 64;
 
-/// Notes `counter` as one of the item's counter names: `false` if it is a new one past
-/// [`MAX_ITEM_COUNTERS`] (the caller refuses the request, which rolls the note back).
-pub fn note_counter(conn: &Connection, item_id: &str, counter: &str) -> Result<bool, StoreError> {
-    let added = conn
-        .prepare_cached("INSERT OR IGNORE INTO item_counters (item_id, counter) VALUES (?1, ?2)")?
-        .execute(params![item_id, counter])?;
-    if added == 0 {
+/// Notes `counter` as one of the item's counter names: `false` (and nothing noted) for a new
+/// one past [`MAX_ITEM_COUNTERS`], unless `always` (the item's metered counter).
+pub fn note_counter(
+    conn: &Connection,
+    item_id: &str,
+    counter: &str,
+    always: bool,
+) -> Result<bool, StoreError> {
+    let known = conn
+        .prepare_cached("SELECT 1 FROM item_counters WHERE item_id = ?1 AND counter = ?2")?
+        .exists(params![item_id, counter])?;
+    if known {
         return Ok(true);
     }
-    let names: i64 = conn
-        .prepare_cached("SELECT count(*) FROM item_counters WHERE item_id = ?1")?
-        .query_row([item_id], |r| r.get(0))?;
-    Ok(names <= MAX_ITEM_COUNTERS)
+    if !always {
+        let names: i64 = conn
+            .prepare_cached("SELECT count(*) FROM item_counters WHERE item_id = ?1")?
+            .query_row([item_id], |r| r.get(0))?;
+        if names >= MAX_ITEM_COUNTERS {
+            return Ok(false);
+        }
+    }
+    conn.prepare_cached("INSERT INTO item_counters (item_id, counter) VALUES (?1, ?2)")?
+        .execute(params![item_id, counter])?;
+    Ok(true)
 }
 
 /// Adds to a per_usage item's metered total (held at `i64::MAX` rather than overflow).
