@@ -2,7 +2,8 @@
 //! connection; a client trickling a body would otherwise hold its connection, and up to the
 //! body limit of memory, for as long as it likes. Here a body gets [`GRACE`], then must
 //! average [`MIN_BYTES_PER_S`] (as Kestrel's minimum data rate): a slow link sending a full
-//! 2 MiB backlog passes, a client sending a byte now and then does not. A body too slow
+//! 2 MiB backlog passes, a client sending a byte now and then does not; nor does one that
+//! pauses for longer than the grace, however much it sent before. A body too slow
 //! answers `408` with no protocol error code (the device did nothing wrong to its reports:
 //! the SDK retries later) and closes the connection.
 
@@ -64,22 +65,28 @@ pub struct Paced {
     inner: Payload,
     started: Instant,
     received: u64,
+    /// When the last bytes came.
+    last: Instant,
     timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Paced {
     pub fn new(inner: Payload) -> Self {
+        let now = Instant::now();
         Paced {
             inner,
-            started: Instant::now(),
+            started: now,
             received: 0,
+            last: now,
             timer: None,
         }
     }
 
-    /// When the bytes received so far stop being enough.
+    /// When the bytes received so far stop being enough, or the pause is too long.
     fn deadline(&self) -> Instant {
-        self.started + GRACE + Duration::from_millis(self.received * 1000 / MIN_BYTES_PER_S)
+        let paced =
+            self.started + GRACE + Duration::from_millis(self.received * 1000 / MIN_BYTES_PER_S);
+        paced.min(self.last + GRACE)
     }
 }
 
@@ -91,6 +98,7 @@ impl Stream for Paced {
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 this.received += chunk.len() as u64;
+                this.last = Instant::now();
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Pending => {
@@ -157,5 +165,17 @@ mod tests {
         let slow = trickled(512, Duration::from_secs(1), 1 << 20);
         assert!(too_slow(&read_all(slow).await.unwrap_err()));
         assert!(started.elapsed() < Duration::from_secs(22));
+        // 64 KiB at once, then silence: cut off after the grace, not 64 s later.
+        let started = Instant::now();
+        let body = futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(Bytes::from(vec![b'x'; 65_536]))
+        })
+        .chain(futures_util::stream::pending());
+        let e = read_all(Paced::new(Payload::from(Box::pin(body) as BoxedBody)))
+            .await
+            .unwrap_err();
+        assert!(too_slow(&e), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(12));
     }
 }

@@ -1409,6 +1409,11 @@ impl Client {
                     chunk_size = count / 2;
                     continue;
                 }
+                // The body came too slowly for the appliance (a slow link): smaller ones pass.
+                Err(ClientError::UnexpectedResponse { status: 408, .. }) if count > 1 => {
+                    chunk_size = count / 2;
+                    continue;
+                }
                 // One report refused: if a heartbeat of the same lease goes through, the fault
                 // is the report's, and it is set aside rather than block the backlog forever.
                 // Only the protocol's own refusal (HTTP 400) counts: anything else in between

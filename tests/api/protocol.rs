@@ -1163,8 +1163,8 @@ fn a_device_keeps_its_name_and_user_until_it_reports_new_ones_and_is_seen_at_eac
     assert_eq!(renamed.last_seen, f.app.clock_now().unix_timestamp());
 }
 
-/// A client trickling its body (a byte every 3 s) is cut off once the grace is over: `408`
-/// without a protocol error code, the connection closed, nothing recorded.
+/// A client trickling the end of its body (a byte every 3 s) is cut off once the grace is
+/// over: `408` without a protocol error code, the connection closed, nothing recorded.
 #[test]
 fn a_trickled_body_is_cut_off_with_408_and_changes_nothing() {
     use rustls::pki_types::pem::PemObject;
@@ -1187,18 +1187,23 @@ fn a_trickled_body_is_cut_off_with_408_and_changes_nothing() {
     let server = rustls::pki_types::ServerName::from(f.app.addr.ip());
     let client = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
     let mut tls = rustls::StreamOwned::new(client, tcp);
+    let lease = f.authorized("scan", 1).lease_id;
+    let stream = "00000000-0000-4000-8000-00000000510e";
+    let report = f.reports(&lease, 1, stream, &[(1, "LIC-T-1", "scans", 5)]);
     let before = db_digest(&f.data.join("keygate.db"));
 
-    let body = serde_json::to_vec(&f.request("scan", 1)).unwrap();
+    let body = serde_json::to_vec(&report).unwrap();
     write!(
         tls,
-        "POST /api/v1/authorize HTTP/1.1\r\nHost: keygate\r\nContent-Type: application/json\r\n\
+        "POST /api/v1/usage HTTP/1.1\r\nHost: keygate\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\n\r\n",
         body.len()
     )
     .unwrap();
-    tls.write_all(&body[..5]).unwrap();
-    let (started, mut sent, mut answer) = (std::time::Instant::now(), 5, Vec::new());
+    // All but the last bytes: a request that would be recorded if it came whole.
+    let mut sent = body.len() - 8;
+    tls.write_all(&body[..sent]).unwrap();
+    let (started, mut answer) = (std::time::Instant::now(), Vec::new());
     loop {
         let mut buf = [0u8; 4096];
         match tls.read(&mut buf) {
@@ -1207,6 +1212,10 @@ fn a_trickled_body_is_cut_off_with_408_and_changes_nothing() {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 assert!(answer.is_empty(), "the server waits, then answers at once");
                 assert!(started.elapsed().as_secs() < 30, "never cut off");
+                assert!(
+                    sent < body.len() - 1,
+                    "the body was nearly whole before the cut"
+                );
                 tls.write_all(&body[sent..sent + 1]).unwrap();
                 sent += 1;
             }
