@@ -784,15 +784,11 @@ fn status(config: &Config) -> Result<()> {
         SystemClock.now().unix_timestamp(),
         crate::jobs::newest_time(&conn)?,
     );
-    if now < newest.saturating_sub(crate::clock::CLOCK_SLACK_S) {
-        println!(
-            "clock:            BEHIND: {} is before the newest time used, {}; devices are \
-             refused until it is set right (or `keygate reset-clock` if that time was wrong)",
-            time(now),
-            time(newest)
-        );
-    } else {
-        println!("clock:            ok ({})", time(now));
+    match crate::clock::judge(now, newest) {
+        Err(behind) => println!(
+            "clock:            BEHIND: {behind}; `keygate reset-clock` if that time was wrong"
+        ),
+        Ok(()) => println!("clock:            ok ({})", time(now)),
     }
     match store::settings::get(&conn, crate::jobs::LAST_BACKUP)?.and_then(|t| t.parse().ok()) {
         Some(t) => println!("last backup:      {}", time(t)),

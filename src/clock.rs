@@ -106,20 +106,30 @@ impl Watermark {
         if now > newest {
             self.newest.fetch_max(now, Relaxed);
         }
-        if now >= newest.saturating_sub(CLOCK_SLACK_S) {
-            if self.behind.load(Relaxed) && self.behind.swap(false, Relaxed) {
+        let judged = judge(now, newest);
+        match &judged {
+            Ok(()) if self.behind.load(Relaxed) && self.behind.swap(false, Relaxed) => {
                 tracing::warn!(
                     kind = "clock",
                     "the appliance's clock caught up: signing again"
                 );
             }
-            return Ok(());
+            Err(behind) if !self.behind.swap(true, Relaxed) => {
+                tracing::error!(kind = "clock", error = %behind, "clock set back");
+            }
+            _ => {}
         }
-        let behind = ClockBehind { now, newest };
-        if !self.behind.swap(true, Relaxed) {
-            tracing::error!(kind = "clock", error = %behind, "clock set back");
-        }
-        Err(behind)
+        judged
+    }
+}
+
+/// A clock reading `now` against the newest time used: fine unless more than
+/// [`CLOCK_SLACK_S`] behind it.
+pub fn judge(now: i64, newest: i64) -> Result<(), ClockBehind> {
+    if now >= newest.saturating_sub(CLOCK_SLACK_S) {
+        Ok(())
+    } else {
+        Err(ClockBehind { now, newest })
     }
 }
 

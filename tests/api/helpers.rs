@@ -612,6 +612,17 @@ impl Fixture {
         }
     }
 
+    /// The usage recorded under counter `name`, all items and days together.
+    pub fn recorded(&self, name: &str) -> i64 {
+        self.db()
+            .query_row(
+                "SELECT coalesce(sum(total), 0) FROM usage_daily WHERE counter = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
     /// An item's counter column, read from the database.
     pub fn item_value(&self, item_id: &str, column: &str) -> i64 {
         self.db()

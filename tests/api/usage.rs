@@ -669,15 +669,6 @@ fn an_item_records_at_most_64_counter_names_and_always_its_meter() {
         body
     };
     let names = |range: std::ops::Range<u32>| range.map(|n| format!("c{n}")).collect::<Vec<_>>();
-    let recorded = |name: &str| -> i64 {
-        f.db()
-            .query_row(
-                "SELECT coalesce(sum(total), 0) FROM usage_daily WHERE counter = ?1",
-                [name],
-                |r| r.get(0),
-            )
-            .unwrap()
-    };
     // c1..c64: the item's 64 names, the meter not among them yet.
     let (status, body) = f.usage(&report(1, &names(1..65)));
     assert_eq!(
@@ -694,8 +685,8 @@ fn an_item_records_at_most_64_counter_names_and_always_its_meter() {
         (200, Some(1)),
         "{body}"
     );
-    assert_eq!(recorded("c65"), 0);
-    assert_eq!((recorded("c64"), recorded("scans")), (2, 1));
+    assert_eq!(f.recorded("c65"), 0);
+    assert_eq!((f.recorded("c64"), f.recorded("scans")), (2, 1));
     assert_eq!(f.item_value("LIC-T-1", "usage_total"), 1);
     let device_rows: i64 = f
         .db()
