@@ -425,6 +425,21 @@ fn main() {
     );
     rows.push(phase.row());
 
+    // Devices call every 3 minutes and a usage call rewrites its lease's record every 15
+    // (`RECORD_EVERY_S`): in steady state one call in five writes the lease. The records are
+    // seconds old here, so before each usage phase one lease in five is made 15 minutes old.
+    let db = data.join("keygate.db");
+    let age_leases = || {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.busy_timeout(Duration::from_secs(30)).unwrap();
+        let every = keygate::store::devices::RECORD_EVERY_S;
+        conn.execute(
+            "UPDATE leases SET issued_at = issued_at - ?1, expires_at = expires_at - ?1
+             WHERE rowid % 5 = 0",
+            [every],
+        )
+        .unwrap();
+    };
     let stream = |n: usize| format!("00000000-0000-4000-9000-{n:012}");
     let heartbeats = json(
         (0..devices)
@@ -432,6 +447,7 @@ fn main() {
             .collect(),
     );
     let heartbeats = shuffled(&heartbeats);
+    age_leases();
     let (mut phase, _) = run(
         "usage (heartbeat)",
         pid,
@@ -450,6 +466,7 @@ fn main() {
             .collect(),
     );
     let reports = shuffled(&reports);
+    age_leases();
     let (mut phase, _) = run(
         "usage (one report)",
         pid,
@@ -464,6 +481,7 @@ fn main() {
     let paced: Vec<Vec<u8>> = (0..(5556 * 10).min(devices * 3))
         .map(|i| heartbeats[i % devices].clone())
         .collect();
+    age_leases();
     let (mut phase, _) = run(
         "usage at 5,556/s (1M devices)",
         pid,

@@ -135,7 +135,7 @@ pub fn record(
     if acked > high {
         devices::set_stream_high(conn, &req.stream, device.id, acked)?;
     }
-    let writes_lease = item.is_some();
+    let renews_lease = item.is_some();
     let renewal = match (clock, item) {
         (Err(behind), _) => Err(behind),
         (Ok(()), Some(item)) => {
@@ -143,9 +143,10 @@ pub fn record(
         }
         (Ok(()), None) => renew_trial(&lease, &device, now, installation_id),
     };
-    // A renewal wrote the time on the lease, which counts as the device's last seen time;
-    // otherwise it goes on the device (one row written per heartbeat, not two).
-    if !writes_lease || renewal.is_err() {
+    // A renewal records its time on the lease, which counts as the device's last-seen time;
+    // otherwise it goes on the device, as stale as the lease's record may be.
+    let seen = device.last_seen.max(lease.issued_at);
+    if (!renews_lease || renewal.is_err()) && now - seen >= devices::RECORD_EVERY_S {
         devices::touch_device(conn, device.id, None, None, now)?;
     }
     Ok(Recorded {
@@ -345,7 +346,9 @@ fn renew(
     };
     let expires_at = expiry(&item, now);
     let moved = (own_id != item.item_id).then_some(&*item.item_id);
-    devices::renew_lease(conn, &lease.lease_id, moved, now, expires_at)?;
+    if moved.is_some() || devices::record_due(lease, now, expires_at) {
+        devices::renew_lease(conn, &lease.lease_id, moved, now, expires_at)?;
+    }
     if moved.is_some() {
         leave_seat(conn, lease, &own_id, own_model, now)?;
     }

@@ -523,6 +523,20 @@ pub fn upsert_lease(conn: &Connection, l: &Lease) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// How stale a lease's record may grow before a usage call writes it again. The record (the
+/// last renewal's time, which is also the device's last-seen time, and its expiry) is then
+/// at most this much behind the newest authorization the device holds, never ahead of it: a
+/// device calling every 3 minutes has its lease written on one call in five, and a heartbeat
+/// that changes nothing else writes nothing.
+pub const RECORD_EVERY_S: i64 = 15 * 60;
+
+/// Whether a renewal at `now` to `expires_at` must rewrite the lease's record: it is
+/// [`RECORD_EVERY_S`] old, or the new term would leave it that far behind or ahead.
+pub fn record_due(lease: &Lease, now: i64, expires_at: i64) -> bool {
+    now - lease.issued_at >= RECORD_EVERY_S
+        || !(0..RECORD_EVERY_S).contains(&(expires_at - lease.expires_at))
+}
+
 /// A renewal: the lease's new term, and its new item if it `moved` to another one (its own
 /// stopped serving, or a tokens pass came from a top-up).
 pub fn renew_lease(

@@ -166,17 +166,77 @@ fn usage_renews_the_authorization_and_marks_the_device_active() {
     .expect("the renewal verifies through the chain");
     assert_eq!(renewed.lease_id, first.lease_id);
     assert!(renewed.expires_at > first.expires_at);
-    // The heartbeat is the device's last seen time (portal and CLI read it like this).
-    let seen = keygate::store::devices::device_by_uuid(&f.db(), &device_uuid(1))
-        .unwrap()
-        .unwrap()
-        .last_seen;
-    assert_eq!(seen, f.app.clock_now().unix_timestamp());
     // The heartbeat put device 1 in this window: device 2 makes it two, over quota.
     assert_eq!(
         f.authorized("viewer", 2).state,
         keygate_sdk::wire::AuthorizationState::Tolerance
     );
+    // The device's last seen time (portal and CLI read it like this) is recorded at most
+    // every 15 minutes: 3 minutes after its (re-)authorization, still that time.
+    let seen = || {
+        keygate::store::devices::device_by_uuid(&f.db(), &device_uuid(1))
+            .unwrap()
+            .unwrap()
+            .last_seen
+    };
+    let authorized_at = f.app.clock_now().unix_timestamp();
+    f.app.clock.advance(Duration::minutes(3));
+    assert_eq!(f.usage(&heartbeat).0, 200);
+    assert_eq!(seen(), authorized_at);
+    f.app.clock.advance(Duration::minutes(12));
+    assert_eq!(f.usage(&heartbeat).0, 200);
+    assert_eq!(seen(), f.app.clock_now().unix_timestamp());
+}
+
+/// A device calls every 3 minutes; its lease's record (renewal time and expiry) is written
+/// on one call in five, never left more than 15 minutes behind the authorization the device
+/// holds, and at once when the term changes by more.
+#[test]
+fn a_lease_record_is_written_every_15_minutes_not_on_every_call() {
+    let f = Fixture::new(&item("scan", "per_device", 10, ""));
+    let lease = f.authorized("scan", 1).lease_id;
+    let t0 = f.app.clock_now().unix_timestamp();
+    let week = 7 * 86_400;
+    let record = || -> (i64, i64) {
+        f.db()
+            .query_row(
+                "SELECT issued_at, expires_at FROM leases WHERE lease_id = ?1",
+                [&lease],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    };
+    let expiry_of = |payload: serde_json::Value| {
+        time::OffsetDateTime::parse(
+            payload["expires_at"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+        .unix_timestamp()
+    };
+    assert_eq!(record(), (t0, t0 + week));
+    for call in 1..=4 {
+        f.app.clock.advance(Duration::minutes(3));
+        let renewed = f.heartbeat(&lease, 1).unwrap();
+        assert_eq!(expiry_of(renewed), t0 + call * 180 + week);
+        assert_eq!(record(), (t0, t0 + week), "call {call} wrote the lease");
+    }
+    f.app.clock.advance(Duration::minutes(3));
+    let now = t0 + 900;
+    assert_eq!(expiry_of(f.heartbeat(&lease, 1).unwrap()), now + week);
+    assert_eq!(record(), (now, now + week));
+
+    // A new version of the license shortens the offline allowance: the record follows at
+    // the next call, not 15 minutes later.
+    f.import(
+        "LIC-T",
+        &item("scan", "per_device", 10, "").replace("offline_days = 7", "offline_days = 1"),
+        &["--version", "2"],
+    );
+    f.app.clock.advance(Duration::minutes(3));
+    let now = now + 180;
+    assert_eq!(expiry_of(f.heartbeat(&lease, 1).unwrap()), now + 86_400);
+    assert_eq!(record(), (now, now + 86_400));
 }
 
 #[test]
