@@ -2,7 +2,9 @@
 //! directly. Every run is recorded (start, duration, outcome); a failed run is logged at
 //! ERROR (which also emails the recipients) and the scheduler goes on.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::web;
 use askama::Template;
@@ -122,19 +124,9 @@ pub async fn start(
     let scheduler = JobScheduler::new()
         .await
         .map_err(|e| JobError::Other(e.to_string()))?;
+    let last_runs = LastRuns::default();
+    let ids = plan(&scheduler, &state, &last_runs).await?;
     for (name, reason, every) in schedule(&state.config.jobs) {
-        let state = state.clone();
-        let job = Job::new_repeated_async(Duration::from_secs(every.max(1)), move |_, _| {
-            let state = state.clone();
-            Box::pin(async move {
-                let _ = run(&state, name).await;
-            })
-        })
-        .map_err(|e| JobError::Other(e.to_string()))?;
-        scheduler
-            .add(job)
-            .await
-            .map_err(|e| JobError::Other(e.to_string()))?;
         tracing::info!(job = name, every_s = every, reason, "scheduled");
     }
     scheduler
@@ -143,15 +135,113 @@ pub async fn start(
         .map_err(|e| JobError::Other(e.to_string()))?;
     for name in due {
         tracing::info!(job = name, "overdue: running it now");
-        let state = state.clone();
-        actix_web::rt::spawn(async move {
-            let _ = run(&state, name).await;
-        });
+        spawn_run(&state, &last_runs, name);
     }
+    actix_web::rt::spawn(watch_clock(
+        scheduler.clone(),
+        state.clone(),
+        last_runs,
+        ids,
+    ));
     if let Some(errors) = errors {
         actix_web::rt::spawn(notify_errors(state, errors));
     }
     Ok(scheduler)
+}
+
+/// When each job last started, on the monotonic clock.
+type LastRuns = Arc<Mutex<HashMap<&'static str, Instant>>>;
+
+fn spawn_run(state: &web::Data<AppState>, last_runs: &LastRuns, name: &'static str) {
+    let state = state.clone();
+    last_runs
+        .lock()
+        .expect("last runs lock")
+        .insert(name, Instant::now());
+    tokio::spawn(async move {
+        let _ = run(&state, name).await;
+    });
+}
+
+/// Adds the jobs to the scheduler, each next due one interval from now; their ids.
+async fn plan(
+    scheduler: &JobScheduler,
+    state: &web::Data<AppState>,
+    last_runs: &LastRuns,
+) -> Result<Vec<uuid::Uuid>, JobError> {
+    let mut ids = Vec::new();
+    for (name, _, every) in schedule(&state.config.jobs) {
+        let (state, last_runs) = (state.clone(), last_runs.clone());
+        let job = Job::new_repeated_async(Duration::from_secs(every.max(1)), move |_, _| {
+            spawn_run(&state, &last_runs, name);
+            Box::pin(async {})
+        })
+        .map_err(|e| JobError::Other(e.to_string()))?;
+        ids.push(
+            scheduler
+                .add(job)
+                .await
+                .map_err(|e| JobError::Other(e.to_string()))?,
+        );
+    }
+    Ok(ids)
+}
+
+/// How often the wall clock is compared with the monotonic one, and the step that counts.
+const CLOCK_WATCH: Duration = Duration::from_secs(5);
+const CLOCK_STEP: Duration = Duration::from_secs(2);
+
+/// How far the wall clock moved beyond the monotonic one between two readings, in seconds
+/// (negative: stepped back).
+fn clock_step(before: (Instant, SystemTime), after: (Instant, SystemTime)) -> f64 {
+    let wall = match after.1.duration_since(before.1) {
+        Ok(ahead) => ahead.as_secs_f64(),
+        Err(back) => -back.duration().as_secs_f64(),
+    };
+    wall - after.0.duration_since(before.0).as_secs_f64()
+}
+
+/// tokio-cron-scheduler (0.15) times a repeated job on the wall clock: its next run is the
+/// previous planned one plus the interval, and it runs only while its last run is not later
+/// than that. A clock stepped forward past a planned run (a resumed VM, NTP setting the time
+/// at boot) stops the job for good; one stepped back holds every job for as long as the
+/// step. This watches for steps and then plans the jobs again from the current time,
+/// running at once those whose interval has passed (on the monotonic clock) since they last
+/// started.
+async fn watch_clock(
+    scheduler: JobScheduler,
+    state: web::Data<AppState>,
+    last_runs: LastRuns,
+    mut ids: Vec<uuid::Uuid>,
+) {
+    let mut tick = tokio::time::interval(CLOCK_WATCH);
+    let mut before = (Instant::now(), SystemTime::now());
+    loop {
+        tick.tick().await;
+        let now = (Instant::now(), SystemTime::now());
+        let step = clock_step(before, now);
+        before = now;
+        if step.abs() < CLOCK_STEP.as_secs_f64() {
+            continue;
+        }
+        tracing::warn!(
+            step_s = step.round() as i64,
+            "the system clock was stepped: the scheduled jobs are planned again from now"
+        );
+        for id in ids.drain(..) {
+            let _ = scheduler.remove(&id).await;
+        }
+        match plan(&scheduler, &state, &last_runs).await {
+            Ok(planned) => ids = planned,
+            Err(e) => tracing::error!(kind = "job", error = %e, "planning the jobs again failed"),
+        }
+        for (name, _, every) in schedule(&state.config.jobs) {
+            let started = last_runs.lock().expect("last runs lock").get(name).copied();
+            if started.is_none_or(|at| at.elapsed() >= Duration::from_secs(every)) {
+                spawn_run(&state, &last_runs, name);
+            }
+        }
+    }
 }
 
 /// Runs one job now and records the run.

@@ -660,3 +660,78 @@ fn jobs_postponed_past_their_interval_by_restarts_run_at_start() {
     drop(app);
     drop(dir);
 }
+
+/// Debian's libfaketime (package `faketime`, installed by scripts/test): shifts the wall
+/// clock of the process it is preloaded into by the offset in a file, read on every call.
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// A system clock stepped forward past a planned run (a resumed VM, NTP setting the time at
+/// boot) or back must not stop the scheduled jobs: before, a step forward stopped them for
+/// good and a step back held them for as long as the step.
+#[test]
+fn scheduled_jobs_keep_running_when_the_system_clock_steps() {
+    assert!(
+        std::path::Path::new(FAKETIME).exists(),
+        "{FAKETIME} is missing: run scripts/test, which installs Debian's faketime"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("keygate.toml");
+    std::fs::write(
+        &config,
+        "[jobs]\nalerts_every_s = 2\nbackup_every_s = 86400\nhousekeeping_every_s = 86400\n",
+    )
+    .unwrap();
+    let offset = dir.path().join("offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let mut child = command()
+        .args(["--config", config.to_str().unwrap()])
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("LD_PRELOAD", FAKETIME)
+        .env("FAKETIME_TIMESTAMP_FILE", &offset)
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let runs = || -> i64 {
+        rusqlite::Connection::open(data.join("keygate.db"))
+            .and_then(|c| {
+                c.busy_timeout(StdDuration::from_secs(5))?;
+                c.query_row(
+                    "SELECT count(*) FROM job_runs WHERE job = 'alerts'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap_or(0)
+    };
+    // At least `more` runs after `from` within 30 seconds.
+    let runs_on = |from: i64, more: i64| -> bool {
+        let deadline = std::time::Instant::now() + StdDuration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if runs() >= from + more {
+                return true;
+            }
+            std::thread::sleep(StdDuration::from_millis(200));
+        }
+        false
+    };
+    let started = runs_on(0, 2);
+    let ahead = runs();
+    std::fs::write(&offset, "+3600\n").unwrap();
+    let after_forward = runs_on(ahead, 3);
+    let back = runs();
+    std::fs::write(&offset, "+0\n").unwrap();
+    let after_back = runs_on(back, 3);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(started, "the alerts job runs every 2 seconds");
+    assert!(
+        after_forward,
+        "jobs stopped after the clock stepped an hour forward"
+    );
+    assert!(after_back, "jobs held after the clock stepped an hour back");
+}
