@@ -556,6 +556,10 @@ const ERROR_NOTICES_SENT: &str = "error_notices_sent";
 
 /// How often waiting error notices are sent (well inside the promised 30 seconds).
 pub const NOTICE_TICK: Duration = Duration::from_secs(5);
+/// The wait after a first failed delivery of error notices, doubled after each further one
+/// up to the most.
+const NOTICE_RETRY_FIRST: Duration = Duration::from_secs(30);
+const NOTICE_RETRY_MOST: Duration = Duration::from_secs(600);
 
 /// Emails server errors to the alert recipients as they come, rate limited per kind.
 pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedReceiver<ErrorEvent>) {
@@ -577,6 +581,10 @@ pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedRece
     });
     let mut notices = ErrorNotices::resume(sent, state.clock.now().unix_timestamp());
     let mut tick = tokio::time::interval(NOTICE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After a failed delivery the next attempt waits, twice as long each time: a wrong
+    // password is not tried every 5 seconds (a directory would lock the account).
+    let (mut retry_in, mut retry_at) = (NOTICE_RETRY_FIRST, tokio::time::Instant::now());
     loop {
         tokio::select! {
             event = errors.recv() => match event {
@@ -584,18 +592,28 @@ pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedRece
                 None => return,
             },
             _ = tick.tick() => {
+                if tokio::time::Instant::now() < retry_at {
+                    continue;
+                }
                 let due = notices.due(state.clock.now().unix_timestamp());
                 if due.is_empty() {
                     continue;
                 }
                 if let Err(e) = send_notices(&state, &due).await {
                     // WARN, not ERROR: a failing notice must not notify about itself.
-                    tracing::warn!(error = %e, "could not email the error notice; will retry");
+                    tracing::warn!(
+                        error = %e,
+                        retry_in_s = retry_in.as_secs(),
+                        "could not email the error notice; will retry"
+                    );
                     for notice in due {
                         notices.put_back(notice);
                     }
+                    retry_at = tokio::time::Instant::now() + retry_in;
+                    retry_in = (retry_in * 2).min(NOTICE_RETRY_MOST);
                     continue;
                 }
+                retry_in = NOTICE_RETRY_FIRST;
                 let sent = serde_json::to_string(&notices.recent(state.clock.now().unix_timestamp()))
                     .expect("a map of strings to numbers serializes");
                 if let Err(e) = state

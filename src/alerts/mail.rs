@@ -163,6 +163,14 @@ pub fn check_host(host: &str) -> Result<(), &'static str> {
     }
 }
 
+/// RFC 5321's refusals of an address (550 mailbox unavailable, 551 not local, 553 name not
+/// allowed), as against the sender, the login or the server.
+fn refuses_a_mailbox(e: &lettre::transport::smtp::Error) -> bool {
+    e.is_permanent()
+        && e.status()
+            .is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553))
+}
+
 /// The longest one delivery may take, whatever the server does.
 pub const SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -225,8 +233,9 @@ pub async fn send(
             Ok(response) => Ok(answer(response)),
             // A server refusing one address (550 no such user) refuses the whole message:
             // then each recipient gets it on its own, so one bad address does not keep the
-            // others from their alerts.
-            Err(e) if e.is_permanent() && to.len() > 1 => {
+            // others from their alerts. Not for any other refusal (a wrong password, a
+            // server out of service): that would only repeat it once per recipient.
+            Err(e) if refuses_a_mailbox(&e) && to.len() > 1 => {
                 let bytes = message.formatted();
                 let (mut accepted, mut refused) = (None, Vec::new());
                 for mailbox in to {

@@ -1,6 +1,7 @@
 //! Issue 5: usage alerts to a real SMTP server, error notices, backups and restore,
 //! housekeeping at the day boundaries.
 
+use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use time::Duration;
@@ -734,4 +735,33 @@ fn scheduled_jobs_keep_running_when_the_system_clock_steps() {
         "jobs stopped after the clock stepped an hour forward"
     );
     assert!(after_back, "jobs held after the clock stepped an hour back");
+}
+
+/// An SMTP server that cannot take mail (a wrong password, a relay out of service) must not
+/// be asked every 5 seconds, once per recipient each time: a directory locks an account
+/// after a few failed logins. Before, 12 seconds of a failing notice to two recipients made
+/// nine connections; now the first retry waits 30 seconds.
+#[test]
+fn a_failing_error_notice_backs_off_and_is_not_resent_per_recipient() {
+    let (_dir, data, sink) = new_appliance_with_smtp();
+    // The configured port now answers every connection "554 out of service".
+    let (port, _) = sink.stop();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = std::io::Write::write_all(&mut stream, b"554 5.3.2 out of service\r\n");
+        }
+    });
+    let app = TestApp::spawn(&data);
+    app.errors.send(store_error("disk I/O error")).unwrap();
+    std::thread::sleep(StdDuration::from_secs(12));
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one attempt, then a wait of 30 seconds"
+    );
 }
