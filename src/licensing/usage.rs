@@ -229,7 +229,7 @@ fn lease_refusal(lease: &Lease, device: &Device) -> Option<ApiError> {
     } else if lease.revoked {
         Some(ApiError::new(
             ErrorCode::LeaseRevoked,
-            "an administrator removed this device's seat",
+            "an administrator revoked this lease (removed the device, or deleted its handshake code): authorize again",
         ))
     } else if lease.released {
         Some(ApiError::new(

@@ -594,8 +594,12 @@ pub fn delete_handshake(
          WHERE handshake_id = ?1",
     )?
     .execute([h.id])?;
-    conn.prepare_cached("UPDATE leases SET handshake_id = NULL WHERE handshake_id = ?1")?
-        .execute([h.id])?;
+    // A device's authorization names its code: one renewed without it would be refused by
+    // the device, so its leases end (it authorizes again with the code it is given now).
+    conn.prepare_cached(
+        "UPDATE leases SET handshake_id = NULL, revoked = 1 WHERE handshake_id = ?1",
+    )?
+    .execute([h.id])?;
     conn.prepare_cached("DELETE FROM handshake_codes WHERE id = ?1")?
         .execute([h.id])?;
     Ok(Ok(()))

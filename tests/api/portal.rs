@@ -832,7 +832,9 @@ fn handshake_codes_are_managed_from_the_portal() {
     request["handshake_code"] = json!("PLANT-B");
     request["session_password"] = json!("plant-b secret");
     request["validation"] = json!({"domain": "line1.plant-b.local", "process": "reader.exe"});
-    assert_eq!(f.authorize(&request).0, 200);
+    let (status, body) = f.authorize(&request);
+    assert_eq!(status, 200, "{body}");
+    let lease = f.verify(&body, 1).lease_id;
 
     assert!(
         post("delete", &[("code", &f.code)])
@@ -850,6 +852,9 @@ fn handshake_codes_are_managed_from_the_portal() {
             .body
             .contains("Handshake code PLANT-B deleted")
     );
+    // The device's authorization names PLANT-B: its lease ends rather than being renewed
+    // under no code (which the device would refuse).
+    assert_eq!(f.heartbeat(&lease, 1).unwrap_err(), "LEASE_REVOKED");
 
     assert!(
         post("trial", &[("trial", "on")])
