@@ -182,7 +182,7 @@ impl Config {
         })?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.message().to_string(),
+            message: toml_error(&text, &e),
         })
     }
 
@@ -254,9 +254,37 @@ impl Config {
     }
 }
 
+/// A TOML error on one line, with where it is: "line 3, column 18: invalid type: ...".
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_file_says_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.toml");
+        std::fs::write(&path, "# jobs\n[jobs]\nbackup_every_s = \"12m\"\n").unwrap();
+        let message = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            message.contains("line 3, column 18: invalid type: string \"12m\", expected u64"),
+            "{message}"
+        );
+        std::fs::write(&path, "[jobs\n").unwrap();
+        let message = Config::from_file(&path).unwrap_err().to_string();
+        assert!(message.contains("line 1, column 6: "), "{message}");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -106,7 +106,7 @@ pub fn read_items(path: &Path) -> Result<ItemsFile, VendorError> {
     })?;
     toml::from_str(&text).map_err(|e| VendorError::Items {
         path: path.to_path_buf(),
-        message: e.message().to_string(),
+        message: crate::config::toml_error(&text, &e),
     })
 }
 
