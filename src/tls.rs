@@ -29,6 +29,12 @@ pub enum TlsError {
     Mismatch(String),
     #[error("cannot make the self-signed certificate: {0}")]
     Generate(String),
+    #[error("certificate {cert} with key {key}: {error}")]
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        error: Box<TlsError>,
+    },
 }
 
 pub const CERT_FILE: &str = "cert.pem";
@@ -137,6 +143,8 @@ fn self_signed(names: &[String], now: OffsetDateTime) -> Result<(String, String)
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, format!("keygate {}", names[0]));
+    // For a server (what Apple's TLS, among others, requires of a certificate it trusts).
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     params.not_before = now - time::Duration::days(1);
     params.not_after = now + time::Duration::days(3650);
     let cert = params.self_signed(&key).map_err(generate)?;
@@ -163,7 +171,11 @@ pub fn load(source: &CertSource) -> Result<CertifiedKey, TlsError> {
             message: e.to_string(),
         })
     };
-    certified_key(&read(&source.cert)?, &read(&source.key)?)
+    certified_key(&read(&source.cert)?, &read(&source.key)?).map_err(|e| TlsError::Pair {
+        cert: source.cert.clone(),
+        key: source.key.clone(),
+        error: Box::new(e),
+    })
 }
 
 fn provider() -> CryptoProvider {
@@ -266,5 +278,27 @@ mod tests {
             certified_key(b"", key_b.as_bytes()),
             Err(TlsError::NoCertificate)
         ));
+    }
+
+    #[test]
+    fn a_bad_pair_on_disk_is_named_and_the_self_signed_one_is_for_servers() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let source = ensure_certificate(&config, OffsetDateTime::now_utc()).unwrap();
+        // Extended key usage: id-kp-serverAuth (1.3.6.1.5.5.7.3.1).
+        let der = CertificateDer::from_pem_file(&source.cert).unwrap();
+        let server_auth = [0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
+        assert!(der.windows(server_auth.len()).any(|w| w == server_auth));
+
+        std::fs::write(&source.cert, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        let message = load(&source).unwrap_err().to_string();
+        assert!(
+            message.contains(&source.cert.display().to_string())
+                && message.contains(&source.key.display().to_string()),
+            "{message}"
+        );
     }
 }
