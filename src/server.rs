@@ -81,6 +81,12 @@ impl AppState {
             .transpose()?;
         let appliance = Appliance::load_or_create(&config.data_dir)?;
         let lock = backup::lock_file(&config.data_dir, backup::LOCK_WAIT)?;
+        let backups = config.data_dir.join(backup::BACKUP_DIR);
+        match backup::remove_unfinished(&backups) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(files = n, "removed unfinished backups"),
+            Err(e) => tracing::warn!(error = %e, "cannot remove unfinished backups"),
+        }
         let store = Store::open(&config.database_path())?;
         let now = clock.now();
         let conn = crate::store::open(&config.database_path())?;

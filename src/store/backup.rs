@@ -249,6 +249,37 @@ pub fn list(dir: &Path) -> Result<Vec<BackupFile>, BackupError> {
     Ok(files)
 }
 
+/// Removes the temporary files of backups that never finished (the process was killed while
+/// copying, e.g. a service manager's start timeout during the backup before an upgrade):
+/// nothing else removes them, and each is the size of the database. Only files untouched
+/// for 10 minutes go: a backup being written (`keygate backup` beside the service) is not.
+pub fn remove_unfinished(dir: &Path) -> Result<usize, BackupError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let idle = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|idle| idle >= std::time::Duration::from_secs(600));
+        if name.starts_with('.')
+            && (name.ends_with(".tmp") || name.ends_with(".tmp-journal"))
+            && idle
+        {
+            std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Which backups retention keeps: the newest `keep_last`, and the newest of each of the last
 /// `keep_days` days. Returns the others (to delete).
 pub fn to_prune(
@@ -406,6 +437,29 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    #[test]
+    fn unfinished_backups_left_by_a_killed_process_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let backups = dir.path().join("backups");
+        std::fs::create_dir(&backups).unwrap();
+        let now = datetime!(2026-06-30 12:00 UTC);
+        let db = dir.path().join("keygate.db");
+        drop(super::super::open(&db).unwrap());
+        let kept = take(&db, &backups, now).unwrap();
+        let (killed, writing) = (backups.join(".a.db.1.tmp"), backups.join(".b.db.2.tmp"));
+        std::fs::write(&killed, b"half a copy").unwrap();
+        std::fs::write(&writing, b"being written").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&killed)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(660))
+            .unwrap();
+        assert_eq!(remove_unfinished(&backups).unwrap(), 1);
+        assert!(!killed.exists() && writing.exists() && kept.path.exists());
+        assert_eq!(remove_unfinished(&dir.path().join("none")).unwrap(), 0);
     }
 
     #[test]
