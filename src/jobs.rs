@@ -463,13 +463,28 @@ const HOUSEKEEPING_BATCH: i64 = 2_000;
 /// (each in the audit log).
 pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
     let now = state.clock.now().unix_timestamp();
-    let (freed, windows) = state
+    // Lapsed seats, a batch per transaction: a fleet authorized in one week lapses in one
+    // day.
+    let items = state.store.read(store::licenses::all_items).await?;
+    let mut freed = 0;
+    for item in items {
+        loop {
+            let item = item.clone();
+            let batch = state
+                .store
+                .write(move |conn| {
+                    crate::licensing::authorize::free_lapsed(conn, &item, now, HOUSEKEEPING_BATCH)
+                })
+                .await?;
+            freed += batch;
+            if (batch as i64) < HOUSEKEEPING_BATCH {
+                break;
+            }
+        }
+    }
+    let windows = state
         .store
         .write(move |conn| {
-            let mut freed = 0;
-            for item in store::licenses::all_items(conn)? {
-                freed += crate::licensing::authorize::free_lapsed(conn, &item, now)?;
-            }
             let windows = ops::summarise_windows(
                 conn,
                 models::window_of(now - WINDOW_HORIZON_DAYS * DAY),
@@ -481,7 +496,7 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
                 now - crate::portal::auth::ABSOLUTE_SECS,
                 now,
             )?;
-            Ok::<_, StoreError>((freed, windows))
+            Ok::<_, StoreError>(windows)
         })
         .await?;
 

@@ -408,7 +408,7 @@ pub fn choose(
             refusals.push((r, i));
             continue;
         }
-        item.used.seats_used -= free_lapsed(conn, item, now)? as i64;
+        item.used.seats_used -= free_lapsed(conn, item, now, FREE_PER_REQUEST)? as i64;
         if has_room(&item.terms, &item.used) {
             return Ok(Ok(i));
         }
@@ -515,11 +515,21 @@ pub fn leave_seat(
     Ok(())
 }
 
-/// Frees the item's lapsed seats (per_device unused 365 days, per_active_device 90 days after
-/// the first authorization), each in the audit log, and returns how many. Serves a new
-/// device needing room, a known device over quota and the daily housekeeping alike; the
-/// seats are found through their (item, time) index, so room is counted exactly.
-pub fn free_lapsed(conn: &Connection, item: &ItemRow, now: i64) -> Result<usize, StoreError> {
+/// Seats a protocol request frees at most: one is enough to make room, and a request must
+/// not carry the freeing of a whole fleet whose seats lapsed on the same day (the daily
+/// housekeeping frees the rest, a batch per transaction).
+pub const FREE_PER_REQUEST: i64 = 100;
+
+/// Frees up to `limit` of the item's lapsed seats (per_device unused 365 days,
+/// per_active_device 90 days after the first authorization), each in the audit log, and
+/// returns how many. Serves a new device needing room, a known device over quota and the
+/// daily housekeeping alike; the seats are found through their (item, time) index.
+pub fn free_lapsed(
+    conn: &Connection,
+    item: &ItemRow,
+    now: i64,
+    limit: i64,
+) -> Result<usize, StoreError> {
     let (cutoff, by_first_auth, why) = match item.terms.model {
         Model::PerDevice => (
             now - models::INACTIVE_SEAT_DAYS * DAY,
@@ -533,7 +543,7 @@ pub fn free_lapsed(conn: &Connection, item: &ItemRow, now: i64) -> Result<usize,
         ),
         _ => return Ok(0),
     };
-    let lapsed = ops::lapsed_seats(conn, &item.item_id, cutoff, by_first_auth)?;
+    let lapsed = ops::lapsed_seats(conn, &item.item_id, cutoff, by_first_auth, limit)?;
     for seat in &lapsed {
         devices::delete_seat(conn, &seat.item_id, seat.device_id, &seat.instance)?;
         let target = format!("{} on {}", seat.device_uuid, seat.item_id);
@@ -595,12 +605,12 @@ pub fn occupy(
             // Over quota, the count may still hold seats that lapsed since the last daily
             // housekeeping: freed now, so `state` says `tolerance` only when it is.
             if used.seats_used > item.terms.quota {
-                used.seats_used -= free_lapsed(conn, item, now)? as i64;
+                used.seats_used -= free_lapsed(conn, item, now, FREE_PER_REQUEST)? as i64;
             }
         }
         (_, None) => {
             // `item.used` is this transaction's count; freeing lapsed seats lowers it.
-            used.seats_used -= free_lapsed(conn, item, now)? as i64;
+            used.seats_used -= free_lapsed(conn, item, now, FREE_PER_REQUEST)? as i64;
             if !has_room(&item.terms, &used) {
                 return Err(Occupy::Refused(Refusal::QuotaExceeded));
             }

@@ -193,16 +193,17 @@ pub fn lapsed_seats(
     item_id: &str,
     cutoff: i64,
     by_first_auth: bool,
+    limit: i64,
 ) -> Result<Vec<LapsedSeat>, StoreError> {
     let sql = if by_first_auth {
         "SELECT s.item_id, s.device_id, d.uuid, s.instance FROM seats s JOIN devices d ON d.id = s.device_id
-         WHERE s.item_id = ?1 AND s.first_auth_at <= ?2"
+         WHERE s.item_id = ?1 AND s.first_auth_at <= ?2 LIMIT ?3"
     } else {
         "SELECT s.item_id, s.device_id, d.uuid, s.instance FROM seats s JOIN devices d ON d.id = s.device_id
-         WHERE s.item_id = ?1 AND s.last_used_at <= ?2"
+         WHERE s.item_id = ?1 AND s.last_used_at <= ?2 LIMIT ?3"
     };
     let mut stmt = conn.prepare_cached(sql)?;
-    let rows = stmt.query_map(params![item_id, cutoff], |r| {
+    let rows = stmt.query_map(params![item_id, cutoff, limit], |r| {
         Ok(LapsedSeat {
             item_id: r.get(0)?,
             device_id: r.get(1)?,
