@@ -173,12 +173,27 @@ impl CsrfForm for CsrfField {
     }
 }
 
-/// `POST /settings/backup`: takes a backup now.
+/// `POST /settings/backup`: takes a backup now (audited, like every admin action).
 pub async fn backup_now(
     state: web::Data<AppState>,
+    req: HttpRequest,
     Post(admin, _): Post<ManagerRole, CsrfField>,
 ) -> Result<HttpResponse, PortalError> {
-    match crate::jobs::run(&state, "backup").await {
+    let result = crate::jobs::run(&state, "backup").await;
+    let (actor, from, now) = (
+        admin.name.clone(),
+        super::client_address(&req),
+        state.clock.now().unix_timestamp(),
+    );
+    let detail = match &result {
+        Ok(detail) => detail.clone(),
+        Err(e) => format!("failed: {e}"),
+    };
+    state
+        .store
+        .write(move |conn| ops::audit(conn, now, &actor, "backup taken", "", &detail, &from))
+        .await?;
+    match result {
         Ok(detail) => {
             show(
                 &state,

@@ -1012,6 +1012,9 @@ fn backups_are_listed_and_only_owners_download_them() {
         .next()
         .unwrap()
         .to_string();
+    let audited = f.audited("backup taken");
+    assert_eq!(audited.len(), 1, "every admin action is audited");
+    assert!(audited[0].2.contains(&name), "{audited:?}");
     let download = browser.get(&format!("/settings/backups/{name}"));
     assert_eq!(download.status, 200);
     assert!(
