@@ -227,14 +227,8 @@ fn check(conn: &Connection, path: &Path) -> Result<(), BackupError> {
 
 /// The backups in `dir`, newest first.
 pub fn list(dir: &Path) -> Result<Vec<BackupFile>, BackupError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(dir)(e)),
-    };
     let mut files = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io(dir))?;
+    for entry in entries(dir)? {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Ok(taken) = time::PrimitiveDateTime::parse(&name, NAME) else {
             continue;
@@ -249,19 +243,22 @@ pub fn list(dir: &Path) -> Result<Vec<BackupFile>, BackupError> {
     Ok(files)
 }
 
+/// The entries of the backup directory: none before the first backup made it.
+fn entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>, BackupError> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries.collect::<Result<_, _>>().map_err(io(dir)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io(dir)(e)),
+    }
+}
+
 /// Removes the temporary files of backups that never finished (the process was killed while
 /// copying, e.g. a service manager's start timeout during the backup before an upgrade):
 /// nothing else removes them, and each is the size of the database. Only files untouched
 /// for 10 minutes go: a backup being written (`keygate backup` beside the service) is not.
 pub fn remove_unfinished(dir: &Path) -> Result<usize, BackupError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(io(dir)(e)),
-    };
     let mut removed = 0;
-    for entry in entries {
-        let entry = entry.map_err(io(dir))?;
+    for entry in entries(dir)? {
         let name = entry.file_name().to_string_lossy().into_owned();
         let idle = entry
             .metadata()
