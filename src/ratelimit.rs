@@ -81,6 +81,45 @@ impl AttemptLimiter {
     }
 }
 
+/// The portal's sign-in limits. Attempts count per (account, address), so a host guessing an
+/// admin's password locks that admin out of that host only; per address, so a host cannot
+/// go through many names; and per account over every address at a higher rate, which slows
+/// a guess spread over many hosts (only such a spread attack keeps an admin out).
+#[derive(Debug)]
+pub struct SignInLimits {
+    by_pair: AttemptLimiter,
+    by_address: AttemptLimiter,
+    by_account: AttemptLimiter,
+}
+
+impl Default for SignInLimits {
+    fn default() -> Self {
+        SignInLimits {
+            by_pair: AttemptLimiter::new(5, 60),
+            by_address: AttemptLimiter::new(20, 60),
+            by_account: AttemptLimiter::new(100, 60),
+        }
+    }
+}
+
+impl SignInLimits {
+    /// Counts an attempt to sign in as `account` from `address` (a [`client_key`]), as
+    /// [`AttemptLimiter::attempt`]. The narrower keys are counted only once the wider ones
+    /// let the attempt go on: an address past its limit adds no entry for every name it tries.
+    pub fn attempt(&self, account: &str, address: &str, now: i64) -> Result<(), bool> {
+        self.by_address.attempt(address, now)?;
+        self.by_pair.attempt(&format!("{account}\n{address}"), now)?;
+        self.by_account.attempt(account, now)
+    }
+
+    /// Forgets the address's attempts after a success. The account's count over all
+    /// addresses stays: a success does not give a spread guess more attempts.
+    pub fn clear(&self, account: &str, address: &str) {
+        self.by_pair.clear(&format!("{account}\n{address}"));
+        self.by_address.clear(address);
+    }
+}
+
 /// The key a client's attempts (session passwords, portal sign-ins) are counted under: its
 /// IPv4 address, or the /64 of its IPv6 address (one host usually has a whole /64 to pick addresses from).
 pub fn client_key(ip: IpAddr) -> String {
@@ -119,6 +158,35 @@ mod tests {
         assert_eq!(limiter.attempt("admin", 180), Ok(()));
         limiter.clear("admin");
         assert_eq!(limiter.attempt("admin", 181), Ok(()));
+    }
+
+    #[test]
+    fn a_host_guessing_an_admins_password_does_not_lock_the_admin_out_elsewhere() {
+        let limits = SignInLimits::default();
+        for _ in 0..5 {
+            assert_eq!(limits.attempt("olivia", "10.0.0.66", 0), Ok(()));
+        }
+        assert_eq!(limits.attempt("olivia", "10.0.0.66", 1), Err(true));
+        assert_eq!(limits.attempt("olivia", "10.0.0.7", 2), Ok(()), "the admin's host");
+        assert_eq!(limits.attempt("oscar", "10.0.0.66", 2), Ok(()), "per pair");
+        limits.clear("olivia", "10.0.0.7");
+
+        // Many names from one host: the address's limit.
+        let limits = SignInLimits::default();
+        for n in 0..20 {
+            assert_eq!(limits.attempt(&format!("name{n}"), "10.0.0.66", 0), Ok(()));
+        }
+        assert_eq!(limits.attempt("olivia", "10.0.0.66", 0), Err(true));
+        assert_eq!(limits.attempt("olivia", "10.0.0.7", 0), Ok(()));
+
+        // One name from many hosts: the account's limit, which a success does not reset.
+        let limits = SignInLimits::default();
+        for n in 0..100 {
+            assert_eq!(limits.attempt("olivia", &format!("10.0.1.{n}"), 0), Ok(()));
+        }
+        limits.clear("olivia", "10.0.1.1");
+        assert_eq!(limits.attempt("olivia", "10.0.0.7", 0), Err(true));
+        assert_eq!(limits.attempt("olivia", "10.0.0.7", 60), Ok(()), "a new minute");
     }
 
     #[test]

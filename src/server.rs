@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::jobs;
 use crate::licensing::handshake::PasswordCache;
 use crate::protocol;
-use crate::ratelimit::AttemptLimiter;
+use crate::ratelimit::{AttemptLimiter, SignInLimits};
 use crate::store::backup;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, CertResolver, CertSource, TlsError};
@@ -56,9 +56,9 @@ pub struct AppState {
     /// Session password checks per handshake code, whatever the address: 100 a minute, so
     /// guesses spread over many addresses stay slow.
     pub code_password_attempts: AttemptLimiter,
-    /// Failed portal sign-ins: 5 a minute per account, 20 per address.
-    pub sign_in_by_account: AttemptLimiter,
-    pub sign_in_by_address: AttemptLimiter,
+    /// Portal sign-in attempts: 5 a minute per account and address, 20 per address, 100 per
+    /// account over all addresses.
+    pub sign_in_limits: SignInLimits,
     pub metrics: crate::metrics::Metrics,
     /// The bearer token `/metrics` asks for (`metrics.token_file`); without one it answers
     /// loopback clients only.
@@ -110,8 +110,7 @@ impl AppState {
             password_checks: tokio::sync::Semaphore::new(2),
             password_attempts: AttemptLimiter::new(10, 60),
             code_password_attempts: AttemptLimiter::new(100, 60),
-            sign_in_by_account: AttemptLimiter::new(5, 60),
-            sign_in_by_address: AttemptLimiter::new(20, 60),
+            sign_in_limits: SignInLimits::default(),
             metrics: Default::default(),
             metrics_token,
             error_events: std::sync::Mutex::new(None),

@@ -287,16 +287,9 @@ async fn login(
     }
     // Each attempt is counted before Argon2 runs, so parallel attempts cannot all get past
     // the limit; only the first refusal of a window is audited.
-    let account = format!("account:{}", form.name);
     // Per IPv4 address or IPv6 /64: a host picking new addresses in its /64 is one client.
-    let by_address = format!("address:{}", crate::ratelimit::request_key(&req));
-    // The account is counted only once the address may go on: an address past its limit
-    // adds no entry for every name it tries.
-    let limited = state
-        .sign_in_by_address
-        .attempt(&by_address, now)
-        .and_then(|()| state.sign_in_by_account.attempt(&account, now));
-    if let Err(first) = limited {
+    let client = crate::ratelimit::request_key(&req);
+    if let Err(first) = state.sign_in_limits.attempt(&form.name, &client, now) {
         if first {
             let (actor, from) = (form.name.clone(), address.clone());
             let _ = state
@@ -349,8 +342,7 @@ async fn login(
         let _ = state.store.write(audit("sign-in failed")).await;
         return again("Wrong name or password.");
     };
-    state.sign_in_by_account.clear(&account);
-    state.sign_in_by_address.clear(&by_address);
+    state.sign_in_limits.clear(&form.name, &client);
     let _ = state.store.write(audit("signed in")).await;
     match auth::sign_in(&state, admin.id, address).await {
         Ok(cookie) => HttpResponse::SeeOther()
