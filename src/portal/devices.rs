@@ -51,6 +51,9 @@ pub struct Query {
     /// a link cannot make the page say anything else).
     #[serde(default)]
     removed: Option<usize>,
+    /// How many of that user's devices were kept because another user shares them.
+    #[serde(default)]
+    shared: usize,
 }
 
 pub async fn list(
@@ -100,7 +103,13 @@ pub async fn list(
         q,
         item,
         items,
-        notice: query.removed.map(|n| format!("{n} device(s) removed")),
+        notice: query.removed.map(|n| match query.shared {
+            0 => format!("{n} device(s) removed"),
+            kept => format!(
+                "{n} device(s) removed; {kept} kept because other users use them too \
+                 (remove those from their own pages)"
+            ),
+        }),
         blocked,
         next,
         lines: rows
@@ -271,8 +280,13 @@ impl CsrfForm for UserForm {
     }
 }
 
+/// Devices removed per transaction by "remove the devices of a user": a user of thousands
+/// of devices does not hold the writer (and every device's call) for seconds.
+const REMOVE_BATCH: i64 = 500;
+
 /// `POST /devices/remove-user`: removes every device whose last user is the given one
-/// (someone who left): their seats are freed and leases revoked.
+/// (someone who left) and no other user holds a lease on: their seats are freed and leases
+/// revoked. Shared devices are kept and counted (the admin removes them one by one).
 pub async fn remove_user(
     state: web::Data<AppState>,
     req: actix_web::HttpRequest,
@@ -284,31 +298,46 @@ pub async fn remove_user(
             "name the user whose devices to remove".into(),
         ));
     }
-    let (actor, now, from) = (
-        admin.name.clone(),
-        state.clock.now().unix_timestamp(),
-        super::client_address(&req),
-    );
-    let removed = state
-        .store
-        .write(move |conn| {
-            let ids = devices::devices_of_user(conn, &user)?;
-            for id in &ids {
-                devices::remove_device(conn, *id, now)?;
-            }
-            ops::audit(
-                conn,
-                now,
-                &actor,
-                "devices of a user removed",
-                &user,
-                &format!("{} device(s)", ids.len()),
-                &from,
-            )?;
-            Ok::<_, StoreError>(ids.len())
-        })
-        .await?;
+    let (mut removed, mut shared, mut after) = (0, 0, 0);
+    loop {
+        let (actor, now, from, user) = (
+            admin.name.clone(),
+            state.clock.now().unix_timestamp(),
+            super::client_address(&req),
+            user.clone(),
+        );
+        let batch = state
+            .store
+            .write(move |conn| {
+                let batch = devices::devices_of_user(conn, &user, after, REMOVE_BATCH)?;
+                for id in &batch.own {
+                    devices::remove_device(conn, *id, now)?;
+                }
+                if !batch.own.is_empty() {
+                    ops::audit(
+                        conn,
+                        now,
+                        &actor,
+                        "devices of a user removed",
+                        &user,
+                        &format!("{} device(s)", batch.own.len()),
+                        &from,
+                    )?;
+                }
+                Ok::<_, StoreError>(batch)
+            })
+            .await?;
+        removed += batch.own.len();
+        shared += batch.shared;
+        match batch.last_id {
+            Some(last) => after = last,
+            None => break,
+        }
+    }
     Ok(HttpResponse::SeeOther()
-        .insert_header((header::LOCATION, format!("/devices?removed={removed}")))
+        .insert_header((
+            header::LOCATION,
+            format!("/devices?removed={removed}&shared={shared}"),
+        ))
         .finish())
 }

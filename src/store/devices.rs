@@ -881,11 +881,41 @@ pub fn leases_of(conn: &Connection, device_id: i64) -> Result<Vec<Lease>, StoreE
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// The devices whose last user is `user` (index lookup).
-pub fn devices_of_user(conn: &Connection, user: &str) -> Result<Vec<i64>, StoreError> {
-    let mut stmt = conn.prepare_cached("SELECT id FROM devices WHERE last_user = ?1")?;
-    let rows = stmt.query_map([user], |r| r.get(0))?;
-    Ok(rows.collect::<Result<_, _>>()?)
+/// One batch of the devices whose last user is a given one.
+#[derive(Debug, PartialEq)]
+pub struct UserDevices {
+    /// Devices only that user used (no lease of another user).
+    pub own: Vec<i64>,
+    /// Devices another user holds a lease on too (a shared machine; a lease without a user
+    /// is the device's own).
+    pub shared: usize,
+    /// The last id looked at; `None` past the last device.
+    pub last_id: Option<i64>,
+}
+
+/// Among the devices whose last user is `user`, the first `limit` after id `after` (in id
+/// order, through the `last_user` index), told apart by whether another user holds a lease
+/// on them.
+pub fn devices_of_user(
+    conn: &Connection,
+    user: &str,
+    after: i64,
+    limit: i64,
+) -> Result<UserDevices, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT d.id, EXISTS (SELECT 1 FROM leases l WHERE l.device_id = d.id AND l.user NOT IN (?1, ''))
+         FROM devices d WHERE d.last_user = ?1 AND d.id > ?2 ORDER BY d.id LIMIT ?3",
+    )?;
+    let rows = stmt
+        .query_map(params![user, after, limit], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(UserDevices {
+        own: rows.iter().filter(|r| !r.1).map(|r| r.0).collect(),
+        shared: rows.iter().filter(|r| r.1).count(),
+        last_id: (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.0)).flatten(),
+    })
 }
 
 #[cfg(test)]
@@ -918,6 +948,43 @@ mod tests {
         }
         assert_eq!(batches, 3, "7 devices, 3 ids a batch");
         assert_eq!(found, ["dev-1", "dev-2", "dev-3", "dev-4"]);
+    }
+
+    #[test]
+    fn a_users_devices_are_found_a_batch_at_a_time_shared_ones_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::open(&dir.path().join("k.db")).unwrap();
+        let ids: Vec<i64> = (1..=5)
+            .map(|n| insert_device(&conn, &format!("dev-{n}"), "", "leaver", n).unwrap())
+            .collect();
+        insert_device(&conn, "dev-6", "", "stayer", 6).unwrap();
+        // dev-2 is shared with "stayer"; dev-3 also runs software without a user.
+        for (lease, device, user) in [("a", 1, "stayer"), ("b", 2, ""), ("c", 2, "leaver")] {
+            conn.execute(
+                "INSERT INTO leases (lease_id, device_id, product, user, nonce, issued_at, expires_at)
+                 VALUES (?1, ?2, 'p', ?3, 'n', 0, 1)",
+                params![lease, ids[device], user],
+            )
+            .unwrap();
+        }
+        let first = devices_of_user(&conn, "leaver", 0, 3).unwrap();
+        assert_eq!(
+            first,
+            UserDevices {
+                own: vec![ids[0], ids[2]],
+                shared: 1,
+                last_id: Some(ids[2]),
+            }
+        );
+        let second = devices_of_user(&conn, "leaver", ids[2], 3).unwrap();
+        assert_eq!(
+            second,
+            UserDevices {
+                own: vec![ids[3], ids[4]],
+                shared: 0,
+                last_id: None,
+            }
+        );
     }
 
     #[test]

@@ -1125,6 +1125,12 @@ fn device_detail_item_filter_and_removing_a_users_devices() {
         request["device"]["user"] = json!(if n % 2 == 0 { "leaver" } else { "stayer" });
         assert_eq!(f.authorize(&request).0, 200);
     }
+    // Device 5 is shared: "stayer" used it before "leaver" did.
+    for user in ["stayer", "leaver"] {
+        let mut request = f.request("reader", 5);
+        request["device"]["user"] = json!(user);
+        assert_eq!(f.authorize(&request).0, 200);
+    }
     let lease = f.authorized("scanner", 3).lease_id;
     f.usage(&f.reports(
         &lease,
@@ -1138,7 +1144,8 @@ fn device_detail_item_filter_and_removing_a_users_devices() {
             .body
             .matches("<code>")
             .count(),
-        2
+        3,
+        "devices 1, 2 and 5 hold a reader seat"
     );
     let detail = browser.get(&format!("/devices/{}", device_uuid(3)));
     assert!(
@@ -1155,13 +1162,14 @@ fn device_detail_item_filter_and_removing_a_users_devices() {
         "/devices/remove-user",
         &[("csrf", &token), ("user", "leaver")],
     );
-    assert_eq!(answer.location, "/devices?removed=2");
+    assert_eq!(answer.location, "/devices?removed=2&shared=1");
     assert!(
         browser
             .get(&answer.location)
             .body
-            .contains("2 device(s) removed")
+            .contains("2 device(s) removed; 1 kept because other users use them too")
     );
+    assert_eq!(f.authorize(&f.request("reader", 5)).0, 200, "still authorized");
     assert!(
         !browser
             .get("/devices?notice=Call+555")
@@ -1171,8 +1179,8 @@ fn device_detail_item_filter_and_removing_a_users_devices() {
     );
     assert_eq!(
         f.item_value("LIC-T-1", "seats_used"),
-        1,
-        "the leaver's reader seat is freed"
+        2,
+        "the leaver's own reader seat is freed, the shared device's kept"
     );
     assert!(
         browser
