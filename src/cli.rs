@@ -321,7 +321,13 @@ pub fn run(command: Command, config: Config) -> Result<()> {
             Ok(())
         }
         Command::Restore { file } => {
-            let aside = store::backup::restore(&config.database_path(), &file, clock.now())?;
+            let appliance = Appliance::load_or_create(&config.data_dir)?;
+            let aside = store::backup::restore(
+                &config.database_path(),
+                &file,
+                appliance.installation_id(),
+                clock.now(),
+            )?;
             println!(
                 "restored {}; the previous database is kept as {} (with its -wal file, if it \
                  had one: keep the two together)",

@@ -29,6 +29,17 @@ pub enum BackupError {
     Unsound(PathBuf, String),
     #[error("keygate is running on this data directory: stop the service first")]
     Running,
+    #[error(
+        "{path} belongs to another appliance: its license {license_id} is bound to \
+         installation {found}, and this appliance is {ours}; to move that appliance here, put \
+         its appliance.key into the data directory first (in place of the one there)"
+    )]
+    OtherAppliance {
+        path: PathBuf,
+        license_id: String,
+        found: String,
+        ours: String,
+    },
     #[error(transparent)]
     Dir(#[from] crate::appliance::ApplianceError),
     #[error(
@@ -342,12 +353,18 @@ pub fn lock_file(data_dir: &Path, wait: Duration) -> Result<std::fs::File, Backu
 
 /// Replaces the database with a backup (the service must be stopped). The current database
 /// is kept aside as `keygate.db.before-restore-<time>`; returns that path.
-pub fn restore(db: &Path, backup: &Path, now: OffsetDateTime) -> Result<PathBuf, BackupError> {
+pub fn restore(
+    db: &Path,
+    backup: &Path,
+    installation_id: &str,
+    now: OffsetDateTime,
+) -> Result<PathBuf, BackupError> {
     let data_dir = db.parent().unwrap_or(Path::new("."));
     let _lock = lock_file(data_dir, LOCK_WAIT)?;
     {
         let conn = Connection::open_with_flags(backup, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         check(&conn, backup)?;
+        bound_here(&conn, backup, installation_id)?;
     }
     let stamp = now.format(STAMP).expect("the stamp format is valid");
     let aside = db.with_file_name(format!("keygate.db.before-restore-{stamp}"));
@@ -379,6 +396,29 @@ pub fn restore(db: &Path, backup: &Path, now: OffsetDateTime) -> Result<PathBuf,
     std::fs::rename(&tmp, db).map_err(io(db))?;
     sync_dir(data_dir)?;
     Ok(aside)
+}
+
+/// Refuses a database whose licenses are bound to another appliance key: restored, every
+/// device would refuse the authorizations it gets (their licenses name another appliance).
+fn bound_here(conn: &Connection, path: &Path, ours: &str) -> Result<(), BackupError> {
+    let unsound = |why: String| BackupError::Unsound(path.to_path_buf(), why);
+    let mut stmt = conn.prepare("SELECT license_id, jws FROM licenses")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let (license_id, jws): (String, String) = (row.get(0)?, row.get(1)?);
+        let license: keygate_sdk::wire::License = keygate_sdk::jws::Token::decode(&jws)
+            .and_then(|token| token.payload_as())
+            .map_err(|e| unsound(format!("license {license_id}: {e}")))?;
+        if license.appliance.installation_id != ours {
+            return Err(BackupError::OtherAppliance {
+                path: path.to_path_buf(),
+                license_id,
+                found: license.appliance.installation_id,
+                ours: ours.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Gives `path` the owner and group of `like` when they differ (a restore run as root).
@@ -513,7 +553,7 @@ mod tests {
         let wal = dir.path().join("keygate.db-wal");
         std::fs::write(&wal, b"and a WAL of garbage").unwrap();
 
-        let aside = restore(&db, &good.path, now).unwrap();
+        let aside = restore(&db, &good.path, "ours", now).unwrap();
         let conn = Connection::open(&db).unwrap();
         check(&conn, &db).unwrap();
         assert_eq!(

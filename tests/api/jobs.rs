@@ -354,6 +354,17 @@ fn a_backup_under_write_load_restores_every_acknowledged_report() {
         run.stderr
     );
     let (_dir, data) = f.stop();
+    // Another appliance refuses it: the backup's licenses are bound to this one's key.
+    let other = tempfile::tempdir().unwrap();
+    assert!(keygate(other.path(), &["backup"]).ok);
+    let before = db_digest(&other.path().join("keygate.db"));
+    let run = keygate(other.path(), &["restore", &backup_file]);
+    assert!(
+        !run.ok && run.stderr.contains("belongs to another appliance: its license"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db_digest(&other.path().join("keygate.db")), before);
     let run = keygate(&data, &["restore", &backup_file]);
     assert!(run.ok, "{}", run.stderr);
     assert!(
