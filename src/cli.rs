@@ -759,6 +759,14 @@ fn reset_clock(config: &Config, clock: &dyn Clock) -> Result<()> {
 }
 
 fn status(config: &Config) -> Result<()> {
+    // Reading only: a mistyped directory is told, not made into a new appliance.
+    if !config.database_path().exists() {
+        bail!(
+            "no keygate database at {}: check --data-dir or the configuration's data_dir \
+             (`keygate serve` creates one on first start)",
+            config.database_path().display()
+        );
+    }
     let appliance = Appliance::load_or_create(&config.data_dir)?;
     let conn = open_store(config)?;
     let counts = store::licenses::counts(&conn)?;

@@ -31,7 +31,7 @@ fn import(data: &Path, file: &Path) -> Run {
 #[test]
 fn vendor_to_appliance_to_https() {
     let vendor = Vendor::new();
-    let (_dir, data) = appliance_trusting(&vendor);
+    let (dir, data) = appliance_trusting(&vendor);
     let id = installation_id(&data);
     let license = vendor.issue_file(&data, SIMPLE_ITEMS, &[], "lic.lic");
     let text = std::fs::read_to_string(&license).unwrap();
@@ -86,6 +86,15 @@ fn vendor_to_appliance_to_https() {
         "{}",
         run.stdout
     );
+    // A mistyped directory is told, not made into a new appliance.
+    let typo = dir.path().join("dta");
+    let run = keygate(&typo, &["status"]);
+    assert!(
+        !run.ok && run.stderr.contains("no keygate database at"),
+        "{}",
+        run.stderr
+    );
+    assert!(!typo.exists());
 }
 
 #[test]

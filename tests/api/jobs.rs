@@ -167,7 +167,7 @@ fn store_error(message: &str) -> keygate::alerts::notices::ErrorEvent {
 fn new_appliance_with_smtp() -> (tempfile::TempDir, std::path::PathBuf, SmtpSink) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    assert!(keygate(&data, &["status"]).ok);
+    assert!(keygate(&data, &["backup"]).ok);
     let sink = SmtpSink::start();
     sink.configure(&data);
     (dir, data, sink)
