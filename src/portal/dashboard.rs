@@ -72,8 +72,13 @@ pub struct ItemView {
     pub license_id: String,
     pub product: String,
     pub model: Model,
+    /// Seats, devices per window, usage or tokens, as the model counts.
     pub quota: i64,
+    /// Concurrent models: the devices active in the current window.
     pub used: i64,
+    /// Concurrent models: windows over quota so far, and the `max_exceptions` that stops
+    /// the item.
+    pub exceptions: Option<(i64, i64)>,
     pub state: &'static str,
     pub state_class: &'static str,
     pub expires: String,
@@ -155,7 +160,7 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
             let used = match item.terms.model {
                 Model::PerUsage => u.usage_total,
                 Model::Tokens => u.tokens_used,
-                m if m.is_concurrent() => u.exceptions,
+                m if m.is_concurrent() => u.window_active,
                 _ => u.seats_used,
             };
             let state = state_label(&item, now);
@@ -190,12 +195,13 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
                 ),
                 windows,
                 expires: rfc3339(from_unix(item.terms.expires_at))[..10].to_string(),
-                quota: if item.terms.model.is_concurrent() {
-                    item.terms.max_exceptions
-                } else {
-                    item.terms.quota
-                },
+                quota: item.terms.quota,
                 used,
+                exceptions: item
+                    .terms
+                    .model
+                    .is_concurrent()
+                    .then_some((item.used.exceptions, item.terms.max_exceptions)),
                 model: item.terms.model,
                 product: item.product,
                 license_id: item.license_id,

@@ -1212,6 +1212,16 @@ fn the_dashboard_draws_concurrency_per_window() {
         page.body
             .contains("<span class=\"state state-tolerance\">tolerance</span>")
     );
+    // Used and quota are devices in the window; the exceptions are counted apart.
+    let row = &page.body[page.body.find("<tr id=\"item-LIC-T-1\"").unwrap()..];
+    let cells: Vec<&str> = row
+        .split("<td class=\"num\">")
+        .skip(1)
+        .take(2)
+        .map(|c| c.split('<').next().unwrap())
+        .collect();
+    assert_eq!(cells, ["3", "2"], "3 devices active, quota 2");
+    assert!(row.contains("exceptions: 1 of 5"), "{row}");
 }
 
 #[test]
