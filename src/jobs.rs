@@ -26,8 +26,45 @@ pub enum JobError {
     Mail(#[from] mail::MailError),
     #[error(transparent)]
     Backup(#[from] backup::BackupError),
+    #[error("the {0} job is running already: this run is skipped")]
+    Busy(String),
     #[error("{0}")]
     Other(String),
+}
+
+/// The names of the jobs running now.
+#[derive(Debug, Default)]
+pub struct RunningJobs(Mutex<std::collections::HashSet<String>>);
+
+/// A job's mark in [`RunningJobs`], taken off when the run ends, however it ends.
+struct Running<'a>(&'a RunningJobs, String);
+
+impl RunningJobs {
+    /// Marks `name` running; `None` if it is already.
+    fn start(&self, name: &str) -> Option<Running<'_>> {
+        let mut running = self.0.lock().expect("running jobs lock");
+        running
+            .insert(name.to_string())
+            .then(|| Running(self, name.to_string()))
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.0.lock().expect("running jobs lock").remove(&self.1);
+    }
+}
+
+/// Runs a job's work, turning a panic (a bug) into a failure that is recorded and emailed
+/// like any other: the panic's message is in the log.
+async fn contained(
+    work: impl std::future::Future<Output = Result<String, JobError>>,
+) -> Result<String, JobError> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(JobError::Other("the job panicked (a bug: see the log)".into())))
 }
 
 /// The jobs, their reasons, and how often they run.
@@ -246,16 +283,23 @@ async fn watch_clock(
 
 /// Runs one job now and records the run.
 pub async fn run(state: &AppState, name: &str) -> Result<String, JobError> {
+    let Some(_running) = state.running_jobs.start(name) else {
+        tracing::info!(job = name, "job running already; this run is skipped");
+        return Err(JobError::Busy(name.to_string()));
+    };
     let started = state.clock.now();
     // Jobs run whatever the clock; a clock set back is logged (and emailed) once.
     let _ = state.watermark.check(started.unix_timestamp());
     let clock = std::time::Instant::now();
-    let result = match name {
-        "alerts" => send_alerts(state).await,
-        "backup" => take_backup(state).await,
-        "housekeeping" => housekeeping(state).await,
-        other => Err(JobError::Other(format!("no job named {other}"))),
-    };
+    let result = contained(async {
+        match name {
+            "alerts" => send_alerts(state).await,
+            "backup" => take_backup(state).await,
+            "housekeeping" => housekeeping(state).await,
+            other => Err(JobError::Other(format!("no job named {other}"))),
+        }
+    })
+    .await;
     state.metrics.job_ran(name, result.is_ok());
     let (ok, detail) = match &result {
         Ok(detail) => (true, detail.clone()),
@@ -682,4 +726,32 @@ async fn send_notices(state: &AppState, notices: &[Notice]) -> Result<(), JobErr
     };
     mail::send(&smtp, &to, &email).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_never_runs_twice_at_once() {
+        let running = RunningJobs::default();
+        let backup = running.start("backup").expect("nothing runs yet");
+        assert!(running.start("backup").is_none(), "a second backup waits its turn");
+        assert!(running.start("alerts").is_some(), "another job runs alongside");
+        drop(backup);
+        assert!(running.start("backup").is_some(), "the mark goes with the run");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_is_a_failure_not_a_lost_run() {
+        let result = contained(async { panic!("a bug") }).await;
+        assert!(
+            matches!(&result, Err(JobError::Other(m)) if m.contains("panicked")),
+            "{result:?}"
+        );
+        assert_eq!(
+            contained(async { Ok("done".to_string()) }).await.unwrap(),
+            "done"
+        );
+    }
 }

@@ -65,6 +65,9 @@ pub struct AppState {
     metrics_token: Option<String>,
     /// ERROR events to email (taken by the notifier when serving starts).
     error_events: std::sync::Mutex<Option<UnboundedReceiver<ErrorEvent>>>,
+    /// The jobs running now: a job is never run twice at once (a scheduled run and the
+    /// portal's "take a backup now", or a run caught up after a clock step).
+    pub running_jobs: crate::jobs::RunningJobs,
     /// Held while this appliance runs: `keygate restore` refuses to run under it.
     _lock: std::fs::File,
 }
@@ -114,6 +117,7 @@ impl AppState {
             metrics: Default::default(),
             metrics_token,
             error_events: std::sync::Mutex::new(None),
+            running_jobs: Default::default(),
             _lock: lock,
         })
     }
