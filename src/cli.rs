@@ -487,9 +487,8 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
             println!("created handshake code {code} for organization {organization}");
         }
         HandshakeCommand::SetPassword { code } => {
-            let mut password = String::new();
-            std::io::stdin().read_line(&mut password)?;
-            let password = password.trim_end_matches(['\r', '\n']);
+            let password = read_password()?;
+            let password = password.as_str();
             if password.is_empty() {
                 bail!("the password is empty (give it on standard input)");
             }
@@ -533,7 +532,17 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
     Ok(())
 }
 
+/// Reads a password as one line from standard input. From a terminal it is asked for
+/// without echo, twice (a typo is caught before it is stored); piped, it is read as is.
 fn read_password() -> Result<String> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        let password = rpassword::prompt_password("Password: ")?;
+        if rpassword::prompt_password("The same password again: ")? != password {
+            bail!("the two passwords differ; nothing was changed");
+        }
+        return Ok(password);
+    }
     let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
@@ -595,13 +604,7 @@ fn alerts(config: &Config, command: AlertsCommand) -> Result<()> {
             from,
             ca,
         } => {
-            let password = if password_stdin {
-                let mut line = String::new();
-                std::io::stdin().read_line(&mut line)?;
-                Some(line.trim_end_matches(['\r', '\n']).to_string())
-            } else {
-                None
-            };
+            let password = password_stdin.then(read_password).transpose()?;
             mail::check_host(&host).map_err(anyhow::Error::msg)?;
             let tls = mail::TlsMode::parse(&tls).expect("clap checked it");
             let settings = mail::SmtpSettings {
