@@ -64,7 +64,11 @@ async fn contained(
     std::panic::AssertUnwindSafe(work)
         .catch_unwind()
         .await
-        .unwrap_or_else(|_| Err(JobError::Other("the job panicked (a bug: see the log)".into())))
+        .unwrap_or_else(|_| {
+            Err(JobError::Other(
+                "the job panicked (a bug: see the log)".into(),
+            ))
+        })
 }
 
 /// The jobs, their reasons, and how often they run.
@@ -736,10 +740,19 @@ mod tests {
     fn a_job_never_runs_twice_at_once() {
         let running = RunningJobs::default();
         let backup = running.start("backup").expect("nothing runs yet");
-        assert!(running.start("backup").is_none(), "a second backup waits its turn");
-        assert!(running.start("alerts").is_some(), "another job runs alongside");
+        assert!(
+            running.start("backup").is_none(),
+            "a second backup waits its turn"
+        );
+        assert!(
+            running.start("alerts").is_some(),
+            "another job runs alongside"
+        );
         drop(backup);
-        assert!(running.start("backup").is_some(), "the mark goes with the run");
+        assert!(
+            running.start("backup").is_some(),
+            "the mark goes with the run"
+        );
     }
 
     #[tokio::test]

@@ -108,7 +108,8 @@ impl SignInLimits {
     /// let the attempt go on: an address past its limit adds no entry for every name it tries.
     pub fn attempt(&self, account: &str, address: &str, now: i64) -> Result<(), bool> {
         self.by_address.attempt(address, now)?;
-        self.by_pair.attempt(&format!("{account}\n{address}"), now)?;
+        self.by_pair
+            .attempt(&format!("{account}\n{address}"), now)?;
         self.by_account.attempt(account, now)
     }
 
@@ -167,7 +168,11 @@ mod tests {
             assert_eq!(limits.attempt("olivia", "10.0.0.66", 0), Ok(()));
         }
         assert_eq!(limits.attempt("olivia", "10.0.0.66", 1), Err(true));
-        assert_eq!(limits.attempt("olivia", "10.0.0.7", 2), Ok(()), "the admin's host");
+        assert_eq!(
+            limits.attempt("olivia", "10.0.0.7", 2),
+            Ok(()),
+            "the admin's host"
+        );
         assert_eq!(limits.attempt("oscar", "10.0.0.66", 2), Ok(()), "per pair");
         limits.clear("olivia", "10.0.0.7");
 
@@ -186,7 +191,11 @@ mod tests {
         }
         limits.clear("olivia", "10.0.1.1");
         assert_eq!(limits.attempt("olivia", "10.0.0.7", 0), Err(true));
-        assert_eq!(limits.attempt("olivia", "10.0.0.7", 60), Ok(()), "a new minute");
+        assert_eq!(
+            limits.attempt("olivia", "10.0.0.7", 60),
+            Ok(()),
+            "a new minute"
+        );
     }
 
     #[test]

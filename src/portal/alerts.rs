@@ -198,50 +198,14 @@ impl CsrfForm for SmtpForm {
     }
 }
 
-/// `POST /alerts/smtp`: saves the SMTP server, or sends a test email with the saved one.
+/// `POST /alerts/smtp`: saves the SMTP server, or sends a test email with the settings as
+/// typed (not saved by the test).
 pub async fn smtp(
     state: web::Data<AppState>,
     req: HttpRequest,
     Post(admin, form): Post<ManagerRole, SmtpForm>,
 ) -> Result<HttpResponse, PortalError> {
     let (stored_form, runs) = stored(&state).await?;
-    if form.action == "test" {
-        let (smtp, recipients) = state
-            .store
-            .read(|conn| {
-                Ok::<_, StoreError>((
-                    mail::load_settings(conn)?,
-                    settings::get(conn, mail::RECIPIENTS)?,
-                ))
-            })
-            .await?;
-        let result = async {
-            let smtp = smtp.ok_or(mail::MailError::NotConfigured)?;
-            let to = mail::parse_recipients(&recipients.unwrap_or_default())?;
-            if to.is_empty() {
-                return Err(mail::MailError::BadAddress("(no recipients set)".into()));
-            }
-            let email = mail::Email::test();
-            mail::send(&smtp, &to, &email).await
-        }
-        .await;
-        return Ok(match result {
-            Ok(answer) => show(
-                &admin,
-                stored_form,
-                runs,
-                Some(format!("The SMTP server accepted the test email: {answer}")),
-                None,
-            ),
-            Err(e) => show(
-                &admin,
-                stored_form,
-                runs,
-                None,
-                Some(("smtp", format!("The test email was not sent: {e}"))),
-            ),
-        });
-    }
     let shown = AlertsForm {
         recipients: stored_form.recipients.clone(),
         host: form.host.clone(),
@@ -289,10 +253,11 @@ pub async fn smtp(
     // A stored password is kept only for the server it was given for: changing where mail
     // goes (or how it is protected) without typing it again drops it, so nobody can send it
     // to a server of their own choosing.
+    let stored_smtp = state.store.read(mail::load_settings).await?;
     let (password, dropped) = if form.password.is_empty() {
-        let stored = state.store.read(mail::load_settings).await?;
-        let had = stored.as_ref().is_some_and(|s| s.password.is_some());
-        let kept = stored
+        let had = stored_smtp.as_ref().is_some_and(|s| s.password.is_some());
+        let kept = stored_smtp
+            .clone()
             .filter(|s| {
                 s.host == host && s.port == port && s.tls == tls && s.user == user && s.ca == ca
             })
@@ -321,6 +286,48 @@ pub async fn smtp(
         && lettre::transport::smtp::client::Certificate::from_pem(ca.as_bytes()).is_err()
     {
         return refuse("ca", "The CA certificate is not a PEM certificate");
+    }
+    if form.action == "test" {
+        // The settings as typed, saved or not: an admin tries them before saving them.
+        let unsaved = stored_smtp.as_ref() != Some(&settings);
+        let recipients = state
+            .store
+            .read(|conn| settings::get(conn, mail::RECIPIENTS))
+            .await?;
+        let result = async {
+            let to = mail::parse_recipients(&recipients.unwrap_or_default())?;
+            if to.is_empty() {
+                return Err(mail::MailError::BadAddress("(no recipients set)".into()));
+            }
+            mail::send(&settings, &to, &mail::Email::test()).await
+        }
+        .await;
+        let not_saved = if unsaved {
+            " These settings are not saved yet: save them to use them for alerts."
+        } else {
+            ""
+        };
+        return Ok(match result {
+            Ok(answer) => show(
+                &admin,
+                shown,
+                runs,
+                Some(format!(
+                    "The SMTP server accepted the test email: {answer}.{not_saved}"
+                )),
+                None,
+            ),
+            Err(e) => show(
+                &admin,
+                shown,
+                runs,
+                None,
+                Some((
+                    "smtp",
+                    format!("The test email was not sent: {e}.{not_saved}"),
+                )),
+            ),
+        });
     }
     let now = state.clock.now().unix_timestamp();
     let (actor, addr) = (admin.name.clone(), super::client_address(&req));

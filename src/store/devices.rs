@@ -914,7 +914,9 @@ pub fn devices_of_user(
     Ok(UserDevices {
         own: rows.iter().filter(|r| !r.1).map(|r| r.0).collect(),
         shared: rows.iter().filter(|r| r.1).count(),
-        last_id: (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.0)).flatten(),
+        last_id: (rows.len() as i64 == limit)
+            .then(|| rows.last().map(|r| r.0))
+            .flatten(),
     })
 }
 

@@ -167,7 +167,7 @@ fn store_error(message: &str) -> keygate::alerts::notices::ErrorEvent {
 fn new_appliance_with_smtp() -> (tempfile::TempDir, std::path::PathBuf, SmtpSink) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    assert!(keygate(&data, &["backup"]).ok);
+    assert!(keygate(&data, &["licenses"]).ok);
     let sink = SmtpSink::start();
     sink.configure(&data);
     (dir, data, sink)
@@ -360,7 +360,10 @@ fn a_backup_under_write_load_restores_every_acknowledged_report() {
     let before = db_digest(&other.path().join("keygate.db"));
     let run = keygate(other.path(), &["restore", &backup_file]);
     assert!(
-        !run.ok && run.stderr.contains("belongs to another appliance: its license"),
+        !run.ok
+            && run
+                .stderr
+                .contains("belongs to another appliance: its license"),
         "{}",
         run.stderr
     );

@@ -672,18 +672,42 @@ fn alert_settings_are_checked_and_a_test_email_reports_the_server_answer() {
             .body
             .contains("The port must be a number from 1 to 65535")
     );
+    // The test uses the settings as typed, before they are saved, and saves nothing.
+    let answer = smtp(&port, "test");
+    assert!(
+        answer.body.contains(
+            "The SMTP server accepted the test email: Message accepted for delivery. These \
+             settings are not saved yet"
+        ),
+        "{}",
+        answer.body
+    );
+    assert!(
+        answer.body.contains(&format!("value=\"{port}\"")),
+        "the typed port stays"
+    );
+    assert!(
+        keygate::alerts::mail::load_settings(&f.db())
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        sink.wait_for(1, std::time::Duration::from_secs(10)).len(),
+        1
+    );
     assert!(smtp(&port, "save").body.contains("SMTP server saved"));
     let answer = smtp(&port, "test");
     assert!(
         answer
             .body
-            .contains("The SMTP server accepted the test email: Message accepted for delivery"),
+            .contains("The SMTP server accepted the test email: Message accepted for delivery.")
+            && !answer.body.contains("not saved yet"),
         "{}",
         answer.body
     );
     assert_eq!(
-        sink.wait_for(1, std::time::Duration::from_secs(10)).len(),
-        1
+        sink.wait_for(2, std::time::Duration::from_secs(10)).len(),
+        2
     );
 
     f.app.run_job("housekeeping").unwrap();
@@ -1169,7 +1193,11 @@ fn device_detail_item_filter_and_removing_a_users_devices() {
             .body
             .contains("2 device(s) removed; 1 kept because other users use them too")
     );
-    assert_eq!(f.authorize(&f.request("reader", 5)).0, 200, "still authorized");
+    assert_eq!(
+        f.authorize(&f.request("reader", 5)).0,
+        200,
+        "still authorized"
+    );
     assert!(
         !browser
             .get("/devices?notice=Call+555")
