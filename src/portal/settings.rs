@@ -12,8 +12,17 @@ use super::{Page, render_form};
 use crate::appliance::write_secret_file;
 use crate::licensing::rfc3339;
 use crate::server::AppState;
-use crate::store::{backup, ops};
+use crate::store::{backup, ops, settings};
 use crate::tls;
+
+/// The SHA-256 of the last certificate an admin uploaded: the page tells it from the
+/// self-signed one (which replaces it if its files are deleted).
+const UPLOADED_CERT: &str = "tls_uploaded_sha256";
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    data_encoding::HEXLOWER.encode(&Sha256::digest(data))
+}
 
 pub struct BackupView {
     pub name: String,
@@ -45,28 +54,35 @@ async fn show(
     error: Option<String>,
 ) -> Result<HttpResponse, PortalError> {
     let dir = backups_dir(state);
-    let files = web::block(move || backup::list(&dir))
-        .await
-        .map_err(|_| PortalError::Internal)?
-        .map_err(|e| {
-            tracing::error!(error = %e, "cannot list backups");
-            PortalError::Internal
-        })?;
+    let cert_path = state.cert_source.cert.clone();
+    let (files, cert_hash) = web::block(move || {
+        let in_use = std::fs::read(&cert_path).map(|c| sha256_hex(&c)).ok();
+        backup::list(&dir).map(|files| (files, in_use))
+    })
+    .await
+    .map_err(|_| PortalError::Internal)?
+    .map_err(|e| {
+        tracing::error!(error = %e, "cannot list backups");
+        PortalError::Internal
+    })?;
+    let uploaded = state
+        .store
+        .read(|conn| settings::get(conn, UPLOADED_CERT))
+        .await?;
+    let origin = if !state.cert_source.self_signed {
+        " (named in the configuration file)"
+    } else if cert_hash.is_some() && cert_hash == uploaded {
+        " (uploaded by an admin)"
+    } else {
+        " (self-signed, made on first start)"
+    };
     let refused = error.is_some();
     let response = render_form(
         &SettingsPage {
             manage: super::can_manage(admin),
             owner: admin.role == super::auth::Role::Owner,
             page: Page::of(admin),
-            certificate: format!(
-                "{}{}",
-                state.cert_source.cert.display(),
-                if state.cert_source.self_signed {
-                    " (self-signed, made on first start)"
-                } else {
-                    ""
-                }
-            ),
+            certificate: format!("{}{origin}", state.cert_source.cert.display()),
             configured: !state.cert_source.self_signed,
             backups: files
                 .into_iter()
@@ -125,6 +141,7 @@ pub async fn certificate(
         }
     };
     let source = state.cert_source.clone();
+    let hash = sha256_hex(&cert);
     let written = web::block(move || {
         // New files beside the old ones, then renamed over them, key first; a crash in
         // between is finished at the next start (`CertSource::finish_replacement`).
@@ -150,7 +167,10 @@ pub async fn certificate(
     );
     state
         .store
-        .write(move |conn| ops::audit(conn, now, &actor, "certificate replaced", "", "", &from))
+        .write(move |conn| {
+            settings::set(conn, UPLOADED_CERT, &hash)?;
+            ops::audit(conn, now, &actor, "certificate replaced", "", "", &from)
+        })
         .await?;
     show(
         &state,

@@ -970,7 +970,12 @@ fn certificate(name: &str) -> (String, String) {
 fn the_certificate_is_replaced_only_by_a_matching_pair_and_without_restart() {
     let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
     let old = appliance_cert(&f.data);
-    let token = csrf(&browser.get("/settings").body);
+    let page = browser.get("/settings").body;
+    assert!(
+        page.contains("(self-signed, made on first start)"),
+        "{page}"
+    );
+    let token = csrf(&page);
     let (cert_a, key_a) = certificate("keygate.plant.test");
     let (_, key_b) = certificate("other.test");
     let answer = browser.upload_files(
@@ -998,7 +1003,9 @@ fn the_certificate_is_replaced_only_by_a_matching_pair_and_without_restart() {
         &[("cert", cert_a.as_bytes()), ("key", key_a.as_bytes())],
     );
     assert!(
-        answer.body.contains("The new certificate is in use"),
+        answer.body.contains("The new certificate is in use")
+            && answer.body.contains("(uploaded by an admin)")
+            && !answer.body.contains("self-signed"),
         "{}",
         answer.body
     );
