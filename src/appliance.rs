@@ -23,6 +23,12 @@ pub enum ApplianceError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "no appliance key at {path}: is this the data directory of an appliance (--data-dir, \
+         or the configuration's data_dir)? `keygate serve` makes one on first start; to move \
+         an appliance, put its appliance.key there"
+    )]
+    NoKey { path: PathBuf },
     #[error("appliance key {path} is damaged: {source}")]
     BadKey {
         path: PathBuf,
@@ -66,6 +72,16 @@ impl Appliance {
             Err(source) => return Err(ApplianceError::Io { path, source }),
         };
         Ok(Appliance::from_key(key))
+    }
+
+    /// Loads the appliance key from `data_dir`, creating nothing: for commands that only
+    /// read, or that must not give the appliance a new identity.
+    pub fn load(data_dir: &Path) -> Result<Appliance, ApplianceError> {
+        let path = data_dir.join(KEY_FILE);
+        if !path.exists() {
+            return Err(ApplianceError::NoKey { path });
+        }
+        Appliance::load_or_create(data_dir)
     }
 
     pub fn from_key(key: SigningKey) -> Appliance {

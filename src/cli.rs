@@ -321,7 +321,7 @@ pub fn run(command: Command, config: Config) -> Result<()> {
             Ok(())
         }
         Command::Restore { file } => {
-            let appliance = Appliance::load_or_create(&config.data_dir)?;
+            let appliance = Appliance::load(&config.data_dir)?;
             let aside = store::backup::restore(
                 &config.database_path(),
                 &file,
@@ -770,7 +770,7 @@ fn status(config: &Config) -> Result<()> {
             config.database_path().display()
         );
     }
-    let appliance = Appliance::load_or_create(&config.data_dir)?;
+    let appliance = Appliance::load(&config.data_dir)?;
     let conn = open_store(config)?;
     let counts = store::licenses::counts(&conn)?;
     let trusted = trusted_keys(config, &conn)?;

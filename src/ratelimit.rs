@@ -174,7 +174,8 @@ mod tests {
             "the admin's host"
         );
         assert_eq!(limits.attempt("oscar", "10.0.0.66", 2), Ok(()), "per pair");
-        limits.clear("olivia", "10.0.0.7");
+        limits.clear("olivia", "10.0.0.66");
+        assert_eq!(limits.attempt("olivia", "10.0.0.66", 3), Ok(()), "cleared");
 
         // Many names from one host: the address's limit.
         let limits = SignInLimits::default();

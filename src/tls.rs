@@ -194,6 +194,14 @@ impl CertResolver {
     pub fn replace(&self, key: CertifiedKey) {
         *self.0.write().expect("certificate lock") = Arc::new(key);
     }
+
+    /// Whether the certificate served now is self-signed (its issuer is its subject);
+    /// `None` if it cannot be parsed.
+    pub fn self_signed(&self) -> Option<bool> {
+        let key = self.0.read().expect("certificate lock").clone();
+        let cert = webpki::EndEntityCert::try_from(key.cert.first()?).ok()?;
+        Some(cert.issuer() == cert.subject())
+    }
 }
 
 impl ResolvesServerCert for CertResolver {

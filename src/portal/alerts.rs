@@ -302,10 +302,44 @@ pub async fn smtp(
             mail::send(&settings, &to, &mail::Email::test()).await
         }
         .await;
-        let not_saved = if unsaved {
-            " These settings are not saved yet: save them to use them for alerts."
-        } else {
-            ""
+        // Where the appliance was made to connect is on record, as a save would be.
+        let (actor, addr, now) = (
+            admin.name.clone(),
+            super::client_address(&req),
+            state.clock.now().unix_timestamp(),
+        );
+        let (target, detail) = (
+            format!("{}:{}", settings.host, settings.port),
+            format!(
+                "{}, {}",
+                settings.tls.as_str(),
+                match &result {
+                    Ok(_) => "accepted".to_string(),
+                    Err(e) => format!("failed: {e}"),
+                }
+            ),
+        );
+        state
+            .store
+            .write(move |conn| {
+                ops::audit(
+                    conn,
+                    now,
+                    &actor,
+                    "SMTP test email",
+                    &target,
+                    &detail,
+                    &addr,
+                )
+            })
+            .await?;
+        let not_saved = match (unsaved, dropped) {
+            (_, true) => {
+                " The stored password was not used (it is kept for the saved server only); \
+                 these settings are not saved yet."
+            }
+            (true, false) => " These settings are not saved yet: save them to use them for alerts.",
+            (false, false) => "",
         };
         return Ok(match result {
             Ok(answer) => show(

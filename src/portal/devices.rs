@@ -285,8 +285,8 @@ impl CsrfForm for UserForm {
 const REMOVE_BATCH: i64 = 500;
 
 /// `POST /devices/remove-user`: removes every device whose last user is the given one
-/// (someone who left) and no other user holds a lease on: their seats are freed and leases
-/// revoked. Shared devices are kept and counted (the admin removes them one by one).
+/// (someone who left) and no other user holds a live lease on: their seats are freed and
+/// leases revoked. Shared devices are kept and counted (the admin removes them one by one).
 pub async fn remove_user(
     state: web::Data<AppState>,
     req: actix_web::HttpRequest,
@@ -309,7 +309,7 @@ pub async fn remove_user(
         let batch = state
             .store
             .write(move |conn| {
-                let batch = devices::devices_of_user(conn, &user, after, REMOVE_BATCH)?;
+                let batch = devices::devices_of_user(conn, &user, after, REMOVE_BATCH, now)?;
                 for id in &batch.own {
                     devices::remove_device(conn, *id, now)?;
                 }

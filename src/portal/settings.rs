@@ -12,17 +12,8 @@ use super::{Page, render_form};
 use crate::appliance::write_secret_file;
 use crate::licensing::rfc3339;
 use crate::server::AppState;
-use crate::store::{backup, ops, settings};
+use crate::store::{backup, ops};
 use crate::tls;
-
-/// The SHA-256 of the last certificate an admin uploaded: the page tells it from the
-/// self-signed one (which replaces it if its files are deleted).
-const UPLOADED_CERT: &str = "tls_uploaded_sha256";
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    data_encoding::HEXLOWER.encode(&Sha256::digest(data))
-}
 
 pub struct BackupView {
     pub name: String,
@@ -54,27 +45,23 @@ async fn show(
     error: Option<String>,
 ) -> Result<HttpResponse, PortalError> {
     let dir = backups_dir(state);
-    let cert_path = state.cert_source.cert.clone();
-    let (files, cert_hash) = web::block(move || {
-        let in_use = std::fs::read(&cert_path).map(|c| sha256_hex(&c)).ok();
-        backup::list(&dir).map(|files| (files, in_use))
-    })
-    .await
-    .map_err(|_| PortalError::Internal)?
-    .map_err(|e| {
-        tracing::error!(error = %e, "cannot list backups");
-        PortalError::Internal
-    })?;
-    let uploaded = state
-        .store
-        .read(|conn| settings::get(conn, UPLOADED_CERT))
-        .await?;
-    let origin = if !state.cert_source.self_signed {
-        " (named in the configuration file)"
-    } else if cert_hash.is_some() && cert_hash == uploaded {
-        " (uploaded by an admin)"
-    } else {
-        " (self-signed, made on first start)"
+    let files = web::block(move || backup::list(&dir))
+        .await
+        .map_err(|_| PortalError::Internal)?
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot list backups");
+            PortalError::Internal
+        })?;
+    // What the certificate served now is, read from it (an upload replaces the self-signed
+    // one in the same files).
+    let origin = match (
+        state.cert_source.self_signed,
+        state.certificate.self_signed(),
+    ) {
+        (false, _) => " (named in the configuration file)",
+        (true, Some(true)) => " (self-signed)",
+        (true, Some(false)) => " (issued by a certificate authority, uploaded)",
+        (true, None) => "",
     };
     let refused = error.is_some();
     let response = render_form(
@@ -141,7 +128,6 @@ pub async fn certificate(
         }
     };
     let source = state.cert_source.clone();
-    let hash = sha256_hex(&cert);
     let written = web::block(move || {
         // New files beside the old ones, then renamed over them, key first; a crash in
         // between is finished at the next start (`CertSource::finish_replacement`).
@@ -167,10 +153,7 @@ pub async fn certificate(
     );
     state
         .store
-        .write(move |conn| {
-            settings::set(conn, UPLOADED_CERT, &hash)?;
-            ops::audit(conn, now, &actor, "certificate replaced", "", "", &from)
-        })
+        .write(move |conn| ops::audit(conn, now, &actor, "certificate replaced", "", "", &from))
         .await?;
     show(
         &state,
@@ -207,6 +190,7 @@ pub async fn backup_now(
     );
     let detail = match &result {
         Ok(detail) => detail.clone(),
+        Err(crate::jobs::JobError::Busy(_)) => "skipped: a backup was being taken".into(),
         Err(e) => format!("failed: {e}"),
     };
     state
@@ -223,6 +207,16 @@ pub async fn backup_now(
             )
             .await
         }
+        Err(crate::jobs::JobError::Busy(_)) => show(
+            &state,
+            &admin,
+            Some(
+                "A backup is being taken now (the scheduled one): it is listed below when it ends."
+                    .into(),
+            ),
+            None,
+        )
+        .await,
         Err(e) => {
             show(
                 &state,

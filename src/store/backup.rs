@@ -32,7 +32,7 @@ pub enum BackupError {
     #[error(
         "{path} belongs to another appliance: its license {license_id} is bound to \
          installation {found}, and this appliance is {ours}; to move that appliance here, put \
-         its appliance.key into the data directory first (in place of the one there)"
+         its appliance.key in place of this one's first"
     )]
     OtherAppliance {
         path: PathBuf,

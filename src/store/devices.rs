@@ -886,28 +886,31 @@ pub fn leases_of(conn: &Connection, device_id: i64) -> Result<Vec<Lease>, StoreE
 pub struct UserDevices {
     /// Devices only that user used (no lease of another user).
     pub own: Vec<i64>,
-    /// Devices another user holds a lease on too (a shared machine; a lease without a user
-    /// is the device's own).
+    /// Devices another user holds a live lease on too (a shared machine; a lease without a
+    /// user is the device's own, a released, revoked or expired one no longer counts).
     pub shared: usize,
     /// The last id looked at; `None` past the last device.
     pub last_id: Option<i64>,
 }
 
 /// Among the devices whose last user is `user`, the first `limit` after id `after` (in id
-/// order, through the `last_user` index), told apart by whether another user holds a lease
-/// on them.
+/// order, through the `last_user` index), told apart by whether another user holds a live
+/// lease on them at `now`.
 pub fn devices_of_user(
     conn: &Connection,
     user: &str,
     after: i64,
     limit: i64,
+    now: i64,
 ) -> Result<UserDevices, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT d.id, EXISTS (SELECT 1 FROM leases l WHERE l.device_id = d.id AND l.user NOT IN (?1, ''))
+        "SELECT d.id, EXISTS (SELECT 1 FROM leases l WHERE l.device_id = d.id
+             AND l.user NOT IN (?1, '') AND l.released = 0 AND l.revoked = 0
+             AND l.expires_at > ?4)
          FROM devices d WHERE d.last_user = ?1 AND d.id > ?2 ORDER BY d.id LIMIT ?3",
     )?;
     let rows = stmt
-        .query_map(params![user, after, limit], |r| {
+        .query_map(params![user, after, limit, now], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?))
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -960,16 +963,25 @@ mod tests {
             .map(|n| insert_device(&conn, &format!("dev-{n}"), "", "leaver", n).unwrap())
             .collect();
         insert_device(&conn, "dev-6", "", "stayer", 6).unwrap();
-        // dev-2 is shared with "stayer"; dev-3 also runs software without a user.
-        for (lease, device, user) in [("a", 1, "stayer"), ("b", 2, ""), ("c", 2, "leaver")] {
+        // dev-2 is shared with "stayer"; dev-3 also runs software without a user; "stayer"
+        // no longer uses dev-4 (revoked), dev-5 (released) nor dev-1 (expired).
+        for (lease, device, user, released, revoked, expires) in [
+            ("a", 1, "stayer", 0, 0, 100),
+            ("b", 2, "", 0, 0, 100),
+            ("c", 2, "leaver", 0, 0, 100),
+            ("d", 3, "stayer", 0, 1, 100),
+            ("e", 4, "stayer", 1, 0, 100),
+            ("f", 0, "stayer", 0, 0, 10),
+        ] {
             conn.execute(
-                "INSERT INTO leases (lease_id, device_id, product, user, nonce, issued_at, expires_at)
-                 VALUES (?1, ?2, 'p', ?3, 'n', 0, 1)",
-                params![lease, ids[device], user],
+                "INSERT INTO leases (lease_id, device_id, product, user, nonce, issued_at,
+                     expires_at, released, revoked)
+                 VALUES (?1, ?2, ?3, ?4, 'n', 0, ?5, ?6, ?7)",
+                params![lease, ids[device], lease, user, expires, released, revoked],
             )
             .unwrap();
         }
-        let first = devices_of_user(&conn, "leaver", 0, 3).unwrap();
+        let first = devices_of_user(&conn, "leaver", 0, 3, 50).unwrap();
         assert_eq!(
             first,
             UserDevices {
@@ -978,7 +990,7 @@ mod tests {
                 last_id: Some(ids[2]),
             }
         );
-        let second = devices_of_user(&conn, "leaver", ids[2], 3).unwrap();
+        let second = devices_of_user(&conn, "leaver", ids[2], 3, 50).unwrap();
         assert_eq!(
             second,
             UserDevices {

@@ -356,6 +356,14 @@ fn a_backup_under_write_load_restores_every_acknowledged_report() {
     let (_dir, data) = f.stop();
     // Another appliance refuses it: the backup's licenses are bound to this one's key.
     let other = tempfile::tempdir().unwrap();
+    let request = other.path().join("request.txt");
+    assert!(
+        keygate(
+            other.path(),
+            &["activation-request", "--out", request.to_str().unwrap()]
+        )
+        .ok
+    );
     assert!(keygate(other.path(), &["backup"]).ok);
     let before = db_digest(&other.path().join("keygate.db"));
     let run = keygate(other.path(), &["restore", &backup_file]);
@@ -368,6 +376,15 @@ fn a_backup_under_write_load_restores_every_acknowledged_report() {
         run.stderr
     );
     assert_eq!(db_digest(&other.path().join("keygate.db")), before);
+    // A directory that is no appliance's (a typo) is told so, and nothing is made there.
+    let typo = other.path().join("typo");
+    let run = keygate(&typo, &["restore", &backup_file]);
+    assert!(
+        !run.ok && run.stderr.contains("no appliance key at"),
+        "{}",
+        run.stderr
+    );
+    assert!(!typo.exists());
     let run = keygate(&data, &["restore", &backup_file]);
     assert!(run.ok, "{}", run.stderr);
     assert!(

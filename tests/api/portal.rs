@@ -692,6 +692,15 @@ fn alert_settings_are_checked_and_a_test_email_reports_the_server_answer() {
             .is_none()
     );
     assert_eq!(
+        f.audited("SMTP test email"),
+        [(
+            "SMTP test email".to_string(),
+            format!("127.0.0.1:{port}"),
+            "none, accepted".to_string()
+        )],
+        "where the appliance was made to connect is on record"
+    );
+    assert_eq!(
         sink.wait_for(1, std::time::Duration::from_secs(10)).len(),
         1
     );
@@ -971,10 +980,7 @@ fn the_certificate_is_replaced_only_by_a_matching_pair_and_without_restart() {
     let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
     let old = appliance_cert(&f.data);
     let page = browser.get("/settings").body;
-    assert!(
-        page.contains("(self-signed, made on first start)"),
-        "{page}"
-    );
+    assert!(page.contains("cert.pem (self-signed)"), "{page}");
     let token = csrf(&page);
     let (cert_a, key_a) = certificate("keygate.plant.test");
     let (_, key_b) = certificate("other.test");
@@ -1003,9 +1009,7 @@ fn the_certificate_is_replaced_only_by_a_matching_pair_and_without_restart() {
         &[("cert", cert_a.as_bytes()), ("key", key_a.as_bytes())],
     );
     assert!(
-        answer.body.contains("The new certificate is in use")
-            && answer.body.contains("(uploaded by an admin)")
-            && !answer.body.contains("self-signed"),
+        answer.body.contains("The new certificate is in use"),
         "{}",
         answer.body
     );
@@ -1025,6 +1029,36 @@ fn the_certificate_is_replaced_only_by_a_matching_pair_and_without_restart() {
         appliance_cert(&f.data),
         cert_a.as_bytes(),
         "and kept for the next start"
+    );
+
+    // One from the company's CA: the page no longer calls the certificate self-signed.
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name = rcgen::DistinguishedName::new();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "Plant Root CA");
+    let ca = rcgen::Issuer::new(ca, rcgen::KeyPair::generate().unwrap());
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["keygate.plant.test".to_string()]).unwrap();
+    leaf.distinguished_name = rcgen::DistinguishedName::new();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "keygate.plant.test");
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let answer = browser.upload_files(
+        "/settings/certificate",
+        &token,
+        &[
+            ("cert", cert.pem().as_bytes()),
+            ("key", key.serialize_pem().as_bytes()),
+        ],
+    );
+    assert!(
+        answer
+            .body
+            .contains("cert.pem (issued by a certificate authority, uploaded)")
+            && !answer.body.contains("self-signed"),
+        "{}",
+        answer.body
     );
 }
 
