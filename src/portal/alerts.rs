@@ -290,12 +290,8 @@ pub async fn smtp(
     if form.action == "test" {
         // The settings as typed, saved or not: an admin tries them before saving them.
         let unsaved = stored_smtp.as_ref() != Some(&settings);
-        let recipients = state
-            .store
-            .read(|conn| settings::get(conn, mail::RECIPIENTS))
-            .await?;
         let result = async {
-            let to = mail::parse_recipients(&recipients.unwrap_or_default())?;
+            let to = mail::parse_recipients(&stored_form.recipients)?;
             if to.is_empty() {
                 return Err(mail::MailError::BadAddress("(no recipients set)".into()));
             }
@@ -303,36 +299,19 @@ pub async fn smtp(
         }
         .await;
         // Where the appliance was made to connect is on record, as a save would be.
-        let (actor, addr, now) = (
-            admin.name.clone(),
-            super::client_address(&req),
-            state.clock.now().unix_timestamp(),
-        );
-        let (target, detail) = (
+        let outcome = match &result {
+            Ok(_) => "accepted".to_string(),
+            Err(e) => format!("failed: {e}"),
+        };
+        super::audit_alone(
+            &state,
+            &admin.name,
+            &req,
+            "SMTP test email",
             format!("{}:{}", settings.host, settings.port),
-            format!(
-                "{}, {}",
-                settings.tls.as_str(),
-                match &result {
-                    Ok(_) => "accepted".to_string(),
-                    Err(e) => format!("failed: {e}"),
-                }
-            ),
-        );
-        state
-            .store
-            .write(move |conn| {
-                ops::audit(
-                    conn,
-                    now,
-                    &actor,
-                    "SMTP test email",
-                    &target,
-                    &detail,
-                    &addr,
-                )
-            })
-            .await?;
+            format!("{}, {outcome}", settings.tls.as_str()),
+        )
+        .await?;
         let not_saved = match (unsaved, dropped) {
             (_, true) => {
                 " The stored password was not used (it is kept for the saved server only); \

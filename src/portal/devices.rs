@@ -298,12 +298,13 @@ pub async fn remove_user(
             "name the user whose devices to remove".into(),
         ));
     }
+    let from = super::client_address(&req);
     let (mut removed, mut shared, mut after) = (0, 0, 0);
     loop {
         let (actor, now, from, user) = (
             admin.name.clone(),
             state.clock.now().unix_timestamp(),
-            super::client_address(&req),
+            from.clone(),
             user.clone(),
         );
         let batch = state

@@ -202,6 +202,28 @@ pub fn client_address(req: &HttpRequest) -> String {
         .unwrap_or_default()
 }
 
+/// Records an admin action that writes nothing else to the database (a backup, a file, a
+/// test email) in a transaction of its own.
+pub async fn audit_alone(
+    state: &AppState,
+    actor: &str,
+    req: &HttpRequest,
+    action: &'static str,
+    target: String,
+    detail: String,
+) -> Result<(), PortalError> {
+    let (actor, from, now) = (
+        actor.to_string(),
+        client_address(req),
+        state.clock.now().unix_timestamp(),
+    );
+    state
+        .store
+        .write(move |conn| ops::audit(conn, now, &actor, action, &target, &detail, &from))
+        .await?;
+    Ok(())
+}
+
 /// The login and setup forms have no session yet: their CSRF token is a cookie of its own
 /// that the form must repeat (double submit).
 /// `__Host-` like the session cookie: a related host cannot plant a form token (login CSRF).
@@ -291,21 +313,15 @@ async fn login(
     let client = crate::ratelimit::request_key(&req);
     if let Err(first) = state.sign_in_limits.attempt(&form.name, &client, now) {
         if first {
-            let (actor, from) = (form.name.clone(), address.clone());
-            let _ = state
-                .store
-                .write(move |conn| {
-                    ops::audit(
-                        conn,
-                        now,
-                        &actor,
-                        "sign-in refused (rate limited)",
-                        "",
-                        "",
-                        &from,
-                    )
-                })
-                .await;
+            let _ = audit_alone(
+                &state,
+                &form.name,
+                &req,
+                "sign-in refused (rate limited)",
+                String::new(),
+                String::new(),
+            )
+            .await;
         }
         return again("Too many failed sign-ins; wait a minute and try again.");
     }
@@ -333,17 +349,22 @@ async fn login(
         })
         .await
         .unwrap_or(false);
-    let (actor, detail) = (form.name.clone(), address.clone());
-    let audit = |action: &'static str| {
-        let (actor, detail) = (actor.clone(), detail.clone());
-        move |conn: &rusqlite::Connection| ops::audit(conn, now, &actor, action, "", "", &detail)
+    let audit = |action| {
+        audit_alone(
+            &state,
+            &form.name,
+            &req,
+            action,
+            String::new(),
+            String::new(),
+        )
     };
     let Some(admin) = admin.filter(|_| verified) else {
-        let _ = state.store.write(audit("sign-in failed")).await;
+        let _ = audit("sign-in failed").await;
         return again("Wrong name or password.");
     };
     state.sign_in_limits.clear(&form.name, &client);
-    let _ = state.store.write(audit("signed in")).await;
+    let _ = audit("signed in").await;
     match auth::sign_in(&state, admin.id, address).await {
         Ok(cookie) => HttpResponse::SeeOther()
             .insert_header((header::LOCATION, "/"))

@@ -12,7 +12,7 @@ use super::{Page, render_form};
 use crate::appliance::write_secret_file;
 use crate::licensing::rfc3339;
 use crate::server::AppState;
-use crate::store::{backup, ops};
+use crate::store::backup;
 use crate::tls;
 
 pub struct BackupView {
@@ -146,15 +146,15 @@ pub async fn certificate(
         return Err(PortalError::Internal);
     }
     state.certificate.replace(certified);
-    let (actor, from, now) = (
-        admin.name.clone(),
-        super::client_address(&req),
-        state.clock.now().unix_timestamp(),
-    );
-    state
-        .store
-        .write(move |conn| ops::audit(conn, now, &actor, "certificate replaced", "", "", &from))
-        .await?;
+    super::audit_alone(
+        &state,
+        &admin.name,
+        &req,
+        "certificate replaced",
+        String::new(),
+        String::new(),
+    )
+    .await?;
     show(
         &state,
         &admin,
@@ -182,51 +182,36 @@ pub async fn backup_now(
     req: HttpRequest,
     Post(admin, _): Post<ManagerRole, CsrfField>,
 ) -> Result<HttpResponse, PortalError> {
-    let result = crate::jobs::run(&state, "backup").await;
-    let (actor, from, now) = (
-        admin.name.clone(),
-        super::client_address(&req),
-        state.clock.now().unix_timestamp(),
-    );
-    let detail = match &result {
-        Ok(detail) => detail.clone(),
-        Err(crate::jobs::JobError::Busy(_)) => "skipped: a backup was being taken".into(),
-        Err(e) => format!("failed: {e}"),
-    };
-    state
-        .store
-        .write(move |conn| ops::audit(conn, now, &actor, "backup taken", "", &detail, &from))
-        .await?;
-    match result {
-        Ok(detail) => {
-            show(
-                &state,
-                &admin,
-                Some(format!("Backup taken: {detail}")),
-                None,
-            )
-            .await
-        }
-        Err(crate::jobs::JobError::Busy(_)) => show(
-            &state,
-            &admin,
+    let (detail, notice, error) = match crate::jobs::run(&state, "backup").await {
+        Ok(detail) => (
+            detail.clone(),
+            Some(format!("Backup taken: {detail}")),
+            None,
+        ),
+        Err(crate::jobs::JobError::Busy(_)) => (
+            "skipped: a backup was being taken".into(),
             Some(
                 "A backup is being taken now (the scheduled one): it is listed below when it ends."
                     .into(),
             ),
             None,
-        )
-        .await,
-        Err(e) => {
-            show(
-                &state,
-                &admin,
-                None,
-                Some(format!("The backup failed: {e}")),
-            )
-            .await
-        }
-    }
+        ),
+        Err(e) => (
+            format!("failed: {e}"),
+            None,
+            Some(format!("The backup failed: {e}")),
+        ),
+    };
+    super::audit_alone(
+        &state,
+        &admin.name,
+        &req,
+        "backup taken",
+        String::new(),
+        detail,
+    )
+    .await?;
+    show(&state, &admin, notice, error).await
 }
 
 /// `GET /settings/backups/{name}`: an owner downloads a backup.
@@ -257,16 +242,15 @@ pub async fn download(
             "No such backup.",
         ));
     };
-    let (actor, from, now, target) = (
-        admin.name.clone(),
-        super::client_address(&req),
-        state.clock.now().unix_timestamp(),
+    super::audit_alone(
+        &state,
+        &admin.name,
+        &req,
+        "backup downloaded",
         name.clone(),
-    );
-    state
-        .store
-        .write(move |conn| ops::audit(conn, now, &actor, "backup downloaded", &target, "", &from))
-        .await?;
+        String::new(),
+    )
+    .await?;
     Ok(HttpResponse::Ok()
         .content_type("application/vnd.sqlite3")
         .insert_header((
