@@ -746,7 +746,7 @@ fn reset_clock(config: &Config, clock: &dyn Clock) -> Result<()> {
     let _lock = store::backup::lock_file(&config.data_dir, std::time::Duration::ZERO)?;
     let conn = open_store(config)?;
     let now = clock.now().unix_timestamp();
-    let newest = crate::jobs::newest_time(&conn)?;
+    let newest = crate::store::ops::newest_time(&conn)?;
     if now >= newest {
         println!("the clock is not behind the newest time used; nothing changed");
         return Ok(());
@@ -799,7 +799,7 @@ fn status(config: &Config) -> Result<()> {
     let time = |t: i64| rfc3339(from_unix(t));
     let (now, newest) = (
         SystemClock.now().unix_timestamp(),
-        crate::jobs::newest_time(&conn)?,
+        crate::store::ops::newest_time(&conn)?,
     );
     match crate::clock::judge(now, newest) {
         Err(behind) => println!(

@@ -126,19 +126,6 @@ pub fn overdue(
     Ok(due)
 }
 
-/// The newest time this appliance used, as saved by the last job run or shutdown (before a
-/// release that saved it: its newest job run).
-pub fn newest_time(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
-    match settings::get(conn, NEWEST_TIME)?.and_then(|t| t.parse::<i64>().ok()) {
-        Some(saved) => Ok(saved),
-        None => Ok(conn
-            .query_row("SELECT max(started_at) FROM job_runs", [], |r| {
-                r.get::<_, Option<i64>>(0)
-            })?
-            .unwrap_or(i64::MIN)),
-    }
-}
-
 /// Saves the newest time used, for the next start to check the clock against.
 pub async fn save_newest_time(state: &AppState) -> Result<(), StoreError> {
     let newest = state.watermark.newest().to_string();

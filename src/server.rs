@@ -94,7 +94,7 @@ impl AppState {
         let now = clock.now();
         let conn = crate::store::open(&config.database_path())?;
         crate::jobs::remember_first_start(&conn, now.unix_timestamp())?;
-        let watermark = crate::clock::Watermark::new(crate::jobs::newest_time(&conn)?);
+        let watermark = crate::clock::Watermark::new(crate::store::ops::newest_time(&conn)?);
         drop(conn);
         // A clock set back while the appliance was off is told at once (and emailed).
         let _ = watermark.check(now.unix_timestamp());

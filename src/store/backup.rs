@@ -373,6 +373,15 @@ pub fn restore(
     // (the old one or the restored one) at `db`, never none.
     let tmp = db.with_file_name("keygate.db.restoring");
     std::fs::copy(backup, &tmp).map_err(io(&tmp))?;
+    // The newest time the appliance has used stays: the backup's older one would let a
+    // clock set back in between go unnoticed (`clock::Watermark`).
+    if let Some(newest) = newest_time_of(db) {
+        let conn = Connection::open(&tmp)?;
+        if crate::store::ops::newest_time(&conn)? < newest {
+            super::settings::set(&conn, crate::clock::NEWEST_TIME, &newest.to_string())?;
+        }
+        conn.close().map_err(|(_, e)| e)?;
+    }
     owner_only(&tmp)?;
     // Run as root, the restored file must still be the service's to open.
     same_owner(&tmp, if db.exists() { db } else { data_dir })?;
@@ -396,6 +405,15 @@ pub fn restore(
     std::fs::rename(&tmp, db).map_err(io(db))?;
     sync_dir(data_dir)?;
     Ok(aside)
+}
+
+/// The newest time the database at `db` says its appliance used, if it can be read (a
+/// database too damaged to open has none).
+fn newest_time_of(db: &Path) -> Option<i64> {
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    crate::store::ops::newest_time(&conn)
+        .ok()
+        .filter(|t| *t != i64::MIN)
 }
 
 /// Refuses a database whose licenses are bound to another appliance key: restored, every
@@ -564,6 +582,32 @@ mod tests {
             std::fs::read(side_file(&aside, "-wal")).unwrap(),
             b"and a WAL of garbage"
         );
+    }
+
+    #[test]
+    fn restore_keeps_the_newest_time_the_appliance_has_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keygate.db");
+        let newest = |conn: &Connection| crate::store::ops::newest_time(conn).unwrap();
+        let set = |t: i64| {
+            let conn = super::super::open(&db).unwrap();
+            super::super::settings::set(&conn, crate::clock::NEWEST_TIME, &t.to_string()).unwrap();
+        };
+        let now = datetime!(2026-06-30 12:00 UTC);
+        set(1_000);
+        let older = take(&db, &dir.path().join("backups"), now).unwrap();
+        set(5_000);
+        let newer = take(&dir.path().join("keygate.db"), &dir.path().join("b2"), now).unwrap();
+
+        // An older backup: the live database's newer time stays.
+        restore(&db, &older.path, "ours", now).unwrap();
+        let conn = Connection::open(&db).unwrap();
+        assert_eq!(newest(&conn), 5_000);
+        drop(conn);
+        // A backup newer than the live database keeps its own.
+        set(3_000);
+        restore(&db, &newer.path, "ours", now + Duration::from_secs(1)).unwrap();
+        assert_eq!(newest(&Connection::open(&db).unwrap()), 5_000);
     }
 
     #[test]

@@ -4,6 +4,20 @@ use rusqlite::{Connection, params};
 
 use super::StoreError;
 
+/// The newest time this appliance used, as saved by the last job run or shutdown (before a
+/// release that saved it: its newest job run).
+pub fn newest_time(conn: &Connection) -> Result<i64, StoreError> {
+    match super::settings::get(conn, crate::clock::NEWEST_TIME)?.and_then(|t| t.parse::<i64>().ok())
+    {
+        Some(saved) => Ok(saved),
+        None => Ok(conn
+            .query_row("SELECT max(started_at) FROM job_runs", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })?
+            .unwrap_or(i64::MIN)),
+    }
+}
+
 /// Job runs kept per job.
 const RUNS_KEPT: i64 = 100;
 
