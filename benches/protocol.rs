@@ -425,11 +425,9 @@ fn main() {
     );
     rows.push(phase.row());
 
-    // Devices call every 3 minutes and a lease's record (its last renewal, signed) answers
-    // its calls for 15 minutes (`RECORD_EVERY_S`): in steady state one call in five gets a
-    // new authorization, signed and written to the lease. A device's first call after
-    // authorizing always does (its own phase below); after it the records are seconds old,
-    // so before each later usage phase one lease in five is made 15 minutes old.
+    // Devices call every 3 minutes and a usage call rewrites its lease's record every 15
+    // (`RECORD_EVERY_S`): in steady state one call in five writes the lease. The records are
+    // seconds old here, so before each usage phase one lease in five is made 15 minutes old.
     let db = data.join("keygate.db");
     let age_leases = || {
         let conn = rusqlite::Connection::open(&db).unwrap();
@@ -449,16 +447,6 @@ fn main() {
             .collect(),
     );
     let heartbeats = shuffled(&heartbeats);
-    let (mut phase, _) = run(
-        "usage (first heartbeat after authorizing)",
-        pid,
-        &runtime,
-        &connect,
-        &url("usage"),
-        &heartbeats,
-        None,
-    );
-    rows.push(phase.row());
     age_leases();
     let (mut phase, _) = run(
         "usage (heartbeat)",

@@ -4,13 +4,11 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ed25519_dalek::Signer;
 use keygate_sdk::jws::{self, Typ};
 use keygate_sdk::keys;
-use keygate_sdk::wire::{ActivationRequest, Authorization, FORMAT_VERSION};
+use keygate_sdk::wire::{ActivationRequest, FORMAT_VERSION};
 use keygate_sdk::{SigningKey, VerifyingKey};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +42,7 @@ pub struct Appliance {
     public: VerifyingKey,
     installation_id: String,
     public_b64: String,
-    kid: String,
 }
-
-/// A renewal's signature as kept with its lease: the first 16 bytes of the SHA-256 of the
-/// input it signed, then the Ed25519 signature.
-pub type KeptSignature = [u8; 80];
 
 impl std::fmt::Debug for Appliance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -96,7 +89,6 @@ impl Appliance {
         Appliance {
             installation_id: keys::installation_id(&public),
             public_b64: keys::public_key_b64(&public),
-            kid: keys::kid(&public),
             key,
             public,
         }
@@ -117,28 +109,6 @@ impl Appliance {
 
     pub fn sign<T: Serialize>(&self, typ: Typ, payload: &T) -> String {
         jws::sign(typ, payload, &self.key)
-    }
-
-    /// Signs an authorization, and returns with it the signature to keep for answering the
-    /// same authorization again ([`Appliance::signed_before`]).
-    pub fn sign_to_keep(&self, auth: &Authorization) -> (String, KeptSignature) {
-        let input = jws::signing_input(Typ::Authorization, auth, &self.kid);
-        let signature = self.key.sign(input.as_bytes()).to_bytes();
-        let mut kept = [0; 80];
-        kept[..16].copy_from_slice(&Sha256::digest(input.as_bytes())[..16]);
-        kept[16..].copy_from_slice(&signature);
-        (jws::with_signature(input, &signature), kept)
-    }
-
-    /// `auth` with a signature kept by [`Appliance::sign_to_keep`], if that signature was
-    /// made for exactly this authorization: an Ed25519 signature costs about 20 µs, far more
-    /// than the serialization and hash that check it.
-    pub fn signed_before(&self, auth: &Authorization, kept: &[u8]) -> Option<String> {
-        let (digest, signature) = kept.split_at_checked(16)?;
-        let signature: &[u8; 64] = signature.try_into().ok()?;
-        let input = jws::signing_input(Typ::Authorization, auth, &self.kid);
-        (Sha256::digest(input.as_bytes())[..16] == *digest)
-            .then(|| jws::with_signature(input, signature))
     }
 
     /// The activation request IT carries to the vendor: self-signed by the appliance key.

@@ -1571,12 +1571,7 @@ impl Client {
         {
             return Ok(None);
         }
-        // The appliance answers with a lease's last renewal for up to 15 minutes: the same
-        // authorization again changes nothing (storing it would restart the contact mark
-        // from its older time of issue).
-        if self.state.authorization.as_deref() != Some(renewal.as_str()) {
-            self.store_authorization(renewal, None, &grant);
-        }
+        self.store_authorization(renewal, None, &grant);
         Ok(Some(grant))
     }
 
@@ -2410,42 +2405,6 @@ mod tests {
         assert_eq!(client.status().lease_id.as_deref(), Some("lease-1"));
         let renewed = client.accept_renewal(own, now).unwrap().unwrap();
         assert_eq!(renewed.authorization.lease_id, "lease-1");
-    }
-
-    /// The appliance answers a lease's calls with its last renewal for up to 15 minutes: the
-    /// same authorization again leaves the contact mark where the first one set it, rather
-    /// than carry the clock floor back to its older time of issue.
-    #[test]
-    fn the_same_renewal_again_keeps_the_contact_mark() {
-        let dir = TempDir::new();
-        let chain = Chain::new();
-        store_authorization(dir.path(), &chain);
-        let wall = TestClock::new(T0 + time::Duration::minutes(3));
-        let started = Instant::now();
-        let elapsed = Arc::new(Mutex::new(Duration::ZERO));
-        let mut config = config(dir.path(), &chain, &wall);
-        let (wall_now, since) = (wall.clock(), elapsed.clone());
-        config.clock = Clock::from_fns(
-            move || wall_now.now(),
-            move || started + *since.lock().unwrap(),
-        );
-        let mut client = Client::new(config).unwrap();
-        let mut chain = chain;
-        chain.authorization.issued_at = T0 + time::Duration::minutes(3);
-        let renewal = chain.authorization_jws();
-        client
-            .accept_renewal(renewal.clone(), wall.clock().now())
-            .unwrap();
-        let mark = client.contact_mark;
-        assert_eq!(
-            mark.map(|(_, time)| time),
-            Some(T0 + time::Duration::minutes(3))
-        );
-        *elapsed.lock().unwrap() = Duration::from_secs(180);
-        wall.set(T0 + time::Duration::minutes(6));
-        let again = client.accept_renewal(renewal, wall.clock().now()).unwrap();
-        assert!(again.is_some(), "the authorization still holds");
-        assert_eq!(client.contact_mark, mark);
     }
 
     // --- usage offline ----------------------------------------------------------------------

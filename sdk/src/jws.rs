@@ -65,43 +65,25 @@ pub enum JwsError {
 
 /// Signs `payload` under `header` and returns the compact serialization.
 pub fn sign_raw(header: &Header, payload: &[u8], key: &SigningKey) -> String {
-    let input = raw_signing_input(header, payload);
-    let signature = key.sign(input.as_bytes());
-    with_signature(input, &signature.to_bytes())
-}
-
-fn raw_signing_input(header: &Header, payload: &[u8]) -> String {
     let header = serde_json::to_vec(header).expect("a header always serializes");
     let mut out = BASE64URL_NOPAD.encode(&header);
     out.push('.');
     BASE64URL_NOPAD.encode_append(payload, &mut out);
+    let signature = key.sign(out.as_bytes());
+    out.push('.');
+    BASE64URL_NOPAD.encode_append(&signature.to_bytes(), &mut out);
     out
-}
-
-/// What a keygate document signed by the key `kid` names signs: its header
-/// `{alg: EdDSA, typ, kid}` and payload, base64url, joined by a dot.
-pub fn signing_input<T: Serialize>(typ: Typ, payload: &T, kid: &str) -> String {
-    let header = Header {
-        alg: "EdDSA".into(),
-        typ: Some(typ.as_str().into()),
-        kid: Some(kid.into()),
-    };
-    let payload = serde_json::to_vec(payload).expect("a payload always serializes");
-    raw_signing_input(&header, &payload)
-}
-
-/// The compact serialization of a signing input and its signature.
-pub fn with_signature(mut input: String, signature: &[u8; 64]) -> String {
-    input.push('.');
-    BASE64URL_NOPAD.encode_append(signature, &mut input);
-    input
 }
 
 /// Signs a keygate document: header `{alg: EdDSA, typ, kid}` with the signer's `kid`.
 pub fn sign<T: Serialize>(typ: Typ, payload: &T, key: &SigningKey) -> String {
-    let input = signing_input(typ, payload, &keys::kid(&key.verifying_key()));
-    let signature = key.sign(input.as_bytes());
-    with_signature(input, &signature.to_bytes())
+    let header = Header {
+        alg: "EdDSA".into(),
+        typ: Some(typ.as_str().into()),
+        kid: Some(keys::kid(&key.verifying_key())),
+    };
+    let payload = serde_json::to_vec(payload).expect("a payload always serializes");
+    sign_raw(&header, &payload, key)
 }
 
 /// A decoded, not yet verified, compact JWS.

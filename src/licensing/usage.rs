@@ -24,41 +24,7 @@ pub struct Recorded {
     pub duplicates: u64,
     pub acked_seq: u64,
     /// The renewed authorization, or why it was refused.
-    pub renewal: Result<Renewal, ApiError>,
-}
-
-/// A renewal as the writer decided it, signed on an HTTP worker (`protocol::sign_renewal`).
-#[derive(Debug)]
-pub struct Renewal {
-    /// The authorization, issued now.
-    pub authorization: Authorization,
-    /// The lease's record, when the renewal may answer with it instead: the record is
-    /// recent ([`devices::record_due`]) and keeps the signature it was answered with. The
-    /// record's authorization is the new one issued at the record's time with the record's
-    /// expiry; its signature answers it if nothing else changed since (state, items, nonce).
-    pub record: Option<Record>,
-}
-
-#[derive(Debug)]
-pub struct Record {
-    pub issued_at: i64,
-    pub expires_at: i64,
-    pub kept: [u8; 80],
-}
-
-/// The record of `lease` if a renewal at `now` to `expires_at` may answer with it.
-fn answering_record(
-    lease: &Lease,
-    kept: Option<[u8; 80]>,
-    now: i64,
-    expires_at: i64,
-) -> Option<Record> {
-    kept.filter(|_| !devices::record_due(lease, now, expires_at))
-        .map(|kept| Record {
-            issued_at: lease.issued_at,
-            expires_at: lease.expires_at,
-            kept,
-        })
+    pub renewal: Result<Authorization, ApiError>,
 }
 
 fn lease_not_found() -> ApiError {
@@ -92,7 +58,6 @@ pub fn record(
         device,
         used,
         stream,
-        kept,
     } = devices::lease_context(conn, &req.lease_id, &req.stream)?.ok_or_else(lease_not_found)?;
     if device.uuid != req.device_uuid {
         return Err(lease_not_found());
@@ -173,17 +138,10 @@ pub fn record(
     let renews_lease = item.is_some();
     let renewal = match (clock, item) {
         (Err(behind), _) => Err(behind),
-        (Ok(()), Some(item)) => renew(
-            conn,
-            catalogue,
-            &lease,
-            kept,
-            &device,
-            item,
-            now,
-            installation_id,
-        )?,
-        (Ok(()), None) => renew_trial(&lease, kept, &device, now, installation_id),
+        (Ok(()), Some(item)) => {
+            renew(conn, catalogue, &lease, &device, item, now, installation_id)?
+        }
+        (Ok(()), None) => renew_trial(&lease, &device, now, installation_id),
     };
     // A renewal records its time on the lease, which counts as the device's last-seen time;
     // otherwise it goes on the device, as stale as the lease's record may be.
@@ -237,11 +195,10 @@ fn reported_items<'c>(
 /// The public trial keeps its 7 days: re-signed, never extended.
 fn renew_trial(
     lease: &Lease,
-    kept: Option<[u8; 80]>,
     device: &Device,
     now: i64,
     installation_id: &str,
-) -> Result<Renewal, ApiError> {
+) -> Result<Authorization, ApiError> {
     if let Some(refused) = lease_refusal(lease, device) {
         return Err(refused);
     }
@@ -251,18 +208,15 @@ fn renew_trial(
             "the trial has ended",
         ));
     }
-    Ok(Renewal {
-        authorization: authorization_for(
-            lease,
-            &device.uuid,
-            Default::default(),
-            installation_id,
-            now,
-            vec![],
-            AuthorizationState::Ok,
-        ),
-        record: answering_record(lease, kept, now, lease.expires_at),
-    })
+    Ok(authorization_for(
+        lease,
+        &device.uuid,
+        Default::default(),
+        installation_id,
+        now,
+        vec![],
+        AuthorizationState::Ok,
+    ))
 }
 
 /// Why a lease cannot be renewed whatever its item says.
@@ -290,17 +244,15 @@ fn lease_refusal(lease: &Lease, device: &Device) -> Option<ApiError> {
 /// Marks the device active in its item (the call proves it runs), then renews the lease's
 /// authorization if it is still valid. The outer error is a storage failure; the inner one
 /// is why the renewal was refused.
-#[allow(clippy::too_many_arguments)]
 fn renew(
     conn: &Connection,
     catalogue: &Catalogue,
     lease: &Lease,
-    kept: Option<[u8; 80]>,
     device: &Device,
     item: ItemRow,
     now: i64,
     installation_id: &str,
-) -> Result<Result<Renewal, ApiError>, ApiError> {
+) -> Result<Result<Authorization, ApiError>, ApiError> {
     if let Some(refused) = lease_refusal(lease, device) {
         // No renewal, but the call still proves the device runs: mark its seat active.
         let model = item.terms.model;
@@ -393,11 +345,11 @@ fn renew(
         }
     };
     let expires_at = expiry(&item, now);
-    // The lease's term is recorded once the renewal is signed (`devices::record_renewal`);
-    // a move to another item is recorded now.
-    let moved = own_id != item.item_id;
-    if moved {
-        devices::move_lease(conn, &lease.lease_id, &item.item_id, now, expires_at)?;
+    let moved = (own_id != item.item_id).then_some(&*item.item_id);
+    if moved.is_some() || devices::record_due(lease, now, expires_at) {
+        devices::renew_lease(conn, &lease.lease_id, moved, now, expires_at)?;
+    }
+    if moved.is_some() {
         leave_seat(conn, lease, &own_id, own_model, now)?;
     }
     let handshake = lease
@@ -411,18 +363,15 @@ fn renew(
         expires_at,
         ..lease.clone()
     };
-    Ok(Ok(Renewal {
-        authorization: authorization_for(
-            &renewed,
-            &device.uuid,
-            handshake,
-            installation_id,
-            now,
-            vec![granted(&item)],
-            models::state(&item.terms, &used),
-        ),
-        record: answering_record(lease, kept.filter(|_| !moved), now, expires_at),
-    }))
+    Ok(Ok(authorization_for(
+        &renewed,
+        &device.uuid,
+        handshake,
+        installation_id,
+        now,
+        vec![granted(&item)],
+        models::state(&item.terms, &used),
+    )))
 }
 
 /// `release`: ends the lease (it counts as expired from now on, so it is among the first a

@@ -17,10 +17,9 @@ use crate::error::ApiError;
 use crate::licensing::authorize::{self, AuthorizeError};
 use crate::licensing::handshake::verify_password;
 use crate::licensing::types::{self, Authorize, Usage};
-use crate::licensing::{from_unix, usage};
+use crate::licensing::usage;
 use crate::metrics::Endpoint;
 use crate::server::AppState;
-use crate::store::devices;
 
 /// Every route of the client protocol: (method, path). The OpenAPI document is checked
 /// against this list.
@@ -267,7 +266,7 @@ async fn usage(
         recorded.renewal.is_err(),
     );
     let (authorization, renewal_error) = match recorded.renewal {
-        Ok(renewal) => (Some(sign_renewal(&state, renewal)), None),
+        Ok(auth) => (Some(state.appliance.sign(Typ::Authorization, &auth)), None),
         Err(e) => (
             None,
             Some(keygate_sdk::wire::ErrorDetail {
@@ -283,37 +282,6 @@ async fn usage(
         authorization,
         renewal_error,
     }))
-}
-
-/// Answers a renewal with its lease's record when that is recent and its kept signature
-/// matches (nothing but the time changed since); otherwise signs the authorization issued
-/// now and records it, with its signature, in the writer's next batch. The answer does not
-/// wait for that record: a record lost in a crash leaves the previous one, older, and the
-/// next call makes it again.
-fn sign_renewal(state: &AppState, renewal: usage::Renewal) -> String {
-    let usage::Renewal {
-        mut authorization,
-        record,
-    } = renewal;
-    if let Some(record) = record {
-        let fresh = (authorization.issued_at, authorization.expires_at);
-        authorization.issued_at = from_unix(record.issued_at);
-        authorization.expires_at = from_unix(record.expires_at);
-        if let Some(answer) = state.appliance.signed_before(&authorization, &record.kept) {
-            return answer;
-        }
-        (authorization.issued_at, authorization.expires_at) = fresh;
-    }
-    let (answer, kept) = state.appliance.sign_to_keep(&authorization);
-    let lease_id = authorization.lease_id;
-    let term = (
-        authorization.issued_at.unix_timestamp(),
-        authorization.expires_at.unix_timestamp(),
-    );
-    state
-        .store
-        .write_later(move |conn| devices::record_renewal(conn, &lease_id, term.0, term.1, &kept));
-    answer
 }
 
 /// `POST /api/v1/release`

@@ -379,8 +379,6 @@ pub struct LeaseContext {
     pub used: Option<Consumption>,
     /// The usage stream the request names: (its device, its highest acknowledged seq).
     pub stream: Option<(i64, u64)>,
-    /// The signature kept with the lease's record ([`record_renewal`]).
-    pub kept: Option<[u8; 80]>,
 }
 
 const LEASE_CONTEXT: &str = "
@@ -388,8 +386,7 @@ const LEASE_CONTEXT: &str = "
            l.item_id, l.nonce, l.issued_at, l.expires_at, l.released, l.revoked,
            d.id, d.uuid, d.name, d.last_user, d.first_seen, d.last_seen, d.blocked,
            s.device_id, s.high_seq,
-           i.seats_used, i.usage_total, i.exceptions, i.tokens_used, i.grace_started_at,
-           l.renewal_sig
+           i.seats_used, i.usage_total, i.exceptions, i.tokens_used, i.grace_started_at
     FROM leases l JOIN devices d ON d.id = l.device_id
     LEFT JOIN items i ON i.item_id = l.item_id
     LEFT JOIN usage_streams s ON s.stream = ?2
@@ -417,7 +414,6 @@ pub fn lease_context(
                 device: device_at(r, 12)?,
                 used,
                 stream,
-                kept: r.get(26)?,
             })
         })
         .optional()?)
@@ -527,53 +523,42 @@ pub fn upsert_lease(conn: &Connection, l: &Lease) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// How long a lease's record answers its usage calls. The record is the last renewal the
-/// device was sent: its time (also the device's last-seen time), its expiry and its
-/// signature. For this long a renewal answers that same authorization again, unless its
-/// content changed (state, items), rather than sign a new one (an Ed25519 signature is
-/// most of a heartbeat's cost): a device calling every 3 minutes gets a new authorization
-/// and has its lease written on one call in five, and the others write nothing. The
-/// device's offline allowance is then at most this much shorter than `offline_days`.
+/// How stale a lease's record may grow before a usage call writes it again. The record (the
+/// last renewal's time, which is also the device's last-seen time, and its expiry) is then
+/// at most this much behind the newest authorization the device holds, never ahead of it: a
+/// device calling every 3 minutes has its lease written on one call in five, and a heartbeat
+/// that changes nothing else writes nothing.
 pub const RECORD_EVERY_S: i64 = 15 * 60;
 
-/// Whether a renewal at `now` to `expires_at` needs a new record: the record is
+/// Whether a renewal at `now` to `expires_at` must rewrite the lease's record: it is
 /// [`RECORD_EVERY_S`] old, or the new term would leave it that far behind or ahead.
 pub fn record_due(lease: &Lease, now: i64, expires_at: i64) -> bool {
     now - lease.issued_at >= RECORD_EVERY_S
         || !(0..RECORD_EVERY_S).contains(&(expires_at - lease.expires_at))
 }
 
-/// A lease moved to another item (its own stopped serving, or a tokens pass came from a
-/// top-up), with its new term.
-pub fn move_lease(
+/// A renewal: the lease's new term, and its new item if it `moved` to another one (its own
+/// stopped serving, or a tokens pass came from a top-up).
+pub fn renew_lease(
     conn: &Connection,
     lease_id: &str,
-    item_id: &str,
+    moved: Option<&str>,
     issued_at: i64,
     expires_at: i64,
 ) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "UPDATE leases SET item_id = ?2, issued_at = ?3, expires_at = ?4 WHERE lease_id = ?1",
-    )?
-    .execute(params![lease_id, item_id, issued_at, expires_at])?;
-    Ok(())
-}
-
-/// Records a renewal after its answer: the lease's new term and the signature it was
-/// answered with, kept for answering it again ([`crate::appliance::Appliance::signed_before`]).
-/// A lease released, revoked or recorded later since is left as it is.
-pub fn record_renewal(
-    conn: &Connection,
-    lease_id: &str,
-    issued_at: i64,
-    expires_at: i64,
-    kept: &[u8; 80],
-) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "UPDATE leases SET issued_at = ?2, expires_at = ?3, renewal_sig = ?4
-         WHERE lease_id = ?1 AND issued_at <= ?2 AND released = 0 AND revoked = 0",
-    )?
-    .execute(params![lease_id, issued_at, expires_at, kept])?;
+    match moved {
+        None => conn
+            .prepare_cached(
+                "UPDATE leases SET issued_at = ?2, expires_at = ?3 WHERE lease_id = ?1",
+            )?
+            .execute(params![lease_id, issued_at, expires_at])?,
+        Some(item_id) => conn
+            .prepare_cached(
+                "UPDATE leases SET item_id = ?2, issued_at = ?3, expires_at = ?4
+                 WHERE lease_id = ?1",
+            )?
+            .execute(params![lease_id, item_id, issued_at, expires_at])?,
+    };
     Ok(())
 }
 

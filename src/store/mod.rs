@@ -32,7 +32,6 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_housekeeping.sql"),
     include_str!("migrations/0007_alert_basis.sql"),
     include_str!("migrations/0008_item_counters.sql"),
-    include_str!("migrations/0009_renewal_signature.sql"),
 ];
 
 /// How many requests one transaction commits at most.
@@ -241,24 +240,6 @@ impl Store {
             .send(job)
             .map_err(|_| E::from(StoreError::WriterGone))?;
         answer.await.map_err(|_| E::from(StoreError::WriterGone))?
-    }
-
-    /// Queues `f` for the writer's next batch without waiting for it: for writes that may be
-    /// lost in a crash (the caller has answered without them). A failure is logged.
-    pub fn write_later<F>(&self, f: F)
-    where
-        F: FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
-    {
-        let (reply, _) = oneshot::channel();
-        let job = Box::new(WriteJob {
-            f: Some(move |conn: &Connection| {
-                f(conn).inspect_err(|e| tracing::warn!(error = %e, "a deferred write failed"))
-            }),
-            out: None,
-            reply,
-        });
-        // The writer is gone only when the process stops.
-        let _ = self.inner.jobs.send(job);
     }
 
     /// [`Store::write`], with the catalogue as the transaction sees it.

@@ -560,13 +560,6 @@ impl Fixture {
         (_dir, data)
     }
 
-    /// Waits for the writes the server makes after answering (a renewal's record): the
-    /// database writer answers a request only once every write queued before it is committed.
-    pub fn settle(&self) {
-        let (status, body) = self.release("99999999-9999-4999-8999-999999999999", 1);
-        assert_eq!(status, 404, "{body}");
-    }
-
     pub fn db(&self) -> rusqlite::Connection {
         rusqlite::Connection::open(self.data.join("keygate.db")).unwrap()
     }
