@@ -377,7 +377,8 @@ pub fn restore(
     // clock set back in between go unnoticed (`clock::Watermark`).
     if let Some(newest) = newest_time_of(db) {
         let conn = Connection::open(&tmp)?;
-        if crate::store::ops::newest_time(&conn)? < newest {
+        // A backup from before the time was kept (no job runs either) reads as no time.
+        if !crate::store::ops::newest_time(&conn).is_ok_and(|t| t >= newest) {
             super::settings::set(&conn, crate::clock::NEWEST_TIME, &newest.to_string())?;
         }
         conn.close().map_err(|(_, e)| e)?;
@@ -608,6 +609,13 @@ mod tests {
         set(3_000);
         restore(&db, &newer.path, "ours", now + Duration::from_secs(1)).unwrap();
         assert_eq!(newest(&Connection::open(&db).unwrap()), 5_000);
+        // Nothing of the restore's own copy is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.contains("restoring"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]
