@@ -29,6 +29,8 @@ pub enum TlsError {
     Mismatch(String),
     #[error("cannot make the self-signed certificate: {0}")]
     Generate(String),
+    #[error("{0}")]
+    NotForServing(String),
     #[error("certificate {cert} with key {key}: {error}")]
     Pair {
         cert: PathBuf,
@@ -162,6 +164,77 @@ pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, Tl
     let key =
         PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Mismatch(e.to_string()))?;
     CertifiedKey::from_der(chain, key, &provider()).map_err(|e| TlsError::Mismatch(e.to_string()))
+}
+
+/// What a certificate about to be served covers: the DNS names it is valid for and, when it
+/// expires within [`EXPIRES_SOON_DAYS`], when.
+#[derive(Debug, PartialEq)]
+pub struct Coverage {
+    pub names: Vec<String>,
+    pub expires_soon: Option<OffsetDateTime>,
+}
+
+pub const EXPIRES_SOON_DAYS: i64 = 30;
+
+/// Checks the first certificate of `key`'s chain as a TLS server's at `now`: within its
+/// validity, not a certificate authority's, for server authentication if it names its
+/// uses. Its issuer is not checked: devices decide whom they trust.
+pub fn check_serving(key: &CertifiedKey, now: OffsetDateTime) -> Result<Coverage, TlsError> {
+    let not_for_serving = |why: String| TlsError::NotForServing(why);
+    let leaf = key.cert.first().ok_or(TlsError::NoCertificate)?;
+    let cert = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| not_for_serving(format!("the certificate cannot be read ({e})")))?;
+    let algorithms = provider().signature_verification_algorithms.all;
+    // Without a trust anchor, webpki runs the certificate's own checks (validity, basic
+    // constraints, extended key usage) and then finds no issuer: that end is a pass.
+    let own_checks = |at: OffsetDateTime| {
+        let at = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            at.unix_timestamp().max(0) as u64,
+        ));
+        match cert.verify_for_usage(
+            algorithms,
+            &[],
+            &[],
+            at,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        ) {
+            Ok(_) | Err(webpki::Error::UnknownIssuer) => Ok(()),
+            Err(e) => Err(e),
+        }
+    };
+    let date = |t: rustls::pki_types::UnixTime| {
+        crate::licensing::rfc3339(crate::licensing::from_unix(t.as_secs() as i64))
+    };
+    own_checks(now).map_err(|e| {
+        not_for_serving(match e {
+            webpki::Error::CertExpired { not_after, .. } => {
+                format!("it expired on {}", date(not_after))
+            }
+            webpki::Error::CertNotValidYet { not_before, .. } => {
+                format!("it is valid only from {}", date(not_before))
+            }
+            webpki::Error::CaUsedAsEndEntity => {
+                "it is the certificate of a certificate authority, not of a server".into()
+            }
+            #[allow(deprecated)]
+            webpki::Error::RequiredEkuNotFound | webpki::Error::RequiredEkuNotFoundContext(_) => {
+                "its extended key usage does not include TLS servers (serverAuth)".into()
+            }
+            other => format!("{other:?}"),
+        })
+    })?;
+    let expires_soon = match own_checks(now + time::Duration::days(EXPIRES_SOON_DAYS)) {
+        Err(webpki::Error::CertExpired { not_after, .. }) => {
+            Some(crate::licensing::from_unix(not_after.as_secs() as i64))
+        }
+        _ => None,
+    };
+    Ok(Coverage {
+        names: cert.valid_dns_names().map(str::to_string).collect(),
+        expires_soon,
+    })
 }
 
 pub fn load(source: &CertSource) -> Result<CertifiedKey, TlsError> {

@@ -113,8 +113,11 @@ pub async fn certificate(
         files.remove("cert").unwrap_or_default(),
         files.remove("key").unwrap_or_default(),
     );
-    let certified = match tls::certified_key(&cert, &key) {
-        Ok(certified) => certified,
+    let now = state.clock.now();
+    let checked = tls::certified_key(&cert, &key)
+        .and_then(|certified| Ok((tls::check_serving(&certified, now)?, certified)));
+    let (coverage, certified) = match checked {
+        Ok(checked) => checked,
         Err(e) => {
             return show(
                 &state,
@@ -155,10 +158,22 @@ pub async fn certificate(
         String::new(),
     )
     .await?;
+    let names = match coverage.names.as_slice() {
+        [] => "no DNS name (devices must reach the appliance by an address it names)".into(),
+        names => names.join(", "),
+    };
+    let soon = coverage.expires_soon.map_or(String::new(), |at| {
+        format!(
+            " It expires on {}: upload its successor before then.",
+            crate::licensing::rfc3339(at)
+        )
+    });
     show(
         &state,
         &admin,
-        Some("The new certificate is in use (new connections get it now).".into()),
+        Some(format!(
+            "The new certificate is in use (new connections get it now). It names {names}; devices must reach the appliance by one of these.{soon}"
+        )),
         None,
     )
     .await

@@ -967,11 +967,19 @@ fn a_handshake_code_left_with_withdrawn_items_only_can_be_deleted() {
 }
 
 fn certificate(name: &str) -> (String, String) {
+    certificate_with(name, |_| {})
+}
+
+/// A self-signed certificate for `name` and 127.0.0.1, its parameters set by `edit`.
+fn certificate_with(
+    name: &str,
+    edit: impl FnOnce(&mut rcgen::CertificateParams),
+) -> (String, String) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = rcgen::CertificateParams::new(vec![name.to_string(), "127.0.0.1".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec![name.to_string(), "127.0.0.1".to_string()]).unwrap();
+    edit(&mut params);
+    let cert = params.self_signed(&key).unwrap();
     (cert.pem(), key.serialize_pem())
 }
 
@@ -1003,13 +1011,74 @@ fn the_certificate_is_replaced_only_by_a_matching_pair_and_without_restart() {
         "the old certificate is still served"
     );
 
+    // A pair that belongs together but cannot serve: refused, with why.
+    let now = f.app.clock_now();
+    let refusals = [
+        (
+            certificate_with("keygate.plant.test", |p| {
+                p.not_before = now - time::Duration::days(400);
+                p.not_after = now - time::Duration::days(1);
+            }),
+            "it expired on",
+        ),
+        (
+            certificate_with("keygate.plant.test", |p| {
+                p.not_before = now + time::Duration::days(2);
+            }),
+            "it is valid only from",
+        ),
+        (
+            certificate_with("keygate.plant.test", |p| {
+                p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            }),
+            "the certificate of a certificate authority",
+        ),
+        (
+            certificate_with("keygate.plant.test", |p| {
+                p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            }),
+            "does not include TLS servers",
+        ),
+    ];
+    for ((cert, key), why) in &refusals {
+        let answer = browser.upload_files(
+            "/settings/certificate",
+            &token,
+            &[("cert", cert.as_bytes()), ("key", key.as_bytes())],
+        );
+        assert_eq!(answer.status, 400, "{why}");
+        assert!(
+            answer.body.contains("The certificate was not installed") && answer.body.contains(why),
+            "{why}: {}",
+            answer.body
+        );
+        assert_eq!(appliance_cert(&f.data), old, "{why}");
+    }
+
+    // One expiring in 20 days is installed, with a warning and the names it covers.
+    let (cert_soon, key_soon) = certificate_with("keygate.plant.test", |p| {
+        p.not_after = now + time::Duration::days(20);
+    });
+    let answer = browser.upload_files(
+        "/settings/certificate",
+        &token,
+        &[("cert", cert_soon.as_bytes()), ("key", key_soon.as_bytes())],
+    );
+    assert!(
+        answer.body.contains("The new certificate is in use")
+            && answer.body.contains("It names keygate.plant.test")
+            && answer.body.contains("It expires on"),
+        "{}",
+        answer.body
+    );
+
     let answer = browser.upload_files(
         "/settings/certificate",
         &token,
         &[("cert", cert_a.as_bytes()), ("key", key_a.as_bytes())],
     );
     assert!(
-        answer.body.contains("The new certificate is in use"),
+        answer.body.contains("The new certificate is in use") && !answer.body.contains("expires"),
         "{}",
         answer.body
     );
