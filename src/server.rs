@@ -207,18 +207,30 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
-/// The process can serve: the database answers.
+/// How long `/readyz` waits for the database writer to commit a transaction.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The process can serve: the database answers reads, and the writer commits (an empty
+/// transaction, synced like every other, within [`READY_WITHIN`]): a writer held up (the
+/// database locked by another program, a disk that does not sync) leaves every
+/// authorization and usage call waiting, so the appliance is not ready.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let ready = state
-        .store
-        .read(|conn| {
-            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
-                .map_err(StoreError::from)
-        })
-        .await;
-    match ready {
-        Ok(_) => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
-        Err(e) => {
+    let read = state.store.read(|conn| {
+        conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+            .map_err(StoreError::from)
+    });
+    let commit = tokio::time::timeout(READY_WITHIN, state.store.write(|_| Ok::<_, StoreError>(())));
+    let unready = match (read.await, commit.await) {
+        (Ok(_), Ok(Ok(()))) => None,
+        (Err(e), _) | (_, Ok(Err(e))) => Some(e.to_string()),
+        (_, Err(_)) => Some(format!(
+            "the database writer did not commit within {} s",
+            READY_WITHIN.as_secs()
+        )),
+    };
+    match unready {
+        None => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
+        Some(e) => {
             tracing::warn!(error = %e, "not ready");
             HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "unavailable"}))
         }

@@ -22,6 +22,21 @@ fn value(metrics: &str, series: &str) -> f64 {
         .unwrap()
 }
 
+/// `/readyz` says whether the appliance can serve devices: not while another program holds
+/// the database's write lock (every authorization and usage call would wait), again once
+/// it lets go.
+#[test]
+fn readiness_needs_a_database_that_commits() {
+    let f = Fixture::new(&item("scan", "per_device", 10, ""));
+    let ready = || get_json(&f.app.agent, &f.app.url("/readyz"));
+    assert_eq!(ready(), (200, json!({"status": "ready"})));
+    let other = f.db();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    assert_eq!(ready(), (503, json!({"status": "unavailable"})));
+    other.execute_batch("COMMIT").unwrap();
+    assert_eq!(ready(), (200, json!({"status": "ready"})));
+}
+
 /// With `metrics.token_file`, a scrape presents the token; a token too short to be safe
 /// stops the start with a message naming the setting.
 #[test]
