@@ -180,10 +180,9 @@ pub const EXPIRES_SOON_DAYS: i64 = 30;
 /// validity, not a certificate authority's, for server authentication if it names its
 /// uses. Its issuer is not checked: devices decide whom they trust.
 pub fn check_serving(key: &CertifiedKey, now: OffsetDateTime) -> Result<Coverage, TlsError> {
-    let not_for_serving = |why: String| TlsError::NotForServing(why);
     let leaf = key.cert.first().ok_or(TlsError::NoCertificate)?;
     let cert = webpki::EndEntityCert::try_from(leaf)
-        .map_err(|e| not_for_serving(format!("the certificate cannot be read ({e})")))?;
+        .map_err(|e| TlsError::NotForServing(format!("the certificate cannot be read ({e})")))?;
     let algorithms = provider().signature_verification_algorithms.all;
     // Without a trust anchor, webpki runs the certificate's own checks (validity, basic
     // constraints, extended key usage) and then finds no issuer: that end is a pass.
@@ -208,7 +207,7 @@ pub fn check_serving(key: &CertifiedKey, now: OffsetDateTime) -> Result<Coverage
         crate::licensing::rfc3339(crate::licensing::from_unix(t.as_secs() as i64))
     };
     own_checks(now).map_err(|e| {
-        not_for_serving(match e {
+        TlsError::NotForServing(match e {
             webpki::Error::CertExpired { not_after, .. } => {
                 format!("it expired on {}", date(not_after))
             }

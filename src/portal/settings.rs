@@ -158,9 +158,14 @@ pub async fn certificate(
         String::new(),
     )
     .await?;
-    let names = match coverage.names.as_slice() {
-        [] => "no DNS name (devices must reach the appliance by an address it names)".into(),
-        names => names.join(", "),
+    let names = if coverage.names.is_empty() {
+        " It names no DNS name: devices must reach the appliance by an IP address it names."
+            .to_string()
+    } else {
+        format!(
+            " It names {}; devices must reach the appliance by one of these.",
+            coverage.names.join(", ")
+        )
     };
     let soon = coverage.expires_soon.map_or(String::new(), |at| {
         format!(
@@ -172,7 +177,7 @@ pub async fn certificate(
         &state,
         &admin,
         Some(format!(
-            "The new certificate is in use (new connections get it now). It names {names}; devices must reach the appliance by one of these.{soon}"
+            "The new certificate is in use (new connections get it now).{names}{soon}"
         )),
         None,
     )
