@@ -807,6 +807,26 @@ fn status(config: &Config) -> Result<()> {
         ),
         Ok(()) => println!("clock:            ok ({})", time(now)),
     }
+    let source = crate::tls::certificate_source(config);
+    let certificate = match crate::tls::load(&source) {
+        Err(_) if source.self_signed && !source.cert.exists() => {
+            "none yet (made at the first start)".to_string()
+        }
+        Err(e) => format!("UNUSABLE: {e}"),
+        Ok(key) => match crate::tls::check_serving(&key, SystemClock.now()) {
+            Err(e) => format!("CANNOT SERVE: {e} ({})", source.cert.display()),
+            Ok(crate::tls::Coverage {
+                expires_soon: Some(at),
+                ..
+            }) => format!(
+                "EXPIRES SOON: on {} ({})",
+                rfc3339(at),
+                source.cert.display()
+            ),
+            Ok(_) => format!("ok ({})", source.cert.display()),
+        },
+    };
+    println!("certificate:      {certificate}");
     match store::settings::get(&conn, crate::jobs::LAST_BACKUP)?.and_then(|t| t.parse().ok()) {
         Some(t) => println!("last backup:      {}", time(t)),
         None => println!("last backup:      none yet"),

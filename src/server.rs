@@ -99,7 +99,24 @@ impl AppState {
         // A clock set back while the appliance was off is told at once (and emailed).
         let _ = watermark.check(now.unix_timestamp());
         let cert_source = tls::ensure_certificate(&config, now)?;
-        let certificate = Arc::new(CertResolver::new(tls::load(&cert_source)?));
+        let served = tls::load(&cert_source)?;
+        // Served all the same (the portal is how it gets replaced), and told.
+        match tls::check_serving(&served, now) {
+            Err(e) => tracing::error!(
+                certificate = %cert_source.cert.display(),
+                "the TLS certificate cannot serve devices: {e}; replace it"
+            ),
+            Ok(tls::Coverage {
+                expires_soon: Some(at),
+                ..
+            }) => tracing::warn!(
+                certificate = %cert_source.cert.display(),
+                "the TLS certificate expires on {}: replace it before then",
+                crate::licensing::rfc3339(at)
+            ),
+            Ok(_) => {}
+        }
+        let certificate = Arc::new(CertResolver::new(served));
         Ok(AppState {
             config,
             appliance,

@@ -83,6 +83,26 @@ impl CertSource {
 
 /// The certificate and key files to use: the configured ones, or the self-signed pair in
 /// `<data-dir>/tls/`, created if missing.
+/// Where the certificate comes from: the configuration's files, or the self-signed pair in
+/// the data directory (which may not exist yet).
+pub fn certificate_source(config: &Config) -> CertSource {
+    match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => CertSource {
+            cert: cert.clone(),
+            key: key.clone(),
+            self_signed: false,
+        },
+        _ => {
+            let dir = config.data_dir.join("tls");
+            CertSource {
+                cert: dir.join(CERT_FILE),
+                key: dir.join(KEY_FILE),
+                self_signed: true,
+            }
+        }
+    }
+}
+
 pub fn ensure_certificate(config: &Config, now: OffsetDateTime) -> Result<CertSource, TlsError> {
     let finished = |source: CertSource| {
         source
@@ -93,19 +113,11 @@ pub fn ensure_certificate(config: &Config, now: OffsetDateTime) -> Result<CertSo
             })?;
         Ok(source)
     };
-    if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
-        return finished(CertSource {
-            cert: cert.clone(),
-            key: key.clone(),
-            self_signed: false,
-        });
+    let source = certificate_source(config);
+    if !source.self_signed {
+        return finished(source);
     }
     let dir = config.data_dir.join("tls");
-    let source = CertSource {
-        cert: dir.join(CERT_FILE),
-        key: dir.join(KEY_FILE),
-        self_signed: true,
-    };
     if !source.cert.exists() {
         create_private_dir(&dir).map_err(|e| TlsError::Generate(e.to_string()))?;
         let (cert_pem, key_pem) = self_signed(&host_names(&config.tls.extra_names), now)?;

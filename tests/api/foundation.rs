@@ -82,7 +82,34 @@ fn vendor_to_appliance_to_https() {
     let run = keygate(&data, &["status"]);
     assert!(run.ok);
     assert!(
-        run.stdout.contains(&id) && run.stdout.contains("1 active items"),
+        run.stdout.contains(&id)
+            && run.stdout.contains("1 active items")
+            && run.stdout.contains("certificate:      ok ("),
+        "{}",
+        run.stdout
+    );
+    // A certificate named in the configuration that has expired: told, not hidden.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["keygate.plant.test".into()]).unwrap();
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(400);
+    params.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(2);
+    let (cert_file, key_file) = (dir.path().join("old.pem"), dir.path().join("old.key"));
+    std::fs::write(&cert_file, params.self_signed(&key).unwrap().pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let run: Run = command()
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("status")
+        .env("KEYGATE_TLS_CERT", &cert_file)
+        .env("KEYGATE_TLS_KEY", &key_file)
+        .output()
+        .unwrap()
+        .into();
+    assert!(
+        run.ok
+            && run
+                .stdout
+                .contains("certificate:      CANNOT SERVE: it expired on"),
         "{}",
         run.stdout
     );
