@@ -81,8 +81,6 @@ impl CertSource {
     }
 }
 
-/// The certificate and key files to use: the configured ones, or the self-signed pair in
-/// `<data-dir>/tls/`, created if missing.
 /// Where the certificate comes from: the configuration's files, or the self-signed pair in
 /// the data directory (which may not exist yet).
 pub fn certificate_source(config: &Config) -> CertSource {
@@ -103,6 +101,8 @@ pub fn certificate_source(config: &Config) -> CertSource {
     }
 }
 
+/// The certificate and key files to use: the configured ones, or the self-signed pair in
+/// `<data-dir>/tls/`, created if missing.
 pub fn ensure_certificate(config: &Config, now: OffsetDateTime) -> Result<CertSource, TlsError> {
     let finished = |source: CertSource| {
         source
@@ -117,9 +117,12 @@ pub fn ensure_certificate(config: &Config, now: OffsetDateTime) -> Result<CertSo
     if !source.self_signed {
         return finished(source);
     }
-    let dir = config.data_dir.join("tls");
     if !source.cert.exists() {
-        create_private_dir(&dir).map_err(|e| TlsError::Generate(e.to_string()))?;
+        let dir = source
+            .cert
+            .parent()
+            .expect("the certificate is in <data-dir>/tls");
+        create_private_dir(dir).map_err(|e| TlsError::Generate(e.to_string()))?;
         let (cert_pem, key_pem) = self_signed(&host_names(&config.tls.extra_names), now)?;
         let write = |path: &Path, data: &str| {
             write_secret_file(path, data.as_bytes()).map_err(|source| TlsError::Write {
@@ -180,7 +183,7 @@ pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, Tl
 
 /// What a certificate about to be served covers: the DNS names it is valid for and, when it
 /// expires within [`EXPIRES_SOON_DAYS`], when.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub struct Coverage {
     pub names: Vec<String>,
     pub expires_soon: Option<OffsetDateTime>,
@@ -215,9 +218,8 @@ pub fn check_serving(key: &CertifiedKey, now: OffsetDateTime) -> Result<Coverage
             Err(e) => Err(e),
         }
     };
-    let date = |t: rustls::pki_types::UnixTime| {
-        crate::licensing::rfc3339(crate::licensing::from_unix(t.as_secs() as i64))
-    };
+    let time_of = |t: rustls::pki_types::UnixTime| crate::licensing::from_unix(t.as_secs() as i64);
+    let date = |t| crate::licensing::rfc3339(time_of(t));
     own_checks(now).map_err(|e| {
         TlsError::NotForServing(match e {
             webpki::Error::CertExpired { not_after, .. } => {
@@ -237,9 +239,7 @@ pub fn check_serving(key: &CertifiedKey, now: OffsetDateTime) -> Result<Coverage
         })
     })?;
     let expires_soon = match own_checks(now + time::Duration::days(EXPIRES_SOON_DAYS)) {
-        Err(webpki::Error::CertExpired { not_after, .. }) => {
-            Some(crate::licensing::from_unix(not_after.as_secs() as i64))
-        }
+        Err(webpki::Error::CertExpired { not_after, .. }) => Some(time_of(not_after)),
         _ => None,
     };
     Ok(Coverage {

@@ -170,7 +170,7 @@ pub async fn certificate(
     let soon = coverage.expires_soon.map_or(String::new(), |at| {
         format!(
             " It expires on {}: upload its successor before then.",
-            crate::licensing::rfc3339(at)
+            rfc3339(at)
         )
     });
     show(
