@@ -175,12 +175,6 @@ pub fn authorize(
             now,
         )?,
     };
-    let used = occupy(conn, item, device_id, &seat, now).map_err(|e| match e {
-        Occupy::Refused(r) => AuthorizeError::Refused(refusal(r, item)),
-        Occupy::Store(e) => e.into(),
-    })?;
-    let state = models::state(&item.terms, &used);
-
     let previous = devices::lease_for(
         conn,
         device_id,
@@ -205,6 +199,12 @@ pub fn authorize(
             uuid::Uuid::now_v7().to_string()
         }
     };
+    // After the lease room above: it may drop a concurrent_instance seat this takes again.
+    let used = occupy(conn, item, device_id, &seat, now).map_err(|e| match e {
+        Occupy::Refused(r) => AuthorizeError::Refused(refusal(r, item)),
+        Occupy::Store(e) => e.into(),
+    })?;
+    let state = models::state(&item.terms, &used);
     let lease = Lease {
         lease_id,
         device_id,
@@ -488,7 +488,8 @@ fn holds(
 /// The lease no longer uses its device's seat in `item_id` (released, or moved to another
 /// item): the seat is freed, out of the current window for concurrent items, unless another
 /// live lease of the device still uses it (leases are per device, product, instance and
-/// user; seats per device, or per instance for concurrent_instance).
+/// user; seats per device, or per instance for concurrent_instance). per_device and
+/// per_active_device seats stay: only the device's removal or their lapse frees them.
 pub fn leave_seat(
     conn: &Connection,
     lease: &Lease,
@@ -496,6 +497,9 @@ pub fn leave_seat(
     model: Model,
     now: i64,
 ) -> Result<(), StoreError> {
+    if lapse_rule(model, now).is_some() {
+        return Ok(());
+    }
     let instance = (model == Model::ConcurrentInstance).then_some(lease.instance.as_str());
     if devices::other_live_lease(
         conn,
@@ -520,6 +524,37 @@ pub fn leave_seat(
 /// housekeeping frees the rest, a batch per transaction).
 pub const FREE_PER_REQUEST: i64 = 100;
 
+/// When a model's seats lapse: the cutoff (a seat used last, or for per_active_device first
+/// authorized, at or before it has lapsed), whether it goes by the first authorization, and
+/// why, for the audit log.
+fn lapse_rule(model: Model, now: i64) -> Option<(i64, bool, &'static str)> {
+    match model {
+        Model::PerDevice => Some((
+            now - models::INACTIVE_SEAT_DAYS * DAY,
+            false,
+            "unused for 365 days",
+        )),
+        Model::PerActiveDevice => Some((
+            now - models::ACTIVE_SEAT_DAYS * DAY,
+            true,
+            "90 days after its first authorization",
+        )),
+        _ => None,
+    }
+}
+
+/// Frees a lapsed seat, in the audit log.
+fn free_seat(
+    conn: &Connection,
+    seat: &ops::LapsedSeat,
+    why: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    devices::delete_seat(conn, &seat.item_id, seat.device_id, &seat.instance)?;
+    let target = format!("{} on {}", seat.device_uuid, seat.item_id);
+    ops::audit(conn, now, "system", "seat freed", &target, why, "")
+}
+
 /// Frees up to `limit` of the item's lapsed seats (per_device unused 365 days,
 /// per_active_device 90 days after the first authorization), each in the audit log, and
 /// returns how many. Serves a new device needing room, a known device over quota and the
@@ -530,24 +565,12 @@ pub fn free_lapsed(
     now: i64,
     limit: i64,
 ) -> Result<usize, StoreError> {
-    let (cutoff, by_first_auth, why) = match item.terms.model {
-        Model::PerDevice => (
-            now - models::INACTIVE_SEAT_DAYS * DAY,
-            false,
-            "unused for 365 days",
-        ),
-        Model::PerActiveDevice => (
-            now - models::ACTIVE_SEAT_DAYS * DAY,
-            true,
-            "90 days after its first authorization",
-        ),
-        _ => return Ok(0),
+    let Some((cutoff, by_first_auth, why)) = lapse_rule(item.terms.model, now) else {
+        return Ok(0);
     };
     let lapsed = ops::lapsed_seats(conn, &item.item_id, cutoff, by_first_auth, limit)?;
     for seat in &lapsed {
-        devices::delete_seat(conn, &seat.item_id, seat.device_id, &seat.instance)?;
-        let target = format!("{} on {}", seat.device_uuid, seat.item_id);
-        ops::audit(conn, now, "system", "seat freed", &target, why, "")?;
+        free_seat(conn, seat, why, now)?;
     }
     Ok(lapsed.len())
 }
@@ -577,9 +600,10 @@ pub fn occupy(
     availability(&item.terms, &item.used, now).map_err(Occupy::Refused)?;
     let instance = key.instance_for(model);
     let mut used = item.used;
-    let live_seat = devices::seat(conn, &item.item_id, device_id, instance)?
-        .filter(|s| !models::seat_lapsed(model, s.first_auth_at, s.last_used_at, now));
-    match (model, live_seat) {
+    let seat = devices::seat(conn, &item.item_id, device_id, instance)?;
+    let lapsed =
+        seat.is_some_and(|s| models::seat_lapsed(model, s.first_auth_at, s.last_used_at, now));
+    match (model, seat.filter(|_| !lapsed)) {
         (Model::Tokens, seat) => {
             if seat.is_none() {
                 devices::insert_seat(conn, &item.item_id, device_id, "", now)?;
@@ -609,6 +633,18 @@ pub fn occupy(
             }
         }
         (_, None) => {
+            // The device's own seat lapsed: freed first (the batch below may not reach it),
+            // and the device takes a new one (a new 90 days) if there is room.
+            if lapsed && let Some((_, _, why)) = lapse_rule(model, now) {
+                let own = ops::LapsedSeat {
+                    item_id: item.item_id.clone(),
+                    device_id,
+                    device_uuid: devices::uuid_of(conn, device_id)?,
+                    instance: instance.to_string(),
+                };
+                free_seat(conn, &own, why, now)?;
+                used.seats_used -= 1;
+            }
             // `item.used` is this transaction's count; freeing lapsed seats lowers it.
             used.seats_used -= free_lapsed(conn, item, now, FREE_PER_REQUEST)? as i64;
             if !has_room(&item.terms, &used) {

@@ -52,6 +52,13 @@ pub fn device_by_uuid(conn: &Connection, uuid: &str) -> Result<Option<Device>, S
         .optional()?)
 }
 
+/// A device's UUID by its row id.
+pub fn uuid_of(conn: &Connection, device_id: i64) -> Result<String, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT uuid FROM devices WHERE id = ?1")?
+        .query_row([device_id], |r| r.get(0))?)
+}
+
 pub fn insert_device(
     conn: &Connection,
     uuid: &str,

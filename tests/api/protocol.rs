@@ -170,6 +170,53 @@ fn per_active_device_seat_frees_90_days_after_first_authorization() {
     assert_eq!(f.refused("reader", 1), "QUOTA_EXCEEDED");
 }
 
+/// A known device whose seat lapsed comes back while more lapsed seats wait for the daily
+/// housekeeping than a request frees: its own seat is freed and taken anew (a new 90 days),
+/// by an authorization and by a renewal alike.
+#[test]
+fn a_device_whose_seat_lapsed_takes_it_again_behind_a_lapsed_fleet() {
+    let f = Fixture::new(&item("scan", "per_active_device", 3_000, ""));
+    let own = f.authorized("scan", 3_000);
+    // 2,499 devices first authorized a second before it: the batches freed reach them first.
+    let before = f.app.clock_now().unix_timestamp() - 1;
+    f.db()
+        .execute_batch(&format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2499)
+             INSERT INTO devices (uuid, first_seen, last_seen)
+                 SELECT printf('00000000-0000-4000-8000-%012d', i), {before}, {before} FROM n;
+             INSERT INTO seats (item_id, device_id, first_auth_at, last_used_at)
+                 SELECT 'LIC-T-1', id, {before}, {before} FROM devices WHERE id > 1;
+             UPDATE items SET seats_used = 2500 WHERE item_id = 'LIC-T-1';"
+        ))
+        .unwrap();
+    f.app.clock.advance(91 * DAY);
+    let now = f.app.clock_now().unix_timestamp();
+    let first_auth = |n: u32| -> i64 {
+        f.db()
+            .query_row(
+                "SELECT s.first_auth_at FROM seats s JOIN devices d ON d.id = s.device_id
+                 WHERE d.uuid = ?1",
+                [device_uuid(n)],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    // A renewal: the heartbeat frees the device's own seat and 100 of the fleet's.
+    let renewed = f.heartbeat(&own.lease_id, 3_000).expect("renewed");
+    assert_eq!(renewed["state"], "ok");
+    assert_eq!(first_auth(3_000), now, "a new 90 days");
+    // An authorization of a device deep in the fleet: its seat, a batch from choosing the
+    // item, another from taking the seat.
+    f.authorized("scan", 2_000);
+    assert_eq!(first_auth(2_000), now);
+    let freed = f.audited("seat freed").len() as i64;
+    assert_eq!(
+        freed,
+        2 + 3 * keygate::licensing::authorize::FREE_PER_REQUEST
+    );
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 2_500 - freed + 2);
+}
+
 #[test]
 fn a_known_devices_state_leaves_tolerance_when_the_seats_over_quota_lapse() {
     let f = Fixture::new(&item("reader", "per_active_device", 10, ""));
@@ -334,6 +381,76 @@ fn a_lease_moved_to_another_codes_item_leaves_its_old_seat() {
     // Its release frees the one seat it holds.
     assert_eq!(f.release(&moved.lease_id, 1).0, 200);
     assert_eq!(f.item_value("LIC-T-2", "seats_used"), 0);
+}
+
+/// per_device seats count the devices ever authorized: a device that moves to another
+/// code's item keeps its first seat (only removal or a year unused frees it), so another
+/// device cannot take it and the first device is still known there.
+#[test]
+fn a_per_device_seat_stays_when_its_lease_moves_to_another_code() {
+    let f = Fixture::new(
+        &[
+            item("cad", "per_device", 1, ""),
+            item("cad", "per_device", 1, ""),
+        ]
+        .concat(),
+    );
+    f.assign_to_new_code("LIC-T-2", "LAB");
+    let first = f.authorized("cad", 1);
+    assert_eq!(first.items[0].item_id, "LIC-T-1");
+    let mut lab = f.request("cad", 1);
+    lab["handshake_code"] = json!("LAB");
+    let (status, body) = f.authorize(&lab);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(f.verify(&body, 1).items[0].item_id, "LIC-T-2");
+    assert_eq!(
+        (
+            f.item_value("LIC-T-1", "seats_used"),
+            f.item_value("LIC-T-2", "seats_used")
+        ),
+        (1, 1)
+    );
+    assert_eq!(f.refused("cad", 2), "QUOTA_EXCEEDED");
+    assert_eq!(f.authorized("cad", 1).items[0].item_id, "LIC-T-1");
+}
+
+/// A new lease of an instance whose only lease is dropped to make room for it (a device
+/// at its 32 leases): the instance is counted once in the window, by the authorization and
+/// the calls that follow in the same window.
+#[test]
+fn an_instance_taking_the_place_of_its_dropped_lease_counts_once_in_the_window() {
+    let f = Fixture::new(&item(
+        "viewer",
+        "concurrent_instance",
+        100,
+        "max_exceptions = 5",
+    ));
+    let authorize = |instance: &str, user: &str| {
+        let mut request = f.request("viewer", 1);
+        request["device"]["instance"] = json!(instance);
+        request["device"]["user"] = json!(user);
+        let (status, body) = f.authorize(&request);
+        assert_eq!(status, 200, "{body}");
+        f.verify(&body, 1)
+    };
+    authorize("kiosk", "ann");
+    f.app.clock.advance(8 * DAY); // that lease expires
+    for n in 1..=31 {
+        authorize(&format!("process-{n}"), "ann");
+    }
+    let bob = authorize("kiosk", "bob");
+    f.heartbeat(&bob.lease_id, 1).expect("renewed");
+    let window = f.app.clock_now().unix_timestamp() / 180;
+    let active: i64 = f
+        .db()
+        .query_row(
+            "SELECT active FROM concurrency_windows WHERE item_id = 'LIC-T-1' AND window = ?1",
+            [window],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(active, 32, "31 processes and the kiosk");
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 32);
 }
 
 #[test]
@@ -634,8 +751,9 @@ fn one_token_pass_serves_a_user_on_a_device_whichever_code_sold_it() {
 }
 
 /// When the lease's item stops serving (here: it expires while a renewal license runs on),
-/// the next usage call renews the device on the item that serves, as an authorization would,
-/// and frees the seat it leaves; with no room there, the answer says why the old item ended.
+/// the next usage call renews the device on the item that serves, as an authorization would
+/// (a per_device seat stays counted where it was: only removal or a year unused frees it);
+/// with no room there, the answer says why the old item ended.
 #[test]
 fn a_renewal_moves_on_to_the_item_that_serves_when_the_leases_item_ends() {
     let f = Fixture::new(
@@ -666,8 +784,8 @@ fn a_renewal_moves_on_to_the_item_that_serves_when_the_leases_item_ends() {
     assert_eq!(f.item_value("LIC-T-2", "seats_used"), 1);
     assert_eq!(
         f.item_value("LIC-T-1", "seats_used"),
-        1,
-        "device 1's old seat freed"
+        2,
+        "devices ever authorized"
     );
     assert_eq!(renewal(1), "LIC-T-2", "and stays there");
     // The renewal license has no room for device 2: told its item expired.
