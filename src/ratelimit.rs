@@ -113,11 +113,12 @@ impl SignInLimits {
         self.by_account.attempt(account, now)
     }
 
-    /// Forgets the address's attempts after a success. The account's count over all
-    /// addresses stays: a success does not give a spread guess more attempts.
+    /// Forgets the attempts of this account from this address after a success. The
+    /// address's count over all names and the account's over all addresses stay: signing in
+    /// to one's own account must not give a guess at other names (or a spread guess at this
+    /// one) more attempts.
     pub fn clear(&self, account: &str, address: &str) {
         self.by_pair.clear(&format!("{account}\n{address}"));
-        self.by_address.clear(address);
     }
 }
 

@@ -124,6 +124,9 @@ pub fn security_headers() -> actix_web::middleware::DefaultHeaders {
         .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .add((header::X_FRAME_OPTIONS, "DENY"))
         .add((header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"))
+        // Pages show devices, admins and settings; a backup holds secrets: nothing is kept
+        // in a browser's cache (the stylesheet sets its own caching).
+        .add((header::CACHE_CONTROL, "no-store"))
 }
 
 /// What every page's layout shows: who is signed in, and the form token.
@@ -248,8 +251,10 @@ fn form_token(req: &HttpRequest) -> String {
 }
 
 fn form_cookie_matches(req: &HttpRequest, csrf: &str) -> bool {
-    req.cookie(FORM_COOKIE)
-        .is_some_and(|c| crate::appliance::same_secret(c.value(), csrf))
+    !csrf.is_empty()
+        && req
+            .cookie(FORM_COOKIE)
+            .is_some_and(|c| crate::appliance::same_secret(c.value(), csrf))
 }
 
 #[derive(Template)]
@@ -399,12 +404,15 @@ async fn logout(
             .write(move |conn| accounts::delete_session(conn, &hash))
             .await;
     }
-    let now = state.clock.now().unix_timestamp();
-    let name = post.0.name.clone();
-    let _ = state
-        .store
-        .write(move |conn| ops::audit(conn, now, &name, "signed out", "", "", ""))
-        .await;
+    let _ = audit_alone(
+        &state,
+        &post.0.name,
+        &req,
+        "signed out",
+        String::new(),
+        String::new(),
+    )
+    .await;
     let mut gone = auth::session_cookie("");
     gone.make_removal();
     HttpResponse::SeeOther()

@@ -262,9 +262,22 @@ fn first_admin_setup_then_dashboard() {
     assert!(header("content-security-policy").contains("frame-ancestors 'none'"));
     assert_eq!(header("referrer-policy"), "no-referrer");
     assert!(header("strict-transport-security").starts_with("max-age="));
+    assert_eq!(
+        header("cache-control"),
+        "no-store",
+        "no page in a browser's cache"
+    );
     let css = keygate::portal::css_path();
     assert!(dashboard.body.contains(css));
-    assert_eq!(browser.get(css).status, 200);
+    let stylesheet = browser.get(css);
+    assert_eq!(stylesheet.status, 200);
+    assert!(
+        stylesheet
+            .headers
+            .iter()
+            .any(|(k, v)| k == "cache-control" && v.contains("immutable")),
+        "the stylesheet keeps its caching"
+    );
 }
 
 #[test]
@@ -294,6 +307,15 @@ fn session_cookie_flags_and_sign_out_needs_csrf() {
         "/login"
     );
     assert_eq!(browser.get("/").location, "/login");
+    let (actor, from): (String, String) = f
+        .db()
+        .query_row(
+            "SELECT actor, address FROM audit_log WHERE action = 'signed out'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((actor.as_str(), from.as_str()), ("olivia", "127.0.0.1"));
 }
 
 #[test]
