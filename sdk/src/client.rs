@@ -1210,8 +1210,11 @@ impl Client {
         let persisted_recently = self
             .persisted_newest
             .is_some_and(|persisted| now - persisted < NEWEST_PERSIST_STEP);
+        // The mark is written about once a minute. A write that fails (a full or read-only
+        // disk) does not stop a product holding a valid authorization: the mark stays in
+        // memory, and the next check writes it.
         if !persisted_recently {
-            self.save_state()?;
+            let _ = self.save_state();
         }
         Ok(grant)
     }
@@ -2099,6 +2102,31 @@ mod tests {
         );
         assert_eq!(backlog.reports[0].counters["scans"], 8);
         assert!(state.open.is_empty());
+    }
+
+    #[test]
+    fn a_state_that_cannot_be_written_does_not_stop_a_valid_authorization() {
+        let dir = TempDir::new();
+        let (mut client, _chain, clock) = authorized_client(&dir);
+        client.check().unwrap();
+        let blocker = block_writes(dir.path(), STATE_FILE);
+        clock.set(T0 + time::Duration::minutes(5));
+        client.check().expect("the product keeps running");
+        let saved = |dir: &Path| {
+            read_json::<State>(&dir.join(STATE_FILE))
+                .unwrap()
+                .unwrap()
+                .newest_time_seen
+        };
+        assert!(saved(dir.path()) < Some(T0 + time::Duration::minutes(5)));
+        fs::remove_dir(&blocker).unwrap();
+        clock.set(T0 + time::Duration::minutes(6));
+        client.check().unwrap();
+        assert_eq!(
+            saved(dir.path()),
+            Some(T0 + time::Duration::minutes(6)),
+            "written once it can be"
+        );
     }
 
     #[test]
