@@ -12,7 +12,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::alerts::notices::{ErrorEvent, ErrorNotices, Notice};
-use crate::alerts::{self, Crossing, mail};
+use crate::alerts::{self, CertificateWarning, Crossing, mail};
 use crate::clock::NEWEST_TIME;
 use crate::licensing::models::{self, DAY, WINDOW_SECS};
 use crate::server::AppState;
@@ -331,19 +331,40 @@ fn portal_url(state: &AppState) -> String {
 #[derive(Template)]
 #[template(path = "email/alert.txt")]
 struct AlertText<'a> {
-    appliance: &'a str,
-    installation_id: &'a str,
-    portal: &'a str,
-    crossings: &'a [Crossing],
+    alert: Alert<'a>,
 }
 
 #[derive(Template)]
 #[template(path = "email/alert.html")]
 struct AlertHtml<'a> {
+    alert: Alert<'a>,
+}
+
+/// What an alert email tells: license thresholds crossed and the served certificate's
+/// nearest expiry warning.
+struct Alert<'a> {
     appliance: &'a str,
     installation_id: &'a str,
     portal: &'a str,
     crossings: &'a [Crossing],
+    certificate: Option<&'a CertificateWarning>,
+}
+
+impl Alert<'_> {
+    fn subject(&self) -> String {
+        let host = self.appliance;
+        match (self.crossings.len(), self.certificate) {
+            (n, None) => format!("keygate: {n} license threshold(s) crossed on {host}"),
+            (0, Some(c)) => format!(
+                "keygate: the TLS certificate of {host} expires in {} day(s) or less",
+                c.days
+            ),
+            (n, Some(c)) => format!(
+                "keygate: {n} license threshold(s) crossed on {host}; its TLS certificate expires in {} day(s) or less",
+                c.days
+            ),
+        }
+    }
 }
 
 /// Sends with a few quick retries; a delivery still failing is retried by the next run.
@@ -368,11 +389,14 @@ async fn deliver(
     }
 }
 
-/// The alerts job: every threshold newly crossed, in one email to the recipients; marked
-/// sent only once the SMTP server accepted it.
+/// The alerts job: every threshold newly crossed, and the served certificate's expiry
+/// warnings, in one email to the recipients; marked sent only once the SMTP server accepted it.
 pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
     let now = state.clock.now().unix_timestamp();
-    let (sends, clears, smtp, recipients) = state
+    let warnings = crate::tls::not_after(&state.certificate.current())
+        .map(|t| alerts::certificate_warnings(t.unix_timestamp(), now))
+        .unwrap_or_default();
+    let (sends, clears, (warn, unwarn), smtp, recipients) = state
         .store
         .read(move |conn| {
             let mut sends: Vec<Crossing> = Vec::new();
@@ -387,65 +411,60 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
                 sends.extend(send);
                 clears.extend(clear.into_iter().map(|k| (item.item_id.clone(), k)));
             }
+            let certificate = alerts::plan(&warnings, &ops::certificate_marks(conn)?);
             let smtp = mail::load_settings(conn)?;
             let recipients = settings::get(conn, mail::RECIPIENTS)?.unwrap_or_default();
-            Ok::<_, JobError>((sends, clears, smtp, recipients))
+            Ok::<_, JobError>((sends, clears, certificate, smtp, recipients))
         })
         .await?;
-    if !clears.is_empty() {
+    if !clears.is_empty() || !unwarn.is_empty() {
         state
             .store
             .write(move |conn| {
                 for (item, key) in &clears {
                     ops::clear_alert_mark(conn, item, key)?;
                 }
+                for key in &unwarn {
+                    ops::clear_certificate_mark(conn, key)?;
+                }
                 Ok::<_, StoreError>(())
             })
             .await?;
     }
-    if sends.is_empty() {
+    let count = sends.len() + warn.len();
+    if count == 0 {
         return Ok("no new threshold crossed".into());
     }
     let to = mail::parse_recipients(&recipients)?;
     let Some(smtp) = smtp.filter(|_| !to.is_empty()) else {
         return Ok(format!(
-            "{} threshold(s) crossed; no recipients or SMTP server configured",
-            sends.len()
+            "{count} threshold(s) crossed; no recipients or SMTP server configured"
         ));
     };
     let host = crate::appliance::hostname();
     let portal = portal_url(state);
-    let id = state.appliance.installation_id();
+    let alert = || Alert {
+        appliance: &host,
+        installation_id: state.appliance.installation_id(),
+        portal: &portal,
+        crossings: &sends,
+        certificate: warn.iter().min_by_key(|w| w.days),
+    };
     let render = |e: askama::Error| JobError::Other(format!("email template: {e}"));
     let email = mail::Email {
-        subject: format!(
-            "keygate: {} license threshold(s) crossed on {host}",
-            sends.len()
-        ),
-        text: AlertText {
-            appliance: &host,
-            installation_id: id,
-            portal: &portal,
-            crossings: &sends,
-        }
-        .render()
-        .map_err(render)?,
-        html: AlertHtml {
-            appliance: &host,
-            installation_id: id,
-            portal: &portal,
-            crossings: &sends,
-        }
-        .render()
-        .map_err(render)?,
+        subject: alert().subject(),
+        text: AlertText { alert: alert() }.render().map_err(render)?,
+        html: AlertHtml { alert: alert() }.render().map_err(render)?,
     };
     let answer = deliver(&smtp, &to, &email).await?;
-    let count = sends.len();
     state
         .store
         .write(move |conn| {
             for c in &sends {
                 ops::set_alert_mark(conn, &c.item_id, &c.key, c.basis, now)?;
+            }
+            for w in &warn {
+                ops::set_certificate_mark(conn, &w.key, w.expires_at)?;
             }
             Ok::<_, StoreError>(())
         })

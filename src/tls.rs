@@ -198,29 +198,8 @@ pub fn check_serving(key: &CertifiedKey, now: OffsetDateTime) -> Result<Coverage
     let leaf = key.cert.first().ok_or(TlsError::NoCertificate)?;
     let cert = webpki::EndEntityCert::try_from(leaf)
         .map_err(|e| TlsError::NotForServing(format!("the certificate cannot be read ({e})")))?;
-    let algorithms = provider().signature_verification_algorithms.all;
-    // Without a trust anchor, webpki runs the certificate's own checks (validity, basic
-    // constraints, extended key usage) and then finds no issuer: that end is a pass.
-    let own_checks = |at: OffsetDateTime| {
-        let at = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
-            at.unix_timestamp().max(0) as u64,
-        ));
-        match cert.verify_for_usage(
-            algorithms,
-            &[],
-            &[],
-            at,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        ) {
-            Ok(_) | Err(webpki::Error::UnknownIssuer) => Ok(()),
-            Err(e) => Err(e),
-        }
-    };
-    let time_of = |t: rustls::pki_types::UnixTime| crate::licensing::from_unix(t.as_secs() as i64);
     let date = |t| crate::licensing::rfc3339(time_of(t));
-    own_checks(now).map_err(|e| {
+    own_checks(&cert, now.unix_timestamp().max(0) as u64).map_err(|e| {
         TlsError::NotForServing(match e {
             webpki::Error::CertExpired { not_after, .. } => {
                 format!("it expired on {}", date(not_after))
@@ -238,14 +217,47 @@ pub fn check_serving(key: &CertifiedKey, now: OffsetDateTime) -> Result<Coverage
             other => format!("{other:?}"),
         })
     })?;
-    let expires_soon = match own_checks(now + time::Duration::days(EXPIRES_SOON_DAYS)) {
-        Err(webpki::Error::CertExpired { not_after, .. }) => Some(time_of(not_after)),
-        _ => None,
-    };
     Ok(Coverage {
         names: cert.valid_dns_names().map(str::to_string).collect(),
-        expires_soon,
+        expires_soon: expiry_of(&cert)
+            .filter(|t| *t - now < time::Duration::days(EXPIRES_SOON_DAYS)),
     })
+}
+
+/// When the certificate `key` serves expires; `None` if it cannot be read or never does.
+pub fn not_after(key: &CertifiedKey) -> Option<OffsetDateTime> {
+    expiry_of(&webpki::EndEntityCert::try_from(key.cert.first()?).ok()?)
+}
+
+fn expiry_of(cert: &webpki::EndEntityCert<'_>) -> Option<OffsetDateTime> {
+    // Checked past the end of every date a certificate can hold, it reports its expiry.
+    match own_checks(cert, 253_402_300_800) {
+        Err(webpki::Error::CertExpired { not_after, .. }) => Some(time_of(not_after)),
+        _ => None,
+    }
+}
+
+/// webpki's checks of a certificate on its own at `at` (Unix seconds): validity, basic
+/// constraints, extended key usage. Without a trust anchor it then finds no issuer: that
+/// end is a pass.
+fn own_checks(cert: &webpki::EndEntityCert<'_>, at: u64) -> Result<(), webpki::Error> {
+    let at = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(at));
+    match cert.verify_for_usage(
+        provider().signature_verification_algorithms.all,
+        &[],
+        &[],
+        at,
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    ) {
+        Ok(_) | Err(webpki::Error::UnknownIssuer) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn time_of(t: rustls::pki_types::UnixTime) -> OffsetDateTime {
+    crate::licensing::from_unix(t.as_secs() as i64)
 }
 
 pub fn load(source: &CertSource) -> Result<CertifiedKey, TlsError> {
@@ -279,10 +291,15 @@ impl CertResolver {
         *self.0.write().expect("certificate lock") = Arc::new(key);
     }
 
+    /// The certificate served now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.0.read().expect("certificate lock").clone()
+    }
+
     /// Whether the certificate served now is self-signed (its issuer is its subject);
     /// `None` if it cannot be parsed.
     pub fn self_signed(&self) -> Option<bool> {
-        let key = self.0.read().expect("certificate lock").clone();
+        let key = self.current();
         let cert = webpki::EndEntityCert::try_from(key.cert.first()?).ok()?;
         Some(cert.issuer() == cert.subject())
     }
@@ -290,7 +307,7 @@ impl CertResolver {
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().expect("certificate lock").clone())
+        Some(self.current())
     }
 }
 

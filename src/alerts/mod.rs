@@ -146,19 +146,77 @@ pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
     out
 }
 
+/// Warnings (days ahead) before the TLS certificate the appliance serves expires: past it no
+/// device can connect (they run on their authorizations until those expire).
+pub const CERTIFICATE_THRESHOLDS: [i64; 3] = [30, 7, 1];
+
+/// The served certificate expires within `days` days.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateWarning {
+    /// `certificate:30`, ...
+    pub key: String,
+    pub days: i64,
+    /// When the certificate expires (Unix seconds): the warning's basis.
+    pub expires_at: i64,
+}
+
+impl CertificateWarning {
+    pub fn expires(&self) -> String {
+        crate::licensing::rfc3339(crate::licensing::from_unix(self.expires_at))
+    }
+}
+
+/// The warnings due for a certificate expiring at `expires_at`: none once it has expired.
+pub fn certificate_warnings(expires_at: i64, now: i64) -> Vec<CertificateWarning> {
+    let left = expires_at - now;
+    CERTIFICATE_THRESHOLDS
+        .iter()
+        .filter(|days| left > 0 && left <= *days * DAY)
+        .map(|&days| CertificateWarning {
+            key: format!("certificate:{days}"),
+            days,
+            expires_at,
+        })
+        .collect()
+}
+
+/// What a sent alert is remembered by: its threshold and what it was measured against.
+pub trait Threshold: Clone {
+    fn key(&self) -> &str;
+    fn basis(&self) -> i64;
+}
+
+impl Threshold for Crossing {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn basis(&self) -> i64 {
+        self.basis
+    }
+}
+
+impl Threshold for CertificateWarning {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn basis(&self) -> i64 {
+        self.expires_at
+    }
+}
+
 /// Decides, from the thresholds crossed now and the marks already sent (threshold, basis),
 /// which crossings to send and which marks to clear: a renewal that keeps the quota and
 /// expiry sends nothing again.
-pub fn plan(crossed: &[Crossing], marks: &[(String, i64)]) -> (Vec<Crossing>, Vec<String>) {
+pub fn plan<T: Threshold>(crossed: &[T], marks: &[(String, i64)]) -> (Vec<T>, Vec<String>) {
     let sent = |key: &str, basis: i64| marks.iter().any(|(k, b)| k == key && *b == basis);
     let send = crossed
         .iter()
-        .filter(|c| !sent(&c.key, c.basis))
+        .filter(|c| !sent(c.key(), c.basis()))
         .cloned()
         .collect();
     let clear = marks
         .iter()
-        .filter(|(k, b)| !crossed.iter().any(|c| &c.key == k && c.basis == *b))
+        .filter(|(k, b)| !crossed.iter().any(|c| c.key() == k && c.basis() == *b))
         .map(|(k, _)| k.clone())
         .collect();
     (send, clear)
@@ -316,6 +374,32 @@ mod tests {
             clear,
             ["consumption:90"],
             "dropped below: sent again on the next crossing"
+        );
+    }
+
+    #[test]
+    fn certificate_warnings_30_7_1_days_ahead_once_per_certificate() {
+        let expires = 1000 * DAY;
+        let keys = |w: &[CertificateWarning]| w.iter().map(|w| w.key.clone()).collect::<Vec<_>>();
+        assert!(certificate_warnings(expires, expires - 30 * DAY - 1).is_empty());
+        assert_eq!(
+            keys(&certificate_warnings(expires, expires - 30 * DAY)),
+            ["certificate:30"]
+        );
+        let week = certificate_warnings(expires, expires - 7 * DAY);
+        assert_eq!(keys(&week), ["certificate:30", "certificate:7"]);
+        assert_eq!(
+            keys(&certificate_warnings(expires, expires - 1)),
+            ["certificate:30", "certificate:7", "certificate:1"]
+        );
+        assert!(certificate_warnings(expires, expires).is_empty(), "expired");
+        // Sent once; a new certificate clears the marks and starts again.
+        let marks = vec![("certificate:30".to_string(), expires)];
+        assert_eq!(keys(&plan(&week, &marks).0), ["certificate:7"]);
+        let renewed = certificate_warnings(expires + 365 * DAY, expires - 7 * DAY);
+        assert_eq!(
+            plan(&renewed, &marks),
+            (vec![], vec!["certificate:30".to_string()])
         );
     }
 

@@ -110,6 +110,31 @@ pub fn clear_alert_mark(
     Ok(())
 }
 
+/// The certificate warnings sent: (threshold, the expiry of the certificate warned of). They
+/// are settings (`alert_mark:certificate:30`, ...): a certificate is no item.
+pub fn certificate_marks(conn: &Connection) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT substr(key, 12), CAST(value AS INTEGER) FROM settings
+         WHERE key LIKE 'alert_mark:certificate:%'",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn set_certificate_mark(
+    conn: &Connection,
+    threshold: &str,
+    basis: i64,
+) -> Result<(), StoreError> {
+    super::settings::set(conn, &format!("alert_mark:{threshold}"), &basis.to_string())
+}
+
+pub fn clear_certificate_mark(conn: &Connection, threshold: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM settings WHERE key = ?1")?
+        .execute([format!("alert_mark:{threshold}")])?;
+    Ok(())
+}
+
 pub fn audit(
     conn: &Connection,
     at: i64,

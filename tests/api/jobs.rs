@@ -155,6 +155,80 @@ fn expiry_warnings_for_tokens_items() {
     );
 }
 
+/// The certificate the appliance serves (here, one an admin installed) is warned of 30, 7
+/// and 1 days before it expires, each once and in the alert email with the license
+/// thresholds; a new certificate starts over. Past it no device could connect.
+#[test]
+fn the_served_certificate_is_warned_of_before_it_expires() {
+    let f = Fixture::new(&item("reader", "per_device", 4, ""));
+    let sink = SmtpSink::start();
+    sink.configure(&f.data);
+    let serve = |days: i64| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["keygate.plant.test".into()]).unwrap();
+        params.not_before = f.app.clock_now() - Duration::days(1);
+        params.not_after = f.app.clock_now() + Duration::days(days);
+        let cert = params.self_signed(&key).unwrap();
+        let served =
+            keygate::tls::certified_key(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+                .unwrap();
+        f.app.state.certificate.replace(served);
+    };
+    // The self-signed certificate of the first start lasts years. (Devices first: the test's
+    // client checks certificates at the real time, not the appliance's.)
+    authorize_devices(&f, "reader", 1..=2);
+    assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
+    serve(40);
+    assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
+    f.app.clock.advance(Duration::days(10));
+    assert!(
+        f.app
+            .run_job("alerts")
+            .unwrap()
+            .starts_with("sent 1 threshold(s)")
+    );
+    let messages = sink.wait_for(1, StdDuration::from_secs(10));
+    let text = text_of(&messages[0]);
+    assert!(
+        text.contains("Subject: keygate: the TLS certificate of"),
+        "{text}"
+    );
+    assert!(
+        text.contains("The TLS certificate this appliance serves expires in 30 day(s) or less"),
+        "{text}"
+    );
+    assert!(text.contains("/settings"), "{text}");
+    assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
+    // A week before, with a license threshold crossed at the same check: one email.
+    f.app.clock.advance(Duration::days(23));
+    f.db()
+        .execute("UPDATE items SET seats_used = 3", [])
+        .unwrap();
+    assert!(
+        f.app
+            .run_job("alerts")
+            .unwrap()
+            .starts_with("sent 2 threshold(s)")
+    );
+    let messages = sink.wait_for(2, StdDuration::from_secs(10));
+    let text = text_of(&messages[1]);
+    assert!(text.contains("expires in 7 day(s) or less"), "{text}");
+    assert!(text.contains("devices reached 75 %: 3 of 4"), "{text}");
+    // A new certificate: nothing to warn of, and its own warnings will come in their time.
+    serve(365);
+    assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
+    let marks: i64 = f
+        .db()
+        .query_row(
+            "SELECT count(*) FROM settings WHERE key LIKE 'alert_mark:%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(marks, 0);
+    assert_eq!(sink.messages().len(), 2);
+}
+
 /// An error the tests send straight to the error notifier.
 fn store_error(message: &str) -> keygate::alerts::notices::ErrorEvent {
     keygate::alerts::notices::ErrorEvent {
