@@ -770,6 +770,25 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ClientError>
         })
 }
 
+/// As [`read_json`], but a file that cannot be parsed (a disk fault) is renamed
+/// `<name>.corrupt`, kept for the vendor's support, and taken as absent: the client rebuilds
+/// what it can rather than stop the product for good.
+fn read_or_set_aside<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ClientError> {
+    match read_json(path) {
+        Err(ClientError::StateCorrupt { .. }) => {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(".corrupt");
+            fs::rename(path, &aside).map_err(|source| ClientError::StateIo {
+                action: "set aside",
+                path: path.to_path_buf(),
+                source,
+            })?;
+            Ok(None)
+        }
+        read => read,
+    }
+}
+
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ClientError> {
     let bytes = serde_json::to_vec_pretty(value).expect("the client state always serializes");
     write_atomic(path, &bytes).map_err(|source| ClientError::StateIo {
@@ -877,7 +896,7 @@ impl Store {
     fn load(&self, device_uuid: &str) -> Result<(State, Backlog), ClientError> {
         let state_path = self.dir.join(STATE_FILE);
         let backlog_path = self.dir.join(BACKLOG_FILE);
-        let stored: Option<State> = read_json(&state_path)?;
+        let stored: Option<State> = read_or_set_aside(&state_path)?;
         let fresh = stored.is_none();
         let mut state = stored.unwrap_or_else(|| State::new(device_uuid));
         if state.v > STATE_VERSION {
@@ -886,8 +905,17 @@ impl Store {
                 reason: format!("written by a newer SDK (format {})", state.v),
             });
         }
-        let mut backlog = match read_json::<Backlog>(&backlog_path)? {
+        let mut backlog = match read_or_set_aside::<Backlog>(&backlog_path)? {
             Some(backlog) if backlog.stream == state.stream => backlog,
+            // The state was lost (deleted, or unreadable and set aside) with reports waiting:
+            // it goes on with their stream, numbered after them, so none is lost and those
+            // the appliance has already are duplicates. The authorization is gone: the
+            // device authorizes again.
+            Some(backlog) if fresh && !backlog.reports.is_empty() => {
+                state.stream = backlog.stream.clone();
+                state.next_seq = backlog.reports.iter().map(|r| r.seq).max().unwrap_or(0) + 1;
+                backlog
+            }
             Some(backlog) if !backlog.reports.is_empty() => {
                 return Err(ClientError::StateCorrupt {
                     path: backlog_path,
@@ -1960,24 +1988,56 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_state_file_is_reported_and_left_alone() {
+    fn a_lost_or_unreadable_state_is_rebuilt_around_the_waiting_reports() {
         let dir = TempDir::new();
-        let path = dir.path().join(STATE_FILE);
-        fs::write(&path, b"{ not json").unwrap();
+        let (state_path, backlog_path) =
+            (dir.path().join(STATE_FILE), dir.path().join(BACKLOG_FILE));
+        let stream = uuid::Uuid::new_v4().to_string();
+        let waiting = Backlog {
+            stream: stream.clone(),
+            reports: vec![report(4), report(5)],
+        };
+        write_json(&backlog_path, &waiting).unwrap();
+        fs::write(&state_path, b"{ not json").unwrap();
         let store = Store::open(dir.path()).unwrap();
-        assert!(matches!(
-            store.load(DEVICE),
-            Err(ClientError::StateCorrupt { path: p, .. }) if p == path
-        ));
-        assert_eq!(fs::read(&path).unwrap(), b"{ not json");
+        let (state, backlog) = store.load(DEVICE).unwrap();
+        assert_eq!(
+            (
+                state.stream.as_str(),
+                state.next_seq,
+                state.unconfirmed_from
+            ),
+            (stream.as_str(), 6, None),
+            "the same stream and numbers: nothing counts twice"
+        );
+        assert_eq!(backlog, waiting);
+        assert_eq!(state.lease_id, None, "authorizes again");
+        assert_eq!(
+            fs::read(dir.path().join("state.json.corrupt")).unwrap(),
+            b"{ not json",
+            "kept for support"
+        );
+        // Deleted instead: the same.
+        fs::remove_file(&state_path).unwrap();
+        let (state, _) = store.load(DEVICE).unwrap();
+        assert_eq!(
+            (state.stream.as_str(), state.next_seq),
+            (stream.as_str(), 6)
+        );
 
-        // A backlog from another stream is not sent under this one.
-        fs::remove_file(&path).unwrap();
-        let backlog = Backlog {
+        // An unreadable backlog is set aside too; the state goes on.
+        fs::write(&backlog_path, b"[ truncated").unwrap();
+        let (again, backlog) = store.load(DEVICE).unwrap();
+        assert_eq!((again.stream, again.next_seq), (stream.clone(), 6));
+        assert!(backlog.reports.is_empty());
+        assert!(dir.path().join("backlog.json.corrupt").exists());
+
+        // A state of its own with another stream's reports: not sent under this one.
+        let other = Backlog {
             stream: uuid::Uuid::new_v4().to_string(),
             reports: vec![report(1)],
         };
-        write_json(&dir.path().join(BACKLOG_FILE), &backlog).unwrap();
+        write_json(&backlog_path, &other).unwrap();
         assert!(matches!(
             store.load(DEVICE),
             Err(ClientError::StateCorrupt { .. })

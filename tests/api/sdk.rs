@@ -473,3 +473,37 @@ fn usage_after_restoring_an_old_state_directory_counts_once() {
     assert_eq!(device.status().next_seq, 5);
     assert_eq!(device.status().pending_reports, 0);
 }
+
+/// The state file is lost (unreadable after a disk fault, or deleted) while reports wait
+/// offline: the next start rebuilds the state around them, the device authorizes again and
+/// every scan counts once.
+#[test]
+fn a_lost_state_file_loses_no_waiting_usage() {
+    let a = scanner(1_000_000);
+    let served = Served::start(&a.data);
+    let url = served.url("");
+    let state = tempfile::tempdir().unwrap();
+    let (clock, _) = device_clock();
+    let mut device = client(&a, vec![url.clone()], state.path(), clock.clone());
+    device.authorize().unwrap();
+    device.record("LIC-S-1", "scans", 5).unwrap();
+    assert_eq!(device.flush().unwrap().accepted, 1);
+    let addr = served.addr.to_string();
+    served.kill();
+    device.record("LIC-S-1", "scans", 7).unwrap();
+    assert!(device.flush().unwrap_err().is_unreachable());
+    device.record("LIC-S-1", "scans", 11).unwrap();
+    assert!(device.flush().unwrap_err().is_unreachable());
+    drop(device);
+    std::fs::write(state.path().join("state.json"), b"\0\0\0\0").unwrap();
+
+    let _served = Served::start_on(&a.data, &addr);
+    let mut device = client(&a, vec![url], state.path(), clock);
+    assert_eq!(device.status().pending_reports, 2);
+    assert!(matches!(device.check(), Err(ClientError::NotAuthorized)));
+    device.authorize().unwrap();
+    let sent = device.flush().unwrap();
+    assert_eq!((sent.accepted, sent.pending), (2, 0), "{sent:?}");
+    assert_eq!(usage_total(&a), 23);
+    assert!(state.path().join("state.json.corrupt").exists());
+}
