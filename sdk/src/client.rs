@@ -18,6 +18,12 @@
 //!   product's own loop.
 //! - [`Client::release`] gives the seat back.
 //!
+//! The calls that reach the appliance (`authorize`, `flush` and so `tick`, `release`) wait for
+//! it: up to [`ClientConfig::timeout`] per URL when it is out of reach and its packets are
+//! dropped. `check` and `record` never touch the network. A product whose working loop must
+//! not wait that long keeps the client on a thread of its own (it is `Send`) and hands it
+//! the usage to record over a channel.
+//!
 //! ```no_run
 //! use keygate_sdk::client::{Client, ClientConfig, TlsTrust};
 //! use keygate_sdk::keys;
@@ -63,7 +69,10 @@
 //! device UUID and its usage stream with the next sequence number, the open period's counters,
 //! the newest time seen), `backlog.json` (closed reports the appliance has not acknowledged
 //! yet), `lock`, and, if the appliance ever refused a report as invalid, `rejected.json`
-//! (those reports and the reason, for support; see [`FlushOutcome::rejected`]). The JSON
+//! (those reports and the reason, for support; see [`FlushOutcome::rejected`]). A state or
+//! backlog file that can no longer be parsed (a disk fault) is renamed `*.corrupt` and the
+//! state rebuilt around the waiting reports: the device authorizes again and loses only the
+//! usage still open in the lost file. The JSON
 //! files are replaced atomically (temporary file, fsync, rename), so a crash or power loss
 //! leaves either the old or the new version. The backlog has a file of its own so that
 //! [`Client::record`], which is durable, rewrites only the small state file even when days of
@@ -1985,6 +1994,12 @@ mod tests {
         assert_eq!(reloaded, state);
         store.save_state(&reloaded).unwrap();
         assert!(!dir.path().join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_client_can_live_on_a_thread_of_its_own() {
+        fn send<T: Send>() {}
+        send::<Client>();
     }
 
     #[test]
