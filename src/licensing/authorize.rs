@@ -497,7 +497,7 @@ pub fn leave_seat(
     model: Model,
     now: i64,
 ) -> Result<(), StoreError> {
-    if lapse_rule(model, now).is_some() {
+    if matches!(model, Model::PerDevice | Model::PerActiveDevice) {
         return Ok(());
     }
     let instance = (model == Model::ConcurrentInstance).then_some(lease.instance.as_str());
