@@ -95,6 +95,7 @@ use data_encoding::BASE64URL_NOPAD;
 use ed25519_dalek::VerifyingKey;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::error::Category;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -758,33 +759,44 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads and parses a JSON file; `None` when it does not exist.
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ClientError> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(ClientError::StateIo {
-                action: "read",
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| ClientError::StateCorrupt {
+/// A file's bytes; `None` when it does not exist.
+fn read_file(path: &Path) -> Result<Option<Vec<u8>>, ClientError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ClientError::StateIo {
+            action: "read",
             path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
+            source,
+        }),
+    }
 }
 
-/// As [`read_json`], but a file that cannot be parsed (a disk fault) is renamed
+fn unusable(path: &Path, e: serde_json::Error) -> ClientError {
+    ClientError::StateCorrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Reads and parses a JSON file; `None` when it does not exist.
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ClientError> {
+    read_file(path)?
+        .map(|bytes| serde_json::from_slice(&bytes).map_err(|e| unusable(path, e)))
+        .transpose()
+}
+
+/// As [`read_json`], but a file that is not JSON at all (torn or damaged on disk) is renamed
 /// `<name>.corrupt`, kept for the vendor's support, and taken as absent: the client rebuilds
-/// what it can rather than stop the product for good.
+/// what it can rather than stop the product for good. JSON of another shape (written by
+/// another version of the SDK) is refused and left alone.
 fn read_or_set_aside<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ClientError> {
-    match read_json(path) {
-        Err(ClientError::StateCorrupt { .. }) => {
+    let Some(bytes) = read_file(path)? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if matches!(e.classify(), Category::Syntax | Category::Eof) => {
             let mut aside = path.as_os_str().to_owned();
             aside.push(".corrupt");
             fs::rename(path, &aside).map_err(|source| ClientError::StateIo {
@@ -794,7 +806,7 @@ fn read_or_set_aside<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, Clie
             })?;
             Ok(None)
         }
-        read => read,
+        Err(e) => Err(unusable(path, e)),
     }
 }
 
@@ -1066,7 +1078,7 @@ pub struct Client {
     /// The URL that answered last: tried first next time.
     preferred_url: usize,
     last_flush_attempt: Option<Instant>,
-    /// `state.newest_time_seen` as last written to disk.
+    /// `state.newest_time_seen` as last written to disk (or tried, when `check` failed to).
     persisted_newest: Option<OffsetDateTime>,
     /// The appliance's time in the newest authorization stored by this process (at start:
     /// the newest time the state has seen), and when, on the monotonic clock.
@@ -1249,9 +1261,9 @@ impl Client {
             .is_some_and(|persisted| now - persisted < NEWEST_PERSIST_STEP);
         // The mark is written about once a minute. A write that fails (a full or read-only
         // disk) does not stop a product holding a valid authorization: the mark stays in
-        // memory, and the next check writes it.
-        if !persisted_recently {
-            let _ = self.save_state();
+        // memory and the write is tried again a minute later, not at every check.
+        if !persisted_recently && self.save_state().is_err() {
+            self.persisted_newest = self.state.newest_time_seen;
         }
         Ok(grant)
     }
@@ -2043,9 +2055,21 @@ mod tests {
         // An unreadable backlog is set aside too; the state goes on.
         fs::write(&backlog_path, b"[ truncated").unwrap();
         let (again, backlog) = store.load(DEVICE).unwrap();
-        assert_eq!((again.stream, again.next_seq), (stream.clone(), 6));
+        assert_eq!(
+            (again.stream.as_str(), again.next_seq),
+            (stream.as_str(), 6)
+        );
         assert!(backlog.reports.is_empty());
         assert!(dir.path().join("backlog.json.corrupt").exists());
+
+        // JSON of another shape (another SDK version's) is no damage: refused, left alone.
+        fs::write(&state_path, br#"{"v": 1, "stream": 7}"#).unwrap();
+        assert!(matches!(
+            store.load(DEVICE),
+            Err(ClientError::StateCorrupt { path, .. }) if path == state_path
+        ));
+        assert_eq!(fs::read(&state_path).unwrap(), br#"{"v": 1, "stream": 7}"#);
+        store.save_state(&again).unwrap();
 
         // A state of its own with another stream's reports: not sent under this one.
         let other = Backlog {
@@ -2193,8 +2217,13 @@ mod tests {
                 .unwrap()
                 .newest_time_seen
         };
-        assert!(saved(dir.path()) < Some(T0 + time::Duration::minutes(5)));
+        let before = saved(dir.path());
+        assert!(before < Some(T0 + time::Duration::minutes(5)));
         fs::remove_dir(&blocker).unwrap();
+        // Tried again a minute later, not at every check.
+        clock.set(T0 + time::Duration::seconds(330));
+        client.check().unwrap();
+        assert_eq!(saved(dir.path()), before);
         clock.set(T0 + time::Duration::minutes(6));
         client.check().unwrap();
         assert_eq!(

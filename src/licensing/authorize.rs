@@ -221,7 +221,8 @@ pub fn authorize(
     };
     devices::upsert_lease(conn, &lease)?;
     // The lease moved to another item (authorized through another handshake code, or its
-    // item stopped serving): the seat it held there is left, as a renewal that moves does.
+    // item stopped serving): the seat it held there is left, as a renewal that moves does
+    // (`leave_seat` keeps the seats only removal or lapse frees).
     if let Some(previous) = &previous
         && let Some(old) = previous
             .item_id
@@ -634,7 +635,8 @@ pub fn occupy(
         }
         (_, None) => {
             // The device's own seat lapsed: freed first (the batch below may not reach it),
-            // and the device takes a new one (a new 90 days) if there is room.
+            // and the device takes a new one (per_active_device: a new 90 days) if there is
+            // room.
             if lapsed && let Some((_, _, why)) = lapse_rule(model, now) {
                 let own = ops::LapsedSeat {
                     item_id: item.item_id.clone(),

@@ -110,14 +110,19 @@ pub fn clear_alert_mark(
     Ok(())
 }
 
-/// The certificate warnings sent: (threshold, the expiry of the certificate warned of). They
-/// are settings (`alert_mark:certificate:30`, ...): a certificate is no item.
+/// Certificate warnings are remembered as settings (`alert_mark:certificate:30`, ...) with
+/// the expiry of the certificate warned of: a certificate is no item.
+const MARK: &str = "alert_mark:";
+
+/// The certificate warnings sent: (threshold, the expiry of the certificate warned of).
 pub fn certificate_marks(conn: &Connection) -> Result<Vec<(String, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT substr(key, 12), CAST(value AS INTEGER) FROM settings
-         WHERE key LIKE 'alert_mark:certificate:%'",
+        "SELECT substr(key, length(?1) + 1), CAST(value AS INTEGER) FROM settings
+         WHERE substr(key, 1, length(?2)) = ?2",
     )?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let rows = stmt.query_map([MARK, &format!("{MARK}certificate:")], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -126,13 +131,11 @@ pub fn set_certificate_mark(
     threshold: &str,
     basis: i64,
 ) -> Result<(), StoreError> {
-    super::settings::set(conn, &format!("alert_mark:{threshold}"), &basis.to_string())
+    super::settings::set(conn, &format!("{MARK}{threshold}"), &basis.to_string())
 }
 
 pub fn clear_certificate_mark(conn: &Connection, threshold: &str) -> Result<(), StoreError> {
-    conn.prepare_cached("DELETE FROM settings WHERE key = ?1")?
-        .execute([format!("alert_mark:{threshold}")])?;
-    Ok(())
+    super::settings::delete(conn, &format!("{MARK}{threshold}"))
 }
 
 pub fn audit(
@@ -236,10 +239,10 @@ pub fn lapsed_seats(
 ) -> Result<Vec<LapsedSeat>, StoreError> {
     let sql = if by_first_auth {
         "SELECT s.item_id, s.device_id, d.uuid, s.instance FROM seats s JOIN devices d ON d.id = s.device_id
-         WHERE s.item_id = ?1 AND s.first_auth_at <= ?2 LIMIT ?3"
+         WHERE s.item_id = ?1 AND s.first_auth_at <= ?2 ORDER BY s.first_auth_at LIMIT ?3"
     } else {
         "SELECT s.item_id, s.device_id, d.uuid, s.instance FROM seats s JOIN devices d ON d.id = s.device_id
-         WHERE s.item_id = ?1 AND s.last_used_at <= ?2 LIMIT ?3"
+         WHERE s.item_id = ?1 AND s.last_used_at <= ?2 ORDER BY s.last_used_at LIMIT ?3"
     };
     let mut stmt = conn.prepare_cached(sql)?;
     let rows = stmt.query_map(params![item_id, cutoff, limit], |r| {

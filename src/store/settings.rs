@@ -11,6 +11,12 @@ pub fn get(conn: &Connection, key: &str) -> Result<Option<String>, StoreError> {
         .optional()?)
 }
 
+pub fn delete(conn: &Connection, key: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM settings WHERE key = ?1")?
+        .execute([key])?;
+    Ok(())
+}
+
 pub fn set(conn: &Connection, key: &str, value: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO settings (key, value) VALUES (?1, ?2)

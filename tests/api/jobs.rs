@@ -198,6 +198,15 @@ fn the_served_certificate_is_warned_of_before_it_expires() {
         "{text}"
     );
     assert!(text.contains("/settings"), "{text}");
+    // The HTML part says it too, and neither part speaks of license thresholds.
+    assert!(
+        text.contains("<b>The TLS certificate this appliance serves expires in 30 day(s) or less"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("<table") && !text.contains("Each threshold"),
+        "{text}"
+    );
     assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
     // A week before, with a license threshold crossed at the same check: one email.
     f.app.clock.advance(Duration::days(23));

@@ -475,26 +475,41 @@ fn usage_after_restoring_an_old_state_directory_counts_once() {
 }
 
 /// The state file is lost (unreadable after a disk fault, or deleted) while reports wait
-/// offline: the next start rebuilds the state around them, the device authorizes again and
-/// every scan counts once.
+/// offline, one of them already delivered (a crash before its acknowledgement reached the
+/// disk): the next start rebuilds the state around them, the device authorizes again, and
+/// every scan counts once, the next ones too.
 #[test]
 fn a_lost_state_file_loses_no_waiting_usage() {
     let a = scanner(1_000_000);
     let served = Served::start(&a.data);
     let url = served.url("");
+    let addr = served.addr.to_string();
     let state = tempfile::tempdir().unwrap();
     let (clock, _) = device_clock();
     let mut device = client(&a, vec![url.clone()], state.path(), clock.clone());
     device.authorize().unwrap();
     device.record("LIC-S-1", "scans", 5).unwrap();
     assert_eq!(device.flush().unwrap().accepted, 1);
-    let addr = served.addr.to_string();
     served.kill();
     device.record("LIC-S-1", "scans", 7).unwrap();
     assert!(device.flush().unwrap_err().is_unreachable());
+    let backlog = state.path().join("backlog.json");
+    let waiting = std::fs::read(&backlog).unwrap();
+    let served = Served::start_on(&a.data, &addr);
+    assert_eq!(device.flush().unwrap().accepted, 1);
+    served.kill();
     device.record("LIC-S-1", "scans", 11).unwrap();
     assert!(device.flush().unwrap_err().is_unreachable());
     drop(device);
+    // The delivered report of 7 is back in the backlog beside the report of 11, and the
+    // state file is lost.
+    let mut reports: serde_json::Value = serde_json::from_slice(&waiting).unwrap();
+    let now: serde_json::Value = serde_json::from_slice(&std::fs::read(&backlog).unwrap()).unwrap();
+    reports["reports"]
+        .as_array_mut()
+        .unwrap()
+        .extend(now["reports"].as_array().unwrap().iter().cloned());
+    std::fs::write(&backlog, serde_json::to_vec(&reports).unwrap()).unwrap();
     std::fs::write(state.path().join("state.json"), b"\0\0\0\0").unwrap();
 
     let _served = Served::start_on(&a.data, &addr);
@@ -503,7 +518,14 @@ fn a_lost_state_file_loses_no_waiting_usage() {
     assert!(matches!(device.check(), Err(ClientError::NotAuthorized)));
     device.authorize().unwrap();
     let sent = device.flush().unwrap();
-    assert_eq!((sent.accepted, sent.pending), (2, 0), "{sent:?}");
+    assert_eq!(
+        (sent.accepted, sent.duplicates, sent.pending),
+        (1, 1, 0),
+        "{sent:?}"
+    );
     assert_eq!(usage_total(&a), 23);
+    device.record("LIC-S-1", "scans", 2).unwrap();
+    assert_eq!(device.flush().unwrap().accepted, 1);
+    assert_eq!(usage_total(&a), 25);
     assert!(state.path().join("state.json.corrupt").exists());
 }
