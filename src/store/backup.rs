@@ -117,20 +117,31 @@ pub fn take(db: &Path, dir: &Path, now: OffsetDateTime) -> Result<BackupFile, Ba
 }
 
 /// Before `db` is migrated from schema `version`: a backup retention does not list (so never
-/// deletes), for going back to the release that wrote it.
+/// deletes), for going back to the release that wrote it. One is kept per schema version:
+/// once the new one is written, earlier ones of the same version go (a start that failed
+/// after its backup, restarted by the service manager again and again, must not fill the
+/// disk with copies).
 pub fn take_before_upgrade(
     db: &Path,
     version: i64,
     now: OffsetDateTime,
 ) -> Result<BackupFile, BackupError> {
     let dir = db.parent().unwrap_or(Path::new(".")).join(BACKUP_DIR);
+    let prefix = format!("keygate-schema{version}-before-upgrade-");
     let stamp = now.format(STAMP).expect("the stamp format is valid");
-    take_as(
-        db,
-        &dir,
-        &format!("keygate-schema{version}-before-upgrade-{stamp}.db"),
-        now,
-    )
+    let earlier: Vec<PathBuf> = entries(&dir)?
+        .into_iter()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&prefix) && name.ends_with(".db")
+        })
+        .map(|e| e.path())
+        .collect();
+    let file = take_as(db, &dir, &format!("{prefix}{stamp}.db"), now)?;
+    for path in earlier.iter().filter(|p| **p != file.path) {
+        std::fs::remove_file(path).map_err(io(path))?;
+    }
+    Ok(file)
 }
 
 fn take_as(
@@ -289,7 +300,10 @@ pub fn remove_unfinished(dir: &Path) -> Result<usize, BackupError> {
 }
 
 /// Which backups retention keeps: the newest `keep_last`, and the newest of each of the last
-/// `keep_days` days. Returns the others (to delete).
+/// `keep_days` days. Returns the others (to delete). `files` are newest first, as [`list`]
+/// gives them. A backup named after a time still to come was taken while the clock ran
+/// ahead: the ones taken since the clock was set right are newer, so it counts as the
+/// oldest, and it keeps no day of its own.
 pub fn to_prune(
     files: &[BackupFile],
     keep_last: usize,
@@ -298,11 +312,15 @@ pub fn to_prune(
 ) -> Vec<BackupFile> {
     let mut days_kept = std::collections::HashSet::new();
     let horizon = now - time::Duration::days(keep_days);
-    files
-        .iter()
+    let (past, ahead): (Vec<&BackupFile>, Vec<&BackupFile>) =
+        files.iter().partition(|f| f.taken_at <= now);
+    past.into_iter()
+        .chain(ahead)
         .enumerate()
         .filter(|(i, f)| {
-            let newest_of_day = f.taken_at > horizon && days_kept.insert(f.taken_at.date());
+            let newest_of_day = f.taken_at > horizon
+                && f.taken_at <= now
+                && days_kept.insert(f.taken_at.date());
             !(*i < keep_last || newest_of_day)
         })
         .map(|(_, f)| f.clone())
@@ -361,27 +379,39 @@ pub fn restore(
 ) -> Result<PathBuf, BackupError> {
     let data_dir = db.parent().unwrap_or(Path::new("."));
     let _lock = lock_file(data_dir, LOCK_WAIT)?;
-    {
-        let conn = Connection::open_with_flags(backup, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        check(&conn, backup)?;
-        bound_here(&conn, backup, installation_id)?;
-    }
     let stamp = now.format(STAMP).expect("the stamp format is valid");
     let aside = db.with_file_name(format!("keygate.db.before-restore-{stamp}"));
     // The replacement is complete and on disk before anything else moves; then the live
     // database is replaced by one rename, so a crash at any point leaves a whole database
     // (the old one or the restored one) at `db`, never none.
     let tmp = db.with_file_name("keygate.db.restoring");
-    std::fs::copy(backup, &tmp).map_err(io(&tmp))?;
-    // The newest time the appliance has used stays: the backup's older one would let a
-    // clock set back in between go unnoticed (`clock::Watermark`).
-    if let Some(newest) = newest_time_of(db) {
+    let remove_tmp = || {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let _ = std::fs::remove_file(side_file(&tmp, suffix));
+        }
+    };
+    // What a restore killed before left here is not mixed into this one.
+    remove_tmp();
+    // Copied through SQLite, from one snapshot: a backup with a WAL beside it (a database
+    // kept aside by an earlier restore) is restored with what its WAL holds. The copy is
+    // checked, and must belong to this appliance.
+    let copied = copy_checked(backup, &tmp).and_then(|()| {
         let conn = Connection::open(&tmp)?;
-        // A backup from before the time was kept (no job runs either) reads as no time.
-        if !crate::store::ops::newest_time(&conn).is_ok_and(|t| t >= newest) {
+        bound_here(&conn, backup, installation_id)?;
+        // The newest time the appliance has used stays: the backup's older one would let a
+        // clock set back in between go unnoticed (`clock::Watermark`). A backup from before
+        // the time was kept (no job runs either) reads as no time.
+        if let Some(newest) = newest_time_of(db)
+            && !crate::store::ops::newest_time(&conn).is_ok_and(|t| t >= newest)
+        {
             super::settings::set(&conn, crate::clock::NEWEST_TIME, &newest.to_string())?;
         }
         conn.close().map_err(|(_, e)| e)?;
+        Ok(())
+    });
+    if let Err(e) = copied {
+        remove_tmp();
+        return Err(e);
     }
     owner_only(&tmp)?;
     // Run as root, the restored file must still be the service's to open.
@@ -586,6 +616,32 @@ mod tests {
     }
 
     #[test]
+    fn restore_reads_a_backup_with_the_wal_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keygate.db");
+        drop(super::super::open(&db).unwrap());
+        // A database whose last write is still in its WAL, copied as it lies on disk (as a
+        // restore keeps the database it replaces).
+        let (live, kept) = (dir.path().join("live.db"), dir.path().join("kept.db"));
+        let conn = super::super::open(&live).unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        super::super::settings::set(&conn, "marker", "in the WAL").unwrap();
+        for suffix in ["", "-wal"] {
+            std::fs::copy(side_file(&live, suffix), side_file(&kept, suffix)).unwrap();
+        }
+        drop(conn);
+        let now = datetime!(2026-06-30 12:00 UTC);
+        restore(&db, &kept, "ours", now).unwrap();
+        let conn = Connection::open(&db).unwrap();
+        assert_eq!(
+            super::super::settings::get(&conn, "marker")
+                .unwrap()
+                .as_deref(),
+            Some("in the WAL")
+        );
+    }
+
+    #[test]
     fn restore_keeps_the_newest_time_the_appliance_has_used() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("keygate.db");
@@ -616,6 +672,25 @@ mod tests {
             .filter(|name| name.contains("restoring"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn backups_taken_while_the_clock_ran_ahead_count_as_the_oldest() {
+        let now = datetime!(2026-06-30 12:00 UTC);
+        // Twelve taken a day ahead, every 12 minutes, newest first; then the clock was set
+        // right and three more were taken.
+        let ahead =
+            (0..12).map(|i| file(now + time::Duration::days(1) - time::Duration::minutes(12 * i)));
+        let since = (0..3).map(|i| file(now - time::Duration::minutes(12 * i)));
+        let files: Vec<_> = ahead.chain(since).collect();
+        for keep_days in [0, 14] {
+            let doomed = to_prune(&files, 10, keep_days, now);
+            assert_eq!(doomed.len(), 5, "keep_days {keep_days}");
+            assert!(
+                doomed.iter().all(|f| f.taken_at > now),
+                "the three taken since are kept"
+            );
+        }
     }
 
     #[test]

@@ -532,6 +532,15 @@ mod tests {
         // Opened again at the current schema: no further backup.
         drop(open(&path).unwrap());
         assert_eq!(std::fs::read_dir(&backups).unwrap().count(), 1);
+
+        // Starts that fail after the backup and come again keep one copy per schema.
+        let later = time::OffsetDateTime::now_utc() + time::Duration::minutes(5);
+        let again = backup::take_before_upgrade(&path, older, later).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&backups)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(names, [again.path]);
     }
 
     #[test]
