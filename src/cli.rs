@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use keygate_sdk::{VerifyingKey, keys};
 use rusqlite::TransactionBehavior;
-
+use time::OffsetDateTime;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing_subscriber::Layer;
 
@@ -243,7 +243,16 @@ impl Cli {
             listen,
             log_format: self.log_format,
         };
-        let config = Config::load(self.config.as_deref(), std::env::vars(), &overrides)?;
+        // Only keygate's own variables: another one that is not UTF-8 (`std::env::vars`
+        // panics on it) is none of keygate's business.
+        let env = std::env::vars_os().filter_map(|(key, value)| {
+            let key = key
+                .into_string()
+                .ok()
+                .filter(|k| k.starts_with("KEYGATE_"))?;
+            Some((key, value.to_string_lossy().into_owned()))
+        });
+        let config = Config::load(self.config.as_deref(), env, &overrides)?;
         let chose_data_dir = self.config.is_some()
             || self.data_dir.is_some()
             || std::env::var_os("KEYGATE_DATA_DIR").is_some();
@@ -299,20 +308,31 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         Command::Licenses => licenses(&config),
         Command::Status => status(&config),
         Command::Handshake(command) => handshake(&config, command, &clock),
-        Command::Device(command) => device(&config, command),
+        Command::Device(command) => device(&config, command, &clock),
         Command::Backup => {
-            let conn = open_store(&config)?;
+            // Opened first: a database to back up, brought to this release's schema.
+            drop(open_store(&config)?);
             let now = clock.now();
             let file = store::backup::take(
                 &config.database_path(),
                 &config.data_dir.join(store::backup::BACKUP_DIR),
                 now,
             )?;
-            store::settings::set(
-                &conn,
-                crate::jobs::LAST_BACKUP,
-                &now.unix_timestamp().to_string(),
-            )?;
+            audited(&config, now, |conn| {
+                store::settings::set(
+                    conn,
+                    crate::jobs::LAST_BACKUP,
+                    &now.unix_timestamp().to_string(),
+                )?;
+                let name = file
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+                Ok((
+                    (),
+                    Some(("backup taken", name.unwrap_or_default(), String::new())),
+                ))
+            })?;
             println!(
                 "backup written: {} ({} bytes, integrity checked)",
                 file.path.display(),
@@ -336,11 +356,14 @@ pub fn run(command: Command, config: Config) -> Result<()> {
             );
             Ok(())
         }
-        Command::Alerts(command) => alerts(&config, command),
+        Command::Alerts(command) => alerts(&config, command, &clock),
         Command::Admin(command) => admin(&config, command, &clock),
         Command::Trial { state } => {
-            let conn = open_store(&config)?;
-            store::settings::set(&conn, store::catalogue::PUBLIC_TRIAL, &state)?;
+            audited(&config, clock.now(), |conn| {
+                store::settings::set(conn, store::catalogue::PUBLIC_TRIAL, &state)?;
+                let what = format!("The public trial is {state}.");
+                Ok(((), Some(("handshake trial", String::new(), what))))
+            })?;
             println!("public trial {state}");
             Ok(())
         }
@@ -387,6 +410,28 @@ fn open_store(config: &Config) -> Result<rusqlite::Connection> {
     Ok(store::open(&config.database_path())?)
 }
 
+/// What a change made at the console writes into the audit log (actor `cli`), as the
+/// portal's changes do: the action, its target and a detail.
+type Entry = (&'static str, String, String);
+
+/// Runs a change made at the console and its audit entry in one transaction: a refused
+/// change writes neither.
+fn audited<T>(
+    config: &Config,
+    now: OffsetDateTime,
+    change: impl FnOnce(&rusqlite::Connection) -> Result<(T, Option<Entry>)>,
+) -> Result<T> {
+    let mut conn = open_store(config)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let (value, entry) = change(&tx)?;
+    if let Some((action, target, detail)) = entry {
+        let at = licensing::unix(now);
+        store::ops::audit(&tx, at, "cli", action, &target, &detail, "")?;
+    }
+    tx.commit()?;
+    Ok(value)
+}
+
 fn trust(config: &Config, path: &Path, name: Option<String>, clock: &dyn Clock) -> Result<()> {
     let pem =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -396,17 +441,21 @@ fn trust(config: &Config, path: &Path, name: Option<String>, clock: &dyn Clock) 
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default()
     });
-    let conn = open_store(config)?;
     let kid = keys::kid(&key);
-    let added = store::licenses::insert_trusted_key(
-        &conn,
-        &TrustedKey {
-            kid: kid.clone(),
-            public_key: key.to_bytes(),
-            name: name.clone(),
-            added_at: licensing::unix(clock.now()),
-        },
-    )?;
+    let now = clock.now();
+    let added = audited(config, now, |conn| {
+        let added = store::licenses::insert_trusted_key(
+            conn,
+            &TrustedKey {
+                kid: kid.clone(),
+                public_key: key.to_bytes(),
+                name: name.clone(),
+                added_at: licensing::unix(now),
+            },
+        )?;
+        let entry = added.then(|| ("vendor key trusted", kid.clone(), name.clone()));
+        Ok((added, entry))
+    })?;
     if added {
         println!("trusted vendor key {kid} ({name})");
     } else {
@@ -419,12 +468,18 @@ fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let appliance = Appliance::load_or_create(&config.data_dir)?;
-    let mut conn = open_store(config)?;
-    let trusted = trusted_keys(config, &conn)?;
-    let verified = import::verify(&text, &trusted, appliance.public_key())?;
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let outcome = import::apply(&tx, &verified, clock.now())?;
-    tx.commit()?;
+    let now = clock.now();
+    let outcome = audited(config, now, |conn| {
+        let trusted = trusted_keys(config, conn)?;
+        let verified = import::verify(&text, &trusted, appliance.public_key())?;
+        let outcome = import::apply(conn, &verified, now)?;
+        // The same file again changes nothing, not even the audit log.
+        let entry = (!matches!(outcome, import::ImportOutcome::Unchanged { .. })).then(|| {
+            let id = verified.license.license_id.clone();
+            ("license imported", id, outcome.to_string())
+        });
+        Ok((outcome.to_string(), entry))
+    })?;
     println!("{outcome}");
     Ok(())
 }
@@ -432,7 +487,6 @@ fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {
 fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> Result<()> {
     use crate::licensing::handshake::hash_password;
     use crate::store::licenses as l;
-    let conn = open_store(config)?;
     let found = |changed: bool, code: &str| {
         if changed {
             Ok(())
@@ -440,8 +494,10 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
             Err(anyhow::anyhow!("no handshake code {code:?}"))
         }
     };
+    // Each change is audited as the portal's: `handshake <action>`, the code, what changed.
     match command {
         HandshakeCommand::List => {
+            let conn = open_store(config)?;
             println!(
                 "{:<28} {:<12} {:<10} {:<8} {:<30} PROCESSES",
                 "CODE", "ORG", "NAME", "PASSWORD", "DOMAINS"
@@ -470,20 +526,24 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
             if !licensing::is_identifier(&code) {
                 bail!("a handshake code is 1 to 64 letters, digits, '.', '_' or '-'");
             }
-            if l::default_handshake(&conn, &organization)?.is_none() {
-                bail!("organization {organization} has no license on this appliance");
-            }
-            if l::handshake_by_code(&conn, &code)?.is_some() {
-                bail!("handshake code {code} already exists");
-            }
-            l::insert_handshake(
-                &conn,
-                &code,
-                &organization,
-                &name,
-                false,
-                licensing::unix(clock.now()),
-            )?;
+            audited(config, clock.now(), |conn| {
+                if l::default_handshake(conn, &organization)?.is_none() {
+                    bail!("organization {organization} has no license on this appliance");
+                }
+                if l::handshake_by_code(conn, &code)?.is_some() {
+                    bail!("handshake code {code} already exists");
+                }
+                l::insert_handshake(
+                    conn,
+                    &code,
+                    &organization,
+                    &name,
+                    false,
+                    licensing::unix(clock.now()),
+                )?;
+                let what = format!("Handshake code {code} created.");
+                Ok(((), Some(("handshake create", code.clone(), what))))
+            })?;
             println!("created handshake code {code} for organization {organization}");
         }
         HandshakeCommand::SetPassword { code } => {
@@ -493,14 +553,20 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
                 bail!("the password is empty (give it on standard input)");
             }
             licensing::handshake::check_password(password).map_err(anyhow::Error::msg)?;
-            found(
-                l::set_handshake_password(&conn, &code, Some(&hash_password(password)))?,
-                &code,
-            )?;
+            let hash = hash_password(password);
+            audited(config, clock.now(), |conn| {
+                found(l::set_handshake_password(conn, &code, Some(&hash))?, &code)?;
+                let what = format!("Session password of {code} set.");
+                Ok(((), Some(("handshake password", code.clone(), what))))
+            })?;
             println!("session password set for {code}");
         }
         HandshakeCommand::ClearPassword { code } => {
-            found(l::set_handshake_password(&conn, &code, None)?, &code)?;
+            audited(config, clock.now(), |conn| {
+                found(l::set_handshake_password(conn, &code, None)?, &code)?;
+                let what = format!("Session password of {code} removed.");
+                Ok(((), Some(("handshake clear-password", code.clone(), what))))
+            })?;
             println!("session password removed from {code}");
         }
         HandshakeCommand::SetValidation {
@@ -510,22 +576,33 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
         } => {
             licensing::handshake::check_validation(&domains, &processes)
                 .map_err(anyhow::Error::msg)?;
-            found(
-                l::set_handshake_validation(&conn, &code, &domains, &processes)?,
-                &code,
-            )?;
-            println!(
+            let what = format!(
                 "validation fields of {code}: domains [{}], processes [{}]",
                 domains.join(", "),
                 processes.join(", ")
             );
+            audited(config, clock.now(), |conn| {
+                found(
+                    l::set_handshake_validation(conn, &code, &domains, &processes)?,
+                    &code,
+                )?;
+                Ok((
+                    (),
+                    Some(("handshake validation", code.clone(), what.clone())),
+                ))
+            })?;
+            println!("{what}");
         }
         HandshakeCommand::Assign { item, code } => {
-            let h = l::handshake_by_code(&conn, &code)?
-                .ok_or_else(|| anyhow::anyhow!("no handshake code {code:?}"))?;
-            if !l::assign_item(&conn, &item, h.id)? {
-                bail!("no item {item:?} of organization {}", h.organization_id);
-            }
+            audited(config, clock.now(), |conn| {
+                let h = l::handshake_by_code(conn, &code)?
+                    .ok_or_else(|| anyhow::anyhow!("no handshake code {code:?}"))?;
+                if !l::assign_item(conn, &item, h.id)? {
+                    bail!("no item {item:?} of organization {}", h.organization_id);
+                }
+                let what = format!("Item {item} is now served by {code}.");
+                Ok(((), Some(("handshake assign", code.clone(), what))))
+            })?;
             println!("item {item} now served by {code}");
         }
     }
@@ -551,36 +628,40 @@ fn read_password() -> Result<String> {
 fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()> {
     use crate::licensing::handshake::hash_password;
     use crate::store::admins;
-    let conn = open_store(config)?;
-    let now = licensing::unix(clock.now());
+    let now = clock.now();
     match command {
         AdminCommand::Create { name, role } => {
             let password = read_password()?;
             crate::portal::check_credentials(&name, &password).map_err(|e| anyhow::anyhow!(e))?;
-            if admins::admin_by_name(&conn, &name)?.is_some() {
-                bail!("an admin named {name} already exists");
-            }
-            admins::insert_admin(&conn, &name, &role, &hash_password(&password), now)?;
-            admins::delete_setup_tokens(&conn)?;
-            store::ops::audit(&conn, now, "cli", "admin created", &name, &role, "")?;
+            let hash = hash_password(&password);
+            audited(config, now, |conn| {
+                if admins::admin_by_name(conn, &name)?.is_some() {
+                    bail!("an admin named {name} already exists");
+                }
+                admins::insert_admin(conn, &name, &role, &hash, licensing::unix(now))?;
+                admins::delete_setup_tokens(conn)?;
+                Ok(((), Some(("admin created", name.clone(), role.to_string()))))
+            })?;
             println!("admin {name} created ({role})");
         }
         AdminCommand::ResetPassword { name } => {
             let password = read_password()?;
             crate::portal::check_credentials(&name, &password).map_err(|e| anyhow::anyhow!(e))?;
-            if !admins::set_password(&conn, &name, &hash_password(&password))? {
-                bail!("no admin named {name}");
-            }
-            store::ops::audit(&conn, now, "cli", "password reset", &name, "", "")?;
+            let hash = hash_password(&password);
+            audited(config, now, |conn| {
+                if !admins::set_password(conn, &name, &hash)? {
+                    bail!("no admin named {name}");
+                }
+                Ok(((), Some(("password reset", name.clone(), String::new()))))
+            })?;
             println!("password of {name} reset; its sessions are signed out");
         }
     }
     Ok(())
 }
 
-fn alerts(config: &Config, command: AlertsCommand) -> Result<()> {
+fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<()> {
     use crate::alerts::mail;
-    let conn = open_store(config)?;
     match command {
         AlertsCommand::Recipients { list } => {
             let parsed = mail::parse_recipients(&list)?;
@@ -589,7 +670,13 @@ fn alerts(config: &Config, command: AlertsCommand) -> Result<()> {
                 .map(|m| m.to_string())
                 .collect::<Vec<_>>()
                 .join(";");
-            store::settings::set(&conn, mail::RECIPIENTS, &list)?;
+            audited(config, clock.now(), |conn| {
+                store::settings::set(conn, mail::RECIPIENTS, &list)?;
+                Ok((
+                    (),
+                    Some(("alert recipients set", list.clone(), String::new())),
+                ))
+            })?;
             println!(
                 "alert recipients: {}",
                 if list.is_empty() { "(none)" } else { &list }
@@ -626,7 +713,14 @@ fn alerts(config: &Config, command: AlertsCommand) -> Result<()> {
                     None => None,
                 },
             };
-            mail::save_settings(&conn, &settings)?;
+            audited(config, clock.now(), |conn| {
+                mail::save_settings(conn, &settings)?;
+                let server = format!("{}:{}", settings.host, settings.port);
+                Ok((
+                    (),
+                    Some(("SMTP server set", server, tls.as_str().to_string())),
+                ))
+            })?;
             println!(
                 "SMTP server: {}:{} ({})",
                 settings.host,
@@ -635,6 +729,7 @@ fn alerts(config: &Config, command: AlertsCommand) -> Result<()> {
             );
         }
         AlertsCommand::Test => {
+            let conn = open_store(config)?;
             let settings = mail::load_settings(&conn)?.ok_or(mail::MailError::NotConfigured)?;
             let to = mail::parse_recipients(
                 &store::settings::get(&conn, mail::RECIPIENTS)?.unwrap_or_default(),
@@ -653,31 +748,40 @@ fn alerts(config: &Config, command: AlertsCommand) -> Result<()> {
     Ok(())
 }
 
-fn device(config: &Config, command: DeviceCommand) -> Result<()> {
+fn device(config: &Config, command: DeviceCommand, clock: &dyn Clock) -> Result<()> {
     use crate::licensing::types;
     use crate::store::devices as d;
-    let mut conn = open_store(config)?;
     let canonical = |uuid: &str| types::uuid("uuid", uuid).map_err(|e| anyhow::anyhow!("{e}"));
-    match command {
-        DeviceCommand::Block { uuid } => {
-            if !d::set_blocked(&conn, &canonical(&uuid)?, true)? {
+    let now = clock.now();
+    let block = |uuid: &str, blocked: bool, action: &'static str| {
+        let uuid = canonical(uuid)?;
+        audited(config, now, |conn| {
+            if !d::set_blocked(conn, &uuid, blocked)? {
                 bail!("no device {uuid}");
             }
+            Ok(((), Some((action, uuid.clone(), String::new()))))
+        })
+    };
+    match command {
+        DeviceCommand::Block { uuid } => {
+            block(&uuid, true, "device blocked")?;
             println!("device {uuid} blocked");
         }
         DeviceCommand::Unblock { uuid } => {
-            if !d::set_blocked(&conn, &canonical(&uuid)?, false)? {
-                bail!("no device {uuid}");
-            }
+            block(&uuid, false, "device unblocked")?;
             println!("device {uuid} unblocked");
         }
         DeviceCommand::Remove { uuid } => {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let device = d::device_by_uuid(&tx, &canonical(&uuid)?)?
-                .ok_or_else(|| anyhow::anyhow!("no device {uuid}"))?;
-            let now = SystemClock.now().unix_timestamp();
-            let freed = d::remove_device(&tx, device.id, now)?;
-            tx.commit()?;
+            let canonical = canonical(&uuid)?;
+            let freed = audited(config, now, |conn| {
+                let device = d::device_by_uuid(conn, &canonical)?
+                    .ok_or_else(|| anyhow::anyhow!("no device {uuid}"))?;
+                let freed = d::remove_device(conn, device.id, licensing::unix(now))?;
+                Ok((
+                    freed,
+                    Some(("device removed", canonical.clone(), String::new())),
+                ))
+            })?;
             println!("device {uuid} removed: {freed} seat(s) freed, its leases revoked");
         }
     }
@@ -771,7 +875,26 @@ fn status(config: &Config) -> Result<()> {
         );
     }
     let appliance = Appliance::load(&config.data_dir)?;
-    let conn = open_store(config)?;
+    // Opened read-only: a database of another release is told, not migrated.
+    let conn = rusqlite::Connection::open_with_flags(
+        config.database_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let schema: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if schema != store::schema_version() {
+        bail!(
+            "the database {} is at schema {schema}; this keygate {} reads schema {}: {}",
+            config.database_path().display(),
+            env!("CARGO_PKG_VERSION"),
+            store::schema_version(),
+            if schema < store::schema_version() {
+                "`keygate serve` (the service) migrates it when it starts"
+            } else {
+                "it was written by a newer keygate"
+            }
+        );
+    }
     let counts = store::licenses::counts(&conn)?;
     let trusted = trusted_keys(config, &conn)?;
     println!("keygate {}", env!("CARGO_PKG_VERSION"));

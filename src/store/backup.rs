@@ -318,9 +318,8 @@ pub fn to_prune(
         .chain(ahead)
         .enumerate()
         .filter(|(i, f)| {
-            let newest_of_day = f.taken_at > horizon
-                && f.taken_at <= now
-                && days_kept.insert(f.taken_at.date());
+            let newest_of_day =
+                f.taken_at > horizon && f.taken_at <= now && days_kept.insert(f.taken_at.date());
             !(*i < keep_last || newest_of_day)
         })
         .map(|(_, f)| f.clone())
@@ -406,6 +405,20 @@ pub fn restore(
         {
             super::settings::set(&conn, crate::clock::NEWEST_TIME, &newest.to_string())?;
         }
+        // The restored database tells its admins where it came from.
+        let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+        crate::store::ops::audit(
+            &conn,
+            now.unix_timestamp(),
+            "cli",
+            "backup restored",
+            &name(backup).unwrap_or_default(),
+            &format!(
+                "the database it replaced is kept as {}",
+                name(&aside).unwrap_or_default()
+            ),
+            "",
+        )?;
         conn.close().map_err(|(_, e)| e)?;
         Ok(())
     });
@@ -639,6 +652,14 @@ mod tests {
                 .as_deref(),
             Some("in the WAL")
         );
+        let audited: (String, String) = conn
+            .query_row(
+                "SELECT action, target FROM audit_log ORDER BY id DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(audited, ("backup restored".into(), "kept.db".into()));
     }
 
     #[test]

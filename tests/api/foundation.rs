@@ -124,6 +124,36 @@ fn vendor_to_appliance_to_https() {
     assert!(!typo.exists());
 }
 
+/// `keygate status` reads only: a database an older release left (the service stopped
+/// after a package upgrade) is told, not migrated by whoever ran the command.
+#[test]
+fn status_does_not_migrate_a_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    Served::start(&data).kill();
+    let db = data.join("keygate.db");
+    let older = keygate::store::schema_version() - 1;
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_update(None, "user_version", older)
+        .unwrap();
+    let run = keygate(&data, &["status"]);
+    assert!(
+        !run.ok && run.stderr.contains(&format!("is at schema {older}")),
+        "{}",
+        run.stderr
+    );
+    let version: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, older);
+    assert!(
+        !data.join("backups").exists(),
+        "no backup before an upgrade"
+    );
+}
+
 #[test]
 fn restart_keeps_installation_id_and_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -537,12 +567,16 @@ fn configuration_layers_and_refuses_typos() {
         "listen = \"127.0.0.1:9000\"\n[log]\nlevel = \"debug\"\n",
     )
     .unwrap();
-    let run: Run = command()
-        .args(["--config", config.to_str().unwrap(), "config", "dump"])
-        .env("KEYGATE_DATA_DIR", "/srv/keygate")
-        .output()
-        .unwrap()
-        .into();
+    let mut dump = command();
+    dump.args(["--config", config.to_str().unwrap(), "config", "dump"])
+        .env("KEYGATE_DATA_DIR", "/srv/keygate");
+    // Another program's variable that is not UTF-8 is none of keygate's business.
+    #[cfg(unix)]
+    dump.env(
+        "LEGACY_LOCALE_NAME",
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"caf\xe9"),
+    );
+    let run: Run = dump.output().unwrap().into();
     assert!(run.ok, "{}", run.stderr);
     assert!(run.stdout.contains("listen = \"127.0.0.1:9000\""));
     assert!(run.stdout.contains("data_dir = \"/srv/keygate\""));
@@ -566,4 +600,64 @@ fn configuration_layers_and_refuses_typos() {
         "{}",
         run.stderr
     );
+}
+
+/// Changes made at the console are in the audit log like the portal's (actor `cli`), each
+/// in the transaction of its change: a refused one leaves no entry.
+#[test]
+fn console_changes_are_audited_and_refused_ones_are_not() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    f.authorized("reader", 1);
+    let ok = |args: &[&str]| {
+        let run = keygate(&f.data, args);
+        assert!(run.ok, "{args:?}: {}", run.stderr);
+    };
+    ok(&["handshake", "create", "--organization", "200001", "LAB"]);
+    assert!(
+        !keygate(
+            &f.data,
+            &["handshake", "create", "--organization", "200001", "LAB"]
+        )
+        .ok
+    );
+    assert!(set_password(&f.data, "LAB", "a long session password").ok);
+    ok(&["handshake", "assign", "LIC-T-1", "LAB"]);
+    ok(&["trial", "on"]);
+    ok(&["device", "block", &device_uuid(1)]);
+    assert!(
+        !keygate(&f.data, &["device", "block", &device_uuid(2)]).ok,
+        "no such device"
+    );
+    ok(&["alerts", "recipients", "it@plant.test"]);
+    ok(&["backup"]);
+    let entries: Vec<(String, String, String)> = f
+        .db()
+        .prepare("SELECT actor, action, target FROM audit_log ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let actions: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|(actor, action, target)| {
+            assert_eq!(actor, "cli");
+            (action.as_str(), target.as_str())
+        })
+        .filter(|(action, _)| *action != "backup taken")
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("vendor key trusted", entries[0].2.as_str()),
+            ("license imported", "LIC-T"),
+            ("handshake create", "LAB"),
+            ("handshake password", "LAB"),
+            ("handshake assign", "LAB"),
+            ("handshake trial", ""),
+            ("device blocked", device_uuid(1).as_str()),
+            ("alert recipients set", "it@plant.test"),
+        ]
+    );
+    assert_eq!(entries.last().unwrap().1, "backup taken");
 }
