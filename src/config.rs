@@ -234,6 +234,19 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level {:?}: {e}", self.log.level)))?;
+        let jobs = &self.jobs;
+        if [
+            jobs.alerts_every_s,
+            jobs.backup_every_s,
+            jobs.housekeeping_every_s,
+        ]
+        .contains(&0)
+        {
+            return Err(ConfigError::Invalid(
+                "jobs.alerts_every_s, backup_every_s and housekeeping_every_s are at least 1"
+                    .into(),
+            ));
+        }
         if self.jobs.backup_keep_last == 0 || self.jobs.backup_keep_days < 0 {
             // 0 would delete each backup as soon as it is taken (with keep_days 0).
             return Err(ConfigError::Invalid(
@@ -368,6 +381,10 @@ mod tests {
         .unwrap();
         let err = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("backup_keep_last"), "{err}");
+        // A job every 0 seconds is no schedule (it ran every second).
+        std::fs::write(&path, "[jobs]\nbackup_every_s = 0\n").unwrap();
+        let err = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("backup_every_s"), "{err}");
     }
 
     #[test]
