@@ -243,15 +243,19 @@ impl Cli {
             listen,
             log_format: self.log_format,
         };
-        // Only keygate's own variables: another one that is not UTF-8 (`std::env::vars`
-        // panics on it) is none of keygate's business.
-        let env = std::env::vars_os().filter_map(|(key, value)| {
-            let key = key
-                .into_string()
-                .ok()
-                .filter(|k| k.starts_with("KEYGATE_"))?;
-            Some((key, value.to_string_lossy().into_owned()))
-        });
+        // Only keygate's own variables are read: another one that is not UTF-8
+        // (`std::env::vars` panics on it) is none of keygate's business, one of keygate's is
+        // refused rather than read with a character replaced.
+        let mut env = Vec::new();
+        for (key, value) in std::env::vars_os() {
+            let Some(key) = key.to_str().filter(|k| k.starts_with("KEYGATE_")) else {
+                continue;
+            };
+            let Ok(value) = value.into_string() else {
+                bail!("the environment variable {key} is not valid UTF-8");
+            };
+            env.push((key.to_string(), value));
+        }
         let config = Config::load(self.config.as_deref(), env, &overrides)?;
         let chose_data_dir = self.config.is_some()
             || self.data_dir.is_some()
@@ -324,14 +328,8 @@ pub fn run(command: Command, config: Config) -> Result<()> {
                     crate::jobs::LAST_BACKUP,
                     &now.unix_timestamp().to_string(),
                 )?;
-                let name = file
-                    .path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned());
-                Ok((
-                    (),
-                    Some(("backup taken", name.unwrap_or_default(), String::new())),
-                ))
+                let name = store::backup::file_name(&file.path);
+                Ok(((), Some(("backup taken", name, String::new()))))
             })?;
             println!(
                 "backup written: {} ({} bytes, integrity checked)",

@@ -150,6 +150,9 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
 }
 
+/// The longest interval a scheduled job may have: a year.
+pub const MAX_JOB_INTERVAL_S: u64 = 365 * 86_400;
+
 impl Config {
     /// Builds the effective configuration from an optional file, an environment and flags.
     pub fn load(
@@ -235,17 +238,19 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level {:?}: {e}", self.log.level)))?;
         let jobs = &self.jobs;
-        if [
+        let intervals = [
             jobs.alerts_every_s,
             jobs.backup_every_s,
             jobs.housekeeping_every_s,
-        ]
-        .contains(&0)
+        ];
+        if intervals
+            .iter()
+            .any(|s| !(1..=MAX_JOB_INTERVAL_S).contains(s))
         {
-            return Err(ConfigError::Invalid(
-                "jobs.alerts_every_s, backup_every_s and housekeeping_every_s are at least 1"
-                    .into(),
-            ));
+            return Err(ConfigError::Invalid(format!(
+                "jobs.alerts_every_s, backup_every_s and housekeeping_every_s are from 1 to \
+                 {MAX_JOB_INTERVAL_S} seconds (a year)"
+            )));
         }
         if self.jobs.backup_keep_last == 0 || self.jobs.backup_keep_days < 0 {
             // 0 would delete each backup as soon as it is taken (with keep_days 0).
@@ -381,10 +386,13 @@ mod tests {
         .unwrap();
         let err = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("backup_keep_last"), "{err}");
-        // A job every 0 seconds is no schedule (it ran every second).
-        std::fs::write(&path, "[jobs]\nbackup_every_s = 0\n").unwrap();
-        let err = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap_err();
-        assert!(err.to_string().contains("backup_every_s"), "{err}");
+        // A job every 0 seconds is no schedule (it ran every second), one past a year none
+        // the scheduler keeps.
+        for every in ["0", "31536001", "18446744073709551615"] {
+            std::fs::write(&path, format!("[jobs]\nbackup_every_s = {every}\n")).unwrap();
+            let err = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains("backup_every_s"), "{every}: {err}");
+        }
     }
 
     #[test]

@@ -200,7 +200,7 @@ async fn plan(
     let mut ids = Vec::new();
     for (name, _, every) in schedule(&state.config.jobs) {
         let (state, last_runs) = (state.clone(), last_runs.clone());
-        let job = Job::new_repeated_async(Duration::from_secs(every.max(1)), move |_, _| {
+        let job = Job::new_repeated_async(Duration::from_secs(every), move |_, _| {
             spawn_run(&state, &last_runs, name);
             Box::pin(async {})
         })

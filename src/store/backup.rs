@@ -138,8 +138,14 @@ pub fn take_before_upgrade(
         .map(|e| e.path())
         .collect();
     let file = take_as(db, &dir, &format!("{prefix}{stamp}.db"), now)?;
+    // The new one is on disk; an earlier one that cannot go (another process starting at
+    // the same time removed it first) is no reason not to start.
     for path in earlier.iter().filter(|p| **p != file.path) {
-        std::fs::remove_file(path).map_err(io(path))?;
+        if let Err(e) = std::fs::remove_file(path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove an earlier backup");
+        }
     }
     Ok(file)
 }
@@ -161,9 +167,7 @@ fn take_as(
     let written = copy_checked(db, &tmp).and_then(|()| sync_file(&tmp));
     if let Err(e) = written {
         // A damaged database or a full disk: no half-written copy is left to fill the disk.
-        for suffix in ["", "-journal"] {
-            let _ = std::fs::remove_file(side_file(&tmp, suffix));
-        }
+        remove_with_side_files(&tmp);
         return Err(e);
     }
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
@@ -174,6 +178,16 @@ fn take_as(
         taken_at: now,
         size,
     })
+}
+
+/// The files SQLite may keep beside a database.
+const SIDE_FILES: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+/// Removes a database file that is not wanted and whatever SQLite kept beside it.
+fn remove_with_side_files(path: &Path) {
+    for suffix in std::iter::once("").chain(SIDE_FILES) {
+        let _ = std::fs::remove_file(side_file(path, suffix));
+    }
 }
 
 /// Copies `db` into the empty database file `to` from one read snapshot, and checks the copy.
@@ -288,10 +302,13 @@ pub fn remove_unfinished(dir: &Path) -> Result<usize, BackupError> {
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|idle| idle >= std::time::Duration::from_secs(600));
-        if name.starts_with('.')
-            && (name.ends_with(".tmp") || name.ends_with(".tmp-journal"))
-            && idle
-        {
+        let temporary = SIDE_FILES
+            .iter()
+            .fold(name.as_str(), |n, suffix| {
+                n.strip_suffix(suffix).unwrap_or(n)
+            })
+            .ends_with(".tmp");
+        if name.starts_with('.') && temporary && idle {
             std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
             removed += 1;
         }
@@ -384,18 +401,22 @@ pub fn restore(
     // database is replaced by one rename, so a crash at any point leaves a whole database
     // (the old one or the restored one) at `db`, never none.
     let tmp = db.with_file_name("keygate.db.restoring");
-    let remove_tmp = || {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let _ = std::fs::remove_file(side_file(&tmp, suffix));
-        }
-    };
     // What a restore killed before left here is not mixed into this one.
-    remove_tmp();
-    // Copied through SQLite, from one snapshot: a backup with a WAL beside it (a database
-    // kept aside by an earlier restore) is restored with what its WAL holds. The copy is
-    // checked, and must belong to this appliance.
-    let copied = copy_checked(backup, &tmp).and_then(|()| {
+    remove_with_side_files(&tmp);
+    // The backup is copied as it lies, with the WAL beside it if it has one (a database
+    // kept aside by an earlier restore), and only the copy is opened: SQLite brings what the
+    // WAL holds into it, and the backup's own place (a read-only medium) is not written to.
+    // The copy is checked and must belong to this appliance.
+    let copied = || {
+        std::fs::copy(backup, &tmp).map_err(io(&tmp))?;
+        owner_only(&tmp)?;
+        let wal = side_file(backup, "-wal");
+        if wal.exists() {
+            let to = side_file(&tmp, "-wal");
+            std::fs::copy(&wal, &to).map_err(io(&to))?;
+        }
         let conn = Connection::open(&tmp)?;
+        check(&conn, backup)?;
         bound_here(&conn, backup, installation_id)?;
         // The newest time the appliance has used stays: the backup's older one would let a
         // clock set back in between go unnoticed (`clock::Watermark`). A backup from before
@@ -405,25 +426,29 @@ pub fn restore(
         {
             super::settings::set(&conn, crate::clock::NEWEST_TIME, &newest.to_string())?;
         }
-        // The restored database tells its admins where it came from.
-        let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
-        crate::store::ops::audit(
-            &conn,
-            now.unix_timestamp(),
-            "cli",
-            "backup restored",
-            &name(backup).unwrap_or_default(),
-            &format!(
-                "the database it replaced is kept as {}",
-                name(&aside).unwrap_or_default()
-            ),
-            "",
+        // The restored database tells its admins where it came from (a backup older than
+        // the audit log's schema gets the log when it is migrated, without this entry).
+        let audited: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'audit_log')",
+            [],
+            |r| r.get(0),
         )?;
+        if audited {
+            let kept = if db.exists() {
+                format!("the database it replaced is kept as {}", file_name(&aside))
+            } else {
+                String::new()
+            };
+            let at = now.unix_timestamp();
+            let from = file_name(backup);
+            crate::store::ops::audit(&conn, at, "cli", "backup restored", &from, &kept, "")?;
+        }
+        // Closing the only connection folds the WAL into the copy and removes it.
         conn.close().map_err(|(_, e)| e)?;
-        Ok(())
-    });
-    if let Err(e) = copied {
-        remove_tmp();
+        Ok::<_, BackupError>(())
+    };
+    if let Err(e) = copied() {
+        remove_with_side_files(&tmp);
         return Err(e);
     }
     owner_only(&tmp)?;
@@ -449,6 +474,13 @@ pub fn restore(
     std::fs::rename(&tmp, db).map_err(io(db))?;
     sync_dir(data_dir)?;
     Ok(aside)
+}
+
+/// A path's last component, for messages.
+pub fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The newest time the database at `db` says its appliance used, if it can be read (a
@@ -660,6 +692,14 @@ mod tests {
             )
             .unwrap();
         assert_eq!(audited, ("backup restored".into(), "kept.db".into()));
+        // Only the copy was opened: nothing new beside the backup, nothing of the copy left.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("kept") || n.contains("restoring"))
+            .collect();
+        names.sort();
+        assert_eq!(names, ["kept.db", "kept.db-wal"]);
     }
 
     #[test]
