@@ -347,17 +347,17 @@ fn standalone_is_a_hard_limit_and_release_frees_the_seat() {
     assert_eq!(f.refused("cad", 1), "QUOTA_EXCEEDED");
 }
 
-/// A device authorized again through another handshake code moves its lease to that code's
-/// item: the seat it held in the first item is left, not held twice.
-#[test]
-fn a_lease_moved_to_another_codes_item_leaves_its_old_seat() {
-    let f = Fixture::new(
-        &[
-            item("cad", "standalone", 1, ""),
-            item("cad", "standalone", 1, ""),
-        ]
-        .concat(),
-    );
+/// Two items of `model` for "cad" (quota 1 each), the second configured to code LAB; device 1
+/// authorizes on the default code, then through LAB, which moves its lease to the second
+/// item. Returns the fixture and the two authorizations.
+fn authorized_then_moved(
+    model: &str,
+) -> (
+    Fixture,
+    keygate_sdk::wire::Authorization,
+    keygate_sdk::wire::Authorization,
+) {
+    let f = Fixture::new(&[item("cad", model, 1, ""), item("cad", model, 1, "")].concat());
     f.assign_to_new_code("LIC-T-2", "LAB");
     let first = f.authorized("cad", 1);
     assert_eq!(first.items[0].item_id, "LIC-T-1");
@@ -370,17 +370,20 @@ fn a_lease_moved_to_another_codes_item_leaves_its_old_seat() {
         (moved.lease_id.as_str(), moved.items[0].item_id.as_str()),
         (first.lease_id.as_str(), "LIC-T-2")
     );
-    assert_eq!(
-        (
-            f.item_value("LIC-T-1", "seats_used"),
-            f.item_value("LIC-T-2", "seats_used")
-        ),
-        (0, 1)
-    );
+    (f, first, moved)
+}
+
+/// A device authorized again through another handshake code moves its lease to that code's
+/// item: the seat it held in the first item is left, not held twice.
+#[test]
+fn a_lease_moved_to_another_codes_item_leaves_its_old_seat() {
+    let (f, _, moved) = authorized_then_moved("standalone");
+    let seats = |item: &str| f.item_value(item, "seats_used");
+    assert_eq!((seats("LIC-T-1"), seats("LIC-T-2")), (0, 1));
     f.authorized("cad", 2);
     // Its release frees the one seat it holds.
     assert_eq!(f.release(&moved.lease_id, 1).0, 200);
-    assert_eq!(f.item_value("LIC-T-2", "seats_used"), 0);
+    assert_eq!(seats("LIC-T-2"), 0);
 }
 
 /// per_device seats count the devices ever authorized: a device that moves to another
@@ -388,28 +391,9 @@ fn a_lease_moved_to_another_codes_item_leaves_its_old_seat() {
 /// device cannot take it and the first device is still known there.
 #[test]
 fn a_per_device_seat_stays_when_its_lease_moves_to_another_code() {
-    let f = Fixture::new(
-        &[
-            item("cad", "per_device", 1, ""),
-            item("cad", "per_device", 1, ""),
-        ]
-        .concat(),
-    );
-    f.assign_to_new_code("LIC-T-2", "LAB");
-    let first = f.authorized("cad", 1);
-    assert_eq!(first.items[0].item_id, "LIC-T-1");
-    let mut lab = f.request("cad", 1);
-    lab["handshake_code"] = json!("LAB");
-    let (status, body) = f.authorize(&lab);
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(f.verify(&body, 1).items[0].item_id, "LIC-T-2");
-    assert_eq!(
-        (
-            f.item_value("LIC-T-1", "seats_used"),
-            f.item_value("LIC-T-2", "seats_used")
-        ),
-        (1, 1)
-    );
+    let (f, _, _) = authorized_then_moved("per_device");
+    let seats = |item: &str| f.item_value(item, "seats_used");
+    assert_eq!((seats("LIC-T-1"), seats("LIC-T-2")), (1, 1));
     assert_eq!(f.refused("cad", 2), "QUOTA_EXCEEDED");
     assert_eq!(f.authorized("cad", 1).items[0].item_id, "LIC-T-1");
 }
