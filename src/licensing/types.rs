@@ -159,11 +159,21 @@ impl Usage {
                     format!("at most {} counters in one report", wire::MAX_COUNTERS),
                 );
             }
-            let mut counters = Vec::with_capacity(report.counters.len());
-            for (name, amount) in report.counters {
-                let Some(name) = identifier("reports.counters", Some(&name))? else {
+            let mut counters: Vec<(String, i64)> = Vec::with_capacity(report.counters.len());
+            let mut trimmed_any = false;
+            for (raw, amount) in report.counters {
+                let Some(name) = identifier("reports.counters", Some(&raw))? else {
                     return err("reports.counters", "a counter needs a name");
                 };
+                // " scans" is "scans": named twice, it would pass the per-report cap twice.
+                // The names came as a map's distinct keys, so only trimming can repeat one.
+                trimmed_any |= name.len() != raw.len();
+                if trimmed_any && counters.iter().any(|(known, _)| *known == name) {
+                    return err(
+                        "reports.counters",
+                        format!("counter {name} is named twice in one report"),
+                    );
+                }
                 if amount > wire::MAX_COUNT {
                     return err(
                         "reports.counters",
@@ -234,14 +244,34 @@ mod tests {
         }
     }
 
-    #[test]
-    fn usage_seqs_must_increase() {
-        let request = |reports| wire::UsageRequest {
+    fn request(reports: Vec<wire::UsageReport>) -> wire::UsageRequest {
+        wire::UsageRequest {
             lease_id: "67e55044-10b1-426f-9247-bb680e5fe0c8".into(),
             device_uuid: "67e55044-10b1-426f-9247-bb680e5fe0c9".into(),
             stream: "67e55044-10b1-426f-9247-bb680e5fe0ca".into(),
             reports,
+        }
+    }
+
+    #[test]
+    fn a_counter_is_named_once_per_report() {
+        let named = |names: &[&str]| {
+            let mut r = report(1);
+            r.counters = names.iter().map(|n| (n.to_string(), 1)).collect();
+            Usage::parse(request(vec![r]))
         };
+        assert!(named(&["scans", "pdf417"]).is_ok());
+        assert_eq!(
+            named(&[" scans"]).unwrap().reports[0].counters[0].0,
+            "scans"
+        );
+        // " scans" is "scans": the two would each pass the per-report cap.
+        assert!(named(&["scans", " scans"]).is_err());
+        assert!(named(&[""]).is_err());
+    }
+
+    #[test]
+    fn usage_seqs_must_increase() {
         assert!(Usage::parse(request(vec![report(1), report(2)])).is_ok());
         assert!(Usage::parse(request(vec![report(2), report(2)])).is_err());
         assert!(Usage::parse(request(vec![report(0)])).is_err());

@@ -102,9 +102,7 @@ pub fn record(
         for (counter, amount) in report.counters.iter().filter(|(_, n)| *n > 0) {
             let name = (report.item_id.as_str(), counter.as_str());
             if !noted.contains(&name) {
-                if refused.contains(&name)
-                    || !devices::note_counter(conn, name.0, name.1, meter == Some(name.1))?
-                {
+                if refused.contains(&name) || !devices::note_counter(conn, name.0, name.1, meter)? {
                     refused.insert(name);
                     continue;
                 }

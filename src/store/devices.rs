@@ -743,12 +743,13 @@ pub fn add_usage(
 pub const MAX_ITEM_COUNTERS: i64 = 64;
 
 /// Notes `counter` as one of the item's counter names: `false` (and nothing noted) for a new
-/// one past [`MAX_ITEM_COUNTERS`], unless `always` (the item's metered counter).
+/// one past [`MAX_ITEM_COUNTERS`] other than the item's metered counter `meter`, which is
+/// always noted and does not count against the limit.
 pub fn note_counter(
     conn: &Connection,
     item_id: &str,
     counter: &str,
-    always: bool,
+    meter: Option<&str>,
 ) -> Result<bool, StoreError> {
     let known = conn
         .prepare_cached("SELECT 1 FROM item_counters WHERE item_id = ?1 AND counter = ?2")?
@@ -756,10 +757,12 @@ pub fn note_counter(
     if known {
         return Ok(true);
     }
-    if !always {
+    if meter != Some(counter) {
         let names: i64 = conn
-            .prepare_cached("SELECT count(*) FROM item_counters WHERE item_id = ?1")?
-            .query_row([item_id], |r| r.get(0))?;
+            .prepare_cached(
+                "SELECT count(*) FROM item_counters WHERE item_id = ?1 AND counter IS NOT ?2",
+            )?
+            .query_row(params![item_id, meter], |r| r.get(0))?;
         if names >= MAX_ITEM_COUNTERS {
             return Ok(false);
         }

@@ -218,7 +218,9 @@ pub struct ItemTerms<'a> {
 }
 
 /// Inserts a new item on `handshake_id`, or updates the terms of an existing one (which
-/// keeps its handshake code and its usage).
+/// keeps its handshake code and its usage). When a new version meters another counter (or
+/// turns the item into per_usage), the item's total is counted again from its daily totals
+/// of that counter.
 pub fn upsert_item(
     conn: &Connection,
     item: &ItemTerms<'_>,
@@ -235,7 +237,14 @@ pub fn upsert_item(
             expires_at = excluded.expires_at, offline_days = excluded.offline_days,
             features = excluded.features, counter = excluded.counter,
             max_exceptions = excluded.max_exceptions, grace_days = excluded.grace_days,
-            tokens_per_pass = excluded.tokens_per_pass, withdrawn = 0",
+            tokens_per_pass = excluded.tokens_per_pass, withdrawn = 0,
+            usage_total = CASE
+                WHEN items.counter IS excluded.counter AND items.model = excluded.model
+                    THEN items.usage_total
+                ELSE (SELECT CAST(min(total(u.total), 9223372036854775807) AS INTEGER)
+                      FROM usage_daily u
+                      WHERE u.item_id = excluded.item_id AND u.counter = excluded.counter)
+            END",
     )?
     .execute(params![
         item.item_id,

@@ -392,6 +392,12 @@ fn writer(
             Err(e) => Err(StoreError::Commit(Arc::new(e))),
             Ok(()) => {
                 for job in batch.iter_mut() {
+                    // SQLite ends the whole transaction on some failures (a full disk, an I/O
+                    // error): the jobs after it would each commit on their own and then be
+                    // answered as failed with the batch. They do not run; the batch fails.
+                    if conn.is_autocommit() {
+                        break;
+                    }
                     job.run(&conn);
                 }
                 exec(&conn, "COMMIT").map_err(|e| {
@@ -709,6 +715,58 @@ mod tests {
             )
             .unwrap();
         assert_eq!(keys, 50);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_whose_transaction_sqlite_ended_fails_whole_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        // The writer is held by a first job while the next two queue into one batch.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let first = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(move |_| {
+                        let _ = held.recv();
+                        Ok::<_, StoreError>(())
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let ended = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(|conn| {
+                        // As SQLite does on SQLITE_FULL or an I/O error.
+                        exec(conn, "ROLLBACK")?;
+                        Err::<(), _>(StoreError::Panicked)
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let after = {
+            let store = store.clone();
+            tokio::spawn(async move { store.write(|conn| settings::set(conn, "after", "1")).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        assert!(ended.await.unwrap().is_err());
+        assert!(after.await.unwrap().is_err(), "answered as failed");
+        let stored = store
+            .read(|conn| settings::get(conn, "after"))
+            .await
+            .unwrap();
+        assert_eq!(stored, None, "and so not written");
+        // The writer goes on.
+        store
+            .write(|conn| settings::set(conn, "next", "1"))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

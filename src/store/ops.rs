@@ -155,12 +155,15 @@ pub fn audit(
     Ok(())
 }
 
-/// Usage per item per day since `since` (all counters added up, held at `i64::MAX`: SQL's
-/// `sum` would fail on overflow), for the dashboard.
+/// Usage per item per day since `since`, for the dashboard: an item's metered counter if it
+/// has one (per_usage: what its quota counts), else all its counters added up; held at
+/// `i64::MAX` (SQL's `sum` would fail on overflow).
 pub fn usage_by_day(conn: &Connection, since: i64) -> Result<Vec<(String, i64, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT item_id, day, CAST(min(total(total), 9223372036854775807) AS INTEGER)
-         FROM usage_daily WHERE day >= ?1 GROUP BY item_id, day",
+        "SELECT u.item_id, u.day, CAST(min(total(u.total), 9223372036854775807) AS INTEGER)
+         FROM usage_daily u JOIN items i ON i.item_id = u.item_id
+         WHERE u.day >= ?1 AND (i.counter IS NULL OR u.counter = i.counter)
+         GROUP BY u.item_id, u.day",
     )?;
     let rows = stmt.query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)

@@ -1682,3 +1682,21 @@ fn a_clock_set_back_signs_nothing_until_it_is_right() {
         status.stdout
     );
 }
+
+/// A per_usage item's chart shows what its quota counts, the metered counter, not every
+/// counter its devices report.
+#[test]
+fn the_dashboard_charts_what_a_per_usage_item_meters() {
+    let (f, browser) = signed_in(&item("scanner", "per_usage", 1000, "counter = \"scans\""));
+    let auth = f.authorized("scanner", 1);
+    let stream = "00000000-0000-4000-8000-0000000c4a27";
+    let mut body = f.reports(&auth.lease_id, 1, stream, &[(1, "LIC-T-1", "scans", 17)]);
+    body["reports"][0]["counters"]["pdf417"] = serde_json::json!(3);
+    assert_eq!(f.usage(&body).0, 200);
+    let page = browser.get("/").body;
+    let day = f.app.clock_now().date();
+    assert!(
+        page.contains(&format!("<title>{day}: 17</title>")),
+        "{page}"
+    );
+}

@@ -711,46 +711,90 @@ fn gzip_stored(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// An item records at most 64 counter names over its life: usage of a 65th is not recorded,
-/// while the report is accepted and its metered counter always counts (the device's other
-/// reports and the item's billing do not depend on what names others invented).
+/// An item records at most 64 counter names over its life besides its metered counter:
+/// usage of a 65th is not recorded, while the report is accepted and the meter always
+/// counts, whether it came first or last (the device's other reports and the item's billing
+/// do not depend on what names others invented).
 #[test]
 fn an_item_records_at_most_64_counter_names_and_always_its_meter() {
-    let f = scanner();
-    let auth = f.authorized("scanner", 1);
-    let stream = "00000000-0000-4000-8000-0000000c0a75";
-    let report = |seq: u64, names: &[String]| {
-        let mut body = f.reports(&auth.lease_id, 1, stream, &[(seq, "LIC-T-1", "scans", 1)]);
-        let counters = &mut body["reports"][0]["counters"];
-        *counters = json!({});
-        for name in names {
-            counters[name] = json!(1);
+    for meter_first in [false, true] {
+        let f = scanner();
+        let auth = f.authorized("scanner", 1);
+        let stream = "00000000-0000-4000-8000-0000000c0a75";
+        let report = |seq: u64, names: &[String]| {
+            let mut body = f.reports(&auth.lease_id, 1, stream, &[(seq, "LIC-T-1", "scans", 1)]);
+            let counters = &mut body["reports"][0]["counters"];
+            *counters = json!({});
+            for name in names {
+                counters[name] = json!(1);
+            }
+            body
+        };
+        let accepted = |body: &serde_json::Value| {
+            let (status, answer) = f.usage(body);
+            assert_eq!(
+                (status, answer["accepted"].as_u64()),
+                (200, Some(1)),
+                "{answer}"
+            );
+        };
+        let names =
+            |range: std::ops::Range<u32>| range.map(|n| format!("c{n}")).collect::<Vec<_>>();
+        let mut seq = 0;
+        let mut send = |names: &[String]| {
+            seq += 1;
+            accepted(&report(seq, names));
+        };
+        if meter_first {
+            send(&["scans".to_string()]);
         }
-        body
+        // c1..c64: the item's 64 names.
+        send(&names(1..65));
+        assert_eq!(f.recorded("c64"), 1, "meter first: {meter_first}");
+        // A 65th name is not recorded; the meter is, though it may be new too.
+        let mut next = names(60..66);
+        next.push("scans".into());
+        send(&next);
+        assert_eq!(f.recorded("c65"), 0);
+        let scans = if meter_first { 2 } else { 1 };
+        assert_eq!((f.recorded("c64"), f.recorded("scans")), (2, scans));
+        assert_eq!(f.item_value("LIC-T-1", "usage_total"), scans);
+        let device_rows: i64 = f
+            .db()
+            .query_row("SELECT count(*) FROM device_usage", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(device_rows, 65, "64 names and the meter");
+    }
+}
+
+/// A newer version of a license may meter another counter of its per_usage item: the
+/// item's total is then that counter's usage so far (from its daily totals), not the old
+/// counter's, so the quota judges what the new license meters.
+#[test]
+fn a_new_version_metering_another_counter_counts_that_counter() {
+    let meters = |counter: &str| {
+        item(
+            "scanner",
+            "per_usage",
+            900,
+            &format!("counter = \"{counter}\""),
+        )
     };
-    let names = |range: std::ops::Range<u32>| range.map(|n| format!("c{n}")).collect::<Vec<_>>();
-    // c1..c64: the item's 64 names, the meter not among them yet.
-    let (status, body) = f.usage(&report(1, &names(1..65)));
+    let f = Fixture::new(&meters("scans"));
+    let auth = f.authorized("scanner", 1);
+    let stream = "00000000-0000-4000-8000-00000000c0de";
+    let mut body = f.reports(&auth.lease_id, 1, stream, &[(1, "LIC-T-1", "scans", 1_000)]);
+    body["reports"][0]["counters"]["pages"] = json!(50);
+    let (status, answer) = f.usage(&body);
+    assert_eq!(status, 200, "{answer}");
     assert_eq!(
-        (status, body["accepted"].as_u64()),
-        (200, Some(1)),
-        "{body}"
+        answer["renewal_error"]["code"], "QUOTA_EXCEEDED",
+        "1,000 scans of 900"
     );
-    // A 65th name is not recorded; the meter is, though it is new too.
-    let mut second = names(60..66);
-    second.push("scans".into());
-    let (status, body) = f.usage(&report(2, &second));
-    assert_eq!(
-        (status, body["accepted"].as_u64()),
-        (200, Some(1)),
-        "{body}"
-    );
-    assert_eq!(f.recorded("c65"), 0);
-    assert_eq!((f.recorded("c64"), f.recorded("scans")), (2, 1));
-    assert_eq!(f.item_value("LIC-T-1", "usage_total"), 1);
-    let device_rows: i64 = f
-        .db()
-        .query_row("SELECT count(*) FROM device_usage", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(device_rows, 65, "64 names and the meter");
+    f.import("LIC-T", &meters("pages"), &["--version", "2"]);
+    assert_eq!(f.item_value("LIC-T-1", "usage_total"), 50);
+    assert!(f.heartbeat(&auth.lease_id, 1).is_ok(), "50 pages of 900");
+    // Back to scans: their 1,000 count again.
+    f.import("LIC-T", &meters("scans"), &["--version", "3"]);
+    assert_eq!(f.item_value("LIC-T-1", "usage_total"), 1_000);
 }
