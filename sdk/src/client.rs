@@ -244,7 +244,8 @@ pub struct ClientConfig {
     pub state_dir: PathBuf,
     /// How often [`Client::tick`] reports usage (default 180 s, as the appliance expects).
     pub report_interval: Duration,
-    /// Time limit of one request to one URL (default [`DEFAULT_TIMEOUT`]).
+    /// Time limit of one request to one URL (default [`DEFAULT_TIMEOUT`]), plus a second for
+    /// each KiB of its body (a backlog over a slow link).
     pub timeout: Duration,
     pub tls: TlsTrust,
     /// The device clock (default: the system clock).
@@ -1708,9 +1709,17 @@ impl Client {
             let index = (self.preferred_url + offset) % count;
             let url = format!("{}{path}", self.config.urls[index].trim_end_matches('/'));
             let sent = match &body {
+                // A large body (a backlog) over a slow link takes longer than the timeout to
+                // send: it gets a second more per KiB, the pace below which the appliance
+                // itself cuts a body off (then answering 408, and smaller requests follow).
                 Some(body) => self
                     .agent
                     .post(url.as_str())
+                    .config()
+                    .timeout_global(Some(
+                        self.config.timeout + Duration::from_secs(body.len() as u64 / 1024),
+                    ))
+                    .build()
                     .content_type("application/json")
                     .send(&body[..]),
                 None => self.agent.get(url.as_str()).call(),

@@ -529,3 +529,64 @@ fn a_lost_state_file_loses_no_waiting_usage() {
     assert_eq!(usage_total(&a), 25);
     assert!(state.path().join("state.json.corrupt").exists());
 }
+
+/// A TCP relay to `to` that passes what the device sends at `bytes_per_s` (a slow link);
+/// answers come back at full speed.
+fn slow_link(to: std::net::SocketAddr, bytes_per_s: usize) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for device in listener.incoming() {
+            let (Ok(device), Ok(appliance)) = (device, TcpStream::connect(to)) else {
+                return;
+            };
+            let (mut from_device, mut to_device) = (device.try_clone().unwrap(), device);
+            let (mut to_appliance, mut from_appliance) =
+                (appliance.try_clone().unwrap(), appliance);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_appliance, &mut to_device);
+            });
+            std::thread::spawn(move || {
+                let mut tick = vec![0; bytes_per_s / 8];
+                while let Ok(n @ 1..) = from_device.read(&mut tick) {
+                    if to_appliance.write_all(&tick[..n]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(125));
+                }
+                let _ = to_appliance.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// A backlog whose request takes longer to send over a slow link (8 KiB/s here) than the
+/// client's timeout still goes: a request's time limit grows with its body, as long as the
+/// link keeps the pace the appliance itself requires of a body.
+#[test]
+fn a_backlog_goes_over_a_link_slower_than_the_timeout() {
+    let a = scanner(1_000_000);
+    let served = Served::start(&a.data);
+    let state = tempfile::tempdir().unwrap();
+    let (clock, _) = device_clock();
+    client(&a, vec![served.url("")], state.path(), clock.clone())
+        .authorize()
+        .unwrap();
+    // 300 periods offline: about 40 KB of reports.
+    let mut offline = client(&a, vec![dead_url()], state.path(), clock.clone());
+    for _ in 0..300 {
+        offline.record("LIC-S-1", "scans", 1).unwrap();
+        assert!(offline.flush().unwrap_err().is_unreachable());
+    }
+    drop(offline);
+    let link = slow_link(served.addr, 8 * 1024);
+    let mut config = config(&a, vec![format!("https://{link}")], state.path(), clock);
+    config.timeout = std::time::Duration::from_secs(1);
+    let mut device = Client::new(config).unwrap();
+    let sent = device.flush().unwrap();
+    assert_eq!((sent.accepted, sent.pending), (300, 0), "{sent:?}");
+    assert_eq!(usage_total(&a), 300);
+}
