@@ -333,11 +333,11 @@ where
     }
 
     fn finish(self: Box<Self>, committed: Result<(), StoreError>) {
-        let out = match committed {
-            Ok(()) => self
-                .out
-                .unwrap_or_else(|| Err(E::from(StoreError::WriterGone))),
-            Err(e) => Err(E::from(e)),
+        let out = match (committed, self.out) {
+            (Ok(()), out) => out.unwrap_or_else(|| Err(E::from(StoreError::WriterGone))),
+            // A job that failed on its own says why, not what its batch's failure was.
+            (Err(_), Some(Err(own))) => Err(own),
+            (Err(e), _) => Err(E::from(e)),
         };
         // The requester may have gone away (client disconnected): nothing to tell then.
         let _ = self.reply.send(out);
@@ -396,6 +396,9 @@ fn writer(
                     // error): the jobs after it would each commit on their own and then be
                     // answered as failed with the batch. They do not run; the batch fails.
                     if conn.is_autocommit() {
+                        tracing::error!(
+                            "SQLite ended the batch's transaction; the rest of it fails"
+                        );
                         break;
                     }
                     job.run(&conn);
@@ -748,9 +751,17 @@ mod tests {
             })
         };
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let after = {
-            let store = store.clone();
-            tokio::spawn(async move { store.write(|conn| settings::set(conn, "after", "1")).await })
+            let (store, ran) = (store.clone(), ran.clone());
+            tokio::spawn(async move {
+                store
+                    .write(move |conn| {
+                        ran.store(true, Ordering::SeqCst);
+                        settings::set(conn, "after", "1")
+                    })
+                    .await
+            })
         };
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         release.send(()).unwrap();
@@ -762,6 +773,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored, None, "and so not written");
+        assert!(!ran.load(Ordering::SeqCst), "it did not run at all");
         // The writer goes on.
         store
             .write(|conn| settings::set(conn, "next", "1"))

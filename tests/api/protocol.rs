@@ -349,14 +349,8 @@ fn standalone_is_a_hard_limit_and_release_frees_the_seat() {
 
 /// Two items of `model` for "cad" (quota 1 each), the second configured to code LAB; device 1
 /// authorizes on the default code, then through LAB, which moves its lease to the second
-/// item. Returns the fixture and the two authorizations.
-fn authorized_then_moved(
-    model: &str,
-) -> (
-    Fixture,
-    keygate_sdk::wire::Authorization,
-    keygate_sdk::wire::Authorization,
-) {
+/// item. Returns the fixture and the moved authorization.
+fn authorized_then_moved(model: &str) -> (Fixture, keygate_sdk::wire::Authorization) {
     let f = Fixture::new(&[item("cad", model, 1, ""), item("cad", model, 1, "")].concat());
     f.assign_to_new_code("LIC-T-2", "LAB");
     let first = f.authorized("cad", 1);
@@ -370,14 +364,14 @@ fn authorized_then_moved(
         (moved.lease_id.as_str(), moved.items[0].item_id.as_str()),
         (first.lease_id.as_str(), "LIC-T-2")
     );
-    (f, first, moved)
+    (f, moved)
 }
 
 /// A device authorized again through another handshake code moves its lease to that code's
 /// item: the seat it held in the first item is left, not held twice.
 #[test]
 fn a_lease_moved_to_another_codes_item_leaves_its_old_seat() {
-    let (f, _, moved) = authorized_then_moved("standalone");
+    let (f, moved) = authorized_then_moved("standalone");
     let seats = |item: &str| f.item_value(item, "seats_used");
     assert_eq!((seats("LIC-T-1"), seats("LIC-T-2")), (0, 1));
     f.authorized("cad", 2);
@@ -391,7 +385,7 @@ fn a_lease_moved_to_another_codes_item_leaves_its_old_seat() {
 /// device cannot take it and the first device is still known there.
 #[test]
 fn a_per_device_seat_stays_when_its_lease_moves_to_another_code() {
-    let (f, _, _) = authorized_then_moved("per_device");
+    let (f, _) = authorized_then_moved("per_device");
     let seats = |item: &str| f.item_value(item, "seats_used");
     assert_eq!((seats("LIC-T-1"), seats("LIC-T-2")), (1, 1));
     assert_eq!(f.refused("cad", 2), "QUOTA_EXCEEDED");

@@ -366,7 +366,8 @@ fn huge_counts_are_refused_and_totals_stop_at_the_largest_integer() {
         .unwrap();
     assert_eq!(totals, (i64::MAX, i64::MAX));
     assert_eq!(total(&f), i64::MAX);
-    // The dashboard adds the day's counters up: held at the largest integer too.
+    // The dashboard's day figure (the metered counter's) is held at the largest integer too,
+    // and so is another counter's daily total.
     let (status, _) = f.usage(&f.reports(&lease, 1, STREAM, &[(4, "LIC-T-1", "pages", MAX_COUNT)]));
     assert_eq!(status, 200);
     let days = keygate::store::ops::usage_by_day(&f.db(), 0).unwrap();
