@@ -8,17 +8,9 @@ use serde::Deserialize;
 use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Session, Viewer};
 use super::{Page, render, render_form};
 use crate::alerts::mail::{self, SmtpSettings, TlsMode};
-use crate::licensing::{from_unix, rfc3339};
 use crate::server::AppState;
 use crate::store::ops::{self, AuditEntry, JobRun};
 use crate::store::{StoreError, settings};
-
-fn time(t: i64) -> String {
-    rfc3339(from_unix(t))
-        .replace('T', " ")
-        .trim_end_matches('Z')
-        .to_string()
-}
 
 /// What the forms show: stored values, or what the admin typed when it was refused.
 #[derive(Default)]
@@ -91,7 +83,7 @@ fn show(
             runs: runs
                 .into_iter()
                 .map(|r| {
-                    let at = time(r.started_at);
+                    let at = super::utc(r.started_at);
                     (r, at)
                 })
                 .collect(),
@@ -429,7 +421,7 @@ pub async fn audit(
         entries: entries
             .into_iter()
             .map(|e| {
-                let at = time(e.at);
+                let at = super::utc(e.at);
                 (e, at)
             })
             .collect(),

@@ -107,6 +107,15 @@ fn state_label(item: &store::licenses::ItemRow, now: i64) -> &'static str {
         Err(Refusal::NotStarted) => "not started",
         Err(Refusal::Expired) => "expired",
         Err(Refusal::QuotaExceeded) => "stopped",
+        // Known devices go on, new ones are refused (QUOTA_EXCEEDED).
+        Ok(())
+            if matches!(
+                item.terms.model,
+                Model::PerDevice | Model::PerActiveDevice | Model::Standalone
+            ) && !models::has_room(&item.terms, &item.used) =>
+        {
+            "full"
+        }
         Ok(()) => match models::state(&item.terms, &item.used) {
             AuthorizationState::Ok => "ok",
             AuthorizationState::Tolerance => "tolerance",
@@ -194,7 +203,7 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
                     BAR_WIDTH,
                 ),
                 windows,
-                expires: rfc3339(from_unix(item.terms.expires_at))[..10].to_string(),
+                expires: super::utc(item.terms.expires_at),
                 quota: item.terms.quota,
                 used,
                 exceptions: item
@@ -216,7 +225,7 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
         installation_id: state.appliance.installation_id().to_string(),
         version: env!("CARGO_PKG_VERSION"),
         uptime: format!("{}d {}h {}m", up / DAY, up % DAY / 3600, up % 3600 / 60),
-        last_backup: last_backup.map_or("none yet".into(), |t| rfc3339(from_unix(t))),
+        last_backup: last_backup.map_or("none yet".into(), super::utc),
         chart_width: CHART_DAYS * BAR_WIDTH,
         chart_height: CHART_HEIGHT,
         clock_behind: state.watermark.check(now).err().map(|e| e.to_string()),

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Viewer};
 use super::{Page, render};
-use crate::licensing::{from_unix, rfc3339, types};
+use crate::licensing::types;
 use crate::server::AppState;
 use crate::store::{StoreError, devices, ops};
 
@@ -91,12 +91,7 @@ pub async fn list(
         rows.truncate(PAGE_SIZE as usize);
         rows.last().map_or(0, |l| l.device.id)
     });
-    let time = |t: i64| {
-        rfc3339(from_unix(t))
-            .replace('T', " ")
-            .trim_end_matches('Z')
-            .to_string()
-    };
+    let time = super::utc;
     Ok(render(&DevicesPage {
         manage: super::can_manage(&admin),
         page: Page::of(&admin),
@@ -235,12 +230,7 @@ pub async fn detail(
             "No such device.",
         ));
     };
-    let time = |t: i64| {
-        rfc3339(from_unix(t))
-            .replace('T', " ")
-            .trim_end_matches('Z')
-            .to_string()
-    };
+    let time = super::utc;
     Ok(render(&DevicePage {
         manage: super::can_manage(&admin),
         page: Page::of(&admin),

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use super::auth::{Manager, PortalError, Session, Viewer};
 use super::{Page, render, render_form};
 use crate::appliance::same_secret;
-use crate::licensing::{from_unix, import, rfc3339};
+use crate::licensing::import;
 use crate::server::AppState;
 use crate::store::licenses::{self, ItemRow, LicenseVersion};
 use crate::store::{StoreError, ops};
@@ -37,13 +37,6 @@ struct LicensesPage {
     error: Option<String>,
 }
 
-fn date(t: i64) -> String {
-    rfc3339(from_unix(t))
-        .replace('T', " ")
-        .trim_end_matches('Z')
-        .to_string()
-}
-
 async fn page(
     state: &AppState,
     admin: &Session,
@@ -65,7 +58,7 @@ async fn page(
         .into_iter()
         .map(|v| {
             let newest = current.insert(v.license_id.clone());
-            let (issued, imported) = (date(v.issued_at), date(v.imported_at));
+            let (issued, imported) = (super::utc(v.issued_at), super::utc(v.imported_at));
             (v, issued, imported, newest)
         })
         .collect();
@@ -81,7 +74,7 @@ async fn page(
                 .map(|k| KeyView {
                     kid: k.kid,
                     name: k.name,
-                    added: date(k.added_at),
+                    added: super::utc(k.added_at),
                 })
                 .collect(),
             notice,
@@ -271,8 +264,8 @@ pub async fn item(
     };
     Ok(render(&ItemPage {
         page: Page::of(&admin),
-        starts: date(item.terms.starts_at),
-        expires: date(item.terms.expires_at),
+        starts: super::utc(item.terms.starts_at),
+        expires: super::utc(item.terms.expires_at),
         item,
         handshake,
         alerts,

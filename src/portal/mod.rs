@@ -36,11 +36,17 @@ pub fn css_path() -> &'static str {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    // A form posted without one of its fields, or not as a form, gets the portal's page with
-    // the reason, not a plain-text 400.
+    // A form posted without one of its fields, or not as a form, and a link with a query it
+    // cannot read, get the portal's page with the reason, not a plain-text 400.
     cfg.app_data(web::FormConfig::default().error_handler(|e, _req| {
         PortalError::BadForm(format!(
             "The form could not be read ({e}); reload the page and try again."
+        ))
+        .into()
+    }))
+    .app_data(web::QueryConfig::default().error_handler(|e, _req| {
+        PortalError::BadForm(format!(
+            "The link could not be read ({e}); go back and try again."
         ))
         .into()
     }))
@@ -596,6 +602,12 @@ async fn setup(
 }
 
 /// Whether the signed-in admin may change things (for templates hiding forms).
+/// A time as the pages show it: `2026-06-01 12:00:00 UTC` (admins read the zone, not guess it).
+pub fn utc(t: i64) -> String {
+    let text = crate::licensing::rfc3339(crate::licensing::from_unix(t));
+    format!("{} UTC", text.replace('T', " ").trim_end_matches('Z'))
+}
+
 pub fn can_manage(admin: &Session) -> bool {
     admin.role >= auth::Role::Manager
 }

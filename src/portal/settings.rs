@@ -79,10 +79,7 @@ async fn show(
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default(),
-                    taken: rfc3339(f.taken_at)
-                        .replace('T', " ")
-                        .trim_end_matches('Z')
-                        .to_string(),
+                    taken: super::utc(f.taken_at.unix_timestamp()),
                     size: f.size,
                 })
                 .collect(),

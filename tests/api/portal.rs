@@ -378,6 +378,16 @@ fn auditors_see_but_cannot_change() {
     assert_eq!(page.status, 200);
     assert!(page.body.contains(&device_uuid(1)));
     assert!(!page.body.contains("/block\""), "no forms for auditors");
+    // What the forms set is shown to them too.
+    let codes = auditor.get("/handshakes").body;
+    assert!(
+        codes.contains("<strong id=\"public-trial\">off</strong>"),
+        "{codes}"
+    );
+    assert!(
+        codes.contains(&f.code) && !codes.contains("/handshakes/trial"),
+        "{codes}"
+    );
     let token = csrf(&page.body);
     let answer = auditor.post(
         &format!("/devices/{}/block", device_uuid(1)),
@@ -1698,5 +1708,30 @@ fn the_dashboard_charts_what_a_per_usage_item_meters() {
     assert!(
         page.contains(&format!("<title>{day}: 17</title>")),
         "{page}"
+    );
+}
+
+/// What an admin must not have to guess: an item whose seats are all taken says it refuses
+/// new devices, times carry their zone, and a link with a query the portal cannot read gets
+/// the portal's page with the reason.
+#[test]
+fn pages_say_a_full_item_and_the_time_zone() {
+    let (f, browser) = signed_in(&item("cad", "standalone", 1, ""));
+    f.authorized("cad", 1);
+    let dashboard = browser.get("/").body;
+    assert!(
+        dashboard.contains("state-full\">full</span>"),
+        "{dashboard}"
+    );
+    assert!(dashboard.contains("2036-01-01 00:00:00 UTC"), "{dashboard}");
+    assert_eq!(f.refused("cad", 2), "QUOTA_EXCEEDED");
+    let devices = browser.get("/devices").body;
+    assert!(devices.contains(" UTC</td>"), "{devices}");
+    let answer = browser.get("/devices?after=x");
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.body.contains("The link could not be read"),
+        "{}",
+        answer.body
     );
 }
