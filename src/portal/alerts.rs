@@ -392,32 +392,57 @@ fn shown_clone(f: &AlertsForm) -> AlertsForm {
 struct AuditPage {
     page: Page,
     action: String,
+    actor: String,
     entries: Vec<(AuditEntry, String)>,
+    /// Where the next, older page starts, when there is one.
+    older: Option<i64>,
 }
 
 #[derive(Deserialize)]
 pub struct AuditQuery {
     #[serde(default)]
     action: String,
+    #[serde(default)]
+    actor: String,
+    before: Option<i64>,
 }
 
-/// `GET /audit?action=...`: the newest 500 entries, optionally of one action.
+/// Audit entries shown on one page.
+const AUDIT_PAGE: usize = 200;
+
+/// `GET /audit?action=...&actor=...&before=...`: the newest entries, a page at a time, those
+/// whose action contains the text (any case) and of one actor if given.
 pub async fn audit(
     state: web::Data<AppState>,
     admin: Viewer,
     query: web::Query<AuditQuery>,
 ) -> Result<HttpResponse, PortalError> {
-    let action = query.into_inner().action;
-    let filter = action.clone();
-    let entries = state
+    let AuditQuery {
+        action,
+        actor,
+        before,
+    } = query.into_inner();
+    let (action, actor) = (action.trim().to_string(), actor.trim().to_string());
+    let (a, b) = (action.clone(), actor.clone());
+    let mut entries = state
         .store
         .read(move |conn| {
-            ops::audit_entries(conn, Some(filter.as_str()).filter(|a| !a.is_empty()), 500)
+            let filter = ops::AuditFilter {
+                action: Some(a.as_str()).filter(|a| !a.is_empty()),
+                actor: Some(b.as_str()).filter(|a| !a.is_empty()),
+                before,
+            };
+            ops::audit_entries(conn, &filter, AUDIT_PAGE as i64 + 1)
         })
         .await?;
+    let older = (entries.len() > AUDIT_PAGE).then(|| {
+        entries.truncate(AUDIT_PAGE);
+        entries.last().map_or(0, |e| e.id)
+    });
     Ok(render(&AuditPage {
         page: Page::of(&admin),
         action,
+        actor,
         entries: entries
             .into_iter()
             .map(|e| {
@@ -425,5 +450,6 @@ pub async fn audit(
                 (e, at)
             })
             .collect(),
+        older,
     }))
 }

@@ -191,6 +191,7 @@ pub fn peaks_by_day(
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEntry {
+    pub id: i64,
     pub at: i64,
     pub actor: String,
     pub action: String,
@@ -199,24 +200,43 @@ pub struct AuditEntry {
     pub address: String,
 }
 
-/// The newest audit entries of one action (all actions with `None`), newest first.
+/// Which audit entries to show: the action contains `action` (any case), the actor is
+/// `actor`, older than entry `before`.
+#[derive(Debug, Default)]
+pub struct AuditFilter<'a> {
+    pub action: Option<&'a str>,
+    pub actor: Option<&'a str>,
+    pub before: Option<i64>,
+}
+
+/// Audit entries, newest first, at most `limit`.
 pub fn audit_entries(
     conn: &Connection,
-    action: Option<&str>,
+    filter: &AuditFilter<'_>,
     limit: i64,
 ) -> Result<Vec<AuditEntry>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT at, actor, action, target, detail, address FROM audit_log
-         WHERE ?1 IS NULL OR action = ?1 ORDER BY id DESC LIMIT ?2",
+        "SELECT id, at, actor, action, target, detail, address FROM audit_log
+         WHERE id < ?1 AND (?2 IS NULL OR action LIKE '%' || ?2 || '%' ESCAPE '\\')
+           AND (?3 IS NULL OR actor = ?3)
+         ORDER BY id DESC LIMIT ?4",
     )?;
-    let rows = stmt.query_map(params![action, limit], |r| {
+    // The text is looked for as typed: `%` and `_` are no wildcards.
+    let action = filter.action.map(|a| {
+        a.replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    });
+    let before = filter.before.unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![before, action, filter.actor, limit], |r| {
         Ok(AuditEntry {
-            at: r.get(0)?,
-            actor: r.get(1)?,
-            action: r.get(2)?,
-            target: r.get(3)?,
-            detail: r.get(4)?,
-            address: r.get(5)?,
+            id: r.get(0)?,
+            at: r.get(1)?,
+            actor: r.get(2)?,
+            action: r.get(3)?,
+            target: r.get(4)?,
+            detail: r.get(5)?,
+            address: r.get(6)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
