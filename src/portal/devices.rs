@@ -35,6 +35,8 @@ struct DevicesPage {
     lines: Vec<Line>,
     next: Option<i64>,
     manage: bool,
+    /// This page, where a device action comes back to.
+    back: String,
 }
 
 #[derive(Deserialize)]
@@ -59,6 +61,7 @@ pub struct Query {
 pub async fn list(
     state: web::Data<AppState>,
     admin: Viewer,
+    req: actix_web::HttpRequest,
     query: web::Query<Query>,
 ) -> Result<HttpResponse, PortalError> {
     let query = query.into_inner();
@@ -94,6 +97,7 @@ pub async fn list(
     let time = super::utc;
     Ok(render(&DevicesPage {
         manage: super::can_manage(&admin),
+        back: req.uri().to_string(),
         page: Page::of(&admin),
         q,
         item,
@@ -127,6 +131,9 @@ pub struct ActionForm {
     /// Missing is refused like a wrong one (403), not as an unreadable form.
     #[serde(default)]
     csrf: String,
+    /// The page the action was taken from (its search, filters and page), to go back to.
+    #[serde(default)]
+    back: String,
 }
 
 impl CsrfForm for ActionForm {
@@ -145,6 +152,11 @@ pub async fn act(
     let (uuid, action) = path.into_inner();
     let uuid = types::uuid("uuid", &uuid).map_err(|e| PortalError::BadForm(e.to_string()))?;
     let (actor, from) = (post.0.name.clone(), super::client_address(&req));
+    // Back to the page the admin was on: a devices page of this portal, nothing else.
+    let back = Some(post.1.back.as_str())
+        .filter(|b| b.starts_with("/devices") && !b.contains(['\r', '\n']))
+        .unwrap_or("/devices")
+        .to_string();
     let now = state.clock.now().unix_timestamp();
     let done = state
         .store
@@ -173,7 +185,7 @@ pub async fn act(
         .await?;
     match done {
         Some(true) => Ok(HttpResponse::SeeOther()
-            .insert_header((header::LOCATION, "/devices"))
+            .insert_header((header::LOCATION, back))
             .finish()),
         Some(false) => Err(PortalError::BadForm("unknown action".into())),
         None => Err(PortalError::BadForm("no such device".into())),

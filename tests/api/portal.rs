@@ -403,6 +403,29 @@ fn auditors_see_but_cannot_change() {
     );
     assert_eq!(answer.location, "/devices");
     assert_eq!(f.refused("reader", 1), "DEVICE_BLOCKED");
+    // An action taken from a searched, filtered page comes back to it; never elsewhere.
+    let searched = "/devices?q=&item=LIC-T-1&blocked=1";
+    let page = owner.get(searched);
+    assert!(
+        page.body
+            .contains("name=\"back\" value=\"/devices?q=&#38;item=LIC-T-1&#38;blocked=1\""),
+        "{}",
+        page.body
+    );
+    let unblock = format!("/devices/{}/unblock", device_uuid(1));
+    let token = csrf(&page.body);
+    let answer = owner.post(&unblock, &[("csrf", &token), ("back", searched)]);
+    assert_eq!(answer.location, searched);
+    let answer = owner.post(
+        &unblock,
+        &[("csrf", &token), ("back", "https://evil.example/")],
+    );
+    assert_eq!(answer.location, "/devices");
+    let answer = owner.post(
+        &format!("/devices/{}/block", device_uuid(1)),
+        &[("csrf", &token)],
+    );
+    assert_eq!(answer.location, "/devices");
     let blocked: i64 = f
         .db()
         .query_row(
@@ -411,7 +434,7 @@ fn auditors_see_but_cannot_change() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(blocked, 1);
+    assert_eq!(blocked, 2, "blocked, unblocked twice, blocked again");
 }
 
 /// A device removed and authorized again within the same 3-minute window counts once in
