@@ -18,22 +18,26 @@ struct AdminsPage {
     admins: Vec<admins::Admin>,
     notice: Option<String>,
     error: Option<String>,
+    /// The name and role a refused "create" form held (never the password).
+    typed: (String, String),
 }
 
 async fn show(
     state: &AppState,
     admin: &Session,
     notice: Option<String>,
-    error: Option<String>,
+    error: Option<(String, (String, String))>,
 ) -> Result<HttpResponse, PortalError> {
     let list = state.store.read(admins::list_admins).await?;
     let refused = error.is_some();
+    let (error, typed) = error.map_or((None, Default::default()), |(e, t)| (Some(e), t));
     let response = render_form(
         &AdminsPage {
             page: Page::of(admin),
             admins: list,
             notice,
             error,
+            typed,
         },
         refused,
     );
@@ -70,12 +74,18 @@ pub async fn act(
     Post(owner, form): Post<OwnerRole, Form>,
 ) -> Result<HttpResponse, PortalError> {
     let action = action.into_inner();
+    let creating = action == "create";
     let refuse = |message: &str| {
+        let typed = if creating {
+            (form.name.clone(), form.role.clone())
+        } else {
+            Default::default()
+        };
         show(
             &state,
             &owner,
             None,
-            Some(format!("{message}; nothing was changed.")),
+            Some((format!("{message}; nothing was changed."), typed)),
         )
     };
     let name = form.name.trim().to_string();

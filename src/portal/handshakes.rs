@@ -25,13 +25,25 @@ struct HandshakesPage {
     trial: bool,
     notice: Option<String>,
     error: Option<String>,
+    /// What a refused form held, shown again in it (`action` names the form).
+    typed: Typed,
+}
+
+#[derive(Default)]
+struct Typed {
+    action: String,
+    code: String,
+    organization: String,
+    name: String,
+    domains: String,
+    processes: String,
 }
 
 async fn show(
     state: &AppState,
     admin: &Session,
     notice: Option<String>,
-    error: Option<String>,
+    error: Option<(String, Typed)>,
 ) -> Result<HttpResponse, PortalError> {
     let (codes, items, trial) = state
         .store
@@ -72,6 +84,7 @@ async fn show(
         })
         .collect();
     let refused = error.is_some();
+    let (error, typed) = error.map_or((None, Typed::default()), |(e, t)| (Some(e), t));
     let response = render_form(
         &HandshakesPage {
             manage: super::can_manage(admin),
@@ -82,6 +95,7 @@ async fn show(
             trial,
             notice,
             error,
+            typed,
         },
         refused,
     );
@@ -138,11 +152,19 @@ pub async fn act(
 ) -> Result<HttpResponse, PortalError> {
     let action = action.into_inner();
     let refuse = |message: String| {
+        let typed = Typed {
+            action: action.clone(),
+            code: form.code.clone(),
+            organization: form.organization.clone(),
+            name: form.name.clone(),
+            domains: form.domains.clone(),
+            processes: form.processes.clone(),
+        };
         show(
             &state,
             &admin,
             None,
-            Some(format!("{message}; nothing was changed.")),
+            Some((format!("{message}; nothing was changed."), typed)),
         )
     };
     let code = form.code.trim().to_string();
@@ -188,9 +210,11 @@ pub async fn act(
         form.item.clone(),
         form.trial.clone(),
     );
+    let act = action.clone();
     let outcome = state
         .store
         .write(move |conn| {
+            let action = act;
             let missing = || Ok(Err(format!("No handshake code {code:?}")));
             let done: Result<String, String> = match action.as_str() {
                 "create" => {

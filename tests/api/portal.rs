@@ -1805,3 +1805,61 @@ fn the_audit_log_pages_back_and_filters_by_text_and_actor() {
         "no wildcard"
     );
 }
+
+/// A refused form comes back with what the admin typed (never a password), so one wrong
+/// entry does not cost the others.
+#[test]
+fn a_refused_form_keeps_what_was_typed() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let token = csrf(&browser.get("/handshakes").body);
+    let answer = browser.post(
+        "/handshakes/validation",
+        &[
+            ("csrf", &token),
+            ("code", &f.code),
+            ("domains", "good.plant.test\nplant_b.local"),
+            ("processes", "scanner"),
+        ],
+    );
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer
+            .body
+            .contains(">good.plant.test\nplant_b.local</textarea>")
+            && answer.body.contains(">scanner</textarea>"),
+        "{}",
+        answer.body
+    );
+    let answer = browser.post(
+        "/handshakes/create",
+        &[
+            ("csrf", &token),
+            ("organization", "200001"),
+            ("code", "no spaces"),
+            ("name", "Lab B"),
+        ],
+    );
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.body.contains("value=\"no spaces\"") && answer.body.contains("value=\"Lab B\""),
+        "{}",
+        answer.body
+    );
+    let answer = browser.post(
+        "/admins/create",
+        &[
+            ("csrf", &token),
+            ("name", "audrey"),
+            ("role", "auditor"),
+            ("password", "short"),
+        ],
+    );
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.body.contains("value=\"audrey\"")
+            && answer.body.contains("<option selected>auditor</option>")
+            && !answer.body.contains("value=\"short\""),
+        "{}",
+        answer.body
+    );
+}
