@@ -903,9 +903,10 @@ pub struct UserDevices {
     pub last_id: Option<i64>,
 }
 
-/// Among the devices whose last user is `user`, the first `limit` after id `after` (in id
-/// order, through the `last_user` index), told apart by whether another user holds a live
-/// lease on them at `now`.
+/// Among the devices whose last user is `user` and that still hold something (a seat, or a
+/// lease not revoked: one removed already holds neither), the first `limit` after id `after`
+/// (in id order, through the `last_user` index), told apart by whether another user holds a
+/// live lease on them at `now`.
 pub fn devices_of_user(
     conn: &Connection,
     user: &str,
@@ -917,7 +918,10 @@ pub fn devices_of_user(
         "SELECT d.id, EXISTS (SELECT 1 FROM leases l WHERE l.device_id = d.id
              AND l.user NOT IN (?1, '') AND l.released = 0 AND l.revoked = 0
              AND l.expires_at > ?4)
-         FROM devices d WHERE d.last_user = ?1 AND d.id > ?2 ORDER BY d.id LIMIT ?3",
+         FROM devices d WHERE d.last_user = ?1 AND d.id > ?2
+             AND (EXISTS (SELECT 1 FROM seats s WHERE s.device_id = d.id)
+                  OR EXISTS (SELECT 1 FROM leases l WHERE l.device_id = d.id AND l.revoked = 0))
+         ORDER BY d.id LIMIT ?3",
     )?;
     let rows = stmt
         .query_map(params![user, after, limit, now], |r| {
@@ -1004,10 +1008,11 @@ mod tests {
         assert_eq!(
             second,
             UserDevices {
-                own: vec![ids[3], ids[4]],
+                own: vec![ids[4]],
                 shared: 0,
                 last_id: None,
-            }
+            },
+            "dev-4 holds nothing any more (no seat, its one lease revoked): removed already"
         );
     }
 

@@ -1381,6 +1381,12 @@ fn device_detail_item_filter_and_removing_a_users_devices() {
             .body
             .contains("devices of a user removed")
     );
+    // Again: the devices removed already are not counted (nor audited) a second time.
+    let answer = browser.post(
+        "/devices/remove-user",
+        &[("csrf", &token), ("user", "leaver")],
+    );
+    assert_eq!(answer.location, "/devices?removed=0&shared=1");
 }
 
 #[test]
