@@ -739,9 +739,7 @@ fn new_nonce() -> Result<String, ClientError> {
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new content:
 /// write a temporary file next to it, fsync it, rename it over `path`, fsync the directory.
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    let tmp = beside(path, ".tmp");
     {
         let mut file = File::create(&tmp)?;
         file.write_all(bytes)?;
@@ -758,6 +756,13 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .sync_all()?;
     }
     Ok(())
+}
+
+/// `path` with `suffix` added to its name: a file kept beside it.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// A file's bytes; `None` when it does not exist.
@@ -798,9 +803,7 @@ fn read_or_set_aside<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, Clie
     match serde_json::from_slice(&bytes) {
         Ok(value) => Ok(Some(value)),
         Err(e) if matches!(e.classify(), Category::Syntax | Category::Eof) => {
-            let mut aside = path.as_os_str().to_owned();
-            aside.push(".corrupt");
-            fs::rename(path, &aside).map_err(|source| ClientError::StateIo {
+            fs::rename(path, beside(path, ".corrupt")).map_err(|source| ClientError::StateIo {
                 action: "set aside",
                 path: path.to_path_buf(),
                 source,

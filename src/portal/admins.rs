@@ -74,19 +74,16 @@ pub async fn act(
     Post(owner, form): Post<OwnerRole, Form>,
 ) -> Result<HttpResponse, PortalError> {
     let action = action.into_inner();
-    let creating = action == "create";
-    let refuse = |message: &str| {
-        let typed = if creating {
-            (form.name.clone(), form.role.clone())
-        } else {
-            Default::default()
-        };
-        show(
-            &state,
-            &owner,
-            None,
-            Some((format!("{message}; nothing was changed."), typed)),
-        )
+    // A refused "create" shows its name and role again.
+    let typed = if action == "create" {
+        (form.name.clone(), form.role.clone())
+    } else {
+        Default::default()
+    };
+    let (st, ow) = (&state, &owner);
+    let refuse = move |message: &str| {
+        let error = format!("{message}; nothing was changed.");
+        show(st, ow, None, Some((error, typed)))
     };
     let name = form.name.trim().to_string();
     if matches!(action.as_str(), "create" | "role") && Role::parse(&form.role).is_none() {

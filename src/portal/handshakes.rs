@@ -151,21 +151,19 @@ pub async fn act(
     Post(admin, form): Post<ManagerRole, Form>,
 ) -> Result<HttpResponse, PortalError> {
     let action = action.into_inner();
-    let refuse = |message: String| {
-        let typed = Typed {
-            action: action.clone(),
-            code: form.code.clone(),
-            organization: form.organization.clone(),
-            name: form.name.clone(),
-            domains: form.domains.clone(),
-            processes: form.processes.clone(),
-        };
-        show(
-            &state,
-            &admin,
-            None,
-            Some((format!("{message}; nothing was changed."), typed)),
-        )
+    // A refusal shows the form again as it was typed.
+    let typed = Typed {
+        action: action.clone(),
+        code: form.code.clone(),
+        organization: form.organization.clone(),
+        name: form.name.clone(),
+        domains: form.domains.clone(),
+        processes: form.processes.clone(),
+    };
+    let (st, ad) = (&state, &admin);
+    let refuse = move |message: String| {
+        let error = format!("{message}; nothing was changed.");
+        show(st, ad, None, Some((error, typed)))
     };
     let code = form.code.trim().to_string();
     // Argon2 is slow on purpose: hash before taking the database writer.
@@ -210,11 +208,9 @@ pub async fn act(
         form.item.clone(),
         form.trial.clone(),
     );
-    let act = action.clone();
     let outcome = state
         .store
         .write(move |conn| {
-            let action = act;
             let missing = || Ok(Err(format!("No handshake code {code:?}")));
             let done: Result<String, String> = match action.as_str() {
                 "create" => {

@@ -74,11 +74,7 @@ async fn show(
             backups: files
                 .into_iter()
                 .map(|f| BackupView {
-                    name: f
-                        .path
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
+                    name: crate::store::backup::file_name(&f.path),
                     taken: super::utc(f.taken_at.unix_timestamp()),
                     size: f.size,
                 })

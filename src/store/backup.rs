@@ -132,7 +132,7 @@ pub fn take_before_upgrade(
     let earlier: Vec<PathBuf> = entries(&dir)?
         .into_iter()
         .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
+            let name = file_name(&e.path());
             name.starts_with(&prefix) && name.ends_with(".db")
         })
         .map(|e| e.path())
@@ -265,7 +265,7 @@ fn check(conn: &Connection, path: &Path) -> Result<(), BackupError> {
 pub fn list(dir: &Path) -> Result<Vec<BackupFile>, BackupError> {
     let mut files = Vec::new();
     for entry in entries(dir)? {
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = file_name(&entry.path());
         let Ok(taken) = time::PrimitiveDateTime::parse(&name, NAME) else {
             continue;
         };
@@ -295,7 +295,7 @@ fn entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>, BackupError> {
 pub fn remove_unfinished(dir: &Path) -> Result<usize, BackupError> {
     let mut removed = 0;
     for entry in entries(dir)? {
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = file_name(&entry.path());
         let idle = entry
             .metadata()
             .and_then(|m| m.modified())
