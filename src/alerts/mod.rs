@@ -125,25 +125,35 @@ pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
             }
         }
     }
-    // Warnings are ahead of the expiry: an item already expired (imported late, or while
-    // the appliance was off) gets none.
     let left = item.terms.expires_at - now;
-    for days in expiry_thresholds(item.terms.model) {
-        if left > 0 && left <= days * DAY {
-            out.push(crossing(
-                format!("expiry:{days}"),
-                format!("expires in {} day(s) or less", days),
-                left / DAY,
-                *days,
-                format!(
-                    "On {} every device of this item is refused (LICENSE_EXPIRED) unless a renewal is imported.",
-                    crate::licensing::rfc3339(crate::licensing::from_unix(item.terms.expires_at))
-                ),
-                item.terms.expires_at,
-            ));
-        }
+    for days in due(
+        expiry_thresholds(item.terms.model),
+        item.terms.expires_at,
+        now,
+    ) {
+        out.push(crossing(
+            format!("expiry:{days}"),
+            format!("expires in {} day(s) or less", days),
+            left / DAY,
+            days,
+            format!(
+                "On {} every device of this item is refused (LICENSE_EXPIRED) unless a renewal is imported.",
+                crate::licensing::rfc3339(crate::licensing::from_unix(item.terms.expires_at))
+            ),
+            item.terms.expires_at,
+        ));
     }
     out
+}
+
+/// The expiry warnings (days ahead) reached at `now`. Warnings are ahead of the expiry:
+/// something already expired (imported late, or while the appliance was off) gets none.
+fn due(thresholds: &[i64], expires_at: i64, now: i64) -> impl Iterator<Item = i64> + '_ {
+    let left = expires_at - now;
+    thresholds
+        .iter()
+        .copied()
+        .filter(move |days| left > 0 && left <= days * DAY)
 }
 
 /// Warnings (days ahead) before the TLS certificate the appliance serves expires: past it no
@@ -168,11 +178,8 @@ impl CertificateWarning {
 
 /// The warnings due for a certificate expiring at `expires_at`: none once it has expired.
 pub fn certificate_warnings(expires_at: i64, now: i64) -> Vec<CertificateWarning> {
-    let left = expires_at - now;
-    CERTIFICATE_THRESHOLDS
-        .iter()
-        .filter(|days| left > 0 && left <= *days * DAY)
-        .map(|&days| CertificateWarning {
+    due(&CERTIFICATE_THRESHOLDS, expires_at, now)
+        .map(|days| CertificateWarning {
             key: format!("certificate:{days}"),
             days,
             expires_at,
