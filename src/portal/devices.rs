@@ -6,7 +6,7 @@ use askama::Template;
 use serde::Deserialize;
 
 use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Viewer};
-use super::{Page, render};
+use super::{Page, render, render_form};
 use crate::licensing::types;
 use crate::server::AppState;
 use crate::store::{StoreError, devices, ops};
@@ -31,6 +31,7 @@ struct DevicesPage {
     item: String,
     items: Vec<String>,
     notice: Option<String>,
+    error: Option<String>,
     blocked: bool,
     lines: Vec<Line>,
     next: Option<i64>,
@@ -39,7 +40,7 @@ struct DevicesPage {
     back: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 pub struct Query {
     #[serde(default)]
     q: String,
@@ -64,7 +65,24 @@ pub async fn list(
     req: actix_web::HttpRequest,
     query: web::Query<Query>,
 ) -> Result<HttpResponse, PortalError> {
-    let query = query.into_inner();
+    show(
+        &state,
+        &admin,
+        req.uri().to_string(),
+        query.into_inner(),
+        None,
+    )
+    .await
+}
+
+/// The device list for `query`, with a refused form's reason (then answered `400`).
+async fn show(
+    state: &AppState,
+    admin: &super::auth::Session,
+    back: String,
+    query: Query,
+    error: Option<String>,
+) -> Result<HttpResponse, PortalError> {
     let q = query.q.trim().to_string();
     // A UUID is searched in its canonical form; anything else as a name or user prefix.
     let key = types::uuid("q", &q).unwrap_or_else(|_| q.clone());
@@ -95,35 +113,40 @@ pub async fn list(
         rows.last().map_or(0, |l| l.device.id)
     });
     let time = super::utc;
-    Ok(render(&DevicesPage {
-        manage: super::can_manage(&admin),
-        back: req.uri().to_string(),
-        page: Page::of(&admin),
-        q,
-        item,
-        items,
-        notice: query.removed.map(|n| match query.shared {
-            0 => format!("{n} device(s) removed"),
-            kept => format!(
-                "{n} device(s) removed; {kept} kept because other users use them too \
+    let refused = error.is_some();
+    Ok(render_form(
+        &DevicesPage {
+            manage: super::can_manage(admin),
+            back,
+            page: Page::of(admin),
+            q,
+            item,
+            items,
+            notice: query.removed.map(|n| match query.shared {
+                0 => format!("{n} device(s) removed"),
+                kept => format!(
+                    "{n} device(s) removed; {kept} kept because other users use them too \
                  (remove those from their own pages)"
-            ),
-        }),
-        blocked,
-        next,
-        lines: rows
-            .into_iter()
-            .map(|l| Line {
-                first_seen: time(l.device.first_seen),
-                last_seen: time(l.device.last_seen),
-                uuid: l.device.uuid,
-                name: l.device.name,
-                user: l.device.last_user,
-                blocked: l.device.blocked,
-                seats: l.seats,
-            })
-            .collect(),
-    }))
+                ),
+            }),
+            error,
+            blocked,
+            next,
+            lines: rows
+                .into_iter()
+                .map(|l| Line {
+                    first_seen: time(l.device.first_seen),
+                    last_seen: time(l.device.last_seen),
+                    uuid: l.device.uuid,
+                    name: l.device.name,
+                    user: l.device.last_user,
+                    blocked: l.device.blocked,
+                    seats: l.seats,
+                })
+                .collect(),
+        },
+        refused,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -296,9 +319,15 @@ pub async fn remove_user(
 ) -> Result<HttpResponse, PortalError> {
     let user = form.user.trim().to_string();
     if user.is_empty() {
-        return Err(PortalError::BadForm(
-            "name the user whose devices to remove".into(),
-        ));
+        let error = "Name the user whose devices to remove; nothing was removed.";
+        return show(
+            &state,
+            &admin,
+            "/devices".into(),
+            Query::default(),
+            Some(error.into()),
+        )
+        .await;
     }
     let from = super::client_address(&req);
     let (mut removed, mut shared, mut after) = (0, 0, 0);

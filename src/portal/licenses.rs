@@ -123,9 +123,10 @@ pub async fn read_files(
             let chunk = chunk
                 .map_err(|e| PortalError::BadForm(format!("the upload could not be read: {e}")))?;
             if data.len() + chunk.len() > UPLOAD_LIMIT {
-                return Err(PortalError::BadForm(
-                    "the file is too large to be a license or a key".into(),
-                ));
+                return Err(PortalError::BadForm(format!(
+                    "a file is larger than {} KiB, more than any license, certificate or key",
+                    UPLOAD_LIMIT / 1024
+                )));
             }
             data.extend_from_slice(&chunk);
         }
@@ -148,7 +149,13 @@ pub async fn upload(
     req: HttpRequest,
     form: Multipart,
 ) -> Result<HttpResponse, PortalError> {
-    let file = read_upload(form, &admin.csrf).await?;
+    let file = match read_upload(form, &admin.csrf).await {
+        Err(PortalError::BadForm(why)) => {
+            let error = format!("The license was not imported: {why}.");
+            return page(&state, &admin, None, Some(error)).await;
+        }
+        file => file?,
+    };
     let text = match String::from_utf8(file) {
         Ok(text) if !text.trim().is_empty() => text,
         _ => {

@@ -98,7 +98,13 @@ pub async fn certificate(
     req: HttpRequest,
     form: Multipart,
 ) -> Result<HttpResponse, PortalError> {
-    let mut files = super::licenses::read_files(form, &admin.csrf).await?;
+    let mut files = match super::licenses::read_files(form, &admin.csrf).await {
+        Err(PortalError::BadForm(why)) => {
+            let error = format!("The certificate was not installed: {why}. The current one stays.");
+            return show(&state, &admin, None, Some(error)).await;
+        }
+        files => files?,
+    };
     if !state.cert_source.self_signed {
         return show(&state, &admin, None, Some("The configuration file names the certificate (tls.cert, tls.key): replace those files and restart.".into())).await;
     }

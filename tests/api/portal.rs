@@ -652,6 +652,17 @@ fn licenses_are_uploaded_with_the_import_checks() {
         answer.body
     );
     assert_eq!(db_digest(&f.data.join("keygate.db")), before);
+    // A file larger than any license: the license page says so, with its upload form.
+    let answer = browser.upload("/licenses", &csrf(&page.body), &vec![b'x'; 300 * 1024]);
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.body.contains(
+            "The license was not imported: a file is larger than 256 KiB, more than any license"
+        ) && answer.body.contains("enctype=\"multipart/form-data\""),
+        "{}",
+        answer.body
+    );
+    assert_eq!(db_digest(&f.data.join("keygate.db")), before);
 }
 
 #[test]
@@ -1065,6 +1076,22 @@ fn the_certificate_is_replaced_only_by_a_matching_pair_and_without_restart() {
         200,
         "the old certificate is still served"
     );
+    // A file larger than any certificate: the settings page says so, nothing changes.
+    let answer = browser.upload_files(
+        "/settings/certificate",
+        &token,
+        &[("cert", &vec![b'x'; 300 * 1024]), ("key", key_a.as_bytes())],
+    );
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer
+            .body
+            .contains("The certificate was not installed: a file is larger than 256 KiB")
+            && answer.body.contains("action=\"/settings/certificate\""),
+        "{}",
+        answer.body
+    );
+    assert_eq!(appliance_cert(&f.data), old);
 
     // A pair that belongs together but cannot serve: refused, with why.
     let now = f.app.clock_now();
@@ -1387,6 +1414,19 @@ fn device_detail_item_filter_and_removing_a_users_devices() {
         &[("csrf", &token), ("user", "leaver")],
     );
     assert_eq!(answer.location, "/devices?removed=0&shared=1");
+    // No user named: the device page says so, nothing is removed.
+    let before = db_digest(&f.data.join("keygate.db"));
+    let answer = browser.post("/devices/remove-user", &[("csrf", &token), ("user", " ")]);
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer
+            .body
+            .contains("Name the user whose devices to remove; nothing was removed.")
+            && answer.body.contains("action=\"/devices/remove-user\""),
+        "{}",
+        answer.body
+    );
+    assert_eq!(db_digest(&f.data.join("keygate.db")), before);
 }
 
 #[test]
