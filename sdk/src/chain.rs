@@ -355,6 +355,7 @@ mod tests {
             alg: "EdDSA".into(),
             typ: Some(Typ::Authorization.as_str().into()),
             kid: Some(keys::kid(&fx.appliance.verifying_key())),
+            crit: None,
         };
         let forged = jws::sign_raw(&header, &serde_json::to_vec(&auth).unwrap(), &forger);
         let err = verify_authorization(&forged, &fx.license_jws(), [&vendor], expect_fresh())

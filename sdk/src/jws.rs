@@ -36,6 +36,10 @@ pub struct Header {
     pub typ: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kid: Option<String>,
+    /// Extensions the verifier must understand (RFC 7515, 4.1.11): keygate understands none,
+    /// so a header that names any is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crit: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,11 +52,13 @@ pub enum JwsError {
     Header(String),
     #[error("the JWS algorithm is {0:?}, only EdDSA is accepted")]
     Algorithm(String),
-    #[error("the document type is {found:?}, expected {expected:?}")]
+    #[error("the document type is {found}, expected {expected:?}")]
     Type {
         expected: &'static str,
         found: String,
     },
+    #[error("the JWS header names critical extensions ({0}), which keygate does not support")]
+    Critical(String),
     #[error("the JWS header has no key id (kid)")]
     MissingKid,
     #[error("signed by an unknown key (kid {0})")]
@@ -81,6 +87,7 @@ pub fn sign<T: Serialize>(typ: Typ, payload: &T, key: &SigningKey) -> String {
         alg: "EdDSA".into(),
         typ: Some(typ.as_str().into()),
         kid: Some(keys::kid(&key.verifying_key())),
+        crit: None,
     };
     let payload = serde_json::to_vec(payload).expect("a payload always serializes");
     sign_raw(&header, &payload, key)
@@ -109,6 +116,9 @@ impl<'a> Token<'a> {
         };
         let header: Header =
             serde_json::from_slice(&decode(h)?).map_err(|e| JwsError::Header(e.to_string()))?;
+        if let Some(crit) = &header.crit {
+            return Err(JwsError::Critical(crit.to_string()));
+        }
         let payload = decode(p)?;
         let signature: [u8; 64] = decode(s)?.try_into().map_err(|_| JwsError::Malformed)?;
         Ok(Token {
@@ -135,7 +145,7 @@ impl<'a> Token<'a> {
             Some(found) if found == typ.as_str() => Ok(()),
             found => Err(JwsError::Type {
                 expected: typ.as_str(),
-                found: found.unwrap_or("").to_string(),
+                found: found.map_or("not given (no typ)".into(), |t| format!("{t:?}")),
             }),
         }
     }
@@ -186,6 +196,7 @@ mod tests {
             alg: "EdDSA".into(),
             typ: None,
             kid: None,
+            crit: None,
         };
         let jws = sign_raw(&header, b"Example of Ed25519 signing", &rfc8037_key());
         assert_eq!(jws, RFC8037_A4);
@@ -239,12 +250,23 @@ mod tests {
             alg: "none".into(),
             typ: Some("keygate-license".into()),
             kid: Some(keys::kid(&key.verifying_key())),
+            crit: None,
         };
         let jws = sign_raw(&header, b"{}", &key);
         assert_eq!(
             Token::decode(&jws).unwrap().verify(&key.verifying_key()),
             Err(JwsError::Algorithm("none".into()))
         );
+        // A critical extension (here RFC 7797's unencoded payload) is not understood, so the
+        // document is refused before any reading of it.
+        let header = Header {
+            alg: "EdDSA".into(),
+            typ: Some("keygate-license".into()),
+            kid: Some(keys::kid(&key.verifying_key())),
+            crit: Some(serde_json::json!(["b64"])),
+        };
+        let jws = sign_raw(&header, b"{}", &key);
+        assert!(matches!(Token::decode(&jws), Err(JwsError::Critical(_))));
         for garbage in ["", "a.b", "a.b.c", "....", "eyJhbGciOiJFZERTQSJ9.e30.AAAA"] {
             assert!(Token::decode(garbage).is_err(), "{garbage:?}");
         }

@@ -21,7 +21,7 @@ pub enum ImportError {
     SeveralTokens,
     #[error("the file is not a signed license: {0}")]
     Malformed(JwsError),
-    #[error("the file is a {0:?} document, not a license (keygate-license)")]
+    #[error("the file's document type is {0}, not a license (keygate-license)")]
     WrongType(String),
     #[error(
         "the license is signed by vendor key {0}, which this appliance does not trust \
@@ -62,6 +62,15 @@ pub enum ImportError {
         "license {license_id} on this appliance is from vendor {current:?}; a license of vendor {other:?} with the same id cannot replace it"
     )]
     OtherVendor {
+        license_id: String,
+        current: String,
+        other: String,
+    },
+    #[error(
+        "license {license_id} on this appliance is for organization {current}; a version for \
+         organization {other} cannot replace it (the vendor issues a new license id for it)"
+    )]
+    OtherOrganization {
         license_id: String,
         current: String,
         other: String,
@@ -117,7 +126,9 @@ pub fn trusted_keys(
 
 /// The single signed line of a license file: `#` comment lines and blank lines are skipped.
 pub fn token_line(file: &str) -> Result<&str, ImportError> {
+    // A byte order mark, as Windows editors save UTF-8, is not part of the first line.
     let mut lines = file
+        .trim_start_matches('\u{feff}')
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'));
@@ -154,9 +165,14 @@ pub fn verify(
     if license.appliance.public_key != keys::public_key_b64(appliance)
         || license.appliance.installation_id != ours
     {
+        let found = if license.appliance.installation_id == ours {
+            format!("installation id {ours} with another public key")
+        } else {
+            license.appliance.installation_id
+        };
         return Err(ImportError::OtherAppliance {
             license_id: license.license_id,
-            found: license.appliance.installation_id,
+            found,
             ours,
         });
     }
@@ -187,7 +203,9 @@ fn parse_payload(payload: &[u8]) -> Result<License, ImportError> {
             }
         }
     }
-    serde_json::from_value(value).map_err(|e| ImportError::Invalid(e.to_string()))
+    // From the bytes, not the value: a key given twice is refused (a JSON value keeps the
+    // last), as devices' JSON parsing refuses it.
+    serde_json::from_slice(payload).map_err(|e| ImportError::Invalid(e.to_string()))
 }
 
 /// Every rule a license's terms must meet, vendor side and appliance side alike.
@@ -205,12 +223,16 @@ pub fn validate(license: &License) -> Result<(), ImportError> {
             license.license_id
         ));
     }
-    if !is_identifier(&license.organization_id) {
+    if !is_identifier(&license.organization_id)
+        || license.organization_id.len() > MAX_ORGANIZATION_ID
+    {
         return invalid(format!(
-            "organization_id {:?} must be 1 to 64 letters, digits, '.', '_' or '-'",
+            "organization_id {:?} must be 1 to {MAX_ORGANIZATION_ID} letters, digits, '.', '_' \
+             or '-' (its default handshake code adds 9 characters, and a device sends at most 64)",
             license.organization_id
         ));
     }
+    text("vendor", &license.vendor, 128).map_err(ImportError::Invalid)?;
     if license.version == 0 {
         return invalid("version must be 1 or higher".into());
     }
@@ -228,12 +250,44 @@ pub fn validate(license: &License) -> Result<(), ImportError> {
     Ok(())
 }
 
+/// The longest organization id: its default handshake code (`<organization_id>-` and 8
+/// characters) must fit the 64 characters a device may send.
+pub const MAX_ORGANIZATION_ID: usize = 64 - 9;
+
+/// The most features an item may grant (each is copied into every authorization).
+const MAX_FEATURES: usize = 64;
+
+/// A name shown to admins and matched against what devices send: 1 to `max` characters,
+/// no control characters, no white space around it (a device's product is compared as sent).
+fn text(field: &str, value: &str, max: usize) -> Result<(), String> {
+    let count = value.chars().count();
+    if count > max {
+        Err(format!(
+            "{field} must be at most {max} characters (it has {count})"
+        ))
+    } else if count == 0 || value.trim() != value {
+        Err(format!(
+            "{field} must not be empty nor have white space around it ({value:?})"
+        ))
+    } else if value.chars().any(char::is_control) {
+        Err(format!(
+            "{field} {value:?} must not contain control characters"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 fn validate_item(item: &LicenseItem) -> Result<(), String> {
     if !is_identifier(&item.item_id) {
         return Err("item_id must be 1 to 64 letters, digits, '.', '_' or '-'".into());
     }
-    if item.product.trim().is_empty() || item.product.len() > 128 {
-        return Err("product must be 1 to 128 characters".into());
+    text("product", &item.product, 128)?;
+    if item.features.len() > MAX_FEATURES {
+        return Err(format!("at most {MAX_FEATURES} features"));
+    }
+    for feature in &item.features {
+        text("a feature", feature, 64)?;
     }
     if item.quota <= 0 {
         return Err(format!(
@@ -372,21 +426,30 @@ pub fn apply(
 ) -> Result<ImportOutcome, ImportError> {
     let license = &verified.license;
     let current = store::licenses::current_version(conn, &license.license_id)?;
-    match &current {
+    if let Some(current) = &current {
         // Two trusted vendors may number their licenses alike: one never replaces the
         // other's (a vendor that changes its signing key keeps its name).
-        Some((_, _, vendor)) if *vendor != license.vendor => {
+        if current.vendor != license.vendor {
             return Err(ImportError::OtherVendor {
                 license_id: license.license_id.clone(),
-                current: vendor.clone(),
+                current: current.vendor.clone(),
                 other: license.vendor.clone(),
             });
         }
-        Some((version, sha, _)) if *version == license.version => {
-            return if *sha == verified.sha256 {
+        // A license's items, seats and handshake codes belong to its organization: a
+        // version for another one would leave them serving the old one.
+        if current.organization_id != license.organization_id {
+            return Err(ImportError::OtherOrganization {
+                license_id: license.license_id.clone(),
+                current: current.organization_id.clone(),
+                other: license.organization_id.clone(),
+            });
+        }
+        if current.version == license.version {
+            return if current.sha256 == verified.sha256 {
                 Ok(ImportOutcome::Unchanged {
                     license_id: license.license_id.clone(),
-                    version: *version,
+                    version: current.version,
                 })
             } else {
                 Err(ImportError::Conflict {
@@ -395,14 +458,13 @@ pub fn apply(
                 })
             };
         }
-        Some((version, _, _)) if *version > license.version => {
+        if current.version > license.version {
             return Err(ImportError::Downgrade {
                 license_id: license.license_id.clone(),
                 version: license.version,
-                current: *version,
+                current: current.version,
             });
         }
-        _ => {}
     }
     for item in &license.items {
         if let Some(other) = store::licenses::item_license(conn, &item.item_id)?
@@ -465,13 +527,13 @@ pub fn apply(
         )?;
     }
     store::licenses::withdraw_items_not_in(conn, &license.license_id, license.version)?;
-    settle_token_debts(conn, org, now)?;
+    settle_token_debts(conn, org, &license.license_id, now)?;
 
     let items = license.items.len();
     Ok(match current {
-        Some((from, _, _)) => ImportOutcome::Superseded {
+        Some(current) => ImportOutcome::Superseded {
             license_id: license.license_id.clone(),
-            from,
+            from: current.version,
             to: license.version,
             items,
         },
@@ -485,12 +547,14 @@ pub fn apply(
 }
 
 /// Tokens: a top-up settles the debt first. The negative balance of an organization's
-/// tokens items is paid from the positive balances of its other unexpired items for the same
-/// product, soonest expiry first; an item whose balance is no longer negative leaves grace,
-/// and one a new version left negative (a lower quota) enters it.
+/// tokens items is paid from the positive balances of the unexpired items of the license
+/// just imported (the top-up) for the same product, soonest expiry first; no other item's
+/// balance moves. An item whose balance is no longer negative leaves grace, and one a new
+/// version left negative (a lower quota) enters it.
 fn settle_token_debts(
     conn: &Connection,
     organization_id: &str,
+    top_up: &str,
     now: i64,
 ) -> Result<(), ImportError> {
     let mut items: Vec<_> = store::licenses::all_items(conn)?
@@ -506,6 +570,7 @@ fn settle_token_debts(
             let credit = items[payer].terms.quota - items[payer].used.tokens_used;
             if debt <= 0
                 || credit <= 0
+                || items[payer].license_id != top_up
                 || items[payer].product != items[debtor].product
                 || items[payer].terms.expires_at <= now
             {

@@ -143,16 +143,32 @@ pub fn insert_handshake(
 
 /// The newest imported version of a license: its number, the SHA-256 of its file and its
 /// vendor.
+/// The newest imported version of a license.
+#[derive(Debug, Clone)]
+pub struct CurrentVersion {
+    pub version: u32,
+    pub sha256: String,
+    pub vendor: String,
+    pub organization_id: String,
+}
+
 pub fn current_version(
     conn: &Connection,
     license_id: &str,
-) -> Result<Option<(u32, String, String)>, StoreError> {
+) -> Result<Option<CurrentVersion>, StoreError> {
     Ok(conn
         .prepare_cached(
-            "SELECT version, sha256, vendor FROM licenses WHERE license_id = ?1
+            "SELECT version, sha256, vendor, organization_id FROM licenses WHERE license_id = ?1
              ORDER BY version DESC LIMIT 1",
         )?
-        .query_row([license_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row([license_id], |r| {
+            Ok(CurrentVersion {
+                version: r.get(0)?,
+                sha256: r.get(1)?,
+                vendor: r.get(2)?,
+                organization_id: r.get(3)?,
+            })
+        })
         .optional()?)
 }
 

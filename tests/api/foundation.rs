@@ -310,6 +310,14 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
         json!([item])
     };
 
+    let with = |changes: serde_json::Value| {
+        let mut license = payload(item(json!({})));
+        for (k, v) in changes.as_object().unwrap() {
+            license[k] = v.clone();
+        }
+        vendor.sign_raw_license(&license)
+    };
+    let good_bytes = serde_json::to_string(&payload(item(json!({})))).unwrap();
     let stranger = Vendor::new();
     let other = tempfile::tempdir().unwrap();
     let other_data = other.path().join("data");
@@ -414,6 +422,86 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
             request.clone(),
             "not a license",
         ),
+        (
+            "another organization",
+            std::fs::read_to_string(vendor.issue_file(
+                &data,
+                SIMPLE_ITEMS,
+                &["--version", "3", "--organization", "300002"],
+                "v3.lic",
+            ))
+            .unwrap(),
+            "is for organization 200001; a version for organization 300002 cannot replace it",
+        ),
+        (
+            "this installation id with another key",
+            with(json!({"appliance": {
+                "installation_id": binding.installation_id,
+                "public_key": keygate_sdk::keys::public_key_b64(&stranger.signing_key().verifying_key()),
+            }})),
+            "bound to another appliance (installation id",
+        ),
+        (
+            "organization id too long for its default code",
+            with(json!({"organization_id": "9".repeat(56)})),
+            "must be 1 to 55 letters",
+        ),
+        (
+            "empty vendor",
+            with(json!({"vendor": ""})),
+            "vendor must not be empty",
+        ),
+        (
+            "control character in the product",
+            vendor.sign_raw_license(&payload(item(json!({"product": "bar\u{7}code"})))),
+            "must not contain control characters",
+        ),
+        (
+            "product too long",
+            vendor.sign_raw_license(&payload(item(json!({"product": "é".repeat(129)})))),
+            "product must be at most 128 characters (it has 129)",
+        ),
+        (
+            "feature too long",
+            vendor.sign_raw_license(&payload(item(json!({"features": ["x".repeat(65)]})))),
+            "a feature must be at most 64 characters",
+        ),
+        (
+            "too many features",
+            vendor.sign_raw_license(&payload(item(
+                json!({"features": (0..65).map(|n| n.to_string()).collect::<Vec<_>>()}),
+            ))),
+            "at most 64 features",
+        ),
+        (
+            "a key given twice",
+            vendor.sign_license_bytes(
+                good_bytes
+                    .replacen("\"version\":1", "\"version\":1,\"version\":7", 1)
+                    .as_bytes(),
+                None,
+            ),
+            "duplicate field `version`",
+        ),
+        (
+            "a critical header extension",
+            vendor.sign_license_bytes(good_bytes.as_bytes(), Some(json!(["b64"]))),
+            "critical extensions",
+        ),
+        (
+            "no document type",
+            {
+                let key = vendor.signing_key();
+                let header = keygate_sdk::jws::Header {
+                    alg: "EdDSA".into(),
+                    typ: None,
+                    kid: Some(keygate_sdk::keys::kid(&key.verifying_key())),
+                    crit: None,
+                };
+                keygate_sdk::jws::sign_raw(&header, good_bytes.as_bytes(), &key)
+            },
+            "document type is not given (no typ)",
+        ),
     ];
     for (name, text, reason) in cases {
         let path = dir.path().join("bad.lic");
@@ -433,10 +521,20 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
         );
         assert_eq!(db_digest(&db), digest, "{name}: the database changed");
     }
-    // The untouched raw license is accepted: the cases above fail for their own reason.
+    // The untouched raw license is accepted: the cases above fail for their own reason. It
+    // may start with a byte order mark (as Windows editors save), and a product name counts
+    // characters, not bytes.
     let path = dir.path().join("good.lic");
-    std::fs::write(&path, &good_raw).unwrap();
-    assert!(import(&data, &path).ok);
+    std::fs::write(&path, format!("\u{feff}# LIC-RAW\n{good_raw}")).unwrap();
+    let run = import(&data, &path);
+    assert!(run.ok, "{}", run.stderr);
+    std::fs::write(
+        &path,
+        with(json!({"license_id": "LIC-WIDE", "items": item(json!({"item_id": "LIC-WIDE-1", "product": "é".repeat(128)}))})),
+    )
+    .unwrap();
+    let run = import(&data, &path);
+    assert!(run.ok, "{}", run.stderr);
 }
 
 /// Flips one character in the payload part of the signed line.

@@ -200,6 +200,19 @@ impl Vendor {
     pub fn sign_raw_license(&self, payload: &serde_json::Value) -> String {
         keygate_sdk::jws::sign(keygate_sdk::jws::Typ::License, payload, &self.signing_key()) + "\n"
     }
+
+    /// Signs payload bytes as they are (a key twice, say) under a license header naming
+    /// `crit` extensions if given.
+    pub fn sign_license_bytes(&self, payload: &[u8], crit: Option<serde_json::Value>) -> String {
+        let key = self.signing_key();
+        let header = keygate_sdk::jws::Header {
+            alg: "EdDSA".into(),
+            typ: Some("keygate-license".into()),
+            kid: Some(keygate_sdk::keys::kid(&key.verifying_key())),
+            crit,
+        };
+        keygate_sdk::jws::sign_raw(&header, payload, &key) + "\n"
+    }
 }
 
 /// One per_device item for a customer, in the items-file format.

@@ -577,6 +577,47 @@ fn an_expired_items_tokens_do_not_pay_a_debt() {
     );
 }
 
+/// Only a top-up pays a debt: importing another license (here one for another product)
+/// moves no tokens between the items already there, whose codes may serve other plants.
+#[test]
+fn only_the_imported_top_up_pays_a_tokens_debt() {
+    let f = Fixture::new(
+        &[
+            item("ocr", "tokens", 100, "tokens_per_pass = 5"),
+            item("ocr", "tokens", 5, "tokens_per_pass = 5\ngrace_days = 30"),
+        ]
+        .concat(),
+    );
+    f.assign_to_new_code("LIC-T-2", "LAB");
+    for n in [1, 2] {
+        let mut request = f.request("ocr", n);
+        request["handshake_code"] = json!("LAB");
+        assert_eq!(f.authorize(&request).0, 200);
+    }
+    let tokens = |item: &str| f.item_value(item, "tokens_used");
+    assert_eq!(
+        (tokens("LIC-T-1"), tokens("LIC-T-2")),
+        (0, 10),
+        "LAB is 5 in debt"
+    );
+    f.import("LIC-PD", &item("viewer", "per_device", 10, ""), &[]);
+    assert_eq!(
+        (tokens("LIC-T-1"), tokens("LIC-T-2")),
+        (0, 10),
+        "another license moves no tokens"
+    );
+    f.import(
+        "LIC-TOPUP",
+        &item("ocr", "tokens", 3, "tokens_per_pass = 5"),
+        &[],
+    );
+    assert_eq!(
+        (tokens("LIC-T-1"), tokens("LIC-T-2"), tokens("LIC-TOPUP-1")),
+        (0, 7, 3),
+        "the top-up pays what it can of the debt"
+    );
+}
+
 /// A new version that lowers a tokens quota below what was spent puts the item in grace
 /// from then on, and grace ends `grace_days` later as if a pass had overdrawn it.
 #[test]
