@@ -94,6 +94,11 @@ impl AppState {
         let now = clock.now();
         let conn = crate::store::open(&config.database_path())?;
         crate::jobs::remember_first_start(&conn, now.unix_timestamp())?;
+        if crate::store::settings::get(&conn, backup::INSTALLATION)?.as_deref()
+            != Some(appliance.installation_id())
+        {
+            crate::store::settings::set(&conn, backup::INSTALLATION, appliance.installation_id())?;
+        }
         let watermark = crate::clock::Watermark::new(crate::store::ops::newest_time(&conn)?);
         drop(conn);
         // A clock set back while the appliance was off is told at once (and emailed).

@@ -30,14 +30,14 @@ pub enum BackupError {
     #[error("keygate is running on this data directory: stop the service first")]
     Running,
     #[error(
-        "{path} belongs to another appliance: its license {license_id} is bound to \
-         installation {found}, and this appliance is {ours}; to move that appliance here, put \
-         its appliance.key in place of this one's first"
+        "{path} belongs to another appliance: {evidence}, and this appliance is {ours}; to \
+         move that appliance here, put its appliance.key in place of this one's first"
     )]
     OtherAppliance {
         path: PathBuf,
-        license_id: String,
-        found: String,
+        /// What names the other appliance: the installation that served the database, or
+        /// the one a license is bound to.
+        evidence: String,
         ours: String,
     },
     #[error(transparent)]
@@ -396,7 +396,14 @@ pub fn restore(
     let data_dir = db.parent().unwrap_or(Path::new("."));
     let _lock = lock_file(data_dir, LOCK_WAIT)?;
     let stamp = now.format(STAMP).expect("the stamp format is valid");
-    let aside = db.with_file_name(format!("keygate.db.before-restore-{stamp}"));
+    // A name no earlier restore used (two restores in one second keep both databases).
+    let aside = (1..)
+        .map(|n| match n {
+            1 => db.with_file_name(format!("keygate.db.before-restore-{stamp}")),
+            n => db.with_file_name(format!("keygate.db.before-restore-{stamp}-{n}")),
+        })
+        .find(|p| !p.exists() && !side_file(p, "-wal").exists())
+        .expect("some name is free");
     // The replacement is complete and on disk before anything else moves; then the live
     // database is replaced by one rename, so a crash at any point leaves a whole database
     // (the old one or the restored one) at `db`, never none.
@@ -492,10 +499,26 @@ fn newest_time_of(db: &Path) -> Option<i64> {
         .filter(|t| *t != i64::MIN)
 }
 
-/// Refuses a database whose licenses are bound to another appliance key: restored, every
+/// The settings key naming the installation that serves the database (written at every
+/// start), so that a restore tells another appliance's backup even before any license.
+pub const INSTALLATION: &str = "installation_id";
+
+/// Refuses a database another appliance served, or whose licenses are bound to another
+/// appliance key: restored, every
 /// device would refuse the authorizations it gets (their licenses name another appliance).
 fn bound_here(conn: &Connection, path: &Path, ours: &str) -> Result<(), BackupError> {
     let unsound = |why: String| BackupError::Unsound(path.to_path_buf(), why);
+    let other = |evidence: String| BackupError::OtherAppliance {
+        path: path.to_path_buf(),
+        evidence,
+        ours: ours.to_string(),
+    };
+    // A database an appliance served names it, licensed or not (older ones do not).
+    if let Some(served) = super::settings::get(conn, INSTALLATION)?
+        && served != ours
+    {
+        return Err(other(format!("it was served by installation {served}")));
+    }
     let mut stmt = conn.prepare("SELECT license_id, jws FROM licenses")?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
@@ -504,12 +527,10 @@ fn bound_here(conn: &Connection, path: &Path, ours: &str) -> Result<(), BackupEr
             .and_then(|token| token.payload_as())
             .map_err(|e| unsound(format!("license {license_id}: {e}")))?;
         if license.appliance.installation_id != ours {
-            return Err(BackupError::OtherAppliance {
-                path: path.to_path_buf(),
-                license_id,
-                found: license.appliance.installation_id,
-                ours: ours.to_string(),
-            });
+            return Err(other(format!(
+                "its license {license_id} is bound to installation {}",
+                license.appliance.installation_id
+            )));
         }
     }
     Ok(())

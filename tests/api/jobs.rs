@@ -454,11 +454,22 @@ fn a_backup_under_write_load_restores_every_acknowledged_report() {
         !run.ok
             && run
                 .stderr
-                .contains("belongs to another appliance: its license"),
+                .contains("belongs to another appliance: it was served by installation"),
         "{}",
         run.stderr
     );
     assert_eq!(db_digest(&other.path().join("keygate.db")), before);
+    // So is a database another appliance served before it held any license.
+    drop(Served::start(other.path()));
+    let run = keygate(
+        &data,
+        &["restore", other.path().join("keygate.db").to_str().unwrap()],
+    );
+    assert!(
+        !run.ok && run.stderr.contains("it was served by installation"),
+        "{}",
+        run.stderr
+    );
     // A directory that is no appliance's (a typo) is told so, and nothing is made there.
     let typo = other.path().join("typo");
     let run = keygate(&typo, &["restore", &backup_file]);
@@ -468,13 +479,31 @@ fn a_backup_under_write_load_restores_every_acknowledged_report() {
         run.stderr
     );
     assert!(!typo.exists());
-    let run = keygate(&data, &["restore", &backup_file]);
-    assert!(run.ok, "{}", run.stderr);
-    assert!(
-        run.stdout.contains("keygate.db.before-restore-"),
-        "{}",
-        run.stdout
-    );
+    let aside = |run: &Run| {
+        assert!(run.ok, "{}", run.stderr);
+        let name = run
+            .stdout
+            .split("kept as ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        assert!(
+            name.contains("keygate.db.before-restore-"),
+            "{}",
+            run.stdout
+        );
+        std::path::PathBuf::from(name)
+    };
+    let first = aside(&keygate(&data, &["restore", &backup_file]));
+    let before_second = db_digest(&data.join("keygate.db"));
+    // Restored again at once (the same second, most likely): the database it replaces is
+    // kept under a name of its own, the first one kept as it was.
+    let second = aside(&keygate(&data, &["restore", &backup_file]));
+    assert_ne!(first, second);
+    assert!(first.exists());
+    assert_eq!(db_digest(&second), before_second);
     let restored: i64 = rusqlite::Connection::open(data.join("keygate.db"))
         .unwrap()
         .query_row(
