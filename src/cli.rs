@@ -283,8 +283,13 @@ fn not_beside_an_installed_appliance(data_dir: &Path, installed: &Path) -> Resul
         bail!(
             "this machine has an installed keygate (configured in {installed}); without \
              --config this command would create another appliance in {data_dir}. Run it \
-             against the installed one, e.g. `runuser -u keygate -- keygate --config \
-             {installed} ...`, or pass --data-dir to use a data directory of your own",
+             against the installed one, e.g. `{run_as} --config {installed} ...`, or pass \
+             --data-dir to use a data directory of your own",
+            run_as = if cfg!(windows) {
+                "keygate.exe"
+            } else {
+                "runuser -u keygate -- keygate"
+            },
             installed = installed.display(),
             data_dir = data_dir.display(),
         );
@@ -295,10 +300,34 @@ fn not_beside_an_installed_appliance(data_dir: &Path, installed: &Path) -> Resul
 /// Runs a command other than `serve`.
 pub fn run(command: Command, config: Config) -> Result<()> {
     let clock = SystemClock;
+    // Only the first steps of a new appliance (`trust`, `activation-request`, as `serve`)
+    // may set one up: any other command against a data directory without an appliance (a
+    // mistyped --data-dir) is told so, and nothing is made there. `status` and `restore`
+    // say it their own way.
+    let sets_up = matches!(
+        command,
+        Command::ActivationRequest { .. }
+            | Command::Trust { .. }
+            | Command::Status
+            | Command::Restore { .. }
+            | Command::Config(_)
+            | Command::Vendor(_)
+    );
+    if !sets_up {
+        Appliance::load(&config.data_dir)?;
+    }
     match command {
         Command::Serve { .. } => unreachable!("serve is run by main"),
         Command::ActivationRequest { out } => {
+            let new = !config.data_dir.join(appliance::KEY_FILE).exists();
             let appliance = Appliance::load_or_create(&config.data_dir)?;
+            if new {
+                eprintln!(
+                    "set up a new appliance (installation {}) in {}",
+                    appliance.installation_id(),
+                    config.data_dir.display()
+                );
+            }
             let host = appliance::hostname();
             let text = format!(
                 "# keygate activation request: installation {} on host {host}\n{}\n",
@@ -692,7 +721,7 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
             let password = password_stdin.then(read_password).transpose()?;
             mail::check_host(&host).map_err(anyhow::Error::msg)?;
             let tls = mail::TlsMode::parse(&tls).expect("clap checked it");
-            let settings = mail::SmtpSettings {
+            let mut settings = mail::SmtpSettings {
                 port: port.unwrap_or(match tls {
                     mail::TlsMode::Tls => 465,
                     mail::TlsMode::StartTls => 587,
@@ -711,19 +740,35 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
                     None => None,
                 },
             };
-            audited(config, clock.now(), |conn| {
+            let kept = audited(config, clock.now(), |conn| {
+                // Given again without --password-stdin, the stored password stays for the
+                // same server (changing `--from` alone does not sign out), as in the portal.
+                let kept = settings.password.is_none() && {
+                    let stored = mail::load_settings(conn)?;
+                    let (kept, dropped) = mail::kept_password(stored.as_ref(), &settings);
+                    if dropped {
+                        eprintln!(
+                            "the stored SMTP password is dropped: it was given for another \
+                             server, protection, user or CA (give it again with --password-stdin)"
+                        );
+                    }
+                    settings.password = kept;
+                    settings.password.is_some()
+                };
+                mail::check_settings(&settings).map_err(|(_, why)| anyhow::anyhow!("{why}"))?;
                 mail::save_settings(conn, &settings)?;
                 let server = format!("{}:{}", settings.host, settings.port);
                 Ok((
-                    (),
+                    kept,
                     Some(("SMTP server set", server, tls.as_str().to_string())),
                 ))
             })?;
             println!(
-                "SMTP server: {}:{} ({})",
+                "SMTP server: {}:{} ({}{})",
                 settings.host,
                 settings.port,
-                tls.as_str()
+                tls.as_str(),
+                if kept { ", stored password kept" } else { "" }
             );
         }
         AlertsCommand::Test => {

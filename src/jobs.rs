@@ -367,7 +367,9 @@ impl Alert<'_> {
     }
 }
 
-/// Sends with a few quick retries; a delivery still failing is retried by the next run.
+/// Sends with a few quick retries (not after a permanent refusal: a wrong password tried
+/// again at once counts towards the account's lockout); a delivery still failing is retried
+/// by the next run.
 async fn deliver(
     settings: &mail::SmtpSettings,
     to: &[lettre::message::Mailbox],
@@ -378,7 +380,7 @@ async fn deliver(
     loop {
         match mail::send(settings, to, email).await {
             Ok(answer) => return Ok(answer),
-            Err(e) if attempt < 3 => {
+            Err(e) if attempt < 3 && !matches!(e, mail::MailError::Refused(_)) => {
                 tracing::warn!(attempt, error = %e, "email delivery failed; retrying");
                 tokio::time::sleep(wait).await;
                 wait *= 4;

@@ -6,7 +6,8 @@ Recipients whose address starts with "refused" are refused (550), as for an unkn
 
 Environment: SMTP_PORT (default 0: any free port); SMTP_TLS_CERT and SMTP_TLS_KEY (PEM files)
 turn on STARTTLS, required before anything else, or implicit TLS with SMTP_IMPLICIT=1;
-SMTP_USER and SMTP_PASS require AUTH with that user and password.
+SMTP_USER and SMTP_PASS require AUTH with that user and password, each attempt logged as a
+line of DIR/auth.log; SMTP_AUTH_ONLY=LOGIN offers LOGIN alone (as Exchange does).
 """
 import asyncio
 import os
@@ -53,6 +54,8 @@ async def main(directory):
 
         def authenticate(server, session, envelope, mechanism, auth_data):
             ok = auth_data.login == user and auth_data.password == password
+            with open(os.path.join(directory, "auth.log"), "a") as log:
+                log.write("%s %s\n" % (mechanism, "ok" if ok else "refused"))
             # handled=False: aiosmtpd answers a refusal itself (535); with its default it
             # would send nothing and the client would wait for its timeout.
             return AuthResult(success=ok, handled=False)
@@ -61,6 +64,8 @@ async def main(directory):
         # it is told not to insist.
         starttls = context is not None and not os.environ.get("SMTP_IMPLICIT")
         options.update(authenticator=authenticate, auth_required=True, auth_require_tls=starttls)
+        if os.environ.get("SMTP_AUTH_ONLY") == "LOGIN":
+            options.update(auth_exclude_mechanism=["PLAIN"])
     implicit = context if os.environ.get("SMTP_IMPLICIT") else None
     server = await loop.create_server(
         lambda: SMTP(handler, **options), host="127.0.0.1", port=int(os.environ.get("SMTP_PORT", "0")), ssl=implicit

@@ -78,6 +78,10 @@ pub enum MailError {
     Ca(String),
     #[error("the SMTP server did not accept the message: {0}")]
     Smtp(String),
+    /// A permanent refusal (5xx: a wrong password, a sender not allowed): trying again at
+    /// once only counts against the account (a directory locks it after a few).
+    #[error("the SMTP server refused the message: {0}")]
+    Refused(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -154,6 +158,42 @@ impl Email {
     }
 }
 
+/// The password new settings (given without one) keep: the stored one only if it was given
+/// for the same server, protection, user and CA, so nobody can send it to a server of their
+/// own choosing by changing where mail goes. Also says whether a stored password was dropped.
+pub fn kept_password(stored: Option<&SmtpSettings>, new: &SmtpSettings) -> (Option<String>, bool) {
+    let had = stored.is_some_and(|s| s.password.is_some());
+    let kept = stored
+        .filter(|s| {
+            s.host == new.host
+                && s.port == new.port
+                && s.tls == new.tls
+                && s.user == new.user
+                && s.ca == new.ca
+        })
+        .and_then(|s| s.password.clone());
+    let dropped = had && kept.is_none();
+    (kept, dropped)
+}
+
+/// What settings must be before they are saved (the portal's and the console's alike): a
+/// password is only sent inside TLS, and a CA is a PEM certificate. The refusal names the
+/// field.
+pub fn check_settings(settings: &SmtpSettings) -> Result<(), (&'static str, &'static str)> {
+    if settings.password.is_some() && settings.tls == TlsMode::None {
+        return Err((
+            "tls",
+            "A password is only sent over STARTTLS or TLS; choose one, or remove the user",
+        ));
+    }
+    if let Some(ca) = &settings.ca
+        && Certificate::from_pem(ca.as_bytes()).is_err()
+    {
+        return Err(("ca", "The CA certificate is not a PEM certificate"));
+    }
+    Ok(())
+}
+
 /// An SMTP host as the settings take it: a host name or an IP address, no port or scheme.
 pub fn check_host(host: &str) -> Result<(), &'static str> {
     if crate::licensing::handshake::is_host_name(host) || host.parse::<std::net::IpAddr>().is_ok() {
@@ -195,7 +235,13 @@ pub async fn send(
             email.html.clone(),
         ))
         .map_err(|e| MailError::Build(e.to_string()))?;
-    let smtp = |e: lettre::transport::smtp::Error| MailError::Smtp(e.to_string());
+    let smtp = |e: lettre::transport::smtp::Error| {
+        if e.is_permanent() {
+            MailError::Refused(e.to_string())
+        } else {
+            MailError::Smtp(e.to_string())
+        }
+    };
     let builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&settings.host);
     let mut transport = match settings.tls {
         TlsMode::None => builder,
@@ -218,11 +264,11 @@ pub async fn send(
     .port(settings.port)
     .timeout(Some(std::time::Duration::from_secs(20)));
     if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
-        // PLAIN only (inside TLS, or on a trusted relay): a refused password then fails at
-        // once instead of the client trying another mechanism the server may wait on.
+        // PLAIN, or LOGIN for the servers that offer only that (Exchange, Microsoft 365):
+        // the first of these the server offers is used, once.
         transport = transport
             .credentials(Credentials::new(user.clone(), password.clone()))
-            .authentication(vec![Mechanism::Plain]);
+            .authentication(vec![Mechanism::Plain, Mechanism::Login]);
     }
     let transport = transport.build();
     let sending = async {
@@ -255,7 +301,7 @@ pub async fn send(
                         tracing::warn!(%refused, "the SMTP server refused some recipients");
                         Ok(format!("{answer}; refused: {refused}"))
                     }
-                    None => Err(MailError::Smtp(format!(
+                    None => Err(MailError::Refused(format!(
                         "every recipient refused: {refused}"
                     ))),
                 }

@@ -246,38 +246,25 @@ pub async fn smtp(
     // goes (or how it is protected) without typing it again drops it, so nobody can send it
     // to a server of their own choosing.
     let stored_smtp = state.store.read(mail::load_settings).await?;
-    let (password, dropped) = if form.password.is_empty() {
-        let had = stored_smtp.as_ref().is_some_and(|s| s.password.is_some());
-        let kept = stored_smtp
-            .clone()
-            .filter(|s| {
-                s.host == host && s.port == port && s.tls == tls && s.user == user && s.ca == ca
-            })
-            .and_then(|s| s.password);
-        let dropped = had && kept.is_none();
-        (kept, dropped)
-    } else {
-        (Some(form.password.clone()), false)
-    };
-    if password.is_some() && tls == TlsMode::None {
-        return refuse(
-            "tls",
-            "A password is only sent over STARTTLS or TLS; choose one, or remove the user",
-        );
-    }
-    let settings = SmtpSettings {
+    let mut settings = SmtpSettings {
         host: host.to_string(),
         port,
         tls,
         user,
-        password,
+        password: None,
         from,
         ca,
     };
-    if let Some(ca) = &settings.ca
-        && lettre::transport::smtp::client::Certificate::from_pem(ca.as_bytes()).is_err()
-    {
-        return refuse("ca", "The CA certificate is not a PEM certificate");
+    let dropped = if form.password.is_empty() {
+        let (kept, dropped) = mail::kept_password(stored_smtp.as_ref(), &settings);
+        settings.password = kept;
+        dropped
+    } else {
+        settings.password = Some(form.password.clone());
+        false
+    };
+    if let Err((field, message)) = mail::check_settings(&settings) {
+        return refuse(field, message);
     }
     if form.action == "test" {
         // The settings as typed, saved or not: an admin tries them before saving them.

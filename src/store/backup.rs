@@ -18,10 +18,11 @@ pub const BACKUP_DIR: &str = "backups";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("{path}: {source}")]
+    // Not a `source`: the message says the cause once, also where causes are listed.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -86,9 +87,9 @@ impl From<rusqlite::Error> for BackupError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
-    move |source| BackupError::Io {
+    move |error| BackupError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -415,7 +416,8 @@ pub fn restore(
     // WAL holds into it, and the backup's own place (a read-only medium) is not written to.
     // The copy is checked and must belong to this appliance.
     let copied = || {
-        std::fs::copy(backup, &tmp).map_err(io(&tmp))?;
+        // Named after the backup: a wrong path is what usually fails here.
+        std::fs::copy(backup, &tmp).map_err(io(backup))?;
         owner_only(&tmp)?;
         let wal = side_file(backup, "-wal");
         if wal.exists() {

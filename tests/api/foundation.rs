@@ -21,6 +21,12 @@ fn appliance_trusting(vendor: &Vendor) -> (tempfile::TempDir, PathBuf) {
     let data = dir.path().join("data");
     let run = keygate(&data, &["trust", vendor.pub_path().to_str().unwrap()]);
     assert!(run.ok, "trust: {}", run.stderr);
+    let run = keygate(&data, &["activation-request"]);
+    assert!(
+        run.stderr.contains("set up a new appliance"),
+        "{}",
+        run.stderr
+    );
     (dir, data)
 }
 
@@ -122,6 +128,25 @@ fn vendor_to_appliance_to_https() {
         run.stderr
     );
     assert!(!typo.exists());
+    // So is every command that works on an appliance: only the first steps of a new one
+    // (trust, activation-request) set one up.
+    for command in [
+        &["licenses"][..],
+        &["backup"],
+        &["import", "x.lic"],
+        &["handshake", "list"],
+        &["trial", "on"],
+        &["device", "block", "00000000-0000-4000-8000-000000000001"],
+        &["alerts", "recipients", "it@plant.test"],
+    ] {
+        let run = keygate(&typo, command);
+        assert!(
+            !run.ok && run.stderr.contains("no appliance key at"),
+            "{command:?}: {}",
+            run.stderr
+        );
+        assert!(!typo.exists(), "{command:?}");
+    }
 }
 
 /// `keygate status` reads only: a database an older release left (the service stopped

@@ -250,7 +250,7 @@ fn store_error(message: &str) -> keygate::alerts::notices::ErrorEvent {
 fn new_appliance_with_smtp() -> (tempfile::TempDir, std::path::PathBuf, SmtpSink) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    assert!(keygate(&data, &["licenses"]).ok);
+    assert!(keygate(&data, &["activation-request"]).ok);
     let sink = SmtpSink::start();
     sink.configure(&data);
     (dir, data, sink)
@@ -523,12 +523,24 @@ fn a_backup_under_write_load_restores_every_acknowledged_report() {
 fn a_damaged_backup_is_refused_by_restore() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    assert!(keygate(&data, &["activation-request"]).ok);
     assert!(keygate(&data, &["backup"]).ok);
     let bad = dir.path().join("bad.db");
     std::fs::write(&bad, "not a database at all, just text").unwrap();
     let before = db_digest(&data.join("keygate.db"));
     let run = keygate(&data, &["restore", bad.to_str().unwrap()]);
     assert!(!run.ok, "{}", run.stdout);
+    assert_eq!(db_digest(&data.join("keygate.db")), before);
+    // A mistyped path is named, with its cause said once.
+    let missing = dir.path().join("missing.db");
+    let run = keygate(&data, &["restore", missing.to_str().unwrap()]);
+    assert_eq!(
+        run.stderr.trim(),
+        format!(
+            "error: {}: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
     assert_eq!(db_digest(&data.join("keygate.db")), before);
 }
 
@@ -669,8 +681,8 @@ fn housekeeping_removes_devices_unused_for_365_days() {
     assert_eq!(f.item_value("LIC-T-1", "seats_used"), 2);
 }
 
-/// `keygate alerts smtp ...` with the password on standard input, then `keygate alerts test`.
-fn configure_and_test(data: &std::path::Path, args: &[&str], password: &str) -> Run {
+/// `keygate alerts smtp --password-stdin ...` with the password on standard input.
+fn smtp_with_password(data: &std::path::Path, args: &[&str], password: &str) -> Run {
     use std::io::Write;
     let mut child = command()
         .arg("--data-dir")
@@ -683,25 +695,84 @@ fn configure_and_test(data: &std::path::Path, args: &[&str], password: &str) -> 
         .spawn()
         .unwrap();
     writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let run: Run = child.wait_with_output().unwrap().into();
+    child.wait_with_output().unwrap().into()
+}
+
+/// `keygate alerts smtp ...` with the password on standard input, then `keygate alerts test`.
+fn configure_and_test(data: &std::path::Path, args: &[&str], password: &str) -> Run {
+    let run = smtp_with_password(data, args, password);
     assert!(run.ok, "{}", run.stderr);
     keygate(data, &["alerts", "test"])
+}
+
+/// A relay's certificate and key files, from the plant's own CA (here: self-signed, trusted
+/// as the CA).
+fn relay_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.join("relay.pem"), dir.join("relay.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
+
+/// The sign-ins the sink saw, one `MECHANISM ok|refused` line each.
+fn sign_ins(sink: &SmtpSink) -> Vec<String> {
+    std::fs::read_to_string(sink.dir.path().join("auth.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// A wrong SMTP password is tried once per run of the alerts job, not again at once: a
+/// directory locks an account after a few failed sign-ins. Set right, the alert goes.
+#[test]
+fn a_refused_smtp_password_is_not_retried_at_once() {
+    let f = Fixture::new(&item("cad", "standalone", 4, ""));
+    let (cert, key) = relay_certificate(f.data.parent().unwrap());
+    let env = [
+        ("SMTP_TLS_CERT", cert.to_str().unwrap()),
+        ("SMTP_TLS_KEY", key.to_str().unwrap()),
+        ("SMTP_USER", "keygate"),
+        ("SMTP_PASS", "relay secret"),
+    ];
+    let sink = SmtpSink::start_with(0, tempfile::tempdir().unwrap(), &env);
+    sink.configure(&f.data);
+    let port = sink.port.to_string();
+    let args = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--tls",
+        "starttls",
+        "--user",
+        "keygate",
+        "--ca",
+        cert.to_str().unwrap(),
+    ];
+    assert!(smtp_with_password(&f.data, &args, "wrong secret").ok);
+    authorize_devices(&f, "cad", 1..=3);
+    let err = f.app.run_job("alerts").unwrap_err();
+    assert!(err.to_string().contains("535"), "{err}");
+    assert_eq!(sign_ins(&sink), ["PLAIN refused"], "one sign-in per run");
+    assert!(smtp_with_password(&f.data, &args, "relay secret").ok);
+    f.app.run_job("alerts").unwrap();
+    assert_eq!(sink.wait_for(1, StdDuration::from_secs(10)).len(), 1);
+    assert_eq!(sign_ins(&sink), ["PLAIN refused", "PLAIN ok"]);
 }
 
 #[test]
 fn mail_goes_over_starttls_or_implicit_tls_with_authentication_and_a_lan_ca() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    assert!(keygate(&data, &["activation-request"]).ok);
     assert!(keygate(&data, &["alerts", "recipients", "it@plant.test"]).ok);
-    // The relay's certificate, from the plant's own CA (here: self-signed, trusted as the CA).
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (cert_path, key_path) = (dir.path().join("relay.pem"), dir.path().join("relay.key"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = relay_certificate(dir.path());
     let tls_env = |implicit: bool| {
         let mut env = vec![
             ("SMTP_TLS_CERT", cert_path.to_str().unwrap()),
@@ -746,6 +817,54 @@ fn mail_goes_over_starttls_or_implicit_tls_with_authentication_and_a_lan_ca() {
         run.stderr
     );
     assert_eq!(sink.wait_for(1, StdDuration::from_secs(5)).len(), 1);
+
+    // The console refuses to send a password unencrypted, and keeps the stored one when the
+    // server stays the same (another sender, say).
+    let run = smtp_with_password(
+        &data,
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--tls",
+            "none",
+            "--user",
+            "keygate",
+        ],
+        "relay secret",
+    );
+    assert!(
+        !run.ok && run.stderr.contains("only sent over STARTTLS or TLS"),
+        "{}",
+        run.stderr
+    );
+    assert!(smtp_with_password(&data, &[&base[..], &["--ca", ca]].concat(), "relay secret").ok);
+    let mut args = [&base[..], &["--ca", ca]].concat();
+    *args
+        .iter_mut()
+        .rev()
+        .find(|a| a.ends_with("plant.test"))
+        .unwrap() = "alerts@plant.test";
+    let run = keygate(&data, &[&["alerts", "smtp"][..], &args].concat());
+    assert!(
+        run.ok && run.stdout.contains("stored password kept"),
+        "{}",
+        run.stderr
+    );
+    assert!(keygate(&data, &["alerts", "test"]).ok);
+    assert_eq!(sink.wait_for(2, StdDuration::from_secs(5)).len(), 2);
+
+    // A relay that offers LOGIN only (as Exchange does) is signed in to with it.
+    let mut env = tls_env(false);
+    env.push(("SMTP_AUTH_ONLY", "LOGIN"));
+    let sink = SmtpSink::start_with(0, tempfile::tempdir().unwrap(), &env);
+    let port = sink.port.to_string();
+    let mut args = [&base[..], &["--ca", ca]].concat();
+    args[3] = &port;
+    let run = configure_and_test(&data, &args, "relay secret");
+    assert!(run.ok, "LOGIN: {}", run.stderr);
+    assert_eq!(sign_ins(&sink), ["LOGIN ok"]);
 
     let sink = SmtpSink::start_with(0, tempfile::tempdir().unwrap(), &tls_env(true));
     let port = sink.port.to_string();
