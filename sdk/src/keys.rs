@@ -48,10 +48,16 @@ pub fn signing_key_from_pem(pem: &str) -> Result<SigningKey, KeyError> {
     SigningKey::from_pkcs8_pem(pem).map_err(|e| KeyError::PrivatePem(e.to_string()))
 }
 
+/// PKCS#8 v1 (RFC 8410: the private key alone), the form OpenSSL and Python's
+/// `cryptography` read; v2, with the public key beside it, is refused by some of them.
 pub fn signing_key_to_pem(key: &SigningKey) -> String {
-    key.to_pkcs8_pem(LineEnding::LF)
-        .expect("an Ed25519 key always encodes as PKCS#8")
-        .to_string()
+    ed25519_dalek::pkcs8::KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    }
+    .to_pkcs8_pem(LineEnding::LF)
+    .expect("an Ed25519 key always encodes as PKCS#8")
+    .to_string()
 }
 
 pub fn public_key_from_pem(pem: &str) -> Result<VerifyingKey, KeyError> {

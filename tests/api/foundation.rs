@@ -679,6 +679,25 @@ fn a_keygate_license_verifies_with_another_jose_implementation() {
     // And the same library refuses it under another key.
     let out = verify(&Vendor::new().pub_path());
     assert!(!out.status.success());
+    // The vendor's private key is read by another library too (PKCS#8 v1, as OpenSSL
+    // writes it), so a vendor can sign from its own systems.
+    let read_key = "import sys\n\
+        from cryptography.hazmat.primitives import serialization as s\n\
+        key = s.load_pem_private_key(open(sys.argv[1], 'rb').read(), None)\n\
+        public = s.load_pem_public_key(open(sys.argv[2], 'rb').read())\n\
+        raw = (s.Encoding.Raw, s.PublicFormat.Raw)\n\
+        assert key.public_key().public_bytes(*raw) == public.public_bytes(*raw)\n";
+    let out = std::process::Command::new(python())
+        .args(["-c", read_key])
+        .arg(vendor.key_path())
+        .arg(vendor.pub_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
