@@ -150,6 +150,9 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
 }
 
+/// The longest `jobs.backup_keep_days`: a century (older dates are out of reach anyway).
+pub const MAX_BACKUP_KEEP_DAYS: i64 = 36_500;
+
 /// The longest interval a scheduled job may have: a year.
 pub const MAX_JOB_INTERVAL_S: u64 = 365 * 86_400;
 
@@ -252,12 +255,23 @@ impl Config {
                  {MAX_JOB_INTERVAL_S} seconds (a year)"
             )));
         }
-        if self.jobs.backup_keep_last == 0 || self.jobs.backup_keep_days < 0 {
+        if self.jobs.backup_keep_last == 0
+            || !(0..=MAX_BACKUP_KEEP_DAYS).contains(&self.jobs.backup_keep_days)
+        {
             // 0 would delete each backup as soon as it is taken (with keep_days 0).
-            return Err(ConfigError::Invalid(
-                "jobs.backup_keep_last must be at least 1 and jobs.backup_keep_days not negative"
-                    .into(),
-            ));
+            return Err(ConfigError::Invalid(format!(
+                "jobs.backup_keep_last must be at least 1 and jobs.backup_keep_days from 0 to \
+                 {MAX_BACKUP_KEEP_DAYS} (a century)"
+            )));
+        }
+        if let Some(url) = &self.public_url {
+            let host = url.strip_prefix("https://").unwrap_or("");
+            if host.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::Invalid(format!(
+                    "public_url {url:?} must be the portal's https:// address, e.g. \
+                     https://keygate.plant.lan:8443"
+                )));
+            }
         }
         Ok(())
     }
@@ -393,6 +407,30 @@ mod tests {
             let err = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap_err();
             assert!(err.to_string().contains("backup_every_s"), "{every}: {err}");
         }
+        // Days past any date the clock reaches made every backup run fail its pruning.
+        for days in ["-1", "36501", "5000000"] {
+            std::fs::write(&path, format!("[jobs]\nbackup_keep_days = {days}\n")).unwrap();
+            let err = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap_err();
+            assert!(
+                err.to_string().contains("backup_keep_days from 0"),
+                "{days}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_public_url_is_an_https_address() {
+        for bad in ["not a url", "http://keygate.lan", "https://", "https://a b"] {
+            let err = Config::load(
+                None,
+                env(&[("KEYGATE_PUBLIC_URL", bad)]),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("public_url"), "{bad}: {err}");
+        }
+        let good = env(&[("KEYGATE_PUBLIC_URL", "https://keygate.plant.lan:8443")]);
+        assert!(Config::load(None, good, &Overrides::default()).is_ok());
     }
 
     #[test]

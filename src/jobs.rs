@@ -319,13 +319,16 @@ pub async fn run(state: &AppState, name: &str) -> Result<String, JobError> {
 
 /// Where email links point: the configured public URL, else this host's HTTPS address.
 fn portal_url(state: &AppState) -> String {
-    state.config.public_url.clone().unwrap_or_else(|| {
-        format!(
-            "https://{}:{}",
-            crate::appliance::hostname(),
-            state.config.listen.port()
-        )
-    })
+    let configured = state.config.public_url.as_deref();
+    configured
+        .map(|u| u.trim_end_matches('/').to_string())
+        .unwrap_or_else(|| {
+            format!(
+                "https://{}:{}",
+                crate::appliance::hostname(),
+                state.config.listen.port()
+            )
+        })
 }
 
 #[derive(Template)]

@@ -44,7 +44,18 @@ pub fn public_key_from_b64(text: &str) -> Result<VerifyingKey, KeyError> {
     VerifyingKey::from_bytes(&raw).map_err(|_| KeyError::RawPublic)
 }
 
+/// Whether `pem` holds a PEM block labelled `label`: anything else (an activation request,
+/// a license file) is told as such rather than by the PEM parser's view of its first line.
+fn has_block(pem: &str, label: &str) -> Result<(), String> {
+    if pem.contains(&format!("-----BEGIN {label}-----")) {
+        Ok(())
+    } else {
+        Err(format!("it has no \"-----BEGIN {label}-----\" line"))
+    }
+}
+
 pub fn signing_key_from_pem(pem: &str) -> Result<SigningKey, KeyError> {
+    has_block(pem, "PRIVATE KEY").map_err(KeyError::PrivatePem)?;
     SigningKey::from_pkcs8_pem(pem).map_err(|e| KeyError::PrivatePem(e.to_string()))
 }
 
@@ -61,6 +72,7 @@ pub fn signing_key_to_pem(key: &SigningKey) -> String {
 }
 
 pub fn public_key_from_pem(pem: &str) -> Result<VerifyingKey, KeyError> {
+    has_block(pem, "PUBLIC KEY").map_err(KeyError::PublicPem)?;
     VerifyingKey::from_public_key_pem(pem).map_err(|e| KeyError::PublicPem(e.to_string()))
 }
 
@@ -149,5 +161,13 @@ mod tests {
         ));
         let public = public_key_to_pem(&generate_signing_key().verifying_key());
         assert!(signing_key_from_pem(&public).is_err());
+        // A signed document given as a key says what is missing, not what the PEM parser
+        // made of its first line.
+        let request = "# keygate activation request: installation X\neyJhbGciOiJFZERTQSJ9.e30.AA\n";
+        let message = public_key_from_pem(request).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "not an Ed25519 public key in SPKI PEM form (it has no \"-----BEGIN PUBLIC KEY-----\" line)"
+        );
     }
 }

@@ -23,8 +23,9 @@ fn err<T>(field: &'static str, reason: impl Into<String>) -> Result<T, FieldErro
 /// A UUID in canonical form (lowercase, hyphenated), whatever form the device sent.
 pub fn uuid(field: &'static str, text: &str) -> Result<String, FieldError> {
     match uuid::Uuid::parse_str(text.trim()) {
-        Ok(u) if !u.is_nil() => Ok(u.hyphenated().to_string()),
-        _ => err(field, "must be a UUID"),
+        Ok(u) if u.is_nil() => err(field, "must not be the nil UUID"),
+        Ok(u) => Ok(u.hyphenated().to_string()),
+        Err(_) => err(field, "must be a UUID"),
     }
 }
 
@@ -210,8 +211,16 @@ mod tests {
             uuid("u", "67E5504410B1426F9247BB680E5FE0C8").unwrap(),
             canonical
         );
-        assert!(uuid("u", "not-a-uuid").is_err());
-        assert!(uuid("u", "00000000-0000-0000-0000-000000000000").is_err());
+        assert_eq!(
+            uuid("u", "not-a-uuid").unwrap_err().to_string(),
+            "u: must be a UUID"
+        );
+        assert_eq!(
+            uuid("u", "00000000-0000-0000-0000-000000000000")
+                .unwrap_err()
+                .to_string(),
+            "u: must not be the nil UUID"
+        );
     }
 
     #[test]
