@@ -87,6 +87,13 @@ pub const JOBS: [&str; 3] = ["alerts", "backup", "housekeeping"];
 impl Metrics {
     /// One answered request: its outcome (`None` for success) and how long it took.
     pub fn answered(&self, endpoint: Endpoint, error: Option<ErrorCode>, elapsed: Duration) {
+        self.counted(endpoint, error);
+        self.latency[endpoint_index(endpoint)].observe(elapsed);
+    }
+
+    /// Counts an answer without timing it: a body refused before any handler ran (not
+    /// JSON, too large) is an outcome, but its time says nothing of the appliance's work.
+    pub fn counted(&self, endpoint: Endpoint, error: Option<ErrorCode>) {
         // The server answers only the codes it knows (`ErrorCode::Unknown` is a client's
         // reading of a newer server's code); were one missing, it counts as INTERNAL.
         let outcome = error.map_or(0, |code| {
@@ -95,9 +102,7 @@ impl Metrics {
                 .position(|c| *c == code)
                 .unwrap_or(ErrorCode::ALL.len() - 1)
         });
-        let i = endpoint_index(endpoint);
-        self.outcomes[i][outcome].fetch_add(1, Relaxed);
-        self.latency[i].observe(elapsed);
+        self.outcomes[endpoint_index(endpoint)][outcome].fetch_add(1, Relaxed);
     }
 
     pub fn usage_recorded(&self, accepted: u64, duplicates: u64, renewal_refused: bool) {

@@ -42,28 +42,29 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/appliance", web::get().to(appliance))
             .service(
                 web::resource("/authorize")
-                    .app_data(json_config(AUTHORIZE_LIMIT))
+                    .app_data(json_config(AUTHORIZE_LIMIT, Endpoint::Authorize))
                     .route(web::post().to(measured_authorize)),
             )
             .service(
                 web::resource("/usage")
-                    .app_data(json_config(USAGE_LIMIT))
+                    .app_data(json_config(USAGE_LIMIT, Endpoint::Usage))
                     .route(web::post().to(measured_usage)),
             )
             .service(
                 web::resource("/release")
-                    .app_data(json_config(RELEASE_LIMIT))
+                    .app_data(json_config(RELEASE_LIMIT, Endpoint::Release))
                     .route(web::post().to(measured_release)),
             ),
     );
 }
 
-/// Malformed or oversized bodies answer the specification's errors, not actix's defaults.
-fn json_config(limit: usize) -> web::JsonConfig {
+/// Malformed or oversized bodies answer the specification's errors, not actix's defaults,
+/// and are counted in the endpoint's outcomes (untimed: no handler ran).
+fn json_config(limit: usize, endpoint: Endpoint) -> web::JsonConfig {
     web::JsonConfig::default()
         .limit(limit)
-        .error_handler(move |err, _req| {
-            match &err {
+        .error_handler(move |err, req| {
+            let refused = match &err {
                 JsonPayloadError::Overflow { .. }
                 | JsonPayloadError::OverflowKnownLength { .. }
                 | JsonPayloadError::Payload(actix_web::error::PayloadError::Overflow) => {
@@ -82,13 +83,15 @@ fn json_config(limit: usize) -> web::JsonConfig {
                     ApiError::bad_request(format!("invalid request: {e}"))
                 }
                 other => ApiError::bad_request(format!("unreadable request body: {other}")),
+            };
+            if let Some(state) = req.app_data::<web::Data<AppState>>() {
+                state.metrics.counted(endpoint, Some(refused.code));
             }
-            .into()
+            refused.into()
         })
 }
 
-/// Counts each answer by outcome and times it (body errors answered by `json_config` are
-/// not counted: they never reach a handler).
+/// Counts each answer by outcome and times it.
 fn measure(
     state: &AppState,
     endpoint: Endpoint,

@@ -103,9 +103,29 @@ fn metrics_count_real_traffic() {
     assert_eq!(f.usage(&reports).1["accepted"], 2);
     assert_eq!(f.usage(&reports).1["duplicates"], 2);
     assert_eq!(f.release(&lease, 1).0, 200);
+    // Bodies refused before any handler runs count too (not timed).
+    let raw = |path: &str, body: Vec<u8>| {
+        f.app
+            .agent
+            .post(&f.app.url(path))
+            .header("content-type", "application/json")
+            .send(&body[..])
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(raw("/api/v1/authorize", b"{not json".to_vec()), 400);
+    assert_eq!(raw("/api/v1/release", vec![b' '; 8 * 1024]), 413);
     f.app.run_job("backup").unwrap();
 
     let m = scrape(&f);
+    assert_eq!(
+        value(
+            &m,
+            r#"keygate_requests_total{endpoint="release",outcome="PAYLOAD_TOO_LARGE"}"#
+        ),
+        1.0
+    );
     assert_eq!(
         value(
             &m,
@@ -125,7 +145,7 @@ fn metrics_count_real_traffic() {
             &m,
             r#"keygate_requests_total{endpoint="authorize",outcome="BAD_REQUEST"}"#
         ),
-        1.0
+        2.0
     );
     assert_eq!(
         value(
