@@ -878,7 +878,11 @@ fn licenses(config: &Config) -> Result<()> {
                 &i.product,
                 &i.model.to_string(),
                 &i.quota.to_string(),
-                &i.used.to_string(),
+                &match i.max_exceptions {
+                    // Concurrent items count windows over quota, not devices.
+                    Some(max) => format!("{}/{max} exc.", i.used),
+                    None => i.used.to_string(),
+                },
                 &date(i.starts_at),
                 &date(i.expires_at),
                 &handshake,
@@ -938,7 +942,7 @@ fn status(config: &Config) -> Result<()> {
             }
         );
     }
-    let counts = store::licenses::counts(&conn)?;
+    let counts = store::licenses::counts(&conn, licensing::unix(SystemClock.now()))?;
     let trusted = trusted_keys(config, &conn)?;
     println!("keygate {}", env!("CARGO_PKG_VERSION"));
     println!("installation id:  {}", appliance.installation_id());
@@ -951,7 +955,7 @@ fn status(config: &Config) -> Result<()> {
     println!("listen:           https://{}", config.listen);
     println!("trusted vendors:  {}", trusted.len());
     println!(
-        "licenses:         {} ({} active items, {} organizations, {} handshake codes)",
+        "licenses:         {} ({} items in force now, {} organizations, {} handshake codes)",
         counts.licenses, counts.items, counts.organizations, counts.handshake_codes
     );
     let running = matches!(

@@ -310,6 +310,8 @@ pub struct ItemSummary {
     /// What counts against the quota: seats, the metered total, exceptions (concurrent
     /// models, of max_exceptions) or tokens spent.
     pub used: i64,
+    /// Concurrent models: the exceptions at which the item stops.
+    pub max_exceptions: Option<i64>,
     pub starts_at: i64,
     pub expires_at: i64,
     pub handshake_code: String,
@@ -322,7 +324,8 @@ pub fn item_summaries(conn: &Connection) -> Result<Vec<ItemSummary>, StoreError>
                 i.model, i.quota, i.starts_at, i.expires_at, h.code, i.withdrawn,
                 CASE i.model WHEN 'per_usage' THEN i.usage_total WHEN 'tokens' THEN i.tokens_used
                     WHEN 'concurrent_device' THEN i.exceptions
-                    WHEN 'concurrent_instance' THEN i.exceptions ELSE i.seats_used END
+                    WHEN 'concurrent_instance' THEN i.exceptions ELSE i.seats_used END,
+                i.max_exceptions
          FROM items i JOIN handshake_codes h ON h.id = i.handshake_id
          ORDER BY i.license_id, i.item_id",
     )?;
@@ -340,6 +343,7 @@ pub fn item_summaries(conn: &Connection) -> Result<Vec<ItemSummary>, StoreError>
             handshake_code: r.get(9)?,
             withdrawn: r.get(10)?,
             used: r.get(11)?,
+            max_exceptions: r.get(12)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -354,15 +358,17 @@ pub struct Counts {
     pub handshake_codes: i64,
 }
 
-pub fn counts(conn: &Connection) -> Result<Counts, StoreError> {
+/// Counts at `now`: items count when in force (not withdrawn, started, not expired).
+pub fn counts(conn: &Connection, now: i64) -> Result<Counts, StoreError> {
     Ok(conn
         .prepare_cached(
             "SELECT (SELECT COUNT(DISTINCT license_id) FROM licenses),
-                    (SELECT COUNT(*) FROM items WHERE withdrawn = 0),
+                    (SELECT COUNT(*) FROM items
+                     WHERE withdrawn = 0 AND starts_at <= ?1 AND expires_at > ?1),
                     (SELECT COUNT(*) FROM organizations),
                     (SELECT COUNT(*) FROM handshake_codes)",
         )?
-        .query_row([], |r| {
+        .query_row([now], |r| {
             Ok(Counts {
                 licenses: r.get(0)?,
                 items: r.get(1)?,

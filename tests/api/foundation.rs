@@ -89,7 +89,7 @@ fn vendor_to_appliance_to_https() {
     assert!(run.ok);
     assert!(
         run.stdout.contains(&id)
-            && run.stdout.contains("1 active items")
+            && run.stdout.contains("1 items in force now")
             && run.stdout.contains("certificate:      ok ("),
         "{}",
         run.stdout

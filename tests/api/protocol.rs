@@ -266,6 +266,10 @@ fn concurrent_device_records_one_exception_per_window_and_stops_at_max() {
     // max_exceptions reached: the item stops for every device.
     assert_eq!(f.refused("viewer", 1), "QUOTA_EXCEEDED");
     assert_eq!(f.refused("viewer", 4), "QUOTA_EXCEEDED");
+    // The console says what is used of a concurrent item: exceptions of max_exceptions.
+    let run = keygate(&f.data, &["licenses"]);
+    let row = run.stdout.lines().find(|l| l.contains("LIC-T-1")).unwrap();
+    assert!(row.contains(" 2/2 exc. "), "{row}");
 }
 
 #[test]
