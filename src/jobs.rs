@@ -412,11 +412,11 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
             {
                 let crossed = alerts::crossed(&item, now);
                 let marks = ops::alert_marks(conn, &item.item_id)?;
-                let (send, clear) = alerts::plan(&crossed, &marks);
+                let (send, clear) = alerts::plan(&crossed, &marks, now);
                 sends.extend(send);
                 clears.extend(clear.into_iter().map(|k| (item.item_id.clone(), k)));
             }
-            let certificate = alerts::plan(&warnings, &ops::certificate_marks(conn)?);
+            let certificate = alerts::plan(&warnings, &ops::certificate_marks(conn)?, now);
             let smtp = mail::load_settings(conn)?;
             let recipients = settings::get(conn, mail::RECIPIENTS)?.unwrap_or_default();
             Ok::<_, JobError>((sends, clears, certificate, smtp, recipients))

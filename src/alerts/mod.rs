@@ -211,11 +211,22 @@ impl Threshold for CertificateWarning {
     }
 }
 
-/// Decides, from the thresholds crossed now and the marks already sent (threshold, basis),
-/// which crossings to send and which marks to clear: a renewal that keeps the quota and
-/// expiry sends nothing again.
-pub fn plan<T: Threshold>(crossed: &[T], marks: &[(String, i64)]) -> (Vec<T>, Vec<String>) {
-    let sent = |key: &str, basis: i64| marks.iter().any(|(k, b)| k == key && *b == basis);
+/// A consumption threshold the figure fell back below is sent again when crossed again, but
+/// not within this long of its last email: an item whose use comes and goes with the working
+/// day (standalone seats released every evening) would repeat its alerts every morning.
+pub const REARM_AFTER: i64 = 7 * DAY;
+
+/// Decides, from the thresholds crossed now and the marks already sent (threshold, basis,
+/// when sent), which crossings to send and which marks to clear: a renewal that keeps the
+/// quota and expiry sends nothing again; one that changes what a crossed threshold is
+/// measured against sends it again at once; a consumption threshold no longer crossed is
+/// cleared (sent again on the next crossing) [`REARM_AFTER`] after it was sent.
+pub fn plan<T: Threshold>(
+    crossed: &[T],
+    marks: &[(String, i64, i64)],
+    now: i64,
+) -> (Vec<T>, Vec<String>) {
+    let sent = |key: &str, basis: i64| marks.iter().any(|(k, b, _)| k == key && *b == basis);
     let send = crossed
         .iter()
         .filter(|c| !sent(c.key(), c.basis()))
@@ -223,8 +234,13 @@ pub fn plan<T: Threshold>(crossed: &[T], marks: &[(String, i64)]) -> (Vec<T>, Ve
         .collect();
     let clear = marks
         .iter()
-        .filter(|(k, b)| !crossed.iter().any(|c| c.key() == k && c.basis() == *b))
-        .map(|(k, _)| k.clone())
+        .filter(|(k, b, sent_at)| {
+            let same = crossed.iter().any(|c| c.key() == k && c.basis() == *b);
+            let crossed_anew = crossed.iter().any(|c| c.key() == k);
+            !same
+                && (crossed_anew || !k.starts_with("consumption:") || now - sent_at >= REARM_AFTER)
+        })
+        .map(|(k, _, _)| k.clone())
         .collect();
     (send, clear)
 }
@@ -357,30 +373,40 @@ mod tests {
         };
         let mut i = item(Model::PerDevice, 100, seats(91));
         let now = crossed(&i, 0);
-        let (send, clear) = plan(&now, &[]);
+        let (send, clear) = plan(&now, &[], 0);
         assert_eq!(keys(&send), ["consumption:75", "consumption:90"]);
         assert!(clear.is_empty());
-        let marks: Vec<(String, i64)> = send.iter().map(|c| (c.key.clone(), c.basis)).collect();
-        assert_eq!(marks[0], ("consumption:75".to_string(), 100));
-        assert!(plan(&now, &marks).0.is_empty(), "no repeat");
+        let marks: Vec<(String, i64, i64)> =
+            send.iter().map(|c| (c.key.clone(), c.basis, 0)).collect();
+        assert_eq!(marks[0], ("consumption:75".to_string(), 100, 0));
+        assert!(plan(&now, &marks, 0).0.is_empty(), "no repeat");
 
         // A renewal with the same quota sends nothing again; one with another quota that
         // is still crossed does.
         i.license_version = 2;
-        assert_eq!(plan(&crossed(&i, 0), &marks), (vec![], vec![]));
+        assert_eq!(plan(&crossed(&i, 0), &marks, 0), (vec![], vec![]));
         i.terms.quota = 120;
-        let (send, clear) = plan(&crossed(&i, 0), &marks);
+        let (send, clear) = plan(&crossed(&i, 0), &marks, 0);
         assert_eq!(keys(&send), ["consumption:75"], "91 of 120");
-        assert_eq!(clear, ["consumption:75", "consumption:90"]);
+        // The 90 % mark of the old quota stays a while; it no longer matters (a crossing
+        // under the new quota has another basis and is sent).
+        assert_eq!(clear, ["consumption:75"]);
 
+        // Dropped below 90 %: sent again on a crossing a week after it was sent, not before
+        // (use that comes and goes every day would repeat it every morning).
         i.terms.quota = 100;
         i.used = seats(80);
-        let (send, clear) = plan(&crossed(&i, 0), &marks);
+        let a_day = DAY;
+        assert_eq!(plan(&crossed(&i, a_day), &marks, a_day), (vec![], vec![]));
+        i.used = seats(91);
+        assert_eq!(plan(&crossed(&i, a_day), &marks, a_day), (vec![], vec![]));
+        i.used = seats(80);
+        let (send, clear) = plan(&crossed(&i, REARM_AFTER), &marks, REARM_AFTER);
         assert!(send.is_empty());
         assert_eq!(
             clear,
             ["consumption:90"],
-            "dropped below: sent again on the next crossing"
+            "cleared: sent on the next crossing"
         );
     }
 
@@ -401,11 +427,11 @@ mod tests {
         );
         assert!(certificate_warnings(expires, expires).is_empty(), "expired");
         // Sent once; a new certificate clears the marks and starts again.
-        let marks = vec![("certificate:30".to_string(), expires)];
-        assert_eq!(keys(&plan(&week, &marks).0), ["certificate:7"]);
+        let marks = vec![("certificate:30".to_string(), expires, 0)];
+        assert_eq!(keys(&plan(&week, &marks, 0).0), ["certificate:7"]);
         let renewed = certificate_warnings(expires + 365 * DAY, expires - 7 * DAY);
         assert_eq!(
-            plan(&renewed, &marks),
+            plan(&renewed, &marks, 0),
             (vec![], vec!["certificate:30".to_string()])
         );
     }
@@ -416,11 +442,17 @@ mod tests {
         let soon = i.terms.expires_at - 5 * DAY;
         let warned = crossed(&i, soon);
         assert_eq!(keys(&warned), ["expiry:30", "expiry:7"]);
-        let marks: Vec<(String, i64)> = warned.iter().map(|c| (c.key.clone(), c.basis)).collect();
+        let marks: Vec<(String, i64, i64)> = warned
+            .iter()
+            .map(|c| (c.key.clone(), c.basis, soon))
+            .collect();
         i.license_version = 2;
-        assert!(plan(&crossed(&i, soon), &marks).0.is_empty(), "same expiry");
+        assert!(
+            plan(&crossed(&i, soon), &marks, soon).0.is_empty(),
+            "same expiry"
+        );
         i.terms.expires_at += 20 * DAY;
-        let (send, clear) = plan(&crossed(&i, soon), &marks);
+        let (send, clear) = plan(&crossed(&i, soon), &marks, soon);
         assert_eq!(keys(&send), ["expiry:30"], "renewed to 25 days ahead");
         assert_eq!(clear, ["expiry:30", "expiry:7"]);
     }

@@ -240,7 +240,8 @@ struct ItemPage {
     handshake: String,
     starts: String,
     expires: String,
-    alerts: Vec<(String, i64)>,
+    /// Thresholds alerted, with when.
+    alerts: Vec<(String, String)>,
 }
 
 /// `GET /licenses/items/{item_id}`: an item's terms and consumption (linked from alerts).
@@ -275,6 +276,9 @@ pub async fn item(
         expires: super::utc(item.terms.expires_at),
         item,
         handshake,
-        alerts,
+        alerts: alerts
+            .into_iter()
+            .map(|(key, _, sent_at)| (key, super::utc(sent_at)))
+            .collect(),
     }))
 }

@@ -76,11 +76,14 @@ pub fn job_runs(conn: &Connection, limit: i64) -> Result<Vec<JobRun>, StoreError
 }
 
 /// The thresholds already alerted for an item, with the basis (quota or expiry) they were
-/// sent against.
-pub fn alert_marks(conn: &Connection, item_id: &str) -> Result<Vec<(String, i64)>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT threshold, basis FROM alert_marks WHERE item_id = ?1")?;
-    let rows = stmt.query_map([item_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+/// sent against and when they were sent.
+pub fn alert_marks(
+    conn: &Connection,
+    item_id: &str,
+) -> Result<Vec<(String, i64, i64)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT threshold, basis, sent_at FROM alert_marks WHERE item_id = ?1")?;
+    let rows = stmt.query_map([item_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -114,14 +117,15 @@ pub fn clear_alert_mark(
 /// the expiry of the certificate warned of: a certificate is no item.
 const MARK: &str = "alert_mark:";
 
-/// The certificate warnings sent: (threshold, the expiry of the certificate warned of).
-pub fn certificate_marks(conn: &Connection) -> Result<Vec<(String, i64)>, StoreError> {
+/// The certificate warnings sent: (threshold, the expiry of the certificate warned of, 0:
+/// when is not kept, nothing depends on it).
+pub fn certificate_marks(conn: &Connection) -> Result<Vec<(String, i64, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT substr(key, length(?1) + 1), CAST(value AS INTEGER) FROM settings
          WHERE substr(key, 1, length(?2)) = ?2",
     )?;
     let rows = stmt.query_map([MARK, &format!("{MARK}certificate:")], |r| {
-        Ok((r.get(0)?, r.get(1)?))
+        Ok((r.get(0)?, r.get(1)?, 0))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -82,6 +82,40 @@ fn alerts_cross_exact_thresholds_once_in_one_email_and_reset_on_renewal() {
     );
 }
 
+/// Use that comes and goes (standalone seats released every evening) does not repeat a
+/// threshold's email every morning: crossed again within a week of its email, it is not sent.
+#[test]
+fn a_threshold_crossed_again_within_a_week_is_not_sent_again() {
+    let f = Fixture::new(&item("cad", "standalone", 4, ""));
+    let sink = SmtpSink::start();
+    sink.configure(&f.data);
+    f.authorized("cad", 1);
+    f.authorized("cad", 2);
+    let mut third = f.authorized("cad", 3).lease_id;
+    f.app.run_job("alerts").unwrap();
+    assert_eq!(
+        sink.wait_for(1, StdDuration::from_secs(10)).len(),
+        1,
+        "75 %"
+    );
+    let mut evening_and_morning = |f: &Fixture| {
+        assert_eq!(f.release(&third, 3).0, 200);
+        assert_eq!(f.item_value("LIC-T-1", "seats_used"), 2);
+        assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
+        f.app.clock.advance(Duration::hours(12));
+        third = f.authorized("cad", 3).lease_id;
+        f.app.run_job("alerts").unwrap()
+    };
+    assert_eq!(evening_and_morning(&f), "no new threshold crossed");
+    assert_eq!(sink.wait_for(2, StdDuration::from_millis(500)).len(), 1);
+    f.app.clock.advance(Duration::days(7));
+    assert_ne!(evening_and_morning(&f), "no new threshold crossed");
+    let messages = sink.wait_for(2, StdDuration::from_secs(10));
+    assert_eq!(messages.len(), 2, "a week later it is news again");
+    let text = text_of(&messages[1]);
+    assert!(text.contains("devices reached 75 %: 3 of 4"), "{text}");
+}
+
 #[test]
 fn a_refused_recipient_does_not_keep_the_others_from_their_alerts() {
     let f = Fixture::new(&item("cad", "standalone", 4, ""));
