@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use crate::jws::{self, JwsError, Typ};
 use crate::keys;
-use crate::wire::{Authorization, License, TRIAL_DAYS};
+use crate::wire::{Authorization, FORMAT_VERSION, License, TRIAL_DAYS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
@@ -21,6 +21,10 @@ pub enum ChainError {
         "the authorization was issued by appliance {found}, the license is bound to {expected}"
     )]
     WrongAppliance { expected: String, found: String },
+    #[error("the {0} is of format version {1}; this SDK reads version {FORMAT_VERSION}")]
+    Version(&'static str, u32),
+    #[error("the authorization is for organization {found}, its license for {expected}")]
+    WrongOrganization { expected: String, found: String },
     #[error("the authorization grants item {0}, which its license does not contain")]
     ForeignItem(String),
     #[error(
@@ -50,6 +54,9 @@ pub fn verify_license<'k>(
 ) -> Result<(License, VerifyingKey), ChainError> {
     let (_, license): (_, License) =
         jws::verify(license_jws, Typ::License, vendor_keys).map_err(ChainError::License)?;
+    if license.v != FORMAT_VERSION {
+        return Err(ChainError::Version("license", license.v));
+    }
     let appliance = keys::public_key_from_b64(&license.appliance.public_key).map_err(|_| {
         ChainError::Binding {
             license_id: license.license_id.clone(),
@@ -84,6 +91,17 @@ pub fn verify_authorization<'k>(
     let (_, auth): (_, Authorization) =
         jws::verify(authorization_jws, Typ::Authorization, [&appliance])
             .map_err(ChainError::Authorization)?;
+    if auth.v != FORMAT_VERSION {
+        return Err(ChainError::Version("authorization", auth.v));
+    }
+    // Items are granted in the name of their license's organization (the public trial's
+    // authorization, granting none, names no organization).
+    if !auth.items.is_empty() && auth.organization_id != license.organization_id {
+        return Err(ChainError::WrongOrganization {
+            expected: license.organization_id.clone(),
+            found: auth.organization_id,
+        });
+    }
     if auth.installation_id != license.appliance.installation_id {
         return Err(ChainError::WrongAppliance {
             expected: license.appliance.installation_id.clone(),
@@ -542,6 +560,30 @@ mod tests {
             fx.check(&auth, expect_fresh()),
             Err(ChainError::WrongAppliance { expected, found })
                 if expected == fx.license.appliance.installation_id && found == auth.installation_id
+        ));
+    }
+
+    #[test]
+    fn an_authorization_for_another_organization_or_format_is_refused() {
+        let fx = Fixture::new();
+        let mut auth = fx.authorization();
+        auth.organization_id = "300002".into();
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::WrongOrganization { expected, found })
+                if expected == "200001" && found == "300002"
+        ));
+        let mut auth = fx.authorization();
+        auth.v = FORMAT_VERSION + 1;
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::Version("authorization", _))
+        ));
+        let mut fx = Fixture::new();
+        fx.license.v = FORMAT_VERSION + 1;
+        assert!(matches!(
+            fx.check(&fx.authorization(), expect_fresh()),
+            Err(ChainError::Version("license", _))
         ));
     }
 
