@@ -464,9 +464,9 @@ pub fn restore(
     // Run as root, the restored file must still be the service's to open.
     same_owner(&tmp, if db.exists() { db } else { data_dir })?;
     sync_file(&tmp)?;
-    // The database is kept aside as it is, with its WAL: no SQLite opens it, so a database
-    // too damaged to open (what a restore is often for) is kept too. Opened again, the pair
-    // is the database as it was.
+    // The database is kept aside as it lies, with its WAL, before SQLite opens it: a
+    // database too damaged to open (what a restore is often for) is kept too. Opened
+    // again, the pair is the database as it was.
     for (from, to) in [
         (db.to_path_buf(), aside.clone()),
         (side_file(db, "-wal"), side_file(&aside, "-wal")),
@@ -477,12 +477,29 @@ pub fn restore(
                 .map_err(io(&to))?;
         }
     }
+    // Then what the WAL holds goes into the main file (a hard link: into the one kept aside
+    // too, which stays whole), so that from here on that file alone is the whole database:
+    // a crash between removing the WAL and the rename below leaves it complete at `db`,
+    // not without its last commits. A database too damaged to open keeps its WAL aside.
+    fold_wal(db);
     for suffix in ["-wal", "-shm"] {
         let _ = std::fs::remove_file(side_file(db, suffix));
     }
     std::fs::rename(&tmp, db).map_err(io(db))?;
     sync_dir(data_dir)?;
     Ok(aside)
+}
+
+/// Checkpoints a database's WAL into its main file (and removes it), if it has one and
+/// SQLite can open it; a database too damaged for that keeps its WAL.
+fn fold_wal(db: &Path) {
+    if !side_file(db, "-wal").exists() {
+        return;
+    }
+    if let Ok(conn) = Connection::open(db) {
+        let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        let _ = conn.close();
+    }
 }
 
 /// A path's last component, for messages.
@@ -723,6 +740,36 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["kept.db", "kept.db-wal"]);
+    }
+
+    #[test]
+    fn the_database_restore_replaces_is_whole_without_its_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keygate.db");
+        let now = datetime!(2026-06-30 12:00 UTC);
+        drop(super::super::open(&db).unwrap());
+        let backup = take(&db, &dir.path().join("backups"), now).unwrap();
+        // The database as a killed service leaves it: its last commit in the WAL only.
+        let live = dir.path().join("live.db");
+        let conn = super::super::open(&live).unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        super::super::settings::set(&conn, "marker", "committed last").unwrap();
+        for suffix in ["", "-wal"] {
+            std::fs::copy(side_file(&live, suffix), side_file(&db, suffix)).unwrap();
+        }
+        drop(conn);
+        let aside = restore(&db, &backup.path, "ours", now).unwrap();
+        // The main file kept aside holds that commit by itself: so did `db` at every moment
+        // before the rename that put the backup in its place.
+        let alone = dir.path().join("alone.db");
+        std::fs::copy(&aside, &alone).unwrap();
+        let conn = Connection::open(&alone).unwrap();
+        assert_eq!(
+            super::super::settings::get(&conn, "marker")
+                .unwrap()
+                .as_deref(),
+            Some("committed last")
+        );
     }
 
     #[test]
