@@ -505,9 +505,14 @@ fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {
             let id = verified.license.license_id.clone();
             ("license imported", id, outcome.to_string())
         });
-        Ok((outcome.to_string(), entry))
+        let note = import::expired_note(&verified.license, now);
+        Ok(((outcome.to_string(), note), entry))
     })?;
+    let (outcome, note) = outcome;
     println!("{outcome}");
+    if let Some(note) = note {
+        println!("{note}");
+    }
     Ok(())
 }
 

@@ -417,6 +417,23 @@ impl std::fmt::Display for ImportOutcome {
     }
 }
 
+/// What an admin should know of a license that imported: the items that have expired
+/// already (a vendor's mistake, or a file kept too long), which serve no device.
+pub fn expired_note(license: &License, now: OffsetDateTime) -> Option<String> {
+    let expired: Vec<&str> = license
+        .items
+        .iter()
+        .filter(|i| i.expires_at <= now)
+        .map(|i| i.item_id.as_str())
+        .collect();
+    (!expired.is_empty()).then(|| {
+        format!(
+            "note: expired already, so serving no device: {}",
+            expired.join(", ")
+        )
+    })
+}
+
 /// Stores a verified license. Run it inside a transaction: on error the caller rolls back and
 /// the database is as it was.
 pub fn apply(

@@ -183,6 +183,7 @@ pub async fn upload(
             .store
             .write(move |conn| {
                 let outcome = import::apply(conn, &verified, now)?;
+                let note = import::expired_note(&verified.license, now);
                 ops::audit(
                     conn,
                     now.unix_timestamp(),
@@ -192,13 +193,16 @@ pub async fn upload(
                     &outcome.to_string(),
                     &from,
                 )?;
-                Ok::<_, import::ImportError>(outcome)
+                Ok::<_, import::ImportError>((outcome, note))
             })
             .await
     }
     .await;
     match outcome {
-        Ok(outcome) => page(&state, &admin, Some(format!("{outcome}.")), None).await,
+        Ok((outcome, note)) => {
+            let note = note.map(|n| format!(" ({n})")).unwrap_or_default();
+            page(&state, &admin, Some(format!("{outcome}{note}.")), None).await
+        }
         Err(import::ImportError::Store(e)) => Err(e.into()),
         Err(e) => {
             page(

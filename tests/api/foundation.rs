@@ -572,6 +572,31 @@ fn tamper(license: &str) -> String {
     parts.join(".") + "\n"
 }
 
+/// A license whose items have expired already imports (it may complete a history), and
+/// the console says they serve no device.
+#[test]
+fn importing_expired_items_says_so() {
+    let vendor = Vendor::new();
+    let (_dir, data) = appliance_trusting(&vendor);
+    let items = SIMPLE_ITEMS
+        .replace(
+            "starts_at = 2026-01-01T00:00:00Z",
+            "starts_at = 2020-01-01T00:00:00Z",
+        )
+        .replace(
+            "expires_at = 2036-01-01T00:00:00Z",
+            "expires_at = 2021-01-01T00:00:00Z",
+        );
+    let run = import(&data, &vendor.issue_file(&data, &items, &[], "old.lic"));
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .contains("note: expired already, so serving no device: LIC-0042-1"),
+        "{}",
+        run.stdout
+    );
+}
+
 #[test]
 fn a_second_appliance_refuses_the_first_ones_license() {
     let vendor = Vendor::new();
