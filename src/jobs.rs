@@ -406,11 +406,12 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
         .read(move |conn| {
             let mut sends: Vec<Crossing> = Vec::new();
             let mut clears = Vec::new();
-            for item in store::licenses::all_items(conn)?
-                .into_iter()
-                .filter(|i| !i.withdrawn)
-            {
-                let crossed = alerts::crossed(&item, now);
+            let items = store::licenses::all_items(conn)?;
+            for item in items.iter().filter(|i| !i.withdrawn) {
+                let mut crossed = alerts::crossed(item, now);
+                if alerts::succeeded(item, &items) {
+                    crossed.retain(|c| !c.key.starts_with("expiry:"));
+                }
                 let marks = ops::alert_marks(conn, &item.item_id)?;
                 let (send, clear) = alerts::plan(&crossed, &marks, now);
                 sends.extend(send);

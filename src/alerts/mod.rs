@@ -88,6 +88,20 @@ fn what_next(item: &ItemRow) -> String {
     }
 }
 
+/// Whether another item takes over from `item` when it expires: one for the same product on
+/// the same handshake code, in force by then and running longer (a renewal overlapping the
+/// old license). Devices move on to it, so the old item's expiry is no news.
+pub fn succeeded(item: &ItemRow, items: &[ItemRow]) -> bool {
+    items.iter().any(|other| {
+        other.item_id != item.item_id
+            && !other.withdrawn
+            && other.product == item.product
+            && other.handshake_id == item.handshake_id
+            && other.terms.starts_at <= item.terms.expires_at
+            && other.terms.expires_at > item.terms.expires_at
+    })
+}
+
 /// Every threshold the item has crossed at `now`.
 pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
     let mut out = Vec::new();

@@ -189,6 +189,35 @@ fn expiry_warnings_for_tokens_items() {
     );
 }
 
+/// An item a renewal takes over from (the same product on the same code, running longer)
+/// is not warned of: its devices move on. Another product's item still is.
+#[test]
+fn an_item_a_renewal_takes_over_from_is_not_warned_of() {
+    let old = "starts_at = 2026-01-01T00:00:00Z\nexpires_at = 2026-06-21T00:00:00Z";
+    let f = Fixture::new(
+        &[
+            item("cad", "standalone", 4, old),
+            item(
+                "cad",
+                "standalone",
+                4,
+                "starts_at = 2026-06-01T00:00:00Z\nexpires_at = 2027-06-01T00:00:00Z",
+            ),
+            item("viewer", "standalone", 4, old),
+        ]
+        .concat(),
+    );
+    let sink = SmtpSink::start();
+    sink.configure(&f.data);
+    f.app.run_job("alerts").unwrap();
+    let text = text_of(&sink.wait_for(1, StdDuration::from_secs(10))[0]);
+    assert!(
+        text.contains("1 license threshold(s) crossed") && text.contains("LIC-T-3 (viewer"),
+        "{text}"
+    );
+    assert!(!text.contains("LIC-T-1"), "{text}");
+}
+
 /// The certificate the appliance serves (here, one an admin installed) is warned of 30, 7
 /// and 1 days before it expires, each once and in the alert email with the license
 /// thresholds; a new certificate starts over. Past it no device could connect.
