@@ -12,6 +12,7 @@
 use std::ffi::OsString;
 use std::future::Future;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -38,6 +39,16 @@ static OUTCOME: OnceLock<ExitCode> = OnceLock::new();
 static STATUS: OnceLock<ServiceStatusHandle> = OnceLock::new();
 /// Notified by the SCM's Stop or Shutdown control.
 static STOP: tokio::sync::Notify = tokio::sync::Notify::const_new();
+/// While the service starts: the first start after an upgrade backs the database up,
+/// checks and migrates it, which may take longer than one wait hint.
+static STARTING: AtomicBool = AtomicBool::new(false);
+/// The progress reported while starting or stopping (the SCM takes a wait hint that passes
+/// without a new checkpoint for a service that hangs).
+static CHECKPOINT: AtomicU32 = AtomicU32::new(0);
+/// How often a starting service tells the SCM it is still at work, and for how long at most
+/// (the systemd unit allows the same 30 minutes).
+const PROGRESS_EVERY: Duration = Duration::from_secs(20);
+const START_AT_MOST: Duration = Duration::from_secs(30 * 60);
 
 /// The command line without [`SERVICE_FLAG`] when it is the first argument, else `None`.
 pub fn service_args() -> Option<Vec<OsString>> {
@@ -97,7 +108,18 @@ fn service_main(_arguments: Vec<OsString>) {
         return;
     };
     let _ = STATUS.set(handle);
+    STARTING.store(true, Ordering::SeqCst);
     report(ServiceState::StartPending, ServiceExitCode::NO_ERROR);
+    std::thread::spawn(|| {
+        let started = std::time::Instant::now();
+        while started.elapsed() < START_AT_MOST {
+            std::thread::sleep(PROGRESS_EVERY);
+            if !STARTING.load(Ordering::SeqCst) {
+                return;
+            }
+            report(ServiceState::StartPending, ServiceExitCode::NO_ERROR);
+        }
+    });
     let work = WORK.lock().unwrap_or_else(|e| e.into_inner()).take();
     let outcome = work.map_or(ExitCode::FAILURE, |work| work());
     let _ = OUTCOME.set(outcome);
@@ -112,6 +134,15 @@ fn service_main(_arguments: Vec<OsString>) {
 fn report(state: ServiceState, exit_code: ServiceExitCode) {
     let Some(handle) = STATUS.get() else {
         return;
+    };
+    if state != ServiceState::StartPending {
+        STARTING.store(false, Ordering::SeqCst);
+    }
+    let checkpoint = match state {
+        ServiceState::StartPending | ServiceState::StopPending => {
+            CHECKPOINT.fetch_add(1, Ordering::SeqCst) + 1
+        }
+        _ => 0,
     };
     let (controls_accepted, wait_hint) = match state {
         ServiceState::Running => (
@@ -130,7 +161,7 @@ fn report(state: ServiceState, exit_code: ServiceExitCode) {
         current_state: state,
         controls_accepted,
         exit_code,
-        checkpoint: 0,
+        checkpoint,
         wait_hint,
         process_id: None,
     };
