@@ -370,9 +370,62 @@ impl Alert<'_> {
     }
 }
 
+/// How long the appliance's own emails (alerts, error notices) leave settings the SMTP
+/// server refused for good (a wrong password, a sender not allowed) before trying them
+/// again: a directory locks an account after a few failed sign-ins. Other settings, or a
+/// portal test email that goes through, are tried at once.
+const REFUSED_PAUSE: Duration = Duration::from_secs(3600);
+
+/// The SMTP settings last refused for good, when, and why.
+#[derive(Debug, Default)]
+pub struct SmtpRefusal(Mutex<Option<(mail::SmtpSettings, Instant, String)>>);
+
+impl SmtpRefusal {
+    /// Why `settings` are not to be tried now, if they were refused less than
+    /// [`REFUSED_PAUSE`] ago.
+    fn holds(&self, settings: &mail::SmtpSettings) -> Option<mail::MailError> {
+        let refusal = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        refusal
+            .as_ref()
+            .filter(|(refused, at, _)| refused == settings && at.elapsed() < REFUSED_PAUSE)
+            .map(|(_, at, why)| mail::MailError::Paused {
+                minutes_ago: at.elapsed().as_secs() / 60,
+                why: why.clone(),
+            })
+    }
+
+    /// Remembers how a delivery with `settings` ended.
+    pub fn note<T>(&self, settings: &mail::SmtpSettings, result: &Result<T, mail::MailError>) {
+        let mut refusal = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Err(mail::MailError::Refused(why)) => {
+                *refusal = Some((settings.clone(), Instant::now(), why.clone()));
+            }
+            Ok(_) => *refusal = None,
+            Err(_) => {}
+        }
+    }
+}
+
+/// Sends the appliance's own email: not with settings refused for good a moment ago
+/// ([`REFUSED_PAUSE`]), else with a few quick retries (not after a permanent refusal); a
+/// delivery still failing is retried by the next run.
+async fn send_own(
+    state: &AppState,
+    settings: &mail::SmtpSettings,
+    to: &[lettre::message::Mailbox],
+    email: &mail::Email,
+) -> Result<String, mail::MailError> {
+    if let Some(paused) = state.smtp_refusal.holds(settings) {
+        return Err(paused);
+    }
+    let result = deliver(settings, to, email).await;
+    state.smtp_refusal.note(settings, &result);
+    result
+}
+
 /// Sends with a few quick retries (not after a permanent refusal: a wrong password tried
-/// again at once counts towards the account's lockout); a delivery still failing is retried
-/// by the next run.
+/// again at once counts towards the account's lockout).
 async fn deliver(
     settings: &mail::SmtpSettings,
     to: &[lettre::message::Mailbox],
@@ -462,7 +515,7 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
         text: AlertText { alert: alert() }.render().map_err(render)?,
         html: AlertHtml { alert: alert() }.render().map_err(render)?,
     };
-    let answer = deliver(&smtp, &to, &email).await?;
+    let answer = send_own(state, &smtp, &to, &email).await?;
     state
         .store
         .write(move |conn| {
@@ -740,7 +793,12 @@ async fn send_notices(state: &AppState, notices: &[Notice]) -> Result<(), JobErr
         .render()
         .map_err(render)?,
     };
-    mail::send(&smtp, &to, &email).await?;
+    if let Some(paused) = state.smtp_refusal.holds(&smtp) {
+        return Err(paused.into());
+    }
+    let result = mail::send(&smtp, &to, &email).await;
+    state.smtp_refusal.note(&smtp, &result);
+    result?;
     Ok(())
 }
 

@@ -68,6 +68,9 @@ pub struct AppState {
     /// The jobs running now: a job is never run twice at once (a scheduled run and the
     /// portal's "take a backup now", or a run caught up after a clock step).
     pub running_jobs: crate::jobs::RunningJobs,
+    /// The SMTP settings the server last refused for good (alerts and error notices wait
+    /// before signing in with them again).
+    pub smtp_refusal: crate::jobs::SmtpRefusal,
     /// Held while this appliance runs: `keygate restore` refuses to run under it.
     _lock: std::fs::File,
 }
@@ -140,6 +143,7 @@ impl AppState {
             metrics_token,
             error_events: std::sync::Mutex::new(None),
             running_jobs: Default::default(),
+            smtp_refusal: Default::default(),
             _lock: lock,
         })
     }

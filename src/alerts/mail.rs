@@ -82,6 +82,12 @@ pub enum MailError {
     /// once only counts against the account (a directory locks it after a few).
     #[error("the SMTP server refused the message: {0}")]
     Refused(String),
+    #[error(
+        "not sent: the SMTP server refused these settings {minutes_ago} minute(s) ago ({why}); \
+         they are tried again an hour after that, or at once once the settings change or a \
+         test email from the portal goes through"
+    )]
+    Paused { minutes_ago: u64, why: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }

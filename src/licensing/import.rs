@@ -223,16 +223,19 @@ pub fn validate(license: &License) -> Result<(), ImportError> {
             license.license_id
         ));
     }
-    if !is_identifier(&license.organization_id)
-        || license.organization_id.len() > MAX_ORGANIZATION_ID
-    {
+    if !is_identifier(&license.organization_id) {
         return invalid(format!(
-            "organization_id {:?} must be 1 to {MAX_ORGANIZATION_ID} letters, digits, '.', '_' \
-             or '-' (its default handshake code adds 9 characters, and a device sends at most 64)",
+            "organization_id {:?} must be 1 to 64 letters, digits, '.', '_' or '-'",
             license.organization_id
         ));
     }
-    text("vendor", &license.vendor, 128).map_err(ImportError::Invalid)?;
+    // May be empty (licenses issued so; a vendor's name cannot change between versions).
+    if license.vendor.chars().count() > 128 || license.vendor.chars().any(char::is_control) {
+        return invalid(format!(
+            "vendor must be at most 128 characters without control characters (it is {:?})",
+            license.vendor.chars().take(140).collect::<String>()
+        ));
+    }
     if license.version == 0 {
         return invalid("version must be 1 or higher".into());
     }
@@ -249,10 +252,6 @@ pub fn validate(license: &License) -> Result<(), ImportError> {
     }
     Ok(())
 }
-
-/// The longest organization id: its default handshake code (`<organization_id>-` and 8
-/// characters) must fit the 64 characters a device may send.
-pub const MAX_ORGANIZATION_ID: usize = 64 - 9;
 
 /// The most features an item may grant (each is copied into every authorization).
 const MAX_FEATURES: usize = 64;
@@ -604,14 +603,16 @@ fn settle_token_debts(
     Ok(())
 }
 
-/// A fresh handshake code for an organization: `<organization_id>-<8 random characters>`.
+/// A fresh handshake code for an organization: `<organization_id>-<8 random characters>`,
+/// the organization id cut to its first 55 characters so that the code fits the 64 a
+/// device may send.
 pub fn new_handshake_code(organization_id: &str) -> String {
     let mut random = [0u8; 5];
     getrandom::fill(&mut random).expect("the operating system's random source is available");
-    format!(
-        "{organization_id}-{}",
-        data_encoding::BASE32_NOPAD
-            .encode(&random)
-            .to_ascii_lowercase()
-    )
+    let suffix = data_encoding::BASE32_NOPAD
+        .encode(&random)
+        .to_ascii_lowercase();
+    // Identifiers are ASCII: a byte index is a character index.
+    let keep = organization_id.len().min(64 - 1 - suffix.len());
+    format!("{}-{suffix}", &organization_id[..keep])
 }

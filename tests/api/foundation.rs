@@ -467,14 +467,9 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
             "bound to another appliance (installation id",
         ),
         (
-            "organization id too long for its default code",
-            with(json!({"organization_id": "9".repeat(56)})),
-            "must be 1 to 55 letters",
-        ),
-        (
-            "empty vendor",
-            with(json!({"vendor": ""})),
-            "vendor must not be empty",
+            "control character in the vendor",
+            with(json!({"vendor": "Acme\nImaging"})),
+            "vendor must be at most 128 characters without control characters",
         ),
         (
             "control character in the product",
@@ -560,6 +555,26 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
     .unwrap();
     let run = import(&data, &path);
     assert!(run.ok, "{}", run.stderr);
+    // An organization id of 64 characters gets a default code a device can send (64 at
+    // most): its first 55 characters and the random part.
+    std::fs::write(
+        &path,
+        with(
+            json!({"license_id": "LIC-LONG", "organization_id": "9".repeat(64),
+            "items": item(json!({"item_id": "LIC-LONG-1"}))}),
+        ),
+    )
+    .unwrap();
+    let run = import(&data, &path);
+    assert!(run.ok, "{}", run.stderr);
+    let code = run
+        .stdout
+        .split("default handshake code is ")
+        .nth(1)
+        .unwrap()
+        .trim();
+    assert_eq!(code.len(), 64, "{code}");
+    assert!(code.starts_with(&format!("{}-", "9".repeat(55))), "{code}");
 }
 
 /// Flips one character in the payload part of the signed line.

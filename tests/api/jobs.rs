@@ -823,6 +823,10 @@ fn a_refused_smtp_password_is_not_retried_at_once() {
     let err = f.app.run_job("alerts").unwrap_err();
     assert!(err.to_string().contains("535"), "{err}");
     assert_eq!(sign_ins(&sink), ["PLAIN refused"], "one sign-in per run");
+    // The same settings are not tried again for a while (the next run, error notices).
+    let err = f.app.run_job("alerts").unwrap_err();
+    assert!(err.to_string().contains("refused these settings"), "{err}");
+    assert_eq!(sign_ins(&sink), ["PLAIN refused"], "no sign-in");
     assert!(smtp_with_password(&f.data, &args, "relay secret").ok);
     f.app.run_job("alerts").unwrap();
     assert_eq!(sink.wait_for(1, StdDuration::from_secs(10)).len(), 1);
