@@ -313,8 +313,9 @@ pub fn run(command: Command, config: Config) -> Result<()> {
             | Command::Config(_)
             | Command::Vendor(_)
     );
-    if !sets_up {
-        Appliance::load(&config.data_dir)?;
+    let key = config.data_dir.join(appliance::KEY_FILE);
+    if !sets_up && !key.exists() {
+        return Err(appliance::ApplianceError::NoKey { path: key }.into());
     }
     match command {
         Command::Serve { .. } => unreachable!("serve is run by main"),
@@ -511,7 +512,7 @@ fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {
     let (outcome, note) = outcome;
     println!("{outcome}");
     if let Some(note) = note {
-        println!("{note}");
+        eprintln!("{note}");
     }
     Ok(())
 }
@@ -748,20 +749,20 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
             let kept = audited(config, clock.now(), |conn| {
                 // Given again without --password-stdin, the stored password stays for the
                 // same server (changing `--from` alone does not sign out), as in the portal.
-                let kept = settings.password.is_none() && {
+                let mut dropped = false;
+                if settings.password.is_none() {
                     let stored = mail::load_settings(conn)?;
-                    let (kept, dropped) = mail::kept_password(stored.as_ref(), &settings);
-                    if dropped {
-                        eprintln!(
-                            "the stored SMTP password is dropped: it was given for another \
-                             server, protection, user or CA (give it again with --password-stdin)"
-                        );
-                    }
-                    settings.password = kept;
-                    settings.password.is_some()
-                };
+                    (settings.password, dropped) = mail::kept_password(stored.as_ref(), &settings);
+                }
+                let kept = !password_stdin && settings.password.is_some();
                 mail::check_settings(&settings).map_err(|(_, why)| anyhow::anyhow!("{why}"))?;
                 mail::save_settings(conn, &settings)?;
+                if dropped {
+                    eprintln!(
+                        "the stored SMTP password is dropped: it was given for another server, \
+                         protection, user or CA (give it again with --password-stdin)"
+                    );
+                }
                 let server = format!("{}:{}", settings.host, settings.port);
                 Ok((
                     kept,

@@ -265,10 +265,18 @@ impl Config {
             )));
         }
         if let Some(url) = &self.public_url {
-            let host = url.strip_prefix("https://").unwrap_or("");
-            if host.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            // http:// too: a proxy in front may serve the portal under another scheme.
+            let lower = url.to_ascii_lowercase();
+            let host = ["https://", "http://"]
+                .iter()
+                .find_map(|scheme| lower.strip_prefix(scheme))
+                .unwrap_or("");
+            if host.is_empty()
+                || host.starts_with('/')
+                || url.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
                 return Err(ConfigError::Invalid(format!(
-                    "public_url {url:?} must be the portal's https:// address, e.g. \
+                    "public_url {url:?} must be the portal's address, e.g. \
                      https://keygate.plant.lan:8443"
                 )));
             }
@@ -419,8 +427,14 @@ mod tests {
     }
 
     #[test]
-    fn the_public_url_is_an_https_address() {
-        for bad in ["not a url", "http://keygate.lan", "https://", "https://a b"] {
+    fn the_public_url_is_a_web_address() {
+        for bad in [
+            "not a url",
+            "ftp://keygate.lan",
+            "https://",
+            "https:///x",
+            "https://a b",
+        ] {
             let err = Config::load(
                 None,
                 env(&[("KEYGATE_PUBLIC_URL", bad)]),
@@ -429,8 +443,14 @@ mod tests {
             .unwrap_err();
             assert!(err.to_string().contains("public_url"), "{bad}: {err}");
         }
-        let good = env(&[("KEYGATE_PUBLIC_URL", "https://keygate.plant.lan:8443")]);
-        assert!(Config::load(None, good, &Overrides::default()).is_ok());
+        for good in [
+            "https://keygate.plant.lan:8443",
+            "HTTPS://k.lan/",
+            "http://proxy.lan",
+        ] {
+            let good = env(&[("KEYGATE_PUBLIC_URL", good)]);
+            assert!(Config::load(None, good, &Overrides::default()).is_ok());
+        }
     }
 
     #[test]

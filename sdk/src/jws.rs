@@ -52,7 +52,7 @@ pub enum JwsError {
     Header(String),
     #[error("the JWS algorithm is {0:?}, only EdDSA is accepted")]
     Algorithm(String),
-    #[error("the document type is {found}, expected {expected:?}")]
+    #[error("the document type is {}, expected {expected:?}", shown_typ(found))]
     Type {
         expected: &'static str,
         found: String,
@@ -67,6 +67,15 @@ pub enum JwsError {
     BadSignature,
     #[error("the signed payload is not valid: {0}")]
     Payload(String),
+}
+
+/// A document type as messages show it (`found` of [`JwsError::Type`]: empty when none).
+pub fn shown_typ(found: &str) -> String {
+    if found.is_empty() {
+        "not given (no typ)".into()
+    } else {
+        format!("{found:?}")
+    }
 }
 
 /// Signs `payload` under `header` and returns the compact serialization.
@@ -114,11 +123,14 @@ impl<'a> Token<'a> {
                 .decode(part.as_bytes())
                 .map_err(|_| JwsError::Malformed)
         };
-        let header: Header =
+        let header: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(&decode(h)?).map_err(|e| JwsError::Header(e.to_string()))?;
-        if let Some(crit) = &header.crit {
+        // Named at all (even `null`): refused.
+        if let Some(crit) = header.get("crit") {
             return Err(JwsError::Critical(crit.to_string()));
         }
+        let header: Header = serde_json::from_value(serde_json::Value::Object(header))
+            .map_err(|e| JwsError::Header(e.to_string()))?;
         let payload = decode(p)?;
         let signature: [u8; 64] = decode(s)?.try_into().map_err(|_| JwsError::Malformed)?;
         Ok(Token {
@@ -145,7 +157,7 @@ impl<'a> Token<'a> {
             Some(found) if found == typ.as_str() => Ok(()),
             found => Err(JwsError::Type {
                 expected: typ.as_str(),
-                found: found.map_or("not given (no typ)".into(), |t| format!("{t:?}")),
+                found: found.unwrap_or("").to_string(),
             }),
         }
     }
@@ -267,6 +279,12 @@ mod tests {
         };
         let jws = sign_raw(&header, b"{}", &key);
         assert!(matches!(Token::decode(&jws), Err(JwsError::Critical(_))));
+        let null = format!(
+            "{}.e30.{}",
+            BASE64URL_NOPAD.encode(br#"{"alg":"EdDSA","crit":null}"#),
+            "A".repeat(86)
+        );
+        assert!(matches!(Token::decode(&null), Err(JwsError::Critical(_))));
         for garbage in ["", "a.b", "a.b.c", "....", "eyJhbGciOiJFZERTQSJ9.e30.AAAA"] {
             assert!(Token::decode(garbage).is_err(), "{garbage:?}");
         }

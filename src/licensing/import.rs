@@ -148,7 +148,7 @@ pub fn verify(
     let compact = token_line(file)?;
     let token = Token::decode(compact).map_err(ImportError::Malformed)?;
     token.expect_typ(Typ::License).map_err(|e| match e {
-        JwsError::Type { found, .. } => ImportError::WrongType(found),
+        JwsError::Type { found, .. } => ImportError::WrongType(keygate_sdk::jws::shown_typ(&found)),
         other => ImportError::Malformed(other),
     })?;
     let kid = token.kid().map_err(ImportError::Malformed)?.to_string();

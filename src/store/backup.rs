@@ -416,8 +416,9 @@ pub fn restore(
     // WAL holds into it, and the backup's own place (a read-only medium) is not written to.
     // The copy is checked and must belong to this appliance.
     let copied = || {
-        // Named after the backup: a wrong path is what usually fails here.
-        std::fs::copy(backup, &tmp).map_err(io(backup))?;
+        // A wrong path is named as the user gave it; a failure to write, by the copy's.
+        std::fs::File::open(backup).map_err(io(backup))?;
+        std::fs::copy(backup, &tmp).map_err(io(&tmp))?;
         owner_only(&tmp)?;
         let wal = side_file(backup, "-wal");
         if wal.exists() {
@@ -740,6 +741,76 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["kept.db", "kept.db-wal"]);
+    }
+
+    #[test]
+    fn restores_in_one_second_keep_each_replaced_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keygate.db");
+        let now = datetime!(2026-06-30 12:00 UTC);
+        drop(super::super::open(&db).unwrap());
+        let backup = take(&db, &dir.path().join("backups"), now).unwrap();
+        let first = restore(&db, &backup.path, "ours", now).unwrap();
+        let second = restore(&db, &backup.path, "ours", now).unwrap();
+        let third = restore(&db, &backup.path, "ours", now).unwrap();
+        assert_eq!(
+            file_name(&first),
+            "keygate.db.before-restore-20260630T120000Z"
+        );
+        assert_eq!(
+            file_name(&second),
+            "keygate.db.before-restore-20260630T120000Z-2"
+        );
+        assert_eq!(
+            file_name(&third),
+            "keygate.db.before-restore-20260630T120000Z-3"
+        );
+        assert!(first.exists() && second.exists());
+    }
+
+    #[test]
+    fn a_database_of_another_appliance_is_refused_by_what_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keygate.db");
+        let now = datetime!(2026-06-30 12:00 UTC);
+        drop(super::super::open(&db).unwrap());
+        let before = std::fs::read(&db).unwrap();
+        // Served by another installation...
+        let served = dir.path().join("served.db");
+        let conn = super::super::open(&served).unwrap();
+        super::super::settings::set(&conn, INSTALLATION, "OTHR-0000").unwrap();
+        drop(conn);
+        let err = restore(&db, &served, "ours", now).unwrap_err().to_string();
+        assert!(
+            err.contains("it was served by installation OTHR-0000"),
+            "{err}"
+        );
+        // ...or holding a license bound to another one (a backup older than the record).
+        let licensed = dir.path().join("licensed.db");
+        let conn = super::super::open(&licensed).unwrap();
+        let payload = serde_json::json!({
+            "v": 1, "license_id": "LIC-X", "version": 1, "vendor": "V", "organization_id": "1",
+            "issued_at": "2026-01-01T00:00:00Z",
+            "appliance": {"installation_id": "OTHR-0001", "public_key": "AA"}, "items": []
+        });
+        let key = keygate_sdk::keys::generate_signing_key();
+        super::super::licenses::ensure_organization(&conn, "1", "V", 0).unwrap();
+        let jws = keygate_sdk::jws::sign(keygate_sdk::jws::Typ::License, &payload, &key);
+        conn.execute(
+            "INSERT INTO licenses (license_id, version, vendor, organization_id, issued_at,
+                 kid, jws, sha256, imported_at) VALUES ('LIC-X', 1, 'V', '1', 0, 'k', ?1, 's', 0)",
+            [&jws],
+        )
+        .unwrap();
+        drop(conn);
+        let err = restore(&db, &licensed, "ours", now)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("its license LIC-X is bound to installation OTHR-0001"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&db).unwrap(), before, "nothing replaced");
     }
 
     #[test]

@@ -605,10 +605,10 @@ fn importing_expired_items_says_so() {
     let run = import(&data, &vendor.issue_file(&data, &items, &[], "old.lic"));
     assert!(run.ok, "{}", run.stderr);
     assert!(
-        run.stdout
+        run.stderr
             .contains("note: expired already, so serving no device: LIC-0042-1"),
         "{}",
-        run.stdout
+        run.stderr
     );
 }
 

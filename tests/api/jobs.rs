@@ -500,7 +500,7 @@ fn a_backup_under_write_load_restores_every_acknowledged_report() {
         run.stderr
     );
     let (_dir, data) = f.stop();
-    // Another appliance refuses it: the backup's licenses are bound to this one's key.
+    // Another appliance refuses it: the backup names the appliance that served it.
     let other = tempfile::tempdir().unwrap();
     let request = other.path().join("request.txt");
     assert!(
