@@ -88,6 +88,8 @@ pub enum MailError {
          test email from the portal goes through"
     )]
     Paused { minutes_ago: u64, why: String },
+    #[error("the SMTP settings cannot be used: {0} (set them again)")]
+    Settings(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -227,6 +229,9 @@ pub async fn send(
     to: &[Mailbox],
     email: &Email,
 ) -> Result<String, MailError> {
+    // Settings saved by an older release may lack what saving now checks (a password
+    // over plain SMTP): never sent so.
+    check_settings(settings).map_err(|(_, why)| MailError::Settings(why))?;
     let from: Mailbox = settings
         .from
         .parse()
@@ -320,4 +325,26 @@ pub async fn send(
         .map_err(|_| {
             MailError::Smtp(format!("no answer within {} seconds", SEND_LIMIT.as_secs()))
         })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Settings saved before a password over plain SMTP was refused are never used so.
+    #[actix_web::test]
+    async fn a_password_is_never_sent_over_plain_smtp() {
+        let settings = SmtpSettings {
+            host: "127.0.0.1".into(),
+            port: 9,
+            tls: TlsMode::None,
+            user: Some("keygate".into()),
+            password: Some("secret".into()),
+            from: "keygate@plant.test".into(),
+            ca: None,
+        };
+        let to = parse_recipients("it@plant.test").unwrap();
+        let err = send(&settings, &to, &Email::test()).await.unwrap_err();
+        assert!(matches!(err, MailError::Settings(_)), "{err}");
+    }
 }
