@@ -1003,9 +1003,25 @@ fn status(config: &Config) -> Result<()> {
         },
     };
     println!("certificate:      {certificate}");
-    match store::settings::get(&conn, crate::jobs::LAST_BACKUP)?.and_then(|t| t.parse().ok()) {
-        Some(t) => println!("last backup:      {}", time(t)),
-        None => println!("last backup:      none yet"),
+    // The newest file in backups/ (a restored database does not remember the backup it
+    // came from, nor those taken since), else what the database recorded.
+    let newest = store::backup::list(&config.data_dir.join(store::backup::BACKUP_DIR))
+        .unwrap_or_default()
+        .into_iter()
+        .max_by_key(|f| f.taken_at);
+    match newest {
+        Some(file) => println!(
+            "last backup:      {} ({}, {} bytes)",
+            rfc3339(file.taken_at),
+            store::backup::file_name(&file.path),
+            file.size
+        ),
+        None => match store::settings::get(&conn, crate::jobs::LAST_BACKUP)?
+            .and_then(|t| t.parse().ok())
+        {
+            Some(t) => println!("last backup:      {}", time(t)),
+            None => println!("last backup:      none yet"),
+        },
     }
     let runs = store::ops::job_runs(&conn, 100)?;
     for job in crate::metrics::JOBS {

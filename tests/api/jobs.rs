@@ -567,6 +567,16 @@ fn a_backup_under_write_load_restores_every_acknowledged_report() {
     assert_ne!(first, second);
     assert!(first.exists());
     assert_eq!(db_digest(&second), before_second);
+    // Restored, the appliance still tells its newest backup (the database cannot know).
+    let status = keygate(&data, &["status"]).stdout;
+    let newest = backups.iter().max_by_key(|b| b.taken_at).unwrap();
+    let name = newest.path.file_name().unwrap().to_str().unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("last backup:") && l.contains(name)),
+        "{status}"
+    );
     let restored: i64 = rusqlite::Connection::open(data.join("keygate.db"))
         .unwrap()
         .query_row(
