@@ -2,7 +2,8 @@
 
 Usage: smtp_sink.py DIR  -- prints "PORT <n>" once listening on 127.0.0.1 (a free port).
 Each accepted message becomes DIR/<n>.eml (written to a temporary name, then renamed).
-Recipients whose address starts with "refused" are refused (550), as for an unknown mailbox.
+Recipients whose address starts with "refused" are refused (550), as for an unknown mailbox;
+with SMTP_REFUSE_SENDER set every sender is (550).
 
 Environment: SMTP_PORT (default 0: any free port); SMTP_TLS_CERT and SMTP_TLS_KEY (PEM files)
 turn on STARTTLS, required before anything else, or implicit TLS with SMTP_IMPLICIT=1;
@@ -21,6 +22,14 @@ class Sink:
     def __init__(self, directory):
         self.directory = directory
         self.count = 0
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        # As a relay does for a sender it does not let this login send as.
+        if os.environ.get("SMTP_REFUSE_SENDER"):
+            return "550 5.7.1 Sender not allowed"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         # As a LAN relay does for an unknown mailbox.

@@ -294,7 +294,7 @@ pub async fn send(
             // server out of service): that would only repeat it once per recipient.
             Err(e) if refuses_a_mailbox(&e) && to.len() > 1 => {
                 let bytes = message.formatted();
-                let (mut accepted, mut refused) = (None, Vec::new());
+                let (mut accepted, mut refused, mut answers) = (None, Vec::new(), Vec::new());
                 for mailbox in to {
                     let envelope = lettre::address::Envelope::new(
                         message.envelope().from().cloned(),
@@ -303,8 +303,19 @@ pub async fn send(
                     .map_err(|e| MailError::Build(e.to_string()))?;
                     match transport.send_raw(&envelope, &bytes).await {
                         Ok(response) => accepted = Some(answer(response)),
-                        Err(e) => refused.push(format!("{} ({e})", mailbox.email)),
+                        Err(e) => {
+                            refused.push(format!("{} ({e})", mailbox.email));
+                            answers.push(e.to_string());
+                        }
                     }
+                }
+                // Every recipient refused with the very answer the whole message got: what
+                // the server refuses is the sender (or the message), not the addresses.
+                if accepted.is_none() && answers.iter().all(|a| *a == e.to_string()) {
+                    return Err(MailError::Refused(format!(
+                        "{e} (for every recipient alike: check the sender address {})",
+                        settings.from
+                    )));
                 }
                 let refused = refused.join(", ");
                 match accepted {

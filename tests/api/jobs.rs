@@ -142,6 +142,35 @@ fn a_refused_recipient_does_not_keep_the_others_from_their_alerts() {
     assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
 }
 
+/// A relay refusing the sender is not reported as refusing every recipient.
+#[test]
+fn a_refused_sender_is_told_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(keygate(&data, &["activation-request"]).ok);
+    let sink = SmtpSink::start_with(
+        0,
+        tempfile::tempdir().unwrap(),
+        &[("SMTP_REFUSE_SENDER", "1")],
+    );
+    sink.configure(&data);
+    let run = keygate(&data, &["alerts", "test"]);
+    assert!(
+        !run.ok
+            && run.stderr.contains("Sender not allowed")
+            && run
+                .stderr
+                .contains("check the sender address keygate@plant.test"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("every recipient refused"),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn a_failed_delivery_is_retried_and_nothing_is_marked_sent_until_accepted() {
     let f = Fixture::new(&item("cad", "standalone", 4, ""));
