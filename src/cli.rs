@@ -1088,6 +1088,10 @@ pub fn init_tracing(config: &Config) -> UnboundedReceiver<ErrorEvent> {
 }
 
 pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()> {
+    // The stop signals are caught from before the listener is bound and the service manager
+    // told: a stop that comes at once is a clean one too.
+    let system = actix_web::rt::System::new();
+    let stop = system.block_on(async { stop_signals() })?;
     let listen = config.listen;
     let state = crate::AppState::open(config, Arc::new(SystemClock))?.with_error_events(errors);
     let listener = std::net::TcpListener::bind(listen)
@@ -1141,7 +1145,7 @@ pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()
     #[cfg(windows)]
     crate::windows::report_running();
     let shutdown = async {
-        shutdown_signal().await;
+        stop.await;
         #[cfg(unix)]
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     };
@@ -1149,23 +1153,36 @@ pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()
     #[cfg(windows)]
     let shutdown = crate::windows::until_stopped(shutdown);
     let state = actix_web::web::Data::new(state);
-    actix_web::rt::System::new().block_on(crate::serve(state, listener, shutdown))?;
+    system.block_on(crate::serve(state, listener, shutdown))?;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Installs the handlers of Ctrl-C and SIGTERM now (in the runtime that serves) and returns
+/// what completes at the first of them.
+fn stop_signals() -> std::io::Result<impl Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        let (mut term, mut interrupt) = (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        );
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = term.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    {
+        let ctrl_c = tokio::signal::windows::ctrl_c()?;
+        Ok(async move {
+            let mut ctrl_c = ctrl_c;
+            ctrl_c.recv().await;
+        })
+    }
 }
 
 #[cfg(test)]

@@ -102,6 +102,17 @@ impl AppState {
         {
             crate::store::settings::set(&conn, backup::INSTALLATION, appliance.installation_id())?;
         }
+        // A run that did not stop cleanly (killed, crashed, the machine lost power) left its
+        // mark: told at ERROR, so emailed to the alert recipients.
+        if let Some(since) = crate::store::settings::get(&conn, RUNNING)? {
+            tracing::error!(
+                running_since = %since,
+                "the previous run of keygate did not stop cleanly (killed, crashed, or the \
+                 machine lost power); what it acknowledged is on disk, and its log may say why \
+                 it stopped"
+            );
+        }
+        crate::store::settings::set(&conn, RUNNING, &crate::licensing::rfc3339(now))?;
         let watermark = crate::clock::Watermark::new(crate::store::ops::newest_time(&conn)?);
         drop(conn);
         // A clock set back while the appliance was off is told at once (and emailed).
@@ -222,8 +233,19 @@ pub async fn serve(
     if let Err(e) = jobs::save_newest_time(&state_at_stop).await {
         tracing::warn!(error = %e, "could not save the newest time used");
     }
+    let stopped = state_at_stop
+        .store
+        .write(|conn| crate::store::settings::delete(conn, RUNNING))
+        .await;
+    if let Err(e) = stopped {
+        tracing::warn!(error = %e, "could not record the clean stop");
+    }
     Ok(())
 }
+
+/// The settings key a serving appliance holds (since when it runs), removed when it stops
+/// cleanly: found at a start, the previous run did not.
+pub const RUNNING: &str = "running_since";
 
 /// How long a client may take to finish its TLS handshake before its connection is closed.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -436,6 +436,9 @@ pub fn restore(
         {
             super::settings::set(&conn, crate::clock::NEWEST_TIME, &newest.to_string())?;
         }
+        // A backup is taken while the appliance runs: its mark of a running appliance is
+        // not the restored one's (it would read as a run that did not stop cleanly).
+        super::settings::delete(&conn, crate::server::RUNNING)?;
         // The restored database tells its admins where it came from (a backup older than
         // the audit log's schema gets the log when it is migrated, without this entry).
         let audited: bool = conn.query_row(

@@ -428,6 +428,30 @@ fn the_error_notice_rate_limit_holds_across_a_restart() {
     );
 }
 
+/// A run that did not stop cleanly (killed, crashed, power lost) is told at the next start,
+/// by email; a graceful stop is not.
+#[test]
+fn a_run_that_did_not_stop_cleanly_is_emailed_at_the_next_start() {
+    let (_dir, data, sink) = new_appliance_with_smtp();
+    Served::start(&data).terminate();
+    Served::start(&data).kill();
+    let served = Served::start(&data);
+    let messages = sink.wait_for(1, StdDuration::from_secs(40));
+    assert_eq!(messages.len(), 1);
+    let text = text_of(&messages[0]);
+    assert!(
+        text.contains("the previous run of keygate did not stop cleanly"),
+        "{text}"
+    );
+    served.terminate();
+    let _served = Served::start(&data);
+    assert_eq!(
+        sink.wait_for(2, StdDuration::from_secs(8)).len(),
+        1,
+        "a clean stop is no news"
+    );
+}
+
 #[test]
 fn a_failing_job_is_emailed_by_the_running_binary() {
     let (dir, data, sink) = new_appliance_with_smtp();
