@@ -451,6 +451,9 @@ async fn deliver(
 /// warnings, in one email to the recipients; marked sent only once the SMTP server accepted it.
 pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
     let now = state.clock.now().unix_timestamp();
+    // Seats whose time is up count no more: freed first (as the next request would), so
+    // a per_active_device item is not reported full of seats that lapsed since.
+    free_lapsed_seats(state, now).await?;
     let warnings = crate::tls::not_after(&state.certificate.current())
         .map(|t| alerts::certificate_warnings(t.unix_timestamp(), now))
         .unwrap_or_default();
@@ -574,10 +577,10 @@ const HOUSEKEEPING_BATCH: i64 = 2_000;
 /// The daily housekeeping: frees lapsed seats (each in the audit log), summarises old
 /// concurrency windows, removes expired token passes and devices unused for 365 days
 /// (each in the audit log).
-pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
-    let now = state.clock.now().unix_timestamp();
-    // Lapsed seats, a batch per transaction: a fleet authorized in one week lapses in one
-    // day.
+/// Frees the seats whose time is up (per_device unused for 365 days, per_active_device 90
+/// days after the first authorization), a batch per transaction: a fleet authorized in one
+/// week lapses in one day. Returns how many.
+async fn free_lapsed_seats(state: &AppState, now: i64) -> Result<usize, JobError> {
     let items = state.store.read(store::licenses::all_items).await?;
     let mut freed = 0;
     for item in items {
@@ -595,6 +598,12 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
             }
         }
     }
+    Ok(freed)
+}
+
+pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
+    let now = state.clock.now().unix_timestamp();
+    let freed = free_lapsed_seats(state, now).await?;
     let windows = state
         .store
         .write(move |conn| {

@@ -82,6 +82,26 @@ fn alerts_cross_exact_thresholds_once_in_one_email_and_reset_on_renewal() {
     );
 }
 
+/// Seats whose time is up are freed within an alerts run (10 minutes), not only by the
+/// daily housekeeping: the figures an admin reads (dashboard, metrics, alerts) are not
+/// those of devices whose 90 days have passed.
+#[test]
+fn lapsed_seats_are_freed_by_the_alerts_run() {
+    let f = Fixture::new(&item("scan", "per_active_device", 10, ""));
+    let sink = SmtpSink::start();
+    sink.configure(&f.data);
+    authorize_devices(&f, "scan", 1..=8);
+    f.app.run_job("alerts").unwrap();
+    assert_eq!(
+        sink.wait_for(1, StdDuration::from_secs(10)).len(),
+        1,
+        "75 %"
+    );
+    f.app.clock.advance(Duration::days(91));
+    assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 0);
+}
+
 /// Use that comes and goes (standalone seats released every evening) does not repeat a
 /// threshold's email every morning: crossed again within a week of its email, it is not sent.
 #[test]
