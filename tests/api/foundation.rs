@@ -565,14 +565,7 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
         ),
     )
     .unwrap();
-    let run = import(&data, &path);
-    assert!(run.ok, "{}", run.stderr);
-    let code = run
-        .stdout
-        .split("default handshake code is ")
-        .nth(1)
-        .unwrap()
-        .trim();
+    let code = default_code(&import(&data, &path));
     assert_eq!(code.len(), 64, "{code}");
     assert!(code.starts_with(&format!("{}-", "9".repeat(55))), "{code}");
 }

@@ -15,6 +15,17 @@ use time::OffsetDateTime;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 
+/// The default handshake code `keygate import` printed for a new organization.
+pub fn default_code(run: &Run) -> String {
+    assert!(run.ok, "{}", run.stderr);
+    run.stdout
+        .split("default handshake code is ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no default code in {:?}", run.stdout))
+        .trim()
+        .to_string()
+}
+
 /// The outcome of one `keygate` invocation.
 pub struct Run {
     pub ok: bool,
@@ -459,14 +470,7 @@ impl Fixture {
         let app = TestApp::spawn(&data);
         // Imported while the server runs: it must take effect without a restart.
         let run = keygate(&data, &["import", license.to_str().unwrap()]);
-        assert!(run.ok, "{}", run.stderr);
-        let code = run
-            .stdout
-            .split("default handshake code is ")
-            .nth(1)
-            .expect("a new organization gets a default code")
-            .trim()
-            .to_string();
+        let code = default_code(&run);
         Fixture {
             app,
             vendor,

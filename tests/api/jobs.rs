@@ -865,6 +865,30 @@ fn relay_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::P
     (cert_path, key_path)
 }
 
+/// The sink's settings for a relay with that certificate, requiring AUTH as `keygate`.
+fn relay_env<'a>(cert: &'a str, key: &'a str) -> Vec<(&'static str, &'a str)> {
+    vec![
+        ("SMTP_TLS_CERT", cert),
+        ("SMTP_TLS_KEY", key),
+        ("SMTP_USER", "keygate"),
+        ("SMTP_PASS", "relay secret"),
+    ]
+}
+
+/// `keygate alerts smtp` arguments for that relay on `port`, signing in as `keygate`.
+fn relay_args<'a>(port: &'a str, tls: &'a str) -> Vec<&'a str> {
+    vec![
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--tls",
+        tls,
+        "--user",
+        "keygate",
+    ]
+}
+
 /// The sign-ins the sink saw, one `MECHANISM ok|refused` line each.
 fn sign_ins(sink: &SmtpSink) -> Vec<String> {
     std::fs::read_to_string(sink.dir.path().join("auth.log"))
@@ -880,27 +904,15 @@ fn sign_ins(sink: &SmtpSink) -> Vec<String> {
 fn a_refused_smtp_password_is_not_retried_at_once() {
     let f = Fixture::new(&item("cad", "standalone", 4, ""));
     let (cert, key) = relay_certificate(f.data.parent().unwrap());
-    let env = [
-        ("SMTP_TLS_CERT", cert.to_str().unwrap()),
-        ("SMTP_TLS_KEY", key.to_str().unwrap()),
-        ("SMTP_USER", "keygate"),
-        ("SMTP_PASS", "relay secret"),
-    ];
+    let env = relay_env(cert.to_str().unwrap(), key.to_str().unwrap());
     let sink = SmtpSink::start_with(0, tempfile::tempdir().unwrap(), &env);
     sink.configure(&f.data);
     let port = sink.port.to_string();
     let args = [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--tls",
-        "starttls",
-        "--user",
-        "keygate",
-        "--ca",
-        cert.to_str().unwrap(),
-    ];
+        &relay_args(&port, "starttls")[..],
+        &["--ca", cert.to_str().unwrap()],
+    ]
+    .concat();
     assert!(smtp_with_password(&f.data, &args, "wrong secret").ok);
     authorize_devices(&f, "cad", 1..=3);
     let err = f.app.run_job("alerts").unwrap_err();
@@ -924,12 +936,7 @@ fn mail_goes_over_starttls_or_implicit_tls_with_authentication_and_a_lan_ca() {
     assert!(keygate(&data, &["alerts", "recipients", "it@plant.test"]).ok);
     let (cert_path, key_path) = relay_certificate(dir.path());
     let tls_env = |implicit: bool| {
-        let mut env = vec![
-            ("SMTP_TLS_CERT", cert_path.to_str().unwrap()),
-            ("SMTP_TLS_KEY", key_path.to_str().unwrap()),
-            ("SMTP_USER", "keygate"),
-            ("SMTP_PASS", "relay secret"),
-        ];
+        let mut env = relay_env(cert_path.to_str().unwrap(), key_path.to_str().unwrap());
         if implicit {
             env.push(("SMTP_IMPLICIT", "1"));
         }
@@ -940,17 +947,10 @@ fn mail_goes_over_starttls_or_implicit_tls_with_authentication_and_a_lan_ca() {
     let sink = SmtpSink::start_with(0, tempfile::tempdir().unwrap(), &tls_env(false));
     let port = sink.port.to_string();
     let base = [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--tls",
-        "starttls",
-        "--user",
-        "keygate",
-        "--from",
-        "keygate@plant.test",
-    ];
+        &relay_args(&port, "starttls")[..],
+        &["--from", "keygate@plant.test"],
+    ]
+    .concat();
     let run = configure_and_test(&data, &[&base[..], &["--ca", ca]].concat(), "relay secret");
     assert!(run.ok, "STARTTLS with AUTH: {}", run.stderr);
     assert!(run.stdout.contains("accepted the test email"));
@@ -970,20 +970,7 @@ fn mail_goes_over_starttls_or_implicit_tls_with_authentication_and_a_lan_ca() {
 
     // The console refuses to send a password unencrypted, and keeps the stored one when the
     // server stays the same (another sender, say).
-    let run = smtp_with_password(
-        &data,
-        &[
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port,
-            "--tls",
-            "none",
-            "--user",
-            "keygate",
-        ],
-        "relay secret",
-    );
+    let run = smtp_with_password(&data, &relay_args(&port, "none"), "relay secret");
     assert!(
         !run.ok && run.stderr.contains("only sent over STARTTLS or TLS"),
         "{}",
@@ -1019,19 +1006,10 @@ fn mail_goes_over_starttls_or_implicit_tls_with_authentication_and_a_lan_ca() {
     let sink = SmtpSink::start_with(0, tempfile::tempdir().unwrap(), &tls_env(true));
     let port = sink.port.to_string();
     let args = [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--tls",
-        "tls",
-        "--user",
-        "keygate",
-        "--from",
-        "keygate@plant.test",
-        "--ca",
-        ca,
-    ];
+        &relay_args(&port, "tls")[..],
+        &["--from", "keygate@plant.test", "--ca", ca],
+    ]
+    .concat();
     let run = configure_and_test(&data, &args, "relay secret");
     assert!(run.ok, "implicit TLS with AUTH: {}", run.stderr);
     assert_eq!(sink.wait_for(1, StdDuration::from_secs(5)).len(), 1);

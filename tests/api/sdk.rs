@@ -24,14 +24,7 @@ fn appliance(items: &str) -> Appliance {
     assert!(keygate(&data, &["trust", vendor.pub_path().to_str().unwrap()]).ok);
     let license = vendor.issue_file(&data, &items_file("LIC-S", items), &[], "s.lic");
     let run = keygate(&data, &["import", license.to_str().unwrap()]);
-    assert!(run.ok, "{}", run.stderr);
-    let code = run
-        .stdout
-        .split("default handshake code is ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_string();
+    let code = default_code(&run);
     Appliance {
         _dir: dir,
         data,

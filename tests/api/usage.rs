@@ -578,13 +578,7 @@ fn acknowledged_usage_survives_kill_9() {
     );
     let license = vendor.issue_file(&data, &items, &["--license-id", "LIC-K"], "k.lic");
     let run = keygate(&data, &["import", license.to_str().unwrap()]);
-    let code = run
-        .stdout
-        .split("default handshake code is ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_string();
+    let code = default_code(&run);
 
     let served = Served::start(&data);
     let agent = pinned_agent(&appliance_cert(&data));
