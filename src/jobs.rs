@@ -394,15 +394,31 @@ impl SmtpRefusal {
             })
     }
 
-    /// Remembers how a delivery with `settings` ended.
-    pub fn note<T>(&self, settings: &mail::SmtpSettings, result: &Result<T, mail::MailError>) {
+    /// Remembers how a delivery with `settings` ended: refused for good, or through (which
+    /// lifts a pause of these very settings only).
+    fn note<T>(&self, settings: &mail::SmtpSettings, result: &Result<T, mail::MailError>) {
         let mut refusal = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Err(mail::MailError::Refused(why)) => {
                 *refusal = Some((settings.clone(), Instant::now(), why.clone()));
             }
-            Ok(_) => *refusal = None,
-            Err(_) => {}
+            Ok(_)
+                if refusal
+                    .as_ref()
+                    .is_some_and(|(refused, ..)| refused == settings) =>
+            {
+                *refusal = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// A portal test email went through with `settings`: if they are the paused ones, the
+    /// appliance's own emails use them again at once. (A refused test records nothing: the
+    /// settings tested may not be the ones saved.)
+    pub fn tested<T>(&self, settings: &mail::SmtpSettings, result: &Result<T, mail::MailError>) {
+        if result.is_ok() {
+            self.note(settings, result);
         }
     }
 }
@@ -452,8 +468,11 @@ async fn deliver(
 pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
     let now = state.clock.now().unix_timestamp();
     // Seats whose time is up count no more: freed first (as the next request would), so
-    // a per_active_device item is not reported full of seats that lapsed since.
-    free_lapsed_seats(state, now).await?;
+    // a per_active_device item is not reported full of seats that lapsed since. Failing
+    // that, the alerts still go.
+    if let Err(e) = free_lapsed_seats(state, now).await {
+        tracing::warn!(error = %e, "could not free the lapsed seats before the alerts");
+    }
     let warnings = crate::tls::not_after(&state.certificate.current())
         .map(|t| alerts::certificate_warnings(t.unix_timestamp(), now))
         .unwrap_or_default();
@@ -574,9 +593,6 @@ pub const WINDOW_HORIZON_DAYS: i64 = 35;
 /// meanwhile wait for one batch, not for the whole job.
 const HOUSEKEEPING_BATCH: i64 = 2_000;
 
-/// The daily housekeeping: frees lapsed seats (each in the audit log), summarises old
-/// concurrency windows, removes expired token passes and devices unused for 365 days
-/// (each in the audit log).
 /// Frees the seats whose time is up (per_device unused for 365 days, per_active_device 90
 /// days after the first authorization), a batch per transaction: a fleet authorized in one
 /// week lapses in one day. Returns how many.
@@ -601,6 +617,9 @@ async fn free_lapsed_seats(state: &AppState, now: i64) -> Result<usize, JobError
     Ok(freed)
 }
 
+/// The daily housekeeping: frees lapsed seats (each in the audit log), summarises old
+/// concurrency windows, removes expired token passes and devices unused for 365 days
+/// (each in the audit log).
 pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
     let now = state.clock.now().unix_timestamp();
     let freed = free_lapsed_seats(state, now).await?;

@@ -112,7 +112,6 @@ impl AppState {
                  it stopped"
             );
         }
-        crate::store::settings::set(&conn, RUNNING, &crate::licensing::rfc3339(now))?;
         let watermark = crate::clock::Watermark::new(crate::store::ops::newest_time(&conn)?);
         drop(conn);
         // A clock set back while the appliance was off is told at once (and emailed).
@@ -224,23 +223,39 @@ pub async fn serve(
     .tls_handshake_timeout(TLS_HANDSHAKE_TIMEOUT)
     .listen_rustls_0_23(listener, tls)?
     .run();
+    // Serving from here: a run that ends otherwise than by a stop leaves this mark (a
+    // start that failed before serving leaves none).
+    let since = crate::licensing::rfc3339(state_at_stop.clock.now());
+    running(&state_at_stop, Some(since)).await;
     let handle = server.handle();
+    let state_at_signal = state_at_stop.clone();
     actix_web::rt::spawn(async move {
         shutdown.await;
+        // A stop asked for is a clean one, even if the machine does not wait for the open
+        // connections to end (a Windows shutdown gives services a few seconds).
+        running(&state_at_signal, None).await;
         handle.stop(true).await;
     });
-    server.await?;
+    let served = server.await;
     if let Err(e) = jobs::save_newest_time(&state_at_stop).await {
         tracing::warn!(error = %e, "could not save the newest time used");
     }
-    let stopped = state_at_stop
+    running(&state_at_stop, None).await;
+    served
+}
+
+/// Records that the appliance serves (since when), or that it stopped cleanly.
+async fn running(state: &AppState, since: Option<String>) {
+    let recorded = state
         .store
-        .write(|conn| crate::store::settings::delete(conn, RUNNING))
+        .write(move |conn| match &since {
+            Some(since) => crate::store::settings::set(conn, RUNNING, since),
+            None => crate::store::settings::delete(conn, RUNNING),
+        })
         .await;
-    if let Err(e) = stopped {
-        tracing::warn!(error = %e, "could not record the clean stop");
+    if let Err(e) = recorded {
+        tracing::warn!(error = %e, "could not record whether the appliance runs");
     }
-    Ok(())
 }
 
 /// The settings key a serving appliance holds (since when it runs), removed when it stops

@@ -114,10 +114,9 @@ fn service_main(_arguments: Vec<OsString>) {
         let started = std::time::Instant::now();
         while started.elapsed() < START_AT_MOST {
             std::thread::sleep(PROGRESS_EVERY);
-            if !STARTING.load(Ordering::SeqCst) {
+            if !report_progress() {
                 return;
             }
-            report(ServiceState::StartPending, ServiceExitCode::NO_ERROR);
         }
     });
     let work = WORK.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -131,13 +130,32 @@ fn service_main(_arguments: Vec<OsString>) {
     report(ServiceState::Stopped, exit_code);
 }
 
+/// Serialises status reports: progress is never reported after Running or Stopped.
+static REPORTING: Mutex<()> = Mutex::new(());
+
+/// Reports StartPending with the next checkpoint if the service is still starting; returns
+/// whether it was.
+fn report_progress() -> bool {
+    let _reporting = REPORTING.lock().unwrap_or_else(|e| e.into_inner());
+    let starting = STARTING.load(Ordering::SeqCst);
+    if starting {
+        set_status(ServiceState::StartPending, ServiceExitCode::NO_ERROR);
+    }
+    starting
+}
+
 fn report(state: ServiceState, exit_code: ServiceExitCode) {
-    let Some(handle) = STATUS.get() else {
-        return;
-    };
+    let _reporting = REPORTING.lock().unwrap_or_else(|e| e.into_inner());
     if state != ServiceState::StartPending {
         STARTING.store(false, Ordering::SeqCst);
     }
+    set_status(state, exit_code);
+}
+
+fn set_status(state: ServiceState, exit_code: ServiceExitCode) {
+    let Some(handle) = STATUS.get() else {
+        return;
+    };
     let checkpoint = match state {
         ServiceState::StartPending | ServiceState::StopPending => {
             CHECKPOINT.fetch_add(1, Ordering::SeqCst) + 1

@@ -309,9 +309,19 @@ pub async fn send(
                         }
                     }
                 }
-                // Every recipient refused with the very answer the whole message got: what
+                // Every recipient refused with the very answer the whole message got, and
+                // it names no unknown address (RFC 3463's 5.1.1, 5.1.3, 5.1.6, 5.1.10): what
                 // the server refuses is the sender (or the message), not the addresses.
-                if accepted.is_none() && answers.iter().all(|a| *a == e.to_string()) {
+                let names_an_address = |a: &str| {
+                    ["5.1.1 ", "5.1.3 ", "5.1.6 ", "5.1.10 "]
+                        .iter()
+                        .any(|code| a.contains(code))
+                };
+                if accepted.is_none()
+                    && answers
+                        .iter()
+                        .all(|a| *a == e.to_string() && !names_an_address(a))
+                {
                     return Err(MailError::Refused(format!(
                         "{e} (for every recipient alike: check the sender address {})",
                         settings.from

@@ -278,7 +278,7 @@ pub async fn smtp(
         }
         .await;
         // A test that goes through lets the appliance's own emails use them again at once.
-        state.smtp_refusal.note(&settings, &result);
+        state.smtp_refusal.tested(&settings, &result);
         // Where the appliance was made to connect is on record, as a save would be.
         let outcome = match &result {
             Ok(_) => "accepted".to_string(),

@@ -453,9 +453,29 @@ fn the_error_notice_rate_limit_holds_across_a_restart() {
 #[test]
 fn a_run_that_did_not_stop_cleanly_is_emailed_at_the_next_start() {
     let (_dir, data, sink) = new_appliance_with_smtp();
-    Served::start(&data).terminate();
-    Served::start(&data).kill();
-    let served = Served::start(&data);
+    // Serving once it has recorded so (a start that fails before that is no run).
+    let serving = |data: &std::path::Path| {
+        let served = Served::start(data);
+        let db = data.join("keygate.db");
+        let waited = std::time::Instant::now();
+        while keygate::store::settings::get(
+            &rusqlite::Connection::open(&db).unwrap(),
+            "running_since",
+        )
+        .unwrap()
+        .is_none()
+        {
+            assert!(
+                waited.elapsed() < StdDuration::from_secs(10),
+                "never serving"
+            );
+            std::thread::sleep(StdDuration::from_millis(20));
+        }
+        served
+    };
+    serving(&data).terminate();
+    serving(&data).kill();
+    let served = serving(&data);
     let messages = sink.wait_for(1, StdDuration::from_secs(40));
     assert_eq!(messages.len(), 1);
     let text = text_of(&messages[0]);
@@ -464,11 +484,21 @@ fn a_run_that_did_not_stop_cleanly_is_emailed_at_the_next_start() {
         "{text}"
     );
     served.terminate();
-    let _served = Served::start(&data);
+    // A start that fails before serving (its port taken) is no run that did not stop.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let failed = command()
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["serve", "--listen", &port])
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    let _served = serving(&data);
     assert_eq!(
         sink.wait_for(2, StdDuration::from_secs(8)).len(),
         1,
-        "a clean stop is no news"
+        "a clean stop, and a start that failed, are no news"
     );
 }
 
