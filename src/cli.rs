@@ -320,7 +320,7 @@ pub fn run(command: Command, config: Config) -> Result<()> {
     match command {
         Command::Serve { .. } => unreachable!("serve is run by main"),
         Command::ActivationRequest { out } => {
-            let new = !config.data_dir.join(appliance::KEY_FILE).exists();
+            let new = !key.exists();
             let appliance = Appliance::load_or_create(&config.data_dir)?;
             if new {
                 eprintln!(

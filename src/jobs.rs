@@ -424,18 +424,23 @@ impl SmtpRefusal {
 }
 
 /// Sends the appliance's own email: not with settings refused for good a moment ago
-/// ([`REFUSED_PAUSE`]), else with a few quick retries (not after a permanent refusal); a
-/// delivery still failing is retried by the next run.
+/// ([`REFUSED_PAUSE`]), else once or, with `quick_retries`, a few times (not after a
+/// permanent refusal); a delivery still failing is retried by the next run.
 async fn send_own(
     state: &AppState,
     settings: &mail::SmtpSettings,
     to: &[lettre::message::Mailbox],
     email: &mail::Email,
+    quick_retries: bool,
 ) -> Result<String, mail::MailError> {
     if let Some(paused) = state.smtp_refusal.holds(settings) {
         return Err(paused);
     }
-    let result = deliver(settings, to, email).await;
+    let result = if quick_retries {
+        deliver(settings, to, email).await
+    } else {
+        mail::send(settings, to, email).await
+    };
     state.smtp_refusal.note(settings, &result);
     result
 }
@@ -537,7 +542,7 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
         text: AlertText { alert: alert() }.render().map_err(render)?,
         html: AlertHtml { alert: alert() }.render().map_err(render)?,
     };
-    let answer = send_own(state, &smtp, &to, &email).await?;
+    let answer = send_own(state, &smtp, &to, &email, true).await?;
     state
         .store
         .write(move |conn| {
@@ -821,12 +826,8 @@ async fn send_notices(state: &AppState, notices: &[Notice]) -> Result<(), JobErr
         .render()
         .map_err(render)?,
     };
-    if let Some(paused) = state.smtp_refusal.holds(&smtp) {
-        return Err(paused.into());
-    }
-    let result = mail::send(&smtp, &to, &email).await;
-    state.smtp_refusal.note(&smtp, &result);
-    result?;
+    // Once: the notifier backs off between attempts itself.
+    send_own(state, &smtp, &to, &email, false).await?;
     Ok(())
 }
 

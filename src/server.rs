@@ -104,7 +104,7 @@ impl AppState {
         }
         // A run that did not stop cleanly (killed, crashed, the machine lost power) left its
         // mark: told at ERROR, so emailed to the alert recipients.
-        if let Some(since) = crate::store::settings::get(&conn, RUNNING)? {
+        if let Some(since) = crate::store::settings::get(&conn, backup::RUNNING)? {
             tracing::error!(
                 running_since = %since,
                 "the previous run of keygate did not stop cleanly (killed, crashed, or the \
@@ -249,18 +249,14 @@ async fn running(state: &AppState, since: Option<String>) {
     let recorded = state
         .store
         .write(move |conn| match &since {
-            Some(since) => crate::store::settings::set(conn, RUNNING, since),
-            None => crate::store::settings::delete(conn, RUNNING),
+            Some(since) => crate::store::settings::set(conn, backup::RUNNING, since),
+            None => crate::store::settings::delete(conn, backup::RUNNING),
         })
         .await;
     if let Err(e) = recorded {
         tracing::warn!(error = %e, "could not record whether the appliance runs");
     }
 }
-
-/// The settings key a serving appliance holds (since when it runs), removed when it stops
-/// cleanly: found at a start, the previous run did not.
-pub const RUNNING: &str = "running_since";
 
 /// How long a client may take to finish its TLS handshake before its connection is closed.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -438,7 +438,7 @@ pub fn restore(
         }
         // A backup is taken while the appliance runs: its mark of a running appliance is
         // not the restored one's (it would read as a run that did not stop cleanly).
-        super::settings::delete(&conn, crate::server::RUNNING)?;
+        super::settings::delete(&conn, RUNNING)?;
         // The restored database tells its admins where it came from (a backup older than
         // the audit log's schema gets the log when it is migrated, without this entry).
         let audited: bool = conn.query_row(
@@ -525,6 +525,11 @@ fn newest_time_of(db: &Path) -> Option<i64> {
 /// The settings key naming the installation that serves the database (written at every
 /// start), so that a restore tells another appliance's backup even before any license.
 pub const INSTALLATION: &str = "installation_id";
+
+/// The settings key a serving appliance holds (since when it serves), removed when it
+/// stops cleanly: found at a start, the previous run did not. A restore removes the one a
+/// backup (taken while serving) carries.
+pub const RUNNING: &str = "running_since";
 
 /// Refuses a database another appliance served, or whose licenses are bound to another
 /// appliance key: restored, every
