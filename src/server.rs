@@ -221,12 +221,13 @@ pub async fn serve(
     // actix's 3 s closes the connection of a client whose handshake meets a busy appliance
     // (or a slow link); a handshake that has not finished in 10 s is gone for good.
     .tls_handshake_timeout(TLS_HANDSHAKE_TIMEOUT)
-    .listen_rustls_0_23(listener, tls)?
-    .run();
+    .listen_rustls_0_23(listener, tls)?;
     // Serving from here: a run that ends otherwise than by a stop leaves this mark (a
-    // start that failed before serving leaves none).
+    // start that failed before serving leaves none). Recorded before the first request is
+    // answered.
     let since = crate::licensing::rfc3339(state_at_stop.clock.now());
     running(&state_at_stop, Some(since)).await;
+    let server = server.run();
     let handle = server.handle();
     let state_at_signal = state_at_stop.clone();
     actix_web::rt::spawn(async move {

@@ -365,7 +365,7 @@ impl TestApp {
                 }))
                 .expect("the server runs");
         });
-        TestApp {
+        let app = TestApp {
             addr,
             clock,
             agent: pinned_agent(&appliance_cert(data_dir)),
@@ -374,7 +374,17 @@ impl TestApp {
             errors,
             stop: Some(stop),
             thread: Some(thread),
+        };
+        // Serving (what it records at the start is written) before the test goes on.
+        let waited = std::time::Instant::now();
+        while app.agent.get(&app.url("/healthz")).call().is_err() {
+            assert!(
+                waited.elapsed() < std::time::Duration::from_secs(10),
+                "never served"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        app
     }
 
     pub fn url(&self, path: &str) -> String {
