@@ -11,6 +11,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod head_deadline;
 pub mod jobs;
 pub mod licensing;
 pub mod metrics;

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use actix_service::ServiceFactoryExt;
 use actix_web::{HttpResponse, web};
 use time::OffsetDateTime;
 
@@ -12,6 +13,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::alerts::notices::ErrorEvent;
 use crate::config::Config;
+use crate::head_deadline::HeadDeadline;
 use crate::jobs;
 use crate::licensing::handshake::PasswordCache;
 use crate::protocol;
@@ -196,7 +198,7 @@ pub async fn serve(
     // installed when its target is enabled (`keygate::http=info`). It logs the path without
     // the query, which may carry a secret (the setup link's token).
     let access_log = tracing::enabled!(target: "keygate::http", tracing::Level::INFO);
-    let server = actix_web::HttpServer::new(move || {
+    let app = move || {
         actix_web::App::new()
             .app_data(state.clone())
             .wrap(actix_web::middleware::Condition::new(
@@ -216,12 +218,38 @@ pub async fn serve(
                     .wrap(crate::portal::security_headers())
                     .configure(crate::portal::routes),
             )
-    })
-    .disable_signals()
-    // actix's 3 s closes the connection of a client whose handshake meets a busy appliance
-    // (or a slow link); a handshake that has not finished in 10 s is gone for good.
-    .tls_handshake_timeout(TLS_HANDSHAKE_TIMEOUT)
-    .listen_rustls_0_23(listener, tls)?;
+    };
+    // What actix-web's `HttpServer::listen_rustls_0_23` builds, with each connection's
+    // plaintext wrapped in a `HeadDeadline` (actix times only a connection's first head).
+    let builder = actix_server::Server::build().disable_signals();
+    let stopping = builder.graceful_shutdown_signal();
+    let server = builder.listen("keygate", listener, move || {
+        let stopping = stopping.clone();
+        let http = actix_http::HttpService::build()
+            // Kept-alive connections close at once when the appliance stops.
+            .graceful_shutdown_signal(move || {
+                let stopping = stopping.clone();
+                async move { stopping.notified().await }
+            })
+            // Nothing reads the application's host, scheme or address from its config (the
+            // portal's cookies are `Secure` themselves), so the default serves.
+            .finish(actix_service::map_config(
+                actix_service::IntoServiceFactory::into_factory(app())
+                    .map_err(|e| e.error_response()),
+                |_| actix_web::dev::AppConfig::default(),
+            ));
+        let mut tls = actix_tls::accept::rustls_0_23::Acceptor::new(tls.clone());
+        // actix's 3 s closes the connection of a client whose handshake meets a busy
+        // appliance (or a slow link); a handshake that has not finished in 10 s is gone.
+        tls.set_handshake_timeout(TLS_HANDSHAKE_TIMEOUT);
+        tls.map_init_err(|_| ())
+            .map_err(|e| tracing::debug!(error = ?e, "TLS handshake failed"))
+            .and_then(|io: TlsStream| async move {
+                let peer = io.get_ref().0.peer_addr().ok();
+                Ok((HeadDeadline::new(io), actix_http::Protocol::Http1, peer))
+            })
+            .and_then(http.map_err(|e| tracing::debug!(error = ?e, "connection ended")))
+    })?;
     // Serving from here: a run that ends otherwise than by a stop leaves this mark (a
     // start that failed before serving leaves none). Recorded before the first request is
     // answered.
@@ -258,6 +286,8 @@ async fn running(state: &AppState, since: Option<String>) {
         tracing::warn!(error = %e, "could not record whether the appliance runs");
     }
 }
+
+type TlsStream = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
 
 /// How long a client may take to finish its TLS handshake before its connection is closed.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

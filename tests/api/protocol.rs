@@ -1304,13 +1304,12 @@ fn a_device_keeps_its_name_and_user_until_it_reports_new_ones_and_is_seen_at_eac
     assert_eq!(renamed.last_seen, f.app.clock_now().unix_timestamp());
 }
 
-/// A client trickling the end of its body (a byte every 3 s) is cut off once the grace is
-/// over: `408` without a protocol error code, the connection closed, nothing recorded.
-#[test]
-fn a_trickled_body_is_cut_off_with_408_and_changes_nothing() {
+/// A TLS connection to the appliance for writing HTTP by hand; reads time out after `wait`.
+fn raw_tls(
+    f: &Fixture,
+    wait: std::time::Duration,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
     use rustls::pki_types::pem::PemObject;
-    use std::io::{Read, Write};
-    let f = Fixture::new(&item("scan", "per_device", 10, ""));
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from_pem_slice(&appliance_cert(&f.data)).unwrap())
@@ -1323,11 +1322,60 @@ fn a_trickled_body_is_cut_off_with_408_and_changes_nothing() {
     .with_root_certificates(roots)
     .with_no_client_auth();
     let tcp = std::net::TcpStream::connect(f.app.addr).unwrap();
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(3)))
-        .unwrap();
+    tcp.set_read_timeout(Some(wait)).unwrap();
     let server = rustls::pki_types::ServerName::from(f.app.addr.ip());
     let client = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
-    let mut tls = rustls::StreamOwned::new(client, tcp);
+    rustls::StreamOwned::new(client, tcp)
+}
+
+/// A kept-alive connection serves its next requests, but one whose next request stops
+/// half-way through its head is closed (actix times only a connection's first head).
+#[test]
+fn a_stalled_head_on_a_kept_alive_connection_is_closed() {
+    use keygate::head_deadline::NEXT_HEAD_WITHIN;
+    use std::io::{Read, Write};
+    let f = Fixture::new(&item("scan", "per_device", 10, ""));
+    let mut tls = raw_tls(&f, NEXT_HEAD_WITHIN * 3);
+    let answer = |tls: &mut rustls::StreamOwned<_, _>| {
+        let mut buf = [0u8; 4096];
+        let n = tls.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let healthz = "GET /healthz HTTP/1.1\r\nHost: keygate\r\n\r\n";
+    tls.write_all(healthz.as_bytes()).unwrap();
+    assert!(answer(&mut tls).starts_with("HTTP/1.1 200"));
+    // A second request after a pause, its head in pieces: served on the same connection.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    tls.write_all(&healthz.as_bytes()[..20]).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    tls.write_all(&healthz.as_bytes()[20..]).unwrap();
+    assert!(answer(&mut tls).starts_with("HTTP/1.1 200"));
+
+    // A third that stops mid-head: the connection closes once its time is up.
+    tls.write_all(&healthz.as_bytes()[..20]).unwrap();
+    let stalled = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let end = tls.read(&mut buf);
+    assert!(
+        matches!(end, Ok(0))
+            || matches!(&end, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock),
+        "closed, not held open: {end:?}"
+    );
+    let waited = stalled.elapsed();
+    assert!(
+        waited >= NEXT_HEAD_WITHIN - std::time::Duration::from_secs(1)
+            && waited < NEXT_HEAD_WITHIN * 2,
+        "closed after {waited:?}"
+    );
+}
+
+/// A client trickling the end of its body (a byte every 3 s) is cut off once the grace is
+/// over: `408` without a protocol error code, the connection closed, nothing recorded.
+#[test]
+fn a_trickled_body_is_cut_off_with_408_and_changes_nothing() {
+    use std::io::{Read, Write};
+    let f = Fixture::new(&item("scan", "per_device", 10, ""));
+    let mut tls = raw_tls(&f, std::time::Duration::from_secs(3));
     let lease = f.authorized("scan", 1).lease_id;
     let stream = "00000000-0000-4000-8000-00000000510e";
     let report = f.reports(&lease, 1, stream, &[(1, "LIC-T-1", "scans", 5)]);
