@@ -65,14 +65,25 @@ pub async fn list(
     req: actix_web::HttpRequest,
     query: web::Query<Query>,
 ) -> Result<HttpResponse, PortalError> {
-    show(
-        &state,
-        &admin,
-        req.uri().to_string(),
-        query.into_inner(),
-        None,
-    )
-    .await
+    show(&state, &admin, back_to(req.uri()), query.into_inner(), None).await
+}
+
+/// This page's address for its actions to come back to, without the last removal's counts
+/// (blocking a device after removing a user's devices must not say they were removed again).
+fn back_to(uri: &actix_web::http::Uri) -> String {
+    let kept: Vec<&str> = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| {
+            let key = pair.split('=').next().unwrap_or_default();
+            !pair.is_empty() && key != "removed" && key != "shared"
+        })
+        .collect();
+    match kept.is_empty() {
+        true => uri.path().to_string(),
+        false => format!("{}?{}", uri.path(), kept.join("&")),
+    }
 }
 
 /// The device list for `query`, with a refused form's reason (then answered `400`).

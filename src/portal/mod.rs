@@ -299,8 +299,10 @@ async fn login(
     let form = form.into_inner();
     let address = client_address(&req);
     let now = state.clock.now().unix_timestamp();
+    // The form comes back with this browser's token: a sign-in open in another tab must
+    // keep working after this one failed.
     let again = |error: &str| {
-        let csrf = auth::random_token();
+        let csrf = form_token(&req);
         let mut response = render(&LoginPage {
             css: css_path(),
             csrf: &csrf,
@@ -509,7 +511,7 @@ async fn setup(
 ) -> HttpResponse {
     let form = form.into_inner();
     let again = |error: &str| {
-        let csrf = auth::random_token();
+        let csrf = form_token(&req);
         let mut response = render(&SetupPage {
             css: css_path(),
             csrf: &csrf,

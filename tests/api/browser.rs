@@ -439,6 +439,19 @@ async fn scenario(f: &Fixture, driver: &Chromedriver) {
 
     // A handshake code with a session password and an allowed domain, serving the item.
     c.goto(&f.app.url("/handshakes")).await.unwrap();
+    // The browser itself refuses a code with characters the appliance does not take (a
+    // pattern the browser cannot compile is ignored: Chromium compiles it in `v` mode).
+    for (code, valid) in [("bad code!", false), ("", true)] {
+        let checked = c
+            .execute(
+                "const i = document.querySelector(\"form[action='/handshakes/create'] \
+                 input[name='code']\"); i.value = arguments[0]; return i.checkValidity();",
+                vec![serde_json::json!(code)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(checked, serde_json::json!(valid), "{code:?}");
+    }
     wait_for(
         &c,
         Locator::Css("form[action='/handshakes/create'] input[name='code']"),

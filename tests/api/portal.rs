@@ -109,11 +109,18 @@ impl Browser {
 
 /// The value of the first hidden `csrf` field of a page.
 fn csrf(body: &str) -> String {
-    let start = body
-        .find("name=\"csrf\" value=\"")
-        .expect("a form with a CSRF token")
-        + 19;
-    body[start..].split('"').next().unwrap().to_string()
+    hidden(body, "csrf")
+}
+
+/// The value of the first hidden field `name` of a page.
+fn hidden(body: &str, name: &str) -> String {
+    let field = format!("name=\"{name}\" value=\"");
+    let start = body.find(&field).expect("the hidden field") + field.len();
+    body[start..]
+        .split('"')
+        .next()
+        .unwrap()
+        .replace("&amp;", "&")
 }
 
 fn setup_token(app: &TestApp) -> String {
@@ -228,7 +235,8 @@ fn first_admin_setup_then_dashboard() {
             ("name", "olivia"),
             ("password", PASSWORD),
             ("confirm", PASSWORD),
-            ("csrf", &csrf(&answer.body)),
+            // The first page's form (another tab) still works after the refusals.
+            ("csrf", &form),
         ],
     );
     assert_eq!((answer.status, answer.location.as_str()), (303, "/"));
@@ -332,6 +340,31 @@ fn sessions_expire_when_idle_and_after_twelve_hours() {
         f.app.clock.advance(Duration::minutes(20));
     }
     assert_eq!(browser.get("/").location, "/login", "12 hours in all");
+}
+
+/// A sign-in refused in one tab leaves the sign-in form open in another tab working.
+#[test]
+fn a_failed_sign_in_leaves_another_tab_signing_in() {
+    let (f, _) = signed_in(&item("reader", "per_device", 10, ""));
+    let browser = Browser::new(&f.app);
+    let (tab_a, tab_b) = (
+        csrf(&browser.get("/login").body),
+        csrf(&browser.get("/login").body),
+    );
+    let sign_in = |password: &str, token: &str| {
+        browser.post(
+            "/login",
+            &[("name", "olivia"), ("password", password), ("csrf", token)],
+        )
+    };
+    assert_eq!(sign_in("wrong password!", &tab_a).status, 401);
+    let answer = sign_in(PASSWORD, &tab_b);
+    assert_eq!(
+        (answer.status, answer.location.as_str()),
+        (303, "/"),
+        "{}",
+        answer.body
+    );
 }
 
 #[test]
@@ -1379,12 +1412,19 @@ fn device_detail_item_filter_and_removing_a_users_devices() {
         &[("csrf", &token), ("user", "leaver")],
     );
     assert_eq!(answer.location, "/devices?removed=2&shared=1");
+    let removed = browser.get(&format!("{}&q=stayer", answer.location));
     assert!(
-        browser
-            .get(&answer.location)
+        removed
             .body
             .contains("2 device(s) removed; 1 kept because other users use them too")
     );
+    // An action taken on that page comes back to its search, not to the removal's notice.
+    let blocked = browser.post(
+        &format!("/devices/{}/block", device_uuid(1)),
+        &[("csrf", &token), ("back", &hidden(&removed.body, "back"))],
+    );
+    assert_eq!(blocked.location, "/devices?q=stayer");
+    assert!(!browser.get(&blocked.location).body.contains("removed;"));
     assert_eq!(
         f.authorize(&f.request("reader", 5)).0,
         200,
