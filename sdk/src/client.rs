@@ -1031,6 +1031,10 @@ fn build_agent(config: &ClientConfig) -> Result<ureq::Agent, ClientError> {
         .https_only(true)
         .max_redirects(0)
         .timeout_global(Some(config.timeout))
+        // A large body's request gets more time in all (below); reaching the appliance
+        // (connection and TLS) and its answer once the body is sent still get `timeout`.
+        .timeout_connect(Some(config.timeout))
+        .timeout_recv_response(Some(config.timeout))
         .user_agent(format!("keygate-sdk/{}", env!("CARGO_PKG_VERSION")))
         .tls_config(tls)
         .build()
@@ -2169,6 +2173,28 @@ mod tests {
         let blocker = dir.join(format!("{file}.tmp"));
         fs::create_dir(&blocker).unwrap();
         blocker
+    }
+
+    /// An appliance whose packets are dropped (here a listener that never answers the TLS
+    /// handshake) costs `timeout` per URL, however large the backlog waiting to be sent: the
+    /// extra second per KiB is for sending a body, not for reaching the appliance.
+    #[test]
+    fn a_silent_appliance_costs_the_timeout_whatever_the_backlog() {
+        let dir = TempDir::new();
+        let (mut client, _chain, clock) = authorized_client(&dir);
+        for minute in 2..200 {
+            clock.set(T0 + time::Duration::minutes(minute));
+            client.record(ITEM, "scans", 1).unwrap();
+            assert!(client.flush().unwrap_err().is_unreachable());
+        }
+        assert_eq!(client.status().pending_reports, 198);
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        client.config.urls = vec![format!("https://{}", silent.local_addr().unwrap())];
+        client.state.unconfirmed_from = None;
+        let started = Instant::now();
+        assert!(client.flush().unwrap_err().is_unreachable());
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_secs(6), "waited {waited:?}");
     }
 
     #[test]
