@@ -259,8 +259,9 @@ fn run_loop(client: &mut Client, every: Duration, usage: &[(String, String, u64)
     loop {
         let valid = match client.check() {
             Ok(grant) => Some(grant),
-            // A clock that was fast and got corrected recovers by authorizing again (the
-            // appliance vouches for the time); a clock set back stays refused.
+            // A clock set back (or fast, then corrected) recovers by authorizing again when
+            // the appliance is in reach: it vouches for the time, and the device clock's
+            // offset is measured anew. Out of reach, a clock set back stays refused.
             Err(
                 ClientError::NotAuthorized
                 | ClientError::Expired { .. }

@@ -438,7 +438,7 @@ pub struct Status {
     pub lease_id: Option<String>,
     /// Expiry of the stored authorization (not re-verified here: see [`Client::check`]).
     pub authorized_until: Option<OffsetDateTime>,
-    /// The newest time seen from the appliance or the local clock.
+    /// The newest time seen from the appliance or the local clock (read as the appliance's).
     pub newest_time_seen: Option<OffsetDateTime>,
     /// The last time the appliance answered (any status).
     pub last_contact: Option<OffsetDateTime>,
@@ -500,13 +500,14 @@ pub enum ClientError {
     )]
     Expired { expires_at: OffsetDateTime },
     #[error(
-        "the device clock ({}) is behind the newest time already seen ({}) by more than {} \
-         minutes: set the clock right",
+        "the device clock ({}, read as the appliance's time) is behind the newest time already \
+         seen ({}) by more than {} minutes: was it set back? Set it right",
         rfc3339(.local),
         rfc3339(.newest_seen),
         CLOCK_TOLERANCE.whole_minutes()
     )]
     ClockRolledBack {
+        /// The device clock plus its offset from the appliance's (see [`Client::check`]).
         local: OffsetDateTime,
         newest_seen: OffsetDateTime,
     },
@@ -563,6 +564,12 @@ struct State {
     newest_time_seen: Option<OffsetDateTime>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     last_contact: Option<OffsetDateTime>,
+    /// The appliance's clock minus the device's, in seconds, when the appliance last issued
+    /// this client an authorization (or renewal): the client reads the device clock plus
+    /// this, so a device clock that lags or runs ahead (a wrong time zone, no time server on
+    /// the LAN) neither stops the product nor stretches its offline allowance.
+    #[serde(default)]
+    clock_offset_s: i64,
 }
 
 impl State {
@@ -579,6 +586,7 @@ impl State {
             open: OpenPeriod::default(),
             newest_time_seen: None,
             last_contact: None,
+            clock_offset_s: 0,
         }
     }
 }
@@ -1032,9 +1040,8 @@ fn build_agent(config: &ClientConfig) -> Result<ureq::Agent, ClientError> {
         .max_redirects(0)
         .timeout_global(Some(config.timeout))
         // A large body's request gets more time in all (below); reaching the appliance
-        // (connection and TLS) and its answer once the body is sent still get `timeout`.
+        // (connection and TLS handshake) still gets `timeout`.
         .timeout_connect(Some(config.timeout))
-        .timeout_recv_response(Some(config.timeout))
         .user_agent(format!("keygate-sdk/{}", env!("CARGO_PKG_VERSION")))
         .tls_config(tls)
         .build()
@@ -1132,7 +1139,7 @@ impl Client {
         // it is. Only what this process records waits for the stream to be confirmed.
         let closed = !state.open.is_empty();
         if closed {
-            let now = config.clock.now();
+            let now = config.clock.now() + time::Duration::seconds(state.clock_offset_s);
             backlog
                 .reports
                 .extend(close_period(&mut state.open, &mut state.next_seq, now));
@@ -1212,18 +1219,15 @@ impl Client {
             }
             response => response?,
         };
-        let now = self.now();
-        self.state.last_contact = Some(now);
-        let grant = self.verify(
-            &response.authorization,
-            &response.license,
-            Some(&nonce),
-            now,
-        )?;
+        let (grant, offset) =
+            self.verify_fresh(&response.authorization, &response.license, Some(&nonce))?;
         // The appliance has just vouched for the time (the nonce proves the authorization is
-        // fresh), so the mark restarts from it: a device clock that was once set too far ahead
-        // and then corrected recovers here instead of failing every check.
-        self.state.newest_time_seen = Some(grant.authorization.issued_at.max(now));
+        // fresh): the device clock's offset is measured anew and the mark restarts from that
+        // time, so a device clock that was once set too far ahead and then corrected recovers
+        // here instead of failing every check.
+        self.state.clock_offset_s = offset;
+        self.state.last_contact = Some(self.now());
+        self.state.newest_time_seen = Some(grant.authorization.issued_at.max(self.now()));
         self.store_authorization(response.authorization, Some(response.license), &grant);
         self.save_state()?;
         Ok(grant)
@@ -1238,14 +1242,18 @@ impl Client {
     /// [`ClientError::ClockRolledBack`] when the local clock is more than [`CLOCK_TOLERANCE`]
     /// behind the newest time seen (the appliance's, or this client's own earlier clock
     /// readings): a clock set back to stretch the offline allowance. Each success advances the
-    /// newest time seen. A device whose clock lags the appliance's by more than the tolerance
-    /// fails here even right after [`Client::authorize`] (its offline allowance would be
-    /// stretched by the lag): its clock must be set right. A clock that was once set too far
-    /// ahead and then corrected recovers at the next authorization, which restarts the mark
-    /// from the appliance's time. While the process runs, the local clock is also held to the
-    /// appliance's time at the last authorization or renewal (at start: the newest time seen)
-    /// plus the monotonic time elapsed since, with the same tolerance: a clock held still
-    /// while offline falls behind it.
+    /// newest time seen.
+    ///
+    /// The local clock is read as the appliance's: the device clock plus its offset from the
+    /// appliance's, measured at each authorization and renewal (and kept with the state). A
+    /// device clock that lags or runs ahead by hours therefore works, and its offline
+    /// allowance ends when the appliance's time says; a clock set back after the last contact
+    /// is caught. A clock that was once set too far ahead and then corrected recovers at the
+    /// next authorization, which restarts the mark from the appliance's time. While the process
+    /// runs, the clock is also held to the appliance's time at the last authorization or
+    /// renewal (at start: the newest time seen) plus the monotonic time elapsed since, with the
+    /// same tolerance, and that time is written down as seen: a clock held still while offline
+    /// falls behind it, and one set back a little before each restart does too.
     pub fn check(&mut self) -> Result<Grant, ClientError> {
         let (Some(authorization), Some(license)) = (
             self.state.authorization.as_deref(),
@@ -1254,19 +1262,23 @@ impl Client {
             return Err(ClientError::NotAuthorized);
         };
         let now = self.now();
+        let carried = carried_forward(self.contact_mark, self.config.clock.monotonic());
         detect_rollback(now, self.state.newest_time_seen)?;
-        detect_rollback(
-            now,
-            carried_forward(self.contact_mark, self.config.clock.monotonic()),
-        )?;
+        detect_rollback(now, carried)?;
         let grant = self.verify(authorization, license, None, now)?;
         // The appliance's signed time of issue is a floor that no edit of the state file
         // lowers.
         detect_rollback(now, Some(grant.authorization.issued_at))?;
         advance(&mut self.state.newest_time_seen, now);
+        // The time carried forward is written down too: a clock set back a little before
+        // each restart (inside the tolerance every time) cannot hold the time still.
+        if let Some(carried) = carried {
+            advance(&mut self.state.newest_time_seen, carried);
+        }
+        let newest = self.state.newest_time_seen.unwrap_or(now);
         let persisted_recently = self
             .persisted_newest
-            .is_some_and(|persisted| now - persisted < NEWEST_PERSIST_STEP);
+            .is_some_and(|persisted| newest - persisted < NEWEST_PERSIST_STEP);
         // The mark is written about once a minute. A write that fails (a full or read-only
         // disk) does not stop a product holding a valid authorization: the mark stays in
         // memory and the write is tried again a minute later, not at every check.
@@ -1558,7 +1570,7 @@ impl Client {
                 outcome.renewal_error = None;
             }
             if let Some(renewal) = response.authorization {
-                match self.accept_renewal(renewal, now) {
+                match self.accept_renewal(renewal) {
                     Ok(Some(grant)) => outcome.renewed = Some(grant),
                     Ok(None) => {}
                     // The renewal names items of a license this device does not hold yet (the
@@ -1600,15 +1612,11 @@ impl Client {
 
     /// Verifies a renewal that came with a usage answer against the stored license and stores
     /// it, unless the stored authorization is newer. Returns the stored grant.
-    fn accept_renewal(
-        &mut self,
-        renewal: String,
-        now: OffsetDateTime,
-    ) -> Result<Option<Grant>, ClientError> {
+    fn accept_renewal(&mut self, renewal: String) -> Result<Option<Grant>, ClientError> {
         let Some(license) = self.state.license.clone() else {
             return Err(ClientError::NotAuthorized);
         };
-        let grant = self.verify(&renewal, &license, None, now)?;
+        let (grant, offset) = self.verify_fresh(&renewal, &license, None)?;
         if self.state.lease_id.as_deref() != Some(grant.authorization.lease_id.as_str()) {
             return Err(ClientError::UnexpectedResponse {
                 status: 200,
@@ -1631,6 +1639,7 @@ impl Client {
         {
             return Ok(None);
         }
+        self.state.clock_offset_s = offset;
         self.store_authorization(renewal, None, &grant);
         Ok(Some(grant))
     }
@@ -1684,8 +1693,30 @@ impl Client {
         })
     }
 
+    /// The device clock read as the appliance's (plus the offset measured at the last
+    /// authorization or renewal).
     fn now(&self) -> OffsetDateTime {
-        self.config.clock.now()
+        self.config.clock.now() + time::Duration::seconds(self.state.clock_offset_s)
+    }
+
+    /// Verifies an authorization the appliance has just issued to this client (in answer to
+    /// this call) at the appliance's time: its time of issue, less the device clock now, is
+    /// the device clock's offset, returned for the caller to keep once it takes the grant.
+    /// A device clock hours off still verifies what the appliance issued a moment ago.
+    fn verify_fresh(
+        &self,
+        authorization: &str,
+        license: &str,
+        nonce: Option<&str>,
+    ) -> Result<(Grant, i64), ClientError> {
+        let local = self.config.clock.now();
+        // Read before the signature is checked, only to pick the time to check it at: a
+        // forged document fails below and its time is dropped with it.
+        let offset = decode_authorization(authorization).map_or(self.state.clock_offset_s, |a| {
+            (a.issued_at - local).whole_seconds()
+        });
+        let now = local + time::Duration::seconds(offset);
+        Ok((self.verify(authorization, license, nonce, now)?, offset))
     }
 
     fn save_state(&mut self) -> Result<(), ClientError> {
@@ -2454,6 +2485,76 @@ mod tests {
         client.check().unwrap();
     }
 
+    /// A device clock hours behind the appliance's (a time zone taken for UTC) runs on the
+    /// appliance's time once a renewal measured the offset: not stopped as a clock set back,
+    /// and its offline allowance ends when the appliance's time says, not hours later.
+    #[test]
+    fn a_device_clock_hours_off_runs_on_the_appliances_time() {
+        let dir = TempDir::new();
+        let (mut client, mut chain, clock) = authorized_client(&dir);
+        let behind = time::Duration::hours(5);
+        clock.set(T0 + time::Duration::minutes(3) - behind);
+        assert!(matches!(
+            client.check(),
+            Err(ClientError::ClockRolledBack { .. })
+        ));
+        // A renewal issued now by the appliance (its time is T0 + 3 minutes).
+        chain.authorization.issued_at = T0 + time::Duration::minutes(3);
+        chain.authorization.expires_at = T0 + time::Duration::days(7);
+        client
+            .accept_renewal(chain.authorization_jws())
+            .unwrap()
+            .unwrap();
+        client
+            .check()
+            .expect("the lag is the device clock's offset");
+        // Offline until the appliance's time reaches the expiry.
+        clock.set(T0 + time::Duration::days(7) - time::Duration::minutes(1) - behind);
+        client.check().unwrap();
+        clock.set(T0 + time::Duration::days(7) - behind);
+        assert!(matches!(client.check(), Err(ClientError::Expired { .. })));
+        // Across a restart too: the offset is kept with the state.
+        drop(client);
+        let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
+        assert!(matches!(client.check(), Err(ClientError::Expired { .. })));
+    }
+
+    /// The clock set back a little before each restart, within the tolerance each time,
+    /// cannot hold the time still: the monotonic time a process ran is written down.
+    #[test]
+    fn small_set_backs_between_restarts_do_not_hold_the_time_still() {
+        let dir = TempDir::new();
+        let chain = Chain::new();
+        store_authorization(dir.path(), &chain);
+        let wall = TestClock::new(T0);
+        let elapsed = Arc::new(Mutex::new(Duration::ZERO));
+        let process = || {
+            let (w, e, start) = (wall.0.clone(), elapsed.clone(), Instant::now());
+            *elapsed.lock().unwrap() = Duration::ZERO;
+            let mut config = config(dir.path(), &chain, &wall);
+            config.clock = Clock::from_fns(
+                move || *w.lock().unwrap(),
+                move || start + *e.lock().unwrap(),
+            );
+            Client::new(config).unwrap()
+        };
+        // The state has seen T0. Each run starts 4 minutes behind it and runs 4 minutes.
+        let mut client = process();
+        wall.set(T0 - time::Duration::minutes(4));
+        client.check().expect("within the tolerance");
+        *elapsed.lock().unwrap() = Duration::from_secs(4 * 60);
+        wall.set(T0);
+        client.check().unwrap();
+        drop(client);
+        let mut client = process();
+        wall.set(T0 - time::Duration::minutes(4));
+        assert!(matches!(
+            client.check(),
+            Err(ClientError::ClockRolledBack { newest_seen, .. })
+                if newest_seen == T0 + time::Duration::minutes(4)
+        ));
+    }
+
     #[test]
     fn check_verifies_the_stored_chain_offline() {
         let dir = TempDir::new();
@@ -2561,19 +2662,18 @@ mod tests {
     #[test]
     fn a_renewal_is_taken_only_for_the_devices_own_lease() {
         let dir = TempDir::new();
-        let (mut client, mut chain, clock) = authorized_client(&dir);
+        let (mut client, mut chain, _clock) = authorized_client(&dir);
         chain.authorization.issued_at = T0 + time::Duration::minutes(3);
         chain.authorization.expires_at = T0 + time::Duration::days(7);
-        let now = clock.clock().now();
         let own = chain.authorization_jws();
         chain.authorization.lease_id = "lease-of-another-process".into();
         let other = chain.authorization_jws();
         assert!(matches!(
-            client.accept_renewal(other, now),
+            client.accept_renewal(other),
             Err(ClientError::UnexpectedResponse { .. })
         ));
         assert_eq!(client.status().lease_id.as_deref(), Some("lease-1"));
-        let renewed = client.accept_renewal(own, now).unwrap().unwrap();
+        let renewed = client.accept_renewal(own).unwrap().unwrap();
         assert_eq!(renewed.authorization.lease_id, "lease-1");
     }
 

@@ -263,6 +263,37 @@ fn a_clock_set_backwards_is_detected() {
     );
 }
 
+/// A device whose clock is hours behind the appliance's (local time taken for UTC) runs:
+/// its offline allowance is counted on the appliance's time, measured at each contact.
+#[test]
+fn a_device_clock_hours_behind_runs_on_the_appliances_time() {
+    let a = scanner(1_000_000);
+    let served = Served::start(&a.data);
+    let state = tempfile::tempdir().unwrap();
+    let (clock, now) = device_clock();
+    let behind = Duration::hours(5);
+    *now.lock().unwrap() -= behind;
+    let mut device = client(&a, vec![served.url("")], state.path(), clock);
+    let grant = device.authorize().unwrap();
+    device
+        .check()
+        .expect("a clock behind is not a clock set back");
+    device.record("LIC-S-1", "scans", 3).unwrap();
+    assert_eq!(device.flush().unwrap().accepted, 1);
+    assert_eq!(usage_total(&a), 3);
+    served.kill();
+    let expires_at = device.check().unwrap().expires_at();
+    assert!(expires_at >= grant.expires_at(), "renewed by the flush");
+    *now.lock().unwrap() = expires_at - behind - Duration::minutes(1);
+    device.check().expect("offline within the allowance");
+    // (The offset is known to the second: the appliance's times are whole seconds.)
+    *now.lock().unwrap() = expires_at - behind + Duration::seconds(2);
+    assert!(
+        matches!(device.check(), Err(ClientError::Expired { .. })),
+        "the allowance ends on the appliance's time, not {behind} later"
+    );
+}
+
 #[test]
 fn the_next_url_is_tried_when_one_cannot_be_reached() {
     let a = scanner(1_000_000);
