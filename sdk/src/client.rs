@@ -2823,7 +2823,13 @@ mod tests {
         let newer = br#"{"error": {"code": "SOMETHING_NEW", "message": "why"}}"#;
         assert!(matches!(
             interpret::<ReleaseResponse>(403, newer),
-            Err(ClientError::Api { status: 403, code: ErrorCode::Unknown, message }) if message == "why"
+            Err(ClientError::Api { status: 403, code: ErrorCode::Unknown, message })
+                if message == "why (code SOMETHING_NEW)"
+        ));
+        let known = br#"{"error": {"code": "LEASE_NOT_FOUND", "message": "why"}}"#;
+        assert!(matches!(
+            interpret::<ReleaseResponse>(404, known),
+            Err(ClientError::Api { code: ErrorCode::LeaseNotFound, message, .. }) if message == "why"
         ));
     }
 

@@ -183,9 +183,35 @@ pub struct ErrorBody {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "SentErrorDetail")]
 pub struct ErrorDetail {
     pub code: ErrorCode,
+    /// What happened. A code this version does not know ([`ErrorCode::Unknown`]) is kept at
+    /// its end, `(code SOMETHING_NEW)`, for the device's logs.
     pub message: String,
+}
+
+/// An error as the appliance sends it, its code as written.
+#[derive(Deserialize)]
+struct SentErrorDetail {
+    code: String,
+    message: String,
+}
+
+impl From<SentErrorDetail> for ErrorDetail {
+    fn from(sent: SentErrorDetail) -> Self {
+        let code = serde::de::value::StrDeserializer::<serde::de::value::Error>::new(&sent.code);
+        match ErrorCode::deserialize(code).unwrap_or(ErrorCode::Unknown) {
+            ErrorCode::Unknown => ErrorDetail {
+                code: ErrorCode::Unknown,
+                message: format!("{} (code {})", sent.message, sent.code),
+            },
+            code => ErrorDetail {
+                code,
+                message: sent.message,
+            },
+        }
+    }
 }
 
 /// The error codes of the client protocol.
