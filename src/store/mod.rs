@@ -32,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_housekeeping.sql"),
     include_str!("migrations/0007_alert_basis.sql"),
     include_str!("migrations/0008_item_counters.sql"),
+    include_str!("migrations/0009_device_indexes.sql"),
 ];
 
 /// How many requests one transaction commits at most.
@@ -479,6 +480,46 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600, "{file}");
         }
         drop(conn);
+    }
+
+    /// Every table that references a device finds its rows by an index: removing a device
+    /// (ON DELETE CASCADE) must not scan a table of a million rows once per device.
+    #[test]
+    fn a_devices_rows_are_found_by_index_in_every_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("k.db")).unwrap();
+        let references: Vec<(String, String)> = conn
+            .prepare(
+                "SELECT m.name, f.\"from\" FROM sqlite_master m,
+                        pragma_foreign_key_list(m.name) f
+                 WHERE m.type = 'table' AND f.\"table\" = 'devices' ORDER BY m.name",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let tables: Vec<&str> = references.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(
+            tables,
+            [
+                "device_usage",
+                "leases",
+                "seats",
+                "token_passes",
+                "usage_streams"
+            ]
+        );
+        for (table, column) in &references {
+            let plan: String = conn
+                .query_row(
+                    &format!("EXPLAIN QUERY PLAN SELECT 1 FROM {table} WHERE {column} = 1"),
+                    [],
+                    |r| r.get(3),
+                )
+                .unwrap();
+            assert!(plan.starts_with("SEARCH"), "{table}: {plan}");
+        }
     }
 
     #[test]
