@@ -9,7 +9,8 @@
 //! of it, or reading fails with `TimedOut` and actix drops the connection. An idle
 //! connection is still closed by the keep-alive first; a body has its own pace
 //! ([`crate::body_rate`]). The head's end is the empty line (`\r\n\r\n`, or bare line feeds
-//! as the parser also takes them).
+//! as the parser also takes them), after the blank lines a parser skips before a request.
+//! While an answer waits for the client to read it (a paused download), no head is timed.
 
 use std::io;
 use std::pin::Pin;
@@ -24,16 +25,22 @@ use tokio::time::{Instant, Sleep};
 pub const NEXT_HEAD_WITHIN: Duration = Duration::from_secs(10);
 
 /// The interim answer actix writes when a handler starts reading a body the client held
-/// back (`Expect: 100-continue`): what follows is that body, not a new head.
-const CONTINUE: &[u8] = b"HTTP/1.1 100 ";
+/// back (`Expect: 100-continue`): what follows is that body, not a new head. Only an answer
+/// written past it (in the same write or a later one) sets the deadline.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 pub struct HeadDeadline<T> {
     io: T,
     /// When the head being read must be complete; `None` while no head is awaited (before
     /// the first answer, actix's own timer covers the head, and once a head is whole).
     deadline: Option<Instant>,
+    /// A byte other than the blank lines a parser skips before a request has come.
+    started: bool,
     /// The last byte read was a line feed (carriage returns aside): another ends the head.
     after_lf: bool,
+    /// A write waits for the client to read what was sent (a paused download): the next
+    /// head is not timed meanwhile.
+    write_blocked: bool,
     /// Made at the first wait for a head, then moved only when it fires before its time.
     timer: Option<Pin<Box<Sleep>>>,
 }
@@ -43,7 +50,9 @@ impl<T> HeadDeadline<T> {
         HeadDeadline {
             io,
             deadline: None,
+            started: false,
             after_lf: false,
+            write_blocked: false,
             timer: None,
         }
     }
@@ -56,13 +65,21 @@ impl<T> HeadDeadline<T> {
     fn ends_head(&mut self, bytes: &[u8]) -> bool {
         for &b in bytes {
             match b {
+                b'\r' | b'\n' if !self.started => {}
                 b'\n' if self.after_lf => return true,
                 b'\n' => self.after_lf = true,
                 b'\r' => {}
-                _ => self.after_lf = false,
+                _ => (self.started, self.after_lf) = (true, false),
             }
         }
         false
+    }
+
+    /// Runs a write or flush, noting whether it waits for the client to read.
+    fn blocking<R>(&mut self, write: impl FnOnce(&mut T) -> Poll<R>) -> Poll<R> {
+        let done = write(&mut self.io);
+        self.write_blocked = done.is_pending();
+        done
     }
 
     /// Waits for `deadline` beside the read: `Ready` with `TimedOut` once it has passed.
@@ -104,8 +121,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => match this.deadline {
-                Some(deadline) => this.expired(cx, deadline).map(Err),
-                None => Poll::Pending,
+                Some(deadline) if !this.write_blocked => this.expired(cx, deadline).map(Err),
+                _ => Poll::Pending,
             },
             failed => failed,
         }
@@ -119,16 +136,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = ready!(Pin::new(&mut this.io).poll_write(cx, data))?;
-        if written > 0 && !data.starts_with(CONTINUE) {
+        let written = ready!(this.blocking(|io| Pin::new(io).poll_write(cx, data)))?;
+        let interim = if data.starts_with(CONTINUE) {
+            CONTINUE.len()
+        } else {
+            0
+        };
+        if written > interim {
             this.deadline = Some(Instant::now() + NEXT_HEAD_WITHIN);
-            this.after_lf = false;
+            (this.started, this.after_lf) = (false, false);
         }
         Poll::Ready(Ok(written))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        self.get_mut().blocking(|io| Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -150,6 +172,11 @@ mod tests {
         assert!(ends(&[b"GET / HTTP/1.1\r\nHost: k\r\n\r\n"]));
         assert!(ends(&[b"GET / HTTP/1.1\r\nHost: k\r", b"\n", b"\r", b"\n"]));
         assert!(ends(&[b"GET / HTTP/1.1\nHost: k\n\n"]));
+        assert!(ends(&[b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]));
+        assert!(
+            !ends(&[b"\r\n\r\n", b"\n", b"GET / HTTP/1.1\r\nX:"]),
+            "blank lines first"
+        );
         assert!(!ends(&[b"GET / HTTP/1.1\r\nHost: k\r\n"]));
         assert!(!ends(&[b"GET / HTTP/1.1\r\n", b"Host: k\r\n", b"X: \r"]));
     }
@@ -186,10 +213,7 @@ mod tests {
         pass(&mut client, &mut server, b"\r\n").await;
 
         // An interim 100 Continue: the body that follows is not a head.
-        server
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .await
-            .unwrap();
+        server.write_all(CONTINUE).await.unwrap();
         pass(&mut client, &mut server, b"{\"a\":").await;
         assert!(waits(&mut server).await, "a body is not timed as a head");
 
@@ -207,8 +231,78 @@ mod tests {
         let answered = Instant::now();
         pass(&mut client, &mut server, b"GET / HTTP/1.1\r\nHo").await;
         let mut buf = [0u8; 64];
-        let cut = server.read(&mut buf).await.unwrap_err();
+        let cut = tokio::time::timeout(NEXT_HEAD_WITHIN * 2, server.read(&mut buf))
+            .await
+            .expect("cut in time")
+            .unwrap_err();
         assert_eq!(cut.kind(), io::ErrorKind::TimedOut);
         assert_eq!(answered.elapsed(), NEXT_HEAD_WITHIN);
+    }
+
+    /// The interim 100 Continue with the answer in the same write (the handler answered
+    /// without reading the body) is an answer: the next head is timed.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_behind_a_100_continue_sets_the_deadline() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut server = HeadDeadline::new(server);
+        let head = b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n";
+        pass(&mut client, &mut server, head).await;
+        let answer = [CONTINUE, b"HTTP/1.1 404 Not Found\r\n\r\n"].concat();
+        server.write_all(&answer).await.unwrap();
+        pass(&mut client, &mut server, b"GET / HT").await;
+        let mut buf = [0u8; 64];
+        let cut = tokio::time::timeout(NEXT_HEAD_WITHIN * 2, server.read(&mut buf))
+            .await
+            .expect("cut in time")
+            .unwrap_err();
+        assert_eq!(cut.kind(), io::ErrorKind::TimedOut);
+    }
+
+    /// As actix's dispatcher does, in one task: write what it can of `answer`, then read.
+    fn serve<'a>(
+        server: &'a mut Server,
+        sent: &'a mut usize,
+        answer: &'a [u8],
+    ) -> impl Future<Output = io::Result<()>> + 'a {
+        std::future::poll_fn(move |cx| {
+            while *sent < answer.len() {
+                match Pin::new(&mut *server).poll_write(cx, &answer[*sent..]) {
+                    Poll::Ready(written) => *sent += written?,
+                    Poll::Pending => break,
+                }
+            }
+            let mut buf = [0u8; 64];
+            Pin::new(&mut *server).poll_read(cx, &mut ReadBuf::new(&mut buf))
+        })
+    }
+
+    /// A download the client pauses (its answer waits in full buffers) is not cut for want
+    /// of a next head; once the answer is out, the next head is timed again.
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_download_is_not_cut() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut server = HeadDeadline::new(server);
+        let answer = [b'x'; 4096];
+        let mut sent = 0;
+        let paused =
+            tokio::time::timeout(NEXT_HEAD_WITHIN * 3, serve(&mut server, &mut sent, &answer))
+                .await;
+        assert!(paused.is_err(), "still waiting for the client: {paused:?}");
+        let reader = tokio::spawn(async move {
+            let mut all = vec![0u8; 4096];
+            client.read_exact(&mut all).await.unwrap();
+            client
+        });
+        let cut =
+            tokio::time::timeout(NEXT_HEAD_WITHIN * 2, serve(&mut server, &mut sent, &answer))
+                .await
+                .expect("cut in time")
+                .unwrap_err();
+        assert_eq!(
+            cut.kind(),
+            io::ErrorKind::TimedOut,
+            "timed once the answer is out"
+        );
+        drop(reader.await.unwrap());
     }
 }

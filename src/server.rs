@@ -226,6 +226,9 @@ pub async fn serve(
     let server = builder.listen("keygate", listener, move || {
         let stopping = stopping.clone();
         let http = actix_http::HttpService::build()
+            // As actix-web's server: an answer sent before the body was read (a 413, a 408)
+            // lingers a second for the client to read it, rather than being reset away.
+            .client_disconnect_timeout(std::time::Duration::from_secs(1))
             // Kept-alive connections close at once when the appliance stops.
             .graceful_shutdown_signal(move || {
                 let stopping = stopping.clone();
