@@ -3,7 +3,7 @@
 //! scrape time.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use keygate_sdk::wire::ErrorCode;
@@ -72,6 +72,9 @@ pub struct Metrics {
     reports_accepted: AtomicU64,
     reports_duplicate: AtomicU64,
     renewals_refused: AtomicU64,
+    counters_refused: AtomicU64,
+    /// When (Unix seconds) refused counter names were last logged.
+    counters_warned_at: AtomicI64,
     job_runs: [[AtomicU64; 2]; 3],
 }
 
@@ -110,6 +113,19 @@ impl Metrics {
         self.reports_duplicate.fetch_add(duplicates, Relaxed);
         self.renewals_refused
             .fetch_add(u64::from(renewal_refused), Relaxed);
+    }
+
+    /// Counts usage of `names` counter names not recorded (past their item's limit) at `now`
+    /// (Unix seconds); `true` when it is worth a warning: at most one a minute, however many
+    /// devices report such names.
+    pub fn counters_refused(&self, names: u64, now: i64) -> bool {
+        self.counters_refused.fetch_add(names, Relaxed);
+        let last = self.counters_warned_at.load(Relaxed);
+        (now - last).abs() >= 60
+            && self
+                .counters_warned_at
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
     }
 
     pub fn job_ran(&self, job: &str, ok: bool) {
@@ -183,6 +199,12 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "keygate_usage_counters_refused_total",
+            "Counter names of usage reports not recorded, past their item's limit of 64.",
+            self.counters_refused.load(Relaxed),
+        );
+        counter(
+            &mut out,
             "keygate_db_batches_total",
             "Database transactions the writer ran (group commit: each holds many requests).",
             commits.committed(),
@@ -247,5 +269,24 @@ impl Metrics {
             "# HELP keygate_uptime_seconds Time since the appliance started.\n# TYPE keygate_uptime_seconds gauge\nkeygate_uptime_seconds {uptime_s}"
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_counter_names_are_all_counted_and_warned_once_a_minute() {
+        let metrics = Metrics::default();
+        let t = 1_800_000_000;
+        assert!(metrics.counters_refused(3, t), "the first warns");
+        assert!(!metrics.counters_refused(2, t + 59));
+        assert!(metrics.counters_refused(1, t + 60));
+        let text = metrics.render(&[], &Commits::default(), None, 0);
+        assert!(
+            text.contains("keygate_usage_counters_refused_total 6"),
+            "{text}"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! renew its authorization. Reports of a known lease are recorded even when the renewal is
 //! refused.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use keygate_sdk::wire::{Authorization, AuthorizationState, ErrorCode, Model};
 use rusqlite::Connection;
@@ -25,6 +25,8 @@ pub struct Recorded {
     pub acked_seq: u64,
     /// The renewed authorization, or why it was refused.
     pub renewal: Result<Authorization, ApiError>,
+    /// Counter names not recorded, past their item's limit (`item/name`, sorted).
+    pub refused_counters: Vec<String>,
 }
 
 fn lease_not_found() -> ApiError {
@@ -84,6 +86,10 @@ pub fn record(
     // names past an item's limit, not recorded.
     let mut noted: HashSet<(&str, &str)> = HashSet::new();
     let mut refused: HashSet<(&str, &str)> = HashSet::new();
+    // Summed per (item, day, counter) and per metered item before anything is written: a
+    // backlog of a thousand reports over two days writes a few rows, not a thousand.
+    let mut daily: BTreeMap<(&str, i64, &str), i64> = BTreeMap::new();
+    let mut metered: BTreeMap<&str, i64> = BTreeMap::new();
     for report in &req.reports {
         if report.seq <= high {
             duplicates += 1;
@@ -108,9 +114,11 @@ pub fn record(
                 }
                 noted.insert(name);
             }
-            devices::add_usage(conn, &report.item_id, device.id, day, counter, *amount)?;
+            let sum = daily.entry((name.0, day, name.1)).or_default();
+            *sum = sum.saturating_add(*amount);
             if meter == Some(counter.as_str()) {
-                devices::add_usage_total(conn, &report.item_id, *amount)?;
+                let sum = metered.entry(name.0).or_default();
+                *sum = sum.saturating_add(*amount);
                 // The renewal below judges the item with this usage included.
                 if let Some(i) = item.as_mut().filter(|i| i.item_id == report.item_id) {
                     i.used.usage_total = i.used.usage_total.saturating_add(*amount);
@@ -118,18 +126,18 @@ pub fn record(
             }
         }
     }
-    if !refused.is_empty() {
-        let names: Vec<_> = refused
-            .iter()
-            .map(|(item, name)| format!("{item}/{name}"))
-            .collect();
-        tracing::warn!(
-            device = %device.uuid,
-            counters = %names.join(", "),
-            limit = devices::MAX_ITEM_COUNTERS,
-            "usage of counter names past their item's limit not recorded"
-        );
+    for ((item_id, day, counter), amount) in daily {
+        devices::add_usage(conn, item_id, device.id, day, counter, amount)?;
     }
+    for (item_id, amount) in metered {
+        devices::add_usage_total(conn, item_id, amount)?;
+    }
+    // Sorted, so a warning names the same few first.
+    let mut refused: Vec<String> = refused
+        .iter()
+        .map(|(item, name)| format!("{item}/{name}"))
+        .collect();
+    refused.sort_unstable();
     if acked > high {
         devices::set_stream_high(conn, &req.stream, device.id, acked)?;
     }
@@ -152,6 +160,7 @@ pub fn record(
         duplicates,
         acked_seq: acked,
         renewal,
+        refused_counters: refused,
     })
 }
 

@@ -246,6 +246,7 @@ async fn usage(
     body: web::Json<UsageRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let req = Usage::parse(body.into_inner()).map_err(bad)?;
+    let device = req.device_uuid.clone();
     let now = state.clock.now().unix_timestamp();
     // Reports are recorded whatever the clock; only the renewal waits for it.
     let clock = state.watermark.check(now).map_err(ApiError::from);
@@ -268,6 +269,18 @@ async fn usage(
         recorded.duplicates,
         recorded.renewal.is_err(),
     );
+    let refused = &recorded.refused_counters;
+    if !refused.is_empty() && state.metrics.counters_refused(refused.len() as u64, now) {
+        const NAMED: usize = 8;
+        tracing::warn!(
+            device = %device,
+            counters = %refused[..refused.len().min(NAMED)].join(", "),
+            more = refused.len().saturating_sub(NAMED),
+            limit = crate::store::devices::MAX_ITEM_COUNTERS,
+            "usage of counter names past their item's limit not recorded (warned at most once \
+             a minute: keygate_usage_counters_refused_total counts them all)"
+        );
+    }
     let (authorization, renewal_error) = match recorded.renewal {
         Ok(auth) => (Some(state.appliance.sign(Typ::Authorization, &auth)), None),
         Err(e) => (

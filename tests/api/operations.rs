@@ -4,13 +4,13 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-fn scrape(f: &Fixture) -> String {
+pub(crate) fn scrape(f: &Fixture) -> String {
     let mut response = f.app.agent.get(&f.app.url("/metrics")).call().unwrap();
     assert_eq!(response.status().as_u16(), 200);
     response.body_mut().read_to_string().unwrap()
 }
 
-fn value(metrics: &str, series: &str) -> f64 {
+pub(crate) fn value(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
         .find_map(|l| {

@@ -751,6 +751,11 @@ fn an_item_records_at_most_64_counter_names_and_always_its_meter() {
         next.push("scans".into());
         send(&next);
         assert_eq!(f.recorded("c65"), 0);
+        let metrics = crate::operations::scrape(&f);
+        assert_eq!(
+            crate::operations::value(&metrics, "keygate_usage_counters_refused_total"),
+            1.0
+        );
         let scans = if meter_first { 2 } else { 1 };
         assert_eq!((f.recorded("c64"), f.recorded("scans")), (2, scans));
         assert_eq!(f.item_value("LIC-T-1", "usage_total"), scans);
