@@ -119,6 +119,9 @@ pub const MAX_REPORTS_PER_REQUEST: usize = 1000;
 /// the device and the appliance, and clock corrections.
 pub const CLOCK_TOLERANCE: time::Duration = time::Duration::minutes(5);
 
+/// The largest offset, in seconds, kept between the device clock and the appliance's.
+const MAX_CLOCK_OFFSET_S: u64 = 200 * 366 * 86_400;
+
 const STATE_FILE: &str = "state.json";
 const BACKLOG_FILE: &str = "backlog.json";
 /// Reports the appliance refused as invalid, set aside (see [`FlushOutcome::rejected`]).
@@ -1134,6 +1137,11 @@ impl Client {
                 config.device.uuid
             )));
         }
+        // No device clock is 200 years off (one without a battery starts in 1970): a larger
+        // offset is a damaged or edited file, read as none rather than overflow the clock.
+        if state.clock_offset_s.unsigned_abs() > MAX_CLOCK_OFFSET_S {
+            state.clock_offset_s = 0;
+        }
         // Usage an earlier process left open is closed under the numbering this state has:
         // in a directory restored from an old copy, the appliance takes it for the duplicate
         // it is. Only what this process records waits for the stream to be confirmed.
@@ -1212,6 +1220,7 @@ impl Client {
             validation: self.config.validation.clone(),
             nonce: nonce.clone(),
         };
+        let sent = self.config.clock.now();
         let response: AuthorizeResponse = match self.post("/api/v1/authorize", &request) {
             Err(e) if e.code().is_some_and(stops_the_device) => {
                 self.forget_authorization()?;
@@ -1219,8 +1228,12 @@ impl Client {
             }
             response => response?,
         };
-        let (grant, offset) =
-            self.verify_fresh(&response.authorization, &response.license, Some(&nonce))?;
+        let (grant, offset) = self.verify_fresh(
+            &response.authorization,
+            &response.license,
+            Some(&nonce),
+            sent,
+        )?;
         // The appliance has just vouched for the time (the nonce proves the authorization is
         // fresh): the device clock's offset is measured anew and the mark restarts from that
         // time, so a device clock that was once set too far ahead and then corrected recovers
@@ -1464,6 +1477,7 @@ impl Client {
                 stream: self.state.stream.clone(),
                 reports,
             };
+            let sent = self.config.clock.now();
             let response: UsageResponse = match self.post("/api/v1/usage", &request) {
                 Ok(response) => response,
                 Err(ClientError::Api {
@@ -1570,7 +1584,7 @@ impl Client {
                 outcome.renewal_error = None;
             }
             if let Some(renewal) = response.authorization {
-                match self.accept_renewal(renewal) {
+                match self.accept_renewal(renewal, sent) {
                     Ok(Some(grant)) => outcome.renewed = Some(grant),
                     Ok(None) => {}
                     // The renewal names items of a license this device does not hold yet (the
@@ -1610,13 +1624,18 @@ impl Client {
         Ok(outcome)
     }
 
-    /// Verifies a renewal that came with a usage answer against the stored license and stores
-    /// it, unless the stored authorization is newer. Returns the stored grant.
-    fn accept_renewal(&mut self, renewal: String) -> Result<Option<Grant>, ClientError> {
+    /// Verifies a renewal that came with a usage answer (to a request sent at `sent` by the
+    /// device clock) against the stored license and stores it, unless the stored
+    /// authorization is newer. Returns the stored grant.
+    fn accept_renewal(
+        &mut self,
+        renewal: String,
+        sent: OffsetDateTime,
+    ) -> Result<Option<Grant>, ClientError> {
         let Some(license) = self.state.license.clone() else {
             return Err(ClientError::NotAuthorized);
         };
-        let (grant, offset) = self.verify_fresh(&renewal, &license, None)?;
+        let (grant, offset) = self.verify_fresh(&renewal, &license, None, sent)?;
         if self.state.lease_id.as_deref() != Some(grant.authorization.lease_id.as_str()) {
             return Err(ClientError::UnexpectedResponse {
                 status: 200,
@@ -1639,7 +1658,11 @@ impl Client {
         {
             return Ok(None);
         }
+        // The appliance vouches for the time as at an authorization: the offset is measured
+        // anew and the mark restarts from it (a device clock set right after running hours
+        // off would otherwise read as set back until its next authorization).
         self.state.clock_offset_s = offset;
+        self.state.newest_time_seen = Some(grant.authorization.issued_at.max(self.now()));
         self.store_authorization(renewal, None, &grant);
         Ok(Some(grant))
     }
@@ -1699,23 +1722,25 @@ impl Client {
         self.config.clock.now() + time::Duration::seconds(self.state.clock_offset_s)
     }
 
-    /// Verifies an authorization the appliance has just issued to this client (in answer to
-    /// this call) at the appliance's time: its time of issue, less the device clock now, is
-    /// the device clock's offset, returned for the caller to keep once it takes the grant.
-    /// A device clock hours off still verifies what the appliance issued a moment ago.
+    /// Verifies an authorization the appliance has just issued to this client, in answer to
+    /// a request sent when the device clock read `sent`, at the appliance's time: its time of
+    /// issue less `sent` is the device clock's offset, returned for the caller to keep once
+    /// it takes the grant. An answer held back on its way only sets the device's time ahead
+    /// (its allowance shorter). A device clock hours off still verifies what the appliance
+    /// issued a moment ago.
     fn verify_fresh(
         &self,
         authorization: &str,
         license: &str,
         nonce: Option<&str>,
+        sent: OffsetDateTime,
     ) -> Result<(Grant, i64), ClientError> {
-        let local = self.config.clock.now();
         // Read before the signature is checked, only to pick the time to check it at: a
         // forged document fails below and its time is dropped with it.
         let offset = decode_authorization(authorization).map_or(self.state.clock_offset_s, |a| {
-            (a.issued_at - local).whole_seconds()
+            (a.issued_at - sent).whole_seconds()
         });
-        let now = local + time::Duration::seconds(offset);
+        let now = sent + time::Duration::seconds(offset);
         Ok((self.verify(authorization, license, nonce, now)?, offset))
     }
 
@@ -2501,8 +2526,9 @@ mod tests {
         // A renewal issued now by the appliance (its time is T0 + 3 minutes).
         chain.authorization.issued_at = T0 + time::Duration::minutes(3);
         chain.authorization.expires_at = T0 + time::Duration::days(7);
+        let sent = clock.clock().now();
         client
-            .accept_renewal(chain.authorization_jws())
+            .accept_renewal(chain.authorization_jws(), sent)
             .unwrap()
             .unwrap();
         client
@@ -2517,6 +2543,60 @@ mod tests {
         drop(client);
         let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
         assert!(matches!(client.check(), Err(ClientError::Expired { .. })));
+    }
+
+    /// A clock offset no clock has (a damaged or edited state file) is read as none, not a
+    /// panic.
+    #[test]
+    fn an_impossible_clock_offset_is_read_as_none() {
+        let dir = TempDir::new();
+        let chain = Chain::new();
+        store_authorization(dir.path(), &chain);
+        let store = Store::open(dir.path()).unwrap();
+        let (mut state, _) = store.load(DEVICE).unwrap();
+        state.clock_offset_s = i64::MAX;
+        state.open.add(ITEM, "scans", 1, T0);
+        store.save_state(&state).unwrap();
+        drop(store);
+        let clock = TestClock::new(T0 + time::Duration::minutes(1));
+        let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
+        client.check().unwrap();
+        assert_eq!(client.status().newest_time_seen, Some(clock.clock().now()));
+    }
+
+    /// A device clock set right while renewals come (it ran hours behind) keeps running: each
+    /// renewal measures the offset anew and restarts the mark from the appliance's time. An
+    /// answer slow to arrive sets the device's time ahead by its delay, never behind.
+    #[test]
+    fn a_device_clock_set_right_keeps_running_and_slow_answers_shorten_the_allowance() {
+        let dir = TempDir::new();
+        let (mut client, mut chain, clock) = authorized_client(&dir);
+        let mut renew = |client: &mut Client, minute: i64, sent: OffsetDateTime| {
+            chain.authorization.issued_at = T0 + time::Duration::minutes(minute);
+            let renewal = chain.authorization_jws();
+            client.accept_renewal(renewal, sent).unwrap().unwrap();
+        };
+        let behind = time::Duration::hours(5);
+        clock.set(T0 + time::Duration::minutes(3) - behind);
+        renew(&mut client, 3, clock.clock().now());
+        client.check().unwrap();
+        // Set right at T0 + 4 minutes: read as 5 hours ahead until the next renewal.
+        clock.set(T0 + time::Duration::minutes(4));
+        client.check().unwrap();
+        clock.set(T0 + time::Duration::minutes(6));
+        renew(&mut client, 6, clock.clock().now());
+        client
+            .check()
+            .expect("the renewal measured the clock set right");
+
+        // An answer that took 30 minutes: the device reads the appliance's time plus them.
+        let sent = T0 + time::Duration::minutes(9);
+        clock.set(sent + time::Duration::minutes(30));
+        renew(&mut client, 9, sent);
+        assert_eq!(
+            client.status().newest_time_seen,
+            Some(T0 + time::Duration::minutes(39))
+        );
     }
 
     /// The clock set back a little before each restart, within the tolerance each time,
@@ -2669,11 +2749,11 @@ mod tests {
         chain.authorization.lease_id = "lease-of-another-process".into();
         let other = chain.authorization_jws();
         assert!(matches!(
-            client.accept_renewal(other),
+            client.accept_renewal(other, T0),
             Err(ClientError::UnexpectedResponse { .. })
         ));
         assert_eq!(client.status().lease_id.as_deref(), Some("lease-1"));
-        let renewed = client.accept_renewal(own).unwrap().unwrap();
+        let renewed = client.accept_renewal(own, T0).unwrap().unwrap();
         assert_eq!(renewed.authorization.lease_id, "lease-1");
     }
 
