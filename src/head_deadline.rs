@@ -57,10 +57,6 @@ impl<T> HeadDeadline<T> {
         }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
-
     /// Whether `bytes` end the head being read.
     fn ends_head(&mut self, bytes: &[u8]) -> bool {
         for &b in bytes {
