@@ -193,6 +193,14 @@ mod tests {
         read.await.is_err()
     }
 
+    /// The server's next read fails with `TimedOut` within twice the head's time.
+    async fn cut(server: &mut Server) {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(NEXT_HEAD_WITHIN * 2, server.read(&mut buf));
+        let error = read.await.expect("cut in time").unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+    }
+
     /// After an answer, a head that stops half-way fails the read once its time is up; a
     /// whole head, a head before the first answer and a body after `100 Continue` do not.
     #[tokio::test(start_paused = true)]
@@ -226,12 +234,7 @@ mod tests {
         server.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
         let answered = Instant::now();
         pass(&mut client, &mut server, b"GET / HTTP/1.1\r\nHo").await;
-        let mut buf = [0u8; 64];
-        let cut = tokio::time::timeout(NEXT_HEAD_WITHIN * 2, server.read(&mut buf))
-            .await
-            .expect("cut in time")
-            .unwrap_err();
-        assert_eq!(cut.kind(), io::ErrorKind::TimedOut);
+        cut(&mut server).await;
         assert_eq!(answered.elapsed(), NEXT_HEAD_WITHIN);
     }
 
@@ -246,12 +249,7 @@ mod tests {
         let answer = [CONTINUE, b"HTTP/1.1 404 Not Found\r\n\r\n"].concat();
         server.write_all(&answer).await.unwrap();
         pass(&mut client, &mut server, b"GET / HT").await;
-        let mut buf = [0u8; 64];
-        let cut = tokio::time::timeout(NEXT_HEAD_WITHIN * 2, server.read(&mut buf))
-            .await
-            .expect("cut in time")
-            .unwrap_err();
-        assert_eq!(cut.kind(), io::ErrorKind::TimedOut);
+        cut(&mut server).await;
     }
 
     /// As actix's dispatcher does, in one task: write what it can of `answer`, then read.
