@@ -6,8 +6,15 @@
 //! pauses for longer than the grace, however much it sent before. A body too slow
 //! answers `408` with no protocol error code (the device did nothing wrong to its reports:
 //! the SDK retries later) and closes the connection.
+//!
+//! The pace still lets a client hold a full body for half an hour (2 MiB, then a byte every
+//! few seconds), and many clients many bodies: the bodies being received hold at most
+//! [`BODIES_IN_FLIGHT`] bytes between them. A body that would go past it answers `503`,
+//! again without a protocol code (the SDK tries again later), rather than the appliance
+//! running out of memory.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,6 +32,42 @@ pub const GRACE: Duration = Duration::from_secs(10);
 /// The slowest average a body may arrive at once [`GRACE`] is over.
 pub const MIN_BYTES_PER_S: u64 = 1024;
 
+/// The most bytes the request bodies being received may hold between them.
+pub const BODIES_IN_FLIGHT: u64 = 256 << 20;
+
+/// The bytes held by request bodies still being received, against a cap.
+#[derive(Debug)]
+pub struct Budget {
+    held: AtomicU64,
+    cap: u64,
+}
+
+impl Budget {
+    pub const fn new(cap: u64) -> Self {
+        Budget {
+            held: AtomicU64::new(0),
+            cap,
+        }
+    }
+
+    /// Takes `n` bytes, unless that would go past the cap.
+    fn take(&self, n: u64) -> bool {
+        let before = self.held.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > self.cap {
+            self.held.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, n: u64) {
+        self.held.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// The process's budget for bodies in flight.
+static BODIES: Budget = Budget::new(BODIES_IN_FLIGHT);
+
 /// Middleware: every request body is read through [`Paced`].
 pub async fn limit(
     mut req: ServiceRequest,
@@ -32,7 +75,9 @@ pub async fn limit(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     match req.parts_mut().1.take() {
         Payload::None => {}
-        payload => req.set_payload(Payload::from(Box::pin(Paced::new(payload)) as BoxedBody)),
+        payload => req.set_payload(Payload::from(
+            Box::pin(Paced::new(payload, &BODIES)) as BoxedBody
+        )),
     }
     next.call(req).await
 }
@@ -42,6 +87,24 @@ type BoxedBody = Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>>;
 /// Whether a body error is [`Paced`]'s: the body came too slowly.
 pub fn too_slow(e: &PayloadError) -> bool {
     matches!(e, PayloadError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut)
+}
+
+/// Whether a body error is [`Paced`]'s: the bodies in flight hold their budget already.
+pub fn over_budget(e: &PayloadError) -> bool {
+    matches!(e, PayloadError::Io(e) if e.kind() == std::io::ErrorKind::OutOfMemory)
+}
+
+/// The answer to a body refused for want of memory.
+pub fn busy() -> actix_web::Error {
+    let mut response = HttpResponse::ServiceUnavailable();
+    response.force_close();
+    actix_web::error::InternalError::from_response(
+        "request bodies over budget",
+        response.body(
+            "the appliance is receiving too many request bodies at once: send it again later\n",
+        ),
+    )
+    .into()
 }
 
 /// The answer to a body that came too slowly.
@@ -59,11 +122,14 @@ pub fn timed_out() -> actix_web::Error {
     .into()
 }
 
-/// A body stream that fails with `TimedOut` once it falls behind its pace. The timer exists
-/// only while the reader waits: a body already received (nearly all) costs none.
+/// A body stream that fails with `TimedOut` once it falls behind its pace, and with
+/// `OutOfMemory` when its bytes would take the bodies in flight past their budget. The timer
+/// exists only while the reader waits: a body already received (nearly all) costs none.
 pub struct Paced {
     inner: Payload,
+    budget: &'static Budget,
     started: Instant,
+    /// Bytes received, held against the budget until the body is dropped.
     received: u64,
     /// When the last bytes came.
     last: Instant,
@@ -71,10 +137,11 @@ pub struct Paced {
 }
 
 impl Paced {
-    pub fn new(inner: Payload) -> Self {
+    pub fn new(inner: Payload, budget: &'static Budget) -> Self {
         let now = Instant::now();
         Paced {
             inner,
+            budget,
             started: now,
             received: 0,
             last: now,
@@ -97,6 +164,11 @@ impl Stream for Paced {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
+                if !this.budget.take(chunk.len() as u64) {
+                    return Poll::Ready(Some(Err(PayloadError::Io(
+                        std::io::ErrorKind::OutOfMemory.into(),
+                    ))));
+                }
                 this.received += chunk.len() as u64;
                 this.last = Instant::now();
                 Poll::Ready(Some(Ok(chunk)))
@@ -121,6 +193,12 @@ impl Stream for Paced {
     }
 }
 
+impl Drop for Paced {
+    fn drop(&mut self) {
+        self.budget.give(self.received);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,7 +213,7 @@ mod tests {
             tokio::time::sleep(every).await;
             Some((Ok(Bytes::from(vec![b'x'; chunk])), sent + chunk))
         });
-        Paced::new(Payload::from(Box::pin(body) as BoxedBody))
+        Paced::new(Payload::from(Box::pin(body) as BoxedBody), &BODIES)
     }
 
     async fn read_all(mut body: Paced) -> Result<usize, PayloadError> {
@@ -172,10 +250,33 @@ mod tests {
             Ok(Bytes::from(vec![b'x'; 65_536]))
         })
         .chain(futures_util::stream::pending());
-        let e = read_all(Paced::new(Payload::from(Box::pin(body) as BoxedBody)))
-            .await
-            .unwrap_err();
+        let e = read_all(Paced::new(
+            Payload::from(Box::pin(body) as BoxedBody),
+            &BODIES,
+        ))
+        .await
+        .unwrap_err();
         assert!(too_slow(&e), "{e}");
         assert!(started.elapsed() < Duration::from_secs(12));
+    }
+
+    /// Bodies being received hold their bytes against one budget: one that would go past it
+    /// fails, and a body's bytes are given back when it is dropped.
+    #[tokio::test]
+    async fn bodies_in_flight_share_one_budget() {
+        static SMALL: Budget = Budget::new(100);
+        let body = |n: usize| {
+            let chunk = Bytes::from(vec![b'x'; n]);
+            let stream = futures_util::stream::once(async move { Ok(chunk) });
+            Paced::new(Payload::from(Box::pin(stream) as BoxedBody), &SMALL)
+        };
+        let mut first = body(60);
+        assert_eq!(first.next().await.unwrap().unwrap().len(), 60);
+        let e = read_all(body(50)).await.unwrap_err();
+        assert!(over_budget(&e), "{e}");
+        assert_eq!(read_all(body(40)).await.unwrap(), 40, "within the budget");
+        drop(first);
+        assert_eq!(read_all(body(90)).await.unwrap(), 90, "given back");
+        assert_eq!(SMALL.held.load(Ordering::Relaxed), 0);
     }
 }

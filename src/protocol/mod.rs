@@ -76,6 +76,9 @@ fn json_config(limit: usize, endpoint: Endpoint) -> web::JsonConfig {
                 JsonPayloadError::Payload(e) if crate::body_rate::too_slow(e) => {
                     return crate::body_rate::timed_out();
                 }
+                JsonPayloadError::Payload(e) if crate::body_rate::over_budget(e) => {
+                    return crate::body_rate::busy();
+                }
                 JsonPayloadError::ContentType => {
                     ApiError::bad_request("send a JSON body with Content-Type: application/json")
                 }
