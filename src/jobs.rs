@@ -598,6 +598,11 @@ pub const WINDOW_HORIZON_DAYS: i64 = 35;
 /// meanwhile wait for one batch, not for the whole job.
 const HOUSEKEEPING_BATCH: i64 = 2_000;
 
+/// Setting: devices last used before this time (Unix seconds) have been removed.
+const PURGE_HORIZON: &str = "housekeeping.purge_horizon";
+/// How far one housekeeping run moves that horizon at most.
+const PURGE_STEP_DAYS: i64 = 2;
+
 /// Frees the seats whose time is up (per_device unused for 365 days, per_active_device 90
 /// days after the first authorization), a batch per transaction: a fleet authorized in one
 /// week lapses in one day. Returns how many.
@@ -659,8 +664,25 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
     }
 
     // Devices unused for 365 days (the per_device rule) are removed; nothing scans all
-    // devices at once: a batch of ids per transaction.
-    let cutoff = now - models::INACTIVE_SEAT_DAYS * DAY;
+    // devices at once: a batch of ids per transaction. The horizon moves at most
+    // PURGE_STEP_DAYS a run: a clock set years ahead (a dead battery, a wrong time source)
+    // would otherwise remove every device at once, with its usage totals and stream marks.
+    let due = now - models::INACTIVE_SEAT_DAYS * DAY;
+    let last = state
+        .store
+        .read(|conn| settings::get(conn, PURGE_HORIZON))
+        .await?
+        .and_then(|h| h.parse::<i64>().ok());
+    let cutoff = last.map_or(due, |last| due.min(last + PURGE_STEP_DAYS * DAY));
+    if cutoff < due {
+        tracing::warn!(
+            removes_unused_before = %crate::portal::utc(cutoff),
+            by_the_clock = %crate::portal::utc(due),
+            "the clock moved more than {PURGE_STEP_DAYS} days since the last housekeeping: \
+             devices unused for a year are removed {PURGE_STEP_DAYS} days further a run \
+             (is the clock right?)"
+        );
+    }
     let (mut purged, mut after) = (0, 0);
     loop {
         let (removed, last) = state
@@ -689,6 +711,10 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
             None => break,
         }
     }
+    state
+        .store
+        .write(move |conn| settings::set(conn, PURGE_HORIZON, &cutoff.to_string()))
+        .await?;
     Ok(format!(
         "freed {freed} seat(s), summarised {windows} concurrency window(s), removed {passes} expired pass(es) and {purged} device(s) unused for 365 days"
     ))

@@ -857,6 +857,40 @@ fn housekeeping_removes_devices_unused_for_365_days() {
     assert_eq!(f.item_value("LIC-T-1", "seats_used"), 2);
 }
 
+/// A clock set years ahead (a dead battery, a wrong time source) does not remove every
+/// device at the next housekeeping: the removal's horizon moves 2 days a run at most.
+#[test]
+fn a_clock_years_ahead_does_not_remove_every_device_at_once() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    f.authorized("reader", 1);
+    f.app.run_job("housekeeping").unwrap();
+    let horizon = || -> i64 {
+        f.db()
+            .query_row(
+                "SELECT value FROM settings WHERE key = 'housekeeping.purge_horizon'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = horizon();
+    assert_eq!(before, f.app.clock_now().unix_timestamp() - 365 * 86_400);
+    f.app.clock.advance(Duration::days(2 * 365));
+    let summary = f.app.run_job("housekeeping").unwrap();
+    assert!(
+        summary.ends_with("and 0 device(s) unused for 365 days"),
+        "{summary}"
+    );
+    assert_eq!(horizon(), before + 2 * 86_400);
+    let devices: i64 = f
+        .db()
+        .query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(devices, 1, "the device and its usage stay");
+}
+
 /// `keygate alerts smtp --password-stdin ...` with the password on standard input.
 fn smtp_with_password(data: &std::path::Path, args: &[&str], password: &str) -> Run {
     use std::io::Write;
