@@ -94,6 +94,17 @@ pub fn over_budget(e: &PayloadError) -> bool {
     matches!(e, PayloadError::Io(e) if e.kind() == std::io::ErrorKind::OutOfMemory)
 }
 
+/// What to tell an admin whose form or upload [`Paced`] refused, if it did.
+pub fn refusal(e: &PayloadError) -> Option<&'static str> {
+    if too_slow(e) {
+        Some("the upload came too slowly; try again")
+    } else if over_budget(e) {
+        Some("the appliance is receiving too many uploads at once; try again in a moment")
+    } else {
+        None
+    }
+}
+
 /// The answer to a body refused for want of memory.
 pub fn busy() -> actix_web::Error {
     let mut response = HttpResponse::ServiceUnavailable();
@@ -278,5 +289,8 @@ mod tests {
         drop(first);
         assert_eq!(read_all(body(90)).await.unwrap(), 90, "given back");
         assert_eq!(SMALL.held.load(Ordering::Relaxed), 0);
+        // A portal form or upload refused so says why.
+        assert!(refusal(&e).unwrap().contains("too many uploads at once"));
+        assert_eq!(refusal(&PayloadError::Overflow), None);
     }
 }

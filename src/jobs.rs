@@ -665,21 +665,31 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
 
     // Devices unused for 365 days (the per_device rule) are removed; nothing scans all
     // devices at once: a batch of ids per transaction. The horizon moves at most
-    // PURGE_STEP_DAYS a run: a clock set years ahead (a dead battery, a wrong time source)
-    // would otherwise remove every device at once, with its usage totals and stream marks.
+    // PURGE_STEP_DAYS a run, and twice the job's interval: a clock set years ahead (a wrong
+    // time source) would otherwise remove every device at once, with its usage totals and
+    // stream marks. It never moves back (a clock set back removes nothing new meanwhile).
     let due = now - models::INACTIVE_SEAT_DAYS * DAY;
-    let last = state
+    let (kept, last_run) = state
         .store
-        .read(|conn| settings::get(conn, PURGE_HORIZON))
-        .await?
-        .and_then(|h| h.parse::<i64>().ok());
-    let cutoff = last.map_or(due, |last| due.min(last + PURGE_STEP_DAYS * DAY));
+        .read(|conn| {
+            let kept = settings::get(conn, PURGE_HORIZON)?;
+            Ok::<_, StoreError>((kept, ops::last_job_run(conn, "housekeeping")?))
+        })
+        .await?;
+    // A database from before the horizon was kept: the one its last housekeeping reached.
+    let last = kept
+        .and_then(|h| h.parse::<i64>().ok())
+        .or_else(|| last_run.map(|t| t - models::INACTIVE_SEAT_DAYS * DAY));
+    let every = i64::try_from(state.config.jobs.housekeeping_every_s).unwrap_or(i64::MAX);
+    let step = (PURGE_STEP_DAYS * DAY).min(every.saturating_mul(2));
+    let cutoff = last.map_or(due, |last| due.min(last.saturating_add(step)));
+    let horizon = last.map_or(cutoff, |last| last.max(cutoff));
     if cutoff < due {
         tracing::warn!(
             removes_unused_before = %crate::portal::utc(cutoff),
             by_the_clock = %crate::portal::utc(due),
-            "the clock moved more than {PURGE_STEP_DAYS} days since the last housekeeping: \
-             devices unused for a year are removed {PURGE_STEP_DAYS} days further a run \
+            "the clock moved further than expected since the last housekeeping: devices \
+             unused for a year are removed a step of at most {PURGE_STEP_DAYS} days a run \
              (is the clock right?)"
         );
     }
@@ -713,7 +723,7 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
     }
     state
         .store
-        .write(move |conn| settings::set(conn, PURGE_HORIZON, &cutoff.to_string()))
+        .write(move |conn| settings::set(conn, PURGE_HORIZON, &horizon.to_string()))
         .await?;
     Ok(format!(
         "freed {freed} seat(s), summarised {windows} concurrency window(s), removed {passes} expired pass(es) and {purged} device(s) unused for 365 days"

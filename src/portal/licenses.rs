@@ -99,6 +99,18 @@ async fn read_upload(form: Multipart, csrf: &str) -> Result<Vec<u8>, PortalError
 /// its key).
 const UPLOAD_FIELDS: usize = 3;
 
+/// Why an upload could not be read, for the admin.
+fn unreadable(e: actix_multipart::MultipartError) -> PortalError {
+    let why = match &e {
+        actix_multipart::MultipartError::Payload(p) => crate::body_rate::refusal(p),
+        _ => None,
+    };
+    PortalError::BadForm(why.map_or_else(
+        || format!("the upload could not be read: {e}"),
+        str::to_string,
+    ))
+}
+
 /// Reads a multipart form of a CSRF token and files (by field name), refusing oversized
 /// files and forms with more fields than any portal form has (so that memory stays bounded
 /// at `UPLOAD_FIELDS` × `UPLOAD_LIMIT` before the token is even checked).
@@ -115,13 +127,11 @@ pub async fn read_files(
                 "the form has more fields than expected".into(),
             ));
         }
-        let mut field = field
-            .map_err(|e| PortalError::BadForm(format!("the upload could not be read: {e}")))?;
+        let mut field = field.map_err(unreadable)?;
         let name = field.name().unwrap_or("").to_string();
         let mut data = Vec::new();
         while let Some(chunk) = field.next().await {
-            let chunk = chunk
-                .map_err(|e| PortalError::BadForm(format!("the upload could not be read: {e}")))?;
+            let chunk = chunk.map_err(unreadable)?;
             if data.len() + chunk.len() > UPLOAD_LIMIT {
                 return Err(PortalError::BadForm(format!(
                     "a file is larger than {} KiB, more than any license, certificate or key",

@@ -39,8 +39,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     // A form posted without one of its fields, or not as a form, and a link with a query it
     // cannot read, get the portal's page with the reason, not a plain-text 400.
     cfg.app_data(web::FormConfig::default().error_handler(|e, _req| {
-        PortalError::BadForm(format!(
-            "The form could not be read ({e}); reload the page and try again."
+        let why = match &e {
+            actix_web::error::UrlencodedError::Payload(p) => crate::body_rate::refusal(p),
+            _ => None,
+        };
+        PortalError::BadForm(why.map_or_else(
+            || format!("The form could not be read ({e}); reload the page and try again."),
+            |why| format!("The form could not be read: {why}."),
         ))
         .into()
     }))

@@ -863,6 +863,7 @@ fn housekeeping_removes_devices_unused_for_365_days() {
 fn a_clock_years_ahead_does_not_remove_every_device_at_once() {
     let f = Fixture::new(&item("reader", "per_device", 10, ""));
     f.authorized("reader", 1);
+    let first = f.app.clock_now().unix_timestamp();
     f.app.run_job("housekeeping").unwrap();
     let horizon = || -> i64 {
         f.db()
@@ -884,11 +885,34 @@ fn a_clock_years_ahead_does_not_remove_every_device_at_once() {
         "{summary}"
     );
     assert_eq!(horizon(), before + 2 * 86_400);
-    let devices: i64 = f
-        .db()
-        .query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))
+    let devices = || -> i64 {
+        f.db()
+            .query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(devices(), 1, "the device and its usage stay");
+    // A clock set back (a board starting in 1970) does not move the horizon back.
+    let ahead = f.app.clock_now();
+    f.app
+        .clock
+        .set(time::macros::datetime!(1970-01-01 00:00 UTC));
+    f.app.run_job("housekeeping").unwrap();
+    assert_eq!(horizon(), before + 2 * 86_400);
+    // A database from before the horizon was kept (its last run at the first one's time)
+    // is held to the horizon of its last run.
+    f.db()
+        .execute(
+            "DELETE FROM settings WHERE key = 'housekeeping.purge_horizon'",
+            [],
+        )
         .unwrap();
-    assert_eq!(devices, 1, "the device and its usage stay");
+    f.db()
+        .execute("DELETE FROM job_runs WHERE started_at <> ?1", [first])
+        .unwrap();
+    f.app.clock.set(ahead);
+    f.app.run_job("housekeeping").unwrap();
+    assert_eq!(horizon(), before + 2 * 86_400);
+    assert_eq!(devices(), 1);
 }
 
 /// `keygate alerts smtp --password-stdin ...` with the password on standard input.
