@@ -40,6 +40,8 @@ pub const BODIES_IN_FLIGHT: u64 = 256 << 20;
 pub struct Budget {
     held: AtomicU64,
     cap: u64,
+    /// When (Unix seconds) a refusal was last logged: at most once a minute.
+    warned_at: AtomicU64,
 }
 
 impl Budget {
@@ -47,17 +49,37 @@ impl Budget {
         Budget {
             held: AtomicU64::new(0),
             cap,
+            warned_at: AtomicU64::new(0),
         }
     }
 
-    /// Takes `n` bytes, unless that would go past the cap.
+    /// Takes `n` bytes, unless that would go past the cap (then logged, once a minute).
     fn take(&self, n: u64) -> bool {
-        let before = self.held.fetch_add(n, Ordering::Relaxed);
-        if before.saturating_add(n) > self.cap {
-            self.held.fetch_sub(n, Ordering::Relaxed);
-            return false;
+        let taken = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(n).filter(|total| *total <= self.cap)
+            })
+            .is_ok();
+        if !taken {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let last = self.warned_at.load(Ordering::Relaxed);
+            if now.abs_diff(last) >= 60
+                && self
+                    .warned_at
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    budget_bytes = self.cap,
+                    "request bodies refused: those being received hold their budget (many \
+                     large backlogs at once, or clients holding bodies open)"
+                );
+            }
         }
-        true
+        taken
     }
 
     fn give(&self, n: u64) {
@@ -142,6 +164,9 @@ pub struct Paced {
     started: Instant,
     /// Bytes received, held against the budget until the body is dropped.
     received: u64,
+    /// The error already answered: a reader polling again gets it again, not the next
+    /// chunk (a body with a gap).
+    failed: Option<std::io::ErrorKind>,
     /// When the last bytes came.
     last: Instant,
     timer: Option<Pin<Box<Sleep>>>,
@@ -155,6 +180,7 @@ impl Paced {
             budget,
             started: now,
             received: 0,
+            failed: None,
             last: now,
             timer: None,
         }
@@ -173,9 +199,13 @@ impl Stream for Paced {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if let Some(kind) = this.failed {
+            return Poll::Ready(Some(Err(PayloadError::Io(kind.into()))));
+        }
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 if !this.budget.take(chunk.len() as u64) {
+                    this.failed = Some(std::io::ErrorKind::OutOfMemory);
                     return Poll::Ready(Some(Err(PayloadError::Io(
                         std::io::ErrorKind::OutOfMemory.into(),
                     ))));
@@ -193,9 +223,12 @@ impl Stream for Paced {
                     timer.as_mut().reset(deadline);
                 }
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(PayloadError::Io(
-                        std::io::ErrorKind::TimedOut.into(),
-                    )))),
+                    Poll::Ready(()) => {
+                        this.failed = Some(std::io::ErrorKind::TimedOut);
+                        Poll::Ready(Some(Err(PayloadError::Io(
+                            std::io::ErrorKind::TimedOut.into(),
+                        ))))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -283,8 +316,14 @@ mod tests {
         };
         let mut first = body(60);
         assert_eq!(first.next().await.unwrap().unwrap().len(), 60);
-        let e = read_all(body(50)).await.unwrap_err();
+        let mut refused = body(50);
+        let e = refused.next().await.unwrap().unwrap_err();
         assert!(over_budget(&e), "{e}");
+        assert!(
+            over_budget(&refused.next().await.unwrap().unwrap_err()),
+            "no chunk after the refusal"
+        );
+        drop(refused);
         assert_eq!(read_all(body(40)).await.unwrap(), 40, "within the budget");
         drop(first);
         assert_eq!(read_all(body(90)).await.unwrap(), 90, "given back");
