@@ -1234,14 +1234,14 @@ impl Client {
             Some(&nonce),
             sent,
         )?;
-        // The appliance has just vouched for the time (the nonce proves the authorization is
-        // fresh): the device clock's offset is measured anew and the mark restarts from that
-        // time, so a device clock that was once set too far ahead and then corrected recovers
-        // here instead of failing every check.
-        self.state.clock_offset_s = offset;
+        // The nonce proves the authorization is fresh.
+        self.store_authorization(
+            response.authorization,
+            Some(response.license),
+            &grant,
+            offset,
+        );
         self.state.last_contact = Some(self.now());
-        self.state.newest_time_seen = Some(grant.authorization.issued_at.max(self.now()));
-        self.store_authorization(response.authorization, Some(response.license), &grant);
         self.save_state()?;
         Ok(grant)
     }
@@ -1658,16 +1658,24 @@ impl Client {
         {
             return Ok(None);
         }
-        // The appliance vouches for the time as at an authorization: the offset is measured
-        // anew and the mark restarts from it (a device clock set right after running hours
-        // off would otherwise read as set back until its next authorization).
-        self.state.clock_offset_s = offset;
-        self.state.newest_time_seen = Some(grant.authorization.issued_at.max(self.now()));
-        self.store_authorization(renewal, None, &grant);
+        self.store_authorization(renewal, None, &grant, offset);
         Ok(Some(grant))
     }
 
-    fn store_authorization(&mut self, jws: String, license: Option<String>, grant: &Grant) {
+    /// Stores an authorization the appliance has just issued to this client, with the device
+    /// clock's `offset` measured by [`Client::verify_fresh`]. The appliance vouches for the
+    /// time: the offset is taken anew and the marks restart from the time of issue, so a
+    /// device clock once set too far ahead, or set right after running hours off, recovers
+    /// here instead of failing every check.
+    fn store_authorization(
+        &mut self,
+        jws: String,
+        license: Option<String>,
+        grant: &Grant,
+        offset: i64,
+    ) {
+        self.state.clock_offset_s = offset;
+        self.state.newest_time_seen = Some(grant.authorization.issued_at.max(self.now()));
         self.state.authorization = Some(jws);
         if let Some(license) = license {
             self.state.license = Some(license);
@@ -1972,12 +1980,19 @@ mod tests {
 
     /// What `authorize` would have left on disk: the chain's authorization, seen at `T0`.
     fn store_authorization(dir: &Path, chain: &Chain) {
+        edit_state(dir, |state| {
+            state.authorization = Some(chain.authorization_jws());
+            state.license = Some(chain.license_jws.clone());
+            state.lease_id = Some(chain.authorization.lease_id.clone());
+            state.newest_time_seen = Some(T0);
+        });
+    }
+
+    /// Changes the state file in `dir` as a process before this one (or a person) left it.
+    fn edit_state(dir: &Path, edit: impl FnOnce(&mut State)) {
         let store = Store::open(dir).unwrap();
         let (mut state, _) = store.load(DEVICE).unwrap();
-        state.authorization = Some(chain.authorization_jws());
-        state.license = Some(chain.license_jws.clone());
-        state.lease_id = Some(chain.authorization.lease_id.clone());
-        state.newest_time_seen = Some(T0);
+        edit(&mut state);
         store.save_state(&state).unwrap();
     }
 
@@ -2465,11 +2480,7 @@ mod tests {
         let chain = Chain::new();
         store_authorization(dir.path(), &chain);
         // The newest time seen removed from the state file: the signed issue time (T0) holds.
-        let store = Store::open(dir.path()).unwrap();
-        let (mut state, _) = store.load(DEVICE).unwrap();
-        state.newest_time_seen = None;
-        store.save_state(&state).unwrap();
-        drop(store);
+        edit_state(dir.path(), |state| state.newest_time_seen = None);
         let clock = TestClock::new(T0 - CLOCK_TOLERANCE - time::Duration::seconds(1));
         let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
         assert!(matches!(
@@ -2552,12 +2563,10 @@ mod tests {
         let dir = TempDir::new();
         let chain = Chain::new();
         store_authorization(dir.path(), &chain);
-        let store = Store::open(dir.path()).unwrap();
-        let (mut state, _) = store.load(DEVICE).unwrap();
-        state.clock_offset_s = i64::MAX;
-        state.open.add(ITEM, "scans", 1, T0);
-        store.save_state(&state).unwrap();
-        drop(store);
+        edit_state(dir.path(), |state| {
+            state.clock_offset_s = i64::MAX;
+            state.open.add(ITEM, "scans", 1, T0);
+        });
         let clock = TestClock::new(T0 + time::Duration::minutes(1));
         let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
         client.check().unwrap();
