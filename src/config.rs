@@ -62,6 +62,8 @@ pub struct JobsConfig {
     /// `backup_keep_days` days.
     pub backup_keep_last: usize,
     pub backup_keep_days: i64,
+    /// Audit log entries older than this many days are removed by the daily housekeeping.
+    pub audit_keep_days: i64,
 }
 
 impl Default for JobsConfig {
@@ -72,6 +74,7 @@ impl Default for JobsConfig {
             housekeeping_every_s: 86_400,
             backup_keep_last: 10,
             backup_keep_days: 14,
+            audit_keep_days: 730,
         }
     }
 }
@@ -150,8 +153,8 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
 }
 
-/// The longest `jobs.backup_keep_days`: a century (older dates are out of reach anyway).
-pub const MAX_BACKUP_KEEP_DAYS: i64 = 36_500;
+/// The longest `jobs.backup_keep_days` and `jobs.audit_keep_days`: a century (older dates are out of reach anyway).
+pub const MAX_KEEP_DAYS: i64 = 36_500;
 
 /// The longest interval a scheduled job may have: a year.
 pub const MAX_JOB_INTERVAL_S: u64 = 365 * 86_400;
@@ -256,12 +259,17 @@ impl Config {
             )));
         }
         if self.jobs.backup_keep_last == 0
-            || !(0..=MAX_BACKUP_KEEP_DAYS).contains(&self.jobs.backup_keep_days)
+            || !(0..=MAX_KEEP_DAYS).contains(&self.jobs.backup_keep_days)
         {
             // 0 would delete each backup as soon as it is taken (with keep_days 0).
             return Err(ConfigError::Invalid(format!(
                 "jobs.backup_keep_last must be at least 1 and jobs.backup_keep_days from 0 to \
-                 {MAX_BACKUP_KEEP_DAYS} (a century)"
+                 {MAX_KEEP_DAYS} (a century)"
+            )));
+        }
+        if !(1..=MAX_KEEP_DAYS).contains(&self.jobs.audit_keep_days) {
+            return Err(ConfigError::Invalid(format!(
+                "jobs.audit_keep_days is from 1 to {MAX_KEEP_DAYS} (a century)"
             )));
         }
         if let Some(url) = &self.public_url {
@@ -424,6 +432,15 @@ mod tests {
                 "{days}: {err}"
             );
         }
+        // An audit log kept 0 days would lose every entry at the next housekeeping.
+        for days in ["0", "36501"] {
+            std::fs::write(&path, format!("[jobs]\naudit_keep_days = {days}\n")).unwrap();
+            let err = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains("audit_keep_days"), "{days}: {err}");
+        }
+        std::fs::write(&path, "[jobs]\naudit_keep_days = 3650\n").unwrap();
+        let config = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(config.jobs.audit_keep_days, 3650);
     }
 
     #[test]

@@ -651,17 +651,10 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
         })
         .await?;
 
-    let mut passes = 0;
-    loop {
-        let removed = state
-            .store
-            .write(move |conn| ops::delete_expired_passes(conn, now, HOUSEKEEPING_BATCH))
-            .await?;
-        passes += removed;
-        if (removed as i64) < HOUSEKEEPING_BATCH {
-            break;
-        }
-    }
+    let passes = in_batches(state, move |conn| {
+        ops::delete_expired_passes(conn, now, HOUSEKEEPING_BATCH)
+    })
+    .await?;
 
     // Devices unused for 365 days (the per_device rule) are removed; nothing scans all
     // devices at once: a batch of ids per transaction. The horizon moves at most
@@ -725,9 +718,33 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
         .store
         .write(move |conn| settings::set(conn, PURGE_HORIZON, &horizon.to_string()))
         .await?;
+    // The audit log keeps `jobs.audit_keep_days`, counted from the time the devices' removal
+    // reached: a clock set years ahead does not empty it either.
+    let keep_days = state.config.jobs.audit_keep_days;
+    let before = cutoff + (models::INACTIVE_SEAT_DAYS - keep_days) * DAY;
+    let audited = in_batches(state, move |conn| {
+        ops::delete_old_audit(conn, before, HOUSEKEEPING_BATCH)
+    })
+    .await?;
     Ok(format!(
-        "freed {freed} seat(s), summarised {windows} concurrency window(s), removed {passes} expired pass(es) and {purged} device(s) unused for 365 days"
+        "freed {freed} seat(s), summarised {windows} concurrency window(s), removed {passes} expired pass(es), {purged} device(s) unused for 365 days and {audited} audit entries older than {keep_days} days"
     ))
+}
+
+/// Runs `batch` a transaction at a time until it handles fewer than [`HOUSEKEEPING_BATCH`]
+/// rows. Returns how many it handled in all.
+async fn in_batches<F>(state: &AppState, batch: F) -> Result<usize, JobError>
+where
+    F: Fn(&rusqlite::Connection) -> Result<usize, StoreError> + Clone + Send + 'static,
+{
+    let mut done = 0;
+    loop {
+        let handled = state.store.write(batch.clone()).await?;
+        done += handled;
+        if (handled as i64) < HOUSEKEEPING_BATCH {
+            return Ok(done);
+        }
+    }
 }
 
 #[derive(Template)]

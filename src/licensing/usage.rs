@@ -139,7 +139,10 @@ pub fn record(
         .collect();
     refused.sort_unstable();
     if acked > high {
-        devices::set_stream_high(conn, &req.stream, device.id, acked)?;
+        if stream.is_none() {
+            devices::make_room_for_stream(conn, device.id)?;
+        }
+        devices::set_stream_high(conn, &req.stream, device.id, acked, now)?;
     }
     let renews_lease = item.is_some();
     let renewal = match (clock, item) {

@@ -697,18 +697,46 @@ pub fn purge_device(conn: &Connection, device_id: i64) -> Result<(), StoreError>
 
 // ---- usage ----
 
+/// Usage streams a device keeps at most: one per local usage store, so a terminal server's
+/// users with a store each fit, as their leases do ([`LIVE_LEASES_PER_PRODUCT`]).
+pub const STREAMS_PER_DEVICE: i64 = 4096;
+
+/// Records a stream's highest acknowledged seq, written at `now`.
 pub fn set_stream_high(
     conn: &Connection,
     stream: &str,
     device_id: i64,
     high_seq: u64,
+    now: i64,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO usage_streams (stream, device_id, high_seq) VALUES (?1, ?2, ?3)
-         ON CONFLICT (stream) DO UPDATE SET high_seq = max(high_seq, excluded.high_seq)",
+        "INSERT INTO usage_streams (stream, device_id, high_seq, written_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (stream) DO UPDATE SET high_seq = max(high_seq, excluded.high_seq),
+                                            written_at = excluded.written_at",
     )?
-    .execute(params![stream, device_id, high_seq as i64])?;
+    .execute(params![stream, device_id, high_seq as i64, now])?;
     Ok(())
+}
+
+/// Before a stream new to `device_id`: removes the device's least recently written streams
+/// until fewer than [`STREAMS_PER_DEVICE`] remain, so a device inventing a stream per
+/// request cannot grow the table. Returns how many were removed. A removed stream's
+/// replayed reports would count again: one its device has not written since it wrote
+/// 4,095 others.
+pub fn make_room_for_stream(conn: &Connection, device_id: i64) -> Result<usize, StoreError> {
+    let count: i64 = conn
+        .prepare_cached("SELECT count(*) FROM usage_streams WHERE device_id = ?1")?
+        .query_row([device_id], |r| r.get(0))?;
+    if count < STREAMS_PER_DEVICE {
+        return Ok(0);
+    }
+    Ok(conn
+        .prepare_cached(
+            "DELETE FROM usage_streams WHERE stream IN (
+                SELECT stream FROM usage_streams WHERE device_id = ?1
+                ORDER BY written_at, stream LIMIT ?2)",
+        )?
+        .execute(params![device_id, count - STREAMS_PER_DEVICE + 1])?)
 }
 
 /// Adds `amount` of `counter` to the item's day total and the device's total. Totals stop at
@@ -1029,7 +1057,7 @@ mod tests {
             )
             .unwrap();
         }
-        set_stream_high(&conn, "stream-2", device, 7).unwrap();
+        set_stream_high(&conn, "stream-2", device, 7, 0).unwrap();
         for n in 1..=3 {
             super::super::exec(&conn, "BEGIN IMMEDIATE").unwrap();
             let found = lease_context(&conn, &format!("lease-{n}"), &format!("stream-{n}"))

@@ -33,6 +33,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0007_alert_basis.sql"),
     include_str!("migrations/0008_item_counters.sql"),
     include_str!("migrations/0009_device_indexes.sql"),
+    include_str!("migrations/0010_stream_bound.sql"),
 ];
 
 /// How many requests one transaction commits at most.

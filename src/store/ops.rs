@@ -313,6 +313,16 @@ pub fn delete_expired_passes(conn: &Connection, now: i64, limit: i64) -> Result<
         .execute(params![now, limit])?)
 }
 
+/// Deletes up to `limit` audit entries from before `before`, oldest first. Returns how many.
+pub fn delete_old_audit(conn: &Connection, before: i64, limit: i64) -> Result<usize, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "DELETE FROM audit_log WHERE id IN
+               (SELECT id FROM audit_log WHERE at < ?1 ORDER BY at LIMIT ?2)",
+        )?
+        .execute(params![before, limit])?)
+}
+
 /// Peak concurrency per item per 3-minute window since window `since`.
 pub fn windows_since(conn: &Connection, since: i64) -> Result<Vec<(String, i64, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(

@@ -815,14 +815,14 @@ fn housekeeping_removes_devices_unused_for_365_days() {
     f.app.clock.advance(Duration::days(164));
     let summary = f.app.run_job("housekeeping").unwrap();
     assert!(
-        summary.ends_with("and 0 device(s) unused for 365 days"),
+        summary.contains(", 0 device(s) unused for 365 days and "),
         "{summary}"
     );
     f.app.clock.advance(Duration::days(1)); // exactly 365 days
     let summary = f.app.run_job("housekeeping").unwrap();
     assert!(summary.starts_with("freed 2 seat(s)"), "{summary}");
     assert!(
-        summary.ends_with("and 1 device(s) unused for 365 days"),
+        summary.contains(", 1 device(s) unused for 365 days and "),
         "{summary}"
     );
     let uuids: Vec<String> = f
@@ -881,7 +881,7 @@ fn a_clock_years_ahead_does_not_remove_every_device_at_once() {
     f.app.clock.advance(Duration::days(2 * 365));
     let summary = f.app.run_job("housekeeping").unwrap();
     assert!(
-        summary.ends_with("and 0 device(s) unused for 365 days"),
+        summary.contains(", 0 device(s) unused for 365 days and "),
         "{summary}"
     );
     assert_eq!(horizon(), before + 2 * 86_400);
@@ -913,6 +913,48 @@ fn a_clock_years_ahead_does_not_remove_every_device_at_once() {
     f.app.run_job("housekeeping").unwrap();
     assert_eq!(horizon(), before + 2 * 86_400);
     assert_eq!(devices(), 1);
+}
+
+/// The audit log keeps `jobs.audit_keep_days` (two years by default): older entries go
+/// at the daily housekeeping, and a clock set years ahead does not empty it.
+#[test]
+fn housekeeping_removes_audit_entries_past_their_keep_days() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let now = f.app.clock_now().unix_timestamp();
+    let db = f.db();
+    for (days_ago, target) in [(731, "older"), (727, "newer")] {
+        db.execute(
+            "INSERT INTO audit_log (at, actor, action, target) VALUES (?1, 'cli', 'test', ?2)",
+            rusqlite::params![now - days_ago * 86_400, target],
+        )
+        .unwrap();
+    }
+    let kept = || -> Vec<String> {
+        f.audited("test")
+            .into_iter()
+            .map(|(_, target, _)| target)
+            .collect()
+    };
+    let summary = f.app.run_job("housekeeping").unwrap();
+    assert!(
+        summary.ends_with("and 1 audit entries older than 730 days"),
+        "{summary}"
+    );
+    assert_eq!(kept(), ["newer"]);
+    // Years ahead: the removal moves 2 days a run, as the devices' does.
+    f.app.clock.advance(Duration::days(5 * 365));
+    let summary = f.app.run_job("housekeeping").unwrap();
+    assert!(
+        summary.ends_with("and 0 audit entries older than 730 days"),
+        "{summary}"
+    );
+    assert_eq!(kept(), ["newer"], "729 days old by the horizon, 2 days on");
+    f.app.run_job("housekeeping").unwrap();
+    assert_eq!(
+        kept(),
+        Vec::<String>::new(),
+        "731 days old by the horizon, 4 days on"
+    );
 }
 
 /// `keygate alerts smtp --password-stdin ...` with the password on standard input.

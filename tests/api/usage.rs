@@ -89,6 +89,65 @@ fn duplicates_and_replays_count_once() {
     assert_eq!(total(&f), 57);
 }
 
+/// A device keeps at most 4,096 usage streams: a new one past them takes the place of the
+/// stream it wrote least recently, so a device naming a new stream in every request cannot
+/// grow the table, while the streams it uses keep counting their replays once.
+#[test]
+fn a_device_keeps_at_most_4096_streams_replacing_the_least_recently_written() {
+    use keygate::store::devices::STREAMS_PER_DEVICE;
+    let f = scanner();
+    let lease = f.authorized("scanner", 1).lease_id;
+    let send = |stream: &str, seqs: std::ops::RangeInclusive<u64>| {
+        let reports: Vec<_> = seqs.map(|s| (s, "LIC-T-1", "scans", 10)).collect();
+        let (status, body) = f.usage(&f.reports(&lease, 1, stream, &reports));
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    send(STREAM, 1..=2);
+    // The device's older streams, written long ago (before STREAM's next report).
+    let db = f.db();
+    let device: i64 = db
+        .query_row("SELECT id FROM devices", [], |r| r.get(0))
+        .unwrap();
+    db.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2)
+         INSERT INTO usage_streams (stream, device_id, high_seq, written_at)
+         SELECT 'old-' || i, ?1, 5, i FROM n",
+        [device, STREAMS_PER_DEVICE - 2],
+    )
+    .unwrap();
+    send(STREAM, 3..=3);
+    let streams = |f: &Fixture| -> i64 {
+        f.db()
+            .query_row("SELECT count(*) FROM usage_streams", [], |r| r.get(0))
+            .unwrap()
+    };
+    let kept = |f: &Fixture, stream: &str| -> bool {
+        f.db()
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM usage_streams WHERE stream = ?1)",
+                [stream],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(streams(&f), STREAMS_PER_DEVICE - 1);
+    // The 4,096th stream fits; the next takes the place of the least recently written.
+    send("33333333-3333-4333-8333-333333333333", 1..=1);
+    assert_eq!((streams(&f), kept(&f, "old-1")), (STREAMS_PER_DEVICE, true));
+    send("44444444-4444-4444-8444-444444444444", 1..=1);
+    assert_eq!(streams(&f), STREAMS_PER_DEVICE);
+    assert!(!kept(&f, "old-1"), "the least recently written goes");
+    assert!(kept(&f, "old-2") && kept(&f, STREAM));
+    // The streams in use still count a replay once.
+    let body = send(STREAM, 1..=3);
+    assert_eq!(
+        (body["accepted"].as_u64(), body["duplicates"].as_u64()),
+        (Some(0), Some(3))
+    );
+    assert_eq!(total(&f), 50);
+}
+
 #[test]
 fn a_device_back_after_six_days_offline_sends_its_backlog_once() {
     let f = scanner();
