@@ -7,6 +7,8 @@
 //! `cargo bench --bench protocol` — set BENCH_DEVICES (default 20000) and
 //! BENCH_CLIENTS (default 256) to change the load, BENCH_BIN to measure another keygate
 //! binary (e.g. a copy of the previous build, to compare). Prints a Markdown table.
+//! BENCH_CLIENTS above 1,024 meets the appliance's `max_connections_per_address` (the
+//! connections past it are closed).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

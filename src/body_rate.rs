@@ -25,6 +25,8 @@ use actix_web::error::PayloadError;
 use actix_web::middleware::Next;
 use actix_web::web::Bytes;
 use futures_util::Stream;
+
+use crate::ratelimit::OncePerMinute;
 use tokio::time::{Instant, Sleep};
 
 /// How long any body may take before the rate counts.
@@ -40,8 +42,8 @@ pub const BODIES_IN_FLIGHT: u64 = 256 << 20;
 pub struct Budget {
     held: AtomicU64,
     cap: u64,
-    /// When (Unix seconds) a refusal was last logged: at most once a minute.
-    warned_at: AtomicU64,
+    /// A refusal is logged at most once a minute.
+    warned: OncePerMinute,
 }
 
 impl Budget {
@@ -49,7 +51,7 @@ impl Budget {
         Budget {
             held: AtomicU64::new(0),
             cap,
-            warned_at: AtomicU64::new(0),
+            warned: OncePerMinute::new(),
         }
     }
 
@@ -64,14 +66,8 @@ impl Budget {
         if !taken {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let last = self.warned_at.load(Ordering::Relaxed);
-            if now.abs_diff(last) >= 60
-                && self
-                    .warned_at
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
+                .map_or(0, |d| d.as_secs() as i64);
+            if self.warned.ready(now) {
                 tracing::warn!(
                     budget_bytes = self.cap,
                     "request bodies refused: those being received hold their budget (many \

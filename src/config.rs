@@ -31,6 +31,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Address and port of the HTTPS listener (devices and portal).
     pub listen: SocketAddr,
+    /// Connections one client host (an IPv4 address, an IPv6 /64) may hold open at once;
+    /// one past them is closed as it is accepted.
+    pub max_connections_per_address: u32,
     /// Vendor public keys (SPKI PEM files) trusted in addition to those added with
     /// `keygate trust`.
     pub trusted_vendor_keys: Vec<PathBuf>,
@@ -110,6 +113,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("./keygate-data"),
             listen: "0.0.0.0:8443".parse().expect("a valid default address"),
+            max_connections_per_address: 1024,
             trusted_vendor_keys: Vec::new(),
             public_url: None,
             tls: TlsConfig::default(),
@@ -152,6 +156,10 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
 }
+
+/// The most `max_connections_per_address`: more than the file descriptors the service may
+/// open (the systemd unit's 65,536) would mean no limit.
+pub const MAX_CONNECTIONS_PER_ADDRESS: u32 = 65_536;
 
 /// The longest `jobs.backup_keep_days` and `jobs.audit_keep_days`: a century (older dates are out of reach anyway).
 pub const MAX_KEEP_DAYS: i64 = 36_500;
@@ -265,6 +273,11 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "jobs.backup_keep_last must be at least 1 and jobs.backup_keep_days from 0 to \
                  {MAX_KEEP_DAYS} (a century)"
+            )));
+        }
+        if !(1..=MAX_CONNECTIONS_PER_ADDRESS).contains(&self.max_connections_per_address) {
+            return Err(ConfigError::Invalid(format!(
+                "max_connections_per_address is from 1 to {MAX_CONNECTIONS_PER_ADDRESS}"
             )));
         }
         if !(1..=MAX_KEEP_DAYS).contains(&self.jobs.audit_keep_days) {

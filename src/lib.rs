@@ -10,6 +10,7 @@ pub mod body_rate;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod head_deadline;
 pub mod jobs;

@@ -3,11 +3,12 @@
 //! scrape time.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use keygate_sdk::wire::ErrorCode;
 
+use crate::ratelimit::OncePerMinute;
 use crate::store::Commits;
 use crate::store::licenses::ItemRow;
 
@@ -73,8 +74,9 @@ pub struct Metrics {
     reports_duplicate: AtomicU64,
     renewals_refused: AtomicU64,
     counters_refused: AtomicU64,
-    /// When (Unix seconds) refused counter names were last logged.
-    counters_warned_at: AtomicI64,
+    counters_warned: OncePerMinute,
+    connections_refused: AtomicU64,
+    connections_warned: OncePerMinute,
     job_runs: [[AtomicU64; 2]; 3],
 }
 
@@ -120,12 +122,14 @@ impl Metrics {
     /// devices report such names.
     pub fn counters_refused(&self, names: u64, now: i64) -> bool {
         self.counters_refused.fetch_add(names, Relaxed);
-        let last = self.counters_warned_at.load(Relaxed);
-        (now - last).abs() >= 60
-            && self
-                .counters_warned_at
-                .compare_exchange(last, now, Relaxed, Relaxed)
-                .is_ok()
+        self.counters_warned.ready(now)
+    }
+
+    /// Counts a connection closed as it was accepted (its host held all its connections) at
+    /// `now` (Unix seconds); `true` when it is worth a warning: at most one a minute.
+    pub fn connection_refused(&self, now: i64) -> bool {
+        self.connections_refused.fetch_add(1, Relaxed);
+        self.connections_warned.ready(now)
     }
 
     pub fn job_ran(&self, job: &str, ok: bool) {
@@ -202,6 +206,12 @@ impl Metrics {
             "keygate_usage_counters_refused_total",
             "Counter names of usage reports not recorded, past their item's limit of 64.",
             self.counters_refused.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "keygate_connections_refused_total",
+            "Connections closed as they were accepted: their host held max_connections_per_address.",
+            self.connections_refused.load(Relaxed),
         );
         counter(
             &mut out,

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 #[derive(Debug)]
 pub struct AttemptLimiter {
@@ -122,12 +123,43 @@ impl SignInLimits {
     }
 }
 
-/// The key a client's attempts (session passwords, portal sign-ins) are counted under: its
-/// IPv4 address, or the /64 of its IPv6 address (one host usually has a whole /64 to pick addresses from).
-pub fn client_key(ip: IpAddr) -> String {
+/// The host a client address stands for: its IPv4 address, or the /64 of its IPv6 address
+/// (one host usually has a whole /64 to pick addresses from).
+pub fn client_host(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("{}/64", Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
+        v4 => v4,
+    }
+}
+
+/// The key a client's attempts (session passwords, portal sign-ins) are counted under:
+/// [`client_host`], an IPv6 one written with its `/64`.
+pub fn client_key(ip: IpAddr) -> String {
+    match client_host(ip) {
+        IpAddr::V6(v6) => format!("{v6}/64"),
+        v4 => v4.to_string(),
+    }
+}
+
+/// `true` at most once a minute however many threads ask: gates a warning that a flood
+/// would otherwise repeat thousands of times a second.
+#[derive(Debug, Default)]
+pub struct OncePerMinute(AtomicI64);
+
+impl OncePerMinute {
+    pub const fn new() -> Self {
+        OncePerMinute(AtomicI64::new(0))
+    }
+
+    /// Whether a minute has passed since the last `true` (by `now`, Unix seconds; a clock
+    /// set back counts as well).
+    pub fn ready(&self, now: i64) -> bool {
+        let last = self.0.load(Ordering::Relaxed);
+        now.abs_diff(last) >= 60
+            && self
+                .0
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }
 

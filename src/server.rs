@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use actix_service::ServiceFactoryExt;
+use actix_web::rt::net::TcpStream;
 use actix_web::{HttpResponse, web};
 use time::OffsetDateTime;
 
@@ -13,6 +14,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::alerts::notices::ErrorEvent;
 use crate::config::Config;
+use crate::connections::{ConnectionSlots, Counted};
 use crate::head_deadline::HeadDeadline;
 use crate::jobs;
 use crate::licensing::handshake::PasswordCache;
@@ -62,6 +64,8 @@ pub struct AppState {
     /// account over all addresses.
     pub sign_in_limits: SignInLimits,
     pub metrics: crate::metrics::Metrics,
+    /// The connections each client host holds (`max_connections_per_address`).
+    pub connections: Arc<ConnectionSlots>,
     /// The bearer token `/metrics` asks for (`metrics.token_file`); without one it answers
     /// loopback clients only.
     metrics_token: Option<String>,
@@ -137,6 +141,7 @@ impl AppState {
             Ok(_) => {}
         }
         let certificate = Arc::new(CertResolver::new(served));
+        let connections = ConnectionSlots::new(config.max_connections_per_address);
         Ok(AppState {
             config,
             appliance,
@@ -152,6 +157,7 @@ impl AppState {
             code_password_attempts: AttemptLimiter::new(100, 60),
             sign_in_limits: SignInLimits::default(),
             metrics: Default::default(),
+            connections,
             metrics_token,
             error_events: std::sync::Mutex::new(None),
             running_jobs: Default::default(),
@@ -198,6 +204,7 @@ pub async fn serve(
     // installed when its target is enabled (`keygate::http=info`). It logs the path without
     // the query, which may carry a secret (the setup link's token).
     let access_log = tracing::enabled!(target: "keygate::http", tracing::Level::INFO);
+    let counting = state.clone();
     let app = move || {
         actix_web::App::new()
             .app_data(state.clone())
@@ -225,6 +232,7 @@ pub async fn serve(
     let stopping = builder.graceful_shutdown_signal();
     let server = builder.listen("keygate", listener, move || {
         let stopping = stopping.clone();
+        let counting = counting.clone();
         let http = actix_http::HttpService::build()
             // As actix-web's server: an answer sent before the body was read (a 413, a 408)
             // lingers a second for the client to read it, rather than being reset away.
@@ -245,13 +253,40 @@ pub async fn serve(
         // actix's 3 s closes the connection of a client whose handshake meets a busy
         // appliance (or a slow link); a handshake that has not finished in 10 s is gone.
         tls.set_handshake_timeout(TLS_HANDSHAKE_TIMEOUT);
-        tls.map_init_err(|_| ())
-            .map_err(|e| tracing::debug!(error = ?e, "TLS handshake failed"))
-            .and_then(|io: TlsStream| async move {
-                let peer = io.get_ref().0.peer_addr().ok();
-                Ok((HeadDeadline::new(io), actix_http::Protocol::Http1, peer))
+        // A host holding all its connections has the next closed before its handshake.
+        actix_service::fn_service(move |io: TcpStream| {
+            let peer = io.peer_addr().map(|a| a.ip());
+            let slot = peer
+                .as_ref()
+                .ok()
+                .and_then(|ip| counting.connections.take(*ip));
+            std::future::ready(match (slot, peer) {
+                (Some(slot), _) => Ok(Counted::new(io, slot)),
+                (None, Ok(ip)) => {
+                    let now = counting.clock.now().unix_timestamp();
+                    if counting.metrics.connection_refused(now) {
+                        tracing::warn!(
+                            client = %crate::ratelimit::client_key(ip),
+                            limit = counting.config.max_connections_per_address,
+                            "connections refused: the client holds max_connections_per_address \
+                             (a client leaking connections, or a flood)"
+                        );
+                    }
+                    Err(())
+                }
+                // Closed before it was accepted.
+                (None, Err(_)) => Err(()),
             })
-            .and_then(http.map_err(|e| tracing::debug!(error = ?e, "connection ended")))
+        })
+        .and_then(
+            tls.map_init_err(|_| ())
+                .map_err(|e| tracing::debug!(error = ?e, "TLS handshake failed")),
+        )
+        .and_then(|io: TlsStream| async move {
+            let peer = io.get_ref().0.peer_addr().ok();
+            Ok((HeadDeadline::new(io), actix_http::Protocol::Http1, peer))
+        })
+        .and_then(http.map_err(|e| tracing::debug!(error = ?e, "connection ended")))
     })?;
     // Serving from here: a run that ends otherwise than by a stop leaves this mark (a
     // start that failed before serving leaves none). Recorded before the first request is
@@ -290,7 +325,7 @@ async fn running(state: &AppState, since: Option<String>) {
     }
 }
 
-type TlsStream = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
+type TlsStream = actix_tls::accept::rustls_0_23::TlsStream<Counted>;
 
 /// How long a client may take to finish its TLS handshake before its connection is closed.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

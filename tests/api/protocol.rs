@@ -1304,15 +1304,23 @@ fn a_device_keeps_its_name_and_user_until_it_reports_new_ones_and_is_seen_at_eac
     assert_eq!(renamed.last_seen, f.app.clock_now().unix_timestamp());
 }
 
+type RawTls = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
 /// A TLS connection to the appliance for writing HTTP by hand; reads time out after `wait`.
-fn raw_tls(
-    f: &Fixture,
+fn raw_tls(f: &Fixture, wait: std::time::Duration) -> RawTls {
+    raw_tls_to(&f.data, f.app.addr, wait)
+}
+
+/// [`raw_tls`] to the appliance of `data_dir` serving on `addr`.
+fn raw_tls_to(
+    data_dir: &std::path::Path,
+    addr: std::net::SocketAddr,
     wait: std::time::Duration,
-) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+) -> RawTls {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice(&appliance_cert(&f.data)).unwrap())
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(&appliance_cert(data_dir)).unwrap())
         .unwrap();
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -1321,11 +1329,87 @@ fn raw_tls(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = std::net::TcpStream::connect(f.app.addr).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(wait)).unwrap();
-    let server = rustls::pki_types::ServerName::from(f.app.addr.ip());
+    let server = rustls::pki_types::ServerName::from(addr.ip());
     let client = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
     rustls::StreamOwned::new(client, tcp)
+}
+
+/// A client host holds at most `max_connections_per_address` connections: the next is
+/// closed before its TLS handshake (counted in /metrics), and one closing gives its place
+/// back. Against the real binary, set in its configuration file.
+#[test]
+fn a_host_holding_its_connections_has_the_next_closed_until_one_ends() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (data, config) = (dir.path().join("data"), dir.path().join("keygate.toml"));
+    std::fs::write(&config, "max_connections_per_address = 3\n").unwrap();
+    let served = Served::start_with(&data, "127.0.0.1:0", &[("KEYGATE_CONFIG", &config)]);
+    let wait = std::time::Duration::from_secs(5);
+    // A GET of `path` on the connection, kept alive: the answer's head and body as text,
+    // or the error that ended it.
+    let get = |tls: &mut RawTls, path: &str| -> std::io::Result<String> {
+        write!(tls, "GET {path} HTTP/1.1\r\nHost: keygate\r\n\r\n")?;
+        let mut answer = Vec::new();
+        loop {
+            let mut buf = [0u8; 16 * 1024];
+            match tls.read(&mut buf)? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => answer.extend_from_slice(&buf[..n]),
+            }
+            let text = String::from_utf8_lossy(&answer);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    return Ok(text.into_owned());
+                }
+            }
+        }
+    };
+    let mut held: Vec<RawTls> = (0..3)
+        .map(|_| {
+            let mut tls = raw_tls_to(&data, served.addr, wait);
+            assert!(
+                get(&mut tls, "/healthz")
+                    .unwrap()
+                    .starts_with("HTTP/1.1 200")
+            );
+            tls
+        })
+        .collect();
+    let refused = get(&mut raw_tls_to(&data, served.addr, wait), "/healthz");
+    assert!(
+        refused.is_err(),
+        "a fourth connection is closed: {refused:?}"
+    );
+    // The three still serve.
+    for tls in &mut held {
+        assert!(get(tls, "/healthz").unwrap().starts_with("HTTP/1.1 200"));
+    }
+    // One ends: its place is free again once the appliance has seen it close.
+    drop(held.pop());
+    let started = std::time::Instant::now();
+    let mut again = loop {
+        let mut tls = raw_tls_to(&data, served.addr, wait);
+        match get(&mut tls, "/healthz") {
+            Ok(_) => break tls,
+            Err(e) if started.elapsed() > wait => panic!("no place given back: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    };
+    let metrics = get(&mut again, "/metrics").unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    let refusals = crate::operations::value(&metrics, "keygate_connections_refused_total");
+    assert!(refusals >= 1.0, "{refusals}");
 }
 
 /// A kept-alive connection serves its next requests, but one whose next request stops
