@@ -54,6 +54,11 @@ pub enum BackupError {
         needed_mib: u64,
         available_mib: u64,
     },
+    #[error(
+        "{path} stayed locked by another program for {waited_s} s (a database tool holding \
+         it open?), so it could not be copied; the backup runs again at its next time"
+    )]
+    Locked { path: PathBuf, waited_s: u64 },
 }
 
 /// Free space a backup leaves on the data directory's file system, for the database itself.
@@ -165,7 +170,7 @@ fn take_as(
     // not write into the same temporary file. Owner-only from the start: it holds secrets.
     let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4()));
     crate::appliance::write_secret_file(&tmp, b"").map_err(io(&tmp))?;
-    let written = copy_checked(db, &tmp).and_then(|()| sync_file(&tmp));
+    let written = copy_checked(db, &tmp, COPY_LOCKED_AT_MOST).and_then(|()| sync_file(&tmp));
     if let Err(e) = written {
         // A damaged database or a full disk: no half-written copy is left to fill the disk.
         remove_with_side_files(&tmp);
@@ -191,18 +196,34 @@ fn remove_with_side_files(path: &Path) {
     }
 }
 
+/// How long a backup waits for a database another program keeps locked (its own writer
+/// never blocks it) before it fails, rather than hold the job (and every later backup) for
+/// as long as that program runs.
+const COPY_LOCKED_AT_MOST: Duration = Duration::from_secs(60);
+
 /// Copies `db` into the empty database file `to` from one read snapshot, and checks the copy.
-fn copy_checked(db: &Path, to: &Path) -> Result<(), BackupError> {
+/// Fails once `db` has been locked for `locked_at_most`.
+fn copy_checked(db: &Path, to: &Path, locked_at_most: Duration) -> Result<(), BackupError> {
     let src = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    src.busy_timeout(std::time::Duration::from_secs(10))?;
+    src.busy_timeout(locked_at_most.min(Duration::from_secs(10)))?;
     let mut dst = Connection::open(to)?;
     // One step of all pages: the whole database from one read snapshot.
     let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
+    let started = Instant::now();
     loop {
         match backup.step(-1)? {
             rusqlite::backup::StepResult::Done => break,
             rusqlite::backup::StepResult::More => {}
-            _ => std::thread::sleep(std::time::Duration::from_millis(50)), // busy or locked
+            // Busy or locked by another program.
+            _ => {
+                if started.elapsed() >= locked_at_most {
+                    return Err(BackupError::Locked {
+                        path: db.to_path_buf(),
+                        waited_s: started.elapsed().as_secs(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
     drop(backup);
@@ -663,6 +684,38 @@ mod tests {
             assert_eq!(mode(&file.path), 0o600);
             assert_eq!(mode(&backups), 0o700);
         }
+    }
+
+    #[test]
+    fn a_backup_of_a_database_another_program_keeps_locked_fails_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keygate.db");
+        drop(super::super::open(&db).unwrap());
+        // A program holding the database in exclusive locking mode: no one else may read.
+        let other = Connection::open(&db).unwrap();
+        other
+            .execute_batch("PRAGMA locking_mode = EXCLUSIVE; UPDATE settings SET value = value;")
+            .unwrap();
+        let copy = dir.path().join("copy.db");
+        let started = Instant::now();
+        let failed = copy_checked(&db, &copy, Duration::from_millis(300));
+        assert!(
+            matches!(failed, Err(BackupError::Locked { .. })),
+            "{failed:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        // Once it lets go, the copy is made.
+        drop(other);
+        copy_checked(
+            &db,
+            &dir.path().join("copy2.db"),
+            Duration::from_millis(300),
+        )
+        .unwrap();
     }
 
     #[test]
