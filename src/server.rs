@@ -254,39 +254,16 @@ pub async fn serve(
         // appliance (or a slow link); a handshake that has not finished in 10 s is gone.
         tls.set_handshake_timeout(TLS_HANDSHAKE_TIMEOUT);
         // A host holding all its connections has the next closed before its handshake.
-        actix_service::fn_service(move |io: TcpStream| {
-            let peer = io.peer_addr().map(|a| a.ip());
-            let slot = peer
-                .as_ref()
-                .ok()
-                .and_then(|ip| counting.connections.take(*ip));
-            std::future::ready(match (slot, peer) {
-                (Some(slot), _) => Ok(Counted::new(io, slot)),
-                (None, Ok(ip)) => {
-                    let now = counting.clock.now().unix_timestamp();
-                    if counting.metrics.connection_refused(now) {
-                        tracing::warn!(
-                            client = %crate::ratelimit::client_key(ip),
-                            limit = counting.config.max_connections_per_address,
-                            "connections refused: the client holds max_connections_per_address \
-                             (a client leaking connections, or a flood)"
-                        );
-                    }
-                    Err(())
-                }
-                // Closed before it was accepted.
-                (None, Err(_)) => Err(()),
+        actix_service::fn_service(move |io| std::future::ready(admit(&counting, io)))
+            .and_then(
+                tls.map_init_err(|_| ())
+                    .map_err(|e| tracing::debug!(error = ?e, "TLS handshake failed")),
+            )
+            .and_then(|io: TlsStream| async move {
+                let peer = io.get_ref().0.peer_addr().ok();
+                Ok((HeadDeadline::new(io), actix_http::Protocol::Http1, peer))
             })
-        })
-        .and_then(
-            tls.map_init_err(|_| ())
-                .map_err(|e| tracing::debug!(error = ?e, "TLS handshake failed")),
-        )
-        .and_then(|io: TlsStream| async move {
-            let peer = io.get_ref().0.peer_addr().ok();
-            Ok((HeadDeadline::new(io), actix_http::Protocol::Http1, peer))
-        })
-        .and_then(http.map_err(|e| tracing::debug!(error = ?e, "connection ended")))
+            .and_then(http.map_err(|e| tracing::debug!(error = ?e, "connection ended")))
     })?;
     // Serving from here: a run that ends otherwise than by a stop leaves this mark (a
     // start that failed before serving leaves none). Recorded before the first request is
@@ -323,6 +300,28 @@ async fn running(state: &AppState, since: Option<String>) {
     if let Err(e) = recorded {
         tracing::warn!(error = %e, "could not record whether the appliance runs");
     }
+}
+
+/// A connection just accepted, with its host's slot; `Err` (closed at once, before its TLS
+/// handshake) when the host holds `max_connections_per_address` already.
+fn admit(state: &AppState, io: TcpStream) -> Result<Counted, ()> {
+    // No address: it closed before it was accepted.
+    let ip = io.peer_addr().map_err(|_| ())?.ip();
+    if let Some(slot) = state.connections.take(ip) {
+        return Ok(Counted::new(io, slot));
+    }
+    if state
+        .metrics
+        .connection_refused(state.clock.now().unix_timestamp())
+    {
+        tracing::warn!(
+            client = %crate::ratelimit::client_key(ip),
+            limit = state.config.max_connections_per_address,
+            "connections refused: the client holds max_connections_per_address (a client \
+             leaking connections, a flood, or a NAT gateway needing a higher limit)"
+        );
+    }
+    Err(())
 }
 
 type TlsStream = actix_tls::accept::rustls_0_23::TlsStream<Counted>;
