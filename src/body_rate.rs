@@ -25,9 +25,9 @@ use actix_web::error::PayloadError;
 use actix_web::middleware::Next;
 use actix_web::web::Bytes;
 use futures_util::Stream;
+use tokio::time::{Instant, Sleep};
 
 use crate::ratelimit::OncePerMinute;
-use tokio::time::{Instant, Sleep};
 
 /// How long any body may take before the rate counts.
 pub const GRACE: Duration = Duration::from_secs(10);

@@ -31,8 +31,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Address and port of the HTTPS listener (devices and portal).
     pub listen: SocketAddr,
-    /// Connections one client host (an IPv4 address, an IPv6 /64) may hold open at once;
-    /// one past them is closed as it is accepted.
+    /// Connections one client address may hold open at once; one past them is closed as it
+    /// is accepted.
     pub max_connections_per_address: u32,
     /// Vendor public keys (SPKI PEM files) trusted in addition to those added with
     /// `keygate trust`.
@@ -450,6 +450,15 @@ mod tests {
             std::fs::write(&path, format!("[jobs]\naudit_keep_days = {days}\n")).unwrap();
             let err = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap_err();
             assert!(err.to_string().contains("audit_keep_days"), "{days}: {err}");
+        }
+        for limit in ["0", "65537"] {
+            std::fs::write(&path, format!("max_connections_per_address = {limit}\n")).unwrap();
+            let err = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("max_connections_per_address is from 1"),
+                "{limit}: {err}"
+            );
         }
         std::fs::write(&path, "[jobs]\naudit_keep_days = 3650\n").unwrap();
         let config = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap();

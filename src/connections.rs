@@ -1,8 +1,10 @@
-//! Open connections per client host: a host (an IPv4 address, or an IPv6 /64) holds at most
-//! `max_connections_per_address` connections at once. One past that is closed as it is
-//! accepted, before its TLS handshake costs anything, so one host (a broken client opening
-//! connections in a loop, or a hostile one) cannot use up the appliance's file descriptors
-//! and memory for every other device.
+//! Open connections per client address: an address holds at most
+//! `max_connections_per_address` connections at once, and at most
+//! [`HANDSHAKES_PER_ADDRESS`] of them in their TLS handshake. One past either is closed as it
+//! is accepted, before its handshake costs anything, so one client (a broken one opening
+//! connections in a loop, or a hostile one) cannot use up the appliance's file descriptors,
+//! memory or handshake capacity for every other device. Counted per address, IPv6 ones
+//! too: a LAN's SLAAC devices share one /64.
 
 use std::collections::HashMap;
 use std::io;
@@ -14,58 +16,88 @@ use std::task::{Context, Poll};
 use actix_web::rt::net::{ActixStream, Ready, TcpStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The connections each host holds now.
+/// TLS handshakes one address may have in flight: actix-tls runs at most 256 at once per
+/// worker thread, and a client that stalls its handshake holds its place for up to 10 s.
+pub const HANDSHAKES_PER_ADDRESS: u32 = 32;
+
+/// The connections each address holds now.
 #[derive(Debug)]
 pub struct ConnectionSlots {
-    per_host: u32,
-    held: Mutex<HashMap<IpAddr, u32>>,
+    per_address: u32,
+    held: Mutex<HashMap<IpAddr, Held>>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    open: u32,
+    handshaking: u32,
 }
 
 impl ConnectionSlots {
-    pub fn new(per_host: u32) -> Arc<Self> {
+    pub fn new(per_address: u32) -> Arc<Self> {
         Arc::new(ConnectionSlots {
-            per_host,
+            per_address,
             held: Mutex::new(HashMap::new()),
         })
     }
 
-    /// A slot for a connection from `peer`, held until it is dropped; `None` when the host
-    /// holds all of its slots.
+    /// A slot for a connection from `peer`, in its handshake until [`Slot::handshake_done`],
+    /// held until it is dropped; `None` when the address holds all its connections or
+    /// handshakes.
     pub fn take(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
-        let host = crate::ratelimit::client_host(peer);
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let count = held.entry(host).or_default();
-        if *count >= self.per_host {
+        let address = peer.to_canonical();
+        let mut held = self.lock();
+        let count = held.entry(address).or_default();
+        if count.open >= self.per_address || count.handshaking >= HANDSHAKES_PER_ADDRESS {
             return None;
         }
-        *count += 1;
+        count.open += 1;
+        count.handshaking += 1;
         Some(Slot {
             slots: self.clone(),
-            host,
+            address,
+            handshaking: true,
         })
     }
 
-    /// Hosts holding at least one connection.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Addresses holding at least one connection.
     #[cfg(test)]
-    fn hosts(&self) -> usize {
-        self.held.lock().unwrap().len()
+    fn addresses(&self) -> usize {
+        self.lock().len()
     }
 }
 
-/// One connection's place in its host's count.
+/// One connection's place in its address's count.
 #[derive(Debug)]
 pub struct Slot {
     slots: Arc<ConnectionSlots>,
-    host: IpAddr,
+    address: IpAddr,
+    handshaking: bool,
+}
+
+impl Slot {
+    /// The connection's TLS handshake is over: its address may start another.
+    pub fn handshake_done(&mut self) {
+        if std::mem::take(&mut self.handshaking)
+            && let Some(count) = self.slots.lock().get_mut(&self.address)
+        {
+            count.handshaking -= 1;
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut held = self.slots.held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = held.get_mut(&self.host) {
-            *count -= 1;
-            if *count == 0 {
-                held.remove(&self.host);
+        let mut held = self.slots.lock();
+        if let Some(count) = held.get_mut(&self.address) {
+            count.open -= 1;
+            count.handshaking -= u32::from(self.handshaking);
+            if count.open == 0 {
+                held.remove(&self.address);
             }
         }
     }
@@ -75,12 +107,17 @@ impl Drop for Slot {
 #[derive(Debug)]
 pub struct Counted {
     io: TcpStream,
-    _slot: Slot,
+    slot: Slot,
 }
 
 impl Counted {
     pub fn new(io: TcpStream, slot: Slot) -> Self {
-        Counted { io, _slot: slot }
+        Counted { io, slot }
+    }
+
+    /// See [`Slot::handshake_done`].
+    pub fn handshake_done(&mut self) {
+        self.slot.handshake_done();
     }
 
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
@@ -143,22 +180,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_host_holds_at_most_its_slots_and_gets_them_back_as_connections_close() {
+    fn an_address_holds_at_most_its_slots_and_gets_them_back_as_connections_close() {
         let slots = ConnectionSlots::new(2);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let a = slots.take(ip("10.0.0.1")).unwrap();
         let b = slots.take(ip("10.0.0.1")).unwrap();
         assert!(slots.take(ip("10.0.0.1")).is_none());
-        // The same host over IPv4-mapped IPv6, and another address of the same /64.
+        // The same address over IPv4-mapped IPv6; another of the same /64 is another client.
         assert!(slots.take(ip("::ffff:10.0.0.1")).is_none());
         let v6 = slots.take(ip("2001:db8::1")).unwrap();
-        let v6b = slots.take(ip("2001:db8::2")).unwrap();
-        assert!(slots.take(ip("2001:db8::3")).is_none());
-        assert!(slots.take(ip("2001:db8:0:1::1")).is_some(), "another /64");
+        let _v6b = slots.take(ip("2001:db8::2")).unwrap();
         let _other = slots.take(ip("10.0.0.2")).unwrap();
         drop(a);
         let _again = slots.take(ip("10.0.0.1")).expect("a slot given back");
-        drop((b, v6, v6b));
-        assert_eq!(slots.hosts(), 2, "hosts without connections are forgotten");
+        drop((b, v6));
+        assert_eq!(
+            slots.addresses(),
+            3,
+            "addresses without connections are forgotten"
+        );
+    }
+
+    #[test]
+    fn an_address_has_at_most_32_handshakes_in_flight() {
+        let slots = ConnectionSlots::new(1024);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut taken: Vec<Slot> = (0..HANDSHAKES_PER_ADDRESS)
+            .map(|_| slots.take(ip).unwrap())
+            .collect();
+        assert!(slots.take(ip).is_none(), "all in their handshake");
+        taken[0].handshake_done();
+        taken[0].handshake_done(); // once only
+        taken.push(slots.take(ip).expect("one handshake over"));
+        assert!(slots.take(ip).is_none());
+        // A connection closed during its handshake gives both places back.
+        taken.pop();
+        taken.push(slots.take(ip).unwrap());
+        drop(taken);
+        assert_eq!(slots.addresses(), 0);
     }
 }

@@ -610,19 +610,10 @@ async fn free_lapsed_seats(state: &AppState, now: i64) -> Result<usize, JobError
     let items = state.store.read(store::licenses::all_items).await?;
     let mut freed = 0;
     for item in items {
-        loop {
-            let item = item.clone();
-            let batch = state
-                .store
-                .write(move |conn| {
-                    crate::licensing::authorize::free_lapsed(conn, &item, now, HOUSEKEEPING_BATCH)
-                })
-                .await?;
-            freed += batch;
-            if (batch as i64) < HOUSEKEEPING_BATCH {
-                break;
-            }
-        }
+        freed += in_batches(state, move |conn| {
+            crate::licensing::authorize::free_lapsed(conn, &item, now, HOUSEKEEPING_BATCH)
+        })
+        .await?;
     }
     Ok(freed)
 }
@@ -721,7 +712,7 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
     // The audit log keeps `jobs.audit_keep_days`, counted from the time the devices' removal
     // reached: a clock set years ahead does not empty it either.
     let keep_days = state.config.jobs.audit_keep_days;
-    let before = cutoff + (models::INACTIVE_SEAT_DAYS - keep_days) * DAY;
+    let before = cutoff.saturating_add((models::INACTIVE_SEAT_DAYS - keep_days) * DAY);
     let audited = in_batches(state, move |conn| {
         ops::delete_old_audit(conn, before, HOUSEKEEPING_BATCH)
     })

@@ -123,21 +123,12 @@ impl SignInLimits {
     }
 }
 
-/// The host a client address stands for: its IPv4 address, or the /64 of its IPv6 address
-/// (one host usually has a whole /64 to pick addresses from).
-pub fn client_host(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
-        v4 => v4,
-    }
-}
-
-/// The key a client's attempts (session passwords, portal sign-ins) are counted under:
-/// [`client_host`], an IPv6 one written with its `/64`.
+/// The key a client's attempts (session passwords, portal sign-ins) are counted under: its
+/// IPv4 address, or the /64 of its IPv6 address (one host usually has a whole /64 to pick addresses from).
 pub fn client_key(ip: IpAddr) -> String {
-    match client_host(ip) {
-        IpAddr::V6(v6) => format!("{v6}/64"),
-        v4 => v4.to_string(),
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("{}/64", Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
     }
 }
 

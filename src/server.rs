@@ -253,13 +253,14 @@ pub async fn serve(
         // actix's 3 s closes the connection of a client whose handshake meets a busy
         // appliance (or a slow link); a handshake that has not finished in 10 s is gone.
         tls.set_handshake_timeout(TLS_HANDSHAKE_TIMEOUT);
-        // A host holding all its connections has the next closed before its handshake.
+        // An address holding all its connections has the next closed before its handshake.
         actix_service::fn_service(move |io| std::future::ready(admit(&counting, io)))
             .and_then(
                 tls.map_init_err(|_| ())
                     .map_err(|e| tracing::debug!(error = ?e, "TLS handshake failed")),
             )
-            .and_then(|io: TlsStream| async move {
+            .and_then(|mut io: TlsStream| async move {
+                io.get_mut().0.handshake_done();
                 let peer = io.get_ref().0.peer_addr().ok();
                 Ok((HeadDeadline::new(io), actix_http::Protocol::Http1, peer))
             })
@@ -302,8 +303,9 @@ async fn running(state: &AppState, since: Option<String>) {
     }
 }
 
-/// A connection just accepted, with its host's slot; `Err` (closed at once, before its TLS
-/// handshake) when the host holds `max_connections_per_address` already.
+/// A connection just accepted, with its address's slot; `Err` (closed at once, before its
+/// TLS handshake) when the address holds `max_connections_per_address` connections or
+/// `HANDSHAKES_PER_ADDRESS` handshakes already.
 fn admit(state: &AppState, io: TcpStream) -> Result<Counted, ()> {
     // No address: it closed before it was accepted.
     let ip = io.peer_addr().map_err(|_| ())?.ip();
@@ -315,10 +317,12 @@ fn admit(state: &AppState, io: TcpStream) -> Result<Counted, ()> {
         .connection_refused(state.clock.now().unix_timestamp())
     {
         tracing::warn!(
-            client = %crate::ratelimit::client_key(ip),
+            client = %ip.to_canonical(),
             limit = state.config.max_connections_per_address,
-            "connections refused: the client holds max_connections_per_address (a client \
-             leaking connections, a flood, or a NAT gateway needing a higher limit)"
+            handshakes = crate::connections::HANDSHAKES_PER_ADDRESS,
+            "connections refused: the client holds max_connections_per_address connections, \
+             or that many TLS handshakes (a client leaking connections, a flood, or a NAT \
+             gateway needing a higher limit)"
         );
     }
     Err(())

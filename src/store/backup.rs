@@ -56,7 +56,7 @@ pub enum BackupError {
     },
     #[error(
         "{path} stayed locked by another program for {waited_s} s (a database tool holding \
-         it open?), so it could not be copied; the backup runs again at its next time"
+         it open?), so it could not be copied; stop that program and try again"
     )]
     Locked { path: PathBuf, waited_s: u64 },
 }

@@ -701,6 +701,11 @@ pub fn purge_device(conn: &Connection, device_id: i64) -> Result<(), StoreError>
 /// users with a store each fit, as their leases do ([`LIVE_LEASES_PER_PRODUCT`]).
 pub const STREAMS_PER_DEVICE: i64 = 4096;
 
+/// Streams removed at once when a device has [`STREAMS_PER_DEVICE`]: finding the least
+/// recently written sorts all the device's streams, so a device naming a new stream in
+/// every request pays that once in 256 requests.
+pub const STREAMS_REMOVED_AT_ONCE: i64 = 256;
+
 /// Records a stream's highest acknowledged seq, written at `now`.
 pub fn set_stream_high(
     conn: &Connection,
@@ -718,11 +723,11 @@ pub fn set_stream_high(
     Ok(())
 }
 
-/// Before a stream new to `device_id`: removes the device's least recently written streams
-/// until fewer than [`STREAMS_PER_DEVICE`] remain, so a device inventing a stream per
-/// request cannot grow the table. Returns how many were removed. A removed stream's
-/// replayed reports would count again: one its device has not written since it wrote
-/// 4,095 others.
+/// Before a stream new to `device_id`: when the device has [`STREAMS_PER_DEVICE`] streams,
+/// removes its [`STREAMS_REMOVED_AT_ONCE`] least recently written, so a device inventing a
+/// stream per request cannot grow the table. Returns how many were removed. A removed
+/// stream's replayed reports would count again: one its device has not written since it
+/// wrote about 3,840 others.
 pub fn make_room_for_stream(conn: &Connection, device_id: i64) -> Result<usize, StoreError> {
     let count: i64 = conn
         .prepare_cached("SELECT count(*) FROM usage_streams WHERE device_id = ?1")?
@@ -736,7 +741,10 @@ pub fn make_room_for_stream(conn: &Connection, device_id: i64) -> Result<usize, 
                 SELECT stream FROM usage_streams WHERE device_id = ?1
                 ORDER BY written_at, stream LIMIT ?2)",
         )?
-        .execute(params![device_id, count - STREAMS_PER_DEVICE + 1])?)
+        .execute(params![
+            device_id,
+            count - STREAMS_PER_DEVICE + STREAMS_REMOVED_AT_ONCE
+        ])?)
 }
 
 /// Adds `amount` of `counter` to the item's day total and the device's total. Totals stop at

@@ -483,6 +483,51 @@ mod tests {
         drop(conn);
     }
 
+    /// A device that grew past 4,096 usage streams before the bound keeps, after schema 10,
+    /// its 4,096 streams with the most reports; the others keep all of theirs.
+    #[test]
+    fn schema_10_trims_a_device_past_the_stream_bound_to_its_busiest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("k.db")).unwrap();
+        conn.pragma_update(None, "foreign_keys", true).unwrap();
+        for migration in &MIGRATIONS[..9] {
+            conn.execute_batch(migration).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 9).unwrap();
+        let grown = devices::insert_device(&conn, "grown", "", "", 0).unwrap();
+        let other = devices::insert_device(&conn, "other", "", "", 0).unwrap();
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 4100)
+             INSERT INTO usage_streams (stream, device_id, high_seq)
+             SELECT 'grown-' || i, ?1, i FROM n",
+            [grown],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO usage_streams (stream, device_id, high_seq) VALUES ('other-1', ?1, 1)",
+            [other],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let count = |device: i64| -> i64 {
+            conn.query_row(
+                "SELECT count(*) FROM usage_streams WHERE device_id = ?1",
+                [device],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!((count(grown), count(other)), (4096, 1));
+        let lowest: i64 = conn
+            .query_row(
+                "SELECT min(high_seq) FROM usage_streams WHERE device_id = ?1",
+                [grown],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(lowest, 5, "the four with the fewest reports went");
+    }
+
     /// Every table that references a device finds its rows by an index: removing a device
     /// (ON DELETE CASCADE) must not scan a table of a million rows once per device.
     #[test]

@@ -10,7 +10,7 @@
 //! side (authorize) goes through the client API, as a real device would.
 #![cfg(unix)] // chromedriver's process group; Debian's chromium
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -127,27 +127,7 @@ impl Chromedriver {
             format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).ok()?;
         // chromedriver keeps the connection open: read up to Content-Length, not to the end.
-        let mut answer = Vec::new();
-        let mut buffer = [0u8; 4096];
-        loop {
-            let n = stream.read(&mut buffer).ok()?;
-            if n == 0 {
-                break;
-            }
-            answer.extend_from_slice(&buffer[..n]);
-            let text = String::from_utf8_lossy(&answer);
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let length = head.lines().find_map(|line| {
-                    let (name, value) = line.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
-                });
-                if length.is_some_and(|length| body.len() >= length) {
-                    break;
-                }
-            }
-        }
-        let text = String::from_utf8_lossy(&answer);
+        let text = crate::helpers::read_answer(&mut stream).ok()?;
         text.split_once("\r\n\r\n")
             .map(|(_, body)| body.to_string())
     }

@@ -433,6 +433,34 @@ pub fn post_json(
 }
 
 /// The n-th test device's UUID.
+/// An HTTP/1.1 answer read from a kept-alive connection: head and body as text, read up to
+/// its Content-Length (or until the connection closes after something was read).
+pub fn read_answer(stream: &mut impl std::io::Read) -> std::io::Result<String> {
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            return match answer.is_empty() {
+                true => Err(std::io::ErrorKind::UnexpectedEof.into()),
+                false => Ok(String::from_utf8_lossy(&answer).into_owned()),
+            };
+        }
+        answer.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            });
+            if length.is_some_and(|length| body.len() >= length) {
+                return Ok(text.into_owned());
+            }
+        }
+    }
+}
+
 pub fn device_uuid(n: u32) -> String {
     format!("00000000-0000-4000-8000-{n:012}")
 }

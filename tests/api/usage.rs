@@ -89,12 +89,12 @@ fn duplicates_and_replays_count_once() {
     assert_eq!(total(&f), 57);
 }
 
-/// A device keeps at most 4,096 usage streams: a new one past them takes the place of the
-/// stream it wrote least recently, so a device naming a new stream in every request cannot
+/// A device keeps at most 4,096 usage streams: a new one past them removes the 256 the
+/// device wrote least recently, so a device naming a new stream in every request cannot
 /// grow the table, while the streams it uses keep counting their replays once.
 #[test]
-fn a_device_keeps_at_most_4096_streams_replacing_the_least_recently_written() {
-    use keygate::store::devices::STREAMS_PER_DEVICE;
+fn a_device_keeps_at_most_4096_streams_removing_the_least_recently_written() {
+    use keygate::store::devices::{STREAMS_PER_DEVICE, STREAMS_REMOVED_AT_ONCE};
     let f = scanner();
     let lease = f.authorized("scanner", 1).lease_id;
     let send = |stream: &str, seqs: std::ops::RangeInclusive<u64>| {
@@ -104,7 +104,8 @@ fn a_device_keeps_at_most_4096_streams_replacing_the_least_recently_written() {
         body
     };
     send(STREAM, 1..=2);
-    // The device's older streams, written long ago (before STREAM's next report).
+    // The device's older streams, written long ago; STREAM's mark as old as any, until its
+    // next report writes it.
     let db = f.db();
     let device: i64 = db
         .query_row("SELECT id FROM devices", [], |r| r.get(0))
@@ -114,6 +115,11 @@ fn a_device_keeps_at_most_4096_streams_replacing_the_least_recently_written() {
          INSERT INTO usage_streams (stream, device_id, high_seq, written_at)
          SELECT 'old-' || i, ?1, 5, i FROM n",
         [device, STREAMS_PER_DEVICE - 2],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE usage_streams SET written_at = 0 WHERE stream = ?1",
+        [STREAM],
     )
     .unwrap();
     send(STREAM, 3..=3);
@@ -132,13 +138,19 @@ fn a_device_keeps_at_most_4096_streams_replacing_the_least_recently_written() {
             .unwrap()
     };
     assert_eq!(streams(&f), STREAMS_PER_DEVICE - 1);
-    // The 4,096th stream fits; the next takes the place of the least recently written.
+    // The 4,096th stream fits; the next makes room: the 256 least recently written go.
     send("33333333-3333-4333-8333-333333333333", 1..=1);
     assert_eq!((streams(&f), kept(&f, "old-1")), (STREAMS_PER_DEVICE, true));
     send("44444444-4444-4444-8444-444444444444", 1..=1);
-    assert_eq!(streams(&f), STREAMS_PER_DEVICE);
-    assert!(!kept(&f, "old-1"), "the least recently written goes");
-    assert!(kept(&f, "old-2") && kept(&f, STREAM));
+    assert_eq!(
+        streams(&f),
+        STREAMS_PER_DEVICE - STREAMS_REMOVED_AT_ONCE + 1
+    );
+    let last_removed = format!("old-{STREAMS_REMOVED_AT_ONCE}");
+    let first_kept = format!("old-{}", STREAMS_REMOVED_AT_ONCE + 1);
+    assert!(!kept(&f, "old-1") && !kept(&f, &last_removed));
+    assert!(kept(&f, &first_kept));
+    assert!(kept(&f, STREAM), "its last report wrote its mark anew");
     // The streams in use still count a replay once.
     let body = send(STREAM, 1..=3);
     assert_eq!(
