@@ -105,7 +105,9 @@ fn open_windows<'a>(
         .collect()
 }
 
-/// A tracing layer that forwards ERROR events to the notifier.
+/// A tracing layer that forwards ERROR events to the notifier. Not actix-http's: those tell
+/// of one connection failing (a request it cannot parse, a client gone mid-answer), which any
+/// client on the LAN can cause at will, not of the appliance failing.
 pub struct ErrorCapture(pub UnboundedSender<ErrorEvent>);
 
 #[derive(Default)]
@@ -135,7 +137,8 @@ impl Visit for Fields {
 
 impl<S: Subscriber> Layer<S> for ErrorCapture {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        if *event.metadata().level() != Level::ERROR {
+        let meta = event.metadata();
+        if *meta.level() != Level::ERROR || meta.target().starts_with("actix_http::") {
             return;
         }
         let mut fields = Fields::default();
@@ -156,6 +159,25 @@ impl<S: Subscriber> Layer<S> for ErrorCapture {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The appliance's errors are noticed; a client's malformed request, which actix-http
+    /// logs at ERROR, is not.
+    #[test]
+    fn errors_are_captured_but_not_a_clients_malformed_request() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let subscriber = tracing_subscriber::registry().with(ErrorCapture(events));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(
+                target: "actix_http::h1::dispatcher",
+                "stream error: request parse error: invalid Header provided"
+            );
+            tracing::warn!(target: "keygate::store", "a warning");
+            tracing::error!(target: "keygate::store", kind = "db", "disk full");
+        });
+        assert_eq!(received.try_recv().ok(), Some(event("db", "disk full")));
+        assert!(received.try_recv().is_err());
+    }
 
     fn event(kind: &str, message: &str) -> ErrorEvent {
         ErrorEvent {
