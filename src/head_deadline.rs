@@ -139,8 +139,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
             0
         };
         if written > interim {
-            this.deadline = Some(Instant::now() + NEXT_HEAD_WITHIN);
+            let deadline = Instant::now() + NEXT_HEAD_WITHIN;
+            this.deadline = Some(deadline);
             (this.started, this.after_lf) = (false, false);
+            // Armed now: actix may not read again after this answer until something wakes
+            // it (draining a chunked body it no longer wants, with no keep-alive timer).
+            let _ = this.expired(cx, deadline);
         }
         Poll::Ready(Ok(written))
     }

@@ -1465,6 +1465,44 @@ fn a_stalled_head_on_a_kept_alive_connection_is_closed() {
     );
 }
 
+/// A chunked body that stops coming is answered 408 and its connection closed by the next
+/// head's deadline: actix drains the rest of a chunked body it no longer wants, and with no
+/// keep-alive timer nothing woke it again, so the connection was held for ever.
+#[test]
+fn a_stalled_chunked_body_is_answered_408_and_its_connection_closed() {
+    use std::io::{Read, Write};
+    let f = Fixture::new(&item("scan", "per_device", 10, ""));
+    let mut tls = raw_tls(&f, std::time::Duration::from_secs(3));
+    tls.write_all(
+        b"POST /api/v1/usage HTTP/1.1\r\nHost: keygate\r\nContent-Type: application/json\r\n\
+          Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let (mut answer, mut answered) = (Vec::new(), None);
+    loop {
+        let mut buf = [0u8; 4096];
+        match tls.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                answered.get_or_insert_with(std::time::Instant::now);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(started.elapsed().as_secs() < 60, "held open");
+            }
+            Err(_) => break, // reset by the server
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let waited = answered.unwrap().elapsed();
+    assert!(
+        waited < keygate::head_deadline::NEXT_HEAD_WITHIN + std::time::Duration::from_secs(5),
+        "closed {waited:?} after the answer"
+    );
+}
+
 /// A client trickling the end of its body (a byte every 3 s) is cut off once the grace is
 /// over: `408` without a protocol error code, the connection closed, nothing recorded.
 #[test]
