@@ -210,7 +210,7 @@ impl Metrics {
         counter(
             &mut out,
             "keygate_connections_refused_total",
-            "Connections closed as they were accepted: their host held max_connections_per_address.",
+            "Connections closed as they were accepted: their address held max_connections_per_address connections, or 256 in their TLS handshake.",
             self.connections_refused.load(Relaxed),
         );
         counter(
