@@ -15,7 +15,11 @@ pub fn domain_allowed(patterns: &[String], domain: Option<&str>) -> bool {
     if patterns.is_empty() {
         return true;
     }
-    let Some(domain) = domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase()) else {
+    // A name that is not a host name (`x..plant.local`) matches no pattern.
+    let Some(domain) = domain
+        .map(|d| d.strip_suffix('.').unwrap_or(d).to_ascii_lowercase())
+        .filter(|d| is_host_name(d))
+    else {
         return false;
     };
     patterns.iter().any(|p| {
@@ -136,6 +140,14 @@ mod tests {
         assert!(!domain_allowed(&patterns, Some("evilacme.local")));
         assert!(!domain_allowed(&patterns, Some("other.example.com")));
         assert!(!domain_allowed(&patterns, None));
+        for malformed in [
+            "x..acme.local",
+            ".acme.local",
+            "a b.acme.local",
+            "plant.example.com..",
+        ] {
+            assert!(!domain_allowed(&patterns, Some(malformed)), "{malformed}");
+        }
     }
 
     #[test]

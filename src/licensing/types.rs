@@ -51,8 +51,15 @@ pub fn identifier(field: &'static str, text: Option<&str>) -> Result<Option<Stri
     }
 }
 
+/// Unicode's bidirectional formatting characters: shown to an admin they reorder the text
+/// around them (a device named "scanner\u{202E}gpj.exe" reads as "scannerexe.jpg").
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 /// Free text from the device (product, instance, user, name, domain, process): at most
-/// `max` characters, no control characters; empty means absent.
+/// `max` characters, no control characters (bidirectional ones included); empty means
+/// absent.
 pub fn label(
     field: &'static str,
     text: Option<&str>,
@@ -63,7 +70,7 @@ pub fn label(
         Some(t) if t.chars().count() > max => {
             err(field, format!("must be at most {max} characters"))
         }
-        Some(t) if t.chars().any(char::is_control) => {
+        Some(t) if t.chars().any(|c| c.is_control() || is_bidi_control(c)) => {
             err(field, "must not contain control characters")
         }
         Some(t) => Ok(Some(t.to_string())),
@@ -239,6 +246,14 @@ mod tests {
         assert_eq!(label("x", Some("héllo"), 5).unwrap(), Some("héllo".into()));
         assert!(label("x", Some("hello!"), 5).is_err());
         assert!(label("x", Some("a\nb"), 5).is_err());
+        for bidi in ['\u{202E}', '\u{2066}', '\u{200F}', '\u{061C}'] {
+            assert!(
+                label("x", Some(&format!("ab{bidi}c")), 5).is_err(),
+                "{bidi:?}"
+            );
+        }
+        // Other format characters are text (a zero-width joiner in an emoji, a name).
+        assert!(label("x", Some("a\u{200D}b"), 5).is_ok());
         assert!(identifier("x", Some("<script>")).is_err());
     }
 

@@ -544,6 +544,41 @@ fn bad_requests_get_the_spec_error_and_change_nothing() {
         raw("text/plain", b"{}".to_vec()),
         (400, "BAD_REQUEST".into())
     );
+    // JSON is UTF-8: a body said to be in another charset is refused, not misread.
+    let valid = serde_json::to_vec(&f.request("scanner", 1)).unwrap();
+    assert_eq!(
+        raw("application/json; charset=utf-16", valid.clone()),
+        (400, "BAD_REQUEST".into())
+    );
+    // A method an endpoint does not take, and a path that is none: HTTP's 405 (with Allow)
+    // and 404, with the protocol's JSON error.
+    for (method, path, status, allow) in [
+        ("GET", "/api/v1/authorize", 405, Some("POST")),
+        ("PUT", "/api/v1/usage", 405, Some("POST")),
+        ("DELETE", "/api/v1/release", 405, Some("POST")),
+        ("POST", "/api/v1/appliance", 405, Some("GET, HEAD")),
+        ("GET", "/api/v1/licenses", 404, None),
+    ] {
+        let request = ureq::http::Request::builder()
+            .method(method)
+            .uri(f.app.url(path))
+            .header("content-type", "application/json")
+            .body(valid.clone())
+            .unwrap();
+        let mut response = f.app.agent.run(request).unwrap();
+        assert_eq!(response.status().as_u16(), status, "{method} {path}");
+        assert_eq!(
+            response
+                .headers()
+                .get("allow")
+                .map(|v| v.to_str().unwrap().to_string())
+                .as_deref(),
+            allow,
+            "{method} {path}"
+        );
+        let answer: serde_json::Value = response.body_mut().read_json().unwrap();
+        assert_eq!(answer["error"]["code"], "BAD_REQUEST", "{method} {path}");
+    }
     let mut big = serde_json::to_vec(&f.request("scanner", 1)).unwrap();
     big.truncate(big.len() - 1);
     big.extend(format!(",\"pad\":\"{}\"}}", "x".repeat(20_000)).bytes());
@@ -592,6 +627,11 @@ fn bad_requests_get_the_spec_error_and_change_nothing() {
             "device.name",
             json!({"handshake_code": f.code, "product": "scanner", "device": {"uuid": device_uuid(1), "name": "a\u{0}b"}, "nonce": NONCE}),
         ),
+        // Shown in the portal, it would read as "scannerexe.jpg".
+        (
+            "device.user",
+            json!({"handshake_code": f.code, "product": "scanner", "device": {"uuid": device_uuid(1), "user": "scanner\u{202E}gpj.exe"}, "nonce": NONCE}),
+        ),
     ];
     for (field, body) in cases {
         let (status, answer) = f.authorize(&body);
@@ -608,6 +648,19 @@ fn bad_requests_get_the_spec_error_and_change_nothing() {
     // Refusals of a valid request change nothing either.
     assert_eq!(f.refused("other-product", 1), "NO_LICENSE");
     assert_eq!(db_digest(&db), digest);
+
+    // The same request, as UTF-8 JSON (named or not), is taken.
+    assert_eq!(
+        raw("application/json; charset=UTF-8", valid).0,
+        200,
+        "charset=UTF-8 is JSON's own"
+    );
+    let head = ureq::http::Request::builder()
+        .method("HEAD")
+        .uri(f.app.url("/api/v1/appliance"))
+        .body(())
+        .unwrap();
+    assert_eq!(f.app.agent.run(head).unwrap().status().as_u16(), 200);
 }
 
 #[test]
