@@ -94,16 +94,24 @@ pub enum MailError {
     Store(#[from] StoreError),
 }
 
-/// Parses a `;`-separated recipient list, naming the first invalid address.
+/// Parses a `;`-separated recipient list, naming the first invalid address. An address
+/// listed again (in any case, under any display name) is kept once, where it first came: it
+/// would otherwise get every alert twice.
 pub fn parse_recipients(text: &str) -> Result<Vec<Mailbox>, MailError> {
-    text.split(';')
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-        .map(|a| {
-            a.parse::<Mailbox>()
-                .map_err(|_| MailError::BadAddress(a.to_string()))
-        })
-        .collect()
+    let mut list: Vec<Mailbox> = Vec::new();
+    for a in text.split(';').map(str::trim).filter(|a| !a.is_empty()) {
+        let mailbox = a
+            .parse::<Mailbox>()
+            .map_err(|_| MailError::BadAddress(a.to_string()))?;
+        let address: &str = mailbox.email.as_ref();
+        if !list.iter().any(|m| {
+            let known: &str = m.email.as_ref();
+            known.eq_ignore_ascii_case(address)
+        }) {
+            list.push(mailbox);
+        }
+    }
+    Ok(list)
 }
 
 pub fn load_settings(conn: &Connection) -> Result<Option<SmtpSettings>, StoreError> {
@@ -351,6 +359,20 @@ pub async fn send(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recipient_listed_twice_is_kept_once() {
+        let to = parse_recipients(
+            " it@plant.test;Boss <boss@plant.test>; IT@Plant.test ;;boss@plant.test",
+        )
+        .unwrap();
+        let shown: Vec<String> = to.iter().map(|m| m.to_string()).collect();
+        assert_eq!(shown, ["it@plant.test", "Boss <boss@plant.test>"]);
+        assert!(matches!(
+            parse_recipients("it@plant.test; nope"),
+            Err(MailError::BadAddress(a)) if a == "nope"
+        ));
+    }
 
     /// Settings saved before a password over plain SMTP was refused are never used so.
     #[actix_web::test]

@@ -743,10 +743,15 @@ fn alert_settings_are_checked_and_a_test_email_reports_the_server_answer() {
         "/alerts/recipients",
         &[
             ("csrf", &token),
-            ("recipients", "it@plant.test;boss@plant.test"),
+            ("recipients", "it@plant.test;boss@plant.test; IT@plant.test"),
         ],
     );
     assert!(answer.body.contains("Alert recipients saved (2)"));
+    assert_eq!(
+        keygate::store::settings::get(&f.db(), "alert_recipients").unwrap(),
+        Some("it@plant.test;boss@plant.test".to_string()),
+        "an address listed twice gets each alert once"
+    );
 
     let port = sink.port.to_string();
     let smtp = |port: &str, action: &str| {
