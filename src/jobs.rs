@@ -317,16 +317,18 @@ pub async fn run(state: &AppState, name: &str) -> Result<String, JobError> {
     result
 }
 
-/// Where email links point: the configured public URL, else this host's HTTPS address.
+/// Where email links point: the configured public URL, else this host's HTTPS address (the
+/// port it serves on, which `listen` may leave to the system).
 fn portal_url(state: &AppState) -> String {
     let configured = state.config.public_url.as_deref();
     configured
         .map(|u| u.trim_end_matches('/').to_string())
         .unwrap_or_else(|| {
+            let port = state.port.get().copied();
             format!(
                 "https://{}:{}",
                 crate::appliance::hostname(),
-                state.config.listen.port()
+                port.unwrap_or(state.config.listen.port())
             )
         })
 }

@@ -66,6 +66,8 @@ pub struct AppState {
     pub metrics: crate::metrics::Metrics,
     /// The connections each client host holds (`max_connections_per_address`).
     pub connections: Arc<ConnectionSlots>,
+    /// The port serving HTTPS, once bound (`listen` may name port 0: any free one).
+    pub port: std::sync::OnceLock<u16>,
     /// The bearer token `/metrics` asks for (`metrics.token_file`); without one it answers
     /// loopback clients only.
     metrics_token: Option<String>,
@@ -158,6 +160,7 @@ impl AppState {
             sign_in_limits: SignInLimits::default(),
             metrics: Default::default(),
             connections,
+            port: Default::default(),
             metrics_token,
             error_events: std::sync::Mutex::new(None),
             running_jobs: Default::default(),
@@ -194,6 +197,7 @@ pub async fn serve(
     listener: std::net::TcpListener,
     shutdown: impl Future<Output = ()> + 'static,
 ) -> std::io::Result<()> {
+    let _ = state.port.set(listener.local_addr()?.port());
     let tls = tls::server_config(state.certificate.clone());
     let state_at_stop = state.clone();
     let errors = state.error_events.lock().expect("error events lock").take();
