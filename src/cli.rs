@@ -387,12 +387,23 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         Command::Alerts(command) => alerts(&config, command, &clock),
         Command::Admin(command) => admin(&config, command, &clock),
         Command::Trial { state } => {
-            audited(&config, clock.now(), |conn| {
-                store::settings::set(conn, store::catalogue::PUBLIC_TRIAL, &state)?;
+            let changed = audited(&config, clock.now(), |conn| {
+                let trial = store::catalogue::PUBLIC_TRIAL;
+                if store::settings::get(conn, trial)?
+                    .as_deref()
+                    .unwrap_or("off")
+                    == state
+                {
+                    return Ok((false, None)); // nothing changed: nothing to audit
+                }
+                store::settings::set(conn, trial, &state)?;
                 let what = format!("The public trial is {state}.");
-                Ok(((), Some(("handshake trial", String::new(), what))))
+                Ok((true, Some(("handshake trial", String::new(), what))))
             })?;
-            println!("public trial {state}");
+            println!(
+                "public trial {}{state}",
+                if changed { "" } else { "already " }
+            );
             Ok(())
         }
         Command::ResetClock => reset_clock(&config, &clock),

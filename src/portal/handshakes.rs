@@ -265,12 +265,17 @@ pub async fn act(
                     Ok(format!("Item {item} is now served by {code}."))
                 }
                 "trial" => {
-                    let on = trial == "on";
-                    settings::set(conn, PUBLIC_TRIAL, if on { "on" } else { "off" })?;
-                    Ok(format!(
-                        "The public trial is {}.",
-                        if on { "on" } else { "off" }
-                    ))
+                    let state = if trial == "on" { "on" } else { "off" };
+                    if settings::get(conn, PUBLIC_TRIAL)?
+                        .as_deref()
+                        .unwrap_or("off")
+                        == state
+                    {
+                        // Nothing changed: nothing to audit.
+                        return Ok(Ok(format!("The public trial is already {state}.")));
+                    }
+                    settings::set(conn, PUBLIC_TRIAL, state)?;
+                    Ok(format!("The public trial is {state}."))
                 }
                 _ => Err("Unknown action".to_string()),
             };

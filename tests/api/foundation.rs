@@ -816,6 +816,12 @@ fn console_changes_are_audited_and_refused_ones_are_not() {
     assert!(set_password(&f.data, "LAB", "a long session password").ok);
     ok(&["handshake", "assign", "LIC-T-1", "LAB"]);
     ok(&["trial", "on"]);
+    let again = keygate(&f.data, &["trial", "on"]);
+    assert!(
+        again.ok && again.stdout.contains("public trial already on"),
+        "{}",
+        again.stdout
+    );
     ok(&["device", "block", &device_uuid(1)]);
     assert!(
         !keygate(&f.data, &["device", "block", &device_uuid(2)]).ok,

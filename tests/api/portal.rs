@@ -993,10 +993,29 @@ fn handshake_codes_are_managed_from_the_portal() {
     // under no code (which the device would refuse).
     assert_eq!(f.heartbeat(&lease, 1).unwrap_err(), "LEASE_REVOKED");
 
+    let audited = |f: &Fixture| -> i64 {
+        f.db()
+            .query_row(
+                "SELECT COUNT(*) FROM audit_log WHERE action = 'handshake trial'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
     assert!(
         post("trial", &[("trial", "on")])
             .body
             .contains("The public trial is on")
+    );
+    assert!(
+        post("trial", &[("trial", "on")])
+            .body
+            .contains("The public trial is already on")
+    );
+    assert_eq!(
+        audited(&f),
+        1,
+        "a change is audited, a repeat changes nothing"
     );
     let trial = json!({"product": "reader", "device": {"uuid": device_uuid(9)}, "nonce": NONCE});
     assert_eq!(f.authorize(&trial).0, 200);
