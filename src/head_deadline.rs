@@ -10,7 +10,10 @@
 //! connection is still closed by the keep-alive first; a body has its own pace
 //! ([`crate::body_rate`]). The head's end is the empty line (`\r\n\r\n`, or bare line feeds
 //! as the parser also takes them), after the blank lines a parser skips before a request.
-//! While an answer waits for the client to read it (a paused download), no head is timed.
+//! While an answer waits for the client to read it (a paused download), no head is timed;
+//! a client that reads nothing of an answer for [`SEND_STALLED_FOR`] is gone, and so is
+//! its connection (as nginx's `send_timeout`): one that stopped reading, or pipelined
+//! requests without reading their answers, held its connection and their buffers for ever.
 
 use std::io;
 use std::pin::Pin;
@@ -23,6 +26,9 @@ use tokio::time::{Instant, Sleep};
 /// How long after an answer the next request's head may take to arrive whole: the
 /// keep-alive (5 s) and then as long again as actix gives a first head.
 pub const NEXT_HEAD_WITHIN: Duration = Duration::from_secs(10);
+
+/// How long a write may wait for the client to read anything of an answer.
+pub const SEND_STALLED_FOR: Duration = Duration::from_secs(60);
 
 /// The interim answer actix writes when a handler starts reading a body the client held
 /// back (`Expect: 100-continue`): what follows is that body, not a new head. Only an answer
@@ -38,9 +44,9 @@ pub struct HeadDeadline<T> {
     started: bool,
     /// The last byte read was a line feed (carriage returns aside): another ends the head.
     after_lf: bool,
-    /// A write waits for the client to read what was sent (a paused download): the next
-    /// head is not timed meanwhile.
-    write_blocked: bool,
+    /// Since a write waits for the client to read what was sent (a paused download), when
+    /// it must have gone on; the next head is not timed meanwhile.
+    send_deadline: Option<Instant>,
     /// Made at the first wait for a head, then moved only when it fires before its time.
     timer: Option<Pin<Box<Sleep>>>,
 }
@@ -52,7 +58,7 @@ impl<T> HeadDeadline<T> {
             deadline: None,
             started: false,
             after_lf: false,
-            write_blocked: false,
+            send_deadline: None,
             timer: None,
         }
     }
@@ -71,15 +77,30 @@ impl<T> HeadDeadline<T> {
         false
     }
 
-    /// Runs a write or flush, noting whether it waits for the client to read.
-    fn blocking<R>(&mut self, write: impl FnOnce(&mut T) -> Poll<R>) -> Poll<R> {
-        let done = write(&mut self.io);
-        self.write_blocked = done.is_pending();
-        done
+    /// Runs a write or flush, noting whether it waits for the client to read: it fails
+    /// with `TimedOut` once it has waited [`SEND_STALLED_FOR`].
+    fn blocking<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(&mut T, &mut Context<'_>) -> Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        let done = write(&mut self.io, cx);
+        if done.is_ready() {
+            self.send_deadline = None;
+            return done;
+        }
+        let deadline = *self
+            .send_deadline
+            .get_or_insert_with(|| Instant::now() + SEND_STALLED_FOR);
+        ready!(self.expired(cx, deadline));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client read nothing of the answer in time",
+        )))
     }
 
-    /// Waits for `deadline` beside the read: `Ready` with `TimedOut` once it has passed.
-    fn expired(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<io::Error> {
+    /// Waits for `deadline` beside the read or write: `Ready` once it has passed.
+    fn expired(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -90,10 +111,7 @@ impl<T> HeadDeadline<T> {
         }
         while timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= deadline {
-                return Poll::Ready(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the next request's head did not arrive in time",
-                ));
+                return Poll::Ready(());
             }
             timer.as_mut().reset(deadline);
         }
@@ -117,7 +135,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => match this.deadline {
-                Some(deadline) if !this.write_blocked => this.expired(cx, deadline).map(Err),
+                Some(deadline) if this.send_deadline.is_none() => {
+                    ready!(this.expired(cx, deadline));
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the next request's head did not arrive in time",
+                    )))
+                }
                 _ => Poll::Pending,
             },
             failed => failed,
@@ -132,7 +156,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = ready!(this.blocking(|io| Pin::new(io).poll_write(cx, data)))?;
+        let written = ready!(this.blocking(cx, |io, cx| Pin::new(io).poll_write(cx, data)))?;
         let interim = if data.starts_with(CONTINUE) {
             CONTINUE.len()
         } else {
@@ -150,7 +174,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().blocking(|io| Pin::new(io).poll_flush(cx))
+        self.get_mut()
+            .blocking(cx, |io, cx| Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -302,5 +327,42 @@ mod tests {
             "timed once the answer is out"
         );
         drop(reader.await.unwrap());
+    }
+
+    /// A client that reads nothing of an answer for `SEND_STALLED_FOR` is cut off; one
+    /// that reads slowly, a little within each such time, is not.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_reading_nothing_is_cut_off() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut server = HeadDeadline::new(server);
+        let answer = [b'x'; 4096];
+        let mut sent = 0;
+        let slow = async {
+            let mut buf = [0u8; 64];
+            loop {
+                tokio::time::sleep(SEND_STALLED_FOR - Duration::from_secs(1)).await;
+                client.read_exact(&mut buf).await.unwrap();
+            }
+        };
+        tokio::pin!(slow);
+        let started = Instant::now();
+        tokio::select! {
+            _ = &mut slow => unreachable!(),
+            _ = tokio::time::sleep(SEND_STALLED_FOR * 3) => {}
+            done = serve(&mut server, &mut sent, &answer) => panic!("cut while reading: {done:?}"),
+        }
+        assert!(
+            sent > 64 && sent < answer.len(),
+            "the answer went on: {sent}"
+        );
+        // Read last at 3 × 59 s: cut 60 s after that, nothing read since.
+        let cut =
+            tokio::time::timeout(SEND_STALLED_FOR * 2, serve(&mut server, &mut sent, &answer))
+                .await
+                .expect("cut in time")
+                .unwrap_err();
+        assert_eq!(cut.kind(), io::ErrorKind::TimedOut);
+        let pace = SEND_STALLED_FOR - Duration::from_secs(1);
+        assert_eq!(started.elapsed(), pace * 3 + SEND_STALLED_FOR);
     }
 }
