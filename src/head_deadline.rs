@@ -10,10 +10,15 @@
 //! connection is still closed by the keep-alive first; a body has its own pace
 //! ([`crate::body_rate`]). The head's end is the empty line (`\r\n\r\n`, or bare line feeds
 //! as the parser also takes them), after the blank lines a parser skips before a request.
-//! While an answer waits for the client to read it (a paused download), no head is timed;
-//! a client that reads nothing of an answer for [`SEND_STALLED_FOR`] is gone, and so is
-//! its connection (as nginx's `send_timeout`): one that stopped reading, or pipelined
-//! requests without reading their answers, held its connection and their buffers for ever.
+//! While an answer waits for the client to read it (a paused download), no head is timed,
+//! and the next head's time starts again once the client reads. A client that reads
+//! nothing of an answer for [`SEND_STALLED_FOR`] is gone, and so is its connection (as
+//! nginx's `send_timeout`): one that stopped reading held it and its buffers for ever.
+//!
+//! A client that pipelines requests and reads none of the answers fills actix's read
+//! buffer while the answers wait; actix then wakes its connection again at once, polling
+//! for ever (a core at 100 % per connection): a write still blocked after
+//! [`SPINNING_AFTER`] polls ends the connection at once.
 
 use std::io;
 use std::pin::Pin;
@@ -29,6 +34,11 @@ pub const NEXT_HEAD_WITHIN: Duration = Duration::from_secs(10);
 
 /// How long a write may wait for the client to read anything of an answer.
 pub const SEND_STALLED_FOR: Duration = Duration::from_secs(60);
+
+/// How many times one blocked write may be polled: woken only by the client, the timers or
+/// its handler, it is polled a few times; actix spinning polls it hundreds of thousands
+/// of times a second.
+pub const SPINNING_AFTER: u32 = 10_000;
 
 /// The interim answer actix writes when a handler starts reading a body the client held
 /// back (`Expect: 100-continue`): what follows is that body, not a new head. Only an answer
@@ -47,7 +57,10 @@ pub struct HeadDeadline<T> {
     /// Since a write waits for the client to read what was sent (a paused download), when
     /// it must have gone on; the next head is not timed meanwhile.
     send_deadline: Option<Instant>,
-    /// Made at the first wait for a head, then moved only when it fires before its time.
+    /// How many times the write waiting now has been polled.
+    blocked_polls: u32,
+    /// Made at the first deadline waited for, then moved to each deadline waited for (the
+    /// next head's, or the blocked write's).
     timer: Option<Pin<Box<Sleep>>>,
 }
 
@@ -59,6 +72,7 @@ impl<T> HeadDeadline<T> {
             started: false,
             after_lf: false,
             send_deadline: None,
+            blocked_polls: 0,
             timer: None,
         }
     }
@@ -78,7 +92,7 @@ impl<T> HeadDeadline<T> {
     }
 
     /// Runs a write or flush, noting whether it waits for the client to read: it fails
-    /// with `TimedOut` once it has waited [`SEND_STALLED_FOR`].
+    /// once it has waited [`SEND_STALLED_FOR`], or been polled [`SPINNING_AFTER`] times.
     fn blocking<R>(
         &mut self,
         cx: &mut Context<'_>,
@@ -86,12 +100,26 @@ impl<T> HeadDeadline<T> {
     ) -> Poll<io::Result<R>> {
         let done = write(&mut self.io, cx);
         if done.is_ready() {
-            self.send_deadline = None;
+            if self.send_deadline.take().is_some() {
+                self.blocked_polls = 0;
+                // The client read again: the next head's time starts now.
+                if self.deadline.is_some() {
+                    let deadline = Instant::now() + NEXT_HEAD_WITHIN;
+                    self.deadline = Some(deadline);
+                    let _ = self.expired(cx, deadline);
+                }
+            }
             return done;
         }
         let deadline = *self
             .send_deadline
             .get_or_insert_with(|| Instant::now() + SEND_STALLED_FOR);
+        self.blocked_polls += 1;
+        if self.blocked_polls >= SPINNING_AFTER {
+            return Poll::Ready(Err(io::Error::other(
+                "the client pipelines requests and reads none of their answers",
+            )));
+        }
         ready!(self.expired(cx, deadline));
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -104,8 +132,9 @@ impl<T> HeadDeadline<T> {
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        // Deadlines only move later: a timer still set for an earlier one wakes this
-        // connection early and is moved then, so most heads never touch the timer wheel.
+        // A timer set for an earlier deadline wakes this connection early and is moved
+        // then, so most heads never touch the timer wheel; one set for a later deadline (a
+        // blocked write's) is moved now.
         if timer.deadline() > deadline {
             timer.as_mut().reset(deadline);
         }
@@ -327,6 +356,73 @@ mod tests {
             "timed once the answer is out"
         );
         drop(reader.await.unwrap());
+    }
+
+    /// A client pipelining requests without reading their answers makes actix poll its
+    /// blocked write again and again: the write fails once polled `SPINNING_AFTER` times.
+    #[tokio::test]
+    async fn a_blocked_write_polled_without_end_fails() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut server = HeadDeadline::new(server);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let answer = [b'x'; 128];
+        let write = |server: &mut Server, cx: &mut Context<'_>| {
+            Pin::new(server).poll_write(cx, &answer[64..])
+        };
+        assert!(matches!(
+            Pin::new(&mut server).poll_write(&mut cx, &answer),
+            Poll::Ready(Ok(64))
+        ));
+        for _ in 1..SPINNING_AFTER {
+            assert!(write(&mut server, &mut cx).is_pending());
+        }
+        let Poll::Ready(Err(spun)) = write(&mut server, &mut cx) else {
+            panic!("still waiting");
+        };
+        assert!(spun.to_string().contains("pipelines"), "{spun}");
+    }
+
+    /// An answer taken whole into a buffer (rustls's, over TLS) and then paused on its way
+    /// to the client: once the client reads it, the next head has all its time again.
+    #[tokio::test(start_paused = true)]
+    async fn the_next_heads_time_starts_when_a_paused_answer_is_read() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut server = HeadDeadline::new(tokio::io::BufWriter::with_capacity(8192, server));
+        let answer = [b'x'; 4096];
+        let mut written = false;
+        let mut serve = std::future::poll_fn(move |cx| {
+            let server = &mut server;
+            if !written {
+                let n = ready!(Pin::new(&mut *server).poll_write(cx, &answer))?;
+                assert_eq!(n, answer.len(), "taken whole into the buffer");
+                written = true;
+            }
+            let _ = Pin::new(&mut *server).poll_flush(cx)?;
+            // Reads what comes, until the connection fails or ends.
+            loop {
+                let mut buf = [0u8; 64];
+                let mut read = ReadBuf::new(&mut buf);
+                ready!(Pin::new(&mut *server).poll_read(cx, &mut read))?;
+                if read.filled().is_empty() {
+                    return Poll::Ready(io::Result::Ok(()));
+                }
+            }
+        });
+        let paused = tokio::time::timeout(NEXT_HEAD_WITHIN * 3, &mut serve).await;
+        assert!(paused.is_err(), "the paused answer is not cut: {paused:?}");
+        let mut all = vec![0u8; 4096];
+        tokio::select! {
+            done = &mut serve => panic!("ended while the answer was read: {done:?}"),
+            read = client.read_exact(&mut all) => read.map(drop).unwrap(),
+        }
+        let resumed = Instant::now();
+        client.write_all(b"GET / HT").await.unwrap();
+        let cut = tokio::time::timeout(NEXT_HEAD_WITHIN * 2, &mut serve)
+            .await
+            .expect("cut in time")
+            .unwrap_err();
+        assert_eq!(cut.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(resumed.elapsed(), NEXT_HEAD_WITHIN);
     }
 
     /// A client that reads nothing of an answer for `SEND_STALLED_FOR` is cut off; one
