@@ -388,15 +388,9 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         Command::Admin(command) => admin(&config, command, &clock),
         Command::Trial { state } => {
             let changed = audited(&config, clock.now(), |conn| {
-                let trial = store::catalogue::PUBLIC_TRIAL;
-                if store::settings::get(conn, trial)?
-                    .as_deref()
-                    .unwrap_or("off")
-                    == state
-                {
-                    return Ok((false, None)); // nothing changed: nothing to audit
+                if !store::catalogue::set_public_trial(conn, state == "on")? {
+                    return Ok((false, None));
                 }
-                store::settings::set(conn, trial, &state)?;
                 let what = format!("The public trial is {state}.");
                 Ok((true, Some(("handshake trial", String::new(), what))))
             })?;

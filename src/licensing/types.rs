@@ -70,9 +70,13 @@ pub fn label(
         Some(t) if t.chars().count() > max => {
             err(field, format!("must be at most {max} characters"))
         }
-        Some(t) if t.chars().any(|c| c.is_control() || is_bidi_control(c)) => {
+        Some(t) if t.chars().any(char::is_control) => {
             err(field, "must not contain control characters")
         }
+        Some(t) if t.chars().any(is_bidi_control) => err(
+            field,
+            "must not contain bidirectional formatting characters (U+202E and the like)",
+        ),
         Some(t) => Ok(Some(t.to_string())),
     }
 }

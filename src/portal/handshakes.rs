@@ -10,7 +10,7 @@ use super::{Page, render_form};
 use crate::licensing::handshake::{check_password, check_validation, hash_password};
 use crate::licensing::is_identifier;
 use crate::server::AppState;
-use crate::store::catalogue::PUBLIC_TRIAL;
+use crate::store::catalogue::{self, PUBLIC_TRIAL};
 use crate::store::licenses::{self, HandshakeCode, ItemRow};
 use crate::store::{StoreError, ops, settings};
 
@@ -266,15 +266,10 @@ pub async fn act(
                 }
                 "trial" => {
                     let state = if trial == "on" { "on" } else { "off" };
-                    if settings::get(conn, PUBLIC_TRIAL)?
-                        .as_deref()
-                        .unwrap_or("off")
-                        == state
-                    {
+                    if !catalogue::set_public_trial(conn, trial == "on")? {
                         // Nothing changed: nothing to audit.
                         return Ok(Ok(format!("The public trial is already {state}.")));
                     }
-                    settings::set(conn, PUBLIC_TRIAL, state)?;
                     Ok(format!("The public trial is {state}."))
                 }
                 _ => Err("Unknown action".to_string()),

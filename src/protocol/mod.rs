@@ -6,12 +6,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::error::JsonPayloadError;
-use actix_web::http::StatusCode;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use keygate_sdk::jws::Typ;
 use keygate_sdk::wire::{
-    ApplianceInfo, AuthorizeRequest, AuthorizeResponse, ErrorBody, ErrorCode, ErrorDetail,
-    REPORT_INTERVAL_S, ReleaseRequest, ReleaseResponse, UsageRequest, UsageResponse,
+    ApplianceInfo, AuthorizeRequest, AuthorizeResponse, ErrorCode, REPORT_INTERVAL_S,
+    ReleaseRequest, ReleaseResponse, UsageRequest, UsageResponse,
 };
 
 use crate::error::ApiError;
@@ -38,76 +37,50 @@ const USAGE_LIMIT: usize = 2 * 1024 * 1024;
 const RELEASE_LIMIT: usize = 4 * 1024;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
+    // A method an endpoint does not take is HTTP's 405 with `Allow` (actix's answer, empty:
+    // not a protocol error), `GET /appliance`'s included.
     cfg.service(
         web::scope("/api/v1")
             .service(
                 web::resource("/appliance")
                     .route(web::get().to(appliance))
-                    .route(web::head().to(appliance))
-                    .default_service(web::to(|| wrong_method("GET, HEAD"))),
+                    .route(web::head().to(appliance)),
             )
             .service(
                 web::resource("/authorize")
                     .app_data(json_config(AUTHORIZE_LIMIT, Endpoint::Authorize))
-                    .route(web::post().to(measured_authorize))
-                    .default_service(web::to(|| wrong_method("POST"))),
+                    .route(web::post().to(measured_authorize)),
             )
             .service(
                 web::resource("/usage")
                     .app_data(json_config(USAGE_LIMIT, Endpoint::Usage))
-                    .route(web::post().to(measured_usage))
-                    .default_service(web::to(|| wrong_method("POST"))),
+                    .route(web::post().to(measured_usage)),
             )
             .service(
                 web::resource("/release")
                     .app_data(json_config(RELEASE_LIMIT, Endpoint::Release))
-                    .route(web::post().to(measured_release))
-                    .default_service(web::to(|| wrong_method("POST"))),
-            )
-            .default_service(web::to(|| async {
-                error_body(
-                    StatusCode::NOT_FOUND,
-                    "no such endpoint: the client protocol has /api/v1/appliance, \
-                     /api/v1/authorize, /api/v1/usage and /api/v1/release",
-                )
-            })),
+                    .route(web::post().to(measured_release)),
+            ),
     );
-}
-
-/// A method an endpoint does not take: HTTP's 405 with `Allow`, and the protocol's JSON
-/// error (`BAD_REQUEST`: the request is the device's mistake).
-async fn wrong_method(allow: &'static str) -> HttpResponse {
-    let mut answer = error_body(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("this endpoint takes {allow}"),
-    );
-    answer.headers_mut().insert(
-        actix_web::http::header::ALLOW,
-        actix_web::http::header::HeaderValue::from_static(allow),
-    );
-    answer
-}
-
-fn error_body(status: StatusCode, message: impl Into<String>) -> HttpResponse {
-    HttpResponse::build(status).json(ErrorBody {
-        error: ErrorDetail {
-            code: ErrorCode::BadRequest,
-            message: message.into(),
-        },
-    })
 }
 
 /// The body is read as UTF-8 JSON (RFC 8259): a request naming another charset is refused
 /// rather than misread. actix has already checked the media type (`application/json`, or a
 /// `+json` type).
 fn utf8_json(http: &HttpRequest) -> Result<(), ApiError> {
-    match http.mime_type() {
-        Ok(Some(mime)) => match mime.get_param(actix_web::mime::CHARSET) {
-            Some(charset) if !charset.as_str().eq_ignore_ascii_case("utf-8") => Err(
-                ApiError::bad_request(format!("the body must be UTF-8 JSON, not {charset}")),
-            ),
-            _ => Ok(()),
-        },
+    let Ok(Some(mime)) = http.mime_type() else {
+        return Ok(());
+    };
+    match mime.get_param(actix_web::mime::CHARSET) {
+        Some(charset)
+            if !["utf-8", "utf8"]
+                .iter()
+                .any(|utf8| charset.as_str().eq_ignore_ascii_case(utf8)) =>
+        {
+            Err(ApiError::bad_request(format!(
+                "the body must be UTF-8 JSON, not {charset}"
+            )))
+        }
         _ => Ok(()),
     }
 }

@@ -21,6 +21,21 @@ use crate::licensing::models::Consumption;
 /// The setting that turns the public trial on.
 pub const PUBLIC_TRIAL: &str = "public_trial";
 
+/// Turns the public trial on or off; whether that changed it (a change is audited, a
+/// repeat is not).
+pub fn set_public_trial(conn: &Connection, on: bool) -> Result<bool, StoreError> {
+    let state = if on { "on" } else { "off" };
+    if super::settings::get(conn, PUBLIC_TRIAL)?
+        .as_deref()
+        .unwrap_or("off")
+        == state
+    {
+        return Ok(false);
+    }
+    super::settings::set(conn, PUBLIC_TRIAL, state)?;
+    Ok(true)
+}
+
 #[derive(Debug, Default)]
 pub struct Catalogue {
     version: i64,
