@@ -148,6 +148,13 @@ impl<T> HeadDeadline<T> {
     }
 }
 
+fn head_too_late() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the next request's head did not arrive in time",
+    )
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -158,18 +165,27 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if this.deadline.is_some() && this.ends_head(&buf.filled()[before..]) {
+                let Some(deadline) = this.deadline else {
+                    return Poll::Ready(Ok(()));
+                };
+                let read = &buf.filled()[before..];
+                if this.ends_head(read) {
                     this.deadline = None;
+                } else if !read.is_empty()
+                    && this.send_deadline.is_none()
+                    && Instant::now() >= deadline
+                {
+                    // Bytes that never end a head, sent without a pause (what actix drains
+                    // of a body it refused, a chunk extension without end), are cut at the
+                    // deadline too: only a read that waits looked at the clock.
+                    return Poll::Ready(Err(head_too_late()));
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => match this.deadline {
                 Some(deadline) if this.send_deadline.is_none() => {
                     ready!(this.expired(cx, deadline));
-                    Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the next request's head did not arrive in time",
-                    )))
+                    Poll::Ready(Err(head_too_late()))
                 }
                 _ => Poll::Pending,
             },
@@ -423,6 +439,31 @@ mod tests {
             .unwrap_err();
         assert_eq!(cut.kind(), io::ErrorKind::TimedOut);
         assert_eq!(resumed.elapsed(), NEXT_HEAD_WITHIN);
+    }
+
+    /// After an answer, bytes that never end a head, sent so fast that no read waits, are
+    /// cut at the deadline all the same.
+    #[tokio::test(start_paused = true)]
+    async fn bytes_without_a_head_are_cut_even_when_reads_never_wait() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut server = HeadDeadline::new(server);
+        server
+            .write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+            .await
+            .unwrap();
+        let answered = Instant::now();
+        let cut = loop {
+            assert!(answered.elapsed() < NEXT_HEAD_WITHIN * 3, "never cut");
+            client.write_all(b"aaaaaaaa").await.unwrap();
+            let mut buf = [0u8; 8];
+            match server.read(&mut buf).await {
+                Ok(n) => assert_eq!(n, 8, "read without waiting"),
+                Err(e) => break e,
+            }
+            tokio::time::advance(Duration::from_millis(500)).await;
+        };
+        assert_eq!(cut.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(answered.elapsed(), NEXT_HEAD_WITHIN);
     }
 
     /// A client that reads nothing of an answer for `SEND_STALLED_FOR` is cut off; one
