@@ -121,13 +121,19 @@ fn json_config(limit: usize, endpoint: Endpoint) -> web::JsonConfig {
         })
 }
 
-/// Counts each answer by outcome and times it.
-fn measure(
+/// Runs an endpoint's handler once its body is known to be UTF-8 JSON, then counts the
+/// answer by outcome and times it.
+async fn measure(
     state: &AppState,
     endpoint: Endpoint,
-    started: Instant,
-    result: Result<HttpResponse, ApiError>,
+    http: &HttpRequest,
+    handler: impl Future<Output = Result<HttpResponse, ApiError>>,
 ) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let result = match utf8_json(http) {
+        Ok(()) => handler.await,
+        Err(e) => Err(e),
+    };
     let error = result.as_ref().err().map(|e| e.code);
     state.metrics.answered(endpoint, error, started.elapsed());
     result
@@ -138,12 +144,8 @@ async fn measured_authorize(
     http: HttpRequest,
     body: web::Json<AuthorizeRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let started = Instant::now();
-    let result = match utf8_json(&http) {
-        Ok(()) => authorize(state.clone(), http, body).await,
-        Err(e) => Err(e),
-    };
-    measure(&state, Endpoint::Authorize, started, result)
+    let handler = authorize(state.clone(), http.clone(), body);
+    measure(&state, Endpoint::Authorize, &http, handler).await
 }
 
 async fn measured_usage(
@@ -151,12 +153,7 @@ async fn measured_usage(
     http: HttpRequest,
     body: web::Json<UsageRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let started = Instant::now();
-    let result = match utf8_json(&http) {
-        Ok(()) => usage(state.clone(), body).await,
-        Err(e) => Err(e),
-    };
-    measure(&state, Endpoint::Usage, started, result)
+    measure(&state, Endpoint::Usage, &http, usage(state.clone(), body)).await
 }
 
 async fn measured_release(
@@ -164,12 +161,13 @@ async fn measured_release(
     http: HttpRequest,
     body: web::Json<ReleaseRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let started = Instant::now();
-    let result = match utf8_json(&http) {
-        Ok(()) => release(state.clone(), body).await,
-        Err(e) => Err(e),
-    };
-    measure(&state, Endpoint::Release, started, result)
+    measure(
+        &state,
+        Endpoint::Release,
+        &http,
+        release(state.clone(), body),
+    )
+    .await
 }
 
 fn bad(e: types::FieldError) -> ApiError {
