@@ -198,27 +198,28 @@ async fn authorize(
         let (job_req, job_state) = (req.clone(), state.clone());
         let result = state
             .store
-            .write_with_catalogue(move |conn, catalogue| {
-                authorize::authorize(
-                    conn,
-                    catalogue,
-                    &job_req,
-                    now,
-                    job_state.appliance.installation_id(),
-                    &job_state.passwords,
-                )
-            })
-            .await;
-        match result {
-            Ok(grant) => {
-                return Ok(HttpResponse::Ok().json(AuthorizeResponse {
+            .write_with_catalogue(
+                move |conn, catalogue| {
+                    authorize::authorize(
+                        conn,
+                        catalogue,
+                        &job_req,
+                        now,
+                        job_state.appliance.installation_id(),
+                        &job_state.passwords,
+                    )
+                },
+                |grant| AuthorizeResponse {
                     authorization: state
                         .appliance
                         .sign(Typ::Authorization, &grant.authorization),
                     license: grant.license_jws,
                     refresh_after_s: REPORT_INTERVAL_S,
-                }));
-            }
+                },
+            )
+            .await;
+        match result {
+            Ok(answer) => return Ok(HttpResponse::Ok().json(answer)),
             Err(AuthorizeError::Refused(e)) => return Err(e),
             Err(AuthorizeError::CheckPassword { handshake_id, hash }) => {
                 let limited = || {
@@ -290,18 +291,28 @@ async fn usage(
     // Reports are recorded whatever the clock; only the renewal waits for it.
     let clock = state.watermark.check(now).map_err(ApiError::from);
     let job_state = state.clone();
-    let recorded = state
+    let (recorded, authorization) = state
         .store
-        .write_with_catalogue(move |conn, catalogue| {
-            usage::record(
-                conn,
-                catalogue,
-                &req,
-                now,
-                clock,
-                job_state.appliance.installation_id(),
-            )
-        })
+        .write_with_catalogue(
+            move |conn, catalogue| {
+                usage::record(
+                    conn,
+                    catalogue,
+                    &req,
+                    now,
+                    clock,
+                    job_state.appliance.installation_id(),
+                )
+            },
+            |recorded| {
+                let signed = recorded
+                    .renewal
+                    .as_ref()
+                    .ok()
+                    .map(|auth| state.appliance.sign(Typ::Authorization, auth));
+                (recorded, signed)
+            },
+        )
         .await?;
     state.metrics.usage_recorded(
         recorded.accepted,
@@ -320,16 +331,13 @@ async fn usage(
              a minute: keygate_usage_counters_refused_total counts them all)"
         );
     }
-    let (authorization, renewal_error) = match recorded.renewal {
-        Ok(auth) => (Some(state.appliance.sign(Typ::Authorization, &auth)), None),
-        Err(e) => (
-            None,
-            Some(keygate_sdk::wire::ErrorDetail {
-                code: e.code,
-                message: e.message,
-            }),
-        ),
-    };
+    let renewal_error = recorded
+        .renewal
+        .err()
+        .map(|e| keygate_sdk::wire::ErrorDetail {
+            code: e.code,
+            message: e.message,
+        });
     Ok(HttpResponse::Ok().json(UsageResponse {
         accepted: recorded.accepted,
         duplicates: recorded.duplicates,
@@ -350,9 +358,10 @@ async fn release(
     let now = state.clock.now().unix_timestamp();
     state
         .store
-        .write_with_catalogue(move |conn, catalogue| {
-            usage::release(conn, catalogue, &lease_id, &device_uuid, now)
-        })
+        .write_with_catalogue(
+            move |conn, catalogue| usage::release(conn, catalogue, &lease_id, &device_uuid, now),
+            |released| released,
+        )
         .await?;
     Ok(HttpResponse::Ok().json(ReleaseResponse { released: true }))
 }

@@ -231,31 +231,58 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel();
+        self.write_then(f, |out| out).await
+    }
+
+    /// [`Store::write`], with `then` turning `f`'s result into the answer (signing it) as
+    /// soon as `f` has run: the caller's work overlaps the batch's commit and sync instead of
+    /// following them. The answer is still delivered only once the transaction is durably
+    /// committed, and dropped if it is not.
+    pub async fn write_then<T, U, E, F, P>(&self, f: F, then: P) -> Result<U, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        P: FnOnce(T) -> U,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (ran, own) = oneshot::channel();
+        let (committed, outcome) = oneshot::channel();
         let job = Box::new(WriteJob {
             f: Some(f),
-            out: None,
-            reply,
+            ran: Some(ran),
+            committed,
         });
         self.inner
             .jobs
             .send(job)
             .map_err(|_| E::from(StoreError::WriterGone))?;
-        answer.await.map_err(|_| E::from(StoreError::WriterGone))?
+        // Nothing arrives here for a job its batch never ran (the batch failed before it).
+        let own = own.await.ok().map(|out| out.map(then));
+        match (outcome.await, own) {
+            (Ok(Ok(())), Some(own)) => own,
+            // A job that failed on its own says why, not what its batch's failure was.
+            (Ok(Err(_)), Some(Err(own))) => Err(own),
+            (Ok(Err(e)), _) => Err(E::from(e)),
+            (Ok(Ok(())), None) | (Err(_), _) => Err(E::from(StoreError::WriterGone)),
+        }
     }
 
-    /// [`Store::write`], with the catalogue as the transaction sees it.
-    pub async fn write_with_catalogue<T, E, F>(&self, f: F) -> Result<T, E>
+    /// [`Store::write_then`], with the catalogue as the transaction sees it.
+    pub async fn write_with_catalogue<T, U, E, F, P>(&self, f: F, then: P) -> Result<U, E>
     where
         F: FnOnce(&Connection, &catalogue::Catalogue) -> Result<T, E> + Send + 'static,
+        P: FnOnce(T) -> U,
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
         let inner = self.inner.clone();
-        self.write(move |conn| {
-            let catalogue = inner.catalogue.current(conn)?;
-            f(conn, &catalogue)
-        })
+        self.write_then(
+            move |conn| {
+                let catalogue = inner.catalogue.current(conn)?;
+                f(conn, &catalogue)
+            },
+            then,
+        )
         .await
     }
 
@@ -295,16 +322,17 @@ impl Inner {
 
 /// A request queued for the writer, with its result type erased.
 trait Job: Send {
-    /// Runs inside the batch's transaction, under a savepoint of its own.
+    /// Runs inside the batch's transaction, under a savepoint of its own, and hands its
+    /// result to its requester (who waits for [`Job::finish`] before answering).
     fn run(&mut self, conn: &Connection);
-    /// Delivers the result once the batch is committed (`Ok`) or failed.
+    /// Tells the requester its batch is committed and synced (`Ok`), or failed.
     fn finish(self: Box<Self>, committed: Result<(), StoreError>);
 }
 
 struct WriteJob<F, T, E> {
     f: Option<F>,
-    out: Option<Result<T, E>>,
-    reply: oneshot::Sender<Result<T, E>>,
+    ran: Option<oneshot::Sender<Result<T, E>>>,
+    committed: oneshot::Sender<Result<(), StoreError>>,
 }
 
 impl<F, T, E> Job for WriteJob<F, T, E>
@@ -331,18 +359,14 @@ where
                 }
             }
         };
-        self.out = Some(out);
+        // The requester may have gone away (client disconnected): nothing to tell then.
+        if let Some(ran) = self.ran.take() {
+            let _ = ran.send(out);
+        }
     }
 
     fn finish(self: Box<Self>, committed: Result<(), StoreError>) {
-        let out = match (committed, self.out) {
-            (Ok(()), out) => out.unwrap_or_else(|| Err(E::from(StoreError::WriterGone))),
-            // A job that failed on its own says why, not what its batch's failure was.
-            (Err(_), Some(Err(own))) => Err(own),
-            (Err(e), _) => Err(E::from(e)),
-        };
-        // The requester may have gone away (client disconnected): nothing to tell then.
-        let _ = self.reply.send(out);
+        let _ = self.committed.send(committed);
     }
 }
 
@@ -805,6 +829,118 @@ mod tests {
             )
             .unwrap();
         assert_eq!(keys, 50);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_answer_is_made_while_its_batch_syncs_and_delivered_after() {
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let conn = open(&path).unwrap();
+        let wal = open_wal(&path).unwrap();
+        let (release, held) = mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        let store = Store::start(&path, conn, move || {
+            let _ = held.lock().unwrap().recv();
+            wal.sync_data()
+        })
+        .unwrap();
+        let (made, answered) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let write = {
+            let (store, made, answered) = (store.clone(), made.clone(), answered.clone());
+            tokio::spawn(async move {
+                let answer = store
+                    .write_then(
+                        |conn| settings::set(conn, "k", "v").map(|()| 41),
+                        |n| {
+                            made.store(true, Ordering::SeqCst);
+                            n + 1
+                        },
+                    )
+                    .await;
+                answered.store(true, Ordering::SeqCst);
+                answer
+            })
+        };
+        let making = async {
+            while !made.load(Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), making)
+            .await
+            .expect("the answer is made while its batch's sync is held");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(store.commits().syncs(), 0);
+        assert!(
+            !answered.load(Ordering::SeqCst),
+            "delivered before its sync"
+        );
+        release.send(()).unwrap();
+        assert_eq!(write.await.unwrap().unwrap(), 42);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_made_for_a_batch_that_then_fails_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        // The writer is held by a first job while the next two queue into one batch: the
+        // first of them runs and has its answer made, the second ends the transaction.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let first = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(move |_| {
+                        let _ = held.recv();
+                        Ok::<_, StoreError>(())
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let made = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let signed = {
+            let (store, made) = (store.clone(), made.clone());
+            tokio::spawn(async move {
+                store
+                    .write_then(
+                        |conn| settings::set(conn, "signed", "1"),
+                        |()| made.store(true, Ordering::SeqCst),
+                    )
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let ended = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(|conn| {
+                        exec(conn, "ROLLBACK")?;
+                        Err::<(), _>(StoreError::Panicked)
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        assert!(ended.await.unwrap().is_err());
+        let err = signed.await.unwrap().unwrap_err();
+        assert!(matches!(err, StoreError::Commit(_)), "{err:?}");
+        assert!(
+            made.load(Ordering::SeqCst),
+            "the answer was made, and dropped"
+        );
+        let stored = store
+            .read(|conn| settings::get(conn, "signed"))
+            .await
+            .unwrap();
+        assert_eq!(stored, None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
