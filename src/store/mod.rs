@@ -883,54 +883,65 @@ mod tests {
         assert_eq!(write.await.unwrap().unwrap(), 42);
     }
 
+    /// Holds the writer with a job that waits for the returned sender: the jobs queued
+    /// meanwhile make the next batch, in the order they were queued.
+    async fn hold_writer(
+        store: &Store,
+    ) -> (
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+        mpsc::Sender<()>,
+    ) {
+        let (release, held) = mpsc::channel::<()>();
+        let (started, running) = mpsc::channel::<()>();
+        let store = store.clone();
+        let first = tokio::spawn(async move {
+            store
+                .write(move |_| {
+                    started.send(()).unwrap();
+                    let _ = held.recv();
+                    Ok(())
+                })
+                .await
+        });
+        tokio::task::spawn_blocking(move || running.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        (first, release)
+    }
+
+    /// Polls a write once, which queues its job, and hands it back to await later.
+    async fn queue<W: Future + Unpin>(mut write: W) -> W {
+        std::future::poll_fn(|cx| {
+            assert!(std::pin::Pin::new(&mut write).poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        write
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_answer_made_for_a_batch_that_then_fails_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("k.db")).unwrap();
-        // The writer is held by a first job while the next two queue into one batch: the
-        // first of them runs and has its answer made, the second ends the transaction.
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let first = {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .write(move |_| {
-                        let _ = held.recv();
-                        Ok::<_, StoreError>(())
-                    })
-                    .await
-            })
-        };
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Two jobs in one batch: the first runs and has its answer made, the second ends
+        // the transaction.
+        let (first, release) = hold_writer(&store).await;
         let made = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let signed = {
-            let (store, made) = (store.clone(), made.clone());
-            tokio::spawn(async move {
-                store
-                    .write_then(
-                        |conn| settings::set(conn, "signed", "1"),
-                        |()| made.store(true, Ordering::SeqCst),
-                    )
-                    .await
-            })
-        };
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let ended = {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .write(|conn| {
-                        exec(conn, "ROLLBACK")?;
-                        Err::<(), _>(StoreError::Panicked)
-                    })
-                    .await
-            })
-        };
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let signed = queue(Box::pin(store.write_then(
+            |conn| settings::set(conn, "signed", "1"),
+            |()| made.store(true, Ordering::SeqCst),
+        )))
+        .await;
+        let ended = queue(Box::pin(store.write(|conn| {
+            exec(conn, "ROLLBACK")?;
+            Err::<(), _>(StoreError::Panicked)
+        })))
+        .await;
         release.send(()).unwrap();
         first.await.unwrap().unwrap();
-        assert!(ended.await.unwrap().is_err());
-        let err = signed.await.unwrap().unwrap_err();
+        assert!(ended.await.is_err());
+        let err = signed.await.unwrap_err();
         assert!(matches!(err, StoreError::Commit(_)), "{err:?}");
         assert!(
             made.load(Ordering::SeqCst),
@@ -947,50 +958,27 @@ mod tests {
     async fn a_batch_whose_transaction_sqlite_ended_fails_whole_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("k.db")).unwrap();
-        // The writer is held by a first job while the next two queue into one batch.
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let first = {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .write(move |_| {
-                        let _ = held.recv();
-                        Ok::<_, StoreError>(())
-                    })
-                    .await
-            })
-        };
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let ended = {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .write(|conn| {
-                        // As SQLite does on SQLITE_FULL or an I/O error.
-                        exec(conn, "ROLLBACK")?;
-                        Err::<(), _>(StoreError::Panicked)
-                    })
-                    .await
-            })
-        };
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Two jobs in one batch: the first ends the transaction.
+        let (first, release) = hold_writer(&store).await;
+        let ended = queue(Box::pin(store.write(|conn| {
+            // As SQLite does on SQLITE_FULL or an I/O error.
+            exec(conn, "ROLLBACK")?;
+            Err::<(), _>(StoreError::Panicked)
+        })))
+        .await;
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let after = {
-            let (store, ran) = (store.clone(), ran.clone());
-            tokio::spawn(async move {
-                store
-                    .write(move |conn| {
-                        ran.store(true, Ordering::SeqCst);
-                        settings::set(conn, "after", "1")
-                    })
-                    .await
-            })
-        };
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let after = queue(Box::pin(store.write({
+            let ran = ran.clone();
+            move |conn| {
+                ran.store(true, Ordering::SeqCst);
+                settings::set(conn, "after", "1")
+            }
+        })))
+        .await;
         release.send(()).unwrap();
         first.await.unwrap().unwrap();
-        assert!(ended.await.unwrap().is_err());
-        assert!(after.await.unwrap().is_err(), "answered as failed");
+        assert!(ended.await.is_err());
+        assert!(after.await.is_err(), "answered as failed");
         let stored = store
             .read(|conn| settings::get(conn, "after"))
             .await
