@@ -1208,7 +1208,8 @@ impl Client {
     ///
     /// Authorizing again from the same device reuses its seat. On an error nothing stored
     /// changes, a previous authorization stays usable offline until it expires, except after
-    /// `DEVICE_BLOCKED`: an admin blocked this device, and its authorization is dropped.
+    /// `DEVICE_BLOCKED`: an admin blocked this device, and its authorization is dropped once
+    /// the usage it holds was sent on its lease.
     pub fn authorize(&mut self) -> Result<Grant, ClientError> {
         let nonce = new_nonce()?;
         let request = AuthorizeRequest {
@@ -1223,6 +1224,14 @@ impl Client {
         let sent = self.config.clock.now();
         let response: AuthorizeResponse = match self.post("/api/v1/authorize", &request) {
             Err(e) if e.code().is_some_and(stops_the_device) => {
+                // The appliance still records reports on the lease this device holds: they
+                // go first (best effort: the refusal is the answer either way), or they
+                // would wait for an admin to unblock the device.
+                if self.state.lease_id.is_some()
+                    && (!self.backlog.reports.is_empty() || !self.state.open.is_empty())
+                {
+                    let _ = self.flush_with(false);
+                }
                 self.forget_authorization()?;
                 return Err(e);
             }

@@ -437,9 +437,14 @@ fn a_blocked_or_removed_device_stops_at_its_next_contact() {
     admin("unblock");
     device.authorize().unwrap();
     admin("block");
+    // Usage held when an authorization is refused (a device back from days offline calls
+    // authorize first) is sent on the lease before the device stops.
+    device.record("LIC-S-1", "scans", 5).unwrap();
     let refused = device.authorize().unwrap_err();
     assert_eq!(refused.code().map(|c| c.as_str()), Some("DEVICE_BLOCKED"));
     assert!(matches!(device.check(), Err(ClientError::NotAuthorized)));
+    assert_eq!(usage_total(&a), 9);
+    assert_eq!(device.status().pending_reports, 0);
 }
 
 /// A device whose state directory is put back from an old copy (a VM snapshot, a restored
