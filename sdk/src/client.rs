@@ -796,17 +796,11 @@ fn unusable(path: &Path, e: serde_json::Error) -> ClientError {
     }
 }
 
-/// Reads and parses a JSON file; `None` when it does not exist.
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ClientError> {
-    read_file(path)?
-        .map(|bytes| serde_json::from_slice(&bytes).map_err(|e| unusable(path, e)))
-        .transpose()
-}
-
-/// As [`read_json`], but a file that is not JSON at all (torn or damaged on disk) is renamed
-/// `<name>.corrupt`, kept for the vendor's support, and taken as absent: the client rebuilds
-/// what it can rather than stop the product for good. JSON of another shape (written by
-/// another version of the SDK) is refused and left alone.
+/// Reads and parses a JSON file; `None` when it does not exist. A file that is not JSON at
+/// all (torn or damaged on disk) is renamed `<name>.corrupt`, kept for the vendor's support,
+/// and taken as absent: the client rebuilds what it can rather than stop the product for
+/// good. JSON of another shape (written by another version of the SDK) is refused and left
+/// alone.
 fn read_or_set_aside<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ClientError> {
     let Some(bytes) = read_file(path)? else {
         return Ok(None);
@@ -982,10 +976,11 @@ impl Store {
         write_json(&self.dir.join(BACKLOG_FILE), backlog)
     }
 
-    /// Adds a report the appliance refused, with its reason, to `rejected.json`.
+    /// Adds a report the appliance refused, with its reason, to `rejected.json` (one torn on
+    /// disk is kept as `rejected.json.corrupt`, not left to block the backlog).
     fn set_aside(&self, report: &UsageReport, reason: &str) -> Result<(), ClientError> {
         let path = self.dir.join(REJECTED_FILE);
-        let mut rejected: Vec<RejectedReport> = read_json(&path)?.unwrap_or_default();
+        let mut rejected: Vec<RejectedReport> = read_or_set_aside(&path)?.unwrap_or_default();
         rejected.push(RejectedReport {
             report: report.clone(),
             reason: reason.to_string(),
@@ -2310,10 +2305,10 @@ mod tests {
         assert_eq!((status.next_seq, status.pending_reports), (2, 1));
         assert!(status.open_counters.is_empty());
         let (state, backlog) = (
-            read_json::<State>(&dir.path().join(STATE_FILE))
+            read_or_set_aside::<State>(&dir.path().join(STATE_FILE))
                 .unwrap()
                 .unwrap(),
-            read_json::<Backlog>(&dir.path().join(BACKLOG_FILE))
+            read_or_set_aside::<Backlog>(&dir.path().join(BACKLOG_FILE))
                 .unwrap()
                 .unwrap(),
         );
@@ -2330,7 +2325,7 @@ mod tests {
         clock.set(T0 + time::Duration::minutes(5));
         client.check().expect("the product keeps running");
         let saved = |dir: &Path| {
-            read_json::<State>(&dir.join(STATE_FILE))
+            read_or_set_aside::<State>(&dir.join(STATE_FILE))
                 .unwrap()
                 .unwrap()
                 .newest_time_seen
@@ -2822,7 +2817,9 @@ mod tests {
         assert!(client.flush().unwrap_err().is_unreachable());
         let status = client.status();
         assert_eq!((status.pending_reports, status.next_seq), (2, 3));
-        let backlog: Backlog = read_json(&dir.path().join(BACKLOG_FILE)).unwrap().unwrap();
+        let backlog: Backlog = read_or_set_aside(&dir.path().join(BACKLOG_FILE))
+            .unwrap()
+            .unwrap();
         assert_eq!(
             backlog
                 .reports

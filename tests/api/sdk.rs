@@ -225,6 +225,9 @@ fn a_report_the_appliance_refuses_is_set_aside_instead_of_blocking_the_backlog()
         report(3, "scans")
     ]);
     std::fs::write(&path, serde_json::to_vec(&backlog).unwrap()).unwrap();
+    // And a `rejected.json` torn on disk: kept aside, it does not block the backlog either.
+    let torn = b"[{\"report\": {\"seq\": 1";
+    std::fs::write(state.path().join("rejected.json"), torn).unwrap();
 
     let mut device = client(&a, vec![served.url("")], state.path(), clock);
     let sent = device.flush().unwrap();
@@ -242,6 +245,10 @@ fn a_report_the_appliance_refuses_is_set_aside_instead_of_blocking_the_backlog()
     assert!(
         rejected[0]["reason"].as_str().unwrap().contains("counters"),
         "{rejected}"
+    );
+    assert_eq!(
+        std::fs::read(state.path().join("rejected.json.corrupt")).unwrap(),
+        torn
     );
 }
 
