@@ -96,7 +96,7 @@ pub fn schedule(config: &crate::config::JobsConfig) -> [(&'static str, &'static 
 const FIRST_START: &str = "jobs_first_start";
 
 /// Remembers when this appliance first started (once): the reference of a job that never
-/// ran, for [`overdue`].
+/// ran, for [`next_due`].
 pub fn remember_first_start(conn: &rusqlite::Connection, now: i64) -> Result<(), StoreError> {
     if settings::get(conn, FIRST_START)?.is_none() {
         settings::set(conn, FIRST_START, &now.to_string())?;
@@ -104,24 +104,25 @@ pub fn remember_first_start(conn: &rusqlite::Connection, now: i64) -> Result<(),
     Ok(())
 }
 
-/// The jobs whose last run (or, if they never ran, the appliance's first start) is at least
-/// their interval ago. The scheduler counts intervals from its own start, so an appliance
-/// restarted more often than a job's interval (a daily reboot, package upgrades) would
-/// otherwise never run it: these run at once instead.
-pub fn overdue(
+/// How long until each job is due: its interval after its last run (or, if it never ran,
+/// after the appliance's first start), zero when that has passed. The scheduler counts
+/// intervals from its own start, so an appliance restarted more often than a job's interval
+/// (a daily reboot, package upgrades) would otherwise never run it, and one restarted just
+/// before a job was due would put it off for a whole interval.
+pub fn next_due(
     conn: &rusqlite::Connection,
     config: &crate::config::JobsConfig,
     now: i64,
-) -> Result<Vec<&'static str>, StoreError> {
+) -> Result<Vec<(&'static str, Duration)>, StoreError> {
     let first_start = settings::get(conn, FIRST_START)?
         .and_then(|v| v.parse::<i64>().ok())
         .unwrap_or(now);
     let mut due = Vec::new();
     for (name, _, every) in schedule(config) {
         let last = ops::last_job_run(conn, name)?.unwrap_or(first_start);
-        if now - last >= every as i64 {
-            due.push(name);
-        }
+        // A last run in the future (a clock set back since) counts as now.
+        let wait = (last.min(now) + every as i64 - now).max(0) as u64;
+        due.push((name, Duration::from_secs(wait)));
     }
     Ok(due)
 }
@@ -135,8 +136,8 @@ pub async fn save_newest_time(state: &AppState) -> Result<(), StoreError> {
         .await
 }
 
-/// Starts the scheduler and the error notifier; they run until the process ends. Jobs that
-/// are overdue (see [`overdue`]) run at once.
+/// Starts the scheduler and the error notifier; they run until the process ends. Each job
+/// first runs when it is due (see [`next_due`]): at once if that has passed.
 pub async fn start(
     state: web::Data<AppState>,
     errors: Option<UnboundedReceiver<ErrorEvent>>,
@@ -145,72 +146,82 @@ pub async fn start(
         state.config.jobs.clone(),
         state.clock.now().unix_timestamp(),
     );
-    let due = state
+    let waits = state
         .store
-        .read(move |conn| overdue(conn, &jobs, now))
+        .read(move |conn| next_due(conn, &jobs, now))
         .await?;
+    let started = Instant::now();
+    let next: NextDue = Arc::new(Mutex::new(
+        waits
+            .into_iter()
+            .map(|(name, wait)| (name, started + wait))
+            .collect(),
+    ));
     let scheduler = JobScheduler::new()
         .await
         .map_err(|e| JobError::Other(e.to_string()))?;
-    let last_runs = LastRuns::default();
-    let ids = plan(&scheduler, &state, &last_runs).await?;
     for (name, reason, every) in schedule(&state.config.jobs) {
         tracing::info!(job = name, every_s = every, reason, "scheduled");
     }
+    let ids = plan(&scheduler, &state, &next).await?;
     scheduler
         .start()
         .await
         .map_err(|e| JobError::Other(e.to_string()))?;
-    for name in due {
-        tracing::info!(job = name, "overdue: running it now");
-        spawn_run(&state, &last_runs, name);
-    }
-    actix_web::rt::spawn(watch_clock(
-        scheduler.clone(),
-        state.clone(),
-        last_runs,
-        ids,
-    ));
+    actix_web::rt::spawn(watch_clock(scheduler.clone(), state.clone(), next, ids));
     if let Some(errors) = errors {
         actix_web::rt::spawn(notify_errors(state, errors));
     }
     Ok(scheduler)
 }
 
-/// When each job last started, on the monotonic clock.
-type LastRuns = Arc<Mutex<HashMap<&'static str, Instant>>>;
+/// When each job is next due, on the monotonic clock.
+type NextDue = Arc<Mutex<HashMap<&'static str, Instant>>>;
 
-fn spawn_run(state: &web::Data<AppState>, last_runs: &LastRuns, name: &'static str) {
+fn spawn_run(state: &web::Data<AppState>, next: &NextDue, name: &'static str, every: u64) {
     let state = state.clone();
-    last_runs
-        .lock()
-        .expect("last runs lock")
-        .insert(name, Instant::now());
+    next.lock()
+        .expect("next due lock")
+        .insert(name, Instant::now() + Duration::from_secs(every));
     tokio::spawn(async move {
         let _ = run(&state, name).await;
     });
 }
 
-/// Adds the jobs to the scheduler, each next due one interval from now; their ids.
+/// Adds the jobs to the scheduler, each first planned when it is due and then every
+/// interval; a job due already runs at once. Returns their ids.
 async fn plan(
     scheduler: &JobScheduler,
     state: &web::Data<AppState>,
-    last_runs: &LastRuns,
+    next: &NextDue,
 ) -> Result<Vec<uuid::Uuid>, JobError> {
+    let scheduling = |e: tokio_cron_scheduler::JobSchedulerError| JobError::Other(e.to_string());
     let mut ids = Vec::new();
     for (name, _, every) in schedule(&state.config.jobs) {
-        let (state, last_runs) = (state.clone(), last_runs.clone());
-        let job = Job::new_repeated_async(Duration::from_secs(every), move |_, _| {
-            spawn_run(&state, &last_runs, name);
+        let due = next.lock().expect("next due lock").get(name).copied();
+        let wait = due.map_or(Duration::ZERO, |at| {
+            at.saturating_duration_since(Instant::now())
+        });
+        if wait.is_zero() {
+            tracing::info!(job = name, "due: running it now");
+            spawn_run(state, next, name, every);
+        }
+        let (state, next) = (state.clone(), next.clone());
+        let mut job = Job::new_repeated_async(Duration::from_secs(every), move |_, _| {
+            spawn_run(&state, &next, name, every);
             Box::pin(async {})
         })
-        .map_err(|e| JobError::Other(e.to_string()))?;
-        ids.push(
-            scheduler
-                .add(job)
-                .await
-                .map_err(|e| JobError::Other(e.to_string()))?,
-        );
+        .map_err(scheduling)?;
+        if !wait.is_zero() {
+            // Its first run when it is due (the scheduler would plan it an interval away).
+            let mut data = job.job_data().map_err(scheduling)?;
+            let first = SystemTime::now() + wait;
+            data.next_tick = first
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |t| t.as_secs_f64().ceil() as u64);
+            job.set_job_data(data).map_err(scheduling)?;
+        }
+        ids.push(scheduler.add(job).await.map_err(scheduling)?);
     }
     Ok(ids)
 }
@@ -233,13 +244,12 @@ fn clock_step(before: (Instant, SystemTime), after: (Instant, SystemTime)) -> f6
 /// previous planned one plus the interval, and it runs only while its last run is not later
 /// than that. A clock stepped forward past a planned run (a resumed VM, NTP setting the time
 /// at boot) stops the job for good; one stepped back holds every job for as long as the
-/// step. This watches for steps and then plans the jobs again from the current time,
-/// running at once those whose interval has passed (on the monotonic clock) since they last
-/// started.
+/// step. This watches for steps and then plans the jobs again from the current time, each
+/// when it is due on the monotonic clock.
 async fn watch_clock(
     scheduler: JobScheduler,
     state: web::Data<AppState>,
-    last_runs: LastRuns,
+    next: NextDue,
     mut ids: Vec<uuid::Uuid>,
 ) {
     let mut tick = tokio::time::interval(CLOCK_WATCH);
@@ -259,15 +269,9 @@ async fn watch_clock(
         for id in ids.drain(..) {
             let _ = scheduler.remove(&id).await;
         }
-        match plan(&scheduler, &state, &last_runs).await {
+        match plan(&scheduler, &state, &next).await {
             Ok(planned) => ids = planned,
             Err(e) => tracing::error!(kind = "job", error = %e, "planning the jobs again failed"),
-        }
-        for (name, _, every) in schedule(&state.config.jobs) {
-            let started = last_runs.lock().expect("last runs lock").get(name).copied();
-            if started.is_none_or(|at| at.elapsed() >= Duration::from_secs(every)) {
-                spawn_run(&state, &last_runs, name);
-            }
         }
     }
 }

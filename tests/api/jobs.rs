@@ -1188,6 +1188,54 @@ fn jobs_postponed_past_their_interval_by_restarts_run_at_start() {
     drop(dir);
 }
 
+/// A daily reboot at the time the daily jobs ran the day before (a few milliseconds short of
+/// their interval) must not put them off for another whole day: a job not yet due at a
+/// start runs when its interval since its last run is up, not one interval after the start.
+#[test]
+fn a_job_not_yet_due_at_a_start_runs_when_its_interval_is_up() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let (dir, data) = f.stop();
+    // Housekeeping (daily) last ran a day ago less 3 seconds, the backup (every 12 minutes)
+    // 12 minutes ago less 3 seconds; the alerts job (every 10 minutes) a second ago.
+    let now = test_epoch().unix_timestamp();
+    let db = rusqlite::Connection::open(data.join("keygate.db")).unwrap();
+    for (job, at) in [
+        ("alerts", now - 1),
+        ("backup", now - 720 + 3),
+        ("housekeeping", now - 86_400 + 3),
+    ] {
+        db.execute(
+            "INSERT INTO job_runs (job, started_at, duration_ms, ok) VALUES (?1, ?2, 0, 1)",
+            rusqlite::params![job, at],
+        )
+        .unwrap();
+    }
+    let app = TestApp::spawn(&data);
+    let ran = |job: &str| -> i64 {
+        db.query_row("SELECT count(*) FROM job_runs WHERE job = ?1", [job], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    assert_eq!(
+        (ran("backup"), ran("housekeeping")),
+        (1, 1),
+        "not due at the start"
+    );
+    let deadline = std::time::Instant::now() + StdDuration::from_secs(20);
+    while (ran("backup"), ran("housekeeping")) != (2, 2) && std::time::Instant::now() < deadline {
+        std::thread::sleep(StdDuration::from_millis(100));
+    }
+    assert_eq!(
+        (ran("backup"), ran("housekeeping")),
+        (2, 2),
+        "both ran when their interval was up, about 3 seconds after the start"
+    );
+    assert_eq!(ran("alerts"), 1, "the alerts job keeps its own time");
+    drop(app);
+    drop(dir);
+}
+
 /// Debian's libfaketime (package `faketime`, installed by scripts/test): shifts the wall
 /// clock of the process it is preloaded into by the offset in a file, read on every call.
 const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
