@@ -140,13 +140,8 @@ pub struct Report {
 }
 
 impl Usage {
+    /// The caller has checked the count against [`MAX_REPORTS`] (`PAYLOAD_TOO_LARGE`).
     pub fn parse(r: wire::UsageRequest) -> Result<Usage, FieldError> {
-        if r.reports.len() > MAX_REPORTS {
-            return err(
-                "reports",
-                format!("at most {MAX_REPORTS} per request; send the rest in another"),
-            );
-        }
         let mut reports = Vec::with_capacity(r.reports.len());
         let mut last_seq = 0;
         for report in r.reports {

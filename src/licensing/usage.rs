@@ -251,6 +251,17 @@ fn lease_refusal(lease: &Lease, device: &Device) -> Option<ApiError> {
     }
 }
 
+/// A lease is renewed while it is valid: until the authorization the device holds expires,
+/// which is up to [`devices::RECORD_EVERY_S`] after the expiry its record lags behind with.
+fn lapsed(lease: &Lease, now: i64) -> Option<ApiError> {
+    (now >= lease.expires_at.saturating_add(devices::RECORD_EVERY_S)).then(|| {
+        ApiError::new(
+            ErrorCode::LeaseNotFound,
+            "the lease has lapsed (the device was offline past its authorization): authorize again",
+        )
+    })
+}
+
 /// Marks the device active in its item (the call proves it runs), then renews the lease's
 /// authorization if it is still valid. The outer error is a storage failure; the inner one
 /// is why the renewal was refused.
@@ -263,7 +274,7 @@ fn renew(
     now: i64,
     installation_id: &str,
 ) -> Result<Result<Authorization, ApiError>, ApiError> {
-    if let Some(refused) = lease_refusal(lease, device) {
+    if let Some(refused) = lease_refusal(lease, device).or_else(|| lapsed(lease, now)) {
         // No renewal, but the call still proves the device runs: mark its seat active.
         let model = item.terms.model;
         let instance = if model == Model::ConcurrentInstance {

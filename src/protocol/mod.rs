@@ -285,7 +285,18 @@ async fn usage(
     state: web::Data<AppState>,
     body: web::Json<UsageRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let req = Usage::parse(body.into_inner()).map_err(bad)?;
+    let body = body.into_inner();
+    // Too many reports is too large a request, as too many bytes is: send fewer per request.
+    if body.reports.len() > types::MAX_REPORTS {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "at most {} reports per request; send the rest in another",
+                types::MAX_REPORTS
+            ),
+        ));
+    }
+    let req = Usage::parse(body).map_err(bad)?;
     let device = req.device_uuid.clone();
     let now = state.clock.now().unix_timestamp();
     // Reports are recorded whatever the clock; only the renewal waits for it.

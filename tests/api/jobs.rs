@@ -780,7 +780,8 @@ fn housekeeping_frees_seats_at_exactly_365_and_90_days() {
 }
 
 /// A device unused for 365 days is removed with everything kept for it (its seat counted
-/// out), unless an admin blocked it; a lease renewed meanwhile counts as use.
+/// out), unless an admin blocked it; a usage call meanwhile counts as use (here on a lease
+/// that lapsed: not renewed, but the device runs).
 #[test]
 fn housekeeping_removes_devices_unused_for_365_days() {
     let f = Fixture::new(

@@ -175,7 +175,11 @@ fn per_active_device_seat_frees_90_days_after_first_authorization() {
 /// by an authorization and by a renewal alike.
 #[test]
 fn a_device_whose_seat_lapsed_takes_it_again_behind_a_lapsed_fleet() {
-    let f = Fixture::new(&item("scan", "per_active_device", 3_000, ""));
+    // 120 offline days: the device's lease is still valid to renew 91 days later.
+    let f = Fixture::new(
+        &item("scan", "per_active_device", 3_000, "")
+            .replace("offline_days = 7", "offline_days = 120"),
+    );
     let own = f.authorized("scan", 3_000);
     // 2,499 devices first authorized a second before it: the batches freed reach them first.
     let before = f.app.clock_now().unix_timestamp() - 1;
@@ -219,7 +223,11 @@ fn a_device_whose_seat_lapsed_takes_it_again_behind_a_lapsed_fleet() {
 
 #[test]
 fn a_known_devices_state_leaves_tolerance_when_the_seats_over_quota_lapse() {
-    let f = Fixture::new(&item("reader", "per_active_device", 10, ""));
+    // 30 offline days: the late device's lease is still valid to renew 11 days later.
+    let f = Fixture::new(
+        &item("reader", "per_active_device", 10, "")
+            .replace("offline_days = 7", "offline_days = 30"),
+    );
     for n in 1..=10 {
         f.authorized("reader", n);
     }
@@ -800,9 +808,19 @@ fn a_renewal_moves_on_to_the_item_that_serves_when_the_leases_item_ends() {
         Ok(auth) => auth["items"][0]["item_id"].as_str().unwrap().to_string(),
         Err(code) => code,
     };
-    f.app.clock.advance(Duration::days(15));
-    assert_eq!(renewal(1), "LIC-T-1");
-    f.app.clock.advance(Duration::days(5)); // past 2026-06-20
+    // Each device calls within its 7 offline days: at day 15 their leases run to the item's
+    // end (2026-06-20).
+    for _ in 0..3 {
+        f.app.clock.advance(Duration::days(5));
+        assert_eq!(
+            (renewal(1), renewal(2)),
+            ("LIC-T-1".into(), "LIC-T-1".into())
+        );
+    }
+    // 2026-06-20 00:05: past the item's end, within the lease's.
+    f.app
+        .clock
+        .advance(Duration::days(3) + Duration::hours(12) + Duration::minutes(5));
     assert_eq!(renewal(1), "LIC-T-2");
     assert_eq!(f.item_value("LIC-T-2", "seats_used"), 1);
     assert_eq!(

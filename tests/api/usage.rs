@@ -310,6 +310,35 @@ fn a_lease_record_is_written_every_15_minutes_not_on_every_call() {
     assert_eq!(record(), (now, now + 86_400));
 }
 
+/// A lease is renewed while it is valid: once the authorization the device holds has run
+/// out (its record may lag the newest one by up to 15 minutes), a usage call still records
+/// the reports but renews nothing, so a device back after its offline allowance authorizes
+/// again (and meets the code's session password and validation fields as they are now).
+#[test]
+fn a_lapsed_lease_records_usage_but_is_not_renewed() {
+    let f = scanner();
+    let (one, two) = (
+        f.authorized("scanner", 1).lease_id,
+        f.authorized("scanner", 2).lease_id,
+    );
+    let stream = |n: u32| format!("00000000-0000-4000-8000-{n:012}");
+    // 7 offline days and the record's 15 minutes, less a second: still renewed.
+    f.app
+        .clock
+        .advance(Duration::days(7) + Duration::minutes(15) - Duration::seconds(1));
+    assert!(f.heartbeat(&one, 1).is_ok());
+    f.app.clock.advance(Duration::seconds(1));
+    let (status, body) = f.usage(&f.reports(&two, 2, &stream(2), &[(1, "LIC-T-1", "scans", 3)]));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 1);
+    assert!(body["authorization"].is_null(), "{body}");
+    assert_eq!(body["renewal_error"]["code"], "LEASE_NOT_FOUND", "{body}");
+    assert_eq!(total(&f), 3, "the reports are recorded");
+    // Authorizing again gives a lease that renews.
+    let again = f.authorized("scanner", 2).lease_id;
+    assert!(f.heartbeat(&again, 2).is_ok());
+}
+
 #[test]
 fn failed_usage_requests_record_nothing() {
     let f = scanner();
@@ -372,6 +401,18 @@ fn failed_usage_requests_record_nothing() {
     negative["reports"][0]["counters"]["scans"] = json!(-5);
     assert_eq!(f.usage(&negative).1["error"]["code"], "BAD_REQUEST");
     assert_eq!(db_digest(&db), digest);
+    // More than 5000 reports (under the byte limit) is too large a request, as a body over
+    // it is: the device sends fewer per request. 5000 are taken.
+    let backlog: Vec<_> = (1..=5001).map(|seq| (seq, "LIC-T-1", "scans", 1)).collect();
+    let (status, answer) = f.usage(&f.reports(&lease, 1, STREAM, &backlog));
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (413, Some("PAYLOAD_TOO_LARGE")),
+        "{answer}"
+    );
+    assert_eq!(db_digest(&db), digest);
+    let (status, answer) = f.usage(&f.reports(&lease, 1, STREAM, &backlog[..5000]));
+    assert_eq!((status, answer["accepted"].as_u64()), (200, Some(5000)));
 }
 
 #[test]
