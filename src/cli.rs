@@ -145,6 +145,9 @@ pub enum AdminCommand {
     },
     /// Set a new password (read from standard input) and sign the admin out everywhere.
     ResetPassword { name: String },
+    /// Print a one-time link (valid 24 hours) to create the first admin in the portal, while
+    /// there is none (`serve` prints one on a terminal only, never into a service's log).
+    SetupLink,
 }
 
 #[derive(Debug, Subcommand)]
@@ -676,6 +679,12 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
                 if admins::admin_by_name(conn, &name)?.is_some() {
                     bail!("an admin named {name} already exists");
                 }
+                if role != "owner" && admins::admin_count(conn)? == 0 {
+                    bail!(
+                        "the first admin must be an owner (--role owner): owners manage the \
+                         other admins; nothing was changed"
+                    );
+                }
                 admins::insert_admin(conn, &name, &role, &hash, licensing::unix(now))?;
                 admins::delete_setup_tokens(conn)?;
                 Ok(((), Some(("admin created", name.clone(), role.to_string()))))
@@ -694,8 +703,30 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
             })?;
             println!("password of {name} reset; its sessions are signed out");
         }
+        AdminCommand::SetupLink => {
+            let link = audited(config, now, |conn| {
+                let link = crate::portal::auth::setup_link(conn, licensing::unix(now))?;
+                let entry = link
+                    .is_some()
+                    .then(|| ("setup link made", String::new(), String::new()));
+                Ok((link, entry))
+            })?;
+            let Some(path) = link else {
+                bail!("an admin exists already: the setup link is only for the first one");
+            };
+            println!("{}", first_admin_link(config.listen.port(), &path));
+        }
     }
     Ok(())
+}
+
+/// The one-time link to create the first admin, as `serve` and `admin setup-link` print it.
+fn first_admin_link(port: u16, path: &str) -> String {
+    format!(
+        "https://{}:{port}{path}  (one-time link, valid 24 hours;\n                 \
+         on this machine: https://localhost:{port}{path})",
+        appliance::hostname()
+    )
 }
 
 fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<()> {
@@ -1126,18 +1157,13 @@ pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()
         if let Some(path) =
             crate::portal::auth::setup_link(&conn, state.clock.now().unix_timestamp())?
         {
-            println!(
-                "first admin:     https://{}:{}{path}  (one-time link, valid 24 hours;\n                 \
-                 on this machine: https://localhost:{}{path})",
-                appliance::hostname(),
-                local.port(),
-                local.port()
-            );
+            println!("first admin:     {}", first_admin_link(local.port(), &path));
         }
     } else if crate::store::admins::admin_count(&conn)? == 0 {
         println!(
-            "first admin:     none yet: `keygate admin create NAME --role owner` at the \
-             console (or `keygate serve` in a terminal prints a one-time link)"
+            "first admin:     none yet: `keygate admin setup-link` at the console prints a \
+             one-time link to create it in the portal (or `keygate admin create NAME --role \
+             owner`)"
         );
     }
     drop(conn);

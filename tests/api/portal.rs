@@ -510,6 +510,38 @@ fn set_password_for_admin(f: &Fixture, name: &str, role: &str) -> Run {
     child.wait_with_output().unwrap().into()
 }
 
+/// The first admin manages the others: one made at the console with another role would
+/// use up the setup link and leave the appliance with no owner. `admin setup-link` prints
+/// the one-time link at the console.
+#[test]
+fn the_first_admin_made_at_the_console_must_be_an_owner() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let token = setup_token(&f.app);
+    for role in ["manager", "auditor"] {
+        let refused = set_password_for_admin(&f, "ops", role);
+        assert!(!refused.ok, "{role}");
+        assert!(
+            refused.stderr.contains("the first admin must be an owner"),
+            "{}",
+            refused.stderr
+        );
+    }
+    let setup = Browser::new(&f.app).get(&format!("/setup?token={token}"));
+    assert_eq!(setup.status, 200, "the setup link still works");
+    // At the console of a service (whose log never shows one), a link is asked for.
+    let printed = keygate(&f.data, &["admin", "setup-link"]);
+    assert!(printed.ok, "{}", printed.stderr);
+    let path = printed.stdout.split(":8443").nth(1).unwrap();
+    let path = path.split_whitespace().next().unwrap();
+    assert!(path.starts_with("/setup?token="), "{}", printed.stdout);
+    assert_eq!(Browser::new(&f.app).get(path).status, 200, "{path}");
+    assert!(set_password_for_admin(&f, "olivia", "owner").ok);
+    assert!(set_password_for_admin(&f, "ops", "manager").ok);
+    let refused = keygate(&f.data, &["admin", "setup-link"]);
+    assert!(!refused.ok && refused.stderr.contains("an admin exists already"));
+    assert_eq!(Browser::new(&f.app).get(path).status, 404, "used up");
+}
+
 #[test]
 fn hostile_input_is_shown_escaped_and_long_input_refused() {
     let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
