@@ -153,7 +153,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Status => print_status(&client),
         Command::Run { every, .. } => {
-            run_loop(&mut client, Duration::from_secs(every.max(1)), &usage);
+            run_loop(&mut client, Duration::from_secs(every.max(1)), &usage)?;
         }
     }
     Ok(())
@@ -250,7 +250,27 @@ fn parse_usage(spec: &str) -> Result<(String, String, u64), String> {
     }
 }
 
-fn run_loop(client: &mut Client, every: Duration, usage: &[(String, String, u64)]) {
+/// Refusals another try cannot change: a person must fix the configuration (or the admin the
+/// code). Retrying a wrong session password every round would also use up the code's
+/// password checks that devices with the right one need (`RATE_LIMITED`).
+fn needs_a_person(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::SessionPasswordMismatch
+            | ErrorCode::ValidationFailed
+            | ErrorCode::HandshakeNotFound
+            | ErrorCode::HandshakeRequired
+            | ErrorCode::DeviceBlocked
+    )
+}
+
+/// Works until stopped (Ctrl-C), or until an authorization is refused for a reason only a
+/// person can fix (the error).
+fn run_loop(
+    client: &mut Client,
+    every: Duration,
+    usage: &[(String, String, u64)],
+) -> Result<(), String> {
     println!(
         "running: a round every {}s, usage reports every {}s; Ctrl-C to stop",
         every.as_secs(),
@@ -270,6 +290,12 @@ fn run_loop(client: &mut Client, every: Duration, usage: &[(String, String, u64)
                 Ok(grant) => {
                     print_grant("authorized", &grant);
                     Some(grant)
+                }
+                Err(e) if e.code().is_some_and(needs_a_person) => {
+                    return Err(format!(
+                        "{}; stopped: run again once it is fixed",
+                        describe(e)
+                    ));
                 }
                 Err(e) => {
                     println!("{}  not working: {}", stamp(), describe(e));
