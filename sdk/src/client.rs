@@ -749,6 +749,11 @@ fn new_nonce() -> Result<String, ClientError> {
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new content:
 /// write a temporary file next to it, fsync it, rename it over `path`, fsync the directory.
+///
+/// Once renamed, the new content is what the file holds, and the write counts as done: the
+/// directory's sync only makes the rename outlast a power loss, and a failure of it is not
+/// reported. Reported, the caller would take the file for unchanged while it is not (a
+/// backlog holding a report its state still counts as open would lose later usage).
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = beside(path, ".tmp");
     {
@@ -759,12 +764,12 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::rename(&tmp, path)?;
     #[cfg(unix)]
     if let Some(dir) = path.parent() {
-        File::open(if dir.as_os_str().is_empty() {
+        let dir = if dir.as_os_str().is_empty() {
             Path::new(".")
         } else {
             dir
-        })?
-        .sync_all()?;
+        };
+        let _ = File::open(dir).and_then(|dir| dir.sync_all());
     }
     Ok(())
 }
