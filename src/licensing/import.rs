@@ -2,6 +2,8 @@
 //! keys, check the appliance binding and every item's terms, then store license, items,
 //! organization and its default handshake code in one transaction.
 
+use std::collections::HashMap;
+
 use keygate_sdk::VerifyingKey;
 use keygate_sdk::jws::{JwsError, Token, Typ};
 use keygate_sdk::keys;
@@ -518,6 +520,21 @@ pub fn apply(
             imported_at: now,
         },
     )?;
+    // The tokens this import adds to each item (a new one brings its whole quota): a top-up.
+    let before: HashMap<String, i64> = store::licenses::all_items(conn)?
+        .into_iter()
+        .filter(|i| i.license_id == license.license_id)
+        .map(|i| (i.item_id, i.terms.quota))
+        .collect();
+    let added: HashMap<String, i64> = license
+        .items
+        .iter()
+        .filter(|i| i.model == Model::Tokens)
+        .map(|i| {
+            let had = before.get(&i.item_id).copied().unwrap_or(0);
+            (i.item_id.clone(), i.quota.saturating_sub(had).max(0))
+        })
+        .collect();
     for item in &license.items {
         let features = serde_json::to_string(&item.features).expect("strings serialize");
         store::licenses::upsert_item(
@@ -543,7 +560,7 @@ pub fn apply(
         )?;
     }
     store::licenses::withdraw_items_not_in(conn, &license.license_id, license.version)?;
-    settle_token_debts(conn, org, &license.license_id, now)?;
+    settle_token_debts(conn, org, added, now)?;
 
     let items = license.items.len();
     Ok(match current {
@@ -563,30 +580,30 @@ pub fn apply(
 }
 
 /// Tokens: a top-up settles the debt first. The negative balance of an organization's
-/// tokens items is paid from the positive balances of the unexpired items of the license
-/// just imported (the top-up) for the same product, soonest expiry first; no other item's
-/// balance moves. An item whose balance is no longer negative leaves grace, and one a new
-/// version left negative (a lower quota) enters it.
+/// tokens items (withdrawn ones too: a debt is not forgotten with its item) is paid from
+/// the tokens the import `added` to unexpired items of the same product, soonest expiry
+/// first, as far as each item's balance goes; no other tokens move (the items already there
+/// may serve other plants' codes). An item whose balance is no longer negative leaves
+/// grace, and one a new version left negative (a lower quota) enters it.
 fn settle_token_debts(
     conn: &Connection,
     organization_id: &str,
-    top_up: &str,
+    mut added: HashMap<String, i64>,
     now: i64,
 ) -> Result<(), ImportError> {
     let mut items: Vec<_> = store::licenses::all_items(conn)?
         .into_iter()
-        .filter(|i| {
-            i.organization_id == organization_id && i.terms.model == Model::Tokens && !i.withdrawn
-        })
+        .filter(|i| i.organization_id == organization_id && i.terms.model == Model::Tokens)
         .collect();
     items.sort_by_key(|i| (i.terms.expires_at, i.item_id.clone()));
     for debtor in 0..items.len() {
         for payer in 0..items.len() {
             let debt = items[debtor].used.tokens_used - items[debtor].terms.quota;
-            let credit = items[payer].terms.quota - items[payer].used.tokens_used;
+            let top_up = added.get(&items[payer].item_id).copied().unwrap_or(0);
+            let credit = (items[payer].terms.quota - items[payer].used.tokens_used).min(top_up);
             if debt <= 0
                 || credit <= 0
-                || items[payer].license_id != top_up
+                || items[payer].withdrawn
                 || items[payer].product != items[debtor].product
                 || items[payer].terms.expires_at <= now
             {
@@ -595,6 +612,7 @@ fn settle_token_debts(
             let moved = debt.min(credit);
             items[debtor].used.tokens_used -= moved;
             items[payer].used.tokens_used += moved;
+            added.insert(items[payer].item_id.clone(), top_up - moved);
         }
     }
     for item in &items {

@@ -630,6 +630,76 @@ fn only_the_imported_top_up_pays_a_tokens_debt() {
     );
 }
 
+/// A new version of a license tops up only by the tokens it adds: one that changes nothing
+/// else (here a feature) moves no tokens between its items, which may serve other plants'
+/// codes; one that raises an item's quota pays a debt from what it added; one that drops an
+/// item in debt has the new item pay that debt, not forget it.
+#[test]
+fn a_new_version_pays_a_tokens_debt_from_what_it_adds_even_for_an_item_it_drops() {
+    let version = |first: i64, extra: &str| {
+        [
+            item("ocr", "tokens", first, "tokens_per_pass = 5"),
+            item(
+                "ocr",
+                "tokens",
+                5,
+                &format!("tokens_per_pass = 5\ngrace_days = 30\n{extra}"),
+            ),
+        ]
+        .concat()
+    };
+    let f = Fixture::new(&version(100, ""));
+    f.assign_to_new_code("LIC-T-2", "LAB");
+    for n in [1, 2] {
+        let mut request = f.request("ocr", n);
+        request["handshake_code"] = json!("LAB");
+        assert_eq!(f.authorize(&request).0, 200);
+    }
+    let tokens = |item: &str| f.item_value(item, "tokens_used");
+    assert_eq!(
+        (tokens("LIC-T-1"), tokens("LIC-T-2")),
+        (0, 10),
+        "LAB is 5 in debt"
+    );
+    f.import(
+        "LIC-T",
+        &version(100, "features = [\"pdf\"]"),
+        &["--version", "2"],
+    );
+    assert_eq!(
+        (tokens("LIC-T-1"), tokens("LIC-T-2")),
+        (0, 10),
+        "a new version adding no tokens moves none"
+    );
+    f.import("LIC-T", &version(103, ""), &["--version", "3"]);
+    assert_eq!(
+        (tokens("LIC-T-1"), tokens("LIC-T-2")),
+        (3, 7),
+        "the 3 tokens added pay 3 of the debt"
+    );
+    // Version 4 drops LIC-T-2 (2 in debt) for a new item: the new item pays it.
+    f.import(
+        "LIC-T",
+        &[
+            item("ocr", "tokens", 103, "tokens_per_pass = 5"),
+            item(
+                "ocr",
+                "tokens",
+                50,
+                "tokens_per_pass = 5\nitem_id = \"LIC-T-NEW\"",
+            ),
+        ]
+        .concat(),
+        &["--version", "4"],
+    );
+    assert_eq!(f.item_value("LIC-T-2", "withdrawn"), 1);
+    assert_eq!(
+        (tokens("LIC-T-1"), tokens("LIC-T-2"), tokens("LIC-T-NEW")),
+        (3, 5, 2),
+        "the dropped item's debt is paid by the new one"
+    );
+}
+
 /// A new version that lowers a tokens quota below what was spent puts the item in grace
 /// from then on, and grace ends `grace_days` later as if a pass had overdrawn it.
 #[test]
