@@ -19,8 +19,13 @@ use crate::store::{self, StoreError, licenses::ItemTerms};
 pub enum ImportError {
     #[error("the file holds no license: expected one signed line after the '#' comment lines")]
     Empty,
-    #[error("the file holds more than one signed line; a license file holds exactly one")]
+    #[error(
+        "the file holds more than one line besides '#' comments; a license file is one signed \
+         line (if an email client wrapped it, join its lines)"
+    )]
     SeveralTokens,
+    #[error("the file is a key or certificate (PEM), not a license file (.lic)")]
+    Pem,
     #[error("the file is not a signed license: {0}")]
     Malformed(JwsError),
     #[error("the file's document type is {0}, not a license (keygate-license)")]
@@ -135,6 +140,9 @@ pub fn token_line(file: &str) -> Result<&str, ImportError> {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'));
     let token = lines.next().ok_or(ImportError::Empty)?;
+    if token.starts_with("-----BEGIN ") {
+        return Err(ImportError::Pem);
+    }
     if lines.next().is_some() {
         return Err(ImportError::SeveralTokens);
     }

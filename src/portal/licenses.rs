@@ -168,14 +168,14 @@ pub async fn upload(
     };
     let text = match String::from_utf8(file) {
         Ok(text) if !text.trim().is_empty() => text,
-        _ => {
-            return page(
-                &state,
-                &admin,
-                None,
-                Some("Choose a license file (.lic) to upload.".into()),
-            )
-            .await;
+        refused => {
+            let error = if refused.is_err() {
+                "The license was not imported: the file is not UTF-8 text (a license file is \
+                 one line of ASCII; was it saved in another encoding?)."
+            } else {
+                "Choose a license file (.lic) to upload."
+            };
+            return page(&state, &admin, None, Some(error.into())).await;
         }
     };
     let config_keys = state.config.trusted_vendor_keys.clone();
@@ -194,15 +194,18 @@ pub async fn upload(
             .write(move |conn| {
                 let outcome = import::apply(conn, &verified, now)?;
                 let note = import::expired_note(&verified.license, now);
-                ops::audit(
-                    conn,
-                    now.unix_timestamp(),
-                    &actor,
-                    "license imported",
-                    &verified.license.license_id,
-                    &outcome.to_string(),
-                    &from,
-                )?;
+                // The same file again changes nothing, not even the audit log.
+                if !matches!(outcome, import::ImportOutcome::Unchanged { .. }) {
+                    ops::audit(
+                        conn,
+                        now.unix_timestamp(),
+                        &actor,
+                        "license imported",
+                        &verified.license.license_id,
+                        &outcome.to_string(),
+                        &from,
+                    )?;
+                }
                 Ok::<_, import::ImportError>((outcome, note))
             })
             .await

@@ -439,7 +439,23 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
         (
             "two tokens",
             format!("{good_raw}{good_raw}"),
-            "more than one signed line",
+            "more than one line",
+        ),
+        // Wrapped at 76 columns by an email client: the message says to join the lines.
+        (
+            "wrapped",
+            good_raw
+                .trim()
+                .as_bytes()
+                .chunks(76)
+                .map(|line| format!("{}\n", std::str::from_utf8(line).unwrap()))
+                .collect(),
+            "join its lines",
+        ),
+        (
+            "a vendor key instead",
+            std::fs::read_to_string(vendor.pub_path()).unwrap(),
+            "a key or certificate (PEM), not a license",
         ),
         (
             "activation request instead",

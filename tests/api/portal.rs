@@ -668,6 +668,25 @@ fn licenses_are_uploaded_with_the_import_checks() {
         "the history shows version 1"
     );
     assert_eq!(f.item_value("LIC-T-1", "quota"), 50);
+    // The same file again changes nothing, not even the audit log.
+    let before = db_digest(&db);
+    let answer = browser.upload("/licenses", &token, &file);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(answer.body.contains("already imported"), "{}", answer.body);
+    assert_eq!(db_digest(&db), before);
+    // A file saved as UTF-16 (Windows PowerShell 5's default) is named as such.
+    let utf16: Vec<u8> = [0xFF, 0xFE]
+        .into_iter()
+        .chain(
+            String::from_utf8(file.clone())
+                .unwrap()
+                .encode_utf16()
+                .flat_map(u16::to_le_bytes),
+        )
+        .collect();
+    let answer = browser.upload("/licenses", &token, &utf16);
+    assert!(answer.body.contains("not UTF-8 text"), "{}", answer.body);
+    assert_eq!(db_digest(&db), before);
 
     assert!(set_password_for_admin(&f, "audrey", "auditor").ok);
     let (auditor, _) = sign_in(&f, "audrey", PASSWORD);
