@@ -59,6 +59,9 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Stop trusting a vendor key added with `trust` (by its key id): license files it signs
+    /// are refused from then on; the licenses imported stay.
+    Untrust { kid: String },
     /// Import a license file (also while the appliance runs; it takes effect at once).
     Import {
         /// The license file (.lic).
@@ -341,6 +344,7 @@ pub fn run(command: Command, config: Config) -> Result<()> {
             write_output(out.as_deref(), &text)
         }
         Command::Trust { key, name } => trust(&config, &key, name, &clock),
+        Command::Untrust { kid } => untrust(&config, &kid, &clock),
         Command::Import { file } => import_file(&config, &file, &clock),
         Command::Licenses => licenses(&config),
         Command::Status => status(&config),
@@ -466,6 +470,32 @@ fn audited<T>(
     }
     tx.commit()?;
     Ok(value)
+}
+
+fn untrust(config: &Config, kid: &str, clock: &dyn Clock) -> Result<()> {
+    for path in &config.trusted_vendor_keys {
+        let pem = std::fs::read_to_string(path).unwrap_or_default();
+        if keys::public_key_from_pem(&pem).is_ok_and(|key| keys::kid(&key) == kid) {
+            bail!(
+                "vendor key {kid} is trusted by the configuration ({}): remove it from \
+                 trusted_vendor_keys there",
+                path.display()
+            );
+        }
+    }
+    audited(config, clock.now(), |conn| {
+        if !store::licenses::delete_trusted_key(conn, kid)? {
+            bail!(
+                "vendor key {kid} is not trusted (the portal's Licenses page lists those that are)"
+            );
+        }
+        Ok((
+            (),
+            Some(("vendor key untrusted", kid.to_string(), String::new())),
+        ))
+    })?;
+    println!("vendor key {kid} is no longer trusted; the licenses it signed stay imported");
+    Ok(())
 }
 
 fn trust(config: &Config, path: &Path, name: Option<String>, clock: &dyn Clock) -> Result<()> {

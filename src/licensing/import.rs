@@ -108,8 +108,8 @@ pub struct VerifiedLicense {
     pub sha256: String,
 }
 
-/// The vendor keys this appliance trusts: those added with `keygate trust` (or the portal)
-/// and the SPKI PEM files the configuration names.
+/// The vendor keys this appliance trusts: those added with `keygate trust` and the SPKI PEM
+/// files the configuration names.
 pub fn trusted_keys(
     conn: &Connection,
     config_files: &[std::path::PathBuf],

@@ -76,6 +76,7 @@ async fn page(
                     name: k.name,
                     added: super::utc(k.added_at),
                 })
+                .chain(state.config.trusted_vendor_keys.iter().map(config_key))
                 .collect(),
             notice,
             error,
@@ -83,6 +84,23 @@ async fn page(
         refused,
     );
     Ok(response)
+}
+
+/// A vendor key the configuration names, as the page lists it (one that cannot be read is
+/// listed with why: imports fail until it is fixed).
+fn config_key(path: &std::path::PathBuf) -> KeyView {
+    let key = std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|pem| keygate_sdk::keys::public_key_from_pem(&pem).map_err(|e| e.to_string()));
+    let (kid, name) = match key {
+        Ok(key) => (keygate_sdk::keys::kid(&key), path.display().to_string()),
+        Err(why) => ("-".into(), format!("{}: unusable ({why})", path.display())),
+    };
+    KeyView {
+        kid,
+        name,
+        added: "in the configuration".into(),
+    }
 }
 
 pub async fn list(state: web::Data<AppState>, admin: Viewer) -> Result<HttpResponse, PortalError> {
@@ -298,4 +316,27 @@ pub async fn item(
             .map(|(key, _, sent_at)| (key, super::utc(sent_at)))
             .collect(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_the_configuration_names_are_listed_and_unusable_ones_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = keygate_sdk::keys::generate_signing_key().verifying_key();
+        let path = dir.path().join("acme.pub");
+        std::fs::write(&path, keygate_sdk::keys::public_key_to_pem(&key)).unwrap();
+        let listed = config_key(&path);
+        assert_eq!(listed.kid, keygate_sdk::keys::kid(&key));
+        assert_eq!(listed.name, path.display().to_string());
+        let missing = config_key(&dir.path().join("gone.pub"));
+        assert_eq!(missing.kid, "-");
+        assert!(
+            missing.name.contains("gone.pub: unusable"),
+            "{}",
+            missing.name
+        );
+    }
 }

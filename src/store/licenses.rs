@@ -38,6 +38,11 @@ pub fn insert_trusted_key(conn: &Connection, key: &TrustedKey) -> Result<bool, S
     Ok(added == 1)
 }
 
+/// Removes a trusted vendor key; returns whether it was there.
+pub fn delete_trusted_key(conn: &Connection, kid: &str) -> Result<bool, StoreError> {
+    Ok(conn.execute("DELETE FROM trusted_keys WHERE kid = ?1", [kid])? == 1)
+}
+
 /// Creates the organization if it is new; returns whether it was created.
 pub fn ensure_organization(
     conn: &Connection,

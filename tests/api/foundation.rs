@@ -240,6 +240,8 @@ fn plain_http_gets_no_answer() {
     assert!(plain.is_err(), "plain HTTP must not be served");
 }
 
+/// Another vendor's license never replaces one (vendors may number alike); the same vendor
+/// under a rotated key renews it, and the retired key can be taken off.
 #[test]
 fn another_vendors_license_with_the_same_id_replaces_nothing() {
     let acme = Vendor::new();
@@ -271,6 +273,37 @@ fn another_vendors_license_with_the_same_id_replaces_nothing() {
         "{}",
         run.stderr
     );
+    // The retired key is taken off: files it signs are refused from then on; the licenses
+    // imported stay.
+    let kid = |vendor: &Vendor| {
+        let pem = std::fs::read_to_string(vendor.pub_path()).unwrap();
+        keygate_sdk::keys::kid(&keygate_sdk::keys::public_key_from_pem(&pem).unwrap())
+    };
+    let run = keygate(&data, &["untrust", &kid(&acme)]);
+    assert!(run.ok, "{}", run.stderr);
+    let v3 = acme.issue_file(&data, SIMPLE_ITEMS, &["--version", "3"], "v3.lic");
+    let run = import(&data, &v3);
+    assert!(
+        !run.ok && run.stderr.contains("does not trust"),
+        "{}",
+        run.stderr
+    );
+    assert!(keygate(&data, &["licenses"]).stdout.contains("LIC-0042-1"));
+    let run = keygate(&data, &["untrust", &kid(&acme)]);
+    assert!(
+        !run.ok && run.stderr.contains("is not trusted"),
+        "{}",
+        run.stderr
+    );
+    let audit = rusqlite::Connection::open(data.join("keygate.db"))
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM audit_log WHERE action = 'vendor key untrusted'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap();
+    assert_eq!(audit, 1);
 }
 
 #[test]
