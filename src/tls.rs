@@ -115,7 +115,8 @@ pub fn ensure_certificate(config: &Config, now: OffsetDateTime) -> Result<CertSo
     };
     let source = certificate_source(config);
     if !source.self_signed {
-        return finished(source);
+        // The operator's files: the portal never replaces them, so nothing of its is pending.
+        return Ok(source);
     }
     if !source.cert.exists() {
         let dir = source
@@ -357,6 +358,31 @@ mod tests {
         );
         assert!(!cert_new.exists() && !key_new.exists());
         source.finish_replacement().unwrap();
+    }
+
+    /// Files named in the configuration are the operator's: the portal never replaces them,
+    /// so a `.new` pair beside them is a renewal the operator staged, not an interrupted
+    /// upload, and a start leaves it alone (under systemd /etc is read-only, too).
+    #[test]
+    fn a_pair_staged_beside_configured_files_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) =
+            self_signed(&["localhost".to_string()], OffsetDateTime::now_utc()).unwrap();
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        config.tls.cert = Some(dir.path().join("cert.pem"));
+        config.tls.key = Some(dir.path().join("key.pem"));
+        std::fs::write(dir.path().join("cert.pem"), &cert).unwrap();
+        std::fs::write(dir.path().join("key.pem"), &key).unwrap();
+        let source = certificate_source(&config);
+        let (cert_new, key_new) = source.pending();
+        std::fs::write(&cert_new, "staged cert").unwrap();
+        std::fs::write(&key_new, "staged key").unwrap();
+        let used = ensure_certificate(&config, OffsetDateTime::now_utc()).unwrap();
+        assert_eq!(used.cert, dir.path().join("cert.pem"));
+        assert!(cert_new.exists() && key_new.exists());
     }
 
     #[test]

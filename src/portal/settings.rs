@@ -129,17 +129,27 @@ pub async fn certificate(
             .await;
         }
     };
-    let source = state.cert_source.clone();
+    let (source, served) = (state.cert_source.clone(), state.certificate.clone());
     let written = web::block(move || {
+        // One replacement at a time, the pair served changed with the files: two uploads at
+        // once would otherwise leave one's key beside the other's certificate.
+        static REPLACING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = REPLACING.lock().unwrap_or_else(|e| e.into_inner());
         // New files beside the old ones, then renamed over them, key first; a crash in
-        // between is finished at the next start (`CertSource::finish_replacement`).
+        // between is finished at the next start (`CertSource::finish_replacement`). The
+        // directory is synced: the new pair is the one in use after a power loss too.
         let (cert_tmp, key_tmp) = source.pending();
         let _ = std::fs::remove_file(&cert_tmp);
         let _ = std::fs::remove_file(&key_tmp);
         write_secret_file(&key_tmp, &key)?;
         write_secret_file(&cert_tmp, &cert)?;
         std::fs::rename(&key_tmp, &source.key)?;
-        std::fs::rename(&cert_tmp, &source.cert)
+        std::fs::rename(&cert_tmp, &source.cert)?;
+        if let Some(dir) = source.cert.parent() {
+            crate::appliance::sync_dir(dir)?;
+        }
+        served.replace(certified);
+        Ok::<_, std::io::Error>(())
     })
     .await
     .map_err(|_| PortalError::Internal)?;
@@ -147,7 +157,6 @@ pub async fn certificate(
         tracing::error!(error = %e, "cannot store the uploaded certificate");
         return Err(PortalError::Internal);
     }
-    state.certificate.replace(certified);
     super::audit_alone(
         &state,
         &admin.name,

@@ -239,17 +239,9 @@ fn sync_file(path: &Path) -> Result<(), BackupError> {
         .map_err(io(path))
 }
 
-/// Makes a rename in `dir` durable (directories cannot be opened for syncing on Windows).
-#[cfg(unix)]
+/// Makes a rename in `dir` durable.
 fn sync_dir(dir: &Path) -> Result<(), BackupError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
-}
-
-#[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> Result<(), BackupError> {
-    Ok(())
+    crate::appliance::sync_dir(dir).map_err(io(dir))
 }
 
 /// Backups and restored databases hold the whole appliance state: owner only.
