@@ -163,6 +163,11 @@ fn take_as(
     now: OffsetDateTime,
 ) -> Result<BackupFile, BackupError> {
     crate::appliance::create_private_dir(dir)?;
+    // What a backup cut short left (best effort: this backup does not depend on it), before
+    // the free space is measured.
+    if let Err(e) = remove_unfinished(dir) {
+        tracing::warn!(error = %e, "cannot remove unfinished backups");
+    }
     let available = fs4::available_space(dir).map_err(io(dir))?;
     check_space(dir, copy_size(db)?, available)?;
     let path = dir.join(name);
@@ -303,8 +308,8 @@ fn entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>, BackupError> {
 }
 
 /// Removes the temporary files of backups that never finished (the process was killed while
-/// copying, e.g. a service manager's start timeout during the backup before an upgrade):
-/// nothing else removes them, and each is the size of the database. Only files untouched
+/// copying, e.g. a service manager's start timeout during the backup before an upgrade), at
+/// a start and before each backup: each is the size of the database. Only files untouched
 /// for 10 minutes go: a backup being written (`keygate backup` beside the service) is not.
 pub fn remove_unfinished(dir: &Path) -> Result<usize, BackupError> {
     let mut removed = 0;
@@ -653,6 +658,15 @@ mod tests {
         assert_eq!(remove_unfinished(&backups).unwrap(), 1);
         assert!(!killed.exists() && writing.exists() && kept.path.exists());
         assert_eq!(remove_unfinished(&dir.path().join("none")).unwrap(), 0);
+        // The next backup removes them too (the service may run for months between starts).
+        std::fs::File::options()
+            .write(true)
+            .open(&writing)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(660))
+            .unwrap();
+        take(&db, &backups, now + time::Duration::minutes(12)).unwrap();
+        assert!(!writing.exists());
     }
 
     #[test]
