@@ -474,8 +474,7 @@ fn audited<T>(
 
 fn untrust(config: &Config, kid: &str, clock: &dyn Clock) -> Result<()> {
     for path in &config.trusted_vendor_keys {
-        let pem = std::fs::read_to_string(path).unwrap_or_default();
-        if keys::public_key_from_pem(&pem).is_ok_and(|key| keys::kid(&key) == kid) {
+        if import::config_key(path).is_ok_and(|key| keys::kid(&key) == kid) {
             bail!(
                 "vendor key {kid} is trusted by the configuration ({}): remove it from \
                  trusted_vendor_keys there",
@@ -1015,7 +1014,12 @@ fn status(config: &Config) -> Result<()> {
         );
     }
     let counts = store::licenses::counts(&conn, licensing::unix(SystemClock.now()))?;
-    let trusted = trusted_keys(config, &conn)?;
+    // An unusable configured key is shown, not a reason to show nothing (the service does
+    // not start with one).
+    let trusted = match trusted_keys(config, &conn) {
+        Ok(keys) => keys.len().to_string(),
+        Err(e) => format!("CANNOT IMPORT: {e}"),
+    };
     println!("keygate {}", env!("CARGO_PKG_VERSION"));
     println!("installation id:  {}", appliance.installation_id());
     println!("data directory:   {}", config.data_dir.display());
@@ -1025,7 +1029,7 @@ fn status(config: &Config) -> Result<()> {
         store::schema_version()
     );
     println!("listen:           https://{}", config.listen);
-    println!("trusted vendors:  {}", trusted.len());
+    println!("trusted vendors:  {trusted}");
     println!(
         "licenses:         {} ({} items in force now, {} organizations, {} handshake codes)",
         counts.licenses, counts.items, counts.organizations, counts.handshake_codes

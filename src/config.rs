@@ -220,7 +220,10 @@ impl Config {
                 "KEYGATE_DATA_DIR" => self.data_dir = value.into(),
                 "KEYGATE_LISTEN" => self.listen = value.parse().map_err(|e| bad(format!("{e}")))?,
                 "KEYGATE_TRUSTED_VENDOR_KEYS" => {
-                    self.trusted_vendor_keys = std::env::split_paths(&value).collect()
+                    // Empty (`KEYGATE_TRUSTED_VENDOR_KEYS=`): none, not one with no path.
+                    self.trusted_vendor_keys = std::env::split_paths(&value)
+                        .filter(|path| !path.as_os_str().is_empty())
+                        .collect()
                 }
                 "KEYGATE_PUBLIC_URL" => self.public_url = Some(value),
                 "KEYGATE_TLS_CERT" => self.tls.cert = Some(value.into()),
@@ -362,6 +365,24 @@ mod tests {
         assert_eq!(
             config.database_path(),
             PathBuf::from("./keygate-data/keygate.db")
+        );
+    }
+
+    #[test]
+    fn an_empty_vendor_keys_variable_names_no_key() {
+        let keys = |value: &str| {
+            Config::load(
+                None,
+                env(&[("KEYGATE_TRUSTED_VENDOR_KEYS", value)]),
+                &Overrides::default(),
+            )
+            .unwrap()
+            .trusted_vendor_keys
+        };
+        assert!(keys("").is_empty());
+        assert_eq!(
+            keys("/etc/a.pub::/etc/b.pub"),
+            [PathBuf::from("/etc/a.pub"), PathBuf::from("/etc/b.pub")]
         );
     }
 

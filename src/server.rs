@@ -36,6 +36,9 @@ pub enum StartError {
     Lock(#[from] backup::BackupError),
     #[error("metrics.token_file {path}: {message}")]
     MetricsToken { path: String, message: String },
+    /// A vendor key the configuration names that cannot be used would fail every import.
+    #[error("{0} (trusted_vendor_keys in the configuration)")]
+    VendorKey(crate::licensing::import::ImportError),
 }
 
 /// Everything a request handler may need, shared by all workers.
@@ -93,6 +96,9 @@ impl AppState {
             .as_deref()
             .map(read_metrics_token)
             .transpose()?;
+        for path in &config.trusted_vendor_keys {
+            crate::licensing::import::config_key(path).map_err(StartError::VendorKey)?;
+        }
         let appliance = Appliance::load_or_create(&config.data_dir)?;
         let lock = backup::lock_file(&config.data_dir, backup::LOCK_WAIT)?;
         let backups = config.data_dir.join(backup::BACKUP_DIR);

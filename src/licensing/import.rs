@@ -119,16 +119,20 @@ pub fn trusted_keys(
         .filter_map(|k| VerifyingKey::from_bytes(&k.public_key).ok())
         .collect();
     for path in config_files {
-        let key = std::fs::read_to_string(path)
-            .map_err(|e| e.to_string())
-            .and_then(|pem| keys::public_key_from_pem(&pem).map_err(|e| e.to_string()))
-            .map_err(|reason| ImportError::KeyFile {
-                path: path.clone(),
-                reason,
-            })?;
-        trusted.push(key);
+        trusted.push(config_key(path)?);
     }
     Ok(trusted)
+}
+
+/// A vendor key file the configuration names (SPKI PEM).
+pub fn config_key(path: &std::path::Path) -> Result<VerifyingKey, ImportError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|pem| keys::public_key_from_pem(&pem).map_err(|e| e.to_string()))
+        .map_err(|reason| ImportError::KeyFile {
+            path: path.to_path_buf(),
+            reason,
+        })
 }
 
 /// The single signed line of a license file: `#` comment lines and blank lines are skipped.

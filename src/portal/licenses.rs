@@ -76,7 +76,13 @@ async fn page(
                     name: k.name,
                     added: super::utc(k.added_at),
                 })
-                .chain(state.config.trusted_vendor_keys.iter().map(config_key))
+                .chain(
+                    state
+                        .config
+                        .trusted_vendor_keys
+                        .iter()
+                        .map(|path| config_key(path)),
+                )
                 .collect(),
             notice,
             error,
@@ -88,13 +94,10 @@ async fn page(
 
 /// A vendor key the configuration names, as the page lists it (one that cannot be read is
 /// listed with why: imports fail until it is fixed).
-fn config_key(path: &std::path::PathBuf) -> KeyView {
-    let key = std::fs::read_to_string(path)
-        .map_err(|e| e.to_string())
-        .and_then(|pem| keygate_sdk::keys::public_key_from_pem(&pem).map_err(|e| e.to_string()));
-    let (kid, name) = match key {
+fn config_key(path: &std::path::Path) -> KeyView {
+    let (kid, name) = match import::config_key(path) {
         Ok(key) => (keygate_sdk::keys::kid(&key), path.display().to_string()),
-        Err(why) => ("-".into(), format!("{}: unusable ({why})", path.display())),
+        Err(why) => ("-".into(), why.to_string()),
     };
     KeyView {
         kid,
@@ -334,7 +337,7 @@ mod tests {
         let missing = config_key(&dir.path().join("gone.pub"));
         assert_eq!(missing.kid, "-");
         assert!(
-            missing.name.contains("gone.pub: unusable"),
+            missing.name.contains("gone.pub cannot be used"),
             "{}",
             missing.name
         );

@@ -37,6 +37,46 @@ fn readiness_needs_a_database_that_commits() {
     assert_eq!(ready(), (200, json!({"status": "ready"})));
 }
 
+/// A vendor key the configuration names that the service cannot read (a typo, a path under
+/// /home that systemd's ProtectHome hides) would fail every import, the portal's too: the
+/// start stops with a message naming the file and the setting, and nothing is set up.
+#[test]
+fn an_unusable_configured_vendor_key_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let missing = dir.path().join("acme.pub");
+    let out = command()
+        .env("KEYGATE_TRUSTED_VENDOR_KEYS", &missing)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("acme.pub") && stderr.contains("trusted_vendor_keys"),
+        "{stderr}"
+    );
+    assert!(!data.exists());
+    // `keygate status` of a set-up appliance shows it rather than fail.
+    let served = Served::start(&data);
+    drop(served);
+    let out = command()
+        .env("KEYGATE_TRUSTED_VENDOR_KEYS", &missing)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("status")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("trusted vendors:  CANNOT IMPORT: trusted vendor key")
+            && stdout.contains("acme.pub"),
+        "{stdout}"
+    );
+}
+
 /// With `metrics.token_file`, a scrape presents the token; a token too short to be safe
 /// stops the start with a message naming the setting.
 #[test]
