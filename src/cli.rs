@@ -445,9 +445,41 @@ pub fn trusted_keys(config: &Config, conn: &rusqlite::Connection) -> Result<Vec<
     Ok(import::trusted_keys(conn, &config.trusted_vendor_keys)?)
 }
 
+/// Opens the database for a command, migrating it to this release's schema, unless the
+/// service runs on it: migrating under a running older `serve` (an upgrade that did not
+/// restart it) would break its queries.
 fn open_store(config: &Config) -> Result<rusqlite::Connection> {
     appliance::create_private_dir(&config.data_dir)?;
-    Ok(store::open(&config.database_path())?)
+    let path = config.database_path();
+    if path.exists() {
+        let (_, schema) = read_only(&path)?;
+        let running = || {
+            matches!(
+                store::backup::lock_file(&config.data_dir, std::time::Duration::ZERO),
+                Err(store::backup::BackupError::Running)
+            )
+        };
+        if schema > 0 && schema < store::schema_version() && running() {
+            bail!(
+                "the database is at schema {schema}, which the running service reads; this \
+                 keygate ({}) needs schema {}: restart the service with this release (it \
+                 migrates the database at start), then run the command again",
+                env!("CARGO_PKG_VERSION"),
+                store::schema_version()
+            );
+        }
+    }
+    Ok(store::open(&path)?)
+}
+
+/// The database opened read-only (a database of another release is told, not migrated),
+/// and its schema version.
+fn read_only(path: &Path) -> Result<(rusqlite::Connection, i64)> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let schema: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    Ok((conn, schema))
 }
 
 /// What a change made at the console writes into the audit log (actor `cli`), as the
@@ -964,9 +996,9 @@ fn licenses(config: &Config) -> Result<()> {
 }
 
 fn reset_clock(config: &Config, clock: &dyn Clock) -> Result<()> {
+    let conn = open_store(config)?;
     // The running service keeps the newest time in memory and would save it again.
     let _lock = store::backup::lock_file(&config.data_dir, std::time::Duration::ZERO)?;
-    let conn = open_store(config)?;
     let now = clock.now().unix_timestamp();
     let newest = crate::store::ops::newest_time(&conn)?;
     if now >= newest {
@@ -993,13 +1025,7 @@ fn status(config: &Config) -> Result<()> {
         );
     }
     let appliance = Appliance::load(&config.data_dir)?;
-    // Opened read-only: a database of another release is told, not migrated.
-    let conn = rusqlite::Connection::open_with_flags(
-        config.database_path(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    let schema: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let (conn, schema) = read_only(&config.database_path())?;
     if schema != store::schema_version() {
         bail!(
             "the database {} is at schema {schema}; this keygate {} reads schema {}: {}",

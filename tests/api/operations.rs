@@ -77,6 +77,33 @@ fn an_unusable_configured_vendor_key_stops_the_start() {
     );
 }
 
+/// A command of a newer release does not migrate the database under a running older
+/// service (an upgrade that did not restart it): it says to restart the service first.
+#[test]
+fn a_command_does_not_migrate_the_database_under_a_running_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let served = Served::start(&data);
+    // Serving: done with its start (which opens the database once more after it listens).
+    let agent = pinned_agent(&appliance_cert(&data));
+    assert_eq!(get_json(&agent, &served.url("/healthz")).0, 200);
+    // The running service as an older release left it: one schema behind this keygate.
+    let older = keygate::store::schema_version() - 1;
+    let db = rusqlite::Connection::open(data.join("keygate.db")).unwrap();
+    db.pragma_update(None, "user_version", older).unwrap();
+    let run = keygate(&data, &["licenses"]);
+    assert!(
+        !run.ok && run.stderr.contains("restart the service with this release"),
+        "{}",
+        run.stderr
+    );
+    let schema: i64 = db
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(schema, older, "not migrated");
+    drop(served);
+}
+
 /// With `metrics.token_file`, a scrape presents the token; a token too short to be safe
 /// stops the start with a message naming the setting.
 #[test]
