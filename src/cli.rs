@@ -449,27 +449,38 @@ pub fn trusted_keys(config: &Config, conn: &rusqlite::Connection) -> Result<Vec<
 /// service runs on it: migrating under a running older `serve` (an upgrade that did not
 /// restart it) would break its queries.
 fn open_store(config: &Config) -> Result<rusqlite::Connection> {
+    use std::time::Duration;
     appliance::create_private_dir(&config.data_dir)?;
     let path = config.database_path();
-    if path.exists() {
-        let (_, schema) = read_only(&path)?;
-        let running = || {
-            matches!(
-                store::backup::lock_file(&config.data_dir, std::time::Duration::ZERO),
-                Err(store::backup::BackupError::Running)
-            )
-        };
-        if schema > 0 && schema < store::schema_version() && running() {
-            bail!(
+    let schema = if path.exists() {
+        Some(read_only(&path)?.1)
+    } else {
+        None
+    };
+    let outdated = schema.filter(|s| (1..store::schema_version()).contains(s));
+    // Held while migrating: a service starting meanwhile waits for it.
+    let _lock = match outdated {
+        Some(schema) => match store::backup::lock_file(&config.data_dir, Duration::ZERO) {
+            Err(store::backup::BackupError::Running) => bail!(
                 "the database is at schema {schema}, which the running service reads; this \
                  keygate ({}) needs schema {}: restart the service with this release (it \
                  migrates the database at start), then run the command again",
                 env!("CARGO_PKG_VERSION"),
                 store::schema_version()
-            );
-        }
-    }
+            ),
+            lock => Some(lock?),
+        },
+        None => None,
+    };
     Ok(store::open(&path)?)
+}
+
+/// Whether `serve` runs on this data directory (it holds the directory's lock).
+fn service_running(config: &Config) -> bool {
+    matches!(
+        store::backup::lock_file(&config.data_dir, std::time::Duration::ZERO),
+        Err(store::backup::BackupError::Running)
+    )
 }
 
 /// The database opened read-only (a database of another release is told, not migrated),
@@ -570,8 +581,7 @@ fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {
         let trusted = trusted_keys(config, conn)?;
         let verified = import::verify(&text, &trusted, appliance.public_key())?;
         let outcome = import::apply(conn, &verified, now)?;
-        // The same file again changes nothing, not even the audit log.
-        let entry = (!matches!(outcome, import::ImportOutcome::Unchanged { .. })).then(|| {
+        let entry = outcome.changed().then(|| {
             let id = verified.license.license_id.clone();
             ("license imported", id, outcome.to_string())
         });
@@ -733,6 +743,17 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
     let now = clock.now();
     match command {
         AdminCommand::Create { name, role } => {
+            // Told before the password is asked for (checked again as the admin is stored).
+            let first_not_owner = |conn: &rusqlite::Connection| -> Result<()> {
+                if role != "owner" && admins::admin_count(conn)? == 0 {
+                    bail!(
+                        "the first admin must be an owner (--role owner): owners manage the \
+                         other admins; nothing was changed"
+                    );
+                }
+                Ok(())
+            };
+            first_not_owner(&open_store(config)?)?;
             let password = read_password()?;
             crate::portal::check_credentials(&name, &password).map_err(|e| anyhow::anyhow!(e))?;
             let hash = hash_password(&password);
@@ -740,12 +761,7 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
                 if admins::admin_by_name(conn, &name)?.is_some() {
                     bail!("an admin named {name} already exists");
                 }
-                if role != "owner" && admins::admin_count(conn)? == 0 {
-                    bail!(
-                        "the first admin must be an owner (--role owner): owners manage the \
-                         other admins; nothing was changed"
-                    );
-                }
+                first_not_owner(conn)?;
                 admins::insert_admin(conn, &name, &role, &hash, licensing::unix(now))?;
                 admins::delete_setup_tokens(conn)?;
                 Ok(((), Some(("admin created", name.clone(), role.to_string()))))
@@ -775,19 +791,27 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
             let Some(path) = link else {
                 bail!("an admin exists already: the setup link is only for the first one");
             };
-            println!("{}", first_admin_link(config.listen.port(), &path));
+            println!("{}", first_admin_link(config, config.listen.port(), &path));
         }
     }
     Ok(())
 }
 
-/// The one-time link to create the first admin, as `serve` and `admin setup-link` print it.
-fn first_admin_link(port: u16, path: &str) -> String {
-    format!(
-        "https://{}:{port}{path}  (one-time link, valid 24 hours;\n                 \
-         on this machine: https://localhost:{port}{path})",
-        appliance::hostname()
-    )
+/// The one-time link to create the first admin, as `serve` and `admin setup-link` print it:
+/// under the portal's `public_url` when one is set (a proxy in front), else this host's
+/// name and the port it listens on.
+fn first_admin_link(config: &Config, port: u16, path: &str) -> String {
+    match config.public_url.as_deref() {
+        Some(url) => format!(
+            "{}{path}  (one-time link, valid 24 hours)",
+            url.trim_end_matches('/')
+        ),
+        None => format!(
+            "https://{}:{port}{path}  (one-time link, valid 24 hours;\n                 \
+             on this machine: https://localhost:{port}{path})",
+            appliance::hostname()
+        ),
+    }
 }
 
 fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<()> {
@@ -1060,10 +1084,7 @@ fn status(config: &Config) -> Result<()> {
         "licenses:         {} ({} items in force now, {} organizations, {} handshake codes)",
         counts.licenses, counts.items, counts.organizations, counts.handshake_codes
     );
-    let running = matches!(
-        store::backup::lock_file(&config.data_dir, std::time::Duration::ZERO),
-        Err(store::backup::BackupError::Running)
-    );
+    let running = service_running(config);
     println!(
         "service:          {}",
         if running { "running" } else { "not running" }
@@ -1217,7 +1238,10 @@ pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()
         if let Some(path) =
             crate::portal::auth::setup_link(&conn, state.clock.now().unix_timestamp())?
         {
-            println!("first admin:     {}", first_admin_link(local.port(), &path));
+            println!(
+                "first admin:     {}",
+                first_admin_link(&state.config, local.port(), &path)
+            );
         }
     } else if crate::store::admins::admin_count(&conn)? == 0 {
         println!(

@@ -885,6 +885,32 @@ async fn send_notices(state: &AppState, notices: &[Notice]) -> Result<(), JobErr
 mod tests {
     use super::*;
 
+    /// Each job is due its interval after its last run (or the first start), at once when
+    /// that has passed, and a whole interval away when its last run looks later than now (a
+    /// clock set back since).
+    #[test]
+    fn a_job_is_due_an_interval_after_its_last_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = store::open(&dir.path().join("k.db")).unwrap();
+        let config = crate::config::JobsConfig::default(); // 600, 720, 86_400 seconds
+        let now = 1_000_000;
+        remember_first_start(&conn, now - 100).unwrap();
+        ops::record_job_run(&conn, "alerts", now - 601, 0, true, "").unwrap();
+        ops::record_job_run(&conn, "backup", now + 50, 0, true, "").unwrap();
+        let due: HashMap<_, _> = next_due(&conn, &config, now).unwrap().into_iter().collect();
+        assert_eq!(due["alerts"], Duration::ZERO, "overdue: at once");
+        assert_eq!(
+            due["backup"],
+            Duration::from_secs(720),
+            "a run 'in the future'"
+        );
+        assert_eq!(
+            due["housekeeping"],
+            Duration::from_secs(86_400 - 100),
+            "never ran: from the first start"
+        );
+    }
+
     #[test]
     fn a_job_never_runs_twice_at_once() {
         let running = RunningJobs::default();

@@ -36,9 +36,6 @@ pub enum StartError {
     Lock(#[from] backup::BackupError),
     #[error("metrics.token_file {path}: {message}")]
     MetricsToken { path: String, message: String },
-    /// A vendor key the configuration names that cannot be used would fail every import.
-    #[error("{0} (trusted_vendor_keys in the configuration)")]
-    VendorKey(crate::licensing::import::ImportError),
 }
 
 /// Everything a request handler may need, shared by all workers.
@@ -96,13 +93,18 @@ impl AppState {
             .as_deref()
             .map(read_metrics_token)
             .transpose()?;
+        // A configured vendor key that cannot be used fails every import until it is fixed,
+        // but the devices need none to work: told (logged as an error, so emailed), not a
+        // reason to stop serving them.
         for path in &config.trusted_vendor_keys {
-            crate::licensing::import::config_key(path).map_err(StartError::VendorKey)?;
+            if let Err(e) = crate::licensing::import::config_key(path) {
+                tracing::error!(kind = "config", error = %e, "imports will fail: fix trusted_vendor_keys");
+            }
         }
         let appliance = Appliance::load_or_create(&config.data_dir)?;
         let lock = backup::lock_file(&config.data_dir, backup::LOCK_WAIT)?;
         let backups = config.data_dir.join(backup::BACKUP_DIR);
-        match backup::remove_unfinished(&backups) {
+        match backup::remove_unfinished(&backups, backup::UNFINISHED_AT_START) {
             Ok(0) => {}
             Ok(n) => tracing::warn!(files = n, "removed unfinished backups"),
             Err(e) => tracing::warn!(error = %e, "cannot remove unfinished backups"),

@@ -802,10 +802,10 @@ fn unusable(path: &Path, e: serde_json::Error) -> ClientError {
 }
 
 /// Reads and parses a JSON file; `None` when it does not exist. A file that is not JSON at
-/// all (torn or damaged on disk) is renamed `<name>.corrupt`, kept for the vendor's support,
-/// and taken as absent: the client rebuilds what it can rather than stop the product for
-/// good. JSON of another shape (written by another version of the SDK) is refused and left
-/// alone.
+/// all (torn or damaged on disk) is renamed `<name>.corrupt` (`.corrupt.1`, ... beside an
+/// earlier one), kept for the vendor's support, and taken as absent: the client rebuilds
+/// what it can rather than stop the product for good. JSON of another shape (written by
+/// another version of the SDK) is refused and left alone.
 fn read_or_set_aside<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ClientError> {
     let Some(bytes) = read_file(path)? else {
         return Ok(None);
@@ -813,7 +813,12 @@ fn read_or_set_aside<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, Clie
     match serde_json::from_slice(&bytes) {
         Ok(value) => Ok(Some(value)),
         Err(e) if matches!(e.classify(), Category::Syntax | Category::Eof) => {
-            fs::rename(path, beside(path, ".corrupt")).map_err(|source| ClientError::StateIo {
+            // Beside any copy kept before (`.corrupt`, `.corrupt.1`, ...), never over it.
+            let kept = std::iter::once(beside(path, ".corrupt"))
+                .chain((1..).map(|n| beside(path, &format!(".corrupt.{n}"))))
+                .find(|kept| !kept.exists())
+                .expect("an unused name");
+            fs::rename(path, kept).map_err(|source| ClientError::StateIo {
                 action: "set aside",
                 path: path.to_path_buf(),
                 source,
@@ -2139,6 +2144,17 @@ mod tests {
             fs::read(dir.path().join("state.json.corrupt")).unwrap(),
             b"{ not json",
             "kept for support"
+        );
+        // Damaged again: the first copy stays, the second is kept beside it.
+        fs::write(&state_path, b"{ torn again").unwrap();
+        store.load(DEVICE).unwrap();
+        assert_eq!(
+            fs::read(dir.path().join("state.json.corrupt")).unwrap(),
+            b"{ not json"
+        );
+        assert_eq!(
+            fs::read(dir.path().join("state.json.corrupt.1")).unwrap(),
+            b"{ torn again"
         );
         // Deleted instead: the same.
         fs::remove_file(&state_path).unwrap();

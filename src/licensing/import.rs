@@ -392,6 +392,14 @@ pub enum ImportOutcome {
     Unchanged { license_id: String, version: u32 },
 }
 
+impl ImportOutcome {
+    /// Whether the import changed anything: the same file again changes nothing, not even the
+    /// audit log.
+    pub fn changed(&self) -> bool {
+        !matches!(self, ImportOutcome::Unchanged { .. })
+    }
+}
+
 impl std::fmt::Display for ImportOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -215,8 +215,7 @@ pub async fn upload(
             .write(move |conn| {
                 let outcome = import::apply(conn, &verified, now)?;
                 let note = import::expired_note(&verified.license, now);
-                // The same file again changes nothing, not even the audit log.
-                if !matches!(outcome, import::ImportOutcome::Unchanged { .. }) {
+                if outcome.changed() {
                     ops::audit(
                         conn,
                         now.unix_timestamp(),

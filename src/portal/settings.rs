@@ -145,10 +145,14 @@ pub async fn certificate(
         write_secret_file(&cert_tmp, &cert)?;
         std::fs::rename(&key_tmp, &source.key)?;
         std::fs::rename(&cert_tmp, &source.cert)?;
-        if let Some(dir) = source.cert.parent() {
-            crate::appliance::sync_dir(dir)?;
-        }
+        // Renamed: the new pair is the one on disk, so it is the one served (a failed sync
+        // only risks the old pair coming back after a power loss).
         served.replace(certified);
+        if let Some(dir) = source.cert.parent()
+            && let Err(e) = crate::appliance::sync_dir(dir)
+        {
+            tracing::warn!(error = %e, "cannot sync the certificate's directory");
+        }
         Ok::<_, std::io::Error>(())
     })
     .await

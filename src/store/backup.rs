@@ -164,8 +164,9 @@ fn take_as(
 ) -> Result<BackupFile, BackupError> {
     crate::appliance::create_private_dir(dir)?;
     // What a backup cut short left (best effort: this backup does not depend on it), before
-    // the free space is measured.
-    if let Err(e) = remove_unfinished(dir) {
+    // the free space is measured. Untouched for a day: another process's backup of a large
+    // database may spend many minutes checking its copy without writing to it.
+    if let Err(e) = remove_unfinished(dir, UNFINISHED_AT_BACKUP) {
         tracing::warn!(error = %e, "cannot remove unfinished backups");
     }
     let available = fs4::available_space(dir).map_err(io(dir))?;
@@ -307,11 +308,16 @@ fn entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>, BackupError> {
     }
 }
 
+/// How long a temporary backup file must have been left untouched for a start to remove it
+/// ([`remove_unfinished`]), and for a backup to.
+pub const UNFINISHED_AT_START: Duration = Duration::from_secs(600);
+const UNFINISHED_AT_BACKUP: Duration = Duration::from_secs(86_400);
+
 /// Removes the temporary files of backups that never finished (the process was killed while
 /// copying, e.g. a service manager's start timeout during the backup before an upgrade), at
 /// a start and before each backup: each is the size of the database. Only files untouched
-/// for 10 minutes go: a backup being written (`keygate backup` beside the service) is not.
-pub fn remove_unfinished(dir: &Path) -> Result<usize, BackupError> {
+/// for `idle` go: a backup being written (`keygate backup` beside the service) is not.
+pub fn remove_unfinished(dir: &Path, idle: Duration) -> Result<usize, BackupError> {
     let mut removed = 0;
     for entry in entries(dir)? {
         let name = file_name(&entry.path());
@@ -320,7 +326,7 @@ pub fn remove_unfinished(dir: &Path) -> Result<usize, BackupError> {
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
-            .is_some_and(|idle| idle >= std::time::Duration::from_secs(600));
+            .is_some_and(|untouched| untouched >= idle);
         let temporary = SIDE_FILES
             .iter()
             .fold(name.as_str(), |n, suffix| {
@@ -655,18 +661,28 @@ mod tests {
             .unwrap()
             .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(660))
             .unwrap();
-        assert_eq!(remove_unfinished(&backups).unwrap(), 1);
+        assert_eq!(remove_unfinished(&backups, UNFINISHED_AT_START).unwrap(), 1);
         assert!(!killed.exists() && writing.exists() && kept.path.exists());
-        assert_eq!(remove_unfinished(&dir.path().join("none")).unwrap(), 0);
-        // The next backup removes them too (the service may run for months between starts).
-        std::fs::File::options()
-            .write(true)
-            .open(&writing)
-            .unwrap()
-            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(660))
-            .unwrap();
+        assert_eq!(
+            remove_unfinished(&dir.path().join("none"), UNFINISHED_AT_START).unwrap(),
+            0
+        );
+        // The next backup removes those left a day (the service may run for months between
+        // starts), not one another process may still be checking.
+        let age = |path: &Path, secs: u64| {
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(secs))
+                .unwrap()
+        };
+        let checking = backups.join(".c.db.3.tmp");
+        std::fs::write(&checking, b"being checked").unwrap();
+        age(&writing, 86_460);
+        age(&checking, 3_600);
         take(&db, &backups, now + time::Duration::minutes(12)).unwrap();
-        assert!(!writing.exists());
+        assert!(!writing.exists() && checking.exists());
     }
 
     #[test]

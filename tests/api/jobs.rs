@@ -1211,6 +1211,7 @@ fn a_job_not_yet_due_at_a_start_runs_when_its_interval_is_up() {
         )
         .unwrap();
     }
+    let started = std::time::Instant::now();
     let app = TestApp::spawn(&data);
     let ran = |job: &str| -> i64 {
         db.query_row("SELECT count(*) FROM job_runs WHERE job = ?1", [job], |r| {
@@ -1231,6 +1232,10 @@ fn a_job_not_yet_due_at_a_start_runs_when_its_interval_is_up() {
         (ran("backup"), ran("housekeeping")),
         (2, 2),
         "both ran when their interval was up, about 3 seconds after the start"
+    );
+    assert!(
+        started.elapsed() >= StdDuration::from_secs(2),
+        "not at the start"
     );
     assert_eq!(ran("alerts"), 1, "the alerts job keeps its own time");
     drop(app);
