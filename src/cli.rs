@@ -1064,8 +1064,8 @@ fn status(config: &Config) -> Result<()> {
         );
     }
     let counts = store::licenses::counts(&conn, licensing::unix(SystemClock.now()))?;
-    // An unusable configured key is shown, not a reason to show nothing (the service does
-    // not start with one).
+    // An unusable configured key is shown (every import fails until it is fixed), not a
+    // reason to show nothing.
     let trusted = match trusted_keys(config, &conn) {
         Ok(keys) => keys.len().to_string(),
         Err(e) => format!("CANNOT IMPORT: {e}"),
