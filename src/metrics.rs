@@ -255,13 +255,7 @@ impl Metrics {
         }
         out.push_str("# HELP keygate_item_consumed What counts against each item's quota (seats, metered usage, exceptions, tokens).\n# TYPE keygate_item_consumed gauge\n");
         for item in items {
-            let u = &item.used;
-            let consumed = match item.terms.model {
-                keygate_sdk::wire::Model::PerUsage => u.usage_total,
-                keygate_sdk::wire::Model::Tokens => u.tokens_used,
-                m if m.is_concurrent() => u.exceptions,
-                _ => u.seats_used,
-            };
+            let consumed = item.used.counted(item.terms.model);
             let _ = writeln!(
                 out,
                 "keygate_item_consumed{{item=\"{}\",model=\"{}\"}} {consumed}",

@@ -111,8 +111,10 @@ use crate::wire::{
 /// How long one request may take, connection included, before the next URL is tried.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The most reports one usage request carries; a longer backlog goes in several requests.
+/// The most reports one usage request carries; a longer backlog goes in several requests
+/// (well under the appliance's [`crate::wire::MAX_REPORTS`], so a request stays small).
 pub const MAX_REPORTS_PER_REQUEST: usize = 1000;
+const _: () = assert!(MAX_REPORTS_PER_REQUEST <= crate::wire::MAX_REPORTS);
 
 /// How far the local clock may lag behind the newest time the client has seen before
 /// [`Client::check`] reports [`ClientError::ClockRolledBack`]: covers ordinary drift between

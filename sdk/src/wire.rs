@@ -310,6 +310,10 @@ pub const REPORT_INTERVAL_S: u64 = 180;
 /// How long the public trial's authorization (one with no items) lasts, at most.
 pub const TRIAL_DAYS: i64 = 7;
 
+/// The most reports one usage request may carry (the appliance answers
+/// `PAYLOAD_TOO_LARGE` above it; a backlog is sent in several requests).
+pub const MAX_REPORTS: usize = 5000;
+
 /// The largest amount one counter may carry in one usage report (the appliance answers
 /// `BAD_REQUEST` above it), so that no total it keeps can overflow.
 pub const MAX_COUNT: u64 = 1_000_000_000_000;

@@ -52,16 +52,15 @@ pub fn expiry_thresholds(model: Model) -> &'static [i64] {
 /// The figure a model's consumption thresholds measure, and what it is measured against.
 fn consumption(item: &ItemRow) -> (i64, i64, &'static str) {
     let (t, u) = (&item.terms, &item.used);
-    match t.model {
-        Model::PerDevice | Model::PerActiveDevice | Model::Standalone => {
-            (u.seats_used, t.quota, "devices")
-        }
-        Model::PerUsage => (u.usage_total, t.quota, "usage"),
+    let (of, unit) = match t.model {
+        Model::PerDevice | Model::PerActiveDevice | Model::Standalone => (t.quota, "devices"),
+        Model::PerUsage => (t.quota, "usage"),
         Model::ConcurrentDevice | Model::ConcurrentInstance => {
-            (u.exceptions, t.max_exceptions, "windows over quota")
+            (t.max_exceptions, "windows over quota")
         }
-        Model::Tokens => (u.tokens_used, t.quota, "tokens consumed"),
-    }
+        Model::Tokens => (t.quota, "tokens consumed"),
+    };
+    (u.counted(t.model), of, unit)
 }
 
 fn what_next(item: &ItemRow) -> String {

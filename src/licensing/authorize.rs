@@ -448,11 +448,7 @@ impl SeatKey<'_> {
     }
 
     fn instance_for(&self, model: Model) -> &str {
-        if model == Model::ConcurrentInstance {
-            self.instance
-        } else {
-            ""
-        }
+        models::seat_instance(model, self.instance)
     }
 }
 

@@ -12,8 +12,8 @@ pub const ACTIVE_SEAT_DAYS: i64 = 90;
 pub const INACTIVE_SEAT_DAYS: i64 = 365;
 /// Tokens: a pass lasts 24 hours.
 pub const PASS_SECS: i64 = DAY;
-/// The public trial's authorization lasts 7 days.
-pub const TRIAL_DAYS: i64 = 7;
+/// The public trial's authorization lasts 7 days (the SDK refuses a longer one).
+pub use keygate_sdk::wire::TRIAL_DAYS;
 
 /// The 3-minute window a time falls in.
 pub fn window_of(unix: i64) -> i64 {
@@ -52,6 +52,19 @@ pub struct Consumption {
     pub tokens_used: i64,
     /// Tokens: when the balance went below zero, if it is below zero.
     pub grace_started_at: Option<i64>,
+}
+
+impl Consumption {
+    /// What counts against the item's limit under `model`: seats, the metered total, tokens
+    /// spent, or (concurrent models, against `max_exceptions`) the windows over quota.
+    pub fn counted(&self, model: Model) -> i64 {
+        match model {
+            Model::PerDevice | Model::PerActiveDevice | Model::Standalone => self.seats_used,
+            Model::PerUsage => self.usage_total,
+            Model::ConcurrentDevice | Model::ConcurrentInstance => self.exceptions,
+            Model::Tokens => self.tokens_used,
+        }
+    }
 }
 
 /// Why an item cannot serve a device.
@@ -168,6 +181,16 @@ pub fn state(terms: &Terms, used: &Consumption) -> AuthorizationState {
         AuthorizationState::Tolerance
     } else {
         AuthorizationState::Ok
+    }
+}
+
+/// The instance a seat is held for: concurrent_instance counts each instance of a device,
+/// every other model the device once (the empty instance).
+pub fn seat_instance(model: Model, instance: &str) -> &str {
+    if model == Model::ConcurrentInstance {
+        instance
+    } else {
+        ""
     }
 }
 

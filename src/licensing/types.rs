@@ -119,8 +119,7 @@ impl Authorize {
     }
 }
 
-/// The most reports one usage request may carry (a backlog is sent in several requests).
-pub const MAX_REPORTS: usize = 5000;
+pub use keygate_sdk::wire::MAX_REPORTS;
 
 /// `POST /api/v1/usage`, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -277,11 +277,7 @@ fn renew(
     if let Some(refused) = lease_refusal(lease, device).or_else(|| lapsed(lease, now)) {
         // No renewal, but the call still proves the device runs: mark its seat active.
         let model = item.terms.model;
-        let instance = if model == Model::ConcurrentInstance {
-            lease.instance.as_str()
-        } else {
-            ""
-        };
+        let instance = models::seat_instance(model, &lease.instance);
         // A released lease no longer holds it: a late call does not count it again.
         if !lease.released
             && let Some(seat) = devices::seat(conn, &item.item_id, device.id, instance)?

@@ -327,28 +327,34 @@ pub fn item_summaries(conn: &Connection) -> Result<Vec<ItemSummary>, StoreError>
     let mut stmt = conn.prepare_cached(
         "SELECT i.license_id, i.license_version, i.organization_id, i.item_id, i.product,
                 i.model, i.quota, i.starts_at, i.expires_at, h.code, i.withdrawn,
-                CASE i.model WHEN 'per_usage' THEN i.usage_total WHEN 'tokens' THEN i.tokens_used
-                    WHEN 'concurrent_device' THEN i.exceptions
-                    WHEN 'concurrent_instance' THEN i.exceptions ELSE i.seats_used END,
-                i.max_exceptions
+                i.seats_used, i.usage_total, i.exceptions, i.tokens_used, i.max_exceptions
          FROM items i JOIN handshake_codes h ON h.id = i.handshake_id
          ORDER BY i.license_id, i.item_id",
     )?;
     let rows = stmt.query_map([], |r| {
+        let model = model_at(r, 5)?;
+        let used = crate::licensing::models::Consumption {
+            seats_used: r.get(11)?,
+            usage_total: r.get(12)?,
+            exceptions: r.get(13)?,
+            tokens_used: r.get(14)?,
+            ..Default::default()
+        }
+        .counted(model);
         Ok(ItemSummary {
             license_id: r.get(0)?,
             license_version: r.get(1)?,
             organization_id: r.get(2)?,
             item_id: r.get(3)?,
             product: r.get(4)?,
-            model: r.get(5)?,
+            model: model.as_str().to_string(),
             quota: r.get(6)?,
             starts_at: r.get(7)?,
             expires_at: r.get(8)?,
             handshake_code: r.get(9)?,
             withdrawn: r.get(10)?,
-            used: r.get(11)?,
-            max_exceptions: r.get(12)?,
+            used,
+            max_exceptions: r.get(15)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -405,18 +411,24 @@ const ITEM_COLUMNS: &str = "item_id, license_id, license_version, organization_i
      max_exceptions, grace_days, tokens_per_pass, withdrawn, seats_used, usage_total, \
      exceptions, tokens_used, grace_started_at";
 
+/// A stored column that does not hold what keygate wrote there.
+fn corrupt(i: usize, what: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        i,
+        rusqlite::types::Type::Text,
+        format!("stored {what} is not valid").into(),
+    )
+}
+
+fn model_at(r: &Row<'_>, i: usize) -> rusqlite::Result<keygate_sdk::wire::Model> {
+    let model: String = r.get(i)?;
+    keygate_sdk::wire::Model::parse(&model).ok_or_else(|| corrupt(i, "model"))
+}
+
 fn item_from_row(r: &Row<'_>) -> rusqlite::Result<ItemRow> {
     use crate::licensing::models::Terms;
-    use keygate_sdk::wire::{DEFAULT_GRACE_DAYS, Model};
-    let corrupt = |i: usize, what: &str| {
-        rusqlite::Error::FromSqlConversionFailure(
-            i,
-            rusqlite::types::Type::Text,
-            format!("stored {what} is not valid").into(),
-        )
-    };
-    let model: String = r.get(6)?;
-    let model = Model::parse(&model).ok_or_else(|| corrupt(6, "model"))?;
+    use keygate_sdk::wire::DEFAULT_GRACE_DAYS;
+    let model = model_at(r, 6)?;
     let features: String = r.get(11)?;
     let features = serde_json::from_str(&features).map_err(|_| corrupt(11, "features"))?;
     Ok(ItemRow {
