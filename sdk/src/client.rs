@@ -1402,13 +1402,24 @@ impl Client {
     /// once, after a best-effort flush of the usage. Then forgets the authorization; the usage
     /// stream, its numbering and any unsent reports stay (they go out after the next
     /// authorization). Releasing without an authorization does nothing.
+    ///
+    /// The public trial's authorization is kept, not released: it holds no seat, and the
+    /// appliance gives a device one trial authorization only, so a release would end the
+    /// trial for good. Its usage is sent and the next start goes on with it until it expires.
     pub fn release(&mut self) -> Result<(), ClientError> {
         if self.state.lease_id.is_none() {
             return Ok(());
         }
+        let trial = match &self.current {
+            Some(held) => held.items.is_empty(),
+            None => self.check().is_ok_and(|g| g.authorization.items.is_empty()),
+        };
         // Best effort: the reports stay in the backlog if this fails, and re-authorizing here
         // would only take a seat to give it back.
         let _ = self.flush_with(false);
+        if trial {
+            return Ok(());
+        }
         let Some(lease_id) = self.state.lease_id.clone() else {
             return Ok(());
         };

@@ -316,6 +316,49 @@ fn the_next_url_is_tried_when_one_cannot_be_reached() {
     device.release().unwrap();
 }
 
+/// The public trial is one authorization per device (SPEC: only for a device that never
+/// authorized): the SDK keeps it through a release on exit, so the next start goes on with
+/// it, and its heartbeats still renew it within its 7 days.
+#[test]
+fn a_trial_device_keeps_its_trial_through_a_release_and_a_restart() {
+    let a = scanner(1_000_000);
+    assert!(keygate(&a.data, &["trial", "on"]).ok);
+    let served = Served::start(&a.data);
+    let state = tempfile::tempdir().unwrap();
+    let trial_config = || {
+        let mut c = config(&a, vec![served.url("")], state.path(), Clock::system());
+        c.handshake_code = None;
+        c
+    };
+    let mut device = Client::new(trial_config()).unwrap();
+    let first = device.authorize().unwrap();
+    assert!(first.authorization.items.is_empty(), "a trial");
+    device.release().unwrap();
+    drop(device);
+
+    // The next start: the trial is still held, and renewed over the appliance.
+    let mut device = Client::new(trial_config()).unwrap();
+    let held = device.check().unwrap();
+    assert_eq!(held.authorization.lease_id, first.authorization.lease_id);
+    device.flush().unwrap();
+    let renewed = device.check().unwrap();
+    assert_eq!(renewed.authorization.lease_id, first.authorization.lease_id);
+    assert!(renewed.authorization.issued_at >= first.authorization.issued_at);
+    assert!(
+        renewed.expires_at() <= first.authorization.issued_at + Duration::days(7),
+        "never past the trial's 7 days"
+    );
+    // The appliance never saw a release of it.
+    let released: i64 = rusqlite::Connection::open(a.data.join("keygate.db"))
+        .unwrap()
+        .query_row("SELECT released FROM leases", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(released, 0);
+    // A second trial authorization is refused, as the specification has it.
+    let e = device.authorize().unwrap_err();
+    assert_eq!(e.code(), Some(keygate_sdk::wire::ErrorCode::HandshakeRequired));
+}
+
 #[test]
 fn the_sdk_refuses_what_its_vendor_did_not_sign_for_this_appliance() {
     let a = scanner(1_000_000);
