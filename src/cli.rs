@@ -638,6 +638,9 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
             if !licensing::is_identifier(&code) {
                 bail!("a handshake code is 1 to 64 letters, digits, '.', '_' or '-'");
             }
+            if !licensing::is_handshake_name(&name) {
+                bail!("a name is at most 100 characters, without control characters");
+            }
             audited(config, clock.now(), |conn| {
                 if l::default_handshake(conn, &organization)?.is_none() {
                     bail!("organization {organization} has no license on this appliance");

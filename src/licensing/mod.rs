@@ -27,3 +27,9 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
 }
 
 pub use keygate_sdk::wire::is_identifier;
+
+/// Whether `name` may name a handshake code (portal and CLI alike): at most 100 characters
+/// and no control characters (it is shown on terminals and pages).
+pub fn is_handshake_name(name: &str) -> bool {
+    name.chars().count() <= 100 && !name.chars().any(char::is_control)
+}

@@ -191,9 +191,9 @@ pub async fn act(
         return refuse("A handshake code is 1 to 64 letters, digits, '.', '_' or '-'".into()).await;
     }
     if matches!(action.as_str(), "create" | "rename")
-        && (form.name.chars().count() > 100 || form.name.chars().any(char::is_control))
+        && !crate::licensing::is_handshake_name(&form.name)
     {
-        return refuse("A name is at most 100 characters".into()).await;
+        return refuse("A name is at most 100 characters, without control characters".into()).await;
     }
     let now = state.clock.now().unix_timestamp();
     let (actor, from) = (

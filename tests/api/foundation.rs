@@ -861,6 +861,24 @@ fn console_changes_are_audited_and_refused_ones_are_not() {
         )
         .ok
     );
+    // A name the portal refuses is refused here too (it is shown on terminals).
+    let hostile = keygate(
+        &f.data,
+        &[
+            "handshake",
+            "create",
+            "--organization",
+            "200001",
+            "--name",
+            "lab\u{1b}[2J",
+            "LAB2",
+        ],
+    );
+    assert!(
+        !hostile.ok && hostile.stderr.contains("without control characters"),
+        "{}",
+        hostile.stderr
+    );
     assert!(set_password(&f.data, "LAB", "a long session password").ok);
     ok(&["handshake", "assign", "LIC-T-1", "LAB"]);
     ok(&["trial", "on"]);

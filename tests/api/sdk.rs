@@ -356,7 +356,10 @@ fn a_trial_device_keeps_its_trial_through_a_release_and_a_restart() {
     assert_eq!(released, 0);
     // A second trial authorization is refused, as the specification has it.
     let e = device.authorize().unwrap_err();
-    assert_eq!(e.code(), Some(keygate_sdk::wire::ErrorCode::HandshakeRequired));
+    assert_eq!(
+        e.code(),
+        Some(keygate_sdk::wire::ErrorCode::HandshakeRequired)
+    );
 }
 
 #[test]
