@@ -43,13 +43,19 @@ async fn page(
     notice: Option<String>,
     error: Option<String>,
 ) -> Result<HttpResponse, PortalError> {
-    let (versions, items, keys) = state
+    // The configuration's key files are read here too, off the async workers.
+    let configured = state.config.trusted_vendor_keys.clone();
+    let (versions, items, keys, configured) = state
         .store
-        .read(|conn| {
+        .read(move |conn| {
             Ok::<_, StoreError>((
                 licenses::license_versions(conn)?,
                 licenses::all_items(conn)?,
                 licenses::trusted_keys(conn)?,
+                configured
+                    .iter()
+                    .map(|path| config_key(path))
+                    .collect::<Vec<_>>(),
             ))
         })
         .await?;
@@ -76,13 +82,7 @@ async fn page(
                     name: k.name,
                     added: super::utc(k.added_at),
                 })
-                .chain(
-                    state
-                        .config
-                        .trusted_vendor_keys
-                        .iter()
-                        .map(|path| config_key(path)),
-                )
+                .chain(configured)
                 .collect(),
             notice,
             error,

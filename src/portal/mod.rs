@@ -608,13 +608,13 @@ async fn setup(
     }
 }
 
-/// Whether the signed-in admin may change things (for templates hiding forms).
 /// A time as the pages show it: `2026-06-01 12:00:00 UTC` (admins read the zone, not guess it).
 pub fn utc(t: i64) -> String {
     let text = crate::licensing::rfc3339(crate::licensing::from_unix(t));
     format!("{} UTC", text.replace('T', " ").trim_end_matches('Z'))
 }
 
+/// Whether the signed-in admin may change things (for templates hiding forms).
 pub fn can_manage(admin: &Session) -> bool {
     admin.role >= auth::Role::Manager
 }

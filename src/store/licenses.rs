@@ -146,8 +146,6 @@ pub fn insert_handshake(
     Ok(conn.last_insert_rowid())
 }
 
-/// The newest imported version of a license: its number, the SHA-256 of its file and its
-/// vendor.
 /// The newest imported version of a license.
 #[derive(Debug, Clone)]
 pub struct CurrentVersion {
