@@ -148,7 +148,11 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Flush => print_flush(&client.flush().map_err(describe)?),
         Command::Release => {
             client.release().map_err(describe)?;
-            println!("released; the authorization is forgotten");
+            if client.status().lease_id.is_some() {
+                println!("a public trial is kept, not released (a device gets one)");
+            } else {
+                println!("released; the authorization is forgotten");
+            }
             print_status(&client);
         }
         Command::Status => print_status(&client),

@@ -1410,10 +1410,10 @@ impl Client {
         if self.state.lease_id.is_none() {
             return Ok(());
         }
-        let trial = match &self.current {
-            Some(held) => held.items.is_empty(),
-            None => self.check().is_ok_and(|g| g.authorization.items.is_empty()),
-        };
+        let trial = self
+            .current
+            .as_ref()
+            .is_some_and(|held| held.items.is_empty());
         // Best effort: the reports stay in the backlog if this fails, and re-authorizing here
         // would only take a seat to give it back.
         let _ = self.flush_with(false);
