@@ -9,11 +9,15 @@
 //!
 //! The pace still lets a client hold a full body for half an hour (2 MiB, then a byte every
 //! few seconds), and many clients many bodies: the bodies being received hold at most
-//! [`BODIES_IN_FLIGHT`] bytes between them. A body that would go past it answers `503`,
-//! again without a protocol code (the SDK tries again later), rather than the appliance
-//! running out of memory.
+//! [`BODIES_IN_FLIGHT`] bytes between them, and those of one client address at most
+//! [`ADDRESS_SHARE`] (so one host cannot hold them all, and every device's heartbeats with
+//! them). A body that would go past either answers `503`, again without a protocol code
+//! (the SDK tries again later), rather than the appliance running out of memory.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -37,64 +41,111 @@ pub const MIN_BYTES_PER_S: u64 = 1024;
 /// The most bytes the request bodies being received may hold between them.
 pub const BODIES_IN_FLIGHT: u64 = 256 << 20;
 
-/// The bytes held by request bodies still being received, against a cap.
+/// The most bytes the bodies being received from one client address may hold: an eighth
+/// of [`BODIES_IN_FLIGHT`], sixteen full 2 MiB backlogs (or a hundred and more of the
+/// SDK's) at once from a NAT gateway's devices.
+pub const ADDRESS_SHARE: u64 = BODIES_IN_FLIGHT / 8;
+
+/// The bytes held by request bodies still being received, against a cap, and per client
+/// address against a share of it.
 #[derive(Debug)]
 pub struct Budget {
     held: AtomicU64,
     cap: u64,
+    /// Bytes held per address (only addresses holding some).
+    by_address: Mutex<BTreeMap<IpAddr, u64>>,
+    share: u64,
     /// A refusal is logged at most once a minute.
     warned: OncePerMinute,
 }
 
 impl Budget {
-    pub const fn new(cap: u64) -> Self {
+    pub const fn new(cap: u64, share: u64) -> Self {
         Budget {
             held: AtomicU64::new(0),
             cap,
+            by_address: Mutex::new(BTreeMap::new()),
+            share,
             warned: OncePerMinute::new(),
         }
     }
 
-    /// Takes `n` bytes, unless that would go past the cap (then logged, once a minute).
-    fn take(&self, n: u64) -> bool {
-        let taken = self
-            .held
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                held.checked_add(n).filter(|total| *total <= self.cap)
-            })
-            .is_ok();
-        if !taken {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            if self.warned.ready(now) {
+    fn addresses(&self) -> std::sync::MutexGuard<'_, BTreeMap<IpAddr, u64>> {
+        self.by_address.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes `n` bytes for a body from `address`, unless that would go past the address's
+    /// share or the cap (then logged, once a minute).
+    fn take(&self, n: u64, address: Option<IpAddr>) -> bool {
+        let mut addresses = self.addresses();
+        let mine = address.map_or(0, |a| addresses.get(&a).copied().unwrap_or(0));
+        let own_share = mine.checked_add(n).is_some_and(|total| total <= self.share);
+        let taken = own_share
+            && self
+                .held
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                    held.checked_add(n).filter(|total| *total <= self.cap)
+                })
+                .is_ok();
+        if taken {
+            if let Some(a) = address {
+                addresses.insert(a, mine + n);
+            }
+            return true;
+        }
+        drop(addresses);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if self.warned.ready(now) {
+            if own_share {
                 tracing::warn!(
                     budget_bytes = self.cap,
                     "request bodies refused: those being received hold their budget (many \
                      large backlogs at once, or clients holding bodies open)"
                 );
+            } else {
+                tracing::warn!(
+                    address = ?address,
+                    share_bytes = self.share,
+                    "request bodies of one client refused: those it is sending hold its share \
+                     of the budget (its devices' backlogs at once, or a client holding bodies open)"
+                );
             }
         }
-        taken
+        false
     }
 
-    fn give(&self, n: u64) {
+    fn give(&self, n: u64, address: Option<IpAddr>) {
+        if n == 0 {
+            return;
+        }
         self.held.fetch_sub(n, Ordering::Relaxed);
+        if let Some(a) = address {
+            let mut addresses = self.addresses();
+            if let Some(mine) = addresses.get_mut(&a) {
+                *mine = mine.saturating_sub(n);
+                if *mine == 0 {
+                    addresses.remove(&a);
+                }
+            }
+        }
     }
 }
 
 /// The process's budget for bodies in flight.
-static BODIES: Budget = Budget::new(BODIES_IN_FLIGHT);
+static BODIES: Budget = Budget::new(BODIES_IN_FLIGHT, ADDRESS_SHARE);
 
 /// Middleware: every request body is read through [`Paced`].
 pub async fn limit(
     mut req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let address = req.peer_addr().map(|a| a.ip().to_canonical());
     match req.parts_mut().1.take() {
         Payload::None => {}
         payload => req.set_payload(Payload::from(
-            Box::pin(Paced::new(payload, &BODIES)) as BoxedBody
+            Box::pin(Paced::new(payload, &BODIES, address)) as BoxedBody,
         )),
     }
     next.call(req).await
@@ -157,6 +208,8 @@ pub fn timed_out() -> actix_web::Error {
 pub struct Paced {
     inner: Payload,
     budget: &'static Budget,
+    /// The client's address, whose share the body's bytes count against.
+    address: Option<IpAddr>,
     started: Instant,
     /// Bytes received, held against the budget until the body is dropped.
     received: u64,
@@ -169,11 +222,12 @@ pub struct Paced {
 }
 
 impl Paced {
-    pub fn new(inner: Payload, budget: &'static Budget) -> Self {
+    pub fn new(inner: Payload, budget: &'static Budget, address: Option<IpAddr>) -> Self {
         let now = Instant::now();
         Paced {
             inner,
             budget,
+            address,
             started: now,
             received: 0,
             failed: None,
@@ -200,7 +254,7 @@ impl Stream for Paced {
         }
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
-                if !this.budget.take(chunk.len() as u64) {
+                if !this.budget.take(chunk.len() as u64, this.address) {
                     this.failed = Some(std::io::ErrorKind::OutOfMemory);
                     return Poll::Ready(Some(Err(PayloadError::Io(
                         std::io::ErrorKind::OutOfMemory.into(),
@@ -235,7 +289,7 @@ impl Stream for Paced {
 
 impl Drop for Paced {
     fn drop(&mut self) {
-        self.budget.give(self.received);
+        self.budget.give(self.received, self.address);
     }
 }
 
@@ -253,7 +307,7 @@ mod tests {
             tokio::time::sleep(every).await;
             Some((Ok(Bytes::from(vec![b'x'; chunk])), sent + chunk))
         });
-        Paced::new(Payload::from(Box::pin(body) as BoxedBody), &BODIES)
+        Paced::new(Payload::from(Box::pin(body) as BoxedBody), &BODIES, None)
     }
 
     async fn read_all(mut body: Paced) -> Result<usize, PayloadError> {
@@ -293,6 +347,7 @@ mod tests {
         let e = read_all(Paced::new(
             Payload::from(Box::pin(body) as BoxedBody),
             &BODIES,
+            None,
         ))
         .await
         .unwrap_err();
@@ -304,11 +359,11 @@ mod tests {
     /// fails, and a body's bytes are given back when it is dropped.
     #[tokio::test]
     async fn bodies_in_flight_share_one_budget() {
-        static SMALL: Budget = Budget::new(100);
+        static SMALL: Budget = Budget::new(100, 100);
         let body = |n: usize| {
             let chunk = Bytes::from(vec![b'x'; n]);
             let stream = futures_util::stream::once(async move { Ok(chunk) });
-            Paced::new(Payload::from(Box::pin(stream) as BoxedBody), &SMALL)
+            Paced::new(Payload::from(Box::pin(stream) as BoxedBody), &SMALL, None)
         };
         let mut first = body(60);
         assert_eq!(first.next().await.unwrap().unwrap().len(), 60);
@@ -327,5 +382,40 @@ mod tests {
         // A portal form or upload refused so says why.
         assert!(refusal(&e).unwrap().contains("too many uploads at once"));
         assert_eq!(refusal(&PayloadError::Overflow), None);
+    }
+
+    /// One address's bodies hold at most its share: a host holding many bodies open leaves
+    /// the rest of the budget to the others, and gets its share back as its bodies end.
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share() {
+        static SHARED: Budget = Budget::new(100, 40);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let body = |n: usize, from: IpAddr| {
+            let chunk = Bytes::from(vec![b'x'; n]);
+            let stream = futures_util::stream::once(async move { Ok(chunk) });
+            Paced::new(
+                Payload::from(Box::pin(stream) as BoxedBody),
+                &SHARED,
+                Some(from),
+            )
+        };
+        let mut first = body(30, a);
+        assert_eq!(first.next().await.unwrap().unwrap().len(), 30);
+        let mut second = body(11, a);
+        let e = second.next().await.unwrap().unwrap_err();
+        assert!(over_budget(&e), "past a's share: {e}");
+        drop(second);
+        let mut other = body(40, b);
+        assert_eq!(
+            other.next().await.unwrap().unwrap().len(),
+            40,
+            "b has its own share"
+        );
+        assert_eq!(read_all(body(10, a)).await.unwrap(), 10, "within a's share");
+        drop(first);
+        assert_eq!(read_all(body(40, a)).await.unwrap(), 40, "given back");
+        drop(other);
+        assert_eq!(SHARED.held.load(Ordering::Relaxed), 0);
+        assert!(SHARED.addresses().is_empty(), "no address left behind");
     }
 }

@@ -1398,7 +1398,32 @@ fn raw_tls_to(
     addr: std::net::SocketAddr,
     wait: std::time::Duration,
 ) -> RawTls {
+    tls_over(data_dir, std::net::TcpStream::connect(addr).unwrap(), wait)
+}
+
+/// [`raw_tls`] from another loopback address (`127.0.0.2`: another host to the appliance).
+fn raw_tls_from(f: &Fixture, from: &str, wait: std::time::Duration) -> RawTls {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let tcp = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        socket.connect(f.app.addr).await.unwrap()
+    });
+    let tcp = tcp.into_std().unwrap();
+    tcp.set_nonblocking(false).unwrap();
+    tls_over(&f.data, tcp, wait)
+}
+
+fn tls_over(
+    data_dir: &std::path::Path,
+    tcp: std::net::TcpStream,
+    wait: std::time::Duration,
+) -> RawTls {
     use rustls::pki_types::pem::PemObject;
+    let addr = tcp.peer_addr().unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from_pem_slice(&appliance_cert(data_dir)).unwrap())
@@ -1410,7 +1435,6 @@ fn raw_tls_to(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = std::net::TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(wait)).unwrap();
     let server = rustls::pki_types::ServerName::from(addr.ip());
     let client = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
@@ -1578,6 +1602,78 @@ fn a_client_pipelining_requests_and_reading_none_is_cut_off() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     assert_eq!(reset.kind(), std::io::ErrorKind::ConnectionReset, "{reset}");
+}
+
+/// One host holding many large bodies open holds at most its share of the appliance's
+/// budget for bodies in flight: its next body is answered 503, another host's devices are
+/// served, and the host gets its share back as its connections end.
+#[test]
+fn one_host_holding_bodies_open_cannot_take_the_budget_from_the_others() {
+    use std::io::{Read, Write};
+    let f = Fixture::new(&item("scan", "per_device", 10, ""));
+    let wait = std::time::Duration::from_secs(20);
+    // Sixteen bodies of 2 MiB announced, all but their last 4 bytes sent, then held: they
+    // fill the host's share (an eighth of the budget) but for 64 bytes.
+    let size = 2 << 20;
+    let held: Vec<RawTls> = (0..16)
+        .map(|_| {
+            let mut tls = raw_tls(&f, wait);
+            tls.write_all(
+                format!(
+                    "POST /api/v1/usage HTTP/1.1\r\nHost: keygate\r\n\
+                     Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            tls.write_all(&vec![b' '; size - 4]).unwrap();
+            tls.flush().unwrap();
+            tls
+        })
+        .collect();
+    // A usage call of an unknown lease (changes nothing) on its own connection: the status.
+    let probe = |mut tls: RawTls| -> String {
+        let body = serde_json::json!({"lease_id": device_uuid(7), "device_uuid": device_uuid(1),
+            "stream": device_uuid(8), "reports": []})
+        .to_string();
+        tls.write_all(
+            format!(
+                "POST /api/v1/usage HTTP/1.1\r\nHost: keygate\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        answer.lines().next().unwrap_or("").to_string()
+    };
+    // Until the appliance has read what was sent.
+    let until = |from: &dyn Fn() -> RawTls, status: &str| {
+        let started = std::time::Instant::now();
+        loop {
+            let answer = probe(from());
+            if answer.starts_with(status) {
+                return;
+            }
+            assert!(
+                started.elapsed().as_secs() < 15,
+                "{status} expected: {answer}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    until(&|| raw_tls(&f, wait), "HTTP/1.1 503");
+    // Another host: served (the lease is unknown to it as well).
+    let other = probe(raw_tls_from(&f, "127.0.0.2", wait));
+    assert!(
+        other.starts_with("HTTP/1.1 404"),
+        "another host is served: {other}"
+    );
+    drop(held);
+    until(&|| raw_tls(&f, wait), "HTTP/1.1 404");
 }
 
 /// A chunked body that stops coming is answered 408 and its connection closed by the next
