@@ -767,7 +767,9 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
                 first_not_owner(conn)?;
                 admins::insert_admin(conn, &name, &role, &hash, licensing::unix(now))?;
                 admins::delete_setup_tokens(conn)?;
-                Ok(((), Some(("admin created", name.clone(), role.to_string()))))
+                // Worded as the portal's entries (`admin <action>`), so a search finds both.
+                let what = format!("Admin {name} created ({role}).");
+                Ok(((), Some(("admin create", name.clone(), what))))
             })?;
             println!("admin {name} created ({role})");
         }
@@ -779,7 +781,8 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
                 if !admins::set_password(conn, &name, &hash)? {
                     bail!("no admin named {name}");
                 }
-                Ok(((), Some(("password reset", name.clone(), String::new()))))
+                let what = format!("Password of {name} reset; its sessions are signed out.");
+                Ok(((), Some(("admin password", name.clone(), what))))
             })?;
             println!("password of {name} reset; its sessions are signed out");
         }

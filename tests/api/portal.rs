@@ -539,6 +539,36 @@ fn the_first_admin_made_at_the_console_must_be_an_owner() {
     let refused = keygate(&f.data, &["admin", "setup-link"]);
     assert!(!refused.ok && refused.stderr.contains("an admin exists already"));
     assert_eq!(Browser::new(&f.app).get(&path).status, 404, "used up");
+    // The console's admin changes are audited as the portal's are (`admin <action>`).
+    let reset = command()
+        .arg("--data-dir")
+        .arg(&f.data)
+        .args(["admin", "reset-password", "olivia"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        writeln!(reset.stdin.as_ref().unwrap(), "{PASSWORD}").unwrap();
+    }
+    assert!(reset.wait_with_output().unwrap().status.success());
+    let actions: Vec<(String, String)> = rusqlite::Connection::open(f.data.join("keygate.db"))
+        .unwrap()
+        .prepare("SELECT action, target FROM audit_log WHERE actor = 'cli' AND action LIKE 'admin %' ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let expected = [
+        ("admin create", "olivia"),
+        ("admin create", "ops"),
+        ("admin password", "olivia"),
+    ]
+    .map(|(action, target)| (action.to_string(), target.to_string()));
+    assert_eq!(actions, expected);
 }
 
 #[test]
