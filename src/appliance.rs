@@ -124,6 +124,17 @@ impl Appliance {
             },
         )
     }
+
+    /// The activation request as a file for the vendor: a comment line naming this
+    /// installation and host, then the request, for this host.
+    pub fn activation_request_file(&self, now: OffsetDateTime) -> String {
+        let host = hostname();
+        format!(
+            "# keygate activation request: installation {} on host {host}\n{}\n",
+            self.installation_id,
+            self.activation_request(&host, now)
+        )
+    }
 }
 
 /// The host name, as best the system knows it.

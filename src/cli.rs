@@ -335,13 +335,10 @@ pub fn run(command: Command, config: Config) -> Result<()> {
                     config.data_dir.display()
                 );
             }
-            let host = appliance::hostname();
-            let text = format!(
-                "# keygate activation request: installation {} on host {host}\n{}\n",
-                appliance.installation_id(),
-                appliance.activation_request(&host, clock.now())
-            );
-            write_output(out.as_deref(), &text)
+            write_output(
+                out.as_deref(),
+                &appliance.activation_request_file(clock.now()),
+            )
         }
         Command::Trust { key, name } => trust(&config, &key, name, &clock),
         Command::Untrust { kid } => untrust(&config, &kid, &clock),
@@ -855,16 +852,12 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
             mail::check_host(&host).map_err(anyhow::Error::msg)?;
             let tls = mail::TlsMode::parse(&tls).expect("clap checked it");
             let mut settings = mail::SmtpSettings {
-                port: port.unwrap_or(match tls {
-                    mail::TlsMode::Tls => 465,
-                    mail::TlsMode::StartTls => 587,
-                    mail::TlsMode::None => 25,
-                }),
+                port: port.unwrap_or(tls.default_port()),
                 host,
                 tls,
                 user,
                 password,
-                from: from.unwrap_or_else(|| format!("keygate@{}", appliance::hostname())),
+                from: from.unwrap_or_else(mail::default_from),
                 ca: match &ca {
                     Some(path) => Some(
                         std::fs::read_to_string(path)

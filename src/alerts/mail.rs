@@ -34,6 +34,20 @@ impl TlsMode {
             TlsMode::None => "none",
         }
     }
+
+    /// The port a server of this mode listens on when none is given.
+    pub fn default_port(self) -> u16 {
+        match self {
+            TlsMode::Tls => 465,
+            TlsMode::StartTls => 587,
+            TlsMode::None => 25,
+        }
+    }
+}
+
+/// The sender when none is given: `keygate@` this host.
+pub fn default_from() -> String {
+    format!("keygate@{}", crate::appliance::hostname())
 }
 
 /// Where and how alert emails are sent.
@@ -126,17 +140,12 @@ pub fn load_settings(conn: &Connection) -> Result<Option<SmtpSettings>, StoreErr
     Ok(Some(SmtpSettings {
         port: get("smtp_port")?
             .and_then(|p| p.parse().ok())
-            .unwrap_or(match tls {
-                TlsMode::Tls => 465,
-                TlsMode::StartTls => 587,
-                TlsMode::None => 25,
-            }),
+            .unwrap_or(tls.default_port()),
         host,
         tls,
         user: get("smtp_user")?.filter(|u| !u.is_empty()),
         password: get("smtp_password")?.filter(|p| !p.is_empty()),
-        from: get("smtp_from")?
-            .unwrap_or_else(|| format!("keygate@{}", crate::appliance::hostname())),
+        from: get("smtp_from")?.unwrap_or_else(default_from),
         ca: get("smtp_ca")?.filter(|c| !c.is_empty()),
     }))
 }

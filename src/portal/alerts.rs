@@ -225,18 +225,14 @@ pub async fn smtp(
         return refuse("tls", "Choose STARTTLS, TLS or none");
     };
     let port = match form.port.trim() {
-        "" => match tls {
-            TlsMode::Tls => 465,
-            TlsMode::StartTls => 587,
-            TlsMode::None => 25,
-        },
+        "" => tls.default_port(),
         p => match p.parse::<u16>() {
             Ok(p) if p > 0 => p,
             _ => return refuse("port", "The port must be a number from 1 to 65535"),
         },
     };
     let from = if form.from.trim().is_empty() {
-        format!("keygate@{}", crate::appliance::hostname())
+        crate::alerts::mail::default_from()
     } else {
         form.from.trim().to_string()
     };

@@ -251,12 +251,7 @@ pub async fn upload(
 
 /// `GET /licenses/activation-request`: the file IT sends to the vendor.
 pub async fn activation_request(state: web::Data<AppState>, _admin: Viewer) -> HttpResponse {
-    let host = crate::appliance::hostname();
-    let text = format!(
-        "# keygate activation request: installation {} on host {host}\n{}\n",
-        state.appliance.installation_id(),
-        state.appliance.activation_request(&host, state.clock.now())
-    );
+    let text = state.appliance.activation_request_file(state.clock.now());
     HttpResponse::Ok()
         .content_type("text/plain; charset=utf-8")
         .insert_header((
