@@ -256,18 +256,30 @@ pub async fn download(
     let name = name.into_inner();
     let dir = backups_dir(&state);
     let wanted = name.clone();
-    let file = web::block(move || {
+    let file = web::block(move || -> Result<_, String> {
         // Only a file the backup list knows: never a path from the request.
-        let file = backup::list(&dir).ok()?.into_iter().find(|f| {
+        let listed = backup::list(&dir).map_err(|e| e.to_string())?;
+        let Some(file) = listed.into_iter().find(|f| {
             f.path
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy() == wanted)
-        })?;
-        let opened = std::fs::File::open(&file.path).ok()?;
-        Some((opened, file.size))
+        }) else {
+            return Ok(None);
+        };
+        match std::fs::File::open(&file.path) {
+            Ok(opened) => Ok(Some((opened, file.size))),
+            // Pruned since it was listed.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", file.path.display())),
+        }
     })
     .await
-    .map_err(|_| PortalError::Internal)?;
+    .map_err(|_| PortalError::Internal)?
+    .map_err(|e| {
+        // Not "no such backup": the admin needs to know the backups cannot be read.
+        tracing::error!(error = %e, "a backup could not be read for download");
+        PortalError::Internal
+    })?;
     let Some((file, size)) = file else {
         return Ok(super::message_page(
             StatusCode::NOT_FOUND,

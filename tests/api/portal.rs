@@ -1399,6 +1399,12 @@ fn backups_are_listed_and_only_owners_download_them() {
         manager.get(&format!("/settings/backups/{name}")).status,
         403
     );
+    // Backups that cannot be read are a fault to report, not "no such backup".
+    let backups = f.data.join("backups");
+    std::fs::rename(&backups, f.data.join("backups.aside")).unwrap();
+    std::fs::write(&backups, "not a directory").unwrap();
+    let unreadable = browser.get(&format!("/settings/backups/{name}"));
+    assert_eq!(unreadable.status, 500, "{}", unreadable.body);
 }
 
 #[test]
