@@ -104,7 +104,6 @@ pub fn set_blocked(conn: &Connection, uuid: &str, blocked: bool) -> Result<bool,
 pub struct Seat {
     pub first_auth_at: i64,
     pub last_used_at: i64,
-    pub last_window: i64,
 }
 
 pub fn seat(
@@ -115,14 +114,13 @@ pub fn seat(
 ) -> Result<Option<Seat>, StoreError> {
     Ok(conn
         .prepare_cached(
-            "SELECT first_auth_at, last_used_at, last_window FROM seats
+            "SELECT first_auth_at, last_used_at FROM seats
              WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3",
         )?
         .query_row(params![item_id, device_id, instance], |r| {
             Ok(Seat {
                 first_auth_at: r.get(0)?,
                 last_used_at: r.get(1)?,
-                last_window: r.get(2)?,
             })
         })
         .optional()?)

@@ -1612,12 +1612,15 @@ fn one_host_holding_bodies_open_cannot_take_the_budget_from_the_others() {
     use std::io::{Read, Write};
     let f = Fixture::new(&item("scan", "per_device", 10, ""));
     let wait = std::time::Duration::from_secs(20);
-    // Sixteen bodies of 2 MiB announced, all but their last 4 bytes sent, then held: they
-    // fill the host's share (an eighth of the budget) but for 64 bytes.
+    // The host is 127.0.0.3, an address no other test uses (the budget is the process's,
+    // shared with the other tests' appliances). Sixteen bodies of 2 MiB announced, all but
+    // their last 4 bytes sent, then held: they fill its share (an eighth of the budget) but
+    // for 64 bytes.
+    let host = || raw_tls_from(&f, "127.0.0.3", wait);
     let size = 2 << 20;
     let held: Vec<RawTls> = (0..16)
         .map(|_| {
-            let mut tls = raw_tls(&f, wait);
+            let mut tls = host();
             tls.write_all(
                 format!(
                     "POST /api/v1/usage HTTP/1.1\r\nHost: keygate\r\n\
@@ -1665,7 +1668,7 @@ fn one_host_holding_bodies_open_cannot_take_the_budget_from_the_others() {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     };
-    until(&|| raw_tls(&f, wait), "HTTP/1.1 503");
+    until(&host, "HTTP/1.1 503");
     // Another host: served (the lease is unknown to it as well).
     let other = probe(raw_tls_from(&f, "127.0.0.2", wait));
     assert!(
@@ -1673,7 +1676,7 @@ fn one_host_holding_bodies_open_cannot_take_the_budget_from_the_others() {
         "another host is served: {other}"
     );
     drop(held);
-    until(&|| raw_tls(&f, wait), "HTTP/1.1 404");
+    until(&host, "HTTP/1.1 404");
 }
 
 /// A chunked body that stops coming is answered 408 and its connection closed by the next
