@@ -772,6 +772,29 @@ pub const NOTICE_TICK: Duration = Duration::from_secs(5);
 const NOTICE_RETRY_FIRST: Duration = Duration::from_secs(30);
 const NOTICE_RETRY_MOST: Duration = Duration::from_secs(600);
 
+/// How long to wait before the next delivery after failed ones: [`NOTICE_RETRY_FIRST`],
+/// twice as long after each further failure, at most [`NOTICE_RETRY_MOST`]; a delivery that
+/// goes through starts again from the first.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(NOTICE_RETRY_FIRST)
+    }
+
+    /// A delivery failed: the wait before the next attempt.
+    fn failed(&mut self) -> Duration {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(NOTICE_RETRY_MOST);
+        wait
+    }
+
+    fn succeeded(&mut self) {
+        self.0 = NOTICE_RETRY_FIRST;
+    }
+}
+
 /// Emails server errors to the alert recipients as they come, rate limited per kind.
 pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedReceiver<ErrorEvent>) {
     // The rate limit outlives the process: a service restarted again and again does not
@@ -795,7 +818,7 @@ pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedRece
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // After a failed delivery the next attempt waits, twice as long each time: a wrong
     // password is not tried every 5 seconds (a directory would lock the account).
-    let (mut retry_in, mut retry_at) = (NOTICE_RETRY_FIRST, tokio::time::Instant::now());
+    let (mut backoff, mut retry_at) = (Backoff::new(), tokio::time::Instant::now());
     loop {
         tokio::select! {
             event = errors.recv() => match event {
@@ -811,6 +834,7 @@ pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedRece
                     continue;
                 }
                 if let Err(e) = send_notices(&state, &due).await {
+                    let retry_in = backoff.failed();
                     // WARN, not ERROR: a failing notice must not notify about itself.
                     tracing::warn!(
                         error = %e,
@@ -821,10 +845,9 @@ pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedRece
                         notices.put_back(notice);
                     }
                     retry_at = tokio::time::Instant::now() + retry_in;
-                    retry_in = (retry_in * 2).min(NOTICE_RETRY_MOST);
                     continue;
                 }
-                retry_in = NOTICE_RETRY_FIRST;
+                backoff.succeeded();
                 let sent = serde_json::to_string(&notices.recent(state.clock.now().unix_timestamp()))
                     .expect("a map of strings to numbers serializes");
                 if let Err(e) = state
@@ -884,6 +907,19 @@ async fn send_notices(state: &AppState, notices: &[Notice]) -> Result<(), JobErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_error_notices_wait_30_s_then_twice_as_long_up_to_10_minutes() {
+        let mut backoff = Backoff::new();
+        let waits: Vec<u64> = (0..7).map(|_| backoff.failed().as_secs()).collect();
+        assert_eq!(waits, [30, 60, 120, 240, 480, 600, 600]);
+        backoff.succeeded();
+        assert_eq!(
+            backoff.failed().as_secs(),
+            30,
+            "a delivery starts again from 30 s"
+        );
+    }
 
     /// Each job is due its interval after its last run (or the first start), at once when
     /// that has passed, and a whole interval away when its last run looks later than now (a

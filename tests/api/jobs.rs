@@ -1320,7 +1320,8 @@ fn scheduled_jobs_keep_running_when_the_system_clock_steps() {
 /// An SMTP server that cannot take mail (a wrong password, a relay out of service) must not
 /// be asked every 5 seconds, once per recipient each time: a directory locks an account
 /// after a few failed logins. Before, 12 seconds of a failing notice to two recipients made
-/// nine connections; now the first retry waits 30 seconds.
+/// nine connections; now the first retry waits 30 seconds (the waits themselves: the unit
+/// test `failed_error_notices_wait_30_s_then_twice_as_long_up_to_10_minutes`).
 #[test]
 fn a_failing_error_notice_backs_off_and_is_not_resent_per_recipient() {
     let (_dir, data, sink) = new_appliance_with_smtp();
