@@ -155,6 +155,8 @@ struct Phase {
     client_cpu: Duration,
     /// Bytes the server wrote to storage during the phase (the WAL, checkpoints).
     disk_bytes: u64,
+    /// The share of the machine's CPU time the hypervisor gave to other guests (steal).
+    steal: f64,
 }
 
 /// Bytes a process caused to be written to storage, from /proc (Linux): unlike time, a
@@ -182,6 +184,22 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
 }
 
+/// The machine's (steal, total) CPU ticks so far, from the first line of /proc/stat
+/// (Linux): how much of the cores the hypervisor gave to other guests.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user)
+    (ticks.get(7).copied().unwrap_or(0), ticks.iter().take(8).sum())
+}
+
 impl Phase {
     fn row(&mut self) -> String {
         self.latencies.sort();
@@ -190,7 +208,7 @@ impl Phase {
             self.latencies[i].as_secs_f64() * 1000.0
         };
         format!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1} | {:.0} |",
             self.name,
             self.requests,
             self.requests as f64 / self.elapsed.as_secs_f64(),
@@ -200,6 +218,7 @@ impl Phase {
             self.server_cpu.as_secs_f64() * 1e6 / self.requests as f64,
             self.client_cpu.as_secs_f64() * 1e6 / self.requests as f64,
             self.disk_bytes as f64 / 1024.0 / self.requests as f64,
+            self.steal * 100.0,
         )
     }
 }
@@ -225,6 +244,7 @@ fn run(
     let bodies = Arc::new(bodies.to_vec());
     let (cpu_before, client_before) = (cpu_time(server), cpu_time(std::process::id()));
     let disk_before = disk_writes(server);
+    let ticks_before = cpu_ticks();
     let start = Instant::now();
     let tasks: Vec<_> = connections
         .into_iter()
@@ -263,6 +283,8 @@ fn run(
     let server_cpu = cpu_time(server).saturating_sub(cpu_before);
     let client_cpu = cpu_time(std::process::id()).saturating_sub(client_before);
     let disk_bytes = disk_writes(server).saturating_sub(disk_before);
+    let ticks = cpu_ticks();
+    let steal = (ticks.0 - ticks_before.0) as f64 / (ticks.1 - ticks_before.1).max(1) as f64;
     let mut answers = vec![Vec::new(); bodies.len()];
     let mut latencies = Vec::with_capacity(bodies.len());
     for out in results {
@@ -280,6 +302,7 @@ fn run(
             server_cpu,
             client_cpu,
             disk_bytes,
+            steal,
         },
         answers,
     )
@@ -529,9 +552,9 @@ fn main() {
         database / (1024 * 1024)
     );
     println!(
-        "| phase | requests | per second | p50 ms | p99 ms | max ms | server CPU µs/request | client CPU µs/request | disk KiB/request |"
+        "| phase | requests | per second | p50 ms | p99 ms | max ms | server CPU µs/request | client CPU µs/request | disk KiB/request | steal % |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         println!("{row}");
     }
