@@ -285,11 +285,15 @@ fn run_loop(
             Ok(grant) => Some(grant),
             // A clock set back (or fast, then corrected) recovers by authorizing again when
             // the appliance is in reach: it vouches for the time, and the device clock's
-            // offset is measured anew. Out of reach, a clock set back stays refused.
+            // offset is measured anew. Out of reach, a clock set back stays refused. A state
+            // directory authorized for another product or other settings (`--user` changed)
+            // authorizes for these.
             Err(
                 ClientError::NotAuthorized
                 | ClientError::Expired { .. }
-                | ClientError::ClockRolledBack { .. },
+                | ClientError::ClockRolledBack { .. }
+                | ClientError::OtherSettings { .. }
+                | ClientError::WrongProduct { .. },
             ) => match client.authorize() {
                 Ok(grant) => {
                     print_grant("authorized", &grant);

@@ -714,13 +714,15 @@ fn detect_rollback(
 }
 
 /// The appliance's time at the last contact, carried forward by the monotonic time elapsed
-/// since: what the local clock should read at least, whatever it says.
+/// since: what the local clock should read at least, whatever it says. None past the end of
+/// time (a damaged state file's mark, refused by itself).
 fn carried_forward(
     contact: Option<(Instant, OffsetDateTime)>,
     now: Option<Instant>,
 ) -> Option<OffsetDateTime> {
     let ((at, time), now) = (contact?, now?);
-    Some(time + now.saturating_duration_since(at))
+    let elapsed = time::Duration::try_from(now.saturating_duration_since(at)).ok()?;
+    time.checked_add(elapsed)
 }
 
 fn advance(newest: &mut Option<OffsetDateTime>, seen: OffsetDateTime) {
@@ -1449,13 +1451,13 @@ impl Client {
         self.save_state()
     }
 
-    /// `GET /api/v1/appliance`: the appliance's identity, version and time. Its time advances
-    /// the newest time seen (see [`Client::check`]).
+    /// `GET /api/v1/appliance`: the appliance's identity, version and time. Its time is
+    /// unsigned, so it is shown, not taken as a time seen: only the appliance's signed times
+    /// of issue move the mark of [`Client::check`] from the appliance's side.
     pub fn appliance_info(&mut self) -> Result<ApplianceInfo, ClientError> {
         let info: ApplianceInfo = self.call("/api/v1/appliance", None)?;
         let now = self.now();
         self.state.last_contact = Some(now);
-        advance(&mut self.state.newest_time_seen, info.time);
         advance(&mut self.state.newest_time_seen, now);
         self.save_state()?;
         Ok(info)
@@ -2609,6 +2611,32 @@ mod tests {
         let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
         client.check().unwrap();
         assert_eq!(client.status().newest_time_seen, Some(clock.clock().now()));
+    }
+
+    /// A newest time seen at the end of time (a damaged state file) is a clock set back, not a
+    /// panic at every start; a fresh authorization restarts the mark from the appliance's time.
+    #[test]
+    fn a_newest_time_seen_at_the_end_of_time_is_refused_not_a_panic() {
+        let dir = TempDir::new();
+        let chain = Chain::new();
+        store_authorization(dir.path(), &chain);
+        let end_of_time = time::macros::datetime!(9999-12-31 23:59:59 UTC);
+        edit_state(dir.path(), |state| state.newest_time_seen = Some(end_of_time));
+        let clock = TestClock::new(T0 + time::Duration::minutes(1));
+        let mut config = config(dir.path(), &chain, &clock);
+        let (wall, start) = (clock.0.clone(), Instant::now());
+        let ran = Arc::new(Mutex::new(Duration::ZERO));
+        let elapsed = ran.clone();
+        config.clock = Clock::from_fns(
+            move || *wall.lock().unwrap(),
+            move || start + *elapsed.lock().unwrap(),
+        );
+        let mut client = Client::new(config).unwrap();
+        *ran.lock().unwrap() = Duration::from_secs(60);
+        assert!(matches!(
+            client.check(),
+            Err(ClientError::ClockRolledBack { newest_seen, .. }) if newest_seen == end_of_time
+        ));
     }
 
     /// A device clock set right while renewals come (it ran hours behind) keeps running: each
