@@ -197,7 +197,10 @@ fn cpu_ticks() -> (u64, u64) {
         .filter_map(|t| t.parse().ok())
         .collect();
     // user nice system idle iowait irq softirq steal (guest time is inside user)
-    (ticks.get(7).copied().unwrap_or(0), ticks.iter().take(8).sum())
+    (
+        ticks.get(7).copied().unwrap_or(0),
+        ticks.iter().take(8).sum(),
+    )
 }
 
 impl Phase {

@@ -2621,7 +2621,9 @@ mod tests {
         let chain = Chain::new();
         store_authorization(dir.path(), &chain);
         let end_of_time = time::macros::datetime!(9999-12-31 23:59:59 UTC);
-        edit_state(dir.path(), |state| state.newest_time_seen = Some(end_of_time));
+        edit_state(dir.path(), |state| {
+            state.newest_time_seen = Some(end_of_time)
+        });
         let clock = TestClock::new(T0 + time::Duration::minutes(1));
         let mut config = config(dir.path(), &chain, &clock);
         let (wall, start) = (clock.0.clone(), Instant::now());

@@ -672,3 +672,103 @@ fn a_backlog_goes_over_a_link_slower_than_the_timeout() {
     assert_eq!((sent.accepted, sent.pending), (300, 0), "{sent:?}");
     assert_eq!(usage_total(&a), 300);
 }
+
+/// The device example of the README (`cargo run -p keygate-sdk --example device`), built by
+/// `cargo test --workspace` next to this test's binary.
+fn device_example(a: &Appliance, url: &str, dir: &Path, args: &[&str]) -> std::process::Command {
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent() // deps
+        .and_then(Path::parent)
+        .unwrap()
+        .join("examples/device");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p keygate-sdk --example device` \
+         (`cargo test --workspace` does)",
+        bin.display()
+    );
+    let ca = dir.join("appliance.pem");
+    std::fs::write(&ca, appliance_cert(&a.data)).unwrap();
+    let mut command = std::process::Command::new(bin);
+    command
+        .args(["--url", url, "--ca"])
+        .arg(&ca)
+        .arg("--vendor-key")
+        .arg(a.vendor.pub_path())
+        .args(["--product", "scanner", "--handshake", &a.code, "--state"])
+        .arg(dir.join("state"))
+        .args(args);
+    command
+}
+
+/// Runs the example to its end: its standard output, or a panic with what it printed.
+fn device_says(a: &Appliance, url: &str, dir: &Path, args: &[&str]) -> String {
+    let out = device_example(a, url, dir, args).output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "device {args:?}: {stdout}{stderr}");
+    stdout
+}
+
+/// A newcomer's walk through the example: authorize, record, report, check offline, keep
+/// running under another user (it authorizes again for that user), release.
+#[test]
+fn the_device_example_authorizes_reports_runs_and_releases() {
+    let a = scanner(1_000);
+    let served = Served::start(&a.data);
+    let url = served.url("");
+    let dir = tempfile::tempdir().unwrap();
+    let says = |args: &[&str]| device_says(&a, &url, dir.path(), args);
+
+    let authorized = says(&["authorize"]);
+    assert!(authorized.starts_with("authorized until"), "{authorized}");
+    assert!(authorized.contains("LIC-S-1"), "{authorized}");
+    assert!(says(&["use", "LIC-S-1", "scans", "5"]).contains("recorded 5 scans on LIC-S-1"));
+    says(&["flush"]);
+    assert_eq!(usage_total(&a), 5);
+    assert!(says(&["check"]).starts_with("valid until"));
+
+    // Stored for no user, run for bob: the loop authorizes bob instead of idling.
+    let mut run = device_example(
+        &a,
+        &url,
+        dir.path(),
+        &["--user", "bob", "run", "--every", "1"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(run.stdout.take().unwrap()));
+    let mut seen = Vec::new();
+    for line in lines {
+        let line = line.unwrap();
+        let done = line.starts_with("authorized until") || seen.len() > 20;
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert!(
+        seen.last()
+            .is_some_and(|l| l.starts_with("authorized until")),
+        "{seen:#?}"
+    );
+
+    let released = says(&["--user", "bob", "release"]);
+    assert!(
+        released.contains("released; the authorization is forgotten"),
+        "{released}"
+    );
+    let refused = device_example(&a, &url, dir.path(), &["check"])
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "nothing is stored after a release"
+    );
+}
