@@ -900,11 +900,13 @@ impl Store {
         };
         fs::create_dir_all(dir).map_err(io_error("create", dir))?;
         let lock_path = dir.join(LOCK_FILE);
+        // Opened for reading alone on a read-only file system: it locks all the same.
         let lock = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
+            .or_else(|_| File::open(&lock_path))
             .map_err(io_error("open", &lock_path))?;
         // A lock just released can stay held for a few milliseconds: a child process being
         // started anywhere in this process holds a copy of the lock's descriptor until it
@@ -1157,13 +1159,23 @@ impl Client {
         let closed = !state.open.is_empty();
         if closed {
             let now = config.clock.now() + time::Duration::seconds(state.clock_offset_s);
+            let (open, next_seq, pending) =
+                (state.open.clone(), state.next_seq, backlog.reports.len());
             backlog
                 .reports
                 .extend(close_period(&mut state.open, &mut state.next_seq, now));
-            store.save_backlog(&backlog)?;
+            // A full or read-only disk: the period stays open, as the state file holds it,
+            // and is closed at a later start or flush. A product with a valid authorization
+            // keeps running.
+            if store.save_backlog(&backlog).is_err() {
+                (state.open, state.next_seq) = (open, next_seq);
+                backlog.reports.truncate(pending);
+            }
         }
         if adopted || closed {
-            store.save_state(&state)?;
+            // Written again at the next change if it cannot be now: the files on disk agree
+            // either way (see `reconcile` for a backlog written without its state).
+            let _ = store.save_state(&state);
         }
         let current = state
             .authorization
@@ -1323,7 +1335,8 @@ impl Client {
     /// rewritten and synced: record business events, or batch very frequent ones).
     ///
     /// The item must be granted by the stored authorization (the appliance refuses reports for
-    /// items outside the lease). The period becomes a report at the next [`Client::flush`].
+    /// items outside the lease), and the authorization must not have expired. The period
+    /// becomes a report at the next [`Client::flush`].
     pub fn record(&mut self, item_id: &str, counter: &str, amount: u64) -> Result<(), ClientError> {
         let Some(current) = &self.current else {
             return Err(ClientError::NotAuthorized);
@@ -1332,6 +1345,11 @@ impl Client {
             return Err(ClientError::UnknownItem {
                 item_id: item_id.to_string(),
             });
+        }
+        // A device stops at its authorization's expiry: no usage is counted past it.
+        let expires_at = current.expires_at;
+        if self.now() >= expires_at {
+            return Err(ClientError::Expired { expires_at });
         }
         if !is_identifier(counter) {
             return Err(ClientError::Config(format!(
@@ -2308,6 +2326,33 @@ mod tests {
         assert!(waited < Duration::from_secs(6), "waited {waited:?}");
     }
 
+    /// A product restarted on a full disk with usage still open keeps running on its valid
+    /// authorization: the period stays open (it is on disk as it is) and is closed once the
+    /// files can be written.
+    #[test]
+    fn a_restart_on_a_full_disk_keeps_the_authorization_and_the_open_usage() {
+        let dir = TempDir::new();
+        let (mut client, chain, clock) = authorized_client(&dir);
+        client.record(ITEM, "scans", 5).unwrap();
+        drop(client);
+        let blockers = [
+            block_writes(dir.path(), STATE_FILE),
+            block_writes(dir.path(), BACKLOG_FILE),
+        ];
+        let mut client = Client::new(config(dir.path(), &chain, &clock))
+            .expect("a client, though nothing can be written");
+        client.check().unwrap();
+        assert_eq!(client.status().open_counters[ITEM]["scans"], 5);
+        assert_eq!(client.status().pending_reports, 0);
+        drop(client);
+        for blocker in blockers {
+            fs::remove_dir(blocker).unwrap();
+        }
+        let client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
+        assert_eq!(client.status().pending_reports, 1, "closed at this start");
+        assert!(client.status().open_counters.is_empty());
+    }
+
     #[test]
     fn usage_that_cannot_be_written_is_not_counted() {
         let dir = TempDir::new();
@@ -2743,12 +2788,18 @@ mod tests {
             Err(ClientError::ClockRolledBack { .. })
         ));
 
-        // Past expires_at the device stops.
+        // Past expires_at the device stops, and counts no more usage.
         clock.set(T0 + time::Duration::days(7));
         assert!(matches!(
             client.check(),
             Err(ClientError::Expired { expires_at }) if expires_at == T0 + time::Duration::days(7)
         ));
+        let open = client.status().open_counters;
+        assert!(matches!(
+            client.record(ITEM, "scans", 1),
+            Err(ClientError::Expired { .. })
+        ));
+        assert_eq!(client.status().open_counters, open);
     }
 
     #[test]
