@@ -1593,16 +1593,21 @@ impl Client {
             self.stream_confirmed = true;
             // The reports held back can go now; numbered anew above what the appliance
             // stored if this state was behind it (before trimming, which would drop them).
-            let released = self.state.unconfirmed_from.take();
+            // Renumbered on disk first: a state saved later without the backlog's new numbers
+            // would take the old ones (at or below acked_seq) for acknowledged.
+            let released = self.state.unconfirmed_from;
             if let Some(from) = released.filter(|from| response.acked_seq >= *from) {
+                let mut renumbered = self.backlog.clone();
                 let mut seq = response.acked_seq;
-                for report in self.backlog.reports.iter_mut().filter(|r| r.seq >= from) {
+                for report in renumbered.reports.iter_mut().filter(|r| r.seq >= from) {
                     seq += 1;
                     report.seq = seq;
                 }
+                self.store.save_backlog(&renumbered)?;
+                self.backlog = renumbered;
                 self.state.next_seq = seq + 1;
-                self.store.save_backlog(&self.backlog)?;
             }
+            self.state.unconfirmed_from = None;
             outcome.sent += count;
             outcome.accepted = outcome.accepted.saturating_add(response.accepted);
             outcome.duplicates = outcome.duplicates.saturating_add(response.duplicates);

@@ -540,19 +540,29 @@ fn usage_after_restoring_an_old_state_directory_counts_once() {
     assert_eq!(device.status().next_seq, 4, "the old copy's numbering");
     drop(device);
 
+    // Online, but the backlog cannot be written (a full disk) when the held usage is to be
+    // numbered anew: nothing is renumbered until it can be, whatever is written meanwhile.
+    let blocker = state.path().join("backlog.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let mut device = open(online());
+    assert!(matches!(device.flush(), Err(ClientError::StateIo { .. })));
+    device.record("LIC-S-1", "scans", 1).unwrap();
+    drop(device);
+    std::fs::remove_dir(&blocker).unwrap();
+
     let mut device = open(online());
     let outcome = device.flush().unwrap();
     assert_eq!(
         (outcome.accepted, outcome.duplicates),
-        (1, 1),
+        (2, 1),
         "{outcome:?}"
     );
     assert_eq!(
         usage_total(&a),
-        16,
-        "the 10 scans count, the 2 held open do not again"
+        17,
+        "the 10 and the 1 scans count, the 2 held open do not again"
     );
-    assert_eq!(device.status().next_seq, 5);
+    assert_eq!(device.status().next_seq, 6);
     assert_eq!(device.status().pending_reports, 0);
 }
 
