@@ -1140,7 +1140,7 @@ fn status(config: &Config) -> Result<()> {
         },
     }
     let runs = store::ops::job_runs(&conn, 100)?;
-    for job in crate::metrics::JOBS {
+    for job in crate::jobs::Job::ALL.map(crate::jobs::Job::name) {
         if let Some(run) = runs.iter().find(|r| r.job == job) {
             println!(
                 "job {job:<13} {} at {} ({} ms): {}",

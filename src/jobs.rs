@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use actix_web::web;
 use askama::Template;
 use tokio::sync::mpsc::UnboundedReceiver;
-use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_cron_scheduler::JobScheduler;
 
 use crate::alerts::notices::{ErrorEvent, ErrorNotices, Notice};
 use crate::alerts::{self, CertificateWarning, Crossing, mail};
@@ -27,25 +27,72 @@ pub enum JobError {
     #[error(transparent)]
     Backup(#[from] backup::BackupError),
     #[error("the {0} job is running already: this run is skipped")]
-    Busy(String),
+    Busy(&'static str),
     #[error("{0}")]
     Other(String),
 }
 
-/// The names of the jobs running now.
+/// The scheduled jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Job {
+    Alerts,
+    Backup,
+    Housekeeping,
+}
+
+impl Job {
+    pub const ALL: [Job; 3] = [Job::Alerts, Job::Backup, Job::Housekeeping];
+
+    /// The name in the log, the job runs table and the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Job::Alerts => "alerts",
+            Job::Backup => "backup",
+            Job::Housekeeping => "housekeeping",
+        }
+    }
+
+    /// What it is for, logged when it is scheduled.
+    fn reason(self) -> &'static str {
+        match self {
+            Job::Alerts => {
+                "email the recipients when a license item crosses a usage or expiry threshold"
+            }
+            Job::Backup => "an online backup of the database, checked, with retention",
+            Job::Housekeeping => {
+                "free lapsed seats, summarise old concurrency windows, drop expired passes"
+            }
+        }
+    }
+
+    /// Seconds between two runs.
+    fn every(self, config: &crate::config::JobsConfig) -> u64 {
+        match self {
+            Job::Alerts => config.alerts_every_s,
+            Job::Backup => config.backup_every_s,
+            Job::Housekeeping => config.housekeeping_every_s,
+        }
+    }
+
+    /// The job of that name.
+    pub fn named(name: &str) -> Option<Job> {
+        Job::ALL.into_iter().find(|job| job.name() == name)
+    }
+}
+
+/// The jobs running now.
 #[derive(Debug, Default)]
-pub struct RunningJobs(Mutex<std::collections::HashSet<String>>);
+pub struct RunningJobs(Mutex<std::collections::HashSet<Job>>);
 
 /// A job's mark in [`RunningJobs`], taken off when the run ends, however it ends.
-struct Running<'a>(&'a RunningJobs, String);
+struct Running<'a>(&'a RunningJobs, Job);
 
 impl RunningJobs {
-    /// Marks `name` running; `None` if it is already.
-    fn start(&self, name: &str) -> Option<Running<'_>> {
+    /// Marks `job` running; `None` if it is already.
+    fn start(&self, job: Job) -> Option<Running<'_>> {
         let mut running = self.0.lock().expect("running jobs lock");
-        running
-            .insert(name.to_string())
-            .then(|| Running(self, name.to_string()))
+        // Made only when inserted: a mark dropped here would take the lock held above.
+        running.insert(job).then(|| Running(self, job))
     }
 }
 
@@ -71,27 +118,6 @@ async fn contained(
         })
 }
 
-/// The jobs, their reasons, and how often they run.
-pub fn schedule(config: &crate::config::JobsConfig) -> [(&'static str, &'static str, u64); 3] {
-    [
-        (
-            "alerts",
-            "email the recipients when a license item crosses a usage or expiry threshold",
-            config.alerts_every_s,
-        ),
-        (
-            "backup",
-            "an online backup of the database, checked, with retention",
-            config.backup_every_s,
-        ),
-        (
-            "housekeeping",
-            "free lapsed seats, summarise old concurrency windows, drop expired passes",
-            config.housekeeping_every_s,
-        ),
-    ]
-}
-
 /// The settings key holding when this appliance first started.
 const FIRST_START: &str = "jobs_first_start";
 
@@ -113,16 +139,16 @@ pub fn next_due(
     conn: &rusqlite::Connection,
     config: &crate::config::JobsConfig,
     now: i64,
-) -> Result<Vec<(&'static str, Duration)>, StoreError> {
+) -> Result<Vec<(Job, Duration)>, StoreError> {
     let first_start = settings::get(conn, FIRST_START)?
         .and_then(|v| v.parse::<i64>().ok())
         .unwrap_or(now);
     let mut due = Vec::new();
-    for (name, _, every) in schedule(config) {
-        let last = ops::last_job_run(conn, name)?.unwrap_or(first_start);
+    for job in Job::ALL {
+        let last = ops::last_job_run(conn, job.name())?.unwrap_or(first_start);
         // A last run in the future (a clock set back since) counts as now.
-        let wait = (last.min(now) + every as i64 - now).max(0) as u64;
-        due.push((name, Duration::from_secs(wait)));
+        let wait = (last.min(now) + job.every(config) as i64 - now).max(0) as u64;
+        due.push((job, Duration::from_secs(wait)));
     }
     Ok(due)
 }
@@ -154,14 +180,15 @@ pub async fn start(
     let next: NextDue = Arc::new(Mutex::new(
         waits
             .into_iter()
-            .map(|(name, wait)| (name, started + wait))
+            .map(|(job, wait)| (job, started + wait))
             .collect(),
     ));
     let scheduler = JobScheduler::new()
         .await
         .map_err(|e| JobError::Other(e.to_string()))?;
-    for (name, reason, every) in schedule(&state.config.jobs) {
-        tracing::info!(job = name, every_s = every, reason, "scheduled");
+    for job in Job::ALL {
+        let (every, reason) = (job.every(&state.config.jobs), job.reason());
+        tracing::info!(job = job.name(), every_s = every, reason, "scheduled");
     }
     let ids = plan(&scheduler, &state, &next).await?;
     scheduler
@@ -176,15 +203,16 @@ pub async fn start(
 }
 
 /// When each job is next due, on the monotonic clock.
-type NextDue = Arc<Mutex<HashMap<&'static str, Instant>>>;
+type NextDue = Arc<Mutex<HashMap<Job, Instant>>>;
 
-fn spawn_run(state: &web::Data<AppState>, next: &NextDue, name: &'static str, every: u64) {
+fn spawn_run(state: &web::Data<AppState>, next: &NextDue, job: Job) {
     let state = state.clone();
+    let every = Duration::from_secs(job.every(&state.config.jobs));
     next.lock()
         .expect("next due lock")
-        .insert(name, Instant::now() + Duration::from_secs(every));
+        .insert(job, Instant::now() + every);
     tokio::spawn(async move {
-        let _ = run(&state, name).await;
+        let _ = run(&state, job).await;
     });
 }
 
@@ -197,31 +225,32 @@ async fn plan(
 ) -> Result<Vec<uuid::Uuid>, JobError> {
     let scheduling = |e: tokio_cron_scheduler::JobSchedulerError| JobError::Other(e.to_string());
     let mut ids = Vec::new();
-    for (name, _, every) in schedule(&state.config.jobs) {
-        let due = next.lock().expect("next due lock").get(name).copied();
+    for job in Job::ALL {
+        let due = next.lock().expect("next due lock").get(&job).copied();
         let wait = due.map_or(Duration::ZERO, |at| {
             at.saturating_duration_since(Instant::now())
         });
         if wait.is_zero() {
-            tracing::info!(job = name, "due: running it now");
-            spawn_run(state, next, name, every);
+            tracing::info!(job = job.name(), "due: running it now");
+            spawn_run(state, next, job);
         }
         let (state, next) = (state.clone(), next.clone());
-        let mut job = Job::new_repeated_async(Duration::from_secs(every), move |_, _| {
-            spawn_run(&state, &next, name, every);
+        let every = Duration::from_secs(job.every(&state.config.jobs));
+        let mut planned = tokio_cron_scheduler::Job::new_repeated_async(every, move |_, _| {
+            spawn_run(&state, &next, job);
             Box::pin(async {})
         })
         .map_err(scheduling)?;
         if !wait.is_zero() {
             // Its first run when it is due (the scheduler would plan it an interval away).
-            let mut data = job.job_data().map_err(scheduling)?;
+            let mut data = planned.job_data().map_err(scheduling)?;
             let first = SystemTime::now() + wait;
             data.next_tick = first
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |t| t.as_secs_f64().ceil() as u64);
-            job.set_job_data(data).map_err(scheduling)?;
+            planned.set_job_data(data).map_err(scheduling)?;
         }
-        ids.push(scheduler.add(job).await.map_err(scheduling)?);
+        ids.push(scheduler.add(planned).await.map_err(scheduling)?);
     }
     Ok(ids)
 }
@@ -277,25 +306,25 @@ async fn watch_clock(
 }
 
 /// Runs one job now and records the run.
-pub async fn run(state: &AppState, name: &str) -> Result<String, JobError> {
-    let Some(_running) = state.running_jobs.start(name) else {
+pub async fn run(state: &AppState, job: Job) -> Result<String, JobError> {
+    let name = job.name();
+    let Some(_running) = state.running_jobs.start(job) else {
         tracing::info!(job = name, "job running already; this run is skipped");
-        return Err(JobError::Busy(name.to_string()));
+        return Err(JobError::Busy(name));
     };
     let started = state.clock.now();
     // Jobs run whatever the clock; a clock set back is logged (and emailed) once.
     let _ = state.watermark.check(started.unix_timestamp());
     let clock = std::time::Instant::now();
     let result = contained(async {
-        match name {
-            "alerts" => send_alerts(state).await,
-            "backup" => take_backup(state).await,
-            "housekeeping" => housekeeping(state).await,
-            other => Err(JobError::Other(format!("no job named {other}"))),
+        match job {
+            Job::Alerts => send_alerts(state).await,
+            Job::Backup => take_backup(state).await,
+            Job::Housekeeping => housekeeping(state).await,
         }
     })
     .await;
-    state.metrics.job_ran(name, result.is_ok());
+    state.metrics.job_ran(job, result.is_ok());
     let (ok, detail) = match &result {
         Ok(detail) => (true, detail.clone()),
         Err(e) => {
@@ -303,7 +332,7 @@ pub async fn run(state: &AppState, name: &str) -> Result<String, JobError> {
             (false, e.to_string())
         }
     };
-    let (job, ms) = (name.to_string(), clock.elapsed().as_millis() as i64);
+    let ms = clock.elapsed().as_millis() as i64;
     let (at, newest) = (
         started.unix_timestamp(),
         state.watermark.newest().to_string(),
@@ -311,7 +340,7 @@ pub async fn run(state: &AppState, name: &str) -> Result<String, JobError> {
     if let Err(e) = state
         .store
         .write(move |conn| {
-            ops::record_job_run(conn, &job, at, ms, ok, &detail)?;
+            ops::record_job_run(conn, name, at, ms, ok, &detail)?;
             settings::set(conn, NEWEST_TIME, &newest)
         })
         .await
@@ -663,7 +692,7 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
         .store
         .read(|conn| {
             let kept = settings::get(conn, PURGE_HORIZON)?;
-            Ok::<_, StoreError>((kept, ops::last_job_run(conn, "housekeeping")?))
+            Ok::<_, StoreError>((kept, ops::last_job_run(conn, Job::Housekeeping.name())?))
         })
         .await?;
     // A database from before the horizon was kept: the one its last housekeeping reached.
@@ -934,14 +963,14 @@ mod tests {
         ops::record_job_run(&conn, "alerts", now - 601, 0, true, "").unwrap();
         ops::record_job_run(&conn, "backup", now + 50, 0, true, "").unwrap();
         let due: HashMap<_, _> = next_due(&conn, &config, now).unwrap().into_iter().collect();
-        assert_eq!(due["alerts"], Duration::ZERO, "overdue: at once");
+        assert_eq!(due[&Job::Alerts], Duration::ZERO, "overdue: at once");
         assert_eq!(
-            due["backup"],
+            due[&Job::Backup],
             Duration::from_secs(720),
             "a run 'in the future'"
         );
         assert_eq!(
-            due["housekeeping"],
+            due[&Job::Housekeeping],
             Duration::from_secs(86_400 - 100),
             "never ran: from the first start"
         );
@@ -950,18 +979,18 @@ mod tests {
     #[test]
     fn a_job_never_runs_twice_at_once() {
         let running = RunningJobs::default();
-        let backup = running.start("backup").expect("nothing runs yet");
+        let backup = running.start(Job::Backup).expect("nothing runs yet");
         assert!(
-            running.start("backup").is_none(),
+            running.start(Job::Backup).is_none(),
             "a second backup waits its turn"
         );
         assert!(
-            running.start("alerts").is_some(),
+            running.start(Job::Alerts).is_some(),
             "another job runs alongside"
         );
         drop(backup);
         assert!(
-            running.start("backup").is_some(),
+            running.start(Job::Backup).is_some(),
             "the mark goes with the run"
         );
     }

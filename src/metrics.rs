@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use keygate_sdk::wire::ErrorCode;
 
+use crate::jobs::Job;
 use crate::ratelimit::OncePerMinute;
 use crate::store::Commits;
 use crate::store::licenses::ItemRow;
@@ -77,7 +78,8 @@ pub struct Metrics {
     counters_warned: OncePerMinute,
     connections_refused: AtomicU64,
     connections_warned: OncePerMinute,
-    job_runs: [[AtomicU64; 2]; 3],
+    /// By `Job` (in declaration order, as `Job::ALL`), then ok or failed.
+    job_runs: [[AtomicU64; 2]; Job::ALL.len()],
 }
 
 fn endpoint_index(endpoint: Endpoint) -> usize {
@@ -86,8 +88,6 @@ fn endpoint_index(endpoint: Endpoint) -> usize {
         .position(|(e, _)| *e == endpoint)
         .expect("listed")
 }
-
-pub const JOBS: [&str; 3] = ["alerts", "backup", "housekeeping"];
 
 impl Metrics {
     /// One answered request: its outcome (`None` for success) and how long it took.
@@ -132,10 +132,8 @@ impl Metrics {
         self.connections_warned.ready(now)
     }
 
-    pub fn job_ran(&self, job: &str, ok: bool) {
-        if let Some(i) = JOBS.iter().position(|j| *j == job) {
-            self.job_runs[i][usize::from(!ok)].fetch_add(1, Relaxed);
-        }
+    pub fn job_ran(&self, job: Job, ok: bool) {
+        self.job_runs[job as usize][usize::from(!ok)].fetch_add(1, Relaxed);
     }
 
     /// The exposition, with the database's figures given.
@@ -226,7 +224,7 @@ impl Metrics {
             commits.syncs(),
         );
         out.push_str("# HELP keygate_job_runs_total Scheduled job runs by outcome.\n# TYPE keygate_job_runs_total counter\n");
-        for (i, job) in JOBS.iter().enumerate() {
+        for (i, job) in Job::ALL.iter().map(|job| job.name()).enumerate() {
             for (o, outcome) in ["ok", "failed"].iter().enumerate() {
                 let _ = writeln!(
                     out,

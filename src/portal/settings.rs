@@ -214,7 +214,7 @@ pub async fn backup_now(
     req: HttpRequest,
     Post(admin, _): Post<ManagerRole, CsrfField>,
 ) -> Result<HttpResponse, PortalError> {
-    let (detail, notice, error) = match crate::jobs::run(&state, "backup").await {
+    let (detail, notice, error) = match crate::jobs::run(&state, crate::jobs::Job::Backup).await {
         Ok(detail) => (
             detail.clone(),
             Some(format!("Backup taken: {detail}")),

@@ -397,7 +397,8 @@ impl TestApp {
             .enable_all()
             .build()
             .unwrap();
-        runtime.block_on(keygate::jobs::run(&self.state, name))
+        let job = keygate::jobs::Job::named(name).expect("a job's name");
+        runtime.block_on(keygate::jobs::run(&self.state, job))
     }
 }
 
