@@ -700,6 +700,31 @@ fn reconcile(state: &mut State, backlog: &mut Backlog) {
     }
 }
 
+/// Closes the open period, if it has usage, into reports at the end of the backlog and writes
+/// the backlog (before the state: see [`reconcile`] for a crash between the two writes).
+/// Returns whether it closed one. If the backlog cannot be written the period stays open,
+/// as the state file holds it: closed only in memory, it would be lost.
+fn close_open_period(
+    store: &Store,
+    state: &mut State,
+    backlog: &mut Backlog,
+    now: OffsetDateTime,
+) -> Result<bool, ClientError> {
+    if state.open.is_empty() {
+        return Ok(false);
+    }
+    let (open, next_seq, pending) = (state.open.clone(), state.next_seq, backlog.reports.len());
+    backlog
+        .reports
+        .extend(close_period(&mut state.open, &mut state.next_seq, now));
+    if let Err(e) = store.save_backlog(backlog) {
+        (state.open, state.next_seq) = (open, next_seq);
+        backlog.reports.truncate(pending);
+        return Err(e);
+    }
+    Ok(true)
+}
+
 /// Fails when the local clock is behind the newest time seen by more than [`CLOCK_TOLERANCE`].
 fn detect_rollback(
     local: OffsetDateTime,
@@ -1156,22 +1181,10 @@ impl Client {
         // Usage an earlier process left open is closed under the numbering this state has:
         // in a directory restored from an old copy, the appliance takes it for the duplicate
         // it is. Only what this process records waits for the stream to be confirmed.
-        let closed = !state.open.is_empty();
-        if closed {
-            let now = config.clock.now() + time::Duration::seconds(state.clock_offset_s);
-            let (open, next_seq, pending) =
-                (state.open.clone(), state.next_seq, backlog.reports.len());
-            backlog
-                .reports
-                .extend(close_period(&mut state.open, &mut state.next_seq, now));
-            // A full or read-only disk: the period stays open, as the state file holds it,
-            // and is closed at a later start or flush. A product with a valid authorization
-            // keeps running.
-            if store.save_backlog(&backlog).is_err() {
-                (state.open, state.next_seq) = (open, next_seq);
-                backlog.reports.truncate(pending);
-            }
-        }
+        // If that cannot be written (a full or read-only disk), a product with a valid
+        // authorization keeps running, its usage still open.
+        let now = config.clock.now() + time::Duration::seconds(state.clock_offset_s);
+        let closed = close_open_period(&store, &mut state, &mut backlog, now).unwrap_or(false);
         if adopted || closed {
             // Written again at the next change if it cannot be now: the files on disk agree
             // either way (see `reconcile` for a backlog written without its state).
@@ -1485,21 +1498,11 @@ impl Client {
         self.last_flush_attempt = Some(Instant::now());
         let now = self.now();
         advance(&mut self.state.newest_time_seen, now);
-        if !self.state.open.is_empty() {
-            let (open, next_seq) = (self.state.open.clone(), self.state.next_seq);
-            let pending = self.backlog.reports.len();
-            let reports = close_period(&mut self.state.open, &mut self.state.next_seq, now);
-            self.backlog.reports.extend(reports);
-            // Backlog first: see `reconcile` for a crash between the two writes. If it cannot
-            // be written, the period stays open (closed only in memory, it would be lost).
-            if let Err(e) = self.store.save_backlog(&self.backlog) {
-                self.backlog.reports.truncate(pending);
-                (self.state.open, self.state.next_seq) = (open, next_seq);
-                return Err(e);
-            }
-            if !self.stream_confirmed {
-                self.state.unconfirmed_from.get_or_insert(next_seq);
-            }
+        let next_seq = self.state.next_seq;
+        if close_open_period(&self.store, &mut self.state, &mut self.backlog, now)?
+            && !self.stream_confirmed
+        {
+            self.state.unconfirmed_from.get_or_insert(next_seq);
         }
         self.save_state()?;
 
@@ -1516,8 +1519,7 @@ impl Client {
                 None => self.backlog.reports.len(),
             };
             let reports = next_chunk(&self.backlog.reports[..sendable], chunk_size).to_vec();
-            let last_sent = reports.last().map(|report| report.seq);
-            let count = reports.len();
+            let sent_reports = (reports.len(), reports.last().map(|report| report.seq));
             let request = UsageRequest {
                 lease_id,
                 device_uuid: self.config.device.uuid.clone(),
@@ -1525,155 +1527,190 @@ impl Client {
                 reports,
             };
             let sent = self.config.clock.now();
-            let response: UsageResponse = match self.post("/api/v1/usage", &request) {
-                Ok(response) => response,
-                Err(ClientError::Api {
-                    code: ErrorCode::LeaseNotFound,
-                    ..
-                }) if reauthorize && !outcome.reauthorized => {
-                    outcome.reauthorized = true;
-                    self.authorize()?;
-                    continue;
-                }
-                Err(ClientError::Api {
-                    code: ErrorCode::PayloadTooLarge | ErrorCode::BadRequest,
-                    ..
-                }) if count > 1 => {
-                    chunk_size = count / 2;
-                    continue;
-                }
-                // The body came too slowly for the appliance (a slow link): smaller ones pass.
-                Err(ClientError::UnexpectedResponse { status: 408, .. }) if count > 1 => {
-                    chunk_size = count / 2;
-                    continue;
-                }
-                // One report refused: if a heartbeat of the same lease goes through, the fault
-                // is the report's, and it is set aside rather than block the backlog forever.
-                // Only the protocol's own refusal (HTTP 400) counts: anything else in between
-                // (a proxy, a timeout) is no verdict on the report.
-                Err(ClientError::Api {
-                    status: 400,
-                    code: ErrorCode::BadRequest,
-                    message,
-                }) if count == 1 => {
-                    let heartbeat = UsageRequest {
-                        reports: Vec::new(),
-                        ..request
-                    };
-                    if self
-                        .post::<_, UsageResponse>("/api/v1/usage", &heartbeat)
-                        .is_err()
-                    {
-                        return Err(ClientError::Api {
-                            status: 400,
-                            code: ErrorCode::BadRequest,
-                            message,
-                        });
-                    }
-                    // Set aside on disk before it leaves the backlog: a failed write
-                    // loses nothing.
-                    self.store.set_aside(&self.backlog.reports[0], &message)?;
-                    self.backlog.reports.remove(0);
-                    self.store.save_backlog(&self.backlog)?;
-                    outcome.rejected += 1;
-                    chunk_size = MAX_REPORTS_PER_REQUEST;
-                    continue;
-                }
-                Err(e) => return Err(e),
+            let Some(response) =
+                self.send_usage(request, reauthorize, &mut outcome, &mut chunk_size)?
+            else {
+                continue;
             };
-            if response.acked_seq > i64::MAX as u64 {
-                // No appliance stores a seq past the largest integer it keeps.
-                return Err(ClientError::UnexpectedResponse {
-                    status: 200,
-                    detail: format!("acked_seq {} is out of range", response.acked_seq),
-                });
-            }
-            let now = self.now();
-            self.state.last_contact = Some(now);
-            self.stream_confirmed = true;
-            // The reports held back can go now; numbered anew above what the appliance
-            // stored if this state was behind it (before trimming, which would drop them).
-            // Renumbered on disk first: a state saved later without the backlog's new numbers
-            // would take the old ones (at or below acked_seq) for acknowledged.
-            let released = self.state.unconfirmed_from;
-            if let Some(from) = released.filter(|from| response.acked_seq >= *from) {
-                let mut renumbered = self.backlog.clone();
-                let mut seq = response.acked_seq;
-                for report in renumbered.reports.iter_mut().filter(|r| r.seq >= from) {
-                    seq += 1;
-                    report.seq = seq;
-                }
-                self.store.save_backlog(&renumbered)?;
-                self.backlog = renumbered;
-                self.state.next_seq = seq + 1;
-            }
-            self.state.unconfirmed_from = None;
-            outcome.sent += count;
-            outcome.accepted = outcome.accepted.saturating_add(response.accepted);
-            outcome.duplicates = outcome.duplicates.saturating_add(response.duplicates);
-            outcome.acked_seq = response.acked_seq;
-            if trim_acked(&mut self.backlog.reports, response.acked_seq) > 0 {
-                self.store.save_backlog(&self.backlog)?;
-            }
-            // The appliance has stored reports this client has not numbered yet (this state
-            // directory was restored from an old copy): numbering goes on above them, or the
-            // next reports would be taken for duplicates.
-            if response.acked_seq >= self.state.next_seq {
-                self.state.next_seq = response.acked_seq.saturating_add(1);
-            }
-            outcome.renewal_error = response.renewal_error;
-            // The lease was released (by another state directory sharing it, say): the
-            // reports are stored; a new authorization gives the device a lease again.
-            if outcome
-                .renewal_error
-                .as_ref()
-                .is_some_and(|e| e.code == ErrorCode::LeaseNotFound)
-                && reauthorize
-                && !outcome.reauthorized
-            {
-                outcome.reauthorized = true;
-                outcome.renewed = Some(self.authorize()?);
-                outcome.renewal_error = None;
-            }
-            if let Some(renewal) = response.authorization {
-                match self.accept_renewal(renewal, sent) {
-                    Ok(Some(grant)) => outcome.renewed = Some(grant),
-                    Ok(None) => {}
-                    // The renewal names items of a license this device does not hold yet (the
-                    // vendor's new version was imported): authorizing again fetches it.
-                    Err(ClientError::Chain(
-                        ChainError::ForeignItem(_) | ChainError::OutsideLicense(_),
-                    )) if reauthorize && !outcome.reauthorized => {
-                        outcome.reauthorized = true;
-                        outcome.renewed = Some(self.authorize()?);
-                    }
-                    Err(e) => {
-                        self.save_state()?;
-                        return Err(e);
-                    }
-                }
-            }
-            self.save_state()?;
-            let progressed = last_sent.is_some_and(|seq| response.acked_seq >= seq);
-            let more = !self.backlog.reports.is_empty() && (progressed || released.is_some());
-            // An admin blocked or removed the device: it stops now, not when the
-            // authorization it holds runs out, once the appliance has the reports (it
-            // records them on the known lease all the same).
-            if !more
-                && outcome
-                    .renewal_error
-                    .as_ref()
-                    .is_some_and(|e| stops_the_device(e.code))
-            {
-                self.forget_authorization()?;
-                outcome.renewed = None;
-            }
+            let more =
+                self.take_usage_answer(response, sent, sent_reports, reauthorize, &mut outcome)?;
             if !more {
                 break;
             }
         }
         outcome.pending = self.backlog.reports.len();
         Ok(outcome)
+    }
+
+    /// Sends one usage request. `None` when it is to be sent again, differently: after the
+    /// client authorized again (the appliance did not know the lease), in smaller chunks (too
+    /// large, or too slow for the link), or without a report the appliance refuses (set aside
+    /// in `rejected.json`).
+    fn send_usage(
+        &mut self,
+        request: UsageRequest,
+        reauthorize: bool,
+        outcome: &mut FlushOutcome,
+        chunk_size: &mut usize,
+    ) -> Result<Option<UsageResponse>, ClientError> {
+        let count = request.reports.len();
+        match self.post("/api/v1/usage", &request) {
+            Ok(response) => Ok(Some(response)),
+            Err(ClientError::Api {
+                code: ErrorCode::LeaseNotFound,
+                ..
+            }) if reauthorize && !outcome.reauthorized => {
+                outcome.reauthorized = true;
+                self.authorize()?;
+                Ok(None)
+            }
+            Err(ClientError::Api {
+                code: ErrorCode::PayloadTooLarge | ErrorCode::BadRequest,
+                ..
+            }) if count > 1 => {
+                *chunk_size = count / 2;
+                Ok(None)
+            }
+            // The body came too slowly for the appliance (a slow link): smaller ones pass.
+            Err(ClientError::UnexpectedResponse { status: 408, .. }) if count > 1 => {
+                *chunk_size = count / 2;
+                Ok(None)
+            }
+            // One report refused: if a heartbeat of the same lease goes through, the fault
+            // is the report's, and it is set aside rather than block the backlog forever.
+            // Only the protocol's own refusal (HTTP 400) counts: anything else in between
+            // (a proxy, a timeout) is no verdict on the report.
+            Err(ClientError::Api {
+                status: 400,
+                code: ErrorCode::BadRequest,
+                message,
+            }) if count == 1 => {
+                let heartbeat = UsageRequest {
+                    reports: Vec::new(),
+                    ..request
+                };
+                if self
+                    .post::<_, UsageResponse>("/api/v1/usage", &heartbeat)
+                    .is_err()
+                {
+                    return Err(ClientError::Api {
+                        status: 400,
+                        code: ErrorCode::BadRequest,
+                        message,
+                    });
+                }
+                // Set aside on disk before it leaves the backlog: a failed write
+                // loses nothing.
+                self.store.set_aside(&self.backlog.reports[0], &message)?;
+                self.backlog.reports.remove(0);
+                self.store.save_backlog(&self.backlog)?;
+                outcome.rejected += 1;
+                *chunk_size = MAX_REPORTS_PER_REQUEST;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes the appliance's answer to a usage request sent at `sent` (device clock) with
+    /// `count` reports, the last numbered `last_sent`: trims what it acknowledged, stores its renewal. Returns
+    /// whether more reports are to be sent now.
+    fn take_usage_answer(
+        &mut self,
+        response: UsageResponse,
+        sent: OffsetDateTime,
+        (count, last_sent): (usize, Option<u64>),
+        reauthorize: bool,
+        outcome: &mut FlushOutcome,
+    ) -> Result<bool, ClientError> {
+        if response.acked_seq > i64::MAX as u64 {
+            // No appliance stores a seq past the largest integer it keeps.
+            return Err(ClientError::UnexpectedResponse {
+                status: 200,
+                detail: format!("acked_seq {} is out of range", response.acked_seq),
+            });
+        }
+        let now = self.now();
+        self.state.last_contact = Some(now);
+        self.stream_confirmed = true;
+        // The reports held back can go now; numbered anew above what the appliance
+        // stored if this state was behind it (before trimming, which would drop them).
+        // Renumbered on disk first: a state saved later without the backlog's new numbers
+        // would take the old ones (at or below acked_seq) for acknowledged.
+        let released = self.state.unconfirmed_from;
+        if let Some(from) = released.filter(|from| response.acked_seq >= *from) {
+            let mut renumbered = self.backlog.clone();
+            let mut seq = response.acked_seq;
+            for report in renumbered.reports.iter_mut().filter(|r| r.seq >= from) {
+                seq += 1;
+                report.seq = seq;
+            }
+            self.store.save_backlog(&renumbered)?;
+            self.backlog = renumbered;
+            self.state.next_seq = seq + 1;
+        }
+        self.state.unconfirmed_from = None;
+        outcome.sent += count;
+        outcome.accepted = outcome.accepted.saturating_add(response.accepted);
+        outcome.duplicates = outcome.duplicates.saturating_add(response.duplicates);
+        outcome.acked_seq = response.acked_seq;
+        if trim_acked(&mut self.backlog.reports, response.acked_seq) > 0 {
+            self.store.save_backlog(&self.backlog)?;
+        }
+        // The appliance has stored reports this client has not numbered yet (this state
+        // directory was restored from an old copy): numbering goes on above them, or the
+        // next reports would be taken for duplicates.
+        if response.acked_seq >= self.state.next_seq {
+            self.state.next_seq = response.acked_seq.saturating_add(1);
+        }
+        outcome.renewal_error = response.renewal_error;
+        // The lease was released (by another state directory sharing it, say): the
+        // reports are stored; a new authorization gives the device a lease again.
+        if outcome
+            .renewal_error
+            .as_ref()
+            .is_some_and(|e| e.code == ErrorCode::LeaseNotFound)
+            && reauthorize
+            && !outcome.reauthorized
+        {
+            outcome.reauthorized = true;
+            outcome.renewed = Some(self.authorize()?);
+            outcome.renewal_error = None;
+        }
+        if let Some(renewal) = response.authorization {
+            match self.accept_renewal(renewal, sent) {
+                Ok(Some(grant)) => outcome.renewed = Some(grant),
+                Ok(None) => {}
+                // The renewal names items of a license this device does not hold yet (the
+                // vendor's new version was imported): authorizing again fetches it.
+                Err(ClientError::Chain(
+                    ChainError::ForeignItem(_) | ChainError::OutsideLicense(_),
+                )) if reauthorize && !outcome.reauthorized => {
+                    outcome.reauthorized = true;
+                    outcome.renewed = Some(self.authorize()?);
+                }
+                Err(e) => {
+                    self.save_state()?;
+                    return Err(e);
+                }
+            }
+        }
+        self.save_state()?;
+        let progressed = last_sent.is_some_and(|seq| response.acked_seq >= seq);
+        let more = !self.backlog.reports.is_empty() && (progressed || released.is_some());
+        // An admin blocked or removed the device: it stops now, not when the
+        // authorization it holds runs out, once the appliance has the reports (it
+        // records them on the known lease all the same).
+        if !more
+            && outcome
+                .renewal_error
+                .as_ref()
+                .is_some_and(|e| stops_the_device(e.code))
+        {
+            self.forget_authorization()?;
+            outcome.renewed = None;
+        }
+        Ok(more)
     }
 
     /// Verifies a renewal that came with a usage answer (to a request sent at `sent` by the
