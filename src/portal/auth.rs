@@ -171,18 +171,27 @@ async fn session_of(req: &HttpRequest) -> Result<Session, PortalError> {
         })
         .await?
         .ok_or(PortalError::SignIn)?;
+    // Both writes are housekeeping: one that fails (a full disk) is logged, and the portal
+    // stays readable for the admin who has to find out why. An expired session is refused
+    // whether or not its row could be deleted.
     if now - found.last_seen >= IDLE_SECS || now - found.created_at >= ABSOLUTE_SECS {
-        state
+        let deleted = state
             .store
             .write(move |conn| admins::delete_session(conn, &hash))
-            .await?;
+            .await;
+        if let Err(e) = deleted {
+            tracing::warn!(error = %e, "could not delete an expired portal session");
+        }
         return Err(PortalError::SignIn);
     }
     if now - found.last_seen >= 60 {
-        state
+        let touched = state
             .store
             .write(move |conn| admins::touch_session(conn, &hash, now))
-            .await?;
+            .await;
+        if let Err(e) = touched {
+            tracing::warn!(error = %e, "could not record a portal session's activity");
+        }
     }
     Ok(Session {
         admin_id: found.admin.id,

@@ -342,6 +342,27 @@ fn sessions_expire_when_idle_and_after_twelve_hours() {
     assert_eq!(browser.get("/").location, "/login", "12 hours in all");
 }
 
+/// Keeping a session's activity is housekeeping: when the database refuses the write (a
+/// full disk; here a trigger refuses it) the portal stays readable, and an idle session still
+/// ends.
+#[test]
+fn a_session_whose_activity_cannot_be_written_still_reads_the_portal() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    f.db()
+        .execute_batch(
+            "CREATE TRIGGER full_disk BEFORE UPDATE ON sessions \
+             BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END; \
+             CREATE TRIGGER full_disk_delete BEFORE DELETE ON sessions \
+             BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+        )
+        .unwrap();
+    f.app.clock.advance(Duration::minutes(2));
+    assert_eq!(browser.get("/").status, 200);
+    assert_eq!(browser.get("/devices").status, 200);
+    f.app.clock.advance(Duration::minutes(31));
+    assert_eq!(browser.get("/").location, "/login", "30 minutes idle");
+}
+
 /// A sign-in refused in one tab leaves the sign-in form open in another tab working.
 #[test]
 fn a_failed_sign_in_leaves_another_tab_signing_in() {
