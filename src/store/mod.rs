@@ -180,7 +180,13 @@ impl Store {
     /// Opens (and migrates) the database and starts the writer and syncer threads.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = open(path)?;
+        checkpoint_left_wal(&conn)?;
         let wal = open_wal(path)?;
+        // The WAL's name is made durable as well as what the syncer writes into it.
+        if let Some(dir) = path.parent() {
+            crate::appliance::sync_dir(dir)
+                .map_err(|e| StoreError::Wal(format!("{}: {e}", dir.display())))?;
+        }
         Store::start(path, conn, move || wal.sync_data())
     }
 
@@ -388,6 +394,20 @@ pub(crate) fn side_file(db: &Path, suffix: &str) -> PathBuf {
 /// connection lets it have) and otherwise keeps the same file, reset and truncated; the
 /// writer's connection stays open for the life of the process. SQLite holds no lock on the
 /// WAL itself (WAL locks live in the `-shm` file), so this handle cannot disturb them.
+/// Copies what an earlier run left in the WAL (it stopped without closing the database:
+/// kill -9, a power cut, a failed sync) into the database file, synced, and empties the WAL,
+/// before anything is served. After a failed sync, pages of the WAL may live only in the
+/// page cache, where SQLite would take them for durable; copied and synced now, they are.
+fn checkpoint_left_wal(conn: &Connection) -> Result<(), StoreError> {
+    let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+    if busy != 0 {
+        // Another process (a CLI command) was reading: what it holds is checkpointed later,
+        // as SQLite does by itself.
+        tracing::warn!("the database was in use at start: its WAL is checkpointed later");
+    }
+    Ok(())
+}
+
 fn open_wal(path: &Path) -> Result<std::fs::File, StoreError> {
     let name = side_file(path, "-wal");
     // Written through: Windows flushes only a handle opened for writing.
@@ -709,6 +729,32 @@ mod tests {
                 mark("SEATS", "consumption:90", -1),
                 mark("SEATS", "expiry:30", 5000),
             ]
+        );
+    }
+
+    /// A WAL left by a run that did not close the database (here, a connection never closed)
+    /// is in the database file, and the WAL empty, once the store is open.
+    #[test]
+    fn a_wal_left_by_a_crash_is_checkpointed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let conn = open(&path).unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        settings::set(&conn, "left", "in the WAL").unwrap();
+        std::mem::forget(conn); // no close, no checkpoint: as after kill -9
+        let wal = side_file(&path, "-wal");
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+
+        let _store = Store::open(&path).unwrap();
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+        let file_only = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .unwrap();
+        assert_eq!(
+            settings::get(&file_only, "left").unwrap().as_deref(),
+            Some("in the WAL")
         );
     }
 
