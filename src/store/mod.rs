@@ -199,6 +199,8 @@ impl Store {
         // Commits no longer wait for the disk: the syncer thread syncs the WAL and only then
         // answers the batches it covers (see `syncer`).
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let mut conn = conn;
+        conn.wal_hook(Some(checkpoint_or_stop))?;
         let commits = Arc::new(Commits::default());
         let (jobs, queue) = mpsc::channel();
         let (committed, to_sync) = mpsc::channel();
@@ -415,6 +417,33 @@ fn open_wal(path: &Path) -> Result<std::fs::File, StoreError> {
         .write(true)
         .open(&name)
         .map_err(|e| StoreError::Wal(format!("{}: {e}", name.display())))
+}
+
+/// The WAL's size, in pages, past which the writer checkpoints it (SQLite's default).
+const CHECKPOINT_PAGES: i32 = 1000;
+
+/// The writer's checkpoint, in place of SQLite's automatic one, which ignores its own
+/// failures: a database file whose sync failed would look checkpointed, and the WAL then be
+/// reused over the only durable copy of acknowledged commits. A failure stops keygate, as a
+/// failed WAL sync does; the WAL still holds every commit, and the next start checkpoints it
+/// (see `checkpoint_left_wal`).
+fn checkpoint_or_stop(wal: &mut rusqlite::hooks::Wal, pages: i32) -> rusqlite::Result<()> {
+    if pages < CHECKPOINT_PAGES {
+        return Ok(());
+    }
+    match wal.checkpoint() {
+        // Another connection is checkpointing (a command, a backup): it syncs what it copies.
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+        {
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "checkpointing the database failed; stopping");
+            std::process::exit(1);
+        }
+        Ok(()) => Ok(()),
+    }
 }
 
 /// A committed (or failed) batch on its way to the syncer, with its number.
@@ -756,6 +785,27 @@ mod tests {
             settings::get(&file_only, "left").unwrap().as_deref(),
             Some("in the WAL")
         );
+    }
+
+    /// The writer checkpoints the WAL itself (SQLite's automatic checkpoint is replaced by
+    /// one whose failure is not ignored): the WAL stays about a thousand pages long.
+    #[tokio::test]
+    async fn the_writer_keeps_the_wal_about_a_thousand_pages_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let store = Store::open(&path).unwrap();
+        let value = "x".repeat(20_000); // about six pages a commit
+        for i in 0..400 {
+            let value = value.clone();
+            store
+                .write(move |conn| settings::set(conn, &format!("k{i}"), &value))
+                .await
+                .unwrap();
+        }
+        let frame = 4096 + 24;
+        let wal = std::fs::metadata(side_file(&path, "-wal")).unwrap().len();
+        assert!(wal > 100 * frame, "the writes went through the WAL");
+        assert!(wal < 1_050 * frame, "{wal} bytes");
     }
 
     #[tokio::test]
