@@ -118,9 +118,19 @@ impl AppState {
         {
             crate::store::settings::set(&conn, backup::INSTALLATION, appliance.installation_id())?;
         }
-        // A run that did not stop cleanly (killed, crashed, the machine lost power) left its
-        // mark: told at ERROR, so emailed to the alert recipients.
-        if let Some(since) = crate::store::settings::get(&conn, backup::RUNNING)? {
+        // A run that did not stop cleanly (killed, crashed, the machine lost power, or it
+        // stopped itself at a disk fault and wrote why) is told at ERROR, so emailed to the
+        // alert recipients.
+        let stopped_itself = crate::store::take_stop_reason(&config.database_path());
+        let running = crate::store::settings::get(&conn, backup::RUNNING)?;
+        if let Some(reason) = &stopped_itself {
+            tracing::error!(
+                running_since = running.as_deref().unwrap_or("?"),
+                reason = %reason,
+                "the previous run of keygate did not stop cleanly: it stopped itself; what it \
+                 acknowledged is on disk"
+            );
+        } else if let Some(since) = running {
             tracing::error!(
                 running_since = %since,
                 "the previous run of keygate did not stop cleanly (killed, crashed, or the \

@@ -200,19 +200,28 @@ impl Store {
         // answers the batches it covers (see `syncer`).
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let mut conn = conn;
-        conn.wal_hook(Some(checkpoint_or_stop))?;
+        let db = path.to_path_buf();
+        conn.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages| {
+            checkpoint_or_stop(&db, wal, pages)
+        }))?;
         let commits = Arc::new(Commits::default());
         let (jobs, queue) = mpsc::channel();
         let (committed, to_sync) = mpsc::channel();
         let writer_commits = commits.clone();
         std::thread::Builder::new()
             .name("keygate-db-writer".into())
-            .spawn(move || writer(conn, queue, committed, &writer_commits))
+            .spawn({
+                let db = path.to_path_buf();
+                move || writer(&db, conn, queue, committed, &writer_commits)
+            })
             .expect("the writer thread starts");
         let syncer_commits = commits.clone();
         std::thread::Builder::new()
             .name("keygate-db-syncer".into())
-            .spawn(move || syncer(sync_wal, to_sync, &syncer_commits))
+            .spawn({
+                let db = path.to_path_buf();
+                move || syncer(&db, sync_wal, to_sync, &syncer_commits)
+            })
             .expect("the syncer thread starts");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -427,7 +436,11 @@ const CHECKPOINT_PAGES: i32 = 1000;
 /// reused over the only durable copy of acknowledged commits. A failure stops keygate, as a
 /// failed WAL sync does; the WAL still holds every commit, and the next start checkpoints it
 /// (see `checkpoint_left_wal`).
-fn checkpoint_or_stop(wal: &mut rusqlite::hooks::Wal, pages: i32) -> rusqlite::Result<()> {
+fn checkpoint_or_stop(
+    db: &Path,
+    wal: &mut rusqlite::hooks::Wal,
+    pages: i32,
+) -> rusqlite::Result<()> {
     if pages < CHECKPOINT_PAGES {
         return Ok(());
     }
@@ -438,18 +451,43 @@ fn checkpoint_or_stop(wal: &mut rusqlite::hooks::Wal, pages: i32) -> rusqlite::R
         {
             Ok(())
         }
-        Err(e) => {
-            tracing::error!(error = %e, "checkpointing the database failed; stopping");
-            std::process::exit(1);
-        }
+        Err(e) => stop(db, &format!("checkpointing the database failed: {e}")),
         Ok(()) => Ok(()),
     }
+}
+
+/// The file beside the database that says why the last run stopped itself.
+fn stop_file(db: &Path) -> PathBuf {
+    side_file(db, "-stopped")
+}
+
+/// Stops keygate at a fault that makes going on unsafe (the service manager starts it
+/// again): logged, and written beside the database (as far as the disk lets it) for the
+/// next start to tell, by email too, with [`take_stop_reason`].
+fn stop(db: &Path, reason: &str) -> ! {
+    tracing::error!(reason, "stopping");
+    record_stop(db, reason);
+    std::process::exit(1);
+}
+
+/// Writes why this run stops beside the database `db` (best effort: the disk may be failing).
+pub fn record_stop(db: &Path, reason: &str) {
+    let _ = std::fs::write(stop_file(db), reason);
+}
+
+/// Why the last run stopped itself, if it did (see [`stop`]); read once.
+pub fn take_stop_reason(db: &Path) -> Option<String> {
+    let file = stop_file(db);
+    let reason = std::fs::read_to_string(&file).ok()?;
+    let _ = std::fs::remove_file(&file);
+    Some(reason)
 }
 
 /// A committed (or failed) batch on its way to the syncer, with its number.
 type Batch = (u64, Vec<Box<dyn Job>>, Result<(), StoreError>);
 
 fn writer(
+    db: &Path,
     conn: Connection,
     queue: mpsc::Receiver<Box<dyn Job>>,
     to_sync: mpsc::Sender<Batch>,
@@ -491,8 +529,7 @@ fn writer(
         if to_sync.send((number, batch, committed)).is_err() {
             // Nothing could be answered any more, yet the service would look alive: stop,
             // so that the service manager starts keygate again.
-            tracing::error!("the database syncer has stopped; stopping");
-            std::process::exit(1);
+            stop(db, "the database syncer has stopped");
         }
     }
 }
@@ -503,6 +540,7 @@ fn writer(
 /// commits write the WAL without waiting for the disk), so the cores work while the disk
 /// syncs, and one sync covers every batch that queued behind a slow one.
 fn syncer(
+    db: &Path,
     sync_wal: impl Fn() -> std::io::Result<()>,
     committed: mpsc::Receiver<Batch>,
     commits: &Commits,
@@ -515,9 +553,8 @@ fn syncer(
         if let Err(e) = sync_wal() {
             // The outcome of these commits is unknown: nothing may be acknowledged, and
             // going on could acknowledge later commits that depend on them. The service
-            // manager restarts keygate, and SQLite recovers what reached the disk.
-            tracing::error!(error = %e, "syncing the database's WAL failed; stopping");
-            std::process::exit(1);
+            // manager restarts keygate, which checkpoints the WAL first.
+            stop(db, &format!("syncing the database's WAL failed: {e}"));
         }
         let newest = batches.last().map_or(0, |(number, ..)| *number);
         commits.synced.store(newest, Ordering::Release);

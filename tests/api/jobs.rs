@@ -508,6 +508,28 @@ fn a_run_that_did_not_stop_cleanly_is_emailed_at_the_next_start() {
     );
 }
 
+/// A run that stopped itself at a disk fault (a failed sync of the WAL) wrote why beside the
+/// database; the next start emails it, once.
+#[test]
+fn why_a_run_stopped_itself_is_emailed_at_the_next_start() {
+    let (_dir, data, sink) = new_appliance_with_smtp();
+    let reason = "syncing the database's WAL failed: Input/output error (os error 5)";
+    keygate::store::record_stop(&data.join("keygate.db"), reason);
+    let served = Served::start(&data);
+    let messages = sink.wait_for(1, StdDuration::from_secs(40));
+    assert_eq!(messages.len(), 1);
+    let text = text_of(&messages[0]);
+    assert!(text.contains("it stopped itself"), "{text}");
+    assert!(text.contains(reason), "{text}");
+    served.terminate();
+    let _served = Served::start(&data);
+    assert_eq!(
+        sink.wait_for(2, StdDuration::from_secs(8)).len(),
+        1,
+        "told once"
+    );
+}
+
 #[test]
 fn a_failing_job_is_emailed_by_the_running_binary() {
     let (dir, data, sink) = new_appliance_with_smtp();
