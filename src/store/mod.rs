@@ -410,7 +410,15 @@ pub(crate) fn side_file(db: &Path, suffix: &str) -> PathBuf {
 /// before anything is served. After a failed sync, pages of the WAL may live only in the
 /// page cache, where SQLite would take them for durable; copied and synced now, they are.
 fn checkpoint_left_wal(conn: &Connection) -> Result<(), StoreError> {
-    let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+    let busy: i64 = match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)) {
+        // A full disk: the WAL keeps what it holds (SQLite reads it from there), and the
+        // appliance starts, its portal readable, to be given room.
+        Err(e) if is_code(&e, rusqlite::ErrorCode::DiskFull) => {
+            tracing::warn!(error = %e, "the disk is full: the WAL is checkpointed later");
+            return Ok(());
+        }
+        result => result?,
+    };
     if busy != 0 {
         // Another process (a CLI command) was reading: what it holds is checkpointed later,
         // as SQLite does by itself.
@@ -446,14 +454,20 @@ fn checkpoint_or_stop(
     }
     match wal.checkpoint() {
         // Another connection is checkpointing (a command, a backup): it syncs what it copies.
-        Err(rusqlite::Error::SqliteFailure(e, _))
-            if e.code == rusqlite::ErrorCode::DatabaseBusy =>
-        {
+        Err(e) if is_code(&e, rusqlite::ErrorCode::DatabaseBusy) => Ok(()),
+        // The database file cannot grow: the WAL keeps every commit (SQLite reads them from
+        // there) and the next checkpoint tries again. Not a lost sync: keygate goes on.
+        Err(e) if is_code(&e, rusqlite::ErrorCode::DiskFull) => {
+            tracing::warn!(error = %e, "the disk is full: the WAL is checkpointed later");
             Ok(())
         }
         Err(e) => stop(db, &format!("checkpointing the database failed: {e}")),
         Ok(()) => Ok(()),
     }
+}
+
+fn is_code(e: &rusqlite::Error, code: rusqlite::ErrorCode) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(failure, _) if failure.code == code)
 }
 
 /// The file beside the database that says why the last run stopped itself.
