@@ -285,3 +285,87 @@ fn metrics_count_real_traffic() {
         "{batches} batches, {syncs} syncs"
     );
 }
+
+/// A small file system of its own for the data directory (tmpfs), unmounted at the end.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    /// `None` when this process may not mount (not root): the test is then not run here.
+    /// CI runs the tests as root (scripts/package-test needs it too).
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(SmallDisk(dir))
+    }
+
+    /// Writes a file until the file system has no room left.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.path().join("fill");
+        let mut file = std::fs::File::create(&path).unwrap();
+        while file.write_all(&[0; 4096]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazily: the test leaves a connection open on it (as a killed process would).
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// A full disk is no reason to stop: an appliance whose disk filled while its WAL held
+/// commits not yet in the database file (it was killed) starts, serves its health, portal
+/// and readiness, keeps every commit, and carries on once there is room again.
+#[test]
+fn an_appliance_on_a_full_disk_starts_and_serves() {
+    let running_as_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.starts_with(b"0\n"));
+    let Some(disk) = SmallDisk::mount("6m") else {
+        assert!(!running_as_root, "root could not mount a tmpfs");
+        eprintln!("not run: mounting a small file system needs root");
+        return;
+    };
+    let data = disk.0.path().join("data");
+    Served::start(&data).kill();
+    // Commits that grow the database, left in the WAL (no checkpoint, no close).
+    let db = data.join("keygate.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    conn.execute_batch("BEGIN").unwrap();
+    for i in 0..40 {
+        keygate::store::settings::set(&conn, &format!("big{i}"), &"y".repeat(20_000)).unwrap();
+    }
+    conn.execute_batch("COMMIT").unwrap();
+    std::mem::forget(conn);
+    let fill = disk.fill();
+
+    let served = Served::start(&data);
+    let agent = pinned_agent(&appliance_cert(&data));
+    assert_eq!(get_json(&agent, &served.url("/healthz")).0, 200);
+    let login = agent.get(&served.url("/login")).call().unwrap();
+    assert_eq!(login.status().as_u16(), 200);
+    std::fs::remove_file(fill).unwrap();
+    assert_eq!(get_json(&agent, &served.url("/readyz")).0, 200);
+    served.kill();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let kept: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM settings WHERE key LIKE 'big%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept, 40);
+}
