@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
+use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::oneshot;
 
@@ -200,9 +201,10 @@ impl Store {
         // answers the batches it covers (see `syncer`).
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let mut conn = conn;
-        let db = path.to_path_buf();
-        conn.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages| {
-            checkpoint_or_stop(&db, wal, pages)
+        let db: Arc<Path> = path.into();
+        conn.wal_hook(Some({
+            let db = db.clone();
+            move |wal: &mut rusqlite::hooks::Wal, pages| checkpoint_or_stop(&db, wal, pages)
         }))?;
         let commits = Arc::new(Commits::default());
         let (jobs, queue) = mpsc::channel();
@@ -211,17 +213,14 @@ impl Store {
         std::thread::Builder::new()
             .name("keygate-db-writer".into())
             .spawn({
-                let db = path.to_path_buf();
+                let db = db.clone();
                 move || writer(&db, conn, queue, committed, &writer_commits)
             })
             .expect("the writer thread starts");
         let syncer_commits = commits.clone();
         std::thread::Builder::new()
             .name("keygate-db-syncer".into())
-            .spawn({
-                let db = path.to_path_buf();
-                move || syncer(&db, sync_wal, to_sync, &syncer_commits)
-            })
+            .spawn(move || syncer(&db, sync_wal, to_sync, &syncer_commits))
             .expect("the syncer thread starts");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -410,21 +409,29 @@ pub(crate) fn side_file(db: &Path, suffix: &str) -> PathBuf {
 /// before anything is served. After a failed sync, pages of the WAL may live only in the
 /// page cache, where SQLite would take them for durable; copied and synced now, they are.
 fn checkpoint_left_wal(conn: &Connection) -> Result<(), StoreError> {
-    let busy: i64 = match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)) {
-        // A full disk: the WAL keeps what it holds (SQLite reads it from there), and the
-        // appliance starts, its portal readable, to be given room.
-        Err(e) if is_code(&e, rusqlite::ErrorCode::DiskFull) => {
-            tracing::warn!(error = %e, "the disk is full: the WAL is checkpointed later");
-            return Ok(());
-        }
-        result => result?,
-    };
-    if busy != 0 {
-        // Another process (a CLI command) was reading: what it holds is checkpointed later,
-        // as SQLite does by itself.
-        tracing::warn!("the database was in use at start: its WAL is checkpointed later");
+    match conn.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::TRUNCATE) {
+        // On a full disk the appliance starts all the same, its portal readable, to be
+        // given room.
+        Err(e) if passable(&e) => Ok(()),
+        result => Ok(result.map(drop)?),
     }
-    Ok(())
+}
+
+/// Whether a checkpoint's failure leaves every commit safe in the WAL, which SQLite reads
+/// them from (logged, and checkpointed later): another connection was checkpointing or
+/// reading (busy), or the database file could not grow (a full disk). Any other failure
+/// may be a lost sync.
+fn passable(e: &rusqlite::Error) -> bool {
+    let passable = [
+        rusqlite::ErrorCode::DatabaseBusy,
+        rusqlite::ErrorCode::DiskFull,
+    ]
+    .into_iter()
+    .any(|code| matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == code));
+    if passable {
+        tracing::warn!(error = %e, "the WAL could not be checkpointed now: it is later");
+    }
+    passable
 }
 
 fn open_wal(path: &Path) -> Result<std::fs::File, StoreError> {
@@ -453,21 +460,9 @@ fn checkpoint_or_stop(
         return Ok(());
     }
     match wal.checkpoint() {
-        // Another connection is checkpointing (a command, a backup): it syncs what it copies.
-        Err(e) if is_code(&e, rusqlite::ErrorCode::DatabaseBusy) => Ok(()),
-        // The database file cannot grow: the WAL keeps every commit (SQLite reads them from
-        // there) and the next checkpoint tries again. Not a lost sync: keygate goes on.
-        Err(e) if is_code(&e, rusqlite::ErrorCode::DiskFull) => {
-            tracing::warn!(error = %e, "the disk is full: the WAL is checkpointed later");
-            Ok(())
-        }
-        Err(e) => stop(db, &format!("checkpointing the database failed: {e}")),
-        Ok(()) => Ok(()),
+        Err(e) if !passable(&e) => stop(db, &format!("checkpointing the database failed: {e}")),
+        _ => Ok(()),
     }
-}
-
-fn is_code(e: &rusqlite::Error, code: rusqlite::ErrorCode) -> bool {
-    matches!(e, rusqlite::Error::SqliteFailure(failure, _) if failure.code == code)
 }
 
 /// The file beside the database that says why the last run stopped itself.
