@@ -21,6 +21,28 @@ use crate::licensing::{self, from_unix, import, rfc3339};
 use crate::store::{self, licenses::TrustedKey};
 use crate::vendor;
 
+/// `println!` for a command's output, as a `Result`: a reader that went away
+/// (`keygate status | head -3`) or a full disk ends the command with an error, not a panic,
+/// and `main` ends quietly on the first (see [`reader_went_away`]).
+macro_rules! say {
+    ($($arg:tt)*) => { writeln!(std::io::stdout(), $($arg)*).map_err(StdoutError) };
+}
+
+/// A command could not write its output.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write to standard output")]
+pub struct StdoutError(#[source] std::io::Error);
+
+/// Whether a command failed only because whoever read its output stopped reading: as other
+/// command-line tools, keygate then ends quietly and successfully.
+pub fn reader_went_away(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<StdoutError>()
+            .is_some_and(|StdoutError(e)| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "keygate", version, about = "On-premises license appliance", long_about = None)]
 pub struct Cli {
@@ -365,11 +387,11 @@ pub fn run(command: Command, config: Config) -> Result<()> {
                 let name = store::backup::file_name(&file.path);
                 Ok(((), Some(("backup taken", name, String::new()))))
             })?;
-            println!(
+            say!(
                 "backup written: {} ({} bytes, integrity checked)",
                 file.path.display(),
                 file.size
-            );
+            )?;
             Ok(())
         }
         Command::Restore { file } => {
@@ -380,12 +402,12 @@ pub fn run(command: Command, config: Config) -> Result<()> {
                 appliance.installation_id(),
                 clock.now(),
             )?;
-            println!(
+            say!(
                 "restored {}; the previous database is kept as {} (with its -wal file, if it \
                  had one: keep the two together)",
                 file.display(),
                 aside.display()
-            );
+            )?;
             Ok(())
         }
         Command::Alerts(command) => alerts(&config, command, &clock),
@@ -398,24 +420,24 @@ pub fn run(command: Command, config: Config) -> Result<()> {
                 let what = format!("The public trial is {state}.");
                 Ok((true, Some(("handshake trial", String::new(), what))))
             })?;
-            println!(
+            say!(
                 "public trial {}{state}",
                 if changed { "" } else { "already " }
-            );
+            )?;
             Ok(())
         }
         Command::ResetClock => reset_clock(&config, &clock),
         Command::Config(ConfigCommand::Dump) => {
-            print!("{}", config.to_toml());
+            write!(std::io::stdout(), "{}", config.to_toml()).map_err(StdoutError)?;
             Ok(())
         }
         Command::Vendor(VendorCommand::Keygen { out }) => {
             let (private, public) = vendor::keygen(&out)?;
-            println!(
+            say!(
                 "wrote {} (keep it secret) and {} (give it to appliances and embed it in the SDK)",
                 private.display(),
                 public.display()
-            );
+            )?;
             Ok(())
         }
         Command::Vendor(VendorCommand::Issue(args)) => issue(args, &clock),
@@ -427,11 +449,13 @@ fn write_output(out: Option<&Path>, text: &str) -> Result<()> {
         Some(path) => {
             std::fs::write(path, text)
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            println!("wrote {}", path.display());
+            say!("wrote {}", path.display())?;
             Ok(())
         }
         None => {
-            std::io::stdout().write_all(text.as_bytes())?;
+            std::io::stdout()
+                .write_all(text.as_bytes())
+                .map_err(StdoutError)?;
             Ok(())
         }
     }
@@ -533,7 +557,7 @@ fn untrust(config: &Config, kid: &str, clock: &dyn Clock) -> Result<()> {
             Some(("vendor key untrusted", kid.to_string(), String::new())),
         ))
     })?;
-    println!("vendor key {kid} is no longer trusted; the licenses it signed stay imported");
+    say!("vendor key {kid} is no longer trusted; the licenses it signed stay imported")?;
     Ok(())
 }
 
@@ -562,9 +586,9 @@ fn trust(config: &Config, path: &Path, name: Option<String>, clock: &dyn Clock) 
         Ok((added, entry))
     })?;
     if added {
-        println!("trusted vendor key {kid} ({name})");
+        say!("trusted vendor key {kid} ({name})")?;
     } else {
-        println!("vendor key {kid} was already trusted; nothing changed");
+        say!("vendor key {kid} was already trusted; nothing changed")?;
     }
     Ok(())
 }
@@ -586,7 +610,7 @@ fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {
         Ok(((outcome.to_string(), note), entry))
     })?;
     let (outcome, note) = outcome;
-    println!("{outcome}");
+    say!("{outcome}")?;
     if let Some(note) = note {
         eprintln!("{note}");
     }
@@ -607,12 +631,16 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
     match command {
         HandshakeCommand::List => {
             let conn = open_store(config)?;
-            println!(
+            say!(
                 "{:<28} {:<12} {:<10} {:<8} {:<30} PROCESSES",
-                "CODE", "ORG", "NAME", "PASSWORD", "DOMAINS"
-            );
+                "CODE",
+                "ORG",
+                "NAME",
+                "PASSWORD",
+                "DOMAINS"
+            )?;
             for h in l::handshake_codes(&conn)? {
-                println!(
+                say!(
                     "{:<28} {:<12} {:<10} {:<8} {:<30} {}",
                     h.code + if h.is_default { " (default)" } else { "" },
                     h.organization_id,
@@ -624,7 +652,7 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
                     },
                     h.allowed_domains.join(","),
                     h.allowed_processes.join(",")
-                );
+                )?;
             }
         }
         HandshakeCommand::Create {
@@ -656,7 +684,7 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
                 let what = format!("Handshake code {code} created.");
                 Ok(((), Some(("handshake create", code.clone(), what))))
             })?;
-            println!("created handshake code {code} for organization {organization}");
+            say!("created handshake code {code} for organization {organization}")?;
         }
         HandshakeCommand::SetPassword { code } => {
             let password = read_password()?;
@@ -671,7 +699,7 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
                 let what = format!("Session password of {code} set.");
                 Ok(((), Some(("handshake password", code.clone(), what))))
             })?;
-            println!("session password set for {code}");
+            say!("session password set for {code}")?;
         }
         HandshakeCommand::ClearPassword { code } => {
             audited(config, clock.now(), |conn| {
@@ -679,7 +707,7 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
                 let what = format!("Session password of {code} removed.");
                 Ok(((), Some(("handshake clear-password", code.clone(), what))))
             })?;
-            println!("session password removed from {code}");
+            say!("session password removed from {code}")?;
         }
         HandshakeCommand::SetValidation {
             code,
@@ -703,7 +731,7 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
                     Some(("handshake validation", code.clone(), what.clone())),
                 ))
             })?;
-            println!("{what}");
+            say!("{what}")?;
         }
         HandshakeCommand::Assign { item, code } => {
             audited(config, clock.now(), |conn| {
@@ -715,7 +743,7 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
                 let what = format!("Item {item} is now served by {code}.");
                 Ok(((), Some(("handshake assign", code.clone(), what))))
             })?;
-            println!("item {item} now served by {code}");
+            say!("item {item} now served by {code}")?;
         }
     }
     Ok(())
@@ -768,7 +796,7 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
                 let what = format!("Admin {name} created ({role}).");
                 Ok(((), Some(("admin create", name.clone(), what))))
             })?;
-            println!("admin {name} created ({role})");
+            say!("admin {name} created ({role})")?;
         }
         AdminCommand::ResetPassword { name } => {
             let password = read_password()?;
@@ -781,7 +809,7 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
                 let what = format!("Password of {name} reset; its sessions are signed out.");
                 Ok(((), Some(("admin password", name.clone(), what))))
             })?;
-            println!("password of {name} reset; its sessions are signed out");
+            say!("password of {name} reset; its sessions are signed out")?;
         }
         AdminCommand::SetupLink => {
             let link = audited(config, now, |conn| {
@@ -794,7 +822,7 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
             let Some(path) = link else {
                 bail!("an admin exists already: the setup link is only for the first one");
             };
-            println!("{}", first_admin_link(config, config.listen.port(), &path));
+            say!("{}", first_admin_link(config, config.listen.port(), &path))?;
         }
     }
     Ok(())
@@ -834,10 +862,10 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
                     Some(("alert recipients set", list.clone(), String::new())),
                 ))
             })?;
-            println!(
+            say!(
                 "alert recipients: {}",
                 if list.is_empty() { "(none)" } else { &list }
-            );
+            )?;
         }
         AlertsCommand::Smtp {
             host,
@@ -889,13 +917,13 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
                     Some(("SMTP server set", server, tls.as_str().to_string())),
                 ))
             })?;
-            println!(
+            say!(
                 "SMTP server: {}:{} ({}{})",
                 settings.host,
                 settings.port,
                 tls.as_str(),
                 if kept { ", stored password kept" } else { "" }
-            );
+            )?;
         }
         AlertsCommand::Test => {
             let conn = open_store(config)?;
@@ -911,7 +939,7 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
                 .enable_all()
                 .build()?;
             let answer = runtime.block_on(mail::send(&settings, &to, &email))?;
-            println!("the SMTP server accepted the test email: {answer}");
+            say!("the SMTP server accepted the test email: {answer}")?;
         }
     }
     Ok(())
@@ -934,11 +962,11 @@ fn device(config: &Config, command: DeviceCommand, clock: &dyn Clock) -> Result<
     match command {
         DeviceCommand::Block { uuid } => {
             block(&uuid, true, "device blocked")?;
-            println!("device {uuid} blocked");
+            say!("device {uuid} blocked")?;
         }
         DeviceCommand::Unblock { uuid } => {
             block(&uuid, false, "device unblocked")?;
-            println!("device {uuid} unblocked");
+            say!("device {uuid} unblocked")?;
         }
         DeviceCommand::Remove { uuid } => {
             let canonical = canonical(&uuid)?;
@@ -951,7 +979,7 @@ fn device(config: &Config, command: DeviceCommand, clock: &dyn Clock) -> Result<
                     Some(("device removed", canonical.clone(), String::new())),
                 ))
             })?;
-            println!("device {uuid} removed: {freed} seat(s) freed, its leases revoked");
+            say!("device {uuid} removed: {freed} seat(s) freed, its leases revoked")?;
         }
     }
     Ok(())
@@ -961,7 +989,7 @@ fn licenses(config: &Config) -> Result<()> {
     let conn = open_store(config)?;
     let items = store::licenses::item_summaries(&conn)?;
     if items.is_empty() {
-        println!("no licenses imported");
+        say!("no licenses imported")?;
         return Ok(());
     }
     // One format for the header and the rows, so the columns cannot drift apart.
@@ -971,7 +999,7 @@ fn licenses(config: &Config) -> Result<()> {
             c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10]
         )
     };
-    println!(
+    say!(
         "{}",
         line([
             "LICENSE",
@@ -986,7 +1014,7 @@ fn licenses(config: &Config) -> Result<()> {
             "EXPIRES",
             "HANDSHAKE",
         ])
-    );
+    )?;
     let date = |t: i64| rfc3339(from_unix(t))[..10].to_string();
     for i in items {
         let handshake = if i.withdrawn {
@@ -994,7 +1022,7 @@ fn licenses(config: &Config) -> Result<()> {
         } else {
             i.handshake_code.clone()
         };
-        println!(
+        say!(
             "{}",
             line([
                 &i.license_id,
@@ -1013,7 +1041,7 @@ fn licenses(config: &Config) -> Result<()> {
                 &date(i.expires_at),
                 &handshake,
             ])
-        );
+        )?;
     }
     Ok(())
 }
@@ -1025,7 +1053,7 @@ fn reset_clock(config: &Config, clock: &dyn Clock) -> Result<()> {
     let now = clock.now().unix_timestamp();
     let newest = crate::store::ops::newest_time(&conn)?;
     if now >= newest {
-        println!("the clock is not behind the newest time used; nothing changed");
+        say!("the clock is not behind the newest time used; nothing changed")?;
         return Ok(());
     }
     let (now_text, newest_text) = (rfc3339(from_unix(now)), rfc3339(from_unix(newest)));
@@ -1034,7 +1062,7 @@ fn reset_clock(config: &Config, clock: &dyn Clock) -> Result<()> {
     let detail = format!("newest time used was {newest_text}; clock accepted at {now_text}");
     store::ops::audit(&tx, now, "cli", "clock reset", "", &detail, "")?;
     tx.commit()?;
-    println!("{detail}");
+    say!("{detail}")?;
     Ok(())
 }
 
@@ -1069,35 +1097,38 @@ fn status(config: &Config) -> Result<()> {
         Ok(keys) => keys.len().to_string(),
         Err(e) => format!("CANNOT IMPORT: {e}"),
     };
-    println!("keygate {}", env!("CARGO_PKG_VERSION"));
-    println!("installation id:  {}", appliance.installation_id());
-    println!("data directory:   {}", config.data_dir.display());
-    println!(
+    say!("keygate {}", env!("CARGO_PKG_VERSION"))?;
+    say!("installation id:  {}", appliance.installation_id())?;
+    say!("data directory:   {}", config.data_dir.display())?;
+    say!(
         "database:         {} (schema {})",
         config.database_path().display(),
         store::schema_version()
-    );
-    println!("listen:           https://{}", config.listen);
-    println!("trusted vendors:  {trusted}");
-    println!(
+    )?;
+    say!("listen:           https://{}", config.listen)?;
+    say!("trusted vendors:  {trusted}")?;
+    say!(
         "licenses:         {} ({} items in force now, {} organizations, {} handshake codes)",
-        counts.licenses, counts.items, counts.organizations, counts.handshake_codes
-    );
+        counts.licenses,
+        counts.items,
+        counts.organizations,
+        counts.handshake_codes
+    )?;
     let running = service_running(config);
-    println!(
+    say!(
         "service:          {}",
         if running { "running" } else { "not running" }
-    );
+    )?;
     let time = |t: i64| rfc3339(from_unix(t));
     let (now, newest) = (
         SystemClock.now().unix_timestamp(),
         crate::store::ops::newest_time(&conn)?,
     );
     match crate::clock::judge(now, newest) {
-        Err(behind) => println!(
+        Err(behind) => say!(
             "clock:            BEHIND: {behind}; `keygate reset-clock` if that time was wrong"
-        ),
-        Ok(()) => println!("clock:            ok ({})", time(now)),
+        )?,
+        Ok(()) => say!("clock:            ok ({})", time(now))?,
     }
     let source = crate::tls::certificate_source(config);
     let certificate = match crate::tls::load(&source) {
@@ -1118,7 +1149,7 @@ fn status(config: &Config) -> Result<()> {
             Ok(_) => format!("ok ({})", source.cert.display()),
         },
     };
-    println!("certificate:      {certificate}");
+    say!("certificate:      {certificate}")?;
     // The newest file in backups/ (a restored database does not remember the backup it
     // came from, nor those taken since), else what the database recorded.
     let newest = store::backup::list(&config.data_dir.join(store::backup::BACKUP_DIR))
@@ -1126,29 +1157,29 @@ fn status(config: &Config) -> Result<()> {
         .into_iter()
         .max_by_key(|f| f.taken_at);
     match newest {
-        Some(file) => println!(
+        Some(file) => say!(
             "last backup:      {} ({}, {} bytes)",
             rfc3339(file.taken_at),
             store::backup::file_name(&file.path),
             file.size
-        ),
+        )?,
         None => match store::settings::get(&conn, crate::jobs::LAST_BACKUP)?
             .and_then(|t| t.parse().ok())
         {
-            Some(t) => println!("last backup:      {}", time(t)),
-            None => println!("last backup:      none yet"),
+            Some(t) => say!("last backup:      {}", time(t))?,
+            None => say!("last backup:      none yet")?,
         },
     }
     let runs = store::ops::job_runs(&conn, 100)?;
     for job in crate::jobs::Job::ALL.map(crate::jobs::Job::name) {
         if let Some(run) = runs.iter().find(|r| r.job == job) {
-            println!(
+            say!(
                 "job {job:<13} {} at {} ({} ms): {}",
                 if run.ok { "ok    " } else { "FAILED" },
                 time(run.started_at),
                 run.duration_ms,
                 run.detail
-            );
+            )?;
         }
     }
     Ok(())
@@ -1215,14 +1246,13 @@ pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()
             format!("cannot listen on {listen} (choose another address with --listen or `listen` in the configuration)")
         })?;
     let local = listener.local_addr()?;
-    println!(
-        "keygate {} listening on https://{local}",
-        env!("CARGO_PKG_VERSION")
-    );
-    println!("installation id: {}", state.appliance.installation_id());
-    println!("data directory:  {}", state.config.data_dir.display());
-    println!(
-        "certificate:     {}{}",
+    // The banner is for whoever started keygate by hand; a closed or full standard output
+    // does not stop the service (its log lines are dropped the same way).
+    let mut banner = format!(
+        "keygate {} listening on https://{local}\ninstallation id: {}\ndata directory:  {}\ncertificate:     {}{}\n",
+        env!("CARGO_PKG_VERSION"),
+        state.appliance.installation_id(),
+        state.config.data_dir.display(),
         state.cert_source.cert.display(),
         if state.cert_source.self_signed {
             " (self-signed)"
@@ -1237,18 +1267,17 @@ pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()
         if let Some(path) =
             crate::portal::auth::setup_link(&conn, state.clock.now().unix_timestamp())?
         {
-            println!(
-                "first admin:     {}",
+            banner += &format!(
+                "first admin:     {}\n",
                 first_admin_link(&state.config, local.port(), &path)
             );
         }
     } else if crate::store::admins::admin_count(&conn)? == 0 {
-        println!(
-            "first admin:     none yet: `keygate admin setup-link` at the console prints a \
+        banner += "first admin:     none yet: `keygate admin setup-link` at the console prints a \
              one-time link to create it in the portal (or `keygate admin create NAME --role \
-             owner`)"
-        );
+             owner`)\n";
     }
+    let _ = std::io::stdout().write_all(banner.as_bytes());
     drop(conn);
     tracing::info!(%local, installation_id = state.appliance.installation_id(), "serving");
     // The listener is bound: tell the service manager (systemd's Type=notify, Windows' SCM).

@@ -149,6 +149,41 @@ fn vendor_to_appliance_to_https() {
     }
 }
 
+/// A command whose reader stops early (`keygate status | head -3`) ends quietly and
+/// successfully, as other command-line tools do; one that cannot write its output (a full
+/// disk) says so and fails. Neither panics.
+#[test]
+fn a_command_whose_output_cannot_be_written_ends_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    Served::start(&data).kill();
+    let status = |stdout: std::process::Stdio| -> Run {
+        command()
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("status")
+            .stdout(stdout)
+            .output()
+            .unwrap()
+            .into()
+    };
+    // A pipe whose reader has gone: the first write fails with EPIPE.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let run = status(writer.into());
+    assert!(run.ok && run.stderr.is_empty(), "{}", run.stderr);
+    let full = std::fs::File::create("/dev/full").unwrap();
+    let run = status(full.into());
+    assert!(!run.ok, "a status that was not written is not a success");
+    assert!(
+        run.stderr
+            .contains("cannot write to standard output: No space left on device")
+            && !run.stderr.contains("panicked"),
+        "{}",
+        run.stderr
+    );
+}
+
 /// `keygate status` reads only: a database an older release left (the service stopped
 /// after a package upgrade) is told, not migrated by whoever ran the command.
 #[test]
