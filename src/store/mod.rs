@@ -214,13 +214,21 @@ impl Store {
             .name("keygate-db-writer".into())
             .spawn({
                 let db = db.clone();
-                move || writer(&db, conn, queue, committed, &writer_commits)
+                move || {
+                    stop_on_panic(&db, "writer", || {
+                        writer(&db, conn, queue, committed, &writer_commits)
+                    })
+                }
             })
             .expect("the writer thread starts");
         let syncer_commits = commits.clone();
         std::thread::Builder::new()
             .name("keygate-db-syncer".into())
-            .spawn(move || syncer(&db, sync_wal, to_sync, &syncer_commits))
+            .spawn(move || {
+                stop_on_panic(&db, "syncer", || {
+                    syncer(&db, sync_wal, to_sync, &syncer_commits)
+                })
+            })
             .expect("the syncer thread starts");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -477,6 +485,20 @@ fn stop(db: &Path, reason: &str) -> ! {
     tracing::error!(reason, "stopping");
     record_stop(db, reason);
     std::process::exit(1);
+}
+
+/// Runs the writer's or the syncer's loop, `body`, and stops keygate if it panics (a
+/// panic inside a job is the job's failure: see [`WriteJob`]). Without the thread, every
+/// write would fail while the service looked alive; restarted, keygate serves again.
+fn stop_on_panic(db: &Path, thread: &str, body: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(body)) {
+        let message = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("no message");
+        stop(db, &format!("the database {thread} panicked: {message}"));
+    }
 }
 
 /// Writes why this run stops beside the database `db` (best effort: the disk may be failing).
@@ -1132,6 +1154,79 @@ mod tests {
             .write(|conn| settings::set(conn, "next", "1"))
             .await
             .unwrap();
+    }
+
+    /// What stops keygate from below the requests: a failed sync of the WAL, a panic of the
+    /// writer or of the syncer outside any job. Each ends the process (a child process here:
+    /// this test binary again, running one scenario) with status 1, the write in flight not
+    /// acknowledged, and leaves why beside the database for the next start.
+    #[test]
+    fn a_fault_of_the_writer_or_the_syncer_stops_keygate_and_says_why() {
+        const SCENARIO: &str = "KEYGATE_TEST_STOP_SCENARIO";
+        if let Ok(scenario) = std::env::var(SCENARIO) {
+            let path = PathBuf::from(std::env::var_os("KEYGATE_TEST_STOP_DIR").unwrap());
+            let conn = open(&path.join("k.db")).unwrap();
+            let store = Store::start(&path.join("k.db"), conn, move || match scenario.as_str() {
+                "sync fails" => Err(std::io::Error::other("injected fault")),
+                "syncer panics" => panic!("injected panic"),
+                _ => Ok(()),
+            })
+            .unwrap();
+            struct PanicsInTheWriter;
+            impl Job for PanicsInTheWriter {
+                fn run(&mut self, _: &Connection) {
+                    panic!("injected panic")
+                }
+                fn finish(self: Box<Self>, _: Result<(), StoreError>) {}
+            }
+            if std::env::var(SCENARIO).unwrap() == "writer panics" {
+                store.inner.jobs.send(Box::new(PanicsInTheWriter)).unwrap();
+            }
+            let answer = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(store.write(|conn| settings::set(conn, "k", "v")));
+            println!("answered: {answer:?}");
+            // The panicking thread's unwinding may fail the write before it stops keygate.
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            println!("still running");
+            return;
+        }
+        let name = module_path!().trim_start_matches("keygate::").to_string()
+            + "::a_fault_of_the_writer_or_the_syncer_stops_keygate_and_says_why";
+        for (scenario, reason) in [
+            (
+                "sync fails",
+                "syncing the database's WAL failed: injected fault",
+            ),
+            (
+                "writer panics",
+                "the database writer panicked: injected panic",
+            ),
+            (
+                "syncer panics",
+                "the database syncer panicked: injected panic",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+                .env(SCENARIO, scenario)
+                .env("KEYGATE_TEST_STOP_DIR", dir.path())
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&child.stdout);
+            assert_eq!(child.status.code(), Some(1), "{scenario}: {stdout}");
+            assert!(
+                !stdout.contains("answered: Ok") && !stdout.contains("still running"),
+                "{scenario}: {stdout}"
+            );
+            assert_eq!(
+                take_stop_reason(&dir.path().join("k.db")).as_deref(),
+                Some(reason),
+                "{scenario}"
+            );
+        }
     }
 
     #[tokio::test]
