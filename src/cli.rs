@@ -396,6 +396,18 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         }
         Command::Restore { file } => {
             let appliance = Appliance::load(&config.data_dir)?;
+            // Licenses are the vendor's word, not the appliance's state: the replaced
+            // database's versions newer than the backup's are imported again, since the
+            // appliance never goes back to a superseded version (an import refuses one, and
+            // a device that was served the newer one refuses it). A database too damaged
+            // to read has none to give.
+            let newest = rusqlite::Connection::open_with_flags(
+                config.database_path(),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .ok()
+            .and_then(|conn| store::licenses::newest_versions(&conn).ok())
+            .unwrap_or_default();
             let aside = store::backup::restore(
                 &config.database_path(),
                 &file,
@@ -408,6 +420,19 @@ pub fn run(command: Command, config: Config) -> Result<()> {
                 file.display(),
                 aside.display()
             )?;
+            for (license_id, version, jws) in newest {
+                match import_newer(&config, &appliance, &license_id, version, &jws, clock.now()) {
+                    Ok(false) => {}
+                    Ok(true) => say!(
+                        "license {license_id} version {version}, newer than the backup's, \
+                         imported again"
+                    )?,
+                    Err(e) => eprintln!(
+                        "warning: license {license_id} version {version}, newer than the \
+                         backup's, could not be imported again ({e:#}): import its file again"
+                    ),
+                }
+            }
             Ok(())
         }
         Command::Alerts(command) => alerts(&config, command, &clock),
@@ -591,6 +616,32 @@ fn trust(config: &Config, path: &Path, name: Option<String>, clock: &dyn Clock) 
         say!("vendor key {kid} was already trusted; nothing changed")?;
     }
     Ok(())
+}
+
+/// Imports `jws`, version `version` of license `license_id`, unless the database holds that
+/// version or a newer one already (`Ok(false)`).
+fn import_newer(
+    config: &Config,
+    appliance: &Appliance,
+    license_id: &str,
+    version: u32,
+    jws: &str,
+    now: OffsetDateTime,
+) -> Result<bool> {
+    audited(config, now, |conn| {
+        if store::licenses::current_version(conn, license_id)?.is_some_and(|c| c.version >= version)
+        {
+            return Ok((false, None));
+        }
+        let trusted = trusted_keys(config, conn)?;
+        let verified = import::verify(jws, &trusted, appliance.public_key())?;
+        let outcome = import::apply(conn, &verified, now)?;
+        let detail = format!("{outcome} (kept over the backup restored)");
+        Ok((
+            true,
+            Some(("license imported", license_id.to_string(), detail)),
+        ))
+    })
 }
 
 fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {

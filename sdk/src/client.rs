@@ -518,6 +518,20 @@ pub enum ClientError {
     },
     #[error("item {item_id} is not granted by this device's authorization")]
     UnknownItem { item_id: String },
+    /// The appliance served a version of a license older than one this device was served
+    /// before: the vendor superseded it (an old backup restored on the appliance, or an
+    /// appliance tampered with). The device keeps what it holds; IT imports the newer file
+    /// again.
+    #[error(
+        "the appliance served version {served} of license {license_id}, older than version \
+         {seen} this device was already served: the vendor superseded it (import the newer \
+         license file on the appliance again)"
+    )]
+    SupersededLicense {
+        license_id: String,
+        served: u32,
+        seen: u32,
+    },
 }
 
 impl ClientError {
@@ -575,6 +589,10 @@ struct State {
     /// the LAN) neither stops the product nor stretches its offline allowance.
     #[serde(default)]
     clock_offset_s: i64,
+    /// The highest version of each license this device was served: a lower one is refused
+    /// (see [`ClientError::SupersededLicense`]). A device sees a few licenses in its life.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    license_versions: BTreeMap<String, u32>,
 }
 
 impl State {
@@ -592,6 +610,7 @@ impl State {
             newest_time_seen: None,
             last_contact: None,
             clock_offset_s: 0,
+            license_versions: BTreeMap::new(),
         }
     }
 }
@@ -1238,7 +1257,9 @@ impl Client {
 
     /// Asks the appliance for an authorization (`POST /api/v1/authorize`) with a fresh nonce,
     /// verifies the chain (vendor key, license, appliance signature, this device, the nonce,
-    /// not expired at the local time, this product), stores it and returns it.
+    /// not expired at the local time, this product), stores it and returns it. A license
+    /// older than a version of it this device was served before is refused
+    /// ([`ClientError::SupersededLicense`]).
     ///
     /// Authorizing again from the same device reuses its seat. On an error nothing stored
     /// changes, a previous authorization stays usable offline until it expires, except after
@@ -1277,6 +1298,16 @@ impl Client {
             Some(&nonce),
             sent,
         )?;
+        let license = &grant.license;
+        if let Some(&seen) = self.state.license_versions.get(&license.license_id)
+            && seen > license.version
+        {
+            return Err(ClientError::SupersededLicense {
+                license_id: license.license_id.clone(),
+                served: license.version,
+                seen,
+            });
+        }
         // The nonce proves the authorization is fresh.
         self.store_authorization(
             response.authorization,
@@ -1768,6 +1799,13 @@ impl Client {
         self.state.authorization = Some(jws);
         if let Some(license) = license {
             self.state.license = Some(license);
+            let version = grant.license.version;
+            let seen = self
+                .state
+                .license_versions
+                .entry(grant.license.license_id.clone())
+                .or_default();
+            *seen = version.max(*seen);
         }
         self.state.lease_id = Some(grant.authorization.lease_id.clone());
         self.current = Some(grant.authorization.clone());

@@ -503,6 +503,15 @@ pub fn license_jws(
         .query_row(params![license_id, version], |r| r.get(0))?)
 }
 
+/// The newest version of each license: its id, version and signed line.
+pub fn newest_versions(conn: &Connection) -> Result<Vec<(String, u32, String)>, StoreError> {
+    // SQLite takes a bare column from the row that holds the max().
+    let mut stmt =
+        conn.prepare("SELECT license_id, max(version), jws FROM licenses GROUP BY license_id")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// The newest imported license (the public trial's proof that this appliance is licensed).
 pub fn newest_license_jws(conn: &Connection) -> Result<Option<String>, StoreError> {
     Ok(conn

@@ -448,6 +448,78 @@ fn the_sdk_refuses_what_its_vendor_did_not_sign_for_this_appliance() {
     ));
 }
 
+/// A license is never rolled back by a restore: the replaced database's newer version is
+/// imported again. Only when that database is too damaged to read does the restored
+/// appliance serve the superseded version: a device that was served the newer one refuses
+/// it, keeps what it holds, and remembers across a restart, until IT imports the newer
+/// file again.
+#[test]
+fn a_restore_keeps_the_newest_license_and_a_device_refuses_an_older_one() {
+    let a = scanner(1_000_000);
+    let run = keygate(&a.data, &["backup"]);
+    assert!(run.ok, "{}", run.stderr);
+    let backup = keygate::store::backup::list(&a.data.join("backups")).unwrap()[0]
+        .path
+        .clone();
+    let items = item("scanner", "per_usage", 2_000_000, "counter = \"scans\"");
+    let v2 = a.vendor.issue_file(
+        &a.data,
+        &items_file("LIC-S", &items),
+        &["--version", "2"],
+        "s2.lic",
+    );
+    let import_v2 = || {
+        let run = keygate(&a.data, &["import", v2.to_str().unwrap()]);
+        assert!(run.ok, "{}", run.stderr);
+    };
+    import_v2();
+    let restore = || {
+        let run = keygate(&a.data, &["restore", backup.to_str().unwrap()]);
+        assert!(run.ok, "{}", run.stderr);
+        run.stdout
+    };
+    let out = restore();
+    assert!(
+        out.contains("license LIC-S version 2, newer than the backup's, imported again"),
+        "{out}"
+    );
+    let served = Served::start(&a.data);
+    let addr = served.addr.to_string();
+    let state = tempfile::tempdir().unwrap();
+    let mut device = client(&a, vec![served.url("")], state.path(), Clock::system());
+    let grant = device.authorize().unwrap();
+    assert_eq!(grant.license.version, 2);
+    assert_eq!(grant.license.items[0].quota, 2_000_000);
+
+    // The database is lost (its first page overwritten): the backup is all there is.
+    served.kill();
+    let db = a.data.join("keygate.db");
+    let mut damaged = std::fs::read(&db).unwrap();
+    damaged[..4096].fill(0xA5);
+    std::fs::write(&db, damaged).unwrap();
+    let _ = std::fs::remove_file(a.data.join("keygate.db-wal"));
+    assert!(!restore().contains("imported again"));
+    let served = Served::start_on(&a.data, &addr);
+    let superseded = |device: &mut Client| {
+        let err = device.authorize().unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ClientError::SupersededLicense { license_id, served: 1, seen: 2 } if license_id == "LIC-S"
+            ),
+            "{err}"
+        );
+    };
+    superseded(&mut device);
+    assert_eq!(device.check().unwrap().license.version, 2);
+    drop(device);
+    let mut device = client(&a, vec![served.url("")], state.path(), Clock::system());
+    superseded(&mut device);
+
+    import_v2();
+    assert_eq!(device.authorize().unwrap().license.version, 2);
+}
+
 /// An admin blocks or removes a device: the SDK stops at its next contact instead of
 /// working on until the authorization it holds runs out; its reports still count.
 #[test]
