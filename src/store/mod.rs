@@ -216,7 +216,7 @@ impl Store {
                 let db = db.clone();
                 move || {
                     stop_on_panic(&db, "writer", || {
-                        writer(&db, conn, queue, committed, &writer_commits)
+                        writer(&db, conn, &queue, &committed, &writer_commits)
                     })
                 }
             })
@@ -226,7 +226,7 @@ impl Store {
             .name("keygate-db-syncer".into())
             .spawn(move || {
                 stop_on_panic(&db, "syncer", || {
-                    syncer(&db, sync_wal, to_sync, &syncer_commits)
+                    syncer(&db, sync_wal, &to_sync, &syncer_commits)
                 })
             })
             .expect("the syncer thread starts");
@@ -489,7 +489,9 @@ fn stop(db: &Path, reason: &str) -> ! {
 
 /// Runs the writer's or the syncer's loop, `body`, and stops keygate if it panics (a
 /// panic inside a job is the job's failure: see [`WriteJob`]). Without the thread, every
-/// write would fail while the service looked alive; restarted, keygate serves again.
+/// write would fail while the service looked alive; restarted, keygate serves again. The
+/// loops borrow their channels, so a panic closes none: the other thread does not stop
+/// keygate first for a reason less true ("the database syncer has stopped").
 fn stop_on_panic(db: &Path, thread: &str, body: impl FnOnce()) {
     if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(body)) {
         let message = panic
@@ -520,8 +522,8 @@ type Batch = (u64, Vec<Box<dyn Job>>, Result<(), StoreError>);
 fn writer(
     db: &Path,
     conn: Connection,
-    queue: mpsc::Receiver<Box<dyn Job>>,
-    to_sync: mpsc::Sender<Batch>,
+    queue: &mpsc::Receiver<Box<dyn Job>>,
+    to_sync: &mpsc::Sender<Batch>,
     commits: &Commits,
 ) {
     while let Ok(first) = queue.recv() {
@@ -573,7 +575,7 @@ fn writer(
 fn syncer(
     db: &Path,
     sync_wal: impl Fn() -> std::io::Result<()>,
-    committed: mpsc::Receiver<Batch>,
+    committed: &mpsc::Receiver<Batch>,
     commits: &Commits,
 ) {
     while let Ok(first) = committed.recv() {
