@@ -396,42 +396,61 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         }
         Command::Restore { file } => {
             let appliance = Appliance::load(&config.data_dir)?;
-            // Licenses are the vendor's word, not the appliance's state: the replaced
-            // database's versions newer than the backup's are imported again, since the
-            // appliance never goes back to a superseded version (an import refuses one, and
-            // a device that was served the newer one refuses it). A database too damaged
-            // to read has none to give.
-            let newest = rusqlite::Connection::open_with_flags(
-                config.database_path(),
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
-            .ok()
-            .and_then(|conn| store::licenses::newest_versions(&conn).ok())
-            .unwrap_or_default();
-            let aside = store::backup::restore(
+            let restored = store::backup::restore(
                 &config.database_path(),
                 &file,
                 appliance.installation_id(),
                 clock.now(),
             )?;
-            say!(
+            // Licenses are the vendor's word, not the appliance's state: the replaced
+            // database's versions newer than the backup's are imported again before anything
+            // is said, since the appliance never goes back to a superseded version (an import
+            // refuses one, and a device that was served the newer one refuses it).
+            let reimported: Vec<_> = restored
+                .licenses
+                .iter()
+                .flatten()
+                .map(|(license_id, version, jws)| {
+                    let outcome =
+                        import_newer(&config, &appliance, license_id, *version, jws, clock.now());
+                    (license_id, version, outcome)
+                })
+                .collect();
+            let mut report = format!(
                 "restored {}; the previous database is kept as {} (with its -wal file, if it \
-                 had one: keep the two together)",
+                 had one: keep the two together)\n",
                 file.display(),
-                aside.display()
-            )?;
-            for (license_id, version, jws) in newest {
-                match import_newer(&config, &appliance, &license_id, version, &jws, clock.now()) {
-                    Ok(false) => {}
-                    Ok(true) => say!(
-                        "license {license_id} version {version}, newer than the backup's, \
-                         imported again"
-                    )?,
-                    Err(e) => eprintln!(
-                        "warning: license {license_id} version {version}, newer than the \
-                         backup's, could not be imported again ({e:#}): import its file again"
-                    ),
+                restored.aside.display()
+            );
+            let mut failed = Vec::new();
+            for (license_id, version, outcome) in reimported {
+                match outcome {
+                    Ok(None) => {}
+                    Ok(Some(outcome)) => {
+                        report += &format!(
+                            "license {license_id} version {version}, newer than the backup's, \
+                         imported again: {outcome}\n"
+                        )
+                    }
+                    Err(e) => failed.push(format!("license {license_id} version {version}: {e:#}")),
                 }
+            }
+            if restored.licenses.is_none() {
+                failed.push(format!(
+                    "the replaced database could not be read for its licenses ({} is kept as \
+                     it was)",
+                    restored.aside.display()
+                ));
+            }
+            // The restore is done whatever becomes of its report.
+            let _ = std::io::stdout().write_all(report.as_bytes());
+            if !failed.is_empty() {
+                bail!(
+                    "the backup is restored, but its licenses may be older than the appliance's: \
+                     {}. Import the newest license files again (`keygate import FILE`): devices \
+                     that were served a newer version refuse an older one",
+                    failed.join("; ")
+                );
             }
             Ok(())
         }
@@ -619,7 +638,7 @@ fn trust(config: &Config, path: &Path, name: Option<String>, clock: &dyn Clock) 
 }
 
 /// Imports `jws`, version `version` of license `license_id`, unless the database holds that
-/// version or a newer one already (`Ok(false)`).
+/// version or a newer one already (`None`); returns what the import did.
 fn import_newer(
     config: &Config,
     appliance: &Appliance,
@@ -627,18 +646,18 @@ fn import_newer(
     version: u32,
     jws: &str,
     now: OffsetDateTime,
-) -> Result<bool> {
+) -> Result<Option<String>> {
     audited(config, now, |conn| {
         if store::licenses::current_version(conn, license_id)?.is_some_and(|c| c.version >= version)
         {
-            return Ok((false, None));
+            return Ok((None, None));
         }
         let trusted = trusted_keys(config, conn)?;
         let verified = import::verify(jws, &trusted, appliance.public_key())?;
-        let outcome = import::apply(conn, &verified, now)?;
+        let outcome = import::apply(conn, &verified, now)?.to_string();
         let detail = format!("{outcome} (kept over the backup restored)");
         Ok((
-            true,
+            Some(outcome),
             Some(("license imported", license_id.to_string(), detail)),
         ))
     })

@@ -589,13 +589,37 @@ struct State {
     /// the LAN) neither stops the product nor stretches its offline allowance.
     #[serde(default)]
     clock_offset_s: i64,
-    /// The highest version of each license this device was served: a lower one is refused
-    /// (see [`ClientError::SupersededLicense`]). A device sees a few licenses in its life.
+    /// The highest version of each license this device was served, by appliance: a lower
+    /// one is refused (see [`ClientError::SupersededLicense`]). A device sees a few
+    /// licenses in its life.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     license_versions: BTreeMap<String, u32>,
 }
 
 impl State {
+    /// Where [`State::license_versions`] keeps `license`'s: license ids are the vendor's
+    /// and versions count per appliance, so a device moved to another appliance starts anew.
+    fn license_version_key(license: &License) -> String {
+        format!(
+            "{} {}",
+            license.appliance.installation_id, license.license_id
+        )
+    }
+
+    /// The highest version of `license` this device was served, if it was served one.
+    fn seen_version(&self, license: &License) -> Option<u32> {
+        let key = Self::license_version_key(license);
+        self.license_versions.get(&key).copied()
+    }
+
+    fn note_license_version(&mut self, license: &License) {
+        let seen = self
+            .license_versions
+            .entry(Self::license_version_key(license))
+            .or_default();
+        *seen = license.version.max(*seen);
+    }
+
     fn new(device_uuid: &str) -> Self {
         State {
             v: STATE_VERSION,
@@ -1203,6 +1227,14 @@ impl Client {
         // If that cannot be written (a full or read-only disk), a product with a valid
         // authorization keeps running, its usage still open.
         let now = config.clock.now() + time::Duration::seconds(state.clock_offset_s);
+        // A state file of an earlier version keeps no license versions: the license it
+        // holds is the first (written at the next change).
+        if state.license_versions.is_empty()
+            && let Some(license) = state.license.as_deref()
+            && let Ok((license, _)) = chain::verify_license(license, &config.vendor_keys)
+        {
+            state.note_license_version(&license);
+        }
         let closed = close_open_period(&store, &mut state, &mut backlog, now).unwrap_or(false);
         if adopted || closed {
             // Written again at the next change if it cannot be now: the files on disk agree
@@ -1299,7 +1331,7 @@ impl Client {
             sent,
         )?;
         let license = &grant.license;
-        if let Some(&seen) = self.state.license_versions.get(&license.license_id)
+        if let Some(seen) = self.state.seen_version(license)
             && seen > license.version
         {
             return Err(ClientError::SupersededLicense {
@@ -1799,13 +1831,7 @@ impl Client {
         self.state.authorization = Some(jws);
         if let Some(license) = license {
             self.state.license = Some(license);
-            let version = grant.license.version;
-            let seen = self
-                .state
-                .license_versions
-                .entry(grant.license.license_id.clone())
-                .or_default();
-            *seen = version.max(*seen);
+            self.state.note_license_version(&grant.license);
         }
         self.state.lease_id = Some(grant.authorization.lease_id.clone());
         self.current = Some(grant.authorization.clone());
@@ -2129,6 +2155,26 @@ mod tests {
         let clock = TestClock::new(T0 + time::Duration::minutes(1));
         let client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
         (client, chain, clock)
+    }
+
+    /// A state file written before license versions were kept takes the version of the
+    /// license it holds as the first seen, so an older one is refused from the start.
+    #[test]
+    fn a_state_file_of_an_earlier_release_takes_its_licenses_version_as_seen() {
+        let dir = TempDir::new();
+        let (client, chain, _) = authorized_client(&dir);
+        let (license, _) =
+            chain::verify_license(&chain.license_jws, [&chain.vendor.verifying_key()]).unwrap();
+        assert_eq!(client.state.seen_version(&license), Some(1));
+        // Another appliance's license of the same id has its own history.
+        let elsewhere = License {
+            appliance: ApplianceBinding {
+                installation_id: "AAAA-BBBB-CCCC-DDDD".into(),
+                ..license.appliance.clone()
+            },
+            ..license
+        };
+        assert_eq!(client.state.seen_version(&elsewhere), None);
     }
 
     fn report(seq: u64) -> UsageReport {

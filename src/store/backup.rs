@@ -410,16 +410,34 @@ pub fn lock_file(data_dir: &Path, wait: Duration) -> Result<std::fs::File, Backu
     }
 }
 
+/// What [`restore`] did.
+#[derive(Debug)]
+pub struct Restored {
+    /// Where the replaced database is kept: `keygate.db.before-restore-<time>`.
+    pub aside: PathBuf,
+    /// The newest version of each license the replaced database held (id, version, signed
+    /// line), for the caller to import again where the backup's is older: licenses do not
+    /// go back. `None` when that database could not be read (too damaged to open).
+    pub licenses: Option<Vec<(String, u32, String)>>,
+}
+
 /// Replaces the database with a backup (the service must be stopped). The current database
-/// is kept aside as `keygate.db.before-restore-<time>`; returns that path.
+/// is kept aside as `keygate.db.before-restore-<time>`.
 pub fn restore(
     db: &Path,
     backup: &Path,
     installation_id: &str,
     now: OffsetDateTime,
-) -> Result<PathBuf, BackupError> {
+) -> Result<Restored, BackupError> {
     let data_dir = db.parent().unwrap_or(Path::new("."));
     let _lock = lock_file(data_dir, LOCK_WAIT)?;
+    let licenses = if db.exists() {
+        Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()
+            .and_then(|conn| super::licenses::newest_versions(&conn).ok())
+    } else {
+        Some(Vec::new())
+    };
     let stamp = now.format(STAMP).expect("the stamp format is valid");
     // A name no earlier restore used (two restores in one second keep both databases).
     let aside = (1..)
@@ -515,7 +533,7 @@ pub fn restore(
     }
     std::fs::rename(&tmp, db).map_err(io(db))?;
     sync_dir(data_dir)?;
-    Ok(aside)
+    Ok(Restored { aside, licenses })
 }
 
 /// Checkpoints a database's WAL into its main file (and removes it), if it has one and
@@ -771,7 +789,7 @@ mod tests {
         let wal = dir.path().join("keygate.db-wal");
         std::fs::write(&wal, b"and a WAL of garbage").unwrap();
 
-        let aside = restore(&db, &good.path, "ours", now).unwrap();
+        let aside = restore(&db, &good.path, "ours", now).unwrap().aside;
         let conn = Connection::open(&db).unwrap();
         check(&conn, &db).unwrap();
         assert_eq!(
@@ -833,9 +851,9 @@ mod tests {
         let now = datetime!(2026-06-30 12:00 UTC);
         drop(super::super::open(&db).unwrap());
         let backup = take(&db, &dir.path().join("backups"), now).unwrap();
-        let first = restore(&db, &backup.path, "ours", now).unwrap();
-        let second = restore(&db, &backup.path, "ours", now).unwrap();
-        let third = restore(&db, &backup.path, "ours", now).unwrap();
+        let first = restore(&db, &backup.path, "ours", now).unwrap().aside;
+        let second = restore(&db, &backup.path, "ours", now).unwrap().aside;
+        let third = restore(&db, &backup.path, "ours", now).unwrap().aside;
         assert_eq!(
             file_name(&first),
             "keygate.db.before-restore-20260630T120000Z"
@@ -912,7 +930,7 @@ mod tests {
             std::fs::copy(side_file(&live, suffix), side_file(&db, suffix)).unwrap();
         }
         drop(conn);
-        let aside = restore(&db, &backup.path, "ours", now).unwrap();
+        let aside = restore(&db, &backup.path, "ours", now).unwrap().aside;
         // The main file kept aside holds that commit by itself: so did `db` at every moment
         // before the rename that put the backup in its place.
         let alone = dir.path().join("alone.db");

@@ -449,10 +449,10 @@ fn the_sdk_refuses_what_its_vendor_did_not_sign_for_this_appliance() {
 }
 
 /// A license is never rolled back by a restore: the replaced database's newer version is
-/// imported again. Only when that database is too damaged to read does the restored
-/// appliance serve the superseded version: a device that was served the newer one refuses
-/// it, keeps what it holds, and remembers across a restart, until IT imports the newer
-/// file again.
+/// imported again. Only when that database is too damaged to read (the restore says so and
+/// fails) does the restored appliance serve the superseded version: a device that was
+/// served the newer one refuses it, keeps what it holds, and remembers across a restart,
+/// until IT imports the newer file again.
 #[test]
 fn a_restore_keeps_the_newest_license_and_a_device_refuses_an_older_one() {
     let a = scanner(1_000_000);
@@ -473,15 +473,16 @@ fn a_restore_keeps_the_newest_license_and_a_device_refuses_an_older_one() {
         assert!(run.ok, "{}", run.stderr);
     };
     import_v2();
-    let restore = || {
-        let run = keygate(&a.data, &["restore", backup.to_str().unwrap()]);
-        assert!(run.ok, "{}", run.stderr);
-        run.stdout
-    };
-    let out = restore();
+    let restore = || keygate(&a.data, &["restore", backup.to_str().unwrap()]);
+    let run = restore();
     assert!(
-        out.contains("license LIC-S version 2, newer than the backup's, imported again"),
-        "{out}"
+        run.ok
+            && run
+                .stdout
+                .contains("license LIC-S version 2, newer than the backup's, imported again"),
+        "{}{}",
+        run.stdout,
+        run.stderr
     );
     let served = Served::start(&a.data);
     let addr = served.addr.to_string();
@@ -498,7 +499,18 @@ fn a_restore_keeps_the_newest_license_and_a_device_refuses_an_older_one() {
     damaged[..4096].fill(0xA5);
     std::fs::write(&db, damaged).unwrap();
     let _ = std::fs::remove_file(a.data.join("keygate.db-wal"));
-    assert!(!restore().contains("imported again"));
+    let run = restore();
+    assert!(
+        !run.ok
+            && run.stdout.contains("restored")
+            && run
+                .stderr
+                .contains("the replaced database could not be read for its licenses")
+            && run.stderr.contains("Import the newest license files again"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
     let served = Served::start_on(&a.data, &addr);
     let superseded = |device: &mut Client| {
         let err = device.authorize().unwrap_err();
