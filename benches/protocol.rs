@@ -326,7 +326,23 @@ fn lease_of(answer: &[u8]) -> String {
     payload["lease_id"].as_str().unwrap().to_string()
 }
 
+/// The machine's speed now, as the µs signing an authorization-sized payload (JSON, base64,
+/// Ed25519) takes on one core (the server's largest single cost): the VM's speed drifts by up to
+/// twice from one day to the next, and this tells a slow phase from a slower build.
+fn signature_us() -> f64 {
+    use keygate_sdk::jws::{Typ, sign};
+    let key = keygate_sdk::SigningKey::from_bytes(&[7; 32]);
+    let payload = "x".repeat(600);
+    let rounds = 2_000;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(sign(Typ::Authorization, &payload, &key));
+    }
+    start.elapsed().as_secs_f64() * 1e6 / rounds as f64
+}
+
 fn main() {
+    let signature_before = signature_us();
     let devices = env_or("BENCH_DEVICES", 20_000);
     let clients = env_or("BENCH_CLIENTS", 256);
     let dir = tempfile::tempdir().unwrap();
@@ -550,9 +566,13 @@ fn main() {
         .map(|m| m.len())
         .sum();
     println!(
-        "\n{devices} devices, {clients} keep-alive TLS connections, {} cores; server peak RSS {peak_rss}, database {} MiB\n",
+        "\n{devices} devices, {clients} keep-alive TLS connections, {} cores; server peak RSS {peak_rss}, database {} MiB",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         database / (1024 * 1024)
+    );
+    println!(
+        "machine speed: an Ed25519 signature took {signature_before:.1} µs before the run and {:.1} µs after (19–21 µs on the VM's fast days)\n",
+        signature_us()
     );
     println!(
         "| phase | requests | per second | p50 ms | p99 ms | max ms | server CPU µs/request | client CPU µs/request | disk KiB/request | steal % |"
