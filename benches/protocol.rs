@@ -571,7 +571,7 @@ fn main() {
         database / (1024 * 1024)
     );
     println!(
-        "machine speed: an Ed25519 signature took {signature_before:.1} µs before the run and {:.1} µs after (19–21 µs on the VM's fast days)\n",
+        "machine speed: signing an authorization took {signature_before:.1} µs before the run and {:.1} µs after (compare runs by it: the VM's speed drifts)\n",
         signature_us()
     );
     println!(
