@@ -394,66 +394,7 @@ pub fn run(command: Command, config: Config) -> Result<()> {
             )?;
             Ok(())
         }
-        Command::Restore { file } => {
-            let appliance = Appliance::load(&config.data_dir)?;
-            let restored = store::backup::restore(
-                &config.database_path(),
-                &file,
-                appliance.installation_id(),
-                clock.now(),
-            )?;
-            // Licenses are the vendor's word, not the appliance's state: the replaced
-            // database's versions newer than the backup's are imported again before anything
-            // is said, since the appliance never goes back to a superseded version (an import
-            // refuses one, and a device that was served the newer one refuses it).
-            let reimported: Vec<_> = restored
-                .licenses
-                .iter()
-                .flatten()
-                .map(|(license_id, version, jws)| {
-                    let outcome =
-                        import_newer(&config, &appliance, license_id, *version, jws, clock.now());
-                    (license_id, version, outcome)
-                })
-                .collect();
-            let mut report = format!(
-                "restored {}; the previous database is kept as {} (with its -wal file, if it \
-                 had one: keep the two together)\n",
-                file.display(),
-                restored.aside.display()
-            );
-            let mut failed = Vec::new();
-            for (license_id, version, outcome) in reimported {
-                match outcome {
-                    Ok(None) => {}
-                    Ok(Some(outcome)) => {
-                        report += &format!(
-                            "license {license_id} version {version}, newer than the backup's, \
-                         imported again: {outcome}\n"
-                        )
-                    }
-                    Err(e) => failed.push(format!("license {license_id} version {version}: {e:#}")),
-                }
-            }
-            if restored.licenses.is_none() {
-                failed.push(format!(
-                    "the replaced database could not be read for its licenses ({} is kept as \
-                     it was)",
-                    restored.aside.display()
-                ));
-            }
-            // The restore is done whatever becomes of its report.
-            let _ = std::io::stdout().write_all(report.as_bytes());
-            if !failed.is_empty() {
-                bail!(
-                    "the backup is restored, but its licenses may be older than the appliance's: \
-                     {}. Import the newest license files again (`keygate import FILE`): devices \
-                     that were served a newer version refuse an older one",
-                    failed.join("; ")
-                );
-            }
-            Ok(())
-        }
+        Command::Restore { file } => restore(&config, &file, &clock),
         Command::Alerts(command) => alerts(&config, command, &clock),
         Command::Admin(command) => admin(&config, command, &clock),
         Command::Trial { state } => {
@@ -633,6 +574,58 @@ fn trust(config: &Config, path: &Path, name: Option<String>, clock: &dyn Clock) 
         say!("trusted vendor key {kid} ({name})")?;
     } else {
         say!("vendor key {kid} was already trusted; nothing changed")?;
+    }
+    Ok(())
+}
+
+/// `keygate restore FILE`.
+fn restore(config: &Config, file: &Path, clock: &dyn Clock) -> Result<()> {
+    let appliance = Appliance::load(&config.data_dir)?;
+    let restored = store::backup::restore(
+        &config.database_path(),
+        file,
+        appliance.installation_id(),
+        clock.now(),
+    )?;
+    let mut report = format!(
+        "restored {}; the previous database is kept as {} (with its -wal file, if it had \
+         one: keep the two together)\n",
+        file.display(),
+        restored.aside.display()
+    );
+    // Licenses are the vendor's word, not the appliance's state: the replaced database's
+    // versions newer than the backup's are imported again (before anything is said), since
+    // the appliance never goes back to a superseded version (an import refuses one, and a
+    // device that was served the newer one refuses it).
+    let mut failed = Vec::new();
+    for (license_id, version, jws) in restored.licenses.iter().flatten() {
+        match import_newer(config, &appliance, license_id, *version, jws, clock.now()) {
+            Ok(None) => {}
+            Ok(Some(outcome)) => {
+                report += &format!(
+                    "license {license_id} version {version}, newer than the backup's, imported \
+                 again: {outcome}\n"
+                )
+            }
+            Err(e) => failed.push(format!("license {license_id} version {version}: {e:#}")),
+        }
+    }
+    if restored.licenses.is_none() {
+        failed.push(format!(
+            "the replaced database could not be read for its licenses ({} is kept as \
+             it was)",
+            restored.aside.display()
+        ));
+    }
+    // The restore is done whatever becomes of its report.
+    let _ = std::io::stdout().write_all(report.as_bytes());
+    if !failed.is_empty() {
+        bail!(
+            "the backup is restored, but its licenses may be older than the appliance's: \
+             {}. Import the newest license files again (`keygate import FILE`): devices \
+             that were served a newer version refuse an older one",
+            failed.join("; ")
+        );
     }
     Ok(())
 }
