@@ -1,4 +1,4 @@
-//! Portal access: sessions (cookie `__Host-keygate_session`: Secure, HttpOnly, SameSite=Strict;
+//! Portal access: sessions (cookie `__Host-keygate_session`: Secure, HttpOnly, SameSite=Lax;
 //! only a SHA-256 of its token is stored), roles, CSRF, sign-in with rate limits, and the
 //! first admin's one-time setup link.
 //!
@@ -247,13 +247,16 @@ impl<R: Requirement + 'static, F: CsrfForm + DeserializeOwned + 'static> FromReq
     }
 }
 
-/// The session cookie for a new session.
+/// The session cookie for a new session. `Lax`, not `Strict`: a link to the portal followed
+/// from another site (an alert email read in a webmail) opens the page for the signed-in
+/// admin instead of the sign-in form. Cross-site requests that change anything are posts,
+/// which a `Lax` cookie does not go with, and each also needs the session's CSRF token.
 pub fn session_cookie(token: &str) -> Cookie<'static> {
     Cookie::build(COOKIE, token.to_string())
         .path("/")
         .secure(true)
         .http_only(true)
-        .same_site(SameSite::Strict)
+        .same_site(SameSite::Lax)
         .finish()
 }
 

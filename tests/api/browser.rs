@@ -560,6 +560,22 @@ async fn scenario(f: &Fixture, driver: &Chromedriver) {
         "who, and from where:\n{log}"
     );
 
+    // An alert email's link, opened from another site (a webmail): the signed-in admin
+    // lands on the item, not on the sign-in page.
+    let link = f.app.url("/licenses/items/LIC-T-1");
+    c.goto(&format!(
+        "data:text/html,<a id=\"mail\" href=\"{link}\">LIC-T-1</a>"
+    ))
+    .await
+    .unwrap();
+    wait_for(&c, Locator::Id("mail"))
+        .await
+        .click()
+        .await
+        .unwrap();
+    wait_for(&c, Locator::XPath("//h1[normalize-space()='Item LIC-T-1']")).await;
+    assert_eq!(path_of(&c).await, "/licenses/items/LIC-T-1");
+
     // Sign out: back on the sign-in page, and the portal is closed again.
     click_button(&c, "Sign out").await;
     wait_for(&c, Locator::XPath("//h2[normalize-space()='Sign in']")).await;
