@@ -598,8 +598,9 @@ fn restore(config: &Config, file: &Path, clock: &dyn Clock) -> Result<()> {
     // the appliance never goes back to a superseded version (an import refuses one, and a
     // device that was served the newer one refuses it).
     let mut failed = Vec::new();
-    for (license_id, version, jws) in restored.licenses.iter().flatten() {
-        match import_newer(config, &appliance, license_id, *version, jws, clock.now()) {
+    for license in restored.licenses.iter().flatten() {
+        let (license_id, version) = (&license.license_id, license.version);
+        match import_newer(config, &appliance, license, clock.now()) {
             Ok(None) => {}
             Ok(Some(outcome)) => {
                 report += &format!(
@@ -630,23 +631,23 @@ fn restore(config: &Config, file: &Path, clock: &dyn Clock) -> Result<()> {
     Ok(())
 }
 
-/// Imports `jws`, version `version` of license `license_id`, unless the database holds that
-/// version or a newer one already (`None`); returns what the import did.
+/// Imports `license`, unless the database holds that version or a newer one already
+/// (`None`); returns what the import did.
 fn import_newer(
     config: &Config,
     appliance: &Appliance,
-    license_id: &str,
-    version: u32,
-    jws: &str,
+    license: &store::licenses::SignedVersion,
     now: OffsetDateTime,
 ) -> Result<Option<String>> {
+    let license_id = &license.license_id;
     audited(config, now, |conn| {
-        if store::licenses::current_version(conn, license_id)?.is_some_and(|c| c.version >= version)
+        if store::licenses::current_version(conn, license_id)?
+            .is_some_and(|c| c.version >= license.version)
         {
             return Ok((None, None));
         }
         let trusted = trusted_keys(config, conn)?;
-        let verified = import::verify(jws, &trusted, appliance.public_key())?;
+        let verified = import::verify(&license.jws, &trusted, appliance.public_key())?;
         let outcome = import::apply(conn, &verified, now)?.to_string();
         let detail = format!("{outcome} (kept over the backup restored)");
         Ok((

@@ -415,10 +415,10 @@ pub fn lock_file(data_dir: &Path, wait: Duration) -> Result<std::fs::File, Backu
 pub struct Restored {
     /// Where the replaced database is kept: `keygate.db.before-restore-<time>`.
     pub aside: PathBuf,
-    /// The newest version of each license the replaced database held (id, version, signed
-    /// line), for the caller to import again where the backup's is older: licenses do not
-    /// go back. `None` when that database could not be read (too damaged to open).
-    pub licenses: Option<Vec<(String, u32, String)>>,
+    /// The newest version of each license the replaced database held, for the caller to
+    /// import again where the backup's is older: licenses do not go back. `None` when that
+    /// database could not be read (too damaged to open).
+    pub licenses: Option<Vec<super::licenses::SignedVersion>>,
 }
 
 /// Replaces the database with a backup (the service must be stopped). The current database
@@ -431,13 +431,7 @@ pub fn restore(
 ) -> Result<Restored, BackupError> {
     let data_dir = db.parent().unwrap_or(Path::new("."));
     let _lock = lock_file(data_dir, LOCK_WAIT)?;
-    let licenses = if db.exists() {
-        Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .ok()
-            .and_then(|conn| super::licenses::newest_versions(&conn).ok())
-    } else {
-        Some(Vec::new())
-    };
+    let (newest_time, licenses) = handed_on(db);
     let stamp = now.format(STAMP).expect("the stamp format is valid");
     // A name no earlier restore used (two restores in one second keep both databases).
     let aside = (1..)
@@ -473,7 +467,7 @@ pub fn restore(
         // The newest time the appliance has used stays: the backup's older one would let a
         // clock set back in between go unnoticed (`clock::Watermark`). A backup from before
         // the time was kept (no job runs either) reads as no time.
-        if let Some(newest) = newest_time_of(db)
+        if let Some(newest) = newest_time
             && !crate::store::ops::newest_time(&conn).is_ok_and(|t| t >= newest)
         {
             super::settings::set(&conn, crate::clock::NEWEST_TIME, &newest.to_string())?;
@@ -555,13 +549,21 @@ pub fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// The newest time the database at `db` says its appliance used, if it can be read (a
-/// database too damaged to open has none).
-fn newest_time_of(db: &Path) -> Option<i64> {
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
-    crate::store::ops::newest_time(&conn)
+/// What the database at `db`, about to be replaced, hands on to the restored one: the newest
+/// time its appliance used, and the newest version of each license (see [`Restored`]).
+/// Either is `None` when it cannot be read (a database too damaged to open); no database
+/// hands on no time and no license.
+fn handed_on(db: &Path) -> (Option<i64>, Option<Vec<super::licenses::SignedVersion>>) {
+    if !db.exists() {
+        return (None, Some(Vec::new()));
+    }
+    let Ok(conn) = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return (None, None);
+    };
+    let newest_time = crate::store::ops::newest_time(&conn)
         .ok()
-        .filter(|t| *t != i64::MIN)
+        .filter(|t| *t != i64::MIN);
+    (newest_time, super::licenses::newest_versions(&conn).ok())
 }
 
 /// The settings key naming the installation that serves the database (written at every

@@ -503,12 +503,26 @@ pub fn license_jws(
         .query_row(params![license_id, version], |r| r.get(0))?)
 }
 
-/// The newest version of each license: its id, version and signed line.
-pub fn newest_versions(conn: &Connection) -> Result<Vec<(String, u32, String)>, StoreError> {
+/// One version of a license as the vendor signed it.
+#[derive(Debug, Clone)]
+pub struct SignedVersion {
+    pub license_id: String,
+    pub version: u32,
+    pub jws: String,
+}
+
+/// The newest version of each license.
+pub fn newest_versions(conn: &Connection) -> Result<Vec<SignedVersion>, StoreError> {
     // SQLite takes a bare column from the row that holds the max().
     let mut stmt =
         conn.prepare("SELECT license_id, max(version), jws FROM licenses GROUP BY license_id")?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let rows = stmt.query_map([], |r| {
+        Ok(SignedVersion {
+            license_id: r.get(0)?,
+            version: r.get(1)?,
+            jws: r.get(2)?,
+        })
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 

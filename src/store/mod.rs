@@ -1168,6 +1168,7 @@ mod tests {
         if let Ok(scenario) = std::env::var(SCENARIO) {
             let path = PathBuf::from(std::env::var_os("KEYGATE_TEST_STOP_DIR").unwrap());
             let conn = open(&path.join("k.db")).unwrap();
+            let writer_panics = scenario == "writer panics";
             let store = Store::start(&path.join("k.db"), conn, move || match scenario.as_str() {
                 "sync fails" => Err(std::io::Error::other("injected fault")),
                 "syncer panics" => panic!("injected panic"),
@@ -1181,7 +1182,7 @@ mod tests {
                 }
                 fn finish(self: Box<Self>, _: Result<(), StoreError>) {}
             }
-            if std::env::var(SCENARIO).unwrap() == "writer panics" {
+            if writer_panics {
                 store.inner.jobs.send(Box::new(PanicsInTheWriter)).unwrap();
             }
             let answer = tokio::runtime::Builder::new_current_thread()
