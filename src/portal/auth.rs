@@ -260,20 +260,44 @@ pub fn session_cookie(token: &str) -> Cookie<'static> {
         .finish()
 }
 
-/// Starts a session for an admin; returns the cookie to set.
+/// Starts a session for an admin inside a write; returns the cookie to set.
+pub fn start_session(
+    conn: &rusqlite::Connection,
+    admin_id: i64,
+    now: i64,
+    address: &str,
+) -> Result<Cookie<'static>, StoreError> {
+    let token = random_token();
+    admins::insert_session(
+        conn,
+        &digest(&token),
+        admin_id,
+        &random_token(),
+        now,
+        address,
+    )?;
+    Ok(session_cookie(&token))
+}
+
+/// Signs an admin in from this browser: a new session, and the one its cookie held before
+/// (another admin's, or its own) ends at once rather than when idle.
 pub async fn sign_in(
     state: &AppState,
+    req: &HttpRequest,
     admin_id: i64,
-    address: String,
 ) -> Result<Cookie<'static>, PortalError> {
-    let token = random_token();
-    let (hash, csrf) = (digest(&token), random_token());
+    let before = req.cookie(COOKIE).map(|c| digest(c.value()));
+    let address = super::client_address(req);
     let now = state.clock.now().unix_timestamp();
-    state
+    Ok(state
         .store
-        .write(move |conn| admins::insert_session(conn, &hash, admin_id, &csrf, now, &address))
-        .await?;
-    Ok(session_cookie(&token))
+        .write(move |conn| {
+            if let Some(before) = before {
+                admins::delete_session(conn, &before)?;
+            }
+            start_session(conn, admin_id, now, &address)
+        })
+        .await?)
 }
 
 /// Makes a first-admin setup link if there is no admin yet; returns its path and token.

@@ -2,6 +2,7 @@
 //! stylesheet served under a content-hashed URL, no script. Every response carries strict
 //! security headers.
 
+pub mod account;
 pub mod admins;
 pub mod alerts;
 pub mod auth;
@@ -83,6 +84,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route(
         "/settings/backups/{name}",
         web::get().to(settings::download),
+    )
+    .route("/account", web::get().to(account::page))
+    .route(
+        "/account/password",
+        web::post().to(account::change_password),
     )
     .route("/admins", web::get().to(admins::page))
     .route("/admins/{action}", web::post().to(admins::act))
@@ -302,7 +308,6 @@ async fn login(
     form: web::Form<LoginForm>,
 ) -> HttpResponse {
     let form = form.into_inner();
-    let address = client_address(&req);
     let now = state.clock.now().unix_timestamp();
     // The form comes back with this browser's token: a sign-in open in another tab must
     // keep working after this one failed.
@@ -383,7 +388,7 @@ async fn login(
     };
     state.sign_in_limits.clear(&form.name, &client);
     let _ = audit("signed in").await;
-    match auth::sign_in(&state, admin.id, address).await {
+    match auth::sign_in(&state, &req, admin.id).await {
         Ok(cookie) => HttpResponse::SeeOther()
             .insert_header((header::LOCATION, "/"))
             .cookie(cookie)
@@ -593,7 +598,7 @@ async fn setup(
         })
         .await;
     match created {
-        Ok(Some(id)) => match auth::sign_in(&state, id, client_address(&req)).await {
+        Ok(Some(id)) => match auth::sign_in(&state, &req, id).await {
             Ok(cookie) => HttpResponse::SeeOther()
                 .insert_header((header::LOCATION, "/"))
                 .cookie(cookie)

@@ -25,6 +25,7 @@ use crate::helpers::*;
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
 const PASSWORD: &str = "correct horse battery";
+const NEW_PASSWORD: &str = "a brand new passphrase";
 /// How long one browser condition may take to come true (pages load in milliseconds; this
 /// only bounds a broken run on a slow, busy CI machine).
 const CONDITION: Duration = Duration::from_secs(30);
@@ -576,6 +577,26 @@ async fn scenario(f: &Fixture, driver: &Chromedriver) {
     wait_for(&c, Locator::XPath("//h1[normalize-space()='Item LIC-T-1']")).await;
     assert_eq!(path_of(&c).await, "/licenses/items/LIC-T-1");
 
+    // The admin's own account, from the name in the header: a new password.
+    wait_for(
+        &c,
+        Locator::XPath("//header//a[normalize-space()='olivia']"),
+    )
+    .await
+    .click()
+    .await
+    .unwrap();
+    wait_for(&c, Locator::XPath("//h1[normalize-space()='Your account']")).await;
+    type_into(&c, "current", PASSWORD).await;
+    type_into(&c, "password", NEW_PASSWORD).await;
+    type_into(&c, "confirm", NEW_PASSWORD).await;
+    click_button(&c, "Change password").await;
+    wait_for(
+        &c,
+        Locator::XPath("//p[@role='status'][contains(., 'Your password was changed')]"),
+    )
+    .await;
+
     // Sign out: back on the sign-in page, and the portal is closed again.
     click_button(&c, "Sign out").await;
     wait_for(&c, Locator::XPath("//h2[normalize-space()='Sign in']")).await;
@@ -584,9 +605,9 @@ async fn scenario(f: &Fixture, driver: &Chromedriver) {
     wait_for(&c, Locator::XPath("//h2[normalize-space()='Sign in']")).await;
     assert_eq!(path_of(&c).await, "/login", "signed out: sent to sign in");
 
-    // Sign in again through the form.
+    // Sign in again through the form, with the new password.
     type_into(&c, "name", "olivia").await;
-    type_into(&c, "password", PASSWORD).await;
+    type_into(&c, "password", NEW_PASSWORD).await;
     click_button(&c, "Sign in").await;
     wait_for(&c, Locator::Id("item-LIC-T-1")).await;
     wait_for(

@@ -250,7 +250,7 @@ fn first_admin_setup_then_dashboard() {
             .contains(f.app.state.appliance.installation_id())
     );
     assert!(dashboard.body.contains("<svg class=\"chart\""));
-    assert!(dashboard.body.contains("olivia (owner)"));
+    assert!(dashboard.body.contains("olivia</a> (owner)"));
     // The link is used up.
     assert_eq!(
         Browser::new(&f.app)
@@ -324,6 +324,175 @@ fn session_cookie_flags_and_sign_out_needs_csrf() {
         )
         .unwrap();
     assert_eq!((actor.as_str(), from.as_str()), ("olivia", "127.0.0.1"));
+}
+
+/// Signing in again from a browser ends the session its cookie held, at once: a shared
+/// machine's next admin does not leave the previous one's session open until it idles out.
+#[test]
+fn a_new_sign_in_ends_the_session_the_browser_held() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let session = || browser.cookies.borrow()["__Host-keygate_session"].clone();
+    let before = session();
+    let page = browser.get("/login");
+    let answer = browser.post(
+        "/login",
+        &[
+            ("name", "olivia"),
+            ("password", PASSWORD),
+            ("csrf", &csrf(&page.body)),
+        ],
+    );
+    assert_eq!(answer.location, "/", "{}", answer.body);
+    assert_ne!(session(), before);
+    assert_eq!(browser.get("/").status, 200);
+    let old = Browser::new(&f.app);
+    old.cookies
+        .borrow_mut()
+        .insert("__Host-keygate_session".into(), before);
+    assert_eq!(old.get("/").location, "/login", "the earlier session ended");
+    let sessions: i64 = f
+        .db()
+        .query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(sessions, 1);
+}
+
+/// Any admin changes its own password, giving the current one; its other sessions end.
+#[test]
+fn an_admin_changes_its_own_password_and_its_other_sessions_end() {
+    let (f, owner) = signed_in(&item("reader", "per_device", 10, ""));
+    let token = csrf(&owner.get("/admins").body);
+    owner.post(
+        "/admins/create",
+        &[
+            ("csrf", &token),
+            ("name", "aud"),
+            ("role", "auditor"),
+            ("password", PASSWORD),
+        ],
+    );
+    let (browser, _) = sign_in(&f, "aud", PASSWORD);
+    let (elsewhere, answer) = sign_in(&f, "aud", PASSWORD);
+    assert_eq!(answer.location, "/");
+    assert!(browser.get("/").body.contains("href=\"/account\""));
+    let page = browser.get("/account");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("Change your password"), "{}", page.body);
+    let token = csrf(&page.body);
+    let change = |current: &str, new: &str, confirm: &str| {
+        browser.post(
+            "/account/password",
+            &[
+                ("csrf", &token),
+                ("current", current),
+                ("password", new),
+                ("confirm", confirm),
+            ],
+        )
+    };
+    let new = "a brand new passphrase";
+    for (current, password, confirm, says) in [
+        (
+            "wrong password!",
+            new,
+            new,
+            "The current password is wrong.",
+        ),
+        (
+            PASSWORD,
+            new,
+            "a brand new passphrasf",
+            "The two new passwords differ.",
+        ),
+        (PASSWORD, "short", "short", "at least 12 characters"),
+    ] {
+        let answer = change(current, password, confirm);
+        assert_eq!(answer.status, 400, "{says}");
+        assert!(answer.body.contains(says), "{says}: {}", answer.body);
+        assert!(answer.body.contains("Nothing was changed."));
+    }
+    assert_eq!(
+        browser
+            .post(
+                "/account/password",
+                &[("current", PASSWORD), ("password", new), ("confirm", new)]
+            )
+            .status,
+        403,
+        "no CSRF token"
+    );
+    assert_eq!(elsewhere.get("/").status, 200, "nothing changed yet");
+    assert_eq!(sign_in(&f, "aud", new).1.status, 401);
+
+    let answer = change(PASSWORD, new, new);
+    assert_eq!(
+        (answer.status, answer.location.as_str()),
+        (303, "/account?changed"),
+        "{}",
+        answer.body
+    );
+    assert!(
+        browser
+            .get(&answer.location)
+            .body
+            .contains("Your password was changed")
+    );
+    assert_eq!(browser.get("/").status, 200, "this browser stays signed in");
+    assert_eq!(
+        elsewhere.get("/").location,
+        "/login",
+        "the other session ended"
+    );
+    assert_eq!(sign_in(&f, "aud", PASSWORD).1.status, 401, "old password");
+    assert_eq!(sign_in(&f, "aud", new).1.location, "/", "new password");
+    let audited = |action: &str| -> i64 {
+        f.db()
+            .query_row(
+                "SELECT COUNT(*) FROM audit_log WHERE action = ?1 AND actor = 'aud'",
+                [action],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(
+        (
+            audited("password changed"),
+            audited("password change refused (wrong current password)")
+        ),
+        (1, 1)
+    );
+}
+
+/// Guessing the current password from a session left open meets the sign-in's limit.
+#[test]
+fn guessing_the_current_password_is_rate_limited() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let token = csrf(&browser.get("/account").body);
+    let change = |current: &str| {
+        browser.post(
+            "/account/password",
+            &[
+                ("csrf", &token),
+                ("current", current),
+                ("password", "a brand new passphrase"),
+                ("confirm", "a brand new passphrase"),
+            ],
+        )
+    };
+    for attempt in 1..=5 {
+        assert!(
+            change("wrong password!")
+                .body
+                .contains("The current password is wrong."),
+            "attempt {attempt}"
+        );
+    }
+    assert!(
+        change(PASSWORD).body.contains("Too many wrong passwords"),
+        "even the right password waits"
+    );
+    f.app.clock.advance(Duration::minutes(1));
+    assert_eq!(change(PASSWORD).status, 303);
 }
 
 #[test]
