@@ -52,8 +52,11 @@ pub struct AppState {
     pub watermark: crate::clock::Watermark,
     /// Session passwords already verified (Argon2 runs once per code and password).
     pub passwords: PasswordCache,
-    /// Bounds concurrent Argon2 verifications (each takes tens of milliseconds of CPU).
-    password_checks: tokio::sync::Semaphore,
+    /// Bound concurrent Argon2 runs (each takes tens of milliseconds of CPU and 19 MiB):
+    /// two for devices' session passwords, one for the portal's admins, so that a flood of
+    /// either never delays the other.
+    device_argon2: tokio::sync::Semaphore,
+    portal_argon2: tokio::sync::Semaphore,
     /// Session password checks per client address (IPv6: per /64): 10 a minute, then
     /// `RATE_LIMITED`.
     pub password_attempts: AttemptLimiter,
@@ -172,7 +175,8 @@ impl AppState {
             started_at: now,
             watermark,
             passwords: PasswordCache::default(),
-            password_checks: tokio::sync::Semaphore::new(2),
+            device_argon2: tokio::sync::Semaphore::new(2),
+            portal_argon2: tokio::sync::Semaphore::new(1),
             password_attempts: AttemptLimiter::new(10, 60),
             code_password_attempts: AttemptLimiter::new(100, 60),
             sign_in_limits: SignInLimits::default(),
@@ -188,16 +192,30 @@ impl AppState {
     }
 }
 
+/// Whose password an Argon2 run checks or hashes.
+#[derive(Debug, Clone, Copy)]
+pub enum Passwords {
+    /// Devices' session passwords (the client protocol).
+    Devices,
+    /// Admins' passwords and session passwords set in the portal.
+    Admins,
+}
+
 impl AppState {
     /// Runs Argon2 (hashing or verifying a password) on the blocking pool, never on the
-    /// database writer, at most two at once for the whole appliance (each takes about
-    /// 19 MiB): a flood of sign-ins or session passwords queues instead of exhausting memory.
+    /// database writer, in the slots of `whose` passwords: a flood of sign-ins or of session
+    /// passwords queues instead of exhausting memory, and does not hold up the other kind.
     /// `None` if the blocking pool failed.
     pub async fn argon2<T: Send + 'static>(
         &self,
+        whose: Passwords,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
-        let _permit = self.password_checks.acquire().await.ok()?;
+        let slots = match whose {
+            Passwords::Devices => &self.device_argon2,
+            Passwords::Admins => &self.portal_argon2,
+        };
+        let _permit = slots.acquire().await.ok()?;
         web::block(work).await.ok()
     }
 

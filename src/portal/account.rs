@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::auth::{self, AnyRole, CsrfForm, PortalError, Post, Session, Viewer};
 use super::{Page, audit_alone, check_credentials, client_address, render_form};
 use crate::licensing::handshake::{hash_password, verify_password};
-use crate::server::AppState;
+use crate::server::{AppState, Passwords};
 use crate::store::{admins, ops};
 
 #[derive(Template)]
@@ -104,7 +104,7 @@ pub async fn change_password(
         .ok_or(PortalError::SignIn)?;
     let (current, new) = (form.current.clone(), form.password.clone());
     let hash = state
-        .argon2(move || {
+        .argon2(Passwords::Admins, move || {
             verify_password(&stored.password_hash, &current).then(|| hash_password(&new))
         })
         .await

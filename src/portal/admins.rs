@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::auth::{CsrfForm, Owner, OwnerRole, PortalError, Post, Role, Session};
 use super::{Page, check_credentials, render_form};
 use crate::licensing::handshake::hash_password;
-use crate::server::AppState;
+use crate::server::{AppState, Passwords};
 use crate::store::{StoreError, admins, ops};
 
 #[derive(Template)]
@@ -96,7 +96,7 @@ pub async fn act(
         let password = form.password.clone();
         Some(
             state
-                .argon2(move || hash_password(&password))
+                .argon2(Passwords::Admins, move || hash_password(&password))
                 .await
                 .ok_or(PortalError::Internal)?,
         )

@@ -9,7 +9,7 @@ use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Session, Viewer};
 use super::{Page, render_form};
 use crate::licensing::handshake::{check_password, check_validation, hash_password};
 use crate::licensing::is_identifier;
-use crate::server::AppState;
+use crate::server::{AppState, Passwords};
 use crate::store::catalogue::{self, PUBLIC_TRIAL};
 use crate::store::licenses::{self, HandshakeCode, ItemRow};
 use crate::store::{StoreError, ops, settings};
@@ -174,7 +174,7 @@ pub async fn act(
         let password = form.password.clone();
         Some(
             state
-                .argon2(move || hash_password(&password))
+                .argon2(Passwords::Admins, move || hash_password(&password))
                 .await
                 .ok_or(PortalError::Internal)?,
         )

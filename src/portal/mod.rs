@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use self::auth::{CsrfForm, PortalError, Post, Session};
 use crate::licensing::handshake::{hash_password, verify_password};
-use crate::server::AppState;
+use crate::server::{AppState, Passwords};
 use crate::store::{admins as accounts, ops};
 
 const CSS: &str = include_str!("../../static/keygate.css");
@@ -362,7 +362,7 @@ async fn login(
     // Argon2 runs once even for an unknown name (against a hash made once), so timing does
     // not tell which names exist.
     let verified = state
-        .argon2(move || match hash {
+        .argon2(Passwords::Admins, move || match hash {
             Some(hash) => verify_password(&hash, &password),
             None => {
                 static NOBODY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -572,7 +572,10 @@ async fn setup(
         Err(e) => return PortalError::from(e).error_response(),
     }
     let password = form.password.clone();
-    let Some(hash) = state.argon2(move || hash_password(&password)).await else {
+    let Some(hash) = state
+        .argon2(Passwords::Admins, move || hash_password(&password))
+        .await
+    else {
         return PortalError::Internal.error_response();
     };
     let created = state

@@ -19,7 +19,7 @@ use crate::licensing::handshake::verify_password;
 use crate::licensing::types::{self, Authorize, Usage};
 use crate::licensing::usage;
 use crate::metrics::Endpoint;
-use crate::server::AppState;
+use crate::server::{AppState, Passwords};
 
 /// Every route of the client protocol: (method, path). The OpenAPI document is checked
 /// against this list.
@@ -238,14 +238,14 @@ async fn authorize(
                 {
                     return Err(limited());
                 }
-                // Judged with an Argon2 permit held (two at a time, appliance-wide): a request
+                // Judged with an Argon2 permit held (two at a time for all devices): a request
                 // that waited finds a password verified meanwhile in the cache, and every
                 // check that runs is counted first, so guesses sent in parallel get no more
                 // than the limit while right ones arriving together cost one check.
                 let check = state.clone();
                 let password = req.session_password.clone().unwrap_or_default();
                 let verified = state
-                    .argon2(move || {
+                    .argon2(Passwords::Devices, move || {
                         if check.passwords.is_verified(handshake_id, &hash, &password) {
                             return Some(true);
                         }

@@ -9,6 +9,7 @@ use serde_json::json;
 use time::Duration;
 
 use crate::helpers::*;
+use keygate::server::Passwords;
 
 /// A minimal browser: keeps cookies, does not follow redirects.
 struct Browser {
@@ -493,6 +494,79 @@ fn guessing_the_current_password_is_rate_limited() {
     );
     f.app.clock.advance(Duration::minutes(1));
     assert_eq!(change(PASSWORD).status, 303);
+}
+
+/// Holds `slots` of the Argon2 slots for `whose` passwords until the returned senders drop.
+fn hold_argon2(
+    state: &actix_web::web::Data<keygate::server::AppState>,
+    whose: Passwords,
+    slots: usize,
+) -> Vec<std::sync::mpsc::Sender<()>> {
+    let (held, started) = std::sync::mpsc::channel();
+    let holds = (0..slots)
+        .map(|_| {
+            let (state, held) = (state.clone(), held.clone());
+            let (release, wait) = std::sync::mpsc::channel::<()>();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                runtime.block_on(state.argon2(whose, move || {
+                    held.send(()).unwrap();
+                    let _ = wait.recv();
+                }));
+            });
+            release
+        })
+        .collect();
+    for _ in 0..slots {
+        started.recv().unwrap();
+    }
+    holds
+}
+
+/// Whether a thread ends within `seconds`.
+fn ends_within<T>(thread: &std::thread::ScopedJoinHandle<'_, T>, seconds: u64) -> bool {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while !thread.is_finished() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    thread.is_finished()
+}
+
+/// Admins' and devices' passwords have Argon2 slots of their own: with every slot of one
+/// kind busy (a flood of guesses), the other kind is still checked at once.
+#[test]
+fn argon2_for_admins_and_for_devices_never_wait_for_each_other() {
+    let (f, _) = signed_in(&item("reader", "per_device", 10, ""));
+    let with_password = |password: &str| {
+        assert!(set_password(&f.data, &f.code, password).ok);
+        let mut request = f.request("reader", 1);
+        request["session_password"] = json!(password);
+        request
+    };
+    let request = with_password("open sesame");
+    std::thread::scope(|s| {
+        let devices_busy = hold_argon2(&f.app.state, Passwords::Devices, 2);
+        let device = s.spawn(|| f.authorize(&request).0);
+        let admin = s.spawn(|| sign_in(&f, "olivia", PASSWORD).1.location);
+        assert!(ends_within(&admin, 30), "a sign-in waited for devices");
+        assert!(!ends_within(&device, 1), "devices have two slots");
+        drop(devices_busy);
+        assert_eq!(admin.join().unwrap(), "/");
+        assert_eq!(device.join().unwrap(), 200);
+    });
+    let request = with_password("another sesame");
+    std::thread::scope(|s| {
+        let portal_busy = hold_argon2(&f.app.state, Passwords::Admins, 1);
+        let admin = s.spawn(|| sign_in(&f, "olivia", PASSWORD).1.location);
+        let device = s.spawn(|| f.authorize(&request).0);
+        assert!(ends_within(&device, 30), "a device waited for the portal");
+        assert!(!ends_within(&admin, 1), "the portal has one slot");
+        drop(portal_busy);
+        assert_eq!(device.join().unwrap(), 200);
+        assert_eq!(admin.join().unwrap(), "/");
+    });
 }
 
 #[test]
