@@ -3,7 +3,8 @@
 Usage: smtp_sink.py DIR  -- prints "PORT <n>" once listening on 127.0.0.1 (a free port).
 Each accepted message becomes DIR/<n>.eml (written to a temporary name, then renamed).
 Recipients whose address starts with "refused" are refused (550), as for an unknown mailbox;
-with SMTP_REFUSE_SENDER set every sender is (550).
+with SMTP_REFUSE_SENDER set every sender is (550). Recipients whose address starts with
+"slow" are answered after SMTP_SLOW_SECONDS (default 3), as by a relay that looks them up.
 
 Environment: SMTP_PORT (default 0: any free port); SMTP_TLS_CERT and SMTP_TLS_KEY (PEM files)
 turn on STARTTLS, required before anything else, or implicit TLS with SMTP_IMPLICIT=1;
@@ -35,6 +36,8 @@ class Sink:
         # As a LAN relay does for an unknown mailbox.
         if address.startswith("refused"):
             return "550 5.1.1 No such user here"
+        if address.startswith("slow"):
+            await asyncio.sleep(float(os.environ.get("SMTP_SLOW_SECONDS", "3")))
         envelope.rcpt_tos.append(address)
         return "250 OK"
 

@@ -236,7 +236,7 @@ fn refuses_a_mailbox(e: &lettre::transport::smtp::Error) -> bool {
             .is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553))
 }
 
-/// The longest one delivery may take, whatever the server does.
+/// The longest one SMTP session may take, whatever the server does.
 pub const SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Sends one message to all recipients; returns the server's answer (and the recipients it
@@ -245,6 +245,18 @@ pub async fn send(
     settings: &SmtpSettings,
     to: &[Mailbox],
     email: &Email,
+) -> Result<String, MailError> {
+    send_within(settings, to, email, SEND_LIMIT).await
+}
+
+/// [`send`], each SMTP session bounded by `limit` on its own: when a server refusing one
+/// address makes each recipient's copy a session of its own, a slow one does not undo the
+/// copies already delivered (which a retry would send again).
+pub async fn send_within(
+    settings: &SmtpSettings,
+    to: &[Mailbox],
+    email: &Email,
+    limit: std::time::Duration,
 ) -> Result<String, MailError> {
     // Settings saved by an older release may lack what saving now checks (a password
     // over plain SMTP): never sent so.
@@ -299,70 +311,77 @@ pub async fn send(
             .authentication(vec![Mechanism::Plain, Mechanism::Login]);
     }
     let transport = transport.build();
-    let sending = async {
-        let answer = |r: lettre::transport::smtp::response::Response| {
-            r.message().collect::<Vec<_>>().join(" ")
-        };
-        match transport.send(message.clone()).await {
-            Ok(response) => Ok(answer(response)),
-            // A server refusing one address (550 no such user) refuses the whole message:
-            // then each recipient gets it on its own, so one bad address does not keep the
-            // others from their alerts. Not for any other refusal (a wrong password, a
-            // server out of service): that would only repeat it once per recipient.
-            Err(e) if refuses_a_mailbox(&e) && to.len() > 1 => {
-                let bytes = message.formatted();
-                let (mut accepted, mut refused, mut answers) = (None, Vec::new(), Vec::new());
-                for mailbox in to {
-                    let envelope = lettre::address::Envelope::new(
-                        message.envelope().from().cloned(),
-                        vec![mailbox.email.clone()],
-                    )
-                    .map_err(|e| MailError::Build(e.to_string()))?;
-                    match transport.send_raw(&envelope, &bytes).await {
-                        Ok(response) => accepted = Some(answer(response)),
-                        Err(e) => {
-                            refused.push(format!("{} ({e})", mailbox.email));
-                            answers.push(e.to_string());
-                        }
-                    }
-                }
-                // Every recipient refused with the very answer the whole message got, and
-                // it names no unknown address (RFC 3463's 5.1.1, 5.1.3, 5.1.6, 5.1.10): what
-                // the server refuses is the sender (or the message), not the addresses.
-                let names_an_address = |a: &str| {
-                    ["5.1.1 ", "5.1.3 ", "5.1.6 ", "5.1.10 "]
-                        .iter()
-                        .any(|code| a.contains(code))
-                };
-                if accepted.is_none()
-                    && answers
-                        .iter()
-                        .all(|a| *a == e.to_string() && !names_an_address(a))
-                {
-                    return Err(MailError::Refused(format!(
-                        "{e} (for every recipient alike: check the sender address {})",
-                        settings.from
-                    )));
-                }
-                let refused = refused.join(", ");
-                match accepted {
-                    Some(answer) => {
-                        tracing::warn!(%refused, "the SMTP server refused some recipients");
-                        Ok(format!("{answer}; refused: {refused}"))
-                    }
-                    None => Err(MailError::Refused(format!(
-                        "every recipient refused: {refused}"
-                    ))),
-                }
-            }
-            Err(e) => Err(smtp(e)),
-        }
-    };
-    tokio::time::timeout(SEND_LIMIT, sending)
+    let answer =
+        |r: lettre::transport::smtp::response::Response| r.message().collect::<Vec<_>>().join(" ");
+    let no_answer = || format!("no answer within {} seconds", limit.as_secs());
+    let whole = tokio::time::timeout(limit, transport.send(message.clone()))
         .await
-        .map_err(|_| {
-            MailError::Smtp(format!("no answer within {} seconds", SEND_LIMIT.as_secs()))
-        })?
+        .map_err(|_| MailError::Smtp(no_answer()))?;
+    let e = match whole {
+        Ok(response) => return Ok(answer(response)),
+        // A server refusing one address (550 no such user) refuses the whole message: then
+        // each recipient gets it on its own, so one bad address does not keep the others
+        // from their alerts. Not for any other refusal (a wrong password, a server out of
+        // service): that would only repeat it once per recipient.
+        Err(e) if refuses_a_mailbox(&e) && to.len() > 1 => e,
+        Err(e) => return Err(smtp(e)),
+    };
+    let bytes = message.formatted();
+    let (mut accepted, mut refused, mut answers) = (None, Vec::new(), Vec::new());
+    let mut unanswered = false;
+    for mailbox in to {
+        let envelope = lettre::address::Envelope::new(
+            message.envelope().from().cloned(),
+            vec![mailbox.email.clone()],
+        )
+        .map_err(|e| MailError::Build(e.to_string()))?;
+        let why = match tokio::time::timeout(limit, transport.send_raw(&envelope, &bytes)).await {
+            Ok(Ok(response)) => {
+                accepted = Some(answer(response));
+                continue;
+            }
+            Ok(Err(e)) => {
+                unanswered |= !e.is_permanent();
+                e.to_string()
+            }
+            Err(_) => {
+                unanswered = true;
+                no_answer()
+            }
+        };
+        refused.push(format!("{} ({why})", mailbox.email));
+        answers.push(why);
+    }
+    // Every recipient refused with the very answer the whole message got, and it names no
+    // unknown address (RFC 3463's 5.1.1, 5.1.3, 5.1.6, 5.1.10): what the server refuses is
+    // the sender (or the message), not the addresses.
+    let names_an_address = |a: &str| {
+        ["5.1.1 ", "5.1.3 ", "5.1.6 ", "5.1.10 "]
+            .iter()
+            .any(|code| a.contains(code))
+    };
+    if accepted.is_none()
+        && answers
+            .iter()
+            .all(|a| *a == e.to_string() && !names_an_address(a))
+    {
+        return Err(MailError::Refused(format!(
+            "{e} (for every recipient alike: check the sender address {})",
+            settings.from
+        )));
+    }
+    let refused = refused.join(", ");
+    match accepted {
+        Some(answer) => {
+            tracing::warn!(%refused, "the SMTP server refused some recipients");
+            Ok(format!("{answer}; refused: {refused}"))
+        }
+        // Worth another try only if a recipient's failure was not a refusal.
+        None if unanswered => Err(MailError::Smtp(format!("no recipient accepted: {refused}"))),
+        None => Err(MailError::Refused(format!(
+            "every recipient refused: {refused}"
+        ))),
+    }
 }
 
 #[cfg(test)]

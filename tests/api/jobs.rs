@@ -168,6 +168,56 @@ fn a_refused_recipient_does_not_keep_the_others_from_their_alerts() {
     assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
 }
 
+/// When each recipient gets a session of its own (the server refused one address), a slow
+/// one runs out of its own time only: the copies delivered before it stand, so the alert is
+/// not sent again to those who have it.
+#[test]
+fn a_slow_recipient_does_not_undo_the_copies_already_delivered() {
+    let sink = SmtpSink::start_with(
+        0,
+        tempfile::tempdir().unwrap(),
+        &[("SMTP_SLOW_SECONDS", "3")],
+    );
+    let settings = keygate::alerts::mail::SmtpSettings {
+        host: "127.0.0.1".into(),
+        port: sink.port,
+        tls: keygate::alerts::mail::TlsMode::None,
+        user: None,
+        password: None,
+        from: "keygate@plant.test".into(),
+        ca: None,
+    };
+    let to = keygate::alerts::mail::parse_recipients(
+        "first@plant.test; refused.left@plant.test; slow@plant.test; last@plant.test",
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sent = runtime.block_on(keygate::alerts::mail::send_within(
+        &settings,
+        &to,
+        &keygate::alerts::mail::Email::test(),
+        StdDuration::from_secs(1),
+    ));
+    let answer = sent.expect("delivered to some");
+    assert!(
+        answer.contains("slow@plant.test (no answer within 1 seconds)")
+            && answer.contains("refused.left@plant.test"),
+        "{answer}"
+    );
+    let delivered: Vec<String> = sink
+        .wait_for(2, StdDuration::from_secs(10))
+        .iter()
+        .map(|m| m.lines().next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        delivered,
+        ["X-Rcpt-To: first@plant.test", "X-Rcpt-To: last@plant.test"]
+    );
+}
+
 /// A relay refusing the sender is not reported as refusing every recipient.
 #[test]
 fn a_refused_sender_is_told_as_such() {
