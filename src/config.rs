@@ -197,10 +197,27 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: toml_error(&text, &e),
-        })
+        })?;
+        // Relative paths in a file (the default data_dir included) are the file's
+        // directory's, not the working directory of whoever started keygate: a packaged
+        // configuration left without its absolute `data_dir` must not make the service set
+        // up a new appliance beside its working directory.
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let paths = [&mut config.data_dir]
+            .into_iter()
+            .chain(&mut config.trusted_vendor_keys)
+            .chain(&mut config.tls.cert)
+            .chain(&mut config.tls.key)
+            .chain(&mut config.metrics.token_file);
+        for path in paths {
+            if path.is_relative() {
+                *path = dir.join(&*path);
+            }
+        }
+        Ok(config)
     }
 
     fn apply_env(
@@ -366,6 +383,47 @@ mod tests {
             config.database_path(),
             PathBuf::from("./keygate-data/keygate.db")
         );
+    }
+
+    #[test]
+    fn relative_paths_in_a_file_are_the_files_directorys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.toml");
+        let at = |p: &str| dir.path().join(p);
+        std::fs::write(
+            &path,
+            "[metrics]\ntoken_file = \"/etc/keygate/metrics.token\"\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(config.data_dir, at("./keygate-data"), "the default too");
+        assert_eq!(
+            config.metrics.token_file.unwrap(),
+            PathBuf::from("/etc/keygate/metrics.token"),
+            "an absolute path stays"
+        );
+        std::fs::write(
+            &path,
+            "data_dir = \"data\"\ntrusted_vendor_keys = [\"keys/acme.pub\"]\n\
+             [tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[metrics]\ntoken_file = \"token\"\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(config.data_dir, at("data"));
+        assert_eq!(config.trusted_vendor_keys, [at("keys/acme.pub")]);
+        assert_eq!(
+            (config.tls.cert.unwrap(), config.tls.key.unwrap()),
+            (at("cert.pem"), at("key.pem"))
+        );
+        assert_eq!(config.metrics.token_file.unwrap(), at("token"));
+        // The environment's and the flags' stay the working directory's.
+        let config = Config::load(
+            Some(&path),
+            env(&[("KEYGATE_DATA_DIR", "here")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("here"));
     }
 
     #[test]
