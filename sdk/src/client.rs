@@ -1293,8 +1293,8 @@ impl Client {
     /// older than a version of it this device was served before is refused
     /// ([`ClientError::SupersededLicense`]).
     ///
-    /// Authorizing again from the same device reuses its seat. On an error nothing stored
-    /// changes, a previous authorization stays usable offline until it expires, except after
+    /// Authorizing again from the same device reuses its seat. Usage not yet sent goes first,
+    /// on the lease it was counted for. On an error nothing stored changes, a previous authorization stays usable offline until it expires, except after
     /// `DEVICE_BLOCKED`: an admin blocked this device, and its authorization is dropped once
     /// the usage it holds was sent on its lease.
     pub fn authorize(&mut self) -> Result<Grant, ClientError> {
@@ -1308,17 +1308,18 @@ impl Client {
             validation: self.config.validation.clone(),
             nonce: nonce.clone(),
         };
+        // Usage held for the lease this device holds goes first (best effort), on that
+        // lease: an authorization through another handshake code moves the lease to an item
+        // whose reports the old item's are not, and one refused (`DEVICE_BLOCKED`) leaves
+        // them waiting for an admin to unblock the device.
+        if self.state.lease_id.is_some()
+            && (!self.backlog.reports.is_empty() || !self.state.open.is_empty())
+        {
+            let _ = self.flush_with(false);
+        }
         let sent = self.config.clock.now();
         let response: AuthorizeResponse = match self.post("/api/v1/authorize", &request) {
             Err(e) if e.code().is_some_and(stops_the_device) => {
-                // The appliance still records reports on the lease this device holds: they
-                // go first (best effort: the refusal is the answer either way), or they
-                // would wait for an admin to unblock the device.
-                if self.state.lease_id.is_some()
-                    && (!self.backlog.reports.is_empty() || !self.state.open.is_empty())
-                {
-                    let _ = self.flush_with(false);
-                }
                 self.forget_authorization()?;
                 return Err(e);
             }

@@ -143,6 +143,53 @@ fn works_offline_until_expiry_and_sends_the_backlog_once_back() {
     );
 }
 
+/// A device moved to another handshake code (IT gave it a new one) authorizes there; the
+/// usage it holds for the item of its old code is sent first, on the lease that item was
+/// granted to, not refused once the lease has moved.
+#[test]
+fn usage_held_when_a_device_moves_to_another_code_counts_in_its_first_item() {
+    let scanner = item("scanner", "per_usage", 1_000_000, "counter = \"scans\"");
+    let a = appliance(&format!("{scanner}{scanner}"));
+    let run = keygate(
+        &a.data,
+        &["handshake", "create", "--organization", "200001", "PLANT-B"],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    assert!(keygate(&a.data, &["handshake", "assign", "LIC-S-2", "PLANT-B"]).ok);
+    let served = Served::start(&a.data);
+    let state = tempfile::tempdir().unwrap();
+    let (clock, _) = device_clock();
+    let mut device = client(&a, vec![served.url("")], state.path(), clock.clone());
+    assert_eq!(
+        device.authorize().unwrap().authorization.items[0].item_id,
+        "LIC-S-1"
+    );
+    device.record("LIC-S-1", "scans", 5).unwrap();
+    device.flush().unwrap();
+    device.record("LIC-S-1", "scans", 7).unwrap();
+    drop(device);
+
+    let mut moved = config(&a, vec![served.url("")], state.path(), clock);
+    moved.handshake_code = Some("PLANT-B".into());
+    let mut device = Client::new(moved).unwrap();
+    assert!(
+        matches!(device.check(), Err(ClientError::OtherSettings { .. })),
+        "{:?}",
+        device.check()
+    );
+    let grant = device.authorize().unwrap();
+    assert_eq!(grant.authorization.items[0].item_id, "LIC-S-2");
+    assert_eq!(usage_total(&a), 12, "the 7 held scans counted in LIC-S-1");
+    device.record("LIC-S-2", "scans", 3).unwrap();
+    let sent = device.flush().unwrap();
+    assert_eq!((sent.accepted, sent.pending), (1, 0));
+    assert_eq!(usage_total(&a), 12);
+    assert!(
+        !state.path().join("rejected.json").exists(),
+        "nothing was set aside"
+    );
+}
+
 #[test]
 fn the_sdk_records_only_what_the_appliance_accepts_and_follows_a_released_lease() {
     let a = scanner(10_000_000_000_000);
