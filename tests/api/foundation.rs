@@ -756,19 +756,6 @@ fn a_license_signed_by_another_jose_implementation_imports() {
     assert!(run.stdout.contains("LIC-EXT-1-2") && run.stdout.contains("per_usage"));
 }
 
-/// The Python interpreter with jwcrypto that the test command prepared.
-fn python() -> PathBuf {
-    let path = std::env::var_os("KEYGATE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python"));
-    assert!(
-        path.exists(),
-        "{} is missing: run the README's test command (scripts/test), which creates it",
-        path.display()
-    );
-    path
-}
-
 /// A keygate license verifies with a standard JOSE library (jwcrypto).
 #[test]
 fn a_keygate_license_verifies_with_another_jose_implementation() {

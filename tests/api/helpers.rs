@@ -850,3 +850,16 @@ pub fn text_of(message: &str) -> String {
         .replace("=3D", "=")
         .replace("=20", " ")
 }
+
+/// The Python interpreter with jwcrypto that the test command prepared.
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("KEYGATE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python"));
+    assert!(
+        path.exists(),
+        "{} is missing: run the README's test command (scripts/test), which creates it",
+        path.display()
+    );
+    path
+}

@@ -1,4 +1,5 @@
-//! docs/openapi.json stays in step with the real routes, error codes and wire types.
+//! docs/openapi.json stays in step with the real routes, error codes and wire types, and
+//! docs/protocol.md's sample verifier with what the appliance signs.
 
 use std::collections::BTreeSet;
 
@@ -196,4 +197,67 @@ fn the_documented_bodies_have_the_wire_types_fields() {
     for (name, fields) in cases {
         assert_eq!(documented(name), fields, "{name}");
     }
+}
+
+/// docs/protocol.md's Python verifier (jwcrypto) accepts what the appliance answers, and
+/// refuses an authorization the appliance key signed past the license's terms (rule 4),
+/// as the SDK does.
+#[test]
+fn the_documented_python_verifier_checks_the_whole_chain() {
+    let f =
+        Fixture::new(&item("reader", "per_device", 10, "")).restart_at(OffsetDateTime::now_utc());
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/protocol.md"),
+    )
+    .unwrap();
+    let sample = doc
+        .split("the whole of rules 1 to 4:\n\n```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the sample in docs/protocol.md");
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("check.py");
+    std::fs::write(
+        &script,
+        format!(
+            "{sample}\nimport sys\n\
+             check(json.load(open(sys.argv[1])), open(sys.argv[2], 'rb').read(), sys.argv[3], sys.argv[4])\n"
+        ),
+    )
+    .unwrap();
+    let (status, answer) = f.authorize(&f.request("reader", 1));
+    assert_eq!(status, 200, "{answer}");
+    let run = |answer: &Value| {
+        let path = dir.path().join("answer.json");
+        std::fs::write(&path, answer.to_string()).unwrap();
+        let out = std::process::Command::new(python())
+            .arg(&script)
+            .arg(&path)
+            .arg(f.vendor.pub_path())
+            .arg(device_uuid(1))
+            .arg(NONCE)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, stderr) = run(&answer);
+    assert!(ok, "{stderr}");
+    // The same answer with the authorization stretched past the item's 7 offline days, signed
+    // by the appliance's own key (which sits on the customer's machine).
+    let payload = f.verify(&answer, 1);
+    let mut stretched = serde_json::to_value(&payload).unwrap();
+    let later = payload.issued_at + time::Duration::days(30);
+    stretched["expires_at"] = json!(keygate::licensing::rfc3339(later));
+    let mut forged = answer.clone();
+    forged["authorization"] = json!(
+        f.app
+            .state
+            .appliance
+            .sign(keygate_sdk::jws::Typ::Authorization, &stretched)
+    );
+    let (ok, stderr) = run(&forged);
+    assert!(!ok && stderr.contains("AssertionError"), "{stderr}");
 }
