@@ -1298,7 +1298,23 @@ pub fn init_tracing(config: &Config) -> UnboundedReceiver<ErrorEvent> {
     errors
 }
 
+/// `keygate serve`: serves until stopped. Ending with an error (at start, mostly) is emailed
+/// to the alert recipients at once, as far as the database lets it be read.
 pub fn serve(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()> {
+    let told = config.clone();
+    let result = serve_until_stopped(config, errors);
+    if let Err(e) = &result {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        match crate::jobs::tell_failed_serve(&told, &format!("{e:#}"), now) {
+            Ok(true) => tracing::info!("the alert recipients were emailed why keygate stops"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not email why keygate stops"),
+        }
+    }
+    result
+}
+
+fn serve_until_stopped(config: Config, errors: UnboundedReceiver<ErrorEvent>) -> Result<()> {
     // The stop signals are caught from before the listener is bound and the service manager
     // told: a stop that comes at once is a clean one too.
     let system = actix_web::rt::System::new();

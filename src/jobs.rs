@@ -891,6 +891,94 @@ pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedRece
     }
 }
 
+/// The email of server error notices.
+fn error_email(
+    installation_id: &str,
+    portal: &str,
+    notices: &[Notice],
+) -> Result<mail::Email, JobError> {
+    let host = crate::appliance::hostname();
+    let render = |e: askama::Error| JobError::Other(format!("email template: {e}"));
+    Ok(mail::Email {
+        subject: format!("keygate: server error on {host}"),
+        text: ErrorText {
+            appliance: &host,
+            installation_id,
+            portal,
+            notices,
+        }
+        .render()
+        .map_err(render)?,
+        html: ErrorHtml {
+            appliance: &host,
+            installation_id,
+            portal,
+            notices,
+        }
+        .render()
+        .map_err(render)?,
+    })
+}
+
+/// Tells the alert recipients at once that `keygate serve` ends with an error. At start (a
+/// port taken, a database that cannot be migrated, a certificate that does not load) no
+/// notifier runs yet, and the service manager starts keygate again every 5 seconds: without
+/// this nobody would know until devices ran out of their offline allowance. Limited like
+/// every error notice (kind `serve`: one email per 10 minutes, across restarts). Best
+/// effort, from the database as it is (not migrated); `Ok(false)`: nothing was sent.
+pub fn tell_failed_serve(
+    config: &crate::config::Config,
+    reason: &str,
+    now: i64,
+) -> Result<bool, JobError> {
+    let db = config.database_path();
+    if !db.exists() {
+        return Ok(false); // a new appliance: nobody to tell yet
+    }
+    let conn = rusqlite::Connection::open_with_flags(
+        &db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(StoreError::from)?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(StoreError::from)?;
+    let get = |key: &str| settings::get(&conn, key);
+    let to = mail::parse_recipients(&get(mail::RECIPIENTS)?.unwrap_or_default())?;
+    let Some(smtp) = mail::load_settings(&conn)?.filter(|_| !to.is_empty()) else {
+        return Ok(false);
+    };
+    let sent = get(ERROR_NOTICES_SENT)?
+        .and_then(|json| serde_json::from_str(&json).ok())
+        .unwrap_or_default();
+    let mut notices = ErrorNotices::resume(sent, now);
+    notices.record(ErrorEvent {
+        kind: "serve".into(),
+        message: reason.to_string(),
+    });
+    let due = notices.due(now);
+    if due.is_empty() {
+        return Ok(false);
+    }
+    let installation = get(backup::INSTALLATION)?.unwrap_or_else(|| "not known yet".into());
+    let portal = config.public_url.clone().unwrap_or_else(|| {
+        format!(
+            "https://{}:{}",
+            crate::appliance::hostname(),
+            config.listen.port()
+        )
+    });
+    let email = error_email(&installation, portal.trim_end_matches('/'), &due)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| JobError::Other(e.to_string()))?
+        .block_on(mail::send(&smtp, &to, &email))?;
+    let recent = serde_json::to_string(&notices.recent(now))
+        .expect("a map of strings to numbers serializes");
+    settings::set(&conn, ERROR_NOTICES_SENT, &recent)?;
+    Ok(true)
+}
+
 async fn send_notices(state: &AppState, notices: &[Notice]) -> Result<(), JobError> {
     let (smtp, recipients) = state
         .store
@@ -905,29 +993,11 @@ async fn send_notices(state: &AppState, notices: &[Notice]) -> Result<(), JobErr
     let Some(smtp) = smtp.filter(|_| !to.is_empty()) else {
         return Ok(()); // nobody to tell
     };
-    let host = crate::appliance::hostname();
-    let portal = portal_url(state);
-    let id = state.appliance.installation_id();
-    let render = |e: askama::Error| JobError::Other(format!("email template: {e}"));
-    let email = mail::Email {
-        subject: format!("keygate: server error on {host}"),
-        text: ErrorText {
-            appliance: &host,
-            installation_id: id,
-            portal: &portal,
-            notices,
-        }
-        .render()
-        .map_err(render)?,
-        html: ErrorHtml {
-            appliance: &host,
-            installation_id: id,
-            portal: &portal,
-            notices,
-        }
-        .render()
-        .map_err(render)?,
-    };
+    let email = error_email(
+        state.appliance.installation_id(),
+        &portal_url(state),
+        notices,
+    )?;
     // Once: the notifier backs off between attempts itself.
     send_own(state, &smtp, &to, &email, false).await?;
     Ok(())

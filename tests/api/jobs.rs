@@ -424,6 +424,41 @@ fn new_appliance_with_smtp() -> (tempfile::TempDir, std::path::PathBuf, SmtpSink
     (dir, data, sink)
 }
 
+/// A `keygate serve` that cannot start (here: its port is taken) emails why at once: no
+/// notifier runs yet, and the service manager only starts it again and again. Starting and
+/// failing again within 10 minutes sends nothing more.
+#[test]
+fn a_failed_start_is_emailed_at_once_and_rate_limited() {
+    let (_dir, data, sink) = new_appliance_with_smtp();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let start = || -> Run {
+        command()
+            .args(["--data-dir", data.to_str().unwrap()])
+            .args(["serve", "--listen", &listen])
+            .output()
+            .unwrap()
+            .into()
+    };
+    let run = start();
+    assert!(
+        !run.ok && run.stderr.contains("cannot listen on"),
+        "{}",
+        run.stderr
+    );
+    let messages = sink.messages();
+    assert_eq!(messages.len(), 1, "sent before keygate exited");
+    let text = text_of(&messages[0]);
+    assert!(
+        text.contains("Subject: keygate: server error")
+            && text.contains(&format!("cannot listen on {listen}")),
+        "{text}"
+    );
+    let run = start();
+    assert!(!run.ok, "{}", run.stderr);
+    assert_eq!(sink.messages().len(), 1, "one email per 10 minutes");
+}
+
 #[test]
 fn server_errors_are_emailed_within_30_seconds_and_rate_limited() {
     let f = Fixture::new(&item("reader", "per_device", 10, ""));
@@ -551,10 +586,16 @@ fn a_run_that_did_not_stop_cleanly_is_emailed_at_the_next_start() {
         .unwrap();
     assert!(!failed.status.success());
     let _served = serving(&data);
+    let messages = sink.wait_for(3, StdDuration::from_secs(8));
     assert_eq!(
-        sink.wait_for(2, StdDuration::from_secs(8)).len(),
-        1,
-        "a clean stop, and a start that failed, are no news"
+        messages.len(),
+        2,
+        "a clean stop is no news; a failed start tells its own"
+    );
+    let text = text_of(&messages[1]);
+    assert!(
+        text.contains("cannot listen on") && !text.contains("did not stop cleanly"),
+        "{text}"
     );
 }
 
