@@ -248,6 +248,9 @@ pub struct ClientConfig {
     /// Where the client keeps its state (created if needed). One process at a time.
     pub state_dir: PathBuf,
     /// How often [`Client::tick`] reports usage (default 180 s, as the appliance expects).
+    /// The appliance's `refresh_after_s` is the protocol's fixed cadence (180: concurrent
+    /// models count devices in 3-minute windows), so this setting, not the answer, decides:
+    /// a longer one lets a concurrent-model device drop out of windows it was active in.
     pub report_interval: Duration,
     /// Time limit of one request to one URL (default [`DEFAULT_TIMEOUT`]), plus a second for
     /// each KiB of its body (a backlog over a slow link).
@@ -834,15 +837,25 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         file.sync_all()?;
     }
     fs::rename(&tmp, path)?;
+    // The rename itself is made durable by syncing the directory (best effort).
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
     #[cfg(unix)]
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        let _ = File::open(dir).and_then(|dir| dir.sync_all());
-    }
+    let _ = File::open(dir).and_then(|dir| dir.sync_all());
+    // A directory opens only with FILE_FLAG_BACKUP_SEMANTICS; flushing it writes the rename
+    // through, as MOVEFILE_WRITE_THROUGH would (std's rename does not ask for it).
+    #[cfg(windows)]
+    let _ = {
+        use std::os::windows::fs::OpenOptionsExt;
+        const FILE_FLAG_BACKUP_SEMANTICS: u32 = 0x0200_0000;
+        fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(FILE_FLAG_BACKUP_SEMANTICS)
+            .open(dir)
+            .and_then(|dir| dir.sync_all())
+    };
     Ok(())
 }
 
