@@ -183,7 +183,8 @@ pub enum AlertsCommand {
     Smtp {
         #[arg(long)]
         host: String,
-        #[arg(long)]
+        /// 1 to 65535 (default: 587 for starttls, 465 for tls, 25 for none).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
         /// starttls, tls (implicit) or none (a trusted LAN relay).
         #[arg(long, default_value = "starttls", value_parser = ["starttls", "tls", "none"])]
@@ -952,8 +953,11 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
                 from: from.unwrap_or_else(mail::default_from),
                 ca: match &ca {
                     Some(path) => Some(
-                        std::fs::read_to_string(path)
-                            .with_context(|| format!("cannot read {}", path.display()))?,
+                        mail::ca_text(
+                            &std::fs::read_to_string(path)
+                                .with_context(|| format!("cannot read {}", path.display()))?,
+                        )
+                        .with_context(|| format!("{} is empty", path.display()))?,
                     ),
                     None => None,
                 },

@@ -183,6 +183,13 @@ impl Email {
     }
 }
 
+/// A CA certificate's text as stored and compared: the console reads a file (LF, a final
+/// newline), the portal a textarea (CRLF, trimmed); the same certificate is the same text.
+/// `None` when empty.
+pub fn ca_text(text: &str) -> Option<String> {
+    Some(text.replace("\r\n", "\n").trim().to_string()).filter(|t| !t.is_empty())
+}
+
 /// The password new settings (given without one) keep: the stored one only if it was given
 /// for the same server, protection, user and CA, so nobody can send it to a server of their
 /// own choosing by changing where mail goes. Also says whether a stored password was dropped.
@@ -194,7 +201,7 @@ pub fn kept_password(stored: Option<&SmtpSettings>, new: &SmtpSettings) -> (Opti
                 && s.port == new.port
                 && s.tls == new.tls
                 && s.user == new.user
-                && s.ca == new.ca
+                && s.ca.as_deref().and_then(ca_text) == new.ca.as_deref().and_then(ca_text)
         })
         .and_then(|s| s.password.clone());
     let dropped = had && kept.is_none();

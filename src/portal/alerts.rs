@@ -237,7 +237,7 @@ pub async fn smtp(
         form.from.trim().to_string()
     };
     let user = Some(form.user.trim().to_string()).filter(|u| !u.is_empty());
-    let ca = Some(form.ca.trim().to_string()).filter(|c| !c.is_empty());
+    let ca = crate::alerts::mail::ca_text(&form.ca);
     // A stored password is kept only for the server it was given for: changing where mail
     // goes (or how it is protected) without typing it again drops it, so nobody can send it
     // to a server of their own choosing.

@@ -1230,6 +1230,111 @@ fn alert_settings_are_checked_and_a_test_email_reports_the_server_answer() {
     assert_eq!(stored(), None, "dropped when the server changes");
 }
 
+/// The same CA certificate set at the console from a file (LF, a final newline) and saved
+/// back from the portal's textarea (CRLF, trimmed) is the same server: the stored SMTP
+/// password stays, whichever side saves last.
+#[test]
+fn an_smtp_password_stays_when_console_and_portal_save_the_same_server() {
+    use std::io::Write;
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let ca = rcgen::CertificateParams::new(vec!["mail.plant.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap()
+        .pem();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let console = |password: Option<&str>| -> Run {
+        let mut child = command()
+            .arg("--data-dir")
+            .arg(&f.data)
+            .args([
+                "alerts",
+                "smtp",
+                "--host",
+                "mail.plant.test",
+                "--user",
+                "alerts",
+            ])
+            .arg("--ca")
+            .arg(&ca_file)
+            .args(password.map(|_| "--password-stdin"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(password) = password {
+            writeln!(stdin, "{password}").unwrap();
+        }
+        drop(stdin);
+        child.wait_with_output().unwrap().into()
+    };
+    let run = keygate(
+        &f.data,
+        &["alerts", "smtp", "--host", "mail.plant.test", "--port", "0"],
+    );
+    assert!(!run.ok && run.stderr.contains("--port"), "{}", run.stderr);
+    assert!(
+        keygate::alerts::mail::load_settings(&f.db())
+            .unwrap()
+            .is_none(),
+        "port 0 refused at the console as in the portal, nothing saved"
+    );
+    let run = console(Some("relay secret"));
+    assert!(run.ok, "{}", run.stderr);
+    let stored = || {
+        keygate::alerts::mail::load_settings(&f.db())
+            .unwrap()
+            .unwrap()
+            .password
+    };
+
+    let page = browser.get("/alerts");
+    let shown = page.body.split("<textarea name=\"ca\"").nth(1).unwrap();
+    let shown = &shown[shown.find('>').unwrap() + 1..shown.find("</textarea>").unwrap()];
+    assert!(shown.contains("BEGIN CERTIFICATE"), "{shown}");
+    let answer = browser.post(
+        "/alerts/smtp",
+        &[
+            ("csrf", &csrf(&page.body)),
+            ("host", "mail.plant.test"),
+            ("port", "587"),
+            ("tls", "starttls"),
+            ("user", "alerts"),
+            ("password", ""),
+            ("from", "alerts@plant.test"),
+            ("ca", &shown.replace('\n', "\r\n")),
+            ("action", "save"),
+        ],
+    );
+    assert!(
+        answer.body.contains("SMTP server saved") && !answer.body.contains("removed"),
+        "{}",
+        answer.body
+    );
+    assert_eq!(
+        stored().as_deref(),
+        Some("relay secret"),
+        "kept by the portal"
+    );
+    let run = console(None);
+    assert!(
+        run.ok && run.stdout.contains("stored password kept"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    assert_eq!(
+        stored().as_deref(),
+        Some("relay secret"),
+        "kept by the console"
+    );
+}
+
 #[test]
 fn handshake_codes_are_managed_from_the_portal() {
     let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
