@@ -383,9 +383,10 @@ fn trial(
 
 /// Chooses the item (an index into `items`, those serving the product on the handshake
 /// code, soonest expiry first) for a device: a known device keeps the seat (or the pass) it
-/// has while its item serves; otherwise the first item with room, once its lapsed seats are
-/// freed (its consumption is kept up to date for `occupy`); for tokens with no balance left
-/// anywhere, the first serving item, into grace. Otherwise the most relevant refusal.
+/// has while its item serves; otherwise the first item under its quota, once its lapsed
+/// seats are freed (its consumption is kept up to date for `occupy`), then the first with
+/// room in its tolerance; for tokens with no balance left anywhere, the first serving item,
+/// into grace. Otherwise the most relevant refusal.
 pub fn choose(
     conn: &Connection,
     items: &mut [ItemRow],
@@ -404,13 +405,36 @@ pub fn choose(
             }
         }
     }
+    let mut open = Vec::with_capacity(items.len());
     for (i, item) in items.iter_mut().enumerate() {
         if let Err(r) = availability(&item.terms, &item.used, now) {
             refusals.push((r, i));
             continue;
         }
         item.used.seats_used -= free_lapsed(conn, item, now, FREE_PER_REQUEST)? as i64;
-        if has_room(&item.terms, &item.used) {
+        open.push(i);
+    }
+    // The quotas the customer paid for come first: tolerance is room only once every item
+    // is at its quota, so a top-up's seats are taken before the first item goes over. A
+    // concurrent item's use is its devices active now: those of this window or the last.
+    if open.len() > 1 {
+        for &i in &open {
+            let item = &items[i];
+            let window_active =
+                if item.terms.model.is_concurrent() {
+                    let window = models::window_of(now);
+                    devices::window_active(conn, &item.item_id, window)?
+                        .max(devices::window_active(conn, &item.item_id, window - 1)?)
+                } else {
+                    0
+                };
+            if models::under_quota(&item.terms, &item.used, window_active) {
+                return Ok(Ok(i));
+            }
+        }
+    }
+    for i in open {
+        if has_room(&items[i].terms, &items[i].used) {
             return Ok(Ok(i));
         }
         refusals.push((Refusal::QuotaExceeded, i));

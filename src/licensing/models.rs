@@ -161,6 +161,20 @@ pub fn has_room(terms: &Terms, used: &Consumption) -> bool {
     }
 }
 
+/// Whether an item has room for one more device inside its quota, tolerance aside: where a
+/// new device goes first when several items serve. `window_active`: a concurrent item's
+/// devices active now.
+pub fn under_quota(terms: &Terms, used: &Consumption, window_active: i64) -> bool {
+    match terms.model {
+        Model::PerDevice | Model::PerActiveDevice | Model::Standalone => {
+            used.seats_used < terms.quota
+        }
+        Model::ConcurrentDevice | Model::ConcurrentInstance => window_active < terms.quota,
+        Model::PerUsage => used.usage_total < terms.quota,
+        Model::Tokens => has_room(terms, used),
+    }
+}
+
 /// The `state` an authorization reports.
 pub fn state(terms: &Terms, used: &Consumption) -> AuthorizationState {
     let over = match terms.model {
@@ -256,6 +270,40 @@ mod tests {
                 "known devices keep working"
             );
         }
+    }
+
+    #[test]
+    fn under_quota_leaves_tolerance_aside() {
+        for model in [Model::PerDevice, Model::PerActiveDevice, Model::Standalone] {
+            let t = terms(model, 100);
+            assert!(
+                under_quota(&t, &seats(99), 0),
+                "{model:?}: the 100th device"
+            );
+            assert!(!under_quota(&t, &seats(100), 0), "{model:?}: the 101st");
+        }
+        for model in [Model::ConcurrentDevice, Model::ConcurrentInstance] {
+            let t = terms(model, 10);
+            assert!(under_quota(&t, &seats(0), 9), "{model:?}: the 10th active");
+            assert!(
+                !under_quota(&t, &seats(0), 10),
+                "{model:?}: the 11th active"
+            );
+        }
+        let t = terms(Model::PerUsage, 1000);
+        let usage = |n| Consumption {
+            usage_total: n,
+            ..Consumption::default()
+        };
+        assert!(under_quota(&t, &usage(999), 0));
+        assert!(!under_quota(&t, &usage(1000), 0));
+        let t = terms(Model::Tokens, 10);
+        let spent = |n| Consumption {
+            tokens_used: n,
+            ..Consumption::default()
+        };
+        assert!(under_quota(&t, &spent(5), 0), "a pass of 5 left");
+        assert!(!under_quota(&t, &spent(6), 0));
     }
 
     #[test]

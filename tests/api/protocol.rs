@@ -994,6 +994,81 @@ fn a_new_device_takes_the_item_that_expires_first_with_room() {
     assert_eq!(f.refused("reader", 3), "QUOTA_EXCEEDED");
 }
 
+/// Two items for one product (a top-up): the seats paid for are taken before either goes
+/// into its tolerance, the one that expires first first.
+#[test]
+fn a_top_ups_seats_are_taken_before_the_first_item_goes_over_its_quota() {
+    let soon = "starts_at = 2026-01-01T00:00:00Z\nexpires_at = 2026-12-01T00:00:00Z";
+    let later = "starts_at = 2026-01-01T00:00:00Z\nexpires_at = 2027-12-01T00:00:00Z";
+    let f = Fixture::new(
+        &[
+            item("reader", "per_device", 10, soon),
+            item("reader", "per_device", 10, later),
+        ]
+        .concat(),
+    );
+    let takes = |n: u32| {
+        let auth = f.authorized("reader", n);
+        (auth.items[0].item_id.clone(), auth.state)
+    };
+    for n in 1..=10 {
+        assert_eq!(
+            takes(n),
+            ("LIC-T-1".into(), AuthorizationState::Ok),
+            "device {n}"
+        );
+    }
+    for n in 11..=20 {
+        assert_eq!(
+            takes(n),
+            ("LIC-T-2".into(), AuthorizationState::Ok),
+            "device {n}"
+        );
+    }
+    assert_eq!(
+        takes(21),
+        ("LIC-T-1".into(), AuthorizationState::Tolerance),
+        "both full: the tolerance of the one that expires first"
+    );
+    assert_eq!(takes(22), ("LIC-T-2".into(), AuthorizationState::Tolerance));
+    assert_eq!(f.refused("reader", 23), "QUOTA_EXCEEDED");
+}
+
+/// Two concurrent items (a top-up): devices fill the first item's quota, then the second's,
+/// so 4 devices on 2 + 2 seats record no exception.
+#[test]
+fn concurrent_devices_fill_a_top_up_before_an_item_goes_over() {
+    let soon =
+        "max_exceptions = 3\nstarts_at = 2026-01-01T00:00:00Z\nexpires_at = 2026-12-01T00:00:00Z";
+    let later =
+        "max_exceptions = 3\nstarts_at = 2026-01-01T00:00:00Z\nexpires_at = 2027-12-01T00:00:00Z";
+    let f = Fixture::new(
+        &[
+            item("cad", "concurrent_device", 2, soon),
+            item("cad", "concurrent_device", 2, later),
+        ]
+        .concat(),
+    );
+    let items: Vec<String> = (1..=4)
+        .map(|n| f.authorized("cad", n).items[0].item_id.clone())
+        .collect();
+    assert_eq!(items, ["LIC-T-1", "LIC-T-1", "LIC-T-2", "LIC-T-2"]);
+    // In the next window the first two devices call in before the others: the second item
+    // is not taken for empty (its devices were active in the last window).
+    f.app.clock.advance(Duration::minutes(3));
+    for n in 1..=2 {
+        assert_eq!(f.authorized("cad", n).items[0].item_id, "LIC-T-1");
+    }
+    assert_eq!(f.item_value("LIC-T-1", "exceptions"), 0);
+    assert_eq!(f.item_value("LIC-T-2", "exceptions"), 0);
+    assert_eq!(
+        f.authorized("cad", 5).items[0].item_id,
+        "LIC-T-1",
+        "all full: the one that expires first, over its quota"
+    );
+    assert_eq!(f.item_value("LIC-T-1", "exceptions"), 1);
+}
+
 #[test]
 fn session_password_validation_fields_and_blocked_devices() {
     let f = Fixture::new(&item("reader", "per_device", 100, ""));
