@@ -132,8 +132,15 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
     let (items, usage, peaks, windows, last_backup) = state
         .store
         .read(move |conn| {
+            // A concurrent item's use is its devices active now: the window's `active`,
+            // which a release or a removal lowers (its `peak`, charted, stays).
+            let mut items = store::licenses::all_items(conn)?;
+            for item in items.iter_mut().filter(|i| i.terms.model.is_concurrent()) {
+                item.used.window_active =
+                    store::devices::window_active(conn, &item.item_id, current_window)?;
+            }
             Ok::<_, StoreError>((
-                store::licenses::all_items(conn)?,
+                items,
                 ops::usage_by_day(conn, since)?,
                 ops::peaks_by_day(conn, since, WINDOW_SECS)?,
                 ops::windows_since(conn, current_window - WINDOWS_SHOWN + 1)?,
@@ -150,13 +157,7 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
     let items = items
         .into_iter()
         .filter(|i| !i.withdrawn)
-        .map(|mut item| {
-            if item.terms.model.is_concurrent() {
-                item.used.window_active = windows
-                    .iter()
-                    .find(|(i, w, _)| *i == item.item_id && *w == current_window)
-                    .map_or(0, |(_, _, peak)| *peak);
-            }
+        .map(|item| {
             let (caption, values) = if item.terms.model.is_concurrent() {
                 (
                     "peak devices per day, last 30 days",

@@ -1956,9 +1956,9 @@ fn the_dashboard_draws_concurrency_per_window() {
         2,
         "max_exceptions = 5",
     ));
-    for n in 1..=3 {
-        f.authorized("viewer", n);
-    }
+    let leases: Vec<String> = (1..=3)
+        .map(|n| f.authorized("viewer", n).lease_id)
+        .collect();
     let page = browser.get("/");
     assert!(
         page.body
@@ -1980,6 +1980,19 @@ fn the_dashboard_draws_concurrency_per_window() {
         .collect();
     assert_eq!(cells, ["3", "2"], "3 devices active, quota 2");
     assert!(row.contains("exceptions: 1 of 5"), "{row}");
+
+    // A release frees its place in the window at once: 2 of 2 active, back to ok; the
+    // chart keeps the window's highest.
+    assert_eq!(f.release(&leases[2], 3).0, 200);
+    let page = browser.get("/");
+    let row = &page.body[page.body.find("<tr id=\"item-LIC-T-1\"").unwrap()..];
+    let used = row.split("<td class=\"num\">").nth(1).unwrap();
+    assert_eq!(used.split('<').next().unwrap(), "2", "{row}");
+    assert!(
+        row.contains("<span class=\"state state-ok\">ok</span>"),
+        "{row}"
+    );
+    assert!(page.body.contains("last 4 hours, highest 3"));
 }
 
 #[test]
