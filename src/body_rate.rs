@@ -136,11 +136,16 @@ impl Budget {
 /// The process's budget for bodies in flight.
 static BODIES: Budget = Budget::new(BODIES_IN_FLIGHT, ADDRESS_SHARE);
 
-/// Middleware: every request body is read through [`Paced`].
+/// Middleware: every request body is read through [`Paced`]; and every request, reaching
+/// the application, stops its connection's next-head clock ([`crate::head_deadline`]).
 pub async fn limit(
     mut req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    // The request's head is whole: its connection's next-head clock stops.
+    if let Some(started) = req.conn_data::<crate::head_deadline::RequestStarted>() {
+        started.mark();
+    }
     let address = req.peer_addr().map(|a| a.ip().to_canonical());
     match req.parts_mut().1.take() {
         Payload::None => {}

@@ -277,6 +277,13 @@ pub async fn serve(
             // As actix-web's server: an answer sent before the body was read (a 413, a 408)
             // lingers a second for the client to read it, rather than being reset away.
             .client_disconnect_timeout(std::time::Duration::from_secs(1))
+            // Each request marks its connection's head deadline as it reaches the application
+            // (`body_rate::limit`): only a request started stops the next head's clock.
+            .on_connect_ext(
+                |io: &HeadDeadline<TlsStream>, data: &mut actix_http::Extensions| {
+                    data.insert(io.request_started());
+                },
+            )
             // Kept-alive connections close at once when the appliance stops.
             .graceful_shutdown_signal(move || {
                 let stopping = stopping.clone();

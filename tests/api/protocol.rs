@@ -1792,6 +1792,49 @@ fn a_stalled_chunked_body_is_answered_408_and_its_connection_closed() {
     );
 }
 
+/// A chunked body answered before it was read (here a 400 for its content type) is drained
+/// by actix with no timer of its own: blank lines inside it, or a next head started after
+/// it, must not stop the next head's clock, or the connection is held for ever.
+#[test]
+fn a_drained_chunked_body_does_not_hold_its_connection() {
+    use std::io::{Read, Write};
+    let f = Fixture::new(&item("scan", "per_device", 10, ""));
+    let head = "POST /api/v1/authorize HTTP/1.1\r\nHost: keygate\r\n\
+                Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n";
+    for after_the_answer in ["2\r\n\n\n\r\n", "0\r\n\r\nGET / HTTP/1.1\r\nX: "] {
+        let mut tls = raw_tls(&f, std::time::Duration::from_secs(3));
+        tls.write_all(head.as_bytes()).unwrap();
+        let (mut answer, mut answered) = (Vec::new(), None);
+        let mut stalled = false;
+        loop {
+            let mut buf = [0u8; 4096];
+            match tls.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    answered.get_or_insert_with(std::time::Instant::now);
+                    if !stalled {
+                        tls.write_all(after_the_answer.as_bytes()).unwrap();
+                        stalled = true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let held = answered.map_or(std::time::Duration::ZERO, |a| a.elapsed());
+                    assert!(held.as_secs() < 40, "held open: {after_the_answer:?}");
+                }
+                Err(_) => break, // reset by the server
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        let waited = answered.unwrap().elapsed();
+        assert!(
+            waited < keygate::head_deadline::NEXT_HEAD_WITHIN + std::time::Duration::from_secs(5),
+            "{after_the_answer:?}: closed {waited:?} after the answer"
+        );
+    }
+}
+
 /// A client trickling the end of its body (a byte every 3 s) is cut off once the grace is
 /// over: `408` without a protocol error code, the connection closed, nothing recorded.
 #[test]
