@@ -16,11 +16,11 @@ use std::task::{Context, Poll};
 use actix_web::rt::net::{ActixStream, Ready, TcpStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// TLS handshakes one address may have in flight: actix-tls runs at most 256 at once per
-/// worker thread (connections past them wait to be accepted), and a client that stalls its
-/// handshake holds its place for up to 10 s. As many as one worker runs: a client takes at
-/// most about half of a 2-core appliance's, while a NAT gateway's devices reconnecting
-/// together after a power cut (or 200 devices started at once) still get in.
+/// TLS handshakes one address may have in flight: each worker thread runs at most 2,048 at
+/// once (connections past them wait to be accepted), and a client that stalls its
+/// handshake holds its place for up to 10 s. A client takes at most a sixteenth of a
+/// 2-core appliance's, while a NAT gateway's devices reconnecting together after a power
+/// cut (or 200 devices started at once) still get in.
 pub const HANDSHAKES_PER_ADDRESS: u32 = 256;
 
 /// The connections each address holds now.

@@ -268,6 +268,11 @@ pub async fn serve(
     };
     // What actix-web's `HttpServer::listen_rustls_0_23` builds, with each connection's
     // plaintext wrapped in a `HeadDeadline` (actix times only a connection's first head).
+    // Handshakes in flight per worker: actix-tls's 256 let two hosts (two addresses at their
+    // 256 each) take a 2-core appliance's all, and with them the accept loop. A handshake
+    // waiting for its client costs a socket and a few KiB; the CPU it costs, once its client
+    // sends, is bounded by the clients.
+    actix_tls::accept::max_concurrent_tls_connect(TLS_HANDSHAKES_PER_WORKER);
     let builder = actix_server::Server::build().disable_signals();
     let stopping = builder.graceful_shutdown_signal();
     let server = builder.listen("keygate", listener, move || {
@@ -379,6 +384,10 @@ type TlsStream = actix_tls::accept::rustls_0_23::TlsStream<Counted>;
 
 /// How long a client may take to finish its TLS handshake before its connection is closed.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// TLS handshakes one worker runs at once: an address's
+/// [`crate::connections::HANDSHAKES_PER_ADDRESS`] is an eighth of it.
+const TLS_HANDSHAKES_PER_WORKER: usize = 2048;
 
 /// The process is up.
 async fn healthz() -> HttpResponse {

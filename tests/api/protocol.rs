@@ -1516,6 +1516,40 @@ fn tls_over(
     rustls::StreamOwned::new(client, tcp)
 }
 
+/// Hosts holding TLS handshakes open (connected, sending nothing) at their limit of 256 per
+/// address do not take the handshake capacity from everyone: with as many as actix-tls runs
+/// by default (256 per worker), another client still connects and is served at once.
+#[test]
+fn stalled_handshakes_of_a_few_hosts_leave_room_for_others() {
+    use std::io::{Read, Write};
+    let f = Fixture::new(&item("scan", "per_device", 10, ""));
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let stalled: Vec<tokio::net::TcpStream> = runtime.block_on(async {
+        let mut all = Vec::new();
+        for host in 0..workers {
+            for _ in 0..keygate::connections::HANDSHAKES_PER_ADDRESS {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                let from = format!("127.0.0.{}:0", host + 2);
+                socket.bind(from.parse().unwrap()).unwrap();
+                all.push(socket.connect(f.app.addr).await.unwrap());
+            }
+        }
+        all
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut tls = raw_tls(&f, std::time::Duration::from_secs(5));
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: keygate\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tls.read(&mut buf).expect("served while the others stall");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    drop(stalled);
+}
+
 /// A client address holds at most `max_connections_per_address` connections: the next is
 /// closed before its TLS handshake (counted in /metrics), and one closing gives its place
 /// back. Against the real binary, set in its configuration file.
