@@ -35,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0008_item_counters.sql"),
     include_str!("migrations/0009_device_indexes.sql"),
     include_str!("migrations/0010_stream_bound.sql"),
+    include_str!("migrations/0011_handshake_leases.sql"),
 ];
 
 /// How many requests one transaction commits at most.
@@ -699,7 +700,19 @@ mod tests {
                 "usage_streams"
             ]
         );
-        for (table, column) in &references {
+        // So are the rows of the other parents that are deleted (a handshake code, an admin).
+        let others: Vec<(String, String)> = conn
+            .prepare(
+                "SELECT m.name, f.\"from\" FROM sqlite_master m,
+                        pragma_foreign_key_list(m.name) f
+                 WHERE m.type = 'table' AND f.\"table\" IN ('handshake_codes', 'admins')",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for (table, column) in references.iter().chain(&others) {
             let plan: String = conn
                 .query_row(
                     &format!("EXPLAIN QUERY PLAN SELECT 1 FROM {table} WHERE {column} = 1"),
