@@ -491,6 +491,8 @@ pub fn make_room_for_lease(
                 )?
                 .query_row(params![device_id, item_id, instance], |r| r.get(0))?;
             if !named {
+                // Out of the current window too, or the instance coming back counts twice.
+                unmark_window(conn, item_id, device_id, instance, window_of(now))?;
                 delete_seat(conn, item_id, device_id, instance)?;
             }
         }

@@ -443,6 +443,44 @@ fn an_instance_taking_the_place_of_its_dropped_lease_counts_once_in_the_window()
     assert_eq!(f.item_value("LIC-T-1", "seats_used"), 32);
 }
 
+/// The same, when the dropped lease had already called in this window (a lapsed lease's
+/// calls still mark it): its instance leaves the window with the seat, and counts once.
+#[test]
+fn a_dropped_lease_that_called_in_this_window_leaves_it() {
+    let f = Fixture::new(&item(
+        "viewer",
+        "concurrent_instance",
+        100,
+        "max_exceptions = 5",
+    ));
+    let authorize = |instance: &str, user: &str| {
+        let mut request = f.request("viewer", 1);
+        request["device"]["instance"] = json!(instance);
+        request["device"]["user"] = json!(user);
+        let (status, body) = f.authorize(&request);
+        assert_eq!(status, 200, "{body}");
+        f.verify(&body, 1)
+    };
+    let ann = authorize("kiosk", "ann");
+    f.app.clock.advance(8 * DAY); // that lease lapses, and still calls in
+    assert!(f.heartbeat(&ann.lease_id, 1).is_err(), "not renewed");
+    for n in 1..=31 {
+        authorize(&format!("process-{n}"), "ann");
+    }
+    let bob = authorize("kiosk", "bob");
+    f.heartbeat(&bob.lease_id, 1).expect("renewed");
+    let window = f.app.clock_now().unix_timestamp() / 180;
+    let active: i64 = f
+        .db()
+        .query_row(
+            "SELECT active FROM concurrency_windows WHERE item_id = 'LIC-T-1' AND window = ?1",
+            [window],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(active, 32, "31 processes and the kiosk, once");
+}
+
 #[test]
 fn releasing_one_lease_keeps_a_seat_another_lease_of_the_device_uses() {
     let f = Fixture::new(
