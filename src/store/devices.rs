@@ -857,35 +857,50 @@ pub fn list_devices(
             seats: r.get(7)?,
         })
     };
-    let mut filter = String::new();
-    if blocked_only {
-        filter.push_str(" AND d.blocked = 1");
-    }
-    if item.is_some() {
-        // The seats' primary key starts with the item: an index range, no scan.
-        filter.push_str(" AND d.id IN (SELECT device_id FROM seats WHERE item_id = :item)");
-    }
-    let rows: Vec<DeviceLine> = match q {
-        None => {
+    let blocked = if blocked_only {
+        " AND d.blocked = 1"
+    } else {
+        ""
+    };
+    let rows: Vec<DeviceLine> = match (q, item) {
+        // An item's devices, driven by the seats' primary key (item, device): a page reads
+        // its own rows, whatever the item holds.
+        (None, Some(item)) => {
             let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {columns} FROM devices d WHERE d.id > :after {filter} ORDER BY d.id LIMIT :limit"
+                "SELECT {columns} FROM seats held JOIN devices d ON d.id = held.device_id
+                 WHERE held.item_id = :item AND held.device_id > :after {blocked}
+                 GROUP BY held.device_id ORDER BY held.device_id LIMIT :limit"
             ))?;
-            let mut args: Vec<(&str, &dyn rusqlite::ToSql)> =
-                vec![(":after", &after_id), (":limit", &limit)];
-            if let Some(item) = &item {
-                args.push((":item", item));
-            }
+            let args: [(&str, &dyn rusqlite::ToSql); 3] =
+                [(":item", &item), (":after", &after_id), (":limit", &limit)];
             stmt.query_map(args.as_slice(), row)?
                 .collect::<Result<_, _>>()?
         }
-        Some(q) => {
+        (None, None) => {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {columns} FROM devices d WHERE d.id > :after {blocked}
+                 ORDER BY d.id LIMIT :limit"
+            ))?;
+            let args: [(&str, &dyn rusqlite::ToSql); 2] =
+                [(":after", &after_id), (":limit", &limit)];
+            stmt.query_map(args.as_slice(), row)?
+                .collect::<Result<_, _>>()?
+        }
+        (Some(q), item) => {
             let upper = format!("{q}\u{10FFFF}");
+            // The few devices the search finds, each looked up in the item's seats.
+            let in_item = if item.is_some() {
+                " AND EXISTS (SELECT 1 FROM seats held WHERE held.item_id = :item
+                              AND held.device_id = d.id)"
+            } else {
+                ""
+            };
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {columns} FROM devices d WHERE d.id IN (
                     SELECT id FROM devices WHERE uuid = :q
                     UNION SELECT id FROM devices WHERE name >= :q AND name < :upper
                     UNION SELECT id FROM devices WHERE last_user >= :q AND last_user < :upper)
-                 AND d.id > :after {filter} ORDER BY d.id LIMIT :limit"
+                 AND d.id > :after {blocked}{in_item} ORDER BY d.id LIMIT :limit"
             ))?;
             let mut args: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
                 (":q", &q),
@@ -976,6 +991,45 @@ pub fn devices_of_user(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_items_devices_are_listed_once_each_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::open(&dir.path().join("k.db")).unwrap();
+        conn.pragma_update(None, "foreign_keys", false).unwrap();
+        let ids: Vec<i64> = (1..=6)
+            .map(|n| insert_device(&conn, &format!("dev-{n}"), "", "", 10).unwrap())
+            .collect();
+        let seats = [
+            ("A", 0, "a"),
+            ("A", 0, "b"),
+            ("A", 1, ""),
+            ("B", 2, ""),
+            ("A", 3, ""),
+            ("A", 4, ""),
+            ("A", 5, "x"),
+            ("A", 5, "y"),
+            ("A", 5, "z"),
+        ];
+        for (item, device, instance) in seats {
+            insert_seat(&conn, item, ids[device], instance, 10).unwrap();
+        }
+        assert!(set_blocked(&conn, "dev-4", true).unwrap());
+        let page = |q: Option<&str>, blocked: bool, after: i64| -> Vec<(String, i64)> {
+            list_devices(&conn, q, Some("A"), blocked, after, 2)
+                .unwrap()
+                .into_iter()
+                .map(|l| (l.device.uuid, l.seats))
+                .collect()
+        };
+        let line = |n: usize, seats: i64| (format!("dev-{n}"), seats);
+        assert_eq!(page(None, false, 0), [line(1, 2), line(2, 1)]);
+        assert_eq!(page(None, false, ids[1]), [line(4, 1), line(5, 1)]);
+        assert_eq!(page(None, false, ids[4]), [line(6, 3)]);
+        assert_eq!(page(None, true, 0), [line(4, 1)]);
+        assert_eq!(page(Some("dev-6"), false, 0), [line(6, 3)]);
+        assert!(page(Some("dev-3"), false, 0).is_empty(), "not in A");
+    }
 
     #[test]
     fn unused_devices_are_found_a_batch_of_ids_at_a_time() {

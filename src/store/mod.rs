@@ -322,13 +322,21 @@ impl Store {
         tokio::task::spawn_blocking(move || {
             let conn = inner.take_reader()?;
             let result = f(&conn);
-            inner.readers.lock().expect("reader pool lock").push(conn);
+            let mut readers = inner.readers.lock().expect("reader pool lock");
+            // Kept for the next reads; those opened for a burst beyond them are closed.
+            if readers.len() < READERS_KEPT {
+                readers.push(conn);
+            }
             result
         })
         .await
         .map_err(|_| E::from(StoreError::Panicked))?
     }
 }
+
+/// Read connections kept open between reads (each with SQLite's default 2 MiB page cache):
+/// the portal's pages and the jobs read; devices are served by the writer.
+const READERS_KEPT: usize = 4;
 
 impl Inner {
     fn take_reader(&self) -> Result<Connection, StoreError> {

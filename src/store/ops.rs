@@ -159,14 +159,15 @@ pub fn audit(
     Ok(())
 }
 
-/// Usage per item per day since `since`, for the dashboard: an item's metered counter if it
+/// Usage per item per day since `since`, for the dashboard (read from each item's days
+/// since then by the primary key: the history, kept for ever, is not scanned): an item's metered counter if it
 /// has one (per_usage: what its quota counts), else all its counters added up; held at
 /// `i64::MAX` (SQL's `sum` would fail on overflow).
 pub fn usage_by_day(conn: &Connection, since: i64) -> Result<Vec<(String, i64, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT u.item_id, u.day, CAST(min(total(u.total), 9223372036854775807) AS INTEGER)
-         FROM usage_daily u JOIN items i ON i.item_id = u.item_id
-         WHERE u.day >= ?1 AND (i.counter IS NULL OR u.counter = i.counter)
+         FROM items i CROSS JOIN usage_daily u ON u.item_id = i.item_id AND u.day >= ?1
+         WHERE i.counter IS NULL OR u.counter = i.counter
          GROUP BY u.item_id, u.day",
     )?;
     let rows = stmt.query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
@@ -181,10 +182,12 @@ pub fn peaks_by_day(
 ) -> Result<Vec<(String, i64, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT item_id, day, max(peak) FROM (
-            SELECT item_id, (window * ?2) - ((window * ?2) % 86400) AS day, peak
-            FROM concurrency_windows WHERE window >= ?1 / ?2
+            SELECT w.item_id, (w.window * ?2) - ((w.window * ?2) % 86400) AS day, w.peak
+            FROM items i CROSS JOIN concurrency_windows w
+                 ON w.item_id = i.item_id AND w.window >= ?1 / ?2
             UNION ALL
-            SELECT item_id, day, peak FROM concurrency_daily WHERE day >= ?1)
+            SELECT d.item_id, d.day, d.peak
+            FROM items i CROSS JOIN concurrency_daily d ON d.item_id = i.item_id AND d.day >= ?1)
          GROUP BY item_id, day",
     )?;
     let rows = stmt.query_map(params![since, window_secs], |r| {
