@@ -67,6 +67,13 @@ impl ConnectionSlots {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The connections of `peer` in their TLS handshake now.
+    pub fn handshaking(&self, peer: IpAddr) -> u32 {
+        self.lock()
+            .get(&peer.to_canonical())
+            .map_or(0, |held| held.handshaking)
+    }
+
     /// Addresses holding at least one connection.
     #[cfg(test)]
     fn addresses(&self) -> usize {

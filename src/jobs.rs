@@ -968,14 +968,16 @@ pub fn tell_failed_serve(
         )
     });
     let email = error_email(&installation, portal.trim_end_matches('/'), &due)?;
+    // Marked before the attempt: a restart every 5 s must not sign in to the mail server
+    // every 5 s when it refuses (a directory locks the account after a few failures).
+    let recent = serde_json::to_string(&notices.recent(now))
+        .expect("a map of strings to numbers serializes");
+    settings::set(&conn, ERROR_NOTICES_SENT, &recent)?;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| JobError::Other(e.to_string()))?
         .block_on(mail::send(&smtp, &to, &email))?;
-    let recent = serde_json::to_string(&notices.recent(now))
-        .expect("a map of strings to numbers serializes");
-    settings::set(&conn, ERROR_NOTICES_SENT, &recent)?;
     Ok(true)
 }
 

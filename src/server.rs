@@ -197,8 +197,8 @@ impl AppState {
 pub enum Passwords {
     /// Devices' session passwords (the client protocol).
     Devices,
-    /// Admins' passwords and session passwords set in the portal.
-    Admins,
+    /// The portal's: admins' passwords, and session passwords set in the portal.
+    Portal,
 }
 
 impl AppState {
@@ -213,7 +213,7 @@ impl AppState {
     ) -> Option<T> {
         let slots = match whose {
             Passwords::Devices => &self.device_argon2,
-            Passwords::Admins => &self.portal_argon2,
+            Passwords::Portal => &self.portal_argon2,
         };
         let _permit = slots.acquire().await.ok()?;
         web::block(work).await.ok()

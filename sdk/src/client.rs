@@ -1307,10 +1307,29 @@ impl Client {
     /// ([`ClientError::SupersededLicense`]).
     ///
     /// Authorizing again from the same device reuses its seat. Usage not yet sent goes first,
-    /// on the lease it was counted for. On an error nothing stored changes, a previous authorization stays usable offline until it expires, except after
-    /// `DEVICE_BLOCKED`: an admin blocked this device, and its authorization is dropped once
-    /// the usage it holds was sent on its lease.
+    /// on the lease it was counted for, as [`Client::flush`] sends it (which may renew the
+    /// stored authorization, or drop it when the appliance answers that the device is
+    /// blocked); if the appliance cannot be reached, that error comes back at once. On an
+    /// error of the authorization itself nothing stored changes, and a previous
+    /// authorization stays usable offline until it expires, except after `DEVICE_BLOCKED`:
+    /// an admin blocked this device, and its authorization is dropped.
     pub fn authorize(&mut self) -> Result<Grant, ClientError> {
+        // On that lease: an authorization through another handshake code moves the lease
+        // to an item whose reports the old item's are not, and one refused
+        // (`DEVICE_BLOCKED`) would leave them waiting for an admin to unblock the device.
+        if self.state.lease_id.is_some()
+            && (!self.backlog.reports.is_empty() || !self.state.open.is_empty())
+            && let Err(e) = self.flush_with(false)
+            && e.is_unreachable()
+        {
+            return Err(e);
+        }
+        self.authorize_now()
+    }
+
+    /// [`Client::authorize`] without sending the usage first (a flush authorizing again
+    /// goes on sending it itself).
+    fn authorize_now(&mut self) -> Result<Grant, ClientError> {
         let nonce = new_nonce()?;
         let request = AuthorizeRequest {
             organization_id: self.config.organization_id.clone(),
@@ -1321,15 +1340,6 @@ impl Client {
             validation: self.config.validation.clone(),
             nonce: nonce.clone(),
         };
-        // Usage held for the lease this device holds goes first (best effort), on that
-        // lease: an authorization through another handshake code moves the lease to an item
-        // whose reports the old item's are not, and one refused (`DEVICE_BLOCKED`) leaves
-        // them waiting for an admin to unblock the device.
-        if self.state.lease_id.is_some()
-            && (!self.backlog.reports.is_empty() || !self.state.open.is_empty())
-        {
-            let _ = self.flush_with(false);
-        }
         let sent = self.config.clock.now();
         let response: AuthorizeResponse = match self.post("/api/v1/authorize", &request) {
             Err(e) if e.code().is_some_and(stops_the_device) => {
@@ -1638,7 +1648,7 @@ impl Client {
                 ..
             }) if reauthorize && !outcome.reauthorized => {
                 outcome.reauthorized = true;
-                self.authorize()?;
+                self.authorize_now()?;
                 Ok(None)
             }
             Err(ClientError::Api {
@@ -1751,7 +1761,7 @@ impl Client {
             && !outcome.reauthorized
         {
             outcome.reauthorized = true;
-            outcome.renewed = Some(self.authorize()?);
+            outcome.renewed = Some(self.authorize_now()?);
             outcome.renewal_error = None;
         }
         if let Some(renewal) = response.authorization {
@@ -1764,7 +1774,7 @@ impl Client {
                     ChainError::ForeignItem(_) | ChainError::OutsideLicense(_),
                 )) if reauthorize && !outcome.reauthorized => {
                     outcome.reauthorized = true;
-                    outcome.renewed = Some(self.authorize()?);
+                    outcome.renewed = Some(self.authorize_now()?);
                 }
                 Err(e) => {
                     self.save_state()?;

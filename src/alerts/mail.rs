@@ -243,7 +243,7 @@ fn refuses_a_mailbox(e: &lettre::transport::smtp::Error) -> bool {
             .is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553))
 }
 
-/// The longest one SMTP session may take, whatever the server does.
+/// The longest one delivery may take, whatever the server does.
 pub const SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Sends one message to all recipients; returns the server's answer (and the recipients it
@@ -256,9 +256,9 @@ pub async fn send(
     send_within(settings, to, email, SEND_LIMIT).await
 }
 
-/// [`send`], each SMTP session bounded by `limit` on its own: when a server refusing one
-/// address makes each recipient's copy a session of its own, a slow one does not undo the
-/// copies already delivered (which a retry would send again).
+/// [`send`] within `limit` in all. When a server refusing one address makes each
+/// recipient's copy a session of its own, the copies delivered before the time ran out
+/// stand (a retry would send them again): the recipients left are reported unanswered.
 pub async fn send_within(
     settings: &SmtpSettings,
     to: &[Mailbox],
@@ -321,7 +321,8 @@ pub async fn send_within(
     let answer =
         |r: lettre::transport::smtp::response::Response| r.message().collect::<Vec<_>>().join(" ");
     let no_answer = || format!("no answer within {} seconds", limit.as_secs());
-    let whole = tokio::time::timeout(limit, transport.send(message.clone()))
+    let until = tokio::time::Instant::now() + limit;
+    let whole = tokio::time::timeout_at(until, transport.send(message.clone()))
         .await
         .map_err(|_| MailError::Smtp(no_answer()))?;
     let e = match whole {
@@ -342,7 +343,8 @@ pub async fn send_within(
             vec![mailbox.email.clone()],
         )
         .map_err(|e| MailError::Build(e.to_string()))?;
-        let why = match tokio::time::timeout(limit, transport.send_raw(&envelope, &bytes)).await {
+        let why = match tokio::time::timeout_at(until, transport.send_raw(&envelope, &bytes)).await
+        {
             Ok(Ok(response)) => {
                 accepted = Some(answer(response));
                 continue;

@@ -102,9 +102,13 @@ pub async fn change_password(
         .read(move |conn| admins::admin_by_name(conn, &name))
         .await?
         .ok_or(PortalError::SignIn)?;
-    let (current, new) = (form.current.clone(), form.password.clone());
+    let (current, new, verified) = (
+        form.current.clone(),
+        form.password.clone(),
+        stored.password_hash.clone(),
+    );
     let hash = state
-        .argon2(Passwords::Admins, move || {
+        .argon2(Passwords::Portal, move || {
             verify_password(&stored.password_hash, &current).then(|| hash_password(&new))
         })
         .await
@@ -123,14 +127,28 @@ pub async fn change_password(
     };
     state.sign_in_limits.clear(&admin.name, &client);
     let (name, id, from) = (admin.name.clone(), admin.admin_id, client_address(&req));
+    let session = req.cookie(auth::COOKIE).map(|c| auth::digest(c.value()));
+    // Only over the password just verified, from a session still signed in: an owner's
+    // reset, or the admin's removal, in between wins.
     let cookie = state
         .store
         .write(move |conn| {
-            admins::set_password(conn, &name, &hash)?;
+            let signed_in = match &session {
+                Some(token) => admins::session(conn, token)?.is_some(),
+                None => false,
+            };
+            if !signed_in || !admins::change_password(conn, &name, &verified, &hash)? {
+                return Ok(None);
+            }
             ops::audit(conn, now, &name, "password changed", &name, "", &from)?;
-            auth::start_session(conn, id, now, &from)
+            auth::start_session(conn, id, now, &from).map(Some)
         })
         .await?;
+    let Some(cookie) = cookie else {
+        return refuse(
+            "Your account changed meanwhile (an owner reset its password, or you were signed out).",
+        );
+    };
     Ok(HttpResponse::SeeOther()
         .insert_header((header::LOCATION, "/account?changed"))
         .cookie(cookie)

@@ -174,7 +174,7 @@ pub async fn act(
         let password = form.password.clone();
         Some(
             state
-                .argon2(Passwords::Admins, move || hash_password(&password))
+                .argon2(Passwords::Portal, move || hash_password(&password))
                 .await
                 .ok_or(PortalError::Internal)?,
         )

@@ -362,7 +362,7 @@ async fn login(
     // Argon2 runs once even for an unknown name (against a hash made once), so timing does
     // not tell which names exist.
     let verified = state
-        .argon2(Passwords::Admins, move || match hash {
+        .argon2(Passwords::Portal, move || match hash {
             Some(hash) => verify_password(&hash, &password),
             None => {
                 static NOBODY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -573,7 +573,7 @@ async fn setup(
     }
     let password = form.password.clone();
     let Some(hash) = state
-        .argon2(Passwords::Admins, move || hash_password(&password))
+        .argon2(Passwords::Portal, move || hash_password(&password))
         .await
     else {
         return PortalError::Internal.error_response();

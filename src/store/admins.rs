@@ -65,6 +65,28 @@ pub fn set_password(
     Ok(changed == 1)
 }
 
+/// An admin's own change: sets the password only over the one just verified (`from`), and
+/// signs out all of its sessions. False, and nothing changed, when it changed meanwhile.
+pub fn change_password(
+    conn: &Connection,
+    name: &str,
+    from: &str,
+    to: &str,
+) -> Result<bool, StoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE admins SET password_hash = ?3 WHERE name = ?1 AND password_hash = ?2",
+        )?
+        .execute(params![name, from, to])?;
+    if changed == 1 {
+        conn.prepare_cached(
+            "DELETE FROM sessions WHERE admin_id = (SELECT id FROM admins WHERE name = ?1)",
+        )?
+        .execute([name])?;
+    }
+    Ok(changed == 1)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub admin: Admin,

@@ -159,10 +159,10 @@ pub fn audit(
     Ok(())
 }
 
-/// Usage per item per day since `since`, for the dashboard (read from each item's days
-/// since then by the primary key: the history, kept for ever, is not scanned): an item's metered counter if it
+/// Usage per item per day since `since`, for the dashboard: an item's metered counter if it
 /// has one (per_usage: what its quota counts), else all its counters added up; held at
-/// `i64::MAX` (SQL's `sum` would fail on overflow).
+/// `i64::MAX` (SQL's `sum` would fail on overflow). Each item's days since then are read by
+/// the primary key: the history, kept for ever, is not scanned.
 pub fn usage_by_day(conn: &Connection, since: i64) -> Result<Vec<(String, i64, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT u.item_id, u.day, CAST(min(total(u.total), 9223372036854775807) AS INTEGER)

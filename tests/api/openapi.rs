@@ -227,14 +227,14 @@ fn the_documented_python_verifier_checks_the_whole_chain() {
     .unwrap();
     let (status, answer) = f.authorize(&f.request("reader", 1));
     assert_eq!(status, 200, "{answer}");
-    let run = |answer: &Value| {
+    let run = |answer: &Value, n: u32| {
         let path = dir.path().join("answer.json");
         std::fs::write(&path, answer.to_string()).unwrap();
         let out = std::process::Command::new(python())
             .arg(&script)
             .arg(&path)
             .arg(f.vendor.pub_path())
-            .arg(device_uuid(1))
+            .arg(device_uuid(n))
             .arg(NONCE)
             .output()
             .unwrap();
@@ -243,7 +243,7 @@ fn the_documented_python_verifier_checks_the_whole_chain() {
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
-    let (ok, stderr) = run(&answer);
+    let (ok, stderr) = run(&answer, 1);
     assert!(ok, "{stderr}");
     // The same answer with the authorization stretched past the item's 7 offline days, signed
     // by the appliance's own key (which sits on the customer's machine).
@@ -258,6 +258,16 @@ fn the_documented_python_verifier_checks_the_whole_chain() {
             .appliance
             .sign(keygate_sdk::jws::Typ::Authorization, &stretched)
     );
-    let (ok, stderr) = run(&forged);
+    let (ok, stderr) = run(&forged, 1);
     assert!(!ok && stderr.contains("AssertionError"), "{stderr}");
+    // A public trial's answer (no item, no organization: a device never seen) verifies too.
+    assert!(keygate(&f.data, &["trial", "on"]).ok);
+    let (status, trial) = f.authorize(&json!({
+        "product": "reader",
+        "device": {"uuid": device_uuid(2)},
+        "nonce": NONCE,
+    }));
+    assert_eq!(status, 200, "{trial}");
+    let (ok, stderr) = run(&trial, 2);
+    assert!(ok, "{stderr}");
 }

@@ -558,7 +558,7 @@ fn argon2_for_admins_and_for_devices_never_wait_for_each_other() {
     });
     let request = with_password("another sesame");
     std::thread::scope(|s| {
-        let portal_busy = hold_argon2(&f.app.state, Passwords::Admins, 1);
+        let portal_busy = hold_argon2(&f.app.state, Passwords::Portal, 1);
         let admin = s.spawn(|| sign_in(&f, "olivia", PASSWORD).1.location);
         let device = s.spawn(|| f.authorize(&request).0);
         assert!(ends_within(&device, 30), "a device waited for the portal");

@@ -1563,22 +1563,33 @@ fn stalled_handshakes_of_a_few_hosts_leave_room_for_others() {
     let f = Fixture::new(&item("scan", "per_device", 10, ""));
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
+        .enable_all()
         .build()
         .unwrap();
     let stalled: Vec<tokio::net::TcpStream> = runtime.block_on(async {
         let mut all = Vec::new();
         for host in 0..workers {
-            for _ in 0..keygate::connections::HANDSHAKES_PER_ADDRESS {
+            let connect = || async {
                 let socket = tokio::net::TcpSocket::new_v4().unwrap();
                 let from = format!("127.0.0.{}:0", host + 2);
                 socket.bind(from.parse().unwrap()).unwrap();
-                all.push(socket.connect(f.app.addr).await.unwrap());
+                socket.connect(f.app.addr).await.unwrap()
+            };
+            for _ in 0..keygate::connections::HANDSHAKES_PER_ADDRESS {
+                all.push(connect().await);
+            }
+            // Held by the server (accepted, in their handshake) before the next host.
+            let address: std::net::IpAddr = format!("127.0.0.{}", host + 2).parse().unwrap();
+            let waited = std::time::Instant::now();
+            while f.app.state.connections.handshaking(address)
+                < keygate::connections::HANDSHAKES_PER_ADDRESS
+            {
+                assert!(waited.elapsed().as_secs() < 10, "host {host}: not accepted");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
         }
         all
     });
-    std::thread::sleep(std::time::Duration::from_millis(500));
     let mut tls = raw_tls(&f, std::time::Duration::from_secs(5));
     tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: keygate\r\n\r\n")
         .unwrap();
