@@ -686,17 +686,20 @@ mod tests {
     fn a_devices_rows_are_found_by_index_in_every_table() {
         let dir = tempfile::tempdir().unwrap();
         let conn = open(&dir.path().join("k.db")).unwrap();
-        let references: Vec<(String, String)> = conn
-            .prepare(
+        // (table, column) of every foreign key to one of `parents`.
+        let references_to = |parents: &str| -> Vec<(String, String)> {
+            conn.prepare(&format!(
                 "SELECT m.name, f.\"from\" FROM sqlite_master m,
                         pragma_foreign_key_list(m.name) f
-                 WHERE m.type = 'table' AND f.\"table\" = 'devices' ORDER BY m.name",
-            )
+                 WHERE m.type = 'table' AND f.\"table\" IN ({parents}) ORDER BY m.name"
+            ))
             .unwrap()
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap()
             .collect::<Result<_, _>>()
-            .unwrap();
+            .unwrap()
+        };
+        let references = references_to("'devices'");
         let tables: Vec<&str> = references.iter().map(|(t, _)| t.as_str()).collect();
         assert_eq!(
             tables,
@@ -709,17 +712,7 @@ mod tests {
             ]
         );
         // So are the rows of the other parents that are deleted (a handshake code, an admin).
-        let others: Vec<(String, String)> = conn
-            .prepare(
-                "SELECT m.name, f.\"from\" FROM sqlite_master m,
-                        pragma_foreign_key_list(m.name) f
-                 WHERE m.type = 'table' AND f.\"table\" IN ('handshake_codes', 'admins')",
-            )
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let others = references_to("'handshake_codes', 'admins'");
         for (table, column) in references.iter().chain(&others) {
             let plan: String = conn
                 .query_row(

@@ -406,79 +406,50 @@ fn a_per_device_seat_stays_when_its_lease_moves_to_another_code() {
 
 /// A new lease of an instance whose only lease is dropped to make room for it (a device
 /// at its 32 leases): the instance is counted once in the window, by the authorization and
-/// the calls that follow in the same window.
+/// the calls that follow in the same window; also when the dropped lease had called in this
+/// window already (a lapsed lease's calls still mark it).
 #[test]
 fn an_instance_taking_the_place_of_its_dropped_lease_counts_once_in_the_window() {
-    let f = Fixture::new(&item(
-        "viewer",
-        "concurrent_instance",
-        100,
-        "max_exceptions = 5",
-    ));
-    let authorize = |instance: &str, user: &str| {
-        let mut request = f.request("viewer", 1);
-        request["device"]["instance"] = json!(instance);
-        request["device"]["user"] = json!(user);
-        let (status, body) = f.authorize(&request);
-        assert_eq!(status, 200, "{body}");
-        f.verify(&body, 1)
-    };
-    authorize("kiosk", "ann");
-    f.app.clock.advance(8 * DAY); // that lease expires
-    for n in 1..=31 {
-        authorize(&format!("process-{n}"), "ann");
+    for called_in_first in [false, true] {
+        let f = Fixture::new(&item(
+            "viewer",
+            "concurrent_instance",
+            100,
+            "max_exceptions = 5",
+        ));
+        let authorize = |instance: &str, user: &str| {
+            let mut request = f.request("viewer", 1);
+            request["device"]["instance"] = json!(instance);
+            request["device"]["user"] = json!(user);
+            let (status, body) = f.authorize(&request);
+            assert_eq!(status, 200, "{body}");
+            f.verify(&body, 1)
+        };
+        let ann = authorize("kiosk", "ann");
+        f.app.clock.advance(8 * DAY); // that lease expires
+        if called_in_first {
+            assert!(f.heartbeat(&ann.lease_id, 1).is_err(), "not renewed");
+        }
+        for n in 1..=31 {
+            authorize(&format!("process-{n}"), "ann");
+        }
+        let bob = authorize("kiosk", "bob");
+        f.heartbeat(&bob.lease_id, 1).expect("renewed");
+        let window = f.app.clock_now().unix_timestamp() / 180;
+        let active: i64 = f
+            .db()
+            .query_row(
+                "SELECT active FROM concurrency_windows WHERE item_id = 'LIC-T-1' AND window = ?1",
+                [window],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            active, 32,
+            "31 processes and the kiosk (called in first: {called_in_first})"
+        );
+        assert_eq!(f.item_value("LIC-T-1", "seats_used"), 32);
     }
-    let bob = authorize("kiosk", "bob");
-    f.heartbeat(&bob.lease_id, 1).expect("renewed");
-    let window = f.app.clock_now().unix_timestamp() / 180;
-    let active: i64 = f
-        .db()
-        .query_row(
-            "SELECT active FROM concurrency_windows WHERE item_id = 'LIC-T-1' AND window = ?1",
-            [window],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(active, 32, "31 processes and the kiosk");
-    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 32);
-}
-
-/// The same, when the dropped lease had already called in this window (a lapsed lease's
-/// calls still mark it): its instance leaves the window with the seat, and counts once.
-#[test]
-fn a_dropped_lease_that_called_in_this_window_leaves_it() {
-    let f = Fixture::new(&item(
-        "viewer",
-        "concurrent_instance",
-        100,
-        "max_exceptions = 5",
-    ));
-    let authorize = |instance: &str, user: &str| {
-        let mut request = f.request("viewer", 1);
-        request["device"]["instance"] = json!(instance);
-        request["device"]["user"] = json!(user);
-        let (status, body) = f.authorize(&request);
-        assert_eq!(status, 200, "{body}");
-        f.verify(&body, 1)
-    };
-    let ann = authorize("kiosk", "ann");
-    f.app.clock.advance(8 * DAY); // that lease lapses, and still calls in
-    assert!(f.heartbeat(&ann.lease_id, 1).is_err(), "not renewed");
-    for n in 1..=31 {
-        authorize(&format!("process-{n}"), "ann");
-    }
-    let bob = authorize("kiosk", "bob");
-    f.heartbeat(&bob.lease_id, 1).expect("renewed");
-    let window = f.app.clock_now().unix_timestamp() / 180;
-    let active: i64 = f
-        .db()
-        .query_row(
-            "SELECT active FROM concurrency_windows WHERE item_id = 'LIC-T-1' AND window = ?1",
-            [window],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(active, 32, "31 processes and the kiosk, once");
 }
 
 #[test]
@@ -1842,7 +1813,7 @@ fn one_host_holding_bodies_open_cannot_take_the_budget_from_the_others() {
 /// keep-alive timer nothing woke it again, so the connection was held for ever.
 #[test]
 fn a_stalled_chunked_body_is_answered_408_and_its_connection_closed() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let f = Fixture::new(&item("scan", "per_device", 10, ""));
     let mut tls = raw_tls(&f, std::time::Duration::from_secs(3));
     tls.write_all(
@@ -1850,15 +1821,30 @@ fn a_stalled_chunked_body_is_answered_408_and_its_connection_closed() {
           Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n",
     )
     .unwrap();
+    let (answer, waited) = answer_then_close(&mut tls, b"");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        waited < keygate::head_deadline::NEXT_HEAD_WITHIN + std::time::Duration::from_secs(5),
+        "closed {waited:?} after the answer"
+    );
+}
+
+/// Reads the answer on `tls` until the server closes the connection, sending `then` once
+/// the answer begins; the answer, and how long after it the connection closed.
+fn answer_then_close(tls: &mut RawTls, then: &[u8]) -> (String, std::time::Duration) {
+    use std::io::{Read, Write};
+    let (mut answer, mut answered) = (Vec::new(), None::<std::time::Instant>);
     let started = std::time::Instant::now();
-    let (mut answer, mut answered) = (Vec::new(), None);
     loop {
         let mut buf = [0u8; 4096];
         match tls.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
                 answer.extend_from_slice(&buf[..n]);
-                answered.get_or_insert_with(std::time::Instant::now);
+                if answered.is_none() {
+                    tls.write_all(then).unwrap();
+                    answered = Some(std::time::Instant::now());
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 assert!(started.elapsed().as_secs() < 60, "held open");
@@ -1866,13 +1852,11 @@ fn a_stalled_chunked_body_is_answered_408_and_its_connection_closed() {
             Err(_) => break, // reset by the server
         }
     }
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    let waited = answered.unwrap().elapsed();
-    assert!(
-        waited < keygate::head_deadline::NEXT_HEAD_WITHIN + std::time::Duration::from_secs(5),
-        "closed {waited:?} after the answer"
-    );
+    let answered = answered.expect("an answer");
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        answered.elapsed(),
+    )
 }
 
 /// A chunked body answered before it was read (here a 400 for its content type) is drained
@@ -1880,37 +1864,15 @@ fn a_stalled_chunked_body_is_answered_408_and_its_connection_closed() {
 /// it, must not stop the next head's clock, or the connection is held for ever.
 #[test]
 fn a_drained_chunked_body_does_not_hold_its_connection() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let f = Fixture::new(&item("scan", "per_device", 10, ""));
     let head = "POST /api/v1/authorize HTTP/1.1\r\nHost: keygate\r\n\
                 Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n";
     for after_the_answer in ["2\r\n\n\n\r\n", "0\r\n\r\nGET / HTTP/1.1\r\nX: "] {
         let mut tls = raw_tls(&f, std::time::Duration::from_secs(3));
         tls.write_all(head.as_bytes()).unwrap();
-        let (mut answer, mut answered) = (Vec::new(), None);
-        let mut stalled = false;
-        loop {
-            let mut buf = [0u8; 4096];
-            match tls.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    answer.extend_from_slice(&buf[..n]);
-                    answered.get_or_insert_with(std::time::Instant::now);
-                    if !stalled {
-                        tls.write_all(after_the_answer.as_bytes()).unwrap();
-                        stalled = true;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let held = answered.map_or(std::time::Duration::ZERO, |a| a.elapsed());
-                    assert!(held.as_secs() < 40, "held open: {after_the_answer:?}");
-                }
-                Err(_) => break, // reset by the server
-            }
-        }
-        let answer = String::from_utf8_lossy(&answer);
+        let (answer, waited) = answer_then_close(&mut tls, after_the_answer.as_bytes());
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-        let waited = answered.unwrap().elapsed();
         assert!(
             waited < keygate::head_deadline::NEXT_HEAD_WITHIN + std::time::Duration::from_secs(5),
             "{after_the_answer:?}: closed {waited:?} after the answer"
