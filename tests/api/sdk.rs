@@ -114,6 +114,14 @@ fn works_offline_until_expiry_and_sends_the_backlog_once_back() {
         device.record("LIC-S-1", "scans", 10).unwrap();
         let err = device.flush().unwrap_err();
         assert!(err.is_unreachable(), "{err}");
+        if day == 1 {
+            // Authorizing again sends the usage first: out of reach, that is the answer,
+            // and the stored authorization and the backlog stand.
+            let err = device.authorize().unwrap_err();
+            assert!(err.is_unreachable(), "{err}");
+            device.check().expect("the stored authorization stands");
+            assert_eq!(device.status().pending_reports, 1);
+        }
     }
     drop(device);
     // A restarted product process picks up its stored state and backlog.
