@@ -353,15 +353,21 @@ pub async fn run(state: &AppState, job: Job) -> Result<String, JobError> {
 /// Where email links point: the configured public URL, else this host's HTTPS address (the
 /// port it serves on, which `listen` may leave to the system).
 fn portal_url(state: &AppState) -> String {
-    let configured = state.config.public_url.as_deref();
-    configured
+    portal_url_of(&state.config, state.port.get().copied())
+}
+
+/// The portal's address in emails: `public_url`, else this host on the port it serves on
+/// (`None`: not listening, the configured one).
+fn portal_url_of(config: &crate::config::Config, port: Option<u16>) -> String {
+    config
+        .public_url
+        .as_deref()
         .map(|u| u.trim_end_matches('/').to_string())
         .unwrap_or_else(|| {
-            let port = state.port.get().copied();
             format!(
                 "https://{}:{}",
                 crate::appliance::hostname(),
-                port.unwrap_or(state.config.listen.port())
+                port.unwrap_or(config.listen.port())
             )
         })
 }
@@ -942,11 +948,10 @@ pub fn tell_failed_serve(
     .map_err(StoreError::from)?;
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(StoreError::from)?;
-    let get = |key: &str| settings::get(&conn, key);
-    let to = mail::parse_recipients(&get(mail::RECIPIENTS)?.unwrap_or_default())?;
-    let Some(smtp) = mail::load_settings(&conn)?.filter(|_| !to.is_empty()) else {
+    let Some((smtp, to)) = mail_destination(&conn)? else {
         return Ok(false);
     };
+    let get = |key: &str| settings::get(&conn, key);
     let sent = get(ERROR_NOTICES_SENT)?
         .and_then(|json| serde_json::from_str(&json).ok())
         .unwrap_or_default();
@@ -960,14 +965,7 @@ pub fn tell_failed_serve(
         return Ok(false);
     }
     let installation = get(backup::INSTALLATION)?.unwrap_or_else(|| "not known yet".into());
-    let portal = config.public_url.clone().unwrap_or_else(|| {
-        format!(
-            "https://{}:{}",
-            crate::appliance::hostname(),
-            config.listen.port()
-        )
-    });
-    let email = error_email(&installation, portal.trim_end_matches('/'), &due)?;
+    let email = error_email(&installation, &portal_url_of(config, None), &due)?;
     // Marked before the attempt: a restart every 5 s must not sign in to the mail server
     // every 5 s when it refuses (a directory locks the account after a few failures).
     let recent = serde_json::to_string(&notices.recent(now))
@@ -981,18 +979,18 @@ pub fn tell_failed_serve(
     Ok(true)
 }
 
+/// The SMTP server and the alert recipients, if both are set.
+fn mail_destination(
+    conn: &rusqlite::Connection,
+) -> Result<Option<(mail::SmtpSettings, Vec<lettre::message::Mailbox>)>, JobError> {
+    let to = mail::parse_recipients(&settings::get(conn, mail::RECIPIENTS)?.unwrap_or_default())?;
+    Ok(mail::load_settings(conn)?
+        .filter(|_| !to.is_empty())
+        .map(|smtp| (smtp, to)))
+}
+
 async fn send_notices(state: &AppState, notices: &[Notice]) -> Result<(), JobError> {
-    let (smtp, recipients) = state
-        .store
-        .read(|conn| {
-            Ok::<_, StoreError>((
-                mail::load_settings(conn)?,
-                settings::get(conn, mail::RECIPIENTS)?,
-            ))
-        })
-        .await?;
-    let to = mail::parse_recipients(&recipients.unwrap_or_default())?;
-    let Some(smtp) = smtp.filter(|_| !to.is_empty()) else {
+    let Some((smtp, to)) = state.store.read(mail_destination).await? else {
         return Ok(()); // nobody to tell
     };
     let email = error_email(

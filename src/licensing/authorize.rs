@@ -419,16 +419,13 @@ pub fn choose(
     // concurrent item's use is its devices active now: those of this window or the last.
     if open.len() > 1 {
         for &i in &open {
-            let item = &items[i];
-            let window_active =
-                if item.terms.model.is_concurrent() {
-                    let window = models::window_of(now);
-                    devices::window_active(conn, &item.item_id, window)?
-                        .max(devices::window_active(conn, &item.item_id, window - 1)?)
-                } else {
-                    0
-                };
-            if models::under_quota(&item.terms, &item.used, window_active) {
+            let item = &mut items[i];
+            if item.terms.model.is_concurrent() {
+                let window = models::window_of(now);
+                item.used.window_active = devices::window_active(conn, &item.item_id, window)?
+                    .max(devices::window_active(conn, &item.item_id, window - 1)?);
+            }
+            if models::under_quota(&item.terms, &item.used) {
                 return Ok(Ok(i));
             }
         }

@@ -162,14 +162,13 @@ pub fn has_room(terms: &Terms, used: &Consumption) -> bool {
 }
 
 /// Whether an item has room for one more device inside its quota, tolerance aside: where a
-/// new device goes first when several items serve. `window_active`: a concurrent item's
-/// devices active now.
-pub fn under_quota(terms: &Terms, used: &Consumption, window_active: i64) -> bool {
+/// new device goes first when several items serve.
+pub fn under_quota(terms: &Terms, used: &Consumption) -> bool {
     match terms.model {
         Model::PerDevice | Model::PerActiveDevice | Model::Standalone => {
             used.seats_used < terms.quota
         }
-        Model::ConcurrentDevice | Model::ConcurrentInstance => window_active < terms.quota,
+        Model::ConcurrentDevice | Model::ConcurrentInstance => used.window_active < terms.quota,
         Model::PerUsage => used.usage_total < terms.quota,
         Model::Tokens => has_room(terms, used),
     }
@@ -276,34 +275,32 @@ mod tests {
     fn under_quota_leaves_tolerance_aside() {
         for model in [Model::PerDevice, Model::PerActiveDevice, Model::Standalone] {
             let t = terms(model, 100);
-            assert!(
-                under_quota(&t, &seats(99), 0),
-                "{model:?}: the 100th device"
-            );
-            assert!(!under_quota(&t, &seats(100), 0), "{model:?}: the 101st");
+            assert!(under_quota(&t, &seats(99)), "{model:?}: the 100th device");
+            assert!(!under_quota(&t, &seats(100)), "{model:?}: the 101st");
         }
         for model in [Model::ConcurrentDevice, Model::ConcurrentInstance] {
             let t = terms(model, 10);
-            assert!(under_quota(&t, &seats(0), 9), "{model:?}: the 10th active");
-            assert!(
-                !under_quota(&t, &seats(0), 10),
-                "{model:?}: the 11th active"
-            );
+            let active = |n| Consumption {
+                window_active: n,
+                ..Consumption::default()
+            };
+            assert!(under_quota(&t, &active(9)), "{model:?}: the 10th active");
+            assert!(!under_quota(&t, &active(10)), "{model:?}: the 11th active");
         }
         let t = terms(Model::PerUsage, 1000);
         let usage = |n| Consumption {
             usage_total: n,
             ..Consumption::default()
         };
-        assert!(under_quota(&t, &usage(999), 0));
-        assert!(!under_quota(&t, &usage(1000), 0));
+        assert!(under_quota(&t, &usage(999)));
+        assert!(!under_quota(&t, &usage(1000)));
         let t = terms(Model::Tokens, 10);
         let spent = |n| Consumption {
             tokens_used: n,
             ..Consumption::default()
         };
-        assert!(under_quota(&t, &spent(5), 0), "a pass of 5 left");
-        assert!(!under_quota(&t, &spent(6), 0));
+        assert!(under_quota(&t, &spent(5)), "a pass of 5 left");
+        assert!(!under_quota(&t, &spent(6)));
     }
 
     #[test]
