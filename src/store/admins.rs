@@ -58,11 +58,17 @@ pub fn set_password(
     let changed = conn
         .prepare_cached("UPDATE admins SET password_hash = ?2 WHERE name = ?1")?
         .execute(params![name, password_hash])?;
+    end_sessions(conn, name)?;
+    Ok(changed == 1)
+}
+
+/// Signs an admin out of all its sessions.
+fn end_sessions(conn: &Connection, name: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
         "DELETE FROM sessions WHERE admin_id = (SELECT id FROM admins WHERE name = ?1)",
     )?
     .execute([name])?;
-    Ok(changed == 1)
+    Ok(())
 }
 
 /// An admin's own change: sets the password only over the one just verified (`from`), and
@@ -79,10 +85,7 @@ pub fn change_password(
         )?
         .execute(params![name, from, to])?;
     if changed == 1 {
-        conn.prepare_cached(
-            "DELETE FROM sessions WHERE admin_id = (SELECT id FROM admins WHERE name = ?1)",
-        )?
-        .execute([name])?;
+        end_sessions(conn, name)?;
     }
     Ok(changed == 1)
 }
