@@ -145,8 +145,7 @@ pub fn next_due(
         .unwrap_or(now);
     let mut due = Vec::new();
     for job in Job::ALL {
-        let last = ops::last_job_run(conn, job.name())?.unwrap_or(first_start);
-        // A last run in the future (a clock set back since) counts as now.
+        let last = ops::last_job_run(conn, job.name(), now)?.unwrap_or(first_start);
         let wait = (last.min(now) + job.every(config) as i64 - now).max(0) as u64;
         due.push((job, Duration::from_secs(wait)));
     }
@@ -696,9 +695,9 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
     let due = now - models::INACTIVE_SEAT_DAYS * DAY;
     let (kept, last_run) = state
         .store
-        .read(|conn| {
+        .read(move |conn| {
             let kept = settings::get(conn, PURGE_HORIZON)?;
-            Ok::<_, StoreError>((kept, ops::last_job_run(conn, Job::Housekeeping.name())?))
+            Ok::<_, StoreError>((kept, ops::last_job_run(conn, Job::Housekeeping.name(), now)?))
         })
         .await?;
     // A database from before the horizon was kept: the one its last housekeeping reached.
@@ -1043,6 +1042,25 @@ mod tests {
             due[&Job::Housekeeping],
             Duration::from_secs(86_400 - 100),
             "never ran: from the first start"
+        );
+    }
+
+    #[test]
+    fn a_run_stamped_by_a_clock_that_ran_ahead_does_not_put_the_job_off_after_it_is_corrected() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = store::open(&dir.path().join("k.db")).unwrap();
+        let config = crate::config::JobsConfig::default();
+        let now = 10_000_000;
+        remember_first_start(&conn, now - 90 * 86_400).unwrap();
+        // A month ahead, then the clock corrected and two runs at the real time since.
+        ops::record_job_run(&conn, "housekeeping", now + 30 * 86_400, 0, true, "").unwrap();
+        ops::record_job_run(&conn, "housekeeping", now - 2 * 86_400, 0, true, "").unwrap();
+        ops::record_job_run(&conn, "housekeeping", now - 86_400 - 60, 0, true, "").unwrap();
+        let due: HashMap<_, _> = next_due(&conn, &config, now).unwrap().into_iter().collect();
+        assert_eq!(
+            due[&Job::Housekeeping],
+            Duration::ZERO,
+            "a day since the last run at the real time: due at once"
         );
     }
 

@@ -51,11 +51,17 @@ pub struct JobRun {
 }
 
 /// The newest runs, newest first.
-/// When `job` last started, if it ever ran.
-pub fn last_job_run(conn: &Connection, job: &str) -> Result<Option<i64>, StoreError> {
+/// When `job` last started, as of `now`, if it ever ran. Runs stamped later than `now` (by
+/// a clock that ran ahead and was set back since) count only when there is no other, and
+/// then as `now`: a month-ahead stamp would otherwise stay the newest for a month.
+pub fn last_job_run(conn: &Connection, job: &str, now: i64) -> Result<Option<i64>, StoreError> {
     Ok(conn
-        .prepare_cached("SELECT max(started_at) FROM job_runs WHERE job = ?1")?
-        .query_row([job], |r| r.get(0))?)
+        .prepare_cached(
+            "SELECT coalesce(max(started_at) FILTER (WHERE started_at <= ?2),
+                             min(max(started_at), ?2))
+             FROM job_runs WHERE job = ?1",
+        )?
+        .query_row(params![job, now], |r| r.get(0))?)
 }
 
 pub fn job_runs(conn: &Connection, limit: i64) -> Result<Vec<JobRun>, StoreError> {
