@@ -697,7 +697,10 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
         .store
         .read(move |conn| {
             let kept = settings::get(conn, PURGE_HORIZON)?;
-            Ok::<_, StoreError>((kept, ops::last_job_run(conn, Job::Housekeeping.name(), now)?))
+            Ok::<_, StoreError>((
+                kept,
+                ops::last_job_run(conn, Job::Housekeeping.name(), now)?,
+            ))
         })
         .await?;
     // A database from before the horizon was kept: the one its last housekeeping reached.

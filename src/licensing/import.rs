@@ -84,6 +84,11 @@ pub enum ImportError {
     },
     #[error("item {item_id} already belongs to license {other}")]
     ItemTaken { item_id: String, other: String },
+    #[error(
+        "item {item_id} cannot change its {change} in a newer version; the vendor issues a new \
+         item id for it"
+    )]
+    ItemChanged { item_id: String, change: String },
     #[error("trusted vendor key {path} cannot be used: {reason}")]
     KeyFile {
         path: std::path::PathBuf,
@@ -505,12 +510,37 @@ pub fn apply(
         }
     }
     for item in &license.items {
-        if let Some(other) = store::licenses::item_license(conn, &item.item_id)?
-            && other != license.license_id
-        {
+        let Some(held) = store::licenses::item(conn, &item.item_id)? else {
+            continue;
+        };
+        if held.license_id != license.license_id {
             return Err(ImportError::ItemTaken {
                 item_id: item.item_id.clone(),
-                other,
+                other: held.license_id,
+            });
+        }
+        // Its leases and seats are for that product, and a concurrent_instance item's seats
+        // are per instance where every other model's are per device.
+        let (old, new) = (held.terms.model, item.model);
+        let change = if held.product != item.product {
+            Some(format!(
+                "product ({:?} to {:?})",
+                held.product, item.product
+            ))
+        } else if (old == Model::ConcurrentInstance) != (new == Model::ConcurrentInstance) {
+            Some(format!(
+                "model from {} to {} (concurrent_instance counts a device's instances, the \
+                 other models the device)",
+                old.as_str(),
+                new.as_str()
+            ))
+        } else {
+            None
+        };
+        if let Some(change) = change {
+            return Err(ImportError::ItemChanged {
+                item_id: item.item_id.clone(),
+                change,
             });
         }
     }

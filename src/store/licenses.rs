@@ -208,14 +208,6 @@ pub fn insert_license(conn: &Connection, l: &NewLicense<'_>) -> Result<(), Store
     Ok(())
 }
 
-/// The license an item already belongs to, if the item exists.
-pub fn item_license(conn: &Connection, item_id: &str) -> Result<Option<String>, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT license_id FROM items WHERE item_id = ?1")?
-        .query_row([item_id], |r| r.get(0))
-        .optional()?)
-}
-
 /// An item's terms as the license grants them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ItemTerms<'a> {

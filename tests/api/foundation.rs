@@ -545,6 +545,31 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
             "is for organization 200001; a version for organization 300002 cannot replace it",
         ),
         (
+            "an item moved to another product",
+            std::fs::read_to_string(vendor.issue_file(
+                &data,
+                &SIMPLE_ITEMS.replace("\"barcode-reader\"", "\"label-printer\""),
+                &["--version", "3"],
+                "v3p.lic",
+            ))
+            .unwrap(),
+            "item LIC-0042-1 cannot change its product (\"barcode-reader\" to \"label-printer\")",
+        ),
+        (
+            "an item made concurrent_instance",
+            std::fs::read_to_string(vendor.issue_file(
+                &data,
+                &SIMPLE_ITEMS.replace(
+                    "model = \"per_device\"",
+                    "model = \"concurrent_instance\"\nmax_exceptions = 5",
+                ),
+                &["--version", "3"],
+                "v3m.lic",
+            ))
+            .unwrap(),
+            "item LIC-0042-1 cannot change its model from per_device to concurrent_instance",
+        ),
+        (
             "this installation id with another key",
             with(json!({"appliance": {
                 "installation_id": binding.installation_id,

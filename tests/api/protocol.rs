@@ -923,7 +923,7 @@ fn a_withdrawn_item_gives_way_to_its_replacement_then_revokes() {
 
     f.import(
         "LIC-T",
-        &item("writer", "per_device", 5, ""),
+        &item("writer", "per_device", 5, "item_id = \"LIC-T-W\""),
         &["--version", "3"],
     );
     assert_eq!(f.heartbeat(&lease, 1).unwrap_err(), "LEASE_REVOKED");
