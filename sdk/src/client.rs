@@ -1519,8 +1519,9 @@ impl Client {
     }
 
     /// Ends the lease (`POST /api/v1/release`), which frees a concurrent or standalone seat at
-    /// once, after a best-effort flush of the usage. Then forgets the authorization; the usage
-    /// stream, its numbering and any unsent reports stay (they go out after the next
+    /// once, after a best-effort flush of the usage, and forgets the authorization: it leaves
+    /// the state directory before the release is sent, and comes back if the release fails.
+    /// The usage stream, its numbering and any unsent reports stay (they go out after the next
     /// authorization). Releasing without an authorization does nothing.
     ///
     /// The public trial's authorization is kept, not released: it holds no seat, and the
@@ -1547,6 +1548,25 @@ impl Client {
             lease_id,
             device_uuid: self.config.device.uuid.clone(),
         };
+        // The authorization leaves the state directory before the seat is given back: a
+        // crash or a failed write after the release would otherwise start the device again
+        // on a seat another device may have taken. It comes back if the release fails.
+        let held = (
+            self.state.authorization.take(),
+            self.state.license.take(),
+            self.current.take(),
+        );
+        let restore = move |client: &mut Client| {
+            (
+                client.state.authorization,
+                client.state.license,
+                client.current,
+            ) = held;
+        };
+        if let Err(e) = self.save_state() {
+            restore(self);
+            return Err(e);
+        }
         match self.post::<_, ReleaseResponse>("/api/v1/release", &request) {
             // The appliance does not know the lease: it is as released as it gets.
             Ok(_)
@@ -1554,7 +1574,11 @@ impl Client {
                 code: ErrorCode::LeaseNotFound,
                 ..
             }) => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                restore(self);
+                self.save_state()?;
+                return Err(e);
+            }
         }
         self.state.last_contact = Some(self.now());
         self.forget_authorization()
@@ -3094,8 +3118,12 @@ mod tests {
             vec![(1, 5), (2, 1)]
         );
 
-        // Releasing needs the appliance: the authorization stays when it cannot be reached.
+        // Releasing needs the appliance: the authorization stays when it cannot be reached,
+        // in the state directory too (it leaves it while the release is sent).
         assert!(client.release().unwrap_err().is_unreachable());
+        assert!(client.check().is_ok());
+        drop(client);
+        let mut client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
         assert!(client.check().is_ok());
     }
 

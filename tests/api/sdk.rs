@@ -417,6 +417,49 @@ fn a_trial_device_keeps_its_trial_through_a_release_and_a_restart() {
     );
 }
 
+/// A standalone seat given back is given back for good: the authorization leaves the state
+/// directory before the release is sent, so a device whose state cannot be written keeps
+/// its seat (and says so) rather than starting again later on a seat another device took.
+#[test]
+fn a_release_the_device_cannot_record_keeps_the_seat_and_one_it_records_frees_it() {
+    let a = appliance(&item("scanner", "standalone", 1, ""));
+    let served = Served::start(&a.data);
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let start = |state: &Path, device: u32| {
+        let mut config = config(&a, vec![served.url("")], state, Clock::system());
+        config.device.uuid = device_uuid(device);
+        Client::new(config).unwrap()
+    };
+    let mut device = start(first.path(), 1);
+    device.authorize().unwrap();
+
+    let blocker = first.path().join("state.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let e = device.release().unwrap_err();
+    assert!(matches!(e, ClientError::StateIo { .. }), "{e}");
+    device
+        .check()
+        .expect("still authorized: nothing was released");
+    let e = start(second.path(), 2).authorize().unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(keygate_sdk::wire::ErrorCode::QuotaExceeded),
+        "the seat is still the first device's"
+    );
+    drop(device);
+    start(first.path(), 1)
+        .check()
+        .expect("a restart goes on with the seat it holds");
+
+    std::fs::remove_dir(&blocker).unwrap();
+    start(first.path(), 1).release().unwrap();
+    start(second.path(), 2).authorize().unwrap();
+    assert!(matches!(
+        start(first.path(), 1).check(),
+        Err(ClientError::NotAuthorized)
+    ));
+}
+
 #[test]
 fn the_sdk_refuses_what_its_vendor_did_not_sign_for_this_appliance() {
     let a = scanner(1_000_000);
