@@ -49,7 +49,7 @@ pub fn check_validation(domains: &[String], processes: &[String]) -> Result<(), 
         }
     }
     for p in processes {
-        if p.len() > 256 || p.chars().any(|c| c.is_control() || c == '/' || c == '\\') {
+        if p.len() > 256 || p.chars().any(|c| unsendable(c) || c == '/' || c == '\\') {
             return Err(format!(
                 "{p:?} is not a process name (a file name like scanner.exe, no path)"
             ));
@@ -69,12 +69,23 @@ pub fn is_host_name(host: &str) -> bool {
         })
 }
 
-/// A session password's length, the same from the portal and the command line.
+/// A session password's length and characters, the same from the portal and the command
+/// line: what a device can send (the protocol refuses control and bidirectional formatting
+/// characters in its text fields).
 pub fn check_password(password: &str) -> Result<(), &'static str> {
     match password.chars().count() {
-        8..=256 => Ok(()),
+        8..=256 if !password.chars().any(unsendable) => Ok(()),
+        8..=256 => Err(
+            "A session password cannot hold control or bidirectional formatting characters \
+             (a device could not send it)",
+        ),
         _ => Err("A session password is 8 to 256 characters"),
     }
+}
+
+/// A character the protocol refuses in a device's text fields (`types::label`).
+fn unsendable(c: char) -> bool {
+    c.is_control() || crate::licensing::types::is_bidi_control(c)
 }
 
 /// An Argon2id hash (PHC string) of a session password.
@@ -145,6 +156,18 @@ mod tests {
         for malformed in ["x..acme.local", ".acme.local", "plant.example.com.."] {
             assert!(!domain_allowed(&patterns, Some(malformed)), "{malformed}");
         }
+    }
+
+    #[test]
+    fn what_a_device_cannot_send_is_refused_as_a_password_or_process_name() {
+        assert!(check_password("horse battery").is_ok());
+        assert!(check_password("short").is_err());
+        for bad in ["horse\u{200F}battery", "horse\tbattery"] {
+            assert!(check_password(bad).is_err(), "{bad:?}");
+            assert!(check_validation(&[], &list(&[bad])).is_err(), "{bad:?}");
+        }
+        assert!(check_validation(&[], &list(&["designer\u{202E}exe.scr"])).is_err());
+        assert!(check_validation(&[], &list(&["scanner.exe"])).is_ok());
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub fn identifier(field: &'static str, text: Option<&str>) -> Result<Option<Stri
 
 /// Unicode's bidirectional formatting characters: shown to an admin they reorder the text
 /// around them (a device named "scanner\u{202E}gpj.exe" reads as "scannerexe.jpg").
-fn is_bidi_control(c: char) -> bool {
+pub fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 

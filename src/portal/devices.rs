@@ -186,9 +186,10 @@ pub async fn act(
     let (uuid, action) = path.into_inner();
     let uuid = types::uuid("uuid", &uuid).map_err(|e| PortalError::BadForm(e.to_string()))?;
     let (actor, from) = (post.0.name.clone(), super::client_address(&req));
-    // Back to the page the admin was on: a devices page of this portal, nothing else.
+    // Back to the page the admin was on: a devices page of this portal, nothing else, and
+    // one a Location header can carry (checked before the change is made).
     let back = Some(post.1.back.as_str())
-        .filter(|b| b.starts_with("/devices") && !b.contains(['\r', '\n']))
+        .filter(|b| b.starts_with("/devices") && header::HeaderValue::from_str(b).is_ok())
         .unwrap_or("/devices")
         .to_string();
     let now = state.clock.now().unix_timestamp();

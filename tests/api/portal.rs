@@ -718,6 +718,9 @@ fn auditors_see_but_cannot_change() {
         &[("csrf", &token), ("back", "https://evil.example/")],
     );
     assert_eq!(answer.location, "/devices");
+    // A page address no Location header can carry goes back to the list too.
+    let answer = owner.post(&unblock, &[("csrf", &token), ("back", "/devices\u{0}")]);
+    assert_eq!((answer.status, answer.location.as_str()), (303, "/devices"));
     let answer = owner.post(
         &format!("/devices/{}/block", device_uuid(1)),
         &[("csrf", &token)],

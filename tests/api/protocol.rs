@@ -1088,6 +1088,12 @@ fn session_password_validation_fields_and_blocked_devices() {
         "{}",
         short.stderr
     );
+    let pasted = set_password(&f.data, &f.code, "horse\u{200F}battery");
+    assert!(
+        !pasted.ok && pasted.stderr.contains("could not send it"),
+        "{}",
+        pasted.stderr
+    );
     let bad = keygate(
         &f.data,
         &[
