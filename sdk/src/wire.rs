@@ -399,8 +399,44 @@ pub struct UsageReport {
     pub from: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub to: OffsetDateTime,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "counters_named_once")]
     pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// A report's counters, each named once: a JSON object that repeats a name is refused (a
+/// map would keep its last amount and silently drop the others, usage that happened).
+fn counters_named_once<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, u64>, D::Error> {
+    struct Counters;
+    impl<'de> serde::de::Visitor<'de> for Counters {
+        type Value = std::collections::BTreeMap<String, u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of counter names and amounts")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            use std::collections::btree_map::Entry;
+            let mut counters = Self::Value::new();
+            while let Some((name, amount)) = map.next_entry::<String, u64>()? {
+                match counters.entry(name) {
+                    Entry::Vacant(v) => {
+                        v.insert(amount);
+                    }
+                    Entry::Occupied(o) => {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "counter {} is named twice in one report",
+                            o.key()
+                        )));
+                    }
+                }
+            }
+            Ok(counters)
+        }
+    }
+    d.deserialize_map(Counters)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -65,12 +65,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 /// The body is read as UTF-8 JSON (RFC 8259): a request naming another charset is refused
-/// rather than misread. actix has already checked the media type (`application/json`, or a
-/// `+json` type).
+/// rather than misread. actix has already checked the media type's subtype (`json`, or a
+/// `+json` suffix) whatever its type: `text/json` is refused here.
 fn utf8_json(http: &HttpRequest) -> Result<(), ApiError> {
     let Ok(Some(mime)) = http.mime_type() else {
         return Ok(());
     };
+    if mime.type_() != actix_web::mime::APPLICATION {
+        return Err(ApiError::bad_request(
+            "send a JSON body with Content-Type: application/json",
+        ));
+    }
     match mime.get_param(actix_web::mime::CHARSET) {
         Some(charset)
             if !["utf-8", "utf8"]

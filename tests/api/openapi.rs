@@ -61,6 +61,54 @@ fn the_documented_error_codes_are_the_codes() {
     assert_eq!(documented, codes);
 }
 
+/// Every free-text field's pattern takes what the appliance takes and refuses what it
+/// refuses (`types::label`: control and bidirectional formatting characters), and the usage
+/// answer's list of renewal errors names the codes its description names.
+#[test]
+fn the_documented_text_patterns_and_renewal_codes_are_the_appliances() {
+    let doc = document();
+    let mut patterns = Vec::new();
+    let mut walk = vec![&doc];
+    while let Some(value) = walk.pop() {
+        match value {
+            Value::Object(map) => {
+                if let Some(Value::String(p)) = map.get("pattern")
+                    && p.contains("\\u0000")
+                {
+                    patterns.push(p.clone());
+                }
+                walk.extend(map.values());
+            }
+            Value::Array(list) => walk.extend(list),
+            _ => {}
+        }
+    }
+    assert_eq!(patterns.len(), 7, "the free-text fields");
+    let chars = ('\u{0}'..='\u{2100}').chain(['\u{1F600}', '\u{FEFF}']);
+    for pattern in &patterns {
+        let re = regex_lite::Regex::new(pattern).unwrap();
+        for c in chars.clone() {
+            let text = format!("a{c}b");
+            let taken = keygate::licensing::types::label("field", Some(&text), 999).is_ok();
+            assert_eq!(re.is_match(&text), taken, "{pattern} on U+{:04X}", c as u32);
+        }
+    }
+
+    let ok = &doc["paths"]["/api/v1/usage"]["post"]["responses"]["200"];
+    let listed: BTreeSet<&str> = ok["x-renewal-error-codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let described: BTreeSet<&str> = ErrorCode::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .filter(|c| ok["description"].as_str().unwrap().contains(c))
+        .collect();
+    assert_eq!(listed, described);
+}
+
 /// The property names a serialized value has, with every optional field present.
 fn keys(value: impl serde::Serialize) -> BTreeSet<String> {
     serde_json::to_value(value)

@@ -401,6 +401,33 @@ fn failed_usage_requests_record_nothing() {
     negative["reports"][0]["counters"]["scans"] = json!(-5);
     assert_eq!(f.usage(&negative).1["error"]["code"], "BAD_REQUEST");
     assert_eq!(db_digest(&db), digest);
+    // A counter named twice in one report: a map would keep the last amount only.
+    let once = f
+        .reports(&lease, 1, STREAM, &[(1, "LIC-T-1", "scans", 5)])
+        .to_string();
+    let twice = once.replace("\"scans\":5", "\"scans\":5,\"scans\":7");
+    assert_ne!(once, twice);
+    let mut response = f
+        .app
+        .agent
+        .post(f.app.url("/api/v1/usage"))
+        .header("content-type", "application/json")
+        .send(twice.as_bytes())
+        .unwrap();
+    let answer: serde_json::Value = response.body_mut().read_json().unwrap();
+    assert_eq!(
+        (response.status().as_u16(), answer["error"]["code"].as_str()),
+        (400, Some("BAD_REQUEST")),
+        "{answer}"
+    );
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("counter scans is named twice"),
+        "{answer}"
+    );
+    assert_eq!(db_digest(&db), digest);
     // More than 5000 reports (under the byte limit) is too large a request, as a body over
     // it is: the device sends fewer per request. 5000 are taken.
     let backlog: Vec<_> = (1..=5001).map(|seq| (seq, "LIC-T-1", "scans", 1)).collect();
@@ -581,12 +608,15 @@ fn bad_requests_get_the_spec_error_and_change_nothing() {
         raw("application/json", b"{not json".to_vec()),
         (400, "BAD_REQUEST".into())
     );
-    assert_eq!(
-        raw("text/plain", b"{}".to_vec()),
-        (400, "BAD_REQUEST".into())
-    );
     // JSON is UTF-8: a body said to be in another charset is refused, not misread.
     let valid = serde_json::to_vec(&f.request("scanner", 1)).unwrap();
+    for not_json in ["text/plain", "text/json", "image/json"] {
+        assert_eq!(
+            raw(not_json, valid.clone()),
+            (400, "BAD_REQUEST".into()),
+            "{not_json}"
+        );
+    }
     assert_eq!(
         raw("application/json; charset=utf-16", valid.clone()),
         (400, "BAD_REQUEST".into())
