@@ -282,7 +282,8 @@ fn the_documented_python_verifier_checks_the_whole_chain() {
             .arg(&script)
             .arg(&path)
             .arg(f.vendor.pub_path())
-            .arg(device_uuid(n))
+            // The device's UUID as it may hold it (any form), not as the appliance writes it.
+            .arg(format!("{{{}}}", device_uuid(n).to_uppercase()))
             .arg(NONCE)
             .output()
             .unwrap();
