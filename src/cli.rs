@@ -1284,6 +1284,7 @@ fn issue(args: IssueArgs, clock: &dyn Clock) -> Result<()> {
 /// channel (which `serve` turns into emails to the alert recipients).
 pub fn init_tracing(config: &Config) -> UnboundedReceiver<ErrorEvent> {
     use std::io::IsTerminal;
+    use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let (events, errors) = tokio::sync::mpsc::unbounded_channel();
@@ -1294,10 +1295,11 @@ pub fn init_tracing(config: &Config) -> UnboundedReceiver<ErrorEvent> {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
     };
+    // The log level filters what is logged, not what is emailed: every ERROR event reaches
+    // the notifier, even with `log.level = "off"`.
     tracing_subscriber::registry()
-        .with(tracing_subscriber::EnvFilter::new(&config.log.level))
-        .with(fmt)
-        .with(ErrorCapture(events))
+        .with(fmt.with_filter(tracing_subscriber::EnvFilter::new(&config.log.level)))
+        .with(ErrorCapture(events).with_filter(tracing_subscriber::filter::LevelFilter::ERROR))
         .init();
     errors
 }
