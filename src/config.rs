@@ -269,6 +269,16 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("data_dir is empty".into()));
         }
+        // What a certificate can name (checked here: the certificate is made at a start).
+        if let Some(name) = self.tls.extra_names.iter().find(|n| {
+            n.parse::<std::net::IpAddr>().is_err()
+                && !crate::licensing::handshake::is_host_name(n.strip_prefix("*.").unwrap_or(n))
+        }) {
+            return Err(ConfigError::Invalid(format!(
+                "tls.extra_names: {name:?} is neither an address nor a DNS name (letters, \
+                 digits, '-' and dots; an international name in its xn-- form)"
+            )));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level {:?}: {e}", self.log.level)))?;
         let jobs = &self.jobs;
@@ -580,6 +590,28 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("tls.cert and tls.key"), "{err}");
+    }
+
+    /// A name the certificate cannot carry is refused when the configuration loads, not at
+    /// the start that makes the certificate (a service that could not start at all).
+    #[test]
+    fn extra_names_are_addresses_or_dns_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.toml");
+        let load = |names: &str| {
+            std::fs::write(&path, format!("[tls]\nextra_names = [{names}]\n")).unwrap();
+            Config::load(Some(&path), env(&[]), &Overrides::default())
+        };
+        let good =
+            r#""keygate.plant.lan", "*.plant.lan", "xn--bro-hoa.lan", "10.0.0.5", "fd00::5""#;
+        assert!(load(good).is_ok());
+        for bad in [r#""büro.lan""#, r#""two words""#, r#""""#, r#""a..lan""#] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(err.contains("tls.extra_names"), "{bad}: {err}");
+        }
+        let config = load(good).unwrap();
+        let names = [vec!["keygate".to_string()], config.tls.extra_names].concat();
+        assert!(crate::tls::self_signed(&names, time::OffsetDateTime::now_utc()).is_ok());
     }
 
     /// The README's configuration example names every key where it belongs.

@@ -154,7 +154,10 @@ fn host_names(extra: &[String]) -> Vec<String> {
 }
 
 /// A self-signed ECDSA P-256 certificate (what every browser accepts) valid for 10 years.
-fn self_signed(names: &[String], now: OffsetDateTime) -> Result<(String, String), TlsError> {
+pub(crate) fn self_signed(
+    names: &[String],
+    now: OffsetDateTime,
+) -> Result<(String, String), TlsError> {
     let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generate)?;
     let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(generate)?;
