@@ -30,8 +30,28 @@ struct SettingsPage {
     certificate: String,
     configured: bool,
     backups: Vec<BackupView>,
+    /// How often the backup job runs (`jobs.backup_every_s`), in words.
+    backup_every: String,
     notice: Option<String>,
     error: Option<String>,
+}
+
+/// An interval in the largest whole unit: "12 minutes", "hour", "90 seconds".
+fn interval(seconds: u64) -> String {
+    let (n, unit) = [
+        (86_400, "day"),
+        (3_600, "hour"),
+        (60, "minute"),
+        (1, "second"),
+    ]
+    .into_iter()
+    .find(|(unit, _)| seconds % unit == 0)
+    .map(|(size, unit)| (seconds / size, unit))
+    .expect("every number is whole seconds");
+    match n {
+        1 => unit.to_string(),
+        n => format!("{n} {unit}s"),
+    }
 }
 
 fn backups_dir(state: &AppState) -> std::path::PathBuf {
@@ -71,6 +91,7 @@ async fn show(
             page: Page::of(admin),
             certificate: format!("{}{origin}", state.cert_source.cert.display()),
             configured: !state.cert_source.self_signed,
+            backup_every: interval(state.config.jobs.backup_every_s),
             backups: files
                 .into_iter()
                 .map(|f| BackupView {
@@ -325,4 +346,18 @@ fn file_chunks(
             (buf, file) => Some((web::Bytes::from(buf), file)),
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn intervals_read_in_their_largest_whole_unit() {
+        let read = |s: u64| super::interval(s);
+        assert_eq!(read(720), "12 minutes");
+        assert_eq!(read(3_600), "hour");
+        assert_eq!(read(5_400), "90 minutes");
+        assert_eq!(read(90), "90 seconds");
+        assert_eq!(read(172_800), "2 days");
+        assert_eq!(read(1), "second");
+    }
 }

@@ -1726,6 +1726,11 @@ fn the_certificate_is_replaced_only_by_a_matching_pair_and_without_restart() {
 fn backups_are_listed_and_only_owners_download_them() {
     let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
     let page = browser.get("/settings");
+    assert!(
+        page.body.contains("taken every 12 minutes"),
+        "{}",
+        page.body
+    );
     let answer = browser.post("/settings/backup", &[("csrf", &csrf(&page.body))]);
     assert!(answer.body.contains("Backup taken"), "{}", answer.body);
     let name = answer
