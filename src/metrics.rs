@@ -251,7 +251,15 @@ impl Metrics {
                 item.item_id, item.terms.model, item.terms.quota
             );
         }
-        out.push_str("# HELP keygate_item_consumed What counts against each item's quota (seats, metered usage, exceptions, tokens).\n# TYPE keygate_item_consumed gauge\n");
+        out.push_str("# HELP keygate_item_max_exceptions Windows over quota that stop a concurrent item.\n# TYPE keygate_item_max_exceptions gauge\n");
+        for item in items.iter().filter(|i| i.terms.model.is_concurrent()) {
+            let _ = writeln!(
+                out,
+                "keygate_item_max_exceptions{{item=\"{}\",model=\"{}\"}} {}",
+                item.item_id, item.terms.model, item.terms.max_exceptions
+            );
+        }
+        out.push_str("# HELP keygate_item_consumed What counts toward each item's stop: seats, metered usage or tokens against keygate_item_quota, a concurrent item's exceptions against keygate_item_max_exceptions.\n# TYPE keygate_item_consumed gauge\n");
         for item in items {
             let consumed = item.used.counted(item.terms.model);
             let _ = writeln!(

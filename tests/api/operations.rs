@@ -164,7 +164,13 @@ fn metrics_ask_for_the_configured_token() {
 
 #[test]
 fn metrics_count_real_traffic() {
-    let f = Fixture::new(&item("scanner", "per_device", 2, ""));
+    let f = Fixture::new(
+        &[
+            item("scanner", "per_device", 2, ""),
+            item("cad", "concurrent_device", 3, "max_exceptions = 5"),
+        ]
+        .concat(),
+    );
     let lease = f.authorized("scanner", 1).lease_id;
     f.authorized("scanner", 2);
     f.authorized("scanner", 2);
@@ -270,6 +276,15 @@ fn metrics_count_real_traffic() {
         ),
         2.0
     );
+    // A concurrent item's stop is its exceptions reaching max_exceptions.
+    assert_eq!(
+        value(
+            &m,
+            r#"keygate_item_max_exceptions{item="LIC-T-2",model="concurrent_device"}"#
+        ),
+        5.0
+    );
+    assert!(!m.contains(r#"keygate_item_max_exceptions{item="LIC-T-1""#));
     assert_eq!(
         value(&m, r#"keygate_job_runs_total{job="backup",outcome="ok"}"#),
         1.0
