@@ -1284,7 +1284,6 @@ fn issue(args: IssueArgs, clock: &dyn Clock) -> Result<()> {
 /// channel (which `serve` turns into emails to the alert recipients).
 pub fn init_tracing(config: &Config) -> UnboundedReceiver<ErrorEvent> {
     use std::io::IsTerminal;
-    use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let (events, errors) = tokio::sync::mpsc::unbounded_channel();

@@ -45,7 +45,7 @@ fn interval(seconds: u64) -> String {
         (1, "second"),
     ]
     .into_iter()
-    .find(|(unit, _)| seconds % unit == 0)
+    .find(|(size, _)| seconds.is_multiple_of(*size))
     .map(|(size, unit)| (seconds / size, unit))
     .expect("every number is whole seconds");
     match n {
