@@ -548,7 +548,10 @@ mod tests {
         // The appliance key alone cannot grant a product for a century.
         auth.product = "unlicensed-product".into();
         auth.expires_at = auth.issued_at + Duration::days(36_500);
-        assert!(fx.check(&auth, expect_fresh()).is_err());
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::TrialTooLong(7))
+        ));
     }
 
     #[test]

@@ -1017,5 +1017,12 @@ mod tests {
                 .all(|f| f.taken_at > now - time::Duration::days(14))
         );
         assert!(kept[..10].iter().all(|f| f.taken_at >= files[9].taken_at));
+        let days: std::collections::BTreeSet<_> =
+            kept[10..].iter().map(|f| f.taken_at.date()).collect();
+        assert_eq!(days.len(), 14, "one a day, each on its own day: {days:?}");
+        assert!(
+            kept[23].taken_at <= now - time::Duration::days(13),
+            "the oldest kept goes back two weeks"
+        );
     }
 }

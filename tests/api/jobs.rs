@@ -813,9 +813,12 @@ fn a_backup_under_write_load_restores_every_acknowledged_report() {
         )
         .unwrap();
     assert_eq!(restored, in_backup);
-    assert!(
-        Served::start(&data).addr.port() > 0,
-        "the restored appliance starts"
+    let served = Served::start(&data);
+    let agent = pinned_agent(&appliance_cert(&data));
+    assert_eq!(
+        get_json(&agent, &served.url("/readyz")).0,
+        200,
+        "the restored appliance serves"
     );
 }
 
@@ -829,7 +832,14 @@ fn a_damaged_backup_is_refused_by_restore() {
     std::fs::write(&bad, "not a database at all, just text").unwrap();
     let before = db_digest(&data.join("keygate.db"));
     let run = keygate(&data, &["restore", bad.to_str().unwrap()]);
-    assert!(!run.ok, "{}", run.stdout);
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("is not a sound keygate database: file is not a database"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(db_digest(&data.join("keygate.db")), before);
     // A mistyped path is named, with its cause said once.
     let missing = dir.path().join("missing.db");

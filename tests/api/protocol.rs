@@ -1177,6 +1177,20 @@ fn wrong_session_passwords_are_rate_limited_per_address() {
         (status, body["error"]["code"].as_str()),
         (429, Some("RATE_LIMITED"))
     );
+    // Another address still has its own guesses.
+    let mut other = raw_tls_from(&f, "127.0.0.2", std::time::Duration::from_secs(10));
+    let body = request.to_string();
+    let head = format!(
+        "POST /api/v1/authorize HTTP/1.1\r\nHost: keygate\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    std::io::Write::write_all(&mut other, head.as_bytes()).unwrap();
+    let answer = read_answer(&mut other).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 403") && answer.contains("SESSION_PASSWORD_MISMATCH"),
+        "{answer}"
+    );
     request["session_password"] = json!("right-password");
     assert_eq!(
         f.authorize(&request).0,
