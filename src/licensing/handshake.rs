@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::licensing::types::refused_in_text;
 use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
@@ -49,7 +50,10 @@ pub fn check_validation(domains: &[String], processes: &[String]) -> Result<(), 
         }
     }
     for p in processes {
-        if p.len() > 256 || p.chars().any(|c| unsendable(c) || c == '/' || c == '\\') {
+        if p.len() > 256
+            || p.chars()
+                .any(|c| refused_in_text(c) || c == '/' || c == '\\')
+        {
             return Err(format!(
                 "{p:?} is not a process name (a file name like scanner.exe, no path)"
             ));
@@ -74,18 +78,13 @@ pub fn is_host_name(host: &str) -> bool {
 /// characters in its text fields).
 pub fn check_password(password: &str) -> Result<(), &'static str> {
     match password.chars().count() {
-        8..=256 if !password.chars().any(unsendable) => Ok(()),
+        8..=256 if !password.chars().any(refused_in_text) => Ok(()),
         8..=256 => Err(
             "A session password cannot hold control or bidirectional formatting characters \
              (a device could not send it)",
         ),
         _ => Err("A session password is 8 to 256 characters"),
     }
-}
-
-/// A character the protocol refuses in a device's text fields (`types::label`).
-fn unsendable(c: char) -> bool {
-    c.is_control() || crate::licensing::types::is_bidi_control(c)
 }
 
 /// An Argon2id hash (PHC string) of a session password.

@@ -53,8 +53,14 @@ pub fn identifier(field: &'static str, text: Option<&str>) -> Result<Option<Stri
 
 /// Unicode's bidirectional formatting characters: shown to an admin they reorder the text
 /// around them (a device named "scanner\u{202E}gpj.exe" reads as "scannerexe.jpg").
-pub fn is_bidi_control(c: char) -> bool {
+fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// A character [`label`] refuses in a device's text: the portal and the command line refuse
+/// it too in what devices must send back (a session password, a process name).
+pub fn refused_in_text(c: char) -> bool {
+    c.is_control() || is_bidi_control(c)
 }
 
 /// Free text from the device (product, instance, user, name, domain, process): at most

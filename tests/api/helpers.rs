@@ -433,6 +433,27 @@ pub fn post_json(
     (status, body)
 }
 
+/// POSTs raw bytes with a content type (what a JSON value cannot hold: a key given twice, a
+/// body in another media type) and returns the status and JSON body.
+pub fn post_bytes(
+    agent: &ureq::Agent,
+    url: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, serde_json::Value) {
+    let mut response = agent
+        .post(url)
+        .header("content-type", content_type)
+        .send(body)
+        .expect("the request is answered");
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_json()
+        .unwrap_or(serde_json::Value::Null);
+    (status, body)
+}
+
 /// The n-th test device's UUID.
 /// An HTTP/1.1 answer read from a kept-alive connection: head and body as text, read up to
 /// its Content-Length (or until the connection closes after something was read).

@@ -407,16 +407,14 @@ fn failed_usage_requests_record_nothing() {
         .to_string();
     let twice = once.replace("\"scans\":5", "\"scans\":5,\"scans\":7");
     assert_ne!(once, twice);
-    let mut response = f
-        .app
-        .agent
-        .post(f.app.url("/api/v1/usage"))
-        .header("content-type", "application/json")
-        .send(twice.as_bytes())
-        .unwrap();
-    let answer: serde_json::Value = response.body_mut().read_json().unwrap();
+    let (status, answer) = post_bytes(
+        &f.app.agent,
+        &f.app.url("/api/v1/usage"),
+        "application/json",
+        twice.as_bytes(),
+    );
     assert_eq!(
-        (response.status().as_u16(), answer["error"]["code"].as_str()),
+        (status, answer["error"]["code"].as_str()),
         (400, Some("BAD_REQUEST")),
         "{answer}"
     );
@@ -587,18 +585,7 @@ fn bad_requests_get_the_spec_error_and_change_nothing() {
     let digest = db_digest(&db);
     let url = f.app.url("/api/v1/authorize");
     let raw = |content_type: &str, body: Vec<u8>| {
-        let mut response = f
-            .app
-            .agent
-            .post(&url)
-            .header("content-type", content_type)
-            .send(&body[..])
-            .unwrap();
-        let status = response.status().as_u16();
-        let body: serde_json::Value = response
-            .body_mut()
-            .read_json()
-            .unwrap_or(serde_json::Value::Null);
+        let (status, body) = post_bytes(&f.app.agent, &url, content_type, &body);
         (
             status,
             body["error"]["code"].as_str().unwrap_or("").to_string(),
