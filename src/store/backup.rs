@@ -1,9 +1,9 @@
 //! Online backups with SQLite's backup API, retention, and restore.
 //!
 //! A backup is written to a temporary file, checked with `PRAGMA integrity_check`, fsynced,
-//! then renamed into `<data-dir>/backups/keygate-YYYYMMDDTHHMMSSZ.db`. It copies one
-//! consistent snapshot (WAL readers never block the writer), so it holds every transaction
-//! committed before it began.
+//! then linked into `<data-dir>/backups/keygate-YYYYMMDDTHHMMSSZ.db` (`-2.db`, `-3.db`... for
+//! more backups in the same second). It copies one consistent snapshot (WAL readers never
+//! block the writer), so it holds every transaction committed before it began.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -171,7 +171,6 @@ fn take_as(
     }
     let available = fs4::available_space(dir).map_err(io(dir))?;
     check_space(dir, copy_size(db)?, available)?;
-    let path = dir.join(name);
     // Unique: a backup taken from the portal in the same second as the scheduled one must
     // not write into the same temporary file. Owner-only from the start: it holds secrets.
     let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4()));
@@ -182,7 +181,13 @@ fn take_as(
         remove_with_side_files(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    let path = match place(&tmp, dir, name) {
+        Ok(path) => path,
+        Err(e) => {
+            remove_with_side_files(&tmp);
+            return Err(e);
+        }
+    };
     sync_dir(dir)?;
     let size = std::fs::metadata(&path).map_err(io(&path))?.len();
     Ok(BackupFile {
@@ -190,6 +195,28 @@ fn take_as(
         taken_at: now,
         size,
     })
+}
+
+/// Gives the finished copy `tmp` its name in `dir`: `name`, or `name` numbered `-2`, `-3`...
+/// before its extension when a backup taken in the same second holds it (the CLI's beside
+/// the service's). A link, not a rename: a rename would replace that backup.
+fn place(tmp: &Path, dir: &Path, name: &str) -> Result<PathBuf, BackupError> {
+    let (stem, extension) = name.rsplit_once('.').unwrap_or((name, ""));
+    for n in 1.. {
+        let path = match n {
+            1 => dir.join(name),
+            n => dir.join(format!("{stem}-{n}.{extension}")),
+        };
+        match std::fs::hard_link(tmp, &path) {
+            Ok(()) => {
+                std::fs::remove_file(tmp).map_err(io(tmp))?;
+                return Ok(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io(&path)(e)),
+        }
+    }
+    unreachable!("a free name is found before the numbers run out")
 }
 
 /// The files SQLite may keep beside a database.
@@ -285,18 +312,30 @@ fn check(conn: &Connection, path: &Path) -> Result<(), BackupError> {
 pub fn list(dir: &Path) -> Result<Vec<BackupFile>, BackupError> {
     let mut files = Vec::new();
     for entry in entries(dir)? {
-        let name = file_name(&entry.path());
-        let Ok(taken) = time::PrimitiveDateTime::parse(&name, NAME) else {
+        let Some((taken_at, n)) = taken_at(&file_name(&entry.path())) else {
             continue;
         };
-        files.push(BackupFile {
+        let file = BackupFile {
             path: entry.path(),
-            taken_at: taken.assume_utc(),
+            taken_at,
             size: entry.metadata().map_err(io(dir))?.len(),
-        });
+        };
+        files.push((file, n));
     }
-    files.sort_by_key(|f| std::cmp::Reverse(f.taken_at));
-    Ok(files)
+    files.sort_by_key(|(f, n)| std::cmp::Reverse((f.taken_at, *n)));
+    Ok(files.into_iter().map(|(f, _)| f).collect())
+}
+
+/// When a backup named `name` was taken, and its number among the backups of that second
+/// (1, then 2, 3... as [`place`] numbers them); `None` for another file.
+fn taken_at(name: &str) -> Option<(OffsetDateTime, u32)> {
+    let stem = name.strip_prefix("keygate-")?.strip_suffix(".db")?;
+    let (stamp, n) = match stem.split_once('-') {
+        Some((stamp, n)) => (stamp, n.parse().ok().filter(|n| *n >= 2)?),
+        None => (stem, 1),
+    };
+    let taken = time::PrimitiveDateTime::parse(stamp, STAMP).ok()?;
+    Some((taken.assume_utc(), n))
 }
 
 /// The entries of the backup directory: none before the first backup made it.
@@ -726,6 +765,42 @@ mod tests {
             assert_eq!(mode(&file.path), 0o600);
             assert_eq!(mode(&backups), 0o700);
         }
+    }
+
+    /// The CLI's backup beside the service's in the same second: neither replaces the other,
+    /// both are listed (the later first) and retention counts both.
+    #[test]
+    fn backups_taken_in_one_second_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let backups = dir.path().join("backups");
+        let db = dir.path().join("keygate.db");
+        drop(super::super::open(&db).unwrap());
+        let now = datetime!(2026-06-30 12:00 UTC);
+        let taken: Vec<PathBuf> = (0..11)
+            .map(|_| take(&db, &backups, now).unwrap().path)
+            .collect();
+        assert_eq!(file_name(&taken[0]), "keygate-20260630T120000Z.db");
+        assert_eq!(file_name(&taken[1]), "keygate-20260630T120000Z-2.db");
+        assert_eq!(file_name(&taken[10]), "keygate-20260630T120000Z-11.db");
+        let listed: Vec<PathBuf> = list(&backups)
+            .unwrap()
+            .into_iter()
+            .map(|f| f.path)
+            .collect();
+        assert_eq!(listed, taken.iter().rev().cloned().collect::<Vec<_>>());
+        assert_eq!(prune(&backups, 10, 14, now).unwrap(), 1);
+        assert!(!taken[0].exists() && taken[1].exists());
+        // A backup before an upgrade is not one of them, whatever its name ends with.
+        take_before_upgrade(&db, 3, now).unwrap();
+        take_before_upgrade(&db, 3, now).unwrap();
+        assert_eq!(list(&backups).unwrap().len(), 10);
+        assert_eq!(
+            files_in(&backups)
+                .iter()
+                .filter(|n| n.starts_with("keygate-schema3-before-upgrade-"))
+                .count(),
+            1
+        );
     }
 
     #[test]
