@@ -217,3 +217,36 @@ pub fn owner_count(conn: &Connection) -> Result<i64, StoreError> {
         .prepare_cached("SELECT COUNT(*) FROM admins WHERE role = 'owner'")?
         .query_row([], |r| r.get(0))?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An admin's own change goes only over the password it verified: an owner's reset
+    /// between the check and the write wins, and the reset's new session stays signed in.
+    #[test]
+    fn a_password_change_over_a_reset_made_meanwhile_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::open(&dir.path().join("k.db")).unwrap();
+        let id = insert_admin(&conn, "ana", "owner", "hash-1", 0).unwrap();
+        insert_session(&conn, "before", id, "csrf", 0, "10.0.0.1").unwrap();
+
+        // Verified hash-1; an owner resets it to hash-2 before the change is written.
+        assert!(set_password(&conn, "ana", "hash-2").unwrap());
+        assert!(session(&conn, "before").unwrap().is_none());
+        insert_session(&conn, "after-reset", id, "csrf", 1, "10.0.0.1").unwrap();
+        assert!(!change_password(&conn, "ana", "hash-1", "hash-3").unwrap());
+        let ana = admin_by_name(&conn, "ana").unwrap().unwrap();
+        assert_eq!(ana.password_hash, "hash-2");
+        assert!(session(&conn, "after-reset").unwrap().is_some());
+
+        // Over the password it verified, it changes it and signs every session out.
+        assert!(change_password(&conn, "ana", "hash-2", "hash-3").unwrap());
+        let ana = admin_by_name(&conn, "ana").unwrap().unwrap();
+        assert_eq!(ana.password_hash, "hash-3");
+        assert!(session(&conn, "after-reset").unwrap().is_none());
+        // An admin removed meanwhile: nothing to change.
+        assert!(delete_admin(&conn, "ana").unwrap());
+        assert!(!change_password(&conn, "ana", "hash-3", "hash-4").unwrap());
+    }
+}
