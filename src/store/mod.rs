@@ -892,6 +892,87 @@ mod tests {
         assert!(wal < 1_050 * frame, "{wal} bytes");
     }
 
+    /// A checkpoint that fails for a reason that may have lost a sync (here the database file
+    /// may not grow: the process's file size limit, EFBIG) stops keygate with the reason
+    /// written beside the database, and the next start has every acknowledged write (they
+    /// are in the WAL). The writer runs in a child process of this test under `prlimit`.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_failed_checkpoint_stops_keygate_and_loses_nothing_acknowledged() {
+        use std::io::Write;
+        const CHILD: &str = "KEYGATE_TEST_CHECKPOINT_DB";
+        async fn write(store: &Store, i: usize) -> Result<(), StoreError> {
+            let value = "x".repeat(20_000); // about six pages a commit
+            store
+                .write(move |conn| settings::set(conn, &format!("k{i}"), &value))
+                .await
+        }
+        if let Ok(path) = std::env::var(CHILD) {
+            // The child: writes until its checkpoint fails, saying which writes were answered.
+            let store = Store::open(Path::new(&path)).unwrap();
+            for i in 400..2_000 {
+                write(&store, i).await.unwrap();
+                writeln!(std::io::stdout(), "acked {i}").unwrap();
+            }
+            return; // never stopped: the parent fails
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        {
+            let store = Store::open(&path).unwrap();
+            for i in 0..400 {
+                write(&store, i).await.unwrap();
+            }
+        }
+        // Checkpointed: the database file holds the 400 writes; it may grow 16 pages more.
+        open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .unwrap();
+        let limit = std::fs::metadata(&path).unwrap().len() + 16 * 4096;
+        let test = "store::tests::a_failed_checkpoint_stops_keygate_and_loses_nothing_acknowledged";
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            // Ignored, SIGXFSZ does not kill the writer: its write fails with EFBIG instead.
+            .arg(r#"trap '' XFSZ; exec prlimit --fsize="$1" "$2" --exact "$3" --nocapture"#)
+            .args(["sh", &limit.to_string()])
+            .arg(std::env::current_exe().unwrap())
+            .arg(test)
+            .env(CHILD, &path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&child.stdout);
+        let acked: Vec<usize> = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("acked ")?.parse().ok())
+            .collect();
+        assert_eq!(child.status.code(), Some(1), "{stdout}");
+        assert!(
+            acked.len() > 100,
+            "the WAL filled before the stop: {acked:?}"
+        );
+        let reason = take_stop_reason(&path).unwrap();
+        assert!(
+            reason.starts_with("checkpointing the database failed"),
+            "{reason}"
+        );
+
+        let store = Store::open(&path).unwrap();
+        let missing = store
+            .read(move |conn| {
+                let mut missing = Vec::new();
+                for i in (0..400).chain(acked) {
+                    if settings::get(conn, &format!("k{i}"))?.is_none() {
+                        missing.push(i);
+                    }
+                }
+                Ok::<_, StoreError>(missing)
+            })
+            .await
+            .unwrap();
+        assert_eq!(missing, Vec::<usize>::new());
+    }
+
     #[tokio::test]
     async fn a_failed_job_rolls_back_alone() {
         let dir = tempfile::tempdir().unwrap();
