@@ -233,7 +233,8 @@ pub const REARM_AFTER: i64 = 7 * DAY;
 /// when sent), which crossings to send and which marks to clear: a renewal that keeps the
 /// quota and expiry sends nothing again; one that changes what a crossed threshold is
 /// measured against sends it again at once; a consumption threshold no longer crossed is
-/// cleared (sent again on the next crossing) [`REARM_AFTER`] after it was sent.
+/// cleared (sent again on the next crossing) [`REARM_AFTER`] after it was sent (at once if
+/// it was sent at a time still to come: the clock ran ahead then).
 pub fn plan<T: Threshold>(
     crossed: &[T],
     marks: &[(String, i64, i64)],
@@ -251,7 +252,9 @@ pub fn plan<T: Threshold>(
             let same = crossed.iter().any(|c| c.key() == k && c.basis() == *b);
             let crossed_anew = crossed.iter().any(|c| c.key() == k);
             !same
-                && (crossed_anew || !k.starts_with("consumption:") || now - sent_at >= REARM_AFTER)
+                && (crossed_anew
+                    || !k.starts_with("consumption:")
+                    || !(0..REARM_AFTER).contains(&(now - sent_at)))
         })
         .map(|(k, _, _)| k.clone())
         .collect();
@@ -421,6 +424,11 @@ mod tests {
             ["consumption:90"],
             "cleared: sent on the next crossing"
         );
+        // Sent while the clock ran a month ahead, since set right: when is not known, so it
+        // counts as long ago, not as a week still to come.
+        let ahead = vec![("consumption:90".to_string(), 100, 30 * DAY)];
+        let (_, clear) = plan(&crossed(&i, a_day), &ahead, a_day);
+        assert_eq!(clear, ["consumption:90"]);
     }
 
     #[test]

@@ -57,16 +57,12 @@ impl ErrorNotices {
     }
 
     /// The notices to send now: every kind with errors waiting whose last email is at least
-    /// `WINDOW_SECS` old.
+    /// `WINDOW_SECS` old (or ahead of `now`: the clock was set back).
     pub fn due(&mut self, now: i64) -> Vec<Notice> {
         let ready: Vec<String> = self
             .pending
             .keys()
-            .filter(|k| {
-                self.last_sent
-                    .get(*k)
-                    .is_none_or(|t| now - t >= WINDOW_SECS)
-            })
+            .filter(|k| self.last_sent.get(*k).is_none_or(|t| !in_window(*t, now)))
             .cloned()
             .collect();
         let mut notices: Vec<Notice> = ready
@@ -100,9 +96,15 @@ fn open_windows<'a>(
     sent: impl Iterator<Item = (&'a String, &'a i64)>,
     now: i64,
 ) -> HashMap<String, i64> {
-    sent.filter(|(_, t)| (0..WINDOW_SECS).contains(&(now - **t)))
+    sent.filter(|(_, t)| in_window(**t, now))
         .map(|(k, t)| (k.clone(), *t))
         .collect()
+}
+
+/// Whether a kind emailed at `sent` is still inside its window at `now`: not once the window
+/// has passed, nor when `sent` is ahead of `now` (the clock was set back since).
+fn in_window(sent: i64, now: i64) -> bool {
+    (0..WINDOW_SECS).contains(&(now - sent))
 }
 
 /// A tracing layer that forwards ERROR events to the notifier. Not actix-http's: those tell
@@ -235,6 +237,19 @@ mod tests {
         }
         let kinds: Vec<String> = n.due(1001).into_iter().map(|n| n.kind).collect();
         assert_eq!(kinds, ["job", "tls"], "db's window is still open");
+    }
+
+    /// The clock stepped back (a time source corrected a fast clock) while keygate ran: the
+    /// kinds emailed before the step are not held back until the clock gets there again.
+    #[test]
+    fn a_clock_set_back_holds_no_kind_back() {
+        let mut n = ErrorNotices::default();
+        n.record(event("job", "backup failed"));
+        assert_eq!(n.due(2 * 86_400).len(), 1);
+        n.record(event("job", "backup failed again"));
+        assert_eq!(n.due(60).len(), 1, "two days back: its window is not open");
+        n.record(event("job", "and again"));
+        assert!(n.due(90).is_empty(), "the window since the step holds");
     }
 
     #[test]
