@@ -2,7 +2,8 @@
 
 Usage: smtp_sink.py DIR  -- prints "PORT <n>" once listening on 127.0.0.1 (a free port).
 Each accepted message becomes DIR/<n>.eml (written to a temporary name, then renamed).
-Recipients whose address starts with "refused" are refused (550), as for an unknown mailbox;
+Recipients whose address starts with "refused" are refused (550), as for an unknown mailbox,
+"full" or "overquota" as for a full mailbox (452 4.2.2, 552 5.2.2);
 with SMTP_REFUSE_SENDER set every sender is (550). Recipients whose address starts with
 "slow" are answered after SMTP_SLOW_SECONDS (default 3), as by a relay that looks them up.
 
@@ -36,6 +37,11 @@ class Sink:
         # As a LAN relay does for an unknown mailbox.
         if address.startswith("refused"):
             return "550 5.1.1 No such user here"
+        # A mailbox full: for a while (452), or for good (552).
+        if address.startswith("full"):
+            return "452 4.2.2 Mailbox full, try again later"
+        if address.startswith("overquota"):
+            return "552 5.2.2 Mailbox over quota"
         if address.startswith("slow"):
             await asyncio.sleep(float(os.environ.get("SMTP_SLOW_SECONDS", "3")))
         envelope.rcpt_tos.append(address)

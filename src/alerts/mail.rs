@@ -236,11 +236,18 @@ pub fn check_host(host: &str) -> Result<(), &'static str> {
 }
 
 /// RFC 5321's refusals of an address (550 mailbox unavailable, 551 not local, 553 name not
-/// allowed), as against the sender, the login or the server.
+/// allowed), and the answers about one mailbox's state (452 and 552 with RFC 3463's X.2.X:
+/// full, disabled) or about how many recipients one message may have (X.5.3), as against
+/// the sender, the login or the server.
 fn refuses_a_mailbox(e: &lettre::transport::smtp::Error) -> bool {
-    e.is_permanent()
-        && e.status()
-            .is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553))
+    match e.status().map(u16::from) {
+        Some(550 | 551 | 553) => e.is_permanent(),
+        Some(452 | 552) => e.to_string().split_whitespace().any(|word| {
+            ["4.2.", "5.2."].iter().any(|p| word.starts_with(p))
+                || matches!(word, "4.5.3" | "5.5.3")
+        }),
+        _ => false,
+    }
 }
 
 /// The longest one delivery may take, whatever the server does.
@@ -327,10 +334,10 @@ pub async fn send_within(
         .map_err(|_| MailError::Smtp(no_answer()))?;
     let e = match whole {
         Ok(response) => return Ok(answer(response)),
-        // A server refusing one address (550 no such user) refuses the whole message: then
-        // each recipient gets it on its own, so one bad address does not keep the others
-        // from their alerts. Not for any other refusal (a wrong password, a server out of
-        // service): that would only repeat it once per recipient.
+        // A server refusing one address (550 no such user, 452 mailbox full) refuses the
+        // whole message: then each recipient gets it on its own, so one bad address does not
+        // keep the others from their alerts. Not for any other refusal (a wrong password, a
+        // server out of service): that would only repeat it once per recipient.
         Err(e) if refuses_a_mailbox(&e) && to.len() > 1 => e,
         Err(e) => return Err(smtp(e)),
     };

@@ -168,6 +168,39 @@ fn a_refused_recipient_does_not_keep_the_others_from_their_alerts() {
     assert_eq!(f.app.run_job("alerts").unwrap(), "no new threshold crossed");
 }
 
+/// A full mailbox refuses the whole message too (452 for a while, 552 for good): the others
+/// still get their alerts, and the appliance's email is not held back for an hour as for a
+/// refused sender.
+#[test]
+fn a_full_mailbox_does_not_keep_the_others_from_their_alerts() {
+    let f = Fixture::new(&item("cad", "standalone", 4, ""));
+    let sink = SmtpSink::start();
+    sink.configure(&f.data);
+    let run = keygate(
+        &f.data,
+        &[
+            "alerts",
+            "recipients",
+            "full.boss@plant.test; overquota.cfo@plant.test; it@plant.test",
+        ],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    authorize_devices(&f, "cad", 1..=3);
+    let summary = f.app.run_job("alerts").unwrap();
+    assert!(
+        summary.contains("full.boss@plant.test") && summary.contains("overquota.cfo@plant.test"),
+        "{summary}"
+    );
+    let messages = sink.wait_for(1, StdDuration::from_secs(10));
+    assert_eq!(messages.len(), 1);
+    let text = text_of(&messages[0]);
+    assert!(text.contains("X-Rcpt-To: it@plant.test\r\n"), "{text}");
+    // The next crossing goes out at once, the same way.
+    authorize_devices(&f, "cad", 4..=4);
+    f.app.run_job("alerts").unwrap();
+    assert_eq!(sink.wait_for(2, StdDuration::from_secs(10)).len(), 2);
+}
+
 /// When each recipient gets a session of its own (the server refused one address) and the
 /// time runs out on a slow one, the copies delivered before it stand, so the alert is not
 /// sent again to those who have it.
