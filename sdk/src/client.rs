@@ -55,6 +55,7 @@
 //! }
 //! loop {
 //!     client.check()?; // stop working when this fails
+//!     // At least every 30 s: tick reports once in each 3-minute window.
 //!     if let Some(Err(e)) = client.tick() {
 //!         eprintln!("usage stays buffered: {e}");
 //!     }
@@ -247,7 +248,8 @@ pub struct ClientConfig {
     pub device: DeviceInfo,
     /// Where the client keeps its state (created if needed). One process at a time.
     pub state_dir: PathBuf,
-    /// How often [`Client::tick`] reports usage (default 180 s, as the appliance expects).
+    /// How often [`Client::tick`] reports usage (default 180 s, as the appliance expects): once
+    /// in each window of this length on the appliance's clock.
     /// The appliance's `refresh_after_s` is the protocol's fixed cadence (180: concurrent
     /// models count devices in 3-minute windows), so this setting, not the answer, decides:
     /// a longer one lets a concurrent-model device drop out of windows it was active in.
@@ -808,9 +810,32 @@ fn stops_the_device(code: ErrorCode) -> bool {
     matches!(code, ErrorCode::DeviceBlocked | ErrorCode::LeaseRevoked)
 }
 
-/// Whether [`Client::tick`] should flush: at once the first time, then every `interval`.
-fn flush_due(last_attempt: Option<Instant>, now: Instant, interval: Duration) -> bool {
-    last_attempt.is_none_or(|last| now.saturating_duration_since(last) >= interval)
+/// The report slot of the appliance time `now` (Unix seconds): [`Client::tick`] reports once
+/// a slot. Slots are the report interval's windows on the appliance's clock (the
+/// concurrent models' 3-minute windows at the default interval), shifted by the device's
+/// `phase`: each device reports at its own moment of each window, so a fleet's reports
+/// spread over the window, and the schedule does not drift however late the product calls
+/// `tick` (a report due at a window's start plus the phase goes out within that window when
+/// the call is less than the rest of the window late).
+fn report_slot(now: i64, phase: i64, interval: i64) -> i64 {
+    (now - phase).div_euclid(interval)
+}
+
+/// The report interval in whole seconds (at least one).
+fn interval_s(interval: Duration) -> i64 {
+    i64::try_from(interval.as_secs()).unwrap_or(i64::MAX).max(1)
+}
+
+/// A device's report phase: at random in the first five sixths of the interval (0 to 150 s
+/// of a 3-minute window), so a `tick` called up to a sixth of the interval late (30 s) still
+/// reports within the window.
+fn new_report_phase(interval: Duration) -> Result<i64, ClientError> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        ClientError::Config(format!("the system's random source is unavailable: {e}"))
+    })?;
+    let span = (interval_s(interval) * 5 / 6).max(1);
+    Ok((u64::from_le_bytes(bytes) % span as u64) as i64)
 }
 
 /// 32 random bytes, base64url: 43 characters, inside the protocol's 16 to 64.
@@ -1187,7 +1212,10 @@ pub struct Client {
     current: Option<Authorization>,
     /// The URL that answered last: tried first next time.
     preferred_url: usize,
-    last_flush_attempt: Option<Instant>,
+    /// Where in each report interval this device reports, in seconds (see [`report_slot`]).
+    report_phase_s: i64,
+    /// The report slot of the last flush attempt.
+    last_flush_slot: Option<i64>,
     /// `state.newest_time_seen` as last written to disk (or tried, when `check` failed to).
     persisted_newest: Option<OffsetDateTime>,
     /// The appliance's time in the newest authorization stored by this process (at start:
@@ -1266,6 +1294,7 @@ impl Client {
                 .newest_time_seen
                 .max(current.as_ref().map(|auth| auth.issued_at)),
         );
+        let report_phase_s = new_report_phase(config.report_interval)?;
         Ok(Client {
             persisted_newest: state.newest_time_seen,
             config,
@@ -1275,7 +1304,8 @@ impl Client {
             backlog,
             current,
             preferred_url: 0,
-            last_flush_attempt: None,
+            report_phase_s,
+            last_flush_slot: None,
             contact_mark,
             stream_confirmed: false,
         })
@@ -1494,28 +1524,36 @@ impl Client {
         self.flush_with(true)
     }
 
-    /// Flushes when [`ClientConfig::report_interval`] has elapsed since the last flush attempt
-    /// (and on the first call): call it from the product's loop as often as convenient; it
-    /// returns `None` when it is not time yet. An error (typically the appliance being out of
-    /// reach) leaves the reports buffered; the next attempt comes one interval later.
+    /// Flushes once per [`ClientConfig::report_interval`] window of the appliance's clock, at
+    /// this device's moment of it (and on the first call): call it from the product's loop as
+    /// often as convenient, at least every 30 seconds at the default interval so that no
+    /// window is missed; it returns `None` when it is not time yet. A late call does not
+    /// delay the next ones. An error (typically the appliance being out of reach) leaves
+    /// the reports buffered; the next attempt comes in the next window.
     pub fn tick(&mut self) -> Option<Result<FlushOutcome, ClientError>> {
-        if flush_due(
-            self.last_flush_attempt,
-            Instant::now(),
-            self.config.report_interval,
-        ) {
-            Some(self.flush())
-        } else {
-            None
-        }
+        (self.last_flush_slot != Some(self.report_slot())).then(|| self.flush())
     }
 
     /// How long until [`Client::tick`] flushes (zero when it would flush now).
     pub fn next_tick_in(&self) -> Duration {
-        match self.last_flush_attempt {
-            None => Duration::ZERO,
-            Some(last) => self.config.report_interval.saturating_sub(last.elapsed()),
+        let slot = self.report_slot();
+        if self.last_flush_slot != Some(slot) {
+            return Duration::ZERO;
         }
+        let interval = interval_s(self.config.report_interval);
+        let next = (slot + 1) * interval + self.report_phase_s;
+        let now = self.now();
+        let left = time::Duration::seconds(next) - (now - OffsetDateTime::UNIX_EPOCH);
+        Duration::try_from(left).unwrap_or(Duration::ZERO)
+    }
+
+    /// The report slot the appliance's time is in now (see [`report_slot`]).
+    fn report_slot(&self) -> i64 {
+        report_slot(
+            self.now().unix_timestamp(),
+            self.report_phase_s,
+            interval_s(self.config.report_interval),
+        )
     }
 
     /// Ends the lease (`POST /api/v1/release`), which frees a concurrent or standalone seat at
@@ -1606,7 +1644,7 @@ impl Client {
     }
 
     fn flush_with(&mut self, reauthorize: bool) -> Result<FlushOutcome, ClientError> {
-        self.last_flush_attempt = Some(Instant::now());
+        self.last_flush_slot = Some(self.report_slot());
         let now = self.now();
         advance(&mut self.state.newest_time_seen, now);
         let next_seq = self.state.next_seq;
@@ -2684,22 +2722,41 @@ mod tests {
         assert!(backlog.is_empty());
     }
 
+    /// A device reports once in each 3-minute window at its phase, however late the product
+    /// calls `tick`: calls 10 s apart starting anywhere never skip a window (a schedule of
+    /// "180 s after the last report" drifts by the lateness and skips some).
     #[test]
-    fn tick_flushes_first_at_once_then_every_interval() {
-        let interval = Duration::from_secs(180);
-        let start = Instant::now();
-        assert!(flush_due(None, start, interval));
-        assert!(!flush_due(Some(start), start, interval));
-        assert!(!flush_due(
-            Some(start),
-            start + Duration::from_secs(179),
-            interval
-        ));
-        assert!(flush_due(
-            Some(start),
-            start + Duration::from_secs(180),
-            interval
-        ));
+    fn reports_fall_one_in_each_window_at_the_devices_phase() {
+        let (interval, phase) = (180, 100);
+        assert_eq!(report_slot(99, phase, interval), -1);
+        assert_eq!(report_slot(100, phase, interval), 0);
+        assert_eq!(report_slot(279, phase, interval), 0);
+        assert_eq!(report_slot(280, phase, interval), 1);
+        for phase in [0, 1, 77, 149] {
+            for start in 0..10 {
+                let mut last = None;
+                let mut windows = Vec::new();
+                for now in (start..3_600).step_by(10) {
+                    let slot = report_slot(now, phase, interval);
+                    if last != Some(slot) {
+                        last = Some(slot);
+                        windows.push(now / 180);
+                    }
+                }
+                // The first call reports at once; then one report in every window.
+                assert!(windows.len() <= 21, "phase {phase}, start {start}");
+                windows.dedup();
+                assert_eq!(
+                    windows,
+                    (0..20).collect::<Vec<_>>(),
+                    "phase {phase}, start {start}"
+                );
+            }
+        }
+        for _ in 0..100 {
+            assert!((0..150).contains(&new_report_phase(Duration::from_secs(180)).unwrap()));
+        }
+        assert_eq!(new_report_phase(Duration::from_secs(1)).unwrap(), 0);
     }
 
     // --- clock ------------------------------------------------------------------------------
@@ -3089,7 +3146,17 @@ mod tests {
             client.tick().is_none(),
             "the next attempt waits an interval"
         );
-        assert!(client.next_tick_in() > Duration::ZERO);
+        let wait = client.next_tick_in();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(180));
+        // On the device's clock: the next window's moment, not 180 s after this attempt.
+        let now = client.config().clock.now();
+        clock.set(now + wait - Duration::from_secs(1));
+        assert!(client.tick().is_none());
+        clock.set(now + wait);
+        assert!(client.tick().unwrap().unwrap_err().is_unreachable());
+        assert!(client.tick().is_none());
+        assert_eq!(client.next_tick_in(), Duration::from_secs(180));
+        clock.set(now);
 
         // A restart keeps the backlog and closes the period the last process left open
         // (report 2); a flush without new usage makes no new report.
