@@ -1569,10 +1569,7 @@ impl Client {
         if self.state.lease_id.is_none() {
             return Ok(());
         }
-        let trial = self
-            .current
-            .as_ref()
-            .is_some_and(|held| held.items.is_empty());
+        let trial = self.holds_trial();
         // Best effort: the reports stay in the backlog if this fails, and re-authorizing here
         // would only take a seat to give it back.
         let _ = self.flush_with(false);
@@ -1829,6 +1826,15 @@ impl Client {
         if let Some(renewal) = response.authorization {
             match self.accept_renewal(renewal, sent) {
                 Ok(Some(grant)) => outcome.renewed = Some(grant),
+                // Older than the authorization held: the appliance's clock was set back
+                // (it ran ahead). Ignored until the clock caught up, renewals would let the
+                // authorization held run out while the appliance is there; an authorization
+                // answering a fresh nonce is taken whatever its time (not the public
+                // trial's: it is given once).
+                Ok(None) if reauthorize && !outcome.reauthorized && !self.holds_trial() => {
+                    outcome.reauthorized = true;
+                    outcome.renewed = Some(self.authorize_now()?);
+                }
                 Ok(None) => {}
                 // The renewal names items of a license this device does not hold yet (the
                 // vendor's new version was imported): authorizing again fetches it.
@@ -1860,6 +1866,13 @@ impl Client {
             outcome.renewed = None;
         }
         Ok(more)
+    }
+
+    /// Whether the authorization held is the public trial's (it names no item).
+    fn holds_trial(&self) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|held| held.items.is_empty())
     }
 
     /// Verifies a renewal that came with a usage answer (to a request sent at `sent` by the

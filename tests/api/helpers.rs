@@ -242,6 +242,25 @@ offline_days = 7
 features = ["qr", "pdf417"]
 "#;
 
+/// Debian's libfaketime (package `faketime`, installed by scripts/test): shifts the wall
+/// clock of the process it is preloaded into by the offset in a file, read on every call.
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// The environment that runs a process on a wall clock shifted by the offset (`+3600`, say)
+/// written in the file `offset`; its monotonic clock is left alone.
+pub fn faketime(offset: &Path) -> [(&'static str, &Path); 4] {
+    assert!(
+        Path::new(FAKETIME).exists(),
+        "{FAKETIME} is missing: run scripts/test, which installs Debian's faketime"
+    );
+    [
+        ("LD_PRELOAD", Path::new(FAKETIME)),
+        ("FAKETIME_TIMESTAMP_FILE", offset),
+        ("FAKETIME_NO_CACHE", Path::new("1")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", Path::new("1")),
+    ]
+}
+
 /// The real binary serving on a port the system chose.
 pub struct Served {
     pub child: Child,

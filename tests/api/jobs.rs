@@ -1403,19 +1403,11 @@ fn a_job_not_yet_due_at_a_start_runs_when_its_interval_is_up() {
     drop(dir);
 }
 
-/// Debian's libfaketime (package `faketime`, installed by scripts/test): shifts the wall
-/// clock of the process it is preloaded into by the offset in a file, read on every call.
-const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
-
 /// A system clock stepped forward past a planned run (a resumed VM, NTP setting the time at
 /// boot) or back must not stop the scheduled jobs: before, a step forward stopped them for
 /// good and a step back held them for as long as the step.
 #[test]
 fn scheduled_jobs_keep_running_when_the_system_clock_steps() {
-    assert!(
-        std::path::Path::new(FAKETIME).exists(),
-        "{FAKETIME} is missing: run scripts/test, which installs Debian's faketime"
-    );
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = dir.path().join("keygate.toml");
@@ -1430,10 +1422,7 @@ fn scheduled_jobs_keep_running_when_the_system_clock_steps() {
         .args(["--config", config.to_str().unwrap()])
         .args(["--data-dir", data.to_str().unwrap()])
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("LD_PRELOAD", FAKETIME)
-        .env("FAKETIME_TIMESTAMP_FILE", &offset)
-        .env("FAKETIME_NO_CACHE", "1")
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .envs(faketime(&offset))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

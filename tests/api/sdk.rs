@@ -979,3 +979,35 @@ fn the_device_example_authorizes_reports_runs_and_releases() {
         "nothing is stored after a release: {said}"
     );
 }
+
+/// The appliance's clock ran half an hour ahead and was set right (inside the hour in which
+/// the appliance still signs): its renewals are older than the authorization the device
+/// holds. The device authorizes again, a fresh nonce vouching for the answer, instead of
+/// ignoring the renewals until the clock catches up (for longer than its offline allowance,
+/// it would stop while the appliance was there to renew it).
+#[test]
+fn renewals_from_an_appliance_clock_set_back_are_taken_by_authorizing_again() {
+    let a = scanner(1_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("offset");
+    std::fs::write(&offset, "+1800\n").unwrap();
+    let served = Served::start_with(&a.data, "127.0.0.1:0", &faketime(&offset));
+    let state = tempfile::tempdir().unwrap();
+    let (clock, _) = device_clock();
+    let mut device = client(&a, vec![served.url("")], state.path(), clock);
+    let ahead = device.authorize().unwrap().authorization.issued_at;
+    assert!(ahead > OffsetDateTime::now_utc() + Duration::minutes(25));
+
+    std::fs::write(&offset, "+0\n").unwrap();
+    device.record("LIC-S-1", "scans", 3).unwrap();
+    let sent = device.flush().unwrap();
+    assert_eq!(sent.accepted, 1);
+    assert!(sent.reauthorized);
+    let renewed = sent.renewed.expect("authorized again");
+    assert!(renewed.authorization.issued_at < ahead - Duration::minutes(25));
+    device.check().unwrap();
+    // Renewals newer than the authorization held are taken as they come.
+    let again = device.flush().unwrap();
+    assert!(!again.reauthorized && again.renewed.is_some(), "{again:?}");
+    assert_eq!(usage_total(&a), 3);
+}
