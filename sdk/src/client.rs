@@ -410,7 +410,10 @@ pub struct FlushOutcome {
     pub duplicates: u64,
     /// The highest sequence number of this device's stream the appliance has stored.
     pub acked_seq: u64,
-    /// Reports still waiting (0 unless the appliance became unreachable midway).
+    /// Reports still waiting: ones the appliance answered without storing (0 otherwise).
+    /// A flush that loses the appliance midway fails with
+    /// [`ClientError::Unreachable`] instead: the requests answered before are stored, and
+    /// [`Client::status`] tells what is left.
     pub pending: usize,
     /// The newest authorization stored during this flush (verified first).
     pub renewed: Option<Grant>,
@@ -422,8 +425,10 @@ pub struct FlushOutcome {
     /// [`ClientError::NotAuthorized`] at once. A backlog sent in several requests can have
     /// both: renewed by an early answer, refused by the last one.
     pub renewal_error: Option<ErrorDetail>,
-    /// The appliance did not know the lease any more (its data was restored, or the lease
-    /// was purged) and the client authorized again before sending the reports.
+    /// The client authorized again: the appliance did not know the lease any more (its
+    /// data was restored, or the lease was purged; then before sending the reports), or its
+    /// renewal named items of a newer license or was older than the authorization held
+    /// (its clock was set back).
     pub reauthorized: bool,
     /// Reports the appliance refused as invalid (`BAD_REQUEST`, e.g. for an item that no
     /// longer belongs to the lease) while it accepted a heartbeat of the same lease: it will
