@@ -521,11 +521,12 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
     let warnings = crate::tls::not_after(&state.certificate.current())
         .map(|t| alerts::certificate_warnings(t.unix_timestamp(), now))
         .unwrap_or_default();
-    let (sends, clears, (warn, unwarn), smtp, recipients) = state
+    // The crossings found are written down before their email, in one transaction with
+    // what was told: a crossing the figure leaves before the email could go is told still.
+    let (tell, warn, smtp, recipients) = state
         .store
-        .read(move |conn| {
-            let mut sends: Vec<Crossing> = Vec::new();
-            let mut clears = Vec::new();
+        .write(move |conn| {
+            let mut tell: Vec<Crossing> = Vec::new();
             let items = store::licenses::all_items(conn)?;
             for item in items.iter().filter(|i| !i.withdrawn) {
                 let mut crossed = alerts::crossed(item, now);
@@ -533,31 +534,22 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
                     crossed.retain(|c| !c.key.starts_with("expiry:"));
                 }
                 let marks = ops::alert_marks(conn, &item.item_id)?;
-                let (send, clear) = alerts::plan(&crossed, &marks, now);
-                sends.extend(send);
-                clears.extend(clear.into_iter().map(|k| (item.item_id.clone(), k)));
+                let plan = alerts::plan(&crossed, &marks, now);
+                ops::apply_alert_plan(conn, &item.item_id, &plan, now)?;
+                let marks = ops::alert_marks(conn, &item.item_id)?;
+                tell.extend(alerts::to_tell(item, &marks, &crossed));
             }
-            let certificate = alerts::plan(&warnings, &ops::certificate_marks(conn)?, now);
+            let (warn, unwarn) =
+                alerts::certificate_plan(&warnings, &ops::certificate_marks(conn)?);
+            for key in &unwarn {
+                ops::clear_certificate_mark(conn, key)?;
+            }
             let smtp = mail::load_settings(conn)?;
             let recipients = settings::get(conn, mail::RECIPIENTS)?.unwrap_or_default();
-            Ok::<_, JobError>((sends, clears, certificate, smtp, recipients))
+            Ok::<_, JobError>((tell, warn, smtp, recipients))
         })
         .await?;
-    if !clears.is_empty() || !unwarn.is_empty() {
-        state
-            .store
-            .write(move |conn| {
-                for (item, key) in &clears {
-                    ops::clear_alert_mark(conn, item, key)?;
-                }
-                for key in &unwarn {
-                    ops::clear_certificate_mark(conn, key)?;
-                }
-                Ok::<_, StoreError>(())
-            })
-            .await?;
-    }
-    let count = sends.len() + warn.len();
+    let count = tell.len() + warn.len();
     if count == 0 {
         return Ok("no new threshold crossed".into());
     }
@@ -573,7 +565,7 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
         appliance: &host,
         installation_id: state.appliance.installation_id(),
         portal: &portal,
-        crossings: &sends,
+        crossings: &tell,
         certificate: warn.iter().min_by_key(|w| w.days),
     };
     let render = |e: askama::Error| JobError::Other(format!("email template: {e}"));
@@ -586,8 +578,8 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
     state
         .store
         .write(move |conn| {
-            for c in &sends {
-                ops::set_alert_mark(conn, &c.item_id, &c.key, c.basis, now)?;
+            for c in &tell {
+                ops::set_alert_sent(conn, &c.item_id, &c.key, c.basis, now)?;
             }
             for w in &warn {
                 ops::set_certificate_mark(conn, &w.key, w.expires_at)?;

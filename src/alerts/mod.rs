@@ -1,6 +1,7 @@
-//! Usage alerts: which thresholds an item has crossed (pure), and the emails that tell the
-//! admins. Each threshold is sent once per item until what it is measured against changes
-//! (a new quota or expiry) or the figure drops below it (a top-up, seats freed).
+//! Usage alerts: which thresholds an item has crossed and which crossings to tell (pure), and
+//! the emails that tell the admins. Each threshold is told once per item until what it is
+//! measured against changes (a new quota or expiry) or the figure drops below it and crosses
+//! it again (a top-up, seats freed); a crossing found is remembered until its email goes.
 
 pub mod mail;
 pub mod notices;
@@ -101,10 +102,16 @@ pub fn succeeded(item: &ItemRow, items: &[ItemRow]) -> bool {
     })
 }
 
-/// Every threshold the item has crossed at `now`.
-pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
-    let mut out = Vec::new();
-    let crossing = |key: String, what: String, figure, of, next: String, basis| Crossing {
+fn crossing(
+    item: &ItemRow,
+    key: String,
+    what: String,
+    figure: i64,
+    of: i64,
+    next: String,
+    basis: i64,
+) -> Crossing {
+    Crossing {
         key,
         item_id: item.item_id.clone(),
         license_id: item.license_id.clone(),
@@ -115,8 +122,27 @@ pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
         of,
         next,
         basis,
-    };
-    let (figure, base, unit) = consumption(item);
+    }
+}
+
+/// The item's consumption threshold `pct` crossed with `figure` against `base`.
+fn consumption_crossing(item: &ItemRow, pct: i64, figure: i64, base: i64) -> Crossing {
+    let unit = consumption(item).2;
+    crossing(
+        item,
+        format!("consumption:{pct}"),
+        format!("{unit} reached {pct} %"),
+        figure,
+        base,
+        what_next(item),
+        base,
+    )
+}
+
+/// Every threshold the item has crossed at `now`.
+pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
+    let mut out = Vec::new();
+    let (figure, base, _) = consumption(item);
     // A seat model admits its tolerance rounded down (110 % of 7 seats is 7), so its last
     // threshold is reached when the item is full even if the exact percentage is not.
     let tolerance = models::tolerance_percent(item.terms.model);
@@ -127,14 +153,7 @@ pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
     if base > 0 {
         for pct in consumption_thresholds(item.terms.model) {
             if models::reaches_percent(figure, base, *pct) || (*pct == tolerance && full) {
-                out.push(crossing(
-                    format!("consumption:{pct}"),
-                    format!("{unit} reached {pct} %"),
-                    figure,
-                    base,
-                    what_next(item),
-                    base,
-                ));
+                out.push(consumption_crossing(item, *pct, figure, base));
             }
         }
     }
@@ -145,6 +164,7 @@ pub fn crossed(item: &ItemRow, now: i64) -> Vec<Crossing> {
         now,
     ) {
         out.push(crossing(
+            item,
             format!("expiry:{days}"),
             format!("expires in {} day(s) or less", days),
             left / DAY,
@@ -200,63 +220,125 @@ pub fn certificate_warnings(expires_at: i64, now: i64) -> Vec<CertificateWarning
         .collect()
 }
 
-/// What a sent alert is remembered by: its threshold and what it was measured against.
-pub trait Threshold: Clone {
-    fn key(&self) -> &str;
-    fn basis(&self) -> i64;
-}
-
-impl Threshold for Crossing {
-    fn key(&self) -> &str {
-        &self.key
-    }
-    fn basis(&self) -> i64 {
-        self.basis
-    }
-}
-
-impl Threshold for CertificateWarning {
-    fn key(&self) -> &str {
-        &self.key
-    }
-    fn basis(&self) -> i64 {
-        self.expires_at
-    }
-}
-
-/// A consumption threshold the figure fell back below is sent again when crossed again, but
+/// A consumption threshold the figure fell back below is told again when crossed again, but
 /// not within this long of its last email: an item whose use comes and goes with the working
 /// day (standalone seats released every evening) would repeat its alerts every morning.
 pub const REARM_AFTER: i64 = 7 * DAY;
 
-/// Decides, from the thresholds crossed now and the marks already sent (threshold, basis,
-/// when sent), which crossings to send and which marks to clear: a renewal that keeps the
-/// quota and expiry sends nothing again; one that changes what a crossed threshold is
-/// measured against sends it again at once; a consumption threshold no longer crossed is
-/// cleared (sent again on the next crossing) [`REARM_AFTER`] after it was sent (at once if
-/// it was sent at a time still to come: the clock ran ahead then).
-pub fn plan<T: Threshold>(
-    crossed: &[T],
-    marks: &[(String, i64, i64)],
-    now: i64,
-) -> (Vec<T>, Vec<String>) {
-    let sent = |key: &str, basis: i64| marks.iter().any(|(k, b, _)| k == key && *b == basis);
-    let send = crossed
+/// An item's alert mark: a threshold found crossed, emailed or waiting for its email.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub key: String,
+    /// What the threshold was crossed against (see [`Crossing::basis`]).
+    pub basis: i64,
+    /// The figure when it was found.
+    pub figure: i64,
+    pub found_at: i64,
+    /// When its email went; `None` while it waits for one.
+    pub sent_at: Option<i64>,
+    /// The figure went below the threshold after the email.
+    pub fell: bool,
+}
+
+/// What an alerts run does to an item's marks (see [`plan`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Crossings found now: marks waiting for their email, over any mark of their threshold.
+    pub found: Vec<Crossing>,
+    /// Emailed consumption thresholds the figure is below now.
+    pub fell: Vec<String>,
+    /// Expiry marks for an expiry that is no longer ahead as they say (a renewal moved it,
+    /// or it passed).
+    pub clear: Vec<String>,
+}
+
+/// Decides, from the thresholds crossed now and the item's marks, which crossings are new
+/// (to be told): one with no mark, or whose mark was crossed against another basis (a
+/// renewal that changes the quota or expiry; one that keeps them tells nothing again), or a
+/// consumption threshold crossed again after the figure fell below it, once
+/// [`REARM_AFTER`] has passed since its email (at once if the email is stamped with a time
+/// still to come: the clock ran ahead then). A mark waiting for its email stays until it
+/// goes, whatever the figure does meanwhile.
+pub fn plan(crossed: &[Crossing], marks: &[Mark], now: i64) -> Plan {
+    let mark = |key: &str| marks.iter().find(|m| m.key == key);
+    let crossed_now = |m: &Mark| crossed.iter().any(|c| c.key == m.key && c.basis == m.basis);
+    let rearmed = |m: &Mark| {
+        m.fell
+            && m.sent_at
+                .is_some_and(|sent| !(0..REARM_AFTER).contains(&(now - sent)))
+    };
+    let consumption = |m: &&Mark| m.key.starts_with("consumption:");
+    Plan {
+        found: crossed
+            .iter()
+            .filter(|c| mark(&c.key).is_none_or(|m| m.basis != c.basis || rearmed(m)))
+            .cloned()
+            .collect(),
+        fell: marks
+            .iter()
+            .filter(consumption)
+            .filter(|m| m.sent_at.is_some() && !m.fell && !crossed_now(m))
+            .map(|m| m.key.clone())
+            .collect(),
+        clear: marks
+            .iter()
+            .filter(|m| !consumption(m) && !crossed_now(m))
+            .map(|m| m.key.clone())
+            .collect(),
+    }
+}
+
+/// What the item's marks waiting for their email tell, in the order of its thresholds.
+pub fn to_tell(item: &ItemRow, marks: &[Mark], crossed: &[Crossing]) -> Vec<Crossing> {
+    let mut tell: Vec<Crossing> = marks
         .iter()
-        .filter(|c| !sent(c.key(), c.basis()))
+        .filter(|m| m.sent_at.is_none())
+        .filter_map(|m| telling(item, m, crossed))
+        .collect();
+    // Consumption by percentage upwards, then expiry warnings from the furthest ahead.
+    tell.sort_by_key(|c| match c.key.split_once(':') {
+        Some(("consumption", pct)) => (0, pct.parse().unwrap_or(0)),
+        Some((_, days)) => (1, -days.parse::<i64>().unwrap_or(0)),
+        None => (2, 0),
+    });
+    tell
+}
+
+/// What a mark waiting for its email tells: the threshold as crossed now, or as it was
+/// found (the figure has fallen back since; the email says when it was crossed). `None` for
+/// an expiry warning no longer due.
+fn telling(item: &ItemRow, mark: &Mark, crossed: &[Crossing]) -> Option<Crossing> {
+    if let Some(c) = crossed
+        .iter()
+        .find(|c| c.key == mark.key && c.basis == mark.basis)
+    {
+        return Some(c.clone());
+    }
+    let pct = mark.key.strip_prefix("consumption:")?.parse().ok()?;
+    let mut c = consumption_crossing(item, pct, mark.figure, mark.basis);
+    c.what = format!(
+        "{} on {}",
+        c.what,
+        crate::licensing::rfc3339(crate::licensing::from_unix(mark.found_at))
+    );
+    Some(c)
+}
+
+/// Which certificate warnings to send and which marks to clear: each warning once per
+/// certificate (by its expiry); a new certificate clears the marks of the old one.
+pub fn certificate_plan(
+    warnings: &[CertificateWarning],
+    marks: &[(String, i64)],
+) -> (Vec<CertificateWarning>, Vec<String>) {
+    let send = warnings
+        .iter()
+        .filter(|w| !marks.iter().any(|(k, b)| *k == w.key && *b == w.expires_at))
         .cloned()
         .collect();
     let clear = marks
         .iter()
-        .filter(|(k, b, sent_at)| {
-            let same = crossed.iter().any(|c| c.key() == k && c.basis() == *b);
-            let crossed_anew = crossed.iter().any(|c| c.key() == k);
-            !same
-                && (crossed_anew
-                    || !k.starts_with("consumption:")
-                    || !(0..REARM_AFTER).contains(&(now - sent_at)))
-        })
-        .map(|(k, _, _)| k.clone())
+        .filter(|(k, b)| !warnings.iter().any(|w| w.key == *k && w.expires_at == *b))
+        .map(|(k, _)| k.clone())
         .collect();
     (send, clear)
 }
@@ -381,54 +463,139 @@ mod tests {
         assert!(crossed(&i, 1200 * DAY).is_empty());
     }
 
-    #[test]
-    fn plan_sends_once_and_again_only_for_a_new_quota_or_expiry_or_a_new_crossing() {
-        let seats = |n| Consumption {
+    /// The marks an alerts run leaves: `plan` applied, then the crossings told marked sent
+    /// at `now` when `sent` (the SMTP server accepted the email).
+    fn run(i: &ItemRow, marks: &mut Vec<Mark>, now: i64, sent: bool) -> Vec<Crossing> {
+        let crossed = crossed(i, now);
+        let p = plan(&crossed, marks, now);
+        marks.retain(|m| !p.clear.contains(&m.key));
+        for m in marks.iter_mut().filter(|m| p.fell.contains(&m.key)) {
+            m.fell = true;
+        }
+        for c in &p.found {
+            marks.retain(|m| m.key != c.key);
+            marks.push(Mark {
+                key: c.key.clone(),
+                basis: c.basis,
+                figure: c.figure,
+                found_at: now,
+                sent_at: None,
+                fell: false,
+            });
+        }
+        let tell = to_tell(i, marks, &crossed);
+        if sent {
+            for m in marks.iter_mut().filter(|m| m.sent_at.is_none()) {
+                m.sent_at = Some(now);
+            }
+        }
+        tell
+    }
+
+    fn seats(n: i64) -> Consumption {
+        Consumption {
             seats_used: n,
             ..Consumption::default()
-        };
+        }
+    }
+
+    #[test]
+    fn a_threshold_is_told_once_and_again_only_for_a_new_quota_or_a_new_crossing() {
         let mut i = item(Model::PerDevice, 100, seats(91));
-        let now = crossed(&i, 0);
-        let (send, clear) = plan(&now, &[], 0);
-        assert_eq!(keys(&send), ["consumption:75", "consumption:90"]);
-        assert!(clear.is_empty());
-        let marks: Vec<(String, i64, i64)> =
-            send.iter().map(|c| (c.key.clone(), c.basis, 0)).collect();
-        assert_eq!(marks[0], ("consumption:75".to_string(), 100, 0));
-        assert!(plan(&now, &marks, 0).0.is_empty(), "no repeat");
+        let mut marks = Vec::new();
+        let told = run(&i, &mut marks, 0, true);
+        assert_eq!(keys(&told), ["consumption:75", "consumption:90"]);
+        assert!(run(&i, &mut marks, 60, true).is_empty(), "no repeat");
 
-        // A renewal with the same quota sends nothing again; one with another quota that
-        // is still crossed does.
+        // A renewal with the same quota tells nothing again; one with another quota that is
+        // still crossed does.
         i.license_version = 2;
-        assert_eq!(plan(&crossed(&i, 0), &marks, 0), (vec![], vec![]));
+        assert!(run(&i, &mut marks, 120, true).is_empty());
         i.terms.quota = 120;
-        let (send, clear) = plan(&crossed(&i, 0), &marks, 0);
-        assert_eq!(keys(&send), ["consumption:75"], "91 of 120");
-        // The 90 % mark of the old quota stays a while; it no longer matters (a crossing
-        // under the new quota has another basis and is sent).
-        assert_eq!(clear, ["consumption:75"]);
+        let told = run(&i, &mut marks, 180, true);
+        assert_eq!(keys(&told), ["consumption:75"], "91 of 120");
+        assert_eq!((told[0].figure, told[0].of), (91, 120));
 
-        // Dropped below 90 %: sent again on a crossing a week after it was sent, not before
-        // (use that comes and goes every day would repeat it every morning).
-        i.terms.quota = 100;
-        i.used = seats(80);
-        let a_day = DAY;
-        assert_eq!(plan(&crossed(&i, a_day), &marks, a_day), (vec![], vec![]));
-        i.used = seats(91);
-        assert_eq!(plan(&crossed(&i, a_day), &marks, a_day), (vec![], vec![]));
-        i.used = seats(80);
-        let (send, clear) = plan(&crossed(&i, REARM_AFTER), &marks, REARM_AFTER);
-        assert!(send.is_empty());
         assert_eq!(
-            clear,
-            ["consumption:90"],
-            "cleared: sent on the next crossing"
+            marks
+                .iter()
+                .find(|m| m.key == "consumption:90")
+                .unwrap()
+                .basis,
+            100
         );
-        // Sent while the clock ran a month ahead, since set right: when is not known, so it
-        // counts as long ago, not as a week still to come.
-        let ahead = vec![("consumption:90".to_string(), 100, 30 * DAY)];
-        let (_, clear) = plan(&crossed(&i, a_day), &ahead, a_day);
-        assert_eq!(clear, ["consumption:90"]);
+    }
+
+    /// Below a threshold a day after its email, above it again the next day, and staying
+    /// there: told again at the first run a week after its email, not before (use that
+    /// comes and goes every day would repeat it every morning), and only once.
+    #[test]
+    fn a_threshold_crossed_again_is_told_again_a_week_after_its_email() {
+        let mut i = item(Model::PerDevice, 100, seats(91));
+        let mut marks = Vec::new();
+        assert_eq!(run(&i, &mut marks, 0, true).len(), 2);
+        i.used = seats(80);
+        assert!(run(&i, &mut marks, DAY, true).is_empty());
+        i.used = seats(91);
+        assert!(run(&i, &mut marks, 2 * DAY, true).is_empty());
+        assert!(run(&i, &mut marks, REARM_AFTER - 1, true).is_empty());
+        assert_eq!(
+            keys(&run(&i, &mut marks, REARM_AFTER, true)),
+            ["consumption:90"]
+        );
+        assert!(
+            run(&i, &mut marks, 3 * REARM_AFTER, true).is_empty(),
+            "crossed all along"
+        );
+        // Below and above again after more than a week: told at once.
+        i.used = seats(80);
+        assert!(run(&i, &mut marks, 4 * REARM_AFTER, true).is_empty());
+        i.used = seats(91);
+        assert_eq!(
+            keys(&run(&i, &mut marks, 4 * REARM_AFTER + 60, true)),
+            ["consumption:90"]
+        );
+
+        // Sent while the clock ran a month ahead, since set right: when is not known, so
+        // it counts as long ago.
+        for m in &mut marks {
+            m.sent_at = Some(40 * REARM_AFTER);
+        }
+        i.used = seats(80);
+        assert!(run(&i, &mut marks, 5 * REARM_AFTER, true).is_empty());
+        i.used = seats(91);
+        assert_eq!(
+            keys(&run(&i, &mut marks, 5 * REARM_AFTER + 60, true)),
+            ["consumption:90"]
+        );
+    }
+
+    /// A crossing found while its email cannot go (the SMTP server down, no recipients yet)
+    /// is told once it can, also when the figure fell back meanwhile.
+    #[test]
+    fn a_crossing_is_told_once_the_email_goes_even_if_the_figure_fell_back() {
+        let mut i = item(Model::Standalone, 4, seats(4));
+        let mut marks = Vec::new();
+        let unsent = run(&i, &mut marks, 0, false);
+        assert_eq!(keys(&unsent).last(), Some(&"consumption:100"));
+        i.used = seats(1);
+        let told = run(&i, &mut marks, 4 * 3600, true);
+        assert_eq!(
+            keys(&told),
+            [
+                "consumption:75",
+                "consumption:90",
+                "consumption:95",
+                "consumption:100"
+            ]
+        );
+        assert_eq!((told[3].figure, told[3].of), (4, 4), "as found");
+        assert!(
+            told[3].what.ends_with(" on 1970-01-01T00:00:00Z"),
+            "{}",
+            told[3].what
+        );
+        assert!(run(&i, &mut marks, 5 * 3600, true).is_empty(), "told once");
     }
 
     #[test]
@@ -448,11 +615,11 @@ mod tests {
         );
         assert!(certificate_warnings(expires, expires).is_empty(), "expired");
         // Sent once; a new certificate clears the marks and starts again.
-        let marks = vec![("certificate:30".to_string(), expires, 0)];
-        assert_eq!(keys(&plan(&week, &marks, 0).0), ["certificate:7"]);
+        let marks = vec![("certificate:30".to_string(), expires)];
+        assert_eq!(keys(&certificate_plan(&week, &marks).0), ["certificate:7"]);
         let renewed = certificate_warnings(expires + 365 * DAY, expires - 7 * DAY);
         assert_eq!(
-            plan(&renewed, &marks, 0),
+            certificate_plan(&renewed, &marks),
             (vec![], vec!["certificate:30".to_string()])
         );
     }
@@ -461,20 +628,29 @@ mod tests {
     fn expiry_warnings_come_again_only_for_a_new_expiry() {
         let mut i = item(Model::Tokens, 100, Consumption::default());
         let soon = i.terms.expires_at - 5 * DAY;
-        let warned = crossed(&i, soon);
-        assert_eq!(keys(&warned), ["expiry:30", "expiry:7"]);
-        let marks: Vec<(String, i64, i64)> = warned
-            .iter()
-            .map(|c| (c.key.clone(), c.basis, soon))
-            .collect();
-        i.license_version = 2;
-        assert!(
-            plan(&crossed(&i, soon), &marks, soon).0.is_empty(),
-            "same expiry"
+        let mut marks = Vec::new();
+        assert_eq!(
+            keys(&run(&i, &mut marks, soon, true)),
+            ["expiry:30", "expiry:7"]
         );
+        i.license_version = 2;
+        assert!(run(&i, &mut marks, soon, true).is_empty(), "same expiry");
         i.terms.expires_at += 20 * DAY;
-        let (send, clear) = plan(&crossed(&i, soon), &marks, soon);
-        assert_eq!(keys(&send), ["expiry:30"], "renewed to 25 days ahead");
-        assert_eq!(clear, ["expiry:30", "expiry:7"]);
+        assert_eq!(
+            keys(&run(&i, &mut marks, soon, true)),
+            ["expiry:30"],
+            "renewed to 25 days ahead"
+        );
+        assert_eq!(
+            marks.len(),
+            1,
+            "the 7-day warning of the old expiry is gone"
+        );
+        // Found while the email could not go, then renewed far ahead: not told.
+        i.terms.expires_at = soon + 3 * DAY;
+        assert_eq!(run(&i, &mut marks, soon, false).len(), 2);
+        i.terms.expires_at = soon + 90 * DAY;
+        assert!(run(&i, &mut marks, soon, true).is_empty());
+        assert!(marks.is_empty());
     }
 }

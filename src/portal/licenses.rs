@@ -310,7 +310,13 @@ pub async fn item(
         handshake,
         alerts: alerts
             .into_iter()
-            .map(|(key, _, sent_at)| (key, super::utc(sent_at)))
+            .map(|mark| match mark.sent_at {
+                Some(sent) => (mark.key, format!("sent {}", super::utc(sent))),
+                None => (
+                    mark.key,
+                    format!("found {}, not emailed yet", super::utc(mark.found_at)),
+                ),
+            })
             .collect(),
     }))
 }

@@ -36,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0009_device_indexes.sql"),
     include_str!("migrations/0010_stream_bound.sql"),
     include_str!("migrations/0011_handshake_leases.sql"),
+    include_str!("migrations/0012_alert_marks_pending.sql"),
 ];
 
 /// How many requests one transaction commits at most.

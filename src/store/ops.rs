@@ -3,6 +3,7 @@
 use rusqlite::{Connection, params};
 
 use super::StoreError;
+use crate::alerts::{Mark, Plan};
 
 /// The newest time this appliance used, as saved by the last job run or shutdown (before a
 /// release that saved it: its newest job run).
@@ -81,19 +82,58 @@ pub fn job_runs(conn: &Connection, limit: i64) -> Result<Vec<JobRun>, StoreError
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// The thresholds already alerted for an item, with the basis (quota or expiry) they were
-/// sent against and when they were sent.
-pub fn alert_marks(
-    conn: &Connection,
-    item_id: &str,
-) -> Result<Vec<(String, i64, i64)>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT threshold, basis, sent_at FROM alert_marks WHERE item_id = ?1")?;
-    let rows = stmt.query_map([item_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+/// An item's alert marks: the thresholds found crossed, emailed or waiting for their email.
+pub fn alert_marks(conn: &Connection, item_id: &str) -> Result<Vec<Mark>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT threshold, basis, figure, found_at, sent_at, fell FROM alert_marks
+         WHERE item_id = ?1 ORDER BY threshold",
+    )?;
+    let rows = stmt.query_map([item_id], |r| {
+        Ok(Mark {
+            key: r.get(0)?,
+            basis: r.get(1)?,
+            figure: r.get(2)?,
+            found_at: r.get(3)?,
+            sent_at: r.get(4)?,
+            fell: r.get(5)?,
+        })
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-pub fn set_alert_mark(
+/// Applies an alerts run's [`Plan`] to an item's marks: the marks that no longer matter go,
+/// the ones whose figure fell are flagged, and the crossings found become marks waiting for
+/// their email (over the mark of their threshold, if any).
+pub fn apply_alert_plan(
+    conn: &Connection,
+    item_id: &str,
+    plan: &Plan,
+    now: i64,
+) -> Result<(), StoreError> {
+    for key in &plan.clear {
+        conn.prepare_cached("DELETE FROM alert_marks WHERE item_id = ?1 AND threshold = ?2")?
+            .execute(params![item_id, key])?;
+    }
+    for key in &plan.fell {
+        conn.prepare_cached(
+            "UPDATE alert_marks SET fell = 1 WHERE item_id = ?1 AND threshold = ?2",
+        )?
+        .execute(params![item_id, key])?;
+    }
+    for c in &plan.found {
+        conn.prepare_cached(
+            "INSERT INTO alert_marks (item_id, threshold, basis, figure, found_at, sent_at, fell)
+             VALUES (?1, ?2, ?3, ?4, ?5, NULL, 0)
+             ON CONFLICT (item_id, threshold) DO UPDATE SET basis = excluded.basis,
+                figure = excluded.figure, found_at = excluded.found_at, sent_at = NULL, fell = 0",
+        )?
+        .execute(params![item_id, c.key, c.basis, c.figure, now])?;
+    }
+    Ok(())
+}
+
+/// Marks a crossing's email sent (if its mark still waits for it with the same basis).
+pub fn set_alert_sent(
     conn: &Connection,
     item_id: &str,
     threshold: &str,
@@ -101,21 +141,10 @@ pub fn set_alert_mark(
     now: i64,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO alert_marks (item_id, threshold, basis, sent_at) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (item_id, threshold) DO UPDATE SET
-            basis = excluded.basis, sent_at = excluded.sent_at",
+        "UPDATE alert_marks SET sent_at = ?4
+         WHERE item_id = ?1 AND threshold = ?2 AND basis = ?3 AND sent_at IS NULL",
     )?
     .execute(params![item_id, threshold, basis, now])?;
-    Ok(())
-}
-
-pub fn clear_alert_mark(
-    conn: &Connection,
-    item_id: &str,
-    threshold: &str,
-) -> Result<(), StoreError> {
-    conn.prepare_cached("DELETE FROM alert_marks WHERE item_id = ?1 AND threshold = ?2")?
-        .execute(params![item_id, threshold])?;
     Ok(())
 }
 
@@ -123,15 +152,14 @@ pub fn clear_alert_mark(
 /// the expiry of the certificate warned of: a certificate is no item.
 const MARK: &str = "alert_mark:";
 
-/// The certificate warnings sent: (threshold, the expiry of the certificate warned of, 0:
-/// when is not kept, nothing depends on it).
-pub fn certificate_marks(conn: &Connection) -> Result<Vec<(String, i64, i64)>, StoreError> {
+/// The certificate warnings sent: (threshold, the expiry of the certificate warned of).
+pub fn certificate_marks(conn: &Connection) -> Result<Vec<(String, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT substr(key, length(?1) + 1), CAST(value AS INTEGER) FROM settings
          WHERE substr(key, 1, length(?2)) = ?2",
     )?;
     let rows = stmt.query_map([MARK, &format!("{MARK}certificate:")], |r| {
-        Ok((r.get(0)?, r.get(1)?, 0))
+        Ok((r.get(0)?, r.get(1)?))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
