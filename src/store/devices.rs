@@ -861,6 +861,13 @@ pub struct DeviceLine {
     pub seats: i64,
 }
 
+/// A page of all devices, or of the blocked ones (by their partial index).
+fn all_devices(columns: &str, blocked: &str) -> String {
+    format!(
+        "SELECT {columns} FROM devices d WHERE d.id > :after {blocked} ORDER BY d.id LIMIT :limit"
+    )
+}
+
 /// Devices after `after_id` (keyset pagination, by id), at most `limit`: all of them, or
 /// those whose uuid is `q`, or whose name or user starts with `q` (index range scans).
 pub fn list_devices(
@@ -899,10 +906,7 @@ pub fn list_devices(
                 .collect::<Result<_, _>>()?
         }
         (None, None) => {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {columns} FROM devices d WHERE d.id > :after {blocked}
-                 ORDER BY d.id LIMIT :limit"
-            ))?;
+            let mut stmt = conn.prepare_cached(&all_devices(&columns, blocked))?;
             let args: [(&str, &dyn rusqlite::ToSql); 2] =
                 [(":after", &after_id), (":limit", &limit)];
             stmt.query_map(args.as_slice(), row)?
@@ -1051,6 +1055,30 @@ mod tests {
         assert_eq!(page(None, true, 0), [line(4, 1)]);
         assert_eq!(page(Some("dev-6"), false, 0), [line(6, 3)]);
         assert!(page(Some("dev-3"), false, 0).is_empty(), "not in A");
+
+        // All blocked devices, read by their own index (not every device walked for them).
+        assert!(set_blocked(&conn, "dev-1", true).unwrap());
+        let blocked = |after: i64| -> Vec<String> {
+            list_devices(&conn, None, None, true, after, 1)
+                .unwrap()
+                .into_iter()
+                .map(|l| l.device.uuid)
+                .collect()
+        };
+        assert_eq!(blocked(0), ["dev-1"]);
+        assert_eq!(blocked(ids[1]), ["dev-4"]);
+        assert!(blocked(ids[4]).is_empty());
+        let plan: String = conn
+            .query_row(
+                &format!(
+                    "EXPLAIN QUERY PLAN {}",
+                    all_devices("d.id", " AND d.blocked = 1")
+                ),
+                rusqlite::named_params! {":after": 0, ":limit": 1},
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("devices_blocked"), "{plan}");
     }
 
     #[test]

@@ -37,6 +37,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0010_stream_bound.sql"),
     include_str!("migrations/0011_handshake_leases.sql"),
     include_str!("migrations/0012_alert_marks_pending.sql"),
+    include_str!("migrations/0013_blocked_devices.sql"),
 ];
 
 /// How many requests one transaction commits at most.
