@@ -89,6 +89,14 @@ pub async fn act(
     if matches!(action.as_str(), "create" | "role") && Role::parse(&form.role).is_none() {
         return refuse("Choose a role: owner, manager or auditor").await;
     }
+    if name == owner.name && matches!(action.as_str(), "delete" | "role") {
+        return refuse("You cannot delete or change your own account").await;
+    }
+    // With the current password, where the session goes on (a reset here signs this session
+    // out behind a page that still looks signed in).
+    if name == owner.name && action == "password" {
+        return refuse("Please change your own password on Your account (/account)").await;
+    }
     let hash = if matches!(action.as_str(), "create" | "password") {
         if let Err(problem) = check_credentials(&name, &form.password) {
             return refuse(problem.trim_end_matches('.')).await;
@@ -103,9 +111,6 @@ pub async fn act(
     } else {
         None
     };
-    if name == owner.name && matches!(action.as_str(), "delete" | "role") {
-        return refuse("You cannot delete or change your own account").await;
-    }
     let now = state.clock.now().unix_timestamp();
     let (actor, from, role) = (
         owner.name.clone(),

@@ -326,8 +326,9 @@ async fn login(
     if !form_cookie_matches(&req, &form.csrf) {
         return again("The form was out of date; please sign in again.");
     }
-    // No admin has a longer name: refused before any work or record.
-    if form.name.chars().count() > 64 || form.password.chars().count() > 256 {
+    // No admin has such a name: refused before any work or record (the audit log shows
+    // names as typed, and one with bidirectional marks would garble its line).
+    if !admin_name_ok(&form.name) || form.password.chars().count() > 256 {
         return again("Wrong name or password.");
     }
     // Each attempt is counted before Argon2 runs, so parallel attempts cannot all get past
@@ -498,11 +499,17 @@ struct SetupForm {
 }
 
 /// What makes an acceptable admin name and password.
+/// An admin's name: 1 to 64 characters, no space, control character or bidirectional mark.
+fn admin_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().count() <= 64
+        && !name
+            .chars()
+            .any(|c| crate::licensing::types::refused_in_text(c) || c.is_whitespace())
+}
+
 pub fn check_credentials(name: &str, password: &str) -> Result<(), &'static str> {
-    if name.is_empty()
-        || name.chars().count() > 64
-        || name.chars().any(|c| c.is_control() || c.is_whitespace())
-    {
+    if !admin_name_ok(name) {
         return Err("The name must be 1 to 64 characters, without spaces.");
     }
     if password.chars().count() < 12 {

@@ -662,6 +662,12 @@ fn sign_in_is_rate_limited_and_audited() {
         ),
         (5, 1)
     );
+    // A name no admin can have (a bidirectional mark would garble the audit log's line) is
+    // refused as a wrong name, before any record.
+    let (_, answer) = sign_in(&f, "oli\u{202E}via", "wrong password!");
+    assert_eq!(answer.status, 401);
+    assert!(answer.body.contains("Wrong name or password"));
+    assert_eq!(count("sign-in failed"), 5);
 }
 
 #[test]
@@ -1814,6 +1820,19 @@ fn owners_manage_admins_and_keep_at_least_one_owner() {
             .body
             .contains("You cannot delete or change your own account")
     );
+    // An owner's own password is changed on Your account, with the current one: a reset
+    // here would sign this very session out behind a page that still looks signed in.
+    let own = post(
+        "password",
+        &[("name", "olivia"), ("password", "another long password")],
+    );
+    assert!(
+        own.body
+            .contains("change your own password on Your account"),
+        "{}",
+        own.body
+    );
+    assert_eq!(browser.get("/admins").status, 200, "still signed in");
     let (manager, answer) = sign_in(&f, "max", PASSWORD);
     assert_eq!(answer.location, "/");
     assert_eq!(
