@@ -104,8 +104,22 @@ impl AppState {
                 tracing::error!(kind = "config", error = %e, "imports will fail: fix trusted_vendor_keys");
             }
         }
+        let key_file = config.data_dir.join(crate::appliance::KEY_FILE);
+        let new_key = !key_file.exists();
         let appliance = Appliance::load_or_create(&config.data_dir)?;
         let lock = backup::lock_file(&config.data_dir, backup::LOCK_WAIT)?;
+        // A database another appliance served, or licensed (moved here without its
+        // appliance.key, or the key lost): every device would refuse what this key signs.
+        // Refused, and a key just made for it goes again.
+        let conn = crate::store::open(&config.database_path())?;
+        if let Err(e) =
+            backup::bound_here(&conn, &config.database_path(), appliance.installation_id())
+        {
+            if new_key {
+                let _ = std::fs::remove_file(&key_file);
+            }
+            return Err(e.into());
+        }
         let backups = config.data_dir.join(backup::BACKUP_DIR);
         match backup::remove_unfinished(&backups, backup::UNFINISHED_AT_START) {
             Ok(0) => {}
@@ -114,7 +128,6 @@ impl AppState {
         }
         let store = Store::open(&config.database_path())?;
         let now = clock.now();
-        let conn = crate::store::open(&config.database_path())?;
         crate::jobs::remember_first_start(&conn, now.unix_timestamp())?;
         if crate::store::settings::get(&conn, backup::INSTALLATION)?.as_deref()
             != Some(appliance.installation_id())

@@ -617,7 +617,7 @@ pub const RUNNING: &str = "running_since";
 /// Refuses a database another appliance served, or whose licenses are bound to another
 /// appliance key: restored, every
 /// device would refuse the authorizations it gets (their licenses name another appliance).
-fn bound_here(conn: &Connection, path: &Path, ours: &str) -> Result<(), BackupError> {
+pub(crate) fn bound_here(conn: &Connection, path: &Path, ours: &str) -> Result<(), BackupError> {
     let unsound = |why: String| BackupError::Unsound(path.to_path_buf(), why);
     let other = |evidence: String| BackupError::OtherAppliance {
         path: path.to_path_buf(),

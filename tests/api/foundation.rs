@@ -749,6 +749,73 @@ fn a_second_appliance_refuses_the_first_ones_license() {
     assert!(import(&first, &license).ok);
 }
 
+/// Runs `serve` on `data`, which must refuse to start: its standard error (a start that goes
+/// on serving is stopped and fails the test).
+fn serve_refused(data: &Path) -> String {
+    let mut child = command()
+        .arg("--data-dir")
+        .arg(data)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve started");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A database moved without its appliance.key (to new hardware, or the key lost) belongs to
+/// the appliance that key was: its licenses are bound to it, and every device would refuse
+/// what a new key signed. `serve` refuses to start, saying so, and makes no key; with the
+/// key put back it serves. Another appliance's database beside this one's key, likewise.
+#[test]
+fn serve_refuses_a_database_without_its_appliance_key() {
+    let vendor = Vendor::new();
+    let (_a, data) = appliance_trusting(&vendor);
+    let license = vendor.issue_file(&data, SIMPLE_ITEMS, &[], "a.lic");
+    assert!(import(&data, &license).ok);
+    let id = installation_id(&data);
+    let key = std::fs::read(data.join("appliance.key")).unwrap();
+    std::fs::remove_file(data.join("appliance.key")).unwrap();
+    let digest = db_digest(&data.join("keygate.db"));
+    let stderr = serve_refused(&data);
+    assert!(
+        stderr.contains("belongs to another appliance") && stderr.contains(&id),
+        "{stderr}"
+    );
+    assert!(stderr.contains("appliance.key"), "{stderr}");
+    assert!(!data.join("appliance.key").exists(), "no new key is made");
+    assert_eq!(db_digest(&data.join("keygate.db")), digest);
+
+    let (_b, other) = appliance_trusting(&vendor);
+    std::fs::copy(data.join("keygate.db"), other.join("keygate.db")).unwrap();
+    let stderr = serve_refused(&other);
+    assert!(
+        stderr.contains(&id) && stderr.contains(&installation_id(&other)),
+        "{stderr}"
+    );
+
+    std::fs::write(data.join("appliance.key"), key).unwrap();
+    let served = Served::start(&data);
+    let (status, answer) = get_json(
+        &pinned_agent(&appliance_cert(&data)),
+        &served.url("/api/v1/appliance"),
+    );
+    assert_eq!(
+        (status, answer["installation_id"].as_str()),
+        (200, Some(id.as_str()))
+    );
+}
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jose")
 }
