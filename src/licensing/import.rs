@@ -12,6 +12,7 @@ use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
+use super::types::refused_in_text;
 use super::{is_identifier, unix};
 use crate::store::{self, StoreError, licenses::ItemTerms};
 
@@ -187,10 +188,10 @@ pub fn verify(
         let found = if license.appliance.installation_id == ours {
             format!("installation id {ours} with another public key")
         } else {
-            license.appliance.installation_id
+            shown(&license.appliance.installation_id)
         };
         return Err(ImportError::OtherAppliance {
-            license_id: license.license_id,
+            license_id: shown(&license.license_id),
             found,
             ours,
         });
@@ -204,6 +205,16 @@ pub fn verify(
     })
 }
 
+/// An identifier from a file not validated yet, as messages show it: quoted and escaped
+/// unless it is plain printable ASCII (a control sequence must not reach a terminal).
+fn shown(id: &str) -> String {
+    if !id.is_empty() && id.chars().all(|c| c.is_ascii_graphic()) {
+        id.to_string()
+    } else {
+        format!("{id:?}")
+    }
+}
+
 /// Parses the payload, naming an unknown model plainly rather than through serde's message.
 fn parse_payload(payload: &[u8]) -> Result<License, ImportError> {
     let value: serde_json::Value = serde_json::from_slice(payload)
@@ -213,7 +224,7 @@ fn parse_payload(payload: &[u8]) -> Result<License, ImportError> {
             if let Some(model) = item.get("model").and_then(|m| m.as_str())
                 && Model::parse(model).is_none()
             {
-                let id = item.get("item_id").and_then(|v| v.as_str()).unwrap_or("?");
+                let id = shown(item.get("item_id").and_then(|v| v.as_str()).unwrap_or("?"));
                 let known: Vec<&str> = Model::ALL.iter().map(|m| m.as_str()).collect();
                 return Err(ImportError::Invalid(format!(
                     "item {id} has unknown model {model:?} (known: {})",
@@ -249,9 +260,10 @@ pub fn validate(license: &License) -> Result<(), ImportError> {
         ));
     }
     // May be empty (licenses issued so; a vendor's name cannot change between versions).
-    if license.vendor.chars().count() > 128 || license.vendor.chars().any(char::is_control) {
+    if license.vendor.chars().count() > 128 || license.vendor.chars().any(refused_in_text) {
         return invalid(format!(
-            "vendor must be at most 128 characters without control characters (it is {:?})",
+            "vendor must be at most 128 characters without control characters or bidirectional \
+             marks (it is {:?})",
             license.vendor.chars().take(140).collect::<String>()
         ));
     }
@@ -264,10 +276,10 @@ pub fn validate(license: &License) -> Result<(), ImportError> {
     let mut seen = std::collections::HashSet::new();
     for item in &license.items {
         if !seen.insert(item.item_id.as_str()) {
-            return invalid(format!("item {} appears twice", item.item_id));
+            return invalid(format!("item {} appears twice", shown(&item.item_id)));
         }
         validate_item(item)
-            .map_err(|m| ImportError::Invalid(format!("item {}: {m}", item.item_id)))?;
+            .map_err(|m| ImportError::Invalid(format!("item {}: {m}", shown(&item.item_id))))?;
     }
     Ok(())
 }
@@ -287,9 +299,9 @@ fn text(field: &str, value: &str, max: usize) -> Result<(), String> {
         Err(format!(
             "{field} must not be empty nor have white space around it ({value:?})"
         ))
-    } else if value.chars().any(char::is_control) {
+    } else if value.chars().any(refused_in_text) {
         Err(format!(
-            "{field} {value:?} must not contain control characters"
+            "{field} {value:?} must not contain control characters or bidirectional marks"
         ))
     } else {
         Ok(())

@@ -488,6 +488,26 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
             vendor.sign_raw_license(&payload(item(json!({"quota": null})))),
             "missing field `quota`",
         ),
+        // A product no device can send (it would import and never serve one), a vendor name
+        // whose bidirectional mark would reorder what admins read.
+        (
+            "bidirectional mark in the product",
+            vendor.sign_raw_license(&payload(item(json!({"product": "barcode\u{202E}reader"})))),
+            "must not contain control characters or bidirectional marks",
+        ),
+        (
+            "bidirectional mark in the vendor",
+            with(json!({"vendor": "Acme\u{2066} Imaging"})),
+            "vendor must be at most 128 characters without control characters or bidirectional marks",
+        ),
+        // Text not validated yet reaches the terminal escaped, not as a control sequence.
+        (
+            "escape sequence in an item id",
+            vendor.sign_raw_license(&payload(item(
+                json!({"item_id": "X\u{1b}[2J", "model": "per_seat"}),
+            ))),
+            "item \"X\\u{1b}[2J\" has unknown model",
+        ),
         (
             "zero quota",
             vendor.sign_raw_license(&payload(item(json!({"quota": 0})))),
