@@ -319,8 +319,8 @@ fn check_handshake(
 }
 
 /// The public trial: a 7-day authorization with no items for a device that never
-/// authorized, when the admin turned it on. The newest license travels with it as proof
-/// that the vendor licensed this appliance's key.
+/// authorized, when the admin turned it on. A license of the product's vendor travels with
+/// it as proof that the vendor licensed this appliance's key.
 fn trial(
     conn: &Connection,
     catalogue: &Catalogue,
@@ -337,7 +337,7 @@ fn trial(
         .into());
     }
     let license_jws = catalogue
-        .newest_license_jws()
+        .trial_license_jws(&req.product)
         .ok_or_else(|| {
             ApiError::new(
                 ErrorCode::NoLicense,

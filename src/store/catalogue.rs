@@ -158,9 +158,17 @@ impl Catalogue {
             .map(String::as_str)
     }
 
-    /// The newest imported license (the public trial's proof that this appliance is licensed).
-    pub fn newest_license_jws(&self) -> Option<&str> {
-        self.newest_license.as_deref()
+    /// The license the public trial's authorization carries for `product`, as proof that
+    /// the vendor licensed this appliance's key: one with a current item for the product
+    /// (the device verifies it with its vendor's key: with several vendors, the newest
+    /// license may be another's), the one running longest; else the newest imported.
+    pub fn trial_license_jws(&self, product: &str) -> Option<&str> {
+        self.items
+            .values()
+            .filter(|item| !item.withdrawn && item.product == product)
+            .max_by_key(|item| (item.terms.expires_at, &item.item_id))
+            .and_then(|item| self.license_jws(item))
+            .or(self.newest_license.as_deref())
     }
 
     pub fn public_trial(&self) -> bool {

@@ -75,6 +75,42 @@ fn handshake_resolution_follows_the_table() {
         (400, "HANDSHAKE_REQUIRED".into()),
         "known devices get no trial"
     );
+
+    // Another vendor's license imported last: a trial device of the first vendor's product
+    // still gets a license its vendor's key verifies (the one that licenses its product),
+    // one of the other vendor's product that vendor's; one of a product no license names,
+    // the newest license.
+    let other = Vendor::new();
+    assert!(keygate(&f.data, &["trust", other.pub_path().to_str().unwrap()]).ok);
+    let license = other.issue_file(
+        &f.data,
+        &items_file("LIC-B", &item("scanner", "per_device", 5, "")),
+        &[],
+        "b.lic",
+    );
+    assert!(keygate(&f.data, &["import", license.to_str().unwrap()]).ok);
+    let license_of = |n: u32, product: &str| -> String {
+        let mut body = base(n);
+        body["product"] = json!(product);
+        let (status, body) = f.authorize(&body);
+        assert_eq!(status, 200, "{body}");
+        let license = body["license"].as_str().unwrap();
+        let payload: keygate_sdk::wire::License = keygate_sdk::jws::Token::decode(license)
+            .unwrap()
+            .payload_as()
+            .unwrap();
+        payload.license_id
+    };
+    assert_eq!(license_of(9, "reader"), "LIC-T");
+    assert_eq!(license_of(10, "scanner"), "LIC-B");
+    assert_eq!(license_of(11, "viewer"), "LIC-B");
+    let (_, body) = {
+        let mut body = base(12);
+        body["product"] = json!("reader");
+        f.authorize(&body)
+    };
+    assert!(f.verify(&body, 12).items.is_empty());
+
     assert!(keygate(&f.data, &["trial", "off"]).ok);
     assert_eq!(code(base(8)), (400, "HANDSHAKE_REQUIRED".into()));
 }
