@@ -284,7 +284,9 @@ fn renew(
             && !models::seat_lapsed(model, seat.first_auth_at, seat.last_used_at, now)
         {
             devices::touch_seat(conn, &item.item_id, device.id, instance, &seat, now)?;
-            if model.is_concurrent() {
+            // Not in an item no device can use (stopped at max_exceptions, expired): its
+            // exceptions would go on counting and use up a later license's higher stop.
+            if model.is_concurrent() && availability(&item.terms, &item.used, now).is_ok() {
                 devices::mark_window(
                     conn,
                     &item.item_id,
