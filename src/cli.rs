@@ -671,7 +671,7 @@ fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {
             let id = verified.license.license_id.clone();
             ("license imported", id, outcome.to_string())
         });
-        let note = import::expired_note(&verified.license, now);
+        let note = import::serving_note(&verified.license, now);
         Ok(((outcome.to_string(), note), entry))
     })?;
     let (outcome, note) = outcome;

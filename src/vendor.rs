@@ -78,7 +78,7 @@ pub struct ItemSpec {
     pub product: String,
     pub model: Model,
     pub quota: i64,
-    /// Default: the time of issue.
+    /// Default: the start of the day before the issue, UTC (see `default_start`).
     pub starts_at: Option<toml::value::Datetime>,
     pub expires_at: toml::value::Datetime,
     pub offline_days: u32,
@@ -148,6 +148,14 @@ fn to_time(dt: &toml::value::Datetime, field: &str) -> Result<OffsetDateTime, Ve
 
 /// Builds, checks and signs a license for the appliance that made `request`; returns the
 /// license file's text (comment lines, then the signed line).
+/// An item's start when the items file gives none: the start of the day before the issue
+/// (UTC). An appliance's clock a few hours behind the vendor's (kept in local time, no time
+/// source in an offline LAN) would otherwise refuse a renewed item's devices until it caught
+/// up with the second of issue.
+fn default_start(issued: OffsetDateTime) -> OffsetDateTime {
+    (issued - time::Duration::days(1)).replace_time(time::Time::MIDNIGHT)
+}
+
 pub fn issue(
     key: &SigningKey,
     request: &ActivationRequest,
@@ -188,7 +196,7 @@ pub fn issue(
                 quota: spec.quota,
                 starts_at: match &spec.starts_at {
                     Some(t) => to_time(t, "starts_at")?,
-                    None => now,
+                    None => default_start(now),
                 },
                 expires_at: to_time(&spec.expires_at, "expires_at")?,
                 offline_days: spec.offline_days,

@@ -455,21 +455,41 @@ impl std::fmt::Display for ImportOutcome {
     }
 }
 
-/// What an admin should know of a license that imported: the items that have expired
-/// already (a vendor's mistake, or a file kept too long), which serve no device.
-pub fn expired_note(license: &License, now: OffsetDateTime) -> Option<String> {
-    let expired: Vec<&str> = license
+/// What an admin should know of a license that imported: the items that serve no device
+/// now, expired already (a vendor's mistake, or a file kept too long) or not started yet
+/// (a start ahead of this appliance's clock: a renewal would refuse every device of a
+/// renewed item until then).
+pub fn serving_note(license: &License, now: OffsetDateTime) -> Option<String> {
+    let ids = |items: Vec<&LicenseItem>| {
+        items
+            .iter()
+            .map(|i| i.item_id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let expired: Vec<&LicenseItem> = license
         .items
         .iter()
         .filter(|i| i.expires_at <= now)
-        .map(|i| i.item_id.as_str())
         .collect();
-    (!expired.is_empty()).then(|| {
-        format!(
+    let ahead: Vec<&LicenseItem> = license.items.iter().filter(|i| i.starts_at > now).collect();
+    let mut notes = Vec::new();
+    if !expired.is_empty() {
+        notes.push(format!(
             "note: expired already, so serving no device: {}",
-            expired.join(", ")
-        )
-    })
+            ids(expired)
+        ));
+    }
+    if let Some(first) = ahead.iter().map(|i| i.starts_at).min() {
+        notes.push(format!(
+            "note: not started yet by this appliance's clock ({}), so serving no device until \
+             {} or later (is the clock right?): {}",
+            super::rfc3339(now),
+            super::rfc3339(first),
+            ids(ahead)
+        ));
+    }
+    (!notes.is_empty()).then(|| notes.join("\n"))
 }
 
 /// Stores a verified license. Run it inside a transaction: on error the caller rolls back and

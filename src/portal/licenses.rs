@@ -214,7 +214,7 @@ pub async fn upload(
             .store
             .write(move |conn| {
                 let outcome = import::apply(conn, &verified, now)?;
-                let note = import::expired_note(&verified.license, now);
+                let note = import::serving_note(&verified.license, now);
                 if outcome.changed() {
                     ops::audit(
                         conn,

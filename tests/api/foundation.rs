@@ -748,6 +748,41 @@ fn importing_expired_items_says_so() {
         "{}",
         run.stderr
     );
+
+    // A start ahead of the appliance's clock is told; one the items file leaves out is the
+    // start of the day before the issue, so a clock hours behind the vendor's serves at once.
+    let ahead = SIMPLE_ITEMS.replace("LIC-0042", "LIC-0043").replace(
+        "starts_at = 2026-01-01T00:00:00Z",
+        "starts_at = 2035-01-01T00:00:00Z",
+    );
+    let run = import(&data, &vendor.issue_file(&data, &ahead, &[], "ahead.lic"));
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(
+            "serving no device until 2035-01-01T00:00:00Z or later (is the clock right?): LIC-0043-1"
+        ),
+        "{}",
+        run.stderr
+    );
+    let unstated = SIMPLE_ITEMS
+        .replace("LIC-0042", "LIC-0044")
+        .replace("starts_at = 2026-01-01T00:00:00Z\n", "");
+    let run = import(&data, &vendor.issue_file(&data, &unstated, &[], "now.lic"));
+    assert!(run.ok && !run.stderr.contains("note:"), "{}", run.stderr);
+    let starts: i64 = rusqlite::Connection::open(data.join("keygate.db"))
+        .unwrap()
+        .query_row(
+            "SELECT starts_at FROM items WHERE item_id = 'LIC-0044-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert_eq!(starts % 86_400, 0, "a day's start");
+    assert!(
+        (now - 2 * 86_400..=now - 86_400).contains(&starts),
+        "{starts}"
+    );
 }
 
 #[test]
