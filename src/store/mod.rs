@@ -287,8 +287,8 @@ impl Store {
         let own = own.await.ok().map(|out| out.map(then));
         match (outcome.await, own) {
             (Ok(Ok(())), Some(own)) => own,
-            // A job that failed on its own says why, not what its batch's failure was.
-            (Ok(Err(_)), Some(Err(own))) => Err(own),
+            // The batch failed: nothing of it is written, so no job's own answer stands
+            // (a refusal may rest on another job's rolled-back change: the seat it took).
             (Ok(Err(e)), _) => Err(E::from(e)),
             (Ok(Ok(())), None) | (Err(_), _) => Err(E::from(StoreError::WriterGone)),
         }
@@ -1215,6 +1215,42 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored, None);
+    }
+
+    /// A job refused because of another job's change (the seat it took) in a batch that then
+    /// fails is answered with the batch's failure, to be tried again: the change it was
+    /// refused for was never written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_in_a_batch_that_fails_is_answered_as_the_batchs_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        let (first, release) = hold_writer(&store).await;
+        let taken = queue(Box::pin(
+            store.write(|conn| settings::set(conn, "seat", "taken")),
+        ))
+        .await;
+        let refused = queue(Box::pin(store.write(|conn| {
+            match settings::get(conn, "seat")? {
+                Some(_) => Err(StoreError::Wal("no seat left".into())),
+                None => settings::set(conn, "seat", "mine"),
+            }
+        })))
+        .await;
+        let ended = queue(Box::pin(store.write(|conn| {
+            exec(conn, "ROLLBACK")?;
+            Err::<(), _>(StoreError::Panicked)
+        })))
+        .await;
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        assert!(ended.await.is_err() && taken.await.is_err());
+        let err = refused.await.unwrap_err();
+        assert!(matches!(err, StoreError::Commit(_)), "{err:?}");
+        let seat = store
+            .read(|conn| settings::get(conn, "seat"))
+            .await
+            .unwrap();
+        assert_eq!(seat, None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
