@@ -201,22 +201,55 @@ fn take_as(
 /// before its extension when a backup taken in the same second holds it (the CLI's beside
 /// the service's). A link, not a rename: a rename would replace that backup.
 fn place(tmp: &Path, dir: &Path, name: &str) -> Result<PathBuf, BackupError> {
+    place_with(tmp, dir, name, |from, to| std::fs::hard_link(from, to))
+}
+
+/// [`place`] with `link` making links. On a file system without links (a FAT drive mounted
+/// on `backups/`: EPERM; some network shares: EOPNOTSUPP), a rename to a name nothing holds.
+fn place_with(
+    tmp: &Path,
+    dir: &Path,
+    name: &str,
+    link: impl Fn(&Path, &Path) -> std::io::Result<()>,
+) -> Result<PathBuf, BackupError> {
     let (stem, extension) = name.rsplit_once('.').unwrap_or((name, ""));
-    for n in 1.. {
+    let rename = |to: &Path| -> std::io::Result<()> {
+        if to.try_exists()? {
+            return Err(std::io::ErrorKind::AlreadyExists.into());
+        }
+        std::fs::rename(tmp, to)
+    };
+    let (mut n, mut links) = (1, true);
+    loop {
         let path = match n {
             1 => dir.join(name),
             n => dir.join(format!("{stem}-{n}.{extension}")),
         };
-        match std::fs::hard_link(tmp, &path) {
+        let placed = if links {
+            link(tmp, &path)
+        } else {
+            rename(&path)
+        };
+        match placed {
             Ok(()) => {
-                std::fs::remove_file(tmp).map_err(io(tmp))?;
+                if links {
+                    std::fs::remove_file(tmp).map_err(io(tmp))?;
+                }
                 return Ok(path);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+            Err(e)
+                if links
+                    && (matches!(
+                        e.kind(),
+                        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::Unsupported
+                    ) || e.raw_os_error() == Some(95)) =>
+            {
+                links = false;
+            }
             Err(e) => return Err(io(&path)(e)),
         }
     }
-    unreachable!("a free name is found before the numbers run out")
 }
 
 /// The files SQLite may keep beside a database.
@@ -765,6 +798,35 @@ mod tests {
             assert_eq!(mode(&file.path), 0o600);
             assert_eq!(mode(&backups), 0o700);
         }
+    }
+
+    /// Where links are not to be had, backups of one second are renamed into place, each
+    /// to a name of its own.
+    #[test]
+    fn backups_are_placed_without_links_where_the_file_system_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let no_links = |_: &Path, _: &Path| -> std::io::Result<()> {
+            Err(std::io::ErrorKind::PermissionDenied.into())
+        };
+        let mut placed = Vec::new();
+        for i in 0..3 {
+            let tmp = dir.path().join(format!(".copy{i}.tmp"));
+            std::fs::write(&tmp, format!("copy {i}")).unwrap();
+            let path =
+                place_with(&tmp, dir.path(), "keygate-20260630T120000Z.db", no_links).unwrap();
+            assert!(!tmp.exists());
+            placed.push(file_name(&path));
+        }
+        assert_eq!(
+            placed,
+            [
+                "keygate-20260630T120000Z.db",
+                "keygate-20260630T120000Z-2.db",
+                "keygate-20260630T120000Z-3.db"
+            ]
+        );
+        let first = dir.path().join("keygate-20260630T120000Z.db");
+        assert_eq!(std::fs::read_to_string(first).unwrap(), "copy 0");
     }
 
     /// The CLI's backup beside the service's in the same second: neither replaces the other,
