@@ -479,6 +479,9 @@ fn open_store(config: &Config) -> Result<rusqlite::Connection> {
         },
         None => None,
     };
+    if _lock.is_some() {
+        crate::server::remove_unfinished_backups(&config.data_dir);
+    }
     Ok(store::open(&path)?)
 }
 

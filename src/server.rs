@@ -38,6 +38,17 @@ pub enum StartError {
     MetricsToken { path: String, message: String },
 }
 
+/// Removes what backups cut short left in `data_dir`'s backup directory, untouched for
+/// [`backup::UNFINISHED_AT_START`] (best effort: logged).
+pub fn remove_unfinished_backups(data_dir: &std::path::Path) {
+    let backups = data_dir.join(backup::BACKUP_DIR);
+    match backup::remove_unfinished(&backups, backup::UNFINISHED_AT_START) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(files = n, "removed unfinished backups"),
+        Err(e) => tracing::warn!(error = %e, "cannot remove unfinished backups"),
+    }
+}
+
 /// Everything a request handler may need, shared by all workers.
 pub struct AppState {
     pub config: Config,
@@ -108,6 +119,10 @@ impl AppState {
         let new_key = !key_file.exists();
         let appliance = Appliance::load_or_create(&config.data_dir)?;
         let lock = backup::lock_file(&config.data_dir, backup::LOCK_WAIT)?;
+        // Before the database is opened: a migration's backup cut short at the last start
+        // left a copy the size of the database, which would fail this start's backup for
+        // want of space (see `remove_unfinished`).
+        remove_unfinished_backups(&config.data_dir);
         // A database another appliance served, or licensed (moved here without its
         // appliance.key, or the key lost): every device would refuse what this key signs.
         // Refused, and a key just made for it goes again.
@@ -119,12 +134,6 @@ impl AppState {
                 let _ = std::fs::remove_file(&key_file);
             }
             return Err(e.into());
-        }
-        let backups = config.data_dir.join(backup::BACKUP_DIR);
-        match backup::remove_unfinished(&backups, backup::UNFINISHED_AT_START) {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(files = n, "removed unfinished backups"),
-            Err(e) => tracing::warn!(error = %e, "cannot remove unfinished backups"),
         }
         let store = Store::open(&config.database_path())?;
         let now = clock.now();

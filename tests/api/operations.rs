@@ -384,3 +384,26 @@ fn an_appliance_on_a_full_disk_starts_and_serves() {
         .unwrap();
     assert_eq!(kept, 40);
 }
+
+/// A backup cut short at an earlier start (the copy taken before a migration, killed by the
+/// service manager's start timeout) is removed by the next start, before it opens the
+/// database: its migration's backup needs the space that copy holds.
+#[test]
+fn a_start_removes_the_copy_an_interrupted_backup_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    Served::start(&data).terminate();
+    let backups = data.join("backups");
+    std::fs::create_dir_all(&backups).unwrap();
+    let left = backups.join(".keygate-schema3-before-upgrade-20261204T120000Z.db.1.tmp");
+    std::fs::write(&left, vec![0u8; 4096]).unwrap();
+    let eleven_minutes_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(660);
+    std::fs::File::options()
+        .write(true)
+        .open(&left)
+        .unwrap()
+        .set_modified(eleven_minutes_ago)
+        .unwrap();
+    let _served = Served::start(&data);
+    assert!(!left.exists());
+}
