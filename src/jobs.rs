@@ -605,8 +605,20 @@ pub async fn take_backup(state: &AppState) -> Result<String, JobError> {
         state.config.jobs.backup_keep_days,
     );
     let (file, pruned) = web::block(move || {
-        let file = backup::take(&db, &dir, now)?;
-        let pruned = backup::prune(&dir, keep_last, keep_days, now)?;
+        let mut pruned = 0;
+        let file = match backup::take(&db, &dir, now) {
+            // Retention first, then once more: the remedy the refusal names (keep fewer
+            // backups) works at the next run, without deleting files by hand.
+            Err(e @ backup::BackupError::NoSpace { .. }) => {
+                pruned = backup::prune(&dir, keep_last, keep_days, now)?;
+                if pruned == 0 {
+                    return Err(e);
+                }
+                backup::take(&db, &dir, now)?
+            }
+            taken => taken?,
+        };
+        pruned += backup::prune(&dir, keep_last, keep_days, now)?;
         Ok::<_, backup::BackupError>((file, pruned))
     })
     .await
