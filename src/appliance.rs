@@ -18,10 +18,11 @@ pub enum ApplianceError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read or write {path}: {source}")]
+    // Not a `source`: the message says the cause once, then what to do about it.
+    #[error("cannot read or write {path}: {error}{hint}", hint = permission_hint(error))]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "no appliance key at {path}: is this the data directory of an appliance (--data-dir, \
@@ -54,6 +55,25 @@ impl std::fmt::Debug for Appliance {
 
 pub const KEY_FILE: &str = "appliance.key";
 
+/// Whether the appliance key at `path` exists: a directory this user may not look into is
+/// an error that says so, not a missing key (an admin running a command as themselves on
+/// the service's data directory).
+pub fn key_exists(path: &Path) -> Result<bool, ApplianceError> {
+    path.try_exists().map_err(|error| ApplianceError::Io {
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+/// What to do about a refused permission: run as the service's user.
+pub fn permission_hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        " (run keygate as the service's user: `runuser -u keygate -- keygate ...`, or as root)"
+    } else {
+        ""
+    }
+}
+
 impl Appliance {
     /// Loads the appliance key from `data_dir`, creating the directory and the key on first
     /// start. The key file is PKCS#8 PEM, mode 0600, and never leaves the data directory.
@@ -66,10 +86,10 @@ impl Appliance {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = keys::generate_signing_key();
                 write_secret_file(&path, keys::signing_key_to_pem(&key).as_bytes())
-                    .map_err(|source| ApplianceError::Io { path, source })?;
+                    .map_err(|error| ApplianceError::Io { path, error })?;
                 key
             }
-            Err(source) => return Err(ApplianceError::Io { path, source }),
+            Err(error) => return Err(ApplianceError::Io { path, error }),
         };
         Ok(Appliance::from_key(key))
     }
@@ -78,7 +98,7 @@ impl Appliance {
     /// read, or that must not give the appliance a new identity.
     pub fn load(data_dir: &Path) -> Result<Appliance, ApplianceError> {
         let path = data_dir.join(KEY_FILE);
-        if !path.exists() {
+        if !key_exists(&path)? {
             return Err(ApplianceError::NoKey { path });
         }
         Appliance::load_or_create(data_dir)

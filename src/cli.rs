@@ -343,7 +343,7 @@ pub fn run(command: Command, config: Config) -> Result<()> {
             | Command::Vendor(_)
     );
     let key = config.data_dir.join(appliance::KEY_FILE);
-    if !sets_up && !key.exists() {
+    if !sets_up && !appliance::key_exists(&key)? {
         return Err(appliance::ApplianceError::NoKey { path: key }.into());
     }
     match command {
@@ -1139,7 +1139,11 @@ fn reset_clock(config: &Config, clock: &dyn Clock) -> Result<()> {
 
 fn status(config: &Config) -> Result<()> {
     // Reading only: a mistyped directory is told, not made into a new appliance.
-    if !config.database_path().exists() {
+    let db = config.database_path();
+    let found = db
+        .try_exists()
+        .map_err(|e| anyhow::anyhow!("{}: {e}{}", db.display(), appliance::permission_hint(&e)))?;
+    if !found {
         bail!(
             "no keygate database at {}: check --data-dir or the configuration's data_dir \
              (`keygate serve` creates one on first start)",
