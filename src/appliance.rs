@@ -192,16 +192,34 @@ pub fn same_secret(presented: &str, expected: &str) -> bool {
     ))
 }
 
-/// Writes a new file readable by the owner only (0600 on Unix), durably, refusing to
-/// overwrite an existing one.
-pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+/// Creates a new, empty file readable by the owner only (0600 on Unix), refusing to take
+/// an existing one.
+pub fn create_secret_file(path: &Path) -> std::io::Result<std::fs::File> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    file.write_all(contents)?;
-    file.sync_all()
+    options.open(path)
+}
+
+/// Writes a new file readable by the owner only (0600 on Unix), durably, refusing to
+/// overwrite an existing one. Whole or not at all: written and synced under a temporary
+/// name first, then linked into place (a full disk or a power cut while writing left an
+/// empty appliance key or certificate, which failed every later start as damaged).
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", uuid::Uuid::new_v4()));
+    let written = create_secret_file(&tmp).and_then(|mut file| {
+        file.write_all(contents)?;
+        file.sync_all()
+    });
+    let placed = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    placed?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
+        _ => Ok(()),
+    }
 }
 
 /// Makes the renames in `dir` durable (a directory cannot be opened for syncing on Windows,
@@ -217,6 +235,27 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_file_is_written_whole_once_and_never_over_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("appliance.key");
+        write_secret_file(&path, b"first").unwrap();
+        let err = write_secret_file(&path, b"second").unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["appliance.key"], "no temporary file is left");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
 
     #[test]
     fn key_is_created_once_and_kept() {

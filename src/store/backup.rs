@@ -174,7 +174,7 @@ fn take_as(
     // Unique: a backup taken from the portal in the same second as the scheduled one must
     // not write into the same temporary file. Owner-only from the start: it holds secrets.
     let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4()));
-    crate::appliance::write_secret_file(&tmp, b"").map_err(io(&tmp))?;
+    crate::appliance::create_secret_file(&tmp).map_err(io(&tmp))?;
     let written = copy_checked(db, &tmp, COPY_LOCKED_AT_MOST).and_then(|()| sync_file(&tmp));
     if let Err(e) = written {
         // A damaged database or a full disk: no half-written copy is left to fill the disk.

@@ -76,7 +76,7 @@ pub enum StoreError {
 pub fn open(path: &Path) -> Result<Connection, StoreError> {
     // An empty file is a new database to SQLite. An existing one is left as it is (the
     // refusal is ignored); any other failure shows when SQLite opens the path below.
-    let _ = crate::appliance::write_secret_file(path, b"");
+    let _ = crate::appliance::create_secret_file(path);
     let mut conn = Connection::open(path)?;
     configure(&conn)?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
