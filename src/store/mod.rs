@@ -378,6 +378,11 @@ where
 {
     fn run(&mut self, conn: &Connection) {
         let f = self.f.take().expect("a job runs once");
+        // Its requester gave up waiting (the client went away, a timeout): never answered,
+        // it is not run either; the writer's time goes to requests still waiting.
+        if self.ran.as_ref().is_some_and(|ran| ran.is_closed()) {
+            return;
+        }
         let out = match exec(conn, "SAVEPOINT job") {
             Err(e) => Err(E::from(e.into())),
             Ok(()) => {
@@ -1212,6 +1217,39 @@ mod tests {
         );
         let stored = store
             .read(|conn| settings::get(conn, "signed"))
+            .await
+            .unwrap();
+        assert_eq!(stored, None);
+    }
+
+    /// A request given up before its job ran (its client went away, a timeout): the job
+    /// does not run. Nothing was answered, so nothing depends on it, and the writer's time
+    /// (and the memory of the queue behind it) goes to requests still waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_given_up_before_it_ran_does_not_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        let (first, release) = hold_writer(&store).await;
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let given_up = queue(Box::pin(store.write({
+            let ran = ran.clone();
+            move |conn| {
+                ran.store(true, Ordering::SeqCst);
+                settings::set(conn, "given up", "1")
+            }
+        })))
+        .await;
+        let waiting = queue(Box::pin(
+            store.write(|conn| settings::set(conn, "waiting", "1")),
+        ))
+        .await;
+        drop(given_up);
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        waiting.await.unwrap();
+        assert!(!ran.load(Ordering::SeqCst));
+        let stored = store
+            .read(|conn| settings::get(conn, "given up"))
             .await
             .unwrap();
         assert_eq!(stored, None);
