@@ -49,6 +49,11 @@ pub fn remove_unfinished_backups(data_dir: &std::path::Path) {
     }
 }
 
+/// Reports and counters the usage requests in the writer's queue may hold at once: about
+/// 100 MiB parsed; a request of the largest backlog (5,000 reports of 64 counters) weighs
+/// about a third of it, a heartbeat 1.
+pub const USAGE_BUDGET: u32 = 1_000_000;
+
 /// Everything a request handler may need, shared by all workers.
 pub struct AppState {
     pub config: Config,
@@ -68,6 +73,11 @@ pub struct AppState {
     /// either never delays the other.
     device_argon2: tokio::sync::Semaphore,
     portal_argon2: tokio::sync::Semaphore,
+    /// What the usage requests on their way through the writer may hold, in reports and
+    /// counters ([`USAGE_BUDGET`]): past it, `RATE_LIMITED` (send again later), not a queue
+    /// that grows until memory runs out (a site's devices back from an outage, each with a
+    /// large backlog).
+    pub usage_budget: tokio::sync::Semaphore,
     /// Session password checks per client address (IPv6: per /64): 10 a minute, then
     /// `RATE_LIMITED`.
     pub password_attempts: AttemptLimiter,
@@ -199,6 +209,7 @@ impl AppState {
             passwords: PasswordCache::default(),
             device_argon2: tokio::sync::Semaphore::new(2),
             portal_argon2: tokio::sync::Semaphore::new(1),
+            usage_budget: tokio::sync::Semaphore::new(USAGE_BUDGET as usize),
             password_attempts: AttemptLimiter::new(10, 60),
             code_password_attempts: AttemptLimiter::new(100, 60),
             sign_in_limits: SignInLimits::default(),

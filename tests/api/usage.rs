@@ -979,3 +979,46 @@ fn a_new_version_metering_another_counter_counts_that_counter() {
     f.import("LIC-T", &meters("scans"), &["--version", "3"]);
     assert_eq!(f.item_value("LIC-T-1", "usage_total"), 1_000);
 }
+
+/// The usage requests waiting for the database hold at most `USAGE_BUDGET` reports and
+/// counters: past it a request is answered `RATE_LIMITED` (to send again later) and records
+/// nothing, instead of queueing until the appliance runs out of memory.
+#[test]
+fn usage_past_the_appliances_budget_is_refused_for_later() {
+    let f = scanner();
+    let lease = f.authorized("scanner", 1).lease_id;
+    let held = f
+        .app
+        .state
+        .usage_budget
+        .try_acquire_many(keygate::server::USAGE_BUDGET - 2)
+        .unwrap();
+    let digest = db_digest(&f.data.join("keygate.db"));
+    // Two reports of one counter weigh 5 (the request, each report, each counter).
+    let two = f.reports(
+        &lease,
+        1,
+        STREAM,
+        &[(1, "LIC-T-1", "scans", 1), (2, "LIC-T-1", "scans", 1)],
+    );
+    let (status, body) = f.usage(&two);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("RATE_LIMITED"))
+    );
+    assert_eq!(db_digest(&f.data.join("keygate.db")), digest);
+    // A heartbeat weighs 1: it goes through.
+    f.heartbeat(&lease, 1).unwrap();
+    drop(held);
+    let (status, body) = f.usage(&two);
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (200, Some(2)),
+        "{body}"
+    );
+    // What a request held is given back once it is answered.
+    assert_eq!(
+        f.app.state.usage_budget.available_permits(),
+        keygate::server::USAGE_BUDGET as usize
+    );
+}
