@@ -1179,6 +1179,26 @@ mod tests {
     }
 
     /// Polls a write once, which queues its job, and hands it back to await later.
+    /// A job that sets `key`, raising `ran` when it runs.
+    fn flagged(
+        ran: &Arc<std::sync::atomic::AtomicBool>,
+        key: &'static str,
+    ) -> impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static {
+        let ran = ran.clone();
+        move |conn| {
+            ran.store(true, Ordering::SeqCst);
+            settings::set(conn, key, "1")
+        }
+    }
+
+    /// The setting `key` as committed.
+    async fn stored(store: &Store, key: &'static str) -> Option<String> {
+        store
+            .read(move |conn| settings::get(conn, key))
+            .await
+            .unwrap()
+    }
+
     async fn queue<W: Future + Unpin>(mut write: W) -> W {
         std::future::poll_fn(|cx| {
             assert!(std::pin::Pin::new(&mut write).poll(cx).is_pending());
@@ -1215,10 +1235,7 @@ mod tests {
             made.load(Ordering::SeqCst),
             "the answer was made, and dropped"
         );
-        let stored = store
-            .read(|conn| settings::get(conn, "signed"))
-            .await
-            .unwrap();
+        let stored = stored(&store, "signed").await;
         assert_eq!(stored, None);
     }
 
@@ -1231,14 +1248,7 @@ mod tests {
         let store = Store::open(&dir.path().join("k.db")).unwrap();
         let (first, release) = hold_writer(&store).await;
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let given_up = queue(Box::pin(store.write({
-            let ran = ran.clone();
-            move |conn| {
-                ran.store(true, Ordering::SeqCst);
-                settings::set(conn, "given up", "1")
-            }
-        })))
-        .await;
+        let given_up = queue(Box::pin(store.write(flagged(&ran, "given up")))).await;
         let waiting = queue(Box::pin(
             store.write(|conn| settings::set(conn, "waiting", "1")),
         ))
@@ -1248,10 +1258,7 @@ mod tests {
         first.await.unwrap().unwrap();
         waiting.await.unwrap();
         assert!(!ran.load(Ordering::SeqCst));
-        let stored = store
-            .read(|conn| settings::get(conn, "given up"))
-            .await
-            .unwrap();
+        let stored = stored(&store, "given up").await;
         assert_eq!(stored, None);
     }
 
@@ -1284,10 +1291,7 @@ mod tests {
         assert!(ended.await.is_err() && taken.await.is_err());
         let err = refused.await.unwrap_err();
         assert!(matches!(err, StoreError::Commit(_)), "{err:?}");
-        let seat = store
-            .read(|conn| settings::get(conn, "seat"))
-            .await
-            .unwrap();
+        let seat = stored(&store, "seat").await;
         assert_eq!(seat, None);
     }
 
@@ -1304,22 +1308,12 @@ mod tests {
         })))
         .await;
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let after = queue(Box::pin(store.write({
-            let ran = ran.clone();
-            move |conn| {
-                ran.store(true, Ordering::SeqCst);
-                settings::set(conn, "after", "1")
-            }
-        })))
-        .await;
+        let after = queue(Box::pin(store.write(flagged(&ran, "after")))).await;
         release.send(()).unwrap();
         first.await.unwrap().unwrap();
         assert!(ended.await.is_err());
         assert!(after.await.is_err(), "answered as failed");
-        let stored = store
-            .read(|conn| settings::get(conn, "after"))
-            .await
-            .unwrap();
+        let stored = stored(&store, "after").await;
         assert_eq!(stored, None, "and so not written");
         assert!(!ran.load(Ordering::SeqCst), "it did not run at all");
         // The writer goes on.
