@@ -213,13 +213,37 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         file.write_all(contents)?;
         file.sync_all()
     });
-    let placed = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let placed = written.and_then(|()| place_new(&tmp, path));
     let _ = std::fs::remove_file(&tmp);
     placed?;
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
         _ => Ok(()),
     }
+}
+
+/// Gives the file `tmp` the name `path` unless something holds that name: a link (the
+/// caller removes `tmp`), or, on a file system without links (a FAT drive), a rename after
+/// looking.
+pub fn place_new(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(tmp, path) {
+        Err(e) if no_links(&e) => {
+            if path.try_exists()? {
+                return Err(std::io::ErrorKind::AlreadyExists.into());
+            }
+            std::fs::rename(tmp, path)
+        }
+        linked => linked,
+    }
+}
+
+/// Whether a link failed because the file system makes none (FAT, exFAT: EPERM; some
+/// network shares: EOPNOTSUPP).
+pub fn no_links(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::Unsupported
+    ) || e.raw_os_error() == Some(95)
 }
 
 /// Makes the renames in `dir` durable (a directory cannot be opened for syncing on Windows,

@@ -238,15 +238,7 @@ fn place_with(
                 return Ok(path);
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
-            Err(e)
-                if links
-                    && (matches!(
-                        e.kind(),
-                        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::Unsupported
-                    ) || e.raw_os_error() == Some(95)) =>
-            {
-                links = false;
-            }
+            Err(e) if links && crate::appliance::no_links(&e) => links = false,
             Err(e) => return Err(io(&path)(e)),
         }
     }
