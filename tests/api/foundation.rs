@@ -1130,3 +1130,57 @@ fn console_changes_are_audited_and_refused_ones_are_not() {
         ]
     );
 }
+
+/// An admin running a command as themselves on the service's data directory is told that
+/// the directory is not theirs to read, and how to run the command, not that its database
+/// or appliance key is missing (which invites the wrong recovery).
+#[cfg(unix)]
+#[test]
+fn a_data_directory_the_user_may_not_read_is_told_as_such() {
+    use std::os::unix::fs::PermissionsExt;
+    let vendor = Vendor::new();
+    let (dir, data) = appliance_trusting(&vendor);
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap();
+    let run = |args: &[&str]| -> String {
+        let out = if root {
+            // Root reads anything: another user runs a copy of the binary it may execute.
+            let bin = dir.path().join("keygate");
+            std::fs::copy(BIN, &bin).unwrap();
+            for path in [dir.path(), bin.as_path()] {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+            std::process::Command::new("runuser")
+                .args(["-u", "nobody", "--"])
+                .arg(&bin)
+                .arg("--data-dir")
+                .arg(&data)
+                .args(args)
+                .output()
+                .unwrap()
+        } else {
+            command()
+                .arg("--data-dir")
+                .arg(&data)
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let mode = if root { 0o700 } else { 0o000 };
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(mode)).unwrap();
+    for args in [&["status"][..], &["licenses"][..]] {
+        let stderr = run(args);
+        assert!(
+            stderr.contains("Permission denied") && stderr.contains("runuser -u keygate"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("no keygate database") && !stderr.contains("no appliance key"));
+    }
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+}
