@@ -55,10 +55,10 @@ impl std::fmt::Debug for Appliance {
 
 pub const KEY_FILE: &str = "appliance.key";
 
-/// Whether the appliance key at `path` exists: a directory this user may not look into is
-/// an error that says so, not a missing key (an admin running a command as themselves on
-/// the service's data directory).
-pub fn key_exists(path: &Path) -> Result<bool, ApplianceError> {
+/// Whether the file at `path` (the appliance key, the database) exists: a directory this
+/// user may not look into is an error that says so, not a missing file (an admin running a
+/// command as themselves on the service's data directory).
+pub fn exists(path: &Path) -> Result<bool, ApplianceError> {
     path.try_exists().map_err(|error| ApplianceError::Io {
         path: path.to_path_buf(),
         error,
@@ -66,7 +66,7 @@ pub fn key_exists(path: &Path) -> Result<bool, ApplianceError> {
 }
 
 /// What to do about a refused permission: run as the service's user.
-pub fn permission_hint(e: &std::io::Error) -> &'static str {
+fn permission_hint(e: &std::io::Error) -> &'static str {
     if e.kind() == std::io::ErrorKind::PermissionDenied {
         " (run keygate as the service's user: `runuser -u keygate -- keygate ...`, or as root)"
     } else {
@@ -98,7 +98,7 @@ impl Appliance {
     /// read, or that must not give the appliance a new identity.
     pub fn load(data_dir: &Path) -> Result<Appliance, ApplianceError> {
         let path = data_dir.join(KEY_FILE);
-        if !key_exists(&path)? {
+        if !exists(&path)? {
             return Err(ApplianceError::NoKey { path });
         }
         Appliance::load_or_create(data_dir)

@@ -343,7 +343,7 @@ pub fn run(command: Command, config: Config) -> Result<()> {
             | Command::Vendor(_)
     );
     let key = config.data_dir.join(appliance::KEY_FILE);
-    if !sets_up && !appliance::key_exists(&key)? {
+    if !sets_up && !appliance::exists(&key)? {
         return Err(appliance::ApplianceError::NoKey { path: key }.into());
     }
     match command {
@@ -480,7 +480,7 @@ fn open_store(config: &Config) -> Result<rusqlite::Connection> {
         None => None,
     };
     if _lock.is_some() {
-        crate::server::remove_unfinished_backups(&config.data_dir);
+        store::backup::remove_unfinished_at_start(&config.data_dir);
     }
     Ok(store::open(&path)?)
 }
@@ -1139,11 +1139,7 @@ fn reset_clock(config: &Config, clock: &dyn Clock) -> Result<()> {
 
 fn status(config: &Config) -> Result<()> {
     // Reading only: a mistyped directory is told, not made into a new appliance.
-    let db = config.database_path();
-    let found = db
-        .try_exists()
-        .map_err(|e| anyhow::anyhow!("{}: {e}{}", db.display(), appliance::permission_hint(&e)))?;
-    if !found {
+    if !appliance::exists(&config.database_path())? {
         bail!(
             "no keygate database at {}: check --data-dir or the configuration's data_dir \
              (`keygate serve` creates one on first start)",

@@ -38,17 +38,6 @@ pub enum StartError {
     MetricsToken { path: String, message: String },
 }
 
-/// Removes what backups cut short left in `data_dir`'s backup directory, untouched for
-/// [`backup::UNFINISHED_AT_START`] (best effort: logged).
-pub fn remove_unfinished_backups(data_dir: &std::path::Path) {
-    let backups = data_dir.join(backup::BACKUP_DIR);
-    match backup::remove_unfinished(&backups, backup::UNFINISHED_AT_START) {
-        Ok(0) => {}
-        Ok(n) => tracing::warn!(files = n, "removed unfinished backups"),
-        Err(e) => tracing::warn!(error = %e, "cannot remove unfinished backups"),
-    }
-}
-
 /// Reports and counters the usage requests in the writer's queue may hold at once: about
 /// 100 MiB parsed; a request of the largest backlog (5,000 reports of 64 counters) weighs
 /// about a third of it, a heartbeat 1.
@@ -129,10 +118,7 @@ impl AppState {
         let new_key = !key_file.exists();
         let appliance = Appliance::load_or_create(&config.data_dir)?;
         let lock = backup::lock_file(&config.data_dir, backup::LOCK_WAIT)?;
-        // Before the database is opened: a migration's backup cut short at the last start
-        // left a copy the size of the database, which would fail this start's backup for
-        // want of space (see `remove_unfinished`).
-        remove_unfinished_backups(&config.data_dir);
+        backup::remove_unfinished_at_start(&config.data_dir);
         // A database another appliance served, or licensed (moved here without its
         // appliance.key, or the key lost): every device would refuse what this key signs.
         // Refused, and a key just made for it goes again.

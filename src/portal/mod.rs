@@ -498,7 +498,6 @@ struct SetupForm {
     csrf: String,
 }
 
-/// What makes an acceptable admin name and password.
 /// An admin's name: 1 to 64 characters, no space, control character or bidirectional mark.
 fn admin_name_ok(name: &str) -> bool {
     !name.is_empty()
@@ -508,6 +507,7 @@ fn admin_name_ok(name: &str) -> bool {
             .any(|c| crate::licensing::types::refused_in_text(c) || c.is_whitespace())
 }
 
+/// What makes an acceptable admin name and password.
 pub fn check_credentials(name: &str, password: &str) -> Result<(), &'static str> {
     if !admin_name_ok(name) {
         return Err("The name must be 1 to 64 characters, without spaces.");

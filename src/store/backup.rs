@@ -405,6 +405,19 @@ pub fn remove_unfinished(dir: &Path, idle: Duration) -> Result<usize, BackupErro
     Ok(removed)
 }
 
+/// At a start, before the database is opened: removes what backups cut short left in
+/// `data_dir`'s backup directory, untouched for [`UNFINISHED_AT_START`] (best effort:
+/// logged). A migration's backup cut short at the last start left a copy the size of the
+/// database, which would fail this start's backup for want of space.
+pub fn remove_unfinished_at_start(data_dir: &Path) {
+    let backups = data_dir.join(BACKUP_DIR);
+    match remove_unfinished(&backups, UNFINISHED_AT_START) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(files = n, "removed unfinished backups"),
+        Err(e) => tracing::warn!(error = %e, "cannot remove unfinished backups"),
+    }
+}
+
 /// Which backups retention keeps: the newest `keep_last`, and the newest of each of the last
 /// `keep_days` days. Returns the others (to delete). `files` are newest first, as [`list`]
 /// gives them. A backup named after a time still to come was taken while the clock ran
