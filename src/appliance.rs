@@ -207,8 +207,7 @@ pub fn create_secret_file(path: &Path) -> std::io::Result<std::fs::File> {
 /// name first, then linked into place (a full disk or a power cut while writing left an
 /// empty appliance key or certificate, which failed every later start as damaged).
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", uuid::Uuid::new_v4()));
+    let tmp = temporary_beside(path);
     let written = create_secret_file(&tmp).and_then(|mut file| {
         file.write_all(contents)?;
         file.sync_all()
@@ -222,11 +221,27 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Gives the file `tmp` the name `path` unless something holds that name: a link (the
-/// caller removes `tmp`), or, on a file system without links (a FAT drive), a rename after
-/// looking.
+/// A unique hidden name beside `path` for the file that becomes it (`.NAME.UUID.tmp`: what
+/// a start removes when a writer was cut short).
+pub fn temporary_beside(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.{}.tmp", uuid::Uuid::new_v4()))
+}
+
+/// Gives the file `tmp` the name `path` unless something holds that name
+/// (`AlreadyExists`): a link (the caller removes `tmp`), or, on a file system without links
+/// (a FAT drive), a rename after looking.
 pub fn place_new(tmp: &Path, path: &Path) -> std::io::Result<()> {
-    match std::fs::hard_link(tmp, path) {
+    place_new_with(tmp, path, |from, to| std::fs::hard_link(from, to))
+}
+
+/// [`place_new`] with `link` making the links (a test's file system without any).
+pub fn place_new_with(
+    tmp: &Path,
+    path: &Path,
+    link: impl Fn(&Path, &Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    match link(tmp, path) {
         Err(e) if no_links(&e) => {
             if path.try_exists()? {
                 return Err(std::io::ErrorKind::AlreadyExists.into());
@@ -239,7 +254,7 @@ pub fn place_new(tmp: &Path, path: &Path) -> std::io::Result<()> {
 
 /// Whether a link failed because the file system makes none (FAT, exFAT: EPERM; some
 /// network shares: EOPNOTSUPP).
-pub fn no_links(e: &std::io::Error) -> bool {
+fn no_links(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::Unsupported

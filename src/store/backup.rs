@@ -173,7 +173,7 @@ fn take_as(
     check_space(dir, copy_size(db)?, available)?;
     // Unique: a backup taken from the portal in the same second as the scheduled one must
     // not write into the same temporary file. Owner-only from the start: it holds secrets.
-    let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4()));
+    let tmp = crate::appliance::temporary_beside(&dir.join(name));
     crate::appliance::create_secret_file(&tmp).map_err(io(&tmp))?;
     let written = copy_checked(db, &tmp, COPY_LOCKED_AT_MOST).and_then(|()| sync_file(&tmp));
     if let Err(e) = written {
@@ -199,13 +199,12 @@ fn take_as(
 
 /// Gives the finished copy `tmp` its name in `dir`: `name`, or `name` numbered `-2`, `-3`...
 /// before its extension when a backup taken in the same second holds it (the CLI's beside
-/// the service's). A link, not a rename: a rename would replace that backup.
+/// the service's). Never over another backup (see [`crate::appliance::place_new`]).
 fn place(tmp: &Path, dir: &Path, name: &str) -> Result<PathBuf, BackupError> {
     place_with(tmp, dir, name, |from, to| std::fs::hard_link(from, to))
 }
 
-/// [`place`] with `link` making links. On a file system without links (a FAT drive mounted
-/// on `backups/`: EPERM; some network shares: EOPNOTSUPP), a rename to a name nothing holds.
+/// [`place`] with `link` making links (a test's file system without any).
 fn place_with(
     tmp: &Path,
     dir: &Path,
@@ -213,35 +212,26 @@ fn place_with(
     link: impl Fn(&Path, &Path) -> std::io::Result<()>,
 ) -> Result<PathBuf, BackupError> {
     let (stem, extension) = name.rsplit_once('.').unwrap_or((name, ""));
-    let rename = |to: &Path| -> std::io::Result<()> {
-        if to.try_exists()? {
-            return Err(std::io::ErrorKind::AlreadyExists.into());
-        }
-        std::fs::rename(tmp, to)
-    };
-    let (mut n, mut links) = (1, true);
-    loop {
+    for n in 1.. {
         let path = match n {
             1 => dir.join(name),
             n => dir.join(format!("{stem}-{n}.{extension}")),
         };
-        let placed = if links {
-            link(tmp, &path)
-        } else {
-            rename(&path)
-        };
-        match placed {
+        match crate::appliance::place_new_with(tmp, &path, &link) {
             Ok(()) => {
-                if links {
-                    std::fs::remove_file(tmp).map_err(io(tmp))?;
+                // Linked: the temporary name goes (renamed: it is gone already).
+                if let Err(e) = std::fs::remove_file(tmp)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    return Err(io(tmp)(e));
                 }
                 return Ok(path);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
-            Err(e) if links && crate::appliance::no_links(&e) => links = false,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(io(&path)(e)),
         }
     }
+    unreachable!("a free name is found before the numbers run out")
 }
 
 /// The files SQLite may keep beside a database.
