@@ -835,21 +835,22 @@ fn interval_s(interval: Duration) -> i64 {
 /// of a 3-minute window), so a `tick` called up to a sixth of the interval late (30 s) still
 /// reports within the window.
 fn new_report_phase(interval: Duration) -> Result<i64, ClientError> {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).map_err(|e| {
-        ClientError::Config(format!("the system's random source is unavailable: {e}"))
-    })?;
     let span = (interval_s(interval) * 5 / 6).max(1);
-    Ok((u64::from_le_bytes(bytes) % span as u64) as i64)
+    Ok((u64::from_le_bytes(random()?) % span as u64) as i64)
 }
 
 /// 32 random bytes, base64url: 43 characters, inside the protocol's 16 to 64.
 fn new_nonce() -> Result<String, ClientError> {
-    let mut bytes = [0u8; 32];
+    Ok(BASE64URL_NOPAD.encode(&random::<32>()?))
+}
+
+/// `N` bytes from the system's random source.
+fn random<const N: usize>() -> Result<[u8; N], ClientError> {
+    let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).map_err(|e| {
         ClientError::Config(format!("the system's random source is unavailable: {e}"))
     })?;
-    Ok(BASE64URL_NOPAD.encode(&bytes))
+    Ok(bytes)
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new content:
