@@ -64,6 +64,12 @@ pub enum StoreError {
     #[error("cannot open the database's WAL file: {0}")]
     Wal(String),
     #[error(
+        "the disk holding {0} is full: what the last run left in the database's WAL must be \
+         copied into the database file before keygate serves (after a failed sync it may be \
+         in memory only); free some space on that disk, then start keygate again"
+    )]
+    NoRoomToStart(String),
+    #[error(
         "cannot back the database up before migrating it to this release's schema, so it \
          is left as it is: {0}"
     )]
@@ -184,7 +190,7 @@ impl Store {
     /// Opens (and migrates) the database and starts the writer and syncer threads.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = open(path)?;
-        checkpoint_left_wal(&conn)?;
+        checkpoint_left_wal(path, &conn)?;
         let wal = open_wal(path)?;
         // The WAL's name is made durable as well as what the syncer writes into it.
         if let Some(dir) = path.parent() {
@@ -423,19 +429,17 @@ pub(crate) fn side_file(db: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The WAL file the writer's connection appends to, opened for syncing it. SQLite deletes
-/// it only when the last connection closes (which takes an exclusive lock no other
-/// connection lets it have) and otherwise keeps the same file, reset and truncated; the
-/// writer's connection stays open for the life of the process. SQLite holds no lock on the
-/// WAL itself (WAL locks live in the `-shm` file), so this handle cannot disturb them.
 /// Copies what an earlier run left in the WAL (it stopped without closing the database:
 /// kill -9, a power cut, a failed sync) into the database file, synced, and empties the WAL,
 /// before anything is served. After a failed sync, pages of the WAL may live only in the
 /// page cache, where SQLite would take them for durable; copied and synced now, they are.
-fn checkpoint_left_wal(conn: &Connection) -> Result<(), StoreError> {
+/// A full disk stops the start (the service manager tries again): the WAL's pages would be
+/// served from memory that a power cut loses, and every later commit after them with it.
+fn checkpoint_left_wal(path: &Path, conn: &Connection) -> Result<(), StoreError> {
     match conn.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::TRUNCATE) {
-        // On a full disk the appliance starts all the same, its portal readable, to be
-        // given room.
+        Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DiskFull => {
+            Err(StoreError::NoRoomToStart(path.display().to_string()))
+        }
         Err(e) if passable(&e) => Ok(()),
         result => Ok(result.map(drop)?),
     }
@@ -458,6 +462,11 @@ fn passable(e: &rusqlite::Error) -> bool {
     passable
 }
 
+/// The WAL file the writer's connection appends to, opened for syncing it. SQLite deletes
+/// it only when the last connection closes (which takes an exclusive lock no other
+/// connection lets it have) and otherwise keeps the same file, reset and truncated; the
+/// writer's connection stays open for the life of the process. SQLite holds no lock on the
+/// WAL itself (WAL locks live in the `-shm` file), so this handle cannot disturb them.
 fn open_wal(path: &Path) -> Result<std::fs::File, StoreError> {
     let name = side_file(path, "-wal");
     // Written through: Windows flushes only a handle opened for writing.
@@ -876,6 +885,67 @@ mod tests {
             settings::get(&file_only, "left").unwrap().as_deref(),
             Some("in the WAL")
         );
+    }
+
+    /// A start on a full disk, with a WAL whose pages the database file has no room for,
+    /// refuses to serve (those pages may be in memory only, after a failed sync) and says
+    /// why; once there is room it starts with every write. The test runs in a child process
+    /// with its own mount namespace (`unshare`), on an 8 MiB tmpfs it fills.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_start_on_a_full_disk_waits_for_room_to_copy_the_wal() {
+        use std::io::Write;
+        const CHILD: &str = "KEYGATE_TEST_FULL_DISK";
+        let Ok(dir) = std::env::var(CHILD) else {
+            let dir = tempfile::tempdir().unwrap();
+            let test = "store::tests::a_start_on_a_full_disk_waits_for_room_to_copy_the_wal";
+            let child = std::process::Command::new("unshare")
+                .args(["--map-root-user", "--mount", "sh", "-c"])
+                .arg(
+                    r#"mount -t tmpfs -o size=8m tmpfs "$1" && exec "$2" --exact "$3" --nocapture"#,
+                )
+                .arg("sh")
+                .arg(dir.path())
+                .arg(std::env::current_exe().unwrap())
+                .arg(test)
+                .env(CHILD, dir.path())
+                .output()
+                .unwrap();
+            let out = String::from_utf8_lossy(&child.stdout);
+            let err = String::from_utf8_lossy(&child.stderr);
+            assert!(child.status.success(), "{out}\n{err}");
+            assert!(out.contains("1 passed"), "the child ran the test: {out}");
+            return;
+        };
+        let path = Path::new(&dir).join("k.db");
+        let conn = open(&path).unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        let value = "x".repeat(4_000);
+        for i in 0..100 {
+            settings::set(&conn, &format!("k{i}"), &value).unwrap();
+        }
+        std::mem::forget(conn); // no close, no checkpoint: as after a stop for a failed sync
+        let filler = Path::new(&dir).join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        while file.write_all(&[0; 4096]).is_ok() {}
+        drop(file);
+
+        let refused = Store::open(&path).err().expect("no start on a full disk");
+        assert!(matches!(refused, StoreError::NoRoomToStart(_)), "{refused}");
+        assert!(refused.to_string().contains("free some space"), "{refused}");
+
+        std::fs::remove_file(&filler).unwrap();
+        let _store = Store::open(&path).unwrap();
+        let file_only =
+            Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let kept: i64 = file_only
+            .query_row(
+                "SELECT count(*) FROM settings WHERE key LIKE 'k%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kept, 100);
     }
 
     /// The writer checkpoints the WAL itself (SQLite's automatic checkpoint is replaced by
