@@ -604,25 +604,10 @@ pub async fn take_backup(state: &AppState) -> Result<String, JobError> {
         state.config.jobs.backup_keep_last,
         state.config.jobs.backup_keep_days,
     );
-    let (file, pruned) = web::block(move || {
-        let mut pruned = 0;
-        let file = match backup::take(&db, &dir, now) {
-            // Retention first, then once more: the remedy the refusal names (keep fewer
-            // backups) works at the next run, without deleting files by hand.
-            Err(e @ backup::BackupError::NoSpace { .. }) => {
-                pruned = backup::prune(&dir, keep_last, keep_days, now)?;
-                if pruned == 0 {
-                    return Err(e);
-                }
-                backup::take(&db, &dir, now)?
-            }
-            taken => taken?,
-        };
-        pruned += backup::prune(&dir, keep_last, keep_days, now)?;
-        Ok::<_, backup::BackupError>((file, pruned))
-    })
-    .await
-    .map_err(|e| JobError::Other(e.to_string()))??;
+    let (file, pruned) =
+        web::block(move || backup::take_and_prune(&db, &dir, keep_last, keep_days, now))
+            .await
+            .map_err(|e| JobError::Other(e.to_string()))??;
     let at = now.unix_timestamp().to_string();
     state
         .store

@@ -449,6 +449,32 @@ pub fn prune(
     Ok(doomed.len())
 }
 
+/// Takes a backup, then deletes what retention does not keep; returns the backup and how
+/// many were deleted. A backup that does not fit runs retention first and is tried once
+/// more, so the remedy its refusal names (keep fewer backups) works at the next run, without
+/// deleting files by hand.
+pub fn take_and_prune(
+    db: &Path,
+    dir: &Path,
+    keep_last: usize,
+    keep_days: i64,
+    now: OffsetDateTime,
+) -> Result<(BackupFile, usize), BackupError> {
+    let mut pruned = 0;
+    let file = match take(db, dir, now) {
+        Err(e @ BackupError::NoSpace { .. }) => {
+            pruned = prune(dir, keep_last, keep_days, now)?;
+            if pruned == 0 {
+                return Err(e);
+            }
+            take(db, dir, now)?
+        }
+        taken => taken?,
+    };
+    pruned += prune(dir, keep_last, keep_days, now)?;
+    Ok((file, pruned))
+}
+
 /// How long `serve` and `restore` wait for the data directory's lock. A lock just released
 /// can stay held a few milliseconds: a child process being started by the process that held
 /// it keeps a copy of the lock's descriptor until it runs its program.
@@ -719,6 +745,61 @@ mod tests {
             taken_at: t,
             size: 1,
         }
+    }
+
+    /// A backup that does not fit runs retention first and is tried once more (lowering
+    /// backup_keep_last makes room at the next run); with nothing to delete it is refused
+    /// and nothing is written. Five older copies of a 4 MiB database fill an 80 MiB disk
+    /// past a copy and the 64 MiB kept free for the database.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_backup_that_does_not_fit_makes_room_by_retention_first() {
+        let test = "store::backup::tests::a_backup_that_does_not_fit_makes_room_by_retention_first";
+        let Some(dir) = super::super::on_a_small_disk(test, "80m") else {
+            return;
+        };
+        let db = dir.join("keygate.db");
+        let backups = dir.join("backups");
+        let conn = super::super::open(&db).unwrap();
+        let value = "x".repeat(4_000);
+        for i in 0..1_000 {
+            super::super::settings::set(&conn, &format!("k{i}"), &value).unwrap();
+        }
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .unwrap();
+        drop(conn);
+        std::fs::create_dir(&backups).unwrap();
+        let older: Vec<PathBuf> = (25..30)
+            .map(|day| backups.join(format!("keygate-202606{day}T120000Z.db")))
+            .collect();
+        for copy in &older {
+            std::fs::copy(&db, copy).unwrap();
+        }
+        let now = datetime!(2026-06-30 12:00 UTC);
+
+        let refused = take_and_prune(&db, &backups, 10, 14, now).unwrap_err();
+        assert!(matches!(refused, BackupError::NoSpace { .. }), "{refused}");
+        assert_eq!(
+            files_in(&backups).len(),
+            5,
+            "nothing written, nothing deleted"
+        );
+
+        let (file, pruned) = take_and_prune(&db, &backups, 1, 0, now).unwrap();
+        assert_eq!(
+            pruned, 5,
+            "four to make room, the fifth once the new one is kept"
+        );
+        assert_eq!(list(&backups).unwrap(), std::slice::from_ref(&file));
+        let copy = Connection::open(&file.path).unwrap();
+        let rows: i64 = copy
+            .query_row(
+                "SELECT count(*) FROM settings WHERE key LIKE 'k%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rows, 1_000);
     }
 
     fn files_in(dir: &Path) -> Vec<String> {

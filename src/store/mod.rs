@@ -630,6 +630,34 @@ fn syncer(
     }
 }
 
+/// Runs the test named `test` (its full path) again in a child process with a file system of
+/// its own: a tmpfs of `size` (as `mount` takes it: `8m`) in a private mount namespace
+/// (`unshare`, no privilege needed), so a test can fill a disk. Returns that file system's
+/// directory in the child, and `None` in the parent once the child passed.
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn on_a_small_disk(test: &str, size: &str) -> Option<PathBuf> {
+    const CHILD: &str = "KEYGATE_TEST_SMALL_DISK";
+    if let Some(dir) = std::env::var_os(CHILD) {
+        return Some(dir.into());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new("unshare")
+        .args(["--map-root-user", "--mount", "sh", "-c"])
+        .arg(r#"mount -t tmpfs -o size="$1" tmpfs "$2" && exec "$3" --exact "$4" --nocapture"#)
+        .args(["sh", size])
+        .arg(dir.path())
+        .arg(std::env::current_exe().unwrap())
+        .arg(test)
+        .env(CHILD, dir.path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&child.stdout);
+    let err = String::from_utf8_lossy(&child.stderr);
+    assert!(child.status.success(), "{out}\n{err}");
+    assert!(out.contains("1 passed"), "the child ran the test: {out}");
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -889,35 +917,16 @@ mod tests {
 
     /// A start on a full disk, with a WAL whose pages the database file has no room for,
     /// refuses to serve (those pages may be in memory only, after a failed sync) and says
-    /// why; once there is room it starts with every write. The test runs in a child process
-    /// with its own mount namespace (`unshare`), on an 8 MiB tmpfs it fills.
+    /// why; once there is room it starts with every write.
     #[cfg(target_os = "linux")]
     #[test]
     fn a_start_on_a_full_disk_waits_for_room_to_copy_the_wal() {
         use std::io::Write;
-        const CHILD: &str = "KEYGATE_TEST_FULL_DISK";
-        let Ok(dir) = std::env::var(CHILD) else {
-            let dir = tempfile::tempdir().unwrap();
-            let test = "store::tests::a_start_on_a_full_disk_waits_for_room_to_copy_the_wal";
-            let child = std::process::Command::new("unshare")
-                .args(["--map-root-user", "--mount", "sh", "-c"])
-                .arg(
-                    r#"mount -t tmpfs -o size=8m tmpfs "$1" && exec "$2" --exact "$3" --nocapture"#,
-                )
-                .arg("sh")
-                .arg(dir.path())
-                .arg(std::env::current_exe().unwrap())
-                .arg(test)
-                .env(CHILD, dir.path())
-                .output()
-                .unwrap();
-            let out = String::from_utf8_lossy(&child.stdout);
-            let err = String::from_utf8_lossy(&child.stderr);
-            assert!(child.status.success(), "{out}\n{err}");
-            assert!(out.contains("1 passed"), "the child ran the test: {out}");
+        let test = "store::tests::a_start_on_a_full_disk_waits_for_room_to_copy_the_wal";
+        let Some(dir) = on_a_small_disk(test, "8m") else {
             return;
         };
-        let path = Path::new(&dir).join("k.db");
+        let path = dir.join("k.db");
         let conn = open(&path).unwrap();
         conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
         let value = "x".repeat(4_000);
@@ -925,7 +934,7 @@ mod tests {
             settings::set(&conn, &format!("k{i}"), &value).unwrap();
         }
         std::mem::forget(conn); // no close, no checkpoint: as after a stop for a failed sync
-        let filler = Path::new(&dir).join("filler");
+        let filler = dir.join("filler");
         let mut file = std::fs::File::create(&filler).unwrap();
         while file.write_all(&[0; 4096]).is_ok() {}
         drop(file);
