@@ -268,12 +268,26 @@ fn clock_step(before: (Instant, SystemTime), after: (Instant, SystemTime)) -> f6
     wall - after.0.duration_since(before.0).as_secs_f64()
 }
 
+/// How late a job may run, on the monotonic clock, before the jobs are planned again: the
+/// scheduler looks every half second and plans in whole seconds.
+const JOB_LATE: Duration = Duration::from_secs(10);
+
+/// The job most overdue by more than [`JOB_LATE`] at `now`, and by how long.
+fn overdue(next: &HashMap<Job, Instant>, now: Instant) -> Option<(Job, Duration)> {
+    next.iter()
+        .map(|(job, due)| (*job, now.saturating_duration_since(*due)))
+        .filter(|(_, late)| *late > JOB_LATE)
+        .max_by_key(|(_, late)| *late)
+}
+
 /// tokio-cron-scheduler (0.15) times a repeated job on the wall clock: its next run is the
 /// previous planned one plus the interval, and it runs only while its last run is not later
 /// than that. A clock stepped forward past a planned run (a resumed VM, NTP setting the time
-/// at boot) stops the job for good; one stepped back holds every job for as long as the
-/// step. This watches for steps and then plans the jobs again from the current time, each
-/// when it is due on the monotonic clock.
+/// at boot) stops the job for good, and so does a run later than the next planned one (the
+/// process frozen, stopped by a signal or in a paused VM, for longer than an interval); one
+/// stepped back holds every job for as long as the step. This watches for steps, and for a
+/// job overdue on the monotonic clock, and then plans the jobs again from the current time,
+/// each when it is due on the monotonic clock.
 async fn watch_clock(
     scheduler: JobScheduler,
     state: web::Data<AppState>,
@@ -287,13 +301,21 @@ async fn watch_clock(
         let now = (Instant::now(), SystemTime::now());
         let step = clock_step(before, now);
         before = now;
-        if step.abs() < CLOCK_STEP.as_secs_f64() {
+        if step.abs() >= CLOCK_STEP.as_secs_f64() {
+            tracing::warn!(
+                step_s = step.round() as i64,
+                "the system clock was stepped: the scheduled jobs are planned again from now"
+            );
+        } else if let Some((job, late)) = overdue(&next.lock().expect("next due lock"), now.0) {
+            tracing::warn!(
+                job = job.name(),
+                late_s = late.as_secs(),
+                "a scheduled job is overdue (was keygate frozen?): the jobs are planned again \
+                 from now"
+            );
+        } else {
             continue;
         }
-        tracing::warn!(
-            step_s = step.round() as i64,
-            "the system clock was stepped: the scheduled jobs are planned again from now"
-        );
         for id in ids.drain(..) {
             let _ = scheduler.remove(&id).await;
         }
@@ -1008,6 +1030,27 @@ mod tests {
             backoff.failed().as_secs(),
             30,
             "a delivery starts again from 30 s"
+        );
+    }
+
+    /// A job later than its due time by more than the scheduler's own lateness is the one
+    /// told (the most overdue first); one due now, or late by less, is not.
+    #[test]
+    fn a_job_is_overdue_past_the_schedulers_own_lateness() {
+        let now = Instant::now() + Duration::from_secs(3_600);
+        let due = |ago: u64| now - Duration::from_secs(ago);
+        let mut next = HashMap::from([(Job::Alerts, due(10)), (Job::Backup, now)]);
+        assert_eq!(overdue(&next, now), None);
+        next.insert(Job::Housekeeping, now + Duration::from_secs(60));
+        next.insert(Job::Alerts, due(11));
+        assert_eq!(
+            overdue(&next, now),
+            Some((Job::Alerts, Duration::from_secs(11)))
+        );
+        next.insert(Job::Backup, due(600));
+        assert_eq!(
+            overdue(&next, now),
+            Some((Job::Backup, Duration::from_secs(600)))
         );
     }
 

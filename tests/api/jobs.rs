@@ -1,6 +1,7 @@
 //! Issue 5: usage alerts to a real SMTP server, error notices, backups and restore,
 //! housekeeping at the day boundaries.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
@@ -1387,60 +1388,68 @@ fn a_job_not_yet_due_at_a_start_runs_when_its_interval_is_up() {
     drop(dir);
 }
 
+/// `keygate serve` with the alerts job every 2 seconds (the others a day apart), under
+/// libfaketime reading its offset from `offset`.
+fn serve_with_alerts_every_2_s(dir: &Path, offset: &Path) -> std::process::Child {
+    let config = dir.join("keygate.toml");
+    std::fs::write(
+        &config,
+        "[jobs]\nalerts_every_s = 2\nbackup_every_s = 86400\nhousekeeping_every_s = 86400\n",
+    )
+    .unwrap();
+    command()
+        .args(["--config", config.to_str().unwrap()])
+        .args(["--data-dir", dir.join("data").to_str().unwrap()])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .envs(faketime(offset))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// How many times the alerts job ran, by its record in `dir`'s database.
+fn alerts_runs(dir: &Path) -> i64 {
+    rusqlite::Connection::open(dir.join("data/keygate.db"))
+        .and_then(|c| {
+            c.busy_timeout(StdDuration::from_secs(5))?;
+            c.query_row(
+                "SELECT count(*) FROM job_runs WHERE job = 'alerts'",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .unwrap_or(0)
+}
+
+/// Whether the alerts job ran `more` times after `from` within 30 seconds.
+fn alerts_run_on(dir: &Path, from: i64, more: i64) -> bool {
+    let deadline = std::time::Instant::now() + StdDuration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if alerts_runs(dir) >= from + more {
+            return true;
+        }
+        std::thread::sleep(StdDuration::from_millis(200));
+    }
+    false
+}
+
 /// A system clock stepped forward past a planned run (a resumed VM, NTP setting the time at
 /// boot) or back must not stop the scheduled jobs: before, a step forward stopped them for
 /// good and a step back held them for as long as the step.
 #[test]
 fn scheduled_jobs_keep_running_when_the_system_clock_steps() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = dir.path().join("keygate.toml");
-    std::fs::write(
-        &config,
-        "[jobs]\nalerts_every_s = 2\nbackup_every_s = 86400\nhousekeeping_every_s = 86400\n",
-    )
-    .unwrap();
     let offset = dir.path().join("offset");
     std::fs::write(&offset, "+0\n").unwrap();
-    let mut child = command()
-        .args(["--config", config.to_str().unwrap()])
-        .args(["--data-dir", data.to_str().unwrap()])
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .envs(faketime(&offset))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let runs = || -> i64 {
-        rusqlite::Connection::open(data.join("keygate.db"))
-            .and_then(|c| {
-                c.busy_timeout(StdDuration::from_secs(5))?;
-                c.query_row(
-                    "SELECT count(*) FROM job_runs WHERE job = 'alerts'",
-                    [],
-                    |r| r.get(0),
-                )
-            })
-            .unwrap_or(0)
-    };
-    // At least `more` runs after `from` within 30 seconds.
-    let runs_on = |from: i64, more: i64| -> bool {
-        let deadline = std::time::Instant::now() + StdDuration::from_secs(30);
-        while std::time::Instant::now() < deadline {
-            if runs() >= from + more {
-                return true;
-            }
-            std::thread::sleep(StdDuration::from_millis(200));
-        }
-        false
-    };
-    let started = runs_on(0, 2);
-    let ahead = runs();
+    let mut child = serve_with_alerts_every_2_s(dir.path(), &offset);
+    let started = alerts_run_on(dir.path(), 0, 2);
+    let ahead = alerts_runs(dir.path());
     std::fs::write(&offset, "+3600\n").unwrap();
-    let after_forward = runs_on(ahead, 3);
-    let back = runs();
+    let after_forward = alerts_run_on(dir.path(), ahead, 3);
+    let back = alerts_runs(dir.path());
     std::fs::write(&offset, "+0\n").unwrap();
-    let after_back = runs_on(back, 3);
+    let after_back = alerts_run_on(dir.path(), back, 3);
     let _ = child.kill();
     let _ = child.wait();
     assert!(started, "the alerts job runs every 2 seconds");
@@ -1449,6 +1458,35 @@ fn scheduled_jobs_keep_running_when_the_system_clock_steps() {
         "jobs stopped after the clock stepped an hour forward"
     );
     assert!(after_back, "jobs held after the clock stepped an hour back");
+}
+
+/// A process frozen for longer than a job's interval (stopped by a signal, a paused VM: both
+/// clocks go on, so no step is seen) must not stop the scheduled jobs: before, the scheduler
+/// ran the job once when the process went on, then never again.
+#[cfg(unix)]
+#[test]
+fn scheduled_jobs_keep_running_after_the_process_was_frozen() {
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let mut child = serve_with_alerts_every_2_s(dir.path(), &offset);
+    let started = alerts_run_on(dir.path(), 0, 2);
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {name}");
+    };
+    signal("-STOP");
+    std::thread::sleep(StdDuration::from_secs(5));
+    let frozen = alerts_runs(dir.path());
+    signal("-CONT");
+    let after = alerts_run_on(dir.path(), frozen, 3);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(started, "the alerts job runs every 2 seconds");
+    assert!(after, "jobs stopped after the process was frozen for 5 s");
 }
 
 /// An SMTP server that cannot take mail (a wrong password, a relay out of service) must not
