@@ -915,48 +915,6 @@ mod tests {
         );
     }
 
-    /// A start on a full disk, with a WAL whose pages the database file has no room for,
-    /// refuses to serve (those pages may be in memory only, after a failed sync) and says
-    /// why; once there is room it starts with every write.
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn a_start_on_a_full_disk_waits_for_room_to_copy_the_wal() {
-        use std::io::Write;
-        let test = "store::tests::a_start_on_a_full_disk_waits_for_room_to_copy_the_wal";
-        let Some(dir) = on_a_small_disk(test, "8m") else {
-            return;
-        };
-        let path = dir.join("k.db");
-        let conn = open(&path).unwrap();
-        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        let value = "x".repeat(4_000);
-        for i in 0..100 {
-            settings::set(&conn, &format!("k{i}"), &value).unwrap();
-        }
-        std::mem::forget(conn); // no close, no checkpoint: as after a stop for a failed sync
-        let filler = dir.join("filler");
-        let mut file = std::fs::File::create(&filler).unwrap();
-        while file.write_all(&[0; 4096]).is_ok() {}
-        drop(file);
-
-        let refused = Store::open(&path).err().expect("no start on a full disk");
-        assert!(matches!(refused, StoreError::NoRoomToStart(_)), "{refused}");
-        assert!(refused.to_string().contains("free some space"), "{refused}");
-
-        std::fs::remove_file(&filler).unwrap();
-        let _store = Store::open(&path).unwrap();
-        let file_only =
-            Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-        let kept: i64 = file_only
-            .query_row(
-                "SELECT count(*) FROM settings WHERE key LIKE 'k%'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(kept, 100);
-    }
-
     /// The writer checkpoints the WAL itself (SQLite's automatic checkpoint is replaced by
     /// one whose failure is not ignored): the WAL stays about a thousand pages long.
     #[tokio::test]
