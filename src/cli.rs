@@ -585,11 +585,19 @@ fn trust(config: &Config, path: &Path, name: Option<String>, clock: &dyn Clock) 
 /// `keygate restore FILE`.
 fn restore(config: &Config, file: &Path, clock: &dyn Clock) -> Result<()> {
     let appliance = Appliance::load(&config.data_dir)?;
+    let now = clock.now();
+    // Licenses are the vendor's word, not the appliance's state: the replaced database's
+    // versions newer than the backup's are imported again into the restored copy before it
+    // takes its place, since the appliance never goes back to a superseded version (an
+    // import refuses one, and a device that was served the newer one refuses it).
     let restored = store::backup::restore(
         &config.database_path(),
         file,
         appliance.installation_id(),
-        clock.now(),
+        now,
+        &mut |conn, license| {
+            reimport(config, &appliance, conn, license, now).map_err(|e| format!("{e:#}"))
+        },
     )?;
     let mut report = format!(
         "restored {}; the previous database is kept as {} (with its -wal file, if it had \
@@ -597,68 +605,44 @@ fn restore(config: &Config, file: &Path, clock: &dyn Clock) -> Result<()> {
         file.display(),
         restored.aside.display()
     );
-    // Licenses are the vendor's word, not the appliance's state: the replaced database's
-    // versions newer than the backup's are imported again (before anything is said), since
-    // the appliance never goes back to a superseded version (an import refuses one, and a
-    // device that was served the newer one refuses it).
-    let mut failed = Vec::new();
-    for license in restored.licenses.iter().flatten() {
-        let (license_id, version) = (&license.license_id, license.version);
-        match import_newer(config, &appliance, license, clock.now()) {
-            Ok(None) => {}
-            Ok(Some(outcome)) => {
-                report += &format!(
-                    "license {license_id} version {version}, newer than the backup's, imported \
-                 again: {outcome}\n"
-                )
-            }
-            Err(e) => failed.push(format!("license {license_id} version {version}: {e:#}")),
-        }
-    }
-    if restored.licenses.is_none() {
-        failed.push(format!(
-            "the replaced database could not be read for its licenses ({} is kept as \
-             it was)",
-            restored.aside.display()
-        ));
+    for line in &restored.handed_on {
+        report += &format!("{line}\n");
     }
     // The restore is done whatever becomes of its report.
     let _ = std::io::stdout().write_all(report.as_bytes());
-    if !failed.is_empty() {
+    if !restored.not_handed_on.is_empty() {
         bail!(
             "the backup is restored, but its licenses may be older than the appliance's: \
              {}. Import the newest license files again (`keygate import FILE`): devices \
              that were served a newer version refuse an older one",
-            failed.join("; ")
+            restored.not_handed_on.join("; ")
         );
     }
     Ok(())
 }
 
-/// Imports `license`, unless the database holds that version or a newer one already
-/// (`None`); returns what the import did.
-fn import_newer(
+/// Imports `license` into `conn` (a restored database), unless it holds that version or a
+/// newer one already (`None`); returns what the import did.
+fn reimport(
     config: &Config,
     appliance: &Appliance,
+    conn: &rusqlite::Connection,
     license: &store::licenses::SignedVersion,
     now: OffsetDateTime,
 ) -> Result<Option<String>> {
     let license_id = &license.license_id;
-    audited(config, now, |conn| {
-        if store::licenses::current_version(conn, license_id)?
-            .is_some_and(|c| c.version >= license.version)
-        {
-            return Ok((None, None));
-        }
-        let trusted = trusted_keys(config, conn)?;
-        let verified = import::verify(&license.jws, &trusted, appliance.public_key())?;
-        let outcome = import::apply(conn, &verified, now)?.to_string();
-        let detail = format!("{outcome} (kept over the backup restored)");
-        Ok((
-            Some(outcome),
-            Some(("license imported", license_id.to_string(), detail)),
-        ))
-    })
+    if store::licenses::current_version(conn, license_id)?
+        .is_some_and(|c| c.version >= license.version)
+    {
+        return Ok(None);
+    }
+    let trusted = trusted_keys(config, conn)?;
+    let verified = import::verify(&license.jws, &trusted, appliance.public_key())?;
+    let outcome = import::apply(conn, &verified, now)?.to_string();
+    let detail = format!("{outcome} (kept over the backup restored)");
+    let at = licensing::unix(now);
+    store::ops::audit(conn, at, "cli", "license imported", license_id, &detail, "")?;
+    Ok(Some(outcome))
 }
 
 fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {

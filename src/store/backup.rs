@@ -508,23 +508,35 @@ pub fn lock_file(data_dir: &Path, wait: Duration) -> Result<std::fs::File, Backu
 pub struct Restored {
     /// Where the replaced database is kept: `keygate.db.before-restore-<time>`.
     pub aside: PathBuf,
-    /// The newest version of each license the replaced database held, for the caller to
-    /// import again where the backup's is older: licenses do not go back. `None` when that
-    /// database could not be read (too damaged to open).
-    pub licenses: Option<Vec<super::licenses::SignedVersion>>,
+    /// What the restored database took from the replaced one, a line each: the licenses
+    /// imported again, the vendor keys whose trust changed since the backup.
+    pub handed_on: Vec<String>,
+    /// What it could not take: licenses that failed to import again, or the replaced
+    /// database too damaged to read.
+    pub not_handed_on: Vec<String>,
 }
 
+/// Imports into the restored database a license the replaced one held (in a transaction of
+/// the restore's): what it did, `None` when the restored one holds that version or a newer
+/// one already, or why it failed.
+pub type Reimport<'a> =
+    dyn FnMut(&Connection, &super::licenses::SignedVersion) -> Result<Option<String>, String> + 'a;
+
 /// Replaces the database with a backup (the service must be stopped). The current database
-/// is kept aside as `keygate.db.before-restore-<time>`.
+/// is kept aside as `keygate.db.before-restore-<time>`. What is not the appliance's to roll
+/// back is handed on from it to the restored copy before that copy takes its place: the
+/// newest time its clock used, the vendor keys it trusts, and its licenses newer than the
+/// backup's (imported again by `reimport`; licenses do not go back).
 pub fn restore(
     db: &Path,
     backup: &Path,
     installation_id: &str,
     now: OffsetDateTime,
+    reimport: &mut Reimport<'_>,
 ) -> Result<Restored, BackupError> {
     let data_dir = db.parent().unwrap_or(Path::new("."));
     let _lock = lock_file(data_dir, LOCK_WAIT)?;
-    let (newest_time, licenses) = handed_on(db);
+    let (newest_time, current) = handed_on(db);
     let stamp = now.format(STAMP).expect("the stamp format is valid");
     // A name no earlier restore used (two restores in one second keep both databases).
     let aside = (1..)
@@ -544,7 +556,7 @@ pub fn restore(
     // kept aside by an earlier restore), and only the copy is opened: SQLite brings what the
     // WAL holds into it, and the backup's own place (a read-only medium) is not written to.
     // The copy is checked and must belong to this appliance.
-    let copied = || {
+    let mut copied = || {
         // A wrong path is named as the user gave it; a failure to write, by the copy's.
         std::fs::File::open(backup).map_err(io(backup))?;
         std::fs::copy(backup, &tmp).map_err(io(&tmp))?;
@@ -554,9 +566,13 @@ pub fn restore(
             let to = side_file(&tmp, "-wal");
             std::fs::copy(&wal, &to).map_err(io(&to))?;
         }
-        let conn = Connection::open(&tmp)?;
+        let mut conn = Connection::open(&tmp)?;
         check(&conn, backup)?;
         bound_here(&conn, backup, installation_id)?;
+        // Brought to this release's schema (the backup itself stays as it was, to go back
+        // to the release that wrote it), for the licenses imported into it below.
+        super::configure(&conn)?;
+        super::migrate(&mut conn)?;
         // The newest time the appliance has used stays: the backup's older one would let a
         // clock set back in between go unnoticed (`clock::Watermark`). A backup from before
         // the time was kept (no job runs either) reads as no time.
@@ -568,31 +584,56 @@ pub fn restore(
         // A backup is taken while the appliance runs: its mark of a running appliance is
         // not the restored one's (it would read as a run that did not stop cleanly).
         super::settings::delete(&conn, RUNNING)?;
-        // The restored database tells its admins where it came from (a backup older than
-        // the audit log's schema gets the log when it is migrated, without this entry).
-        let audited: bool = conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'audit_log')",
-            [],
-            |r| r.get(0),
-        )?;
-        if audited {
-            let kept = if db.exists() {
-                format!("the database it replaced is kept as {}", file_name(&aside))
-            } else {
-                String::new()
-            };
-            let at = now.unix_timestamp();
-            let from = file_name(backup);
-            crate::store::ops::audit(&conn, at, "cli", "backup restored", &from, &kept, "")?;
+        // The restored database tells its admins where it came from.
+        let kept = if db.exists() {
+            format!("the database it replaced is kept as {}", file_name(&aside))
+        } else {
+            String::new()
+        };
+        let at = now.unix_timestamp();
+        let from = file_name(backup);
+        crate::store::ops::audit(&conn, at, "cli", "backup restored", &from, &kept, "")?;
+        let (mut handed, mut not_handed) = (Vec::new(), Vec::new());
+        match &current {
+            Some(current) => {
+                // Trust is the admin's decision, not the appliance's state: a key untrusted
+                // since the backup (leaked, say) is not trusted again.
+                handed.extend(hand_on_trust(&conn, &current.trusted_keys)?);
+                for license in &current.licenses {
+                    let (id, version) = (&license.license_id, license.version);
+                    let tx = conn.unchecked_transaction()?;
+                    match reimport(&tx, license) {
+                        Ok(None) => {}
+                        Ok(Some(done)) => {
+                            tx.commit()?;
+                            handed.push(format!(
+                                "license {id} version {version}, newer than the backup's, \
+                                 imported again: {done}"
+                            ));
+                        }
+                        Err(why) => {
+                            not_handed.push(format!("license {id} version {version}: {why}"))
+                        }
+                    }
+                }
+            }
+            None => not_handed.push(format!(
+                "the replaced database could not be read for its licenses and trusted vendor \
+                 keys ({} is kept as it was)",
+                file_name(&aside)
+            )),
         }
         // Closing the only connection folds the WAL into the copy and removes it.
         conn.close().map_err(|(_, e)| e)?;
-        Ok::<_, BackupError>(())
+        Ok::<_, BackupError>((handed, not_handed))
     };
-    if let Err(e) = copied() {
-        remove_with_side_files(&tmp);
-        return Err(e);
-    }
+    let (handed_on, not_handed_on) = match copied() {
+        Ok(done) => done,
+        Err(e) => {
+            remove_with_side_files(&tmp);
+            return Err(e);
+        }
+    };
     owner_only(&tmp)?;
     // Run as root, the restored file must still be the service's to open.
     same_owner(&tmp, if db.exists() { db } else { data_dir })?;
@@ -620,7 +661,11 @@ pub fn restore(
     }
     std::fs::rename(&tmp, db).map_err(io(db))?;
     sync_dir(data_dir)?;
-    Ok(Restored { aside, licenses })
+    Ok(Restored {
+        aside,
+        handed_on,
+        not_handed_on,
+    })
 }
 
 /// Checkpoints a database's WAL into its main file (and removes it), if it has one and
@@ -642,13 +687,23 @@ pub fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// What the database about to be replaced hands on to the restored one when it can be read.
+struct Current {
+    trusted_keys: Vec<super::licenses::TrustedKey>,
+    licenses: Vec<super::licenses::SignedVersion>,
+}
+
 /// What the database at `db`, about to be replaced, hands on to the restored one: the newest
-/// time its appliance used, and the newest version of each license (see [`Restored`]).
-/// Either is `None` when it cannot be read (a database too damaged to open); no database
-/// hands on no time and no license.
-fn handed_on(db: &Path) -> (Option<i64>, Option<Vec<super::licenses::SignedVersion>>) {
+/// time its appliance used (`None` when unknown), and its trusted vendor keys and the newest
+/// version of each license (`None` when it cannot be read: a database too damaged to open).
+/// No database hands on no time, no key and no license.
+fn handed_on(db: &Path) -> (Option<i64>, Option<Current>) {
     if !db.exists() {
-        return (None, Some(Vec::new()));
+        let nothing = Current {
+            trusted_keys: Vec::new(),
+            licenses: Vec::new(),
+        };
+        return (None, Some(nothing));
     }
     let Ok(conn) = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
         return (None, None);
@@ -656,7 +711,42 @@ fn handed_on(db: &Path) -> (Option<i64>, Option<Vec<super::licenses::SignedVersi
     let newest_time = crate::store::ops::newest_time(&conn)
         .ok()
         .filter(|t| *t != i64::MIN);
-    (newest_time, super::licenses::newest_versions(&conn).ok())
+    let current = super::licenses::trusted_keys(&conn)
+        .and_then(|trusted_keys| {
+            Ok(Current {
+                trusted_keys,
+                licenses: super::licenses::newest_versions(&conn)?,
+            })
+        })
+        .ok();
+    (newest_time, current)
+}
+
+/// Makes the restored database (`conn`) trust the vendor keys `trusted` and no other;
+/// returns a line for each key whose trust this changed from the backup's.
+fn hand_on_trust(
+    conn: &Connection,
+    trusted: &[super::licenses::TrustedKey],
+) -> Result<Vec<String>, BackupError> {
+    let mut changed = Vec::new();
+    for key in super::licenses::trusted_keys(conn)? {
+        if !trusted.iter().any(|k| k.kid == key.kid) {
+            super::licenses::delete_trusted_key(conn, &key.kid)?;
+            changed.push(format!(
+                "vendor key {} ({}), untrusted since the backup, stays untrusted",
+                key.kid, key.name
+            ));
+        }
+    }
+    for key in trusted {
+        if super::licenses::insert_trusted_key(conn, key)? {
+            changed.push(format!(
+                "vendor key {} ({}), trusted since the backup, stays trusted",
+                key.kid, key.name
+            ));
+        }
+    }
+    Ok(changed)
 }
 
 /// The settings key naming the installation that serves the database (written at every
@@ -800,6 +890,14 @@ mod tests {
             )
             .unwrap();
         assert_eq!(rows, 1_000);
+    }
+
+    /// Restores import no license again here (the CLI's tests do).
+    fn keep_the_backups(
+        _: &Connection,
+        _: &super::super::licenses::SignedVersion,
+    ) -> Result<Option<String>, String> {
+        Ok(None)
     }
 
     fn files_in(dir: &Path) -> Vec<String> {
@@ -1004,7 +1102,9 @@ mod tests {
         let wal = dir.path().join("keygate.db-wal");
         std::fs::write(&wal, b"and a WAL of garbage").unwrap();
 
-        let aside = restore(&db, &good.path, "ours", now).unwrap().aside;
+        let aside = restore(&db, &good.path, "ours", now, &mut keep_the_backups)
+            .unwrap()
+            .aside;
         let conn = Connection::open(&db).unwrap();
         check(&conn, &db).unwrap();
         assert_eq!(
@@ -1033,7 +1133,7 @@ mod tests {
         }
         drop(conn);
         let now = datetime!(2026-06-30 12:00 UTC);
-        restore(&db, &kept, "ours", now).unwrap();
+        restore(&db, &kept, "ours", now, &mut keep_the_backups).unwrap();
         let conn = Connection::open(&db).unwrap();
         assert_eq!(
             super::super::settings::get(&conn, "marker")
@@ -1066,9 +1166,15 @@ mod tests {
         let now = datetime!(2026-06-30 12:00 UTC);
         drop(super::super::open(&db).unwrap());
         let backup = take(&db, &dir.path().join("backups"), now).unwrap();
-        let first = restore(&db, &backup.path, "ours", now).unwrap().aside;
-        let second = restore(&db, &backup.path, "ours", now).unwrap().aside;
-        let third = restore(&db, &backup.path, "ours", now).unwrap().aside;
+        let first = restore(&db, &backup.path, "ours", now, &mut keep_the_backups)
+            .unwrap()
+            .aside;
+        let second = restore(&db, &backup.path, "ours", now, &mut keep_the_backups)
+            .unwrap()
+            .aside;
+        let third = restore(&db, &backup.path, "ours", now, &mut keep_the_backups)
+            .unwrap()
+            .aside;
         assert_eq!(
             file_name(&first),
             "keygate.db.before-restore-20260630T120000Z"
@@ -1096,7 +1202,9 @@ mod tests {
         let conn = super::super::open(&served).unwrap();
         super::super::settings::set(&conn, INSTALLATION, "OTHR-0000").unwrap();
         drop(conn);
-        let err = restore(&db, &served, "ours", now).unwrap_err().to_string();
+        let err = restore(&db, &served, "ours", now, &mut keep_the_backups)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("it was served by installation OTHR-0000"),
             "{err}"
@@ -1119,7 +1227,7 @@ mod tests {
         )
         .unwrap();
         drop(conn);
-        let err = restore(&db, &licensed, "ours", now)
+        let err = restore(&db, &licensed, "ours", now, &mut keep_the_backups)
             .unwrap_err()
             .to_string();
         assert!(
@@ -1145,7 +1253,9 @@ mod tests {
             std::fs::copy(side_file(&live, suffix), side_file(&db, suffix)).unwrap();
         }
         drop(conn);
-        let aside = restore(&db, &backup.path, "ours", now).unwrap().aside;
+        let aside = restore(&db, &backup.path, "ours", now, &mut keep_the_backups)
+            .unwrap()
+            .aside;
         // The main file kept aside holds that commit by itself: so did `db` at every moment
         // before the rename that put the backup in its place.
         let alone = dir.path().join("alone.db");
@@ -1156,6 +1266,60 @@ mod tests {
                 .unwrap()
                 .as_deref(),
             Some("committed last")
+        );
+    }
+
+    /// The replaced database's licenses are imported again into the restored copy before it
+    /// takes its place (a restore cut short after the swap serves no superseded license):
+    /// each in a transaction of its own, one that fails changing nothing and told.
+    #[test]
+    fn licenses_are_imported_again_into_the_copy_before_it_takes_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keygate.db");
+        let conn = super::super::open(&db).unwrap();
+        let now = datetime!(2026-06-30 12:00 UTC);
+        let backup = take(&db, &dir.path().join("backups"), now).unwrap();
+        conn.execute_batch(
+            "INSERT INTO organizations VALUES ('org', 'Acme', 0);
+             INSERT INTO licenses VALUES ('LIC-1', 2, 'Acme', 'org', 0, 'k', 'jws1', 'h1', 0),
+                                         ('LIC-2', 3, 'Acme', 'org', 0, 'k', 'jws2', 'h2', 0);",
+        )
+        .unwrap();
+        drop(conn);
+
+        let mut offered = Vec::new();
+        let restored = restore(&db, &backup.path, "ours", now, &mut |copy, license| {
+            let live = Connection::open(&db).unwrap();
+            let count = |c: &Connection| -> i64 {
+                c.query_row("SELECT count(*) FROM licenses", [], |r| r.get(0))
+                    .unwrap()
+            };
+            offered.push((license.license_id.clone(), count(&live), count(copy)));
+            super::super::settings::set(copy, &license.license_id, &license.jws).unwrap();
+            match license.license_id.as_str() {
+                "LIC-1" => Ok(Some("imported".into())),
+                _ => Err("refused".into()),
+            }
+        })
+        .unwrap();
+        offered.sort();
+        assert_eq!(
+            offered,
+            [("LIC-1".into(), 2, 0), ("LIC-2".into(), 2, 0)],
+            "offered with the copy while the live database was the replaced one"
+        );
+        assert_eq!(
+            restored.handed_on,
+            ["license LIC-1 version 2, newer than the backup's, imported again: imported"]
+        );
+        assert_eq!(restored.not_handed_on, ["license LIC-2 version 3: refused"]);
+        let conn = Connection::open(&db).unwrap();
+        let get = |key| super::super::settings::get(&conn, key).unwrap();
+        assert_eq!(get("LIC-1").as_deref(), Some("jws1"));
+        assert_eq!(
+            get("LIC-2"),
+            None,
+            "the failed import's transaction rolled back"
         );
     }
 
@@ -1175,13 +1339,20 @@ mod tests {
         let newer = take(&dir.path().join("keygate.db"), &dir.path().join("b2"), now).unwrap();
 
         // An older backup: the live database's newer time stays.
-        restore(&db, &older.path, "ours", now).unwrap();
+        restore(&db, &older.path, "ours", now, &mut keep_the_backups).unwrap();
         let conn = Connection::open(&db).unwrap();
         assert_eq!(newest(&conn), 5_000);
         drop(conn);
         // A backup newer than the live database keeps its own.
         set(3_000);
-        restore(&db, &newer.path, "ours", now + Duration::from_secs(1)).unwrap();
+        restore(
+            &db,
+            &newer.path,
+            "ours",
+            now + Duration::from_secs(1),
+            &mut keep_the_backups,
+        )
+        .unwrap();
         assert_eq!(newest(&Connection::open(&db).unwrap()), 5_000);
         // Nothing of the restore's own copy is left behind.
         let left: Vec<_> = std::fs::read_dir(dir.path())

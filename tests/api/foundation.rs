@@ -327,10 +327,6 @@ fn another_vendors_license_with_the_same_id_replaces_nothing() {
     );
     // The retired key is taken off: files it signs are refused from then on; the licenses
     // imported stay.
-    let kid = |vendor: &Vendor| {
-        let pem = std::fs::read_to_string(vendor.pub_path()).unwrap();
-        keygate_sdk::keys::kid(&keygate_sdk::keys::public_key_from_pem(&pem).unwrap())
-    };
     let run = keygate(&data, &["untrust", &kid(&acme)]);
     assert!(run.ok, "{}", run.stderr);
     let v3 = acme.issue_file(&data, SIMPLE_ITEMS, &["--version", "3"], "v3.lic");
@@ -356,6 +352,50 @@ fn another_vendors_license_with_the_same_id_replaces_nothing() {
         )
         .unwrap();
     assert_eq!(audit, 1);
+}
+
+/// The kid of a vendor's public key.
+fn kid(vendor: &Vendor) -> String {
+    let pem = std::fs::read_to_string(vendor.pub_path()).unwrap();
+    keygate_sdk::keys::kid(&keygate_sdk::keys::public_key_from_pem(&pem).unwrap())
+}
+
+/// A restore rolls back the appliance's records, not the admin's trust: a vendor key
+/// untrusted since the backup (leaked, say) stays untrusted, and one trusted since stays
+/// trusted, so the licenses it signs keep importing; the restore says which.
+#[test]
+fn a_restore_keeps_the_vendor_keys_trusted_now() {
+    let acme = Vendor::new();
+    let (_dir, data) = appliance_trusting(&acme);
+    assert!(import(&data, &acme.issue_file(&data, SIMPLE_ITEMS, &[], "v1.lic")).ok);
+    assert!(keygate(&data, &["backup"]).ok);
+    let backup = keygate::store::backup::list(&data.join("backups")).unwrap()[0]
+        .path
+        .clone();
+    let rotated = Vendor::new();
+    assert!(keygate(&data, &["trust", rotated.pub_path().to_str().unwrap()]).ok);
+    assert!(keygate(&data, &["untrust", &kid(&acme)]).ok);
+
+    let run = keygate(&data, &["restore", backup.to_str().unwrap()]);
+    assert!(run.ok, "{}", run.stderr);
+    for said in [
+        format!("vendor key {} ", kid(&acme)),
+        "untrusted since the backup, stays untrusted".into(),
+        format!("vendor key {} ", kid(&rotated)),
+        "trusted since the backup, stays trusted".into(),
+    ] {
+        assert!(run.stdout.contains(&said), "{said}: {}", run.stdout);
+    }
+    let v2 = acme.issue_file(&data, SIMPLE_ITEMS, &["--version", "2"], "v2.lic");
+    let run = import(&data, &v2);
+    assert!(
+        !run.ok && run.stderr.contains("does not trust"),
+        "{}",
+        run.stderr
+    );
+    let v2 = rotated.issue_file(&data, SIMPLE_ITEMS, &["--version", "2"], "r2.lic");
+    let run = import(&data, &v2);
+    assert!(run.ok, "{}", run.stderr);
 }
 
 #[test]
