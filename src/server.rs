@@ -60,13 +60,13 @@ pub struct AppState {
     /// Bound concurrent Argon2 runs (each takes tens of milliseconds of CPU and 19 MiB):
     /// two for devices' session passwords, one for the portal's admins, so that a flood of
     /// either never delays the other.
-    device_argon2: tokio::sync::Semaphore,
-    portal_argon2: tokio::sync::Semaphore,
+    device_argon2: Arc<tokio::sync::Semaphore>,
+    portal_argon2: Arc<tokio::sync::Semaphore>,
     /// What the usage requests on their way through the writer may hold, in reports and
     /// counters ([`USAGE_BUDGET`]): past it, `RATE_LIMITED` (send again later), not a queue
     /// that grows until memory runs out (a site's devices back from an outage, each with a
     /// large backlog).
-    pub usage_budget: tokio::sync::Semaphore,
+    pub usage_budget: Arc<tokio::sync::Semaphore>,
     /// Session password checks per client address (IPv6: per /64): 10 a minute, then
     /// `RATE_LIMITED`.
     pub password_attempts: AttemptLimiter,
@@ -193,9 +193,9 @@ impl AppState {
             started_at: now,
             watermark,
             passwords: PasswordCache::default(),
-            device_argon2: tokio::sync::Semaphore::new(2),
-            portal_argon2: tokio::sync::Semaphore::new(1),
-            usage_budget: tokio::sync::Semaphore::new(USAGE_BUDGET as usize),
+            device_argon2: Arc::new(tokio::sync::Semaphore::new(2)),
+            portal_argon2: Arc::new(tokio::sync::Semaphore::new(1)),
+            usage_budget: Arc::new(tokio::sync::Semaphore::new(USAGE_BUDGET as usize)),
             password_attempts: AttemptLimiter::new(10, 60),
             code_password_attempts: AttemptLimiter::new(100, 60),
             sign_in_limits: SignInLimits::default(),
@@ -234,8 +234,15 @@ impl AppState {
             Passwords::Devices => &self.device_argon2,
             Passwords::Portal => &self.portal_argon2,
         };
-        let _permit = slots.acquire().await.ok()?;
-        web::block(work).await.ok()
+        // The slot goes with the work: a request dropped meanwhile (its client gone) does not
+        // stop a run already on the blocking pool, so its slot is not free until it ends.
+        let permit = slots.clone().acquire_owned().await.ok()?;
+        web::block(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .ok()
     }
 
     /// Emails these ERROR events to the alert recipients while serving.

@@ -302,17 +302,22 @@ async fn usage(
         ));
     }
     let req = Usage::parse(body).map_err(bad)?;
-    // Held until answered: what waits for the writer stays within the budget.
+    // Held by the writer's job until it has run, or is dropped unrun (its client gone): what
+    // waits for the writer stays within the budget.
     let weight = req.reports.iter().fold(1u32, |w, r| {
         w.saturating_add(1)
             .saturating_add(u32::try_from(r.counters.len()).unwrap_or(u32::MAX))
     });
-    let _budget = state.usage_budget.try_acquire_many(weight).map_err(|_| {
-        ApiError::new(
-            ErrorCode::RateLimited,
-            "the appliance is busy with many usage reports: send them again in a while",
-        )
-    })?;
+    let budget = state
+        .usage_budget
+        .clone()
+        .try_acquire_many_owned(weight)
+        .map_err(|_| {
+            ApiError::new(
+                ErrorCode::RateLimited,
+                "the appliance is busy with many usage reports: send them again in a while",
+            )
+        })?;
     let device = req.device_uuid.clone();
     let now = state.clock.now().unix_timestamp();
     // Reports are recorded whatever the clock; only the renewal waits for it.
@@ -322,6 +327,7 @@ async fn usage(
         .store
         .write_with_catalogue(
             move |conn, catalogue| {
+                let _budget = budget;
                 usage::record(
                     conn,
                     catalogue,

@@ -4,6 +4,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration as StdDuration;
 
 use serde_json::json;
 use time::Duration;
@@ -532,6 +533,46 @@ fn ends_within<T>(thread: &std::thread::ScopedJoinHandle<'_, T>, seconds: u64) -
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     thread.is_finished()
+}
+
+/// An Argon2 run keeps its slot until it ends, even when the request that started it is
+/// dropped (its client gone): requests reset once their password check started cannot run
+/// more checks at once (19 MiB each) than there are slots.
+#[test]
+fn an_argon2_run_keeps_its_slot_after_its_request_is_dropped() {
+    let (f, _) = signed_in(&item("reader", "per_device", 10, ""));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let (started, running) = std::sync::mpsc::channel();
+    let mut releases = Vec::new();
+    for _ in 0..2 {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        releases.push(release);
+        let started = started.clone();
+        let check = f.app.state.argon2(Passwords::Devices, move || {
+            started.send(()).unwrap();
+            let _ = wait.recv();
+        });
+        // Polled once (the check starts on the blocking pool), then dropped.
+        let dropped = runtime
+            .block_on(async { tokio::time::timeout(StdDuration::from_millis(1), check).await });
+        assert!(dropped.is_err(), "the check runs until released");
+        running.recv_timeout(StdDuration::from_secs(30)).unwrap();
+    }
+    let third = |seconds| {
+        runtime.block_on(async {
+            let check = f.app.state.argon2(Passwords::Devices, || ());
+            tokio::time::timeout(StdDuration::from_secs(seconds), check).await
+        })
+    };
+    assert!(
+        third(1).is_err(),
+        "a third check ran beside the two of dropped requests"
+    );
+    drop(releases);
+    assert_eq!(third(30), Ok(Some(())));
 }
 
 /// Admins' and devices' passwords have Argon2 slots of their own: with every slot of one

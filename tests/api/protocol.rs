@@ -1,7 +1,6 @@
 //! Issue 3: the client protocol against the real server, every model's edges over HTTP.
 
 use keygate_sdk::wire::AuthorizationState;
-use std::sync::Arc;
 
 use serde_json::json;
 use time::Duration;
@@ -1532,62 +1531,6 @@ fn a_device_keeps_its_name_and_user_until_it_reports_new_ones_and_is_seen_at_eac
     let renamed = seen();
     assert_eq!(renamed.name, "line-2 scanner");
     assert_eq!(renamed.last_seen, f.app.clock_now().unix_timestamp());
-}
-
-type RawTls = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
-
-/// A TLS connection to the appliance for writing HTTP by hand; reads time out after `wait`.
-fn raw_tls(f: &Fixture, wait: std::time::Duration) -> RawTls {
-    raw_tls_to(&f.data, f.app.addr, wait)
-}
-
-/// [`raw_tls`] to the appliance of `data_dir` serving on `addr`.
-fn raw_tls_to(
-    data_dir: &std::path::Path,
-    addr: std::net::SocketAddr,
-    wait: std::time::Duration,
-) -> RawTls {
-    tls_over(data_dir, std::net::TcpStream::connect(addr).unwrap(), wait)
-}
-
-/// [`raw_tls`] from another loopback address (`127.0.0.2`: another host to the appliance).
-fn raw_tls_from(f: &Fixture, from: &str, wait: std::time::Duration) -> RawTls {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .unwrap();
-    let tcp = runtime.block_on(async {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
-        socket.connect(f.app.addr).await.unwrap()
-    });
-    let tcp = tcp.into_std().unwrap();
-    tcp.set_nonblocking(false).unwrap();
-    tls_over(&f.data, tcp, wait)
-}
-
-fn tls_over(
-    data_dir: &std::path::Path,
-    tcp: std::net::TcpStream,
-    wait: std::time::Duration,
-) -> RawTls {
-    use rustls::pki_types::pem::PemObject;
-    let addr = tcp.peer_addr().unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice(&appliance_cert(data_dir)).unwrap())
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tcp.set_read_timeout(Some(wait)).unwrap();
-    let server = rustls::pki_types::ServerName::from(addr.ip());
-    let client = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
-    rustls::StreamOwned::new(client, tcp)
 }
 
 /// Hosts holding TLS handshakes open (connected, sending nothing) at their limit of 256 per

@@ -2,6 +2,8 @@
 //! durability across kill -9.
 
 use serde_json::json;
+use std::time::Duration as StdDuration;
+
 use time::Duration;
 
 use crate::helpers::*;
@@ -978,6 +980,69 @@ fn a_new_version_metering_another_counter_counts_that_counter() {
     // Back to scans: their 1,000 count again.
     f.import("LIC-T", &meters("scans"), &["--version", "3"]);
     assert_eq!(f.item_value("LIC-T-1", "usage_total"), 1_000);
+}
+
+/// A usage request whose client went away while it waited for the database keeps its part
+/// of the budget until the writer has dropped it: the parsed reports wait in the writer's
+/// queue all the same, so clients that send large backlogs and hang up cannot queue more
+/// than the budget.
+#[test]
+fn a_usage_request_abandoned_in_the_queue_keeps_its_budget_until_dropped() {
+    use std::io::Write;
+    let f = scanner();
+    let lease = f.authorized("scanner", 1).lease_id;
+    let budget = || f.app.state.usage_budget.available_permits();
+    let full = keygate::server::USAGE_BUDGET as usize;
+    // The writer is held by a job that waits for `release`.
+    let (release, wait) = std::sync::mpsc::channel::<()>();
+    let (held, holding) = std::sync::mpsc::channel();
+    let state = f.app.state.clone();
+    let writer = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(state.store.write(move |_| {
+            held.send(()).unwrap();
+            let _ = wait.recv();
+            Ok::<_, keygate::store::StoreError>(())
+        }))
+    });
+    holding.recv().unwrap();
+    let body = f.reports(
+        &lease,
+        1,
+        STREAM,
+        &[(1, "LIC-T-1", "scans", 1), (2, "LIC-T-1", "scans", 1)],
+    );
+    let body = body.to_string();
+    let mut tls = raw_tls(&f, StdDuration::from_secs(5));
+    write!(
+        tls,
+        "POST /api/v1/usage HTTP/1.1\r\nHost: keygate\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    tls.flush().unwrap();
+    let until = std::time::Instant::now() + StdDuration::from_secs(30);
+    while budget() == full && std::time::Instant::now() < until {
+        std::thread::sleep(StdDuration::from_millis(10));
+    }
+    assert_eq!(budget(), full - 5, "the request waits with its weight (5)");
+    drop(tls); // the client goes away
+    std::thread::sleep(StdDuration::from_secs(1));
+    assert_eq!(
+        budget(),
+        full - 5,
+        "given back while its reports still wait"
+    );
+    drop(release);
+    writer.join().unwrap().unwrap();
+    let until = std::time::Instant::now() + StdDuration::from_secs(30);
+    while budget() != full && std::time::Instant::now() < until {
+        std::thread::sleep(StdDuration::from_millis(10));
+    }
+    assert_eq!(budget(), full, "given back once the writer dropped it");
 }
 
 /// The usage requests waiting for the database hold at most `USAGE_BUDGET` reports and
