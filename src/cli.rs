@@ -350,7 +350,8 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         Command::Serve { .. } => unreachable!("serve is run by main"),
         Command::ActivationRequest { out } => {
             let new = !key.exists();
-            let appliance = Appliance::load_or_create(&config.data_dir)?;
+            let appliance =
+                store::backup::appliance_for(&config.data_dir, &config.database_path())?;
             if new {
                 eprintln!(
                     "set up a new appliance (installation {}) in {}",
@@ -648,7 +649,7 @@ fn reimport(
 fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let appliance = Appliance::load_or_create(&config.data_dir)?;
+    let appliance = store::backup::appliance_for(&config.data_dir, &config.database_path())?;
     let now = clock.now();
     let outcome = audited(config, now, |conn| {
         let trusted = trusted_keys(config, conn)?;

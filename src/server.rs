@@ -114,23 +114,10 @@ impl AppState {
                 tracing::error!(kind = "config", error = %e, "imports will fail: fix trusted_vendor_keys");
             }
         }
-        let key_file = config.data_dir.join(crate::appliance::KEY_FILE);
-        let new_key = !key_file.exists();
-        let appliance = Appliance::load_or_create(&config.data_dir)?;
+        let appliance = backup::appliance_for(&config.data_dir, &config.database_path())?;
         let lock = backup::lock_file(&config.data_dir, backup::LOCK_WAIT)?;
         backup::remove_unfinished_at_start(&config.data_dir);
-        // A database another appliance served, or licensed (moved here without its
-        // appliance.key, or the key lost): every device would refuse what this key signs.
-        // Refused, and a key just made for it goes again.
         let conn = crate::store::open(&config.database_path())?;
-        if let Err(e) =
-            backup::bound_here(&conn, &config.database_path(), appliance.installation_id())
-        {
-            if new_key {
-                let _ = std::fs::remove_file(&key_file);
-            }
-            return Err(e.into());
-        }
         let store = Store::open(&config.database_path())?;
         let now = clock.now();
         crate::jobs::remember_first_start(&conn, now.unix_timestamp())?;

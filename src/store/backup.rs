@@ -758,6 +758,38 @@ pub const INSTALLATION: &str = "installation_id";
 /// backup (taken while serving) carries.
 pub const RUNNING: &str = "running_since";
 
+/// The appliance key of `data_dir`, made there if it has none, for the database at `db`
+/// (when there is one): a database another appliance served or licensed (moved here
+/// without its appliance.key, or the key lost) is refused, since every device would refuse
+/// what this key signs, and a key just made for it goes again.
+pub fn appliance_for(
+    data_dir: &Path,
+    db: &Path,
+) -> Result<crate::appliance::Appliance, BackupError> {
+    let key_file = data_dir.join(crate::appliance::KEY_FILE);
+    let new_key = !key_file.exists();
+    let appliance = crate::appliance::Appliance::load_or_create(data_dir)?;
+    if db.exists() {
+        let checked = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(BackupError::from)
+            .and_then(|conn| {
+                // A file SQLite has not written a schema into yet is nobody's.
+                let schema: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+                match schema {
+                    0 => Ok(()),
+                    _ => bound_here(&conn, db, appliance.installation_id()),
+                }
+            });
+        if let Err(e) = checked {
+            if new_key {
+                let _ = std::fs::remove_file(&key_file);
+            }
+            return Err(e);
+        }
+    }
+    Ok(appliance)
+}
+
 /// Refuses a database another appliance served, or whose licenses are bound to another
 /// appliance key: restored, every
 /// device would refuse the authorizations it gets (their licenses name another appliance).

@@ -866,14 +866,35 @@ fn serve_refuses_a_database_without_its_appliance_key() {
     assert!(stderr.contains("appliance.key"), "{stderr}");
     assert!(!data.join("appliance.key").exists(), "no new key is made");
     assert_eq!(db_digest(&data.join("keygate.db")), digest);
+    // Nor does an activation request (the vendor would license a key the database is not
+    // for).
+    let run = keygate(&data, &["activation-request"]);
+    assert!(
+        !run.ok && run.stderr.contains("belongs to another appliance"),
+        "{}",
+        run.stderr
+    );
+    assert!(!data.join("appliance.key").exists(), "no new key is made");
+    assert_eq!(db_digest(&data.join("keygate.db")), digest);
 
     let (_b, other) = appliance_trusting(&vendor);
+    let theirs = vendor.issue_file(&other, SIMPLE_ITEMS, &["--version", "2"], "b.lic");
+    let other_id = installation_id(&other);
     std::fs::copy(data.join("keygate.db"), other.join("keygate.db")).unwrap();
     let stderr = serve_refused(&other);
     assert!(
-        stderr.contains(&id) && stderr.contains(&installation_id(&other)),
+        stderr.contains(&id) && stderr.contains(&other_id),
         "{stderr}"
     );
+    // An import into it, likewise: the database would hold licenses of two appliances.
+    let digest = db_digest(&other.join("keygate.db"));
+    let run = import(&other, &theirs);
+    assert!(
+        !run.ok && run.stderr.contains("belongs to another appliance"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db_digest(&other.join("keygate.db")), digest);
 
     std::fs::write(data.join("appliance.key"), key).unwrap();
     let served = Served::start(&data);
