@@ -415,7 +415,8 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         }
         Command::ResetClock => reset_clock(&config, &clock),
         Command::Config(ConfigCommand::Dump) => {
-            write!(std::io::stdout(), "{}", config.to_toml()).map_err(StdoutError)?;
+            let toml = config.to_toml()?;
+            write!(std::io::stdout(), "{toml}").map_err(StdoutError)?;
             Ok(())
         }
         Command::Vendor(VendorCommand::Keygen { out }) => {

@@ -335,9 +335,11 @@ impl Config {
         Ok(())
     }
 
-    /// The effective configuration as TOML (`keygate config dump`).
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("the config always serializes")
+    /// The effective configuration as TOML (`keygate config dump`); a path TOML cannot hold
+    /// (not UTF-8) is an error.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string_pretty(self)
+            .map_err(|e| ConfigError::Invalid(format!("it cannot be written as TOML: {e}")))
     }
 
     pub fn database_path(&self) -> PathBuf {
@@ -632,7 +634,7 @@ mod tests {
     #[test]
     fn dump_round_trips() {
         let config = Config::default();
-        let again: Config = toml::from_str(&config.to_toml()).unwrap();
+        let again: Config = toml::from_str(&config.to_toml().unwrap()).unwrap();
         assert_eq!(again, config);
     }
 }

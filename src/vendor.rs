@@ -141,9 +141,10 @@ fn to_time(dt: &toml::value::Datetime, field: &str) -> Result<OffsetDateTime, Ve
     } else {
         text
     };
-    OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
-        .map(|t| t.to_offset(time::UtcOffset::UTC))
-        .map_err(|e| VendorError::Invalid(format!("{field} {dt}: {e}")))
+    let t = OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| VendorError::Invalid(format!("{field} {dt}: {e}")))?;
+    t.checked_to_offset(time::UtcOffset::UTC)
+        .ok_or_else(|| VendorError::Invalid(format!("{field} {dt} is past 9999-12-31T23:59:59Z")))
 }
 
 /// Builds, checks and signs a license for the appliance that made `request`; returns the

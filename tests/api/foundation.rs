@@ -398,6 +398,28 @@ fn a_restore_keeps_the_vendor_keys_trusted_now() {
     assert!(run.ok, "{}", run.stderr);
 }
 
+/// `vendor issue` refuses an items file's time that is past the year 9999 once in UTC, and
+/// says which (it panicked).
+#[test]
+fn vendor_issue_refuses_a_time_past_the_year_9999() {
+    let vendor = Vendor::new();
+    let (_dir, data) = appliance_trusting(&vendor);
+    let items = SIMPLE_ITEMS.replace(
+        "expires_at = 2036-01-01T00:00:00Z",
+        "expires_at = 9999-12-31T23:30:00-01:00",
+    );
+    let run = vendor.issue(&data, &items, &[]);
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("expires_at 9999-12-31T23:30:00-01:00 is past 9999-12-31T23:59:59Z")
+            && !run.stderr.contains("panicked"),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn reimport_changes_nothing_and_a_higher_version_supersedes() {
     let vendor = Vendor::new();
@@ -547,6 +569,14 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
                 json!({"item_id": "X\u{1b}[2J", "model": "per_seat"}),
             ))),
             "item \"X\\u{1b}[2J\" has unknown model",
+        ),
+        // In range as written, past 9999 once in UTC: it would read as 1970 everywhere.
+        (
+            "expiry past the year 9999 in UTC",
+            vendor.sign_raw_license(&payload(item(
+                json!({"expires_at": "9999-12-31T23:30:00-01:00"}),
+            ))),
+            "expires_at 9999-12-31T23:30:00-01:00 is past 9999-12-31T23:59:59Z",
         ),
         (
             "zero quota",
@@ -1038,6 +1068,21 @@ fn configuration_layers_and_refuses_typos() {
             .into();
         assert!(
             !run.ok && run.stderr.contains("KEYGATE_DATA_DIR is not valid UTF-8"),
+            "{}",
+            run.stderr
+        );
+        // The same given as an argument is taken, and `config dump` says it cannot show it.
+        let run: Run = command()
+            .arg("--data-dir")
+            .arg(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"/srv/caf\xe9"))
+            .args(["config", "dump"])
+            .output()
+            .unwrap()
+            .into();
+        assert!(
+            !run.ok
+                && run.stderr.contains("cannot be written as TOML")
+                && !run.stderr.contains("panicked"),
             "{}",
             run.stderr
         );
