@@ -231,8 +231,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<T> {
             .blocking(cx, |io, cx| Pin::new(io).poll_flush(cx))
     }
 
+    /// Timed as a write: closing sends what is buffered and TLS's close notice, which wait
+    /// for a client that reads nothing as long as an answer would.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        self.get_mut()
+            .blocking(cx, |io, cx| Pin::new(io).poll_shutdown(cx))
     }
 }
 
@@ -395,6 +398,21 @@ mod tests {
 
     /// An answer taken whole into a buffer (rustls's, over TLS) and then paused on its way
     /// to the client: once the client reads it, the next head has all its time again.
+    /// Closing a connection whose client reads nothing (what is buffered cannot be sent)
+    /// fails once the send has stalled as long as an answer may, instead of holding the
+    /// connection for ever.
+    #[tokio::test(start_paused = true)]
+    async fn closing_to_a_client_that_reads_nothing_fails_in_time() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut server = HeadDeadline::new(tokio::io::BufWriter::with_capacity(8192, server));
+        server.write_all(&[b'x'; 4096]).await.unwrap();
+        let closed = tokio::time::timeout(SEND_STALLED_FOR * 2, server.shutdown())
+            .await
+            .expect("ended in time")
+            .unwrap_err();
+        assert_eq!(closed.kind(), io::ErrorKind::TimedOut);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_next_heads_time_starts_when_a_paused_answer_is_read() {
         let (mut client, server) = tokio::io::duplex(64);
