@@ -432,10 +432,26 @@ pub fn run(command: Command, config: Config) -> Result<()> {
     }
 }
 
+/// Writes a command's output to `out` (replacing the file whole, through a temporary one,
+/// but never a private key: a mistyped `--out vendor.key` would destroy it), or to stdout.
 fn write_output(out: Option<&Path>, text: &str) -> Result<()> {
     match out {
         Some(path) => {
-            std::fs::write(path, text)
+            if std::fs::read(path).is_ok_and(|old| {
+                old.windows(b"PRIVATE KEY".len())
+                    .any(|w| w == b"PRIVATE KEY")
+            }) {
+                bail!(
+                    "{} holds a private key: refusing to write over it (choose another file)",
+                    path.display()
+                );
+            }
+            let tmp = appliance::temporary_beside(path);
+            std::fs::write(&tmp, text)
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&tmp);
+                })
                 .with_context(|| format!("cannot write {}", path.display()))?;
             say!("wrote {}", path.display())?;
             Ok(())

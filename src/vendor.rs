@@ -47,7 +47,13 @@ pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), VendorError> {
     };
     crate::appliance::write_secret_file(&private, keys::signing_key_to_pem(&key).as_bytes())
         .map_err(io(&private))?;
-    std::fs::write(&public, keys::public_key_to_pem(&key.verifying_key())).map_err(io(&public))?;
+    // Both or neither: a private key without its public half would be refused by the next
+    // keygen (it exists) and by nothing else.
+    if let Err(e) = std::fs::write(&public, keys::public_key_to_pem(&key.verifying_key())) {
+        let _ = std::fs::remove_file(&public);
+        let _ = std::fs::remove_file(&private);
+        return Err(io(&public)(e));
+    }
     Ok((private, public))
 }
 
@@ -258,4 +264,35 @@ fn summary(license: &License, hostname: &str) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key pair is written whole or not at all: with room for the private key and not for
+    /// the public one, neither is left (a lone private key made every later keygen refuse,
+    /// and nothing rebuilt its public half).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn keygen_leaves_no_private_key_without_its_public_one() {
+        use std::io::Write;
+        let test = "vendor::tests::keygen_leaves_no_private_key_without_its_public_one";
+        let Some(dir) = crate::store::on_a_small_disk(test, "1m") else {
+            return;
+        };
+        // Full, then one page (what the private key takes) freed.
+        let filler = dir.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        while file.write_all(&[0; 4096]).is_ok() {}
+        let size = file.metadata().unwrap().len();
+        file.set_len(size - size % 4096 - 4096).unwrap();
+        drop(file);
+
+        let refused = keygen(&dir.join("vendor")).unwrap_err();
+        assert!(refused.to_string().contains("vendor.pub"), "{refused}");
+        assert!(!dir.join("vendor.key").exists() && !dir.join("vendor.pub").exists());
+        std::fs::remove_file(&filler).unwrap();
+        keygen(&dir.join("vendor")).unwrap();
+    }
 }

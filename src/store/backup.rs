@@ -395,16 +395,25 @@ pub fn remove_unfinished(dir: &Path, idle: Duration) -> Result<usize, BackupErro
     Ok(removed)
 }
 
-/// At a start, before the database is opened: removes what backups cut short left in
-/// `data_dir`'s backup directory, untouched for [`UNFINISHED_AT_START`] (best effort:
-/// logged). A migration's backup cut short at the last start left a copy the size of the
-/// database, which would fail this start's backup for want of space.
+/// At a start, before the database is opened: removes what writes cut short left in
+/// `data_dir`'s backup directory (backups), in `data_dir` itself (the appliance key) and in
+/// its `tls` directory (the certificate and its key), untouched for
+/// [`UNFINISHED_AT_START`] (best effort: logged). A migration's backup cut short at the
+/// last start left a copy the size of the database, which would fail this start's backup
+/// for want of space; a key's left a second copy of a secret.
 pub fn remove_unfinished_at_start(data_dir: &Path) {
-    let backups = data_dir.join(BACKUP_DIR);
-    match remove_unfinished(&backups, UNFINISHED_AT_START) {
-        Ok(0) => {}
-        Ok(n) => tracing::warn!(files = n, "removed unfinished backups"),
-        Err(e) => tracing::warn!(error = %e, "cannot remove unfinished backups"),
+    for dir in [
+        data_dir.join(BACKUP_DIR),
+        data_dir.to_path_buf(),
+        data_dir.join("tls"),
+    ] {
+        match remove_unfinished(&dir, UNFINISHED_AT_START) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(files = n, dir = %dir.display(), "removed unfinished writes"),
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %dir.display(), "cannot remove unfinished writes")
+            }
+        }
     }
 }
 

@@ -398,6 +398,46 @@ fn a_restore_keeps_the_vendor_keys_trusted_now() {
     assert!(run.ok, "{}", run.stderr);
 }
 
+/// `--out` never writes over a private key (a mistyped `--out vendor.key` destroyed the
+/// vendor's signing key); another file is replaced whole, nothing left beside it.
+#[test]
+fn output_files_never_replace_a_private_key() {
+    let vendor = Vendor::new();
+    let (dir, data) = appliance_trusting(&vendor);
+    let key = std::fs::read(vendor.key_path()).unwrap();
+    let out = |path: &Path| {
+        keygate(
+            &data,
+            &["activation-request", "--out", path.to_str().unwrap()],
+        )
+    };
+    let run = out(&vendor.key_path());
+    assert!(
+        !run.ok && run.stderr.contains("holds a private key"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(std::fs::read(vendor.key_path()).unwrap(), key);
+    let request = dir.path().join("request.txt");
+    std::fs::write(
+        &request,
+        "an older request, longer than the new one would ever be\n".repeat(50),
+    )
+    .unwrap();
+    let run = out(&request);
+    assert!(run.ok, "{}", run.stderr);
+    let written = std::fs::read_to_string(&request).unwrap();
+    assert!(
+        keygate::vendor::read_activation_request(&written).is_ok() && !written.contains("older"),
+        "{written}"
+    );
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+}
+
 /// `vendor issue` refuses an items file's time that is past the year 9999 once in UTC, and
 /// says which (it panicked).
 #[test]

@@ -391,23 +391,48 @@ fn an_appliance_on_a_full_disk_starts_once_it_has_room_for_its_wal() {
 
 /// A backup cut short at an earlier start (the copy taken before a migration, killed by the
 /// service manager's start timeout) is removed by the next start, before it opens the
-/// database: its migration's backup needs the space that copy holds.
+/// database: its migration's backup needs the space that copy holds. So are the temporary
+/// copies of a secret written when the writer was killed (the appliance key's, the
+/// certificate key's), once untouched for 10 minutes; a newer one may be being written.
 #[test]
-fn a_start_removes_the_copy_an_interrupted_backup_left() {
+fn a_start_removes_the_copies_interrupted_writes_left() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     Served::start(&data).terminate();
     let backups = data.join("backups");
     std::fs::create_dir_all(&backups).unwrap();
-    let left = backups.join(".keygate-schema3-before-upgrade-20261204T120000Z.db.1.tmp");
-    std::fs::write(&left, vec![0u8; 4096]).unwrap();
     let eleven_minutes_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(660);
-    std::fs::File::options()
-        .write(true)
-        .open(&left)
-        .unwrap()
-        .set_modified(eleven_minutes_ago)
-        .unwrap();
+    let left = |path: std::path::PathBuf, untouched_since| {
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(untouched_since)
+            .unwrap();
+        path
+    };
+    let old = [
+        left(
+            backups.join(".keygate-schema3-before-upgrade-20261204T120000Z.db.1.tmp"),
+            eleven_minutes_ago,
+        ),
+        left(
+            data.join(".appliance.key.0b7c5a5e-3c43-4f65-9d7e-6a1b0c2d3e4f.tmp"),
+            eleven_minutes_ago,
+        ),
+        left(
+            data.join("tls/.key.pem.0b7c5a5e-3c43-4f65-9d7e-6a1b0c2d3e4f.tmp"),
+            eleven_minutes_ago,
+        ),
+    ];
+    let recent = left(
+        data.join(".appliance.key.1c7c5a5e-3c43-4f65-9d7e-6a1b0c2d3e4f.tmp"),
+        std::time::SystemTime::now(),
+    );
     let _served = Served::start(&data);
-    assert!(!left.exists());
+    for path in old {
+        assert!(!path.exists(), "{}", path.display());
+    }
+    assert!(recent.exists());
 }
