@@ -396,8 +396,6 @@ mod tests {
         assert!(spun.to_string().contains("pipelines"), "{spun}");
     }
 
-    /// An answer taken whole into a buffer (rustls's, over TLS) and then paused on its way
-    /// to the client: once the client reads it, the next head has all its time again.
     /// Closing a connection whose client reads nothing (what is buffered cannot be sent)
     /// fails once the send has stalled as long as an answer may, instead of holding the
     /// connection for ever.
@@ -413,6 +411,8 @@ mod tests {
         assert_eq!(closed.kind(), io::ErrorKind::TimedOut);
     }
 
+    /// An answer taken whole into a buffer (rustls's, over TLS) and then paused on its way
+    /// to the client: once the client reads it, the next head has all its time again.
     #[tokio::test(start_paused = true)]
     async fn the_next_heads_time_starts_when_a_paused_answer_is_read() {
         let (mut client, server) = tokio::io::duplex(64);
