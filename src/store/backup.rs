@@ -607,7 +607,7 @@ pub fn restore(
             Some(current) => {
                 // Trust is the admin's decision, not the appliance's state: a key untrusted
                 // since the backup (leaked, say) is not trusted again.
-                handed.extend(hand_on_trust(&conn, &current.trusted_keys)?);
+                handed.extend(hand_on_trust(&conn, current)?);
                 for license in &current.licenses {
                     let (id, version) = (&license.license_id, license.version);
                     let tx = conn.unchecked_transaction()?;
@@ -697,8 +697,11 @@ pub fn file_name(path: &Path) -> String {
 }
 
 /// What the database about to be replaced hands on to the restored one when it can be read.
+#[derive(Default)]
 struct Current {
     trusted_keys: Vec<super::licenses::TrustedKey>,
+    /// The vendor keys its audit log says were untrusted (by `keygate untrust`).
+    untrusted: std::collections::HashSet<String>,
     licenses: Vec<super::licenses::SignedVersion>,
 }
 
@@ -708,11 +711,7 @@ struct Current {
 /// No database hands on no time, no key and no license.
 fn handed_on(db: &Path) -> (Option<i64>, Option<Current>) {
     if !db.exists() {
-        let nothing = Current {
-            trusted_keys: Vec::new(),
-            licenses: Vec::new(),
-        };
-        return (None, Some(nothing));
+        return (None, Some(Current::default()));
     }
     let Ok(conn) = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
         return (None, None);
@@ -720,10 +719,15 @@ fn handed_on(db: &Path) -> (Option<i64>, Option<Current>) {
     let newest_time = crate::store::ops::newest_time(&conn)
         .ok()
         .filter(|t| *t != i64::MIN);
+    let untrusted = conn
+        .prepare("SELECT DISTINCT target FROM audit_log WHERE action = 'vendor key untrusted'")
+        .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect())
+        .unwrap_or_default();
     let current = super::licenses::trusted_keys(&conn)
         .and_then(|trusted_keys| {
             Ok(Current {
                 trusted_keys,
+                untrusted,
                 licenses: super::licenses::newest_versions(&conn)?,
             })
         })
@@ -731,15 +735,16 @@ fn handed_on(db: &Path) -> (Option<i64>, Option<Current>) {
     (newest_time, current)
 }
 
-/// Makes the restored database (`conn`) trust the vendor keys `trusted` and no other;
-/// returns a line for each key whose trust this changed from the backup's.
-fn hand_on_trust(
-    conn: &Connection,
-    trusted: &[super::licenses::TrustedKey],
-) -> Result<Vec<String>, BackupError> {
+/// Makes the restored database (`conn`) trust what the replaced one trusted: its keys are
+/// trusted, and a key of the backup's it no longer trusts is not, when its audit log says
+/// an admin untrusted it (a database made since, by a first start on new hardware, trusts
+/// nothing and untrusted nothing). Returns a line for each key whose trust this changed
+/// from the backup's.
+fn hand_on_trust(conn: &Connection, current: &Current) -> Result<Vec<String>, BackupError> {
+    let trusted = &current.trusted_keys;
     let mut changed = Vec::new();
     for key in super::licenses::trusted_keys(conn)? {
-        if !trusted.iter().any(|k| k.kid == key.kid) {
+        if !trusted.iter().any(|k| k.kid == key.kid) && current.untrusted.contains(&key.kid) {
             super::licenses::delete_trusted_key(conn, &key.kid)?;
             changed.push(format!(
                 "vendor key {} ({}), untrusted since the backup, stays untrusted",

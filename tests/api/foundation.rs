@@ -396,6 +396,20 @@ fn a_restore_keeps_the_vendor_keys_trusted_now() {
     let v2 = rotated.issue_file(&data, SIMPLE_ITEMS, &["--version", "2"], "r2.lic");
     let run = import(&data, &v2);
     assert!(run.ok, "{}", run.stderr);
+
+    // With no database to replace (new hardware, the appliance key put in place) the
+    // backup's trust is all there is: it stays.
+    std::fs::remove_file(data.join("keygate.db")).unwrap();
+    let run = keygate(&data, &["restore", backup.to_str().unwrap()]);
+    assert!(
+        run.ok && !run.stdout.contains("vendor key"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    let v3 = acme.issue_file(&data, SIMPLE_ITEMS, &["--version", "3"], "v3.lic");
+    let run = import(&data, &v3);
+    assert!(run.ok, "{}", run.stderr);
 }
 
 /// `--out` never writes over a private key (a mistyped `--out vendor.key` destroyed the
