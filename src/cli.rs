@@ -432,37 +432,53 @@ pub fn run(command: Command, config: Config) -> Result<()> {
     }
 }
 
-/// Writes a command's output to `out` (replacing the file whole, through a temporary one,
-/// but never a private key: a mistyped `--out vendor.key` would destroy it), or to stdout.
+/// Writes a command's output to `out`, or to stdout. A regular file (a link is followed) is
+/// replaced whole, through a temporary file beside it, but never one holding a private key
+/// (a mistyped `--out vendor.key` destroyed the vendor's signing key); anything else (a
+/// terminal, a pipe, `/dev/stdout`) is written to as it is.
 fn write_output(out: Option<&Path>, text: &str) -> Result<()> {
-    match out {
-        Some(path) => {
-            if std::fs::read(path).is_ok_and(|old| {
-                old.windows(b"PRIVATE KEY".len())
-                    .any(|w| w == b"PRIVATE KEY")
-            }) {
+    let Some(path) = out else {
+        return Ok(std::io::stdout()
+            .write_all(text.as_bytes())
+            .map_err(StdoutError)?);
+    };
+    let cannot = || format!("cannot write {}", path.display());
+    match std::fs::metadata(path) {
+        Ok(found) if !found.is_file() => std::fs::write(path, text).with_context(cannot)?,
+        found => {
+            let target = match found {
+                Ok(_) => std::fs::canonicalize(path).with_context(cannot)?,
+                Err(_) => path.to_path_buf(),
+            };
+            if holds_private_key(&target) {
                 bail!(
                     "{} holds a private key: refusing to write over it (choose another file)",
                     path.display()
                 );
             }
-            let tmp = appliance::temporary_beside(path);
+            let tmp = appliance::temporary_beside(&target);
             std::fs::write(&tmp, text)
-                .and_then(|()| std::fs::rename(&tmp, path))
+                .and_then(|()| std::fs::rename(&tmp, &target))
                 .inspect_err(|_| {
                     let _ = std::fs::remove_file(&tmp);
                 })
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            say!("wrote {}", path.display())?;
-            Ok(())
-        }
-        None => {
-            std::io::stdout()
-                .write_all(text.as_bytes())
-                .map_err(StdoutError)?;
-            Ok(())
+                .with_context(cannot)?;
         }
     }
+    say!("wrote {}", path.display())?;
+    Ok(())
+}
+
+/// Whether the file at `path` begins like a PEM private key (within its first 64 KiB).
+fn holds_private_key(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(64 * 1024).read_to_end(&mut head))
+        .is_ok_and(|_| {
+            head.windows(b"PRIVATE KEY".len())
+                .any(|w| w == b"PRIVATE KEY")
+        })
 }
 
 /// The vendor keys this appliance trusts.

@@ -309,13 +309,13 @@ fn text(field: &str, value: &str, max: usize) -> Result<(), String> {
     }
 }
 
-/// A time must be a UTC date-time of years 1 to 9999 once its offset is applied (the spec's
-/// times are UTC; one past the range would read as 1970 everywhere it is shown or compared).
+/// A time must be one of years 0 to 9999 in UTC (see [`super::in_utc`]): one past the range
+/// would read as 1970 everywhere it is shown or compared.
 fn in_utc_range(field: &str, t: time::OffsetDateTime) -> Result<(), String> {
-    match t.checked_to_offset(time::UtcOffset::UTC) {
+    match super::in_utc(t) {
         Some(_) => Ok(()),
         None => Err(format!(
-            "{field} {} is past 9999-12-31T23:59:59Z",
+            "{field} {} is not between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
             super::rfc3339(t)
         )),
     }

@@ -20,6 +20,13 @@ pub fn from_unix(secs: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
+/// `t` in UTC, when that is a time RFC 3339 can write (years 0 to 9999): the spec's times
+/// are UTC, and one just inside the range in another offset may fall outside it in UTC.
+pub fn in_utc(t: OffsetDateTime) -> Option<OffsetDateTime> {
+    t.checked_to_offset(time::UtcOffset::UTC)
+        .filter(|utc| (0..=9999).contains(&utc.year()))
+}
+
 /// RFC 3339, as the protocol and the command line show times.
 pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)

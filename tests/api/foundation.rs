@@ -450,10 +450,49 @@ fn output_files_never_replace_a_private_key() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+    #[cfg(unix)]
+    {
+        // A link is followed: to the key, refused; to a file, that file is written.
+        let link = dir.path().join("link.txt");
+        std::os::unix::fs::symlink(vendor.key_path(), &link).unwrap();
+        assert!(!out(&link).ok);
+        assert_eq!(std::fs::read(vendor.key_path()).unwrap(), key);
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&request, &link).unwrap();
+        std::fs::write(&request, "older").unwrap();
+        assert!(out(&link).ok);
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert!(!std::fs::read_to_string(&request).unwrap().contains("older"));
+        // Not a file (a pipe here): written to as it is, never read first (it hung).
+        let mut child = command()
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["activation-request", "--out", "/dev/stdout"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("--out /dev/stdout hung");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let run: Run = child.wait_with_output().unwrap().into();
+        let request = run.stdout.split("wrote /dev/stdout").next().unwrap();
+        assert!(
+            run.ok && keygate::vendor::read_activation_request(request).is_ok(),
+            "{}{}",
+            run.stdout,
+            run.stderr
+        );
+    }
 }
 
-/// `vendor issue` refuses an items file's time that is past the year 9999 once in UTC, and
-/// says which (it panicked).
+/// `vendor issue` refuses an items file's time that is past the year 9999 (or before the
+/// year 0) once in UTC, and says which (it panicked).
 #[test]
 fn vendor_issue_refuses_a_time_past_the_year_9999() {
     let vendor = Vendor::new();
@@ -467,7 +506,22 @@ fn vendor_issue_refuses_a_time_past_the_year_9999() {
         !run.ok
             && run
                 .stderr
-                .contains("expires_at 9999-12-31T23:30:00-01:00 is past 9999-12-31T23:59:59Z")
+                .contains("expires_at 9999-12-31T23:30:00-01:00 is not between")
+            && !run.stderr.contains("panicked"),
+        "{}",
+        run.stderr
+    );
+    // Before the year 0 in UTC, likewise.
+    let items = SIMPLE_ITEMS.replace(
+        "starts_at = 2026-01-01T00:00:00Z",
+        "starts_at = 0000-01-01T00:00:00+01:00",
+    );
+    let run = vendor.issue(&data, &items, &[]);
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("starts_at 0000-01-01T00:00:00+01:00 is not between")
             && !run.stderr.contains("panicked"),
         "{}",
         run.stderr
@@ -630,7 +684,7 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
             vendor.sign_raw_license(&payload(item(
                 json!({"expires_at": "9999-12-31T23:30:00-01:00"}),
             ))),
-            "expires_at 9999-12-31T23:30:00-01:00 is past 9999-12-31T23:59:59Z",
+            "expires_at 9999-12-31T23:30:00-01:00 is not between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
         ),
         (
             "zero quota",
