@@ -1300,17 +1300,37 @@ fn issue(args: IssueArgs, clock: &dyn Clock) -> Result<()> {
     write_output(args.out.as_deref(), &text)
 }
 
-/// Starts the server with the configuration and waits for Ctrl-C or SIGTERM.
-/// Logs to standard error as text or JSON, and forwards every ERROR event to the returned
-/// channel (which `serve` turns into emails to the alert recipients).
-pub fn init_tracing(config: &Config) -> UnboundedReceiver<ErrorEvent> {
+/// Logs to standard error, or to daily files in `log.dir`, as text or JSON, and forwards
+/// every ERROR event to the returned channel (which `serve` turns into emails to the alert
+/// recipients).
+pub fn init_tracing(config: &Config) -> Result<UnboundedReceiver<ErrorEvent>> {
     use std::io::IsTerminal;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let (events, errors) = tokio::sync::mpsc::unbounded_channel();
+    let (writer, ansi) = match config.log_dir() {
+        Some(dir) => {
+            // Made first: the appender looks for old files to remove before it makes it.
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot make the log directory {}", dir.display()))?;
+            let files = tracing_appender::rolling::Builder::new()
+                .rotation(tracing_appender::rolling::Rotation::DAILY)
+                .filename_prefix("keygate")
+                .filename_suffix("log")
+                .max_log_files(crate::config::LOG_FILES_KEPT)
+                .build(&dir)
+                .with_context(|| format!("cannot write the log into {}", dir.display()))?;
+            (BoxMakeWriter::new(files), false)
+        }
+        None => (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::stderr().is_terminal(),
+        ),
+    };
     let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(writer);
     let fmt = match config.log.format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
@@ -1321,7 +1341,7 @@ pub fn init_tracing(config: &Config) -> UnboundedReceiver<ErrorEvent> {
         .with(fmt.with_filter(tracing_subscriber::EnvFilter::new(&config.log.level)))
         .with(ErrorCapture(events).with_filter(tracing_subscriber::filter::LevelFilter::ERROR))
         .init();
-    errors
+    Ok(errors)
 }
 
 /// `keygate serve`: serves until stopped. Ending with an error (at start, mostly) is emailed

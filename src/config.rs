@@ -99,7 +99,14 @@ pub struct LogConfig {
     /// A tracing filter: `info`, `keygate=debug,actix_web=warn`, ...
     pub level: String,
     pub format: LogFormat,
+    /// Write the log into daily files in this directory (relative: to `data_dir`), the
+    /// newest [`LOG_FILES_KEPT`] kept, instead of to standard error (which a Windows
+    /// service has nowhere to send).
+    pub dir: Option<PathBuf>,
 }
+
+/// Daily log files kept in `log.dir`.
+pub const LOG_FILES_KEPT: usize = 14;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -131,6 +138,7 @@ impl Default for LogConfig {
             // devices make 5,556 requests a second. `info,keygate::http=info` turns it on.
             level: "info,keygate::http=warn,tokio_cron_scheduler=warn".into(),
             format: LogFormat::Text,
+            dir: None,
         }
     }
 }
@@ -146,6 +154,7 @@ pub const ENV_VARS: &[&str] = &[
     "KEYGATE_TLS_KEY",
     "KEYGATE_LOG_LEVEL",
     "KEYGATE_LOG_FORMAT",
+    "KEYGATE_LOG_DIR",
     "KEYGATE_METRICS_TOKEN_FILE",
 ];
 
@@ -246,6 +255,7 @@ impl Config {
                 "KEYGATE_TLS_CERT" => self.tls.cert = Some(value.into()),
                 "KEYGATE_TLS_KEY" => self.tls.key = Some(value.into()),
                 "KEYGATE_LOG_LEVEL" => self.log.level = value,
+                "KEYGATE_LOG_DIR" => self.log.dir = Some(value.into()),
                 "KEYGATE_METRICS_TOKEN_FILE" => self.metrics.token_file = Some(value.into()),
                 "KEYGATE_LOG_FORMAT" => {
                     self.log.format = match value.as_str() {
@@ -340,6 +350,11 @@ impl Config {
     pub fn to_toml(&self) -> Result<String, ConfigError> {
         toml::to_string_pretty(self)
             .map_err(|e| ConfigError::Invalid(format!("it cannot be written as TOML: {e}")))
+    }
+
+    /// Where the log files go, if not to standard error (`log.dir`, relative to `data_dir`).
+    pub fn log_dir(&self) -> Option<PathBuf> {
+        self.log.dir.as_ref().map(|dir| self.data_dir.join(dir))
     }
 
     pub fn database_path(&self) -> PathBuf {

@@ -25,7 +25,14 @@ fn start(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let errors = cli::init_tracing(&config);
+    let errors = match cli::init_tracing(&config) {
+        Ok(errors) => errors,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let logs_to_files = config.log.dir.is_some();
     let result = match cli.command {
         Command::Serve { .. } => cli::serve(config, errors),
         command => cli::run(command, config),
@@ -35,6 +42,10 @@ fn start(cli: Cli) -> ExitCode {
         Err(e) if cli::reader_went_away(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            // In the log files too: a Windows service's standard error goes nowhere.
+            if logs_to_files {
+                tracing::error!("{e:#}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -1142,6 +1142,58 @@ fn a_keygate_license_verifies_with_another_jose_implementation() {
     );
 }
 
+/// `log.dir` puts the log into daily files (relative to the data directory) instead of
+/// standard error, a start that fails included: a Windows service has no console.
+#[test]
+fn the_log_goes_to_daily_files_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let logs = Path::new("logs");
+    let served = Served::start_with(
+        &data,
+        "127.0.0.1:0",
+        &[
+            ("KEYGATE_LOG_DIR", logs),
+            ("KEYGATE_LOG_LEVEL", Path::new("info")),
+        ],
+    );
+    let read_logs = || -> String {
+        std::fs::read_dir(data.join(logs))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("keygate.")
+            })
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !read_logs().contains("serving") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(read_logs().contains("serving"), "{}", read_logs());
+    // A second keygate on the same data directory cannot start: why is in the files too.
+    let refused: Run = command()
+        .env("KEYGATE_LOG_DIR", logs)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap()
+        .into();
+    assert!(!refused.ok);
+    let told = read_logs();
+    assert!(
+        told.lines()
+            .any(|l| l.contains("ERROR") && l.contains("keygate is running on this data directory")),
+        "{told}"
+    );
+    drop(served);
+}
+
 #[test]
 fn configuration_layers_and_refuses_typos() {
     let dir = tempfile::tempdir().unwrap();
