@@ -464,23 +464,15 @@ fn output_files_never_replace_a_private_key() {
         assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
         assert!(!std::fs::read_to_string(&request).unwrap().contains("older"));
         // Not a file (a pipe here): written to as it is, never read first (it hung).
-        let mut child = command()
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["activation-request", "--out", "/dev/stdout"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while child.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("--out /dev/stdout hung");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let run: Run = child.wait_with_output().unwrap().into();
+        let run: Run = ends_within_20_s(
+            command().arg("--data-dir").arg(&data).args([
+                "activation-request",
+                "--out",
+                "/dev/stdout",
+            ]),
+            "--out /dev/stdout hung",
+        )
+        .into();
         let request = run.stdout.split("wrote /dev/stdout").next().unwrap();
         assert!(
             run.ok && keygate::vendor::read_activation_request(request).is_ok(),

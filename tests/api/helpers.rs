@@ -904,26 +904,35 @@ pub fn python() -> PathBuf {
     path
 }
 
-/// Runs `serve` on `data`, which must refuse to start: its standard error (a start that goes
-/// on serving is stopped and fails the test).
-pub fn serve_refused(data: &Path) -> String {
-    let mut child = command()
-        .arg("--data-dir")
-        .arg(data)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+/// Runs `command` with its output captured; it must end within 20 s, or it is killed and
+/// the test fails saying it `hung`.
+pub fn ends_within_20_s(command: &mut Command, hung: &str) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while child.try_wait().unwrap().is_none() {
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
-            panic!("serve started");
+            panic!("{hung}");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Runs `serve` on `data`, which must refuse to start: its standard error (a start that goes
+/// on serving is stopped and fails the test).
+pub fn serve_refused(data: &Path) -> String {
+    let out = ends_within_20_s(
+        command()
+            .arg("--data-dir")
+            .arg(data)
+            .args(["serve", "--listen", "127.0.0.1:0"]),
+        "serve started",
+    );
     assert!(!out.status.success());
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
