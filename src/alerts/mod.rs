@@ -32,6 +32,20 @@ pub struct Crossing {
     pub basis: i64,
 }
 
+impl Crossing {
+    /// The figure as an email shows it: `3 of 4`, or for an expiry the days left.
+    pub fn amount(&self) -> String {
+        if !self.key.starts_with("expiry:") {
+            return format!("{} of {}", self.figure, self.of);
+        }
+        match self.figure {
+            0 => "less than a day left".into(),
+            1 => "1 day left".into(),
+            days => format!("{days} days left"),
+        }
+    }
+}
+
 /// Consumption thresholds (percent) per model.
 pub fn consumption_thresholds(model: Model) -> &'static [i64] {
     match model {
@@ -346,6 +360,28 @@ pub fn certificate_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An expiry's figure reads as the days left (it read "29 of 30", or "0 of 1" on the
+    /// last day); a consumption's as the figure of its base.
+    #[test]
+    fn an_email_shows_an_expiry_as_the_days_left() {
+        let crossing = |key: &str, figure, of| Crossing {
+            key: key.into(),
+            item_id: "I".into(),
+            license_id: "L".into(),
+            product: "p".into(),
+            model: Model::Tokens,
+            what: String::new(),
+            figure,
+            of,
+            next: String::new(),
+            basis: 0,
+        };
+        assert_eq!(crossing("expiry:30", 29, 30).amount(), "29 days left");
+        assert_eq!(crossing("expiry:7", 1, 7).amount(), "1 day left");
+        assert_eq!(crossing("expiry:1", 0, 1).amount(), "less than a day left");
+        assert_eq!(crossing("consumption:75", 3, 4).amount(), "3 of 4");
+    }
     use crate::licensing::models::{Consumption, Terms};
 
     fn item(model: Model, quota: i64, used: Consumption) -> ItemRow {

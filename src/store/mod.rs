@@ -38,6 +38,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0011_handshake_leases.sql"),
     include_str!("migrations/0012_alert_marks_pending.sql"),
     include_str!("migrations/0013_blocked_devices.sql"),
+    include_str!("migrations/0014_audit_by_actor.sql"),
 ];
 
 /// How many requests one transaction commits at most.

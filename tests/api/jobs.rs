@@ -309,7 +309,7 @@ fn expiry_warnings_for_tokens_items() {
     f.app.run_job("alerts").unwrap();
     let messages = sink.wait_for(1, StdDuration::from_secs(10));
     assert!(
-        text_of(&messages[0]).contains("expires in 30 day(s) or less"),
+        text_of(&messages[0]).contains("expires in 30 day(s) or less: 30 days left"),
         "{}",
         messages[0]
     );
