@@ -575,6 +575,60 @@ fn an_argon2_run_keeps_its_slot_after_its_request_is_dropped() {
     assert_eq!(third(30), Ok(Some(())));
 }
 
+/// An owner deleted while a request of theirs waited (here for the Argon2 slot its new
+/// admin's password needs) changes nothing when it goes on: it made a new owner before.
+#[test]
+fn an_owner_deleted_meanwhile_creates_no_admin() {
+    let (f, olivia) = signed_in(&item("reader", "per_device", 10, ""));
+    let post = |browser: &Browser, action: &str, fields: &[(&str, &str)]| {
+        let token = csrf(&browser.get("/admins").body);
+        let mut all = vec![("csrf", token.as_str())];
+        all.extend_from_slice(fields);
+        browser.post(&format!("/admins/{action}"), &all)
+    };
+    let created = post(
+        &olivia,
+        "create",
+        &[("name", "bob"), ("role", "owner"), ("password", PASSWORD)],
+    );
+    assert!(
+        created.body.contains("Admin bob created"),
+        "{}",
+        created.body
+    );
+    let (bob, _) = sign_in(&f, "bob", PASSWORD);
+    let token = csrf(&bob.get("/admins").body);
+    std::thread::scope(|s| {
+        let busy = hold_argon2(&f.app.state, Passwords::Portal, 1);
+        let by_bob = s.spawn(move || {
+            bob.post(
+                "/admins/create",
+                &[
+                    ("csrf", token.as_str()),
+                    ("name", "mallory"),
+                    ("role", "owner"),
+                    ("password", PASSWORD),
+                ],
+            )
+        });
+        assert!(!ends_within(&by_bob, 1), "bob's request waits for the slot");
+        let deleted = post(&olivia, "delete", &[("name", "bob")]);
+        assert!(
+            deleted.body.contains("Admin bob deleted"),
+            "{}",
+            deleted.body
+        );
+        drop(busy);
+        let answer = by_bob.join().unwrap();
+        assert!(
+            answer.body.contains("You are no longer an owner"),
+            "{}",
+            answer.body
+        );
+    });
+    assert!(!olivia.get("/admins").body.contains("mallory"));
+}
+
 /// Admins' and devices' passwords have Argon2 slots of their own: with every slot of one
 /// kind busy (a flood of guesses), the other kind is still checked at once.
 #[test]
