@@ -108,12 +108,17 @@ pub enum MailError {
     Store(#[from] StoreError),
 }
 
-/// Parses a `;`-separated recipient list, naming the first invalid address. An address
-/// listed again (in any case, under any display name) is kept once, where it first came: it
-/// would otherwise get every alert twice.
+/// Parses a `;`-separated recipient list (a `;` in a quoted display name separates
+/// nothing), naming the first invalid address. An address listed again (in any case, under
+/// any display name) is kept once, where it first came: it would otherwise get every alert
+/// twice.
 pub fn parse_recipients(text: &str) -> Result<Vec<Mailbox>, MailError> {
     let mut list: Vec<Mailbox> = Vec::new();
-    for a in text.split(';').map(str::trim).filter(|a| !a.is_empty()) {
+    for a in split_outside_quotes(text)
+        .into_iter()
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+    {
         let mailbox = a
             .parse::<Mailbox>()
             .map_err(|_| MailError::BadAddress(a.to_string()))?;
@@ -126,6 +131,25 @@ pub fn parse_recipients(text: &str) -> Result<Vec<Mailbox>, MailError> {
         }
     }
     Ok(list)
+}
+
+/// `text` cut at each `;` outside a quoted string (`"..."`, where `\"` is a quote).
+fn split_outside_quotes(text: &str) -> Vec<&str> {
+    let (mut parts, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ';' if !quoted => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
 }
 
 pub fn load_settings(conn: &Connection) -> Result<Option<SmtpSettings>, StoreError> {
@@ -416,6 +440,17 @@ mod tests {
             parse_recipients("it@plant.test; nope"),
             Err(MailError::BadAddress(a)) if a == "nope"
         ));
+    }
+
+    /// A `;` in a quoted display name is part of the name (the address was cut in two and
+    /// refused as `"Ops`).
+    #[test]
+    fn a_quoted_name_may_hold_a_semicolon() {
+        let to =
+            parse_recipients(r#""Ops; Night \"B\" shift" <ops@plant.test>;it@plant.test"#).unwrap();
+        let names: Vec<_> = to.iter().map(|m| m.name.clone()).collect();
+        assert_eq!(names, [Some("Ops; Night \"B\" shift".into()), None]);
+        assert_eq!(to[0].email.to_string(), "ops@plant.test");
     }
 
     /// Settings saved before a password over plain SMTP was refused are never used so.
