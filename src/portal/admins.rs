@@ -122,10 +122,8 @@ pub async fn act(
     let outcome = state
         .store
         .write(move |conn| {
-            // Still an owner: another owner may have demoted or deleted this one while the
-            // request waited (for an Argon2 slot, say).
-            if admins::admin_by_name(conn, &actor)?.is_none_or(|a| a.role != "owner") {
-                return Ok(Err("You are no longer an owner".to_string()));
+            if !Role::Owner.still_held_by(conn, &actor)? {
+                return Ok(Err(Role::NO_LONGER.to_string()));
             }
             let target = admins::admin_by_name(conn, &name)?;
             let last_owner = target.as_ref().is_some_and(|t| t.role == "owner")

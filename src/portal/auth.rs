@@ -39,6 +39,22 @@ pub enum Role {
 }
 
 impl Role {
+    /// Whether the admin named `name` still holds `self` or more, read inside a write:
+    /// another owner may have changed or deleted the account since the request was let in
+    /// (while it waited for an Argon2 slot, say).
+    pub fn still_held_by(
+        self,
+        conn: &rusqlite::Connection,
+        name: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(admins::admin_by_name(conn, name)?
+            .and_then(|admin| Role::parse(&admin.role))
+            .is_some_and(|role| role >= self))
+    }
+
+    /// What a request whose admin no longer holds its role is told.
+    pub const NO_LONGER: &'static str = "Your account no longer has the role this needs";
+
     pub fn parse(text: &str) -> Option<Role> {
         match text {
             "auditor" => Some(Role::Auditor),

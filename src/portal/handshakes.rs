@@ -5,7 +5,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use askama::Template;
 use serde::Deserialize;
 
-use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Session, Viewer};
+use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Role, Session, Viewer};
 use super::{Page, render_form};
 use crate::licensing::handshake::{check_password, check_validation, hash_password};
 use crate::licensing::is_identifier;
@@ -211,6 +211,9 @@ pub async fn act(
     let outcome = state
         .store
         .write(move |conn| {
+            if !Role::Manager.still_held_by(conn, &actor)? {
+                return Ok(Err(Role::NO_LONGER.to_string()));
+            }
             let missing = || Ok(Err(format!("No handshake code {code:?}")));
             let done: Result<String, String> = match action.as_str() {
                 "create" => {

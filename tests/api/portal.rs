@@ -575,10 +575,11 @@ fn an_argon2_run_keeps_its_slot_after_its_request_is_dropped() {
     assert_eq!(third(30), Ok(Some(())));
 }
 
-/// An owner deleted while a request of theirs waited (here for the Argon2 slot its new
-/// admin's password needs) changes nothing when it goes on: it made a new owner before.
+/// An admin deleted or demoted while a request of theirs waited (here for the Argon2 slot
+/// a password needs) changes nothing when it goes on: an owner deleted meanwhile made a new
+/// owner, a manager made an auditor set a handshake code's session password.
 #[test]
-fn an_owner_deleted_meanwhile_creates_no_admin() {
+fn an_admin_deleted_or_demoted_meanwhile_changes_nothing() {
     let (f, olivia) = signed_in(&item("reader", "per_device", 10, ""));
     let post = |browser: &Browser, action: &str, fields: &[(&str, &str)]| {
         let token = csrf(&browser.get("/admins").body);
@@ -621,12 +622,62 @@ fn an_owner_deleted_meanwhile_creates_no_admin() {
         drop(busy);
         let answer = by_bob.join().unwrap();
         assert!(
-            answer.body.contains("You are no longer an owner"),
+            answer
+                .body
+                .contains("Your account no longer has the role this needs"),
             "{}",
             answer.body
         );
     });
     assert!(!olivia.get("/admins").body.contains("mallory"));
+
+    let created = post(
+        &olivia,
+        "create",
+        &[("name", "max"), ("role", "manager"), ("password", PASSWORD)],
+    );
+    assert!(
+        created.body.contains("Admin max created"),
+        "{}",
+        created.body
+    );
+    let (max, _) = sign_in(&f, "max", PASSWORD);
+    let token = csrf(&max.get("/handshakes").body);
+    let code = f.code.clone();
+    std::thread::scope(|s| {
+        let busy = hold_argon2(&f.app.state, Passwords::Portal, 1);
+        let by_max = s.spawn(move || {
+            max.post(
+                "/handshakes/password",
+                &[
+                    ("csrf", token.as_str()),
+                    ("code", code.as_str()),
+                    ("password", "a session password"),
+                ],
+            )
+        });
+        assert!(!ends_within(&by_max, 1), "max's request waits for the slot");
+        let demoted = post(&olivia, "role", &[("name", "max"), ("role", "auditor")]);
+        assert!(
+            demoted.body.contains("max is now auditor"),
+            "{}",
+            demoted.body
+        );
+        drop(busy);
+        let answer = by_max.join().unwrap();
+        assert!(
+            answer
+                .body
+                .contains("Your account no longer has the role this needs"),
+            "{}",
+            answer.body
+        );
+    });
+    assert_eq!(
+        f.authorize(&f.request("reader", 1)).0,
+        200,
+        "no session password was set"
+    );
 }
 
 /// Admins' and devices' passwords have Argon2 slots of their own: with every slot of one
