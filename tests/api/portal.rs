@@ -587,92 +587,71 @@ fn an_admin_deleted_or_demoted_meanwhile_changes_nothing() {
         all.extend_from_slice(fields);
         browser.post(&format!("/admins/{action}"), &all)
     };
-    let created = post(
-        &olivia,
-        "create",
-        &[("name", "bob"), ("role", "owner"), ("password", PASSWORD)],
+    // A new admin `name` with `role` posts `fields` to `path`, which waits for the Argon2
+    // slot; meanwhile olivia does `change` (an action of /admins) to that admin, saying
+    // `done`. The post, going on, is refused.
+    type Posted<'a> = (&'a str, &'a [(&'a str, &'a str)]);
+    let refused_after =
+        |name: &str, role: &str, (path, fields): Posted<'_>, change: Posted<'_>, done: &str| {
+            let created = post(
+                &olivia,
+                "create",
+                &[("name", name), ("role", role), ("password", PASSWORD)],
+            );
+            assert!(
+                created.body.contains(&format!("Admin {name} created")),
+                "{}",
+                created.body
+            );
+            let (admin, _) = sign_in(&f, name, PASSWORD);
+            let token = csrf(&admin.get("/").body);
+            let mut all = vec![("csrf", token.as_str())];
+            all.extend_from_slice(fields);
+            std::thread::scope(|s| {
+                let busy = hold_argon2(&f.app.state, Passwords::Portal, 1);
+                let request = s.spawn(move || admin.post(path, &all));
+                assert!(!ends_within(&request, 1), "the request waits for the slot");
+                let changed = post(&olivia, change.0, change.1);
+                assert!(changed.body.contains(done), "{}", changed.body);
+                drop(busy);
+                let answer = request.join().unwrap();
+                assert!(
+                    answer
+                        .body
+                        .contains("Your account no longer has the role this needs"),
+                    "{}",
+                    answer.body
+                );
+            });
+        };
+    refused_after(
+        "bob",
+        "owner",
+        (
+            "/admins/create",
+            &[
+                ("name", "mallory"),
+                ("role", "owner"),
+                ("password", PASSWORD),
+            ],
+        ),
+        ("delete", &[("name", "bob")]),
+        "Admin bob deleted",
     );
-    assert!(
-        created.body.contains("Admin bob created"),
-        "{}",
-        created.body
-    );
-    let (bob, _) = sign_in(&f, "bob", PASSWORD);
-    let token = csrf(&bob.get("/admins").body);
-    std::thread::scope(|s| {
-        let busy = hold_argon2(&f.app.state, Passwords::Portal, 1);
-        let by_bob = s.spawn(move || {
-            bob.post(
-                "/admins/create",
-                &[
-                    ("csrf", token.as_str()),
-                    ("name", "mallory"),
-                    ("role", "owner"),
-                    ("password", PASSWORD),
-                ],
-            )
-        });
-        assert!(!ends_within(&by_bob, 1), "bob's request waits for the slot");
-        let deleted = post(&olivia, "delete", &[("name", "bob")]);
-        assert!(
-            deleted.body.contains("Admin bob deleted"),
-            "{}",
-            deleted.body
-        );
-        drop(busy);
-        let answer = by_bob.join().unwrap();
-        assert!(
-            answer
-                .body
-                .contains("Your account no longer has the role this needs"),
-            "{}",
-            answer.body
-        );
-    });
     assert!(!olivia.get("/admins").body.contains("mallory"));
-
-    let created = post(
-        &olivia,
-        "create",
-        &[("name", "max"), ("role", "manager"), ("password", PASSWORD)],
+    refused_after(
+        "max",
+        "manager",
+        (
+            "/handshakes/password",
+            &[
+                ("code", f.code.as_str()),
+                ("password", "a session password"),
+            ],
+        ),
+        ("role", &[("name", "max"), ("role", "auditor")]),
+        "max is now auditor",
     );
-    assert!(
-        created.body.contains("Admin max created"),
-        "{}",
-        created.body
-    );
-    let (max, _) = sign_in(&f, "max", PASSWORD);
-    let token = csrf(&max.get("/handshakes").body);
-    let code = f.code.clone();
-    std::thread::scope(|s| {
-        let busy = hold_argon2(&f.app.state, Passwords::Portal, 1);
-        let by_max = s.spawn(move || {
-            max.post(
-                "/handshakes/password",
-                &[
-                    ("csrf", token.as_str()),
-                    ("code", code.as_str()),
-                    ("password", "a session password"),
-                ],
-            )
-        });
-        assert!(!ends_within(&by_max, 1), "max's request waits for the slot");
-        let demoted = post(&olivia, "role", &[("name", "max"), ("role", "auditor")]);
-        assert!(
-            demoted.body.contains("max is now auditor"),
-            "{}",
-            demoted.body
-        );
-        drop(busy);
-        let answer = by_max.join().unwrap();
-        assert!(
-            answer
-                .body
-                .contains("Your account no longer has the role this needs"),
-            "{}",
-            answer.body
-        );
-    });
     assert_eq!(
         f.authorize(&f.request("reader", 1)).0,
         200,
