@@ -602,39 +602,10 @@ pub fn restore(
         let at = now.unix_timestamp();
         let from = file_name(backup);
         crate::store::ops::audit(&conn, at, "cli", "backup restored", &from, &kept, "")?;
-        let (mut handed, mut not_handed) = (Vec::new(), Vec::new());
-        match &current {
-            Some(current) => {
-                // Trust is the admin's decision, not the appliance's state: a key untrusted
-                // since the backup (leaked, say) is not trusted again.
-                handed.extend(hand_on_trust(&conn, current)?);
-                for license in &current.licenses {
-                    let (id, version) = (&license.license_id, license.version);
-                    let tx = conn.unchecked_transaction()?;
-                    match reimport(&tx, license) {
-                        Ok(None) => {}
-                        Ok(Some(done)) => {
-                            tx.commit()?;
-                            handed.push(format!(
-                                "license {id} version {version}, newer than the backup's, \
-                                 imported again: {done}"
-                            ));
-                        }
-                        Err(why) => {
-                            not_handed.push(format!("license {id} version {version}: {why}"))
-                        }
-                    }
-                }
-            }
-            None => not_handed.push(format!(
-                "the replaced database could not be read for its licenses and trusted vendor \
-                 keys ({} is kept as it was)",
-                file_name(&aside)
-            )),
-        }
+        let handed = hand_on(&conn, current.as_ref(), reimport, &aside)?;
         // Closing the only connection folds the WAL into the copy and removes it.
         conn.close().map_err(|(_, e)| e)?;
-        Ok::<_, BackupError>((handed, not_handed))
+        Ok::<_, BackupError>(handed)
     };
     let (handed_on, not_handed_on) = match copied() {
         Ok(done) => done,
@@ -675,6 +646,45 @@ pub fn restore(
         handed_on,
         not_handed_on,
     })
+}
+
+/// Hands on to the restored database `conn` what the replaced one (`current`, `None` when
+/// it could not be read; kept as `aside`) says is not the appliance's to roll back: trust
+/// is the admin's decision (a key untrusted since the backup, leaked say, is not trusted
+/// again), and licenses never go back (each newer one imported again, in a transaction of
+/// its own). Returns what was handed on and what could not be, a line each.
+fn hand_on(
+    conn: &Connection,
+    current: Option<&Current>,
+    reimport: &mut Reimport<'_>,
+    aside: &Path,
+) -> Result<(Vec<String>, Vec<String>), BackupError> {
+    let Some(current) = current else {
+        let why = format!(
+            "the replaced database could not be read for its licenses and trusted vendor keys \
+             ({} is kept as it was)",
+            file_name(aside)
+        );
+        return Ok((Vec::new(), vec![why]));
+    };
+    let mut handed = hand_on_trust(conn, current)?;
+    let mut not_handed = Vec::new();
+    for license in &current.licenses {
+        let (id, version) = (&license.license_id, license.version);
+        let tx = conn.unchecked_transaction()?;
+        match reimport(&tx, license) {
+            Ok(None) => {}
+            Ok(Some(done)) => {
+                tx.commit()?;
+                handed.push(format!(
+                    "license {id} version {version}, newer than the backup's, imported again: \
+                     {done}"
+                ));
+            }
+            Err(why) => not_handed.push(format!("license {id} version {version}: {why}")),
+        }
+    }
+    Ok((handed, not_handed))
 }
 
 /// Checkpoints a database's WAL into its main file (and removes it), if it has one and
