@@ -149,11 +149,7 @@ fn to_time(dt: &toml::value::Datetime, field: &str) -> Result<OffsetDateTime, Ve
     };
     let t = OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
         .map_err(|e| VendorError::Invalid(format!("{field} {dt}: {e}")))?;
-    crate::licensing::in_utc(t).ok_or_else(|| {
-        VendorError::Invalid(format!(
-            "{field} {dt} is not between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z"
-        ))
-    })
+    crate::licensing::in_utc(field, t).map_err(VendorError::Invalid)
 }
 
 /// Builds, checks and signs a license for the appliance that made `request`; returns the

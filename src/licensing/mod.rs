@@ -20,11 +20,18 @@ pub fn from_unix(secs: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
-/// `t` in UTC, when that is a time RFC 3339 can write (years 0 to 9999): the spec's times
-/// are UTC, and one just inside the range in another offset may fall outside it in UTC.
-pub fn in_utc(t: OffsetDateTime) -> Option<OffsetDateTime> {
+/// `t` (the time `field` gives) in UTC, when that is a time RFC 3339 can write (years 0 to
+/// 9999): the spec's times are UTC, and one just inside the range in another offset may fall
+/// outside it in UTC (where it would read as 1970, or fail to be written at all).
+pub fn in_utc(field: &str, t: OffsetDateTime) -> Result<OffsetDateTime, String> {
     t.checked_to_offset(time::UtcOffset::UTC)
         .filter(|utc| (0..=9999).contains(&utc.year()))
+        .ok_or_else(|| {
+            format!(
+                "{field} {} is not between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
+                rfc3339(t)
+            )
+        })
 }
 
 /// RFC 3339, as the protocol and the command line show times.
