@@ -179,19 +179,6 @@ pub fn refusal(e: &PayloadError) -> Option<&'static str> {
     }
 }
 
-/// The answer to a body refused for want of memory.
-pub fn busy() -> actix_web::Error {
-    let mut response = HttpResponse::ServiceUnavailable();
-    response.force_close();
-    actix_web::error::InternalError::from_response(
-        "request bodies over budget",
-        response.body(
-            "the appliance is receiving too many request bodies at once: send it again later\n",
-        ),
-    )
-    .into()
-}
-
 /// The answer to a body that came too slowly.
 pub fn timed_out() -> actix_web::Error {
     let mut response = HttpResponse::RequestTimeout();

@@ -108,9 +108,11 @@ fn json_config(limit: usize, endpoint: Endpoint) -> web::JsonConfig {
                 JsonPayloadError::Payload(e) if crate::body_rate::too_slow(e) => {
                     return crate::body_rate::timed_out();
                 }
-                JsonPayloadError::Payload(e) if crate::body_rate::over_budget(e) => {
-                    return crate::body_rate::busy();
-                }
+                JsonPayloadError::Payload(e) if crate::body_rate::over_budget(e) => ApiError::new(
+                    ErrorCode::RateLimited,
+                    "the appliance is receiving too many request bodies at once: \
+                         send it again later",
+                ),
                 JsonPayloadError::ContentType => {
                     ApiError::bad_request("send a JSON body with Content-Type: application/json")
                 }
@@ -122,7 +124,15 @@ fn json_config(limit: usize, endpoint: Endpoint) -> web::JsonConfig {
             if let Some(state) = req.app_data::<web::Data<AppState>>() {
                 state.metrics.counted(endpoint, Some(refused.code));
             }
-            refused.into()
+            if refused.code != ErrorCode::RateLimited {
+                return refused.into();
+            }
+            // The rest of the body is unread: the connection ends with this answer.
+            let mut response = actix_web::ResponseError::error_response(&refused);
+            response
+                .head_mut()
+                .set_connection_type(actix_web::http::ConnectionType::Close);
+            actix_web::error::InternalError::from_response(refused, response).into()
         })
 }
 

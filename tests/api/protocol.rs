@@ -1742,8 +1742,8 @@ fn a_client_pipelining_requests_and_reading_none_is_cut_off() {
 }
 
 /// One host holding many large bodies open holds at most its share of the appliance's
-/// budget for bodies in flight: its next body is answered 503, another host's devices are
-/// served, and the host gets its share back as its connections end.
+/// budget for bodies in flight: its next body is answered `429 RATE_LIMITED`, another host's
+/// devices are served, and the host gets its share back as its connections end.
 #[test]
 fn one_host_holding_bodies_open_cannot_take_the_budget_from_the_others() {
     use std::io::{Read, Write};
@@ -1787,8 +1787,7 @@ fn one_host_holding_bodies_open_cannot_take_the_budget_from_the_others() {
         .unwrap();
         let mut answer = Vec::new();
         let _ = tls.read_to_end(&mut answer);
-        let answer = String::from_utf8_lossy(&answer);
-        answer.lines().next().unwrap_or("").to_string()
+        String::from_utf8_lossy(&answer).into_owned()
     };
     // Until the appliance has read what was sent.
     let until = |from: &dyn Fn() -> RawTls, status: &str| {
@@ -1805,7 +1804,15 @@ fn one_host_holding_bodies_open_cannot_take_the_budget_from_the_others() {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     };
-    until(&host, "HTTP/1.1 503");
+    until(&host, "HTTP/1.1 429");
+    let refused = probe(host());
+    let body = refused.split("\r\n\r\n").nth(1).unwrap_or("");
+    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["error"]["code"], "RATE_LIMITED", "{refused}");
+    assert!(
+        refused.to_lowercase().contains("connection: close"),
+        "{refused}"
+    );
     // Another host: served (the lease is unknown to it as well).
     let other = probe(raw_tls_from(&f, "127.0.0.2", wait));
     assert!(
