@@ -188,7 +188,9 @@ pub fn touch_seat(
 
 // ---- concurrency windows ----
 
-/// Counts a seat as active in `window` unless it already is. Returns the number of active
+/// Counts a seat as active in `window` unless it already is, or was counted in a later
+/// window (a call stamped before another that reached the writer first, or a clock stepped
+/// back: counting it again would count one device twice). Returns the number of active
 /// seats in the window and whether this call made the window an exception (over `quota`).
 pub fn mark_window(
     conn: &Connection,
@@ -201,7 +203,7 @@ pub fn mark_window(
     let moved = conn
         .prepare_cached(
             "UPDATE seats SET last_window = ?4
-             WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3 AND last_window <> ?4",
+             WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3 AND last_window < ?4",
         )?
         .execute(params![item_id, device_id, instance, window])?;
     if moved == 0 {
@@ -1079,6 +1081,54 @@ mod tests {
             )
             .unwrap();
         assert!(plan.contains("devices_blocked"), "{plan}");
+    }
+
+    /// A seat is counted once per window, and only as its windows move forward: a call
+    /// stamped in an earlier window than the one it was counted in last (the clock stepped
+    /// back, or two calls of one seat reaching the writer out of order at a window's end)
+    /// counts it in no window again, so no false exception is recorded.
+    #[test]
+    fn a_seat_counts_once_per_window_when_a_call_comes_from_an_earlier_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::open(&dir.path().join("k.db")).unwrap();
+        conn.pragma_update(None, "foreign_keys", false).unwrap();
+        let device = insert_device(&conn, "dev-1", "", "", 10).unwrap();
+        insert_seat(&conn, "A", device, "", 10).unwrap();
+        let quota = 1;
+        assert_eq!(
+            mark_window(&conn, "A", device, "", 100, quota).unwrap(),
+            (1, false)
+        );
+        assert_eq!(
+            mark_window(&conn, "A", device, "", 101, quota).unwrap(),
+            (1, false)
+        );
+        // The clock stepped back into window 100, then on into 101 again.
+        assert_eq!(
+            mark_window(&conn, "A", device, "", 100, quota).unwrap(),
+            (1, false)
+        );
+        assert_eq!(
+            mark_window(&conn, "A", device, "", 101, quota).unwrap(),
+            (1, false)
+        );
+        assert_eq!(window_active(&conn, "A", 100).unwrap(), 1);
+        assert_eq!(window_active(&conn, "A", 101).unwrap(), 1);
+        let exceptions: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM concurrency_windows WHERE exception = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(exceptions, 0);
+        // Released in its window, the seat counts again when it comes back in it.
+        unmark_window(&conn, "A", device, "", 101).unwrap();
+        assert_eq!(window_active(&conn, "A", 101).unwrap(), 0);
+        assert_eq!(
+            mark_window(&conn, "A", device, "", 101, quota).unwrap(),
+            (1, false)
+        );
     }
 
     #[test]
