@@ -1401,12 +1401,7 @@ impl Client {
             });
         }
         // The nonce proves the authorization is fresh.
-        self.store_authorization(
-            response.authorization,
-            Some(response.license),
-            &grant,
-            offset,
-        );
+        self.store_authorization(response.authorization, response.license, &grant, offset);
         self.state.last_contact = Some(self.now());
         self.save_state()?;
         Ok(grant)
@@ -1832,11 +1827,11 @@ impl Client {
         if let Some(renewal) = response.authorization {
             match self.accept_renewal(renewal, sent) {
                 Ok(Some(grant)) => outcome.renewed = Some(grant),
-                // Older than the authorization held: the appliance's clock was set back
-                // (it ran ahead). Ignored until the clock caught up, renewals would let the
-                // authorization held run out while the appliance is there; an authorization
-                // answering a fresh nonce is taken whatever its time (not the public
-                // trial's: it is given once).
+                // Older than the authorization held (the appliance's clock was set back: it
+                // ran ahead), or the device clock reads ahead of the appliance's. Ignored
+                // until the clocks agree, renewals would let the authorization held run out
+                // while the appliance is there; an authorization answering a fresh nonce is
+                // taken whatever its time (not the public trial's: it is given once).
                 Ok(None) if reauthorize && !outcome.reauthorized && !self.holds_trial() => {
                     outcome.reauthorized = true;
                     outcome.renewed = Some(self.authorize_now()?);
@@ -1882,8 +1877,16 @@ impl Client {
     }
 
     /// Verifies a renewal that came with a usage answer (to a request sent at `sent` by the
-    /// device clock) against the stored license and stores it, unless the stored
-    /// authorization is newer. Returns the stored grant.
+    /// device clock) against the stored license and stores it. Returns the stored grant, or
+    /// None for a renewal this device does not take: one older than the authorization held,
+    /// or one that would set the device's time back by more than [`CLOCK_TOLERANCE`].
+    ///
+    /// No nonce binds a renewal to its request, so a renewal replayed days later (copied from
+    /// the state file, or collected from the appliance) reads like one from a device clock
+    /// running ahead: taking its time would set the device's time back and give its offline
+    /// allowance again. A renewal therefore only moves the device's time forward; a clock
+    /// found running ahead is measured again by authorizing (the caller's part), whose answer
+    /// a nonce proves fresh.
     fn accept_renewal(
         &mut self,
         renewal: String,
@@ -1892,7 +1895,8 @@ impl Client {
         let Some(license) = self.state.license.clone() else {
             return Err(ClientError::NotAuthorized);
         };
-        let (grant, offset) = self.verify_fresh(&renewal, &license, None, sent)?;
+        let held_offset = self.state.clock_offset_s;
+        let (grant, measured) = self.verify_fresh(&renewal, &license, None, sent)?;
         if self.state.lease_id.as_deref() != Some(grant.authorization.lease_id.as_str()) {
             return Err(ClientError::UnexpectedResponse {
                 status: 200,
@@ -1902,47 +1906,48 @@ impl Client {
                 ),
             });
         }
-        // No nonce binds a renewal to this request: it only moves the time mark forward, and an
-        // older authorization replayed in its place changes nothing.
-        advance(
-            &mut self.state.newest_time_seen,
-            grant.authorization.issued_at,
-        );
-        if self
+        let issued_at = grant.authorization.issued_at;
+        advance(&mut self.state.newest_time_seen, issued_at);
+        let older = self
             .current
             .as_ref()
-            .is_some_and(|current| current.issued_at > grant.authorization.issued_at)
-        {
+            .is_some_and(|current| current.issued_at > issued_at);
+        if older || measured + CLOCK_TOLERANCE.whole_seconds() < held_offset {
             return Ok(None);
         }
-        self.store_authorization(renewal, None, &grant, offset);
+        self.state.clock_offset_s = held_offset.max(measured);
+        let now = self.now();
+        advance(&mut self.state.newest_time_seen, now);
+        let instant = self.config.clock.monotonic();
+        let carried = carried_forward(self.contact_mark, instant);
+        self.hold(renewal, &grant);
+        if let Some(instant) = instant {
+            self.contact_mark = Some((instant, carried.map_or(issued_at, |c| c.max(issued_at))));
+        }
         Ok(Some(grant))
     }
 
-    /// Stores an authorization the appliance has just issued to this client, with the device
-    /// clock's `offset` measured by [`Client::verify_fresh`]. The appliance vouches for the
-    /// time: the offset is taken anew and the marks restart from the time of issue, so a
-    /// device clock once set too far ahead, or set right after running hours off, recovers
-    /// here instead of failing every check.
-    fn store_authorization(
-        &mut self,
-        jws: String,
-        license: Option<String>,
-        grant: &Grant,
-        offset: i64,
-    ) {
+    /// Stores an authorization that answers this client's nonce, with the device clock's
+    /// `offset` measured by [`Client::verify_fresh`]. The appliance vouches for the time: the
+    /// offset is taken anew and the marks restart from the time of issue, so a device clock
+    /// once set too far ahead, or set right after running hours off, recovers here instead of
+    /// failing every check.
+    fn store_authorization(&mut self, jws: String, license: String, grant: &Grant, offset: i64) {
         self.state.clock_offset_s = offset;
         self.state.newest_time_seen = Some(grant.authorization.issued_at.max(self.now()));
-        self.state.authorization = Some(jws);
-        if let Some(license) = license {
-            self.state.license = Some(license);
-            self.state.note_license_version(&grant.license);
-        }
-        self.state.lease_id = Some(grant.authorization.lease_id.clone());
-        self.current = Some(grant.authorization.clone());
+        self.state.license = Some(license);
+        self.state.note_license_version(&grant.license);
+        self.hold(jws, grant);
         if let Some(instant) = self.config.clock.monotonic() {
             self.contact_mark = Some((instant, grant.authorization.issued_at));
         }
+    }
+
+    /// Holds `jws` as the authorization in use.
+    fn hold(&mut self, jws: String, grant: &Grant) {
+        self.state.authorization = Some(jws);
+        self.state.lease_id = Some(grant.authorization.lease_id.clone());
+        self.current = Some(grant.authorization.clone());
     }
 
     fn verify(
@@ -2936,39 +2941,62 @@ mod tests {
         ));
     }
 
-    /// A device clock set right while renewals come (it ran hours behind) keeps running: each
-    /// renewal measures the offset anew and restarts the mark from the appliance's time. An
-    /// answer slow to arrive sets the device's time ahead by its delay, never behind.
+    /// A renewal moves the device's time forward only: a clock behind the appliance's is
+    /// measured by it, an answer slow to arrive sets the time ahead by its delay, but a
+    /// renewal that would set the time back (a clock set right after running behind, or a
+    /// renewal replayed days later to have the offline allowance again) is not taken: the
+    /// device's time, its newest time seen and its allowance stay.
     #[test]
-    fn a_device_clock_set_right_keeps_running_and_slow_answers_shorten_the_allowance() {
+    fn a_renewal_moves_the_devices_time_forward_only() {
         let dir = TempDir::new();
         let (mut client, mut chain, clock) = authorized_client(&dir);
-        let mut renew = |client: &mut Client, minute: i64, sent: OffsetDateTime| {
+        chain.authorization.expires_at = T0 + time::Duration::days(7);
+        let mut renewal = |minute: i64| {
             chain.authorization.issued_at = T0 + time::Duration::minutes(minute);
-            let renewal = chain.authorization_jws();
-            client.accept_renewal(renewal, sent).unwrap().unwrap();
+            chain.authorization_jws()
         };
-        let behind = time::Duration::hours(5);
-        clock.set(T0 + time::Duration::minutes(3) - behind);
-        renew(&mut client, 3, clock.clock().now());
-        client.check().unwrap();
-        // Set right at T0 + 4 minutes: read as 5 hours ahead until the next renewal.
-        clock.set(T0 + time::Duration::minutes(4));
-        client.check().unwrap();
-        clock.set(T0 + time::Duration::minutes(6));
-        renew(&mut client, 6, clock.clock().now());
-        client
-            .check()
-            .expect("the renewal measured the clock set right");
-
         // An answer that took 30 minutes: the device reads the appliance's time plus them.
-        let sent = T0 + time::Duration::minutes(9);
+        let sent = T0 + time::Duration::minutes(2);
         clock.set(sent + time::Duration::minutes(30));
-        renew(&mut client, 9, sent);
+        client.accept_renewal(renewal(2), sent).unwrap().unwrap();
         assert_eq!(
             client.status().newest_time_seen,
-            Some(T0 + time::Duration::minutes(39))
+            Some(T0 + time::Duration::minutes(32))
         );
+        // A device clock 5 hours behind: measured by the next renewal.
+        let behind = time::Duration::hours(5);
+        clock.set(T0 + time::Duration::minutes(40) - behind);
+        let measured = renewal(40);
+        client
+            .accept_renewal(measured.clone(), clock.clock().now())
+            .unwrap()
+            .unwrap();
+        client
+            .check()
+            .expect("the lag is the device clock's offset");
+        // Set right: read 5 hours ahead, and a renewal does not set it back.
+        clock.set(T0 + time::Duration::minutes(42));
+        let newest = client
+            .check()
+            .map(|_| client.status().newest_time_seen)
+            .unwrap();
+        assert_eq!(
+            client
+                .accept_renewal(renewal(42), clock.clock().now())
+                .unwrap(),
+            None
+        );
+        assert_eq!(client.status().newest_time_seen, newest);
+        // The renewal of minute 40 replayed six days later gives no allowance back.
+        clock.set(T0 + time::Duration::days(6));
+        assert_eq!(
+            client
+                .accept_renewal(measured, clock.clock().now())
+                .unwrap(),
+            None
+        );
+        clock.set(T0 + time::Duration::days(7) - behind);
+        assert!(matches!(client.check(), Err(ClientError::Expired { .. })));
     }
 
     /// The clock set back a little before each restart, within the tolerance each time,

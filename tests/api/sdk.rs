@@ -362,6 +362,36 @@ fn a_device_clock_hours_behind_runs_on_the_appliances_time() {
     );
 }
 
+/// A device clock set right after running hours behind reads hours ahead of the appliance's
+/// time until it is measured again. A renewal does not set a device's time back (a renewal
+/// replayed later would give the offline allowance again), so the next flush authorizes
+/// again, and the answer to its nonce measures the clock: the allowance is the appliance's.
+#[test]
+fn a_device_clock_set_right_is_measured_again_by_authorizing() {
+    let a = scanner(1_000_000);
+    let served = Served::start(&a.data);
+    let state = tempfile::tempdir().unwrap();
+    let (clock, now) = device_clock();
+    let behind = Duration::hours(5);
+    *now.lock().unwrap() -= behind;
+    let mut device = client(&a, vec![served.url("")], state.path(), clock);
+    device.authorize().unwrap();
+    *now.lock().unwrap() += behind;
+    device
+        .check()
+        .expect("a clock ahead is not a clock set back");
+    let flushed = device.flush().unwrap();
+    assert!(flushed.reauthorized, "{flushed:?}");
+    let expires_at = device.check().unwrap().expires_at();
+    served.kill();
+    *now.lock().unwrap() = expires_at - Duration::minutes(1);
+    device
+        .check()
+        .expect("offline until the appliance's time reaches the expiry, not 5 hours before");
+    *now.lock().unwrap() = expires_at + Duration::seconds(2);
+    assert!(matches!(device.check(), Err(ClientError::Expired { .. })));
+}
+
 #[test]
 fn the_next_url_is_tried_when_one_cannot_be_reached() {
     let a = scanner(1_000_000);
