@@ -1435,10 +1435,7 @@ impl Client {
         ) else {
             return Err(ClientError::NotAuthorized);
         };
-        let now = self.now();
-        let carried = carried_forward(self.contact_mark, self.config.clock.monotonic());
-        detect_rollback(now, self.state.newest_time_seen)?;
-        detect_rollback(now, carried)?;
+        let (now, carried) = self.checked_now()?;
         let grant = self.verify(authorization, license, None, now)?;
         // The appliance's signed time of issue is a floor that no edit of the state file
         // lowers.
@@ -1462,12 +1459,23 @@ impl Client {
         Ok(grant)
     }
 
+    /// The local clock read as the appliance's, refused when it is behind the newest time
+    /// seen or the appliance's time carried forward since the last contact (returned too).
+    fn checked_now(&self) -> Result<(OffsetDateTime, Option<OffsetDateTime>), ClientError> {
+        let now = self.now();
+        let carried = carried_forward(self.contact_mark, self.config.clock.monotonic());
+        detect_rollback(now, self.state.newest_time_seen)?;
+        detect_rollback(now, carried)?;
+        Ok((now, carried))
+    }
+
     /// Adds `amount` to `counter` of `item_id` in the open period, durably (the state file is
     /// rewritten and synced: record business events, or batch very frequent ones).
     ///
     /// The item must be granted by the stored authorization (the appliance refuses reports for
-    /// items outside the lease), and the authorization must not have expired. The period
-    /// becomes a report at the next [`Client::flush`].
+    /// items outside the lease), and the authorization must not have expired, on a clock not
+    /// set back (as [`Client::check`] sees it). The period becomes a report at the next
+    /// [`Client::flush`].
     pub fn record(&mut self, item_id: &str, counter: &str, amount: u64) -> Result<(), ClientError> {
         let Some(current) = &self.current else {
             return Err(ClientError::NotAuthorized);
@@ -1477,9 +1485,12 @@ impl Client {
                 item_id: item_id.to_string(),
             });
         }
-        // A device stops at its authorization's expiry: no usage is counted past it.
-        let expires_at = current.expires_at;
-        if self.now() >= expires_at {
+        // A device stops at its authorization's expiry: no usage is counted past it, nor
+        // on a clock set back from past it.
+        let (expires_at, issued_at) = (current.expires_at, current.issued_at);
+        let (now, _) = self.checked_now()?;
+        detect_rollback(now, Some(issued_at))?;
+        if now >= expires_at {
             return Err(ClientError::Expired { expires_at });
         }
         if !is_identifier(counter) {
@@ -1504,7 +1515,6 @@ impl Client {
         // Counted only once on disk: a failed write leaves the period as it was, so a caller
         // that retries counts the usage once.
         let before = (self.state.open.clone(), self.state.newest_time_seen);
-        let now = self.now();
         self.state.open.add(item_id, counter, amount, now);
         advance(&mut self.state.newest_time_seen, now);
         self.save_state().inspect_err(|_| {
@@ -2784,6 +2794,33 @@ mod tests {
     }
 
     // --- clock ------------------------------------------------------------------------------
+
+    /// Usage is not counted past the authorization's expiry by a clock set back after it:
+    /// `record` holds the clock to the newest time seen as `check` does.
+    #[test]
+    fn usage_is_not_recorded_on_a_clock_set_back_past_the_expiry() {
+        let dir = TempDir::new();
+        let (mut client, mut chain, clock) = authorized_client(&dir);
+        chain.authorization.expires_at = T0 + time::Duration::days(7);
+        client
+            .accept_renewal(chain.authorization_jws(), clock.clock().now())
+            .unwrap()
+            .unwrap();
+        clock.set(T0 + time::Duration::days(7) - time::Duration::minutes(1));
+        client.check().unwrap();
+        client.record("LIC-0042-1", "scans", 1).unwrap();
+        clock.set(T0 + time::Duration::days(8));
+        assert!(matches!(
+            client.record("LIC-0042-1", "scans", 1),
+            Err(ClientError::Expired { .. })
+        ));
+        clock.set(T0 + time::Duration::days(5));
+        assert!(matches!(
+            client.record("LIC-0042-1", "scans", 1),
+            Err(ClientError::ClockRolledBack { .. })
+        ));
+        assert_eq!(client.state.open.amount("LIC-0042-1", "scans"), 1);
+    }
 
     #[test]
     fn a_clock_set_back_beyond_the_tolerance_is_detected() {
