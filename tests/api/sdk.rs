@@ -265,6 +265,45 @@ fn the_sdk_records_only_what_the_appliance_accepts_and_follows_a_released_lease(
     );
 }
 
+/// A backlog whose reports carry many long counter names goes out whole although 1000 of
+/// them (the SDK's most per request) are over the appliance's 2 MiB body limit: 700 such
+/// reports are 3.5 MiB, the appliance answers `413 PAYLOAD_TOO_LARGE` before reading the
+/// body, and the SDK sends them again in halves.
+#[test]
+fn a_backlog_of_large_reports_goes_out_in_bodies_the_appliance_takes() {
+    let a = scanner(1_000_000_000);
+    let served = Served::start(&a.data);
+    let state = tempfile::tempdir().unwrap();
+    let (clock, _) = device_clock();
+    let mut device = client(&a, vec![served.url("")], state.path(), clock.clone());
+    device.authorize().unwrap();
+    drop(device);
+    let path = state.path().join("backlog.json");
+    let mut backlog: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let now = keygate::licensing::rfc3339(OffsetDateTime::now_utc());
+    let mut counters = serde_json::Map::new();
+    counters.insert("scans".into(), 1.into());
+    for n in 0..63 {
+        counters.insert(
+            format!("{n:02}-{}", "x".repeat(61)),
+            999_999_999_999u64.into(),
+        );
+    }
+    let reports: Vec<serde_json::Value> = (1..=700)
+        .map(|seq| serde_json::json!({"seq": seq, "item_id": "LIC-S-1", "from": now, "to": now, "counters": counters}))
+        .collect();
+    backlog["reports"] = serde_json::Value::Array(reports);
+    let bytes = serde_json::to_vec(&backlog).unwrap();
+    assert!(bytes.len() > 3 << 20, "{}", bytes.len());
+    std::fs::write(&path, bytes).unwrap();
+
+    let mut device = client(&a, vec![served.url("")], state.path(), clock);
+    let sent = device.flush().unwrap();
+    assert_eq!((sent.accepted, sent.pending), (700, 0), "{sent:?}");
+    assert_eq!(usage_total(&a), 700);
+}
+
 #[test]
 fn a_report_the_appliance_refuses_is_set_aside_instead_of_blocking_the_backlog() {
     let a = scanner(1_000_000);
