@@ -1656,12 +1656,11 @@ impl Client {
         let now = self.now();
         advance(&mut self.state.newest_time_seen, now);
         let next_seq = self.state.next_seq;
-        if close_open_period(&self.store, &mut self.state, &mut self.backlog, now)?
-            && !self.stream_confirmed
-        {
+        let closed = close_open_period(&self.store, &mut self.state, &mut self.backlog, now)?;
+        if closed && !self.stream_confirmed {
             self.state.unconfirmed_from.get_or_insert(next_seq);
         }
-        self.save_state()?;
+        self.save_state_if_numbered(closed)?;
 
         let mut outcome = FlushOutcome::default();
         let mut chunk_size = MAX_REPORTS_PER_REQUEST;
@@ -1787,6 +1786,7 @@ impl Client {
                 detail: format!("acked_seq {} is out of range", response.acked_seq),
             });
         }
+        let numbering = (self.state.next_seq, self.state.unconfirmed_from);
         let now = self.now();
         self.state.last_contact = Some(now);
         self.stream_confirmed = true;
@@ -1861,7 +1861,9 @@ impl Client {
                 }
             }
         }
-        self.save_state()?;
+        self.save_state_if_numbered(
+            numbering != (self.state.next_seq, self.state.unconfirmed_from),
+        )?;
         let progressed = last_sent.is_some_and(|seq| response.acked_seq >= seq);
         let more = !self.backlog.reports.is_empty() && (progressed || released.is_some());
         // An admin blocked or removed the device: it stops now, not when the
@@ -2023,6 +2025,18 @@ impl Client {
         });
         let now = sent + time::Duration::seconds(offset);
         Ok((self.verify(authorization, license, nonce, now)?, offset))
+    }
+
+    /// Writes the state; a failed write fails the call only when the state holds numbering
+    /// the next reports depend on (`numbered`: a period closed, reports numbered anew). Else
+    /// only times and the authorization changed: they stay in memory and go with the next
+    /// write that succeeds, so a full or read-only disk does not stop the heartbeats that
+    /// renew the authorization while the appliance is reachable.
+    fn save_state_if_numbered(&mut self, numbered: bool) -> Result<(), ClientError> {
+        match self.save_state() {
+            Err(e) if numbered => Err(e),
+            _ => Ok(()),
+        }
     }
 
     fn save_state(&mut self) -> Result<(), ClientError> {

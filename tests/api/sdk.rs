@@ -431,6 +431,32 @@ fn a_device_clock_set_right_is_measured_again_by_authorizing() {
     assert!(matches!(device.check(), Err(ClientError::Expired { .. })));
 }
 
+/// A device whose state directory cannot be written (a full or read-only disk) with no
+/// usage to number still sends its heartbeats, and the renewals they bring keep it running
+/// (in memory until the state can be written) while the appliance is reachable.
+#[test]
+fn a_full_disk_does_not_stop_the_heartbeats_that_renew_the_authorization() {
+    let a = scanner(1_000_000);
+    let served = Served::start(&a.data);
+    let state = tempfile::tempdir().unwrap();
+    let mut device = client(&a, vec![served.url("")], state.path(), Clock::system());
+    let granted = device.authorize().unwrap();
+    let blocker = state.path().join("state.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    // The appliance's times are whole seconds: the renewal's expiry is a later one.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let outcome = device.flush().unwrap();
+    let renewed = outcome.renewed.as_ref().expect("renewed").expires_at();
+    assert!(renewed > granted.expires_at(), "{outcome:?}");
+    assert_eq!(device.check().unwrap().expires_at(), renewed);
+    // Usage that cannot be numbered on disk still fails the flush, and waits.
+    device.record("LIC-S-1", "scans", 1).unwrap_err();
+    std::fs::remove_dir(&blocker).unwrap();
+    device.record("LIC-S-1", "scans", 1).unwrap();
+    assert_eq!(device.flush().unwrap().accepted, 1);
+    assert_eq!(usage_total(&a), 1);
+}
+
 #[test]
 fn the_next_url_is_tried_when_one_cannot_be_reached() {
     let a = scanner(1_000_000);
