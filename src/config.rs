@@ -62,7 +62,7 @@ pub struct JobsConfig {
     pub backup_every_s: u64,
     pub housekeeping_every_s: u64,
     /// Backups kept: the newest `backup_keep_last`, and the newest of each of the last
-    /// `backup_keep_days` days.
+    /// `backup_keep_days` days that have a backup (today's included).
     pub backup_keep_last: usize,
     pub backup_keep_days: i64,
     /// Audit log entries older than this many days are removed by the daily housekeeping.

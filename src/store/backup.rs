@@ -418,8 +418,10 @@ pub fn remove_unfinished_at_start(data_dir: &Path) {
 }
 
 /// Which backups retention keeps: the newest `keep_last`, and the newest of each of the last
-/// `keep_days` days. Returns the others (to delete). `files` are newest first, as [`list`]
-/// gives them. A backup named after a time still to come was taken while the clock ran
+/// `keep_days` days that have a backup (today's included). Returns the others (to delete).
+/// `files` are newest first, as [`list`] gives them. Days with a backup, not days on the
+/// calendar: a clock jumping a year ahead would otherwise have made every daily backup too
+/// old at once. A backup named after a time still to come was taken while the clock ran
 /// ahead: the ones taken since the clock was set right are newer, so it counts as the
 /// oldest, and it keeps no day of its own.
 pub fn to_prune(
@@ -429,7 +431,7 @@ pub fn to_prune(
     now: OffsetDateTime,
 ) -> Vec<BackupFile> {
     let mut days_kept = std::collections::HashSet::new();
-    let horizon = now - time::Duration::days(keep_days);
+    let days = usize::try_from(keep_days).unwrap_or(0);
     let (past, ahead): (Vec<&BackupFile>, Vec<&BackupFile>) =
         files.iter().partition(|f| f.taken_at <= now);
     past.into_iter()
@@ -437,7 +439,7 @@ pub fn to_prune(
         .enumerate()
         .filter(|(i, f)| {
             let newest_of_day =
-                f.taken_at > horizon && f.taken_at <= now && days_kept.insert(f.taken_at.date());
+                f.taken_at <= now && days_kept.len() < days && days_kept.insert(f.taken_at.date());
             !(*i < keep_last || newest_of_day)
         })
         .map(|(_, f)| f.clone())
@@ -1438,6 +1440,32 @@ mod tests {
         }
     }
 
+    /// A clock jumping a year ahead (a board's clock reset, a bad time source) does not
+    /// make the two weeks of daily backups "old": the days kept are the last days that have
+    /// a backup, so the daily ones stay until that many days with backups have come since.
+    #[test]
+    fn a_clock_jumping_ahead_keeps_the_daily_backups() {
+        let before = datetime!(2026-06-30 12:00 UTC);
+        let jumped = before + time::Duration::days(365);
+        // One backup every 12 minutes for 20 days, then one after the jump, newest first.
+        let files: Vec<_> = std::iter::once(file(jumped))
+            .chain((0..20 * 120).map(|i| file(before - time::Duration::minutes(12 * i))))
+            .collect();
+        let doomed = to_prune(&files, 10, 14, jumped);
+        let kept: Vec<_> = files.iter().filter(|f| !doomed.contains(f)).collect();
+        let days: std::collections::BTreeSet<_> = kept.iter().map(|f| f.taken_at.date()).collect();
+        assert_eq!(
+            days.len(),
+            14,
+            "the jump's day and 13 days before it: {days:?}"
+        );
+        assert_eq!(
+            kept.len(),
+            10 + 12,
+            "the newest 10, and the newest of 12 more days"
+        );
+    }
+
     #[test]
     fn retention_keeps_the_last_ten_and_one_a_day_for_fourteen_days() {
         let now = datetime!(2026-06-30 12:00 UTC);
@@ -1449,20 +1477,37 @@ mod tests {
         let kept: Vec<_> = files.iter().filter(|f| !doomed.contains(f)).collect();
         assert_eq!(
             kept.len(),
-            10 + 14,
-            "the newest 10 (today) and one for each earlier day"
-        );
-        assert!(
-            kept.iter()
-                .all(|f| f.taken_at > now - time::Duration::days(14))
+            10 + 13,
+            "the newest 10 (today) and one for each of the 13 days before"
         );
         assert!(kept[..10].iter().all(|f| f.taken_at >= files[9].taken_at));
         let days: std::collections::BTreeSet<_> =
             kept[10..].iter().map(|f| f.taken_at.date()).collect();
-        assert_eq!(days.len(), 14, "one a day, each on its own day: {days:?}");
-        assert!(
-            kept[23].taken_at <= now - time::Duration::days(13),
-            "the oldest kept goes back two weeks"
+        assert_eq!(days.len(), 13, "one a day, each on its own day: {days:?}");
+        assert_eq!(
+            kept[22].taken_at.date(),
+            now.date() - time::Duration::days(13),
+            "the oldest kept goes back two weeks, today's included"
+        );
+        // Days without a backup (the appliance was off) do not count.
+        let gaps: Vec<_> = files
+            .iter()
+            .filter(|f| f.taken_at.day() % 2 == 0)
+            .cloned()
+            .collect();
+        let doomed = to_prune(&gaps, 1, 3, now);
+        let kept: Vec<_> = gaps
+            .iter()
+            .filter(|f| !doomed.contains(f))
+            .map(|f| f.taken_at.date())
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                now.date(),
+                datetime!(2026-06-28 0:00 UTC).date(),
+                datetime!(2026-06-26 0:00 UTC).date()
+            ]
         );
     }
 }
