@@ -330,10 +330,16 @@ pub fn list(dir: &Path) -> Result<Vec<BackupFile>, BackupError> {
         let Some((taken_at, n)) = taken_at(&file_name(&entry.path())) else {
             continue;
         };
+        // One removed meanwhile (retention of `keygate backup` beside the service) is gone.
+        let size = match entry.metadata() {
+            Ok(metadata) => metadata.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(dir)(e)),
+        };
         let file = BackupFile {
             path: entry.path(),
             taken_at,
-            size: entry.metadata().map_err(io(dir))?.len(),
+            size,
         };
         files.push((file, n));
     }
@@ -453,11 +459,19 @@ pub fn prune(
     keep_days: i64,
     now: OffsetDateTime,
 ) -> Result<usize, BackupError> {
-    let doomed = to_prune(&list(dir)?, keep_last, keep_days, now);
-    for f in &doomed {
-        std::fs::remove_file(&f.path).map_err(io(&f.path))?;
+    delete(&to_prune(&list(dir)?, keep_last, keep_days, now))
+}
+
+/// Deletes `files`; returns how many. One already gone (the same retention run by `keygate
+/// backup` beside the service) is not a failure.
+fn delete(files: &[BackupFile]) -> Result<usize, BackupError> {
+    for f in files {
+        match std::fs::remove_file(&f.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&f.path)(e)),
+            _ => {}
+        }
     }
-    Ok(doomed.len())
+    Ok(files.len())
 }
 
 /// Takes a backup, then deletes what retention does not keep; returns the backup and how
@@ -1438,6 +1452,29 @@ mod tests {
                 "the three taken since are kept"
             );
         }
+    }
+
+    /// Retention run by two processes at once (`keygate backup` beside the service) does not
+    /// fail on a file the other removed first.
+    #[test]
+    fn a_backup_removed_meanwhile_is_no_failure_for_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = datetime!(2026-06-30 12:00 UTC);
+        for minutes in [0, 12, 24] {
+            let at = now - time::Duration::minutes(minutes);
+            std::fs::write(
+                dir.path()
+                    .join(format!("keygate-{}.db", at.format(STAMP).unwrap())),
+                b"x",
+            )
+            .unwrap();
+        }
+        let listed = list(dir.path()).unwrap();
+        let doomed = to_prune(&listed, 1, 0, now);
+        assert_eq!(doomed.len(), 2);
+        std::fs::remove_file(&doomed[0].path).unwrap();
+        assert_eq!(delete(&doomed).unwrap(), 2);
+        assert_eq!(list(dir.path()).unwrap(), listed[..1]);
     }
 
     /// A clock jumping a year ahead (a board's clock reset, a bad time source) does not
