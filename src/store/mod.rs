@@ -365,8 +365,9 @@ impl Inner {
 /// A request queued for the writer, with its result type erased.
 trait Job: Send {
     /// Runs inside the batch's transaction, under a savepoint of its own, and hands its
-    /// result to its requester (who waits for [`Job::finish`] before answering).
-    fn run(&mut self, conn: &Connection);
+    /// result to its requester (who waits for [`Job::finish`] before answering). Fails when
+    /// its savepoint could not be ended: what it wrote may still be in the transaction.
+    fn run(&mut self, conn: &Connection) -> Result<(), Arc<rusqlite::Error>>;
     /// Tells the requester its batch is committed and synced (`Ok`), or failed.
     fn finish(self: Box<Self>, committed: Result<(), StoreError>);
 }
@@ -383,15 +384,15 @@ where
     T: Send,
     E: From<StoreError> + Send,
 {
-    fn run(&mut self, conn: &Connection) {
+    fn run(&mut self, conn: &Connection) -> Result<(), Arc<rusqlite::Error>> {
         let f = self.f.take().expect("a job runs once");
         // Its requester gave up waiting (the client went away, a timeout): never answered,
         // it is not run either; the writer's time goes to requests still waiting.
         if self.ran.as_ref().is_some_and(|ran| ran.is_closed()) {
-            return;
+            return Ok(());
         }
-        let out = match exec(conn, "SAVEPOINT job") {
-            Err(e) => Err(E::from(e.into())),
+        let (out, ended) = match exec(conn, "SAVEPOINT job") {
+            Err(e) => (Err(E::from(e.into())), Ok(())),
             Ok(()) => {
                 let out = std::panic::catch_unwind(AssertUnwindSafe(|| f(conn)))
                     .unwrap_or_else(|_| Err(E::from(StoreError::Panicked)));
@@ -401,8 +402,11 @@ where
                     exec(conn, "ROLLBACK TO job").and_then(|()| exec(conn, "RELEASE job"))
                 };
                 match end {
-                    Ok(()) => out,
-                    Err(e) => Err(E::from(e.into())),
+                    Ok(()) => (out, Ok(())),
+                    Err(e) => {
+                        let e = Arc::new(e);
+                        (Err(E::from(StoreError::Commit(e.clone()))), Err(e))
+                    }
                 }
             }
         };
@@ -410,6 +414,7 @@ where
         if let Some(ran) = self.ran.take() {
             let _ = ran.send(out);
         }
+        ended
     }
 
     fn finish(self: Box<Self>, committed: Result<(), StoreError>) {
@@ -563,6 +568,7 @@ fn writer(
         let committed = match exec(&conn, "BEGIN IMMEDIATE") {
             Err(e) => Err(StoreError::Commit(Arc::new(e))),
             Ok(()) => {
+                let mut ran = Ok(());
                 for job in batch.iter_mut() {
                     // SQLite ends the whole transaction on some failures (a full disk, an I/O
                     // error): the jobs after it would each commit on their own and then be
@@ -573,12 +579,18 @@ fn writer(
                         );
                         break;
                     }
-                    job.run(&conn);
+                    // A job whose savepoint did not end may have left a failed request's
+                    // writes in the transaction: none of the batch is committed.
+                    ran = job.run(&conn);
+                    if ran.is_err() {
+                        break;
+                    }
                 }
-                exec(&conn, "COMMIT").map_err(|e| {
-                    let _ = exec(&conn, "ROLLBACK");
-                    StoreError::Commit(Arc::new(e))
-                })
+                ran.and_then(|()| exec(&conn, "COMMIT").map_err(Arc::new))
+                    .map_err(|e| {
+                        let _ = exec(&conn, "ROLLBACK");
+                        StoreError::Commit(e)
+                    })
             }
         };
         if let Err(e) = &committed {
@@ -1277,6 +1289,40 @@ mod tests {
         assert_eq!(stored, None);
     }
 
+    /// A job whose savepoint cannot be ended (rolled back or released) may have left writes
+    /// in the batch's transaction: the whole batch is rolled back and fails, instead of
+    /// committing a failed request's changes with the others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_whose_savepoint_cannot_end_fails_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        let (first, release) = hold_writer(&store).await;
+        let before = queue(Box::pin(
+            store.write(|conn| settings::set(conn, "before", "1")),
+        ))
+        .await;
+        // It writes, ends its savepoint itself, then fails: `ROLLBACK TO job` finds none.
+        let failed = queue(Box::pin(store.write(|conn| {
+            settings::set(conn, "failed", "1")?;
+            exec(conn, "RELEASE job")?;
+            Err::<(), _>(StoreError::Panicked)
+        })))
+        .await;
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        assert!(failed.await.is_err());
+        let err = before.await.unwrap_err();
+        assert!(matches!(err, StoreError::Commit(_)), "{err:?}");
+        assert_eq!(stored(&store, "failed").await, None);
+        assert_eq!(stored(&store, "before").await, None);
+        // The writer goes on.
+        store
+            .write(|conn| settings::set(conn, "after", "1"))
+            .await
+            .unwrap();
+        assert_eq!(stored(&store, "after").await.as_deref(), Some("1"));
+    }
+
     /// A request given up before its job ran (its client went away, a timeout): the job
     /// does not run. Nothing was answered, so nothing depends on it, and the writer's time
     /// (and the memory of the queue behind it) goes to requests still waiting.
@@ -1380,7 +1426,7 @@ mod tests {
             .unwrap();
             struct PanicsInTheWriter;
             impl Job for PanicsInTheWriter {
-                fn run(&mut self, _: &Connection) {
+                fn run(&mut self, _: &Connection) -> Result<(), Arc<rusqlite::Error>> {
                     panic!("injected panic")
                 }
                 fn finish(self: Box<Self>, _: Result<(), StoreError>) {}
