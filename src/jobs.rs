@@ -881,7 +881,8 @@ pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedRece
                 if due.is_empty() {
                     continue;
                 }
-                if let Err(e) = send_notices(&state, &due).await {
+                let sent = while_recording(send_notices(&state, &due), &mut errors, &mut notices);
+                if let Err(e) = sent.await {
                     let retry_in = backoff.failed();
                     // WARN, not ERROR: a failing notice must not notify about itself.
                     tracing::warn!(
@@ -898,14 +899,30 @@ pub async fn notify_errors(state: web::Data<AppState>, mut errors: UnboundedRece
                 backoff.succeeded();
                 let sent = serde_json::to_string(&notices.recent(state.clock.now().unix_timestamp()))
                     .expect("a map of strings to numbers serializes");
-                if let Err(e) = state
+                let recorded = state
                     .store
-                    .write(move |conn| settings::set(conn, ERROR_NOTICES_SENT, &sent))
-                    .await
-                {
+                    .write(move |conn| settings::set(conn, ERROR_NOTICES_SENT, &sent));
+                if let Err(e) = while_recording(recorded, &mut errors, &mut notices).await {
                     tracing::warn!(error = %e, "could not record when error notices were sent");
                 }
             }
+        }
+    }
+}
+
+/// Awaits `work` while still taking the error events as they come: an outage logs an error
+/// per request (thousands a second), and a channel left unread for the 30 s of an SMTP
+/// attempt held every one of them in memory. Taken, they are a count per kind.
+async fn while_recording<T>(
+    work: impl std::future::Future<Output = T>,
+    errors: &mut UnboundedReceiver<ErrorEvent>,
+    notices: &mut ErrorNotices,
+) -> T {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            Some(event) = errors.recv() => notices.record(event),
         }
     }
 }
@@ -1019,6 +1036,31 @@ async fn send_notices(state: &AppState, notices: &[Notice]) -> Result<(), JobErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error events logged while a notice is being sent (an SMTP server slow to answer,
+    /// during an outage that logs an error per request) are taken as they come, not held in
+    /// the channel until the attempt ends.
+    #[tokio::test]
+    async fn errors_logged_while_a_notice_is_sent_are_taken_as_they_come() {
+        let (events, mut errors) = tokio::sync::mpsc::unbounded_channel();
+        let mut notices = ErrorNotices::default();
+        let sending = async {
+            for _ in 0..10_000 {
+                let event = ErrorEvent {
+                    kind: "db".into(),
+                    message: "disk full".into(),
+                };
+                events.send(event).unwrap();
+                tokio::task::yield_now().await;
+            }
+        };
+        while_recording(sending, &mut errors, &mut notices).await;
+        let waiting = errors.len();
+        assert!(waiting < 10, "{waiting} events waited in the channel");
+        let due = notices.due(0);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].count, 10_000 - waiting as u64);
+    }
 
     #[test]
     fn failed_error_notices_wait_30_s_then_twice_as_long_up_to_10_minutes() {
