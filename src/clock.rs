@@ -1,11 +1,17 @@
 //! Time comes from a clock the caller chooses, so tests control it.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use time::OffsetDateTime;
 
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> OffsetDateTime;
+
+    /// A clock no one sets (the monotonic clock), to measure the time that passes.
+    fn monotonic(&self) -> Instant {
+        Instant::now()
+    }
 }
 
 /// The operating system's clock.
@@ -18,27 +24,36 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that only moves when told to (tests).
+/// A clock that only moves when told to (tests): `advance` is time passing, `set` is
+/// someone setting the date (the monotonic clock does not move).
 #[derive(Debug, Clone)]
-pub struct ManualClock(Arc<Mutex<OffsetDateTime>>);
+pub struct ManualClock(Arc<Mutex<(OffsetDateTime, Instant)>>);
 
 impl ManualClock {
     pub fn new(start: OffsetDateTime) -> Self {
-        ManualClock(Arc::new(Mutex::new(start)))
+        ManualClock(Arc::new(Mutex::new((start, Instant::now()))))
     }
 
     pub fn set(&self, to: OffsetDateTime) {
-        *self.0.lock().expect("clock lock") = to;
+        self.0.lock().expect("clock lock").0 = to;
     }
 
     pub fn advance(&self, by: time::Duration) {
-        *self.0.lock().expect("clock lock") += by;
+        let mut clock = self.0.lock().expect("clock lock");
+        clock.0 += by;
+        if let Ok(by) = std::time::Duration::try_from(by) {
+            clock.1 += by;
+        }
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> OffsetDateTime {
-        *self.0.lock().expect("clock lock")
+        self.0.lock().expect("clock lock").0
+    }
+
+    fn monotonic(&self) -> Instant {
+        self.0.lock().expect("clock lock").1
     }
 }
 
@@ -49,11 +64,16 @@ impl Clock for ManualClock {
 pub const CLOCK_SLACK_S: i64 = 3600;
 
 /// The newest time this appliance has used (FlexNet calls a clock set back behind it
-/// "clock windback"). Checked on every authorization and renewal; persisted in the settings
-/// by every job run and at shutdown, and read back at start.
-#[derive(Debug)]
+/// "clock windback"), carried forward by the time that has passed since the process
+/// started (on the monotonic clock, which no one sets): a clock set back a little, again and
+/// again, each time before it reached the newest time, would otherwise hold the time still
+/// and no license would expire. Checked on every authorization and renewal; persisted in the
+/// settings every minute, by every job run and at shutdown, and read back at start.
 pub struct Watermark {
     newest: std::sync::atomic::AtomicI64,
+    clock: Arc<dyn Clock>,
+    /// The monotonic clock at start, and the newest time then.
+    started: (Instant, i64),
     /// Whether the clock is behind now (logged once per episode, not per request).
     behind: std::sync::atomic::AtomicBool,
 }
@@ -87,23 +107,34 @@ fn rfc3339(t: i64) -> String {
 }
 
 impl Watermark {
-    pub fn new(newest: i64) -> Self {
+    /// The mark of a process starting now by `clock`, with `newest` saved before.
+    pub fn new(newest: i64, clock: Arc<dyn Clock>) -> Self {
+        let newest = newest.max(clock.now().unix_timestamp());
         Watermark {
             newest: newest.into(),
+            started: (clock.monotonic(), newest),
+            clock,
             behind: false.into(),
         }
     }
 
+    /// The newest time used, or the newest time at start plus the time passed since if
+    /// that is later.
     pub fn newest(&self) -> i64 {
-        self.newest.load(std::sync::atomic::Ordering::Relaxed)
+        let (at, newest) = self.started;
+        let passed = self.clock.monotonic().saturating_duration_since(at);
+        let carried = newest.saturating_add(passed.as_secs() as i64);
+        self.newest
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(carried)
     }
 
     /// Moves the mark up to `now`, or refuses a clock more than [`CLOCK_SLACK_S`] behind it.
     pub fn check(&self, now: i64) -> Result<(), ClockBehind> {
         use std::sync::atomic::Ordering::Relaxed;
         // A write (shared between the workers) at most once a second, not per request.
-        let newest = self.newest.load(Relaxed);
-        if now > newest {
+        let newest = self.newest();
+        if now > self.newest.load(Relaxed) {
             self.newest.fetch_max(now, Relaxed);
         }
         let judged = judge(now, newest);
@@ -137,9 +168,39 @@ pub fn judge(now: i64, newest: i64) -> Result<(), ClockBehind> {
 mod tests {
     use super::*;
 
+    /// A clock set back a little, again and again, each time before it reached the newest
+    /// time used, does not hold the time still: the newest time moves on with the time that
+    /// passes (on the monotonic clock), so the clock falls further behind at each step back
+    /// until it is more than the slack behind and refused.
+    #[test]
+    fn a_clock_set_back_again_and_again_gains_no_more_than_the_slack() {
+        let start = OffsetDateTime::from_unix_timestamp(1_000_000).unwrap();
+        let clock = ManualClock::new(start);
+        let mark = Watermark::new(i64::MIN, Arc::new(clock.clone()));
+        let fifty = time::Duration::minutes(50);
+        clock.advance(fifty);
+        assert_eq!(mark.newest(), 1_000_000 + 50 * 60);
+        // The clock was set back 50 minutes: it reads `start` again. Fine once.
+        clock.set(start);
+        assert!(mark.check(1_000_000).is_ok());
+        // Another 50 minutes, and set back again to `start`: 100 minutes behind.
+        clock.advance(fifty);
+        clock.set(start);
+        let behind = mark.check(1_000_000).unwrap_err();
+        assert_eq!(
+            (behind.now, behind.newest),
+            (1_000_000, 1_000_000 + 100 * 60)
+        );
+        // A restart keeps it: the newest time is saved, not the clock's.
+        let restarted = Watermark::new(mark.newest(), Arc::new(clock));
+        assert!(restarted.check(1_000_000).is_err());
+    }
+
     #[test]
     fn the_watermark_refuses_a_clock_set_back_past_the_slack() {
-        let mark = Watermark::new(i64::MIN); // a new appliance: any time is fine
+        // A new appliance (its clock at the start of time): any time is fine.
+        let clock = ManualClock::new(OffsetDateTime::UNIX_EPOCH);
+        let mark = Watermark::new(i64::MIN, Arc::new(clock));
         assert!(mark.check(1_000_000).is_ok());
         assert_eq!(mark.newest(), 1_000_000);
         // Back by the slack exactly: fine, and the mark stays where it was.

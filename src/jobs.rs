@@ -257,6 +257,9 @@ async fn plan(
 /// How often the wall clock is compared with the monotonic one, and the step that counts.
 const CLOCK_WATCH: Duration = Duration::from_secs(5);
 const CLOCK_STEP: Duration = Duration::from_secs(2);
+/// How often the newest time used is saved besides each job run: a process killed (or a
+/// power cut) loses at most this much of it, whatever the jobs' intervals.
+const NEWEST_TIME_SAVED: Duration = Duration::from_secs(60);
 
 /// How far the wall clock moved beyond the monotonic one between two readings, in seconds
 /// (negative: stepped back).
@@ -296,9 +299,16 @@ async fn watch_clock(
 ) {
     let mut tick = tokio::time::interval(CLOCK_WATCH);
     let mut before = (Instant::now(), SystemTime::now());
+    let mut saved = Instant::now();
     loop {
         tick.tick().await;
         let now = (Instant::now(), SystemTime::now());
+        if now.0.duration_since(saved) >= NEWEST_TIME_SAVED {
+            saved = now.0;
+            if let Err(e) = save_newest_time(&state).await {
+                tracing::warn!(error = %e, "could not save the newest time used");
+            }
+        }
         let step = clock_step(before, now);
         before = now;
         if step.abs() >= CLOCK_STEP.as_secs_f64() {

@@ -146,7 +146,8 @@ impl AppState {
                  it stopped"
             );
         }
-        let watermark = crate::clock::Watermark::new(crate::store::ops::newest_time(&conn)?);
+        let watermark =
+            crate::clock::Watermark::new(crate::store::ops::newest_time(&conn)?, clock.clone());
         drop(conn);
         // A clock set back while the appliance was off is told at once (and emailed).
         let _ = watermark.check(now.unix_timestamp());

@@ -2357,6 +2357,25 @@ fn an_auditor_cannot_change_anything() {
     );
 }
 
+/// A clock set back 50 minutes every 50 minutes (inside the hour's slack each time) does not
+/// hold the time still: the newest time used moves on as time passes, so the second step
+/// back is 100 minutes behind it and refused. Before, the newest time stood still while the
+/// clock caught up with it, and a license never expired.
+#[test]
+fn a_clock_set_back_again_and_again_gains_no_more_than_the_hour() {
+    let f = Fixture::new(&item("scan", "per_device", 10, ""));
+    f.authorized("scan", 1);
+    let fifty = Duration::minutes(50);
+    f.app.clock.advance(fifty);
+    f.app.clock.set(test_epoch());
+    f.authorized("scan", 2);
+    f.app.clock.advance(fifty);
+    f.app.clock.set(test_epoch());
+    assert_eq!(f.refused("scan", 3), "INTERNAL");
+    f.app.clock.set(test_epoch() + 2 * fifty);
+    f.authorized("scan", 3);
+}
+
 /// The appliance's clock set back more than an hour behind the newest time it used signs
 /// nothing: authorizations answer `INTERNAL` saying why and change nothing, usage is still
 /// recorded but not renewed, the dashboard says so. The newest time outlives a restart;
