@@ -270,7 +270,7 @@ pub fn validate(license: &License) -> Result<(), ImportError> {
     if license.version == 0 {
         return invalid("version must be 1 or higher".into());
     }
-    super::in_utc("issued_at", license.issued_at).map_err(ImportError::Invalid)?;
+    super::signed_time("issued_at", license.issued_at).map_err(ImportError::Invalid)?;
     if license.items.is_empty() {
         return invalid("the license has no items".into());
     }
@@ -313,8 +313,8 @@ fn validate_item(item: &LicenseItem) -> Result<(), String> {
     if !is_identifier(&item.item_id) {
         return Err("item_id must be 1 to 64 letters, digits, '.', '_' or '-'".into());
     }
-    super::in_utc("starts_at", item.starts_at)?;
-    super::in_utc("expires_at", item.expires_at)?;
+    super::signed_time("starts_at", item.starts_at)?;
+    super::signed_time("expires_at", item.expires_at)?;
     text("product", &item.product, 128)?;
     if item.features.len() > MAX_FEATURES {
         return Err(format!("at most {MAX_FEATURES} features"));

@@ -21,17 +21,37 @@ pub fn from_unix(secs: i64) -> OffsetDateTime {
 }
 
 /// `t` (the time `field` gives) in UTC, when that is a time RFC 3339 can write (years 0 to
-/// 9999): the spec's times are UTC, and one just inside the range in another offset may fall
-/// outside it in UTC (where it would read as 1970, or fail to be written at all).
+/// 9999) in whole seconds: the spec's times are UTC, and one just inside the range in another
+/// offset may fall outside it in UTC (where it would read as 1970, or fail to be written at
+/// all); the appliance keeps times to the second, so a fraction would be cut off here and not
+/// on the device (an item starting at .9 s served from the whole second, which the device's
+/// check refuses).
 pub fn in_utc(field: &str, t: OffsetDateTime) -> Result<OffsetDateTime, String> {
-    t.checked_to_offset(time::UtcOffset::UTC)
+    let utc = t
+        .checked_to_offset(time::UtcOffset::UTC)
         .filter(|utc| (0..=9999).contains(&utc.year()))
         .ok_or_else(|| {
             format!(
                 "{field} {} is not between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
                 rfc3339(t)
             )
-        })
+        })?;
+    if t.nanosecond() != 0 {
+        return Err(format!("{field} {} must be a whole second", rfc3339(t)));
+    }
+    Ok(utc)
+}
+
+/// A time of a signed document: [`in_utc`], and written in UTC as the specification has it.
+pub fn signed_time(field: &str, t: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    let utc = in_utc(field, t)?;
+    if !t.offset().is_utc() {
+        return Err(format!(
+            "{field} {} must be written in UTC (ending in Z)",
+            rfc3339(t)
+        ));
+    }
+    Ok(utc)
 }
 
 /// RFC 3339, as the protocol and the command line show times.

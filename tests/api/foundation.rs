@@ -518,6 +518,17 @@ fn vendor_issue_refuses_a_time_past_the_year_9999() {
         "{}",
         run.stderr
     );
+    // A fraction of a second: the appliance would refuse the license it makes.
+    let items = SIMPLE_ITEMS.replace(
+        "starts_at = 2026-01-01T00:00:00Z",
+        "starts_at = 2026-01-01T00:00:00.5Z",
+    );
+    let run = vendor.issue(&data, &items, &[]);
+    assert!(
+        !run.ok && run.stderr.contains("must be a whole second"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -677,6 +688,22 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
                 json!({"expires_at": "9999-12-31T23:30:00-01:00"}),
             ))),
             "expires_at 9999-12-31T23:30:00-01:00 is not between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
+        ),
+        // The specification's times are UTC, and the appliance keeps them to the second: a
+        // start at .9 s would serve from the whole second, which the device's check refuses.
+        (
+            "a time in another offset",
+            vendor.sign_raw_license(&payload(item(
+                json!({"starts_at": "2026-01-01T02:00:00+02:00"}),
+            ))),
+            "starts_at 2026-01-01T02:00:00+02:00 must be written in UTC",
+        ),
+        (
+            "a time with a fraction of a second",
+            vendor.sign_raw_license(&payload(item(
+                json!({"starts_at": "2026-01-01T00:00:00.9Z"}),
+            ))),
+            "starts_at 2026-01-01T00:00:00.9Z must be a whole second",
         ),
         (
             "zero quota",
