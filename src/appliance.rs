@@ -195,10 +195,16 @@ pub fn same_secret(presented: &str, expected: &str) -> bool {
 /// Creates a new, empty file readable by the owner only (0600 on Unix), refusing to take
 /// an existing one.
 pub fn create_secret_file(path: &Path) -> std::io::Result<std::fs::File> {
+    create_new_file(path, 0o600)
+}
+
+/// Creates a new, empty file with the Unix permissions `mode`, refusing to take an existing
+/// one.
+fn create_new_file(path: &Path, #[allow(unused)] mode: u32) -> std::io::Result<std::fs::File> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
     options.open(path)
 }
 
@@ -207,8 +213,13 @@ pub fn create_secret_file(path: &Path) -> std::io::Result<std::fs::File> {
 /// name first, then linked into place (a full disk or a power cut while writing left an
 /// empty appliance key or certificate, which failed every later start as damaged).
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    write_new_file(path, contents, 0o600)
+}
+
+/// [`write_secret_file`] with the Unix permissions `mode` (a public key's 0644).
+pub fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = temporary_beside(path);
-    let written = create_secret_file(&tmp).and_then(|mut file| {
+    let written = create_new_file(&tmp, mode).and_then(|mut file| {
         file.write_all(contents)?;
         file.sync_all()
     });

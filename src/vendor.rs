@@ -45,14 +45,15 @@ pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), VendorError> {
             message: e.to_string(),
         }
     };
-    crate::appliance::write_secret_file(&private, keys::signing_key_to_pem(&key).as_bytes())
-        .map_err(io(&private))?;
-    // Both or neither: a private key without its public half would be refused by the next
-    // keygen (it exists) and by nothing else.
-    if let Err(e) = std::fs::write(&public, keys::public_key_to_pem(&key.verifying_key())) {
+    // Both or neither, each whole and synced, the public half first: a private key without
+    // its public half (a full disk, a power cut) would be refused by the next keygen (it
+    // exists) and trusted by no appliance.
+    let pem = keys::public_key_to_pem(&key.verifying_key());
+    crate::appliance::write_new_file(&public, pem.as_bytes(), 0o644).map_err(io(&public))?;
+    let secret = keys::signing_key_to_pem(&key);
+    if let Err(e) = crate::appliance::write_secret_file(&private, secret.as_bytes()) {
         let _ = std::fs::remove_file(&public);
-        let _ = std::fs::remove_file(&private);
-        return Err(io(&public)(e));
+        return Err(io(&private)(e));
     }
     Ok((private, public))
 }
@@ -127,9 +128,20 @@ pub fn read_activation_request(text: &str) -> Result<ActivationRequest, VendorEr
         .map_err(|e| bad(e.to_string()))?;
     let request: ActivationRequest = token.payload_as().map_err(|e| bad(e.to_string()))?;
     let key = keys::public_key_from_b64(&request.public_key).map_err(|e| bad(e.to_string()))?;
+    if token.kid().map_err(|e| bad(e.to_string()))? != keys::kid(&key) {
+        return Err(bad(
+            "its header's key id (kid) is not the key it names".into()
+        ));
+    }
     token
         .verify(&key)
         .map_err(|_| bad("it is not signed by the appliance key it names".into()))?;
+    if request.v != FORMAT_VERSION {
+        return Err(bad(format!(
+            "it is of format version {}, not {FORMAT_VERSION}",
+            request.v
+        )));
+    }
     if keys::installation_id(&key) != request.installation_id {
         return Err(bad(
             "its installation id does not match its public key".into()
@@ -269,9 +281,45 @@ fn summary(license: &License, hostname: &str) -> String {
 mod tests {
     use super::*;
 
-    /// A key pair is written whole or not at all: with room for the private key and not for
-    /// the public one, neither is left (a lone private key made every later keygen refuse,
-    /// and nothing rebuilt its public half).
+    /// An activation request is held to the specification's contract like every signed
+    /// document: its header's `kid` names the key that signed it, its `v` is 1.
+    #[test]
+    fn an_activation_request_names_its_key_and_format() {
+        let key = keys::generate_signing_key();
+        let public = key.verifying_key();
+        let request = |v: u32| ActivationRequest {
+            v,
+            installation_id: keys::installation_id(&public),
+            public_key: keys::public_key_b64(&public),
+            hostname: "plant-a".into(),
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+        };
+        let signed = |kid: Option<String>, v: u32| {
+            let header = jws::Header {
+                alg: "EdDSA".into(),
+                typ: Some(Typ::Activation.as_str().into()),
+                kid,
+                crit: None,
+            };
+            jws::sign_raw(&header, &serde_json::to_vec(&request(v)).unwrap(), &key)
+        };
+        let own = Some(keys::kid(&public));
+        assert!(read_activation_request(&signed(own.clone(), 1)).is_ok());
+        for (kid, v, refusal) in [
+            (None, 1, "no key id"),
+            (Some("00".repeat(32)), 1, "not the key it names"),
+            (own, 2, "format version 2"),
+        ] {
+            let refused = read_activation_request(&signed(kid, v))
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains(refusal), "{refused}");
+        }
+    }
+
+    /// A key pair is written whole or not at all: with room for one key file and not for
+    /// the other, neither is left (a lone private key made every later keygen refuse, and
+    /// nothing rebuilt its public half).
     #[cfg(target_os = "linux")]
     #[test]
     fn keygen_leaves_no_private_key_without_its_public_one() {
@@ -289,7 +337,7 @@ mod tests {
         drop(file);
 
         let refused = keygen(&dir.join("vendor")).unwrap_err();
-        assert!(refused.to_string().contains("vendor.pub"), "{refused}");
+        assert!(refused.to_string().contains("vendor.key"), "{refused}");
         assert!(!dir.join("vendor.key").exists() && !dir.join("vendor.pub").exists());
         std::fs::remove_file(&filler).unwrap();
         keygen(&dir.join("vendor")).unwrap();
