@@ -202,35 +202,31 @@ pub async fn upload(
     let config_keys = state.config.trusted_vendor_keys.clone();
     let now = state.clock.now();
     let (actor, from) = (admin.name.clone(), super::client_address(&req));
-    // Trusted keys, signature and content checks, then the import: the first refusal is the
-    // page's message and nothing is changed.
-    let outcome = async {
-        let trusted = state
-            .store
-            .read(move |conn| import::trusted_keys(conn, &config_keys))
-            .await?;
-        let verified = import::verify(&text, &trusted, state.appliance.public_key())?;
-        state
-            .store
-            .write(move |conn| {
-                let outcome = import::apply(conn, &verified, now)?;
-                let note = import::serving_note(&verified.license, now);
-                if outcome.changed() {
-                    ops::audit(
-                        conn,
-                        now.unix_timestamp(),
-                        &actor,
-                        "license imported",
-                        &verified.license.license_id,
-                        &outcome.to_string(),
-                        &from,
-                    )?;
-                }
-                Ok::<_, import::ImportError>((outcome, note))
-            })
-            .await
-    }
-    .await;
+    // Trusted keys, signature and content checks, then the import, in one transaction (a
+    // key untrusted meanwhile is not trusted for it): the first refusal is the page's
+    // message and nothing is changed.
+    let appliance_key = *state.appliance.public_key();
+    let outcome = state
+        .store
+        .write(move |conn| {
+            let trusted = import::trusted_keys(conn, &config_keys)?;
+            let verified = import::verify(&text, &trusted, &appliance_key)?;
+            let outcome = import::apply(conn, &verified, now)?;
+            let note = import::serving_note(&verified.license, now);
+            if outcome.changed() {
+                ops::audit(
+                    conn,
+                    now.unix_timestamp(),
+                    &actor,
+                    "license imported",
+                    &verified.license.license_id,
+                    &outcome.to_string(),
+                    &from,
+                )?;
+            }
+            Ok::<_, import::ImportError>((outcome, note))
+        })
+        .await;
     match outcome {
         Ok((outcome, note)) => {
             let note = note.map(|n| format!(" ({n})")).unwrap_or_default();
