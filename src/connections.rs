@@ -16,18 +16,31 @@ use std::task::{Context, Poll};
 use actix_web::rt::net::{ActixStream, Ready, TcpStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// TLS handshakes one address may have in flight: each worker thread runs at most 2,048 at
+/// TLS handshakes one address may have in flight: each worker thread runs at most 16,384 at
 /// once (connections past them wait to be accepted), and a client that stalls its
-/// handshake holds its place for up to 10 s. A client takes at most a sixteenth of a
-/// 2-core appliance's, while a NAT gateway's devices reconnecting together after a power
-/// cut (or 200 devices started at once) still get in.
+/// handshake holds its place for up to 10 s. A client takes at most a 128th of a 2-core
+/// appliance's, while a NAT gateway's devices reconnecting together after a power cut (or
+/// 200 devices started at once) still get in.
 pub const HANDSHAKES_PER_ADDRESS: u32 = 256;
+
+/// TLS handshakes the addresses of one IPv6 /64 may have in flight together: one host can
+/// use any number of its network's addresses, and would hold every handshake the appliance
+/// runs with as many of them. Four addresses' worth (a LAN's SLAAC devices share one /64,
+/// and a handshake takes milliseconds).
+pub const HANDSHAKES_PER_NETWORK: u32 = 4 * HANDSHAKES_PER_ADDRESS;
 
 /// The connections each address holds now.
 #[derive(Debug)]
 pub struct ConnectionSlots {
     per_address: u32,
-    held: Mutex<HashMap<IpAddr, Held>>,
+    held: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    addresses: HashMap<IpAddr, Held>,
+    /// Handshakes in flight per IPv6 /64 (its first 64 bits).
+    networks: HashMap<u64, u32>,
 }
 
 #[derive(Debug, Default)]
@@ -36,11 +49,19 @@ struct Held {
     handshaking: u32,
 }
 
+/// The /64 an IPv6 address is in; None for IPv4.
+fn network(address: IpAddr) -> Option<u64> {
+    match address {
+        IpAddr::V6(v6) => Some((v6.to_bits() >> 64) as u64),
+        IpAddr::V4(_) => None,
+    }
+}
+
 impl ConnectionSlots {
     pub fn new(per_address: u32) -> Arc<Self> {
         Arc::new(ConnectionSlots {
             per_address,
-            held: Mutex::new(HashMap::new()),
+            held: Mutex::new(Counts::default()),
         })
     }
 
@@ -49,13 +70,20 @@ impl ConnectionSlots {
     /// handshakes.
     pub fn take(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
         let address = peer.to_canonical();
-        let mut held = self.lock();
-        let count = held.entry(address).or_default();
+        let mut counts = self.lock();
+        let network = network(address);
+        if network.is_some_and(|n| counts.networks.get(&n) >= Some(&HANDSHAKES_PER_NETWORK)) {
+            return None;
+        }
+        let count = counts.addresses.entry(address).or_default();
         if count.open >= self.per_address || count.handshaking >= HANDSHAKES_PER_ADDRESS {
             return None;
         }
         count.open += 1;
         count.handshaking += 1;
+        if let Some(n) = network {
+            *counts.networks.entry(n).or_default() += 1;
+        }
         Some(Slot {
             slots: self.clone(),
             address,
@@ -63,21 +91,40 @@ impl ConnectionSlots {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Held>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The connections of `peer` in their TLS handshake now.
     pub fn handshaking(&self, peer: IpAddr) -> u32 {
         self.lock()
+            .addresses
             .get(&peer.to_canonical())
             .map_or(0, |held| held.handshaking)
     }
 
-    /// Addresses holding at least one connection.
+    /// Addresses holding at least one connection, and networks at least one handshake.
     #[cfg(test)]
-    fn addresses(&self) -> usize {
-        self.lock().len()
+    fn held(&self) -> (usize, usize) {
+        let counts = self.lock();
+        (counts.addresses.len(), counts.networks.len())
+    }
+}
+
+impl Counts {
+    /// One handshake of `address` is over (done, or its connection closed).
+    fn handshake_over(&mut self, address: IpAddr) {
+        if let Some(count) = self.addresses.get_mut(&address) {
+            count.handshaking -= 1;
+        }
+        if let Some(n) = network(address)
+            && let Some(handshaking) = self.networks.get_mut(&n)
+        {
+            *handshaking -= 1;
+            if *handshaking == 0 {
+                self.networks.remove(&n);
+            }
+        }
     }
 }
 
@@ -92,22 +139,22 @@ pub struct Slot {
 impl Slot {
     /// The connection's TLS handshake is over: its address may start another.
     pub fn handshake_done(&mut self) {
-        if std::mem::take(&mut self.handshaking)
-            && let Some(count) = self.slots.lock().get_mut(&self.address)
-        {
-            count.handshaking -= 1;
+        if std::mem::take(&mut self.handshaking) {
+            self.slots.lock().handshake_over(self.address);
         }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut held = self.slots.lock();
-        if let Some(count) = held.get_mut(&self.address) {
+        let mut counts = self.slots.lock();
+        if std::mem::take(&mut self.handshaking) {
+            counts.handshake_over(self.address);
+        }
+        if let Some(count) = counts.addresses.get_mut(&self.address) {
             count.open -= 1;
-            count.handshaking -= u32::from(self.handshaking);
             if count.open == 0 {
-                held.remove(&self.address);
+                counts.addresses.remove(&self.address);
             }
         }
     }
@@ -205,9 +252,47 @@ mod tests {
         let _again = slots.take(ip("10.0.0.1")).expect("a slot given back");
         drop((b, v6));
         assert_eq!(
-            slots.addresses(),
-            3,
-            "addresses without connections are forgotten"
+            slots.held(),
+            (3, 1),
+            "addresses without connections are forgotten (the /64 of one in its handshake is not)"
+        );
+    }
+
+    /// One IPv6 host can use many addresses of its /64: their handshakes together are
+    /// bounded too, or one host could hold every handshake the appliance runs.
+    #[test]
+    fn an_ipv6_network_has_at_most_its_handshakes_in_flight() {
+        let slots = ConnectionSlots::new(1024);
+        let host = |network: u16, n: u32| -> IpAddr {
+            format!("2001:db8:0:{network:x}::{:x}:{:x}", n >> 16, n & 0xffff)
+                .parse()
+                .unwrap()
+        };
+        let mut taken: Vec<Slot> = (0..HANDSHAKES_PER_NETWORK)
+            .map(|n| slots.take(host(1, n)).unwrap())
+            .collect();
+        assert!(
+            slots.take(host(1, HANDSHAKES_PER_NETWORK)).is_none(),
+            "the /64 holds all"
+        );
+        let _other = slots.take(host(2, 0)).expect("another /64");
+        let _v4 = slots
+            .take("10.0.0.1".parse().unwrap())
+            .expect("IPv4 is counted apart");
+        taken[0].handshake_done();
+        taken.push(
+            slots
+                .take(host(1, HANDSHAKES_PER_NETWORK))
+                .expect("one handshake over"),
+        );
+        assert!(slots.take(host(1, HANDSHAKES_PER_NETWORK + 1)).is_none());
+        drop(taken);
+        taken = vec![slots.take(host(1, 0)).unwrap()];
+        drop(taken);
+        assert_eq!(
+            slots.held(),
+            (2, 1),
+            "the /64's count is forgotten with its connections"
         );
     }
 
@@ -227,6 +312,6 @@ mod tests {
         taken.pop();
         taken.push(slots.take(ip).unwrap());
         drop(taken);
-        assert_eq!(slots.addresses(), 0);
+        assert_eq!(slots.held(), (0, 0));
     }
 }

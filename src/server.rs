@@ -400,8 +400,11 @@ type TlsStream = actix_tls::accept::rustls_0_23::TlsStream<Counted>;
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// TLS handshakes one worker runs at once: an address's
-/// [`crate::connections::HANDSHAKES_PER_ADDRESS`] is an eighth of it.
-const TLS_HANDSHAKES_PER_WORKER: usize = 2048;
+/// [`crate::connections::HANDSHAKES_PER_ADDRESS`] is a sixty-fourth of it, an IPv6 /64's
+/// [`crate::connections::HANDSHAKES_PER_NETWORK`] a sixteenth. At 2,048, sixteen addresses
+/// holding their 256 each took all of a 2-core appliance's, and with them the accept loop.
+/// A handshake waiting for its client holds a socket and a few KiB.
+const TLS_HANDSHAKES_PER_WORKER: usize = 16_384;
 
 /// The process is up.
 async fn healthz() -> HttpResponse {
