@@ -706,15 +706,27 @@ fn a_backup_under_write_load_restores_every_acknowledged_report() {
                 }
             });
         }
-        std::thread::sleep(StdDuration::from_millis(300));
+        // Under load: writers acknowledged before the backup starts and go on during it.
+        let waited = std::time::Instant::now();
+        while acked.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+            assert!(
+                waited.elapsed().as_secs() < 30,
+                "the writers acknowledge nothing"
+            );
+            std::thread::sleep(StdDuration::from_millis(10));
+        }
         let acked_before = acked.load(std::sync::atomic::Ordering::SeqCst);
         let result = f.app.run_job("backup");
-        std::thread::sleep(StdDuration::from_millis(200));
+        let waited = std::time::Instant::now();
+        while acked.load(std::sync::atomic::Ordering::SeqCst) < acked_before + 20 {
+            assert!(waited.elapsed().as_secs() < 30, "the writers stopped");
+            std::thread::sleep(StdDuration::from_millis(10));
+        }
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         (result, acked_before)
     });
     let summary = backup_result.unwrap();
-    assert!(acked_before > 0);
+    assert!(acked_before >= 20);
     let backups = keygate::store::backup::list(&f.data.join("backups")).unwrap();
     assert_eq!(backups.len(), 1, "{summary}");
     let copy = rusqlite::Connection::open(&backups[0].path).unwrap();
@@ -1342,14 +1354,15 @@ fn jobs_postponed_past_their_interval_by_restarts_run_at_start() {
 fn a_job_not_yet_due_at_a_start_runs_when_its_interval_is_up() {
     let f = Fixture::new(&item("reader", "per_device", 10, ""));
     let (dir, data) = f.stop();
-    // Housekeeping (daily) last ran a day ago less 3 seconds, the backup (every 12 minutes)
-    // 12 minutes ago less 3 seconds; the alerts job (every 10 minutes) a second ago.
+    // Housekeeping (daily) last ran a day ago less 8 seconds, the backup (every 12 minutes)
+    // 12 minutes ago less 8 seconds (time for a slow machine to start serving first); the
+    // alerts job (every 10 minutes) a second ago.
     let now = test_epoch().unix_timestamp();
     let db = rusqlite::Connection::open(data.join("keygate.db")).unwrap();
     for (job, at) in [
         ("alerts", now - 1),
-        ("backup", now - 720 + 3),
-        ("housekeeping", now - 86_400 + 3),
+        ("backup", now - 720 + 8),
+        ("housekeeping", now - 86_400 + 8),
     ] {
         db.execute(
             "INSERT INTO job_runs (job, started_at, duration_ms, ok) VALUES (?1, ?2, 0, 1)",
@@ -1370,17 +1383,17 @@ fn a_job_not_yet_due_at_a_start_runs_when_its_interval_is_up() {
         (1, 1),
         "not due at the start"
     );
-    let deadline = std::time::Instant::now() + StdDuration::from_secs(20);
+    let deadline = std::time::Instant::now() + StdDuration::from_secs(30);
     while (ran("backup"), ran("housekeeping")) != (2, 2) && std::time::Instant::now() < deadline {
         std::thread::sleep(StdDuration::from_millis(100));
     }
     assert_eq!(
         (ran("backup"), ran("housekeeping")),
         (2, 2),
-        "both ran when their interval was up, about 3 seconds after the start"
+        "both ran when their interval was up, about 8 seconds after the start"
     );
     assert!(
-        started.elapsed() >= StdDuration::from_secs(2),
+        started.elapsed() >= StdDuration::from_secs(7),
         "not at the start"
     );
     assert_eq!(ran("alerts"), 1, "the alerts job keeps its own time");

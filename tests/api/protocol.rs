@@ -1609,7 +1609,7 @@ fn an_address_holding_its_connections_has_the_next_closed_until_one_ends() {
             tls
         })
         .collect();
-    let started = std::time::Instant::now();
+    // Closed, not held (a held one would time out reading: `WouldBlock`).
     let refused = get(&mut raw_tls_to(&data, served.addr, wait), "/healthz");
     assert!(
         refused.as_ref().is_err_and(|e| matches!(
@@ -1620,11 +1620,6 @@ fn an_address_holding_its_connections_has_the_next_closed_until_one_ends() {
                 | std::io::ErrorKind::BrokenPipe
         )),
         "a fourth connection is closed: {refused:?}"
-    );
-    assert!(
-        started.elapsed() < wait / 2,
-        "closed at once: {:?}",
-        started.elapsed()
     );
     // The three still serve.
     for tls in &mut held {
