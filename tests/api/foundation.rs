@@ -268,6 +268,45 @@ fn the_first_admin_link_is_never_written_to_a_log() {
         "{banner:?}"
     );
     assert!(banner.iter().all(|l| !l.contains("token=")), "{banner:?}");
+
+    // On a terminal (`script` gives it one) the link is printed, and the log (every level,
+    // in files) holds no trace of it.
+    let logs = dir.path().join("logs");
+    let line = format!(
+        "exec {BIN} --data-dir {} serve --listen 127.0.0.1:0",
+        dir.path().join("tty").display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("KEYGATE_LOG_LEVEL", "trace")
+        .env("KEYGATE_LOG_DIR", &logs)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let link = std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map(|line| line.unwrap())
+        .find(|line| line.starts_with("first admin:"))
+        .unwrap();
+    let token = link
+        .split("token=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a link on a terminal");
+    assert!(token.len() >= 20, "{link}");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut logged = String::new();
+    for file in std::fs::read_dir(&logs).unwrap() {
+        logged += &std::fs::read_to_string(file.unwrap().path()).unwrap();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        logged.contains("TRACE") || logged.contains("DEBUG"),
+        "{logged}"
+    );
+    assert!(!logged.contains(token), "the link's token is in the log");
 }
 
 #[test]
