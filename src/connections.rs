@@ -95,6 +95,14 @@ impl ConnectionSlots {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The connections `peer` holds now.
+    pub fn open(&self, peer: IpAddr) -> u32 {
+        self.lock()
+            .addresses
+            .get(&peer.to_canonical())
+            .map_or(0, |held| held.open)
+    }
+
     /// The connections of `peer` in their TLS handshake now.
     pub fn handshaking(&self, peer: IpAddr) -> u32 {
         self.lock()

@@ -1029,8 +1029,15 @@ fn a_usage_request_abandoned_in_the_queue_keeps_its_budget_until_dropped() {
         std::thread::sleep(StdDuration::from_millis(10));
     }
     assert_eq!(budget(), full - 5, "the request waits with its weight (5)");
-    drop(tls); // the client goes away
-    std::thread::sleep(StdDuration::from_secs(1));
+    // The client goes away, and the appliance sees it go (its connection is dropped).
+    let open = || f.app.state.connections.open([127, 0, 0, 1].into());
+    let before = open();
+    drop(tls);
+    let until = std::time::Instant::now() + StdDuration::from_secs(30);
+    while open() == before && std::time::Instant::now() < until {
+        std::thread::sleep(StdDuration::from_millis(10));
+    }
+    assert_eq!(open(), before - 1, "the appliance saw the client go");
     assert_eq!(
         budget(),
         full - 5,
