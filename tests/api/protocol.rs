@@ -1769,6 +1769,27 @@ fn one_host_holding_bodies_open_cannot_take_the_budget_from_the_others() {
             tls
         })
         .collect();
+    // Held alive: the appliance cuts a body paused for 10 s, so each gets one more byte every
+    // 3 s (three at most: the fourth would end it), which a slow machine needs to finish.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickle = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = held;
+            for _ in 0..3 {
+                for _ in 0..30 {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        return held;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                for tls in &mut held {
+                    let _ = tls.write_all(b" ").and_then(|()| tls.flush());
+                }
+            }
+            held
+        })
+    };
     // A usage call of an unknown lease (changes nothing) on its own connection: the status.
     let probe = |mut tls: RawTls| -> String {
         let body = serde_json::json!({"lease_id": device_uuid(7), "device_uuid": device_uuid(1),
@@ -1817,7 +1838,8 @@ fn one_host_holding_bodies_open_cannot_take_the_budget_from_the_others() {
         other.starts_with("HTTP/1.1 404"),
         "another host is served: {other}"
     );
-    drop(held);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(trickle.join().unwrap());
     until(&host, "HTTP/1.1 404");
 }
 
