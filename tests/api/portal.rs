@@ -47,6 +47,14 @@ impl Browser {
         }
     }
 
+    /// The same session over new connections that trust the certificate the appliance
+    /// serves now (its connections so far trusted the one it served then).
+    fn trusting_the_new_certificate(self, app: &TestApp) -> Browser {
+        let browser = Browser::new(app);
+        *browser.cookies.borrow_mut() = self.cookies.into_inner();
+        browser
+    }
+
     fn cookie_header(&self) -> String {
         self.cookies
             .borrow()
@@ -1777,7 +1785,9 @@ fn the_certificate_is_replaced_only_by_a_matching_pair_and_without_restart() {
         assert_eq!(appliance_cert(&f.data), old, "{why}");
     }
 
-    // One expiring in 20 days is installed, with a warning and the names it covers.
+    // One expiring in 20 days is installed, with a warning and the names it covers (on the
+    // appliance's clock: on the real one it has expired, so the next upload follows at once,
+    // over the connection trusting the first certificate).
     let (cert_soon, key_soon) = certificate_with("keygate.plant.test", |p| {
         p.not_after = now + time::Duration::days(20);
     });
@@ -1821,6 +1831,8 @@ fn the_certificate_is_replaced_only_by_a_matching_pair_and_without_restart() {
         cert_a.as_bytes(),
         "and kept for the next start"
     );
+    // (Until now over the connection made before: one idle for 5 s is closed.)
+    let browser = browser.trusting_the_new_certificate(&f.app);
 
     // One from the company's CA: the page no longer calls the certificate self-signed.
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
