@@ -1042,10 +1042,18 @@ fn the_device_example_authorizes_reports_runs_and_releases() {
     .stdout(std::process::Stdio::piped())
     .spawn()
     .unwrap();
-    let lines = std::io::BufRead::lines(std::io::BufReader::new(run.stdout.take().unwrap()));
+    // Its lines as they come, read apart: a loop that hangs fails the test, not the run.
+    let (lines, said) = std::sync::mpsc::channel();
+    let stdout = run.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            if line.map(|line| lines.send(line)).is_err() {
+                break;
+            }
+        }
+    });
     let mut seen = Vec::new();
-    for line in lines {
-        let line = line.unwrap();
+    while let Ok(line) = said.recv_timeout(std::time::Duration::from_secs(20)) {
         let done = line.starts_with("authorized until") || seen.len() > 20;
         seen.push(line);
         if done {
