@@ -52,15 +52,19 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// One keep-alive TLS connection to the appliance.
+/// One TLS connection to the appliance: kept alive, or (`fresh`) a new one for each request,
+/// as a device makes one for each call 3 minutes apart (resuming its last TLS session when
+/// the appliance gave it a ticket: each connection keeps its own, as each device does).
 struct Connection {
     tls: TlsStream<TcpStream>,
     host: String,
     buf: Vec<u8>,
+    config: Arc<rustls::ClientConfig>,
+    fresh: bool,
 }
 
 impl Connection {
-    async fn open(addr: &str, cert: &[u8]) -> Connection {
+    async fn open(addr: &str, cert: &[u8], fresh: bool) -> Connection {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(rustls::pki_types::CertificateDer::from_pem_slice(cert).unwrap())
@@ -71,22 +75,32 @@ impl Connection {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
+        let config = Arc::new(config);
+        Connection {
+            tls: Self::connect(addr, &config).await,
+            host: addr.to_string(),
+            buf: Vec::with_capacity(8192),
+            config,
+            fresh,
+        }
+    }
+
+    async fn connect(addr: &str, config: &Arc<rustls::ClientConfig>) -> TlsStream<TcpStream> {
         let tcp = TcpStream::connect(addr).await.unwrap();
         tcp.set_nodelay(true).unwrap();
         let ip: std::net::IpAddr = addr.rsplit_once(':').unwrap().0.parse().unwrap();
-        let tls = TlsConnector::from(Arc::new(config))
+        TlsConnector::from(config.clone())
             .connect(rustls::pki_types::ServerName::from(ip), tcp)
             .await
-            .unwrap();
-        Connection {
-            tls,
-            host: addr.to_string(),
-            buf: Vec::with_capacity(8192),
-        }
+            .unwrap()
     }
 
     /// POSTs a JSON body and returns the status and the response body.
     async fn post(&mut self, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        if self.fresh {
+            self.tls = Self::connect(&self.host, &self.config).await;
+            self.buf.clear();
+        }
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\n\r\n",
@@ -416,15 +430,17 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let connect = || -> Vec<Connection> {
+    let connections = |fresh: bool| -> Vec<Connection> {
         runtime.block_on(async {
             let mut all = Vec::new();
             for _ in 0..clients {
-                all.push(Connection::open(&addr, &cert).await);
+                all.push(Connection::open(&addr, &cert, fresh).await);
             }
             all
         })
     };
+    let connect = || connections(false);
+    let connect_fresh = || connections(true);
     let url = |path: &str| format!("/api/v1/{path}");
     let json = |values: Vec<Value>| -> Vec<Vec<u8>> {
         values
@@ -531,6 +547,30 @@ fn main() {
         pid,
         &runtime,
         &connect,
+        &url("usage"),
+        &paced,
+        Some(5556.0),
+    );
+    rows.push(phase.row());
+    // As devices call: a new TLS connection for each call (the appliance closes one idle
+    // for 5 s; devices call every 3 minutes).
+    age_leases();
+    let (mut phase, _) = run(
+        "usage (heartbeat), a new connection each",
+        pid,
+        &runtime,
+        &connect_fresh,
+        &url("usage"),
+        &heartbeats,
+        None,
+    );
+    rows.push(phase.row());
+    age_leases();
+    let (mut phase, _) = run(
+        "usage at 5,556/s, a new connection each",
+        pid,
+        &runtime,
+        &connect_fresh,
         &url("usage"),
         &paced,
         Some(5556.0),

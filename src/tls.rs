@@ -323,6 +323,11 @@ pub fn server_config(resolver: Arc<CertResolver>) -> rustls::ServerConfig {
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Devices call every 3 minutes and idle connections close after 5 s: each call is a new
+    // connection. Stateless session tickets (keys in memory only, a new one every 6 hours)
+    // let a device resume its last session, without the certificate's signature and without
+    // memory per device on the appliance (rustls's default session cache holds 256).
+    config.ticketer = rustls::crypto::ring::Ticketer::new().expect("the ring ticketer starts");
     config
 }
 

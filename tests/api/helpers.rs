@@ -974,8 +974,13 @@ pub fn tls_over(
     tcp: std::net::TcpStream,
     wait: std::time::Duration,
 ) -> RawTls {
+    tls_with(&tls_client(data_dir), tcp, wait)
+}
+
+/// A TLS client trusting the certificate of the appliance of `data_dir` (with its own
+/// session cache, as a device has).
+pub fn tls_client(data_dir: &std::path::Path) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
-    let addr = tcp.peer_addr().unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from_pem_slice(&appliance_cert(data_dir)).unwrap())
@@ -987,8 +992,18 @@ pub fn tls_over(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// [`tls_over`] with the client `config`.
+pub fn tls_with(
+    config: &Arc<rustls::ClientConfig>,
+    tcp: std::net::TcpStream,
+    wait: std::time::Duration,
+) -> RawTls {
+    let addr = tcp.peer_addr().unwrap();
     tcp.set_read_timeout(Some(wait)).unwrap();
     let server = rustls::pki_types::ServerName::from(addr.ip());
-    let client = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
+    let client = rustls::ClientConnection::new(config.clone(), server).unwrap();
     rustls::StreamOwned::new(client, tcp)
 }

@@ -1642,6 +1642,31 @@ fn an_address_holding_its_connections_has_the_next_closed_until_one_ends() {
     assert!(refusals >= 1.0, "{refusals}");
 }
 
+/// Devices call every 3 minutes and idle connections close after 5 s, so each call is a new
+/// connection: a device resumes its last TLS session (no certificate signature), however
+/// many devices called in between (stateless tickets; rustls's default cache held 256).
+#[test]
+fn a_device_resumes_its_tls_session_however_many_devices_called_since() {
+    use std::io::{Read, Write};
+    let f = Fixture::new(&item("scan", "per_device", 10, ""));
+    let call = |device: &std::sync::Arc<rustls::ClientConfig>| -> rustls::HandshakeKind {
+        let tcp = std::net::TcpStream::connect(f.app.addr).unwrap();
+        let mut tls = tls_with(device, tcp, std::time::Duration::from_secs(10));
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: keygate\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer);
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        tls.conn.handshake_kind().unwrap()
+    };
+    let device = tls_client(&f.data);
+    assert_eq!(call(&device), rustls::HandshakeKind::Full);
+    for _ in 0..300 {
+        call(&tls_client(&f.data));
+    }
+    assert_eq!(call(&device), rustls::HandshakeKind::Resumed);
+}
+
 /// An address may have 256 TLS handshakes in flight, not 256 connections: one whose
 /// handshake is over gives that place back while it stays open.
 #[test]
