@@ -265,6 +265,26 @@ fn the_sdk_records_only_what_the_appliance_accepts_and_follows_a_released_lease(
     );
 }
 
+/// A device's state directory after it authorized with `served` and stopped, its backlog then
+/// replaced with `reports` (as an older SDK, or a long time offline, leaves it), and its clock.
+fn stopped_with_backlog(
+    a: &Appliance,
+    served: &Served,
+    reports: serde_json::Value,
+) -> (tempfile::TempDir, Clock) {
+    let state = tempfile::tempdir().unwrap();
+    let (clock, _) = device_clock();
+    let mut device = client(a, vec![served.url("")], state.path(), clock.clone());
+    device.authorize().unwrap();
+    drop(device);
+    let path = state.path().join("backlog.json");
+    let mut backlog: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    backlog["reports"] = reports;
+    std::fs::write(&path, serde_json::to_vec(&backlog).unwrap()).unwrap();
+    (state, clock)
+}
+
 /// A backlog whose reports carry many long counter names goes out whole although 1000 of
 /// them (the SDK's most per request) are over the appliance's 2 MiB body limit: 700 such
 /// reports are 3.5 MiB, the appliance answers `413 PAYLOAD_TOO_LARGE` before reading the
@@ -273,14 +293,6 @@ fn the_sdk_records_only_what_the_appliance_accepts_and_follows_a_released_lease(
 fn a_backlog_of_large_reports_goes_out_in_bodies_the_appliance_takes() {
     let a = scanner(1_000_000_000);
     let served = Served::start(&a.data);
-    let state = tempfile::tempdir().unwrap();
-    let (clock, _) = device_clock();
-    let mut device = client(&a, vec![served.url("")], state.path(), clock.clone());
-    device.authorize().unwrap();
-    drop(device);
-    let path = state.path().join("backlog.json");
-    let mut backlog: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let now = keygate::licensing::rfc3339(OffsetDateTime::now_utc());
     let mut counters = serde_json::Map::new();
     counters.insert("scans".into(), 1.into());
@@ -293,10 +305,11 @@ fn a_backlog_of_large_reports_goes_out_in_bodies_the_appliance_takes() {
     let reports: Vec<serde_json::Value> = (1..=700)
         .map(|seq| serde_json::json!({"seq": seq, "item_id": "LIC-S-1", "from": now, "to": now, "counters": counters}))
         .collect();
-    backlog["reports"] = serde_json::Value::Array(reports);
-    let bytes = serde_json::to_vec(&backlog).unwrap();
-    assert!(bytes.len() > 3 << 20, "{}", bytes.len());
-    std::fs::write(&path, bytes).unwrap();
+    let (state, clock) = stopped_with_backlog(&a, &served, serde_json::Value::Array(reports));
+    let size = std::fs::metadata(state.path().join("backlog.json"))
+        .unwrap()
+        .len();
+    assert!(size > 3 << 20, "{size}");
 
     let mut device = client(&a, vec![served.url("")], state.path(), clock);
     let sent = device.flush().unwrap();
@@ -308,23 +321,15 @@ fn a_backlog_of_large_reports_goes_out_in_bodies_the_appliance_takes() {
 fn a_report_the_appliance_refuses_is_set_aside_instead_of_blocking_the_backlog() {
     let a = scanner(1_000_000);
     let served = Served::start(&a.data);
-    let state = tempfile::tempdir().unwrap();
-    let (clock, _) = device_clock();
-    let mut device = client(&a, vec![served.url("")], state.path(), clock.clone());
-    device.authorize().unwrap();
-    drop(device);
     // A backlog left by an older SDK, with a counter name the appliance refuses in the middle.
-    let path = state.path().join("backlog.json");
-    let mut backlog: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let now = keygate::licensing::rfc3339(OffsetDateTime::now_utc());
     let report = |seq: u64, counter: &str| serde_json::json!({"seq": seq, "item_id": "LIC-S-1", "from": now, "to": now, "counters": {counter: 1}});
-    backlog["reports"] = serde_json::json!([
+    let reports = serde_json::json!([
         report(1, "scans"),
         report(2, "page scans"),
         report(3, "scans")
     ]);
-    std::fs::write(&path, serde_json::to_vec(&backlog).unwrap()).unwrap();
+    let (state, clock) = stopped_with_backlog(&a, &served, reports);
     // And a `rejected.json` torn on disk: kept aside, it does not block the backlog either.
     let torn = b"[{\"report\": {\"seq\": 1";
     std::fs::write(state.path().join("rejected.json"), torn).unwrap();
