@@ -1658,7 +1658,7 @@ fn a_device_resumes_its_tls_session_however_many_devices_called_since() {
         let mut answer = Vec::new();
         let _ = tls.read_to_end(&mut answer);
         assert!(answer.starts_with(b"HTTP/1.1 200"));
-        // The appliance's choice, not the client's first (AES-256 with SHA-384).
+        // Not the client's first choice, AES-256 with SHA-384: the appliance offers none.
         let suite = tls.conn.negotiated_cipher_suite().unwrap().suite();
         assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
         tls.conn.handshake_kind().unwrap()
