@@ -1224,6 +1224,9 @@ pub struct Client {
     last_flush_slot: Option<i64>,
     /// `state.newest_time_seen` as last written to disk (or tried, when `check` failed to).
     persisted_newest: Option<OffsetDateTime>,
+    /// Whether the state in memory holds numbering the state file does not (its write
+    /// failed): every later write must succeed, or the call fails.
+    numbering_unsaved: bool,
     /// The appliance's time in the newest authorization stored by this process (at start:
     /// the newest time the state has seen), and when, on the monotonic clock.
     contact_mark: Option<(Instant, OffsetDateTime)>,
@@ -1303,6 +1306,7 @@ impl Client {
         let report_phase_s = new_report_phase(config.report_interval)?;
         Ok(Client {
             persisted_newest: state.newest_time_seen,
+            numbering_unsaved: false,
             config,
             agent,
             store,
@@ -1419,8 +1423,8 @@ impl Client {
     /// newest time seen.
     ///
     /// The local clock is read as the appliance's: the device clock plus its offset from the
-    /// appliance's, measured at each authorization and renewal (and kept with the state). A
-    /// device clock that lags or runs ahead by hours therefore works, and its offline
+    /// appliance's, measured at each authorization (a renewal only raises it) and kept with
+    /// the state. A device clock that lags or runs ahead by hours therefore works, and its offline
     /// allowance ends when the appliance's time says; a clock set back after the last contact
     /// is caught. A clock that was once set too far ahead and then corrected recovers at the
     /// next authorization, which restarts the mark from the appliance's time. While the process
@@ -1820,6 +1824,10 @@ impl Client {
         if response.acked_seq >= self.state.next_seq {
             self.state.next_seq = response.acked_seq.saturating_add(1);
         }
+        // New numbering is on disk before anything else can end this call.
+        if numbering != (self.state.next_seq, self.state.unconfirmed_from) {
+            self.save_state_if_numbered(true)?;
+        }
         outcome.renewal_error = response.renewal_error;
         // The lease was released (by another state directory sharing it, say): the
         // reports are stored; a new authorization gives the device a lease again.
@@ -1861,9 +1869,7 @@ impl Client {
                 }
             }
         }
-        self.save_state_if_numbered(
-            numbering != (self.state.next_seq, self.state.unconfirmed_from),
-        )?;
+        self.save_state_if_numbered(false)?;
         let progressed = last_sent.is_some_and(|seq| response.acked_seq >= seq);
         let more = !self.backlog.reports.is_empty() && (progressed || released.is_some());
         // An admin blocked or removed the device: it stops now, not when the
@@ -2028,13 +2034,15 @@ impl Client {
     }
 
     /// Writes the state; a failed write fails the call only when the state holds numbering
-    /// the next reports depend on (`numbered`: a period closed, reports numbered anew). Else
-    /// only times and the authorization changed: they stay in memory and go with the next
-    /// write that succeeds, so a full or read-only disk does not stop the heartbeats that
-    /// renew the authorization while the appliance is reachable.
+    /// the next reports depend on (`numbered`: a period closed, reports numbered anew, now or
+    /// in an earlier call whose write failed). Else only times and the authorization changed:
+    /// they stay in memory and go with the next write that succeeds, so a full or read-only
+    /// disk does not stop the heartbeats that renew the authorization while the appliance is
+    /// reachable.
     fn save_state_if_numbered(&mut self, numbered: bool) -> Result<(), ClientError> {
+        self.numbering_unsaved |= numbered;
         match self.save_state() {
-            Err(e) if numbered => Err(e),
+            Err(e) if self.numbering_unsaved => Err(e),
             _ => Ok(()),
         }
     }
@@ -2042,6 +2050,7 @@ impl Client {
     fn save_state(&mut self) -> Result<(), ClientError> {
         self.store.save_state(&self.state)?;
         self.persisted_newest = self.state.newest_time_seen;
+        self.numbering_unsaved = false;
         Ok(())
     }
 
@@ -2611,6 +2620,31 @@ mod tests {
         let client = Client::new(config(dir.path(), &chain, &clock)).unwrap();
         assert_eq!(client.status().pending_reports, 1, "closed at this start");
         assert!(client.status().open_counters.is_empty());
+    }
+
+    /// Numbering that could not be written (the state file's write failed after a period
+    /// became numbered reports) fails every later flush until it is written, not only the
+    /// one that numbered it: a state file left with the period still open would count it
+    /// again after a restart.
+    #[test]
+    fn numbering_not_written_fails_each_flush_until_it_is() {
+        let dir = TempDir::new();
+        let (mut client, _chain, _clock) = authorized_client(&dir);
+        client.record(ITEM, "scans", 5).unwrap();
+        let blocker = block_writes(dir.path(), STATE_FILE);
+        assert!(matches!(client.flush(), Err(ClientError::StateIo { .. })));
+        assert_eq!(
+            client.status().pending_reports,
+            1,
+            "numbered in the backlog"
+        );
+        assert!(matches!(client.flush(), Err(ClientError::StateIo { .. })));
+        fs::remove_dir(&blocker).unwrap();
+        // Written now; the appliance is not reachable in this test.
+        assert!(client.flush().unwrap_err().is_unreachable());
+        let state: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join(STATE_FILE)).unwrap()).unwrap();
+        assert_eq!(state["next_seq"], 2, "{state}");
     }
 
     #[test]
