@@ -401,7 +401,7 @@ const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 /// TLS handshakes one worker runs at once: an address's
 /// [`crate::connections::HANDSHAKES_PER_ADDRESS`] is a sixty-fourth of it, an IPv6 /64's
-/// [`crate::connections::HANDSHAKES_PER_NETWORK`] a sixteenth. At 2,048, sixteen addresses
+/// [`crate::connections::HANDSHAKES_PER_NETWORK`] half. At 2,048, sixteen addresses
 /// holding their 256 each took all of a 2-core appliance's, and with them the accept loop.
 /// A handshake waiting for its client holds a socket and a few KiB.
 const TLS_HANDSHAKES_PER_WORKER: usize = 16_384;
