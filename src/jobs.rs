@@ -636,10 +636,18 @@ pub async fn take_backup(state: &AppState) -> Result<String, JobError> {
         state.config.jobs.backup_keep_last,
         state.config.jobs.backup_keep_days,
     );
-    let (file, pruned) =
-        web::block(move || backup::take_and_prune(&db, &dir, keep_last, keep_days, now))
-            .await
-            .map_err(|e| JobError::Other(e.to_string()))??;
+    // A clock set back names this backup in the past: retention would take every backup
+    // taken before it for one named ahead and delete them. It waits for the clock.
+    let behind = state.watermark.check(now.unix_timestamp()).is_err();
+    let (file, pruned) = web::block(move || {
+        if behind {
+            backup::take(&db, &dir, now).map(|file| (file, 0))
+        } else {
+            backup::take_and_prune(&db, &dir, keep_last, keep_days, now)
+        }
+    })
+    .await
+    .map_err(|e| JobError::Other(e.to_string()))??;
     let at = now.unix_timestamp().to_string();
     state
         .store

@@ -1347,6 +1347,31 @@ fn jobs_postponed_past_their_interval_by_restarts_run_at_start() {
     drop(dir);
 }
 
+/// A clock set back (a board starting in 1970) names the backups taken meanwhile in the past,
+/// and retention would take the ones before it for backups "ahead" and delete them once ten
+/// were taken: while the clock is behind, backups are taken and none is deleted.
+#[test]
+fn backups_taken_while_the_clock_is_set_back_delete_none() {
+    let f = Fixture::new(&item("reader", "per_device", 10, ""));
+    let dir = f.data.join("backups");
+    for _ in 0..3 {
+        f.app.run_job("backup").unwrap();
+    }
+    let before = keygate::store::backup::list(&dir).unwrap();
+    assert_eq!(before.len(), 3);
+    f.app.clock.set(test_epoch() - Duration::days(365));
+    for _ in 0..12 {
+        f.app.run_job("backup").unwrap();
+    }
+    let after = keygate::store::backup::list(&dir).unwrap();
+    assert_eq!(after.len(), 15);
+    assert!(before.iter().all(|b| after.contains(b)), "{after:?}");
+    // Right again: retention goes on (the newest 10, one a day).
+    f.app.clock.set(test_epoch() + Duration::minutes(1));
+    f.app.run_job("backup").unwrap();
+    assert!(keygate::store::backup::list(&dir).unwrap().len() < 16);
+}
+
 /// A daily reboot at the time the daily jobs ran the day before (a few milliseconds short of
 /// their interval) must not put them off for another whole day: a job not yet due at a
 /// start runs when its interval since its last run is up, not one interval after the start.
