@@ -11,7 +11,7 @@
 //! few seconds), and many clients many bodies: the bodies being received hold at most
 //! [`BODIES_IN_FLIGHT`] bytes between them, and those of one client address at most
 //! [`ADDRESS_SHARE`] (so one host cannot hold them all, and every device's heartbeats with
-//! them). A body that would go past either answers `503`, again without a protocol code
+//! them). A body that would go past either is refused with the protocol's `429 RATE_LIMITED`
 //! (the SDK tries again later), rather than the appliance running out of memory.
 
 use std::collections::BTreeMap;

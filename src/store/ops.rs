@@ -5,8 +5,8 @@ use rusqlite::{Connection, params};
 use super::StoreError;
 use crate::alerts::{Mark, Plan};
 
-/// The newest time this appliance used, as saved by the last job run or shutdown (before a
-/// release that saved it: its newest job run).
+/// The newest time this appliance used, as last saved (every minute, by each job run and at
+/// shutdown; before a release that saved it: its newest job run).
 pub fn newest_time(conn: &Connection) -> Result<i64, StoreError> {
     match super::settings::get(conn, crate::clock::NEWEST_TIME)?.and_then(|t| t.parse::<i64>().ok())
     {

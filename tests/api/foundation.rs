@@ -284,11 +284,22 @@ fn the_first_admin_link_is_never_written_to_a_log() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let link = std::io::BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map(|line| line.unwrap())
-        .find(|line| line.starts_with("first admin:"))
-        .unwrap();
+    // Read apart, with a deadline: the appliance never ends by itself.
+    let (lines, said) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if line.map(|line| lines.send(line)).is_err() {
+                break;
+            }
+        }
+    });
+    let link = std::iter::from_fn(|| said.recv_timeout(std::time::Duration::from_secs(20)).ok())
+        .find(|line| line.starts_with("first admin:"));
+    let Some(link) = link else {
+        let _ = child.kill();
+        panic!("no first admin line on the terminal");
+    };
     let token = link
         .split("token=")
         .nth(1)
