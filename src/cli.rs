@@ -1148,6 +1148,7 @@ fn reset_clock(config: &Config, clock: &dyn Clock) -> Result<()> {
     let (now_text, newest_text) = (rfc3339(from_unix(now)), rfc3339(from_unix(newest)));
     let tx = conn.unchecked_transaction()?;
     store::settings::set(&tx, crate::clock::NEWEST_TIME, &now.to_string())?;
+    store::devices::forget_windows_after(&tx, crate::licensing::models::window_of(now))?;
     let detail = format!("newest time used was {newest_text}; clock accepted at {now_text}");
     store::ops::audit(&tx, now, "cli", "clock reset", "", &detail, "")?;
     tx.commit()?;

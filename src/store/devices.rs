@@ -188,12 +188,6 @@ pub fn touch_seat(
 
 // ---- concurrency windows ----
 
-/// Windows a seat's last count may be ahead of the current one and still stand: the hour a
-/// clock may step back. One further ahead is from a clock that ran ahead and was reset
-/// (`keygate reset-clock`): the seat counts again, or it would count in no window until the
-/// clock got there.
-const AHEAD_WINDOWS: i64 = crate::clock::CLOCK_SLACK_S / crate::licensing::models::WINDOW_SECS;
-
 /// Counts a seat as active in `window` unless it already is, or was counted in a later
 /// window (a call stamped before another that reached the writer first, or a clock stepped
 /// back: counting it again would count one device twice). Returns the number of active
@@ -209,10 +203,9 @@ pub fn mark_window(
     let moved = conn
         .prepare_cached(
             "UPDATE seats SET last_window = ?4
-             WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3
-               AND (last_window < ?4 OR last_window > ?4 + ?5)",
+             WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3 AND last_window < ?4",
         )?
-        .execute(params![item_id, device_id, instance, window, AHEAD_WINDOWS])?;
+        .execute(params![item_id, device_id, instance, window])?;
     if moved == 0 {
         return Ok((window_active(conn, item_id, window)?, false));
     }
@@ -239,6 +232,22 @@ pub fn mark_window(
         }
     }
     Ok((active, exception))
+}
+
+/// Forgets the counts of the windows after `window` (taken while the clock ran ahead, which
+/// `keygate reset-clock` has just accepted as wrong): each seat counts again from now, once
+/// a window; left, a seat would count in no window until the clock got to its last, and
+/// then a second time in the windows already holding it.
+pub fn forget_windows_after(conn: &Connection, window: i64) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE seats SET last_window = -1 WHERE last_window > ?1",
+        [window],
+    )?;
+    conn.execute(
+        "DELETE FROM concurrency_windows WHERE window > ?1",
+        [window],
+    )?;
+    Ok(())
 }
 
 /// Takes a released seat out of the current window at once.
@@ -1136,12 +1145,14 @@ mod tests {
             mark_window(&conn, "A", device, "", 101, quota).unwrap(),
             (1, false)
         );
-        // A count more than an hour ahead is from a clock that ran ahead and was reset: the
-        // seat counts again (within the hour, it does not).
+        // Counted while the clock ran ahead, then the clock reset: the seat counts from now,
+        // and once only when the clock gets to the windows it was counted in.
         let mark = |window| mark_window(&conn, "A", device, "", window, quota).unwrap();
         assert_eq!(mark(300), (1, false));
-        assert_eq!(mark(280), (0, false));
-        assert_eq!(mark(279), (1, false));
+        assert_eq!(mark(200), (0, false), "not before the reset");
+        forget_windows_after(&conn, 200).unwrap();
+        assert_eq!(mark(200), (1, false));
+        assert_eq!(mark(300), (1, false));
     }
 
     #[test]
