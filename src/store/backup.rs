@@ -462,6 +462,22 @@ pub fn prune(
     delete(&to_prune(&list(dir)?, keep_last, keep_days, now))
 }
 
+/// [`prune`] among the backups named at or before `now` only, while the clock reads set back:
+/// the backups named after it (taken before the clock was set back) would rank as the
+/// oldest and go; those taken since still keep to the retention, so the disk does not fill.
+pub fn prune_taken_since_set_back(
+    dir: &Path,
+    keep_last: usize,
+    keep_days: i64,
+    now: OffsetDateTime,
+) -> Result<usize, BackupError> {
+    let since: Vec<BackupFile> = list(dir)?
+        .into_iter()
+        .filter(|f| f.taken_at <= now)
+        .collect();
+    delete(&to_prune(&since, keep_last, keep_days, now))
+}
+
 /// Deletes `files`; returns how many. One already gone (the same retention run by `keygate
 /// backup` beside the service) is not a failure.
 fn delete(files: &[BackupFile]) -> Result<usize, BackupError> {

@@ -1349,9 +1349,9 @@ fn jobs_postponed_past_their_interval_by_restarts_run_at_start() {
 
 /// A clock set back (a board starting in 1970) names the backups taken meanwhile in the past,
 /// and retention would take the ones before it for backups "ahead" and delete them once ten
-/// were taken: while the clock is behind, backups are taken and none is deleted.
+/// were taken: while the clock is behind, retention deletes only backups taken since.
 #[test]
-fn backups_taken_while_the_clock_is_set_back_delete_none() {
+fn backups_taken_while_the_clock_is_set_back_delete_none_before_it() {
     let f = Fixture::new(&item("reader", "per_device", 10, ""));
     let dir = f.data.join("backups");
     for _ in 0..3 {
@@ -1364,12 +1364,21 @@ fn backups_taken_while_the_clock_is_set_back_delete_none() {
         f.app.run_job("backup").unwrap();
     }
     let after = keygate::store::backup::list(&dir).unwrap();
-    assert_eq!(after.len(), 15);
+    assert_eq!(
+        after.len(),
+        3 + 10,
+        "those taken since keep to the retention"
+    );
     assert!(before.iter().all(|b| after.contains(b)), "{after:?}");
-    // Right again: retention goes on (the newest 10, one a day).
+    // Right again: retention goes on over all (the newest 10, and one a day).
     f.app.clock.set(test_epoch() + Duration::minutes(1));
     f.app.run_job("backup").unwrap();
-    assert!(keygate::store::backup::list(&dir).unwrap().len() < 16);
+    let right = keygate::store::backup::list(&dir).unwrap();
+    assert_eq!(right.len(), 10, "{right:?}");
+    assert!(
+        before.iter().all(|b| right.contains(b)),
+        "the newest before it stay"
+    );
 }
 
 /// A daily reboot at the time the daily jobs ran the day before (a few milliseconds short of
