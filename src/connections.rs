@@ -27,7 +27,9 @@ pub const HANDSHAKES_PER_ADDRESS: u32 = 256;
 /// use any number of its network's addresses, and would hold every handshake the appliance
 /// runs with as many of them. Thirty-two addresses' worth, half of what one worker thread
 /// runs: a LAN's SLAAC devices share one /64, and at a million devices' 5,556 connections a
-/// second they hold 8,192 only when each handshake takes over a second and a half.
+/// second they hold 8,192 only when each handshake takes about a second and a half. One
+/// host with 32 addresses of the /64 can still hold them all (and keep the LAN's other IPv6
+/// devices out while it does), not the whole appliance's.
 pub const HANDSHAKES_PER_NETWORK: u32 = 32 * HANDSHAKES_PER_ADDRESS;
 
 /// The connections each address holds now.

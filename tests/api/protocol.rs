@@ -1669,6 +1669,33 @@ fn a_device_resumes_its_tls_session_however_many_devices_called_since() {
         call(&tls_client(&f.data));
     }
     assert_eq!(call(&device), rustls::HandshakeKind::Resumed);
+
+    // A client that lists ChaCha20 first (a CPU without AES instructions) keeps it.
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(&appliance_cert(&f.data)).unwrap())
+        .unwrap();
+    let chacha = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = std::net::TcpStream::connect(f.app.addr).unwrap();
+    let mut tls = tls_with(
+        &std::sync::Arc::new(chacha),
+        tcp,
+        std::time::Duration::from_secs(10),
+    );
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: keygate\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let _ = tls.read_to_end(&mut Vec::new());
+    let suite = tls.conn.negotiated_cipher_suite().unwrap().suite();
+    assert_eq!(suite, rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
 }
 
 /// An address may have 256 TLS handshakes in flight, not 256 connections: one whose
