@@ -1111,23 +1111,12 @@ mod tests {
         let device = insert_device(&conn, "dev-1", "", "", 10).unwrap();
         insert_seat(&conn, "A", device, "", 10).unwrap();
         let quota = 1;
-        assert_eq!(
-            mark_window(&conn, "A", device, "", 100, quota).unwrap(),
-            (1, false)
-        );
-        assert_eq!(
-            mark_window(&conn, "A", device, "", 101, quota).unwrap(),
-            (1, false)
-        );
+        let mark = |window| mark_window(&conn, "A", device, "", window, quota).unwrap();
+        assert_eq!(mark(100), (1, false));
+        assert_eq!(mark(101), (1, false));
         // The clock stepped back into window 100, then on into 101 again.
-        assert_eq!(
-            mark_window(&conn, "A", device, "", 100, quota).unwrap(),
-            (1, false)
-        );
-        assert_eq!(
-            mark_window(&conn, "A", device, "", 101, quota).unwrap(),
-            (1, false)
-        );
+        assert_eq!(mark(100), (1, false));
+        assert_eq!(mark(101), (1, false));
         assert_eq!(window_active(&conn, "A", 100).unwrap(), 1);
         assert_eq!(window_active(&conn, "A", 101).unwrap(), 1);
         let exceptions: i64 = conn
@@ -1141,13 +1130,9 @@ mod tests {
         // Released in its window, the seat counts again when it comes back in it.
         unmark_window(&conn, "A", device, "", 101).unwrap();
         assert_eq!(window_active(&conn, "A", 101).unwrap(), 0);
-        assert_eq!(
-            mark_window(&conn, "A", device, "", 101, quota).unwrap(),
-            (1, false)
-        );
+        assert_eq!(mark(101), (1, false));
         // Counted while the clock ran ahead, then the clock reset: the seat counts from now,
         // and once only when the clock gets to the windows it was counted in.
-        let mark = |window| mark_window(&conn, "A", device, "", window, quota).unwrap();
         assert_eq!(mark(300), (1, false));
         assert_eq!(mark(200), (0, false), "not before the reset");
         forget_windows_after(&conn, 200).unwrap();
