@@ -534,51 +534,36 @@ fn output_files_never_replace_a_private_key() {
 }
 
 /// `vendor issue` refuses an items file's time that is past the year 9999 (or before the
-/// year 0) once in UTC, and says which (it panicked).
+/// year 0) once in UTC, and says which (it panicked), and one with a fraction of a second
+/// (the appliance would refuse the license it makes).
 #[test]
 fn vendor_issue_refuses_a_time_past_the_year_9999() {
     let vendor = Vendor::new();
     let (_dir, data) = appliance_trusting(&vendor);
-    let items = SIMPLE_ITEMS.replace(
-        "expires_at = 2036-01-01T00:00:00Z",
-        "expires_at = 9999-12-31T23:30:00-01:00",
-    );
-    let run = vendor.issue(&data, &items, &[]);
-    assert!(
-        !run.ok
-            && run
-                .stderr
-                .contains("expires_at 9999-12-31T23:30:00-01:00 is not between")
-            && !run.stderr.contains("panicked"),
-        "{}",
-        run.stderr
-    );
-    // Before the year 0 in UTC, likewise.
-    let items = SIMPLE_ITEMS.replace(
-        "starts_at = 2026-01-01T00:00:00Z",
-        "starts_at = 0000-01-01T00:00:00+01:00",
-    );
-    let run = vendor.issue(&data, &items, &[]);
-    assert!(
-        !run.ok
-            && run
-                .stderr
-                .contains("starts_at 0000-01-01T00:00:00+01:00 is not between")
-            && !run.stderr.contains("panicked"),
-        "{}",
-        run.stderr
-    );
-    // A fraction of a second: the appliance would refuse the license it makes.
-    let items = SIMPLE_ITEMS.replace(
-        "starts_at = 2026-01-01T00:00:00Z",
-        "starts_at = 2026-01-01T00:00:00.5Z",
-    );
-    let run = vendor.issue(&data, &items, &[]);
-    assert!(
-        !run.ok && run.stderr.contains("must be a whole second"),
-        "{}",
-        run.stderr
-    );
+    for (written, given, refusal) in [
+        (
+            "expires_at = 2036-01-01T00:00:00Z",
+            "expires_at = 9999-12-31T23:30:00-01:00",
+            "expires_at 9999-12-31T23:30:00-01:00 is not between",
+        ),
+        (
+            "starts_at = 2026-01-01T00:00:00Z",
+            "starts_at = 0000-01-01T00:00:00+01:00",
+            "starts_at 0000-01-01T00:00:00+01:00 is not between",
+        ),
+        (
+            "starts_at = 2026-01-01T00:00:00Z",
+            "starts_at = 2026-01-01T00:00:00.5Z",
+            "starts_at 2026-01-01T00:00:00.5Z must be a whole second",
+        ),
+    ] {
+        let run = vendor.issue(&data, &SIMPLE_ITEMS.replace(written, given), &[]);
+        assert!(
+            !run.ok && run.stderr.contains(refusal) && !run.stderr.contains("panicked"),
+            "{given}: {}",
+            run.stderr
+        );
+    }
 }
 
 #[test]
