@@ -238,7 +238,6 @@ fn restart_keeps_installation_id_and_certificate() {
 
 #[test]
 fn the_first_admin_link_is_never_written_to_a_log() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     // Standard output is a pipe here, as it is to a service's journal.
     let mut child = command()
@@ -250,8 +249,7 @@ fn the_first_admin_link_is_never_written_to_a_log() {
         .spawn()
         .unwrap();
     let mut banner = Vec::new();
-    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
+    for line in lines_within_20_s(child.stdout.take().unwrap()) {
         let last = line.starts_with("first admin:");
         banner.push(line);
         if last {
@@ -285,16 +283,7 @@ fn the_first_admin_link_is_never_written_to_a_log() {
         .spawn()
         .unwrap();
     // Read apart, with a deadline: the appliance never ends by itself.
-    let (lines, said) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            if line.map(|line| lines.send(line)).is_err() {
-                break;
-            }
-        }
-    });
-    let link = std::iter::from_fn(|| said.recv_timeout(std::time::Duration::from_secs(20)).ok())
+    let link = lines_within_20_s(child.stdout.take().unwrap())
         .find(|line| line.starts_with("first admin:"));
     let Some(link) = link else {
         let _ = child.kill();

@@ -910,6 +910,20 @@ pub fn python() -> PathBuf {
     path
 }
 
+/// The lines a child writes to `out`, each as it comes, ending once none has come for 20 s
+/// (or the child closed it): a child that hangs fails its test instead of holding the run.
+pub fn lines_within_20_s(out: impl std::io::Read + Send + 'static) -> impl Iterator<Item = String> {
+    let (lines, said) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+            if line.map(|line| lines.send(line)).is_err() {
+                break;
+            }
+        }
+    });
+    std::iter::from_fn(move || said.recv_timeout(std::time::Duration::from_secs(20)).ok())
+}
+
 /// Runs `command` with its output captured; it must end within 20 s, or it is killed and
 /// the test fails saying it `hung`.
 pub fn ends_within_20_s(command: &mut Command, hung: &str) -> Output {

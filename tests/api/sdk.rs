@@ -1048,17 +1048,8 @@ fn the_device_example_authorizes_reports_runs_and_releases() {
     .spawn()
     .unwrap();
     // Its lines as they come, read apart: a loop that hangs fails the test, not the run.
-    let (lines, said) = std::sync::mpsc::channel();
-    let stdout = run.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
-            if line.map(|line| lines.send(line)).is_err() {
-                break;
-            }
-        }
-    });
     let mut seen = Vec::new();
-    while let Ok(line) = said.recv_timeout(std::time::Duration::from_secs(20)) {
+    for line in lines_within_20_s(run.stdout.take().unwrap()) {
         let done = line.starts_with("authorized until") || seen.len() > 20;
         seen.push(line);
         if done {
