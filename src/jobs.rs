@@ -636,20 +636,12 @@ pub async fn take_backup(state: &AppState) -> Result<String, JobError> {
         state.config.jobs.backup_keep_last,
         state.config.jobs.backup_keep_days,
     );
-    // A clock set back names this backup in the past: retention would take every backup
-    // taken before it for one named ahead and delete them. Only those taken since go.
-    let behind = state.watermark.check(now.unix_timestamp()).is_err();
-    let (file, pruned) = web::block(move || {
-        if behind {
-            let file = backup::take(&db, &dir, now)?;
-            let pruned = backup::prune_taken_since_set_back(&dir, keep_last, keep_days, now)?;
-            Ok::<_, backup::BackupError>((file, pruned))
-        } else {
-            backup::take_and_prune(&db, &dir, keep_last, keep_days, now)
-        }
-    })
-    .await
-    .map_err(|e| JobError::Other(e.to_string()))??;
+    // A clock set back names this backup in the past (see `backup::prune`).
+    let set_back = state.watermark.check(now.unix_timestamp()).is_err();
+    let (file, pruned) =
+        web::block(move || backup::take_and_prune(&db, &dir, keep_last, keep_days, now, set_back))
+            .await
+            .map_err(|e| JobError::Other(e.to_string()))??;
     let at = now.unix_timestamp().to_string();
     state
         .store

@@ -452,34 +452,26 @@ pub fn to_prune(
         .collect()
 }
 
-/// Deletes what retention does not keep; returns how many.
+/// Deletes what retention does not keep; returns how many. While the clock reads set back
+/// (`set_back`), among the backups named at or before `now` only: the ones named after it,
+/// taken before the clock was set back, would rank as the oldest and go; those taken since
+/// still keep to the retention, so the disk does not fill.
 pub fn prune(
     dir: &Path,
     keep_last: usize,
     keep_days: i64,
     now: OffsetDateTime,
+    set_back: bool,
 ) -> Result<usize, BackupError> {
-    delete(&to_prune(&list(dir)?, keep_last, keep_days, now))
+    let mut files = list(dir)?;
+    if set_back {
+        files.retain(|f| f.taken_at <= now);
+    }
+    delete(&to_prune(&files, keep_last, keep_days, now))
 }
 
-/// [`prune`] among the backups named at or before `now` only, while the clock reads set back:
-/// the backups named after it (taken before the clock was set back) would rank as the
-/// oldest and go; those taken since still keep to the retention, so the disk does not fill.
-pub fn prune_taken_since_set_back(
-    dir: &Path,
-    keep_last: usize,
-    keep_days: i64,
-    now: OffsetDateTime,
-) -> Result<usize, BackupError> {
-    let since: Vec<BackupFile> = list(dir)?
-        .into_iter()
-        .filter(|f| f.taken_at <= now)
-        .collect();
-    delete(&to_prune(&since, keep_last, keep_days, now))
-}
-
-/// Deletes `files`; returns how many. One already gone (the same retention run by `keygate
-/// backup` beside the service) is not a failure.
+/// Deletes `files`; returns how many. One already gone (removed by hand meanwhile) is not a
+/// failure.
 fn delete(files: &[BackupFile]) -> Result<usize, BackupError> {
     for f in files {
         match std::fs::remove_file(&f.path) {
@@ -500,11 +492,13 @@ pub fn take_and_prune(
     keep_last: usize,
     keep_days: i64,
     now: OffsetDateTime,
+    set_back: bool,
 ) -> Result<(BackupFile, usize), BackupError> {
+    let prune = || prune(dir, keep_last, keep_days, now, set_back);
     let mut pruned = 0;
     let file = match take(db, dir, now) {
         Err(e @ BackupError::NoSpace { .. }) => {
-            pruned = prune(dir, keep_last, keep_days, now)?;
+            pruned = prune()?;
             if pruned == 0 {
                 return Err(e);
             }
@@ -512,7 +506,7 @@ pub fn take_and_prune(
         }
         taken => taken?,
     };
-    pruned += prune(dir, keep_last, keep_days, now)?;
+    pruned += prune()?;
     Ok((file, pruned))
 }
 
@@ -955,7 +949,7 @@ mod tests {
         }
         let now = datetime!(2026-06-30 12:00 UTC);
 
-        let refused = take_and_prune(&db, &backups, 10, 14, now).unwrap_err();
+        let refused = take_and_prune(&db, &backups, 10, 14, now, false).unwrap_err();
         assert!(matches!(refused, BackupError::NoSpace { .. }), "{refused}");
         assert_eq!(
             files_in(&backups).len(),
@@ -963,7 +957,7 @@ mod tests {
             "nothing written, nothing deleted"
         );
 
-        let (file, pruned) = take_and_prune(&db, &backups, 1, 0, now).unwrap();
+        let (file, pruned) = take_and_prune(&db, &backups, 1, 0, now, false).unwrap();
         assert_eq!(
             pruned, 5,
             "four to make room, the fifth once the new one is kept"
@@ -1112,7 +1106,7 @@ mod tests {
             .map(|f| f.path)
             .collect();
         assert_eq!(listed, taken.iter().rev().cloned().collect::<Vec<_>>());
-        assert_eq!(prune(&backups, 10, 14, now).unwrap(), 1);
+        assert_eq!(prune(&backups, 10, 14, now, false).unwrap(), 1);
         assert!(!taken[0].exists() && taken[1].exists());
         // A backup before an upgrade is not one of them, whatever its name ends with.
         take_before_upgrade(&db, 3, now).unwrap();
