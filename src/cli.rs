@@ -120,7 +120,7 @@ pub enum Command {
     },
     /// Accept this machine's clock as it is now when the appliance refuses to sign because
     /// an earlier time was wrong (the clock had been set too far ahead). Stop the service
-    /// first; the reset is audited.
+    /// first; the reset is audited, and concurrency windows counted after now are forgotten.
     ResetClock,
     /// Configuration commands.
     #[command(subcommand)]
