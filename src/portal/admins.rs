@@ -112,7 +112,8 @@ pub async fn act(
         None
     };
     let now = state.clock.now().unix_timestamp();
-    let (actor, from, role) = (
+    let (session, actor, from, role) = (
+        owner.0.clone(),
         owner.name.clone(),
         req.peer_addr()
             .map(|a| a.ip().to_string())
@@ -122,7 +123,7 @@ pub async fn act(
     let outcome = state
         .store
         .write(move |conn| {
-            if !Role::Owner.still_held_by(conn, &actor)? {
+            if !session.still_holds(conn, Role::Owner)? {
                 return Ok(Err(Role::NO_LONGER.to_string()));
             }
             let target = admins::admin_by_name(conn, &name)?;

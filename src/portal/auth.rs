@@ -39,19 +39,6 @@ pub enum Role {
 }
 
 impl Role {
-    /// Whether the admin named `name` still holds `self` or more, read inside a write:
-    /// another owner may have changed or deleted the account since the request was let in
-    /// (while it waited for an Argon2 slot, say).
-    pub fn still_held_by(
-        self,
-        conn: &rusqlite::Connection,
-        name: &str,
-    ) -> Result<bool, StoreError> {
-        Ok(admins::admin_by_name(conn, name)?
-            .and_then(|admin| Role::parse(&admin.role))
-            .is_some_and(|role| role >= self))
-    }
-
     /// What a request whose admin no longer holds its role is told.
     pub const NO_LONGER: &'static str = "Your account no longer has the role this needs";
 
@@ -129,10 +116,29 @@ pub fn digest(token: &str) -> String {
 /// A signed-in admin.
 #[derive(Debug, Clone)]
 pub struct Session {
+    /// The SHA-256 of the session's token: the row that says it is still signed in.
+    pub token_hash: String,
     pub admin_id: i64,
     pub name: String,
     pub role: Role,
     pub csrf: String,
+}
+
+impl Session {
+    /// The role this session's admin holds now, or `None` once the session ended (signed out,
+    /// its password reset, the admin deleted). Read inside a write, or after a wait the
+    /// request spent (an Argon2 slot, a body the client sent slowly): another owner may have
+    /// changed the account since the request was let in.
+    pub fn role_now(&self, conn: &rusqlite::Connection) -> Result<Option<Role>, StoreError> {
+        Ok(admins::session(conn, &self.token_hash)?
+            .filter(|s| s.admin.id == self.admin_id)
+            .and_then(|s| Role::parse(&s.admin.role)))
+    }
+
+    /// Whether this session still holds `role` or more (see [`Session::role_now`]).
+    pub fn still_holds(&self, conn: &rusqlite::Connection, role: Role) -> Result<bool, StoreError> {
+        Ok(self.role_now(conn)?.is_some_and(|held| held >= role))
+    }
 }
 
 pub trait Requirement {
@@ -163,6 +169,20 @@ impl<R> std::ops::Deref for Signed<R> {
     type Target = Session;
     fn deref(&self) -> &Session {
         &self.0
+    }
+}
+
+impl<R: Requirement> Signed<R> {
+    /// Checks the session and its role again after a wait the client controls (the body of
+    /// a form or an upload, sent as slowly as the body pace allows): an owner's change in
+    /// between (a password reset, a lower role, the admin deleted) wins.
+    pub async fn recheck(&self, state: &AppState) -> Result<(), PortalError> {
+        let session = self.0.clone();
+        match state.store.read(move |conn| session.role_now(conn)).await? {
+            None => Err(PortalError::SignIn),
+            Some(role) if role < R::ROLE => Err(PortalError::Forbidden(role.as_str())),
+            Some(_) => Ok(()),
+        }
     }
 }
 
@@ -203,13 +223,17 @@ async fn session_of(req: &HttpRequest) -> Result<Session, PortalError> {
     if now - found.last_seen >= 60 {
         let touched = state
             .store
-            .write(move |conn| admins::touch_session(conn, &hash, now))
+            .write({
+                let hash = hash.clone();
+                move |conn| admins::touch_session(conn, &hash, now)
+            })
             .await;
         if let Err(e) = touched {
             tracing::warn!(error = %e, "could not record a portal session's activity");
         }
     }
     Ok(Session {
+        token_hash: hash,
         admin_id: found.admin.id,
         role: Role::parse(&found.admin.role).ok_or(PortalError::Internal)?,
         name: found.admin.name,
@@ -251,6 +275,7 @@ impl<R: Requirement + 'static, F: CsrfForm + DeserializeOwned + 'static> FromReq
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let admin = Signed::<R>::from_request(req, &mut Payload::None);
         let form = web::Form::<F>::from_request(req, payload);
+        let state = req.app_data::<web::Data<AppState>>().cloned();
         Box::pin(async move {
             let admin = admin.await?;
             // An unreadable form is answered by the portal's `FormConfig` handler.
@@ -258,6 +283,9 @@ impl<R: Requirement + 'static, F: CsrfForm + DeserializeOwned + 'static> FromReq
             if !same_secret(form.csrf(), &admin.csrf) {
                 return Err(PortalError::Csrf.into());
             }
+            admin
+                .recheck(state.as_deref().ok_or(PortalError::Internal)?)
+                .await?;
             Ok(Post(admin, form))
         })
     }
@@ -296,22 +324,31 @@ pub fn start_session(
 }
 
 /// Signs an admin in from this browser: a new session, and the one its cookie held before
-/// (another admin's, or its own) ends at once rather than when idle.
+/// (another admin's, or its own) ends at once rather than when idle. Only while the account
+/// is the one whose password was checked (read again inside the write): a password reset or
+/// the admin's removal while the check waited wins, and an id another admin took since
+/// (SQLite reuses a deleted admin's) signs in no one. `None` when it changed.
 pub async fn sign_in(
     state: &AppState,
     req: &HttpRequest,
-    admin_id: i64,
-) -> Result<Cookie<'static>, PortalError> {
+    verified: admins::Admin,
+) -> Result<Option<Cookie<'static>>, PortalError> {
     let before = req.cookie(COOKIE).map(|c| digest(c.value()));
     let address = super::client_address(req);
     let now = state.clock.now().unix_timestamp();
     Ok(state
         .store
         .write(move |conn| {
+            let same = admins::admin_by_name(conn, &verified.name)?.is_some_and(|now| {
+                now.id == verified.id && now.password_hash == verified.password_hash
+            });
+            if !same {
+                return Ok(None);
+            }
             if let Some(before) = before {
                 admins::delete_session(conn, &before)?;
             }
-            start_session(conn, admin_id, now, &address)
+            start_session(conn, verified.id, now, &address).map(Some)
         })
         .await?)
 }

@@ -196,7 +196,8 @@ pub async fn act(
         return refuse("A name is at most 100 characters, without control characters".into()).await;
     }
     let now = state.clock.now().unix_timestamp();
-    let (actor, from) = (
+    let (session, actor, from) = (
+        admin.0.clone(),
         admin.name.clone(),
         req.peer_addr()
             .map(|a| a.ip().to_string())
@@ -211,7 +212,7 @@ pub async fn act(
     let outcome = state
         .store
         .write(move |conn| {
-            if !Role::Manager.still_held_by(conn, &actor)? {
+            if !session.still_holds(conn, Role::Manager)? {
                 return Ok(Err(Role::NO_LONGER.to_string()));
             }
             let missing = || Ok(Err(format!("No handshake code {code:?}")));
@@ -268,8 +269,14 @@ pub async fn act(
                     Ok(format!("Item {item} is now served by {code}."))
                 }
                 "trial" => {
-                    let state = if trial == "on" { "on" } else { "off" };
-                    if !catalogue::set_public_trial(conn, trial == "on")? {
+                    // The page's button sends `on` or `off`; anything else changes nothing.
+                    let on = match trial.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Ok(Err(format!("Unknown trial setting {trial:?}"))),
+                    };
+                    let state = if on { "on" } else { "off" };
+                    if !catalogue::set_public_trial(conn, on)? {
                         // Nothing changed: nothing to audit.
                         return Ok(Ok(format!("The public trial is already {state}.")));
                     }

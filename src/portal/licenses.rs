@@ -187,6 +187,7 @@ pub async fn upload(
         }
         file => file?,
     };
+    admin.recheck(&state).await?;
     let text = match String::from_utf8(file) {
         Ok(text) if !text.trim().is_empty() => text,
         refused => {

@@ -383,19 +383,23 @@ async fn login(
             String::new(),
         )
     };
-    let Some(admin) = admin.filter(|_| verified) else {
+    let signed_in = match admin.filter(|_| verified) {
+        Some(admin) => match auth::sign_in(&state, &req, admin).await {
+            Ok(cookie) => cookie,
+            Err(e) => return e.error_response(),
+        },
+        None => None,
+    };
+    let Some(cookie) = signed_in else {
         let _ = audit("sign-in failed").await;
         return again("Wrong name or password.");
     };
     state.sign_in_limits.clear(&form.name, &client);
     let _ = audit("signed in").await;
-    match auth::sign_in(&state, &req, admin.id).await {
-        Ok(cookie) => HttpResponse::SeeOther()
-            .insert_header((header::LOCATION, "/"))
-            .cookie(cookie)
-            .finish(),
-        Err(e) => e.error_response(),
-    }
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, "/"))
+        .cookie(cookie)
+        .finish()
 }
 
 #[derive(Deserialize)]
@@ -594,6 +598,12 @@ async fn setup(
                 return Ok(None);
             }
             let id = accounts::insert_admin(conn, &name, "owner", &hash, now)?;
+            let admin = accounts::Admin {
+                id,
+                name: name.clone(),
+                role: "owner".into(),
+                password_hash: hash.clone(),
+            };
             accounts::delete_setup_tokens(conn)?;
             ops::audit(
                 conn,
@@ -604,14 +614,18 @@ async fn setup(
                 "owner",
                 &from,
             )?;
-            Ok::<_, crate::store::StoreError>(Some(id))
+            Ok::<_, crate::store::StoreError>(Some(admin))
         })
         .await;
     match created {
-        Ok(Some(id)) => match auth::sign_in(&state, &req, id).await {
-            Ok(cookie) => HttpResponse::SeeOther()
+        Ok(Some(admin)) => match auth::sign_in(&state, &req, admin).await {
+            Ok(Some(cookie)) => HttpResponse::SeeOther()
                 .insert_header((header::LOCATION, "/"))
                 .cookie(cookie)
+                .finish(),
+            // Changed in the instant since (another owner's reset): sign in as usual.
+            Ok(None) => HttpResponse::SeeOther()
+                .insert_header((header::LOCATION, "/login"))
                 .finish(),
             Err(e) => e.error_response(),
         },

@@ -126,6 +126,7 @@ pub async fn certificate(
         }
         files => files?,
     };
+    admin.recheck(&state).await?;
     if !state.cert_source.self_signed {
         return show(&state, &admin, None, Some("The configuration file names the certificate (tls.cert, tls.key): replace those files and restart.".into())).await;
     }

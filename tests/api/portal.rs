@@ -2624,3 +2624,273 @@ fn a_refused_form_keeps_what_was_typed() {
         answer.body
     );
 }
+
+/// Posts `body` to `path` as `browser`, the first half at once and the rest after
+/// `meanwhile` ran (a client may send a body as slowly as the body pace allows); returns the
+/// answer's status and body.
+fn post_slowly(
+    f: &Fixture,
+    browser: &Browser,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+    meanwhile: impl FnOnce(),
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let tcp = std::net::TcpStream::connect(f.app.addr).unwrap();
+    let mut tls = tls_with(
+        &tls_client(&f.app.data_dir),
+        tcp,
+        StdDuration::from_secs(20),
+    );
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nCookie: {}\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        f.app.addr,
+        browser.cookie_header(),
+        body.len()
+    );
+    let (first, rest) = body.split_at(body.len() / 2);
+    tls.write_all(head.as_bytes()).unwrap();
+    tls.write_all(first).unwrap();
+    tls.flush().unwrap();
+    meanwhile();
+    tls.write_all(rest).unwrap();
+    tls.flush().unwrap();
+    let mut answer = Vec::new();
+    // The appliance closes the connection without TLS's close_notify: what came is the answer.
+    let _ = tls.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    let status = answer[9..12].parse().unwrap();
+    (status, answer)
+}
+
+/// A form's or an upload's body arrives at the client's pace, after the session and role
+/// were checked: an owner's change to the account meanwhile (a lower role, a password
+/// reset) wins, and nothing is changed.
+#[test]
+fn a_form_or_upload_sent_slowly_is_checked_again_when_it_has_arrived() {
+    let (f, olivia) = signed_in(&item("reader", "per_device", 10, ""));
+    let admins = |fields: &[(&str, &str)], action: &str, done: &str| {
+        let token = csrf(&olivia.get("/admins").body);
+        let mut all = vec![("csrf", token.as_str())];
+        all.extend_from_slice(fields);
+        let answer = olivia.post(&format!("/admins/{action}"), &all);
+        assert!(answer.body.contains(done), "{}", answer.body);
+    };
+    admins(
+        &[("name", "max"), ("role", "manager"), ("password", PASSWORD)],
+        "create",
+        "Admin max created",
+    );
+    let (max, _) = sign_in(&f, "max", PASSWORD);
+    let token = csrf(&max.get("/").body);
+    let trial_off = || hidden(&olivia.get("/handshakes").body, "trial") == "on";
+    assert!(trial_off());
+
+    // A form: max turns the public trial on while olivia makes him an auditor.
+    let form = format!("csrf={token}&trial=on");
+    let (status, answer) = post_slowly(
+        &f,
+        &max,
+        "/handshakes/trial",
+        "application/x-www-form-urlencoded",
+        form.as_bytes(),
+        || {
+            admins(
+                &[("name", "max"), ("role", "auditor")],
+                "role",
+                "max is now auditor",
+            )
+        },
+    );
+    assert_eq!(status, 403, "{answer}");
+    assert!(trial_off(), "the trial stayed off");
+
+    // An upload: max imports a license while olivia resets his password (which signs him out).
+    admins(
+        &[("name", "max"), ("role", "manager")],
+        "role",
+        "max is now manager",
+    );
+    let renewal = items_file("LIC-T", &item("reader", "per_device", 50, ""));
+    let file = std::fs::read(
+        f.vendor
+            .issue_file(&f.data, &renewal, &["--version", "2"], "v2.lic"),
+    )
+    .unwrap();
+    let boundary = "keygate-test-boundary-7d2f";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{token}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"v2.lic\"\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&file);
+    body.extend(format!("\r\n--{boundary}--\r\n").bytes());
+    let (status, answer) = post_slowly(
+        &f,
+        &max,
+        "/licenses",
+        &format!("multipart/form-data; boundary={boundary}"),
+        &body,
+        || {
+            admins(
+                &[("name", "max"), ("password", "a new password for max")],
+                "password",
+                "Password of max reset",
+            )
+        },
+    );
+    assert_eq!(status, 303, "signed out: {answer}");
+    assert_eq!(f.item_value("LIC-T-1", "quota"), 10, "not imported");
+}
+
+/// Sign-in checks the password against the account as it was read; the session starts only
+/// if the account is still that one: an owner's reset or removal while the check waited for
+/// its Argon2 slot wins.
+#[test]
+fn a_sign_in_loses_to_a_reset_or_removal_made_while_it_waited() {
+    let (f, olivia) = signed_in(&item("reader", "per_device", 10, ""));
+    let admins = |fields: &[(&str, &str)], action: &str| {
+        let token = csrf(&olivia.get("/admins").body);
+        let mut all = vec![("csrf", token.as_str())];
+        all.extend_from_slice(fields);
+        olivia.post(&format!("/admins/{action}"), &all).body
+    };
+    for (name, change) in [("max", "delete"), ("mia", "password")] {
+        let created = admins(
+            &[("name", name), ("role", "manager"), ("password", PASSWORD)],
+            "create",
+        );
+        assert!(created.contains("created"), "{created}");
+        // Olivia in a second browser, which the reset's thread takes.
+        let (owner, _) = sign_in(&f, "olivia", PASSWORD);
+        std::thread::scope(|s| {
+            let busy = hold_argon2(&f.app.state, Passwords::Portal, 1);
+            // A reset hashes the new password: it queues for the slot ahead of the sign-in.
+            let reset = (change == "password").then(|| {
+                let reset = s.spawn(move || {
+                    let token = csrf(&owner.get("/admins").body);
+                    let fields = [
+                        ("csrf", token.as_str()),
+                        ("name", name),
+                        ("password", "another password!"),
+                    ];
+                    owner.post("/admins/password", &fields).body
+                });
+                assert!(!ends_within(&reset, 1), "the reset waits for the slot");
+                reset
+            });
+            let signing_in = s.spawn(|| sign_in(&f, name, PASSWORD));
+            assert!(
+                !ends_within(&signing_in, 1),
+                "the sign-in waits for the slot"
+            );
+            if change == "delete" {
+                assert!(admins(&[("name", name)], "delete").contains("deleted"));
+            }
+            drop(busy);
+            if let Some(reset) = reset {
+                assert!(reset.join().unwrap().contains("reset"));
+            }
+            let (browser, answer) = signing_in.join().unwrap();
+            assert!(
+                answer.body.contains("Wrong name or password"),
+                "{change}: {} {}",
+                answer.status,
+                answer.body
+            );
+            assert_eq!(
+                browser.get("/").location,
+                "/login",
+                "{change}: not signed in"
+            );
+        });
+    }
+}
+
+/// The public trial's switch takes `on` or `off`; any other value changes nothing.
+#[test]
+fn the_trial_switch_takes_on_or_off_only() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let page = browser.get("/handshakes");
+    let token = csrf(&page.body);
+    assert_eq!(hidden(&page.body, "trial"), "on", "off at first");
+    let before = db_digest(&f.data.join("keygate.db"));
+    let answer = browser.post("/handshakes/trial", &[("csrf", &token), ("trial", "yes")]);
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert!(
+        answer.body.contains("Unknown trial setting"),
+        "{}",
+        answer.body
+    );
+    assert_eq!(db_digest(&f.data.join("keygate.db")), before);
+    let answer = browser.post("/handshakes/trial", &[("csrf", &token), ("trial", "on")]);
+    assert!(
+        answer.body.contains("The public trial is on"),
+        "{}",
+        answer.body
+    );
+}
+
+/// A write that waited for its Argon2 slot checks the session it came from, not only the
+/// role of an admin by that name: a password reset made meanwhile (which signs the account
+/// out, its role unchanged) wins.
+#[test]
+fn a_write_waiting_for_argon2_loses_to_a_reset_of_its_admin() {
+    let (f, olivia) = signed_in(&item("reader", "per_device", 10, ""));
+    let token = csrf(&olivia.get("/admins").body);
+    let created = olivia.post(
+        "/admins/create",
+        &[
+            ("csrf", &token),
+            ("name", "bob"),
+            ("role", "owner"),
+            ("password", PASSWORD),
+        ],
+    );
+    assert!(
+        created.body.contains("Admin bob created"),
+        "{}",
+        created.body
+    );
+    let (bob, _) = sign_in(&f, "bob", PASSWORD);
+    let bobs = csrf(&bob.get("/admins").body);
+    let (owner, _) = sign_in(&f, "olivia", PASSWORD);
+    std::thread::scope(|s| {
+        let busy = hold_argon2(&f.app.state, Passwords::Portal, 1);
+        let reset = s.spawn(move || {
+            let token = csrf(&owner.get("/admins").body);
+            let fields = [
+                ("csrf", token.as_str()),
+                ("name", "bob"),
+                ("password", "another password!"),
+            ];
+            owner.post("/admins/password", &fields).body
+        });
+        assert!(!ends_within(&reset, 1), "the reset waits for the slot");
+        let create = s.spawn(move || {
+            bob.post(
+                "/admins/create",
+                &[
+                    ("csrf", &bobs),
+                    ("name", "mallory"),
+                    ("role", "owner"),
+                    ("password", PASSWORD),
+                ],
+            )
+        });
+        assert!(!ends_within(&create, 1), "bob's create waits behind it");
+        drop(busy);
+        assert!(reset.join().unwrap().contains("Password of bob reset"));
+        let answer = create.join().unwrap();
+        assert!(
+            answer
+                .body
+                .contains("Your account no longer has the role this needs"),
+            "{}",
+            answer.body
+        );
+    });
+    assert!(!olivia.get("/admins").body.contains("mallory"));
+}
