@@ -359,7 +359,10 @@ pub async fn run(state: &AppState, job: Job) -> Result<String, JobError> {
     let (ok, detail) = match &result {
         Ok(detail) => (true, detail.clone()),
         Err(e) => {
-            tracing::error!(kind = "job", job = name, error = %e, "scheduled job failed");
+            // A kind per job: a kind's notice tells its newest error only, and one job's
+            // failure must not hide another's.
+            let kind = format!("job {name}");
+            tracing::error!(kind = kind.as_str(), job = name, error = %e, "scheduled job failed");
             (false, e.to_string())
         }
     };
@@ -529,7 +532,13 @@ async fn deliver(
     loop {
         match mail::send(settings, to, email).await {
             Ok(answer) => return Ok(answer),
-            Err(e) if attempt < 3 && !matches!(e, mail::MailError::Refused(_)) => {
+            Err(e)
+                if attempt < 3
+                    && !matches!(
+                        e,
+                        mail::MailError::Refused(_) | mail::MailError::RecipientsRefused(_)
+                    ) =>
+            {
                 tracing::warn!(attempt, error = %e, "email delivery failed; retrying");
                 tokio::time::sleep(wait).await;
                 wait *= 4;

@@ -86,6 +86,11 @@ pub enum MailError {
     NotConfigured,
     #[error("{0:?} is not a valid email address")]
     BadAddress(String),
+    #[error(
+        "{0:?} has characters outside ASCII, which SMTP servers without SMTPUTF8 refuse for \
+         the whole message (write a domain in its xn-- form)"
+    )]
+    NonAscii(String),
     #[error("the message could not be built: {0}")]
     Build(String),
     #[error("the SMTP CA certificate is not a PEM certificate: {0}")]
@@ -96,6 +101,10 @@ pub enum MailError {
     /// once only counts against the account (a directory locks it after a few).
     #[error("the SMTP server refused the message: {0}")]
     Refused(String),
+    /// Every recipient refused (no such mailbox, mailbox full): the list is at fault, not
+    /// the settings, so they are not paused.
+    #[error("the SMTP server refused every recipient: {0}")]
+    RecipientsRefused(String),
     #[error(
         "not sent: the SMTP server refused these settings {minutes_ago} minute(s) ago ({why}); \
          they are tried again an hour after that, or at once once the settings change or a \
@@ -119,9 +128,7 @@ pub fn parse_recipients(text: &str) -> Result<Vec<Mailbox>, MailError> {
         .map(str::trim)
         .filter(|a| !a.is_empty())
     {
-        let mailbox = a
-            .parse::<Mailbox>()
-            .map_err(|_| MailError::BadAddress(a.to_string()))?;
+        let mailbox = mailbox(a)?;
         let address: &str = mailbox.email.as_ref();
         if !list.iter().any(|m| {
             let known: &str = m.email.as_ref();
@@ -131,6 +138,20 @@ pub fn parse_recipients(text: &str) -> Result<Vec<Mailbox>, MailError> {
         }
     }
     Ok(list)
+}
+
+/// One address (a display name may be in any script: it is sent encoded). The address
+/// itself must be ASCII: lettre refuses a message with a UTF-8 address unless the server
+/// offers SMTPUTF8, which many relays do not, and then no recipient gets it.
+fn mailbox(text: &str) -> Result<Mailbox, MailError> {
+    let mailbox = text
+        .parse::<Mailbox>()
+        .map_err(|_| MailError::BadAddress(text.to_string()))?;
+    let address: &str = mailbox.email.as_ref();
+    if !address.is_ascii() {
+        return Err(MailError::NonAscii(address.to_string()));
+    }
+    Ok(mailbox)
 }
 
 /// `text` cut at each `;` outside a quoted string (`"..."`, where `\"` is a quote).
@@ -175,9 +196,7 @@ pub fn load_settings(conn: &Connection) -> Result<Option<SmtpSettings>, StoreErr
 }
 
 pub fn save_settings(conn: &Connection, s: &SmtpSettings) -> Result<(), MailError> {
-    s.from
-        .parse::<Mailbox>()
-        .map_err(|_| MailError::BadAddress(s.from.clone()))?;
+    mailbox(&s.from)?;
     settings::set(conn, "smtp_host", &s.host)?;
     settings::set(conn, "smtp_port", &s.port.to_string())?;
     settings::set(conn, "smtp_tls", s.tls.as_str())?;
@@ -299,10 +318,7 @@ pub async fn send_within(
     // Settings saved by an older release may lack what saving now checks (a password
     // over plain SMTP): never sent so.
     check_settings(settings).map_err(|(_, why)| MailError::Settings(why))?;
-    let from: Mailbox = settings
-        .from
-        .parse()
-        .map_err(|_| MailError::BadAddress(settings.from.clone()))?;
+    let from = mailbox(&settings.from)?;
     let mut builder = Message::builder().from(from).subject(&email.subject);
     for mailbox in to {
         builder = builder.to(mailbox.clone());
@@ -363,6 +379,9 @@ pub async fn send_within(
         // keep the others from their alerts. Not for any other refusal (a wrong password, a
         // server out of service): that would only repeat it once per recipient.
         Err(e) if refuses_a_mailbox(&e) && to.len() > 1 => e,
+        Err(e) if refuses_a_mailbox(&e) && e.is_permanent() => {
+            return Err(MailError::RecipientsRefused(e.to_string()));
+        }
         Err(e) => return Err(smtp(e)),
     };
     let bytes = message.formatted();
@@ -418,15 +437,27 @@ pub async fn send_within(
         }
         // Worth another try only if a recipient's failure was not a refusal.
         None if unanswered => Err(MailError::Smtp(format!("no recipient accepted: {refused}"))),
-        None => Err(MailError::Refused(format!(
-            "every recipient refused: {refused}"
-        ))),
+        None => Err(MailError::RecipientsRefused(refused)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_outside_ascii_is_refused_a_display_name_is_not() {
+        assert!(matches!(
+            parse_recipients("it@plant.test; jürgen@plant.test"),
+            Err(MailError::NonAscii(a)) if a == "jürgen@plant.test"
+        ));
+        assert!(matches!(
+            parse_recipients("it@bücher.de"),
+            Err(MailError::NonAscii(_))
+        ));
+        let to = parse_recipients("Jürgen Groß <jg@xn--bcher-kva.de>").unwrap();
+        assert_eq!(to.len(), 1);
+    }
 
     #[test]
     fn a_recipient_listed_twice_is_kept_once() {

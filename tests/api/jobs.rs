@@ -251,7 +251,7 @@ fn a_refused_sender_is_told_as_such() {
         run.stderr
     );
     assert!(
-        !run.stderr.contains("every recipient refused"),
+        !run.stderr.contains("refused every recipient"),
         "{}",
         run.stderr
     );
@@ -671,7 +671,7 @@ fn a_failing_job_is_emailed_by_the_running_binary() {
         "the failed backup job was emailed within 30 seconds, logging off"
     );
     assert!(
-        text_of(&messages[0]).contains("job: scheduled job failed"),
+        text_of(&messages[0]).contains("job backup: scheduled job failed"),
         "{}",
         messages[0]
     );
@@ -1221,6 +1221,24 @@ fn a_refused_smtp_password_is_not_retried_at_once() {
     f.app.run_job("alerts").unwrap();
     assert_eq!(sink.wait_for(1, StdDuration::from_secs(10)).len(), 1);
     assert_eq!(sign_ins(&sink), ["PLAIN refused", "PLAIN ok"]);
+}
+
+/// A recipient list the SMTP server refuses whole (an unknown mailbox) is the list's fault,
+/// not the settings': the settings are not paused, so the list set right sends at the next
+/// run, not an hour later.
+#[test]
+fn a_refused_recipient_list_does_not_pause_the_smtp_settings() {
+    let f = Fixture::new(&item("cad", "standalone", 4, ""));
+    let sink = SmtpSink::start();
+    sink.configure(&f.data);
+    assert!(keygate(&f.data, &["alerts", "recipients", "refused@plant.test"]).ok);
+    authorize_devices(&f, "cad", 1..=3);
+    let err = f.app.run_job("alerts").unwrap_err();
+    assert!(err.to_string().contains("refused every recipient"), "{err}");
+    assert!(keygate(&f.data, &["alerts", "recipients", "it@plant.test"]).ok);
+    f.app.run_job("alerts").unwrap();
+    let sent = sink.wait_for(1, StdDuration::from_secs(10));
+    assert!(sent[0].contains("X-Rcpt-To: it@plant.test"), "{}", sent[0]);
 }
 
 #[test]
