@@ -520,8 +520,9 @@ async fn send_own(
     result
 }
 
-/// Sends with a few quick retries (not after a permanent refusal: a wrong password tried
-/// again at once counts towards the account's lockout).
+/// Sends with a few quick retries: not after a permanent refusal (a wrong password tried
+/// again at once counts towards the account's lockout), nor after no answer in time (the
+/// server may have taken the message: a retry would send it again).
 async fn deliver(
     settings: &mail::SmtpSettings,
     to: &[lettre::message::Mailbox],
@@ -536,7 +537,9 @@ async fn deliver(
                 if attempt < 3
                     && !matches!(
                         e,
-                        mail::MailError::Refused(_) | mail::MailError::RecipientsRefused(_)
+                        mail::MailError::Refused(_)
+                            | mail::MailError::RecipientsRefused(_)
+                            | mail::MailError::Unanswered(_)
                     ) =>
             {
                 tracing::warn!(attempt, error = %e, "email delivery failed; retrying");

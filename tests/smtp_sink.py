@@ -6,6 +6,8 @@ Recipients whose address starts with "refused" are refused (550), as for an unkn
 "full" or "overquota" as for a full mailbox (452 4.2.2, 552 5.2.2);
 with SMTP_REFUSE_SENDER set every sender is (550). Recipients whose address starts with
 "slow" are answered after SMTP_SLOW_SECONDS (default 3), as by a relay that looks them up.
+With SMTP_SLOW_DATA_SECONDS set, a message is stored and then answered after that many
+seconds, as by a relay that scans it before answering the end of DATA.
 
 Environment: SMTP_PORT (default 0: any free port); SMTP_TLS_CERT and SMTP_TLS_KEY (PEM files)
 turn on STARTTLS, required before anything else, or implicit TLS with SMTP_IMPLICIT=1;
@@ -54,6 +56,7 @@ class Sink:
             f.write(b"X-Rcpt-To: " + ", ".join(envelope.rcpt_tos).encode() + b"\r\n")
             f.write(envelope.content)
         os.rename(path + ".tmp", path)
+        await asyncio.sleep(float(os.environ.get("SMTP_SLOW_DATA_SECONDS", "0")))
         return "250 Message accepted for delivery"
 
 

@@ -97,6 +97,10 @@ pub enum MailError {
     Ca(String),
     #[error("the SMTP server did not accept the message: {0}")]
     Smtp(String),
+    /// No answer in time: the server may have taken the message all the same (a relay
+    /// that scans it before answering the end of DATA), so it is not sent again at once.
+    #[error("the SMTP server did not answer in time ({0}); it may have taken the message")]
+    Unanswered(String),
     /// A permanent refusal (5xx: a wrong password, a sender not allowed): trying again at
     /// once only counts against the account (a directory locks it after a few).
     #[error("the SMTP server refused the message: {0}")]
@@ -330,7 +334,9 @@ pub async fn send_within(
         ))
         .map_err(|e| MailError::Build(e.to_string()))?;
     let smtp = |e: lettre::transport::smtp::Error| {
-        if e.is_permanent() {
+        if e.is_timeout() {
+            MailError::Unanswered(e.to_string())
+        } else if e.is_permanent() {
             MailError::Refused(e.to_string())
         } else {
             MailError::Smtp(e.to_string())
@@ -371,7 +377,7 @@ pub async fn send_within(
     let until = tokio::time::Instant::now() + limit;
     let whole = tokio::time::timeout_at(until, transport.send(message.clone()))
         .await
-        .map_err(|_| MailError::Smtp(no_answer()))?;
+        .map_err(|_| MailError::Unanswered(no_answer()))?;
     let e = match whole {
         Ok(response) => return Ok(answer(response)),
         // A server refusing one address (550 no such user, 452 mailbox full) refuses the

@@ -1223,6 +1223,27 @@ fn a_refused_smtp_password_is_not_retried_at_once() {
     assert_eq!(sign_ins(&sink), ["PLAIN refused", "PLAIN ok"]);
 }
 
+/// A relay that answers the end of DATA later than the appliance waits (it scans the message
+/// first) has taken the message all the same: it is not sent again at once.
+#[test]
+fn a_message_unanswered_in_time_is_not_sent_again_at_once() {
+    let f = Fixture::new(&item("cad", "standalone", 4, ""));
+    let sink = SmtpSink::start_with(
+        0,
+        tempfile::tempdir().unwrap(),
+        &[("SMTP_SLOW_DATA_SECONDS", "40")],
+    );
+    sink.configure(&f.data);
+    authorize_devices(&f, "cad", 1..=3);
+    let err = f.app.run_job("alerts").unwrap_err();
+    assert!(err.to_string().contains("did not answer in time"), "{err}");
+    assert_eq!(
+        sink.messages().len(),
+        1,
+        "one copy, not one per quick retry"
+    );
+}
+
 /// A recipient list the SMTP server refuses whole (an unknown mailbox) is the list's fault,
 /// not the settings': the settings are not paused, so the list set right sends at the next
 /// run, not an hour later.
