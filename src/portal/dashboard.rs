@@ -51,7 +51,7 @@ fn chart(
                 y: CHART_HEIGHT - height,
                 height,
                 title: format!(
-                    "{}: {value}",
+                    "{} UTC: {value}",
                     if step == DAY {
                         &when[..10]
                     } else {
@@ -74,13 +74,7 @@ pub struct ItemView {
     pub model: Model,
     /// Seats, devices per window, usage or tokens, as the model counts.
     pub quota: i64,
-    /// Concurrent models: the devices active in the current window.
-    pub used: i64,
-    /// Concurrent models: windows over quota so far, and the `max_exceptions` that stops
-    /// the item.
-    pub exceptions: Option<(i64, i64)>,
-    pub state: &'static str,
-    pub state_class: &'static str,
+    pub figures: Figures,
     pub expires: String,
     pub chart: Chart,
     /// Concurrent models: devices per 3-minute window.
@@ -100,6 +94,71 @@ struct Dashboard {
     chart_height: i64,
     /// The clock is set back behind the newest time used: devices are refused.
     clock_behind: Option<String>,
+}
+
+/// An item's use as its model counts it, for the dashboard and the item's page.
+pub struct Figures {
+    /// What counts against the quota: seats, devices active now, metered usage or tokens
+    /// spent.
+    pub used: i64,
+    pub used_label: &'static str,
+    pub state: &'static str,
+    pub state_class: &'static str,
+    /// Concurrent models: windows over quota so far, and the `max_exceptions` that stops
+    /// the item.
+    pub exceptions: Option<(i64, i64)>,
+    /// Tokens: the balance (below zero in grace), and when the grace ends.
+    pub balance: Option<i64>,
+    pub grace_ends: Option<String>,
+}
+
+impl Figures {
+    pub fn of(item: &store::licenses::ItemRow, now: i64) -> Figures {
+        let (terms, u) = (&item.terms, &item.used);
+        let (used, used_label) = match terms.model {
+            Model::PerUsage => (u.usage_total, "metered usage"),
+            Model::Tokens => (u.tokens_used, "tokens spent"),
+            m if m.is_concurrent() => (u.window_active, "devices active now"),
+            _ => (u.seats_used, "devices with a seat"),
+        };
+        let state = state_label(item, now);
+        let tokens = terms.model == Model::Tokens;
+        Figures {
+            used,
+            used_label,
+            state,
+            state_class: if state == "not started" {
+                "not-started"
+            } else {
+                state
+            },
+            exceptions: terms
+                .model
+                .is_concurrent()
+                .then_some((u.exceptions, terms.max_exceptions)),
+            balance: tokens.then(|| models::tokens_balance(terms, u)),
+            grace_ends: models::grace_ends_at(terms, u)
+                .filter(|_| tokens)
+                .map(super::utc),
+        }
+    }
+}
+
+/// A concurrent item's devices active now: those of the current window, or of the one
+/// before while the current one fills (devices report every 3 minutes, so just after a
+/// window starts few have reported in it yet). A release lowers both.
+pub fn load_active(
+    conn: &rusqlite::Connection,
+    item: &mut store::licenses::ItemRow,
+    now: i64,
+) -> Result<(), StoreError> {
+    if item.terms.model.is_concurrent() {
+        let window = models::window_of(now);
+        item.used.window_active = store::devices::window_active(conn, &item.item_id, window)?.max(
+            store::devices::window_active(conn, &item.item_id, window - 1)?,
+        );
+    }
+    Ok(())
 }
 
 fn state_label(item: &store::licenses::ItemRow, now: i64) -> &'static str {
@@ -132,12 +191,11 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
     let (items, usage, peaks, windows, last_backup) = state
         .store
         .read(move |conn| {
-            // A concurrent item's use is its devices active now: the window's `active`,
-            // which a release or a removal lowers (its `peak`, charted, stays).
+            // A concurrent item's use is its devices active now (`load_active`), which a
+            // release or a removal lowers (the window's `peak`, charted, stays).
             let mut items = store::licenses::all_items(conn)?;
-            for item in items.iter_mut().filter(|i| i.terms.model.is_concurrent()) {
-                item.used.window_active =
-                    store::devices::window_active(conn, &item.item_id, current_window)?;
+            for item in &mut items {
+                load_active(conn, item, now)?;
             }
             Ok::<_, StoreError>((
                 items,
@@ -166,14 +224,6 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
             } else {
                 ("usage per day, last 30 days", series(&usage, &item.item_id))
             };
-            let u = &item.used;
-            let used = match item.terms.model {
-                Model::PerUsage => u.usage_total,
-                Model::Tokens => u.tokens_used,
-                m if m.is_concurrent() => u.window_active,
-                _ => u.seats_used,
-            };
-            let state = state_label(&item, now);
             let windows = item.terms.model.is_concurrent().then(|| {
                 let values: Vec<(i64, i64)> = series(&windows, &item.item_id)
                     .into_iter()
@@ -189,12 +239,7 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
                 )
             });
             ItemView {
-                state,
-                state_class: if state == "not started" {
-                    "not-started"
-                } else {
-                    state
-                },
+                figures: Figures::of(&item, now),
                 chart: chart(
                     caption.to_string(),
                     &values,
@@ -206,12 +251,6 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
                 windows,
                 expires: super::utc(item.terms.expires_at),
                 quota: item.terms.quota,
-                used,
-                exceptions: item
-                    .terms
-                    .model
-                    .is_concurrent()
-                    .then_some((item.used.exceptions, item.terms.max_exceptions)),
                 model: item.terms.model,
                 product: item.product,
                 license_id: item.license_id,

@@ -243,7 +243,8 @@ struct DevicePage {
     first_seen: String,
     last_seen: String,
     seats: Vec<SeatView>,
-    leases: Vec<(devices::Lease, String)>,
+    /// Each lease with its expiry and its state.
+    leases: Vec<(devices::Lease, String, &'static str)>,
     usage: Vec<(String, String, i64)>,
 }
 
@@ -259,6 +260,7 @@ pub async fn detail(
             "No such device.",
         ));
     };
+    let now = state.clock.now().unix_timestamp();
     let found = state
         .store
         .read(move |conn| {
@@ -295,8 +297,19 @@ pub async fn detail(
         leases: leases
             .into_iter()
             .map(|l| {
+                // Expired as a usage call finds it: the record's expiry lags the device's
+                // authorization by up to `RECORD_EVERY_S`.
+                let state = if l.revoked {
+                    "revoked"
+                } else if l.released {
+                    "released"
+                } else if now >= l.expires_at.saturating_add(devices::RECORD_EVERY_S) {
+                    "expired"
+                } else {
+                    "active"
+                };
                 let until = time(l.expires_at);
-                (l, until)
+                (l, until, state)
             })
             .collect(),
         usage,

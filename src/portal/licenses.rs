@@ -271,6 +271,7 @@ struct ItemPage {
     expires: String,
     /// Thresholds alerted, with when.
     alerts: Vec<(String, String)>,
+    figures: super::dashboard::Figures,
 }
 
 /// `GET /licenses/items/{item_id}`: an item's terms and consumption (linked from alerts).
@@ -280,12 +281,14 @@ pub async fn item(
     path: web::Path<String>,
 ) -> Result<HttpResponse, PortalError> {
     let id = path.into_inner();
+    let now = state.clock.now().unix_timestamp();
     let found = state
         .store
         .read(move |conn| {
-            let Some(item) = licenses::item(conn, &id)? else {
+            let Some(mut item) = licenses::item(conn, &id)? else {
                 return Ok(None);
             };
+            super::dashboard::load_active(conn, &mut item, now)?;
             let handshake = licenses::handshake_by_id(conn, item.handshake_id)?
                 .map(|h| h.code)
                 .unwrap_or_default();
@@ -301,6 +304,7 @@ pub async fn item(
     };
     Ok(render(&ItemPage {
         page: Page::of(&admin),
+        figures: super::dashboard::Figures::of(&item, now),
         starts: super::utc(item.terms.starts_at),
         expires: super::utc(item.terms.expires_at),
         item,

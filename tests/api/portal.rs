@@ -2490,7 +2490,7 @@ fn the_dashboard_charts_what_a_per_usage_item_meters() {
     let page = browser.get("/").body;
     let day = f.app.clock_now().date();
     assert!(
-        page.contains(&format!("<title>{day}: 17</title>")),
+        page.contains(&format!("<title>{day} UTC: 17</title>")),
         "{page}"
     );
 }
@@ -2893,4 +2893,94 @@ fn a_write_waiting_for_argon2_loses_to_a_reset_of_its_admin() {
         );
     });
     assert!(!olivia.get("/admins").body.contains("mallory"));
+}
+
+/// Each model's own figures: a tokens item's balance and the end of its grace, a concurrent
+/// item's devices active now (the last window's while the current one fills) and its
+/// exceptions against `max_exceptions`, on the dashboard and the item's page alike.
+#[test]
+fn the_pages_show_each_models_own_figures() {
+    let (f, browser) = signed_in(&item(
+        "ocr",
+        "tokens",
+        10,
+        "tokens_per_pass = 4\ngrace_days = 10",
+    ));
+    for n in 1..=3 {
+        f.authorized("ocr", n);
+    }
+    // 12 tokens spent of 10: in grace from now, for 10 days.
+    let ends = test_epoch() + Duration::days(10);
+    let ends = format!(
+        "{} UTC",
+        ends.format(&time::macros::format_description!(
+            "[year]-[month]-[day] [hour]:[minute]:[second]"
+        ))
+        .unwrap()
+    );
+    let dashboard = browser.get("/").body;
+    assert!(
+        dashboard.contains("balance: -2") && dashboard.contains(&format!("grace ends {ends}")),
+        "{dashboard}"
+    );
+    let page = browser.get("/licenses/items/LIC-T-1").body;
+    assert!(
+        page.contains("<th>Token balance</th><td>-2</td>")
+            && page.contains(&format!("<th>Grace ends</th><td>{ends}</td>"))
+            && page.contains("12 of 10 (tokens spent)")
+            && !page.contains("Windows over quota"),
+        "{page}"
+    );
+
+    let (f, browser) = signed_in(&item(
+        "viewer",
+        "concurrent_device",
+        2,
+        "max_exceptions = 5",
+    ));
+    for n in 1..=3 {
+        f.authorized("viewer", n);
+    }
+    // The next window has begun and no device has called in it yet: still 3 active.
+    f.app.clock.advance(Duration::seconds(180));
+    let page = browser.get("/licenses/items/LIC-T-1").body;
+    assert!(
+        page.contains("3 of 2 (devices active now)")
+            && page.contains("<th>Windows over quota</th><td>1 of 5")
+            && page.contains("state-tolerance")
+            && !page.contains("Token balance"),
+        "{page}"
+    );
+    let dashboard = browser.get("/").body;
+    let row = &dashboard[dashboard.find("<tr id=\"item-LIC-T-1\"").unwrap()..];
+    assert!(
+        row.starts_with("<tr") && row.contains("<td class=\"num\">3</td>"),
+        "{row}"
+    );
+    // Two windows on, with no call: none.
+    f.app.clock.advance(Duration::seconds(180));
+    let page = browser.get("/licenses/items/LIC-T-1").body;
+    assert!(page.contains("0 of 2 (devices active now)"), "{page}");
+}
+
+/// A device's lease reads expired once its authorization has (as a usage call finds it), and
+/// a device not blocked reads "allowed", not "active", however long ago it called.
+#[test]
+fn a_lease_past_its_authorization_reads_expired() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 10, ""));
+    let uuid = f.authorized("reader", 1).device_uuid;
+    let page = browser.get(&format!("/devices/{uuid}")).body;
+    assert!(page.contains("<td>active</td></tr>"), "{page}");
+    f.app.clock.advance(Duration::days(8));
+    let (browser, _) = sign_in(&f, "olivia", PASSWORD); // the session ended meanwhile
+    let page = browser.get(&format!("/devices/{uuid}")).body;
+    assert!(
+        page.contains("<td>expired</td></tr>") && !page.contains("<td>active</td>"),
+        "{page}"
+    );
+    let list = browser.get("/devices").body;
+    assert!(
+        list.contains(">allowed<") && !list.contains(">active<"),
+        "{list}"
+    );
 }
