@@ -672,7 +672,7 @@ fn reimport(
     }
     let trusted = trusted_keys(config, conn)?;
     let verified = import::verify(&license.jws, &trusted, appliance.public_key())?;
-    let outcome = import::apply(conn, &verified, now)?.to_string();
+    let outcome = import::apply(conn, &verified, now, license.default_code.as_deref())?.to_string();
     let detail = format!("{outcome} (kept over the backup restored)");
     let at = licensing::unix(now);
     store::ops::audit(conn, at, "cli", "license imported", license_id, &detail, "")?;
@@ -687,7 +687,7 @@ fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {
     let outcome = audited(config, now, |conn| {
         let trusted = trusted_keys(config, conn)?;
         let verified = import::verify(&text, &trusted, appliance.public_key())?;
-        let outcome = import::apply(conn, &verified, now)?;
+        let outcome = import::apply(conn, &verified, now, None)?;
         let entry = outcome.changed().then(|| {
             let id = verified.license.license_id.clone();
             ("license imported", id, outcome.to_string())

@@ -496,11 +496,14 @@ pub fn serving_note(license: &License, now: OffsetDateTime) -> Option<String> {
 }
 
 /// Stores a verified license. Run it inside a transaction: on error the caller rolls back and
-/// the database is as it was.
+/// the database is as it was. An organization imported for the first time gets a default
+/// handshake code: `default_code` when given and free (a restore keeps the one the replaced
+/// database had, which its devices were given), else a new random one.
 pub fn apply(
     conn: &Connection,
     verified: &VerifiedLicense,
     now: OffsetDateTime,
+    default_code: Option<&str>,
 ) -> Result<ImportOutcome, ImportError> {
     let license = &verified.license;
     let current = store::licenses::current_version(conn, &license.license_id)?;
@@ -586,7 +589,13 @@ pub fn apply(
     let (handshake, default_code) = match store::licenses::default_handshake(conn, org)? {
         Some(code) => (code.id, None),
         None => {
-            let code = new_handshake_code(org);
+            let kept = match default_code {
+                Some(code) if store::licenses::handshake_by_code(conn, code)?.is_none() => {
+                    Some(code.to_string())
+                }
+                _ => None,
+            };
+            let code = kept.unwrap_or_else(|| new_handshake_code(org));
             let id = store::licenses::insert_handshake(conn, &code, org, "default", true, now)?;
             (id, Some(code))
         }

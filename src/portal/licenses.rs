@@ -212,7 +212,7 @@ pub async fn upload(
         .write(move |conn| {
             let trusted = import::trusted_keys(conn, &config_keys)?;
             let verified = import::verify(&text, &trusted, &appliance_key)?;
-            let outcome = import::apply(conn, &verified, now)?;
+            let outcome = import::apply(conn, &verified, now, None)?;
             let note = import::serving_note(&verified.license, now);
             if outcome.changed() {
                 ops::audit(

@@ -501,18 +501,25 @@ pub struct SignedVersion {
     pub license_id: String,
     pub version: u32,
     pub jws: String,
+    /// The default handshake code of the license's organization, in the database read.
+    pub default_code: Option<String>,
 }
 
 /// The newest version of each license.
 pub fn newest_versions(conn: &Connection) -> Result<Vec<SignedVersion>, StoreError> {
     // SQLite takes a bare column from the row that holds the max().
-    let mut stmt =
-        conn.prepare("SELECT license_id, max(version), jws FROM licenses GROUP BY license_id")?;
+    let mut stmt = conn.prepare(
+        "SELECT l.license_id, max(l.version), l.jws,
+                (SELECT code FROM handshake_codes h
+                 WHERE h.organization_id = l.organization_id AND h.is_default = 1)
+         FROM licenses l GROUP BY l.license_id",
+    )?;
     let rows = stmt.query_map([], |r| {
         Ok(SignedVersion {
             license_id: r.get(0)?,
             version: r.get(1)?,
             jws: r.get(2)?,
+            default_code: r.get(3)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

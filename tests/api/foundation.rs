@@ -1472,3 +1472,33 @@ fn a_data_directory_the_user_may_not_read_is_told_as_such() {
     }
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
 }
+
+/// A backup taken before an organization's first license: the restore imports that license
+/// again (licenses are never rolled back) and keeps the organization's default handshake
+/// code, the one its devices were given, instead of making up a new one.
+#[test]
+fn a_restore_keeps_the_default_handshake_code_the_devices_were_given() {
+    let vendor = Vendor::new();
+    let (_dir, data) = appliance_trusting(&vendor);
+    assert!(keygate(&data, &["backup"]).ok);
+    let backup = keygate::store::backup::list(&data.join("backups")).unwrap()[0]
+        .path
+        .clone();
+    let file = vendor.issue_file(
+        &data,
+        &items_file("LIC-R", &item("reader", "per_device", 10, "")),
+        &[],
+        "r.lic",
+    );
+    let code = default_code(&import(&data, &file));
+    let run = keygate(&data, &["restore", backup.to_str().unwrap()]);
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .contains(&format!("default handshake code is {code}")),
+        "{}",
+        run.stdout
+    );
+    let list = keygate(&data, &["handshake", "list"]);
+    assert!(list.stdout.contains(&code), "{}", list.stdout);
+}
