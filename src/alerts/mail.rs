@@ -265,10 +265,21 @@ pub fn check_settings(settings: &SmtpSettings) -> Result<(), (&'static str, &'st
             "A password is only sent over STARTTLS or TLS; choose one, or remove the user",
         ));
     }
-    if let Some(ca) = &settings.ca
-        && Certificate::from_pem(ca.as_bytes()).is_err()
-    {
-        return Err(("ca", "The CA certificate is not a PEM certificate"));
+    if let Some(ca) = &settings.ca {
+        // lettre takes a file with no certificate in it (a private key, say) as an empty
+        // list: that would be kept in the database, and in every backup.
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let mut certificates = CertificateDer::pem_slice_iter(ca.as_bytes());
+        let some = matches!(certificates.next(), Some(Ok(_))) && certificates.all(|c| c.is_ok());
+        if !some || Certificate::from_pem(ca.as_bytes()).is_err() {
+            return Err(("ca", "The CA certificate is not a PEM certificate"));
+        }
+        if ca.contains("PRIVATE KEY") {
+            return Err((
+                "ca",
+                "The CA file holds a private key: give the CA's certificate alone",
+            ));
+        }
     }
     Ok(())
 }

@@ -1648,3 +1648,51 @@ fn lapsed_seats_are_freed_a_batch_at_a_time() {
     assert!(report.starts_with("freed 0 seat(s)"), "{report}");
     assert_eq!(freeing, idle + 2, "{freeing} transactions against {idle}");
 }
+
+/// `--ca` takes a CA's certificate, nothing else: a private key (the vendor's, picked by
+/// mistake) or a certificate with its key beside it would be kept in the database and in
+/// every backup. Refused, and the settings stay as they were.
+#[test]
+fn the_smtp_ca_must_be_a_certificate_and_no_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(keygate(&data, &["activation-request"]).ok);
+    assert!(keygate(&data, &["alerts", "recipients", "it@plant.test"]).ok);
+    let vendor = Vendor::new();
+    let (cert, key) = relay_certificate(dir.path());
+    let both = dir.path().join("both.pem");
+    let mut pem = std::fs::read(&cert).unwrap();
+    pem.extend(std::fs::read(&key).unwrap());
+    std::fs::write(&both, pem).unwrap();
+    let before = db_digest(&data.join("keygate.db"));
+    for (ca, why) in [
+        (vendor.key_path(), "not a PEM certificate"),
+        (both, "holds a private key"),
+    ] {
+        let run = keygate(
+            &data,
+            &[
+                "alerts",
+                "smtp",
+                "--host",
+                "mail.lan",
+                "--ca",
+                ca.to_str().unwrap(),
+            ],
+        );
+        assert!(!run.ok && run.stderr.contains(why), "{}", run.stderr);
+        assert_eq!(db_digest(&data.join("keygate.db")), before);
+    }
+    let run = keygate(
+        &data,
+        &[
+            "alerts",
+            "smtp",
+            "--host",
+            "mail.lan",
+            "--ca",
+            cert.to_str().unwrap(),
+        ],
+    );
+    assert!(run.ok, "{}", run.stderr);
+}
