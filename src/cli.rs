@@ -450,9 +450,9 @@ fn write_output(out: Option<&Path>, text: &str) -> Result<()> {
                 Ok(_) => std::fs::canonicalize(path).with_context(cannot)?,
                 Err(_) => path.to_path_buf(),
             };
-            if holds_private_key(&target) {
+            if let Some(what) = precious(&target) {
                 bail!(
-                    "{} holds a private key: refusing to write over it (choose another file)",
+                    "{} holds {what}: refusing to write over it (choose another file)",
                     path.display()
                 );
             }
@@ -470,15 +470,24 @@ fn write_output(out: Option<&Path>, text: &str) -> Result<()> {
 }
 
 /// Whether the file at `path` begins like a PEM private key (within its first 64 KiB).
-fn holds_private_key(path: &Path) -> bool {
+/// What a file holds that an output must not replace: a private key, or a database (the
+/// appliance's own, named by mistake).
+fn precious(path: &Path) -> Option<&'static str> {
     use std::io::Read;
     let mut head = Vec::new();
     std::fs::File::open(path)
         .and_then(|file| file.take(64 * 1024).read_to_end(&mut head))
-        .is_ok_and(|_| {
-            head.windows(b"PRIVATE KEY".len())
-                .any(|w| w == b"PRIVATE KEY")
-        })
+        .ok()?;
+    if head.starts_with(b"SQLite format 3\0") {
+        Some("a database")
+    } else if head
+        .windows(b"PRIVATE KEY".len())
+        .any(|w| w == b"PRIVATE KEY")
+    {
+        Some("a private key")
+    } else {
+        None
+    }
 }
 
 /// The vendor keys this appliance trusts.
@@ -521,10 +530,13 @@ fn open_store(config: &Config) -> Result<rusqlite::Connection> {
 
 /// Whether `serve` runs on this data directory (it holds the directory's lock).
 fn service_running(config: &Config) -> bool {
-    matches!(
-        store::backup::lock_file(&config.data_dir, std::time::Duration::ZERO),
-        Err(store::backup::BackupError::Running)
-    )
+    // Without its lock file no service ever ran here: not made by a look (run as root, it
+    // would be root's, and the service could not open it).
+    config.data_dir.join("keygate.lock").exists()
+        && matches!(
+            store::backup::lock_file(&config.data_dir, std::time::Duration::ZERO),
+            Err(store::backup::BackupError::Running)
+        )
 }
 
 /// The database opened read-only (a database of another release is told, not migrated),

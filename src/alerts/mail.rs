@@ -259,6 +259,12 @@ pub fn kept_password(stored: Option<&SmtpSettings>, new: &SmtpSettings) -> (Opti
 /// password is only sent inside TLS, and a CA is a PEM certificate. The refusal names the
 /// field.
 pub fn check_settings(settings: &SmtpSettings) -> Result<(), (&'static str, &'static str)> {
+    if settings.password.is_some() && settings.user.is_none() {
+        return Err((
+            "user",
+            "A password goes with a user name: without one it is never sent",
+        ));
+    }
     if settings.password.is_some() && settings.tls == TlsMode::None {
         return Err((
             "tls",
@@ -332,7 +338,11 @@ pub async fn send_within(
 ) -> Result<String, MailError> {
     // Settings saved by an older release may lack what saving now checks (a password
     // over plain SMTP): never sent so.
-    check_settings(settings).map_err(|(_, why)| MailError::Settings(why))?;
+    match check_settings(settings) {
+        // A password without a user (an older release saved it) is never sent: harmless.
+        Ok(()) | Err(("user", _)) => {}
+        Err((_, why)) => return Err(MailError::Settings(why)),
+    }
     let from = mailbox(&settings.from)?;
     let mut builder = Message::builder().from(from).subject(&email.subject);
     for mailbox in to {

@@ -368,11 +368,14 @@ pub fn delete_old_audit(conn: &Connection, before: i64, limit: i64) -> Result<us
         .execute(params![before, limit])?)
 }
 
+/// Driven by the items, each read by the windows' key (item, window): the table holds 35
+/// days of every concurrent item's windows.
+const WINDOWS_SINCE: &str = "SELECT w.item_id, w.window, w.peak
+     FROM items i CROSS JOIN concurrency_windows w ON w.item_id = i.item_id AND w.window >= ?1";
+
 /// Peak concurrency per item per 3-minute window since window `since`.
 pub fn windows_since(conn: &Connection, since: i64) -> Result<Vec<(String, i64, i64)>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT item_id, window, peak FROM concurrency_windows WHERE window >= ?1",
-    )?;
+    let mut stmt = conn.prepare_cached(WINDOWS_SINCE)?;
     let rows = stmt.query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -423,5 +426,25 @@ mod tests {
             )
             .unwrap();
         assert!(plan.contains("audit_log_by_actor"), "{plan}");
+    }
+
+    /// The dashboard's windows are read by their key, not by a scan of every window kept.
+    #[test]
+    fn the_windows_shown_are_read_by_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::open(&dir.path().join("k.db")).unwrap();
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {WINDOWS_SINCE}"))
+            .unwrap();
+        let plan: Vec<String> = stmt
+            .query_map([0], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let windows = plan
+            .iter()
+            .find(|p| p.split_whitespace().nth(1) == Some("w"))
+            .expect("a step on w");
+        assert!(windows.starts_with("SEARCH w USING"), "{plan:?}");
     }
 }

@@ -1502,3 +1502,31 @@ fn a_restore_keeps_the_default_handshake_code_the_devices_were_given() {
     let list = keygate(&data, &["handshake", "list"]);
     assert!(list.stdout.contains(&code), "{}", list.stdout);
 }
+
+/// Console mistakes that must change nothing: `status` makes no lock file (run as root, it
+/// would be root's and the service could not open it), and `--out` never writes over the
+/// database.
+#[test]
+fn status_makes_no_lock_and_out_never_replaces_the_database() {
+    let vendor = Vendor::new();
+    let (_dir, data) = appliance_trusting(&vendor);
+    let _ = std::fs::remove_file(data.join("keygate.lock"));
+    assert!(keygate(&data, &["status"]).ok);
+    assert!(!data.join("keygate.lock").exists());
+    let db = data.join("keygate.db");
+    let before = db_digest(&db);
+    let run = keygate(
+        &data,
+        &["activation-request", "--out", db.to_str().unwrap()],
+    );
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("holds a database: refusing to write over it"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db_digest(&db), before);
+    assert!(keygate(&data, &["status"]).ok);
+}

@@ -1651,9 +1651,10 @@ fn lapsed_seats_are_freed_a_batch_at_a_time() {
 
 /// `--ca` takes a CA's certificate, nothing else: a private key (the vendor's, picked by
 /// mistake) or a certificate with its key beside it would be kept in the database and in
-/// every backup. Refused, and the settings stay as they were.
+/// every backup. Refused, and the settings stay as they were; as is a password without a
+/// user.
 #[test]
-fn the_smtp_ca_must_be_a_certificate_and_no_key() {
+fn smtp_settings_that_cannot_work_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     assert!(keygate(&data, &["activation-request"]).ok);
@@ -1695,4 +1696,13 @@ fn the_smtp_ca_must_be_a_certificate_and_no_key() {
         ],
     );
     assert!(run.ok, "{}", run.stderr);
+    // A password with no user to go with it would never be sent: refused, as any mistake.
+    let before = db_digest(&data.join("keygate.db"));
+    let run = smtp_with_password(&data, &["--host", "mail.lan"], "pw-secret-123");
+    assert!(
+        !run.ok && run.stderr.contains("A password goes with a user name"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db_digest(&data.join("keygate.db")), before);
 }
