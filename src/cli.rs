@@ -1316,13 +1316,28 @@ fn issue(args: IssueArgs, clock: &dyn Clock) -> Result<()> {
 /// Logs to standard error, or to daily files in `log.dir`, as text or JSON, and forwards
 /// every ERROR event to the returned channel (which `serve` turns into emails to the alert
 /// recipients).
-pub fn init_tracing(config: &Config) -> Result<UnboundedReceiver<ErrorEvent>> {
+/// Returns the ERROR events for the notifier, and whether the log goes to files.
+pub fn init_tracing(
+    config: &Config,
+    serving: bool,
+) -> Result<(UnboundedReceiver<ErrorEvent>, bool)> {
     use std::io::IsTerminal;
     use tracing_subscriber::fmt::writer::BoxMakeWriter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let (events, errors) = tokio::sync::mpsc::unbounded_channel();
-    let (writer, ansi) = match config.log_dir() {
+    // Log files in the data directory: `serve` makes the directory (private) first; another
+    // command logs to standard error while there is none (it makes nothing on a mistyped
+    // directory, and a directory made for the logs would not be private).
+    let in_data = |dir: &PathBuf| dir.starts_with(&config.data_dir);
+    let log_dir = config
+        .log_dir()
+        .filter(|dir| serving || !in_data(dir) || config.data_dir.is_dir());
+    if serving && log_dir.as_ref().is_some_and(in_data) {
+        appliance::create_private_dir(&config.data_dir)?;
+    }
+    let to_files = log_dir.is_some();
+    let (writer, ansi) = match log_dir {
         Some(dir) => {
             // Made first: the appender looks for old files to remove before it makes it.
             std::fs::create_dir_all(&dir)
@@ -1354,7 +1369,7 @@ pub fn init_tracing(config: &Config) -> Result<UnboundedReceiver<ErrorEvent>> {
         .with(fmt.with_filter(tracing_subscriber::EnvFilter::new(&config.log.level)))
         .with(ErrorCapture(events).with_filter(tracing_subscriber::filter::LevelFilter::ERROR))
         .init();
-    Ok(errors)
+    Ok((errors, to_files))
 }
 
 /// `keygate serve`: serves until stopped. Ending with an error (at start, mostly) is emailed

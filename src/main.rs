@@ -25,14 +25,14 @@ fn start(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let errors = match cli::init_tracing(&config) {
-        Ok(errors) => errors,
+    let serving = matches!(cli.command, Command::Serve { .. });
+    let (errors, logs_to_files) = match cli::init_tracing(&config, serving) {
+        Ok(started) => started,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    let logs_to_files = config.log.dir.is_some();
     let result = match cli.command {
         Command::Serve { .. } => cli::serve(config, errors),
         command => cli::run(command, config),
