@@ -349,6 +349,17 @@ pub fn run(command: Command, config: Config) -> Result<()> {
     match command {
         Command::Serve { .. } => unreachable!("serve is run by main"),
         Command::ActivationRequest { out } => {
+            // Checked before a new appliance is set up for it.
+            if let Some(out) = &out
+                && let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty())
+                && !dir.is_dir()
+            {
+                bail!(
+                    "cannot write {}: there is no directory {}",
+                    out.display(),
+                    dir.display()
+                );
+            }
             let new = !key.exists();
             let appliance =
                 store::backup::appliance_for(&config.data_dir, &config.database_path())?;

@@ -1538,3 +1538,21 @@ fn status_makes_no_lock_and_out_never_replaces_the_database() {
     assert_eq!(db_digest(&db), before);
     assert!(keygate(&data, &["status"]).ok);
 }
+
+/// An activation request whose output cannot be written sets up no appliance.
+#[test]
+fn an_activation_request_to_nowhere_sets_up_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = dir.path().join("no-such-dir").join("request.txt");
+    let run = keygate(
+        &data,
+        &["activation-request", "--out", out.to_str().unwrap()],
+    );
+    assert!(
+        !run.ok && run.stderr.contains("there is no directory"),
+        "{}",
+        run.stderr
+    );
+    assert!(!data.exists());
+}
