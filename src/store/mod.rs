@@ -41,13 +41,21 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0014_audit_by_actor.sql"),
 ];
 
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e)
+    }
+}
+
 /// How many requests one transaction commits at most.
 const MAX_BATCH: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Not a `source`: the message tells it, and a chain printed whole (`{:#}`) would tell
+    /// it again.
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error(
         "the database has schema version {found}, newer than this keygate knows ({known}): \
          it was written by a newer release; downgrading is not supported, restore a backup \

@@ -1556,3 +1556,25 @@ fn an_activation_request_to_nowhere_sets_up_nothing() {
     );
     assert!(!data.exists());
 }
+
+/// An error tells its cause once (a cause given as the error's source as well as in its
+/// message was printed twice).
+#[test]
+fn an_error_tells_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("keygate.toml");
+    let run: Run = command()
+        .arg("--config")
+        .arg(&missing)
+        .arg("status")
+        .output()
+        .unwrap()
+        .into();
+    assert!(!run.ok);
+    assert_eq!(
+        run.stderr.matches("No such file or directory").count(),
+        1,
+        "{}",
+        run.stderr
+    );
+}
