@@ -71,6 +71,8 @@ pub enum PortalError {
     Csrf,
     #[error("{0}")]
     BadForm(String),
+    #[error("{0}")]
+    NotFound(&'static str),
     #[error("internal error; the appliance logged the cause")]
     Internal,
 }
@@ -88,6 +90,7 @@ impl ResponseError for PortalError {
             PortalError::SignIn => StatusCode::SEE_OTHER,
             PortalError::Forbidden(_) | PortalError::Csrf => StatusCode::FORBIDDEN,
             PortalError::BadForm(_) => StatusCode::BAD_REQUEST,
+            PortalError::NotFound(_) => StatusCode::NOT_FOUND,
             PortalError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -114,6 +114,7 @@ async fn show(
             )?;
             let items = crate::store::licenses::all_items(conn)?
                 .into_iter()
+                .filter(|i| !i.withdrawn)
                 .map(|i| i.item_id)
                 .collect::<Vec<_>>();
             Ok::<_, StoreError>((rows, items))
@@ -223,7 +224,7 @@ pub async fn act(
             .insert_header((header::LOCATION, back))
             .finish()),
         Some(false) => Err(PortalError::BadForm("unknown action".into())),
-        None => Err(PortalError::BadForm("no such device".into())),
+        None => Err(PortalError::NotFound("No such device.")),
     }
 }
 
@@ -232,7 +233,12 @@ pub struct SeatView {
     pub instance: String,
     pub first: String,
     pub last: String,
+    pub withdrawn: bool,
 }
+
+/// Seats and leases a device's page shows at most (a terminal server's device holds a lease
+/// per user); it says how many there are in all.
+const SHOWN: i64 = 200;
 
 #[derive(Template)]
 #[template(path = "portal/device.html")]
@@ -245,6 +251,9 @@ struct DevicePage {
     seats: Vec<SeatView>,
     /// Each lease with its expiry and its state.
     leases: Vec<(devices::Lease, String, &'static str)>,
+    /// How many seats and leases the device holds in all.
+    all_seats: i64,
+    all_leases: i64,
     usage: Vec<(String, String, i64)>,
 }
 
@@ -267,13 +276,13 @@ pub async fn detail(
             let Some(device) = devices::device_by_uuid(conn, &uuid)? else {
                 return Ok(None);
             };
-            let seats = devices::seats_of(conn, device.id)?;
-            let leases = devices::leases_of(conn, device.id)?;
+            let seats = devices::seats_of(conn, device.id, SHOWN)?;
+            let leases = devices::leases_of(conn, device.id, SHOWN)?;
             let usage = devices::device_usage(conn, device.id)?;
             Ok::<_, StoreError>(Some((device, seats, leases, usage)))
         })
         .await?;
-    let Some((device, seats, leases, usage)) = found else {
+    let Some((device, (seats, all_seats), (leases, all_leases), usage)) = found else {
         return Ok(super::message_page(
             actix_web::http::StatusCode::NOT_FOUND,
             "No such device.",
@@ -287,13 +296,16 @@ pub async fn detail(
         last_seen: time(device.last_seen),
         seats: seats
             .into_iter()
-            .map(|(item, instance, first, last)| SeatView {
-                item,
-                instance,
-                first: time(first),
-                last: time(last),
+            .map(|seat| SeatView {
+                first: time(seat.first_auth_at),
+                last: time(seat.last_used_at),
+                item: seat.item_id,
+                instance: seat.instance,
+                withdrawn: seat.withdrawn,
             })
             .collect(),
+        all_seats,
+        all_leases,
         leases: leases
             .into_iter()
             .map(|l| {

@@ -896,8 +896,11 @@ pub fn list_devices(
     after_id: i64,
     limit: i64,
 ) -> Result<Vec<DeviceLine>, StoreError> {
-    let columns =
-        format!("{DEVICE_COLUMNS}, (SELECT COUNT(*) FROM seats s WHERE s.device_id = d.id)");
+    // Seats that serve: not those of items a newer license withdrew.
+    let columns = format!(
+        "{DEVICE_COLUMNS}, (SELECT COUNT(*) FROM seats s WHERE s.device_id = d.id
+            AND s.item_id NOT IN (SELECT item_id FROM items WHERE withdrawn = 1))"
+    );
     let row = |r: &Row<'_>| {
         Ok(DeviceLine {
             device: device_from_row(r)?,
@@ -910,12 +913,26 @@ pub fn list_devices(
         ""
     };
     let rows: Vec<DeviceLine> = match (q, item) {
+        // An item's blocked devices, driven by the blocked devices' index (few), each looked
+        // up in the item's seats: not the item's seats read until enough are blocked.
+        (None, Some(item)) if blocked_only => {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {columns} FROM devices d WHERE d.blocked = 1 AND d.id > :after
+                 AND EXISTS (SELECT 1 FROM seats held WHERE held.item_id = :item
+                             AND held.device_id = d.id)
+                 ORDER BY d.id LIMIT :limit"
+            ))?;
+            let args: [(&str, &dyn rusqlite::ToSql); 3] =
+                [(":item", &item), (":after", &after_id), (":limit", &limit)];
+            stmt.query_map(args.as_slice(), row)?
+                .collect::<Result<_, _>>()?
+        }
         // An item's devices, driven by the seats' primary key (item, device): a page reads
         // its own rows, whatever the item holds.
         (None, Some(item)) => {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {columns} FROM seats held JOIN devices d ON d.id = held.device_id
-                 WHERE held.item_id = :item AND held.device_id > :after {blocked}
+                 WHERE held.item_id = :item AND held.device_id > :after
                  GROUP BY held.device_id ORDER BY held.device_id LIMIT :limit"
             ))?;
             let args: [(&str, &dyn rusqlite::ToSql); 3] =
@@ -962,28 +979,60 @@ pub fn list_devices(
     Ok(rows)
 }
 
-/// The seats a device holds: (item, instance, first authorization, last use).
+/// A seat as a device's page shows it.
+#[derive(Debug)]
+pub struct HeldSeat {
+    pub item_id: String,
+    pub instance: String,
+    pub first_auth_at: i64,
+    pub last_used_at: i64,
+    /// The item's license no longer grants it (the seat serves nothing).
+    pub withdrawn: bool,
+}
+
+/// The first `limit` seats a device holds, and how many it holds in all.
 pub fn seats_of(
     conn: &Connection,
     device_id: i64,
-) -> Result<Vec<(String, String, i64, i64)>, StoreError> {
+    limit: i64,
+) -> Result<(Vec<HeldSeat>, i64), StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT item_id, instance, first_auth_at, last_used_at FROM seats WHERE device_id = ?1
-         ORDER BY item_id, instance",
+        "SELECT s.item_id, s.instance, s.first_auth_at, s.last_used_at,
+                coalesce(i.withdrawn, 0) AS withdrawn
+         FROM seats s LEFT JOIN items i ON i.item_id = s.item_id WHERE s.device_id = ?1
+         ORDER BY withdrawn, s.item_id, s.instance LIMIT ?2",
     )?;
-    let rows = stmt.query_map([device_id], |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    let rows = stmt.query_map(params![device_id, limit], |r| {
+        Ok(HeldSeat {
+            item_id: r.get(0)?,
+            instance: r.get(1)?,
+            first_auth_at: r.get(2)?,
+            last_used_at: r.get(3)?,
+            withdrawn: r.get(4)?,
+        })
     })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let all = conn
+        .prepare_cached("SELECT COUNT(*) FROM seats WHERE device_id = ?1")?
+        .query_row([device_id], |r| r.get(0))?;
+    Ok((rows.collect::<Result<_, _>>()?, all))
 }
 
-/// A device's leases.
-pub fn leases_of(conn: &Connection, device_id: i64) -> Result<Vec<Lease>, StoreError> {
+/// A device's first `limit` leases (a terminal server's device holds one per user), and how
+/// many it holds in all.
+pub fn leases_of(
+    conn: &Connection,
+    device_id: i64,
+    limit: i64,
+) -> Result<(Vec<Lease>, i64), StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {LEASE_COLUMNS} FROM leases WHERE device_id = ?1 ORDER BY product, instance, user"
+        "SELECT {LEASE_COLUMNS} FROM leases WHERE device_id = ?1 ORDER BY product, instance, user
+         LIMIT ?2"
     ))?;
-    let rows = stmt.query_map([device_id], lease_from_row)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let rows = stmt.query_map(params![device_id, limit], lease_from_row)?;
+    let all = conn
+        .prepare_cached("SELECT COUNT(*) FROM leases WHERE device_id = ?1")?
+        .query_row([device_id], |r| r.get(0))?;
+    Ok((rows.collect::<Result<_, _>>()?, all))
 }
 
 /// One batch of the devices whose last user is a given one.

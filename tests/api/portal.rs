@@ -2984,3 +2984,59 @@ fn a_lease_past_its_authorization_reads_expired() {
         "{list}"
     );
 }
+
+/// A device's pages at scale and across renewals: seats in an item a newer license withdrew
+/// serve nothing and are not counted (nor offered as a filter); a device with more leases
+/// than a page shows (a terminal server, a lease per user) says how many it holds; an action
+/// on a device that does not exist is a 404.
+#[test]
+fn device_pages_count_what_serves_and_show_a_bounded_page() {
+    let (f, browser) = signed_in(&item("reader", "per_device", 1000, ""));
+    let device = f.authorized("reader", 1).device_uuid;
+    for user in 0..201 {
+        let mut request = f.request("reader", 1);
+        request["device"]["user"] = json!(format!("user{user:03}"));
+        assert_eq!(f.authorize(&request).0, 200);
+    }
+    let page = browser.get(&format!("/devices/{device}")).body;
+    assert!(
+        page.contains("The first 200 of 202 leases.")
+            && page.matches("<tr><td>reader</td>").count() == 200,
+        "{page}"
+    );
+    let seats = |list: &str| {
+        let row = &list[list.find(&format!("<tr id=\"device-{device}\"")).unwrap()..];
+        let cell = row.split("<td class=\"num seats\">").nth(1).unwrap();
+        cell.split('<').next().unwrap().to_string()
+    };
+    assert_eq!(seats(&browser.get("/devices").body), "1");
+
+    f.import(
+        "LIC-T",
+        &item("reader", "per_device", 1000, "item_id = \"LIC-T-NEW\""),
+        &["--version", "2"],
+    );
+    let list = browser.get("/devices").body;
+    assert_eq!(
+        seats(&list),
+        "0",
+        "the withdrawn item's seat serves nothing"
+    );
+    assert!(
+        list.contains("<option>LIC-T-NEW</option>") && !list.contains("<option>LIC-T-1</option>"),
+        "{list}"
+    );
+    let page = browser.get(&format!("/devices/{device}")).body;
+    assert!(
+        page.contains("LIC-T-1</a> (withdrawn: serves nothing)"),
+        "{page}"
+    );
+
+    let token = csrf(&list);
+    let answer = browser.post(
+        "/devices/00000000-0000-4000-8000-00000000ffff/block",
+        &[("csrf", &token)],
+    );
+    assert_eq!(answer.status, 404, "{}", answer.body);
+    assert!(answer.body.contains("No such device."), "{}", answer.body);
+}
