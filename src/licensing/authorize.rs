@@ -593,6 +593,17 @@ pub fn free_lapsed(
     Ok(lapsed.len())
 }
 
+/// How many of an item's seats lapsed and are not freed yet (the next authorization, or the
+/// alerts job, frees them): they no longer count against the quota.
+pub fn lapsed_count(conn: &Connection, item: &ItemRow, now: i64) -> Result<i64, StoreError> {
+    match lapse_rule(item.terms.model, now) {
+        Some((cutoff, by_first_auth, _)) => {
+            ops::lapsed_count(conn, &item.item_id, cutoff, by_first_auth)
+        }
+        None => Ok(0),
+    }
+}
+
 pub enum Occupy {
     Refused(Refusal),
     Store(StoreError),

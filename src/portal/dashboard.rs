@@ -144,20 +144,23 @@ impl Figures {
     }
 }
 
-/// A concurrent item's devices active now: those of the current window, or of the one
-/// before while the current one fills (devices report every 3 minutes, so just after a
-/// window starts few have reported in it yet). A release lowers both.
-pub fn load_active(
+/// An item's use now, as its stored counts do not keep it: a concurrent item's devices
+/// active now (those of the current window, or of the one before while the current one
+/// fills: devices report every 3 minutes, so just after a window starts few have reported in
+/// it yet; a release lowers both), and a seat item's seats less those that lapsed and wait
+/// to be freed.
+pub fn load_now(
     conn: &rusqlite::Connection,
     item: &mut store::licenses::ItemRow,
     now: i64,
 ) -> Result<(), StoreError> {
     if item.terms.model.is_concurrent() {
         let window = models::window_of(now);
-        item.used.window_active = store::devices::window_active(conn, &item.item_id, window)?.max(
-            store::devices::window_active(conn, &item.item_id, window - 1)?,
-        );
+        let active = |w| store::devices::window_active(conn, &item.item_id, w);
+        item.used.window_active = active(window)?.max(active(window - 1)?);
     }
+    let lapsed = crate::licensing::authorize::lapsed_count(conn, item, now)?;
+    item.used.seats_used = item.used.seats_used.saturating_sub(lapsed).max(0);
     Ok(())
 }
 
@@ -191,11 +194,11 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
     let (items, usage, peaks, windows, last_backup) = state
         .store
         .read(move |conn| {
-            // A concurrent item's use is its devices active now (`load_active`), which a
-            // release or a removal lowers (the window's `peak`, charted, stays).
+            // Use now (`load_now`): a concurrent item's devices active now, which a release
+            // or a removal lowers (the window's `peak`, charted, stays); seats less lapsed ones.
             let mut items = store::licenses::all_items(conn)?;
             for item in &mut items {
-                load_active(conn, item, now)?;
+                load_now(conn, item, now)?;
             }
             Ok::<_, StoreError>((
                 items,

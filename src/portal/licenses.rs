@@ -288,7 +288,7 @@ pub async fn item(
             let Some(mut item) = licenses::item(conn, &id)? else {
                 return Ok(None);
             };
-            super::dashboard::load_active(conn, &mut item, now)?;
+            super::dashboard::load_now(conn, &mut item, now)?;
             let handshake = licenses::handshake_by_id(conn, item.handshake_id)?
                 .map(|h| h.code)
                 .unwrap_or_default();

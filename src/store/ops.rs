@@ -302,6 +302,23 @@ pub struct LapsedSeat {
 
 /// Seats of an item used last at or before `cutoff` (by_first_auth: first authorized at or
 /// before it instead).
+/// How many of an item's seats lapsed by `cutoff` (by first authorization or by last use).
+pub fn lapsed_count(
+    conn: &Connection,
+    item_id: &str,
+    cutoff: i64,
+    by_first_auth: bool,
+) -> Result<i64, StoreError> {
+    let sql = if by_first_auth {
+        "SELECT COUNT(*) FROM seats WHERE item_id = ?1 AND first_auth_at <= ?2"
+    } else {
+        "SELECT COUNT(*) FROM seats WHERE item_id = ?1 AND last_used_at <= ?2"
+    };
+    Ok(conn
+        .prepare_cached(sql)?
+        .query_row(params![item_id, cutoff], |r| r.get(0))?)
+}
+
 pub fn lapsed_seats(
     conn: &Connection,
     item_id: &str,

@@ -3040,3 +3040,22 @@ fn device_pages_count_what_serves_and_show_a_bounded_page() {
     assert_eq!(answer.status, 404, "{}", answer.body);
     assert!(answer.body.contains("No such device."), "{}", answer.body);
 }
+
+/// A seat that lapsed counts no more from the moment it lapses, on the pages as for a new
+/// device, not only once the alerts job frees it.
+#[test]
+fn a_lapsed_seat_is_not_counted_on_the_pages() {
+    let (f, _) = signed_in(&item("reader", "per_active_device", 1, ""));
+    f.authorized("reader", 1);
+    f.app.clock.advance(Duration::days(90));
+    let (browser, _) = sign_in(&f, "olivia", PASSWORD);
+    let dashboard = browser.get("/").body;
+    let row = &dashboard[dashboard.find("<tr id=\"item-LIC-T-1\"").unwrap()..];
+    assert!(
+        row.contains("<td class=\"num\">0</td>") && !row.contains("state-full"),
+        "{row}"
+    );
+    let page = browser.get("/licenses/items/LIC-T-1").body;
+    assert!(page.contains("0 of 1 (devices with a seat)"), "{page}");
+    f.authorized("reader", 2);
+}
