@@ -956,11 +956,19 @@ pub fn list_devices(
             } else {
                 ""
             };
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {columns} FROM devices d WHERE d.id IN (
-                    SELECT id FROM devices WHERE uuid = :q
+            // Few matches are collected from the indexes and sorted; many (`DESKTOP-`, the
+            // name Windows gives every PC) are found walking the devices in id order, where
+            // they are dense: either way a page reads a bounded number of rows.
+            let matches = if search_matches_many(conn, q, &upper)? {
+                "(d.uuid = :q OR (+d.name >= :q AND +d.name < :upper)
+                  OR (+d.last_user >= :q AND +d.last_user < :upper))"
+            } else {
+                "d.id IN (SELECT id FROM devices WHERE uuid = :q
                     UNION SELECT id FROM devices WHERE name >= :q AND name < :upper
-                    UNION SELECT id FROM devices WHERE last_user >= :q AND last_user < :upper)
+                    UNION SELECT id FROM devices WHERE last_user >= :q AND last_user < :upper)"
+            };
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {columns} FROM devices d WHERE {matches}
                  AND d.id > :after {blocked}{in_item} ORDER BY d.id LIMIT :limit"
             ))?;
             let mut args: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
@@ -977,6 +985,23 @@ pub fn list_devices(
         }
     };
     Ok(rows)
+}
+
+/// Past this many devices a search finds, its pages walk the devices in id order.
+const SEARCH_COLLECTED: i64 = 5000;
+
+/// Whether more than [`SEARCH_COLLECTED`] devices' names or users start with `q` (counted
+/// by the indexes, up to that many).
+fn search_matches_many(conn: &Connection, q: &str, upper: &str) -> Result<bool, StoreError> {
+    let found: i64 = conn
+        .prepare_cached(
+            "SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM devices
+                     WHERE name >= ?1 AND name < ?2 LIMIT ?3))
+                  + (SELECT COUNT(*) FROM (SELECT 1 FROM devices
+                     WHERE last_user >= ?1 AND last_user < ?2 LIMIT ?3))",
+        )?
+        .query_row(params![q, upper, SEARCH_COLLECTED + 1], |r| r.get(0))?;
+    Ok(found > SEARCH_COLLECTED)
 }
 
 /// A seat as a device's page shows it.
@@ -1084,6 +1109,51 @@ pub fn devices_of_user(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A search that finds many devices walks them in id order, one that finds few collects
+    /// them from the indexes: both page through every match once, in id order.
+    #[test]
+    fn a_search_pages_through_its_matches_whether_few_or_many() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::open(&dir.path().join("k.db")).unwrap();
+        let tx = conn.unchecked_transaction().unwrap();
+        let mut desktops = Vec::new();
+        let mut laptops = Vec::new();
+        for n in 0..SEARCH_COLLECTED + 200 {
+            let uuid = format!("00000000-0000-4000-8000-{n:012}");
+            let id = insert_device(&tx, &uuid, "", "", 10).unwrap();
+            let name = if n % 50 == 7 {
+                laptops.push(id);
+                format!("LAPTOP-{n}")
+            } else {
+                desktops.push(id);
+                format!("DESKTOP-{n}")
+            };
+            tx.execute(
+                "UPDATE devices SET name = ?1 WHERE id = ?2",
+                params![name, id],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        let all = |q: &str| -> Vec<i64> {
+            let (mut found, mut after) = (Vec::new(), 0);
+            loop {
+                let page = list_devices(&conn, Some(q), None, false, after, 51).unwrap();
+                found.extend(page.iter().map(|l| l.device.id));
+                match page.last() {
+                    Some(last) if page.len() == 51 => after = last.device.id,
+                    _ => return found,
+                }
+            }
+        };
+        let upper = |q: &str| format!("{q}\u{10FFFF}");
+        assert!(search_matches_many(&conn, "DESKTOP", &upper("DESKTOP")).unwrap());
+        assert!(!search_matches_many(&conn, "LAPTOP", &upper("LAPTOP")).unwrap());
+        assert_eq!(all("DESKTOP"), desktops);
+        assert_eq!(all("LAPTOP"), laptops);
+        assert_eq!(all("00000000-0000-4000-8000-000000000007"), [laptops[0]]);
+    }
 
     #[test]
     fn an_items_devices_are_listed_once_each_a_page_at_a_time() {
