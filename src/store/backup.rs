@@ -593,7 +593,15 @@ pub fn restore(
     // The copy is checked and must belong to this appliance.
     let mut copied = || {
         // A wrong path is named as the user gave it; a failure to write, by the copy's.
-        std::fs::File::open(backup).map_err(io(backup))?;
+        let found = std::fs::File::open(backup)
+            .and_then(|f| f.metadata())
+            .map_err(io(backup))?;
+        if !found.is_file() {
+            return Err(BackupError::Unsound(
+                backup.to_path_buf(),
+                "it is not a file (name a backup file in it)".into(),
+            ));
+        }
         std::fs::copy(backup, &tmp).map_err(io(&tmp))?;
         owner_only(&tmp)?;
         let wal = side_file(backup, "-wal");

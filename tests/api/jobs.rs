@@ -882,6 +882,18 @@ fn a_damaged_backup_is_refused_by_restore() {
         )
     );
     assert_eq!(db_digest(&data.join("keygate.db")), before);
+    // A directory (the backups' own, say) is named as such.
+    let backups = data.join("backups");
+    let run = keygate(&data, &["restore", backups.to_str().unwrap()]);
+    assert_eq!(
+        run.stderr.trim(),
+        format!(
+            "error: {} is not a sound keygate database: it is not a file (name a backup file \
+             in it)",
+            backups.display()
+        )
+    );
+    assert_eq!(db_digest(&data.join("keygate.db")), before);
 }
 
 #[test]
