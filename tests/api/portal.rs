@@ -122,6 +122,14 @@ fn csrf(body: &str) -> String {
     hidden(body, "csrf")
 }
 
+/// Posts `fields` to `/admins/{action}` as `browser` (an owner), with its CSRF token.
+fn admins_post(browser: &Browser, action: &str, fields: &[(&str, &str)]) -> Answer {
+    let token = csrf(&browser.get("/admins").body);
+    let mut all = vec![("csrf", token.as_str())];
+    all.extend_from_slice(fields);
+    browser.post(&format!("/admins/{action}"), &all)
+}
+
 /// The value of the first hidden field `name` of a page.
 fn hidden(body: &str, name: &str) -> String {
     let field = format!("name=\"{name}\" value=\"");
@@ -589,12 +597,7 @@ fn an_argon2_run_keeps_its_slot_after_its_request_is_dropped() {
 #[test]
 fn an_admin_deleted_or_demoted_meanwhile_changes_nothing() {
     let (f, olivia) = signed_in(&item("reader", "per_device", 10, ""));
-    let post = |browser: &Browser, action: &str, fields: &[(&str, &str)]| {
-        let token = csrf(&browser.get("/admins").body);
-        let mut all = vec![("csrf", token.as_str())];
-        all.extend_from_slice(fields);
-        browser.post(&format!("/admins/{action}"), &all)
-    };
+    let post = admins_post;
     // A new admin `name` with `role` posts `fields` to `path`, which waits for the Argon2
     // slot; meanwhile olivia does `change` (an action of /admins) to that admin, saying
     // `done`. The post, going on, is refused.
@@ -2672,10 +2675,7 @@ fn post_slowly(
 fn a_form_or_upload_sent_slowly_is_checked_again_when_it_has_arrived() {
     let (f, olivia) = signed_in(&item("reader", "per_device", 10, ""));
     let admins = |fields: &[(&str, &str)], action: &str, done: &str| {
-        let token = csrf(&olivia.get("/admins").body);
-        let mut all = vec![("csrf", token.as_str())];
-        all.extend_from_slice(fields);
-        let answer = olivia.post(&format!("/admins/{action}"), &all);
+        let answer = admins_post(&olivia, action, fields);
         assert!(answer.body.contains(done), "{}", answer.body);
     };
     admins(
@@ -2751,12 +2751,7 @@ fn a_form_or_upload_sent_slowly_is_checked_again_when_it_has_arrived() {
 #[test]
 fn a_sign_in_loses_to_a_reset_or_removal_made_while_it_waited() {
     let (f, olivia) = signed_in(&item("reader", "per_device", 10, ""));
-    let admins = |fields: &[(&str, &str)], action: &str| {
-        let token = csrf(&olivia.get("/admins").body);
-        let mut all = vec![("csrf", token.as_str())];
-        all.extend_from_slice(fields);
-        olivia.post(&format!("/admins/{action}"), &all).body
-    };
+    let admins = |fields: &[(&str, &str)], action: &str| admins_post(&olivia, action, fields).body;
     for (name, change) in [("max", "delete"), ("mia", "password")] {
         let created = admins(
             &[("name", name), ("role", "manager"), ("password", PASSWORD)],
@@ -2770,13 +2765,8 @@ fn a_sign_in_loses_to_a_reset_or_removal_made_while_it_waited() {
             // A reset hashes the new password: it queues for the slot ahead of the sign-in.
             let reset = (change == "password").then(|| {
                 let reset = s.spawn(move || {
-                    let token = csrf(&owner.get("/admins").body);
-                    let fields = [
-                        ("csrf", token.as_str()),
-                        ("name", name),
-                        ("password", "another password!"),
-                    ];
-                    owner.post("/admins/password", &fields).body
+                    let fields = [("name", name), ("password", "another password!")];
+                    admins_post(&owner, "password", &fields).body
                 });
                 assert!(!ends_within(&reset, 1), "the reset waits for the slot");
                 reset
@@ -2839,15 +2829,10 @@ fn the_trial_switch_takes_on_or_off_only() {
 #[test]
 fn a_write_waiting_for_argon2_loses_to_a_reset_of_its_admin() {
     let (f, olivia) = signed_in(&item("reader", "per_device", 10, ""));
-    let token = csrf(&olivia.get("/admins").body);
-    let created = olivia.post(
-        "/admins/create",
-        &[
-            ("csrf", &token),
-            ("name", "bob"),
-            ("role", "owner"),
-            ("password", PASSWORD),
-        ],
+    let created = admins_post(
+        &olivia,
+        "create",
+        &[("name", "bob"), ("role", "owner"), ("password", PASSWORD)],
     );
     assert!(
         created.body.contains("Admin bob created"),
@@ -2860,13 +2845,8 @@ fn a_write_waiting_for_argon2_loses_to_a_reset_of_its_admin() {
     std::thread::scope(|s| {
         let busy = hold_argon2(&f.app.state, Passwords::Portal, 1);
         let reset = s.spawn(move || {
-            let token = csrf(&owner.get("/admins").body);
-            let fields = [
-                ("csrf", token.as_str()),
-                ("name", "bob"),
-                ("password", "another password!"),
-            ];
-            owner.post("/admins/password", &fields).body
+            let fields = [("name", "bob"), ("password", "another password!")];
+            admins_post(&owner, "password", &fields).body
         });
         assert!(!ends_within(&reset, 1), "the reset waits for the slot");
         let create = s.spawn(move || {
