@@ -63,7 +63,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the appliance: HTTPS for devices and the admin portal.
     Serve {
-        /// Address and port to listen on (default 0.0.0.0:8443).
+        /// Address and port to listen on (default: the configuration's `listen`,
+        /// 0.0.0.0:8443).
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
     },
@@ -77,7 +78,7 @@ pub enum Command {
     Trust {
         /// The vendor's public key file.
         key: PathBuf,
-        /// A name to show for it (default: the file name).
+        /// A name to show for it (default: the file name without its extension).
         #[arg(long)]
         name: Option<String>,
     },

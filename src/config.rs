@@ -402,6 +402,70 @@ mod tests {
             .collect()
     }
 
+    /// The packaged files (Debian's and Windows') are valid as shipped and with every
+    /// commented key set, and a commented key that is not an example (a path, a name, an
+    /// address of this site) shows the built-in default.
+    #[test]
+    fn the_packaged_files_show_real_keys_and_their_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.toml");
+        let examples = [
+            "trusted_vendor_keys",
+            "public_url",
+            "cert",
+            "key",
+            "extra_names",
+            "dir",
+            "token_file",
+        ];
+        for (name, text) in [
+            ("debian", include_str!("../packaging/keygate.toml")),
+            ("windows", include_str!("../packaging/wix/keygate.toml")),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            Config::from_file(&path).unwrap().validate().unwrap();
+            // Every `#key = value` line set, but the examples.
+            let set: String = text
+                .lines()
+                .map(|line| match line.strip_prefix('#') {
+                    Some(key) if key.contains(" = ") && !key.starts_with(' ') => {
+                        let key_name = key.split(" = ").next().unwrap();
+                        if examples.contains(&key_name) {
+                            line.to_string()
+                        } else {
+                            key.to_string()
+                        }
+                    }
+                    _ => line.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            std::fs::write(&path, &set).unwrap();
+            let config = Config::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            config.validate().unwrap();
+            let default = Config::default();
+            assert_eq!(config.listen, default.listen, "{name}");
+            assert_eq!(
+                config.max_connections_per_address, default.max_connections_per_address,
+                "{name}"
+            );
+            assert_eq!(config.log.level, default.log.level, "{name}");
+            assert_eq!(config.log.format, default.log.format, "{name}");
+            assert_eq!(config.jobs, default.jobs, "{name}");
+            // And the examples are real keys with valid values too.
+            let all: String = text
+                .lines()
+                .map(|line| match line.strip_prefix('#') {
+                    Some(key) if key.contains(" = ") && !key.starts_with(' ') => key,
+                    _ => line,
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            std::fs::write(&path, &all).unwrap();
+            Config::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
     #[test]
     fn defaults_need_no_file() {
         let config = Config::load(None, env(&[]), &Overrides::default()).unwrap();
