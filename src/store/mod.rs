@@ -113,6 +113,11 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // for every answer.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
+    // No automatic checkpoint, which ignores its own failures (`checkpoint_or_stop`): the
+    // service's writer checkpoints, a console command's connection only as it closes (a
+    // failure there leaves the WAL as it is). A command run beside the service (`import`,
+    // `device`, `backup`) no longer checkpoints under it.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     // Savepoints (one per request in a batch) journal in memory, not in a temporary file.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // 64 MiB of page cache (the default is 2 MiB): the hot pages of devices, leases and seats.
@@ -907,6 +912,25 @@ mod tests {
                 mark("SEATS", "consumption:90", -1),
                 mark("SEATS", "expiry:30", 5000),
             ]
+        );
+    }
+
+    /// A command's connection never checkpoints as it commits (SQLite's automatic
+    /// checkpoint ignores its failures): what it writes stays in the WAL until it closes.
+    #[test]
+    fn a_commands_commit_does_not_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let conn = open(&path).unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        // About 1,500 pages: past SQLite's automatic checkpoint at 1,000.
+        settings::set(&conn, "large", &"x".repeat(6 << 20)).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
+        assert!(std::fs::metadata(side_file(&path, "-wal")).unwrap().len() > 6 << 20);
+        drop(conn);
+        assert!(
+            std::fs::metadata(&path).unwrap().len() > 6 << 20,
+            "checkpointed at close"
         );
     }
 
