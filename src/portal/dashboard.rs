@@ -107,18 +107,22 @@ pub struct Figures {
     /// Concurrent models: windows over quota so far, and the `max_exceptions` that stops
     /// the item.
     pub exceptions: Option<(i64, i64)>,
+    /// Concurrent models: the devices active in the last whole window (just after a window
+    /// starts, few devices have called in it yet: they call every 3 minutes).
+    pub last_window: Option<i64>,
     /// Tokens: the balance (below zero in grace), and when the grace ends.
     pub balance: Option<i64>,
     pub grace_ends: Option<String>,
 }
 
 impl Figures {
-    pub fn of(item: &store::licenses::ItemRow, now: i64) -> Figures {
+    /// `last_window`: what [`load_now`] gave for the item.
+    pub fn of(item: &store::licenses::ItemRow, now: i64, last_window: Option<i64>) -> Figures {
         let (terms, u) = (&item.terms, &item.used);
         let (used, used_label) = match terms.model {
             Model::PerUsage => (u.usage_total, "metered usage"),
             Model::Tokens => (u.tokens_used, "tokens spent"),
-            m if m.is_concurrent() => (u.window_active, "devices active now"),
+            m if m.is_concurrent() => (u.window_active, "devices active in this 3-minute window"),
             _ => (u.seats_used, "devices with a seat"),
         };
         let state = state_label(item, now);
@@ -136,6 +140,7 @@ impl Figures {
                 .model
                 .is_concurrent()
                 .then_some((u.exceptions, terms.max_exceptions)),
+            last_window,
             balance: tokens.then(|| models::tokens_balance(terms, u)),
             grace_ends: models::grace_ends_at(terms, u)
                 .filter(|_| tokens)
@@ -145,23 +150,26 @@ impl Figures {
 }
 
 /// An item's use now, as its stored counts do not keep it: a concurrent item's devices
-/// active now (those of the current window, or of the one before while the current one
-/// fills: devices report every 3 minutes, so just after a window starts few have reported in
-/// it yet; a release lowers both), and a seat item's seats less those that lapsed and wait
-/// to be freed.
+/// active in the current window (which a release lowers at once), and a seat item's seats
+/// less those that lapsed and wait to be freed. Returns a concurrent item's devices active
+/// in the last whole window.
 pub fn load_now(
     conn: &rusqlite::Connection,
     item: &mut store::licenses::ItemRow,
     now: i64,
-) -> Result<(), StoreError> {
-    if item.terms.model.is_concurrent() {
-        let window = models::window_of(now);
-        let active = |w| store::devices::window_active(conn, &item.item_id, w);
-        item.used.window_active = active(window)?.max(active(window - 1)?);
-    }
+) -> Result<Option<i64>, StoreError> {
     let lapsed = crate::licensing::authorize::lapsed_count(conn, item, now)?;
     item.used.seats_used = item.used.seats_used.saturating_sub(lapsed).max(0);
-    Ok(())
+    if !item.terms.model.is_concurrent() {
+        return Ok(None);
+    }
+    let window = models::window_of(now);
+    item.used.window_active = store::devices::window_active(conn, &item.item_id, window)?;
+    Ok(Some(store::devices::window_active(
+        conn,
+        &item.item_id,
+        window - 1,
+    )?))
 }
 
 fn state_label(item: &store::licenses::ItemRow, now: i64) -> &'static str {
@@ -194,11 +202,12 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
     let (items, usage, peaks, windows, last_backup) = state
         .store
         .read(move |conn| {
-            // Use now (`load_now`): a concurrent item's devices active now, which a release
-            // or a removal lowers (the window's `peak`, charted, stays); seats less lapsed ones.
-            let mut items = store::licenses::all_items(conn)?;
-            for item in &mut items {
-                load_now(conn, item, now)?;
+            // Use now (`load_now`): a concurrent item's devices active in this window, which
+            // a release or a removal lowers (its `peak`, charted, stays); seats less lapsed ones.
+            let mut items = Vec::new();
+            for mut item in store::licenses::all_items(conn)? {
+                let last_window = load_now(conn, &mut item, now)?;
+                items.push((item, last_window));
             }
             Ok::<_, StoreError>((
                 items,
@@ -217,8 +226,8 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
     };
     let items = items
         .into_iter()
-        .filter(|i| !i.withdrawn)
-        .map(|item| {
+        .filter(|(i, _)| !i.withdrawn)
+        .map(|(item, last_window)| {
             let (caption, values) = if item.terms.model.is_concurrent() {
                 (
                     "peak devices per day, last 30 days",
@@ -242,7 +251,7 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
                 )
             });
             ItemView {
-                figures: Figures::of(&item, now),
+                figures: Figures::of(&item, now, last_window),
                 chart: chart(
                     caption.to_string(),
                     &values,

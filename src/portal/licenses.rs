@@ -288,15 +288,16 @@ pub async fn item(
             let Some(mut item) = licenses::item(conn, &id)? else {
                 return Ok(None);
             };
-            super::dashboard::load_now(conn, &mut item, now)?;
+            let last_window = super::dashboard::load_now(conn, &mut item, now)?;
             let handshake = licenses::handshake_by_id(conn, item.handshake_id)?
                 .map(|h| h.code)
                 .unwrap_or_default();
             let alerts = ops::alert_marks(conn, &item.item_id)?;
-            Ok::<_, StoreError>(Some((item, handshake, alerts)))
+            let figures = super::dashboard::Figures::of(&item, now, last_window);
+            Ok::<_, StoreError>(Some((item, figures, handshake, alerts)))
         })
         .await?;
-    let Some((item, handshake, alerts)) = found else {
+    let Some((item, figures, handshake, alerts)) = found else {
         return Ok(super::message_page(
             StatusCode::NOT_FOUND,
             "No such license item.",
@@ -304,7 +305,7 @@ pub async fn item(
     };
     Ok(render(&ItemPage {
         page: Page::of(&admin),
-        figures: super::dashboard::Figures::of(&item, now),
+        figures,
         starts: super::utc(item.terms.starts_at),
         expires: super::utc(item.terms.expires_at),
         item,
