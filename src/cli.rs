@@ -959,7 +959,7 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
     use crate::alerts::mail;
     match command {
         AlertsCommand::Recipients { list } => {
-            let parsed = mail::parse_recipients(&list)?;
+            let parsed = mail::recipients_to_save(&list)?;
             let list = parsed
                 .iter()
                 .map(|m| m.to_string())

@@ -144,18 +144,33 @@ pub fn parse_recipients(text: &str) -> Result<Vec<Mailbox>, MailError> {
     Ok(list)
 }
 
-/// One address (a display name may be in any script: it is sent encoded). The address
-/// itself must be ASCII: lettre refuses a message with a UTF-8 address unless the server
-/// offers SMTPUTF8, which many relays do not, and then no recipient gets it.
-fn mailbox(text: &str) -> Result<Mailbox, MailError> {
-    let mailbox = text
-        .parse::<Mailbox>()
-        .map_err(|_| MailError::BadAddress(text.to_string()))?;
-    let address: &str = mailbox.email.as_ref();
-    if !address.is_ascii() {
-        return Err(MailError::NonAscii(address.to_string()));
+/// [`parse_recipients`] for a list about to be saved: every address must be ASCII. lettre
+/// refuses a message with a UTF-8 address unless the server offers SMTPUTF8, which many
+/// relays do not, and then no recipient gets it. (A list an older release saved is sent as
+/// it is.)
+pub fn recipients_to_save(text: &str) -> Result<Vec<Mailbox>, MailError> {
+    let list = parse_recipients(text)?;
+    for mailbox in &list {
+        ascii(mailbox)?;
     }
-    Ok(mailbox)
+    Ok(list)
+}
+
+/// One address (a display name may be in any script: it is sent encoded).
+fn mailbox(text: &str) -> Result<Mailbox, MailError> {
+    text.parse::<Mailbox>()
+        .map_err(|_| MailError::BadAddress(text.to_string()))
+}
+
+/// Refuses an address outside ASCII, for settings about to be saved
+/// ([`recipients_to_save`]).
+fn ascii(mailbox: &Mailbox) -> Result<(), MailError> {
+    let address: &str = mailbox.email.as_ref();
+    if address.is_ascii() {
+        Ok(())
+    } else {
+        Err(MailError::NonAscii(address.to_string()))
+    }
 }
 
 /// `text` cut at each `;` outside a quoted string (`"..."`, where `\"` is a quote).
@@ -200,7 +215,7 @@ pub fn load_settings(conn: &Connection) -> Result<Option<SmtpSettings>, StoreErr
 }
 
 pub fn save_settings(conn: &Connection, s: &SmtpSettings) -> Result<(), MailError> {
-    mailbox(&s.from)?;
+    ascii(&mailbox(&s.from)?)?;
     settings::set(conn, "smtp_host", &s.host)?;
     settings::set(conn, "smtp_port", &s.port.to_string())?;
     settings::set(conn, "smtp_tls", s.tls.as_str())?;
@@ -244,7 +259,8 @@ pub fn kept_password(stored: Option<&SmtpSettings>, new: &SmtpSettings) -> (Opti
     let had = stored.is_some_and(|s| s.password.is_some());
     let kept = stored
         .filter(|s| {
-            s.host == new.host
+            new.user.is_some()
+                && s.host == new.host
                 && s.port == new.port
                 && s.tls == new.tls
                 && s.user == new.user
@@ -255,20 +271,27 @@ pub fn kept_password(stored: Option<&SmtpSettings>, new: &SmtpSettings) -> (Opti
     (kept, dropped)
 }
 
-/// What settings must be before they are saved (the portal's and the console's alike): a
-/// password is only sent inside TLS, and a CA is a PEM certificate. The refusal names the
-/// field.
-pub fn check_settings(settings: &SmtpSettings) -> Result<(), (&'static str, &'static str)> {
-    if settings.password.is_some() && settings.user.is_none() {
-        return Err((
-            "user",
-            "A password goes with a user name: without one it is never sent",
-        ));
-    }
+/// What settings must be to be used at all: a password is only sent inside TLS. Checked
+/// again at send time (settings an older release saved may lack it); names the field.
+fn check_usable(settings: &SmtpSettings) -> Result<(), (&'static str, &'static str)> {
     if settings.password.is_some() && settings.tls == TlsMode::None {
         return Err((
             "tls",
             "A password is only sent over STARTTLS or TLS; choose one, or remove the user",
+        ));
+    }
+    Ok(())
+}
+
+/// What settings must be before they are saved (the portal's and the console's alike): as
+/// to be used ([`check_usable`]), a password goes with a user, and a CA is a PEM
+/// certificate with no private key beside it. The refusal names the field.
+pub fn check_settings(settings: &SmtpSettings) -> Result<(), (&'static str, &'static str)> {
+    check_usable(settings)?;
+    if settings.password.is_some() && settings.user.is_none() {
+        return Err((
+            "user",
+            "A password goes with a user name: without one it is never sent",
         ));
     }
     if let Some(ca) = &settings.ca {
@@ -314,6 +337,22 @@ fn refuses_a_mailbox(e: &lettre::transport::smtp::Error) -> bool {
     }
 }
 
+/// RFC 3463's codes for an unknown address (5.1.1, 5.1.3, 5.1.6, 5.1.10).
+fn names_an_address(answer: &str) -> bool {
+    ["5.1.1 ", "5.1.3 ", "5.1.6 ", "5.1.10 "]
+        .iter()
+        .any(|code| answer.contains(code))
+}
+
+/// An answer about the recipient's mailbox (unknown, full, disabled), not about the sender,
+/// the login or the server: RFC 3463's X.1.X address codes and X.2.X mailbox codes.
+fn about_a_mailbox(answer: &str) -> bool {
+    names_an_address(answer)
+        || answer
+            .split_whitespace()
+            .any(|word| word.starts_with("4.2.") || word.starts_with("5.2."))
+}
+
 /// The longest one delivery may take, whatever the server does.
 pub const SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -338,11 +377,7 @@ pub async fn send_within(
 ) -> Result<String, MailError> {
     // Settings saved by an older release may lack what saving now checks (a password
     // over plain SMTP): never sent so.
-    match check_settings(settings) {
-        // A password without a user (an older release saved it) is never sent: harmless.
-        Ok(()) | Err(("user", _)) => {}
-        Err((_, why)) => return Err(MailError::Settings(why)),
-    }
+    check_usable(settings).map_err(|(_, why)| MailError::Settings(why))?;
     let from = mailbox(&settings.from)?;
     let mut builder = Message::builder().from(from).subject(&email.subject);
     for mailbox in to {
@@ -355,9 +390,7 @@ pub async fn send_within(
         ))
         .map_err(|e| MailError::Build(e.to_string()))?;
     let smtp = |e: lettre::transport::smtp::Error| {
-        if e.is_timeout() {
-            MailError::Unanswered(e.to_string())
-        } else if e.is_permanent() {
+        if e.is_permanent() {
             MailError::Refused(e.to_string())
         } else {
             MailError::Smtp(e.to_string())
@@ -406,14 +439,14 @@ pub async fn send_within(
         // keep the others from their alerts. Not for any other refusal (a wrong password, a
         // server out of service): that would only repeat it once per recipient.
         Err(e) if refuses_a_mailbox(&e) && to.len() > 1 => e,
-        Err(e) if refuses_a_mailbox(&e) && e.is_permanent() => {
+        Err(e) if refuses_a_mailbox(&e) && e.is_permanent() && about_a_mailbox(&e.to_string()) => {
             return Err(MailError::RecipientsRefused(e.to_string()));
         }
         Err(e) => return Err(smtp(e)),
     };
     let bytes = message.formatted();
     let (mut accepted, mut refused, mut answers) = (None, Vec::new(), Vec::new());
-    let mut unanswered = false;
+    let (mut unanswered, mut timed_out) = (false, false);
     for mailbox in to {
         let envelope = lettre::address::Envelope::new(
             message.envelope().from().cloned(),
@@ -431,7 +464,7 @@ pub async fn send_within(
                 e.to_string()
             }
             Err(_) => {
-                unanswered = true;
+                timed_out = true;
                 no_answer()
             }
         };
@@ -441,11 +474,6 @@ pub async fn send_within(
     // Every recipient refused with the very answer the whole message got, and it names no
     // unknown address (RFC 3463's 5.1.1, 5.1.3, 5.1.6, 5.1.10): what the server refuses is
     // the sender (or the message), not the addresses.
-    let names_an_address = |a: &str| {
-        ["5.1.1 ", "5.1.3 ", "5.1.6 ", "5.1.10 "]
-            .iter()
-            .any(|code| a.contains(code))
-    };
     if accepted.is_none()
         && answers
             .iter()
@@ -462,6 +490,10 @@ pub async fn send_within(
             tracing::warn!(%refused, "the SMTP server refused some recipients");
             Ok(format!("{answer}; refused: {refused}"))
         }
+        // No answer in time: the server may have taken it (not sent again at once).
+        None if timed_out => Err(MailError::Unanswered(format!(
+            "no recipient accepted: {refused}"
+        ))),
         // Worth another try only if a recipient's failure was not a refusal.
         None if unanswered => Err(MailError::Smtp(format!("no recipient accepted: {refused}"))),
         None => Err(MailError::RecipientsRefused(refused)),
@@ -475,15 +507,17 @@ mod tests {
     #[test]
     fn an_address_outside_ascii_is_refused_a_display_name_is_not() {
         assert!(matches!(
-            parse_recipients("it@plant.test; jürgen@plant.test"),
+            recipients_to_save("it@plant.test; jürgen@plant.test"),
             Err(MailError::NonAscii(a)) if a == "jürgen@plant.test"
         ));
         assert!(matches!(
-            parse_recipients("it@bücher.de"),
+            recipients_to_save("it@bücher.de"),
             Err(MailError::NonAscii(_))
         ));
-        let to = parse_recipients("Jürgen Groß <jg@xn--bcher-kva.de>").unwrap();
+        let to = recipients_to_save("Jürgen Groß <jg@xn--bcher-kva.de>").unwrap();
         assert_eq!(to.len(), 1);
+        // A list an older release saved is still sent as it is.
+        assert_eq!(parse_recipients("it@bücher.de").unwrap().len(), 1);
     }
 
     #[test]

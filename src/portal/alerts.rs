@@ -120,7 +120,7 @@ pub async fn set_recipients(
     Post(admin, form): Post<ManagerRole, RecipientsForm>,
 ) -> Result<HttpResponse, PortalError> {
     let (mut shown, runs) = stored(&state).await?;
-    let parsed = match mail::parse_recipients(&form.recipients) {
+    let parsed = match mail::recipients_to_save(&form.recipients) {
         Ok(list) => list,
         Err(e) => {
             shown.recipients = form.recipients;

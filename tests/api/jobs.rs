@@ -255,6 +255,16 @@ fn a_refused_sender_is_told_as_such() {
         "{}",
         run.stderr
     );
+    // With one recipient too: the answer is about the sender, not a mailbox.
+    assert!(keygate(&data, &["alerts", "recipients", "it@plant.test"]).ok);
+    let run = keygate(&data, &["alerts", "test"]);
+    assert!(
+        !run.ok
+            && run.stderr.contains("refused the message")
+            && run.stderr.contains("Sender not allowed"),
+        "{}",
+        run.stderr
+    );
 }
 
 /// The SMTP server is down when the threshold is crossed, and the devices leave before it is
@@ -1717,4 +1727,35 @@ fn smtp_settings_that_cannot_work_are_refused() {
         run.stderr
     );
     assert_eq!(db_digest(&data.join("keygate.db")), before);
+}
+
+/// Settings an older release saved, which saving now refuses, still send: a CA file with
+/// its key beside the certificate, a password without a user.
+#[test]
+fn settings_an_older_release_saved_still_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(keygate(&data, &["activation-request"]).ok);
+    let (cert, key) = relay_certificate(dir.path());
+    let env = relay_env(cert.to_str().unwrap(), key.to_str().unwrap());
+    let sink = SmtpSink::start_with(0, tempfile::tempdir().unwrap(), &env);
+    sink.configure(&data);
+    let port = sink.port.to_string();
+    let args = [
+        &relay_args(&port, "starttls")[..],
+        &["--ca", cert.to_str().unwrap()],
+    ]
+    .concat();
+    assert!(configure_and_test(&data, &args, "relay secret").ok);
+    let mut both = std::fs::read_to_string(&cert).unwrap();
+    both.push_str(&std::fs::read_to_string(&key).unwrap());
+    let conn = rusqlite::Connection::open(data.join("keygate.db")).unwrap();
+    conn.execute(
+        "UPDATE settings SET value = ?1 WHERE key = 'smtp_ca'",
+        [&both],
+    )
+    .unwrap();
+    drop(conn);
+    let run = keygate(&data, &["alerts", "test"]);
+    assert!(run.ok, "{}", run.stderr);
 }
