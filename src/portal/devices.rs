@@ -309,13 +309,18 @@ pub async fn detail(
         leases: leases
             .into_iter()
             .map(|l| {
-                // Expired as a usage call finds it: the record's expiry lags the device's
-                // authorization by up to `RECORD_EVERY_S`.
+                // Expired as a usage call finds it: an item's lease record lags the device's
+                // authorization by up to `RECORD_EVERY_S`; the public trial's is exact.
+                let lag = if l.item_id.is_some() {
+                    devices::RECORD_EVERY_S
+                } else {
+                    0
+                };
                 let state = if l.revoked {
                     "revoked"
                 } else if l.released {
                     "released"
-                } else if now >= l.expires_at.saturating_add(devices::RECORD_EVERY_S) {
+                } else if now >= l.expires_at.saturating_add(lag) {
                     "expired"
                 } else {
                     "active"

@@ -2962,6 +2962,18 @@ fn a_lease_past_its_authorization_reads_expired() {
         list.contains(">allowed<") && !list.contains(">active<"),
         "{list}"
     );
+    // The public trial ends at its expiry exactly (its record does not lag).
+    assert!(keygate(&f.data, &["trial", "on"]).ok);
+    let mut trial = f.request("reader", 2);
+    trial.as_object_mut().unwrap().remove("handshake_code");
+    let (status, body) = f.authorize(&trial);
+    assert_eq!(status, 200, "{body}");
+    let uuid = f.verify(&body, 2).device_uuid;
+    f.app.clock.advance(Duration::days(7));
+    let (browser, _) = sign_in(&f, "olivia", PASSWORD);
+    let page = browser.get(&format!("/devices/{uuid}")).body;
+    assert!(page.contains("<td>trial</td>"), "{page}");
+    assert!(page.contains("<td>expired</td></tr>"), "{page}");
 }
 
 /// A device's pages at scale and across renewals: seats in an item a newer license withdrew
