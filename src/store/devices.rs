@@ -956,39 +956,76 @@ pub fn list_devices(
             } else {
                 ""
             };
-            // Few matches are collected from the indexes and sorted; many (`DESKTOP-`, the
-            // name Windows gives every PC) are found walking the devices in id order, where
-            // they are dense: either way a page reads a bounded number of rows.
-            let matches = if search_matches_many(conn, q, &upper)? {
-                "(d.uuid = :q OR (+d.name >= :q AND +d.name < :upper)
-                  OR (+d.last_user >= :q AND +d.last_user < :upper))"
-            } else {
-                "d.id IN (SELECT id FROM devices WHERE uuid = :q
-                    UNION SELECT id FROM devices WHERE name >= :q AND name < :upper
-                    UNION SELECT id FROM devices WHERE last_user >= :q AND last_user < :upper)"
+            // Many matches (`DESKTOP-`, the name Windows gives every PC) are first looked
+            // for walking the next `SEARCH_WALKED` devices in id order, where they are
+            // dense; matches collected from the indexes and sorted otherwise (few, or
+            // clustered elsewhere): a page reads a bounded number of rows beyond its matches.
+            let run = |matches: &str, bound: Option<i64>| -> Result<Vec<DeviceLine>, StoreError> {
+                let below = if bound.is_some() {
+                    " AND d.id <= :bound"
+                } else {
+                    ""
+                };
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {columns} FROM devices d WHERE {matches}
+                     AND d.id > :after{below} {blocked}{in_item} ORDER BY d.id LIMIT :limit"
+                ))?;
+                let mut args: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
+                    (":q", &q),
+                    (":upper", &upper),
+                    (":after", &after_id),
+                    (":limit", &limit),
+                ];
+                if let Some(item) = &item {
+                    args.push((":item", item));
+                }
+                if let Some(bound) = &bound {
+                    args.push((":bound", bound));
+                }
+                Ok(stmt
+                    .query_map(args.as_slice(), row)?
+                    .collect::<Result<_, _>>()?)
             };
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {columns} FROM devices d WHERE {matches}
-                 AND d.id > :after {blocked}{in_item} ORDER BY d.id LIMIT :limit"
-            ))?;
-            let mut args: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
-                (":q", &q),
-                (":upper", &upper),
-                (":after", &after_id),
-                (":limit", &limit),
-            ];
-            if let Some(item) = &item {
-                args.push((":item", item));
+            let bound = after_id.saturating_add(SEARCH_WALKED);
+            let walked = search_matches_many(conn, q, &upper)?
+                .then(|| {
+                    run(
+                        "(d.uuid = :q OR (+d.name >= :q AND +d.name < :upper)
+                          OR (+d.last_user >= :q AND +d.last_user < :upper))",
+                        Some(bound),
+                    )
+                })
+                .transpose()?;
+            // A full page, or the walk went past the last device: the page is whole.
+            let whole = match &walked {
+                Some(page) => {
+                    page.len() as i64 == limit
+                        || bound
+                            >= conn
+                                .prepare_cached("SELECT coalesce(max(id), 0) FROM devices")?
+                                .query_row([], |r| r.get::<_, i64>(0))?
+                }
+                None => false,
+            };
+            if let Some(walked) = walked.filter(|_| whole) {
+                walked
+            } else {
+                run(
+                    "d.id IN (SELECT id FROM devices WHERE uuid = :q
+                        UNION SELECT id FROM devices WHERE name >= :q AND name < :upper
+                        UNION SELECT id FROM devices WHERE last_user >= :q AND last_user < :upper)",
+                    None,
+                )?
             }
-            stmt.query_map(args.as_slice(), row)?
-                .collect::<Result<_, _>>()?
         }
     };
     Ok(rows)
 }
 
-/// Past this many devices a search finds, its pages walk the devices in id order.
+/// Past this many devices a search finds, its pages walk the devices in id order first...
 const SEARCH_COLLECTED: i64 = 5000;
+/// ...this many ids at most.
+const SEARCH_WALKED: i64 = 50_000;
 
 /// Whether more than [`SEARCH_COLLECTED`] devices' names or users start with `q` (counted
 /// by the indexes, up to that many).
