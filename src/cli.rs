@@ -993,8 +993,9 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
                 port: port.unwrap_or(tls.default_port()),
                 host,
                 tls,
-                user,
-                password,
+                // As the settings are read back: an empty user is none.
+                user: user.map(|u| u.trim().to_string()).filter(|u| !u.is_empty()),
+                password: password.filter(|p| !p.is_empty()),
                 from: from.unwrap_or_else(mail::default_from),
                 ca: match &ca {
                     Some(path) => Some(

@@ -520,9 +520,10 @@ async fn send_own(
     result
 }
 
-/// Sends with a few quick retries: not after a permanent refusal (a wrong password tried
-/// again at once counts towards the account's lockout), nor after no answer in time (the
-/// server may have taken the message: a retry would send it again).
+/// Sends with a few quick retries after a failure that may pass: not after a permanent
+/// refusal (a wrong password tried again at once counts towards the account's lockout), nor
+/// after no answer in time (the server may have taken the message: a retry would send it
+/// again), nor settings that fail the same way each time.
 async fn deliver(
     settings: &mail::SmtpSettings,
     to: &[lettre::message::Mailbox],
@@ -533,15 +534,9 @@ async fn deliver(
     loop {
         match mail::send(settings, to, email).await {
             Ok(answer) => return Ok(answer),
-            Err(e)
-                if attempt < 3
-                    && !matches!(
-                        e,
-                        mail::MailError::Refused(_)
-                            | mail::MailError::RecipientsRefused(_)
-                            | mail::MailError::Unanswered(_)
-                    ) =>
-            {
+            // Only a failure that may pass (not a refusal, nor what the same settings
+            // fail on again, nor no answer: the server may have taken the message).
+            Err(e) if attempt < 3 && matches!(e, mail::MailError::Smtp(_)) => {
                 tracing::warn!(attempt, error = %e, "email delivery failed; retrying");
                 tokio::time::sleep(wait).await;
                 wait *= 4;

@@ -95,6 +95,7 @@ pub enum MailError {
     Build(String),
     #[error("the SMTP CA certificate is not a PEM certificate: {0}")]
     Ca(String),
+    /// A failure worth trying again at once (no answer saying otherwise).
     #[error("the SMTP server did not accept the message: {0}")]
     Smtp(String),
     /// No answer in time: the server may have taken the message all the same (a relay
@@ -274,7 +275,8 @@ pub fn kept_password(stored: Option<&SmtpSettings>, new: &SmtpSettings) -> (Opti
 /// What settings must be to be used at all: a password is only sent inside TLS. Checked
 /// again at send time (settings an older release saved may lack it); names the field.
 fn check_usable(settings: &SmtpSettings) -> Result<(), (&'static str, &'static str)> {
-    if settings.password.is_some() && settings.tls == TlsMode::None {
+    // (A password without a user, which an older release could save, is never sent.)
+    if settings.user.is_some() && settings.password.is_some() && settings.tls == TlsMode::None {
         return Err((
             "tls",
             "A password is only sent over STARTTLS or TLS; choose one, or remove the user",
@@ -375,10 +377,39 @@ pub async fn send_within(
     email: &Email,
     limit: std::time::Duration,
 ) -> Result<String, MailError> {
+    // A list an older release saved may name an address outside ASCII, which lettre
+    // refuses for the whole message on a server without SMTPUTF8: it is left out (told as
+    // refused), and the others get the message.
+    let (to, outside): (Vec<Mailbox>, Vec<Mailbox>) =
+        to.iter().cloned().partition(|m| ascii(m).is_ok());
+    if outside.is_empty() {
+        return send_ascii(settings, &to, email, limit).await;
+    }
+    let left_out = outside
+        .iter()
+        .map(|m| format!("{} (outside ASCII: set the list again)", m.email))
+        .collect::<Vec<_>>()
+        .join(", ");
+    tracing::warn!(%left_out, "alert recipients left out");
+    if to.is_empty() {
+        return Err(MailError::RecipientsRefused(left_out));
+    }
+    let answer = send_ascii(settings, &to, email, limit).await?;
+    Ok(format!("{answer}; left out: {left_out}"))
+}
+
+/// [`send_within`] to addresses all in ASCII.
+async fn send_ascii(
+    settings: &SmtpSettings,
+    to: &[Mailbox],
+    email: &Email,
+    limit: std::time::Duration,
+) -> Result<String, MailError> {
     // Settings saved by an older release may lack what saving now checks (a password
     // over plain SMTP): never sent so.
     check_usable(settings).map_err(|(_, why)| MailError::Settings(why))?;
     let from = mailbox(&settings.from)?;
+    ascii(&from)?;
     let mut builder = Message::builder().from(from).subject(&email.subject);
     for mailbox in to {
         builder = builder.to(mailbox.clone());
@@ -475,9 +506,10 @@ pub async fn send_within(
     // unknown address (RFC 3463's 5.1.1, 5.1.3, 5.1.6, 5.1.10): what the server refuses is
     // the sender (or the message), not the addresses.
     if accepted.is_none()
+        && e.is_permanent()
         && answers
             .iter()
-            .all(|a| *a == e.to_string() && !names_an_address(a))
+            .all(|a| *a == e.to_string() && !about_a_mailbox(a))
     {
         return Err(MailError::Refused(format!(
             "{e} (for every recipient alike: check the sender address {})",

@@ -1718,15 +1718,21 @@ fn smtp_settings_that_cannot_work_are_refused() {
         ],
     );
     assert!(run.ok, "{}", run.stderr);
-    // A password with no user to go with it would never be sent: refused, as any mistake.
+    // A password with no user to go with it would never be sent: refused, as any mistake
+    // (an empty user is none).
     let before = db_digest(&data.join("keygate.db"));
-    let run = smtp_with_password(&data, &["--host", "mail.lan"], "pw-secret-123");
-    assert!(
-        !run.ok && run.stderr.contains("A password goes with a user name"),
-        "{}",
-        run.stderr
-    );
-    assert_eq!(db_digest(&data.join("keygate.db")), before);
+    for args in [
+        &["--host", "mail.lan"][..],
+        &["--host", "mail.lan", "--user", " "],
+    ] {
+        let run = smtp_with_password(&data, args, "pw-secret-123");
+        assert!(
+            !run.ok && run.stderr.contains("A password goes with a user name"),
+            "{}",
+            run.stderr
+        );
+        assert_eq!(db_digest(&data.join("keygate.db")), before);
+    }
 }
 
 /// Settings an older release saved, which saving now refuses, still send: a CA file with
@@ -1758,4 +1764,57 @@ fn settings_an_older_release_saved_still_send() {
     drop(conn);
     let run = keygate(&data, &["alerts", "test"]);
     assert!(run.ok, "{}", run.stderr);
+}
+
+/// A list an older release saved with an address outside ASCII still reaches the others (a
+/// relay without SMTPUTF8 refused the whole message, for everyone, every run); a password
+/// it saved without a user is never sent, so plain SMTP still works; and mailboxes all full
+/// alike are not taken for a refused sender (whose settings would pause for an hour).
+#[test]
+fn legacy_lists_still_send_and_full_mailboxes_are_not_the_senders_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(keygate(&data, &["activation-request"]).ok);
+    let sink = SmtpSink::start();
+    sink.configure(&data);
+    let conn = rusqlite::Connection::open(data.join("keygate.db")).unwrap();
+    for (key, value) in [
+        ("alert_recipients", "it@plant.test; jürgen@plant.test"),
+        ("smtp_password", "a password saved without a user"),
+    ] {
+        conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let run = keygate(&data, &["alerts", "test"]);
+    assert!(
+        run.ok && run.stdout.contains("left out: jürgen@plant.test"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    let sent = sink.wait_for(1, StdDuration::from_secs(10));
+    assert!(
+        sent[0].starts_with("X-Rcpt-To: it@plant.test\r\n"),
+        "{}",
+        sent[0]
+    );
+
+    assert!(
+        keygate(
+            &data,
+            &["alerts", "recipients", "full1@plant.test; full2@plant.test"]
+        )
+        .ok
+    );
+    let run = keygate(&data, &["alerts", "test"]);
+    assert!(
+        !run.ok && !run.stderr.contains("check the sender address"),
+        "{}",
+        run.stderr
+    );
 }
