@@ -147,8 +147,8 @@ pub fn parse_recipients(text: &str) -> Result<Vec<Mailbox>, MailError> {
 
 /// [`parse_recipients`] for a list about to be saved: every address must be ASCII. lettre
 /// refuses a message with a UTF-8 address unless the server offers SMTPUTF8, which many
-/// relays do not, and then no recipient gets it. (A list an older release saved is sent as
-/// it is.)
+/// relays do not, and then no recipient gets it. (From a list an older release saved,
+/// [`send_within`] leaves such an address out.)
 pub fn recipients_to_save(text: &str) -> Result<Vec<Mailbox>, MailError> {
     let list = parse_recipients(text)?;
     for mailbox in &list {
@@ -502,9 +502,9 @@ async fn send_ascii(
         refused.push(format!("{} ({why})", mailbox.email));
         answers.push(why);
     }
-    // Every recipient refused with the very answer the whole message got, and it names no
-    // unknown address (RFC 3463's 5.1.1, 5.1.3, 5.1.6, 5.1.10): what the server refuses is
-    // the sender (or the message), not the addresses.
+    // Every recipient refused for good with the very answer the whole message got, and it
+    // is not about a mailbox (`about_a_mailbox`): what the server refuses is the sender (or
+    // the message), not the addresses.
     if accepted.is_none()
         && e.is_permanent()
         && answers
@@ -548,7 +548,7 @@ mod tests {
         ));
         let to = recipients_to_save("Jürgen Groß <jg@xn--bcher-kva.de>").unwrap();
         assert_eq!(to.len(), 1);
-        // A list an older release saved is still sent as it is.
+        // A list an older release saved is still read (the send leaves that address out).
         assert_eq!(parse_recipients("it@bücher.de").unwrap().len(), 1);
     }
 

@@ -212,7 +212,7 @@ fn renew_trial(
     if let Some(refused) = lease_refusal(lease, device) {
         return Err(refused);
     }
-    if now >= lease.expires_at {
+    if lease.lapsed(now) {
         return Err(ApiError::new(
             ErrorCode::LicenseExpired,
             "the trial has ended",
@@ -251,10 +251,10 @@ fn lease_refusal(lease: &Lease, device: &Device) -> Option<ApiError> {
     }
 }
 
-/// A lease is renewed while it is valid: until the authorization the device holds expires,
-/// which is up to [`devices::RECORD_EVERY_S`] after the expiry its record lags behind with.
+/// A lease is renewed while it is valid: until the authorization the device holds expires
+/// ([`Lease::lapsed`]).
 fn lapsed(lease: &Lease, now: i64) -> Option<ApiError> {
-    (now >= lease.expires_at.saturating_add(devices::RECORD_EVERY_S)).then(|| {
+    lease.lapsed(now).then(|| {
         ApiError::new(
             ErrorCode::LeaseNotFound,
             "the lease has lapsed (the device was offline past its authorization): authorize again",

@@ -309,18 +309,12 @@ pub async fn detail(
         leases: leases
             .into_iter()
             .map(|l| {
-                // Expired as a usage call finds it: an item's lease record lags the device's
-                // authorization by up to `RECORD_EVERY_S`; the public trial's is exact.
-                let lag = if l.item_id.is_some() {
-                    devices::RECORD_EVERY_S
-                } else {
-                    0
-                };
+                // Expired as a usage call finds it.
                 let state = if l.revoked {
                     "revoked"
                 } else if l.released {
                     "released"
-                } else if now >= l.expires_at.saturating_add(lag) {
+                } else if l.lapsed(now) {
                     "expired"
                 } else {
                     "active"

@@ -584,6 +584,20 @@ pub fn record_due(lease: &Lease, now: i64, expires_at: i64) -> bool {
         || !(0..RECORD_EVERY_S).contains(&(expires_at - lease.expires_at))
 }
 
+impl Lease {
+    /// Whether the authorization the device holds has expired at `now`: an item's lease
+    /// record lags it by up to [`RECORD_EVERY_S`]; the public trial's, never renewed, is
+    /// exact.
+    pub fn lapsed(&self, now: i64) -> bool {
+        let lag = if self.item_id.is_some() {
+            RECORD_EVERY_S
+        } else {
+            0
+        };
+        now >= self.expires_at.saturating_add(lag)
+    }
+}
+
 /// A renewal: the lease's new term, and its new item if it `moved` to another one (its own
 /// stopped serving, or a tokens pass came from a top-up).
 pub fn renew_lease(
