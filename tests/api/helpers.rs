@@ -283,8 +283,21 @@ impl Served {
         Served::start_with(data_dir, listen, &[])
     }
 
-    /// Serves with `KEYGATE_*` settings from the environment.
+    /// Serves with `KEYGATE_*` settings from the environment. A given port a test freed
+    /// may be held a moment by another test's connection: tried again for a few seconds.
     pub fn start_with(data_dir: &Path, listen: &str, env: &[(&str, &Path)]) -> Served {
+        let tries = if listen.ends_with(":0") { 1 } else { 50 };
+        for _ in 1..tries {
+            if let Some(served) = Served::try_start(data_dir, listen, env) {
+                return served;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        Served::try_start(data_dir, listen, env).expect("serve prints where it listens")
+    }
+
+    /// `None` when the server exits before listening.
+    fn try_start(data_dir: &Path, listen: &str, env: &[(&str, &Path)]) -> Option<Served> {
         let mut child = command()
             .envs(env.iter().copied())
             .arg("--data-dir")
@@ -297,17 +310,17 @@ impl Served {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let addr = loop {
-            let line = lines
-                .next()
-                .expect("serve prints where it listens before exiting")
-                .unwrap();
-            if let Some(rest) = line.split("listening on https://").nth(1) {
+            let Some(line) = lines.next() else {
+                let _ = child.wait();
+                return None;
+            };
+            if let Some(rest) = line.unwrap().split("listening on https://").nth(1) {
                 break rest.trim().parse().expect("an address");
             }
         };
         // Keep reading so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Served { child, addr }
+        Some(Served { child, addr })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -791,8 +804,23 @@ impl SmtpSink {
         SmtpSink::start_with(port, dir, &[])
     }
 
-    /// With the sink's environment settings (TLS, AUTH: see tests/smtp_sink.py).
+    /// With the sink's environment settings (TLS, AUTH: see tests/smtp_sink.py). A given
+    /// port a test freed may be held a moment by another test's connection: tried again
+    /// for a few seconds.
     pub fn start_with(port: u16, dir: tempfile::TempDir, env: &[(&str, &str)]) -> SmtpSink {
+        let tries = if port == 0 { 1 } else { 50 };
+        for _ in 1..tries {
+            if let Some((child, port)) = SmtpSink::try_start(port, &dir, env) {
+                return SmtpSink { child, port, dir };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let (child, port) = SmtpSink::try_start(port, &dir, env).expect("the sink prints its port");
+        SmtpSink { child, port, dir }
+    }
+
+    /// The sink and the port it printed, or `None` when it exits before listening.
+    fn try_start(port: u16, dir: &tempfile::TempDir, env: &[(&str, &str)]) -> Option<(Child, u16)> {
         let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python");
         let mut child = Command::new(&python)
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/smtp_sink.py"))
@@ -811,13 +839,11 @@ impl SmtpSink {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("PORT ")
-            .expect("the sink prints its port")
-            .parse()
-            .unwrap();
-        SmtpSink { child, port, dir }
+        let Some(port) = line.trim().strip_prefix("PORT ") else {
+            let _ = child.wait();
+            return None;
+        };
+        Some((child, port.parse().unwrap()))
     }
 
     /// Stops the server, keeping what it received.
