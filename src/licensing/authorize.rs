@@ -436,10 +436,24 @@ pub fn choose(
         }
         refusals.push((Refusal::QuotaExceeded, i));
     }
-    if let Some(i) = items.iter().position(|i| {
-        i.terms.model == Model::Tokens && availability(&i.terms, &i.used, now).is_ok()
-    }) {
-        return Ok(Ok(i));
+    // Tokens with no balance left anywhere: the first serving item is overdrawn, into the
+    // grace of the product's tokens on this code, counted from when the first of its items
+    // went below zero: a second item, or a top-up smaller than the debt, opens no new grace.
+    let overdrawable: Vec<usize> = (0..items.len())
+        .filter(|&i| {
+            let item = &items[i];
+            item.terms.model == Model::Tokens && availability(&item.terms, &item.used, now).is_ok()
+        })
+        .collect();
+    if let Some(&first) = overdrawable.first() {
+        let (code, product) = (items[first].handshake_id, &items[first].product);
+        let from = devices::tokens_grace_start(conn, code, product, now)?.unwrap_or(now);
+        for i in overdrawable {
+            if now < models::grace_end(&items[i].terms, from) {
+                return Ok(Ok(i));
+            }
+            refusals.push((Refusal::QuotaExceeded, i));
+        }
     }
     let reason = models::most_relevant(refusals.iter().map(|(r, _)| *r))
         .expect("every item was refused for a reason");
@@ -641,13 +655,21 @@ pub fn occupy(
             // One pass per (product, device, user), whichever item it was bought from: two
             // instances of one user on one device never buy one each.
             if !has_pass(conn, device_id, key, now)? {
-                // Inside grace (availability passed) a pass may overdraw the balance.
+                // Inside grace (availability passed) a pass may overdraw the balance, into
+                // the grace of the product's tokens on the code (`choose`).
+                let grace_from =
+                    if models::tokens_balance(&item.terms, &used) < item.terms.tokens_per_pass {
+                        devices::tokens_grace_start(conn, item.handshake_id, &item.product, now)?
+                            .unwrap_or(now)
+                    } else {
+                        now
+                    };
                 devices::buy_pass(
                     conn,
                     key.pass(device_id),
                     &item.item_id,
                     item.terms.tokens_per_pass,
-                    now,
+                    grace_from,
                     now + PASS_SECS,
                 )?;
                 used.tokens_used = used.tokens_used.saturating_add(item.terms.tokens_per_pass);

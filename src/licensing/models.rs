@@ -115,7 +115,12 @@ pub fn tokens_balance(terms: &Terms, used: &Consumption) -> i64 {
 pub fn grace_ends_at(terms: &Terms, used: &Consumption) -> Option<i64> {
     used.grace_started_at
         .filter(|_| tokens_balance(terms, used) < 0)
-        .map(|start| start + terms.grace_days * DAY)
+        .map(|start| grace_end(terms, start))
+}
+
+/// When a tokens item's grace ends if it started at `start`.
+pub fn grace_end(terms: &Terms, start: i64) -> i64 {
+    start + terms.grace_days * DAY
 }
 
 /// Whether the item serves anyone at `now`: its dates, and the stops of models that stop

@@ -321,13 +321,13 @@ pub fn pass(conn: &Connection, key: PassKey<'_>) -> Result<Option<Pass>, StoreEr
 }
 
 /// Sells a pass: charges the item and records the pass until `expires_at`. Starts the
-/// item's grace period when its balance goes below zero.
+/// item's grace period, at `grace_from`, when its balance goes below zero.
 pub fn buy_pass(
     conn: &Connection,
     key: PassKey<'_>,
     item_id: &str,
     cost: i64,
-    now: i64,
+    grace_from: i64,
     expires_at: i64,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
@@ -351,8 +351,26 @@ pub fn buy_pass(
                     WHEN quota - tokens_used < ?2 THEN coalesce(grace_started_at, ?3) END
          WHERE item_id = ?1",
     )?
-    .execute(params![item_id, cost, now])?;
+    .execute(params![item_id, cost, grace_from])?;
     Ok(())
+}
+
+/// When the tokens a handshake code serves for a product first went below zero, if they
+/// still are: the earliest grace start of its items in debt (a withdrawn item's too, as a
+/// newer license does not forget a debt; an expired item's balance is gone).
+pub fn tokens_grace_start(
+    conn: &Connection,
+    handshake_id: i64,
+    product: &str,
+    now: i64,
+) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT min(grace_started_at) FROM items
+             WHERE handshake_id = ?1 AND product = ?2 AND model = 'tokens'
+               AND tokens_used > quota AND starts_at <= ?3 AND expires_at > ?3",
+        )?
+        .query_row(params![handshake_id, product, now], |r| r.get(0))?)
 }
 
 // ---- leases ----

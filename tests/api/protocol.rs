@@ -602,6 +602,50 @@ fn tokens_daily_passes_grace_and_top_up() {
     assert_eq!(f.item_value("LIC-TOPUP-1", "tokens_used"), 20);
 }
 
+/// The grace is the product's on its code, counted from when its tokens first went below
+/// zero: a second exhausted item, or a top-up smaller than the debt, opens no new grace.
+#[test]
+fn a_second_item_or_a_small_top_up_opens_no_new_grace() {
+    let terms = "tokens_per_pass = 5\ngrace_days = 2";
+    let f = Fixture::new(
+        &[
+            item("ocr", "tokens", 5, terms),
+            item("ocr", "tokens", 5, terms),
+        ]
+        .concat(),
+    );
+    let used = |item: &str| f.item_value(item, "tokens_used");
+    assert_eq!(f.authorized("ocr", 1).state, AuthorizationState::Ok);
+    assert_eq!(f.authorized("ocr", 2).state, AuthorizationState::Ok);
+    assert_eq!(f.authorized("ocr", 3).state, AuthorizationState::Grace);
+    assert_eq!(used("LIC-T-1") + used("LIC-T-2"), 15);
+    f.app.clock.advance(DAY);
+    assert_eq!(f.authorized("ocr", 4).state, AuthorizationState::Grace);
+    assert_eq!(
+        used("LIC-T-1") + used("LIC-T-2"),
+        20,
+        "both items overdrawn"
+    );
+    f.app.clock.advance(DAY);
+    assert_eq!(
+        f.refused("ocr", 5),
+        "QUOTA_EXCEEDED",
+        "two days after the tokens first went below zero, whichever item"
+    );
+    assert_eq!(used("LIC-T-1") + used("LIC-T-2"), 20);
+
+    // A top-up of 3 (with the same grace) pays 3 of the debt of 10: the tokens are still
+    // below zero, and their grace over.
+    f.import("LIC-TOPUP", &item("ocr", "tokens", 3, terms), &[]);
+    assert_eq!(
+        f.item_value("LIC-TOPUP-1", "tokens_used"),
+        3,
+        "all of it paid the debt"
+    );
+    assert_eq!(f.refused("ocr", 5), "QUOTA_EXCEEDED");
+    assert_eq!(f.item_value("LIC-TOPUP-1", "tokens_used"), 3);
+}
+
 /// Only an unexpired item's tokens pay a debt: an expired item's balance is gone, so a later
 /// import (here a small top-up) does not settle the debt from it.
 #[test]
