@@ -637,7 +637,17 @@ pub fn restore(
         let from = file_name(backup);
         crate::store::ops::audit(&conn, at, "cli", "backup restored", &from, &kept, "")?;
         let handed = hand_on(&conn, current.as_ref(), reimport, &aside)?;
-        // Closing the only connection folds the WAL into the copy and removes it.
+        // All of it goes into the copy's own file, or the restore fails: closing the only
+        // connection would fold the WAL in too, but SQLite's close ignores a checkpoint
+        // that fails (a full disk), leaving the copy without what was written to it above.
+        conn.wal_checkpoint_v2(
+            Some(rusqlite::MAIN_DB),
+            rusqlite::wal::CheckpointMode::TRUNCATE,
+        )
+        .map_err(|e| BackupError::Io {
+            path: tmp.clone(),
+            error: std::io::Error::other(format!("the restored copy was not completed: {e}")),
+        })?;
         conn.close().map_err(|(_, e)| e)?;
         Ok::<_, BackupError>(handed)
     };
@@ -672,6 +682,16 @@ pub fn restore(
     fold_wal(db);
     for suffix in ["-wal", "-shm"] {
         let _ = std::fs::remove_file(side_file(db, suffix));
+    }
+    // A WAL left beside the restored file would be read as its own: SQLite would replay
+    // the replaced database's last commits onto it.
+    let wal = side_file(db, "-wal");
+    if wal.exists() {
+        remove_with_side_files(&tmp);
+        return Err(BackupError::Io {
+            error: std::io::Error::other("it could not be removed (is it open?)"),
+            path: wal,
+        });
     }
     std::fs::rename(&tmp, db).map_err(io(db))?;
     sync_dir(data_dir)?;
@@ -1411,6 +1431,47 @@ mod tests {
             None,
             "the failed import's transaction rolled back"
         );
+    }
+
+    /// What the restore writes into its copy (the licenses handed on, its audit entry) is
+    /// in the copy's own file before it takes the database's place, or the restore fails:
+    /// here another program reading the copy keeps its WAL from being folded in.
+    #[test]
+    fn a_restore_whose_copy_keeps_its_wal_fails_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keygate.db");
+        let conn = super::super::open(&db).unwrap();
+        let now = datetime!(2026-06-30 12:00 UTC);
+        let backup = take(&db, &dir.path().join("backups"), now).unwrap();
+        conn.execute_batch(
+            "INSERT INTO organizations VALUES ('org', 'Acme', 0);
+             INSERT INTO licenses VALUES ('LIC-1', 2, 'Acme', 'org', 0, 'k', 'jws1', 'h1', 0);",
+        )
+        .unwrap();
+        drop(conn);
+
+        let mut reader = None;
+        let failed = restore(&db, &backup.path, "ours", now, &mut |copy, license| {
+            super::super::settings::set(copy, &license.license_id, &license.jws).unwrap();
+            let other = Connection::open(dir.path().join("keygate.db.restoring")).unwrap();
+            other
+                .execute_batch("BEGIN; SELECT count(*) FROM settings;")
+                .unwrap();
+            reader = Some(other);
+            Ok(Some("imported".into()))
+        });
+        drop(reader);
+        let failed = failed.unwrap_err().to_string();
+        assert!(
+            failed.contains("the restored copy was not completed"),
+            "{failed}"
+        );
+        let conn = Connection::open(&db).unwrap();
+        let licenses: i64 = conn
+            .query_row("SELECT count(*) FROM licenses", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(licenses, 1, "the database is the one that was there");
+        assert!(!dir.path().join("keygate.db.restoring").exists());
     }
 
     #[test]
