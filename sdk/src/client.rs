@@ -1367,6 +1367,24 @@ impl Client {
         self.authorize_now()
     }
 
+    /// Authorizes again after the appliance said the lease is gone (unknown, or released):
+    /// the device holds no seat, so when the appliance refuses it one (full, say: the seat
+    /// it had may be another device's by now), the authorization held is dropped too, not
+    /// run out. A refusal that may pass (busy, an internal fault) keeps it.
+    fn authorize_again(&mut self) -> Result<Grant, ClientError> {
+        match self.authorize_now() {
+            Err(e)
+                if e.code().is_some_and(|code| {
+                    !matches!(code, ErrorCode::RateLimited | ErrorCode::Internal)
+                }) =>
+            {
+                self.forget_authorization()?;
+                Err(e)
+            }
+            result => result,
+        }
+    }
+
     /// [`Client::authorize`] without sending the usage first (a flush authorizing again
     /// goes on sending it itself).
     fn authorize_now(&mut self) -> Result<Grant, ClientError> {
@@ -1721,7 +1739,7 @@ impl Client {
                 ..
             }) if reauthorize && !outcome.reauthorized => {
                 outcome.reauthorized = true;
-                self.authorize_now()?;
+                self.authorize_again()?;
                 Ok(None)
             }
             Err(ClientError::Api {
@@ -1839,7 +1857,7 @@ impl Client {
             && !outcome.reauthorized
         {
             outcome.reauthorized = true;
-            outcome.renewed = Some(self.authorize_now()?);
+            outcome.renewed = Some(self.authorize_again()?);
             outcome.renewal_error = None;
         }
         if let Some(renewal) = response.authorization {

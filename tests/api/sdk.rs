@@ -566,6 +566,46 @@ fn a_release_the_device_cannot_record_keeps_the_seat_and_one_it_records_frees_it
     ));
 }
 
+/// A device whose lease the appliance no longer has (released by a call whose answer was
+/// lost, say) and that is refused a new one stops: its seat may be another device's.
+#[test]
+fn a_device_refused_a_new_lease_after_losing_its_own_stops() {
+    let a = appliance(&item("scanner", "standalone", 1, ""));
+    let served = Served::start(&a.data);
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let start = |state: &Path, device: u32| {
+        let mut config = config(&a, vec![served.url("")], state, Clock::system());
+        config.device.uuid = device_uuid(device);
+        Client::new(config).unwrap()
+    };
+    let mut device = start(first.path(), 1);
+    let grant = device.authorize().unwrap();
+    let agent = pinned_agent(&appliance_cert(&a.data));
+    let (status, _) = post_json(
+        &agent,
+        &served.url("/api/v1/release"),
+        &serde_json::json!({"lease_id": grant.authorization.lease_id, "device_uuid": device_uuid(1)}),
+    );
+    assert_eq!(status, 200);
+    start(second.path(), 2).authorize().unwrap();
+
+    let e = device.flush().unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(keygate_sdk::wire::ErrorCode::QuotaExceeded),
+        "{e}"
+    );
+    assert!(matches!(device.check(), Err(ClientError::NotAuthorized)));
+    drop(device);
+    assert!(
+        matches!(
+            start(first.path(), 1).check(),
+            Err(ClientError::NotAuthorized)
+        ),
+        "nor after a restart"
+    );
+}
+
 #[test]
 fn the_sdk_refuses_what_its_vendor_did_not_sign_for_this_appliance() {
     let a = scanner(1_000_000);
