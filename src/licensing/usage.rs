@@ -274,13 +274,16 @@ fn renew(
     now: i64,
     installation_id: &str,
 ) -> Result<Result<Authorization, ApiError>, ApiError> {
-    if let Some(refused) = lease_refusal(lease, device).or_else(|| lapsed(lease, now)) {
+    // A blocked device, a revoked or a released lease holds no place: its call counts it
+    // nowhere (a blocked device would make a concurrent window an exception).
+    if let Some(refused) = lease_refusal(lease, device) {
+        return Ok(Err(refused));
+    }
+    if let Some(refused) = lapsed(lease, now) {
         // No renewal, but the call still proves the device runs: mark its seat active.
         let model = item.terms.model;
         let instance = models::seat_instance(model, &lease.instance);
-        // A released lease no longer holds it: a late call does not count it again.
-        if !lease.released
-            && let Some(seat) = devices::seat(conn, &item.item_id, device.id, instance)?
+        if let Some(seat) = devices::seat(conn, &item.item_id, device.id, instance)?
             && !models::seat_lapsed(model, seat.first_auth_at, seat.last_used_at, now)
         {
             devices::touch_seat(conn, &item.item_id, device.id, instance, &seat, now)?;

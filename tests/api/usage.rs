@@ -205,6 +205,33 @@ fn a_device_back_after_six_days_offline_sends_its_backlog_once() {
     assert_eq!(days[1].1, 2 * 480);
 }
 
+/// A blocked device's calls are refused and count it nowhere: an admin blocking the device
+/// over quota ends the exceptions, rather than the blocked device's calls making them.
+#[test]
+fn a_blocked_device_is_not_counted_in_a_concurrent_window() {
+    let f = Fixture::new(&item(
+        "viewer",
+        "concurrent_device",
+        1,
+        "max_exceptions = 9",
+    ));
+    let first = f.authorized("viewer", 1);
+    let second = f.authorized("viewer", 2);
+    assert_eq!(f.item_value("LIC-T-1", "exceptions"), 1);
+    assert!(keygate(&f.data, &["device", "block", &device_uuid(2)]).ok);
+    f.app.clock.advance(Duration::minutes(3));
+    f.heartbeat(&first.lease_id, 1).unwrap();
+    assert_eq!(
+        f.heartbeat(&second.lease_id, 2).unwrap_err(),
+        "DEVICE_BLOCKED"
+    );
+    assert_eq!(
+        f.item_value("LIC-T-1", "exceptions"),
+        1,
+        "one device in this window"
+    );
+}
+
 #[test]
 fn usage_renews_the_authorization_and_marks_the_device_active() {
     let f = Fixture::new(&item(
