@@ -395,11 +395,20 @@ pub fn choose(
     now: i64,
 ) -> Result<Result<usize, ApiError>, StoreError> {
     let mut refusals = Vec::new();
+    // A concurrent item the device holds a seat in but whose window is full: an item under
+    // its quota takes the device first, else it stays.
+    let mut held = None;
     if let Some(device_id) = device_id {
         for (i, item) in items.iter().enumerate() {
             if holds(conn, item, device_id, seat, now)? {
                 match availability(&item.terms, &item.used, now) {
-                    Ok(()) => return Ok(Ok(i)),
+                    Ok(())
+                        if items.len() == 1
+                            || window_has_room(conn, item, device_id, seat, now)? =>
+                    {
+                        return Ok(Ok(i));
+                    }
+                    Ok(()) => held = held.or(Some(i)),
                     Err(r) => refusals.push((r, i)),
                 }
             }
@@ -429,6 +438,9 @@ pub fn choose(
                 return Ok(Ok(i));
             }
         }
+    }
+    if let Some(i) = held {
+        return Ok(Ok(i));
     }
     for i in open {
         if has_room(&items[i].terms, &items[i].used) {
@@ -462,6 +474,32 @@ pub fn choose(
         .find(|(r, _)| *r == reason)
         .expect("present");
     Ok(Err(refusal(reason, &items[*i])))
+}
+
+/// Whether a device holding a seat in `item` keeps it this window: always but in a
+/// concurrent item whose current window is full without the device. There, when its code
+/// serves the product with other items too, one under its quota takes the device first
+/// (`choose`), so that a top-up's quota is used before an item goes over: the devices a
+/// first item knows would otherwise make its windows exceptions until it stopped.
+pub fn window_has_room(
+    conn: &Connection,
+    item: &ItemRow,
+    device_id: i64,
+    key: &SeatKey<'_>,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let model = item.terms.model;
+    if !model.is_concurrent() {
+        return Ok(true);
+    }
+    let window = window_of(now);
+    Ok(devices::in_window(
+        conn,
+        &item.item_id,
+        device_id,
+        key.instance_for(model),
+        window,
+    )? || devices::window_active(conn, &item.item_id, window)? < item.terms.quota)
 }
 
 /// What identifies a device's place in an item besides the device.

@@ -9,7 +9,7 @@ use rusqlite::Connection;
 
 use super::authorize::{
     Occupy, SeatKey, authorization_for, choose, expiry, granted, has_pass, leave_seat, occupy,
-    refusal,
+    refusal, window_has_room,
 };
 use super::models::{self, availability, day_of, window_of};
 use super::types::Usage;
@@ -330,8 +330,15 @@ fn renew(
     let pass_due = own_refusal.is_none()
         && item.terms.model == Model::Tokens
         && !has_pass(conn, device.id, &key, now)?;
+    // A full concurrent window moves the device to an item of its code under its quota.
+    let window_full = own_refusal.is_none()
+        && item.terms.model.is_concurrent()
+        && lease
+            .handshake_id
+            .is_some_and(|code| catalogue.items_for(code, &lease.product).nth(1).is_some())
+        && !window_has_room(conn, &item, device.id, &key, now)?;
     let mut own_used = None;
-    if own_refusal.is_none() && !pass_due {
+    if own_refusal.is_none() && !pass_due && !window_full {
         match occupy(conn, &item, device.id, &key, now) {
             Ok(used) => own_used = Some(used),
             Err(Occupy::Refused(r)) => own_refusal = Some(refusal(r, &item)),

@@ -279,6 +279,24 @@ fn leave_window(conn: &Connection, item_id: &str, window: i64) -> Result<(), Sto
     Ok(())
 }
 
+/// Whether a concurrent item's `window` counts the device's seat (or instance) already.
+pub fn in_window(
+    conn: &Connection,
+    item_id: &str,
+    device_id: i64,
+    instance: &str,
+    window: i64,
+) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM seats
+             WHERE item_id = ?1 AND device_id = ?2 AND instance = ?3 AND last_window >= ?4",
+        )?
+        .query_row(params![item_id, device_id, instance, window], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
 pub fn window_active(conn: &Connection, item_id: &str, window: i64) -> Result<i64, StoreError> {
     Ok(conn
         .prepare_cached(

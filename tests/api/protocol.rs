@@ -1166,6 +1166,43 @@ fn concurrent_devices_fill_a_top_up_before_an_item_goes_over() {
     assert_eq!(f.item_value("LIC-T-1", "exceptions"), 1);
 }
 
+/// Devices an item already knows use a top-up's quota too: once the item's window is full,
+/// the next of them moves to the top-up, instead of every window going over until the
+/// first item stops (and then all of them to the top-up, which would stop in turn).
+#[test]
+fn known_concurrent_devices_move_to_a_top_up_when_their_window_is_full() {
+    let f = Fixture::new(&item("cad", "concurrent_device", 2, "max_exceptions = 3"));
+    let leases: Vec<String> = (1..=3).map(|n| f.authorized("cad", n).lease_id).collect();
+    assert_eq!(f.item_value("LIC-T-1", "exceptions"), 1, "3 devices on 2");
+    f.import(
+        "LIC-TOPUP",
+        &item("cad", "concurrent_device", 2, "max_exceptions = 3"),
+        &[],
+    );
+    for window in 1..=4 {
+        f.app.clock.advance(Duration::minutes(3));
+        let items: Vec<String> = (1..=3)
+            .map(|n| {
+                let renewed = f.heartbeat(&leases[n as usize - 1], n).unwrap();
+                renewed["items"][0]["item_id"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(
+            items,
+            ["LIC-T-1", "LIC-T-1", "LIC-TOPUP-1"],
+            "window {window}: the third device moved to the top-up and stays there"
+        );
+    }
+    assert_eq!(
+        f.item_value("LIC-T-1", "exceptions"),
+        1,
+        "no window over since"
+    );
+    assert_eq!(f.item_value("LIC-TOPUP-1", "exceptions"), 0);
+    // Authorizing again, a known device finds the same.
+    assert_eq!(f.authorized("cad", 3).items[0].item_id, "LIC-TOPUP-1");
+}
+
 #[test]
 fn session_password_validation_fields_and_blocked_devices() {
     let f = Fixture::new(&item("reader", "per_device", 100, ""));
