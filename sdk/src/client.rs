@@ -1678,7 +1678,14 @@ impl Client {
         let now = self.now();
         advance(&mut self.state.newest_time_seen, now);
         let next_seq = self.state.next_seq;
-        let closed = close_open_period(&self.store, &mut self.state, &mut self.backlog, now)?;
+        // Usage open now that cannot be stored (a full disk) waits open, told after: what
+        // is stored goes out all the same, a heartbeat at least, so that a device in reach
+        // of the appliance is still renewed (and counted in its window).
+        let (closed, unstored) =
+            match close_open_period(&self.store, &mut self.state, &mut self.backlog, now) {
+                Ok(closed) => (closed, None),
+                Err(e) => (false, Some(e)),
+            };
         if closed && !self.stream_confirmed {
             self.state.unconfirmed_from.get_or_insert(next_seq);
         }
@@ -1717,7 +1724,10 @@ impl Client {
             }
         }
         outcome.pending = self.backlog.reports.len();
-        Ok(outcome)
+        match unstored {
+            Some(e) => Err(e),
+            None => Ok(outcome),
+        }
     }
 
     /// Sends one usage request. `None` when it is to be sent again, differently: after the

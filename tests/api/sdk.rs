@@ -460,6 +460,28 @@ fn a_full_disk_does_not_stop_the_heartbeats_that_renew_the_authorization() {
     device.record("LIC-S-1", "scans", 1).unwrap();
     assert_eq!(device.flush().unwrap().accepted, 1);
     assert_eq!(usage_total(&a), 1);
+
+    // Usage open when the disk fills: it cannot be stored to go out, but the heartbeat
+    // still renews the authorization; the flush tells the storage error.
+    device.record("LIC-S-1", "scans", 2).unwrap();
+    let blockers = ["state.json.tmp", "backlog.json.tmp"].map(|f| state.path().join(f));
+    for blocker in &blockers {
+        std::fs::create_dir(blocker).unwrap();
+    }
+    let held = device.check().unwrap().expires_at();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let e = device.flush().unwrap_err();
+    assert!(matches!(e, ClientError::StateIo { .. }), "{e}");
+    assert!(
+        device.check().unwrap().expires_at() > held,
+        "renewed all the same"
+    );
+    assert_eq!(usage_total(&a), 1, "the open usage waits");
+    for blocker in &blockers {
+        std::fs::remove_dir(blocker).unwrap();
+    }
+    assert_eq!(device.flush().unwrap().accepted, 1);
+    assert_eq!(usage_total(&a), 3);
 }
 
 #[test]
