@@ -1690,7 +1690,16 @@ impl Client {
             self.state.unconfirmed_from.get_or_insert(next_seq);
         }
         self.save_state_if_numbered(closed)?;
+        let sent = self.send_backlog(reauthorize);
+        match unstored {
+            Some(e) => Err(e),
+            None => sent,
+        }
+    }
 
+    /// Sends the reports stored (a heartbeat when there are none) until the appliance has
+    /// them all, or no more can go now.
+    fn send_backlog(&mut self, reauthorize: bool) -> Result<FlushOutcome, ClientError> {
         let mut outcome = FlushOutcome::default();
         let mut chunk_size = MAX_REPORTS_PER_REQUEST;
         loop {
@@ -1724,10 +1733,7 @@ impl Client {
             }
         }
         outcome.pending = self.backlog.reports.len();
-        match unstored {
-            Some(e) => Err(e),
-            None => Ok(outcome),
-        }
+        Ok(outcome)
     }
 
     /// Sends one usage request. `None` when it is to be sent again, differently: after the
