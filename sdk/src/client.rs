@@ -1370,12 +1370,26 @@ impl Client {
     /// Authorizes again after the appliance said the lease is gone (unknown, or released):
     /// the device holds no seat, so when the appliance refuses it one (full, say: the seat
     /// it had may be another device's by now), the authorization held is dropped too, not
-    /// run out. A refusal that may pass (busy, an internal fault) keeps it.
+    /// run out. Other failures (busy, an internal fault, a code this version does not know,
+    /// out of reach) keep it.
     fn authorize_again(&mut self) -> Result<Grant, ClientError> {
+        use ErrorCode::*;
         match self.authorize_now() {
             Err(e)
                 if e.code().is_some_and(|code| {
-                    !matches!(code, ErrorCode::RateLimited | ErrorCode::Internal)
+                    matches!(
+                        code,
+                        QuotaExceeded
+                            | NoLicense
+                            | LicenseExpired
+                            | LicenseNotStarted
+                            | HandshakeNotFound
+                            | HandshakeRequired
+                            | SessionPasswordMismatch
+                            | ValidationFailed
+                            | DeviceBlocked
+                            | LeaseRevoked
+                    )
                 }) =>
             {
                 self.forget_authorization()?;
@@ -1552,7 +1566,11 @@ impl Client {
     /// When the appliance cannot be reached the reports stay for the next flush and the error
     /// is returned. When it no longer knows the lease (`LEASE_NOT_FOUND`) the client authorizes
     /// again once and resends: the stream and sequence numbers stay the same, so each report
-    /// counts once.
+    /// counts once; when that authorization is refused for good (`QUOTA_EXCEEDED`, say), the
+    /// authorization held is dropped (the seat it had may be another device's) and the
+    /// refusal returned. Usage open that cannot be stored (a full disk) stays open: what is
+    /// stored is sent all the same (a heartbeat at least, which renews), then the storage
+    /// error is returned.
     pub fn flush(&mut self) -> Result<FlushOutcome, ClientError> {
         self.flush_with(true)
     }
@@ -1690,10 +1708,11 @@ impl Client {
             self.state.unconfirmed_from.get_or_insert(next_seq);
         }
         self.save_state_if_numbered(closed)?;
-        let sent = self.send_backlog(reauthorize);
-        match unstored {
-            Some(e) => Err(e),
-            None => sent,
+        // The appliance's refusal (the device stops, say) comes before the storage error.
+        match (self.send_backlog(reauthorize), unstored) {
+            (Err(refused @ ClientError::Api { .. }), _) => Err(refused),
+            (_, Some(unstored)) => Err(unstored),
+            (sent, None) => sent,
         }
     }
 

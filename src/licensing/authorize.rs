@@ -459,9 +459,10 @@ pub fn choose(
         .collect();
     if let Some(&first) = overdrawable.first() {
         let (code, product) = (items[first].handshake_id, &items[first].product);
-        let from = devices::tokens_grace_start(conn, code, product, now)?.unwrap_or(now);
+        let from = devices::tokens_grace_start(conn, code, product, now)?;
         for i in overdrawable {
-            if now < models::grace_end(&items[i].terms, from) {
+            // Nothing below zero yet: the request that crosses into grace succeeds.
+            if from.is_none_or(|from| now < models::grace_end(&items[i].terms, from)) {
                 return Ok(Ok(i));
             }
             refusals.push((Refusal::QuotaExceeded, i));
@@ -480,7 +481,9 @@ pub fn choose(
 /// concurrent item whose current window is full without the device. There, when its code
 /// serves the product with other items too, one under its quota takes the device first
 /// (`choose`), so that a top-up's quota is used before an item goes over: the devices a
-/// first item knows would otherwise make its windows exceptions until it stopped.
+/// first item knows would otherwise make its windows exceptions until it stopped. The
+/// device's other leases on the seat (other instances or users) find the same full window
+/// and follow it in the same window.
 pub fn window_has_room(
     conn: &Connection,
     item: &ItemRow,
@@ -493,13 +496,11 @@ pub fn window_has_room(
         return Ok(true);
     }
     let window = window_of(now);
-    Ok(devices::in_window(
-        conn,
-        &item.item_id,
-        device_id,
-        key.instance_for(model),
-        window,
-    )? || devices::window_active(conn, &item.item_id, window)? < item.terms.quota)
+    let id = &item.item_id;
+    Ok(
+        devices::in_window(conn, id, device_id, key.instance_for(model), window)?
+            || devices::window_active(conn, id, window)? < item.terms.quota,
+    )
 }
 
 /// What identifies a device's place in an item besides the device.

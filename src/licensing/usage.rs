@@ -330,12 +330,16 @@ fn renew(
     let pass_due = own_refusal.is_none()
         && item.terms.model == Model::Tokens
         && !has_pass(conn, device.id, &key, now)?;
-    // A full concurrent window moves the device to an item of its code under its quota.
+    // A full concurrent window moves the device to another item of its code in its dates
+    // and under its quota.
     let window_full = own_refusal.is_none()
         && item.terms.model.is_concurrent()
-        && lease
-            .handshake_id
-            .is_some_and(|code| catalogue.items_for(code, &lease.product).nth(1).is_some())
+        && lease.handshake_id.is_some_and(|code| {
+            catalogue.items_for(code, &lease.product).any(|other| {
+                other.item_id != item.item_id
+                    && (other.terms.starts_at..other.terms.expires_at).contains(&now)
+            })
+        })
         && !window_has_room(conn, &item, device.id, &key, now)?;
     let mut own_used = None;
     if own_refusal.is_none() && !pass_due && !window_full {

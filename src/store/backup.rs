@@ -687,7 +687,9 @@ pub fn restore(
     // the replaced database's last commits onto it.
     let wal = side_file(db, "-wal");
     if wal.exists() {
+        // Nothing was restored: no copy, nor a database kept aside (`db` still is it).
         remove_with_side_files(&tmp);
+        remove_with_side_files(&aside);
         return Err(BackupError::Io {
             error: std::io::Error::other("it could not be removed (is it open?)"),
             path: wal,

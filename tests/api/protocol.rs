@@ -1203,6 +1203,53 @@ fn known_concurrent_devices_move_to_a_top_up_when_their_window_is_full() {
     assert_eq!(f.authorized("cad", 3).items[0].item_id, "LIC-TOPUP-1");
 }
 
+/// A device with two leases on one concurrent seat (two instances) moves with both: it
+/// never counts in two items.
+#[test]
+fn a_device_with_two_leases_on_a_seat_is_never_split_between_items() {
+    let f = Fixture::new(&item("cad", "concurrent_device", 2, "max_exceptions = 9"));
+    let lease = |n: u32, instance: Option<&str>| {
+        let mut request = f.request("cad", n);
+        if let Some(instance) = instance {
+            request["device"]["instance"] = json!(instance);
+        }
+        let (status, body) = f.authorize(&request);
+        assert_eq!(status, 200, "{body}");
+        f.verify(&body, n).lease_id
+    };
+    let calls = [
+        (1, lease(1, None)),
+        (2, lease(2, None)),
+        (3, lease(3, Some("a"))),
+        (3, lease(3, Some("b"))),
+    ];
+    f.import(
+        "LIC-TOPUP",
+        &item("cad", "concurrent_device", 2, "max_exceptions = 9"),
+        &[],
+    );
+    let exceptions =
+        || f.item_value("LIC-T-1", "exceptions") + f.item_value("LIC-TOPUP-1", "exceptions");
+    let mut seen = Vec::new();
+    for window in 1..=4 {
+        f.app.clock.advance(Duration::minutes(3));
+        // Device 3 calls last, then first, then last...
+        let mut order: Vec<usize> = (0..4).collect();
+        if window % 2 == 0 {
+            order.rotate_left(2);
+        }
+        let mut items = [""; 4].map(String::from);
+        for i in order {
+            let (n, lease) = &calls[i];
+            let renewed = f.heartbeat(lease, *n).unwrap();
+            items[i] = renewed["items"][0]["item_id"].as_str().unwrap().to_string();
+        }
+        assert_eq!(items[2], items[3], "window {window}: one device, one item");
+        seen.push(exceptions());
+    }
+    assert_eq!(seen, [1; 4], "no window over quota since the top-up");
+}
+
 #[test]
 fn session_password_validation_fields_and_blocked_devices() {
     let f = Fixture::new(&item("reader", "per_device", 100, ""));
