@@ -33,6 +33,11 @@ pub enum ChainError {
     OutsideLicense(String),
     #[error("the authorization grants no item and lasts longer than the {0}-day public trial")]
     TrialTooLong(i64),
+    #[error(
+        "the authorization grants no item but names a handshake code or organization: the \
+         public trial is given only to a device that names neither"
+    )]
+    TrialWithCode,
     #[error("the authorization is for device {found}, not this device ({expected})")]
     WrongDevice { expected: String, found: String },
     #[error("the authorization answers another request (nonce mismatch)")]
@@ -139,6 +144,13 @@ pub fn verify_authorization<'k>(
     if auth.items.is_empty() && auth.expires_at - auth.issued_at > time::Duration::days(TRIAL_DAYS)
     {
         return Err(ChainError::TrialTooLong(TRIAL_DAYS));
+    }
+    // The public trial answers a device naming no code nor organization, and names neither:
+    // one naming them is not the appliance's (a device configured with a code would take
+    // it for a grant of any product).
+    if auth.items.is_empty() && !(auth.handshake_code.is_empty() && auth.organization_id.is_empty())
+    {
+        return Err(ChainError::TrialWithCode);
     }
     let same_device = match (
         uuid::Uuid::parse_str(&auth.device_uuid),
@@ -539,6 +551,19 @@ mod tests {
         let mut auth = fx.authorization();
         auth.items.clear();
         auth.expires_at = auth.issued_at + Duration::days(TRIAL_DAYS);
+        assert!(
+            matches!(
+                fx.check(&auth, expect_fresh()),
+                Err(ChainError::TrialWithCode)
+            ),
+            "the trial names no code"
+        );
+        auth.handshake_code.clear();
+        assert!(matches!(
+            fx.check(&auth, expect_fresh()),
+            Err(ChainError::TrialWithCode)
+        ));
+        auth.organization_id.clear();
         assert!(fx.check(&auth, expect_fresh()).is_ok(), "the public trial");
         auth.expires_at += Duration::seconds(1);
         assert!(matches!(
