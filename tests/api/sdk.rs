@@ -71,6 +71,13 @@ fn config(a: &Appliance, urls: Vec<String>, state: &Path, clock: Clock) -> Clien
     config
 }
 
+/// Device `n` of appliance `a`, its state in `state`, on the system's clock.
+fn device_n(a: &Appliance, served: &Served, state: &Path, n: u32) -> Client {
+    let mut config = config(a, vec![served.url("")], state, Clock::system());
+    config.device.uuid = device_uuid(n);
+    Client::new(config).unwrap()
+}
+
 /// An HTTPS URL on which nothing listens.
 fn dead_url() -> String {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -553,11 +560,7 @@ fn a_release_the_device_cannot_record_keeps_the_seat_and_one_it_records_frees_it
     let a = appliance(&item("scanner", "standalone", 1, ""));
     let served = Served::start(&a.data);
     let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let start = |state: &Path, device: u32| {
-        let mut config = config(&a, vec![served.url("")], state, Clock::system());
-        config.device.uuid = device_uuid(device);
-        Client::new(config).unwrap()
-    };
+    let start = |state: &Path, n: u32| device_n(&a, &served, state, n);
     let mut device = start(first.path(), 1);
     device.authorize().unwrap();
 
@@ -595,11 +598,7 @@ fn a_device_refused_a_new_lease_after_losing_its_own_stops() {
     let a = appliance(&item("scanner", "standalone", 1, ""));
     let served = Served::start(&a.data);
     let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let start = |state: &Path, device: u32| {
-        let mut config = config(&a, vec![served.url("")], state, Clock::system());
-        config.device.uuid = device_uuid(device);
-        Client::new(config).unwrap()
-    };
+    let start = |state: &Path, n: u32| device_n(&a, &served, state, n);
     let mut device = start(first.path(), 1);
     let grant = device.authorize().unwrap();
     let agent = pinned_agent(&appliance_cert(&a.data));
