@@ -383,10 +383,12 @@ fn trial(
 
 /// Chooses the item (an index into `items`, those serving the product on the handshake
 /// code, soonest expiry first) for a device: a known device keeps the seat (or the pass) it
-/// has while its item serves; otherwise the first item under its quota, once its lapsed
-/// seats are freed (its consumption is kept up to date for `occupy`), then the first with
-/// room in its tolerance; for tokens with no balance left anywhere, the first serving item,
-/// into grace. Otherwise the most relevant refusal.
+/// has while its item serves (a concurrent one: while its window has room for it, else
+/// after the items under their quota, `window_has_room`); otherwise the first item under
+/// its quota, once its lapsed seats are freed (its consumption is kept up to date for
+/// `occupy`), then the first with room in its tolerance; for tokens with no balance left
+/// anywhere, the first serving item, into the code's grace while it lasts. Otherwise the
+/// most relevant refusal.
 pub fn choose(
     conn: &Connection,
     items: &mut [ItemRow],
