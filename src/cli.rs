@@ -588,7 +588,8 @@ fn untrust(config: &Config, kid: &str, clock: &dyn Clock) -> Result<()> {
         if import::config_key(path).is_ok_and(|key| keys::kid(&key) == kid) {
             bail!(
                 "vendor key {kid} is trusted by the configuration ({}): remove it from \
-                 trusted_vendor_keys there",
+                 trusted_vendor_keys there and restart the service (it reads them at start), \
+                 then run this again in case `keygate trust` added it too",
                 path.display()
             );
         }

@@ -175,7 +175,9 @@ pub fn verify(
     let vendor = trusted
         .iter()
         .find(|k| keys::kid(k) == kid)
-        .ok_or_else(|| ImportError::UnknownVendor(kid.clone()))?;
+        .ok_or_else(|| {
+            ImportError::UnknownVendor(shown(&kid.chars().take(64).collect::<String>()))
+        })?;
     token.verify(vendor).map_err(|e| match e {
         JwsError::BadSignature => ImportError::BadSignature(kid.clone()),
         other => ImportError::Malformed(other),
@@ -727,4 +729,32 @@ pub fn new_handshake_code(organization_id: &str) -> String {
     // Identifiers are ASCII: a byte index is a character index.
     let keep = organization_id.len().min(64 - 1 - suffix.len());
     format!("{}-{suffix}", &organization_id[..keep])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_sdk::jws::{Header, sign_raw};
+
+    /// A file's key id is shown before any signature is checked: escaped and cut short.
+    #[test]
+    fn an_unknown_vendor_key_id_is_shown_escaped_and_short() {
+        let key = keygate_sdk::SigningKey::from_bytes(&[7; 32]);
+        let header = Header {
+            alg: "EdDSA".into(),
+            typ: Some(Typ::License.as_str().into()),
+            kid: Some(format!("\u{1b}[2J{}", "k".repeat(500))),
+            crit: None,
+        };
+        let file = sign_raw(&header, b"{}", &key);
+        let e = verify(&file, &[], &key.verifying_key()).unwrap_err();
+        let ImportError::UnknownVendor(shown) = &e else {
+            panic!("{e}");
+        };
+        assert!(
+            !shown.contains('\u{1b}') && shown.starts_with("\"\\u{1b}[2J"),
+            "{shown}"
+        );
+        assert!(shown.len() < 80, "{shown}");
+    }
 }
