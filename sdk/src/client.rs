@@ -1570,7 +1570,7 @@ impl Client {
     /// authorization held is dropped (the seat it had may be another device's) and the
     /// refusal returned. Usage open that cannot be stored (a full disk) stays open: what is
     /// stored is sent all the same (a heartbeat at least, which renews), then the storage
-    /// error is returned.
+    /// error is returned (an error the appliance answered first).
     pub fn flush(&mut self) -> Result<FlushOutcome, ClientError> {
         self.flush_with(true)
     }
@@ -1708,7 +1708,9 @@ impl Client {
             self.state.unconfirmed_from.get_or_insert(next_seq);
         }
         self.save_state_if_numbered(closed)?;
-        // The appliance's refusal (the device stops, say) comes before the storage error.
+        // An error the appliance answered (a refused authorization, say) comes before the
+        // storage error; a stop it sent in `renewal_error` stops the device all the same
+        // (`check` fails), though the flush may tell the storage error.
         match (self.send_backlog(reauthorize), unstored) {
             (Err(refused @ ClientError::Api { .. }), _) => Err(refused),
             (_, Some(unstored)) => Err(unstored),
