@@ -705,8 +705,14 @@ fn reimport(
 }
 
 fn import_file(config: &Config, path: &Path, clock: &dyn Clock) -> Result<()> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let Ok(text) = String::from_utf8(bytes) else {
+        bail!(
+            "{} is not UTF-8 text (a license file is one line of ASCII; was it saved in another \
+             encoding?)",
+            path.display()
+        );
+    };
     let appliance = store::backup::appliance_for(&config.data_dir, &config.database_path())?;
     let now = clock.now();
     let outcome = audited(config, now, |conn| {

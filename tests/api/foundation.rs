@@ -915,6 +915,23 @@ fn every_refusal_names_its_reason_and_changes_nothing() {
         );
         assert_eq!(db_digest(&db), digest, "{name}: the database changed");
     }
+    // Saved as "Unicode" by Notepad: UTF-16 with its byte order mark.
+    let path = dir.path().join("utf16.lic");
+    let utf16: Vec<u8> = [0xFF, 0xFE]
+        .into_iter()
+        .chain(good_raw.encode_utf16().flat_map(u16::to_le_bytes))
+        .collect();
+    std::fs::write(&path, utf16).unwrap();
+    let run = import(&data, &path);
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("is not UTF-8 text (a license file is one line of ASCII"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db_digest(&db), digest, "UTF-16: the database changed");
     // The untouched raw license is accepted: the cases above fail for their own reason. It
     // may start with a byte order mark (as Windows editors save), and a product name counts
     // characters, not bytes.
