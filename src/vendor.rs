@@ -121,7 +121,24 @@ pub fn read_items(path: &Path) -> Result<ItemsFile, VendorError> {
 /// carrying the installation id that key gives.
 pub fn read_activation_request(text: &str) -> Result<ActivationRequest, VendorError> {
     let bad = |m: String| VendorError::Request(m);
-    let compact = import::token_line(text).map_err(|e| bad(e.to_string()))?;
+    let compact = import::token_line(text).map_err(|e| {
+        bad(match e {
+            import::ImportError::Empty => {
+                "the file holds no activation request: expected one signed line after the '#' \
+                 comment lines"
+                    .into()
+            }
+            import::ImportError::SeveralTokens => {
+                "the file holds more than one line besides '#' comments; an activation request \
+                 is one signed line (if an email client wrapped it, join its lines)"
+                    .into()
+            }
+            import::ImportError::Pem => {
+                "the file is a key or certificate (PEM), not an activation request".into()
+            }
+            other => other.to_string(),
+        })
+    })?;
     let token = jws::Token::decode(compact).map_err(|e| bad(e.to_string()))?;
     token
         .expect_typ(Typ::Activation)
@@ -305,6 +322,20 @@ mod tests {
         };
         let own = Some(keys::kid(&public));
         assert!(read_activation_request(&signed(own.clone(), 1)).is_ok());
+        // Wrapped by an email client, or a key sent by mistake: named as a request.
+        let good = signed(own.clone(), 1);
+        let wrapped = format!("{}\n{}\n", &good[..60], &good[60..]);
+        for (text, refusal) in [
+            (wrapped.as_str(), "an activation request is one signed line"),
+            (
+                "-----BEGIN PUBLIC KEY-----\nAAAA\n",
+                "not an activation request",
+            ),
+            ("# nothing\n", "holds no activation request"),
+        ] {
+            let refused = read_activation_request(text).unwrap_err().to_string();
+            assert!(refused.contains(refusal), "{refused}");
+        }
         for (kid, v, refusal) in [
             (None, 1, "no key id"),
             (Some("00".repeat(32)), 1, "not the key it names"),
