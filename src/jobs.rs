@@ -557,6 +557,15 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
     if let Err(e) = free_lapsed_seats(state, now).await {
         tracing::warn!(error = %e, "could not free the lapsed seats before the alerts");
     }
+    // Tokens of top-ups that started since they were imported pay the debts first, before
+    // the alerts tell the balances.
+    let settled = state
+        .store
+        .write(move |conn| crate::licensing::import::settle_started(conn, now))
+        .await;
+    if let Err(e) = settled {
+        tracing::warn!(error = %e, "could not settle the token debts of top-ups started since");
+    }
     let warnings = crate::tls::not_after(&state.certificate.current())
         .map(|t| alerts::certificate_warnings(t.unix_timestamp(), now))
         .unwrap_or_default();

@@ -680,7 +680,9 @@ pub fn apply(
 /// the tokens the import `added` to unexpired items of the same product, soonest expiry
 /// first, as far as each item's balance goes; no other tokens move (the items already there
 /// may serve other plants' codes). An item whose balance is no longer negative leaves
-/// grace, and one a new version left negative (a lower quota) enters it.
+/// grace, and one a new version left negative (a lower quota) enters it. Tokens added to an
+/// item that has not started are not spent before it starts: they are kept on it and pay
+/// then ([`settle_started`]).
 fn settle_token_debts(
     conn: &Connection,
     organization_id: &str,
@@ -702,6 +704,7 @@ fn settle_token_debts(
                 || items[payer].withdrawn
                 || items[payer].product != items[debtor].product
                 || items[payer].terms.expires_at <= now
+                || items[payer].terms.starts_at > now
             {
                 continue;
             }
@@ -713,6 +716,27 @@ fn settle_token_debts(
     }
     for item in &items {
         store::licenses::set_tokens_used(conn, &item.item_id, item.used.tokens_used, now)?;
+        let left = added.get(&item.item_id).copied().unwrap_or(0);
+        if item.terms.starts_at > now && left > 0 && !item.withdrawn {
+            store::licenses::add_unsettled(conn, &item.item_id, left)?;
+        }
+    }
+    Ok(())
+}
+
+/// Tokens an import added to items that have started since pay the debts they could not
+/// pay before (as [`settle_token_debts`] would have at the import). Run by the alerts job:
+/// passes an item sells in the minutes between its start and the job are its own.
+pub fn settle_started(conn: &Connection, now: i64) -> Result<(), ImportError> {
+    let mut by_organization: HashMap<String, HashMap<String, i64>> = HashMap::new();
+    for (organization, item_id, tokens) in store::licenses::take_unsettled(conn, now)? {
+        by_organization
+            .entry(organization)
+            .or_default()
+            .insert(item_id, tokens);
+    }
+    for (organization, added) in by_organization {
+        settle_token_debts(conn, &organization, added, now)?;
     }
     Ok(())
 }

@@ -39,6 +39,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0012_alert_marks_pending.sql"),
     include_str!("migrations/0013_blocked_devices.sql"),
     include_str!("migrations/0014_audit_by_actor.sql"),
+    include_str!("migrations/0015_unsettled_tokens.sql"),
 ];
 
 impl From<rusqlite::Error> for StoreError {

@@ -646,6 +646,65 @@ fn a_second_item_or_a_small_top_up_opens_no_new_grace() {
     assert_eq!(f.item_value("LIC-TOPUP-1", "tokens_used"), 3);
 }
 
+/// A top-up that starts later (next year's allotment, imported early) pays the debt when it
+/// starts, not at its import: until then the tokens stay below zero and their grace over.
+#[test]
+fn a_top_up_starting_later_pays_the_debt_when_it_starts() {
+    let f = Fixture::new(&item(
+        "ocr",
+        "tokens",
+        10,
+        "tokens_per_pass = 5\ngrace_days = 2",
+    ));
+    for n in 1..=3 {
+        f.authorized("ocr", n);
+    }
+    assert_eq!(f.item_value("LIC-T-1", "tokens_used"), 15, "5 below zero");
+    f.app.clock.advance(Duration::days(3));
+    assert_eq!(f.refused("ocr", 4), "QUOTA_EXCEEDED");
+
+    f.import(
+        "LIC-NEXT",
+        &item(
+            "ocr",
+            "tokens",
+            20,
+            "tokens_per_pass = 5\nstarts_at = 2030-01-01T00:00:00Z\nexpires_at = 2036-01-01T00:00:00Z",
+        ),
+        &[],
+    );
+    assert_eq!(
+        f.item_value("LIC-NEXT-1", "tokens_used"),
+        0,
+        "nothing paid yet"
+    );
+    assert_eq!(f.item_value("LIC-T-1", "tokens_used"), 15);
+    assert_eq!(
+        f.refused("ocr", 4),
+        "QUOTA_EXCEEDED",
+        "still below zero, grace over"
+    );
+    f.app.run_job("alerts").unwrap();
+    assert_eq!(f.item_value("LIC-NEXT-1", "tokens_used"), 0, "not started");
+
+    let start = time::macros::datetime!(2030-01-01 00:00 UTC);
+    f.app
+        .clock
+        .advance(start - f.app.clock_now() + Duration::minutes(5));
+    f.app.run_job("alerts").unwrap();
+    assert_eq!(
+        f.item_value("LIC-T-1", "tokens_used"),
+        10,
+        "the debt is paid"
+    );
+    assert_eq!(f.item_value("LIC-NEXT-1", "tokens_used"), 5);
+    assert_eq!(f.item_value("LIC-NEXT-1", "tokens_unsettled"), 0);
+    assert_eq!(f.authorized("ocr", 4).state, AuthorizationState::Ok);
+    assert_eq!(f.item_value("LIC-NEXT-1", "tokens_used"), 10);
+    f.app.run_job("alerts").unwrap();
+    assert_eq!(f.item_value("LIC-NEXT-1", "tokens_used"), 10, "paid once");
+}
+
 /// Only an unexpired item's tokens pay a debt: an expired item's balance is gone, so a later
 /// import (here a small top-up) does not settle the debt from it.
 #[test]
