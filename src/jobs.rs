@@ -558,14 +558,11 @@ pub async fn send_alerts(state: &AppState) -> Result<String, JobError> {
         tracing::warn!(error = %e, "could not free the lapsed seats before the alerts");
     }
     // Tokens of top-ups that started since they were imported pay the debts first, before
-    // the alerts tell the balances.
-    let settled = state
+    // the alerts tell the balances (a tokens request does so too, before it buys a pass).
+    state
         .store
         .write(move |conn| crate::licensing::import::settle_started(conn, now))
-        .await;
-    if let Err(e) = settled {
-        tracing::warn!(error = %e, "could not settle the token debts of top-ups started since");
-    }
+        .await?;
     let warnings = crate::tls::not_after(&state.certificate.current())
         .map(|t| alerts::certificate_warnings(t.unix_timestamp(), now))
         .unwrap_or_default();

@@ -131,6 +131,13 @@ pub fn authorize(
     };
     check_handshake(handshake, req, passwords)?;
 
+    // Tokens of a top-up started since its import pay the debts before a pass is sold.
+    if catalogue
+        .items_for(handshake.id, &req.product)
+        .any(|i| i.terms.model == Model::Tokens)
+    {
+        super::import::settle_started(conn, now)?;
+    }
     let mut items = catalogue
         .items_for(handshake.id, &req.product)
         .map(|item| catalogue::live(conn, item))

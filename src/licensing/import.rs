@@ -657,6 +657,8 @@ pub fn apply(
     }
     store::licenses::withdraw_items_not_in(conn, &license.license_id, license.version)?;
     settle_token_debts(conn, org, added, now)?;
+    // A new version may have moved a kept top-up's start into the past.
+    settle_started(conn, now)?;
 
     let items = license.items.len();
     Ok(match current {
@@ -688,7 +690,7 @@ fn settle_token_debts(
     organization_id: &str,
     mut added: HashMap<String, i64>,
     now: i64,
-) -> Result<(), ImportError> {
+) -> Result<(), StoreError> {
     let mut items: Vec<_> = store::licenses::all_items(conn)?
         .into_iter()
         .filter(|i| i.organization_id == organization_id && i.terms.model == Model::Tokens)
@@ -725,9 +727,9 @@ fn settle_token_debts(
 }
 
 /// Tokens an import added to items that have started since pay the debts they could not
-/// pay before (as [`settle_token_debts`] would have at the import). Run by the alerts job:
-/// passes an item sells in the minutes between its start and the job are its own.
-pub fn settle_started(conn: &Connection, now: i64) -> Result<(), ImportError> {
+/// pay before (as [`settle_token_debts`] would have at the import): run before a tokens
+/// item sells a pass, at each import, and by the alerts job.
+pub fn settle_started(conn: &Connection, now: i64) -> Result<(), StoreError> {
     let mut by_organization: HashMap<String, HashMap<String, i64>> = HashMap::new();
     for (organization, item_id, tokens) in store::licenses::take_unsettled(conn, now)? {
         by_organization

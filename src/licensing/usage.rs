@@ -353,6 +353,9 @@ fn renew(
     let (item, used) = match own_used {
         Some(used) => (item, used),
         None => {
+            if pass_due {
+                super::import::settle_started(conn, now)?;
+            }
             let mut items = match lease.handshake_id {
                 Some(code) => catalogue
                     .items_for(code, &lease.product)

@@ -593,15 +593,17 @@ pub fn set_tokens_used(
 
 /// Keeps `tokens` an import added to an item not started yet, to pay debts when it starts.
 pub fn add_unsettled(conn: &Connection, item_id: &str, tokens: i64) -> Result<(), StoreError> {
+    // At most the item's quota: what settling can take is its balance.
     conn.prepare_cached(
-        "UPDATE items SET tokens_unsettled = tokens_unsettled + ?2 WHERE item_id = ?1",
+        "UPDATE items SET tokens_unsettled = min(quota, tokens_unsettled + ?2) WHERE item_id = ?1",
     )?
     .execute(params![item_id, tokens])?;
     Ok(())
 }
 
 /// The items started by `now` holding unsettled tokens: (organization, item, tokens). Each
-/// is cleared as it is returned (the caller settles them in the same transaction).
+/// is cleared as it is returned (the caller settles them in the same transaction); a
+/// withdrawn item keeps its own until a newer version grants it again.
 pub fn take_unsettled(
     conn: &Connection,
     now: i64,
@@ -609,12 +611,13 @@ pub fn take_unsettled(
     let taken = conn
         .prepare_cached(
             "SELECT organization_id, item_id, tokens_unsettled FROM items
-             WHERE tokens_unsettled > 0 AND starts_at <= ?1",
+             WHERE tokens_unsettled > 0 AND starts_at <= ?1 AND withdrawn = 0",
         )?
         .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
     conn.prepare_cached(
-        "UPDATE items SET tokens_unsettled = 0 WHERE tokens_unsettled > 0 AND starts_at <= ?1",
+        "UPDATE items SET tokens_unsettled = 0
+         WHERE tokens_unsettled > 0 AND starts_at <= ?1 AND withdrawn = 0",
     )?
     .execute([now])?;
     Ok(taken)
