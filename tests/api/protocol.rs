@@ -1995,52 +1995,51 @@ fn one_host_holding_bodies_open_cannot_take_the_budget_from_the_others() {
     let wait = std::time::Duration::from_secs(20);
     // The host is 127.0.0.3, an address no other test uses (the budget is the process's,
     // shared with the other tests' appliances). Sixteen bodies of 2 MiB announced, all but
-    // their last 4 bytes sent, then held: they fill its share (an eighth of the budget) but
-    // for 64 bytes.
+    // their last 64 bytes sent, then held: they fill its share (an eighth of the budget) but
+    // for 1 KiB, less than the probe's body below.
     let host = || raw_tls_from(&f, "127.0.0.3", wait);
     let size = 2 << 20;
-    let held: Vec<RawTls> = (0..16)
-        .map(|_| {
-            let mut tls = host();
-            tls.write_all(
-                format!(
-                    "POST /api/v1/usage HTTP/1.1\r\nHost: keygate\r\n\
-                     Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
-                )
-                .as_bytes(),
-            )
-            .unwrap();
-            tls.write_all(&vec![b' '; size - 4]).unwrap();
-            tls.flush().unwrap();
-            tls
-        })
-        .collect();
-    // Held alive: the appliance cuts a body paused for 10 s, so each gets one more byte every
-    // 3 s (three at most: the fourth would end it), which a slow machine needs to finish.
+    // Held alive from the first: the appliance cuts a body paused for 10 s, so each held body
+    // gets one more byte every 3 s (63 at most: the 64th would end it), also while the next
+    // ones are sent (a slow machine needs a while for sixteen).
+    let held: std::sync::Arc<std::sync::Mutex<Vec<RawTls>>> = Default::default();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let trickle = {
-        let stop = stop.clone();
+        let (held, stop) = (held.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut held = held;
-            for _ in 0..3 {
+            for _ in 0..63 {
                 for _ in 0..30 {
                     if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                        return held;
+                        return;
                     }
                     std::thread::sleep(std::time::Duration::from_millis(100));
                 }
-                for tls in &mut held {
+                for tls in held.lock().unwrap().iter_mut() {
                     let _ = tls.write_all(b" ").and_then(|()| tls.flush());
                 }
             }
-            held
         })
     };
+    for _ in 0..16 {
+        let mut tls = host();
+        tls.write_all(
+            format!(
+                "POST /api/v1/usage HTTP/1.1\r\nHost: keygate\r\n\
+                 Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        tls.write_all(&vec![b' '; size - 64]).unwrap();
+        tls.flush().unwrap();
+        held.lock().unwrap().push(tls);
+    }
     // A usage call of an unknown lease (changes nothing) on its own connection: the status.
     let probe = |mut tls: RawTls| -> String {
         let body = serde_json::json!({"lease_id": device_uuid(7), "device_uuid": device_uuid(1),
             "stream": device_uuid(8), "reports": []})
-        .to_string();
+        .to_string()
+            + &" ".repeat(2048);
         tls.write_all(
             format!(
                 "POST /api/v1/usage HTTP/1.1\r\nHost: keygate\r\nContent-Type: application/json\r\n\
@@ -2085,7 +2084,8 @@ fn one_host_holding_bodies_open_cannot_take_the_budget_from_the_others() {
         "another host is served: {other}"
     );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    drop(trickle.join().unwrap());
+    trickle.join().unwrap();
+    held.lock().unwrap().clear();
     until(&host, "HTTP/1.1 404");
 }
 
