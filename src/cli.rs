@@ -384,8 +384,9 @@ pub fn run(command: Command, config: Config) -> Result<()> {
         Command::Handshake(command) => handshake(&config, command, &clock),
         Command::Device(command) => device(&config, command, &clock),
         Command::Backup => {
-            // Opened first: a database to back up, brought to this release's schema.
-            drop(open_store(&config)?);
+            // Opened first: a database to back up, brought to this release's schema (and
+            // kept open: a restore waits for the backup).
+            let _db = open_store(&config)?;
             let now = clock.now();
             let file = store::backup::take(
                 &config.database_path(),
@@ -507,12 +508,33 @@ pub fn trusted_keys(config: &Config, conn: &rusqlite::Connection) -> Result<Vec<
     Ok(import::trusted_keys(conn, &config.trusted_vendor_keys)?)
 }
 
+/// The database opened for a console command, with the lock that keeps `restore` from
+/// replacing it while the command runs ([`store::backup::console_lock`]).
+struct Db {
+    conn: rusqlite::Connection,
+    _restore_waits: std::fs::File,
+}
+
+impl std::ops::Deref for Db {
+    type Target = rusqlite::Connection;
+    fn deref(&self) -> &rusqlite::Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Db {
+    fn deref_mut(&mut self) -> &mut rusqlite::Connection {
+        &mut self.conn
+    }
+}
+
 /// Opens the database for a command, migrating it to this release's schema, unless the
 /// service runs on it: migrating under a running older `serve` (an upgrade that did not
 /// restart it) would break its queries.
-fn open_store(config: &Config) -> Result<rusqlite::Connection> {
+fn open_store(config: &Config) -> Result<Db> {
     use std::time::Duration;
     appliance::create_private_dir(&config.data_dir)?;
+    let restore_waits = store::backup::console_lock(&config.data_dir, false)?;
     let path = config.database_path();
     let schema = if path.exists() {
         Some(read_only(&path)?.1)
@@ -537,7 +559,10 @@ fn open_store(config: &Config) -> Result<rusqlite::Connection> {
     if _lock.is_some() {
         store::backup::remove_unfinished_at_start(&config.data_dir);
     }
-    Ok(store::open(&path)?)
+    Ok(Db {
+        conn: store::open(&path)?,
+        _restore_waits: restore_waits,
+    })
 }
 
 /// Whether `serve` runs on this data directory (it holds the directory's lock).
@@ -898,7 +923,7 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
                 }
                 Ok(())
             };
-            first_not_owner(&open_store(config)?)?;
+            first_not_owner(&open_store(config)?.conn)?;
             let password = read_password()?;
             crate::portal::check_credentials(&name, &password).map_err(|e| anyhow::anyhow!(e))?;
             let hash = hash_password(&password);

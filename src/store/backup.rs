@@ -31,6 +31,16 @@ pub enum BackupError {
     #[error("keygate is running on this data directory: stop the service first")]
     Running,
     #[error(
+        "another keygate command (import, trust, device, ...) is changing the database: \
+         run the restore again when it has finished"
+    )]
+    ConsoleWriting,
+    #[error(
+        "a restore is replacing the database (`keygate restore`): run this command again \
+         when it has finished"
+    )]
+    Restoring,
+    #[error(
         "{path} belongs to another appliance: {evidence}, and this appliance is {ours}; to \
          move that appliance here, put its appliance.key in place of this one's first"
     )]
@@ -525,15 +535,58 @@ pub fn lock_file(data_dir: &Path, wait: Duration) -> Result<std::fs::File, Backu
         .write(true)
         .open(&path)
         .map_err(io(&path))?;
+    match locked(&file, wait, std::fs::File::try_lock) {
+        Ok(true) => Ok(file),
+        Ok(false) => Err(BackupError::Running),
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
+/// The lock a console command holds shared for as long as it has the database open, and
+/// `restore` exclusive while it replaces the database: a change made at the console lands
+/// in the database the appliance goes on with, not in the one a restore puts aside.
+/// `restore` waits [`LOCK_WAIT`] for the commands running, a command as long for a restore.
+pub fn console_lock(data_dir: &Path, restoring: bool) -> Result<std::fs::File, BackupError> {
+    let path = data_dir.join("keygate.console.lock");
+    // Opened to read, which is all a lock needs: whoever made the file (root at the
+    // console, or the service's user), every user of the data directory can lock it.
+    let file = match std::fs::File::open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path),
+        opened => opened,
+    }
+    .map_err(io(&path))?;
+    let lock = if restoring {
+        std::fs::File::try_lock
+    } else {
+        std::fs::File::try_lock_shared
+    };
+    match locked(&file, LOCK_WAIT, lock) {
+        Ok(true) => Ok(file),
+        Ok(false) if restoring => Err(BackupError::ConsoleWriting),
+        Ok(false) => Err(BackupError::Restoring),
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
+/// Takes `file`'s lock with `lock`, trying again for up to `wait`: whether it got it.
+fn locked(
+    file: &std::fs::File,
+    wait: Duration,
+    lock: fn(&std::fs::File) -> Result<(), std::fs::TryLockError>,
+) -> std::io::Result<bool> {
     let deadline = Instant::now() + wait;
     loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(file),
+        match lock(file) {
+            Ok(()) => return Ok(true),
             Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            Err(std::fs::TryLockError::WouldBlock) => return Err(BackupError::Running),
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
     }
 }
@@ -571,6 +624,7 @@ pub fn restore(
 ) -> Result<Restored, BackupError> {
     let data_dir = db.parent().unwrap_or(Path::new("."));
     let _lock = lock_file(data_dir, LOCK_WAIT)?;
+    let _console = console_lock(data_dir, true)?;
     let (newest_time, current) = handed_on(db);
     let stamp = now.format(STAMP).expect("the stamp format is valid");
     // A name no earlier restore used (two restores in one second keep both databases).

@@ -1528,6 +1528,64 @@ fn a_restore_keeps_the_default_handshake_code_the_devices_were_given() {
     assert!(list.stdout.contains(&code), "{}", list.stdout);
 }
 
+/// A console change and a restore never overlap: a restore waits for the commands that have
+/// the database open and refuses to replace it under one (the change would land in the
+/// database it puts aside), and a command refuses to run while a restore replaces it.
+#[test]
+fn a_console_change_never_lands_in_a_database_a_restore_puts_aside() {
+    let vendor = Vendor::new();
+    let (_dir, data) = appliance_trusting(&vendor);
+    assert!(keygate(&data, &["backup"]).ok);
+    let backup = keygate::store::backup::list(&data.join("backups")).unwrap()[0]
+        .path
+        .clone();
+    let db = data.join("keygate.db");
+    let before = db_digest(&db);
+
+    // A command is changing the database (an import, say): the restore refuses.
+    let writing = keygate::store::backup::console_lock(&data, false).unwrap();
+    let run = keygate(&data, &["restore", backup.to_str().unwrap()]);
+    assert!(
+        !run.ok && run.stderr.contains("another keygate command"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db_digest(&db), before);
+    let aside = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().contains("before-restore"));
+    assert!(!aside, "a refused restore puts no database aside");
+    // Two commands run side by side.
+    let file = vendor.issue_file(
+        &data,
+        &items_file("LIC-L", &item("reader", "per_device", 10, "")),
+        &[],
+        "l.lic",
+    );
+    assert!(import(&data, &file).ok);
+    drop(writing);
+
+    // A restore is replacing the database: a command refuses and changes nothing.
+    let other = vendor.issue_file(
+        &data,
+        &items_file("LIC-M", &item("reader", "per_device", 10, "")),
+        &[],
+        "m.lic",
+    );
+    let restoring = keygate::store::backup::console_lock(&data, true).unwrap();
+    let before = db_digest(&db);
+    let run = import(&data, &other);
+    assert!(
+        !run.ok && run.stderr.contains("a restore is replacing the database"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db_digest(&db), before);
+    drop(restoring);
+    assert!(import(&data, &other).ok);
+}
+
 /// Console mistakes that must change nothing: `status` makes no lock file (run as root, it
 /// would be root's and the service could not open it), and `--out` never writes over the
 /// database.
@@ -1536,8 +1594,10 @@ fn status_makes_no_lock_and_out_never_replaces_the_database() {
     let vendor = Vendor::new();
     let (_dir, data) = appliance_trusting(&vendor);
     let _ = std::fs::remove_file(data.join("keygate.lock"));
+    let _ = std::fs::remove_file(data.join("keygate.console.lock"));
     assert!(keygate(&data, &["status"]).ok);
     assert!(!data.join("keygate.lock").exists());
+    assert!(!data.join("keygate.console.lock").exists());
     let db = data.join("keygate.db");
     let before = db_digest(&db);
     let run = keygate(
