@@ -925,7 +925,7 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
             };
             first_not_owner(&open_store(config)?.conn)?;
             let password = read_password()?;
-            crate::portal::check_credentials(&name, &password).map_err(|e| anyhow::anyhow!(e))?;
+            crate::portal::check_new_admin(&name, &password).map_err(|e| anyhow::anyhow!(e))?;
             let hash = hash_password(&password);
             audited(config, now, |conn| {
                 if admins::admin_by_name(conn, &name)?.is_some() {

@@ -6,7 +6,7 @@ use askama::Template;
 use serde::Deserialize;
 
 use super::auth::{CsrfForm, Owner, OwnerRole, PortalError, Post, Role, Session};
-use super::{Page, check_credentials, render_form};
+use super::{Page, check_credentials, check_new_admin, render_form};
 use crate::licensing::handshake::hash_password;
 use crate::server::{AppState, Passwords};
 use crate::store::{StoreError, admins, ops};
@@ -98,7 +98,12 @@ pub async fn act(
         return refuse("Please change your own password on Your account (/account)").await;
     }
     let hash = if matches!(action.as_str(), "create" | "password") {
-        if let Err(problem) = check_credentials(&name, &form.password) {
+        let checked = if action == "create" {
+            check_new_admin(&name, &form.password)
+        } else {
+            check_credentials(&name, &form.password)
+        };
+        if let Err(problem) = checked {
             return refuse(problem.trim_end_matches('.')).await;
         }
         let password = form.password.clone();

@@ -332,22 +332,13 @@ async fn login(
         return again("Wrong name or password.");
     }
     // Each attempt is counted before Argon2 runs, so parallel attempts cannot all get past
-    // the limit; only the first refusal of a window is audited.
+    // the limit; only the first refusal of a window is audited (and looks the name up).
     // Per IPv4 address or IPv6 /64: a host picking new addresses in its /64 is one client.
     let client = crate::ratelimit::request_key(&req);
-    if let Err(first) = state.sign_in_limits.attempt(&form.name, &client, now) {
-        if first {
-            let _ = audit_alone(
-                &state,
-                &form.name,
-                &req,
-                "sign-in refused (rate limited)",
-                String::new(),
-                String::new(),
-            )
-            .await;
-        }
-        return again("Too many failed sign-ins; wait a minute and try again.");
+    let limited = state.sign_in_limits.attempt(&form.name, &client, now);
+    const LIMITED: &str = "Too many failed sign-ins; wait a minute and try again.";
+    if limited == Err(false) {
+        return again(LIMITED);
     }
     let name = form.name.clone();
     let admin = match state
@@ -358,6 +349,18 @@ async fn login(
         Ok(admin) => admin,
         Err(e) => return PortalError::from(e).error_response(),
     };
+    // A name no admin has is not written down: it is often a password typed in the wrong
+    // box, and every role reads the audit log.
+    let actor = if admin.is_some() {
+        form.name.as_str()
+    } else {
+        UNKNOWN_NAME
+    };
+    let audit = |action| audit_alone(&state, actor, &req, action, String::new(), String::new());
+    if limited.is_err() {
+        let _ = audit("sign-in refused (rate limited)").await;
+        return again(LIMITED);
+    }
     let password = form.password.clone();
     let hash = admin.as_ref().map(|a| a.password_hash.clone());
     // Argon2 runs once even for an unknown name (against a hash made once), so timing does
@@ -373,16 +376,6 @@ async fn login(
         })
         .await
         .unwrap_or(false);
-    let audit = |action| {
-        audit_alone(
-            &state,
-            &form.name,
-            &req,
-            action,
-            String::new(),
-            String::new(),
-        )
-    };
     let signed_in = match admin.filter(|_| verified) {
         Some(admin) => match auth::sign_in(&state, &req, admin).await {
             Ok(cookie) => cookie,
@@ -502,6 +495,25 @@ struct SetupForm {
     csrf: String,
 }
 
+/// The audit log's actor for a sign-in with a name no admin has.
+pub const UNKNOWN_NAME: &str = "(unknown name)";
+
+/// Actors of the audit log that are not admins: the scheduled jobs and the console.
+const RESERVED_NAMES: [&str; 2] = ["system", "cli"];
+
+/// What makes an acceptable name and password for a new admin: those of
+/// [`check_credentials`], and not a name the audit log gives its own actors (an admin so
+/// named would read as them).
+pub fn check_new_admin(name: &str, password: &str) -> Result<(), &'static str> {
+    if RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+        return Err(
+            "The names system and cli are the audit log's own (the scheduled jobs, the \
+             console); choose another.",
+        );
+    }
+    check_credentials(name, password)
+}
+
 /// An admin's name: 1 to 64 characters, no space, control character or bidirectional mark.
 fn admin_name_ok(name: &str) -> bool {
     !name.is_empty()
@@ -547,7 +559,7 @@ async fn setup(
     if !form_cookie_matches(&req, &form.csrf) {
         return again("The form was out of date; please try again.");
     }
-    if let Err(problem) = check_credentials(&form.name, &form.password) {
+    if let Err(problem) = check_new_admin(&form.name, &form.password) {
         return again(problem);
     }
     if form.password != form.confirm {

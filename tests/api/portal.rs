@@ -806,6 +806,72 @@ fn sign_in_is_rate_limited_and_audited() {
     assert_eq!(count("sign-in failed"), 5);
 }
 
+/// A password typed into the name box is not written into the audit log, which every role
+/// reads: a sign-in with a name no admin has is recorded as such, its address kept.
+#[test]
+fn a_sign_in_with_an_unknown_name_does_not_record_what_was_typed() {
+    let (f, _) = signed_in(&item("reader", "per_device", 10, ""));
+    let typed = "Tr0ub4dor&3-horse";
+    for _ in 0..6 {
+        assert_eq!(sign_in(&f, typed, "wrong password!").1.status, 401);
+    }
+    let actors: Vec<(String, String)> = f
+        .db()
+        .prepare("SELECT actor, action FROM audit_log WHERE action LIKE 'sign-in%' ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let unknown = "(unknown name)".to_string();
+    assert_eq!(
+        actors,
+        [
+            vec![(unknown.clone(), "sign-in failed".to_string()); 5],
+            vec![(unknown, "sign-in refused (rate limited)".to_string())]
+        ]
+        .concat()
+    );
+    let dump: String = f
+        .db()
+        .query_row(
+            "SELECT group_concat(actor || target || detail || address, '') FROM audit_log",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!dump.contains(typed), "{dump}");
+}
+
+/// The audit log's own actors (the scheduled jobs, the console) are no admin's name.
+#[test]
+fn no_admin_takes_the_name_of_the_audit_logs_own_actors() {
+    let (f, owner) = signed_in(&item("reader", "per_device", 10, ""));
+    for name in ["system", "CLI"] {
+        let refused = set_password_for_admin(&f, name, "manager");
+        assert!(
+            !refused.ok && refused.stderr.contains("the audit log's own"),
+            "{}",
+            refused.stderr
+        );
+    }
+    let answer = admins_post(
+        &owner,
+        "create",
+        &[
+            ("name", "System"),
+            ("role", "manager"),
+            ("password", PASSWORD),
+        ],
+    );
+    assert!(answer.body.contains("the audit log"), "{}", answer.body);
+    let admins: i64 = f
+        .db()
+        .query_row("SELECT COUNT(*) FROM admins", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(admins, 1);
+}
+
 #[test]
 fn auditors_see_but_cannot_change() {
     let (f, owner) = signed_in(&item("reader", "per_device", 10, ""));
