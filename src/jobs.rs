@@ -679,6 +679,16 @@ const PURGE_HORIZON: &str = "housekeeping.purge_horizon";
 /// How far one housekeeping run moves that horizon at most.
 const PURGE_STEP_DAYS: i64 = 2;
 
+/// Where a housekeeping run's removal of unused devices stops (`cutoff`: devices last used
+/// before it go) and the horizon it keeps, given where the clock puts it (`due`), where the
+/// last run left it and the job's interval: at most [`PURGE_STEP_DAYS`] or two intervals,
+/// whichever is longer, past the last, and never back.
+fn purge_cutoff(due: i64, last: Option<i64>, every: i64) -> (i64, i64) {
+    let step = (PURGE_STEP_DAYS * DAY).max(every.saturating_mul(2));
+    let cutoff = last.map_or(due, |last| due.min(last.saturating_add(step)));
+    (cutoff, last.map_or(cutoff, |last| last.max(cutoff)))
+}
+
 /// Frees the seats whose time is up (per_device unused for 365 days, per_active_device 90
 /// days after the first authorization), a batch per transaction: a fleet authorized in one
 /// week lapses in one day. Returns how many.
@@ -725,9 +735,10 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
 
     // Devices unused for 365 days (the per_device rule) are removed; nothing scans all
     // devices at once: a batch of ids per transaction. The horizon moves at most
-    // PURGE_STEP_DAYS a run, and twice the job's interval: a clock set years ahead (a wrong
-    // time source) would otherwise remove every device at once, with its usage totals and
-    // stream marks. It never moves back (a clock set back removes nothing new meanwhile).
+    // PURGE_STEP_DAYS a run, or twice the job's interval if longer: a clock set years
+    // ahead (a wrong time source) would otherwise remove every device at once, with its
+    // usage totals and stream marks. It never moves back (a clock set back removes nothing
+    // new meanwhile).
     let due = now - models::INACTIVE_SEAT_DAYS * DAY;
     let (kept, last_run) = state
         .store
@@ -744,9 +755,7 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
         .and_then(|h| h.parse::<i64>().ok())
         .or_else(|| last_run.map(|t| t - models::INACTIVE_SEAT_DAYS * DAY));
     let every = i64::try_from(state.config.jobs.housekeeping_every_s).unwrap_or(i64::MAX);
-    let step = (PURGE_STEP_DAYS * DAY).min(every.saturating_mul(2));
-    let cutoff = last.map_or(due, |last| due.min(last.saturating_add(step)));
-    let horizon = last.map_or(cutoff, |last| last.max(cutoff));
+    let (cutoff, horizon) = purge_cutoff(due, last, every);
     if cutoff < due {
         tracing::warn!(
             removes_unused_before = %crate::portal::utc(cutoff),
@@ -1061,6 +1070,36 @@ async fn send_notices(state: &AppState, notices: &[Notice]) -> Result<(), JobErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The removal of unused devices keeps up with the clock whatever the job's interval
+    /// (a weekly run moves it a week), and one run moves it two days or two intervals at
+    /// most (a clock set years ahead), never back.
+    #[test]
+    fn the_purge_keeps_up_with_its_interval_and_no_further() {
+        let last = 1_000 * DAY;
+        let week = 7 * DAY;
+        assert_eq!(
+            purge_cutoff(last + week, Some(last), week),
+            (last + week, last + week)
+        );
+        assert_eq!(
+            purge_cutoff(last + DAY, Some(last), DAY),
+            (last + DAY, last + DAY)
+        );
+        assert_eq!(
+            purge_cutoff(last + 60, Some(last), 3_600),
+            (last + 60, last + 60)
+        );
+        // Ahead by years: two days, or two intervals when they are longer.
+        let ahead = last + 730 * DAY;
+        assert_eq!(purge_cutoff(ahead, Some(last), DAY).0, last + 2 * DAY);
+        assert_eq!(purge_cutoff(ahead, Some(last), 3_600).0, last + 2 * DAY);
+        assert_eq!(purge_cutoff(ahead, Some(last), week).0, last + 2 * week);
+        // Set back: nothing new removed, the horizon kept.
+        assert_eq!(purge_cutoff(0, Some(last), DAY), (0, last));
+        // No horizon yet: the clock's.
+        assert_eq!(purge_cutoff(ahead, None, DAY), (ahead, ahead));
+    }
 
     /// The error events logged while a notice is being sent (an SMTP server slow to answer,
     /// during an outage that logs an error per request) are taken as they come, not held in
