@@ -133,6 +133,7 @@ impl AppState {
         let running = crate::store::settings::get(&conn, backup::RUNNING)?;
         if let Some(reason) = &stopped_itself {
             tracing::error!(
+                kind = "unclean_stop",
                 running_since = running.as_deref().unwrap_or("?"),
                 reason = %reason,
                 "the previous run of keygate did not stop cleanly: it stopped itself; what it \
@@ -140,6 +141,7 @@ impl AppState {
             );
         } else if let Some(since) = running {
             tracing::error!(
+                kind = "unclean_stop",
                 running_since = %since,
                 "the previous run of keygate did not stop cleanly (killed, crashed, or the \
                  machine lost power); what it acknowledged is on disk, and its log may say why \
@@ -156,6 +158,7 @@ impl AppState {
         // Served all the same (the portal is how it gets replaced), and told.
         match tls::check_serving(&served, now) {
             Err(e) => tracing::error!(
+                kind = "certificate",
                 certificate = %cert_source.cert.display(),
                 "the TLS certificate cannot serve devices: {e}; replace it"
             ),

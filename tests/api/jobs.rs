@@ -570,31 +570,65 @@ fn the_error_notice_rate_limit_holds_across_a_restart() {
     );
 }
 
+/// `keygate serve` with `env`, once it has recorded that it runs (a start that fails before
+/// that is no run).
+fn serving(data: &std::path::Path, env: &[(&str, &std::path::Path)]) -> Served {
+    let served = Served::start_with(data, "127.0.0.1:0", env);
+    let db = data.join("keygate.db");
+    let waited = std::time::Instant::now();
+    while keygate::store::settings::get(&rusqlite::Connection::open(&db).unwrap(), "running_since")
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            waited.elapsed() < StdDuration::from_secs(10),
+            "never serving"
+        );
+        std::thread::sleep(StdDuration::from_millis(20));
+    }
+    served
+}
+
+/// Errors told at one start are each emailed: a run that did not stop cleanly and a
+/// certificate that cannot serve are of different kinds (errors of one kind are told by
+/// their newest), so neither hides the other.
+#[test]
+fn an_unclean_stop_and_a_certificate_that_cannot_serve_are_both_emailed() {
+    let (_dir, data, sink) = new_appliance_with_smtp();
+    serving(&data, &[]).kill();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["keygate.plant.test".into()]).unwrap();
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(400);
+    params.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(2);
+    let (cert, key_file) = (data.join("old.pem"), data.join("old.key"));
+    std::fs::write(&cert, params.self_signed(&key).unwrap().pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let served = serving(
+        &data,
+        &[("KEYGATE_TLS_CERT", &cert), ("KEYGATE_TLS_KEY", &key_file)],
+    );
+    // In one email, or two.
+    let told = |n| -> String {
+        let messages = sink.wait_for(n, StdDuration::from_secs(if n == 1 { 40 } else { 10 }));
+        messages.iter().map(|m| text_of(m)).collect()
+    };
+    let mut text = told(1);
+    if !(text.contains("did not stop cleanly") && text.contains("cannot serve devices")) {
+        text = told(2);
+    }
+    assert!(
+        text.contains("did not stop cleanly") && text.contains("cannot serve devices"),
+        "{text}"
+    );
+    served.terminate();
+}
+
 /// A run that did not stop cleanly (killed, crashed, power lost) is told at the next start,
 /// by email; a graceful stop is not.
 #[test]
 fn a_run_that_did_not_stop_cleanly_is_emailed_at_the_next_start() {
     let (_dir, data, sink) = new_appliance_with_smtp();
-    // Serving once it has recorded so (a start that fails before that is no run).
-    let serving = |data: &std::path::Path| {
-        let served = Served::start(data);
-        let db = data.join("keygate.db");
-        let waited = std::time::Instant::now();
-        while keygate::store::settings::get(
-            &rusqlite::Connection::open(&db).unwrap(),
-            "running_since",
-        )
-        .unwrap()
-        .is_none()
-        {
-            assert!(
-                waited.elapsed() < StdDuration::from_secs(10),
-                "never serving"
-            );
-            std::thread::sleep(StdDuration::from_millis(20));
-        }
-        served
-    };
+    let serving = |data: &std::path::Path| serving(data, &[]);
     serving(&data).terminate();
     serving(&data).kill();
     let served = serving(&data);
