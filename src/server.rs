@@ -212,6 +212,12 @@ pub enum Passwords {
 }
 
 impl AppState {
+    /// Seconds since this process started serving, by the clock at `now` (0, not less, after
+    /// the clock was set back).
+    pub fn uptime_s(&self, now: i64) -> i64 {
+        (now - self.started_at.unix_timestamp()).max(0)
+    }
+
     /// Runs Argon2 (hashing or verifying a password) on the blocking pool, never on the
     /// database writer, in the slots of `whose` passwords: a flood of sign-ins or of session
     /// passwords queues instead of exhausting memory, and does not hold up the other kind.
@@ -417,8 +423,8 @@ async fn healthz() -> HttpResponse {
 /// How long `/readyz` waits for the database writer to commit a transaction.
 const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The process can serve: the database answers reads, and the writer commits (an empty
-/// transaction, synced like every other, within [`READY_WITHIN`]): a writer held up (the
+/// The process can serve: the database answers a read, and the writer commits (an empty
+/// transaction, synced like every other), both within [`READY_WITHIN`]: a writer held up (the
 /// database locked by another program, a disk that does not sync) leaves every
 /// authorization and usage call waiting, so the appliance is not ready.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
@@ -426,12 +432,13 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
             .map_err(StoreError::from)
     });
-    let commit = tokio::time::timeout(READY_WITHIN, state.store.write(|_| Ok::<_, StoreError>(())));
-    let unready = match (read.await, commit.await) {
-        (Ok(_), Ok(Ok(()))) => None,
-        (Err(e), _) | (_, Ok(Err(e))) => Some(e.to_string()),
-        (_, Err(_)) => Some(format!(
-            "the database writer did not commit within {} s",
+    let commit = state.store.write(|_| Ok::<_, StoreError>(()));
+    let checks = async { tokio::join!(read, commit) };
+    let unready = match tokio::time::timeout(READY_WITHIN, checks).await {
+        Ok((Ok(_), Ok(()))) => None,
+        Ok((Err(e), _) | (_, Err(e))) => Some(e.to_string()),
+        Err(_) => Some(format!(
+            "the database did not answer a read and a commit within {} s",
             READY_WITHIN.as_secs()
         )),
     };
@@ -524,8 +531,8 @@ async fn metrics(state: web::Data<AppState>, req: actix_web::HttpRequest) -> Htt
                 .body(state.metrics.render(
                     &items,
                     state.store.commits(),
-                    last_backup.map(|t| now - t),
-                    now - state.started_at.unix_timestamp(),
+                    last_backup.map(|t| (now - t).max(0)),
+                    state.uptime_s(now),
                 ))
         }
         Err(e) => {

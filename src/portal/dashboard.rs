@@ -270,7 +270,7 @@ pub async fn page(state: web::Data<AppState>, admin: Viewer) -> Result<HttpRespo
             }
         })
         .collect();
-    let up = now - state.started_at.unix_timestamp();
+    let up = state.uptime_s(now);
     Ok(render(&Dashboard {
         page: Page::of(&admin),
         items,

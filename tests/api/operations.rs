@@ -162,6 +162,21 @@ fn metrics_ask_for_the_configured_token() {
     assert!(body.contains("keygate_uptime_seconds"), "{body}");
 }
 
+/// A clock set back (the appliance refuses to sign until it is right again) leaves the
+/// uptime and the backup's age at 0, not negative: a monitor alerting on them stays sane.
+#[test]
+fn uptime_and_backup_age_are_never_negative() {
+    let f = Fixture::new(&item("scan", "per_device", 10, ""));
+    f.app.run_job("backup").unwrap();
+    f.app.clock.advance(time::Duration::hours(-2));
+    let metrics = scrape(&f);
+    assert_eq!(value(&metrics, "keygate_uptime_seconds"), 0.0);
+    assert_eq!(value(&metrics, "keygate_backup_age_seconds"), 0.0);
+    f.app.clock.advance(time::Duration::hours(3));
+    let metrics = scrape(&f);
+    assert_eq!(value(&metrics, "keygate_uptime_seconds"), 3_600.0);
+}
+
 #[test]
 fn metrics_count_real_traffic() {
     let f = Fixture::new(
