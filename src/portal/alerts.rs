@@ -381,6 +381,9 @@ struct AuditPage {
     entries: Vec<(AuditEntry, String)>,
     /// Where the next, older page starts, when there is one.
     older: Option<i64>,
+    /// The search read its span of entries without filling the page.
+    searched_part: bool,
+    span: i64,
 }
 
 #[derive(Deserialize)]
@@ -409,7 +412,7 @@ pub async fn audit(
     } = query.into_inner();
     let (action, actor) = (action.trim().to_string(), actor.trim().to_string());
     let (a, b) = (action.clone(), actor.clone());
-    let mut entries = state
+    let found = state
         .store
         .read(move |conn| {
             let filter = ops::AuditFilter {
@@ -417,24 +420,23 @@ pub async fn audit(
                 actor: Some(b.as_str()).filter(|a| !a.is_empty()),
                 before,
             };
-            ops::audit_entries(conn, &filter, AUDIT_PAGE as i64 + 1)
+            ops::audit_entries(conn, &filter, AUDIT_PAGE)
         })
         .await?;
-    let older = (entries.len() > AUDIT_PAGE).then(|| {
-        entries.truncate(AUDIT_PAGE);
-        entries.last().map_or(0, |e| e.id)
-    });
     Ok(render(&AuditPage {
         page: Page::of(&admin),
         action,
         actor,
-        entries: entries
+        entries: found
+            .entries
             .into_iter()
             .map(|e| {
                 let at = super::utc(e.at);
                 (e, at)
             })
             .collect(),
-        older,
+        older: found.older,
+        searched_part: found.searched_part,
+        span: ops::AUDIT_SEARCH_SPAN,
     }))
 }

@@ -250,17 +250,34 @@ pub struct AuditFilter<'a> {
     pub before: Option<i64>,
 }
 
+/// Entries a page of an action search reads at most: the text is looked for in each entry
+/// (no index finds a part of a word), and a log of millions (a seat freed, a device removed,
+/// each an entry) would be read whole for a rare action's page.
+pub const AUDIT_SEARCH_SPAN: i64 = 100_000;
+
+/// A page of audit entries.
+#[derive(Debug)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntry>,
+    /// Where the next, older page starts (`before`), when there is one.
+    pub older: Option<i64>,
+    /// The search read [`AUDIT_SEARCH_SPAN`] entries without filling the page: older ones
+    /// are searched on the next.
+    pub searched_part: bool,
+}
+
 /// Audit entries, newest first, at most `limit`. An actor's are read by their index; an
-/// action's text is looked for in every entry (newest first, until the page is full).
+/// action's text is looked for in the [`AUDIT_SEARCH_SPAN`] entries before `before` at most.
 pub fn audit_entries(
     conn: &Connection,
     filter: &AuditFilter<'_>,
-    limit: i64,
-) -> Result<Vec<AuditEntry>, StoreError> {
+    limit: usize,
+) -> Result<AuditPage, StoreError> {
     // One statement per combination of filters, each planned for its own: `?3 IS NULL OR
     // actor = ?3` would read every entry whatever the actor.
     let mut sql = String::from(
-        "SELECT id, at, actor, action, target, detail, address FROM audit_log WHERE id < ?1",
+        "SELECT id, at, actor, action, target, detail, address FROM audit_log
+         WHERE id < ?1 AND id >= ?5",
     );
     if filter.action.is_some() {
         sql += " AND action LIKE '%' || ?2 || '%' ESCAPE '\\'";
@@ -269,26 +286,59 @@ pub fn audit_entries(
         sql += " AND actor = ?3";
     }
     sql += " ORDER BY id DESC LIMIT ?4";
-    let mut stmt = conn.prepare_cached(&sql)?;
     // The text is looked for as typed: `%` and `_` are no wildcards.
     let action = filter.action.map(|a| {
         a.replace('\\', "\\\\")
             .replace('%', "\\%")
             .replace('_', "\\_")
     });
-    let before = filter.before.unwrap_or(i64::MAX);
-    let rows = stmt.query_map(params![before, action, filter.actor, limit], |r| {
-        Ok(AuditEntry {
-            id: r.get(0)?,
-            at: r.get(1)?,
-            actor: r.get(2)?,
-            action: r.get(3)?,
-            target: r.get(4)?,
-            detail: r.get(5)?,
-            address: r.get(6)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let before = match filter.before {
+        Some(before) => before,
+        None => conn.query_row("SELECT coalesce(max(id), 0) + 1 FROM audit_log", [], |r| {
+            r.get(0)
+        })?,
+    };
+    let floor = match filter.action {
+        Some(_) => before.saturating_sub(AUDIT_SEARCH_SPAN),
+        None => i64::MIN,
+    };
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(
+        params![before, action, filter.actor, limit as i64 + 1, floor],
+        |r| {
+            Ok(AuditEntry {
+                id: r.get(0)?,
+                at: r.get(1)?,
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                target: r.get(4)?,
+                detail: r.get(5)?,
+                address: r.get(6)?,
+            })
+        },
+    )?;
+    let mut entries = rows.collect::<Result<Vec<_>, _>>()?;
+    if entries.len() > limit {
+        entries.truncate(limit);
+        let older = entries.last().map(|e| e.id);
+        return Ok(AuditPage {
+            entries,
+            older,
+            searched_part: false,
+        });
+    }
+    // The page is not full: older entries are the next page's only past the span searched.
+    let beyond = floor > i64::MIN
+        && conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM audit_log WHERE id < ?1)",
+            [floor],
+            |r| r.get::<_, bool>(0),
+        )?;
+    Ok(AuditPage {
+        entries,
+        older: beyond.then_some(floor),
+        searched_part: beyond,
+    })
 }
 
 /// A lapsed seat to free, named in the audit log.
@@ -424,6 +474,7 @@ mod tests {
             };
             audit_entries(&conn, &filter, 2)
                 .unwrap()
+                .entries
                 .into_iter()
                 .map(|e| e.at)
                 .collect()
@@ -436,9 +487,9 @@ mod tests {
         assert_eq!(shown(Some("sign_in"), None, None), Vec::<i64>::new());
         let plan: String = conn
             .query_row(
-                "EXPLAIN QUERY PLAN SELECT id FROM audit_log WHERE id < ?1 AND actor = ?3
-                 ORDER BY id DESC LIMIT ?4",
-                params![i64::MAX, None::<String>, "olivia", 2],
+                "EXPLAIN QUERY PLAN SELECT id FROM audit_log WHERE id < ?1 AND id >= ?5
+                 AND actor = ?3 ORDER BY id DESC LIMIT ?4",
+                params![i64::MAX, None::<String>, "olivia", 2, i64::MIN],
                 |r| r.get(3),
             )
             .unwrap();
