@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use askama::Template;
 use serde::Deserialize;
 
-use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Viewer};
+use super::auth::{CsrfForm, ManagerRole, PortalError, Post, Role, Viewer};
 use super::{Page, render, render_form};
 use crate::licensing::types;
 use crate::server::AppState;
@@ -368,8 +368,8 @@ pub async fn remove_user(
     let from = super::client_address(&req);
     let (mut removed, mut shared, mut after) = (0, 0, 0);
     loop {
-        let (actor, now, from, user) = (
-            admin.name.clone(),
+        let (session, now, from, user) = (
+            admin.clone(),
             state.clock.now().unix_timestamp(),
             from.clone(),
             user.clone(),
@@ -377,24 +377,33 @@ pub async fn remove_user(
         let batch = state
             .store
             .write(move |conn| {
-                let batch = devices::devices_of_user(conn, &user, after, REMOVE_BATCH, now)?;
-                for id in &batch.own {
-                    devices::remove_device(conn, *id, now)?;
+                // Each batch as the admin is now: demoted or signed out meanwhile, it stops.
+                if !session.still_holds(conn, Role::Manager)? {
+                    return Ok(None);
                 }
-                if !batch.own.is_empty() {
+                let batch = devices::devices_of_user(conn, &user, after, REMOVE_BATCH, now)?;
+                let detail = format!("one of the devices of user {user}");
+                for (id, uuid) in &batch.own {
+                    devices::remove_device(conn, *id, now)?;
                     ops::audit(
                         conn,
                         now,
-                        &actor,
-                        "devices of a user removed",
-                        &user,
-                        &format!("{} device(s)", batch.own.len()),
+                        &session.name,
+                        "device removed",
+                        uuid,
+                        &detail,
                         &from,
                     )?;
                 }
-                Ok::<_, StoreError>(batch)
+                Ok::<_, StoreError>(Some(batch))
             })
             .await?;
+        let Some(batch) = batch else {
+            return Err(PortalError::BadForm(format!(
+                "{}: {removed} device(s) were removed before it changed",
+                Role::NO_LONGER
+            )));
+        };
         removed += batch.own.len();
         shared += batch.shared;
         match batch.last_id {

@@ -1150,8 +1150,8 @@ pub fn leases_of(
 /// One batch of the devices whose last user is a given one.
 #[derive(Debug, PartialEq)]
 pub struct UserDevices {
-    /// Devices only that user used (no lease of another user).
-    pub own: Vec<i64>,
+    /// Devices only that user used (no lease of another user): id and uuid.
+    pub own: Vec<(i64, String)>,
     /// Devices another user holds a live lease on too (a shared machine; a lease without a
     /// user is the device's own, a released, revoked or expired one no longer counts).
     pub shared: usize,
@@ -1171,7 +1171,7 @@ pub fn devices_of_user(
     now: i64,
 ) -> Result<UserDevices, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT d.id, EXISTS (SELECT 1 FROM leases l WHERE l.device_id = d.id
+        "SELECT d.id, d.uuid, EXISTS (SELECT 1 FROM leases l WHERE l.device_id = d.id
              AND l.user NOT IN (?1, '') AND l.released = 0 AND l.revoked = 0
              AND l.expires_at > ?4)
          FROM devices d WHERE d.last_user = ?1 AND d.id > ?2
@@ -1181,15 +1181,25 @@ pub fn devices_of_user(
     )?;
     let rows = stmt
         .query_map(params![user, after, limit, now], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, bool>(2)?,
+            ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
+    let last_id = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.0))
+        .flatten();
+    let shared = rows.iter().filter(|r| r.2).count();
     Ok(UserDevices {
-        own: rows.iter().filter(|r| !r.1).map(|r| r.0).collect(),
-        shared: rows.iter().filter(|r| r.1).count(),
-        last_id: (rows.len() as i64 == limit)
-            .then(|| rows.last().map(|r| r.0))
-            .flatten(),
+        own: rows
+            .into_iter()
+            .filter(|r| !r.2)
+            .map(|(id, uuid, _)| (id, uuid))
+            .collect(),
+        shared,
+        last_id,
     })
 }
 
@@ -1404,7 +1414,7 @@ mod tests {
         assert_eq!(
             first,
             UserDevices {
-                own: vec![ids[0], ids[2]],
+                own: vec![(ids[0], "dev-1".into()), (ids[2], "dev-3".into())],
                 shared: 1,
                 last_id: Some(ids[2]),
             }
@@ -1413,7 +1423,7 @@ mod tests {
         assert_eq!(
             second,
             UserDevices {
-                own: vec![ids[4]],
+                own: vec![(ids[4], "dev-5".into())],
                 shared: 0,
                 last_id: None,
             },
