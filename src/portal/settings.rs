@@ -275,6 +275,21 @@ pub async fn download(
     req: HttpRequest,
     name: web::Path<String>,
 ) -> Result<HttpResponse, PortalError> {
+    // A link on another site opens this with the owner's session (the cookie is
+    // SameSite=Lax): a copy of every secret the database holds would be dropped into their
+    // downloads, unasked. The browser says where the request came from; a client that says
+    // nothing (an older browser, curl) is let in.
+    if req
+        .headers()
+        .get("sec-fetch-site")
+        .is_some_and(|site| !matches!(site.as_bytes(), b"same-origin" | b"none"))
+    {
+        return Ok(super::message_page(
+            StatusCode::FORBIDDEN,
+            "A backup is downloaded from this appliance's Settings page, not from a link on \
+             another site.",
+        ));
+    }
     let name = name.into_inner();
     let dir = backups_dir(&state);
     let wanted = name.clone();

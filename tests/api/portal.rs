@@ -1982,6 +1982,24 @@ fn backups_are_listed_and_only_owners_download_them() {
         "the whole file, streamed"
     );
     assert_eq!(browser.get("/settings/backups/..%2Fkeygate.db").status, 404);
+    // A link on another site, followed with the owner's session: no download, no entry.
+    for site in ["cross-site", "same-site"] {
+        let status = browser
+            .agent
+            .get(&format!("{}/settings/backups/{name}", browser.base))
+            .header("cookie", browser.cookie_header())
+            .header("sec-fetch-site", site)
+            .call()
+            .map_or_else(
+                |e| match e {
+                    ureq::Error::StatusCode(code) => code,
+                    e => panic!("{e}"),
+                },
+                |r| r.status().as_u16(),
+            );
+        assert_eq!(status, 403, "{site}");
+    }
+    assert_eq!(f.audited("backup downloaded").len(), 2);
     assert!(set_password_for_admin(&f, "max", "manager").ok);
     let (manager, _) = sign_in(&f, "max", PASSWORD);
     assert_eq!(
