@@ -95,7 +95,9 @@ define_windows_service!(ffi_service_main, service_main);
 /// service's command line is what counts.
 fn service_main(_arguments: Vec<OsString>) {
     let handler = |control| match control {
-        ServiceControl::Stop | ServiceControl::Shutdown => {
+        // Pre-shutdown comes first at a system shutdown, with more time than shutdown
+        // gives (in-flight requests finish, the database closes cleanly).
+        ServiceControl::Stop | ServiceControl::Preshutdown | ServiceControl::Shutdown => {
             report(ServiceState::StopPending, ServiceExitCode::NO_ERROR);
             STOP.notify_one();
             ServiceControlHandlerResult::NoError
@@ -164,7 +166,9 @@ fn set_status(state: ServiceState, exit_code: ServiceExitCode) {
     };
     let (controls_accepted, wait_hint) = match state {
         ServiceState::Running => (
-            ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN,
+            ServiceControlAccept::STOP
+                | ServiceControlAccept::PRESHUTDOWN
+                | ServiceControlAccept::SHUTDOWN,
             Duration::ZERO,
         ),
         // First start makes the key, the database and the certificate; a stop lets
