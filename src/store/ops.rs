@@ -1,6 +1,6 @@
 //! Scheduled work's tables: job runs, alert marks, the audit log, housekeeping queries.
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
 use crate::alerts::{Mark, Plan};
@@ -267,56 +267,68 @@ pub struct AuditPage {
 }
 
 /// Audit entries, newest first, at most `limit`. An actor's are read by their index; an
-/// action's text is looked for in the [`AUDIT_SEARCH_SPAN`] entries before `before` at most.
+/// action's text is looked for in the [`AUDIT_SEARCH_SPAN`] entries (of the actor, if given)
+/// before `before` at most.
 pub fn audit_entries(
     conn: &Connection,
     filter: &AuditFilter<'_>,
     limit: usize,
 ) -> Result<AuditPage, StoreError> {
-    // One statement per combination of filters, each planned for its own: `?3 IS NULL OR
-    // actor = ?3` would read every entry whatever the actor.
-    let mut sql = String::from(
-        "SELECT id, at, actor, action, target, detail, address FROM audit_log
-         WHERE id < ?1 AND id >= ?5",
-    );
-    if filter.action.is_some() {
-        sql += " AND action LIKE '%' || ?2 || '%' ESCAPE '\\'";
+    use rusqlite::ToSql;
+    let before = filter.before.unwrap_or(i64::MAX);
+    // The entries (of the actor) before `:before`, newest first. One statement per
+    // combination of filters, each planned for its own: `:actor IS NULL OR actor = :actor`
+    // would read every entry whatever the actor.
+    let mut entries_before = String::from("FROM audit_log WHERE id < :before");
+    let mut args: Vec<(&str, &dyn ToSql)> = vec![(":before", &before)];
+    if let Some(actor) = &filter.actor {
+        entries_before += " AND actor = :actor";
+        args.push((":actor", actor));
     }
-    if filter.actor.is_some() {
-        sql += " AND actor = ?3";
-    }
-    sql += " ORDER BY id DESC LIMIT ?4";
+    // A search reads the span's entries: from the oldest of them (`floor`), found through
+    // the index alone. Fewer than the span: all of them.
+    let skip = AUDIT_SEARCH_SPAN - 1;
+    let floor: Option<i64> = match filter.action {
+        None => None,
+        Some(_) => {
+            let mut counted = args.clone();
+            counted.push((":skip", &skip));
+            conn.query_row(
+                &format!("SELECT id {entries_before} ORDER BY id DESC LIMIT 1 OFFSET :skip"),
+                &*counted,
+                |r| r.get(0),
+            )
+            .optional()?
+        }
+    };
+    let floor_value = floor.unwrap_or(i64::MIN);
     // The text is looked for as typed: `%` and `_` are no wildcards.
     let action = filter.action.map(|a| {
         a.replace('\\', "\\\\")
             .replace('%', "\\%")
             .replace('_', "\\_")
     });
-    let before = match filter.before {
-        Some(before) => before,
-        None => conn.query_row("SELECT coalesce(max(id), 0) + 1 FROM audit_log", [], |r| {
-            r.get(0)
-        })?,
-    };
-    let floor = match filter.action {
-        Some(_) => before.saturating_sub(AUDIT_SEARCH_SPAN),
-        None => i64::MIN,
-    };
+    let page = limit as i64 + 1;
+    let mut sql = format!("SELECT id, at, actor, action, target, detail, address {entries_before}");
+    let mut all = args.clone();
+    if let Some(action) = &action {
+        sql += " AND id >= :floor AND action LIKE '%' || :action || '%' ESCAPE '\\'";
+        all.extend([(":floor", &floor_value as &dyn ToSql), (":action", action)]);
+    }
+    sql += " ORDER BY id DESC LIMIT :page";
+    all.push((":page", &page));
     let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(
-        params![before, action, filter.actor, limit as i64 + 1, floor],
-        |r| {
-            Ok(AuditEntry {
-                id: r.get(0)?,
-                at: r.get(1)?,
-                actor: r.get(2)?,
-                action: r.get(3)?,
-                target: r.get(4)?,
-                detail: r.get(5)?,
-                address: r.get(6)?,
-            })
-        },
-    )?;
+    let rows = stmt.query_map(&*all, |r| {
+        Ok(AuditEntry {
+            id: r.get(0)?,
+            at: r.get(1)?,
+            actor: r.get(2)?,
+            action: r.get(3)?,
+            target: r.get(4)?,
+            detail: r.get(5)?,
+            address: r.get(6)?,
+        })
+    })?;
     let mut entries = rows.collect::<Result<Vec<_>, _>>()?;
     if entries.len() > limit {
         entries.truncate(limit);
@@ -327,17 +339,25 @@ pub fn audit_entries(
             searched_part: false,
         });
     }
-    // The page is not full: older entries are the next page's only past the span searched.
-    let beyond = floor > i64::MIN
-        && conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM audit_log WHERE id < ?1)",
-            [floor],
-            |r| r.get::<_, bool>(0),
-        )?;
+    // The page is not full: a search goes on before its floor, if entries (of the actor)
+    // are there.
+    let older = match floor {
+        Some(floor) => {
+            let mut more = args;
+            more[0] = (":before", &floor);
+            conn.query_row(
+                &format!("SELECT EXISTS (SELECT 1 {entries_before})"),
+                &*more,
+                |r| r.get::<_, bool>(0),
+            )?
+            .then_some(floor)
+        }
+        None => None,
+    };
     Ok(AuditPage {
         entries,
-        older: beyond.then_some(floor),
-        searched_part: beyond,
+        older,
+        searched_part: older.is_some(),
     })
 }
 
@@ -485,15 +505,21 @@ mod tests {
         assert_eq!(shown(Some("SIGN"), Some("olivia"), None), [5, 1]);
         assert_eq!(shown(Some("e_c"), None, None), [3]);
         assert_eq!(shown(Some("sign_in"), None, None), Vec::<i64>::new());
-        let plan: String = conn
-            .query_row(
-                "EXPLAIN QUERY PLAN SELECT id FROM audit_log WHERE id < ?1 AND id >= ?5
-                 AND actor = ?3 ORDER BY id DESC LIMIT ?4",
-                params![i64::MAX, None::<String>, "olivia", 2, i64::MIN],
-                |r| r.get(3),
+        let plan: Vec<String> = conn
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT id FROM audit_log WHERE id < ?1 AND actor = ?2
+                 AND id >= ?3 AND action LIKE '%x%' ORDER BY id DESC LIMIT ?4",
             )
+            .unwrap()
+            .query_map(params![i64::MAX, "olivia", 0, 2], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
             .unwrap();
-        assert!(plan.contains("audit_log_by_actor"), "{plan}");
+        assert!(
+            plan.iter().any(|p| p.contains("audit_log_by_actor"))
+                && !plan.iter().any(|p| p.contains("TEMP B-TREE")),
+            "{plan:?}"
+        );
     }
 
     /// The dashboard's windows are read by their key, not by a scan of every window kept.

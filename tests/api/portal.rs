@@ -2691,6 +2691,14 @@ fn an_action_search_reads_a_span_a_page_and_searches_on() {
     let page = browser.get(&link).body;
     assert!(page.contains("first admin created"), "{page}");
     assert!(!page.contains("Search older entries"), "the oldest reached");
+    // With an actor, the span is the actor's entries: an admin's few are read at once.
+    let page = browser.get("/audit?action=admin+created&actor=olivia").body;
+    assert!(
+        page.contains("first admin created") && !page.contains("Searched"),
+        "{page}"
+    );
+    let page = browser.get("/audit?action=admin&actor=system").body;
+    assert!(page.contains("Search older entries"), "{page}");
     // Without an action, pages are read by their index, full.
     let page = browser.get("/audit").body;
     assert_eq!(page.matches("<tr><td>").count(), 200);
