@@ -676,15 +676,12 @@ const HOUSEKEEPING_BATCH: i64 = 2_000;
 
 /// Setting: devices last used before this time (Unix seconds) have been removed.
 const PURGE_HORIZON: &str = "housekeeping.purge_horizon";
-/// How far one housekeeping run moves that horizon at most.
-const PURGE_STEP_DAYS: i64 = 2;
-
 /// Where a housekeeping run's removal of unused devices stops (`cutoff`: devices last used
 /// before it go) and the horizon it keeps, given where the clock puts it (`due`), where the
-/// last run left it and the job's interval: at most [`PURGE_STEP_DAYS`] or two intervals,
-/// whichever is longer, past the last, and never back.
+/// last run left it and the job's interval: at most two intervals past the last (the daily
+/// run's two days; a weekly run keeps up), and never back.
 fn purge_cutoff(due: i64, last: Option<i64>, every: i64) -> (i64, i64) {
-    let step = (PURGE_STEP_DAYS * DAY).max(every.saturating_mul(2));
+    let step = every.saturating_mul(2);
     let cutoff = last.map_or(due, |last| due.min(last.saturating_add(step)));
     (cutoff, last.map_or(cutoff, |last| last.max(cutoff)))
 }
@@ -734,11 +731,10 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
     .await?;
 
     // Devices unused for 365 days (the per_device rule) are removed; nothing scans all
-    // devices at once: a batch of ids per transaction. The horizon moves at most
-    // PURGE_STEP_DAYS a run, or twice the job's interval if longer: a clock set years
-    // ahead (a wrong time source) would otherwise remove every device at once, with its
-    // usage totals and stream marks. It never moves back (a clock set back removes nothing
-    // new meanwhile).
+    // devices at once: a batch of ids per transaction. The horizon moves at most twice the
+    // job's interval a run: a clock set years ahead (a wrong time source) would otherwise
+    // remove every device at once, with its usage totals and stream marks. It never moves
+    // back (a clock set back removes nothing new meanwhile).
     let due = now - models::INACTIVE_SEAT_DAYS * DAY;
     let (kept, last_run) = state
         .store
@@ -761,8 +757,8 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
             removes_unused_before = %crate::portal::utc(cutoff),
             by_the_clock = %crate::portal::utc(due),
             "the clock moved further than expected since the last housekeeping: devices \
-             unused for a year are removed a step of at most {PURGE_STEP_DAYS} days a run \
-             (is the clock right?)"
+             unused for a year are removed a step of at most twice the job's interval a \
+             run (is the clock right?)"
         );
     }
     let (mut purged, mut after) = (0, 0);
@@ -1072,8 +1068,9 @@ mod tests {
     use super::*;
 
     /// The removal of unused devices keeps up with the clock whatever the job's interval
-    /// (a weekly run moves it a week), and one run moves it two days or two intervals at
-    /// most (a clock set years ahead), never back.
+    /// (a weekly run moves it a week), and one run moves it two intervals at most (a clock
+    /// set years ahead: two days for the daily run, two hours for an hourly one), never
+    /// back.
     #[test]
     fn the_purge_keeps_up_with_its_interval_and_no_further() {
         let last = 1_000 * DAY;
@@ -1093,7 +1090,8 @@ mod tests {
         // Ahead by years: two days, or two intervals when they are longer.
         let ahead = last + 730 * DAY;
         assert_eq!(purge_cutoff(ahead, Some(last), DAY).0, last + 2 * DAY);
-        assert_eq!(purge_cutoff(ahead, Some(last), 3_600).0, last + 2 * DAY);
+        assert_eq!(purge_cutoff(ahead, Some(last), 3_600).0, last + 7_200);
+        assert_eq!(purge_cutoff(ahead, Some(last), 1).0, last + 2);
         assert_eq!(purge_cutoff(ahead, Some(last), week).0, last + 2 * week);
         // Set back: nothing new removed, the horizon kept.
         assert_eq!(purge_cutoff(0, Some(last), DAY), (0, last));
