@@ -551,11 +551,21 @@ pub fn console_lock(data_dir: &Path, restoring: bool) -> Result<std::fs::File, B
     // Opened to read, which is all a lock needs: whoever made the file (root at the
     // console, or the service's user), every user of the data directory can lock it.
     let file = match std::fs::File::open(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let made = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path);
+            // Readable by all, whatever the creator's umask (root's 077 would lock the
+            // service's user out of every command): it holds nothing.
+            #[cfg(unix)]
+            if made.is_ok() {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
+            }
+            made
+        }
         opened => opened,
     }
     .map_err(io(&path))?;

@@ -1584,6 +1584,25 @@ fn a_console_change_never_lands_in_a_database_a_restore_puts_aside() {
     assert_eq!(db_digest(&db), before);
     drop(restoring);
     assert!(import(&data, &other).ok);
+
+    // Made by a command run under a strict umask (root's 077), the lock stays openable by
+    // the service's user: readable by all (it holds nothing).
+    std::fs::remove_file(data.join("keygate.console.lock")).unwrap();
+    let run: Run = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 077 && exec \"$0\" --data-dir \"$1\" licenses")
+        .arg(env!("CARGO_BIN_EXE_keygate"))
+        .arg(&data)
+        .output()
+        .unwrap()
+        .into();
+    assert!(run.ok, "{}", run.stderr);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("keygate.console.lock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644);
 }
 
 /// Console mistakes that must change nothing: `status` makes no lock file (run as root, it
