@@ -567,8 +567,7 @@ fn open_store(config: &Config) -> Result<Db> {
 
 /// Whether `serve` runs on this data directory (it holds the directory's lock).
 fn service_running(config: &Config) -> bool {
-    // Without its lock file no service ever ran here: not made by a look (run as root, it
-    // would be root's, and the service could not open it).
+    // Without its lock file no service ever ran here: a look makes none.
     config.data_dir.join("keygate.lock").exists()
         && matches!(
             store::backup::lock_file(&config.data_dir, std::time::Duration::ZERO),

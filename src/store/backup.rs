@@ -529,12 +529,7 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// for it.
 pub fn lock_file(data_dir: &Path, wait: Duration) -> Result<std::fs::File, BackupError> {
     let path = data_dir.join("keygate.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io(&path))?;
+    let file = open_lock(&path)?;
     match locked(&file, wait, std::fs::File::try_lock) {
         Ok(true) => Ok(file),
         Ok(false) => Err(BackupError::Running),
@@ -548,27 +543,7 @@ pub fn lock_file(data_dir: &Path, wait: Duration) -> Result<std::fs::File, Backu
 /// `restore` waits [`LOCK_WAIT`] for the commands running, a command as long for a restore.
 pub fn console_lock(data_dir: &Path, restoring: bool) -> Result<std::fs::File, BackupError> {
     let path = data_dir.join("keygate.console.lock");
-    // Opened to read, which is all a lock needs: whoever made the file (root at the
-    // console, or the service's user), every user of the data directory can lock it.
-    let file = match std::fs::File::open(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let made = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path);
-            // Readable by all, whatever the creator's umask (root's 077 would lock the
-            // service's user out of every command): it holds nothing.
-            #[cfg(unix)]
-            if made.is_ok() {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
-            }
-            made
-        }
-        opened => opened,
-    }
-    .map_err(io(&path))?;
+    let file = open_lock(&path)?;
     let lock = if restoring {
         std::fs::File::try_lock
     } else {
@@ -580,6 +555,30 @@ pub fn console_lock(data_dir: &Path, restoring: bool) -> Result<std::fs::File, B
         Ok(false) => Err(BackupError::Restoring),
         Err(e) => Err(io(&path)(e)),
     }
+}
+
+/// A lock file, opened to read, which is all a lock needs: whoever made it (root at the
+/// console, or the service's user), every user of the data directory can lock it. Made
+/// readable by all whatever the maker's umask (root's 077 would lock the service out): it
+/// holds nothing.
+fn open_lock(path: &Path) -> Result<std::fs::File, BackupError> {
+    match std::fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let made = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path);
+            #[cfg(unix)]
+            if made.is_ok() {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644));
+            }
+            made
+        }
+        opened => opened,
+    }
+    .map_err(io(path))
 }
 
 /// Takes `file`'s lock with `lock`, trying again for up to `wait`: whether it got it.

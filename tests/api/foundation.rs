@@ -1585,24 +1585,30 @@ fn a_console_change_never_lands_in_a_database_a_restore_puts_aside() {
     drop(restoring);
     assert!(import(&data, &other).ok);
 
-    // Made by a command run under a strict umask (root's 077), the lock stays openable by
-    // the service's user: readable by all (it holds nothing).
-    std::fs::remove_file(data.join("keygate.console.lock")).unwrap();
+    // Made by a command run under a strict umask (a restore run by root, whose umask is
+    // 077), the locks stay openable by the service's user: readable by all (they hold
+    // nothing).
+    for lock in ["keygate.lock", "keygate.console.lock"] {
+        std::fs::remove_file(data.join(lock)).unwrap();
+    }
     let run: Run = std::process::Command::new("sh")
         .arg("-c")
-        .arg("umask 077 && exec \"$0\" --data-dir \"$1\" licenses")
+        .arg("umask 077 && exec \"$0\" --data-dir \"$1\" restore \"$2\"")
         .arg(env!("CARGO_BIN_EXE_keygate"))
         .arg(&data)
+        .arg(&backup)
         .output()
         .unwrap()
         .into();
     assert!(run.ok, "{}", run.stderr);
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(data.join("keygate.console.lock"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o644);
+    for lock in ["keygate.lock", "keygate.console.lock"] {
+        let mode = std::fs::metadata(data.join(lock))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644, "{lock}");
+    }
 }
 
 /// Console mistakes that must change nothing: `status` makes no lock file (run as root, it
