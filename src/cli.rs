@@ -1370,14 +1370,15 @@ pub fn init_tracing(
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let (events, errors) = tokio::sync::mpsc::unbounded_channel();
-    // Log files in the data directory: `serve` makes the directory (private) first; another
-    // command logs to standard error while there is none (it makes nothing on a mistyped
-    // directory, and a directory made for the logs would not be private).
-    let in_data = |dir: &PathBuf| dir.starts_with(&config.data_dir);
-    let log_dir = config
-        .log_dir()
-        .filter(|dir| serving || !in_data(dir) || config.data_dir.is_dir());
-    if serving && log_dir.as_ref().is_some_and(in_data) {
+    // Log files are the service's: another command logs to standard error, where its
+    // operator reads it (its changes are in the audit log), and makes no file the service
+    // could not write after it (run as root, it would be root's). Log files in the data
+    // directory: `serve` makes the directory (private) first.
+    let log_dir = config.log_dir().filter(|_| serving);
+    if log_dir
+        .as_ref()
+        .is_some_and(|dir| dir.starts_with(&config.data_dir))
+    {
         appliance::create_private_dir(&config.data_dir)?;
     }
     let to_files = log_dir.is_some();

@@ -1262,6 +1262,18 @@ fn the_log_goes_to_daily_files_when_asked() {
             .any(|l| l.contains("ERROR") && l.contains("keygate is running on this data directory")),
         "{told}"
     );
+    // Other commands log to standard error: they make no log file or directory (run as
+    // root, it would be root's, and the service could no longer write its log).
+    let console: Run = command()
+        .env("KEYGATE_LOG_DIR", "console-logs")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("licenses")
+        .output()
+        .unwrap()
+        .into();
+    assert!(console.ok, "{}", console.stderr);
+    assert!(!data.join("console-logs").exists());
     drop(served);
 }
 
