@@ -173,6 +173,10 @@ fn take_as(
     now: OffsetDateTime,
 ) -> Result<BackupFile, BackupError> {
     crate::appliance::create_private_dir(dir)?;
+    // Run as root (`keygate backup` at the console), what it makes stays the service's: a
+    // backup directory or file of root's would fail the service's backups, downloads and
+    // retention.
+    same_owner(dir, db)?;
     // What a backup cut short left (best effort: this backup does not depend on it), before
     // the free space is measured. Untouched for a day: another process's backup of a large
     // database may spend many minutes checking its copy without writing to it.
@@ -185,7 +189,9 @@ fn take_as(
     // not write into the same temporary file. Owner-only from the start: it holds secrets.
     let tmp = crate::appliance::temporary_beside(&dir.join(name));
     crate::appliance::create_secret_file(&tmp).map_err(io(&tmp))?;
-    let written = copy_checked(db, &tmp, COPY_LOCKED_AT_MOST).and_then(|()| sync_file(&tmp));
+    let written = same_owner(&tmp, db)
+        .and_then(|()| copy_checked(db, &tmp, COPY_LOCKED_AT_MOST))
+        .and_then(|()| sync_file(&tmp));
     if let Err(e) = written {
         // A damaged database or a full disk: no half-written copy is left to fill the disk.
         remove_with_side_files(&tmp);

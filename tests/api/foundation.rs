@@ -1623,6 +1623,46 @@ fn a_console_change_never_lands_in_a_database_a_restore_puts_aside() {
     }
 }
 
+/// A backup taken at the console as root (before the service's first scheduled one) leaves
+/// the backup directory and file the service's, as the database is: root's would fail every
+/// later backup of the service, its downloads and its retention.
+#[test]
+fn a_backup_taken_as_root_stays_the_services() {
+    use std::os::unix::fs::MetadataExt;
+    let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if !is_root {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must run this test as root"
+        );
+        eprintln!("not run: needs root");
+        return;
+    }
+    let vendor = Vendor::new();
+    let (_dir, data) = appliance_trusting(&vendor);
+    // The service's user owns the data directory and the database (nobody, here).
+    let nobody = 65534;
+    for path in [data.clone(), data.join("keygate.db")] {
+        std::os::unix::fs::chown(&path, Some(nobody), Some(nobody)).unwrap();
+    }
+    let _ = std::fs::remove_dir_all(data.join("backups"));
+    let run = keygate(&data, &["backup"]);
+    assert!(run.ok, "{}", run.stderr);
+    let backups = data.join("backups");
+    let file = keygate::store::backup::list(&backups).unwrap()[0]
+        .path
+        .clone();
+    for path in [&backups, &file] {
+        let meta = std::fs::metadata(path).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (nobody, nobody),
+            "{}",
+            path.display()
+        );
+    }
+}
+
 /// Console mistakes that must change nothing: `status` makes no lock file (run as root, it
 /// would be root's and the service could not open it), and `--out` never writes over the
 /// database.
