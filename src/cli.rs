@@ -457,6 +457,7 @@ fn write_output(out: Option<&Path>, text: &str) -> Result<()> {
     };
     let cannot = || format!("cannot write {}", path.display());
     match std::fs::metadata(path) {
+        // Not told: "wrote" would go into the same pipe or terminal (`--out /dev/stdout`).
         Ok(found) if !found.is_file() => std::fs::write(path, text).with_context(cannot)?,
         found => {
             let target = match found {
@@ -476,9 +477,9 @@ fn write_output(out: Option<&Path>, text: &str) -> Result<()> {
                     let _ = std::fs::remove_file(&tmp);
                 })
                 .with_context(cannot)?;
+            say!("wrote {}", path.display())?;
         }
     }
-    say!("wrote {}", path.display())?;
     Ok(())
 }
 
