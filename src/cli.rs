@@ -856,6 +856,15 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
             domains,
             processes,
         } => {
+            // As the portal reads its lines: trimmed, blank ones dropped.
+            let trimmed = |names: Vec<String>| -> Vec<String> {
+                names
+                    .iter()
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .collect()
+            };
+            let (domains, processes) = (trimmed(domains), trimmed(processes));
             licensing::handshake::check_validation(&domains, &processes)
                 .map_err(anyhow::Error::msg)?;
             let what = format!(

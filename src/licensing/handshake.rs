@@ -50,6 +50,13 @@ pub fn check_validation(domains: &[String], processes: &[String]) -> Result<(), 
         }
     }
     for p in processes {
+        // One name each: `scanner.exe,loader.exe` would be one name no process has.
+        if p.contains(',') {
+            return Err(format!(
+                "{p:?} is not a process name: give each name on its own (one --process, or \
+                 one line, each)"
+            ));
+        }
         if p.len() > 256
             || p.chars()
                 .any(|c| refused_in_text(c) || c == '/' || c == '\\')

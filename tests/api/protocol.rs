@@ -1360,6 +1360,23 @@ fn session_password_validation_fields_and_blocked_devices() {
         "verified from the cache"
     );
 
+    // Two names in one (as `handshake list` shows them) would be one no process has.
+    let joined = keygate(
+        &f.data,
+        &[
+            "handshake",
+            "set-validation",
+            &f.code,
+            "--process",
+            "reader.exe,loader.exe",
+        ],
+    );
+    assert!(
+        !joined.ok && joined.stderr.contains("give each name on its own"),
+        "{}",
+        joined.stderr
+    );
+    // Typed with a space around it, a name is read as the portal reads its lines: trimmed.
     set = keygate(
         &f.data,
         &[
@@ -1367,9 +1384,11 @@ fn session_password_validation_fields_and_blocked_devices() {
             "set-validation",
             &f.code,
             "--domain",
-            "*.plant.local",
+            "*.plant.local ",
             "--process",
-            "reader.exe",
+            " reader.exe",
+            "--process",
+            "",
         ],
     );
     assert!(set.ok, "{}", set.stderr);
