@@ -767,7 +767,7 @@ pub async fn housekeeping(state: &AppState) -> Result<String, JobError> {
             .store
             .write(move |conn| {
                 let batch =
-                    store::devices::unused_devices(conn, after, HOUSEKEEPING_BATCH, cutoff)?;
+                    store::devices::unused_devices(conn, after, HOUSEKEEPING_BATCH, cutoff, now)?;
                 for (id, uuid) in &batch.devices {
                     store::devices::purge_device(conn, *id)?;
                     ops::audit(

@@ -685,9 +685,12 @@ pub fn other_live_lease(
                AND (?4 IS NULL OR instance = ?4)
                AND released = 0 AND revoked = 0 AND expires_at > ?5)",
         )?
-        .query_row(params![device_id, lease_id, item_id, instance, now], |r| {
-            r.get(0)
-        })?)
+        // An item's lease record lags the authorization the device holds by up to
+        // RECORD_EVERY_S (as `Lease::lapsed` reads it).
+        .query_row(
+            params![device_id, lease_id, item_id, instance, now - RECORD_EVERY_S],
+            |r| r.get(0),
+        )?)
 }
 
 /// Whether the device has a seat (of any instance) in the item.
@@ -742,12 +745,16 @@ pub struct UnusedBatch {
 }
 
 /// Among the `limit` devices after id `after` (in id order), those unused since `cutoff`:
-/// no call after it. Blocked devices are kept (an admin's block outlives inactivity).
+/// no call after it. Blocked devices are kept (an admin's block outlives inactivity), and
+/// so are devices that still hold a valid authorization at `now` (an item's `offline_days`
+/// may be longer than a year): removed, its seat would go to another device while it still
+/// runs on it.
 pub fn unused_devices(
     conn: &Connection,
     after: i64,
     limit: i64,
     cutoff: i64,
+    now: i64,
 ) -> Result<UnusedBatch, StoreError> {
     let last: Option<i64> = conn
         .prepare_cached(
@@ -764,9 +771,13 @@ pub fn unused_devices(
         .prepare_cached(
             "SELECT d.id, d.uuid FROM devices d
              WHERE d.id > ?1 AND d.id <= ?2 AND d.blocked = 0 AND d.last_seen <= ?3
-               AND NOT EXISTS (SELECT 1 FROM leases WHERE device_id = d.id AND issued_at > ?3)",
+               AND NOT EXISTS (SELECT 1 FROM leases WHERE device_id = d.id
+                   AND (issued_at > ?3
+                        OR (released = 0 AND revoked = 0 AND expires_at > ?4)))",
         )?
-        .query_map(params![after, last, cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map(params![after, last, cutoff, now - RECORD_EVERY_S], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
         .collect::<Result<_, _>>()?;
     Ok(UnusedBatch {
         devices,
@@ -1371,17 +1382,35 @@ mod tests {
         )
         .unwrap();
         assert!(set_blocked(&conn, "dev-6", true).unwrap());
-        let (mut found, mut after, mut batches) = (Vec::new(), 0, 0);
-        while let UnusedBatch {
-            devices,
-            last_id: Some(last),
-        } = unused_devices(&conn, after, 3, 60).unwrap()
-        {
-            found.extend(devices.into_iter().map(|(_, uuid)| uuid));
-            (after, batches) = (last, batches + 1);
-        }
-        assert_eq!(batches, 3, "7 devices, 3 ids a batch");
-        assert_eq!(found, ["dev-1", "dev-2", "dev-3", "dev-4"]);
+        // Device 4 holds an authorization valid until 5,000 (offline for longer than a
+        // year): kept until it has expired (its record lagging by up to RECORD_EVERY_S).
+        conn.execute(
+            "INSERT INTO leases (lease_id, device_id, product, nonce, issued_at, expires_at)
+             VALUES ('l4', ?1, 'p', 'n', 30, 5000)",
+            [ids[3]],
+        )
+        .unwrap();
+        let unused = |now: i64| {
+            let (mut found, mut after, mut batches) = (Vec::new(), 0, 0);
+            while let UnusedBatch {
+                devices,
+                last_id: Some(last),
+            } = unused_devices(&conn, after, 3, 60, now).unwrap()
+            {
+                found.extend(devices.into_iter().map(|(_, uuid)| uuid));
+                (after, batches) = (last, batches + 1);
+            }
+            assert_eq!(batches, 3, "7 devices, 3 ids a batch");
+            found
+        };
+        assert_eq!(
+            unused(5000 + RECORD_EVERY_S - 1),
+            ["dev-1", "dev-2", "dev-3"]
+        );
+        assert_eq!(
+            unused(5000 + RECORD_EVERY_S),
+            ["dev-1", "dev-2", "dev-3", "dev-4"]
+        );
     }
 
     #[test]

@@ -1263,6 +1263,39 @@ fn known_concurrent_devices_move_to_a_top_up_when_their_window_is_full() {
 
 /// A device with two leases on one concurrent seat (two instances) moves with both: it
 /// never counts in two items.
+/// A lease's record lags the authorization its device holds (renewals are written at most
+/// every 15 minutes): releasing a device's other lease on a standalone seat keeps the seat
+/// while that authorization is valid, though its record says it expired.
+#[test]
+fn a_release_keeps_the_seat_another_valid_lease_of_the_device_holds() {
+    let f = Fixture::new(&item("viewer", "standalone", 1, ""));
+    let lease_of = |user: &str| {
+        let mut request = f.request("viewer", 1);
+        request["device"]["user"] = json!(user);
+        let (status, body) = f.authorize(&request);
+        assert_eq!(status, 200, "{body}");
+        f.verify(&body, 1).lease_id
+    };
+    let (a, b) = (lease_of("alice"), lease_of("bob"));
+    assert_ne!(a, b);
+    // Bob's record says it expired 5 minutes ago; his authorization runs 10 more minutes.
+    let now = f.app.clock_now().unix_timestamp();
+    f.db()
+        .execute(
+            "UPDATE leases SET expires_at = ?1 WHERE lease_id = ?2",
+            rusqlite::params![now - 300, b],
+        )
+        .unwrap();
+    assert_eq!(f.release(&a, 1).0, 200);
+    let (status, body) = f.authorize(&f.request("viewer", 2));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("QUOTA_EXCEEDED")),
+        "{body}"
+    );
+    assert_eq!(f.item_value("LIC-T-1", "seats_used"), 1);
+}
+
 #[test]
 fn a_device_with_two_leases_on_a_seat_is_never_split_between_items() {
     let f = Fixture::new(&item("cad", "concurrent_device", 2, "max_exceptions = 9"));
