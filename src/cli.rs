@@ -1349,7 +1349,7 @@ fn issue(args: IssueArgs, clock: &dyn Clock) -> Result<()> {
         .with_context(|| format!("cannot read {}", args.request.display()))?;
     let request = vendor::read_activation_request(&request_text)?;
     let items = vendor::read_items(&args.items)?;
-    let text = vendor::issue(
+    let issued = vendor::issue(
         &key,
         &request,
         items,
@@ -1361,10 +1361,13 @@ fn issue(args: IssueArgs, clock: &dyn Clock) -> Result<()> {
         },
         clock.now(),
     )?;
-    if args.out.is_some() && text.is_empty() {
-        bail!("nothing to write");
+    if !issued.expired.is_empty() {
+        eprintln!(
+            "note: expired already, so serving no device: {}",
+            issued.expired.join(", ")
+        );
     }
-    write_output(args.out.as_deref(), &text)
+    write_output(args.out.as_deref(), &issued.text)
 }
 
 /// Logs to standard error, or to daily files in `log.dir`, as text or JSON, and forwards

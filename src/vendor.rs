@@ -197,7 +197,7 @@ pub fn issue(
     items: ItemsFile,
     options: IssueOptions,
     now: OffsetDateTime,
-) -> Result<String, VendorError> {
+) -> Result<Issued, VendorError> {
     let missing = |what: &str, flag: &str| {
         VendorError::Invalid(format!(
             "{what} is missing: give {flag} or set it in the items file"
@@ -258,7 +258,25 @@ pub fn issue(
     };
     import::validate(&license).map_err(|e| VendorError::Invalid(e.to_string()))?;
     let token = jws::sign(Typ::License, &license, key);
-    Ok(format!("{}{token}\n", summary(&license, &request.hostname)))
+    let expired = license
+        .items
+        .iter()
+        .filter(|i| i.expires_at <= now)
+        .map(|i| i.item_id.clone())
+        .collect();
+    Ok(Issued {
+        text: format!("{}{token}\n", summary(&license, &request.hostname)),
+        expired,
+    })
+}
+
+/// A license file made by [`issue`].
+#[derive(Debug)]
+pub struct Issued {
+    pub text: String,
+    /// Items that have expired already: signed all the same (a record, a test), but they
+    /// serve no device.
+    pub expired: Vec<String>,
 }
 
 /// The human-readable `#` lines at the top of a license file.

@@ -986,6 +986,16 @@ fn importing_expired_items_says_so() {
             "expires_at = 2036-01-01T00:00:00Z",
             "expires_at = 2021-01-01T00:00:00Z",
         );
+    // Told at the vendor's too: signed all the same (a record, a test).
+    let issued = vendor.issue(&data, &items, &[]);
+    assert!(
+        issued.ok
+            && issued
+                .stderr
+                .contains("note: expired already, so serving no device: LIC-0042-1"),
+        "{}",
+        issued.stderr
+    );
     let run = import(&data, &vendor.issue_file(&data, &items, &[], "old.lic"));
     assert!(run.ok, "{}", run.stderr);
     assert!(
