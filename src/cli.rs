@@ -609,6 +609,9 @@ fn audited<T>(
 }
 
 fn untrust(config: &Config, kid: &str, clock: &dyn Clock) -> Result<()> {
+    // As `status` and the portal show key ids: lowercase hex.
+    let kid = kid.trim().to_ascii_lowercase();
+    let kid = kid.as_str();
     for path in &config.trusted_vendor_keys {
         if import::config_key(path).is_ok_and(|key| keys::kid(&key) == kid) {
             bail!(
@@ -622,7 +625,8 @@ fn untrust(config: &Config, kid: &str, clock: &dyn Clock) -> Result<()> {
     audited(config, clock.now(), |conn| {
         if !store::licenses::delete_trusted_key(conn, kid)? {
             bail!(
-                "vendor key {kid} is not trusted (the portal's Licenses page lists those that are)"
+                "vendor key {kid} is not trusted (`keygate status` and the portal's Licenses \
+                 page list those that are)"
             );
         }
         Ok((
@@ -1250,7 +1254,11 @@ fn status(config: &Config) -> Result<()> {
     // An unusable configured key is shown (every import fails until it is fixed), not a
     // reason to show nothing.
     let trusted = match trusted_keys(config, &conn) {
-        Ok(keys) => keys.len().to_string(),
+        Ok(keys) if keys.is_empty() => "none".to_string(),
+        Ok(keys) => {
+            let kids: Vec<String> = keys.iter().map(keys::kid).collect();
+            format!("{} (key ids {})", keys.len(), kids.join(", "))
+        }
         Err(e) => format!("CANNOT IMPORT: {e}"),
     };
     say!("keygate {}", env!("CARGO_PKG_VERSION"))?;

@@ -372,9 +372,18 @@ fn another_vendors_license_with_the_same_id_replaces_nothing() {
         "{}",
         run.stderr
     );
-    // The retired key is taken off: files it signs are refused from then on; the licenses
-    // imported stay.
-    let run = keygate(&data, &["untrust", &kid(&acme)]);
+    // The console lists the key ids trusted, for `untrust`.
+    let status = keygate(&data, &["status"]).stdout;
+    assert!(
+        status.contains("trusted vendors:  3 (key ids ") && status.contains(&kid(&acme)),
+        "{status}"
+    );
+    // The retired key is taken off (its id as typed, in any case): files it signs are
+    // refused from then on; the licenses imported stay.
+    let run = keygate(
+        &data,
+        &["untrust", &format!(" {} ", kid(&acme).to_uppercase())],
+    );
     assert!(run.ok, "{}", run.stderr);
     let v3 = acme.issue_file(&data, SIMPLE_ITEMS, &["--version", "3"], "v3.lic");
     let run = import(&data, &v3);
