@@ -180,7 +180,9 @@ pub enum AdminCommand {
 pub enum AlertsCommand {
     /// Set the recipients: a `;`-separated list of addresses.
     Recipients { list: String },
-    /// Set the SMTP server (the password, if any, is read from standard input).
+    /// Set the SMTP server: every setting as given here, those left out at their defaults
+    /// (as the portal's form sets them all). The password, if any, is read from standard
+    /// input; without one, the stored password stays for the same server, user and CA.
     Smtp {
         #[arg(long)]
         host: String,
@@ -1032,6 +1034,7 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
             ca,
         } => {
             let password = password_stdin.then(read_password).transpose()?;
+            let given = password.as_ref().is_some_and(|p| !p.is_empty());
             mail::check_host(&host).map_err(anyhow::Error::msg)?;
             let tls = mail::TlsMode::parse(&tls).expect("clap checked it");
             let mut settings = mail::SmtpSettings {
@@ -1061,7 +1064,7 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
                     let stored = mail::load_settings(conn)?;
                     (settings.password, dropped) = mail::kept_password(stored.as_ref(), &settings);
                 }
-                let kept = !password_stdin && settings.password.is_some();
+                let kept = !given && settings.password.is_some();
                 mail::check_settings(&settings).map_err(|(_, why)| anyhow::anyhow!("{why}"))?;
                 mail::save_settings(conn, &settings)?;
                 if dropped {

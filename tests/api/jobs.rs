@@ -1379,6 +1379,14 @@ fn mail_goes_over_starttls_or_implicit_tls_with_authentication_and_a_lan_ca() {
         "{}",
         run.stderr
     );
+    // An empty password on standard input keeps it too, and says so.
+    let run = smtp_with_password(&data, &args, "");
+    assert!(
+        run.ok && run.stdout.contains("stored password kept"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
     assert!(keygate(&data, &["alerts", "test"]).ok);
     assert_eq!(sink.wait_for(2, StdDuration::from_secs(5)).len(), 2);
 
