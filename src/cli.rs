@@ -835,6 +835,12 @@ fn handshake(config: &Config, command: HandshakeCommand, clock: &dyn Clock) -> R
             say!("created handshake code {code} for organization {organization}")?;
         }
         HandshakeCommand::SetPassword { code } => {
+            // Before the password is typed: an unknown code is told at once (and again in
+            // the change, which may meet a code deleted meanwhile).
+            found(
+                l::handshake_by_code(&open_store(config)?.conn, &code)?.is_some(),
+                &code,
+            )?;
             let password = read_password()?;
             let password = password.as_str();
             if password.is_empty() {
@@ -938,7 +944,13 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
                 }
                 Ok(())
             };
-            first_not_owner(&open_store(config)?.conn)?;
+            // Before the password is typed (and again in the change).
+            let conn = open_store(config)?;
+            if admins::admin_by_name(&conn, &name)?.is_some() {
+                bail!("an admin named {name} already exists");
+            }
+            first_not_owner(&conn)?;
+            drop(conn);
             let password = read_password()?;
             crate::portal::check_new_admin(&name, &password).map_err(|e| anyhow::anyhow!(e))?;
             let hash = hash_password(&password);
@@ -956,6 +968,10 @@ fn admin(config: &Config, command: AdminCommand, clock: &dyn Clock) -> Result<()
             say!("admin {name} created ({role})")?;
         }
         AdminCommand::ResetPassword { name } => {
+            // Before the password is typed (and again in the change).
+            if admins::admin_by_name(&open_store(config)?.conn, &name)?.is_none() {
+                bail!("no admin named {name}");
+            }
             let password = read_password()?;
             crate::portal::check_credentials(&name, &password).map_err(|e| anyhow::anyhow!(e))?;
             let hash = hash_password(&password);
@@ -1033,9 +1049,9 @@ fn alerts(config: &Config, command: AlertsCommand, clock: &dyn Clock) -> Result<
             from,
             ca,
         } => {
+            mail::check_host(&host).map_err(anyhow::Error::msg)?;
             let password = password_stdin.then(read_password).transpose()?;
             let given = password.as_ref().is_some_and(|p| !p.is_empty());
-            mail::check_host(&host).map_err(anyhow::Error::msg)?;
             let tls = mail::TlsMode::parse(&tls).expect("clap checked it");
             let mut settings = mail::SmtpSettings {
                 port: port.unwrap_or(tls.default_port()),

@@ -1682,6 +1682,49 @@ fn a_backup_taken_as_root_stays_the_services() {
     }
 }
 
+/// A command that reads a password names an unknown target before the password is typed,
+/// not after.
+#[test]
+fn an_unknown_target_is_told_before_its_password_is_asked() {
+    let vendor = Vendor::new();
+    let (_dir, data) = appliance_trusting(&vendor);
+    for (args, told) in [
+        (
+            &["handshake", "set-password", "NO-SUCH-CODE"][..],
+            "no handshake code",
+        ),
+        (
+            &["admin", "reset-password", "nobody"][..],
+            "no admin named nobody",
+        ),
+        (
+            &[
+                "alerts",
+                "smtp",
+                "--host",
+                "not a host!",
+                "--password-stdin",
+            ][..],
+            "must be a host name",
+        ),
+    ] {
+        // Nothing on standard input: asked for, the password would be empty.
+        let run: Run = command()
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+            .into();
+        assert!(
+            !run.ok && run.stderr.contains(told),
+            "{args:?}: {}",
+            run.stderr
+        );
+    }
+}
+
 /// Console mistakes that must change nothing: `status` makes no lock file (run as root, it
 /// would be root's and the service could not open it), and `--out` never writes over the
 /// database.
