@@ -1134,30 +1134,30 @@ fn device(config: &Config, command: DeviceCommand, clock: &dyn Clock) -> Result<
             if !d::set_blocked(conn, &uuid, blocked)? {
                 bail!("no device {uuid}");
             }
-            Ok(((), Some((action, uuid.clone(), String::new()))))
+            Ok((uuid.clone(), Some((action, uuid.clone(), String::new()))))
         })
     };
     match command {
         DeviceCommand::Block { uuid } => {
-            block(&uuid, true, "device blocked")?;
+            let uuid = block(&uuid, true, "device blocked")?;
             say!("device {uuid} blocked")?;
         }
         DeviceCommand::Unblock { uuid } => {
-            block(&uuid, false, "device unblocked")?;
+            let uuid = block(&uuid, false, "device unblocked")?;
             say!("device {uuid} unblocked")?;
         }
         DeviceCommand::Remove { uuid } => {
             let canonical = canonical(&uuid)?;
             let freed = audited(config, now, |conn| {
                 let device = d::device_by_uuid(conn, &canonical)?
-                    .ok_or_else(|| anyhow::anyhow!("no device {uuid}"))?;
+                    .ok_or_else(|| anyhow::anyhow!("no device {canonical}"))?;
                 let freed = d::remove_device(conn, device.id, licensing::unix(now))?;
                 Ok((
                     freed,
                     Some(("device removed", canonical.clone(), String::new())),
                 ))
             })?;
-            say!("device {uuid} removed: {freed} seat(s) freed, its leases revoked")?;
+            say!("device {canonical} removed: {freed} seat(s) freed, its leases revoked")?;
         }
     }
     Ok(())
