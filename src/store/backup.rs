@@ -535,7 +535,7 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// for it.
 pub fn lock_file(data_dir: &Path, wait: Duration) -> Result<std::fs::File, BackupError> {
     let path = data_dir.join("keygate.lock");
-    let file = open_lock(&path)?;
+    let file = open_lock(&path, data_dir)?;
     match locked(&file, wait, std::fs::File::try_lock) {
         Ok(true) => Ok(file),
         Ok(false) => Err(BackupError::Running),
@@ -549,7 +549,7 @@ pub fn lock_file(data_dir: &Path, wait: Duration) -> Result<std::fs::File, Backu
 /// `restore` waits [`LOCK_WAIT`] for the commands running, a command as long for a restore.
 pub fn console_lock(data_dir: &Path, restoring: bool) -> Result<std::fs::File, BackupError> {
     let path = data_dir.join("keygate.console.lock");
-    let file = open_lock(&path)?;
+    let file = open_lock(&path, data_dir)?;
     let lock = if restoring {
         std::fs::File::try_lock
     } else {
@@ -563,11 +563,10 @@ pub fn console_lock(data_dir: &Path, restoring: bool) -> Result<std::fs::File, B
     }
 }
 
-/// A lock file, opened to read, which is all a lock needs: whoever made it (root at the
-/// console, or the service's user), every user of the data directory can lock it. Made
-/// readable by all whatever the maker's umask (root's 077 would lock the service out): it
-/// holds nothing.
-fn open_lock(path: &Path) -> Result<std::fs::File, BackupError> {
+/// A lock file in `data_dir`, opened to read, which is all a lock needs. Made by root (a
+/// console command), it is given to the data directory's owner, the service's user, which
+/// could not open one of root's.
+fn open_lock(path: &Path, data_dir: &Path) -> Result<std::fs::File, BackupError> {
     match std::fs::File::open(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let made = std::fs::OpenOptions::new()
@@ -575,10 +574,9 @@ fn open_lock(path: &Path) -> Result<std::fs::File, BackupError> {
                 .truncate(false)
                 .write(true)
                 .open(path);
-            #[cfg(unix)]
+            // Best effort: a maker that may not give it away is the owner already.
             if made.is_ok() {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644));
+                let _ = same_owner(path, data_dir);
             }
             made
         }

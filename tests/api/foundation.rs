@@ -424,10 +424,7 @@ fn a_restore_keeps_the_vendor_keys_trusted_now() {
     let acme = Vendor::new();
     let (_dir, data) = appliance_trusting(&acme);
     assert!(import(&data, &acme.issue_file(&data, SIMPLE_ITEMS, &[], "v1.lic")).ok);
-    assert!(keygate(&data, &["backup"]).ok);
-    let backup = keygate::store::backup::list(&data.join("backups")).unwrap()[0]
-        .path
-        .clone();
+    let backup = backup_now(&data);
     let rotated = Vendor::new();
     assert!(keygate(&data, &["trust", rotated.pub_path().to_str().unwrap()]).ok);
     assert!(keygate(&data, &["untrust", &kid(&acme)]).ok);
@@ -1536,10 +1533,7 @@ fn a_data_directory_the_user_may_not_read_is_told_as_such() {
 fn a_restore_keeps_the_default_handshake_code_the_devices_were_given() {
     let vendor = Vendor::new();
     let (_dir, data) = appliance_trusting(&vendor);
-    assert!(keygate(&data, &["backup"]).ok);
-    let backup = keygate::store::backup::list(&data.join("backups")).unwrap()[0]
-        .path
-        .clone();
+    let backup = backup_now(&data);
     let file = vendor.issue_file(
         &data,
         &items_file("LIC-R", &item("reader", "per_device", 10, "")),
@@ -1566,10 +1560,7 @@ fn a_restore_keeps_the_default_handshake_code_the_devices_were_given() {
 fn a_console_change_never_lands_in_a_database_a_restore_puts_aside() {
     let vendor = Vendor::new();
     let (_dir, data) = appliance_trusting(&vendor);
-    assert!(keygate(&data, &["backup"]).ok);
-    let backup = keygate::store::backup::list(&data.join("backups")).unwrap()[0]
-        .path
-        .clone();
+    let backup = backup_now(&data);
     let db = data.join("keygate.db");
     let before = db_digest(&db);
 
@@ -1615,36 +1606,12 @@ fn a_console_change_never_lands_in_a_database_a_restore_puts_aside() {
     assert_eq!(db_digest(&db), before);
     drop(restoring);
     assert!(import(&data, &other).ok);
-
-    // Made by a command run under a strict umask (a restore run by root, whose umask is
-    // 077), the locks stay openable by the service's user: readable by all (they hold
-    // nothing).
-    for lock in ["keygate.lock", "keygate.console.lock"] {
-        std::fs::remove_file(data.join(lock)).unwrap();
-    }
-    let run: Run = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("umask 077 && exec \"$0\" --data-dir \"$1\" restore \"$2\"")
-        .arg(env!("CARGO_BIN_EXE_keygate"))
-        .arg(&data)
-        .arg(&backup)
-        .output()
-        .unwrap()
-        .into();
-    assert!(run.ok, "{}", run.stderr);
-    use std::os::unix::fs::PermissionsExt;
-    for lock in ["keygate.lock", "keygate.console.lock"] {
-        let mode = std::fs::metadata(data.join(lock))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o644, "{lock}");
-    }
 }
 
 /// A backup taken at the console as root (before the service's first scheduled one) leaves
 /// the backup directory and file the service's, as the database is: root's would fail every
-/// later backup of the service, its downloads and its retention.
+/// later backup of the service, its downloads and its retention. So are the lock files a
+/// command run as root makes.
 #[test]
 fn a_backup_taken_as_root_stays_the_services() {
     use std::os::unix::fs::MetadataExt;
@@ -1665,13 +1632,15 @@ fn a_backup_taken_as_root_stays_the_services() {
         std::os::unix::fs::chown(&path, Some(nobody), Some(nobody)).unwrap();
     }
     let _ = std::fs::remove_dir_all(data.join("backups"));
-    let run = keygate(&data, &["backup"]);
-    assert!(run.ok, "{}", run.stderr);
+    for lock in ["keygate.lock", "keygate.console.lock"] {
+        let _ = std::fs::remove_file(data.join(lock));
+    }
+    let file = backup_now(&data);
     let backups = data.join("backups");
-    let file = keygate::store::backup::list(&backups).unwrap()[0]
-        .path
-        .clone();
-    for path in [&backups, &file] {
+    // The locks it made too (a lock of root's, the service could not open).
+    assert!(keygate(&data, &["restore", file.to_str().unwrap()]).ok);
+    let locks = ["keygate.lock", "keygate.console.lock"].map(|l| data.join(l));
+    for path in [&backups, &file, &locks[0], &locks[1]] {
         let meta = std::fs::metadata(path).unwrap();
         assert_eq!(
             (meta.uid(), meta.gid()),

@@ -107,6 +107,15 @@ pub fn get_json(agent: &ureq::Agent, url: &str) -> (u16, serde_json::Value) {
     )
 }
 
+/// `keygate backup` on `data_dir`: the backup file it wrote (the only one there).
+pub fn backup_now(data_dir: &Path) -> PathBuf {
+    let run = keygate(data_dir, &["backup"]);
+    assert!(run.ok, "{}", run.stderr);
+    keygate::store::backup::list(&data_dir.join("backups")).unwrap()[0]
+        .path
+        .clone()
+}
+
 /// A digest of every row of every table: equal digests mean equal database content.
 pub fn db_digest(path: &Path) -> String {
     let conn = rusqlite::Connection::open(path).expect("the database opens");

@@ -729,11 +729,7 @@ fn the_sdk_refuses_what_its_vendor_did_not_sign_for_this_appliance() {
 #[test]
 fn a_restore_keeps_the_newest_license_and_a_device_refuses_an_older_one() {
     let a = scanner(1_000_000);
-    let run = keygate(&a.data, &["backup"]);
-    assert!(run.ok, "{}", run.stderr);
-    let backup = keygate::store::backup::list(&a.data.join("backups")).unwrap()[0]
-        .path
-        .clone();
+    let backup = backup_now(&a.data);
     let items = item("scanner", "per_usage", 2_000_000, "counter = \"scans\"");
     let v2 = a.vendor.issue_file(
         &a.data,
