@@ -175,8 +175,8 @@ fn take_as(
     crate::appliance::create_private_dir(dir)?;
     // Run as root (`keygate backup` at the console), what it makes stays the service's: a
     // backup directory or file of root's would fail the service's backups, downloads and
-    // retention.
-    same_owner(dir, db)?;
+    // retention. Best effort: a backup directory mounted with another owner stays as it is.
+    give_like(dir, db);
     // What a backup cut short left (best effort: this backup does not depend on it), before
     // the free space is measured. Untouched for a day: another process's backup of a large
     // database may spend many minutes checking its copy without writing to it.
@@ -189,9 +189,8 @@ fn take_as(
     // not write into the same temporary file. Owner-only from the start: it holds secrets.
     let tmp = crate::appliance::temporary_beside(&dir.join(name));
     crate::appliance::create_secret_file(&tmp).map_err(io(&tmp))?;
-    let written = same_owner(&tmp, db)
-        .and_then(|()| copy_checked(db, &tmp, COPY_LOCKED_AT_MOST))
-        .and_then(|()| sync_file(&tmp));
+    give_like(&tmp, db);
+    let written = copy_checked(db, &tmp, COPY_LOCKED_AT_MOST).and_then(|()| sync_file(&tmp));
     if let Err(e) = written {
         // A damaged database or a full disk: no half-written copy is left to fill the disk.
         remove_with_side_files(&tmp);
@@ -563,26 +562,29 @@ pub fn console_lock(data_dir: &Path, restoring: bool) -> Result<std::fs::File, B
     }
 }
 
-/// A lock file in `data_dir`, opened to read, which is all a lock needs. Made by root (a
+/// A lock file in `data_dir`, opened to read, which is all a lock needs. Opened by root (a
 /// console command), it is given to the data directory's owner, the service's user, which
-/// could not open one of root's.
+/// could not open one of root's (one an earlier release left included).
 fn open_lock(path: &Path, data_dir: &Path) -> Result<std::fs::File, BackupError> {
-    match std::fs::File::open(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let made = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(path);
-            // Best effort: a maker that may not give it away is the owner already.
-            if made.is_ok() {
-                let _ = same_owner(path, data_dir);
-            }
-            made
-        }
+    let file = match std::fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path),
         opened => opened,
     }
-    .map_err(io(path))
+    .map_err(io(path))?;
+    give_like(path, data_dir);
+    Ok(file)
+}
+
+/// [`same_owner`], as far as this process may: a failure (not root, a file system without
+/// owners) is logged, and what it made stays as it is.
+fn give_like(path: &Path, like: &Path) {
+    if let Err(e) = same_owner(path, like) {
+        tracing::warn!(error = %e, "cannot give it the owner of {}", like.display());
+    }
 }
 
 /// Takes `file`'s lock with `lock`, trying again for up to `wait`: whether it got it.

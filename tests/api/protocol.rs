@@ -1261,8 +1261,6 @@ fn known_concurrent_devices_move_to_a_top_up_when_their_window_is_full() {
     assert_eq!(f.authorized("cad", 3).items[0].item_id, "LIC-TOPUP-1");
 }
 
-/// A device with two leases on one concurrent seat (two instances) moves with both: it
-/// never counts in two items.
 /// A lease's record lags the authorization its device holds (renewals are written at most
 /// every 15 minutes): releasing a device's other lease on a standalone seat keeps the seat
 /// while that authorization is valid, though its record says it expired.
@@ -1296,6 +1294,8 @@ fn a_release_keeps_the_seat_another_valid_lease_of_the_device_holds() {
     assert_eq!(f.item_value("LIC-T-1", "seats_used"), 1);
 }
 
+/// A device with two leases on one concurrent seat (two instances) moves with both: it
+/// never counts in two items.
 #[test]
 fn a_device_with_two_leases_on_a_seat_is_never_split_between_items() {
     let f = Fixture::new(&item("cad", "concurrent_device", 2, "max_exceptions = 9"));
