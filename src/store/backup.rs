@@ -563,8 +563,9 @@ pub fn console_lock(data_dir: &Path, restoring: bool) -> Result<std::fs::File, B
 }
 
 /// A lock file in `data_dir`, opened to read, which is all a lock needs. Opened by root (a
-/// console command), it is given to the data directory's owner, the service's user, which
-/// could not open one of root's (one an earlier release left included).
+/// console command), it is given to the service's user, the database's owner (the data
+/// directory's before there is one), which could not open one of root's (one an earlier
+/// release left included).
 fn open_lock(path: &Path, data_dir: &Path) -> Result<std::fs::File, BackupError> {
     let file = match std::fs::File::open(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
@@ -575,7 +576,8 @@ fn open_lock(path: &Path, data_dir: &Path) -> Result<std::fs::File, BackupError>
         opened => opened,
     }
     .map_err(io(path))?;
-    give_like(path, data_dir);
+    let db = data_dir.join("keygate.db");
+    give_like(path, if db.exists() { &db } else { data_dir });
     Ok(file)
 }
 
