@@ -1388,11 +1388,8 @@ fn issue(args: IssueArgs, clock: &dyn Clock) -> Result<()> {
         },
         clock.now(),
     )?;
-    if !issued.expired.is_empty() {
-        eprintln!(
-            "note: expired already, so serving no device: {}",
-            issued.expired.join(", ")
-        );
+    if let Some(note) = issued.note {
+        eprintln!("{note}");
     }
     write_output(args.out.as_deref(), &issued.text)
 }

@@ -258,15 +258,9 @@ pub fn issue(
     };
     import::validate(&license).map_err(|e| VendorError::Invalid(e.to_string()))?;
     let token = jws::sign(Typ::License, &license, key);
-    let expired = license
-        .items
-        .iter()
-        .filter(|i| i.expires_at <= now)
-        .map(|i| i.item_id.clone())
-        .collect();
     Ok(Issued {
         text: format!("{}{token}\n", summary(&license, &request.hostname)),
-        expired,
+        note: import::expired_note(&license, now),
     })
 }
 
@@ -274,9 +268,9 @@ pub fn issue(
 #[derive(Debug)]
 pub struct Issued {
     pub text: String,
-    /// Items that have expired already: signed all the same (a record, a test), but they
-    /// serve no device.
-    pub expired: Vec<String>,
+    /// The items that have expired already: signed all the same (a record, a test), but
+    /// they serve no device.
+    pub note: Option<String>,
 }
 
 /// The human-readable `#` lines at the top of a license file.

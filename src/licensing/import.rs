@@ -465,36 +465,42 @@ impl std::fmt::Display for ImportOutcome {
 /// (a start ahead of this appliance's clock: a renewal would refuse every device of a
 /// renewed item until then).
 pub fn serving_note(license: &License, now: OffsetDateTime) -> Option<String> {
-    let ids = |items: Vec<&LicenseItem>| {
-        items
-            .iter()
-            .map(|i| i.item_id.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let expired: Vec<&LicenseItem> = license
-        .items
-        .iter()
-        .filter(|i| i.expires_at <= now)
-        .collect();
     let ahead: Vec<&LicenseItem> = license.items.iter().filter(|i| i.starts_at > now).collect();
-    let mut notes = Vec::new();
-    if !expired.is_empty() {
-        notes.push(format!(
-            "note: expired already, so serving no device: {}",
-            ids(expired)
-        ));
-    }
+    let mut notes: Vec<String> = expired_note(license, now).into_iter().collect();
     if let Some(first) = ahead.iter().map(|i| i.starts_at).min() {
         notes.push(format!(
             "note: not started yet by this appliance's clock ({}), so serving no device until \
              {} or later (is the clock right?): {}",
             super::rfc3339(now),
             super::rfc3339(first),
-            ids(ahead)
+            item_ids(&ahead)
         ));
     }
     (!notes.is_empty()).then(|| notes.join("\n"))
+}
+
+/// The license's items that have expired at `now`, told (the vendor's `issue` tells them
+/// too: signed all the same, they serve no device).
+pub fn expired_note(license: &License, now: OffsetDateTime) -> Option<String> {
+    let expired: Vec<&LicenseItem> = license
+        .items
+        .iter()
+        .filter(|i| i.expires_at <= now)
+        .collect();
+    (!expired.is_empty()).then(|| {
+        format!(
+            "note: expired already, so serving no device: {}",
+            item_ids(&expired)
+        )
+    })
+}
+
+fn item_ids(items: &[&LicenseItem]) -> String {
+    items
+        .iter()
+        .map(|i| i.item_id.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Stores a verified license. Run it inside a transaction: on error the caller rolls back and

@@ -614,12 +614,15 @@ pub fn take_unsettled(
              WHERE tokens_unsettled > 0 AND starts_at <= ?1 AND withdrawn = 0",
         )?
         .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<Result<_, _>>()?;
-    conn.prepare_cached(
-        "UPDATE items SET tokens_unsettled = 0
-         WHERE tokens_unsettled > 0 AND starts_at <= ?1 AND withdrawn = 0",
-    )?
-    .execute([now])?;
+        .collect::<Result<Vec<_>, _>>()?;
+    // Run before every tokens authorization: nearly always nothing to clear.
+    if !taken.is_empty() {
+        conn.prepare_cached(
+            "UPDATE items SET tokens_unsettled = 0
+             WHERE tokens_unsettled > 0 AND starts_at <= ?1 AND withdrawn = 0",
+        )?
+        .execute([now])?;
+    }
     Ok(taken)
 }
 
