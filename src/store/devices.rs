@@ -620,17 +620,22 @@ pub fn record_due(lease: &Lease, now: i64, expires_at: i64) -> bool {
         || !(0..RECORD_EVERY_S).contains(&(expires_at - lease.expires_at))
 }
 
+/// An item's lease whose recorded expiry is after this may still be held by its device at
+/// `now`: the record lags the authorization the device holds by up to [`RECORD_EVERY_S`].
+pub fn held_after(now: i64) -> i64 {
+    now - RECORD_EVERY_S
+}
+
 impl Lease {
     /// Whether the authorization the device holds has expired at `now`: an item's lease
-    /// record lags it by up to [`RECORD_EVERY_S`]; the public trial's, never renewed, is
-    /// exact.
+    /// record lags it ([`held_after`]); the public trial's, never renewed, is exact.
     pub fn lapsed(&self, now: i64) -> bool {
-        let lag = if self.item_id.is_some() {
-            RECORD_EVERY_S
+        let held_after = if self.item_id.is_some() {
+            held_after(now)
         } else {
-            0
+            now
         };
-        now >= self.expires_at.saturating_add(lag)
+        self.expires_at <= held_after
     }
 }
 
@@ -668,8 +673,9 @@ pub fn release_lease(conn: &Connection, lease_id: &str, now: i64) -> Result<(), 
     Ok(())
 }
 
-/// Whether the device holds another live lease (not released, revoked or expired) on
-/// `item_id` besides `lease_id`, for `instance` when given: the seat is still in use.
+/// Whether the device holds another live lease (not released, revoked or expired: see
+/// [`held_after`]) on `item_id` besides `lease_id`, for `instance` when given: the seat is
+/// still in use.
 pub fn other_live_lease(
     conn: &Connection,
     device_id: i64,
@@ -685,10 +691,8 @@ pub fn other_live_lease(
                AND (?4 IS NULL OR instance = ?4)
                AND released = 0 AND revoked = 0 AND expires_at > ?5)",
         )?
-        // An item's lease record lags the authorization the device holds by up to
-        // RECORD_EVERY_S (as `Lease::lapsed` reads it).
         .query_row(
-            params![device_id, lease_id, item_id, instance, now - RECORD_EVERY_S],
+            params![device_id, lease_id, item_id, instance, held_after(now)],
             |r| r.get(0),
         )?)
 }
@@ -775,7 +779,7 @@ pub fn unused_devices(
                    AND (issued_at > ?3
                         OR (released = 0 AND revoked = 0 AND expires_at > ?4)))",
         )?
-        .query_map(params![after, last, cutoff, now - RECORD_EVERY_S], |r| {
+        .query_map(params![after, last, cutoff, held_after(now)], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?
         .collect::<Result<_, _>>()?;
