@@ -506,8 +506,9 @@ pub const LEASES_PER_PRODUCT: i64 = 32;
 pub const LIVE_LEASES_PER_PRODUCT: i64 = 4096;
 
 /// Before a new lease of `device_id` for `product`: removes its expired leases of the
-/// product, longest expired first, until fewer than [`LEASES_PER_PRODUCT`] remain (or none
-/// has expired). False when [`LIVE_LEASES_PER_PRODUCT`] unexpired ones remain: no room.
+/// product (released, or lapsed as [`Lease::lapsed`] judges it), longest expired first,
+/// until fewer than [`LEASES_PER_PRODUCT`] remain (or none has expired). False when
+/// [`LIVE_LEASES_PER_PRODUCT`] unexpired ones remain: no room.
 pub fn make_room_for_lease(
     conn: &Connection,
     device_id: i64,
@@ -524,13 +525,21 @@ pub fn make_room_for_lease(
         .prepare_cached(
             "DELETE FROM leases WHERE rowid IN (
                 SELECT rowid FROM leases
-                WHERE device_id = ?1 AND product = ?2 AND expires_at <= ?3
+                WHERE device_id = ?1 AND product = ?2
+                  AND (released OR expires_at <= CASE WHEN item_id IS NULL THEN ?3 ELSE ?6 END)
                 ORDER BY expires_at
                 LIMIT max(0, ?4 - ?5 + 1))
              RETURNING item_id, instance",
         )?
         .query_map(
-            params![device_id, product, now, count, LEASES_PER_PRODUCT],
+            params![
+                device_id,
+                product,
+                now,
+                count,
+                LEASES_PER_PRODUCT,
+                held_after(now)
+            ],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?
         .collect::<Result<_, _>>()?;

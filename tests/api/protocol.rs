@@ -1719,6 +1719,40 @@ fn released_instances_leave_no_seats_and_a_bounded_number_of_leases() {
     assert_eq!(f.item_value("LIC-T-1", "exceptions"), 0, "one at a time");
 }
 
+/// Making room for a device's new lease keeps a lease whose record says it expired but
+/// whose device still holds a later renewal (the record lags it by up to 15 minutes): the
+/// instance keeps calling in, its lease found.
+#[test]
+fn a_lease_still_held_past_its_recorded_expiry_is_not_dropped_for_a_new_one() {
+    let f = Fixture::new(&item(
+        "viewer",
+        "concurrent_instance",
+        100,
+        "max_exceptions = 5",
+    ));
+    let authorize = |instance: &str| {
+        let mut request = f.request("viewer", 1);
+        request["device"]["instance"] = json!(instance);
+        let (status, body) = f.authorize(&request);
+        assert_eq!(status, 200, "{body}");
+        f.verify(&body, 1)
+    };
+    let kiosk = authorize("kiosk");
+    // Renewed 10 minutes later: the device's authorization now ends 10 minutes after the
+    // lease's record says.
+    f.app.clock.advance(Duration::minutes(10));
+    f.heartbeat(&kiosk.lease_id, 1).expect("renewed");
+    for n in 1..=31 {
+        authorize(&format!("process-{n}"));
+    }
+    f.app
+        .clock
+        .advance(Duration::days(7) - Duration::minutes(9));
+    authorize("process-32"); // the device's 33rd lease of the product
+    f.heartbeat(&kiosk.lease_id, 1)
+        .expect("the kiosk's lease is kept: its authorization has nine minutes left");
+}
+
 #[test]
 fn a_license_imported_while_serving_takes_effect_without_restart() {
     let f = Fixture::new(&item("reader", "per_device", 1, ""));
